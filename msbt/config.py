@@ -1,0 +1,329 @@
+"""Configuration as data: frozen dataclasses loaded from YAML overlays.
+
+The dataclass defaults ARE the paper's settings (Ayana, Park, Choe, "Multistage Transfer Learning for
+Breast Cancer Early Diagnosis via Ultrasound"); `workflows/configs/paper.yaml` spells them out and a test
+keeps the two equal. Overlays (`cpu.yaml`, `smoke.yaml`, a Tune best-config, a user's own file) change a
+few keys on top. An overlay may name files it builds on with `extends:` (paths relative to itself).
+
+Every key of every file is checked against the dataclasses when that file is read, so an unknown key or a
+wrong type is reported with the file and the dotted key, not later and deep inside a worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Built-in synthetic data (used when no data root is given)."""
+
+    seed: int = 0
+    out_dir: str = ""  # "" -> ~/.cache/msbt/synth/<hash of these settings>
+    fields_per_line: int = 8
+    field_size: int = 1000
+    lesions_per_class: int = 40
+    frames_per_lesion: tuple[int, int] = (1, 3)
+    ultrasound_size: int = 256
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images are, what to keep, and how to split them."""
+
+    # Class-per-folder roots or CSV manifests (path,label[,group]); "" -> built-in synthetic data.
+    microscope: str = ""
+    ultrasound: str = ""
+    # Ultrasound classes to keep, in label order (index 0 = negative); BUSI's `normal/` is dropped here.
+    ultrasound_classes: tuple[str, ...] = ("benign", "malignant")
+    microscope_classes: tuple[str, ...] = ()  # () -> every class folder found
+    strict: bool = False  # True: the first rejected file stops the run
+    mask_suffixes: tuple[str, ...] = ("_mask",)  # BUSI keeps `x_mask.png` / `x_mask_1.png` beside `x.png`
+    sixteen_bit: Literal["scale", "minmax"] = "scale"
+    split: tuple[float, float, float] = (0.7, 0.2, 0.1)  # train:val:test, the paper's 7:2:1
+    folds: int = 5
+    seed: int = 0
+    # "auto": near-duplicate detection on image content; "manifest": the manifest's group column;
+    # "none": every image its own group (the naive split, kept for comparisons).
+    grouping: Literal["auto", "manifest", "none"] = "auto"
+    hash_max_distance: int = 10  # of 64 pHash bits; candidate near-duplicate pairs
+    min_similarity: float = 0.8  # correlation of 32x32 thumbnails that confirms a candidate pair
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Microscope fields -> cell patches; ultrasound images -> model-ready arrays."""
+
+    block_size: int = 51
+    offset: int = 5
+    min_object_size: int = 64
+    patch_size: int = 200
+    max_patches_per_field: int = 40
+    large_region_policy: Literal["tile", "center", "resize"] = "tile"
+    polarity: Literal["auto", "dark", "bright"] = "auto"
+    image_size: int = 200  # ultrasound images are resized to image_size x image_size
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    enabled: bool = True
+    expansion: int = 3  # the paper triples the training set
+    shift: float = 0.1  # fraction of the image size
+    rotation: float = 15.0  # degrees
+    flip: bool = False
+    zoom: float = 0.0
+    contrast: float = 0.0
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    dense_units: tuple[int, ...] = ()  # stage 1: () -> GAP + Dense softmax; stage 2: three Dense layers
+    dropout: float = 0.0
+    l2: float = 0.0
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One transfer-learning stage; stage 1 and stage 2 are the same code with two of these."""
+
+    backbone: Literal["resnet50", "efficientnetb2", "inceptionv3", "efficientnet_lite0"] = "resnet50"
+    weights: str = "imagenet"  # "imagenet" | "none" | a local weights file | "parent" (previous stage)
+    image_size: int = 200
+    optimizer: Literal["adagrad", "adam", "sgd"] = "adagrad"
+    learning_rate: float = 1e-3
+    batch_size: int = 16
+    epochs: int = 30
+    trainable_backbone: bool = True
+    head: HeadConfig = field(default_factory=HeadConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    monitor: str = "val_loss"  # metric that picks the best checkpoint
+
+
+def _stage2_default() -> StageConfig:
+    # The paper's stage 2: stage 1's Dense replaced by three Dense layers and one Dropout, then sigmoid.
+    return StageConfig(
+        weights="parent",
+        head=HeadConfig(dense_units=(256, 128, 64), dropout=0.5),
+        monitor="val_auc",
+    )
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    num_samples: int = 8
+    max_concurrent_trials: int = 2
+    metric: str = "val_auc"
+    mode: Literal["max", "min"] = "max"
+    grace_period: int = 3
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "msbt"
+    storage_path: str = "runs"
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    stage1: StageConfig = field(default_factory=StageConfig)
+    stage2: StageConfig = field(default_factory=_stage2_default)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(paths: typing.Sequence[str | Path] = (), overrides: typing.Sequence[str] = ()) -> Config:
+    """Resolve the paper defaults, then each YAML overlay in order, then `key.sub=value` overrides.
+
+    Args:
+        paths: YAML files; each may `extends:` other files (applied before it).
+        overrides: strings like `stage1.epochs=2` (value parsed as YAML), applied last.
+
+    Returns:
+        The resolved, validated, frozen Config.
+
+    Raises:
+        ConfigError: naming the file (or `--set`) and the dotted key that is wrong.
+    """
+    merged: dict[str, Any] = {}
+    for path in paths:
+        for layer_path, layer in _read_with_extends(Path(path), chain=()):
+            _check(Config, layer, source=str(layer_path), prefix="")
+            _deep_merge(merged, layer)
+    for item in overrides:
+        layer = _parse_override(item)
+        _check(Config, layer, source=f"--set {item}", prefix="")
+        _deep_merge(merged, layer)
+    return _build(Config(), merged)
+
+
+def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> list[tuple[Path, dict]]:
+    path = path.expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    resolved = path.resolve()
+    if resolved in chain:
+        raise ConfigError(f"{path}: `extends` cycle ({' -> '.join(p.name for p in chain + (resolved,))})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    parents = data.pop("extends", [])
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        raise ConfigError(f"{path}: `extends` must be a file name or a list of them")
+    layers: list[tuple[Path, dict]] = []
+    for parent in parents:
+        layers += _read_with_extends(path.parent / parent, chain + (resolved,))
+    layers.append((path, data))
+    return layers
+
+
+def _parse_override(item: str) -> dict:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. stage1.epochs=2")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    layer: dict[str, Any] = {}
+    node = layer
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return layer
+
+
+def _deep_merge(into: dict, layer: Mapping) -> None:
+    for key, value in layer.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value)
+        else:
+            into[key] = dict(value) if isinstance(value, Mapping) else value
+
+
+def _check(cls: type, data: Mapping, source: str, prefix: str) -> None:
+    """Validate one file's keys and value types against dataclass `cls` (recursively)."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"{source}: unknown key `{dotted}` (known here: {known})")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{source}: `{dotted}` must be a mapping, got {value!r}")
+            _check(hint, value, source, prefix=f"{dotted}.")
+        else:
+            problem = _type_problem(hint, value)
+            if problem:
+                raise ConfigError(f"{source}: `{dotted}` {problem}")
+
+
+def _type_problem(hint: Any, value: Any) -> str | None:
+    """Return why `value` does not fit `hint`, or None when it fits."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        return None if value in allowed else f"must be one of {list(allowed)}, got {value!r}"
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            return f"must be a list, got {value!r}"
+        if len(args) == 2 and args[1] is Ellipsis:
+            item_types = [args[0]] * len(value)
+        else:
+            if len(value) != len(args):
+                return f"must be a list of {len(args)} items, got {len(value)}"
+            item_types = list(args)
+        for i, (item_type, item) in enumerate(zip(item_types, value)):
+            problem = _type_problem(item_type, item)
+            if problem:
+                return f"item {i}: {problem}"
+        return None
+    if origin in (typing.Union, types.UnionType):
+        if any(_type_problem(arg, value) is None for arg in typing.get_args(hint)):
+            return None
+        return f"has the wrong type: {value!r}"
+    # bool is a subclass of int in Python; `epochs: true` is a mistake, not 1.
+    if hint is bool:
+        return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
+    if hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return None if ok else f"must be an integer, got {value!r}"
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if ok else f"must be a number, got {value!r}"
+    if hint is str:
+        return None if isinstance(value, str) else f"must be a string, got {value!r}"
+    raise TypeError(f"config type {hint!r} is not supported by the loader")
+
+
+def _build(base: Any, data: Mapping) -> Any:
+    """A copy of dataclass instance `base` with checked `data` applied (recursively).
+
+    Nested defaults come from the parent's default object, so `stage2.head.dropout` changes only the
+    dropout of stage 2's three-Dense head and keeps its layer sizes.
+    """
+    hints = typing.get_type_hints(type(base))
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(base):
+        if f.name not in data:
+            continue
+        value, hint = data[f.name], hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[f.name] = _build(getattr(base, f.name), value)
+        elif typing.get_origin(hint) is tuple:
+            kwargs[f.name] = tuple(float(v) if _is_float_tuple(hint) else v for v in value)
+        elif hint is float:
+            kwargs[f.name] = float(value)
+        else:
+            kwargs[f.name] = value
+    return dataclasses.replace(base, **kwargs)
+
+
+def _is_float_tuple(hint: Any) -> bool:
+    return all(a is float for a in typing.get_args(hint) if a is not Ellipsis)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing
+
+
+def to_dict(config: Any) -> dict:
+    """Plain dict (lists, not tuples) of a config, suitable for YAML/JSON."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def dump_config(config: Config, path: str | Path) -> Path:
+    """Write the resolved config as YAML next to a result, so the result can be reproduced."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    return path

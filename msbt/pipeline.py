@@ -1,0 +1,159 @@
+"""The main job, one step after another: data -> (later) patches -> stage 1 -> stage 2 -> evaluation.
+
+Today it resolves the data (the user's folders, or the built-in synthetic set), scans and validates them,
+groups near-duplicates and saves the leakage-safe split of each modality into the run folder, with the
+resolved config beside it. Later steps read the saved split; a rerun reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from msbt.config import Config, dump_config, to_dict
+from msbt.discovery import Discovery, discover, write_rejects
+from msbt.splits import SplitResult, load_split, make_split, save_split
+
+log = logging.getLogger(__name__)
+
+
+def run_dir(config: Config) -> Path:
+    """The folder every result of this run goes to: `<run.storage_path>/<run.name>`."""
+    return (Path(config.run.storage_path).expanduser() / config.run.name).resolve()
+
+
+def synth_dir(config: Config) -> Path:
+    """Where the built-in data for these synth settings live (a cache keyed by the settings)."""
+    if config.synth.out_dir:
+        return Path(config.synth.out_dir).expanduser().resolve()
+    settings = json.dumps({k: v for k, v in to_dict(config.synth).items() if k != "out_dir"}, sort_keys=True)
+    key = hashlib.sha1(settings.encode()).hexdigest()[:12]
+    return Path.home() / ".cache" / "msbt" / "synth" / key
+
+
+def ensure_synth(config: Config) -> Path:
+    """Generate the built-in data set if it is not there yet; return its folder."""
+    from msbt import synth  # numpy/OpenCV only; imported here so `msbt --help` stays fast
+
+    out = synth_dir(config)
+    s = config.synth
+    synth.generate(
+        out,
+        seed=s.seed,
+        fields_per_line=s.fields_per_line,
+        field_size=s.field_size,
+        lesions_per_class=s.lesions_per_class,
+        frames_per_lesion=tuple(s.frames_per_lesion),
+        ultrasound_size=s.ultrasound_size,
+    )
+    return out
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    modality: str
+    source: str
+    folder: Path  # run-folder subfolder with split.csv, split.json, rejects.csv
+    discovery: Discovery
+    split: SplitResult
+    reused: bool
+
+
+def data_sources(config: Config) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Modality -> (data source, classes to keep), with the built-in data filling what the user left empty."""
+    micro, ultra = config.data.microscope, config.data.ultrasound
+    if not micro or not ultra:
+        built_in = ensure_synth(config)
+        micro = micro or str(built_in / "microscope")
+        ultra = ultra or str(built_in / "ultrasound")
+    return {
+        "microscope": (micro, tuple(config.data.microscope_classes)),
+        "ultrasound": (ultra, tuple(config.data.ultrasound_classes)),
+    }
+
+
+def prepare_data(config: Config, *, force_split: bool = False) -> dict[str, PreparedData]:
+    """Scan, validate, group and split both modalities; save everything into the run folder.
+
+    Args:
+        config: the resolved config.
+        force_split: make a new split even if the run folder holds one (the old one is overwritten).
+
+    Returns:
+        Modality -> PreparedData.
+    """
+    out = run_dir(config)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(config, out / "config.yaml")
+    prepared = {}
+    for modality, (source, classes) in data_sources(config).items():
+        prepared[modality] = _prepare_one(config, modality, source, classes, out / "data" / modality, force_split)
+    return prepared
+
+
+def _prepare_one(config: Config, modality: str, source: str, classes, folder: Path, force: bool) -> PreparedData:
+    d = config.data
+    log.info("scanning %s data in %s", modality, source)
+    discovery = discover(
+        source, classes, strict=d.strict, mask_suffixes=d.mask_suffixes, sixteen_bit=d.sixteen_bit
+    )
+    write_rejects(discovery.rejects, folder / "rejects.csv")
+    for reject in discovery.rejects:
+        log.warning("rejected %s: %s", reject.path, reject.reason)
+    # Microscope fields are cut into patches later; the split is by field, and auto-grouping still
+    # catches a field saved twice.
+    if (folder / "split.json").exists() and not force:
+        split, reused = load_split(folder, discovery), True
+    else:
+        split = make_split(
+            discovery,
+            ratios=d.split,
+            folds=d.folds,
+            seed=d.seed,
+            grouping=d.grouping,
+            max_distance=d.hash_max_distance,
+            min_similarity=d.min_similarity,
+        )
+        save_split(split, folder)
+        reused = False
+    return PreparedData(modality, str(source), folder, discovery, split, reused)
+
+
+def summarize(prepared: dict[str, PreparedData]) -> str:
+    """A short human-readable account of the prepared data, for the job log."""
+    lines = []
+    for p in prepared.values():
+        s = p.split.summary
+        g = s["groups"]
+        counts = ", ".join(
+            f"{split} " + "/".join(str(s["counts"][split].get(c, 0)) for c in s["classes"])
+            for split in ("train", "val", "test")
+        )
+        lines += [
+            f"{p.modality}: {s['images']} images in {len(s['classes'])} classes ({', '.join(s['classes'])}) "
+            f"from {p.source}; {s['rejects']} rejected (see {p.folder / 'rejects.csv'})",
+            f"  split ({'reused' if p.reused else 'new'}, seed {s['seed']}): {counts}",
+            f"  groups: {g['count']} ({g['multi_image']} with several images, largest {g['largest']}, "
+            f"{len(g['mixed_label'])} mixing classes)",
+            f"  a naive random split would leak {s['leakage']['naive_random']['val']} val and "
+            f"{s['leakage']['naive_random']['test']} test images; this split leaks "
+            f"{s['leakage']['group_aware']['val'] + s['leakage']['group_aware']['test']}",
+        ]
+    return "\n".join(lines)
+
+
+def main_job(config: Config, *, force_split: bool = False) -> dict:
+    """Everything the README's main command runs; returns a JSON-able summary."""
+    prepared = prepare_data(config, force_split=force_split)
+    print(summarize(prepared), flush=True)
+    result = {
+        "run_dir": str(run_dir(config)),
+        "data": {m: p.split.summary for m, p in prepared.items()},
+    }
+    (run_dir(config) / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"results in {run_dir(config)}")
+    return result
+

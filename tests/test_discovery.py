@@ -1,0 +1,160 @@
+"""Discovery on the layouts users have: class folders (Mendeley-like BMP, BUSI-like PNG + masks), manifests."""
+
+import os
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import textured
+from msbt.discovery import DataError, discover, write_rejects
+
+
+def tree(root, spec):
+    """Write files: {relpath: ndarray | bytes}."""
+    for rel, content in spec.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            assert cv2.imwrite(str(path), content), path
+    return root
+
+
+def snapshot(root):
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def test_mendeley_like_tree_of_gray_bmp(tmp_path):
+    root = tree(tmp_path, {f"{c}/us{i}.bmp": textured(i + 10 * j, 48) for j, c in enumerate(["benign", "malignant"]) for i in range(3)})
+    d = discover(root)
+    assert d.classes == ("benign", "malignant")
+    assert d.counts() == {"benign": 3, "malignant": 3}
+    assert [r.relpath for r in d.records][:2] == ["benign/us0.bmp", "benign/us1.bmp"]
+    assert d.hashes.shape == (6,) and d.thumbs.shape == (6, 1024)
+    assert not d.rejects
+
+
+def test_busi_like_tree_skips_masks_and_can_drop_normal(tmp_path):
+    spec = {}
+    for c in ["benign", "malignant", "normal"]:
+        for i in range(2):
+            spec[f"{c}/{c} ({i}).png"] = cv2.cvtColor(textured(hash((c, i)) % 1000, 40), cv2.COLOR_GRAY2BGR)
+            spec[f"{c}/{c} ({i})_mask.png"] = (textured(i, 40) > 128).astype(np.uint8) * 255
+        spec[f"{c}/{c} (0)_mask_1.png"] = (textured(5, 40) > 128).astype(np.uint8) * 255
+    root = tree(tmp_path, spec)
+    d = discover(root, ("benign", "malignant"))
+    assert d.counts() == {"benign": 2, "malignant": 2}
+    assert d.skipped == {"segmentation mask": 6, "class 'normal' not selected": 5}
+    assert discover(root).classes == ("benign", "malignant", "normal")
+
+
+def test_label_order_follows_requested_classes(tmp_path):
+    root = tree(tmp_path, {"a/x.png": textured(1), "b/y.png": textured(2)})
+    assert discover(root, ("b", "a")).classes == ("b", "a")
+    assert [r.label for r in discover(root, ("b", "a")).records] == ["b", "a"]
+
+
+def test_rejects_are_reported_and_the_scan_goes_on(tmp_path):
+    ok, png = cv2.imencode(".png", textured(3))
+    ok, jpg = cv2.imencode(".jpg", textured(4))
+    root = tree(tmp_path, {
+        "benign/good.png": textured(1),
+        "benign/zero.png": b"",
+        "benign/cut.png": png.tobytes()[:300],
+        "benign/cut.jpg": jpg.tobytes()[:200],
+        "benign/notes.txt": b"scan notes",
+        "benign/renamed.png": b"GIF89a not really",
+        "malignant/good.bmp": textured(2),
+        "malignant/.DS_Store": b"\x00",
+        "malignant/Thumbs.db": b"\x00",
+    })
+    d = discover(root)
+    assert d.counts() == {"benign": 1, "malignant": 1}
+    reasons = {os.path.basename(r.path): r.reason for r in d.rejects}
+    assert set(reasons) == {"zero.png", "cut.png", "cut.jpg", "notes.txt", "renamed.png"}
+    assert "empty" in reasons["zero.png"]
+    assert "truncated PNG" in reasons["cut.png"] and "truncated JPEG" in reasons["cut.jpg"]
+    assert "not an image" in reasons["notes.txt"]
+    assert "cannot be decoded" in reasons["renamed.png"]
+    out = write_rejects(d.rejects, tmp_path.parent / "out" / "rejects.csv")
+    assert out.read_text().splitlines()[0] == "path,reason" and len(out.read_text().splitlines()) == 6
+
+
+def test_strict_mode_stops_at_the_first_reject(tmp_path):
+    root = tree(tmp_path, {"a/good.png": textured(1), "a/zero.png": b"", "b/good.png": textured(2)})
+    with pytest.raises(DataError, match=r"zero\.png: empty file .*strict"):
+        discover(root, strict=True)
+
+
+def test_unreadable_file_such_as_a_dangling_link(tmp_path):
+    root = tree(tmp_path, {"a/good.png": textured(1)})
+    (root / "a/link.png").symlink_to(tmp_path / "moved-away.png")
+    d = discover(root)
+    assert [os.path.basename(r.path) for r in d.rejects] == ["link.png"]
+    assert "unreadable" in d.rejects[0].reason
+
+
+def test_nothing_in_the_data_folder_is_written(tmp_path):
+    root = tree(tmp_path / "data", {"a/x.png": textured(1), "a/bad.png": b"", "b/y.png": textured(2)})
+    before = snapshot(root)
+    discover(root)
+    assert snapshot(root) == before
+
+
+def test_manifest_with_groups_relative_and_absolute_paths(tmp_path):
+    root = tree(tmp_path / "imgs", {"p1.png": textured(1), "p2.png": textured(2), "p3.png": textured(3)})
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(
+        "path,label,group\n"
+        "imgs/p1.png,benign,patient-1\n"
+        f"{root / 'p2.png'},malignant,patient-2\n"
+        "imgs/p3.png,benign,patient-1\n"
+        "imgs/missing.png,benign,patient-3\n"
+        "imgs/p1.png,benign,patient-1\n"
+        ",benign,\n"
+    )
+    d = discover(manifest, ("benign", "malignant"))
+    assert [(r.relpath, r.label, r.group) for r in d.records] == [
+        ("imgs/p1.png", "benign", "patient-1"),
+        ("imgs/p3.png", "benign", "patient-1"),
+        (str(root / "p2.png"), "malignant", "patient-2"),
+    ]
+    reasons = sorted(r.reason for r in d.rejects)
+    assert len(reasons) == 3
+    assert any("does not exist" in r for r in reasons) and any("listed twice" in r for r in reasons)
+    assert any("without a path" in r for r in reasons)
+
+
+def test_manifest_without_required_columns(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("file,class\na.png,benign\n")
+    with pytest.raises(DataError, match="path,label"):
+        discover(manifest)
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda p: p, "does not exist"),
+    (lambda p: (p.mkdir(), p)[1], "no class folders"),
+])
+def test_unusable_sources(tmp_path, setup, message):
+    with pytest.raises(DataError, match=message):
+        discover(setup(tmp_path / "data"))
+
+
+def test_missing_requested_class_and_all_rejected(tmp_path):
+    root = tree(tmp_path, {"benign/a.png": textured(1)})
+    with pytest.raises(DataError, match="class 'malignant' not found"):
+        discover(root, ("benign", "malignant"))
+    root2 = tree(tmp_path / "two", {"benign/a.png": b""})
+    with pytest.raises(DataError, match="no usable images"):
+        discover(root2)
+
+
+def test_fingerprint_changes_with_content_not_with_scan_order(tmp_path):
+    root = tree(tmp_path, {"a/x.png": textured(1), "b/y.png": textured(2)})
+    first = discover(root).fingerprint()
+    assert discover(root, ("b", "a")).fingerprint() == first
+    cv2.imwrite(str(root / "a/x.png"), textured(9))
+    assert discover(root).fingerprint() != first
