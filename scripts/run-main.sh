@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up (if needed) and run the main job on the built-in data with the CPU configuration.
+# Extra arguments go to workflows/pipeline.py, e.g. `--smoke-test` or `--config my.yaml`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+exec .venv/bin/python workflows/pipeline.py --config workflows/configs/cpu.yaml "$@"
