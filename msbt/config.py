@@ -64,16 +64,27 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """Microscope fields -> cell patches; ultrasound images -> model-ready arrays."""
+    """Microscope fields -> cell patches (see msbt.patches); ultrasound images -> model-ready arrays."""
 
-    block_size: int = 51
-    offset: int = 5
-    min_object_size: int = 64
-    patch_size: int = 200
+    # Cell patches. The window must be well above the cell size for the threshold and the automatic
+    # polarity to follow the cells, not their halos; "auto" offset = 3x the field's robust noise level.
+    block_size: int = 151
+    offset: float | Literal["auto"] = "auto"
+    polarity: Literal["auto", "dark", "bright"] = "auto"
+    min_object_size: int = 100  # objects with fewer pixels are debris
+    patch_size: int = 200  # the paper's 200x200 patches
     max_patches_per_field: int = 40
     large_region_policy: Literal["tile", "center", "resize"] = "tile"
-    polarity: Literal["auto", "dark", "bright"] = "auto"
-    image_size: int = 200  # ultrasound images are resized to image_size x image_size
+    min_center_distance: int | None = None  # None -> patch_size // 2; 0 keeps near-duplicate patches
+    # Ultrasound images: resized to image_size x image_size.
+    image_size: int = 200
+    aspect: Literal["pad", "stretch", "crop"] = "pad"  # pad keeps the lesion's shape (letterbox)
+    intensity: Literal["none", "minmax"] = "none"
+    # Running over many files: a rerun into an existing store refuses, resumes (finished chunks are
+    # kept) or overwrites; never mixes two runs silently.
+    on_existing: Literal["refuse", "resume", "overwrite"] = "refuse"
+    files_per_chunk: int = 512
+    cpus_per_task: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -268,9 +279,12 @@ def _type_problem(hint: Any, value: Any) -> str | None:
                 return f"item {i}: {problem}"
         return None
     if origin in (typing.Union, types.UnionType):
-        if any(_type_problem(arg, value) is None for arg in typing.get_args(hint)):
+        problems = [_type_problem(arg, value) for arg in typing.get_args(hint)]
+        if None in problems:
             return None
-        return f"has the wrong type: {value!r}"
+        # "must be a number, got 'x'" + "must be one of ['auto'], got 'x'" -> one sentence
+        wanted = [p.split(", got ")[0].removeprefix("must be ") for p in problems if p]
+        return f"must be {' or '.join(wanted)}, got {value!r}"
     # bool is a subclass of int in Python; `epochs: true` is a mistake, not 1.
     if hint is bool:
         return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
@@ -282,6 +296,8 @@ def _type_problem(hint: Any, value: Any) -> str | None:
         return None if ok else f"must be a number, got {value!r}"
     if hint is str:
         return None if isinstance(value, str) else f"must be a string, got {value!r}"
+    if hint is type(None):
+        return None if value is None else f"must be null, got {value!r}"
     raise TypeError(f"config type {hint!r} is not supported by the loader")
 
 
