@@ -35,9 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("run", help="run the main job (today: data scan, grouping and split) on configured data")
+    p = sub.add_parser("run", help="run the main job (today: data scan, grouping, split, Ray Data preprocessing)")
     _config_options(p)
     p.add_argument("--force-split", action="store_true", help="make a new split even if the run has one")
+    p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, a local `ray start` "
+                   "cluster, or a private one)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("synth", help="generate the built-in synthetic microscope and ultrasound data")
@@ -74,8 +76,11 @@ def _load(args) -> "object":
 
 def _cmd_run(args) -> int:
     from msbt.pipeline import main_job
+    from msbt.raycluster import init_ray
 
-    main_job(_load(args), force_split=args.force_split)
+    config = _load(args)  # a config error should not wait for Ray to start
+    init_ray(args.address)
+    main_job(config, force_split=args.force_split)
     return 0
 
 

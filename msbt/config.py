@@ -117,6 +117,15 @@ class StageConfig:
     batch_size: int = 16
     epochs: int = 30
     trainable_backbone: bool = True
+    # Transfer schedule (docs/models.md). Paper: one phase, the whole network trains, BatchNorm as Keras
+    # trains it. head_epochs > 0: that many head-only epochs first (backbone frozen), then the backbone's
+    # top `fine_tune_layers` (0 = all) train at learning_rate * fine_tune_lr_scale for the rest of `epochs`.
+    head_epochs: int = 0
+    fine_tune_layers: int = 0
+    fine_tune_lr_scale: float = 0.1
+    # Backbone BatchNorm in inference mode (moving statistics fixed) even while its weights train;
+    # always the case while the backbone is frozen or after a head-only phase.
+    batchnorm_inference: bool = False
     head: HeadConfig = field(default_factory=HeadConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     monitor: str = "val_loss"  # metric that picks the best checkpoint

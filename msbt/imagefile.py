@@ -142,3 +142,54 @@ def _stretch(array: np.ndarray) -> np.ndarray:
     if hi <= lo:
         return np.zeros(array.shape, np.uint8)
     return ((array.astype(np.float64) - lo) * (255.0 / (hi - lo)) + 0.5).astype(np.uint8)
+
+
+def fit_square(rgb: np.ndarray, size: int, aspect: str = "pad") -> np.ndarray:
+    """Resize an image to (size, size) with an explicit aspect policy.
+
+    Args:
+        rgb: (H, W, 3) uint8.
+        size: output side in pixels.
+        aspect: "pad" keeps the aspect ratio and pads the short side with black (a lesion's
+            taller-than-wide shape is a malignancy sign, so it must not be distorted by default);
+            "stretch" resizes each axis independently; "crop" keeps the aspect ratio and centre-crops
+            the long side.
+
+    Returns:
+        (size, size, 3) uint8.
+    """
+    h, w = rgb.shape[:2]
+    if aspect == "stretch":
+        return _resize(rgb, size, size)
+    if aspect == "crop":
+        side = min(h, w)
+        y0, x0 = (h - side) // 2, (w - side) // 2
+        return _resize(rgb[y0 : y0 + side, x0 : x0 + side], size, size)
+    if aspect != "pad":
+        raise ValueError(f"aspect must be 'pad', 'stretch' or 'crop', got {aspect!r}")
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    out = np.zeros((size, size, 3), np.uint8)
+    y0, x0 = (size - nh) // 2, (size - nw) // 2
+    out[y0 : y0 + nh, x0 : x0 + nw] = _resize(rgb, nh, nw)
+    return out
+
+
+def _resize(rgb: np.ndarray, h: int, w: int) -> np.ndarray:
+    # INTER_AREA when shrinking avoids aliasing speckle into false texture; cubic when enlarging.
+    shrink = h * w < rgb.shape[0] * rgb.shape[1]
+    return cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+
+
+def normalize_intensity(rgb: np.ndarray, mode: str = "none") -> np.ndarray:
+    """"none" keeps the scanner's grey levels; "minmax" stretches the 1st-99th percentile to 0..255,
+    which evens out gain differences between machines."""
+    if mode == "none":
+        return rgb
+    if mode != "minmax":
+        raise ValueError(f"intensity must be 'none' or 'minmax', got {mode!r}")
+    lo, hi = np.percentile(rgb, (1, 99))
+    if hi <= lo:
+        return rgb
+    scaled = (rgb.astype(np.float32) - lo) * (255.0 / (hi - lo))
+    return np.clip(scaled + 0.5, 0, 255).astype(np.uint8)

@@ -145,13 +145,49 @@ def summarize(prepared: dict[str, PreparedData]) -> str:
     return "\n".join(lines)
 
 
+def preprocess(config: Config, prepared: dict[str, PreparedData]) -> dict:
+    """Build the Parquet stores of both modalities with Ray Data (Ray must be initialised)."""
+    from msbt import preprocess as pp
+
+    stores = run_dir(config) / "stores"
+    out = {}
+    for modality, data in prepared.items():
+        d = data.discovery
+        items = pp.split_items(data.folder, d.root, d.classes, config.data.seed)
+        build = pp.build_microscope_store if modality == "microscope" else pp.build_ultrasound_store
+        summary = build(items, stores / modality, config.preprocess, config.data.sixteen_bit)
+        if modality == "microscope":
+            pp.write_contact_sheets(summary.path, items, d.classes, pp.patch_params(config.preprocess))
+        out[modality] = summary
+    return out
+
+
+def summarize_stores(stores: dict) -> str:
+    lines = []
+    for modality, s in stores.items():
+        noun = "patches" if modality == "microscope" else "images"
+        per_split = "; ".join(
+            f"{split} " + ", ".join(f"{c} {n}" for c, n in sorted(s.rows.get(split, {}).items()))
+            for split in ("train", "val", "test")
+        )
+        lines.append(f"{modality} store: {sum(sum(v.values()) for v in s.rows.values())} {noun} from {s.files} "
+                     f"files in {s.seconds:.1f} s ({per_split}) -> {s.path}")
+        if s.empty_sources:
+            lines.append(f"  {len(s.empty_sources)} files gave no {noun} (no cells found, or unreadable): "
+                         f"{', '.join(s.empty_sources[:5])}{' ...' if len(s.empty_sources) > 5 else ''}")
+    return "\n".join(lines)
+
+
 def main_job(config: Config, *, force_split: bool = False) -> dict:
-    """Everything the README's main command runs; returns a JSON-able summary."""
+    """Everything the README's main command runs; returns a JSON-able summary. Ray must be initialised."""
     prepared = prepare_data(config, force_split=force_split)
     print(summarize(prepared), flush=True)
+    stores = preprocess(config, prepared)
+    print(summarize_stores(stores), flush=True)
     result = {
         "run_dir": str(run_dir(config)),
         "data": {m: p.split.summary for m, p in prepared.items()},
+        "stores": {m: s.as_dict() for m, s in stores.items()},
     }
     (run_dir(config) / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"results in {run_dir(config)}")

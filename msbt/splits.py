@@ -54,9 +54,19 @@ def assign_groups(labels: Sequence[str], groups: Sequence[str], targets: Sequenc
         names.sort(key=lambda g: -len(members[g]))  # stable: equal sizes keep the shuffled order
         total = sum(len(members[g]) for g in names)
         filled = np.zeros(len(weights))
+        if len(names) >= len(weights):
+            # Every bin gets at least one group of each class when there are enough groups (a small
+            # data set must still have a test set); the smallest groups seed them, so the greedy pass
+            # below still balances the sizes.
+            seeds, names = names[-len(weights):], names[: -len(weights)]
+            for b, group in zip(np.argsort(-weights, kind="stable"), seeds):
+                out[members[group]] = b
+                filled[b] += len(members[group])
         for group in names:
-            # The bin with the largest shortfall against its target takes the group.
-            b = int(np.argmax(weights * total - filled))
+            # The bin with the largest shortfall against its target takes the group; on a tie, the
+            # emptier bin (rounding keeps float noise from deciding ties).
+            shortfall = np.round(weights * total - filled, 9)
+            b = max(range(len(weights)), key=lambda k: (shortfall[k], -filled[k]))
             out[members[group]] = b
             filled[b] += len(members[group])
     return out

@@ -192,3 +192,12 @@ def test_mendeley_groups_are_whole_frame_sequences(real_data):
     assert s["leakage"]["group_aware"] == {"val": 0, "test": 0}
     # a naive split of this set leaks nearly every val and test image
     assert s["leakage"]["naive_random"]["val"] >= 45 and s["leakage"]["naive_random"]["test"] >= 20
+
+
+def test_small_strata_still_fill_every_split():
+    # three fields per class at 7:2:1: a plain greedy deal would put all three in train
+    labels = ["a"] * 3 + ["b"] * 3
+    bins = assign_groups(labels, [str(i) for i in range(6)], (0.7, 0.2, 0.1), 0)
+    assert sorted(bins[:3]) == [0, 1, 2] and sorted(bins[3:]) == [0, 1, 2]
+    # with fewer groups than splits the larger splits come first
+    assert sorted(assign_groups(["a", "a"], ["x", "y"], (0.7, 0.2, 0.1), 0)) == [0, 1]
