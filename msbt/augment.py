@@ -1,0 +1,143 @@
+"""On-the-fly, seeded training-set augmentation inside the tf.data pipeline.
+
+The paper "tripled" its training sets with shift and rotation. Here that is an expansion factor E
+(``AugmentConfig.expansion``, 3 by default) applied on the fly: one epoch makes E passes over the
+training images, pass 0 with the originals and passes 1..E-1 with freshly transformed copies, each pass
+in its own shuffled order. So every epoch sees each image E times (the original plus E-1 augmented
+versions), an epoch has E times as many steps as without augmentation, and the augmented copies differ
+from epoch to epoch, unlike a tripled set written to disk once. Augmentation off (Table 1 row 1): one
+pass of originals per epoch.
+
+Determinism: the transform of an image depends only on ``(seed, epoch, pass, image index)`` through
+stateless random ops (``tf.random.stateless_*``), never on the order in which tf.data happens to
+process elements or on global random state. The pass order comes from tf.data's shuffle with an
+op seed derived from the same key (deterministic for a given global seed, which ``fit_stage`` sets).
+
+TensorFlow is used (not numpy) because these transforms run inside the tf.data graph, in parallel with
+training; the maths is in :func:`affine_vector`, small enough to read.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import tensorflow as tf
+
+from msbt.config import AugmentConfig
+
+# Keras' ImageDataGenerator default (which shift/rotation-range recipes like the paper's use): pixels
+# moved in from outside the image repeat the nearest edge pixel.
+FILL_MODE = "nearest"
+# Large prime multipliers keep (seed, epoch, pass) keys of nearby values apart.
+_EPOCH_STRIDE = 1_000_003
+
+
+def copies_per_epoch(cfg: AugmentConfig) -> int:
+    """How many times one epoch shows each training image: ``expansion`` if enabled, else 1."""
+    if cfg.enabled and cfg.expansion < 1:
+        raise ValueError(f"augment.expansion must be >= 1, got {cfg.expansion}")
+    return cfg.expansion if cfg.enabled else 1
+
+
+def affine_vector(params, height: int, width: int):
+    """Keras/TF 8-number projective transform for rotation, shift, zoom and flip about the centre.
+
+    The forward map of image content is ``p' = c + t + z R(angle) F (p - c)`` (F flips x when asked);
+    ``affine_transform`` wants the inverse (output pixel -> input pixel), which is
+    ``p = M (p' - c - t) + c`` with ``M = F R(-angle) / z``.
+
+    Args:
+        params: Float tensor ``[angle_rad, tx_px, ty_px, zoom, flip_sign]``.
+        height: Image height in pixels.
+        width: Image width in pixels.
+
+    Returns:
+        ``[a0, a1, a2, b0, b1, b2, 0, 0]`` as a float32 tensor.
+    """
+    angle, tx, ty, zoom, flip = tf.unstack(tf.cast(params, tf.float32))
+    cos, sin = tf.cos(angle) / zoom, tf.sin(angle) / zoom
+    m00, m01, m10, m11 = flip * cos, flip * sin, -sin, cos
+    cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
+    a2 = cx - (m00 * (cx + tx) + m01 * (cy + ty))
+    b2 = cy - (m10 * (cx + tx) + m11 * (cy + ty))
+    return tf.stack([m00, m01, a2, m10, m11, b2, 0.0, 0.0])
+
+
+def random_params(key, cfg: AugmentConfig, height: int, width: int):
+    """Draw one image's transform parameters from a stateless seed.
+
+    Args:
+        key: int32/int64 tensor of shape (2,), a stateless seed.
+        cfg: Ranges: rotation (degrees, +-), shift (fraction of the size, +-), zoom (fraction, +-),
+            flip (horizontal, p = 0.5), contrast (fraction, +-).
+
+    Returns:
+        ``(affine params for affine_vector, contrast factor)``.
+    """
+    u = 2.0 * tf.random.stateless_uniform([6], seed=key) - 1.0  # six independent U(-1, 1)
+    angle = u[0] * cfg.rotation * math.pi / 180.0
+    tx, ty = u[1] * cfg.shift * width, u[2] * cfg.shift * height
+    zoom = 1.0 + u[3] * cfg.zoom
+    flip = tf.where(tf.logical_and(cfg.flip, u[4] < 0.0), -1.0, 1.0)
+    contrast = 1.0 + u[5] * cfg.contrast
+    return tf.stack([angle, tx, ty, zoom, flip]), contrast
+
+
+def augment_image(image, key, cfg: AugmentConfig):
+    """Apply one random shift/rotation/zoom/flip/contrast to one image.
+
+    Args:
+        image: (H, W, C) tensor of 0..255 pixels (any numeric dtype).
+        key: Stateless seed, shape (2,): the same key always gives the same output.
+        cfg: The augmentation ranges.
+
+    Returns:
+        (H, W, C) float32 image, still in 0..255.
+    """
+    image = tf.cast(image, tf.float32)
+    height, width = image.shape[0], image.shape[1]
+    params, contrast = random_params(key, cfg, height, width)
+    transform = affine_vector(params, height, width)
+    out = keras.ops.image.affine_transform(image, transform, interpolation="bilinear", fill_mode=FILL_MODE)
+    if cfg.contrast > 0:
+        mean = tf.reduce_mean(out, axis=(0, 1), keepdims=True)
+        out = (out - mean) * contrast + mean
+    return tf.clip_by_value(out, 0.0, 255.0)
+
+
+def image_key(seed: int, epoch, copy: int, index):
+    """Stateless seed of one image in one pass of one epoch."""
+    base = tf.stack([tf.cast(seed, tf.int64), tf.cast(epoch, tf.int64) * _EPOCH_STRIDE + copy])
+    return tf.random.experimental.stateless_fold_in(base, tf.cast(index, tf.int64))
+
+
+def expand_epoch(ds: tf.data.Dataset, cfg: AugmentConfig, *, seed: int, epoch: int, shuffle_buffer: int):
+    """One epoch of training examples: E shuffled passes, pass 0 original, the rest augmented.
+
+    Args:
+        ds: Unbatched ``(image, label)`` with a static image shape; ``image`` 0..255.
+        cfg: Augmentation settings (``copies_per_epoch(cfg)`` passes).
+        seed: Run seed.
+        epoch: Epoch number: new transforms and a new order every epoch.
+        shuffle_buffer: tf.data shuffle buffer (the number of images for a full shuffle).
+
+    Returns:
+        Unbatched dataset of ``(float32 image, label)``, ``E * len(ds)`` elements.
+    """
+    passes = None
+    indexed = ds.enumerate()
+    for copy in range(copies_per_epoch(cfg)):
+        # A Python int: tf.data combines it with TF's global seed (fit_stage sets that to `seed`).
+        order_seed = (seed * _EPOCH_STRIDE + epoch * 101 + copy) % (2**31 - 1)
+        shuffled = indexed.shuffle(shuffle_buffer, seed=order_seed, reshuffle_each_iteration=False)
+        if copy == 0:
+            one = shuffled.map(lambda i, xy: (tf.cast(xy[0], tf.float32), xy[1]))
+        else:
+            one = shuffled.map(
+                lambda i, xy, c=copy: (augment_image(xy[0], image_key(seed, epoch, c, i), cfg), xy[1]),
+                num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True,
+            )
+        passes = one if passes is None else passes.concatenate(one)
+    return passes

@@ -1,0 +1,285 @@
+"""Stage checkpoints: a folder with ``model.keras`` and ``manifest.json``, linked to their parents.
+
+The manifest records what is needed to trust and reproduce the model: the stage (1 = trained from
+ImageNet/random/a weights file, 2 = trained from a stage-1 checkpoint), the parent checkpoint by path
+AND sha256 of its model file, backbone, weights source, data fingerprint and split id, the resolved
+stage config, class names, metrics, creation time and msbt version. The model's own sha256 is in it,
+so :func:`verify` detects a model file changed after training, and :func:`lineage` can show a chain
+whose parent was replaced.
+
+This module imports no TensorFlow until a model is loaded, so ``msbt lineage`` stays fast.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from msbt import __version__
+from msbt.config import StageConfig, to_dict
+
+MODEL_FILE = "model.keras"
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+MAX_STAGE = 2  # the paper's chain: ImageNet -> cell lines (stage 1) -> ultrasound (stage 2)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, altered, or not allowed where it was given; the message names it."""
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _weights_record(weights: str) -> dict[str, Any]:
+    """The weights source; a local file also gets its hash, so the run can be reproduced exactly."""
+    if weights in ("imagenet", "none", "parent"):
+        return {"source": weights}
+    path = Path(weights).expanduser().resolve()
+    return {"source": str(path), "sha256": sha256_file(path) if path.is_file() else None}
+
+
+def write_manifest(
+    directory: str | Path,
+    *,
+    stage_config: StageConfig,
+    class_names: Sequence[str],
+    metrics: Mapping[str, float],
+    best_epoch: int,
+    history: Mapping[str, Sequence[float]] = (),
+    parent: str | Path | None = None,
+    data_fingerprint: str = "",
+    split_id: str = "",
+) -> dict:
+    """Write ``manifest.json`` beside an already saved ``model.keras``.
+
+    Args:
+        directory: The checkpoint folder (must contain ``model.keras``).
+        stage_config: The resolved config the stage trained with.
+        class_names: In label order (index 0 first).
+        metrics: Logs of the best epoch (``loss``, ``val_auc`` ...).
+        best_epoch: 1-based epoch whose model was kept.
+        history: Per-epoch logs, ``{name: [value per epoch]}``.
+        parent: The parent checkpoint folder (stage 2), or None.
+        data_fingerprint: Identifies the training data (passed in by the caller).
+        split_id: Identifies the train/val/test split (passed in by the caller).
+
+    Returns:
+        The manifest as written.
+    """
+    directory = Path(directory)
+    parent_record = None
+    if parent is not None:
+        parent_dir = Path(parent).resolve()
+        parent_record = {
+            "path": str(parent_dir),
+            # relative too, so a run folder moved as a whole (e.g. copied by Ray) still resolves
+            "relpath": os.path.relpath(parent_dir, directory.resolve()),
+            "model_sha256": sha256_file(parent_dir / MODEL_FILE),
+            "stage": read_manifest(parent_dir)["stage"],
+        }
+    manifest = {
+        "format": FORMAT_VERSION,
+        "stage": 1 if parent_record is None else parent_record["stage"] + 1,
+        "model_file": MODEL_FILE,
+        "model_sha256": sha256_file(directory / MODEL_FILE),
+        "parent": parent_record,
+        "backbone": stage_config.backbone,
+        "weights": _weights_record(stage_config.weights),
+        "data_fingerprint": data_fingerprint,
+        "split_id": split_id,
+        "class_names": list(class_names),
+        "monitor": stage_config.monitor,
+        "best_epoch": best_epoch,
+        "metrics": {k: float(v) for k, v in metrics.items()},
+        "history": {k: [float(x) for x in v] for k, v in dict(history).items()},
+        "config": to_dict(stage_config),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "msbt_version": __version__,
+    }
+    tmp = directory / f".{MANIFEST_FILE}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, directory / MANIFEST_FILE)  # never a half-written manifest
+    return manifest
+
+
+def read_manifest(path: str | Path) -> dict:
+    """Read a checkpoint's manifest.
+
+    Args:
+        path: The checkpoint folder (or its ``manifest.json`` / ``model.keras``).
+
+    Returns:
+        The manifest dict.
+
+    Raises:
+        CheckpointError: No manifest, or not valid JSON.
+    """
+    directory = _folder(path)
+    file = directory / MANIFEST_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{directory}: not a checkpoint (no {MANIFEST_FILE})")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{file}: not valid JSON ({err})") from None
+
+
+def _folder(path: str | Path) -> Path:
+    path = Path(path).expanduser()
+    return path.parent if path.name in (MANIFEST_FILE, MODEL_FILE) else path
+
+
+def verify(path: str | Path) -> bool:
+    """True when the checkpoint's model file exists and its sha256 matches the manifest."""
+    directory = _folder(path)
+    manifest = read_manifest(directory)
+    model = directory / manifest.get("model_file", MODEL_FILE)
+    return model.is_file() and sha256_file(model) == manifest.get("model_sha256")
+
+
+def load_checkpoint(path: str | Path, *, check: bool = True):
+    """Load a checkpoint's model (uncompiled) and manifest.
+
+    Args:
+        path: The checkpoint folder.
+        check: Refuse a model whose hash does not match the manifest.
+
+    Returns:
+        ``(keras.Model, manifest dict)``.
+
+    Raises:
+        CheckpointError: Not a checkpoint, or the model file was changed.
+    """
+    directory = _folder(path)
+    manifest = read_manifest(directory)
+    if check and not verify(directory):
+        raise CheckpointError(f"{directory}: {MODEL_FILE} does not match the sha256 in {MANIFEST_FILE}")
+    from msbt.models import load_model  # TensorFlow only when a model is really loaded
+
+    return load_model(directory / manifest.get("model_file", MODEL_FILE)), manifest
+
+
+def check_parent(path: str | Path, stage_config: StageConfig) -> dict:
+    """Accept ``path`` as the parent of a stage, or say why not.
+
+    Args:
+        path: The candidate parent checkpoint folder.
+        stage_config: The child stage's config (its backbone must match the parent's).
+
+    Returns:
+        The parent's manifest.
+
+    Raises:
+        CheckpointError: Not a checkpoint, altered, already the last stage, or another backbone.
+    """
+    directory = _folder(path)
+    manifest = read_manifest(directory)
+    if not verify(directory):
+        raise CheckpointError(f"parent {directory}: {MODEL_FILE} does not match its manifest's sha256")
+    if manifest["stage"] >= MAX_STAGE:
+        raise CheckpointError(
+            f"parent {directory} is a stage-{manifest['stage']} checkpoint; stage 2 needs a stage-1 parent"
+        )
+    if manifest["backbone"] != stage_config.backbone:
+        raise CheckpointError(
+            f"parent {directory} has backbone {manifest['backbone']}, this stage wants {stage_config.backbone}"
+        )
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------------
+# Lineage
+
+
+def lineage(path: str | Path) -> list[dict]:
+    """Walk from a checkpoint to its root through the recorded parents.
+
+    Args:
+        path: A checkpoint folder.
+
+    Returns:
+        One dict per checkpoint, child first: ``path``, ``manifest`` (None if the parent is missing),
+        ``verified`` (its model matches its manifest) and ``link_ok`` (for all but the last: the parent
+        found has the model hash the child recorded).
+    """
+    chain: list[dict] = []
+    directory: Path | None = _folder(path).resolve()
+    seen: set[Path] = set()
+    while directory is not None and directory not in seen:
+        seen.add(directory)
+        if not (directory / MANIFEST_FILE).is_file():
+            chain.append({"path": str(directory), "manifest": None, "verified": False, "link_ok": None})
+            break
+        manifest = read_manifest(directory)
+        entry = {"path": str(directory), "manifest": manifest, "verified": verify(directory), "link_ok": None}
+        chain.append(entry)
+        record = manifest.get("parent")
+        if not record:
+            break
+        directory = _find_parent(directory, record)
+        if directory is None:
+            entry["link_ok"] = False
+            chain.append({"path": record["path"], "manifest": None, "verified": False, "link_ok": False})
+            break
+        entry["link_ok"] = sha256_file(directory / MODEL_FILE) == record["model_sha256"]
+    return chain
+
+
+def _find_parent(child: Path, record: Mapping) -> Path | None:
+    for candidate in (Path(record["path"]), (child / record.get("relpath", "\0")).resolve()):
+        if (candidate / MODEL_FILE).is_file():
+            return candidate
+    return None
+
+
+def format_lineage(path: str | Path) -> str:
+    """The chain from a checkpoint back to its weights source, one line per link (for ``msbt lineage``).
+
+    Args:
+        path: A checkpoint folder.
+
+    Returns:
+        Printable text, child first, e.g.::
+
+            stage 2  resnet50  weights=parent  classes=benign,malignant  val_auc=0.9100 @ epoch 12  [ok]  runs/x/stage2
+              <- stage 1  resnet50  weights=imagenet  classes=a,b,c,d  val_loss=0.1200 @ epoch 30  [ok]  runs/x/stage1
+              <- imagenet
+    """
+    lines = []
+    chain = lineage(path)
+    for depth, entry in enumerate(chain):
+        prefix = "" if depth == 0 else "  <- "
+        manifest = entry["manifest"]
+        if manifest is None:
+            lines.append(f"{prefix}MISSING checkpoint {entry['path']}")
+            continue
+        lines.append(prefix + _describe(entry))
+    last = chain[-1]["manifest"]
+    if last is not None and not last.get("parent"):
+        lines.append(f"  <- {last['weights']['source']}")
+    return "\n".join(lines)
+
+
+def _describe(entry: Mapping) -> str:
+    m = entry["manifest"]
+    monitor = m.get("monitor", "")
+    score = m.get("metrics", {}).get(monitor)
+    score_text = f"{monitor}={score:.4f} @ epoch {m.get('best_epoch')}" if score is not None else "no metrics"
+    status = "ok" if entry["verified"] else "MODEL CHANGED"
+    if entry["link_ok"] is False:
+        status += ", PARENT CHANGED"
+    return (
+        f"stage {m['stage']}  {m['backbone']}  weights={m['weights']['source']}  "
+        f"classes={','.join(m['class_names'])}  {score_text}  [{status}]  {entry['path']}"
+    )

