@@ -16,6 +16,8 @@ from msbt.config import ConfigError, load_config, to_dict
 
 
 def _config_options(parser: argparse.ArgumentParser) -> None:
+    # Accepted after the subcommand too (`msbt run --debug`); SUPPRESS keeps the top-level value.
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     parser.add_argument(
         "--config", action="append", default=[], metavar="YAML",
         help="config overlay on the paper's settings; repeat to stack (later wins)",
@@ -42,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "cluster, or a private one)")
     p.set_defaults(func=_cmd_run)
 
+    p = sub.add_parser("preprocess", help="scan, group, split, then cut patches / prepare images into Parquet "
+                       "stores with Ray Data")
+    _config_options(p)
+    p.add_argument("--force-split", action="store_true", help="make a new split even if the run has one")
+    p.add_argument("--address", help="Ray cluster to join (default: as for `run`)")
+    p.set_defaults(func=_cmd_preprocess)
+
     p = sub.add_parser("synth", help="generate the built-in synthetic microscope and ultrasound data")
     _config_options(p)
     p.add_argument("--out", help="output folder (default: the cache folder keyed by the synth settings)")
@@ -64,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a split already saved in --out")
     p.set_defaults(func=_cmd_split)
 
+    p = sub.add_parser("lineage", help="print a stage checkpoint's chain of parents (stage 2 -> stage 1 -> weights)")
+    p.add_argument("path", help="a stage checkpoint folder (model.keras + manifest.json)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    p.set_defaults(func=_cmd_lineage)
+
     p = sub.add_parser("config", help="print the resolved config (paper settings + overlays) as YAML")
     _config_options(p)
     p.set_defaults(func=_cmd_config)
@@ -81,6 +95,18 @@ def _cmd_run(args) -> int:
     config = _load(args)  # a config error should not wait for Ray to start
     init_ray(args.address)
     main_job(config, force_split=args.force_split)
+    return 0
+
+
+def _cmd_preprocess(args) -> int:
+    from msbt.pipeline import prepare_data, preprocess, summarize, summarize_stores
+    from msbt.raycluster import init_ray
+
+    config = _load(args)
+    init_ray(args.address)
+    prepared = prepare_data(config, force_split=args.force_split)
+    print(summarize(prepared))
+    print(summarize_stores(preprocess(config, prepared)))
     return 0
 
 
@@ -137,6 +163,13 @@ def _cmd_split(args) -> int:
     s = result.summary
     print(json.dumps({k: s[k] for k in ("images", "rejects", "counts", "groups", "leakage")}, indent=2))
     print(f"split saved to {out / 'split.csv'}")
+    return 0
+
+
+def _cmd_lineage(args) -> int:
+    from msbt.checkpoint import format_lineage
+
+    print(format_lineage(args.path))
     return 0
 
 

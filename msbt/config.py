@@ -84,6 +84,7 @@ class PreprocessConfig:
     # kept) or overwrites; never mixes two runs silently.
     on_existing: Literal["refuse", "resume", "overwrite"] = "refuse"
     files_per_chunk: int = 512
+    files_per_task: int = 16
     cpus_per_task: float = 1.0
 
 

@@ -57,8 +57,12 @@ def field_patches(batch: dict[str, np.ndarray], *, params: dict, sixteen_bit: st
         `source`, `label`, `label_index`, `split`. A field that cannot be read yields no rows and a
         warning naming it (discovery normally rejected it before).
     """
+    import cv2
+
     from msbt.patches import field_to_patches
 
+    # Ray runs one task per CPU; OpenCV's own thread pool on top would oversubscribe the cores.
+    cv2.setNumThreads(1)
     size = params["patch_size"]
     out: dict[str, list] = {"image": [], "box": [], **{c: [] for c in META_COLUMNS}}
     for i in range(len(batch["path"])):
@@ -92,19 +96,42 @@ def ultrasound_arrays(batch: dict[str, np.ndarray], *, image_size: int, aspect: 
     return _columns(out, (image_size, image_size, 3))
 
 
-def _columns(out: dict[str, list], image_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
-    # An empty batch must still have the right column types, or Ray Data cannot unify the schema.
-    columns = {}
+def _columns(out: dict[str, list], image_shape: tuple[int, ...]):
+    """Build the Arrow table a batch function returns.
+
+    Images go in as one fixed-size binary value per row (raw uint8 bytes in C order), built zero-copy
+    from one contiguous buffer. Ray's tensor columns are stored in Parquet as lists of single bytes,
+    which made writing cost a third as much as cutting the patches (measured: benchmarks/preprocess.py).
+    """
+    import pyarrow as pa
+
+    listed = out.pop("image")
+    images = np.stack(listed) if listed else np.zeros((0, *image_shape), np.uint8)
+    size = int(np.prod(image_shape))
+    columns = {"image": pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(size), len(images), [None, pa.py_buffer(np.ascontiguousarray(images))])}
     for key, values in out.items():
-        if key == "image":
-            columns[key] = np.stack(values) if values else np.zeros((0, *image_shape), np.uint8)
-        elif key == "box":
-            columns[key] = np.stack(values) if values else np.zeros((0, 4), np.int32)
+        if key == "box":
+            flat = np.asarray(values, dtype=np.int32).reshape(-1)
+            columns[key] = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.int32()), 4)
         elif key == "label_index":
-            columns[key] = np.asarray(values, dtype=np.int64)
+            columns[key] = pa.array(np.asarray(values, dtype=np.int64))
         else:
-            columns[key] = np.asarray(values, dtype=object).astype(str) if values else np.zeros(0, dtype="<U1")
-    return columns
+            columns[key] = pa.array([str(v) for v in values], pa.string())
+    return pa.table(columns)
+
+
+def decode_images(column, shape: tuple[int, ...]) -> np.ndarray:
+    """(N, *shape) uint8 view of a fixed-size binary image column (pyarrow Array or ChunkedArray)."""
+    import pyarrow as pa
+
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if len(column) == 0:
+        return np.zeros((0, *shape), np.uint8)
+    data = np.frombuffer(column.buffers()[1], np.uint8, count=len(column) * int(np.prod(shape)),
+                         offset=column.offset * int(np.prod(shape)))
+    return data.reshape(len(column), *shape)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -171,7 +198,8 @@ def build_microscope_store(items: list[dict], out: str | Path, cfg: PreprocessCo
                            sixteen_bit: str = "scale") -> StoreSummary:
     """Cut every field into patches with Ray Data and write them to a Parquet store."""
     kwargs = {"params": patch_params(cfg), "sixteen_bit": sixteen_bit}
-    return build_store("microscope", items, out, field_patches, kwargs, cfg)
+    shape = (cfg.patch_size, cfg.patch_size, 3)
+    return build_store("microscope", items, out, field_patches, kwargs, cfg, shape)
 
 
 def build_ultrasound_store(items: list[dict], out: str | Path, cfg: PreprocessConfig,
@@ -179,11 +207,12 @@ def build_ultrasound_store(items: list[dict], out: str | Path, cfg: PreprocessCo
     """Convert every ultrasound image to a model-ready array and write them to a Parquet store."""
     kwargs = {"image_size": cfg.image_size, "aspect": cfg.aspect, "intensity": cfg.intensity,
               "sixteen_bit": sixteen_bit}
-    return build_store("ultrasound", items, out, ultrasound_arrays, kwargs, cfg)
+    shape = (cfg.image_size, cfg.image_size, 3)
+    return build_store("ultrasound", items, out, ultrasound_arrays, kwargs, cfg, shape)
 
 
 def build_store(kind: str, items: list[dict], out: str | Path, fn: Callable, fn_kwargs: dict,
-                cfg: PreprocessConfig) -> StoreSummary:
+                cfg: PreprocessConfig, image_shape: tuple[int, int, int]) -> StoreSummary:
     """Run `fn` over `items` with Ray Data, chunk by chunk, into a Parquet store at `out`.
 
     Args:
@@ -193,6 +222,7 @@ def build_store(kind: str, items: list[dict], out: str | Path, fn: Callable, fn_
         fn: per-batch function (`field_patches` or `ultrasound_arrays`).
         fn_kwargs: its keyword arguments; part of the store's identity.
         cfg: chunking, CPU and rerun settings.
+        image_shape: shape of every stored image, recorded in `store.json` for readers.
 
     Returns:
         StoreSummary with rows per split and class, read back from the written Parquet.
@@ -201,7 +231,7 @@ def build_store(kind: str, items: list[dict], out: str | Path, fn: Callable, fn_
 
     out = Path(out)
     started = time.perf_counter()
-    identity = _identity(kind, items, fn_kwargs, cfg.files_per_chunk)
+    identity = _identity(kind, items, fn_kwargs, cfg.files_per_chunk, image_shape)
     _prepare_folder(out, identity, cfg.on_existing)
     chunks = [items[i : i + cfg.files_per_chunk] for i in range(0, len(items), cfg.files_per_chunk)]
     reused = 0
@@ -211,10 +241,16 @@ def build_store(kind: str, items: list[dict], out: str | Path, fn: Callable, fn_
             reused += 1
             continue
         shutil.rmtree(folder, ignore_errors=True)  # a chunk interrupted mid-write is redone whole
-        dataset = ray.data.from_items(chunk, override_num_blocks=min(len(chunk), 200))
+        # One task per `files_per_task` files: long enough (about 2 s for 1000 px fields) that
+        # Ray's per-task cost is small, short enough that the last tasks finish together.
+        blocks = max(1, -(-len(chunk) // cfg.files_per_task))
+        dataset = ray.data.from_items(chunk, override_num_blocks=blocks)
         dataset = dataset.map_batches(fn, fn_kwargs=fn_kwargs, batch_size=1, num_cpus=cfg.cpus_per_task,
                                       batch_format="numpy")
-        dataset.write_parquet(str(folder), compression="zstd")
+        # lz4: a third of the size of raw pixels at a few ms per field; no dictionary or statistics
+        # on the image column, which would only cost time.
+        dataset.write_parquet(str(folder), compression="lz4", use_dictionary=["label", "split", "source"],
+                              write_statistics=["label", "split", "source"])
         folder.mkdir(parents=True, exist_ok=True)  # a chunk with no rows writes no files
         (folder / "_DONE.json").write_text(json.dumps({"files": len(chunk)}) + "\n")
         log.info("%s store: chunk %d/%d done (%d files)", kind, index + 1, len(chunks), len(chunk))
@@ -224,11 +260,11 @@ def build_store(kind: str, items: list[dict], out: str | Path, fn: Callable, fn_
     return summary
 
 
-def _identity(kind: str, items: list[dict], fn_kwargs: dict, files_per_chunk: int) -> dict:
+def _identity(kind: str, items: list[dict], fn_kwargs: dict, files_per_chunk: int, image_shape) -> dict:
     listing = hashlib.sha1(json.dumps(
         [[i["source"], i["label"], i["split"], i["seed"]] for i in items]).encode()).hexdigest()
-    return {"format": STORE_FORMAT, "kind": kind, "settings": fn_kwargs, "files_per_chunk": files_per_chunk,
-            "items": listing}
+    return {"format": STORE_FORMAT, "kind": kind, "image_shape": list(image_shape), "settings": fn_kwargs,
+            "files_per_chunk": files_per_chunk, "items": listing}
 
 
 def _prepare_folder(out: Path, identity: dict, on_existing: str) -> None:
@@ -260,26 +296,37 @@ def _count(out: Path, items: list[dict]) -> tuple[dict, list]:
     return rows, [i["source"] for i in items if i["source"] not in produced]
 
 
+def store_files(path: str | Path) -> list[str]:
+    """The Parquet files of a store, in a stable order."""
+    return sorted(str(p) for p in Path(path).glob("chunk-*/*.parquet"))
+
+
+def image_shape(path: str | Path) -> tuple[int, ...]:
+    """Shape of every image in a store, from its `store.json`."""
+    return tuple(json.loads((Path(path) / "store.json").read_text())["image_shape"])
+
+
 def read_store(path: str | Path, columns: list[str] | None = None, split: str | None = None) -> dict[str, np.ndarray]:
     """Read a store (or some of its columns) into numpy arrays with pyarrow; for small stores and tests.
 
-    Image columns come back as (N, H, W, 3) uint8.
+    Returns:
+        Column name -> array; `image` as (N, H, W, 3) uint8, `box` as (N, 4) int32.
     """
     import pyarrow.dataset as pads
 
-    files = sorted(str(p) for p in Path(path).glob("chunk-*/*.parquet"))
+    files = store_files(path)
     if not files:
         return {c: np.zeros(0) for c in (columns or [])}
-    dataset = pads.dataset(files, format="parquet")
     flt = pads.field("split") == split if split else None
-    table = dataset.to_table(columns=columns, filter=flt)
+    table = pads.dataset(files, format="parquet").to_table(columns=columns, filter=flt)
     out = {}
     for name in table.column_names:
-        column = table[name].combine_chunks()
-        if hasattr(column.type, "shape"):  # Ray's fixed-shape tensor extension type
-            out[name] = column.to_numpy_ndarray()
+        if name == "image":
+            out[name] = decode_images(table[name], image_shape(path))
+        elif name == "box":
+            out[name] = np.asarray(table[name].combine_chunks().flatten(), np.int32).reshape(-1, 4)
         else:
-            out[name] = column.to_numpy(zero_copy_only=False)
+            out[name] = table[name].to_numpy()
     return out
 
 
@@ -291,12 +338,11 @@ def sample_store(path: str | Path, label: str, n: int) -> np.ndarray:
     """Up to `n` images of one class from a store, reading only the rows needed."""
     import pyarrow.dataset as pads
 
-    files = sorted(str(p) for p in Path(path).glob("chunk-*/*.parquet"))
+    files = store_files(path)
     if not files:
-        return np.zeros((0, 1, 1, 3), np.uint8)
+        return np.zeros((0, *image_shape(path)), np.uint8)
     table = pads.dataset(files, format="parquet").head(n, columns=["image"], filter=pads.field("label") == label)
-    column = table["image"].combine_chunks()
-    return column.to_numpy_ndarray() if len(column) else np.zeros((0, 1, 1, 3), np.uint8)
+    return decode_images(table["image"], image_shape(path))
 
 
 def write_contact_sheets(store: str | Path, items: list[dict], classes: tuple[str, ...], params: dict,

@@ -42,3 +42,13 @@ def frame_of(img: np.ndarray, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     shifted = np.roll(img, shift=(int(rng.integers(-1, 2)), int(rng.integers(-1, 2))), axis=(0, 1))
     return np.clip(shifted + rng.normal(0, 4, img.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray cluster for the session (2 CPUs, no dashboard), shut down at the end."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -142,3 +142,12 @@ def test_manifest_is_json_and_read_errors_name_the_file(chain, tmp_path):
     (s1 / MANIFEST_FILE).write_text("{not json")
     with pytest.raises(CheckpointError, match=str(s1 / MANIFEST_FILE)):
         read_manifest(s1)
+
+
+def test_msbt_lineage_command(chain, capsys):
+    from msbt.cli import main
+
+    assert main(["lineage", str(chain[1])]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("stage 2") and "<- stage 1" in out
+    assert main(["lineage", str(chain[1].parent / "nowhere")]) == 1

@@ -1,0 +1,109 @@
+"""The command line as a user meets it: help, one-line errors, and each data subcommand."""
+
+import json
+import subprocess
+import sys
+
+import cv2
+import pytest
+
+from conftest import ROOT, textured
+from msbt.cli import build_parser, main
+
+SUBCOMMANDS = ["run", "preprocess", "synth", "scan", "split", "lineage", "config"]
+
+
+def test_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in SUBCOMMANDS)
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_each_subcommand_has_help(name, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([name, "--help"])
+    assert info.value.code == 0 and "usage: msbt " + name in capsys.readouterr().out
+
+
+def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stage1: {epochs: many}\n")
+    assert main(["config", "--config", str(bad)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("msbt: error: ") and "stage1.epochs" in err
+    with pytest.raises(Exception, match="stage1.epochs"):
+        main(["config", "--debug", "--config", str(bad)])
+
+
+def test_missing_data_folder_is_one_clear_line(tmp_path, capsys):
+    assert main(["scan", str(tmp_path / "nowhere")]) == 1
+    assert "nowhere: data folder or manifest does not exist" in capsys.readouterr().err
+
+
+def make_tree(root):
+    for label in ("benign", "malignant"):
+        (root / label).mkdir(parents=True)
+        for i in range(4):
+            cv2.imwrite(str(root / label / f"{i}.png"), textured(i + (10 if label == "malignant" else 0)))
+    (root / "benign" / "broken.png").write_bytes(b"")
+    return root
+
+
+def test_scan_reports_rejects_and_writes_the_manifest(tmp_path, capsys):
+    root = make_tree(tmp_path / "data")
+    assert main(["scan", str(root), "--rejects", str(tmp_path / "rejects.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "8 usable images (benign 4, malignant 4); 1 rejected" in out
+    assert "broken.png: empty file" in out
+    assert "broken.png" in (tmp_path / "rejects.csv").read_text()
+    assert main(["scan", str(root), "--strict"]) == 1
+
+
+def test_split_writes_files_and_will_not_overwrite(tmp_path, capsys):
+    root = make_tree(tmp_path / "data")
+    out = tmp_path / "split"
+    assert main(["split", str(root), "--out", str(out)]) == 0
+    summary = json.loads((out / "split.json").read_text())
+    assert summary["images"] == 8 and (out / "split.csv").exists() and (out / "rejects.csv").exists()
+    assert main(["split", str(root), "--out", str(out)]) == 1
+    assert "already saved" in capsys.readouterr().err
+    assert main(["split", str(root), "--out", str(out), "--force", "--set", "data.seed=5"]) == 0
+
+
+def test_synth_into_a_chosen_folder(tmp_path, capsys):
+    out = tmp_path / "built-in"
+    overrides = ["--set", "synth.fields_per_line=1", "--set", "synth.field_size=128",
+                 "--set", "synth.lesions_per_class=2", "--set", "synth.ultrasound_size=64"]
+    assert main(["synth", "--out", str(out), *overrides]) == 0
+    assert capsys.readouterr().out.strip() == str(out.resolve())
+    assert len(list((out / "microscope").rglob("*.png"))) == 4
+    assert (out / "ultrasound_truth.csv").exists()
+
+
+def test_parser_builds_without_importing_tensorflow_or_ray():
+    code = ("import sys; from msbt.cli import build_parser; build_parser(); "
+            "print('tensorflow' in sys.modules, 'ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_main_workflow_smoke_test_end_to_end(tmp_path):
+    """`python workflows/pipeline.py --smoke-test`, as the README runs it, in a fresh process."""
+    command = [sys.executable, str(ROOT / "workflows" / "pipeline.py"), "--smoke-test",
+               "--set", f"run.storage_path={tmp_path}", "--set", f"synth.out_dir={tmp_path / 'synth'}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "microscope store:" in done.stdout and "results in" in done.stdout
+    summary = json.loads((tmp_path / "smoke" / "summary.json").read_text())
+    assert summary["data"]["ultrasound"]["leakage"]["group_aware"] == {"val": 0, "test": 0}
+    patches = summary["stores"]["microscope"]["rows"]
+    assert set(patches) == {"train", "val", "test"} and all(len(v) == 4 for v in patches.values())
+    assert (tmp_path / "smoke" / "config.yaml").exists()
+    # a rerun reuses the saved split and the finished stores
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert again.returncode == 0 and "split (reused" in again.stdout

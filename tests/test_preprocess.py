@@ -1,0 +1,139 @@
+"""Ray Data preprocessing on a real local Ray cluster: counts, labels, field-level split, rejects, reruns."""
+
+import collections
+import dataclasses
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from msbt import synth
+from msbt.config import PreprocessConfig
+from msbt.discovery import discover
+from msbt.imagefile import fit_square
+from msbt.patches import field_to_patches
+from msbt.preprocess import (
+    StoreError,
+    build_microscope_store,
+    build_ultrasound_store,
+    patch_params,
+    read_store,
+    split_items,
+    write_contact_sheets,
+)
+from msbt.splits import make_split, save_split
+
+pytestmark = pytest.mark.ray
+
+CFG = PreprocessConfig(max_patches_per_field=6, files_per_chunk=4, on_existing="resume")
+
+
+@pytest.fixture(scope="module")
+def built_in(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    synth.generate(out, seed=3, fields_per_line=3, field_size=400, lesions_per_class=4,
+                   frames_per_lesion=(1, 2), ultrasound_size=96)
+    return out
+
+
+def prepared(root, tmp_path, grouping="auto"):
+    d = discover(root)
+    save_split(make_split(d, grouping=grouping, seed=0), tmp_path / "split")
+    return d, split_items(tmp_path / "split", d.root, d.classes, seed=0)
+
+
+def test_patch_store_matches_the_pure_function_field_by_field(ray_local, built_in, tmp_path):
+    d, items = prepared(built_in / "microscope", tmp_path)
+    summary = build_microscope_store(items, tmp_path / "store", CFG)
+    store = read_store(tmp_path / "store")
+    # every field's patches are exactly what the pure function gives for it
+    expected = {}
+    for item in items:
+        rgb = cv2.cvtColor(cv2.imread(item["path"]), cv2.COLOR_BGR2RGB)
+        patches, boxes, _ = field_to_patches(rgb, seed=item["seed"], **patch_params(CFG))
+        expected[item["source"]] = (len(patches), sorted(map(tuple, boxes.tolist())))
+    got = collections.defaultdict(list)
+    for source, box in zip(store["source"], store["box"]):
+        got[source].append(tuple(box.tolist()))
+    assert {s: (len(b), sorted(b)) for s, b in got.items()} == {s: e for s, e in expected.items() if e[0]}
+    assert store["image"].shape[1:] == (200, 200, 3) and store["image"].dtype == np.uint8
+    assert sum(sum(v.values()) for v in summary.rows.values()) == len(store["source"])
+    # labels and label indices agree with the folder each field came from
+    for source, label, index in zip(store["source"], store["label"], store["label_index"]):
+        assert source.split("/")[0] == label == d.classes[index]
+
+
+def test_patches_of_one_field_never_straddle_splits(ray_local, built_in, tmp_path):
+    _, items = prepared(built_in / "microscope", tmp_path)
+    build_microscope_store(items, tmp_path / "store", CFG)
+    store = read_store(tmp_path / "store", columns=["source", "split"])
+    splits_of = collections.defaultdict(set)
+    for source, split in zip(store["source"], store["split"]):
+        splits_of[source].add(split)
+    assert all(len(s) == 1 for s in splits_of.values())
+    assert {i["source"]: i["split"] for i in items if i["source"] in splits_of} == \
+        {s: next(iter(v)) for s, v in splits_of.items()}
+    assert set().union(*splits_of.values()) == {"train", "val", "test"}
+
+
+def test_a_field_that_breaks_after_discovery_is_skipped_not_fatal(ray_local, built_in, tmp_path):
+    root = tmp_path / "data"
+    for line in synth.CELL_LINES[:2]:
+        (root / line).mkdir(parents=True)
+        for f in sorted((built_in / "microscope" / line).iterdir())[:2]:
+            (root / line / f.name).write_bytes(f.read_bytes())
+    _, items = prepared(root, tmp_path)
+    broken = items[0]["path"]
+    with open(broken, "r+b") as handle:  # the file is damaged between the scan and the preprocessing
+        handle.truncate(200)
+    summary = build_microscope_store(items, tmp_path / "store", CFG)
+    assert items[0]["source"] in summary.empty_sources
+    assert len(set(read_store(tmp_path / "store", columns=["source"])["source"])) == 3
+
+
+def test_rerun_resumes_reuses_or_refuses_never_mixes(ray_local, built_in, tmp_path):
+    _, items = prepared(built_in / "microscope", tmp_path)
+    out = tmp_path / "store"
+    first = build_microscope_store(items, out, CFG)
+    rows = len(read_store(out, columns=["source"])["source"])
+    # an interrupted run: the last chunk never finished
+    last = sorted(out.glob("chunk-*"))[-1]
+    (last / "_DONE.json").unlink()
+    resumed = build_microscope_store(items, out, CFG)
+    assert resumed.reused_chunks == len(list(out.glob("chunk-*"))) - 1
+    assert len(read_store(out, columns=["source"])["source"]) == rows
+    assert resumed.rows == first.rows
+    # other settings into the same store: refused, then overwritten on request
+    other = dataclasses.replace(CFG, max_patches_per_field=2)
+    with pytest.raises(StoreError, match="other settings"):
+        build_microscope_store(items, out, other)
+    with pytest.raises(StoreError, match="already exists"):
+        build_microscope_store(items, out, dataclasses.replace(CFG, on_existing="refuse"))
+    rebuilt = build_microscope_store(items, out, dataclasses.replace(other, on_existing="overwrite"))
+    assert sum(sum(v.values()) for v in rebuilt.rows.values()) <= 2 * len(items)
+    assert json.loads((out / "store.json").read_text())["settings"]["params"]["max_patches"] == 2
+
+
+def test_ultrasound_store_is_model_ready(ray_local, built_in, tmp_path):
+    d, items = prepared(built_in / "ultrasound", tmp_path)
+    cfg = dataclasses.replace(CFG, image_size=64)
+    summary = build_ultrasound_store(items, tmp_path / "store", cfg)
+    store = read_store(tmp_path / "store")
+    assert store["image"].shape == (len(items), 64, 64, 3)
+    assert summary.empty_sources == []
+    first = sorted(items, key=lambda i: i["source"])[0]
+    row = list(store["source"]).index(first["source"])
+    expected = fit_square(cv2.cvtColor(cv2.imread(first["path"]), cv2.COLOR_BGR2RGB), 64, "pad")
+    assert np.array_equal(store["image"][row], expected)
+    # groups travel with the images, so later steps can resample by group
+    assert set(store["group"]) == {i["group"] for i in items}
+
+
+def test_contact_sheets_are_written(ray_local, built_in, tmp_path):
+    d, items = prepared(built_in / "microscope", tmp_path)
+    build_microscope_store(items, tmp_path / "store", CFG)
+    paths = write_contact_sheets(tmp_path / "store", items, d.classes, patch_params(CFG), per_class=3)
+    for path in paths:
+        sheet = cv2.imread(str(path))
+        assert sheet is not None and sheet.shape[0] > 100 and sheet.std() > 5
