@@ -169,6 +169,8 @@ def _cmd_split(args) -> int:
 def _cmd_lineage(args) -> int:
     from msbt.checkpoint import format_lineage
 
+    if not Path(args.path).exists():
+        raise ConfigError(f"{args.path}: no such checkpoint")
     print(format_lineage(args.path))
     return 0
 

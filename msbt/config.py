@@ -82,7 +82,7 @@ class PreprocessConfig:
     intensity: Literal["none", "minmax"] = "none"
     # Running over many files: a rerun into an existing store refuses, resumes (finished chunks are
     # kept) or overwrites; never mixes two runs silently.
-    on_existing: Literal["refuse", "resume", "overwrite"] = "refuse"
+    on_existing: Literal["refuse", "resume", "overwrite"] = "resume"
     files_per_chunk: int = 512
     files_per_task: int = 16
     cpus_per_task: float = 1.0

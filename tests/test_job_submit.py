@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -56,7 +57,11 @@ def test_smoke_preprocess_job_succeeds(head_node, tmp_path):
     done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
-    assert "SUCCEEDED" in output, output[-4000:]
+    job_id = re.search(r"raysubmit_\w+", output).group(0)
+    status = subprocess.run([str(ray_cli), "job", "status", "--address", address, job_id], env=env,
+                            capture_output=True, text=True, timeout=60)
+    # the job server's verdict, asked separately (the CLI prints SUCCEEDED as "succeeded")
+    assert f"Job '{job_id}' succeeded" in status.stdout + status.stderr, status.stdout + status.stderr
     summary = json.loads((tmp_path / "smoke" / "stores" / "microscope" / "summary.json").read_text())
     assert summary["files"] == 12 and summary["rows"]["test"]
     # the job ran on the submitted cluster, not on a private one it started itself
