@@ -1,0 +1,558 @@
+"""Evaluation of a binary classifier (benign 0, malignant 1) with honest uncertainty. Numpy and scipy only.
+
+The order of work this module expects, so the reported numbers mean what they say:
+
+1. :func:`choose_threshold` on the VALIDATION split's predictions (never the test split's);
+2. :func:`binary_metrics` on the TEST split at that fixed threshold;
+3. :func:`bootstrap_ci` for percentile intervals, resampling lesions/patients (``groups``) rather than
+   images when a lesion has several images, because images of one lesion are not independent;
+4. :func:`delong_test` (independent cases) or :func:`paired_bootstrap_auc_diff` (clustered cases) to
+   compare two models scored on the same test cases;
+5. :func:`summarize_folds` for k-fold cross-validation (mean and sample sd over folds).
+
+Conventions used everywhere:
+
+* a case is called positive (malignant) when ``p >= threshold``;
+* a rate whose denominator is zero is ``nan`` (never 0 or 1): sensitivity with no malignant cases, PPV
+  with no positive calls, and so on. ``auc`` is ``nan`` unless both classes are present;
+* AUC is the Mann-Whitney statistic: the fraction of (malignant, benign) pairs the score orders
+  correctly, a tie counting 1/2. It is exact (no ROC trapezoids over a threshold grid, no sklearn).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Mapping, Sequence
+
+import numpy as np
+from scipy import stats
+
+# Stable names: the same keys in every result, report and test.
+METRIC_KEYS = (
+    "accuracy", "auc", "sensitivity", "specificity", "ppv", "npv", "f1", "brier",
+    "tp", "fp", "tn", "fn", "n", "prevalence", "threshold",
+)
+# The metrics that get a bootstrap interval. Counts, n and the threshold are fixed by design, not
+# estimates of a population quantity, so an interval for them would mean nothing.
+INTERVAL_KEYS = ("accuracy", "auc", "sensitivity", "specificity", "ppv", "npv", "f1", "brier", "prevalence")
+THRESHOLD_RULES = ("youden", "sensitivity>=x", "f1")
+
+# Bootstrap replicates are evaluated in chunks of at most this many (replicate, image) cells, which
+# bounds memory to a few tens of MB whatever the test-set size.
+_CHUNK_CELLS = 4_000_000
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inputs and small helpers
+# ---------------------------------------------------------------------------------------------------
+
+
+def _check_inputs(y, p, *, probabilities: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Return (y as int 0/1, p as float) after checking shape and values; raise ValueError otherwise."""
+    y_arr, p_arr = np.asarray(y), np.asarray(p, dtype=float)
+    if y_arr.ndim != 1 or p_arr.shape != y_arr.shape:
+        raise ValueError(f"y and p must be 1-D of equal length, got shapes {y_arr.shape} and {p_arr.shape}")
+    if y_arr.size == 0:
+        raise ValueError("no cases to evaluate")
+    if not np.isin(y_arr, (0, 1)).all():
+        raise ValueError("labels must be 0 (benign) or 1 (malignant)")
+    if not np.isfinite(p_arr).all():
+        raise ValueError("scores must be finite (a NaN score would silently count as benign)")
+    if probabilities and ((p_arr < 0).any() or (p_arr > 1).any()):
+        raise ValueError("probabilities must lie in [0, 1]")
+    return y_arr.astype(np.int64), p_arr
+
+
+def _ratio(num, den):
+    """num / den elementwise, nan where den == 0 (an undefined rate, not a zero one)."""
+    num, den = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
+    out = np.full(np.broadcast(num, den).shape, np.nan)
+    np.divide(num, den, out=out, where=den != 0)
+    return out
+
+
+def _rate(num: float, den: float) -> float:
+    """Scalar num / den, nan when den == 0."""
+    return float(_ratio(num, den))
+
+
+def _group_codes(groups, n: int) -> np.ndarray:
+    """Integer code 0..G-1 per case; each case is its own group when ``groups`` is None."""
+    if groups is None:
+        return np.arange(n)
+    groups = np.asarray(groups)
+    if groups.shape != (n,):
+        raise ValueError(f"groups must have one entry per case ({n}), got shape {groups.shape}")
+    return np.unique(groups, return_inverse=True)[1].ravel()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Point estimates
+# ---------------------------------------------------------------------------------------------------
+
+
+def roc_auc(y, p) -> float:
+    """Exact ROC AUC as the Mann-Whitney statistic, ties counted 1/2.
+
+    Args:
+        y: (N,) labels, 0 benign, 1 malignant.
+        p: (N,) scores (any real numbers; only their order matters).
+
+    Returns:
+        P(score of a malignant case > score of a benign case) + 1/2 P(equal), over all m*n pairs;
+        nan when either class is absent (no pairs to order).
+    """
+    y, p = _check_inputs(y, p, probabilities=False)
+    m, n = int(y.sum()), int(y.size - y.sum())
+    if m == 0 or n == 0:
+        return float("nan")
+    # Midranks give each tied block its average rank, so a malignant case tied with a benign one
+    # contributes exactly 1/2 pair. Sum of malignant midranks minus the m(m+1)/2 they would have among
+    # themselves = number of correctly ordered pairs (Mann-Whitney U).
+    ranks = stats.rankdata(p, method="average")
+    u = ranks[y == 1].sum() - m * (m + 1) / 2.0
+    return float(u / (m * n))
+
+
+def binary_metrics(y_true, p, threshold: float) -> dict[str, float]:
+    """Confusion-matrix metrics at a fixed threshold, plus threshold-free AUC and Brier score.
+
+    Args:
+        y_true: (N,) labels, 0 benign, 1 malignant.
+        p: (N,) predicted probability of malignancy, in [0, 1].
+        threshold: a case is called malignant when ``p >= threshold``. Choose it on validation data
+            (:func:`choose_threshold`), never on the data evaluated here.
+
+    Returns:
+        Dict with exactly the keys of ``METRIC_KEYS``:
+        ``tp, fp, tn, fn, n`` (int counts); ``accuracy = (tp+tn)/n``;
+        ``sensitivity = tp/(tp+fn)`` (nan without malignant cases);
+        ``specificity = tn/(tn+fp)`` (nan without benign cases);
+        ``ppv = tp/(tp+fp)`` (nan when nothing is called malignant);
+        ``npv = tn/(tn+fn)`` (nan when nothing is called benign);
+        ``f1 = 2tp/(2tp+fp+fn)`` (nan only when there are no malignant cases and no malignant calls);
+        ``auc`` (Mann-Whitney, nan with one class); ``brier = mean((p-y)^2)``;
+        ``prevalence = (tp+fn)/n``; ``threshold`` as given.
+    """
+    y, p = _check_inputs(y_true, p)
+    pred = p >= threshold
+    tp = int(np.sum(pred & (y == 1)))
+    fp = int(np.sum(pred & (y == 0)))
+    tn = int(np.sum(~pred & (y == 0)))
+    fn = int(np.sum(~pred & (y == 1)))
+    n = int(y.size)
+    return {
+        "accuracy": _rate(tp + tn, n),
+        "auc": roc_auc(y, p),
+        "sensitivity": _rate(tp, tp + fn),
+        "specificity": _rate(tn, tn + fp),
+        "ppv": _rate(tp, tp + fp),
+        "npv": _rate(tn, tn + fn),
+        "f1": _rate(2 * tp, 2 * tp + fp + fn),
+        "brier": float(np.mean((p - y) ** 2)),
+        "tp": tp, "fp": fp, "tn": tn, "fn": fn, "n": n,
+        "prevalence": _rate(tp + fn, n),
+        "threshold": float(threshold),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Threshold selection (validation only)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _parse_rule(rule: str) -> tuple[str, float]:
+    """'youden' -> ('youden', nan); 'sensitivity>=0.9' -> ('sensitivity', 0.9); 'f1' -> ('f1', nan)."""
+    text = rule.replace(" ", "").lower()
+    if text in ("youden", "f1"):
+        return text, float("nan")
+    if text.startswith("sensitivity>="):
+        target = float(text.split(">=", 1)[1])
+        if not 0.0 < target <= 1.0:
+            raise ValueError(f"sensitivity target must be in (0, 1], got {target}")
+        return "sensitivity", target
+    raise ValueError(f"unknown threshold rule {rule!r}: use 'youden', 'f1' or e.g. 'sensitivity>=0.9'")
+
+
+def choose_threshold(y_val, p_val, rule: str = "youden") -> float:
+    """Choose the decision threshold on VALIDATION predictions only.
+
+    The test split must never be used here: a threshold tuned on the test split makes its sensitivity
+    and specificity optimistic, and the bootstrap intervals of :func:`bootstrap_ci` (which hold the
+    threshold fixed) would not cover that optimism.
+
+    Candidates are the distinct validation scores; with the rule ``p >= t`` every threshold between two
+    adjacent scores classifies the validation set identically, so nothing is lost. The returned value
+    is the validation score at which the chosen operating point starts.
+
+    Args:
+        y_val: (N,) validation labels, 0 benign, 1 malignant.
+        p_val: (N,) validation probabilities.
+        rule: ``"youden"``: maximise J = sensitivity + specificity - 1;
+            ``"sensitivity>=x"`` (e.g. ``"sensitivity>=0.9"``): the highest threshold whose validation
+            sensitivity is at least x, which is the most specific one meeting the target;
+            ``"f1"``: maximise F1. Ties in J or F1 go to the lower threshold (higher sensitivity),
+            because missing a cancer costs more than an unneeded biopsy.
+
+    Returns:
+        The threshold (float), to be passed to :func:`binary_metrics` on the test split.
+    """
+    kind, target = _parse_rule(rule)
+    y, p = _check_inputs(y_val, p_val)
+    m, n = int(y.sum()), int(y.size - y.sum())
+    if m == 0 or (kind == "youden" and n == 0):
+        raise ValueError(f"rule {rule!r} needs both classes in the validation labels (malignant={m}, benign={n})")
+    # Sort descending; after the last case of each distinct score, tp/fp are the counts called positive
+    # with that score as the threshold. Candidates therefore run from strictest to most lenient.
+    order = np.argsort(-p, kind="stable")
+    ps, ys = p[order], y[order]
+    last_of_level = np.r_[ps[1:] != ps[:-1], True]
+    thresholds = ps[last_of_level]
+    tp = np.cumsum(ys)[last_of_level]
+    fp = np.cumsum(1 - ys)[last_of_level]
+    sensitivity = tp / m
+    if kind == "sensitivity":
+        # Sensitivity only grows as the threshold falls, and reaches 1 at the lowest score, so the first
+        # candidate meeting the target exists and is the strictest such threshold. tp/m and the parsed
+        # target are both correctly rounded, so exactly 9/10 compares equal to 0.9.
+        return float(thresholds[np.argmax(sensitivity >= target)])
+    if kind == "youden":
+        score = sensitivity + (n - fp) / n - 1.0
+    else:
+        score = 2 * tp / (2 * tp + fp + (m - tp))
+    # Last index of the maximum = the lowest threshold among ties (candidates are in descending order).
+    # The 1e-12 slack makes mathematically equal scores tie: 1/2 + 5/6 - 1 and 1 + 2/6 - 1 are both 1/3
+    # but differ in the last bits as floats.
+    best = len(score) - 1 - int(np.argmax(score[::-1] >= score.max() - 1e-12))
+    return float(thresholds[best])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Calibration
+# ---------------------------------------------------------------------------------------------------
+
+
+def calibration_curve(y, p, bins: int = 10, strategy: str = "uniform") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reliability diagram data: mean predicted probability vs observed malignant fraction per bin.
+
+    Args:
+        y: (N,) labels, 0 benign, 1 malignant.
+        p: (N,) predicted probabilities in [0, 1].
+        bins: number of bins.
+        strategy: ``"uniform"``: edges k/bins on [0, 1]; ``"quantile"``: edges at the quantiles of p,
+            so bins hold about equal numbers of cases (duplicate edges from tied scores are merged,
+            which can leave fewer bins). Every bin is [lo, hi) except the last, [lo, hi]; a score
+            equal to an inner edge goes to the upper bin.
+
+    Returns:
+        (mean_predicted, observed_fraction, counts), each of length = number of bins. Empty bins are
+        kept (count 0, nan mean and fraction) so that bin i always means the same interval; mask with
+        ``counts > 0`` to plot.
+    """
+    y, p = _check_inputs(y, p)
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    if strategy == "uniform":
+        # arange(k)/bins is the correctly rounded k/bins; linspace would give 0.30000000000000004 for
+        # 3/10 and put p=0.3 in the wrong bin.
+        edges = np.arange(bins + 1) / bins
+    elif strategy == "quantile":
+        edges = np.unique(np.quantile(p, np.linspace(0.0, 1.0, bins + 1)))
+        if edges.size == 1:  # every score equal: one bin holding everything
+            edges = np.array([edges[0], edges[0]])
+    else:
+        raise ValueError(f"strategy must be 'uniform' or 'quantile', got {strategy!r}")
+    k = edges.size - 1
+    index = np.searchsorted(edges[1:-1], p, side="right")
+    counts = np.bincount(index, minlength=k)
+    sum_p = np.bincount(index, weights=p, minlength=k)
+    sum_y = np.bincount(index, weights=y.astype(float), minlength=k)
+    return _ratio(sum_p, counts), _ratio(sum_y, counts), counts
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bootstrap (image or group resampling, vectorised with integer case weights)
+# ---------------------------------------------------------------------------------------------------
+#
+# A bootstrap resample that draws G groups with replacement is the same as giving every case the weight
+# "number of times its group was drawn". Every metric here is a ratio of weighted sums, so B resamples
+# become a (B, N) weight matrix and a few matrix-vector products, with no per-replicate Python loop.
+# Weights are small integers, so all sums are exact in float64.
+
+
+def _resample_weights(rng: np.random.Generator, codes: np.ndarray, n_boot: int) -> np.ndarray:
+    """(n_boot, N) float weights: how often each case's group was drawn in each resample."""
+    n_groups = int(codes.max()) + 1
+    draws = rng.integers(0, n_groups, size=(n_boot, n_groups))
+    # One bincount over all rows at once: offset row r's group ids by r * n_groups.
+    flat = (draws + n_groups * np.arange(n_boot)[:, None]).ravel()
+    counts = np.bincount(flat, minlength=n_boot * n_groups).reshape(n_boot, n_groups)
+    return counts[:, codes].astype(float)
+
+
+class _AucPlan:
+    """Sorting done once so the weighted Mann-Whitney AUC of many weight vectors costs O(B N)."""
+
+    def __init__(self, y: np.ndarray, p: np.ndarray):
+        self.order = np.argsort(p, kind="stable")
+        ps, ys = p[self.order], y[self.order]
+        new_level = np.r_[True, ps[1:] != ps[:-1]]
+        starts = np.flatnonzero(new_level)
+        ends = np.r_[starts[1:], ps.size]
+        level = np.cumsum(new_level) - 1
+        self.pos = np.flatnonzero(ys == 1)  # malignant cases, positions in sorted order
+        self.neg = ys == 0
+        # For each malignant case: its tie block is sorted[start:end]; benign weight below = C[start],
+        # tied = C[end] - C[start], with C the exclusive cumulative sum of benign weight.
+        self.start, self.end = starts[level[self.pos]], ends[level[self.pos]]
+
+    def __call__(self, w: np.ndarray) -> np.ndarray:
+        ws = w[:, self.order]
+        wneg = ws * self.neg
+        cum = np.zeros((ws.shape[0], ws.shape[1] + 1))
+        np.cumsum(wneg, axis=1, out=cum[:, 1:])
+        below, tied = cum[:, self.start], cum[:, self.end] - cum[:, self.start]
+        wpos = ws[:, self.pos]
+        correct_pairs = np.sum(wpos * (below + 0.5 * tied), axis=1)
+        return _ratio(correct_pairs, wpos.sum(axis=1) * wneg.sum(axis=1))
+
+
+def _weighted_metrics(
+    y: np.ndarray, p: np.ndarray, threshold: float, w: np.ndarray, auc: _AucPlan
+) -> dict[str, np.ndarray]:
+    """The ``INTERVAL_KEYS`` metrics for each row of case weights ``w`` (B, N); same definitions as
+    :func:`binary_metrics` (a row of ones reproduces it)."""
+    pred = p >= threshold
+    tp = w @ (pred & (y == 1)).astype(float)
+    fp = w @ (pred & (y == 0)).astype(float)
+    tn = w @ (~pred & (y == 0)).astype(float)
+    fn = w @ (~pred & (y == 1)).astype(float)
+    total = tp + fp + tn + fn
+    return {
+        "accuracy": _ratio(tp + tn, total),
+        "auc": auc(w),
+        "sensitivity": _ratio(tp, tp + fn),
+        "specificity": _ratio(tn, tn + fp),
+        "ppv": _ratio(tp, tp + fp),
+        "npv": _ratio(tn, tn + fn),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "brier": _ratio(w @ (p - y) ** 2, total),
+        "prevalence": _ratio(tp + fn, total),
+    }
+
+
+def _bootstrap_replicates(y, groups, n_boot: int, seed: int, evaluate) -> dict[str, np.ndarray]:
+    """Run ``evaluate(w)`` over n_boot group-resampling weight rows, in memory-bounded chunks."""
+    codes = _group_codes(groups, y.size)
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _CHUNK_CELLS // y.size)
+    parts: list[dict[str, np.ndarray]] = []
+    for start in range(0, n_boot, chunk):
+        parts.append(evaluate(_resample_weights(rng, codes, min(chunk, n_boot - start))))
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+
+def _percentile_interval(name: str, values: np.ndarray, alpha: float) -> tuple[float, float]:
+    """(low, high) percentile interval of the replicates where the metric is defined."""
+    defined = values[~np.isnan(values)]
+    if defined.size == 0:
+        return float("nan"), float("nan")
+    if defined.size < values.size:
+        # e.g. a resample with no malignant case has no sensitivity. Dropping those replicates conditions
+        # the interval on the metric being defined; say so rather than hide it.
+        warnings.warn(
+            f"{name}: undefined in {values.size - defined.size} of {values.size} bootstrap resamples; "
+            "its interval uses the others",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    low, high = np.quantile(defined, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
+def bootstrap_ci(
+    y,
+    p,
+    threshold: float,
+    groups=None,
+    n_boot: int = 2000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> dict[str, tuple[float, float, float]]:
+    """Percentile bootstrap intervals for every rate in ``binary_metrics`` at a fixed threshold.
+
+    Args:
+        y: (N,) test labels, 0 benign, 1 malignant.
+        p: (N,) test probabilities.
+        threshold: fixed threshold chosen on validation data (the interval does not include the
+            uncertainty of that choice).
+        groups: optional (N,) lesion or patient id per image. When given, whole groups are resampled with
+            replacement (a cluster bootstrap), because images of one lesion are correlated and
+            resampling images would make intervals too narrow. None: each image is its own group.
+        n_boot: number of resamples.
+        alpha: 1 - confidence level; the interval is the [alpha/2, 1 - alpha/2] quantiles.
+        seed: seed of the resampling; the same inputs and seed give identical intervals.
+
+    Returns:
+        ``{metric: (point, low, high)}`` for the keys of ``INTERVAL_KEYS``. ``point`` is the metric on
+        the full data (as ``binary_metrics``), not the bootstrap mean. Resamples where a metric is
+        undefined (e.g. no malignant case drawn) are left out of that metric's interval with a
+        RuntimeWarning; if it is undefined in all of them the interval is (nan, nan).
+    """
+    y, p = _check_inputs(y, p)
+    if n_boot < 1 or not 0 < alpha < 1:
+        raise ValueError(f"need n_boot >= 1 and 0 < alpha < 1, got {n_boot}, {alpha}")
+    point = binary_metrics(y, p, threshold)
+    plan = _AucPlan(y, p)
+    reps = _bootstrap_replicates(y, groups, n_boot, seed, lambda w: _weighted_metrics(y, p, threshold, w, plan))
+    intervals = {}
+    for key in INTERVAL_KEYS:  # a loop, not a comprehension, so warnings point at the caller's line
+        intervals[key] = (point[key], *_percentile_interval(key, reps[key], alpha))
+    return intervals
+
+
+# ---------------------------------------------------------------------------------------------------
+# Comparing two models on the same cases
+# ---------------------------------------------------------------------------------------------------
+
+
+def _placements(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """DeLong's structural components (placement values) of one score.
+
+    V10[i] = fraction of benign cases that malignant case i outscores (ties 1/2);
+    V01[j] = fraction of malignant cases that outscore benign case j (ties 1/2).
+    Both average to the AUC. Computed from midranks in O(N log N) instead of the m x n pair matrix:
+    a case's midrank among all cases minus its midrank within its own class counts the other class's
+    cases below it, plus half those tied with it.
+    """
+    pos, neg = p[y == 1], p[y == 0]
+    m, n = pos.size, neg.size
+    ranks_all = stats.rankdata(p, method="average")
+    v10 = (ranks_all[y == 1] - stats.rankdata(pos, method="average")) / n
+    v01 = 1.0 - (ranks_all[y == 0] - stats.rankdata(neg, method="average")) / m
+    return v10, v01
+
+
+def _comparison(auc_a: float, auc_b: float, se: float, diff_ci: tuple[float, float]) -> dict[str, object]:
+    """Common result of the two comparisons; two-sided normal p-value of diff / se."""
+    diff = auc_a - auc_b
+    if math.isnan(se) or math.isnan(diff):
+        z = float("nan")
+    elif se > 0:
+        z = float(diff / se)
+    else:
+        # No variability in the difference: identical rankings (diff 0 -> p = 1), or a difference that no
+        # resample/placement ever moves (p = 0 in the limit).
+        z = 0.0 if diff == 0 else math.copysign(math.inf, diff)
+    p_value = float(math.erfc(abs(z) / math.sqrt(2.0)))  # = 2 * (1 - Phi(|z|))
+    return {"auc_a": auc_a, "auc_b": auc_b, "diff": diff, "se": se, "z": z, "p_value": p_value, "ci": diff_ci}
+
+
+def delong_test(y, p_a, p_b, alpha: float = 0.05) -> dict[str, object]:
+    """DeLong's test for the difference of two correlated ROC AUCs measured on the same cases.
+
+    DeLong ER, DeLong DM, Clarke-Pearson DL. Comparing the areas under two or more correlated receiver
+    operating characteristic curves: a nonparametric approach. Biometrics 44:837-845, 1988.
+
+    For each model r, the placements V10 (one per malignant case, m of them) and V01 (one per benign
+    case, n of them) average to AUC_r. With S10 and S01 the 2x2 sample covariance matrices (ddof=1) of
+    the placements across models, Cov(AUC) = S10/m + S01/n, and
+    Var(AUC_a - AUC_b) = S_aa + S_bb - 2 S_ab of that matrix. z = diff / se is compared to N(0, 1).
+
+    DeLong treats cases as independent. With several images per lesion use
+    :func:`paired_bootstrap_auc_diff` with ``groups`` instead.
+
+    Args:
+        y: (N,) labels, 0 benign, 1 malignant; at least 2 of each (a sample covariance needs 2).
+        p_a, p_b: (N,) scores of models a and b on the same cases (any real scores).
+        alpha: the ci is diff +/- z_{1-alpha/2} se.
+
+    Returns:
+        dict with ``auc_a, auc_b, diff`` (= auc_a - auc_b), ``se``, ``z``, two-sided ``p_value`` and
+        ``ci`` = (low, high) for the difference. If se is 0: z = 0 and p = 1 when diff is 0, otherwise
+        z = +/-inf and p = 0.
+    """
+    y, p_a = _check_inputs(y, p_a, probabilities=False)
+    _, p_b = _check_inputs(y, p_b, probabilities=False)
+    m, n = int(y.sum()), int(y.size - y.sum())
+    if m < 2 or n < 2:
+        raise ValueError(f"DeLong needs at least 2 malignant and 2 benign cases, got {m} and {n}")
+    v10_a, v01_a = _placements(y, p_a)
+    v10_b, v01_b = _placements(y, p_b)
+    s10 = np.cov(np.vstack([v10_a, v10_b]), ddof=1)
+    s01 = np.cov(np.vstack([v01_a, v01_b]), ddof=1)
+    cov = s10 / m + s01 / n
+    var = cov[0, 0] + cov[1, 1] - 2.0 * cov[0, 1]
+    se = float(math.sqrt(max(var, 0.0)))  # max(): rounding can make an exact 0 slightly negative
+    auc_a, auc_b = float(v10_a.mean()), float(v10_b.mean())
+    half = float(stats.norm.ppf(1 - alpha / 2)) * se
+    diff = auc_a - auc_b
+    return _comparison(auc_a, auc_b, se, (diff - half, diff + half))
+
+
+def paired_bootstrap_auc_diff(
+    y,
+    p_a,
+    p_b,
+    groups=None,
+    n_boot: int = 2000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> dict[str, object]:
+    """Paired bootstrap of AUC_a - AUC_b, resampling groups (lesions/patients) when given.
+
+    Both models are evaluated on the same resample, so their correlation is kept. The p-value follows
+    the bootstrap test of pROC (Robin et al., BMC Bioinformatics 12:77, 2011): z = diff / sd of the
+    bootstrap differences, two-sided normal. The ci is the percentile interval of the bootstrap
+    differences; near p = alpha the two can disagree slightly, since one is a normal approximation.
+
+    Args:
+        y: (N,) labels, 0 benign, 1 malignant.
+        p_a, p_b: (N,) scores of the two models on the same cases.
+        groups: optional (N,) lesion/patient id per image; whole groups are resampled.
+        n_boot, alpha, seed: as in :func:`bootstrap_ci`.
+
+    Returns:
+        Same keys as :func:`delong_test`: ``auc_a, auc_b, diff, se, z, p_value, ci``.
+    """
+    y, p_a = _check_inputs(y, p_a, probabilities=False)
+    _, p_b = _check_inputs(y, p_b, probabilities=False)
+    if n_boot < 2 or not 0 < alpha < 1:
+        raise ValueError(f"need n_boot >= 2 and 0 < alpha < 1, got {n_boot}, {alpha}")
+    plan_a, plan_b = _AucPlan(y, p_a), _AucPlan(y, p_b)
+    reps = _bootstrap_replicates(y, groups, n_boot, seed, lambda w: {"diff": plan_a(w) - plan_b(w)})
+    diffs = reps["diff"]
+    low, high = _percentile_interval("auc difference", diffs, alpha)
+    defined = diffs[~np.isnan(diffs)]
+    se = float(np.std(defined, ddof=1)) if defined.size >= 2 else float("nan")
+    return _comparison(roc_auc(y, p_a), roc_auc(y, p_b), se, (low, high))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cross-validation summary
+# ---------------------------------------------------------------------------------------------------
+
+
+def summarize_folds(folds: Sequence[Mapping[str, float]]) -> dict[str, tuple[float, float]]:
+    """Mean and sample standard deviation (ddof=1) of each metric over k cross-validation folds.
+
+    Args:
+        folds: one metric dict per fold (e.g. from :func:`binary_metrics`), all with the same keys.
+
+    Returns:
+        ``{metric: (mean, sd)}``. sd is nan with a single fold. A metric that is nan in any fold gives
+        (nan, nan): averaging only the folds where it happened to be defined would overstate it.
+    """
+    if not folds:
+        raise ValueError("no folds to summarise")
+    keys = list(folds[0])
+    for i, fold in enumerate(folds):
+        if set(fold) != set(keys):
+            raise ValueError(f"fold {i} has keys {sorted(fold)}, fold 0 has {sorted(keys)}")
+    summary = {}
+    for key in keys:
+        values = np.array([float(fold[key]) for fold in folds])
+        sd = float(np.std(values, ddof=1)) if values.size > 1 else float("nan")
+        summary[key] = (float(np.mean(values)), sd)
+    return summary

@@ -1,0 +1,442 @@
+"""msbt.metrics against hand-computed values, brute force, and simulated coverage. No Ray, no TensorFlow."""
+
+import math
+import time
+import warnings
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from msbt import metrics as M
+
+# A fixed small test split. Rule: malignant call when p >= 0.5.
+#   index:  0    1    2    3    4    5    6    7
+Y8 = np.array([1, 1, 1, 0, 0, 0, 0, 1])
+P8 = np.array([0.9, 0.7, 0.4, 0.6, 0.2, 0.1, 0.5, 0.5])
+
+
+def brute_auc(y, p):
+    """Fraction of (malignant, benign) pairs ordered correctly, ties 1/2, by looping over every pair."""
+    pos, neg = p[y == 1], p[y == 0]
+    total = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in pos for b in neg)
+    return total / (len(pos) * len(neg))
+
+
+def binormal(rng, n, d, prevalence=0.5):
+    """Labels ~ Bernoulli(prevalence); score ~ N(d*y, 1) mapped to a probability with 0.5 at score d/2.
+
+    Truth: AUC = Phi(d / sqrt 2); at threshold 0.5 sensitivity = specificity = accuracy = Phi(d / 2).
+    """
+    y = (rng.random(n) < prevalence).astype(int)
+    p = stats.norm.cdf(rng.normal(d * y, 1.0) - d / 2)
+    return y, p
+
+
+# ----------------------------------------------------------------------------- binary_metrics, AUC
+
+
+def test_binary_metrics_by_hand():
+    # pred = [1, 1, 0, 1, 0, 0, 1, 1]  (0.5 >= 0.5 is a malignant call)
+    # tp: idx 0, 1, 7 -> 3   fn: idx 2 -> 1   fp: idx 3, 6 -> 2   tn: idx 4, 5 -> 2
+    m = M.binary_metrics(Y8, P8, 0.5)
+    assert tuple(m) == M.METRIC_KEYS
+    assert (m["tp"], m["fp"], m["tn"], m["fn"], m["n"]) == (3, 2, 2, 1, 8)
+    assert m["accuracy"] == pytest.approx(5 / 8)  # (3 + 2) / 8
+    assert m["sensitivity"] == pytest.approx(3 / 4)  # 3 / (3 + 1)
+    assert m["specificity"] == pytest.approx(2 / 4)  # 2 / (2 + 2)
+    assert m["ppv"] == pytest.approx(3 / 5)  # 3 / (3 + 2)
+    assert m["npv"] == pytest.approx(2 / 3)  # 2 / (2 + 1)
+    assert m["f1"] == pytest.approx(2 / 3)  # 2*3 / (2*3 + 2 + 1) = 6/9
+    assert m["prevalence"] == pytest.approx(1 / 2)  # 4 / 8
+    # (p - y)^2: .01 .09 .36 .36 .04 .01 .25 .25 -> sum 1.37, / 8
+    assert m["brier"] == pytest.approx(0.17125)
+    # malignant [.9 .7 .4 .5] vs benign [.6 .2 .1 .5], 16 pairs:
+    # .9 -> 4, .7 -> 4, .4 -> 2 (beats .2 .1), .5 -> 2 + 1/2 (beats .2 .1, ties .5) ; 12.5 / 16
+    assert m["auc"] == pytest.approx(12.5 / 16)
+    assert m["threshold"] == 0.5
+
+
+def test_auc_is_fraction_of_correctly_ordered_pairs_with_ties_half():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        y = rng.integers(0, 2, 40)
+        y[:2] = [0, 1]
+        p = np.round(rng.random(40), 1)  # one decimal: many ties, within and across classes
+        assert M.roc_auc(y, p) == pytest.approx(brute_auc(y, p), abs=1e-12)
+    # All tied: every pair counts 1/2.
+    assert M.roc_auc([0, 1, 0, 1], [0.3, 0.3, 0.3, 0.3]) == 0.5
+    # Perfect and reversed order.
+    assert M.roc_auc([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4]) == 1.0
+    assert M.roc_auc([0, 0, 1, 1], [0.4, 0.3, 0.2, 0.1]) == 0.0
+
+
+def test_edge_cases_are_nan_not_zero():
+    # Only benign cases, nothing called malignant: no sensitivity, AUC, PPV or F1 to speak of.
+    m = M.binary_metrics([0, 0, 0], [0.1, 0.2, 0.3], 0.5)
+    for key in ("sensitivity", "auc", "ppv", "f1"):
+        assert math.isnan(m[key]), key
+    assert m["specificity"] == 1.0 and m["npv"] == 1.0 and m["accuracy"] == 1.0
+    # Everything called malignant: NPV undefined, PPV = prevalence.
+    m = M.binary_metrics([0, 1, 1, 0], [0.6, 0.7, 0.8, 0.9], 0.5)
+    assert math.isnan(m["npv"]) and m["ppv"] == 0.5 and m["specificity"] == 0.0
+    # Only malignant cases: specificity and AUC undefined.
+    m = M.binary_metrics([1, 1], [0.2, 0.9], 0.5)
+    assert math.isnan(m["specificity"]) and math.isnan(m["auc"]) and m["sensitivity"] == 0.5
+
+
+def test_bad_inputs_are_refused():
+    with pytest.raises(ValueError, match="0 \\(benign\\) or 1"):
+        M.binary_metrics([0, 2], [0.1, 0.2], 0.5)
+    with pytest.raises(ValueError, match="finite"):
+        M.binary_metrics([0, 1], [0.1, np.nan], 0.5)
+    with pytest.raises(ValueError, match="\\[0, 1\\]"):
+        M.binary_metrics([0, 1], [0.1, 1.2], 0.5)
+    with pytest.raises(ValueError, match="equal length"):
+        M.binary_metrics([0, 1, 1], [0.1, 0.2], 0.5)
+
+
+# ----------------------------------------------------------------------------- choose_threshold
+
+# Validation split. Candidates t (call p >= t), counting tp of 3 malignant and fp of 3 benign:
+#   t     tp fp  sens  spec  J     F1 = 2tp/(2tp+fp+fn)
+#   0.80  1  0   1/3   1     1/3   2/4  = .500
+#   0.60  2  0   2/3   1     2/3   4/5  = .800
+#   0.40  2  1   2/3   2/3   1/3   4/6  = .667
+#   0.35  3  1   1     2/3   2/3   6/7  = .857
+#   0.30  3  2   1     1/3   1/3   6/8  = .750
+#   0.10  3  3   1     0     0     6/9  = .667
+Y_VAL = np.array([0, 0, 1, 0, 1, 1])
+P_VAL = np.array([0.1, 0.3, 0.35, 0.4, 0.6, 0.8])
+
+
+def test_choose_threshold_by_hand():
+    # J ties at 2/3 between 0.60 and 0.35: the tie goes to the lower threshold (sensitivity 1).
+    assert M.choose_threshold(Y_VAL, P_VAL, "youden") == 0.35
+    assert M.choose_threshold(Y_VAL, P_VAL, "f1") == 0.35
+    # Highest threshold with sensitivity >= x: 2/3 >= 0.6 at 0.60; >= 0.9 needs 0.35.
+    assert M.choose_threshold(Y_VAL, P_VAL, "sensitivity>=0.6") == 0.6
+    assert M.choose_threshold(Y_VAL, P_VAL, "sensitivity>=0.9") == 0.35
+    assert M.choose_threshold(Y_VAL, P_VAL, "sensitivity >= 1") == 0.35
+    # Move the benign 0.4 below 0.35: J at 0.35 becomes 1 + 1 - 1 = 1, a unique maximum.
+    assert M.choose_threshold(Y_VAL, [0.1, 0.3, 0.35, 0.32, 0.6, 0.8], "youden") == 0.35
+    # Equal J that floats round differently: 2 malignant, 6 benign.
+    #   t = 0.9: tp 1, fp 1 -> J = 1/2 + 5/6 - 1 = 1/3 (float 0.33333333333333350)
+    #   t = 0.5: tp 2, fp 4 -> J = 1   + 2/6 - 1 = 1/3 (float 0.33333333333333326)
+    # Still a tie, so the lower threshold wins.
+    y = [1, 0, 1, 0, 0, 0, 0, 0]
+    p = [0.9, 0.9, 0.5, 0.5, 0.5, 0.5, 0.1, 0.1]
+    assert M.choose_threshold(y, p, "youden") == 0.5
+    # Sensitivity exactly 9/10 satisfies '>= 0.9' (at 0.92, 9 of the 10 malignant scores .91..1.0).
+    y = np.r_[np.ones(10, int), np.zeros(10, int)]
+    p = np.r_[np.linspace(0.91, 1.0, 10), np.linspace(0.0, 0.5, 10)]
+    assert M.choose_threshold(y, p, "sensitivity>=0.9") == pytest.approx(0.92)
+
+
+def test_youden_threshold_maximises_j_over_all_cut_points():
+    rng = np.random.default_rng(11)
+    y, p = binormal(rng, 300, 1.2)
+    chosen = M.choose_threshold(y, p, "youden")
+
+    def youden(t):
+        m = M.binary_metrics(y, p, t)
+        return m["sensitivity"] + m["specificity"] - 1
+
+    best = max(youden(t) for t in np.unique(p))
+    assert youden(chosen) == pytest.approx(best, abs=1e-12)
+    assert chosen in p  # an observed validation score
+
+
+def test_choose_threshold_refusals():
+    with pytest.raises(ValueError, match="unknown threshold rule"):
+        M.choose_threshold(Y_VAL, P_VAL, "accuracy")
+    with pytest.raises(ValueError, match="both classes"):
+        M.choose_threshold([0, 0, 0], [0.1, 0.2, 0.3], "youden")
+
+
+# ----------------------------------------------------------------------------- calibration_curve
+
+
+def test_calibration_uniform_by_hand():
+    y = np.array([0, 0, 1, 1, 1, 0])
+    p = np.array([0.05, 0.15, 0.12, 0.55, 0.95, 1.0])
+    # 2 bins [0, .5), [.5, 1]: {.05 .15 .12 | y 0 0 1} and {.55 .95 1.0 | y 1 1 0}; 1.0 is in the last bin.
+    mean_p, frac, counts = M.calibration_curve(y, p, bins=2)
+    np.testing.assert_allclose(mean_p, [0.32 / 3, 2.5 / 3])
+    np.testing.assert_allclose(frac, [1 / 3, 2 / 3])
+    np.testing.assert_array_equal(counts, [3, 3])
+    # 4 bins: [0,.25) 3 cases, [.25,.5) empty -> nan kept in place, [.5,.75) {.55}, [.75,1] {.95, 1}.
+    mean_p, frac, counts = M.calibration_curve(y, p, bins=4)
+    np.testing.assert_array_equal(counts, [3, 0, 1, 2])
+    assert math.isnan(mean_p[1]) and math.isnan(frac[1])
+    np.testing.assert_allclose(frac[[0, 2, 3]], [1 / 3, 1.0, 1 / 2])
+    np.testing.assert_allclose(mean_p[[2, 3]], [0.55, 0.975])
+    # A score on an edge goes to the upper bin, even where k/10 is not exact in binary (0.3, 0.7).
+    _, _, counts = M.calibration_curve([0, 1, 0], [0.3, 0.7, 0.0], bins=10)
+    np.testing.assert_array_equal(np.flatnonzero(counts), [0, 3, 7])
+
+
+def test_calibration_quantile_by_hand():
+    y = np.array([0, 0, 1, 1, 1, 0])
+    p = np.array([0.05, 0.15, 0.12, 0.55, 0.95, 1.0])
+    # sorted p = .05 .12 .15 .55 .95 1.0; tertile edges by linear interpolation at positions 5/3, 10/3:
+    # .12 + 2/3 * .03 = .14 and .55 + 1/3 * .40 = .6833 -> bins {.05 .12} {.15 .55} {.95 1.0}
+    mean_p, frac, counts = M.calibration_curve(y, p, bins=3, strategy="quantile")
+    np.testing.assert_array_equal(counts, [2, 2, 2])
+    np.testing.assert_allclose(mean_p, [0.085, 0.35, 0.975])
+    np.testing.assert_allclose(frac, [0.5, 0.5, 0.5])  # y: {0 1} {0 1} {1 0}
+    # Heavily tied scores: duplicate quantile edges merge into fewer bins, none empty.
+    _, _, counts = M.calibration_curve([0, 1, 0, 1, 1], [0.2, 0.2, 0.2, 0.2, 0.9], bins=4, strategy="quantile")
+    assert counts.sum() == 5 and (counts > 0).all()
+
+
+# ----------------------------------------------------------------------------- bootstrap_ci
+
+
+def test_weighted_metrics_equal_metrics_on_the_repeated_sample():
+    # The bootstrap engine evaluates resamples as integer case weights; a weight of k must mean the
+    # same as repeating the case k times and calling binary_metrics.
+    rng = np.random.default_rng(5)
+    y, p = binormal(rng, 60, 1.0)
+    p = np.round(p, 1)  # ties
+    w = rng.integers(0, 4, size=(6, 60)).astype(float)
+    got = M._weighted_metrics(y, p, 0.5, w, M._AucPlan(y, p))
+    for b in range(6):
+        idx = np.repeat(np.arange(60), w[b].astype(int))
+        want = M.binary_metrics(y[idx], p[idx], 0.5)
+        for key in M.INTERVAL_KEYS:
+            assert got[key][b] == pytest.approx(want[key], abs=1e-12), key
+
+
+def test_bootstrap_is_deterministic_for_a_seed_and_points_match():
+    rng = np.random.default_rng(0)
+    y, p = binormal(rng, 150, 1.0)
+    a = M.bootstrap_ci(y, p, 0.5, n_boot=200, seed=7)
+    b = M.bootstrap_ci(y, p, 0.5, n_boot=200, seed=7)
+    c = M.bootstrap_ci(y, p, 0.5, n_boot=200, seed=8)
+    assert a == b
+    assert a != c
+    assert tuple(a) == M.INTERVAL_KEYS
+    point = M.binary_metrics(y, p, 0.5)
+    for key, (est, low, high) in a.items():
+        assert est == point[key]
+        assert low <= est <= high, key
+        assert low < high, key
+
+
+def test_bootstrap_coverage_binormal():
+    # 400 simulated test splits of n=200 from a model with known truth; a 95% interval should contain
+    # the truth in about 95% of them. Binomial sd over 400 reps is ~1.1 points, so 90..99 allows for the
+    # percentile bootstrap's known slight under-coverage (~93.5% measured over 2 x 1000 reps) plus noise.
+    d = 1.5
+    truth = {"auc": stats.norm.cdf(d / math.sqrt(2)), "accuracy": stats.norm.cdf(d / 2),
+             "sensitivity": stats.norm.cdf(d / 2), "specificity": stats.norm.cdf(d / 2), "prevalence": 0.5}
+    rng = np.random.default_rng(2024)
+    hits = {key: 0 for key in truth}
+    hits_half = 0
+    reps, reps_half = 400, 100
+    for rep in range(reps):
+        y, p = binormal(rng, 200, d)
+        ci = M.bootstrap_ci(y, p, 0.5, n_boot=300, seed=rep)
+        for key, value in truth.items():
+            hits[key] += ci[key][1] <= value <= ci[key][2]
+        if rep < reps_half:
+            # A 50% interval must cover ~50%: shows the coverage count can tell intervals apart.
+            half = M.bootstrap_ci(y, p, 0.5, n_boot=300, alpha=0.5, seed=rep)["auc"]
+            hits_half += half[1] <= truth["auc"] <= half[2]
+    coverage = {key: float(h / reps) for key, h in hits.items()}
+    print("95% coverage", coverage, "| 50% interval auc coverage", hits_half / reps_half)
+    for key, value in coverage.items():
+        assert 0.90 <= value <= 0.99, (key, value)
+    assert 0.35 <= hits_half / reps_half <= 0.65
+
+
+def test_group_bootstrap_on_duplicated_images():
+    # Each of 60 lesions imaged 5 times identically. Resampling images treats 300 cases as independent
+    # and gives intervals about sqrt(5) too narrow; resampling lesions must give exactly the intervals of
+    # the 60 distinct cases (same seed: lesion counts -> image weights, and ratios ignore the factor 5).
+    rng = np.random.default_rng(9)
+    y, p = binormal(rng, 60, 1.0)
+    y5, p5, lesion = np.repeat(y, 5), np.repeat(p, 5), np.repeat(np.arange(60), 5)
+    by_image = M.bootstrap_ci(y5, p5, 0.5, n_boot=500, seed=1)
+    by_lesion = M.bootstrap_ci(y5, p5, 0.5, groups=lesion, n_boot=500, seed=1)
+    distinct = M.bootstrap_ci(y, p, 0.5, n_boot=500, seed=1)
+    for key in M.INTERVAL_KEYS:
+        np.testing.assert_allclose(by_lesion[key], distinct[key], rtol=0, atol=1e-12, err_msg=key)
+        width_image, width_lesion = by_image[key][2] - by_image[key][1], by_lesion[key][2] - by_lesion[key][1]
+        assert width_lesion > 1.6 * width_image, (key, width_lesion, width_image)
+    # Group labels may be strings (lesion ids from file names).
+    named = M.bootstrap_ci(y5, p5, 0.5, groups=np.char.add("L", lesion.astype(str)), n_boot=500, seed=1)
+    assert named["auc"][0] == by_lesion["auc"][0]
+
+
+def test_group_bootstrap_keeps_coverage_where_image_bootstrap_fails():
+    # 50 lesions x 4 correlated images (lesion effect sd 1, image noise sd 0.3). Population image-level
+    # AUC: a malignant image minus a benign one from another lesion ~ N(d, 2 * (1 + 0.09)).
+    d, lesions, per = 1.5, 50, 4
+    truth = stats.norm.cdf(d / math.sqrt(2 * 1.09))
+    rng = np.random.default_rng(77)
+    hit_img = hit_grp = 0
+    reps = 150
+    for rep in range(reps):
+        y_lesion = (rng.random(lesions) < 0.5).astype(int)
+        score = np.repeat(rng.normal(d * y_lesion, 1.0), per) + rng.normal(0, 0.3, lesions * per)
+        y, p, g = np.repeat(y_lesion, per), stats.norm.cdf(score - d / 2), np.repeat(np.arange(lesions), per)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # rare one-class resamples of 50 lesions
+            img = M.bootstrap_ci(y, p, 0.5, n_boot=300, seed=rep)["auc"]
+            grp = M.bootstrap_ci(y, p, 0.5, groups=g, n_boot=300, seed=rep)["auc"]
+        hit_img += img[1] <= truth <= img[2]
+        hit_grp += grp[1] <= truth <= grp[2]
+    print("clustered AUC coverage: image bootstrap", hit_img / reps, "group bootstrap", hit_grp / reps)
+    assert hit_img / reps < 0.85
+    assert hit_grp / reps >= 0.88
+
+
+def test_bootstrap_warns_when_a_metric_is_undefined_in_resamples():
+    y = np.array([1, 0, 0, 0, 0, 0, 0, 0])  # one malignant case: often absent from a resample
+    p = np.array([0.9, 0.1, 0.2, 0.3, 0.4, 0.1, 0.2, 0.3])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ci = M.bootstrap_ci(y, p, 0.5, n_boot=100)
+    # Resamples without the malignant case (about (7/8)^8 = 34%) have no sensitivity, AUC, PPV or F1.
+    flagged = sorted(str(w.message).split(":")[0] for w in caught if issubclass(w.category, RuntimeWarning))
+    assert flagged == ["auc", "f1", "ppv", "sensitivity"]
+    assert ci["sensitivity"] == (1.0, 1.0, 1.0)
+
+
+def test_bootstrap_speed_2000_resamples_of_1000_images():
+    rng = np.random.default_rng(0)
+    y, p = binormal(rng, 1000, 1.0)
+    start = time.perf_counter()
+    M.bootstrap_ci(y, p, 0.5, n_boot=2000)
+    assert time.perf_counter() - start < 2.0
+
+
+# ----------------------------------------------------------------------------- DeLong, paired bootstrap
+
+# 3 malignant, 2 benign cases, two models.
+Y5 = np.array([1, 0, 1, 1, 0])
+PA5 = np.array([0.8, 0.5, 0.6, 0.4, 0.2])
+PB5 = np.array([0.7, 0.6, 0.3, 0.5, 0.3])
+
+
+def brute_placements(y, p):
+    """V10, V01 from the full pair matrix psi = 1 (correct order), 1/2 (tie), 0."""
+    pos, neg = p[y == 1], p[y == 0]
+    psi = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+    return psi.mean(axis=1), psi.mean(axis=0)
+
+
+def test_delong_by_hand():
+    # Model a: malignant [.8 .6 .4], benign [.5 .2]
+    #   V10 = [1, 1, 1/2] (0.4 beats only 0.2)      V01 = [2/3, 1]      AUC_a = 2.5/3 = 5/6
+    # Model b: malignant [.7 .3 .5], benign [.6 .3]
+    #   V10 = [1, 1/4, 1/2] (0.3: loses to .6, ties .3)  V01 = [1/3, 5/6]  AUC_b = 1.75/3 = 7/12
+    # S10 (ddof 1, m = 3): var_a = (1/36 + 1/36 + 4/36)/2 = 1/12; var_b = (25+16+1)/144/2 = 7/48;
+    #   cov = ((1/6)(5/12) + (1/6)(-4/12) + (-1/3)(-1/12))/2 = 1/48
+    # S01 (ddof 1, n = 2): var_a = 2/36 = 1/18; var_b = 2/16 = 1/8; cov = 2 * (1/6)(1/4) = 1/12
+    # Var(diff) = (1/12 + 7/48 - 2/48)/3 + (1/18 + 1/8 - 2/12)/2 = (3/16)/3 + (1/72)/2 = 1/16 + 1/144 = 5/72
+    for y, p, v10, v01 in ((Y5, PA5, [1, 1, 0.5], [2 / 3, 1]), (Y5, PB5, [1, 0.25, 0.5], [1 / 3, 5 / 6])):
+        got10, got01 = M._placements(y, p)
+        np.testing.assert_allclose(got10, v10)
+        np.testing.assert_allclose(got01, v01)
+    r = M.delong_test(Y5, PA5, PB5)
+    assert r["auc_a"] == pytest.approx(5 / 6)
+    assert r["auc_b"] == pytest.approx(7 / 12)
+    assert r["diff"] == pytest.approx(0.25)
+    assert r["se"] == pytest.approx(math.sqrt(5 / 72))
+    assert r["z"] == pytest.approx(0.25 / math.sqrt(5 / 72))  # 0.948683
+    assert r["p_value"] == pytest.approx(2 * stats.norm.sf(0.25 / math.sqrt(5 / 72)))  # 0.3428
+    half = 1.959963984540054 * math.sqrt(5 / 72)
+    assert r["ci"] == pytest.approx((0.25 - half, 0.25 + half))
+
+
+def test_delong_matches_brute_force_placements():
+    rng = np.random.default_rng(4)
+    y, pa = binormal(rng, 80, 1.0)
+    pb = np.round(pa + rng.normal(0, 0.2, 80), 1)  # correlated, with ties
+    m, n = y.sum(), (1 - y).sum()
+    a10, a01 = brute_placements(y, pa)
+    b10, b01 = brute_placements(y, pb)
+    for got, want in zip(M._placements(y, pb), (b10, b01)):
+        np.testing.assert_allclose(got, want, atol=1e-12)
+    # The sample variance of a difference is S_aa + S_bb - 2 S_ab, computed here without covariances.
+    var = np.var(a10 - b10, ddof=1) / m + np.var(a01 - b01, ddof=1) / n
+    r = M.delong_test(y, pa, pb)
+    assert r["auc_a"] == pytest.approx(brute_auc(y, pa)) and r["auc_b"] == pytest.approx(brute_auc(y, pb))
+    assert r["se"] == pytest.approx(math.sqrt(var), rel=1e-10)
+
+
+def test_delong_identical_models_and_clear_winner():
+    rng = np.random.default_rng(6)
+    y, p = binormal(rng, 200, 1.0)
+    same = M.delong_test(y, p, p)
+    assert same["diff"] == 0 and same["z"] == 0 and same["p_value"] == 1.0
+    # A monotone transform ranks identically: same AUC, p = 1.
+    assert M.delong_test(y, p, p ** 3)["p_value"] == 1.0
+    good = stats.norm.cdf(rng.normal(3.0 * y, 1.0))  # AUC ~0.98 vs ~0.76
+    clear = M.delong_test(y, good, p)
+    assert clear["diff"] > 0.15 and clear["p_value"] < 1e-6 and clear["ci"][0] > 0
+
+
+def test_delong_null_p_values_are_roughly_uniform():
+    # Two equally good, correlated models: a valid test rejects at 5% about 5% of the time.
+    rng = np.random.default_rng(12)
+    pvals = []
+    for _ in range(300):
+        y = (rng.random(120) < 0.5).astype(int)
+        shared = rng.normal(size=120)
+        pa = 1.0 * y + shared + rng.normal(0, 0.7, 120)
+        pb = 1.0 * y + shared + rng.normal(0, 0.7, 120)
+        pvals.append(M.delong_test(y, pa, pb)["p_value"])
+    pvals = np.array(pvals)
+    print("DeLong null: rejection rate", np.mean(pvals < 0.05), "mean p", pvals.mean())
+    assert 0.02 <= np.mean(pvals < 0.05) <= 0.09
+    assert 0.4 <= pvals.mean() <= 0.6
+    assert stats.kstest(pvals, "uniform").pvalue > 0.01
+
+
+def test_paired_bootstrap_agrees_with_delong_and_respects_groups():
+    rng = np.random.default_rng(8)
+    y, pa = binormal(rng, 300, 1.2)
+    pb = stats.norm.cdf(stats.norm.ppf(pa) + rng.normal(0, 0.8, 300))
+    dl = M.delong_test(y, pa, pb)
+    bs = M.paired_bootstrap_auc_diff(y, pa, pb, n_boot=2000, seed=0)
+    assert bs["diff"] == pytest.approx(dl["diff"])
+    assert bs["se"] == pytest.approx(dl["se"], rel=0.15)  # two estimates of the same standard error
+    assert set(bs) == set(dl)
+    assert bs == M.paired_bootstrap_auc_diff(y, pa, pb, n_boot=2000, seed=0)  # deterministic
+    # Duplicated images: lesion resampling reproduces the distinct-case result; image resampling is narrower.
+    y4, a4, b4, g = np.repeat(y, 4), np.repeat(pa, 4), np.repeat(pb, 4), np.repeat(np.arange(300), 4)
+    grouped = M.paired_bootstrap_auc_diff(y4, a4, b4, groups=g, n_boot=500, seed=3)
+    distinct = M.paired_bootstrap_auc_diff(y, pa, pb, n_boot=500, seed=3)
+    naive = M.paired_bootstrap_auc_diff(y4, a4, b4, n_boot=500, seed=3)
+    assert grouped["se"] == pytest.approx(distinct["se"], rel=1e-9)
+    assert grouped["se"] > 1.6 * naive["se"]
+
+
+def test_delong_refuses_too_few_cases():
+    with pytest.raises(ValueError, match="at least 2"):
+        M.delong_test([1, 0, 0], [0.9, 0.1, 0.2], [0.8, 0.2, 0.1])
+
+
+# ----------------------------------------------------------------------------- summarize_folds
+
+
+def test_summarize_folds_by_hand():
+    folds = [{"accuracy": 0.8, "auc": 0.90}, {"accuracy": 0.9, "auc": 0.85}, {"accuracy": 0.7, "auc": 0.95}]
+    s = M.summarize_folds(folds)
+    # accuracy: mean .8; deviations 0, .1, -.1 -> sd = sqrt((0 + .01 + .01) / (3 - 1)) = 0.1
+    assert s["accuracy"] == pytest.approx((0.8, 0.1))
+    # auc: mean .9; deviations 0, -.05, .05 -> sd = sqrt(.005 / 2) = 0.05
+    assert s["auc"] == pytest.approx((0.9, 0.05))
+    one = M.summarize_folds([{"auc": 0.9}])
+    assert one["auc"][0] == 0.9 and math.isnan(one["auc"][1])
+    undefined = M.summarize_folds([{"ppv": 0.5}, {"ppv": float("nan")}])
+    assert all(math.isnan(v) for v in undefined["ppv"])
+    with pytest.raises(ValueError, match="keys"):
+        M.summarize_folds([{"auc": 0.9}, {"acc": 0.9}])
+    # Works on whole binary_metrics dicts.
+    full = M.summarize_folds([M.binary_metrics(Y8, P8, 0.5), M.binary_metrics(Y8, P8, 0.45)])
+    assert set(full) == set(M.METRIC_KEYS) and full["n"] == (8.0, 0.0)
