@@ -158,6 +158,8 @@ class RunConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 0
+    # Ray Train keeps this many of a stage's checkpoints, the best by the stage's `monitor`.
+    checkpoints_to_keep: int = 2
 
 
 @dataclass(frozen=True)

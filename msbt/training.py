@@ -17,9 +17,11 @@ in ``callbacks`` and the worker's dataset shard as ``train_ds`` (batched shards 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -29,8 +31,15 @@ import numpy as np
 import tensorflow as tf
 
 from msbt import augment
-from msbt.checkpoint import MANIFEST_FILE, MODEL_FILE, check_parent, load_checkpoint, write_manifest
-from msbt.config import StageConfig
+from msbt.checkpoint import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    CheckpointError,
+    check_parent,
+    load_checkpoint,
+    write_manifest,
+)
+from msbt.config import StageConfig, to_dict
 from msbt.models import batchnorm_frozen, build_model, is_binary, set_backbone_trainable
 
 METRIC_NAMES = ("loss", "accuracy", "auc", "sensitivity", "specificity")
@@ -348,6 +357,7 @@ def fit_stage(
     split_id: str = "",
     shuffle_buffer: int | None = None,
     verbose: int = 0,
+    resume_from: str | Path | None = None,
 ) -> StageResult:
     """Train one stage and write its checkpoint folder (``model.keras`` + ``manifest.json``).
 
@@ -364,6 +374,10 @@ def fit_stage(
         split_id: Recorded in the manifest.
         shuffle_buffer: See :func:`train_batches`.
         verbose: Keras ``fit`` verbosity.
+        resume_from: A checkpoint folder of this same stage (e.g. one a Ray Train worker reported):
+            training continues after its ``best_epoch`` with its model, best score and history. Its
+            config must equal ``stage`` except ``epochs``. The optimizer starts afresh (checkpoints hold
+            no optimizer state).
 
     Returns:
         A :class:`StageResult` with the best epoch's metrics and the full history.
@@ -376,10 +390,19 @@ def fit_stage(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # a half-finished run is never a checkpoint
     keras.utils.set_random_seed(seed)
-    model = build_model(stage, len(class_names), _open_parent(stage, parent))
     saver = BestModelSaver(out_dir / MODEL_FILE, stage.monitor)
     history: dict[str, list[float]] = {}
+    done = 0  # epochs already trained (a resumed stage)
+    if resume_from is None:
+        model = build_model(stage, len(class_names), _open_parent(stage, parent))
+    else:
+        if parent is not None:
+            check_parent(parent, stage)
+        model, done = _resume(resume_from, stage, class_names, saver, history)
     for phase in plan_phases(stage):
+        if phase.last_epoch <= done:
+            continue
+        phase = dataclasses.replace(phase, first_epoch=max(phase.first_epoch, done))
         _run_phase(model, phase, stage, train_ds, val_ds, [saver, *callbacks], history, seed, shuffle_buffer, verbose)
     if saver.best_epoch is None:
         raise RuntimeError(f"{stage.monitor} was never finite; no checkpoint written to {out_dir}")
@@ -395,6 +418,21 @@ def fit_stage(
         split_id=split_id,
     )
     return StageResult(out_dir, manifest["stage"], stage.monitor, saver.best_epoch, saver.best_logs, history)
+
+
+def _resume(path, stage: StageConfig, class_names, saver: BestModelSaver, history: dict) -> tuple[keras.Model, int]:
+    """Model, best score, history and epoch count of a checkpoint of this stage; its model goes to the saver's path."""
+    model, manifest = load_checkpoint(path)
+    theirs, ours = dict(manifest["config"]), to_dict(stage)
+    theirs.pop("epochs", None), ours.pop("epochs", None)
+    if theirs != ours or manifest["class_names"] != list(class_names):
+        raise CheckpointError(f"{path}: trained with another stage config or classes; cannot resume this stage from it")
+    done = int(manifest["best_epoch"])
+    saver.best, saver.best_epoch = float(manifest["metrics"][stage.monitor]), done
+    saver.best_logs = {k: float(v) for k, v in manifest["metrics"].items()}
+    shutil.copyfile(Path(path) / MODEL_FILE, saver.path)  # kept if no later epoch improves on it
+    history.update({k: [float(x) for x in v][:done] for k, v in manifest.get("history", {}).items()})
+    return model, done
 
 
 def _open_parent(stage: StageConfig, parent: str | Path | None) -> keras.Model | None:

@@ -1,0 +1,399 @@
+"""Ray Train layer: one stage = one ``TensorflowTrainer`` run of :func:`msbt.training.fit_stage`.
+
+Three layers, as in Ray's own examples:
+
+* :func:`train_loop_per_worker` runs inside each Train worker: it turns its dataset shards into tf.data,
+  calls ``fit_stage`` with a :func:`report_callback` and opens the parent (stage 2) and resume
+  checkpoints with ``as_directory()``;
+* :func:`train_stage` builds ``ScalingConfig``/``RunConfig``/datasets from a msbt ``Config`` and a store,
+  runs the trainer and returns its ``ray.train.Result``;
+* :func:`best_checkpoint` picks the checkpoint that stage 2 starts from.
+
+Workers (the design decision for issue #5). Keras 3 ``model.fit`` under ``MultiWorkerMirroredStrategy``
+fails (keras-team/keras#20585, ray-project/ray#47464; see STACK-NOTES), and on a CPU box two workers were
+slower than one (9-11 vs 28 img/s). So a stage runs in ONE Train worker: on CPU that is the fast
+configuration, and on a GPU node the way to use several GPUs is one worker holding them all with
+``MirroredStrategy`` (works with Keras 3 unpatched; needs a strategy-scope hook in ``fit_stage``, not
+done yet). ``num_workers > 1`` raises ``NotImplementedError`` instead of running workers whose weights
+would silently differ; lifting that needs a custom ``tf.function`` step under the multi-worker strategy.
+
+Checkpoints. Each epoch every rank calls ``ray.train.report(metrics)``; when ``stage.monitor`` improved,
+rank 0 attaches a checkpoint in the msbt format: the ``model.keras`` that ``fit_stage``'s saver just
+wrote plus a ``manifest.json`` for that epoch (stage, parent link and hash, best epoch, history so far).
+It is staged in a folder of its own, so the stage folder never holds a manifest before ``fit_stage``
+finishes (a manifest there means "finished"). Ray keeps ``run.checkpoints_to_keep`` of them, best by
+``stage.monitor``. The parent link records the parent's path as seen by the worker: with local (or
+shared) storage that is the persisted Ray checkpoint folder, so ``msbt.checkpoint.lineage`` follows it.
+
+Resume. After a worker restart (``FailureConfig.max_failures``), ``ray.train.get_checkpoint()`` is the
+last reported checkpoint, i.e. the best model so far and its epoch; ``train_stage(resume_from=...)``
+gives one explicitly (Train V2 refuses ``TensorflowTrainer(resume_from_checkpoint=...)``, so it travels
+in ``train_loop_config``). Continuing after that epoch needs ``fit_stage(resume_from=<checkpoint
+folder>)``; until ``msbt.training`` has it, the stage restarts at epoch 0 and says so in the worker log.
+The optimizer state is not in a checkpoint, so a resumed stage starts its optimizer afresh.
+
+Data. The store's Parquet files are read with Ray Data, filtered by split and materialised on the driver
+before the trainer starts: on 2 CPUs a Train worker holding a CPU starved streaming read tasks
+(STACK-NOTES). Each worker then copies its shard into memory once (uint8; e.g. 10 000 patches of
+200x200x3 = 1.2 GB) rather than re-reading it every epoch; ``fit_stage``'s exact shuffle holds the whole
+training set in its buffer anyway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from msbt.checkpoint import MODEL_FILE, sha256_file, write_manifest
+from msbt.config import Config, RunConfig, StageConfig
+from msbt.preprocess import decode_images, image_shape, read_store, store_files
+
+log = logging.getLogger(__name__)
+
+MULTI_WORKER_ISSUE = (
+    "num_workers > 1 is not supported yet (issue #5): Keras 3 model.fit under "
+    "MultiWorkerMirroredStrategy fails (keras-team/keras#20585, ray-project/ray#47464). Use "
+    "num_workers: 1 (on a multi-GPU node: one worker with every GPU)."
+)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inside a worker
+
+
+def shard_arrays(shard, shape: tuple[int, ...], batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Copy a dataset shard (columns ``image``, ``label_index``) into memory once.
+
+    Args:
+        shard: A ``ray.data.DataIterator`` (``ray.train.get_dataset_shard(...)``) or a ``ray.data.Dataset``.
+        shape: Every image's shape (``msbt.preprocess.image_shape(store)``).
+        batch_size: Rows per Arrow batch while copying.
+
+    Returns:
+        ``(images uint8 (N, *shape), labels int64 (N,))``.
+    """
+    images, labels = [], []
+    for batch in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
+        images.append(decode_images(batch["image"], shape))  # a view; concatenate copies it out
+        labels.append(np.asarray(batch["label_index"].to_numpy(), np.int64))
+    if not images:
+        return np.zeros((0, *shape), np.uint8), np.zeros(0, np.int64)
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def report_callback(
+    out_dir: str | Path,
+    stage: StageConfig,
+    class_names: Sequence[str],
+    *,
+    parent: str | Path | None = None,
+    data_fingerprint: str = "",
+    split_id: str = "",
+    history: dict[str, list[float]] | None = None,
+):
+    """A Keras callback that calls ``ray.train.report`` at the end of every epoch.
+
+    It must run after ``fit_stage``'s ``BestModelSaver`` (``fit_stage`` puts extra callbacks after it).
+    An improvement is seen as a changed ``model.keras`` (its sha256), so the rule that decides it stays
+    the saver's alone. Rank 0 then reports a staged msbt checkpoint of that epoch; other ranks (and
+    epochs without an improvement) report ``checkpoint=None``: every rank must report every epoch.
+
+    Args:
+        out_dir: ``fit_stage``'s checkpoint folder (where the saver writes ``model.keras``).
+        stage, class_names, parent, data_fingerprint, split_id: As given to ``fit_stage``; they go into
+            each reported manifest.
+        history: Per-epoch logs of epochs already trained (a resumed stage); this callback appends.
+
+    Returns:
+        A ``keras.callbacks.Callback``.
+    """
+    import keras
+    import ray.train
+
+    class _Report(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.model_file = Path(out_dir) / MODEL_FILE
+            self.history = {k: list(v) for k, v in (history or {}).items()}
+            self.last_hash: str | None = None
+            self.rank = ray.train.get_context().get_world_rank()
+
+        def on_train_begin(self, logs=None):
+            # A resumed stage starts with the checkpoint's model in place: that is no improvement.
+            if self.last_hash is None and self.model_file.is_file():
+                self.last_hash = sha256_file(self.model_file)
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = {k: float(v) for k, v in (logs or {}).items()}
+            for key, value in logs.items():
+                self.history.setdefault(key, []).append(value)
+            metrics = {**logs, "epoch": epoch + 1}
+            current = sha256_file(self.model_file) if self.model_file.is_file() else None
+            improved, self.last_hash = current is not None and current != self.last_hash, current
+            if self.rank != 0 or not improved:
+                ray.train.report(metrics, checkpoint=None)
+                return
+            with tempfile.TemporaryDirectory(prefix="msbt-report-") as staging:
+                self._stage(Path(staging), logs, epoch + 1)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(staging))
+
+        def _stage(self, staging: Path, logs: dict, best_epoch: int) -> None:
+            try:  # a hard link costs nothing; Ray copies the folder to storage during report()
+                os.link(self.model_file, staging / MODEL_FILE)
+            except OSError:
+                shutil.copy2(self.model_file, staging / MODEL_FILE)
+            write_manifest(
+                staging,
+                stage_config=stage,
+                class_names=class_names,
+                metrics=logs,
+                best_epoch=best_epoch,
+                history=self.history,
+                parent=parent,
+                data_fingerprint=data_fingerprint,
+                split_id=split_id,
+            )
+
+    return _Report()
+
+
+def _resume_kwargs(resume_dir: str | None) -> dict[str, Any]:
+    """``fit_stage`` arguments that continue from a reported checkpoint, where fit_stage can."""
+    if resume_dir is None:
+        return {}
+    from msbt import training
+
+    if "resume_from" in inspect.signature(training.fit_stage).parameters:
+        return {"resume_from": resume_dir}
+    log.warning(
+        "a checkpoint to resume from was given (%s), but msbt.training.fit_stage has no resume_from "
+        "hook yet (issue #5): this stage restarts at epoch 0",
+        resume_dir,
+    )
+    return {}
+
+
+def _resumed_history(resume_dir: str | None, resuming: bool) -> dict[str, list[float]]:
+    """History up to the resumed checkpoint's epoch, so reported manifests carry the whole run."""
+    if resume_dir is None or not resuming:
+        return {}
+    manifest = json.loads((Path(resume_dir) / "manifest.json").read_text())
+    done = int(manifest["best_epoch"])
+    return {k: list(v)[:done] for k, v in manifest.get("history", {}).items()}
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """One stage inside a Ray Train worker.
+
+    Args:
+        config: ``train_loop_config`` from :func:`train_stage`: ``stage`` (StageConfig), ``image_shape``,
+            ``class_names``, ``seed``, ``parent`` (a ``ray.train.Checkpoint`` or None),
+            ``data_fingerprint``, ``split_id``, ``verbose``, ``resume`` (a checkpoint or None).
+    """
+    import ray.train
+
+    from msbt import training
+
+    stage: StageConfig = config["stage"]
+    shape = tuple(config["image_shape"])
+    train_ds = training.dataset_from_arrays(*shard_arrays(ray.train.get_dataset_shard("train"), shape))
+    val_ds = training.dataset_from_arrays(*shard_arrays(ray.train.get_dataset_shard("val"), shape))
+    resume = ray.train.get_checkpoint() or config.get("resume")
+    out_dir = Path(tempfile.mkdtemp(prefix="msbt-stage-"))
+    try:
+        with contextlib.ExitStack() as stack:
+            parent_dir = stack.enter_context(config["parent"].as_directory()) if config["parent"] else None
+            resume_dir = stack.enter_context(resume.as_directory()) if resume else None
+            resume_kwargs = _resume_kwargs(resume_dir)
+            common = dict(parent=parent_dir, data_fingerprint=config["data_fingerprint"], split_id=config["split_id"])
+            callback = report_callback(
+                out_dir, stage, config["class_names"], history=_resumed_history(resume_dir, bool(resume_kwargs)),
+                **common,
+            )
+            training.fit_stage(
+                stage, train_ds, val_ds, class_names=config["class_names"], out_dir=out_dir, seed=config["seed"],
+                callbacks=[callback], verbose=config["verbose"], **common, **resume_kwargs,
+            )
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)  # what matters was reported to Ray's storage
+
+
+# ---------------------------------------------------------------------------------------------------
+# Driver
+
+
+def scaling_config(run: RunConfig):
+    """``ScalingConfig`` from ``run``; refuses more than one worker (see the module docstring)."""
+    from ray.train import ScalingConfig
+
+    if run.num_workers != 1:
+        raise NotImplementedError(MULTI_WORKER_ISSUE if run.num_workers > 1 else f"num_workers={run.num_workers}")
+    return ScalingConfig(
+        num_workers=run.num_workers, use_gpu=run.use_gpu, resources_per_worker={"CPU": run.cpus_per_worker}
+    )
+
+
+def score_order(monitor: str) -> str:
+    """``"min"`` for a ``*loss`` monitor, else ``"max"`` (the rule of ``BestModelSaver``)."""
+    return "min" if monitor.endswith("loss") else "max"
+
+
+def run_config(run: RunConfig, stage_number: int, monitor: str):
+    """Ray ``RunConfig`` of one stage: ``<storage_path>/<name>-stage<n>``, best checkpoints by ``monitor``."""
+    from ray.train import CheckpointConfig, FailureConfig
+    from ray.train import RunConfig as RayRunConfig
+
+    return RayRunConfig(
+        name=f"{run.name}-stage{stage_number}",
+        storage_path=str(Path(run.storage_path).expanduser().resolve()),  # Ray wants it absolute
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=run.checkpoints_to_keep,
+            checkpoint_score_attribute=monitor,
+            checkpoint_score_order=score_order(monitor),
+        ),
+        failure_config=FailureConfig(max_failures=run.max_failures),
+    )
+
+
+def split_dataset(store_path: str | Path, split: str):
+    """One split of a store as a materialised Ray Dataset with columns ``image``, ``label_index``.
+
+    Materialised here, on the driver, so no read task waits for a CPU a Train worker holds.
+    """
+    import ray.data
+    from ray.data.expressions import col
+
+    files = store_files(store_path)
+    if not files:
+        raise ValueError(f"{store_path}: no Parquet files (not a store, or an empty one)")
+    ds = ray.data.read_parquet(files, columns=["image", "label_index", "split"])
+    # An expression filter runs on the Arrow table (read_parquet refuses a pyarrow `filter=` in 2.60).
+    ds = ds.filter(expr=col("split") == split).select_columns(["image", "label_index"]).materialize()
+    if ds.count() == 0:
+        raise ValueError(f"{store_path}: the store has no {split!r} rows")
+    return ds
+
+
+def store_classes(store_path: str | Path) -> list[str]:
+    """Class names in label order, from the store's ``label``/``label_index`` columns.
+
+    Raises:
+        ValueError: An index with two names, or missing indices (a class with no rows at all).
+    """
+    table = read_store(store_path, columns=["label", "label_index"])
+    names: dict[int, str] = {}
+    for index, label in zip(table["label_index"].tolist(), table["label"].tolist()):
+        if names.setdefault(int(index), str(label)) != label:
+            raise ValueError(f"{store_path}: label index {index} is both {names[int(index)]!r} and {label!r}")
+    if sorted(names) != list(range(len(names))):
+        raise ValueError(f"{store_path}: label indices {sorted(names)} are not 0..{len(names) - 1}")
+    return [names[i] for i in range(len(names))]
+
+
+def store_identity(store_path: str | Path) -> tuple[str, str]:
+    """``(data_fingerprint, split_id)`` for manifests: hashes of the store's ``store.json`` and file list."""
+    identity = json.loads((Path(store_path) / "store.json").read_text())
+    fingerprint = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return fingerprint, str(identity.get("items", ""))[:16]
+
+
+def _as_checkpoint(parent):
+    from ray.train import Checkpoint
+
+    if parent is None or isinstance(parent, Checkpoint):
+        return parent
+    return Checkpoint.from_directory(str(Path(parent).expanduser().resolve()))
+
+
+def train_stage(
+    config: Config,
+    stage_number: int,
+    store_path: str | Path,
+    parent_checkpoint=None,
+    *,
+    resume_from=None,
+    class_names: Sequence[str] | None = None,
+    verbose: int = 0,
+):
+    """Train one stage with Ray Train (Ray must be initialised).
+
+    Args:
+        config: The resolved config; ``stage1``/``stage2`` and ``run`` are used, ``data.seed`` seeds it.
+        stage_number: 1 (cell lines) or 2 (ultrasound, from ``parent_checkpoint``).
+        store_path: A store from ``msbt.preprocess`` with ``train`` and ``val`` rows.
+        parent_checkpoint: Stage 2 only: stage 1's checkpoint (a ``ray.train.Checkpoint`` such as
+            :func:`best_checkpoint` of stage 1's result, or a checkpoint folder).
+        resume_from: A checkpoint of this same stage to continue from (see "Resume" above).
+        class_names: In label order; default: read from the store.
+        verbose: Keras ``fit`` verbosity in the worker.
+
+    Returns:
+        The ``ray.train.Result``; its checkpoints are msbt checkpoint folders.
+
+    Raises:
+        NotImplementedError: ``run.num_workers > 1``.
+        ValueError: A stage number other than 1 or 2, a parent given to a stage that does not start
+            from one (or missing for one that does), or a store without train/val rows.
+        ray.train.TrainingFailedError: The worker failed more than ``run.max_failures`` times.
+    """
+    from ray.train.tensorflow import TensorflowTrainer
+
+    if stage_number not in (1, 2):
+        raise ValueError(f"stage_number must be 1 or 2, got {stage_number!r}")
+    stage = config.stage1 if stage_number == 1 else config.stage2
+    if (stage.weights == "parent") != (parent_checkpoint is not None):
+        raise ValueError(
+            f"stage {stage_number} has weights={stage.weights!r}: a parent checkpoint is needed exactly "
+            f"when weights is 'parent' (got parent_checkpoint={parent_checkpoint!r})"
+        )
+    scaling = scaling_config(config.run)  # refuses unsupported worker counts before any data is read
+    store_path = Path(store_path).expanduser().resolve()
+    fingerprint, split_id = store_identity(store_path)
+    loop_config = {
+        "stage": stage,
+        "image_shape": image_shape(store_path),
+        "class_names": list(class_names or store_classes(store_path)),
+        "seed": config.data.seed,
+        "parent": _as_checkpoint(parent_checkpoint),
+        "data_fingerprint": fingerprint,
+        "split_id": split_id,
+        "verbose": verbose,
+        # Ray Train V2 refuses TensorflowTrainer(resume_from_checkpoint=...): the checkpoint travels in
+        # the loop config; a checkpoint of a restarted worker (get_checkpoint) takes precedence.
+        "resume": _as_checkpoint(resume_from),
+    }
+    trainer = TensorflowTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=scaling,
+        run_config=run_config(config.run, stage_number, stage.monitor),
+        datasets={split: split_dataset(store_path, split) for split in ("train", "val")},
+    )
+    return trainer.fit()
+
+
+def best_checkpoint(result, monitor: str):
+    """The best of a stage's kept checkpoints by ``monitor`` (the latest if none has the metric).
+
+    Args:
+        result: A ``ray.train.Result`` from :func:`train_stage`.
+        monitor: The stage's ``monitor`` (``*loss`` is minimised, anything else maximised).
+
+    Returns:
+        A ``ray.train.Checkpoint``, or None if the stage reported none.
+    """
+    scored = [(c, m[monitor]) for c, m in (result.best_checkpoints or []) if monitor in m]
+    if not scored:
+        return result.checkpoint
+    pick = min if score_order(monitor) == "min" else max
+    return pick(scored, key=lambda pair: pair[1])[0]

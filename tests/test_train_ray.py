@@ -1,0 +1,161 @@
+"""Ray Train layer on a real local 2-CPU cluster: stage 1 -> stage 2 through Ray checkpoints.
+
+Tiny data (synthetic fields cut into 200 px patches, 64 px ultrasound), EfficientNet-Lite0 with random
+weights at 32 px, 2 epochs per stage; one Train worker with 1 CPU (the other CPU is left to Ray Data).
+"""
+
+import dataclasses
+import inspect
+
+import pytest
+
+from msbt import synth, training
+from msbt.checkpoint import lineage, read_manifest, verify
+from msbt.config import Config, PreprocessConfig, RunConfig, StageConfig
+from msbt.discovery import discover
+from msbt.preprocess import build_microscope_store, build_ultrasound_store, split_items
+from msbt.splits import make_split, save_split
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
+STABLE = {"loss", "accuracy", "auc", "sensitivity", "specificity"}
+HAVE_RESUME_HOOK = "resume_from" in inspect.signature(training.fit_stage).parameters
+
+
+def lite0(**kw) -> StageConfig:
+    base = dict(backbone="efficientnet_lite0", weights="none", image_size=32, batch_size=8, epochs=2)
+    return StageConfig(**{**base, **kw})
+
+
+def tiny_config(tmp_path, **run) -> Config:
+    return Config(
+        stage1=lite0(),
+        stage2=lite0(weights="parent", monitor="val_auc"),
+        run=RunConfig(name="t", storage_path=str(tmp_path / "ray"), cpus_per_worker=1.0, **run),
+    )
+
+
+def store(root, out, build, cfg):
+    d = discover(root)
+    save_split(make_split(d, seed=0), out / "split")
+    return build(split_items(out / "split", d.root, d.classes, seed=0), out / "store", cfg).path
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory, ray_local):
+    out = tmp_path_factory.mktemp("train")
+    synth.generate(out / "synth", seed=3, fields_per_line=4, field_size=400, lesions_per_class=5,
+                   frames_per_lesion=(1, 2), ultrasound_size=96)
+    cfg = PreprocessConfig(max_patches_per_field=4, image_size=64)
+    micro = store(out / "synth" / "microscope", out / "micro", build_microscope_store, cfg)
+    ultra = store(out / "synth" / "ultrasound", out / "ultra", build_ultrasound_store, cfg)
+    return micro, ultra
+
+
+@pytest.fixture(scope="module")
+def stage1(stores, tmp_path_factory):
+    from msbt.train import train_stage
+
+    config = tiny_config(tmp_path_factory.mktemp("run1"))
+    return config, train_stage(config, 1, stores[0])
+
+
+def checkpoint_dir(checkpoint) -> str:
+    return checkpoint.path  # local storage: the persisted folder itself
+
+
+# ---------------------------------------------------------------------------------------------------
+# No cluster needed
+
+
+def test_more_than_one_worker_is_refused_with_the_reason(tmp_path):
+    from msbt.train import train_stage
+
+    config = tiny_config(tmp_path, num_workers=2)
+    with pytest.raises(NotImplementedError, match="issue #5.*keras-team/keras#20585"):
+        train_stage(config, 1, tmp_path / "no-store-needed")
+
+
+def test_a_parent_is_needed_exactly_for_weights_parent(tmp_path):
+    from msbt.train import train_stage
+
+    config = tiny_config(tmp_path)
+    with pytest.raises(ValueError, match="parent checkpoint is needed"):
+        train_stage(config, 2, tmp_path / "store")
+    with pytest.raises(ValueError, match="parent checkpoint is needed"):
+        train_stage(config, 1, tmp_path / "store", parent_checkpoint=tmp_path)
+    with pytest.raises(ValueError, match="stage_number"):
+        train_stage(config, 3, tmp_path / "store")
+
+
+def test_score_order_follows_the_saver():
+    from msbt.train import score_order
+
+    assert (score_order("val_loss"), score_order("val_auc"), score_order("loss")) == ("min", "max", "min")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Real Ray Train runs
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_stage1_reports_every_epoch_and_checkpoints_in_the_msbt_format(stage1, stores):
+    from msbt.train import best_checkpoint, store_classes
+
+    config, result = stage1
+    assert result.error is None
+    history = result.metrics_dataframe
+    assert list(history["epoch"]) == [1, 2]
+    assert {f"val_{m}" for m in STABLE} | STABLE <= set(history.columns)
+    best = best_checkpoint(result, "val_loss")
+    assert best is not None and best.path.startswith(config.run.storage_path)
+    assert "/t-stage1/" in best.path
+    manifest = read_manifest(checkpoint_dir(best))
+    assert manifest["stage"] == 1 and manifest["parent"] is None and verify(checkpoint_dir(best))
+    assert {f"val_{m}" for m in STABLE} | STABLE <= set(manifest["metrics"])
+    assert manifest["class_names"] == store_classes(stores[0]) == sorted(synth.CELL_LINES)
+    # the kept checkpoint is the best epoch's: its val_loss is the lowest reported
+    assert manifest["metrics"]["val_loss"] == pytest.approx(min(history["val_loss"]))
+    assert manifest["best_epoch"] == 1 + int(history["val_loss"].idxmin())
+    assert manifest["history"]["val_loss"] == pytest.approx(list(history["val_loss"])[: manifest["best_epoch"]])
+    assert manifest["data_fingerprint"] and manifest["split_id"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_stage2_starts_from_stage1_and_links_back(stage1, stores):
+    from msbt.train import best_checkpoint, train_stage
+
+    config, first = stage1
+    parent = best_checkpoint(first, config.stage1.monitor)
+    result = train_stage(config, 2, stores[1], parent_checkpoint=parent)
+    child = best_checkpoint(result, config.stage2.monitor)
+    assert "/t-stage2/" in child.path
+    manifest = read_manifest(checkpoint_dir(child))
+    assert manifest["stage"] == 2 and manifest["class_names"] == ["benign", "malignant"]
+    assert manifest["monitor"] == "val_auc" and "val_auc" in manifest["metrics"]
+    chain = lineage(checkpoint_dir(child))
+    assert [entry["manifest"]["stage"] for entry in chain] == [2, 1]
+    assert chain[0]["link_ok"] is True and all(entry["verified"] for entry in chain)
+    assert chain[1]["path"] == str(parent.path)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_RESUME_HOOK, reason="msbt.training.fit_stage has no resume_from hook yet (issue #5)")
+def test_resume_continues_after_the_checkpoint_epoch(stage1, stores, tmp_path):
+    from msbt.train import best_checkpoint, train_stage
+
+    config, first = stage1
+    start = best_checkpoint(first, "val_loss")
+    done = read_manifest(checkpoint_dir(start))["best_epoch"]
+    longer = dataclasses.replace(config, stage1=dataclasses.replace(config.stage1, epochs=done + 1),
+                                 run=dataclasses.replace(config.run, storage_path=str(tmp_path)))
+    result = train_stage(longer, 1, stores[0], resume_from=start)
+    assert list(result.metrics_dataframe["epoch"]) == [done + 1]  # only the epoch after the checkpoint
+    if result.checkpoint is not None:  # reported only if that epoch beat the resumed best
+        manifest = read_manifest(checkpoint_dir(result.checkpoint))
+        assert manifest["best_epoch"] == done + 1 and len(manifest["history"]["val_loss"]) == done + 1
