@@ -202,6 +202,12 @@ def load_config(paths: typing.Sequence[str | Path] = (), overrides: typing.Seque
     return _build(Config(), merged)
 
 
+def from_dict(cls: type, data: Mapping, source: str = "<dict>") -> Any:
+    """A config dataclass (e.g. StageConfig from a checkpoint manifest) from plain data, checked like a file."""
+    _check(cls, data, source=source, prefix="")
+    return _build(cls(), data)
+
+
 def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> list[tuple[Path, dict]]:
     path = path.expanduser()
     if not path.is_file():

@@ -249,13 +249,14 @@ def score_order(monitor: str) -> str:
 
 
 def run_config(run: RunConfig, stage_number: int, monitor: str):
-    """Ray ``RunConfig`` of one stage: ``<storage_path>/<name>-stage<n>``, best checkpoints by ``monitor``."""
+    """Ray ``RunConfig`` of one stage: ``<storage_path>/<name>/stage<n>`` (inside the run folder, beside
+    its data and stores), best checkpoints by ``monitor``."""
     from ray.train import CheckpointConfig, FailureConfig
     from ray.train import RunConfig as RayRunConfig
 
     return RayRunConfig(
-        name=f"{run.name}-stage{stage_number}",
-        storage_path=str(Path(run.storage_path).expanduser().resolve()),  # Ray wants it absolute
+        name=f"stage{stage_number}",
+        storage_path=str((Path(run.storage_path).expanduser() / run.name).resolve()),  # Ray wants it absolute
         checkpoint_config=CheckpointConfig(
             num_to_keep=run.checkpoints_to_keep,
             checkpoint_score_attribute=monitor,

@@ -104,6 +104,13 @@ def test_main_workflow_smoke_test_end_to_end(tmp_path):
     patches = summary["stores"]["microscope"]["rows"]
     assert set(patches) == {"train", "val", "test"} and all(len(v) == 4 for v in patches.values())
     assert (tmp_path / "smoke" / "config.yaml").exists()
-    # a rerun reuses the saved split and the finished stores
-    again = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert again.returncode == 0 and "split (reused" in again.stdout
+    # both stages trained, linked, and the test split scored at a threshold picked on validation
+    assert "stage 2  efficientnet_lite0  weights=parent" in done.stdout and "<- stage 1" in done.stdout
+    metrics = json.loads((tmp_path / "smoke" / "metrics.json").read_text())
+    assert metrics["threshold_chosen_on"] == "val" and 0.0 <= metrics["threshold"] <= 1.0
+    assert metrics["test_images"] == sum(summary["stores"]["ultrasound"]["rows"]["test"].values())
+    assert set(metrics["test_ci95"]) >= {"accuracy", "auc", "sensitivity", "specificity"}
+    # a rerun of the data step reuses the saved split and the finished stores
+    again = subprocess.run([sys.executable, str(ROOT / "workflows" / "preprocess.py"), *command[2:]],
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert again.returncode == 0 and "split (reused" in again.stdout, again.stderr[-2000:]

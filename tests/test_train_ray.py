@@ -112,7 +112,7 @@ def test_stage1_reports_every_epoch_and_checkpoints_in_the_msbt_format(stage1, s
     assert {f"val_{m}" for m in STABLE} | STABLE <= set(history.columns)
     best = best_checkpoint(result, "val_loss")
     assert best is not None and best.path.startswith(config.run.storage_path)
-    assert "/t-stage1/" in best.path
+    assert "/t/stage1/" in best.path
     manifest = read_manifest(checkpoint_dir(best))
     assert manifest["stage"] == 1 and manifest["parent"] is None and verify(checkpoint_dir(best))
     assert {f"val_{m}" for m in STABLE} | STABLE <= set(manifest["metrics"])
@@ -133,7 +133,7 @@ def test_stage2_starts_from_stage1_and_links_back(stage1, stores):
     parent = best_checkpoint(first, config.stage1.monitor)
     result = train_stage(config, 2, stores[1], parent_checkpoint=parent)
     child = best_checkpoint(result, config.stage2.monitor)
-    assert "/t-stage2/" in child.path
+    assert "/t/stage2/" in child.path
     manifest = read_manifest(checkpoint_dir(child))
     assert manifest["stage"] == 2 and manifest["class_names"] == ["benign", "malignant"]
     assert manifest["monitor"] == "val_auc" and "val_auc" in manifest["metrics"]
