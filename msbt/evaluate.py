@@ -17,21 +17,25 @@ from msbt import metrics
 from msbt.preprocess import read_store
 
 
-def predict_split(checkpoint: str | Path, store: str | Path, split: str) -> dict[str, np.ndarray]:
-    """Malignancy probabilities of one split of an ultrasound store.
-
-    Returns:
-        `p` (N,), `y` (N,) label indices, `group` and `source` (N,) from the store.
-    """
+def load_stage2(checkpoint: str | Path):
+    """(model, its StageConfig) of a stage-2 checkpoint; refuses a multi-class one."""
     from msbt.checkpoint import load_checkpoint
-    from msbt.training import dataset_from_arrays, eval_batches
+    from msbt.config import StageConfig, from_dict
 
     model, manifest = load_checkpoint(checkpoint)
     if len(manifest["class_names"]) != 2:
         raise ValueError(f"{checkpoint}: not a binary (stage-2) checkpoint: classes {manifest['class_names']}")
-    from msbt.config import StageConfig, from_dict
+    return model, from_dict(StageConfig, manifest["config"], source=f"{checkpoint}/manifest.json")
 
-    stage = from_dict(StageConfig, manifest["config"], source=f"{checkpoint}/manifest.json")  # its image size
+
+def predict_split(model, stage, store: str | Path, split: str) -> dict[str, np.ndarray]:
+    """Malignancy probabilities of one split of an ultrasound store (at the stage's own image size).
+
+    Returns:
+        `p` (N,), `y` (N,) label indices, `group` and `source` (N,) from the store.
+    """
+    from msbt.training import dataset_from_arrays, eval_batches
+
     data = read_store(store, columns=["image", "label_index", "group", "source"], split=split)
     if len(data["label_index"]) == 0:
         raise ValueError(f"{store}: no {split} rows")
@@ -54,8 +58,9 @@ def evaluate(checkpoint: str | Path, store: str | Path, *, rule: str = "youden",
     Returns:
         JSON-able dict: threshold, rule, validation AUC, test metrics, intervals, counts.
     """
-    val = predict_split(checkpoint, store, "val")
-    test = predict_split(checkpoint, store, "test")
+    model, stage = load_stage2(checkpoint)
+    val = predict_split(model, stage, store, "val")
+    test = predict_split(model, stage, store, "test")
     threshold = metrics.choose_threshold(val["y"], val["p"], rule)
     point = metrics.binary_metrics(test["y"], test["p"], threshold)
     with warnings.catch_warnings(record=True) as caught:

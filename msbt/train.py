@@ -28,9 +28,8 @@ shared) storage that is the persisted Ray checkpoint folder, so ``msbt.checkpoin
 Resume. After a worker restart (``FailureConfig.max_failures``), ``ray.train.get_checkpoint()`` is the
 last reported checkpoint, i.e. the best model so far and its epoch; ``train_stage(resume_from=...)``
 gives one explicitly (Train V2 refuses ``TensorflowTrainer(resume_from_checkpoint=...)``, so it travels
-in ``train_loop_config``). Continuing after that epoch needs ``fit_stage(resume_from=<checkpoint
-folder>)``; until ``msbt.training`` has it, the stage restarts at epoch 0 and says so in the worker log.
-The optimizer state is not in a checkpoint, so a resumed stage starts its optimizer afresh.
+in ``train_loop_config``). ``fit_stage(resume_from=<checkpoint folder>)`` continues after that
+epoch. The optimizer state is not in a checkpoint, so a resumed stage starts its optimizer afresh.
 
 Data. The store's Parquet files are read with Ray Data, filtered by split and materialised on the driver
 before the trainer starts: on 2 CPUs a Train worker holding a CPU starved streaming read tasks
@@ -43,14 +42,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import json
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -167,25 +165,9 @@ def report_callback(
     return _Report()
 
 
-def _resume_kwargs(resume_dir: str | None) -> dict[str, Any]:
-    """``fit_stage`` arguments that continue from a reported checkpoint, where fit_stage can."""
-    if resume_dir is None:
-        return {}
-    from msbt import training
-
-    if "resume_from" in inspect.signature(training.fit_stage).parameters:
-        return {"resume_from": resume_dir}
-    log.warning(
-        "a checkpoint to resume from was given (%s), but msbt.training.fit_stage has no resume_from "
-        "hook yet (issue #5): this stage restarts at epoch 0",
-        resume_dir,
-    )
-    return {}
-
-
-def _resumed_history(resume_dir: str | None, resuming: bool) -> dict[str, list[float]]:
+def _resumed_history(resume_dir: str | None) -> dict[str, list[float]]:
     """History up to the resumed checkpoint's epoch, so reported manifests carry the whole run."""
-    if resume_dir is None or not resuming:
+    if resume_dir is None:
         return {}
     manifest = json.loads((Path(resume_dir) / "manifest.json").read_text())
     done = int(manifest["best_epoch"])
@@ -214,15 +196,14 @@ def train_loop_per_worker(config: dict) -> None:
         with contextlib.ExitStack() as stack:
             parent_dir = stack.enter_context(config["parent"].as_directory()) if config["parent"] else None
             resume_dir = stack.enter_context(resume.as_directory()) if resume else None
-            resume_kwargs = _resume_kwargs(resume_dir)
             common = dict(parent=parent_dir, data_fingerprint=config["data_fingerprint"], split_id=config["split_id"])
             callback = report_callback(
-                out_dir, stage, config["class_names"], history=_resumed_history(resume_dir, bool(resume_kwargs)),
+                out_dir, stage, config["class_names"], history=_resumed_history(resume_dir),
                 **common,
             )
             training.fit_stage(
                 stage, train_ds, val_ds, class_names=config["class_names"], out_dir=out_dir, seed=config["seed"],
-                callbacks=[callback], verbose=config["verbose"], **common, **resume_kwargs,
+                callbacks=[callback], verbose=config["verbose"], resume_from=resume_dir, **common,
             )
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)  # what matters was reported to Ray's storage

@@ -8,7 +8,7 @@ import cv2
 import pytest
 
 from conftest import ROOT, textured
-from msbt.cli import build_parser, main
+from msbt.cli import main
 
 SUBCOMMANDS = ["run", "preprocess", "synth", "scan", "split", "lineage", "config"]
 

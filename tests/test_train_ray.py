@@ -5,11 +5,10 @@ weights at 32 px, 2 epochs per stage; one Train worker with 1 CPU (the other CPU
 """
 
 import dataclasses
-import inspect
 
 import pytest
 
-from msbt import synth, training
+from msbt import synth
 from msbt.checkpoint import lineage, read_manifest, verify
 from msbt.config import Config, PreprocessConfig, RunConfig, StageConfig
 from msbt.discovery import discover
@@ -21,7 +20,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
 ]
 STABLE = {"loss", "accuracy", "auc", "sensitivity", "specificity"}
-HAVE_RESUME_HOOK = "resume_from" in inspect.signature(training.fit_stage).parameters
 
 
 def lite0(**kw) -> StageConfig:
@@ -145,7 +143,6 @@ def test_stage2_starts_from_stage1_and_links_back(stage1, stores):
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.skipif(not HAVE_RESUME_HOOK, reason="msbt.training.fit_stage has no resume_from hook yet (issue #5)")
 def test_resume_continues_after_the_checkpoint_epoch(stage1, stores, tmp_path):
     from msbt.train import best_checkpoint, train_stage
 
