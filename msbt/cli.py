@@ -28,6 +28,14 @@ def _config_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _step_options(parser: argparse.ArgumentParser) -> None:
+    _config_options(parser)
+    parser.add_argument("--force-split", action="store_true", help="make a new split even if the run has one")
+    parser.add_argument("--address", help="Ray cluster to join (default: as for `run`)")
+    parser.add_argument("--resume", action="store_true", help="reuse the stage if finished, continue it if "
+                        "interrupted (default: refuse a run folder that already holds it)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="msbt",
@@ -41,8 +49,27 @@ def build_parser() -> argparse.ArgumentParser:
     _config_options(p)
     p.add_argument("--force-split", action="store_true", help="make a new split even if the run has one")
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, a local `ray start` "
-                   "cluster, or a private one)")
+                   "cluster, or a private one; `local`: always a private one)")
+    p.add_argument("--resume", action="store_true", help="continue a stopped run: reuse finished stages "
+                   "(stages.json), continue an interrupted one from its latest checkpoint")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("stage1", help="microscope data and store, then stage 1 (ImageNet -> cell lines)")
+    _step_options(p)
+    p.set_defaults(func=_cmd_stage1)
+
+    p = sub.add_parser("stage2", help="ultrasound data and store, then stage 2 from stage 1's recorded best "
+                       "checkpoint (or --parent)")
+    _step_options(p)
+    p.add_argument("--parent", metavar="CHECKPOINT", help="stage-1 checkpoint folder to start from (default: "
+                   "stage 1's best, recorded in the run's stages.json)")
+    p.set_defaults(func=_cmd_stage2)
+
+    p = sub.add_parser("evaluate", help="test metrics of stage 2's recorded best checkpoint (or --checkpoint)")
+    _config_options(p)
+    p.add_argument("--checkpoint", help="stage-2 checkpoint folder (default: stage 2's best, from stages.json)")
+    p.add_argument("--address", help="Ray cluster to join (default: as for `run`)")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("preprocess", help="scan, group, split, then cut patches / prepare images into Parquet "
                        "stores with Ray Data")
@@ -78,6 +105,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     p.set_defaults(func=_cmd_lineage)
 
+    _predict_parsers(sub)
+    _experiment_parsers(sub)
+
+    p = sub.add_parser("tune", help="Ray Tune search of stage 2 (head, augmentation, optimizer) around the paper")
+    _config_options(p)
+    p.add_argument("--resume", action="store_true", help="continue the interrupted experiment (tune.experiment)")
+    p.add_argument("--fast", action="store_true", help="frozen backbone: heads train on cached backbone features "
+                   "(sets tune.fast and stage2.trainable_backbone: false)")
+    p.add_argument("--address", help="Ray cluster to join (default: as for `run`)")
+    p.set_defaults(func=_cmd_tune)
+
+    p = sub.add_parser("tune-report", help="rank a tune experiment's trials; write the best as a config overlay")
+    p.add_argument("path", help="the experiment folder, runs/<name>/tune/<experiment>")
+    p.add_argument("--out", help="where the overlay goes (default: PATH/best.yaml)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    p.set_defaults(func=_cmd_tune_report)
+
     p = sub.add_parser("config", help="print the resolved config (paper settings + overlays) as YAML")
     _config_options(p)
     p.set_defaults(func=_cmd_config)
@@ -91,10 +135,57 @@ def _load(args) -> "object":
 def _cmd_run(args) -> int:
     from msbt.pipeline import main_job
     from msbt.raycluster import init_ray
+    from msbt.stages import refuse_rerun
 
     config = _load(args)  # a config error should not wait for Ray to start
+    if not args.resume:
+        refuse_rerun(config)  # nor should a run folder that --resume would be needed for
     init_ray(args.address)
-    main_job(config, force_split=args.force_split)
+    main_job(config, force_split=args.force_split, resume=args.resume)
+    return 0
+
+
+def _cmd_stage1(args) -> int:
+    from msbt.pipeline import stage1_job
+    from msbt.raycluster import init_ray
+    from msbt.stages import refuse_rerun
+
+    config = _load(args)
+    if not args.resume:
+        refuse_rerun(config, [1])
+    init_ray(args.address)
+    stage1_job(config, force_split=args.force_split, resume=args.resume)
+    return 0
+
+
+def _cmd_stage2(args) -> int:
+    from msbt.pipeline import recorded_checkpoint, stage2_job
+    from msbt.raycluster import init_ray
+    from msbt.stages import refuse_rerun
+
+    config = _load(args)
+    if not args.resume:
+        refuse_rerun(config, [2])
+    if args.parent and not Path(args.parent).is_dir():
+        raise ConfigError(f"{args.parent}: no such checkpoint folder (--parent)")
+    if not args.parent:
+        recorded_checkpoint(config, 1)  # no stage 1 yet: say so before Ray starts
+    init_ray(args.address)
+    stage2_job(config, parent=args.parent, force_split=args.force_split, resume=args.resume)
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from msbt.pipeline import evaluate_job, recorded_checkpoint
+    from msbt.raycluster import init_ray
+
+    config = _load(args)
+    if args.checkpoint and not Path(args.checkpoint).is_dir():
+        raise ConfigError(f"{args.checkpoint}: no such checkpoint folder (--checkpoint)")
+    if not args.checkpoint:
+        recorded_checkpoint(config, 2)
+    init_ray(args.address)
+    evaluate_job(config, checkpoint=args.checkpoint)
     return 0
 
 
@@ -175,8 +266,129 @@ def _cmd_lineage(args) -> int:
     return 0
 
 
+def _predict_parsers(sub) -> None:
+    """`predict` and `export` (msbt.predict, msbt.export); see docs/predict.md."""
+    p = sub.add_parser("predict", help="label new ultrasound images with a stage-2 model (probability, threshold, "
+                       "optional Grad-CAM)")
+    p.add_argument("model", help="stage-2 checkpoint folder (model.keras + manifest.json) or an `msbt export` folder")
+    p.add_argument("images", nargs="+", help="image files and folders (searched recursively; masks skipped)")
+    p.add_argument("--out", metavar="CSV", help="write one row per file (predictions and rejects) here")
+    p.add_argument("--heatmaps", metavar="DIR", help="write a Grad-CAM overlay PNG per image here")
+    p.add_argument("--threshold", type=float, help="decision threshold (default: the one the run chose on "
+                   "validation, from its metrics.json; else 0.5)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("export", help="write a stage-2 checkpoint as Keras model + TensorFlow SavedModel for serving")
+    p.add_argument("checkpoint", help="stage-2 checkpoint folder (model.keras + manifest.json)")
+    p.add_argument("out_dir", help="new or empty folder for model.keras, manifest.json, saved_model/, export.json")
+    p.add_argument("--threshold", type=float, help="threshold to record (default: the run's validation threshold)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_predict(args) -> int:
+    from msbt.predict import format_lines, predict, write_csv
+
+    run = predict(args.model, args.images, threshold=args.threshold, heatmaps=args.heatmaps)
+    print("\n".join(format_lines(run)))
+    if args.out:
+        print(f"predictions: {write_csv(run, args.out)}")
+    if not run.predictions:
+        print("msbt: error: no image could be predicted", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from msbt.export import export
+
+    record = export(args.checkpoint, args.out_dir, threshold=args.threshold)
+    print(f"exported {args.checkpoint} -> {args.out_dir} (model.keras, manifest.json, saved_model/, export.json); "
+          f"threshold {record['threshold']['value']:.4g} from {record['threshold']['source']}")
+    for note in record["notes"]:
+        print(f"note: {note}")
+    return 0
+
+
 def _cmd_config(args) -> int:
     print(yaml.safe_dump(to_dict(_load(args)), sort_keys=False), end="")
+    return 0
+
+
+def _experiment_parsers(sub) -> None:
+    """`crossval`, `ablation`, `compare` (msbt.experiments) and `report` (msbt.report); see docs/evaluation.md."""
+    for name, text in (("crossval", "k-fold cross-validation of stage 2 over the saved group-aware folds"),
+                       ("ablation", "the paper's Table 1: four stage-2 settings from one stage 1"),
+                       ("compare", "multistage vs ImageNet-only vs from scratch, and naive vs group-aware split")):
+        p = sub.add_parser(name, help=text)
+        _config_options(p)
+        p.add_argument("--address", help="Ray cluster to join (default: as for `run`)")
+        p.add_argument("--fresh", action="store_true", help="delete this experiment's earlier results first "
+                       "(default: arms with a metrics.json are reused)")
+        p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
+        if name == "crossval":
+            p.add_argument("--scope", choices=("trainval", "all"), default="trainval",
+                           help="trainval: folds over the train+val images, test split untouched (default); "
+                                "all: every image (do not select on the result)")
+        if name == "compare":
+            p.add_argument("--arms", nargs="+", choices=("multistage", "imagenet", "scratch"),
+                           default=["multistage", "imagenet", "scratch"], help="stage-2 starting points")
+            p.add_argument("--no-naive", action="store_true", help="skip the naive-split arm")
+        p.set_defaults(func=_cmd_experiment, experiment=name)
+    p = sub.add_parser("report", help="(re)write a run folder's report.html")
+    p.add_argument("run_dir", help="a run folder (runs/<run.name>)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_experiment(args) -> int:
+    from msbt import experiments
+    from msbt.pipeline import run_dir
+    from msbt.raycluster import init_ray
+    from msbt.report import write_report
+
+    config = _load(args)
+    init_ray(args.address)
+    common = {"fresh": args.fresh, "n_boot": args.n_boot}
+    if args.experiment == "crossval":
+        experiments.crossval(config, scope=args.scope, **common)
+    elif args.experiment == "ablation":
+        experiments.ablation(config, **common)
+    else:
+        experiments.compare(config, arms=args.arms, naive=not args.no_naive, **common)
+    print(f"report: {write_report(run_dir(config))}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from msbt.report import write_report
+
+    if not Path(args.run_dir).is_dir():
+        raise ConfigError(f"{args.run_dir}: no such run folder")
+    print(write_report(args.run_dir))
+    return 0
+
+
+def _cmd_tune(args) -> int:
+    from msbt.raycluster import init_ray
+    from msbt.tune import experiment_dir, format_ranking, read_experiment, run_search, write_best_overlay
+
+    extra = ["tune.fast=true", "stage2.trainable_backbone=false"] if args.fast else []
+    config = load_config(args.config, args.overrides + extra)
+    init_ray(args.address)
+    run_search(config, resume=args.resume, sources=", ".join(args.config) or "the default config")
+    exp = experiment_dir(config)
+    print(format_ranking(*read_experiment(exp)))
+    print(f"best configuration: {write_best_overlay(exp)}")
+    return 0
+
+
+def _cmd_tune_report(args) -> int:
+    from msbt.tune import format_ranking, read_experiment, write_best_overlay
+
+    print(format_ranking(*read_experiment(args.path)))
+    print(f"best configuration: {write_best_overlay(args.path, args.out)}")
     return 0
 
 

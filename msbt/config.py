@@ -142,12 +142,48 @@ def _stage2_default() -> StageConfig:
 
 
 @dataclass(frozen=True)
+class SearchSpaceConfig:
+    """Stage-2 search space of ``msbt tune`` around the paper (docs/tune.md; ``workflows/configs/tune.yaml``).
+
+    Choices are lists of values; ranges are ``[low, high]`` (uniform; log-uniform for ``learning_rate``).
+    A one-value choice or ``low == high`` fixes a dimension; an empty list leaves it out of the search
+    (every trial keeps the run's own stage-2 value). msbt.tune checks the values.
+    """
+
+    dense_units: tuple[tuple[int, ...], ...] = ((256, 128, 64), (512, 256, 128), (128, 64, 32))  # choice
+    dropout: tuple[float, ...] = (0.2, 0.6)  # range
+    l2: tuple[float, ...] = (0.0, 1e-4)  # choice: off, on (the value is ours; the paper gives none)
+    expansion: tuple[int, ...] = (1, 3, 5)  # choice; 1 = no augmented copies
+    shift: tuple[float, ...] = (0.0, 0.2)  # range
+    rotation: tuple[float, ...] = (0.0, 30.0)  # range, degrees
+    flip: tuple[bool, ...] = (False, True)  # choice
+    optimizer: tuple[Literal["adagrad", "adam", "sgd"], ...] = ("adagrad", "adam", "sgd")  # choice
+    learning_rate: tuple[float, ...] = (1e-4, 1e-2)  # log-uniform range around the paper's 1e-3
+    batch_size: tuple[int, ...] = (8, 16, 32)  # choice
+
+
+@dataclass(frozen=True)
 class TuneConfig:
-    num_samples: int = 8
+    num_samples: int = 8  # trials in all, trial 0 (the reference configuration) included
     max_concurrent_trials: int = 2
-    metric: str = "val_auc"
+    metric: str = "val_auc"  # a validation metric: the test split is never used by the search
     mode: Literal["max", "min"] = "max"
-    grace_period: int = 3
+    grace_period: int = 3  # epochs every trial runs before the scheduler may stop it
+    # Results go to <run.storage_path>/<run.name>/tune/<experiment>/.
+    experiment: str = "search"
+    # Trial 0: "paper" = the paper's stage-2 values (the StageConfig defaults) of every searched key,
+    # "run" = this run's own resolved stage-2 values.
+    reference: Literal["paper", "run"] = "paper"
+    scheduler: Literal["asha", "none"] = "asha"
+    reduction_factor: int = 2  # ASHA keeps the best 1/reduction_factor at each rung
+    seed: int = 0  # seeds the sampling of trial configurations
+    # Full mode: CPUs of each trial's Train worker (run.use_gpu gives it a GPU). Fast mode: the trial's.
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0  # fast mode only (fractions pack several head trials onto one GPU)
+    # Fast mode (frozen backbone): heads train on cached backbone features (msbt.features).
+    fast: bool = False
+    feature_actors: int = 1  # Ray Data actors computing the features
+    space: SearchSpaceConfig = field(default_factory=SearchSpaceConfig)
 
 
 @dataclass(frozen=True)
@@ -160,6 +196,9 @@ class RunConfig:
     max_failures: int = 0
     # Ray Train keeps this many of a stage's checkpoints, the best by the stage's `monitor`.
     checkpoints_to_keep: int = 2
+    # Keras mixed_float16 in every Train worker (GPUs with tensor cores; float32 variables and classifier,
+    # loss scaling). Slow on CPU: leave it off there.
+    mixed_precision: bool = False
 
 
 @dataclass(frozen=True)
@@ -206,6 +245,13 @@ def from_dict(cls: type, data: Mapping, source: str = "<dict>") -> Any:
     """A config dataclass (e.g. StageConfig from a checkpoint manifest) from plain data, checked like a file."""
     _check(cls, data, source=source, prefix="")
     return _build(cls(), data)
+
+
+def with_overlay(base: Any, data: Mapping, source: str = "<overlay>") -> Any:
+    """``base`` (a config dataclass instance) with a nested mapping applied on top, checked like one more
+    overlay file (e.g. a Tune trial's stage-2 values on the run's ``StageConfig``)."""
+    _check(type(base), data, source=source, prefix="")
+    return _build(base, data)
 
 
 def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> list[tuple[Path, dict]]:
@@ -334,12 +380,24 @@ def _build(base: Any, data: Mapping) -> Any:
         if dataclasses.is_dataclass(hint):
             kwargs[f.name] = _build(getattr(base, f.name), value)
         elif typing.get_origin(hint) is tuple:
-            kwargs[f.name] = tuple(float(v) if _is_float_tuple(hint) else v for v in value)
+            kwargs[f.name] = _as_tuple(value, hint)
         elif hint is float:
             kwargs[f.name] = float(value)
         else:
             kwargs[f.name] = value
     return dataclasses.replace(base, **kwargs)
+
+
+def _as_tuple(value, hint: Any) -> tuple:
+    """YAML lists as the tuples the hint names, nested ones included (``tuple[tuple[int, ...], ...]``),
+    so a config read back from its own dump compares equal to the original."""
+    args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+    if _is_float_tuple(hint):
+        return tuple(float(v) for v in value)
+    inner = args[0] if len(set(args)) == 1 else None
+    if inner is not None and typing.get_origin(inner) is tuple:
+        return tuple(_as_tuple(v, inner) for v in value)
+    return tuple(value)
 
 
 def _is_float_tuple(hint: Any) -> bool:

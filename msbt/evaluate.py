@@ -3,10 +3,17 @@
 The validation split picks the decision threshold (Youden's J by default); the test split is only ever
 scored, once, with that threshold. Confidence intervals resample lesion groups, not images, because
 frames of one lesion are not independent (msbt.metrics.bootstrap_ci).
+
+``metrics.json`` (schema version 2, see ``docs/evaluation.md``) keeps the keys of version 1 (``threshold``,
+``test``, ``test_ci95``, ...) and adds the curves a report draws (ROC points, calibration bins, the
+confusion matrix), the test loss and a description of the intervals. Per-image probabilities of the
+validation and test splits go to ``predictions.csv`` beside it, so a report or a paired comparison of two
+models never has to load a model again.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import warnings
 from pathlib import Path
@@ -15,6 +22,23 @@ import numpy as np
 
 from msbt import metrics
 from msbt.preprocess import read_store
+
+SCHEMA_VERSION = 2
+PREDICTIONS_FILE = "predictions.csv"
+PREDICTION_COLUMNS = ("split", "source", "group", "y", "p")
+CALIBRATION_BINS = 10
+FEW_GROUPS = 20  # fewer test lesion groups than this: bootstrap intervals are flagged in the notes
+
+
+class Evaluation(dict):
+    """The JSON-able result of :func:`evaluate`, carrying the per-image predictions as an attribute.
+
+    ``predictions`` is ``{split: {"p", "y", "group", "source"}}`` (numpy arrays). It is an attribute, not
+    a key, so the dict stays small and JSON-able wherever it is embedded (the run's ``summary.json``);
+    :func:`write_metrics` writes it to ``predictions.csv``.
+    """
+
+    predictions: dict[str, dict[str, np.ndarray]]
 
 
 def load_stage2(checkpoint: str | Path):
@@ -44,8 +68,99 @@ def predict_split(model, stage, store: str | Path, split: str) -> dict[str, np.n
     return {"p": p, "y": data["label_index"].astype(int), "group": data["group"], "source": data["source"]}
 
 
+def score(val: dict, test: dict, *, rule: str = "youden", n_boot: int = 2000, seed: int = 0,
+          class_names=("benign", "malignant")) -> dict:
+    """The metrics.json content from validation and test predictions (no model, no TensorFlow).
+
+    Args:
+        val, test: ``{"p", "y", "group"}`` arrays of the two splits (as :func:`predict_split` returns).
+        rule: Threshold rule for msbt.metrics.choose_threshold, applied to the validation predictions only.
+        n_boot: Bootstrap resamples of the test split (by group).
+        seed: Bootstrap seed.
+        class_names: Label order (index 0 negative), recorded for the confusion matrix.
+
+    Returns:
+        A JSON-able dict with the keys documented in docs/evaluation.md (schema version 2).
+    """
+    y, p, groups = np.asarray(test["y"]), np.asarray(test["p"]), np.asarray(test["group"])
+    threshold = metrics.choose_threshold(val["y"], val["p"], rule)
+    point = metrics.binary_metrics(y, p, threshold)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        intervals = metrics.bootstrap_ci(y, p, threshold, groups=groups, n_boot=n_boot, seed=seed)
+        # Same seed and groups: the loss interval comes from the very resamples of the others.
+        loss = metrics.bootstrap_mean_ci(metrics._case_log_loss(y, p, 1e-7), groups, n_boot=n_boot, seed=seed)
+    notes = [str(w.message) for w in caught]  # e.g. resamples without a malignant case (small test sets)
+    wilson = _wilson_by_groups(point, y, groups)
+    n_groups = len(set(groups.tolist()))
+    if n_groups < FEW_GROUPS:
+        notes.append(
+            f"only {n_groups} lesion groups in the test split: a bootstrap over so few groups understates "
+            f"the uncertainty (a rate that is right on every group gets a zero-width interval); see "
+            f"test_ci95_wilson_groups, and cross-validate (workflows/crossval.py) to use every lesion"
+        )
+    mean_p, observed, counts = metrics.calibration_curve(y, p, bins=CALIBRATION_BINS, strategy="uniform")
+    filled = counts > 0  # empty bins have no observed rate; leaving them out keeps the JSON free of NaN
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "class_names": list(class_names),
+        "threshold": float(threshold),
+        "threshold_rule": rule,
+        "threshold_chosen_on": "val",
+        "val_auc": metrics.roc_auc(val["y"], val["p"]),
+        "val_images": int(len(val["y"])),
+        "val_groups": int(len(set(np.asarray(val["group"]).tolist()))),
+        "test": {**{k: (v.item() if isinstance(v, np.generic) else v) for k, v in point.items()}, "loss": loss[0]},
+        "test_ci95": {**{k: [float(x) for x in v] for k, v in intervals.items()}, "loss": [float(x) for x in loss]},
+        # Wilson intervals of the rates with the lesion groups behind each as the sample size: they
+        # stay honest where the bootstrap collapses (few groups, a rate of 0 or 1).
+        "test_ci95_wilson_groups": wilson,
+        "ci": {"level": 0.95, "method": "percentile bootstrap", "resamples": int(n_boot), "seed": int(seed),
+               # "image" when every lesion group holds one image: then resampling groups is resampling images
+               "unit": "group" if len(set(groups.tolist())) < len(groups) else "image"},
+        "test_images": int(len(y)),
+        "test_groups": int(len(set(groups.tolist()))),
+        "confusion_matrix": {
+            "labels": list(class_names), "rows": "true", "columns": "predicted",
+            "matrix": [[point["tn"], point["fp"]], [point["fn"], point["tp"]]],
+        },
+        "roc_curve": _roc_points(y, p),
+        "calibration": {
+            "strategy": "uniform", "bins": CALIBRATION_BINS,
+            "mean_predicted": mean_p[filled].tolist(), "observed": observed[filled].tolist(),
+            "counts": counts[filled].astype(int).tolist(),
+        },
+        "notes": notes,
+    }
+
+
+def _wilson_by_groups(point: dict, y: np.ndarray, groups: np.ndarray) -> dict[str, list[float]]:
+    """``{rate: [value, low, high]}``: Wilson 95% intervals of accuracy, sensitivity and specificity with
+    the number of lesion groups behind each rate as its sample size (all groups; groups with a malignant
+    test image; groups with a benign one)."""
+    denominators = {
+        "accuracy": len(set(groups.tolist())),
+        "sensitivity": len(set(groups[y == 1].tolist())),
+        "specificity": len(set(groups[y == 0].tolist())),
+    }
+    out = {}
+    for name, n in denominators.items():
+        value = float(point.get(name, float("nan")))
+        low, high = metrics.wilson_interval(value, n)
+        out[name] = [value, low, high]
+    return out
+
+
+def _roc_points(y: np.ndarray, p: np.ndarray) -> dict:
+    if len(set(y.tolist())) < 2:
+        return {"fpr": [], "tpr": [], "thresholds": []}
+    fpr, tpr, thresholds = metrics.roc_curve(y, p)
+    # +inf is not JSON: the first point ("nothing called malignant") gets null.
+    return {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "thresholds": [None, *thresholds[1:].tolist()]}
+
+
 def evaluate(checkpoint: str | Path, store: str | Path, *, rule: str = "youden", n_boot: int = 2000,
-             seed: int = 0) -> dict:
+             seed: int = 0) -> Evaluation:
     """Test-split metrics with 95% group-bootstrap intervals, at a threshold chosen on validation.
 
     Args:
@@ -56,44 +171,80 @@ def evaluate(checkpoint: str | Path, store: str | Path, *, rule: str = "youden",
         seed: Bootstrap seed.
 
     Returns:
-        JSON-able dict: threshold, rule, validation AUC, test metrics, intervals, counts.
+        :class:`Evaluation`: the dict of :func:`score` plus ``checkpoint``, with the validation and test
+        predictions in its ``predictions`` attribute.
     """
+    from msbt.checkpoint import read_manifest
+
     model, stage = load_stage2(checkpoint)
-    val = predict_split(model, stage, store, "val")
-    test = predict_split(model, stage, store, "test")
-    threshold = metrics.choose_threshold(val["y"], val["p"], rule)
-    point = metrics.binary_metrics(test["y"], test["p"], threshold)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", RuntimeWarning)
-        intervals = metrics.bootstrap_ci(test["y"], test["p"], threshold, groups=test["group"], n_boot=n_boot,
-                                         seed=seed)
-    notes = [str(w.message) for w in caught]  # e.g. resamples without a malignant case (small test sets)
-    return {
-        "checkpoint": str(checkpoint),
-        "threshold": float(threshold),
-        "threshold_rule": rule,
-        "threshold_chosen_on": "val",
-        "val_auc": metrics.roc_auc(val["y"], val["p"]),
-        "test": {k: (v.item() if isinstance(v, np.generic) else v) for k, v in point.items()},
-        "test_ci95": {k: [float(x) for x in v] for k, v in intervals.items()},
-        "test_images": int(len(test["y"])),
-        "test_groups": int(len(set(test["group"]))),
-        "notes": notes,
-    }
+    class_names = read_manifest(checkpoint)["class_names"]
+    predictions = {split: predict_split(model, stage, store, split) for split in ("val", "test")}
+    result = Evaluation(checkpoint=str(checkpoint), **score(predictions["val"], predictions["test"], rule=rule,
+                                                            n_boot=n_boot, seed=seed, class_names=class_names))
+    result.predictions = predictions
+    return result
 
 
 def format_report(result: dict) -> str:
     """Lines for the job log: each test metric with its 95% interval."""
     ci = result["test_ci95"]
     parts = [f"{k} {ci[k][0]:.3f} [{ci[k][1]:.3f}, {ci[k][2]:.3f}]"
-             for k in ("accuracy", "auc", "sensitivity", "specificity", "ppv", "npv", "f1", "brier") if k in ci]
+             for k in ("accuracy", "auc", "sensitivity", "specificity", "ppv", "npv", "f1", "brier", "loss")
+             if k in ci]
     lines = [f"test split ({result['test_images']} images, {result['test_groups']} lesion groups; threshold "
-             f"{result['threshold']:.3g} chosen on val by {result['threshold_rule']}; 95% CIs resample groups):"]
-    lines += [f"  {p}" for p in parts] + [f"  note: {n}" for n in result.get("notes", [])]
+             f"{result['threshold']:.3g} chosen on val by {result['threshold_rule']}; 95% CIs resample "
+             f"{result.get('ci', {}).get('unit', 'group')}s):"]
+    lines += [f"  {p}" for p in parts]
+    wilson = result.get("test_ci95_wilson_groups", {})
+    if wilson:
+        lines.append("  Wilson 95% over lesion groups: " + ", ".join(
+            f"{k} [{v[1]:.3f}, {v[2]:.3f}]" for k, v in wilson.items()))
+    lines += [f"  note: {n}" for n in result.get("notes", [])]
     return "\n".join(lines)
 
 
 def write_metrics(result: dict, path: str | Path) -> Path:
+    """Write ``metrics.json``; an :class:`Evaluation`'s predictions go to ``predictions.csv`` beside it."""
     path = Path(path)
+    predictions = getattr(result, "predictions", None)
+    if predictions:
+        written = write_predictions(predictions, path.parent / PREDICTIONS_FILE)
+        result = {**result, "predictions_file": written.name}
     path.write_text(json.dumps(result, indent=2, default=float) + "\n")
     return path
+
+
+def write_predictions(predictions: dict[str, dict[str, np.ndarray]], path: str | Path) -> Path:
+    """One CSV row per image: split, source (path relative to the data root), group, y (label index), p."""
+    path = Path(path)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(PREDICTION_COLUMNS)
+        for split, data in predictions.items():
+            for source, group, y, p in zip(data["source"], data["group"], data["y"], data["p"]):
+                writer.writerow([split, source, group, int(y), repr(float(p))])
+    return path
+
+
+def read_predictions(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
+    """``predictions.csv`` back as ``{split: {"source", "group", "y", "p"}}``.
+
+    Raises:
+        ValueError: A missing file or a header other than :data:`PREDICTION_COLUMNS`, naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no predictions file (run the evaluation first)")
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        if tuple(reader.fieldnames or ()) != PREDICTION_COLUMNS:
+            raise ValueError(f"{path}: expected columns {','.join(PREDICTION_COLUMNS)}, got {reader.fieldnames}")
+        rows = list(reader)
+    out: dict[str, dict[str, list]] = {}
+    for row in rows:
+        cols = out.setdefault(row["split"], {"source": [], "group": [], "y": [], "p": []})
+        for key in cols:
+            cols[key].append(row[key])
+    return {split: {"source": np.asarray(c["source"]), "group": np.asarray(c["group"]),
+                    "y": np.asarray(c["y"], dtype=int), "p": np.asarray(c["p"], dtype=float)}
+            for split, c in out.items()}

@@ -556,3 +556,109 @@ def summarize_folds(folds: Sequence[Mapping[str, float]]) -> dict[str, tuple[flo
         sd = float(np.std(values, ddof=1)) if values.size > 1 else float("nan")
         summary[key] = (float(np.mean(values)), sd)
     return summary
+
+
+# ---------------------------------------------------------------------------------------------------
+# Curves and per-case quantities for reports (added for issue #7)
+# ---------------------------------------------------------------------------------------------------
+
+
+def roc_curve(y, p) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The empirical ROC curve: one point per distinct score, from (0, 0) to (1, 1).
+
+    With the rule ``p >= t``, every threshold between two adjacent distinct scores gives the same
+    calls, so the distinct scores (descending) are all the operating points there are. Tied scores of
+    both classes move the curve diagonally, which is why the trapezoidal area under these points equals
+    :func:`roc_auc` exactly (a tie counts 1/2).
+
+    Args:
+        y: (N,) labels, 0 benign, 1 malignant; both classes needed.
+        p: (N,) scores.
+
+    Returns:
+        ``(fpr, tpr, thresholds)``, each of length (distinct scores + 1). ``thresholds[0]`` is +inf (no
+        case called malignant); ``thresholds[i]`` for i >= 1 is the score at which point i starts.
+
+    Raises:
+        ValueError: A class is absent (the curve's axes would be undefined).
+    """
+    y, p = _check_inputs(y, p, probabilities=False)
+    m, n = int(y.sum()), int(y.size - y.sum())
+    if m == 0 or n == 0:
+        raise ValueError(f"a ROC curve needs both classes (malignant={m}, benign={n})")
+    order = np.argsort(-p, kind="stable")
+    ps, ys = p[order], y[order]
+    last_of_level = np.r_[ps[1:] != ps[:-1], True]
+    tp = np.cumsum(ys)[last_of_level]
+    fp = np.cumsum(1 - ys)[last_of_level]
+    return np.r_[0.0, fp / n], np.r_[0.0, tp / m], np.r_[np.inf, ps[last_of_level]]
+
+
+def log_loss(y, p, eps: float = 1e-7) -> float:
+    """Mean binary cross-entropy, with probabilities clipped to [eps, 1 - eps] as Keras clips them.
+
+    The same number a Keras ``binary_crossentropy`` loss reports on these cases (without any L2 term
+    the model adds to its training loss), so a test-split loss sits beside a ``val_loss`` on one scale.
+    """
+    y, p = _check_inputs(y, p)
+    return float(np.mean(_case_log_loss(y, p, eps)))
+
+
+def _case_log_loss(y: np.ndarray, p: np.ndarray, eps: float) -> np.ndarray:
+    q = np.clip(p, eps, 1.0 - eps)
+    return -(y * np.log(q) + (1 - y) * np.log(1.0 - q))
+
+
+def bootstrap_mean_ci(
+    values,
+    groups=None,
+    n_boot: int = 2000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """Percentile bootstrap interval of the mean of a per-case quantity (e.g. each image's log loss).
+
+    Resamples whole groups when ``groups`` is given, exactly as :func:`bootstrap_ci` does (same seed,
+    same resamples), so a loss interval and the metric intervals of one evaluation describe the same
+    resampling.
+
+    Args:
+        values: (N,) finite per-case values.
+        groups, n_boot, alpha, seed: as in :func:`bootstrap_ci`.
+
+    Returns:
+        ``(mean, low, high)``.
+    """
+    values = np.asarray(values, dtype=float)
+    if values.ndim != 1 or values.size == 0 or not np.isfinite(values).all():
+        raise ValueError("values must be a non-empty 1-D array of finite numbers")
+    if n_boot < 1 or not 0 < alpha < 1:
+        raise ValueError(f"need n_boot >= 1 and 0 < alpha < 1, got {n_boot}, {alpha}")
+    reps = _bootstrap_replicates(values, groups, n_boot, seed, lambda w: {"mean": _ratio(w @ values, w.sum(axis=1))})
+    return (float(values.mean()), *_percentile_interval("mean", reps["mean"], alpha))
+
+
+def wilson_interval(rate: float, n: float, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval of a proportion observed as ``rate`` over ``n`` independent units.
+
+    Used with ``n`` = the number of lesion groups behind a rate: frames of one lesion are not
+    independent, so the groups, not the images, are the sample size. Unlike a percentile bootstrap it
+    stays wide when the rate is 0 or 1 (5 of 5 lesions right: 0.566 to 1), where every resample
+    agrees and the bootstrap interval collapses to a point.
+
+    Args:
+        rate: The observed proportion, 0..1 (may come from images; it is not rounded).
+        n: Independent units behind it (> 0).
+        z: Normal quantile; the default gives 95%.
+
+    Returns:
+        ``(low, high)``; ``(nan, nan)`` when ``n`` is 0 or ``rate`` is undefined.
+    """
+    if not n or not np.isfinite(rate):
+        return float("nan"), float("nan")
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"rate must be a proportion in [0, 1], got {rate}")
+    z2 = z * z
+    centre = (rate + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(rate * (1 - rate) / n + z2 / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)

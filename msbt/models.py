@@ -293,9 +293,12 @@ def _head(x, head: HeadConfig, num_classes: int):
         x = layers.Dense(units, activation="relu", kernel_regularizer=l2, name=f"head_dense_{i}")(x)
     if head.dropout > 0:
         x = layers.Dropout(head.dropout, name="head_dropout")(x)
+    # float32 even under a mixed_float16 policy: a float16 sigmoid/softmax saturates and the loss needs float32.
     if num_classes == 2:
-        return layers.Dense(1, activation="sigmoid", kernel_regularizer=l2, name="predictions")(x)
-    return layers.Dense(num_classes, activation="softmax", kernel_regularizer=l2, name="predictions")(x)
+        return layers.Dense(1, activation="sigmoid", kernel_regularizer=l2, name="predictions", dtype="float32")(x)
+    return layers.Dense(
+        num_classes, activation="softmax", kernel_regularizer=l2, name="predictions", dtype="float32"
+    )(x)
 
 
 def is_binary(model: keras.Model) -> bool:

@@ -4,7 +4,11 @@ It resolves the data (the user's folders, or the built-in synthetic set), scans 
 groups near-duplicates and saves the leakage-safe split of each modality into the run folder with the
 resolved config beside it; builds the Parquet stores with Ray Data; trains stage 1 and stage 2 with Ray
 Train; and scores the stage-2 model on the test split at a threshold chosen on validation. A rerun
-reuses the saved split and finished stores.
+reuses the saved split and finished stores; with `resume=True` it also reuses finished stages and
+continues an interrupted one (msbt.stages), and without it a run folder holding a trained stage is refused.
+
+The steps are also jobs of their own (`stage1_job`, `stage2_job`, `evaluate_job`: one workflow script
+each), linked through the run folder's `stages.json`.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from msbt.config import Config, dump_config, to_dict
 from msbt.discovery import Discovery, discover, write_rejects
@@ -77,12 +82,14 @@ def data_sources(config: Config) -> dict[str, tuple[str, tuple[str, ...]]]:
     }
 
 
-def prepare_data(config: Config, *, force_split: bool = False) -> dict[str, PreparedData]:
-    """Scan, validate, group and split both modalities; save everything into the run folder.
+def prepare_data(config: Config, *, force_split: bool = False,
+                 modalities: Sequence[str] = ("microscope", "ultrasound")) -> dict[str, PreparedData]:
+    """Scan, validate, group and split the modalities; save everything into the run folder.
 
     Args:
         config: the resolved config.
         force_split: make a new split even if the run folder holds one (the old one is overwritten).
+        modalities: which of "microscope" (stage 1) and "ultrasound" (stage 2) to prepare.
 
     Returns:
         Modality -> PreparedData.
@@ -92,7 +99,9 @@ def prepare_data(config: Config, *, force_split: bool = False) -> dict[str, Prep
     dump_config(config, out / "config.yaml")
     prepared = {}
     for modality, (source, classes) in data_sources(config).items():
-        prepared[modality] = _prepare_one(config, modality, source, classes, out / "data" / modality, force_split)
+        if modality in modalities:
+            prepared[modality] = _prepare_one(config, modality, source, classes, out / "data" / modality,
+                                              force_split)
     return prepared
 
 
@@ -180,36 +189,61 @@ def summarize_stores(stores: dict) -> str:
     return "\n".join(lines)
 
 
-def train_and_evaluate(config: Config, stores: dict) -> dict:
+def train_and_evaluate(config: Config, stores: dict, *, resume: bool = False) -> dict:
     """Stage 1 (cell lines) and stage 2 (ultrasound, from stage 1's best checkpoint) with Ray Train, then
-    the stage-2 model on the test split. Ray must be initialised."""
+    the stage-2 model on the test split. Ray must be initialised.
+
+    Args:
+        config: The resolved config.
+        stores: Modality -> store summary (from :func:`preprocess`).
+        resume: Reuse finished stages and continue an interrupted one (msbt.stages.run_stage).
+
+    Returns:
+        ``stage1``/``stage2``: best checkpoint folders; ``stages``: their stages.json entries;
+        ``evaluation``: the test metrics (also in metrics.json); ``metrics_file``.
+    """
+    from msbt.stages import run_stage
+
+    stage1 = run_stage(config, 1, stores["microscope"].path, resume=resume)
+    stage2 = run_stage(config, 2, stores["ultrasound"].path, parent=stage1["checkpoint"], resume=resume)
+    evaluation = evaluate_checkpoint(config, stage2["checkpoint"], stores["ultrasound"].path)
+    return {
+        "stage1": stage1["checkpoint"],
+        "stage2": stage2["checkpoint"],
+        "stages": {"1": stage1, "2": stage2},
+        "evaluation": evaluation,
+        "metrics_file": str(run_dir(config) / "metrics.json"),
+    }
+
+
+def evaluate_checkpoint(config: Config, checkpoint: str | Path, store: str | Path) -> dict:
+    """Print a stage-2 checkpoint's lineage and test metrics; write them to the run's metrics.json."""
     from msbt.checkpoint import format_lineage
     from msbt.evaluate import evaluate, format_report, write_metrics
-    from msbt.train import best_checkpoint, train_stage
 
-    out = run_dir(config)
-    stage1 = train_stage(config, 1, stores["microscope"].path)
-    parent = best_checkpoint(stage1, config.stage1.monitor)
-    print(f"stage 1: best {config.stage1.monitor} {_metric(stage1, parent, config.stage1.monitor)} -> {parent.path}")
-    stage2 = train_stage(config, 2, stores["ultrasound"].path, parent_checkpoint=parent)
-    best = best_checkpoint(stage2, config.stage2.monitor)
-    print(f"stage 2: best {config.stage2.monitor} {_metric(stage2, best, config.stage2.monitor)} -> {best.path}")
-    print(format_lineage(best.path))
-    result = evaluate(best.path, stores["ultrasound"].path, seed=config.data.seed)
-    write_metrics(result, out / "metrics.json")
-    print(format_report(result))
-    return {"stage1": parent.path, "stage2": best.path, "evaluation": result}
+    print(format_lineage(checkpoint))
+    result = evaluate(checkpoint, store, seed=config.data.seed)
+    write_metrics(result, run_dir(config) / "metrics.json")
+    print(format_report(result), flush=True)
+    from msbt.report import write_report  # every evaluated run gets its self-contained report.html
+
+    print(f"report: {write_report(run_dir(config))}", flush=True)
+    return result
 
 
-def _metric(result, checkpoint, monitor: str) -> str:
-    for candidate, values in result.best_checkpoints or []:
-        if candidate.path == checkpoint.path and monitor in values:
-            return f"{values[monitor]:.4f}"
-    return "n/a"
+def main_job(config: Config, *, force_split: bool = False, resume: bool = False) -> dict:
+    """Everything the README's main command runs; returns a JSON-able summary. Ray must be initialised.
 
+    Args:
+        config: The resolved config.
+        force_split: Make a new split even if the run folder holds one.
+        resume: Continue a stopped run (see msbt.stages); without it a run folder holding a trained
+            stage is refused before any work starts.
+    """
+    from msbt.stages import refuse_rerun
 
-def main_job(config: Config, *, force_split: bool = False) -> dict:
-    """Everything the README's main command runs; returns a JSON-able summary. Ray must be initialised."""
+    if not resume:
+        refuse_rerun(config)
     prepared = prepare_data(config, force_split=force_split)
     print(summarize(prepared), flush=True)
     stores = preprocess(config, prepared)
@@ -218,8 +252,81 @@ def main_job(config: Config, *, force_split: bool = False) -> dict:
         "run_dir": str(run_dir(config)),
         "data": {m: p.split.summary for m, p in prepared.items()},
         "stores": {m: s.as_dict() for m, s in stores.items()},
-        "training": train_and_evaluate(config, stores),
+        "training": train_and_evaluate(config, stores, resume=resume),
     }
+    _write_summary(config, result)
+    return result
+
+
+def _write_summary(config: Config, result: dict) -> None:
     (run_dir(config) / "summary.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     print(f"results in {run_dir(config)}")
-    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# One job per step (workflows/stage1.py, stage2.py, evaluate.py), linked through stages.json
+
+
+def _data(config: Config, modality: str, force_split: bool):
+    prepared = prepare_data(config, force_split=force_split, modalities=(modality,))
+    print(summarize(prepared), flush=True)
+    stores = preprocess(config, prepared)
+    print(summarize_stores(stores), flush=True)
+    return stores[modality]
+
+
+def recorded_checkpoint(config: Config, number: int) -> str:
+    """The best checkpoint of a finished stage of this run, from stages.json.
+
+    Raises:
+        RunStateError: The stage has not finished in this run folder; says which step to run first.
+    """
+    from msbt.stages import STAGES_FILE, RunStateError, read_stages
+
+    recorded = read_stages(config).get(str(number))
+    if recorded is None:
+        option = "--parent" if number == 1 else "--checkpoint"
+        raise RunStateError(f"{run_dir(config) / STAGES_FILE}: no finished stage {number} in run "
+                            f"{config.run.name!r}; run workflows/stage{number}.py with the same config first, "
+                            f"or give {option} CHECKPOINT")
+    return recorded["checkpoint"]
+
+
+def stage1_job(config: Config, *, force_split: bool = False, resume: bool = False) -> dict:
+    """Microscope data and store, then stage 1; returns its stages.json entry. Ray must be initialised."""
+    from msbt.stages import refuse_rerun, run_stage
+
+    if not resume:
+        refuse_rerun(config, [1])
+    store = _data(config, "microscope", force_split)
+    return run_stage(config, 1, store.path, resume=resume)
+
+
+def stage2_job(config: Config, *, parent: str | Path | None = None, force_split: bool = False,
+               resume: bool = False) -> dict:
+    """Ultrasound data and store, then stage 2 from ``parent`` or from stage 1's recorded best checkpoint.
+
+    Returns:
+        Stage 2's stages.json entry.
+
+    Raises:
+        RunStateError: No parent given and no finished stage 1 recorded in this run folder.
+    """
+    from msbt.stages import refuse_rerun, run_stage
+
+    if not resume:
+        refuse_rerun(config, [2])
+    parent = parent or recorded_checkpoint(config, 1)
+    store = _data(config, "ultrasound", force_split)
+    return run_stage(config, 2, store.path, parent=str(Path(parent).expanduser().resolve()), resume=resume)
+
+
+def evaluate_job(config: Config, *, checkpoint: str | Path | None = None) -> dict:
+    """Test metrics of ``checkpoint`` or of stage 2's recorded best; written to metrics.json.
+
+    Raises:
+        RunStateError: No checkpoint given and no finished stage 2 recorded in this run folder.
+    """
+    checkpoint = checkpoint or recorded_checkpoint(config, 2)
+    store = _data(config, "ultrasound", force_split=False)
+    return evaluate_checkpoint(config, checkpoint, store.path)

@@ -4,28 +4,55 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 log = logging.getLogger(__name__)
+
+
+def started_cluster() -> str | None:
+    """The address of a live cluster started with `ray start` on this machine, or None.
+
+    `ray start` records its address in `<ray temp dir>/ray_current_cluster` and `ray stop` removes it;
+    a cluster whose processes died without `ray stop` (a crash, a reboot) leaves the file behind. Its
+    port is probed, so a stale file means "no cluster" rather than a connection attempt that waits.
+    `ray.init(address="auto")` is avoided on purpose: it also joins ANY gcs_server it finds with `ps`,
+    such as the private cluster of another job (or a test session) on the same machine.
+    """
+    from ray._common.utils import get_ray_address_file  # where `ray start` writes it (Ray 2.60)
+
+    try:
+        with open(get_ray_address_file(None)) as f:
+            address = f.read().strip()
+    except OSError:
+        return None
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
+            return address
+    except (OSError, ValueError):
+        log.warning("ignoring a stale Ray address %r (no cluster answers there; `ray stop` cleans it)", address)
+        return None
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to the cluster a job was submitted to, or to one started with `ray start`, or start one.
 
     Args:
-        address: a cluster address; None uses $RAY_ADDRESS (set by `ray job submit`) or a local
-            cluster started with `ray start`, and otherwise starts a private local one.
+        address: a cluster address, or "local" for a private cluster even when another one runs;
+            None uses $RAY_ADDRESS (set by `ray job submit`) or a live local cluster started with
+            `ray start`, and otherwise starts a private local one.
         num_cpus: CPUs of a private local cluster (ignored when joining one).
     """
     import ray
 
     if ray.is_initialized():
         return
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or os.environ["RAY_ADDRESS"])
+    target = address or os.environ.get("RAY_ADDRESS") or started_cluster()
+    if target and target != "local":
+        ray.init(address=target)
     else:
-        # "auto" joins a running local cluster (from `ray start --head`); fall back to a private one.
-        try:
-            ray.init(address="auto")
-        except ConnectionError:
-            ray.init(num_cpus=num_cpus, include_dashboard=False)
+        # A private cluster lives and dies with this process: on Linux Ray starts its GCS and raylet with
+        # PR_SET_PDEATHSIG (their workers follow the raylet), so even a driver killed with SIGKILL leaves
+        # no cluster behind, and no address file: a rerun starts its own.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
     log.info("Ray: %s", ray.cluster_resources())

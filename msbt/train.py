@@ -1,21 +1,26 @@
-"""Ray Train layer: one stage = one ``TensorflowTrainer`` run of :func:`msbt.training.fit_stage`.
+"""Ray Train layer: one stage = one ``TensorflowTrainer`` run of :func:`msbt.training.fit_stage` (one
+worker) or :func:`msbt.distributed.fit_stage_distributed` (several workers, data parallel).
 
 Three layers, as in Ray's own examples:
 
 * :func:`train_loop_per_worker` runs inside each Train worker: it turns its dataset shards into tf.data,
-  calls ``fit_stage`` with a :func:`report_callback` and opens the parent (stage 2) and resume
-  checkpoints with ``as_directory()``;
+  calls ``fit_stage`` (or the multi-worker loop) with a :func:`report_callback` and opens the parent
+  (stage 2) and resume checkpoints with ``as_directory()``;
 * :func:`train_stage` builds ``ScalingConfig``/``RunConfig``/datasets from a msbt ``Config`` and a store,
   runs the trainer and returns its ``ray.train.Result``;
 * :func:`best_checkpoint` picks the checkpoint that stage 2 starts from.
 
-Workers (the design decision for issue #5). Keras 3 ``model.fit`` under ``MultiWorkerMirroredStrategy``
-fails (keras-team/keras#20585, ray-project/ray#47464; see STACK-NOTES), and on a CPU box two workers were
-slower than one (9-11 vs 28 img/s). So a stage runs in ONE Train worker: on CPU that is the fast
-configuration, and on a GPU node the way to use several GPUs is one worker holding them all with
-``MirroredStrategy`` (works with Keras 3 unpatched; needs a strategy-scope hook in ``fit_stage``, not
-done yet). ``num_workers > 1`` raises ``NotImplementedError`` instead of running workers whose weights
-would silently differ; lifting that needs a custom ``tf.function`` step under the multi-worker strategy.
+Workers (issue #5; ``docs/training.md``). One worker (``run.num_workers: 1``) runs ``fit_stage``, i.e.
+Keras ``model.fit``: on a CPU box that is the fast configuration (two workers measured slower, 9-11 vs
+28 img/s). More workers run :func:`msbt.distributed.fit_stage_distributed`, a custom ``tf.function``
+step under ``MultiWorkerMirroredStrategy`` (``TF_CONFIG`` comes from ``TensorflowTrainer``), because
+Keras 3 ``model.fit`` under that strategy fails (keras-team/keras#20585, ray-project/ray#47464; see
+STACK-NOTES): gradients are all-reduced, the global batch ``stage.batch_size`` is split across the
+workers, and every worker ends with the same weights. Only the training set is split across workers;
+every worker validates on the whole validation set, so all ranks report the same ``val_*`` values. With
+several workers, TensorFlow's thread pools are limited to the worker's CPUs (``cpus_per_worker``), so
+workers on one host do not oversubscribe its cores. ``run.mixed_precision`` sets Keras'
+``mixed_float16`` policy in every worker (for GPUs; the classifier stays float32).
 
 Checkpoints. Each epoch every rank calls ``ray.train.report(metrics)``; when ``stage.monitor`` improved,
 rank 0 attaches a checkpoint in the msbt format: the ``model.keras`` that ``fit_stage``'s saver just
@@ -33,7 +38,8 @@ epoch. The optimizer state is not in a checkpoint, so a resumed stage starts its
 
 Data. The store's Parquet files are read with Ray Data, filtered by split and materialised on the driver
 before the trainer starts: on 2 CPUs a Train worker holding a CPU starved streaming read tasks
-(STACK-NOTES). Each worker then copies its shard into memory once (uint8; e.g. 10 000 patches of
+(STACK-NOTES). The training set is split into equal shards, one per worker; the validation set is given
+whole to every worker. Each worker then copies its shard into memory once (uint8; e.g. 10 000 patches of
 200x200x3 = 1.2 GB) rather than re-reading it every epoch; ``fit_stage``'s exact shuffle holds the whole
 training set in its buffer anyway.
 """
@@ -52,18 +58,12 @@ from typing import Sequence
 
 import numpy as np
 
+from msbt import tblog
 from msbt.checkpoint import MODEL_FILE, sha256_file, write_manifest
 from msbt.config import Config, RunConfig, StageConfig
 from msbt.preprocess import decode_images, image_shape, read_store, store_files
 
 log = logging.getLogger(__name__)
-
-MULTI_WORKER_ISSUE = (
-    "num_workers > 1 is not supported yet (issue #5): Keras 3 model.fit under "
-    "MultiWorkerMirroredStrategy fails (keras-team/keras#20585, ray-project/ray#47464). Use "
-    "num_workers: 1 (on a multi-GPU node: one worker with every GPU)."
-)
-
 
 # ---------------------------------------------------------------------------------------------------
 # Inside a worker
@@ -175,15 +175,30 @@ def _resumed_history(resume_dir: str | None) -> dict[str, list[float]]:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """One stage inside a Ray Train worker.
+    """One stage inside a Ray Train worker: ``fit_stage`` with one worker, the multi-worker loop with more.
 
     Args:
         config: ``train_loop_config`` from :func:`train_stage`: ``stage`` (StageConfig), ``image_shape``,
             ``class_names``, ``seed``, ``parent`` (a ``ray.train.Checkpoint`` or None),
-            ``data_fingerprint``, ``split_id``, ``verbose``, ``resume`` (a checkpoint or None).
+            ``data_fingerprint``, ``split_id``, ``verbose``, ``resume`` (a checkpoint or None),
+            ``mixed_precision``, ``cpu_threads`` and ``audit_dir`` (each rank writes ``rank<r>.json``
+            there, see :func:`train_stage`; None = no audit).
     """
     import ray.train
 
+    from msbt import distributed
+
+    context = ray.train.get_context()
+    world = context.get_world_size()
+    strategy = None
+    if world > 1:
+        # Both before TensorFlow runs its first op here: thread pools are fixed then, and the
+        # strategy must configure the collective runtime itself.
+        distributed.set_cpu_threads(config.get("cpu_threads", 1))
+        import tensorflow as tf
+
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    distributed.set_mixed_precision(config.get("mixed_precision", False))
     from msbt import training
 
     stage: StageConfig = config["stage"]
@@ -201,12 +216,56 @@ def train_loop_per_worker(config: dict) -> None:
                 out_dir, stage, config["class_names"], history=_resumed_history(resume_dir),
                 **common,
             )
-            training.fit_stage(
-                stage, train_ds, val_ds, class_names=config["class_names"], out_dir=out_dir, seed=config["seed"],
-                callbacks=[callback], verbose=config["verbose"], resume_from=resume_dir, **common,
-            )
+            clock = _epoch_clock() if config.get("audit_dir") else None
+            extra = [clock] if clock else []
+            if config.get("tensorboard_dir") and context.get_world_rank() == 0:
+                extra.append(tblog.tensorboard_callback(config["tensorboard_dir"]))
+            kwargs = dict(class_names=config["class_names"], out_dir=out_dir, seed=config["seed"],
+                          callbacks=[callback, *extra], verbose=config["verbose"],
+                          resume_from=resume_dir, **common)
+            audit = distributed.Audit(rank=context.get_world_rank(), world_size=world)
+            if strategy is None:
+                training.fit_stage(stage, train_ds, val_ds, **kwargs)
+            else:
+                distributed.fit_stage_distributed(
+                    stage, train_ds, val_ds, strategy=strategy, audit=audit if clock else None, **kwargs
+                )
+            if clock is not None:
+                record = {**audit.as_dict(), "train_begin_time": clock.begin, "epoch_end_times": clock.ends}
+                _write_audit(config["audit_dir"], audit.rank, record)
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)  # what matters was reported to Ray's storage
+
+
+def _epoch_clock():
+    """A Keras callback noting wall-clock times (``time.time()``): the first train begin and every epoch end.
+
+    Goes last, so an epoch's time includes its validation, saving and report (what a user waits for).
+    """
+    import time
+
+    import keras
+
+    class _Clock(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.begin: float | None = None
+            self.ends: list[float] = []
+
+        def on_train_begin(self, logs=None):
+            self.begin = self.begin or time.time()  # a later phase (another fit) calls it again
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.ends.append(time.time())
+
+    return _Clock()
+
+
+def _write_audit(folder: str, rank: int, record: dict) -> None:
+    """``<folder>/rank<r>.json``: what one worker fed and when (see ``train_stage(audit_dir=...)``)."""
+    path = Path(folder) / f"rank{rank}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -214,11 +273,12 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def scaling_config(run: RunConfig):
-    """``ScalingConfig`` from ``run``; refuses more than one worker (see the module docstring)."""
+    """``ScalingConfig`` from ``run``: ``num_workers`` workers, each ``cpus_per_worker`` CPUs (and one GPU
+    with ``use_gpu``: the multi-worker loop feeds one replica per worker)."""
     from ray.train import ScalingConfig
 
-    if run.num_workers != 1:
-        raise NotImplementedError(MULTI_WORKER_ISSUE if run.num_workers > 1 else f"num_workers={run.num_workers}")
+    if run.num_workers < 1:
+        raise ValueError(f"run.num_workers must be at least 1, got {run.num_workers}")
     return ScalingConfig(
         num_workers=run.num_workers, use_gpu=run.use_gpu, resources_per_worker={"CPU": run.cpus_per_worker}
     )
@@ -229,9 +289,9 @@ def score_order(monitor: str) -> str:
     return "min" if monitor.endswith("loss") else "max"
 
 
-def run_config(run: RunConfig, stage_number: int, monitor: str):
+def run_config(run: RunConfig, stage_number: int, monitor: str, callbacks: Sequence = ()):
     """Ray ``RunConfig`` of one stage: ``<storage_path>/<name>/stage<n>`` (inside the run folder, beside
-    its data and stores), best checkpoints by ``monitor``."""
+    its data and stores), best checkpoints by ``monitor``, and Ray Train ``callbacks`` (e.g. Tune's)."""
     from ray.train import CheckpointConfig, FailureConfig
     from ray.train import RunConfig as RayRunConfig
 
@@ -244,6 +304,7 @@ def run_config(run: RunConfig, stage_number: int, monitor: str):
             checkpoint_score_order=score_order(monitor),
         ),
         failure_config=FailureConfig(max_failures=run.max_failures),
+        callbacks=list(callbacks) or None,
     )
 
 
@@ -306,6 +367,8 @@ def train_stage(
     resume_from=None,
     class_names: Sequence[str] | None = None,
     verbose: int = 0,
+    audit_dir: str | Path | None = None,
+    callbacks: Sequence = (),
 ):
     """Train one stage with Ray Train (Ray must be initialised).
 
@@ -317,17 +380,22 @@ def train_stage(
             :func:`best_checkpoint` of stage 1's result, or a checkpoint folder).
         resume_from: A checkpoint of this same stage to continue from (see "Resume" above).
         class_names: In label order; default: read from the store.
-        verbose: Keras ``fit`` verbosity in the worker.
+        verbose: Keras ``fit`` verbosity in the worker (multi-worker: one line per epoch on rank 0).
+        audit_dir: Each rank writes ``rank<r>.json`` there (a folder every worker can write, e.g. on a
+            shared filesystem): wall-clock time of the first train begin and of every epoch end, and with
+            several workers also its data checksums and weight digests (:class:`msbt.distributed.Audit`).
+        callbacks: Ray Train callbacks for the trainer's ``RunConfig`` (e.g. Tune's ``TuneReportCallback``,
+            which forwards every epoch's report to a Tune trial).
 
     Returns:
         The ``ray.train.Result``; its checkpoints are msbt checkpoint folders.
 
     Raises:
-        NotImplementedError: ``run.num_workers > 1``.
-        ValueError: A stage number other than 1 or 2, a parent given to a stage that does not start
-            from one (or missing for one that does), or a store without train/val rows.
+        ValueError: ``run.num_workers < 1``, a stage number other than 1 or 2, a parent given to a stage
+            that does not start from one (or missing for one that does), or a store without train/val rows.
         ray.train.TrainingFailedError: The worker failed more than ``run.max_failures`` times.
     """
+    from ray.train import DataConfig
     from ray.train.tensorflow import TensorflowTrainer
 
     if stage_number not in (1, 2):
@@ -338,7 +406,7 @@ def train_stage(
             f"stage {stage_number} has weights={stage.weights!r}: a parent checkpoint is needed exactly "
             f"when weights is 'parent' (got parent_checkpoint={parent_checkpoint!r})"
         )
-    scaling = scaling_config(config.run)  # refuses unsupported worker counts before any data is read
+    scaling = scaling_config(config.run)  # refuses a bad worker count before any data is read
     store_path = Path(store_path).expanduser().resolve()
     fingerprint, split_id = store_identity(store_path)
     loop_config = {
@@ -353,13 +421,22 @@ def train_stage(
         # Ray Train V2 refuses TensorflowTrainer(resume_from_checkpoint=...): the checkpoint travels in
         # the loop config; a checkpoint of a restarted worker (get_checkpoint) takes precedence.
         "resume": _as_checkpoint(resume_from),
+        "mixed_precision": config.run.mixed_precision,
+        # Workers sharing a host each get the threads of the CPUs they reserved (at least one).
+        "cpu_threads": max(1, int(config.run.cpus_per_worker)),
+        "audit_dir": str(Path(audit_dir).expanduser().resolve()) if audit_dir else None,
+        # Epoch scalars for TensorBoard beside the stage's Ray folder (Train V2 writes none itself).
+        "tensorboard_dir": str(tblog.tensorboard_dir(
+            (Path(config.run.storage_path).expanduser() / config.run.name).resolve(), stage_number)),
     }
     trainer = TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=scaling,
-        run_config=run_config(config.run, stage_number, stage.monitor),
+        run_config=run_config(config.run, stage_number, stage.monitor, callbacks),
         datasets={split: split_dataset(store_path, split) for split in ("train", "val")},
+        # Only the training set is sharded: every worker validates on all of it (identical val_* on all ranks).
+        dataset_config=DataConfig(datasets_to_split=["train"]),
     )
     return trainer.fit()
 

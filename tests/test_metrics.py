@@ -1,5 +1,6 @@
 """msbt.metrics against hand-computed values, brute force, and simulated coverage. No Ray, no TensorFlow."""
 
+import json
 import math
 import time
 import warnings
@@ -440,3 +441,125 @@ def test_summarize_folds_by_hand():
     # Works on whole binary_metrics dicts.
     full = M.summarize_folds([M.binary_metrics(Y8, P8, 0.5), M.binary_metrics(Y8, P8, 0.45)])
     assert set(full) == set(M.METRIC_KEYS) and full["n"] == (8.0, 0.0)
+
+
+# ----------------------------------------------------------------------------- roc_curve, log_loss, mean CI
+
+
+def test_roc_curve_by_hand():
+    # Distinct scores of P8, descending, with the cases at each (malignant m = 4, benign n = 4):
+    #   .9 M  .7 M  .6 B  .5 B+M  .4 M  .2 B  .1 B
+    fpr, tpr, thresholds = M.roc_curve(Y8, P8)
+    np.testing.assert_allclose(fpr, [0, 0, 0, 1 / 4, 2 / 4, 2 / 4, 3 / 4, 1])
+    np.testing.assert_allclose(tpr, [0, 1 / 4, 2 / 4, 2 / 4, 3 / 4, 1, 1, 1])
+    assert thresholds[0] == np.inf
+    np.testing.assert_allclose(thresholds[1:], [0.9, 0.7, 0.6, 0.5, 0.4, 0.2, 0.1])
+    # Each point is binary_metrics at its threshold (the same p >= t rule).
+    for f, t, th in zip(fpr[1:], tpr[1:], thresholds[1:]):
+        m = M.binary_metrics(Y8, P8, th)
+        assert (f, t) == pytest.approx((1 - m["specificity"], m["sensitivity"]))
+    # The tie at .5 moves the curve diagonally, so the trapezoid area is the Mann-Whitney AUC, 12.5/16.
+    assert np.trapezoid(tpr, fpr) == pytest.approx(12.5 / 16) == M.roc_auc(Y8, P8)
+    with pytest.raises(ValueError, match="both classes"):
+        M.roc_curve([1, 1], [0.2, 0.3])
+
+
+def test_roc_curve_area_equals_auc_on_random_tied_scores():
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 200)
+    p = np.round(rng.random(200), 1)  # 11 score levels: many ties across classes
+    fpr, tpr, _ = M.roc_curve(y, p)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(M.roc_auc(y, p))
+    assert (np.diff(fpr) >= 0).all() and (np.diff(tpr) >= 0).all() and (fpr[-1], tpr[-1]) == (1, 1)
+
+
+def test_log_loss_by_hand():
+    # -(ln .8 + ln(1 - .4)) / 2
+    assert M.log_loss([1, 0], [0.8, 0.4]) == pytest.approx(-(math.log(0.8) + math.log(0.6)) / 2)
+    # A confident miss is clipped at 1e-7 as Keras clips it: -ln(1e-7) = 16.118...
+    assert M.log_loss([1], [0.0]) == pytest.approx(-math.log(1e-7))
+    assert M.log_loss([0, 1], [0.0, 1.0]) == pytest.approx(-math.log(1 - 1e-7))
+
+
+def test_bootstrap_mean_ci_matches_a_loop_over_the_same_resamples():
+    values = np.array([0.1, 0.4, 0.4, 2.0, 0.3, 0.9])
+    groups = np.array(["a", "b", "b", "c", "d", "d"])  # 4 groups; b and d hold two images each
+    point, low, high = M.bootstrap_mean_ci(values, groups, n_boot=500, seed=3)
+    assert point == pytest.approx(values.mean())
+    # The same draws by hand: 500 rows of 4 group indices (codes in sorted order a, b, c, d).
+    draws = np.random.default_rng(3).integers(0, 4, size=(500, 4))
+    members = [[0], [1, 2], [3], [4, 5]]
+    means = [np.mean([values[i] for g in row for i in members[g]]) for row in draws]
+    assert (low, high) == pytest.approx(tuple(np.quantile(means, [0.025, 0.975])))
+    assert M.bootstrap_mean_ci(np.full(5, 0.7), n_boot=50) == pytest.approx((0.7, 0.7, 0.7))
+    with pytest.raises(ValueError, match="finite"):
+        M.bootstrap_mean_ci([0.1, np.nan])
+
+
+# ----------------------------------------------------------------------------- metrics.json (msbt.evaluate)
+
+
+def test_metrics_json_schema_from_fixed_predictions(tmp_path):
+    from msbt import evaluate as E
+
+    # Validation picks the threshold: Youden on this set is 0.6 (J = 1); the test set is only scored.
+    val = {"y": np.array([0, 0, 1, 1]), "p": np.array([0.2, 0.4, 0.6, 0.9]), "group": np.array(["v1", "v2", "v3", "v4"])}
+    groups = np.array(["a", "a", "b", "c", "d", "d", "e", "f"])
+    test = {"y": Y8, "p": P8, "group": groups, "source": np.array([f"{i}.png" for i in range(8)])}
+    r = E.score(val, test, n_boot=300, seed=1)
+    assert r["schema_version"] == 2 and r["threshold"] == 0.6 and r["threshold_chosen_on"] == "val"
+    # at 0.6: calls [1 1 0 1 0 0 0 0] -> tp 2 (idx 0, 1), fp 1 (idx 3), fn 2 (idx 2, 7), tn 3
+    assert r["confusion_matrix"]["matrix"] == [[3, 1], [2, 2]]
+    assert r["test"]["npv"] == pytest.approx(3 / 5) and r["test"]["ppv"] == pytest.approx(2 / 3)
+    assert r["test"]["loss"] == pytest.approx(M.log_loss(Y8, P8)) == r["test_ci95"]["loss"][0]
+    assert set(r["test_ci95"]) == set(M.INTERVAL_KEYS) | {"loss"}
+    assert (r["test_images"], r["test_groups"], r["val_images"], r["ci"]["unit"]) == (8, 6, 4, "group")
+    fpr, tpr, thresholds = M.roc_curve(Y8, P8)
+    assert r["roc_curve"]["fpr"] == fpr.tolist() and r["roc_curve"]["tpr"] == tpr.tolist()
+    assert r["roc_curve"]["thresholds"][0] is None
+    # calibration keeps only filled bins: P8 falls in bins 1, 2, 4, 5 (x2), 6, 7, 9 of ten
+    assert r["calibration"]["counts"] == [1, 1, 1, 2, 1, 1, 1] and sum(r["calibration"]["counts"]) == 8
+    # JSON without NaN here, and a file round trip of the predictions
+    result = E.Evaluation(checkpoint="ck", **r)
+    result.predictions = {"val": {**val, "source": np.array(["v.png"] * 4)}, "test": test}
+    E.write_metrics(result, tmp_path / "metrics.json")
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["predictions_file"] == "predictions.csv" and saved["threshold"] == 0.6
+    back = E.read_predictions(tmp_path / "predictions.csv")
+    np.testing.assert_array_equal(back["test"]["p"], P8)
+    np.testing.assert_array_equal(back["test"]["group"], groups)
+    assert list(back) == ["val", "test"] and back["val"]["y"].tolist() == [0, 0, 1, 1]
+    (tmp_path / "bad.csv").write_text("path,p\nx,0.1\n")
+    with pytest.raises(ValueError, match="bad.csv: expected columns"):
+        E.read_predictions(tmp_path / "bad.csv")
+
+
+def test_wilson_interval_matches_hand_computation_and_stays_wide_at_the_edges():
+    from msbt.metrics import wilson_interval
+
+    # 5 of 5: centre (1 + z^2/10) / (1 + z^2/5), half-width z/(1 + z^2/5) * sqrt(z^2/100)
+    z = 1.959963984540054
+    centre = (1 + z * z / 10) / (1 + z * z / 5)
+    half = z / (1 + z * z / 5) * (z / 10)
+    assert wilson_interval(1.0, 5) == pytest.approx((centre - half, 1.0))
+    assert wilson_interval(1.0, 5)[0] == pytest.approx(0.5655, abs=1e-4)  # the textbook value
+    low, high = wilson_interval(0.5, 100)
+    assert (low, high) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+    assert all(np.isnan(wilson_interval(0.5, 0)))
+    with pytest.raises(ValueError):
+        wilson_interval(1.5, 10)
+
+
+def test_score_flags_a_test_split_of_few_groups_and_gives_group_wilson_intervals():
+    from msbt.evaluate import score
+
+    y = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 1] * 2)
+    groups = np.array([f"g{i // 4}" for i in range(20)])  # 5 lesions of 4 frames
+    p = np.where(y == 1, 0.9, 0.1)
+    val = {"y": y, "p": p, "group": groups}
+    result = score(val, {"y": y, "p": p, "group": groups}, n_boot=200)
+    assert result["test"]["accuracy"] == 1.0
+    assert result["test_ci95"]["accuracy"][1:] == [1.0, 1.0]  # the bootstrap collapses
+    value, low, high = result["test_ci95_wilson_groups"]["accuracy"]
+    assert value == 1.0 and low == pytest.approx(0.5655, abs=1e-4) and high == 1.0  # n = 5 groups
+    assert any("only 5 lesion groups" in n for n in result["notes"])

@@ -201,3 +201,20 @@ def test_small_strata_still_fill_every_split():
     assert sorted(bins[:3]) == [0, 1, 2] and sorted(bins[3:]) == [0, 1, 2]
     # with fewer groups than splits the larger splits come first
     assert sorted(assign_groups(["a", "a"], ["x", "y"], (0.7, 0.2, 0.1), 0)) == [0, 1]
+
+
+def test_multi_image_lesions_reach_test_in_proportion():
+    # Half the images belong to lesions of 4 frames, half are single images. A test split of single
+    # images only would be unlike the data (it happened when big groups were dealt first).
+    labels, groups = [], []
+    for g in range(400):
+        size = 4 if g % 5 == 0 else 1
+        labels += ["benign" if g % 2 else "malignant"] * size
+        groups += [f"g{g}"] * size
+    for seed in range(3):
+        bins = assign_groups(labels, groups, (0.7, 0.2, 0.1), seed)
+        size = collections.Counter(groups)
+        for b in (1, 2):
+            members = [g for g, k in zip(groups, bins) if k == b]
+            share = sum(size[g] > 1 for g in members) / len(members)
+            assert 0.2 < share < 0.8, (seed, b, share)  # about half the images, not none

@@ -1,7 +1,9 @@
 """The main job: `python workflows/pipeline.py --config workflows/configs/cpu.yaml`.
 
-A thin entry point, so `ray job submit -- python workflows/pipeline.py ...` runs it unchanged; everything it
-does lives in `msbt.pipeline`.
+preprocess -> stage 1 -> stage 2 -> test metrics. `--resume` continues a stopped run of the same
+`run.name`: finished stages (runs/<name>/stages.json) are reused, an interrupted one continues from its
+latest checkpoint. A thin entry point, so `ray job submit -- python workflows/pipeline.py ...` runs it
+unchanged; everything it does lives in `msbt.pipeline`.
 """
 
 from __future__ import annotations
@@ -15,16 +17,32 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 # --working-dir .` the package is uploaded beside this folder rather than installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# Options a step may take beyond the common ones: name -> (argparse keywords).
+STEP_OPTIONS = {
+    "force_split": dict(flags=["--force-split"], action="store_true",
+                        help="make a new split even if the run has one"),
+    "resume": dict(flags=["--resume"], action="store_true",
+                   help="reuse finished stages and continue an interrupted one (default: refuse a run "
+                        "folder that already holds a trained stage)"),
+    "parent": dict(flags=["--parent"], metavar="CHECKPOINT",
+                   help="stage-1 checkpoint to start from (default: stage 1's best in the run's stages.json)"),
+    "checkpoint": dict(flags=["--checkpoint"], metavar="CHECKPOINT",
+                       help="stage-2 checkpoint to score (default: stage 2's best in the run's stages.json)"),
+}
 
-def entry(command: str, doc: str, argv=None) -> int:
-    """Parse the common workflow options and run `msbt <command>` with them."""
+
+def entry(command: str, doc: str, argv=None, options=("force_split", "resume")) -> int:
+    """Parse the common workflow options (and the step's `options`) and run `msbt <command>` with them."""
     parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
     parser.add_argument("--config", action="append", default=[], help="YAML overlay (repeatable)")
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     parser.add_argument("--smoke-test", action="store_true", help="add configs/smoke.yaml: the smallest real run")
-    parser.add_argument("--force-split", action="store_true", help="make a new split even if the run has one")
-    parser.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS or a local one)")
+    parser.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, a `ray start` cluster "
+                        "on this machine, or a private one; `local`: always a private one)")
     parser.add_argument("--debug", action="store_true", help="full tracebacks")
+    for name in options:
+        spec = dict(STEP_OPTIONS[name])
+        parser.add_argument(*spec.pop("flags"), dest=name, **spec)
     args = parser.parse_args(argv)
 
     from msbt.cli import main as msbt_main
@@ -35,10 +53,14 @@ def entry(command: str, doc: str, argv=None) -> int:
         cli += ["--config", path]
     for item in args.overrides:
         cli += ["--set", item]
-    if args.force_split:
-        cli.append("--force-split")
     if args.address:
         cli += ["--address", args.address]
+    for name in options:
+        value = getattr(args, name)
+        if value is True:
+            cli.append(STEP_OPTIONS[name]["flags"][0])
+        elif value:
+            cli += [STEP_OPTIONS[name]["flags"][0], value]
     return msbt_main(cli)
 
 

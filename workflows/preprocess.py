@@ -14,4 +14,4 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # see workflows/pi
 from workflows.pipeline import entry  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(entry("preprocess", __doc__))
+    sys.exit(entry("preprocess", __doc__, options=("force_split",)))

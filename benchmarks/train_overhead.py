@@ -1,0 +1,181 @@
+"""Benchmark: what Ray Train costs over plain Keras, on the same data and model, in one run.
+
+    python benchmarks/train_overhead.py                          # 96 px, ~280 training images x3, 4 epochs
+    python benchmarks/train_overhead.py --image-size 64 --epochs 3
+    python benchmarks/train_overhead.py --store runs/cpu/stores/ultrasound
+    python benchmarks/train_overhead.py --smoke-test             # 32 px, tiny: proves it runs
+
+Three runs of one stage (EfficientNet-Lite0, random weights: speed does not depend on them; binary head;
+the stage config's augmentation, i.e. every epoch feeds 3 copies of each training image):
+
+a. ``msbt.training.fit_stage`` in this process (Keras ``model.fit``), data read from the store;
+b. ``msbt.train.train_stage`` with 1 Ray Train worker (the same ``fit_stage`` inside the worker);
+c. ``train_stage`` with 2 workers (``msbt.distributed``: custom step, all-reduce, global batch split).
+
+Two rates per run, both in training images per second (images fed, all workers together):
+
+* steady: epochs 2..E, from the wall-clock end of epoch 1 to the end of epoch E, taken inside the
+  process that trains (a Keras callback; Ray runs write them with ``train_stage(audit_dir=...)``). It
+  leaves out the one-time costs: worker start, TensorFlow import, building the model, graph tracing
+  (epoch 1). Each epoch includes its validation pass, checkpoint save and (Ray) report.
+* end to end: E epochs over the whole wall time as the caller sees it: (a) from reading the store to the
+  end; (b), (c) the ``train_stage`` call (Ray data materialisation, worker start, everything).
+
+Ray is started here (``ray.init(num_cpus=os.cpu_count())``) unless ``--address`` is given. The 2-worker
+run gives each worker ``--cpus-per-worker`` CPUs (default (CPUs - 1) / 2, leaving one to Ray Data) and as
+many TensorFlow threads (at least one). Prints a Markdown table and the ratios b/a and c/a.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from msbt.config import AugmentConfig, Config, PreprocessConfig, RunConfig, StageConfig  # noqa: E402
+
+
+def synth_store(out: Path, image_size: int, lesions: int) -> Path:
+    """A built-in synthetic ultrasound store (Ray Data preprocessing; Ray must be running)."""
+    from msbt import synth
+    from msbt.discovery import discover
+    from msbt.preprocess import build_ultrasound_store, split_items
+    from msbt.splits import make_split, save_split
+
+    synth.generate(out / "synth", seed=0, fields_per_line=1, field_size=200, lesions_per_class=lesions,
+                   frames_per_lesion=(1, 3), ultrasound_size=max(2 * image_size, 128))
+    found = discover(out / "synth" / "ultrasound")
+    save_split(make_split(found, seed=0), out / "split")
+    items = split_items(out / "split", found.root, found.classes, seed=0)
+    return build_ultrasound_store(items, out / "store", PreprocessConfig(image_size=image_size)).path
+
+
+def steady_rate(images_per_epoch: int, epoch_ends: list[float]) -> float:
+    """Images/s over epochs 2..E (NaN with one epoch)."""
+    if len(epoch_ends) < 2:
+        return float("nan")
+    return images_per_epoch * (len(epoch_ends) - 1) / (epoch_ends[-1] - epoch_ends[0])
+
+
+def run_plain(stage: StageConfig, store: Path, classes: list[str]) -> dict:
+    """(a) fit_stage in this process."""
+    import keras
+
+    from msbt import training
+    from msbt.preprocess import read_store
+
+    class Clock(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.ends: list[float] = []
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.ends.append(time.time())
+
+    start = time.time()
+    data = {s: read_store(store, ["image", "label_index"], split=s) for s in ("train", "val")}
+    train, val = (training.dataset_from_arrays(data[s]["image"], data[s]["label_index"]) for s in ("train", "val"))
+    clock = Clock()
+    with tempfile.TemporaryDirectory() as out:
+        training.fit_stage(stage, train, val, class_names=classes, out_dir=out, callbacks=[clock])
+    wall = time.time() - start
+    return {"images_per_epoch": len(data["train"]["image"]) * 3, "epoch_ends": clock.ends, "wall": wall}
+
+
+def run_ray(config: Config, store: Path, audit: Path) -> dict:
+    """(b)/(c) train_stage with config.run.num_workers workers; epoch times from the ranks' audits."""
+    from msbt.train import train_stage
+
+    start = time.time()
+    result = train_stage(config, 1, store, audit_dir=audit)
+    wall = time.time() - start
+    if result.error is not None:
+        raise RuntimeError(f"{config.run.num_workers}-worker run failed: {result.error}")
+    ranks = [json.loads(p.read_text()) for p in sorted(audit.glob("rank*.json"))]
+    # Steps run in lockstep; the last rank to finish an epoch ends it.
+    ends = [max(r["epoch_end_times"][i] for r in ranks) for i in range(len(ranks[0]["epoch_end_times"]))]
+    return {"ranks": ranks, "epoch_ends": ends, "wall": wall}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", type=Path, help="an ultrasound store (default: built-in synthetic data)")
+    parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("--lesions", type=int, default=100, help="synthetic lesions per class (1-3 frames each)")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=16, help="global batch (the 2-worker run: half each)")
+    parser.add_argument("--cpus-per-worker", type=float, default=max(0.5, ((os.cpu_count() or 2) - 1) / 2))
+    parser.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
+    parser.add_argument("--use-gpu", action="store_true", help="one GPU per Ray Train worker (a uses the driver's)")
+    parser.add_argument("--mixed-precision", action="store_true", help="run.mixed_precision for b and c (GPUs)")
+    parser.add_argument("--runs", default="abc", help="which runs: any of a, b, c")
+    parser.add_argument("--smoke-test", action="store_true", help="32 px, 8 lesions per class, 2 epochs")
+    args = parser.parse_args(argv)
+    if args.smoke_test:
+        args.image_size, args.lesions, args.epochs, args.batch = 32, 8, 2, 8
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import ray
+
+    from msbt.train import store_classes
+
+    ray.init(address=args.address, num_cpus=None if args.address else os.cpu_count(),
+             include_dashboard=False, log_to_driver=False)
+    work = Path(tempfile.mkdtemp(prefix="msbt-bench-"))
+    store = args.store or synth_store(work / "data", args.image_size, args.lesions)
+    classes = store_classes(store)
+    stage = StageConfig(backbone="efficientnet_lite0", weights="none", image_size=args.image_size,
+                        batch_size=args.batch, epochs=args.epochs, optimizer="adam",
+                        augment=AugmentConfig(expansion=3))
+    base = Config(stage1=stage, run=RunConfig(name="bench", storage_path=str(work / "ray")))
+    rows = {}
+    if "a" in args.runs:
+        rows["a. plain fit_stage"] = run_plain(stage, store, classes)
+    images_per_epoch = rows["a. plain fit_stage"]["images_per_epoch"] if rows else None
+    for key, workers, cpus in (("b", 1, 1.0), ("c", 2, args.cpus_per_worker)):
+        if key not in args.runs:
+            continue
+        run = dataclasses.replace(base.run, name=f"bench-{workers}w", num_workers=workers, cpus_per_worker=cpus,
+                                  use_gpu=args.use_gpu, mixed_precision=args.mixed_precision)
+        out = run_ray(dataclasses.replace(base, run=run), store, work / f"audit-{workers}w")
+        # Each rank feeds its own images; the 1-worker audit has no per-rank count, it feeds the whole set.
+        fed = [r["examples"] // args.epochs for r in out["ranks"] if r.get("examples")]
+        out["images_per_epoch"] = sum(fed) if fed else images_per_epoch
+        if out["images_per_epoch"] is None:
+            from msbt.preprocess import read_store
+
+            out["images_per_epoch"] = 3 * len(read_store(store, ["label_index"], split="train")["label_index"])
+        gpu = " + 1 GPU" if args.use_gpu else ""
+        label = f"{key}. Ray Train, {workers} worker{'s' if workers > 1 else ''} x {cpus:g} CPU{gpu}"
+        rows[label] = out
+    print(f"\nstore {store}: {args.image_size} px, batch {args.batch}, {args.epochs} epochs, "
+          f"{os.cpu_count()} CPUs, EfficientNet-Lite0\n")
+    print("| run | images/epoch | steady img/s (epochs 2..E) | end-to-end img/s | wall s |")
+    print("|---|---|---|---|---|")
+    rates = {}
+    for label, r in rows.items():
+        rates[label[0]] = steady_rate(r["images_per_epoch"], r["epoch_ends"])
+        e2e = r["images_per_epoch"] * args.epochs / r["wall"]
+        print(f"| {label} | {r['images_per_epoch']} | {rates[label[0]]:.1f} | {e2e:.1f} | {r['wall']:.1f} |")
+    if "a" in rates:
+        for key in ("b", "c"):
+            if key in rates:
+                print(f"\nratio {key}/a (steady): {rates[key] / rates['a']:.2f}", end="")
+        print()
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,106 @@
+"""Trials per hour of a stage-2 search: full training (Ray Train per trial) vs fast mode (cached features).
+
+Both searches use the same data, search space, epochs and trial count, with the scheduler off so every
+trial runs every epoch. The data, the stores and stage 1 are prepared first and shared, so neither side
+pays for them. Fast mode's one-off feature computation is reported on its own and also folded into a
+second trials-per-hour figure.
+
+    .venv/bin/python benchmarks/tune.py --config workflows/configs/cpu.yaml --trials 8   # the real measurement
+    .venv/bin/python benchmarks/tune.py --smoke                                         # proves it runs
+
+Needs a quiet machine: other work on the CPUs changes both figures. Writes <run>/tune/benchmark.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SMOKE = ["preprocess.image_size=32", "stage1.weights=none", "stage1.image_size=32", "stage1.epochs=1",
+         "stage2.image_size=32", "stage2.epochs=2", "run.name=tune-bench-smoke"]
+
+
+def _trial_seconds(experiment: Path) -> list[float]:
+    """Tune's ``time_total_s`` of each trial's last result: the trial's own running time."""
+    out = []
+    for result in sorted(experiment.glob("trial_*/result.json")):
+        lines = [line for line in result.read_text().splitlines() if line.strip()]
+        if lines:
+            out.append(float(json.loads(lines[-1])["time_total_s"]))
+    return out
+
+
+def _search(config, name: str, overrides: list[str], paths, base_overrides) -> dict:
+    from msbt.config import load_config
+    from msbt.tune import experiment_dir, run_search
+
+    cfg = load_config(paths, base_overrides + overrides + [f"tune.experiment={name}"])
+    started = time.perf_counter()
+    run_search(cfg)
+    wall = time.perf_counter() - started
+    seconds = _trial_seconds(experiment_dir(cfg))
+    return {"experiment": str(experiment_dir(cfg)), "wall_s": round(wall, 1), "trials": len(seconds),
+            "mean_trial_s": round(sum(seconds) / max(len(seconds), 1), 2),
+            "trials_per_hour": round(3600 * len(seconds) / wall, 1)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--config", action="append", default=[], help="YAML overlay (repeatable)")
+    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+    parser.add_argument("--trials", type=int, default=8, help="trials per search (default 8)")
+    parser.add_argument("--concurrent", type=int, default=1, help="trials at once in both searches (default 1)")
+    parser.add_argument("--smoke", action="store_true", help="smoke.yaml data, 32 px, 2 trials: proves it runs")
+    parser.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS or a local one)")
+    args = parser.parse_args(argv)
+
+    from msbt.config import load_config
+    from msbt.pipeline import prepare_data, preprocess, run_dir
+    from msbt.raycluster import init_ray
+    from msbt.tune import stage1_checkpoint
+
+    paths = args.config + ([str(ROOT / "workflows" / "configs" / "smoke.yaml")] if args.smoke else [])
+    trials = 2 if args.smoke and args.trials == 8 else args.trials
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = (SMOKE if args.smoke else []) + args.overrides + [
+        f"tune.num_samples={trials}", f"tune.max_concurrent_trials={args.concurrent}", "tune.scheduler=none"]
+    config = load_config(paths, base)
+    init_ray(args.address)
+    stores = preprocess(config, prepare_data(config))  # shared by both searches, outside the timings
+    stage1_checkpoint(config, stores["microscope"].path)
+
+    full = _search(config, f"bench-full-{stamp}", [], paths, base)
+    fast = _search(config, f"bench-fast-{stamp}", ["tune.fast=true", "stage2.trainable_backbone=false"], paths, base)
+    feature_files = sorted((run_dir(config) / "tune" / "features").glob("*/features.json"),
+                           key=lambda p: p.stat().st_mtime)
+    feature_s = json.loads(feature_files[-1].read_text())["seconds"] if feature_files else 0.0
+    fast["feature_cache_s"] = feature_s
+    # run_search timed the feature computation too, unless an earlier run had cached the same features.
+    fast["trials_per_hour_without_features"] = round(3600 * fast["trials"] / max(fast["wall_s"] - feature_s, 1e-9), 1)
+    speedup = full["mean_trial_s"] / max(fast["mean_trial_s"], 1e-9)
+    report = {"configs": paths, "overrides": args.overrides, "trials": trials, "epochs": config.stage2.epochs,
+              "backbone": config.stage2.backbone, "image_size": config.stage2.image_size,
+              "full": full, "fast": fast, "per_trial_speedup": round(speedup, 1)}
+    out = run_dir(config) / "tune" / f"benchmark-{stamp}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nstage-2 search, {trials} trials x {config.stage2.epochs} epochs, {config.stage2.backbone} @ "
+          f"{config.stage2.image_size} px, {args.concurrent} at a time")
+    print(f"{'mode':<40} {'trials/hour':>12} {'mean s/trial':>13} {'wall s':>8}")
+    print(f"{'full training (Ray Train per trial)':<40} {full['trials_per_hour']:>12} {full['mean_trial_s']:>13} "
+          f"{full['wall_s']:>8}")
+    print(f"{'fast mode, feature cache included':<40} {fast['trials_per_hour']:>12} {fast['mean_trial_s']:>13} "
+          f"{fast['wall_s']:>8}")
+    print(f"{'fast mode, features already cached':<40} {fast['trials_per_hour_without_features']:>12}")
+    print(f"feature cache: {feature_s:.1f} s once; per-trial speed-up (mean s/trial): {speedup:.1f}x")
+    print(f"written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,601 @@
+"""Experiments on one run's data: k-fold cross-validation, the paper's Table 1 ablation, stage comparisons.
+
+Every experiment works on the run folder of the main job (``runs/<run.name>``): the same saved split,
+the same Parquet stores (reused, or built if the run has none yet) and ONE stage-1 checkpoint shared by
+every arm that starts from stage 1, so arms differ only in what the experiment varies. Each arm trains
+stage 2 with :func:`msbt.train.train_stage` under its own Ray run folder
+(``runs/<name>/<experiment>/<arm>/stage2``) and is scored by :func:`msbt.evaluate.evaluate`: threshold
+chosen on the arm's validation rows, metrics with 95% group-bootstrap intervals on its held-out rows.
+An arm whose ``metrics.json`` exists is reused on a rerun (``fresh=True`` starts the experiment over).
+
+Cross-validation folds (docs/evaluation.md). ``split.csv`` deals whole lesion groups to k folds over
+ALL images, independently of the train/val/test split. Default scope ``trainval``: only the images of
+the train and val splits take part, so the held-out test split stays untouched and the cross-validated
+numbers may be used to choose between settings; fold i is held out, fold i+1 (mod k) is the validation
+part that picks the threshold (and the best epoch), the other k-2 folds train. Scope ``all`` uses every
+image (as the authors' follow-up work reports 5-fold results over the whole set): each image is held
+out exactly once, but then the test split has been trained on and the results must not be used to
+select anything that is later reported on that test split.
+
+Per-fold stores are copies of the run's ultrasound store with the ``split`` column rewritten (images
+are already model-ready, so a copy costs a second even for BUSI), which keeps ``train_stage`` and
+``evaluate`` unaware of folds.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from msbt import metrics
+from msbt.config import Config, ConfigError, to_dict
+
+log = logging.getLogger(__name__)
+
+# The held-out metrics every experiment table uses (stable names, as in metrics.json's `test`).
+SUMMARY_KEYS = ("accuracy", "auc", "sensitivity", "specificity", "ppv", "npv", "f1", "brier", "loss")
+
+# Table 1 of Ayana, Park, Choe, "Multistage Transfer Learning for Breast Cancer Early Diagnosis via
+# Ultrasound": test accuracy of the four stage-2 settings. Each row is an overlay on the run's config and
+# sets exactly these three keys (everything else, including the augmentation ranges and the dense sizes,
+# is the run's). The paper gives no L2 factor: 1e-4 is ours. Dropout 0.5 is the rate of our stage-2 head.
+ABLATION_ROWS: dict[str, dict[str, Any]] = {
+    "no_augmentation": {"stage2.augment.enabled": False, "stage2.head.l2": 0.0, "stage2.head.dropout": 0.0},
+    "augmentation": {"stage2.augment.enabled": True, "stage2.head.l2": 0.0, "stage2.head.dropout": 0.0},
+    "augmentation_l2": {"stage2.augment.enabled": True, "stage2.head.l2": 1e-4, "stage2.head.dropout": 0.0},
+    "augmentation_dropout": {"stage2.augment.enabled": True, "stage2.head.l2": 0.0, "stage2.head.dropout": 0.5},
+}
+ABLATION_LABELS = {
+    "no_augmentation": "No augmentation",
+    "augmentation": "Augmentation",
+    "augmentation_l2": "Augmentation + L2 regularization",
+    "augmentation_dropout": "Augmentation + dropout",
+}
+PAPER_TABLE1_ACCURACY = {"no_augmentation": 0.87, "augmentation": 0.90, "augmentation_l2": 0.92,
+                         "augmentation_dropout": 0.96}
+
+# Where stage 2 starts in each arm of the comparison; the naive-split arm is `multistage` on a naive split.
+COMPARE_ARMS: dict[str, dict[str, Any]] = {
+    "multistage": {"stage2.weights": "parent"},  # ImageNet -> cell lines -> ultrasound
+    "imagenet": {"stage2.weights": "imagenet"},  # ImageNet -> ultrasound
+    "scratch": {"stage2.weights": "none"},  # random initialisation -> ultrasound
+}
+NAIVE_ARM = "naive_split"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config overlays
+
+
+def with_overrides(config: Config, overrides: Mapping[str, Any]) -> Config:
+    """A copy of ``config`` with dotted keys replaced, e.g. ``{"stage2.head.l2": 1e-4}``.
+
+    Raises:
+        ConfigError: A key that names no config field.
+    """
+    for dotted, value in overrides.items():
+        config = _replace(config, dotted.split("."), value, dotted)
+    return config
+
+
+def _replace(node, parts: list[str], value, dotted: str):
+    if not dataclasses.is_dataclass(node) or parts[0] not in {f.name for f in dataclasses.fields(node)}:
+        raise ConfigError(f"overlay key `{dotted}` names no config field")
+    if len(parts) == 1:
+        return dataclasses.replace(node, **{parts[0]: value})
+    return dataclasses.replace(node, **{parts[0]: _replace(getattr(node, parts[0]), parts[1:], value, dotted)})
+
+
+def arm_config(config: Config, experiment_dir: Path, arm: str, overrides: Mapping[str, Any] = ()) -> Config:
+    """The config of one arm: the overlay, and a Ray run folder of its own (``<experiment_dir>/<arm>``)."""
+    return with_overrides(config, {**dict(overrides), "run.storage_path": str(experiment_dir), "run.name": arm})
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run's data and its shared stage 1
+
+
+@dataclass(frozen=True)
+class RunData:
+    config: Config
+    run_dir: Path
+    microscope_store: Path
+    ultrasound_store: Path
+    ultrasound_split: Path  # the folder with split.csv / split.json
+
+
+def prepare_run(config: Config) -> RunData:
+    """The run's saved split and stores (made now if the main job has not made them). Ray must be up."""
+    from msbt.pipeline import prepare_data, preprocess, run_dir, summarize, summarize_stores
+
+    prepared = prepare_data(config)
+    print(summarize(prepared), flush=True)
+    stores = preprocess(config, prepared)
+    print(summarize_stores(stores), flush=True)
+    return RunData(config, run_dir(config), Path(stores["microscope"].path), Path(stores["ultrasound"].path),
+                   prepared["ultrasound"].folder)
+
+
+def _usable_stage1(path: str | Path | None, config: Config) -> Path | None:
+    """``path`` if it is an intact stage-1 checkpoint trained with this config's stage 1, else None."""
+    from msbt.checkpoint import CheckpointError, read_manifest, verify
+
+    if not path:
+        return None
+    path = Path(path)
+    try:
+        manifest = read_manifest(path)
+        intact = verify(path)
+    except (CheckpointError, OSError):
+        return None
+    if not intact or manifest["stage"] != 1 or manifest["config"] != to_dict(config.stage1):
+        log.info("not reusing %s as stage 1 (changed, not stage 1, or another stage-1 config)", path)
+        return None
+    return path
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _recorded_stage1(run: Path) -> list[str]:
+    """Stage-1 checkpoints the run folder records, most authoritative first."""
+    candidates = []
+    stages = _read_json(run / "stages.json")  # the main job's finished stages: {"1": {"checkpoint": ...}, ...}
+    if isinstance(stages, dict):
+        entry = stages.get("1") or stages.get("stage1") or {}
+        candidates.append(entry.get("checkpoint") if isinstance(entry, dict) else None)
+    scored = run / "metrics.json"  # the evaluated stage-2 model's parent is the run's stage 1
+    if scored.is_file():
+        from msbt.checkpoint import lineage
+
+        checkpoint = json.loads(scored.read_text()).get("checkpoint")
+        if checkpoint and Path(checkpoint).is_dir():
+            chain = lineage(checkpoint)
+            candidates.append(chain[1]["path"] if len(chain) > 1 else None)
+    ours = run / "experiments" / "stage1.json"
+    if ours.is_file():
+        candidates.append(json.loads(ours.read_text()).get("checkpoint"))
+    return [c for c in candidates if c]
+
+
+def shared_stage1(data: RunData, *, verbose: int = 0) -> Path:
+    """The stage-1 checkpoint every arm starts from: the run's own if it records one that matches the
+    config's stage 1, else trained once into ``runs/<name>/experiments/stage1`` and recorded there."""
+    from msbt.train import best_checkpoint, train_stage
+
+    for candidate in _recorded_stage1(data.run_dir):
+        found = _usable_stage1(candidate, data.config)
+        if found is not None:
+            print(f"stage 1: reusing {found}")
+            return found
+    config = arm_config(data.config, data.run_dir, "experiments")
+    result = train_stage(config, 1, data.microscope_store, verbose=verbose)
+    best = Path(best_checkpoint(result, config.stage1.monitor).path)
+    record = data.run_dir / "experiments" / "stage1.json"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"checkpoint": str(best)}, indent=2) + "\n")
+    print(f"stage 1: trained once for the experiments -> {best}")
+    return best
+
+
+# ---------------------------------------------------------------------------------------------------
+# One arm: stage 2 + evaluation
+
+
+def run_arm(config: Config, store: Path, stage1: Path | None, folder: Path, *, n_boot: int = 2000,
+            verbose: int = 0) -> dict:
+    """Train stage 2 of one arm and score it; reuse the arm's earlier result if ``folder`` has one.
+
+    Args:
+        config: The arm's config (from :func:`arm_config`; its Ray run lands in ``folder/stage2``).
+        store: The ultrasound store whose ``train``/``val`` rows train and pick, ``test`` rows score.
+        stage1: The shared stage-1 checkpoint (used when ``stage2.weights`` is ``parent``).
+        folder: The arm's folder: ``metrics.json`` and ``predictions.csv`` go there.
+
+    Returns:
+        The arm's metrics.json content, with its predictions attached as in :class:`msbt.evaluate.Evaluation`.
+    """
+    from msbt.evaluate import Evaluation, evaluate, read_predictions, write_metrics
+    from msbt.train import best_checkpoint, train_stage
+
+    done = folder / "metrics.json"
+    if done.is_file() and (folder / "predictions.csv").is_file():
+        result = Evaluation(json.loads(done.read_text()))
+        if Path(result["checkpoint"]).is_dir():
+            result.predictions = read_predictions(folder / "predictions.csv")
+            print(f"{folder.name}: reusing {done}")
+            return result
+    parent = stage1 if config.stage2.weights == "parent" else None
+    trained = train_stage(config, 2, store, parent_checkpoint=parent, verbose=verbose)
+    best = best_checkpoint(trained, config.stage2.monitor)
+    if best is None:
+        raise RuntimeError(f"{folder}: stage 2 reported no checkpoint")
+    result = evaluate(best.path, store, n_boot=n_boot, seed=config.data.seed)
+    result["arm_config"] = {"stage2": to_dict(config.stage2)}
+    folder.mkdir(parents=True, exist_ok=True)
+    write_metrics(result, done)
+    return result
+
+
+def _ci(result: dict, key: str) -> list[float]:
+    return [float(x) for x in result["test_ci95"][key]]
+
+
+def _fresh(folder: Path, fresh: bool) -> Path:
+    if fresh and folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stores with a rewritten split column
+
+
+def read_split_rows(split_folder: str | Path) -> list[dict]:
+    """``split.csv`` rows (relpath, label, group, split, fold as int)."""
+    path = Path(split_folder) / "split.csv"
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if rows and not {"relpath", "label", "group", "split", "fold"} <= set(rows[0]):
+        raise ValueError(f"{path}: expected columns relpath,label,group,split,fold")
+    return [{**r, "fold": int(r["fold"])} for r in rows]
+
+
+def write_split_store(store: str | Path, roles: Mapping[str, str], out: str | Path) -> Path:
+    """Copy a store keeping the images listed in ``roles`` with their split rewritten to the role.
+
+    Args:
+        store: An ultrasound store (one row per source image).
+        roles: source (relpath) -> "train" | "val" | "test"; sources not listed are left out.
+        out: The new store folder (replaced if it exists).
+
+    Returns:
+        ``out``: a store that ``read_store``, ``train_stage`` and ``evaluate`` read like any other; its
+        ``store.json`` records the store it came from and hashes the new assignment.
+    """
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    from msbt.preprocess import store_files
+
+    store, out = Path(store), Path(out)
+    files = store_files(store)
+    if not files:
+        raise ValueError(f"{store}: no Parquet files (not a store, or an empty one)")
+    table = pads.dataset(files, format="parquet").to_table()
+    sources = table["source"].to_pylist()
+    keep = [s in roles for s in sources]
+    table = table.filter(pa.array(keep))
+    splits = pa.array([roles[s] for s, k in zip(sources, keep) if k], pa.string())
+    table = table.set_column(table.column_names.index("split"), "split", splits)
+    if out.exists():
+        shutil.rmtree(out)
+    (out / "chunk-00000").mkdir(parents=True)
+    pq.write_table(table, out / "chunk-00000" / "part-00000.parquet", compression="lz4")
+    (out / "chunk-00000" / "_DONE.json").write_text(json.dumps({"files": len(table)}) + "\n")
+    identity = json.loads((store / "store.json").read_text())
+    listing = hashlib.sha1(json.dumps(sorted(roles.items())).encode()).hexdigest()
+    identity = {**identity, "items": listing, "derived_from": {"store": str(store), "items": identity.get("items")}}
+    (out / "store.json").write_text(json.dumps(identity, indent=2) + "\n")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# k-fold cross-validation
+
+
+CV_SCOPES = ("trainval", "all")
+
+
+def fold_roles(rows: Sequence[Mapping], fold: int, folds: int, scope: str = "trainval") -> dict[str, str]:
+    """source -> role in cross-validation fold ``fold``: held-out fold "test", next fold "val", rest "train".
+
+    Args:
+        rows: ``split.csv`` rows (relpath, split, fold).
+        fold: The held-out fold, 0..folds-1.
+        folds: k (>= 3: train, validation and held-out parts must be different folds).
+        scope: ``trainval`` (the test split takes no part) or ``all``.
+    """
+    if scope not in CV_SCOPES:
+        raise ValueError(f"cross-validation scope must be one of {CV_SCOPES}, got {scope!r}")
+    if folds < 3:
+        raise ValueError(f"cross-validation needs at least 3 folds (train, validation, held out), got {folds}")
+    val_fold = (fold + 1) % folds
+    roles = {}
+    for row in rows:
+        if scope == "trainval" and row["split"] == "test":
+            continue
+        roles[row["relpath"]] = "test" if row["fold"] == fold else "val" if row["fold"] == val_fold else "train"
+    return roles
+
+
+def _check_roles(roles: Mapping[str, str], labels: Mapping[str, str], where: str) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = {}
+    for source, role in roles.items():
+        counts.setdefault(role, {}).setdefault(labels[source], 0)
+        counts[role][labels[source]] += 1
+    classes = set(labels.values())
+    for role in ("train", "val", "test"):
+        missing = classes - set(counts.get(role, {}))
+        if missing:
+            raise ValueError(f"{where}: its {role} part has no {', '.join(sorted(missing))} image; use fewer "
+                             "folds (data.folds) or cross-validation scope 'all'")
+    return counts
+
+
+def crossval(config: Config, *, scope: str = "trainval", fresh: bool = False, n_boot: int = 2000,
+             verbose: int = 0) -> dict:
+    """k-fold cross-validation of stage 2 (k = the saved split's folds), all folds from one stage 1.
+
+    Returns:
+        The content of ``crossval.json`` (also written, with ``folds.csv``, to ``runs/<name>/crossval``):
+        per-fold rows and ``summary`` = {metric: [mean, sd]} over folds.
+    """
+    data = prepare_run(config)
+    rows = read_split_rows(data.ultrasound_split)
+    k = int(json.loads((data.ultrasound_split / "split.json").read_text())["folds"])
+    labels = {r["relpath"]: r["label"] for r in rows}
+    plans = [fold_roles(rows, i, k, scope) for i in range(k)]
+    counts = [_check_roles(plan, labels, f"fold {i}") for i, plan in enumerate(plans)]  # fail before training
+    out = _fresh(data.run_dir / "crossval", fresh)
+    stage1 = shared_stage1(data, verbose=verbose)
+    fold_rows = []
+    for i, plan in enumerate(plans):
+        folder = out / f"fold-{i}"
+        store = write_split_store(data.ultrasound_store, plan, folder / "store")
+        result = run_arm(arm_config(config, out, f"fold-{i}"), store, stage1, folder, n_boot=n_boot, verbose=verbose)
+        fold_rows.append({
+            "fold": i, "val_fold": (i + 1) % k,
+            "train_images": sum(counts[i]["train"].values()), "val_images": result["val_images"],
+            "test_images": result["test_images"], "test_groups": result["test_groups"],
+            "threshold": result["threshold"], **{key: result["test"][key] for key in SUMMARY_KEYS},
+            "checkpoint": result["checkpoint"],
+        })
+        print(f"fold {i}: " + ", ".join(f"{key} {result['test'][key]:.3f}" for key in ("accuracy", "auc", "loss")))
+    summary = metrics.summarize_folds([{key: row[key] for key in SUMMARY_KEYS} for row in fold_rows])
+    report = {
+        "experiment": "crossval", "folds": k, "scope": scope, "stage1": str(stage1),
+        "design": _CV_DESIGN[scope].format(k=k),
+        "rows": fold_rows, "summary": {key: list(value) for key, value in summary.items()},
+    }
+    _write_table(out / "folds.csv", fold_rows)
+    (out / "crossval.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    print(format_crossval(report))
+    return report
+
+
+_CV_DESIGN = {
+    "trainval": "{k} group-aware folds over the train+val images (test split untouched); fold i held out, "
+                "fold i+1 validates (threshold, best epoch), the rest train",
+    "all": "{k} group-aware folds over all images (the test split takes part: do not select on these "
+           "numbers); fold i held out, fold i+1 validates (threshold, best epoch), the rest train",
+}
+
+
+def format_crossval(report: dict) -> str:
+    keys = ("accuracy", "auc", "sensitivity", "specificity", "f1", "loss")
+    lines = [f"{report['folds']}-fold cross-validation ({report['design']}):",
+             "fold  n_test  " + "  ".join(f"{k:>11}" for k in keys)]
+    for row in report["rows"]:
+        lines.append(f"{row['fold']:>4}  {row['test_images']:>6}  " + "  ".join(f"{row[k]:>11.3f}" for k in keys))
+    lines.append("mean ± sd     " + "  ".join(
+        f"{_pm(*report['summary'][k]):>11}" for k in keys))
+    return "\n".join(lines)
+
+
+def _pm(mean: float, sd: float) -> str:
+    return f"{mean:.3f}±{sd:.3f}" if not math.isnan(sd) else f"{mean:.3f}"
+
+
+def _write_table(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Table 1
+
+
+def ablation(config: Config, *, rows: Sequence[str] = tuple(ABLATION_ROWS), fresh: bool = False,
+             n_boot: int = 2000, verbose: int = 0) -> dict:
+    """The paper's Table 1: the four stage-2 settings on the run's split, one stage 1, the same seeds.
+
+    Returns:
+        The content of ``runs/<name>/ablation/ablation.json``: per row the overlay, the test loss,
+        accuracy and AUC with 95% intervals, and the paper's accuracy.
+    """
+    unknown = [r for r in rows if r not in ABLATION_ROWS]
+    if unknown:
+        raise ValueError(f"unknown ablation rows {unknown}; known: {list(ABLATION_ROWS)}")
+    data = prepare_run(config)
+    out = _fresh(data.run_dir / "ablation", fresh)
+    stage1 = shared_stage1(data, verbose=verbose)
+    table = []
+    for name in rows:
+        arm = arm_config(config, out, name, ABLATION_ROWS[name])
+        result = run_arm(arm, data.ultrasound_store, stage1, out / name, n_boot=n_boot, verbose=verbose)
+        table.append({
+            "row": name, "label": ABLATION_LABELS[name], "overrides": ABLATION_ROWS[name],
+            "loss": _ci(result, "loss"), "accuracy": _ci(result, "accuracy"), "auc": _ci(result, "auc"),
+            "threshold": result["threshold"], "test_images": result["test_images"],
+            "paper_accuracy": PAPER_TABLE1_ACCURACY[name], "checkpoint": result["checkpoint"],
+        })
+    report = {"experiment": "ablation", "stage1": str(stage1), "rows": table,
+              "paper": "Ayana, Park, Choe, Multistage Transfer Learning for Breast Cancer Early Diagnosis via "
+                       "Ultrasound, Table 1 (test accuracy)"}
+    (out / "ablation.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    print(format_ablation(report))
+    return report
+
+
+def _with_ci(value: Sequence[float]) -> str:
+    return f"{value[0]:.3f} [{value[1]:.3f}, {value[2]:.3f}]"
+
+
+def format_ablation(report: dict) -> str:
+    head = f"{'setting':<34} {'loss [95% CI]':>22} {'accuracy [95% CI]':>22} {'AUC [95% CI]':>22} {'paper acc.':>10}"
+    lines = ["Table 1 (stage 2 settings; ours on the held-out test split, the paper's test accuracy beside):", head]
+    for row in report["rows"]:
+        lines.append(f"{row['label']:<34} {_with_ci(row['loss']):>22} {_with_ci(row['accuracy']):>22} "
+                     f"{_with_ci(row['auc']):>22} {row['paper_accuracy']:>10.2f}")
+    lines.append(f"paper: {report['paper']}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Does the middle stage help? And how much does a naive split flatter?
+
+
+def naive_roles(rows: Sequence[Mapping], ratios: Sequence[float], seed: int) -> dict[str, str]:
+    """source -> split of the naive random split: the run's procedure with every image its own group
+    (what ``make_split`` measures as ``leakage.naive_random``)."""
+    from msbt.splits import SPLITS, assign_groups
+
+    sources = [r["relpath"] for r in rows]
+    bins = assign_groups([r["label"] for r in rows], sources, ratios, seed)
+    return {source: SPLITS[b] for source, b in zip(sources, bins)}
+
+
+def _aligned(results: Mapping[str, dict]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """(y, groups, {arm: p}) on the test images in one order (by source); refuses mismatched test sets."""
+    first = next(iter(results.values())).predictions["test"]
+    order = np.argsort(first["source"], kind="stable")
+    sources = first["source"][order]
+    scores = {}
+    for arm, result in results.items():
+        test = result.predictions["test"]
+        idx = np.argsort(test["source"], kind="stable")
+        if not np.array_equal(test["source"][idx], sources):
+            raise ValueError(f"arm {arm} was scored on other test images than the first arm")
+        scores[arm] = test["p"][idx]
+    return first["y"][order], first["group"][order], scores
+
+
+def paired_tests(results: Mapping[str, dict], *, n_boot: int = 2000, seed: int = 0) -> list[dict]:
+    """DeLong and a group-paired bootstrap for the AUC difference of every pair of arms on the same test set."""
+    y, groups, scores = _aligned(results)
+    arms = list(scores)
+    out = []
+    for i, a in enumerate(arms):
+        for b in arms[i + 1:]:
+            entry: dict[str, Any] = {"a": a, "b": b}
+            for name, test in (("delong", lambda: metrics.delong_test(y, scores[a], scores[b])),
+                               ("paired_bootstrap", lambda: metrics.paired_bootstrap_auc_diff(
+                                   y, scores[a], scores[b], groups=groups, n_boot=n_boot, seed=seed))):
+                try:
+                    entry[name] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in test().items()}
+                except ValueError as err:  # e.g. fewer than 2 cases of a class for DeLong
+                    entry[name] = {"error": str(err)}
+            out.append(entry)
+    return out
+
+
+def leakage_breakdown(result: dict, naive: Mapping[str, str], rows: Sequence[Mapping]) -> dict:
+    """How the naive model does on naive-test images whose lesion it trained on vs the others."""
+    group_of = {r["relpath"]: r["group"] for r in rows}
+    seen = {group_of[s] for s, role in naive.items() if role in ("train", "val")}
+    test = result.predictions["test"]
+    leaked = np.array([group_of.get(s) in seen for s in test["source"]])
+    out = {"leaked_images": int(leaked.sum()), "clean_images": int((~leaked).sum())}
+    for name, mask in (("leaked", leaked), ("clean", ~leaked)):
+        if mask.any():
+            m = metrics.binary_metrics(test["y"][mask], test["p"][mask], result["threshold"])
+            out[f"{name}_accuracy"], out[f"{name}_auc"] = m["accuracy"], m["auc"]
+    return out
+
+
+def compare(config: Config, *, arms: Sequence[str] = tuple(COMPARE_ARMS), naive: bool = True, fresh: bool = False,
+            n_boot: int = 2000, verbose: int = 0) -> dict:
+    """Multistage vs ImageNet-only vs from scratch on one split and budget, and naive vs group-aware split.
+
+    Returns:
+        The content of ``runs/<name>/compare/compare.json``: per arm the test metrics with intervals,
+        ``paired`` tests for every pair of arms (same test images), and ``naive_vs_group``.
+    """
+    unknown = [a for a in arms if a not in COMPARE_ARMS]
+    if unknown:
+        raise ValueError(f"unknown arms {unknown}; known: {list(COMPARE_ARMS)}")
+    if naive and "multistage" not in arms:
+        raise ValueError("the naive-split comparison needs the multistage arm")
+    data = prepare_run(config)
+    out = _fresh(data.run_dir / "compare", fresh)
+    needs_stage1 = any(COMPARE_ARMS[a]["stage2.weights"] == "parent" for a in arms) or naive
+    stage1 = shared_stage1(data, verbose=verbose) if needs_stage1 else None
+    results = {}
+    for arm in arms:
+        results[arm] = run_arm(arm_config(config, out, arm, COMPARE_ARMS[arm]), data.ultrasound_store, stage1,
+                               out / arm, n_boot=n_boot, verbose=verbose)
+    report: dict[str, Any] = {
+        "experiment": "compare", "stage1": str(stage1) if stage1 else None,
+        "arms": {arm: _arm_summary(r) for arm, r in results.items()},
+        "paired": paired_tests(results, n_boot=n_boot, seed=config.data.seed) if len(results) > 1 else [],
+    }
+    if naive:
+        rows = read_split_rows(data.ultrasound_split)
+        roles = naive_roles(rows, config.data.split, config.data.seed)
+        store = write_split_store(data.ultrasound_store, roles, out / NAIVE_ARM / "store")
+        naive_result = run_arm(arm_config(config, out, NAIVE_ARM, COMPARE_ARMS["multistage"]), store, stage1,
+                               out / NAIVE_ARM, n_boot=n_boot, verbose=verbose)
+        group = results["multistage"]
+        report["naive_vs_group"] = {
+            "group_aware": _arm_summary(group), "naive": _arm_summary(naive_result),
+            "inflation": {k: naive_result["test"][k] - group["test"][k] for k in ("accuracy", "auc")},
+            "naive_test_leakage": leakage_breakdown(naive_result, roles, rows),
+            "note": "different test sets (naive vs group-aware split), so not a paired test; intervals resample "
+                    "lesion groups in both",
+        }
+    (out / "compare.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    print(format_compare(report))
+    return report
+
+
+def _arm_summary(result: dict) -> dict:
+    return {"test": {k: result["test"][k] for k in SUMMARY_KEYS},
+            "ci95": {k: _ci(result, k) for k in SUMMARY_KEYS},
+            "threshold": result["threshold"], "test_images": result["test_images"],
+            "test_groups": result["test_groups"], "checkpoint": result["checkpoint"]}
+
+
+def format_compare(report: dict) -> str:
+    lines = ["Stage-2 starting points on the same split and budget (held-out test split, 95% CIs by lesion):",
+             f"{'arm':<12} {'accuracy [95% CI]':>22} {'AUC [95% CI]':>22} {'loss':>8}"]
+    for arm, s in report["arms"].items():
+        lines.append(f"{arm:<12} {_with_ci(s['ci95']['accuracy']):>22} {_with_ci(s['ci95']['auc']):>22} "
+                     f"{s['test']['loss']:>8.3f}")
+    for pair in report["paired"]:
+        parts = []
+        for name in ("delong", "paired_bootstrap"):
+            t = pair[name]
+            parts.append(f"{name} {t['error']}" if "error" in t else
+                         f"{name} diff {t['diff']:+.3f} [{t['ci'][0]:+.3f}, {t['ci'][1]:+.3f}] p={t['p_value']:.3g}")
+        lines.append(f"AUC {pair['a']} - {pair['b']}: " + "; ".join(parts))
+    nv = report.get("naive_vs_group")
+    if nv:
+        lines.append("Naive random split vs group-aware split (multistage, same data and budget):")
+        for name in ("group_aware", "naive"):
+            s = nv[name]
+            lines.append(f"  {name:<12} accuracy {_with_ci(s['ci95']['accuracy'])}  AUC {_with_ci(s['ci95']['auc'])}"
+                         f"  ({s['test_images']} test images)")
+        inf, leak = nv["inflation"], nv["naive_test_leakage"]
+        lines.append(f"  naive - group: accuracy {inf['accuracy']:+.3f}, AUC {inf['auc']:+.3f}; "
+                     f"{leak['leaked_images']} of {leak['leaked_images'] + leak['clean_images']} naive test images "
+                     "have a frame of their lesion in naive train/val")
+    return "\n".join(lines)

@@ -1,0 +1,389 @@
+"""Applying a trained stage-2 model to new images (`msbt predict`).
+
+An image must reach the model exactly as the training images did: read and converted to 8-bit RGB by
+:func:`msbt.imagefile.read_image` with the run's 16-bit policy, its intensity normalised and fitted to
+the store's square size with the run's aspect policy (``msbt.preprocess.ultrasound_arrays``), and, if the
+stage trained at another size than the store holds, resized the way ``msbt.training`` does it. A
+checkpoint's manifest records only the stage config (backbone, input size, head), so the rest is read
+from the run the checkpoint belongs to, found by walking up from the checkpoint folder: the ultrasound
+store's ``store.json`` (the settings the training images were really made with), else the run's
+``config.yaml``; without either the defaults are used and a note says so. An exported model
+(:mod:`msbt.export`) carries all of it in its ``export.json``.
+
+The decision threshold is the one the run chose on its validation split (``metrics.json`` of the run,
+used only if it was computed for this very checkpoint), else 0.5 with a note; ``--threshold`` overrides
+both. Every result says where its threshold came from.
+
+Files are taken as discovery takes them (msbt.discovery): folders are searched recursively, hidden
+folders and system files are ignored, segmentation masks (``*_mask.png``, ``*_mask_1.png``) are skipped
+and counted, and a file that is not a usable image is rejected with its reason, never a crash.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from msbt.checkpoint import MODEL_FILE, read_manifest
+from msbt.config import PreprocessConfig, load_config
+from msbt.discovery import Reject, _is_system_file, _mask_pattern, _walk
+from msbt.imagefile import ImageError, fit_square, normalize_intensity, read_image
+
+log = logging.getLogger(__name__)
+
+EXPORT_FILE = "export.json"  # written by msbt.export beside the copied model
+CSV_COLUMNS = ("path", "label", "probability", "threshold", "heatmap", "reason")
+DEFAULT_THRESHOLD = 0.5
+_RUN_LEVELS = 5  # checkpoint -> stage2 -> run (or -> arm -> experiment -> run)
+_CHUNK = 256  # files prepared and predicted together
+
+
+@dataclass(frozen=True)
+class Preparation:
+    """How a file becomes a model input, and where these settings were read."""
+
+    image_size: int  # the store's square size (fit_square); the model's may differ
+    aspect: str
+    intensity: str
+    sixteen_bit: str
+    mask_suffixes: tuple[str, ...]
+    source: str
+
+    def as_dict(self) -> dict:
+        return {"image_size": self.image_size, "aspect": self.aspect, "intensity": self.intensity,
+                "sixteen_bit": self.sixteen_bit, "mask_suffixes": list(self.mask_suffixes), "source": self.source}
+
+
+@dataclass(frozen=True)
+class Threshold:
+    value: float
+    source: str  # a metrics.json (with the rule and split), "--threshold", or the default
+
+
+@dataclass(frozen=True)
+class Prediction:
+    path: str
+    label: str
+    probability: float
+    threshold: float
+    heatmap: str = ""  # PNG written with --heatmaps
+
+
+@dataclass
+class PredictionRun:
+    """Everything ``msbt predict`` reports: predictions, rejects, what was skipped and why."""
+
+    checkpoint: str
+    class_names: list[str]
+    threshold: Threshold
+    preparation: Preparation
+    predictions: list[Prediction] = field(default_factory=list)
+    rejects: list[Reject] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the run recorded
+
+
+def _folder(checkpoint: str | Path) -> Path:
+    path = Path(checkpoint).expanduser()
+    return path.parent if path.name in (MODEL_FILE, "manifest.json") else path
+
+
+def _ancestors(checkpoint: Path) -> list[Path]:
+    folder = checkpoint.resolve()
+    return [folder, *list(folder.parents)[:_RUN_LEVELS]]
+
+
+def find_threshold(checkpoint: str | Path, override: float | None = None) -> tuple[Threshold, list[str]]:
+    """The decision threshold for a checkpoint, and notes on how it was found.
+
+    Args:
+        checkpoint: A stage-2 checkpoint folder (or an export folder).
+        override: A threshold given by the user; wins over everything.
+
+    Returns:
+        ``(Threshold, notes)``: the threshold from the export's ``export.json``, else from the first
+        ``metrics.json`` above the checkpoint that was computed for this checkpoint, else 0.5.
+    """
+    if override is not None:
+        if not 0.0 <= override <= 1.0:
+            raise ValueError(f"--threshold must be in [0, 1], got {override}")
+        return Threshold(float(override), "--threshold"), []
+    folder = _folder(checkpoint)
+    exported = _read_export(folder)
+    if exported and exported.get("threshold", {}).get("value") is not None:
+        t = exported["threshold"]
+        return Threshold(float(t["value"]), t.get("source", str(folder / EXPORT_FILE))), []
+    notes = []
+    for candidate in _ancestors(folder)[1:]:
+        file = candidate / "metrics.json"
+        if not file.is_file():
+            continue
+        try:
+            result = json.loads(file.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{file}: not valid JSON ({err})") from None
+        recorded = result.get("checkpoint")
+        if isinstance(result.get("threshold"), (int, float)) and _same_checkpoint(recorded, folder, candidate):
+            rule = result.get("threshold_rule", "?")
+            split = result.get("threshold_chosen_on", "?")
+            return Threshold(float(result["threshold"]), f"{file} ({rule} on {split})"), []
+        notes.append(f"{file} was computed for another checkpoint ({recorded}); its threshold is not used")
+    notes.append(f"no metrics.json of the run beside {folder}: threshold {DEFAULT_THRESHOLD} (not chosen on "
+                 "validation data; pass --threshold to set one)")
+    return Threshold(DEFAULT_THRESHOLD, "default (no validation threshold found)"), notes
+
+
+def _same_checkpoint(recorded, folder: Path, metrics_folder: Path) -> bool:
+    """Whether metrics.json's ``checkpoint`` is ``folder``, also after the run folder was moved."""
+    if not recorded:
+        return False
+    recorded = Path(recorded)
+    if recorded.exists() and recorded.resolve() == folder.resolve():
+        return True
+    relative = folder.resolve().relative_to(metrics_folder.resolve())  # e.g. stage2/checkpoint_...
+    return recorded.parts[-len(relative.parts):] == relative.parts
+
+
+def find_preparation(checkpoint: str | Path, model_size: int) -> tuple[Preparation, list[str]]:
+    """How the run that trained ``checkpoint`` prepared its ultrasound images.
+
+    Args:
+        checkpoint: A stage-2 checkpoint folder (or an export folder).
+        model_size: The model's input side, used when the run's settings cannot be found.
+
+    Returns:
+        ``(Preparation, notes)``. Sources in order: ``export.json``; the ultrasound store's
+        ``store.json``; the run's ``config.yaml``; the defaults (with a note).
+
+    Raises:
+        ConfigError: A run ``config.yaml`` that cannot be read (it would silently change the images).
+    """
+    folder = _folder(checkpoint)
+    exported = _read_export(folder)
+    if exported and "preparation" in exported:
+        p = exported["preparation"]
+        return Preparation(int(p["image_size"]), p["aspect"], p["intensity"], p["sixteen_bit"],
+                           tuple(p.get("mask_suffixes", ("_mask",))), p.get("source", str(folder / EXPORT_FILE))), []
+    for run in _ancestors(folder)[1:]:
+        config_file = run / "config.yaml"
+        # A run folder holds its data/ and stores/ beside config.yaml; another config.yaml is not ours.
+        if not config_file.is_file() or not ((run / "stores").is_dir() or (run / "data").is_dir()):
+            continue
+        config = load_config([config_file])
+        masks = tuple(config.data.mask_suffixes)
+        store = run / "stores" / "ultrasound" / "store.json"
+        if store.is_file():
+            s = json.loads(store.read_text())["settings"]
+            return Preparation(int(s["image_size"]), s["aspect"], s["intensity"], s.get("sixteen_bit", "scale"),
+                               masks, str(store)), []
+        pp = config.preprocess
+        return Preparation(pp.image_size, pp.aspect, pp.intensity, config.data.sixteen_bit, masks,
+                           str(config_file)), []
+    d = PreprocessConfig()
+    note = (f"no run config.yaml above {folder}: images prepared with the defaults (aspect {d.aspect}, "
+            f"intensity {d.intensity}, 16-bit scale) at the model's {model_size} px; if the model was trained "
+            "otherwise, its predictions here are not comparable")
+    return Preparation(model_size, d.aspect, d.intensity, "scale", ("_mask",), "defaults"), [note]
+
+
+def _read_export(folder: Path) -> dict | None:
+    file = folder / EXPORT_FILE
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}: not valid JSON ({err})") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files and images
+
+
+def collect_files(inputs: Sequence[str | Path], mask_suffixes: Sequence[str] = ("_mask",)):
+    """The image candidates among files and folders, as discovery would take them.
+
+    Args:
+        inputs: Files and folders (folders are searched recursively; hidden folders are not).
+        mask_suffixes: Stems ending in one of these (optionally ``_<n>``) are masks and are skipped.
+
+    Returns:
+        ``(files, rejects, skipped)``: candidate paths in the order given (folder contents sorted, each
+        file once), ``Reject`` for inputs that do not exist, and ``{reason: count}`` of skipped files.
+    """
+    mask = _mask_pattern(mask_suffixes)
+    files: list[Path] = []
+    rejects: list[Reject] = []
+    skipped: dict[str, int] = {}
+    seen: set[Path] = set()
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in _walk(path) if not _is_system_file(p))
+        elif path.is_file():
+            found = [path]
+        else:
+            rejects.append(Reject(str(path), "does not exist"))
+            continue
+        for file in found:
+            if file.resolve() in seen:
+                continue
+            seen.add(file.resolve())
+            if mask.search(file.stem):
+                skipped["segmentation mask"] = skipped.get("segmentation mask", 0) + 1
+            else:
+                files.append(file)
+    return files, rejects, skipped
+
+
+def prepare_image(path: str | Path, preparation: Preparation) -> np.ndarray:
+    """One file as the store holds it: ``(S, S, 3)`` uint8 (``msbt.preprocess.ultrasound_arrays``).
+
+    Raises:
+        ImageError: The file cannot be used (the reason names the problem).
+    """
+    rgb = read_image(path, preparation.sixteen_bit)  # type: ignore[arg-type]
+    return fit_square(normalize_intensity(rgb, preparation.intensity), preparation.image_size, preparation.aspect)
+
+
+def model_inputs(images: np.ndarray, image_size: int) -> np.ndarray:
+    """Store-sized uint8 images -> the model's input size, as ``msbt.training`` resizes them.
+
+    Training and evaluation resize (bilinear, rounded back to uint8) only when the store's size differs
+    from the stage's; the same arithmetic is used here so the pixels agree exactly.
+    """
+    if images.shape[1:3] == (image_size, image_size):
+        return images
+    import tensorflow as tf
+
+    resized = tf.image.resize(images, (image_size, image_size))
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8).numpy()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Predicting
+
+
+def predict(
+    checkpoint: str | Path,
+    inputs: Sequence[str | Path],
+    *,
+    threshold: float | None = None,
+    heatmaps: str | Path | None = None,
+    batch_size: int = 32,
+) -> PredictionRun:
+    """Malignancy probability and label for each usable image among ``inputs``.
+
+    Args:
+        checkpoint: A stage-2 checkpoint folder (``model.keras`` + ``manifest.json``) or an export folder.
+        inputs: Image files and folders.
+        threshold: Overrides the run's validation threshold.
+        heatmaps: Folder for one Grad-CAM PNG per image (the prepared image beside its overlay).
+        batch_size: Images per model call.
+
+    Returns:
+        A :class:`PredictionRun`; rejected files are in ``rejects``, nothing raises for a bad image.
+
+    Raises:
+        CheckpointError: Not a checkpoint, or its model file was changed.
+        ValueError: Not a binary checkpoint, or a threshold outside [0, 1].
+    """
+    from msbt.evaluate import load_stage2
+
+    folder = _folder(checkpoint)
+    chosen, notes = find_threshold(folder, threshold)  # a bad --threshold fails before the model loads
+    model, stage = load_stage2(folder)
+    preparation, more = find_preparation(folder, stage.image_size)
+    run = PredictionRun(str(folder), list(read_manifest(folder)["class_names"]), chosen, preparation,
+                        notes=notes + more)
+    if preparation.image_size != stage.image_size:
+        run.notes.append(f"images are fitted to {preparation.image_size} px as the store holds them, then resized "
+                         f"to the model's {stage.image_size} px as in training")
+    files, run.rejects, run.skipped = collect_files(inputs, preparation.mask_suffixes)
+    used: set[str] = set()  # heatmap file names taken so far
+    # A chunk at a time, so a folder of thousands of images never sits in memory at once.
+    for start in range(0, len(files), _CHUNK):
+        images, kept = [], []
+        for path in files[start : start + _CHUNK]:
+            try:
+                images.append(prepare_image(path, preparation))
+                kept.append(path)
+            except ImageError as err:
+                run.rejects.append(Reject(str(path), err.reason))
+        if not kept:
+            continue
+        batch = model_inputs(np.stack(images), stage.image_size)
+        p = np.asarray(model.predict(batch.astype(np.float32), batch_size=batch_size, verbose=0), np.float64)
+        pictures = _write_heatmaps(model, batch, kept, heatmaps, used) if heatmaps else [""] * len(kept)
+        negative, positive = run.class_names
+        for path, prob, picture in zip(kept, p.reshape(-1), pictures):
+            # The rule of msbt.metrics: malignant when p >= threshold.
+            label = positive if prob >= chosen.value else negative
+            run.predictions.append(Prediction(str(path), label, float(prob), chosen.value, picture))
+    return run
+
+
+def _write_heatmaps(model, batch: np.ndarray, paths: list[Path], folder: str | Path, used: set[str]) -> list[str]:
+    from msbt.gradcam import gradcam, overlay
+    from msbt.sheets import write_png
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    heat = gradcam(model, batch)
+    written = []
+    for image, h, path in zip(batch, heat, paths):
+        name, n = f"{path.stem}.gradcam.png", 1
+        while name in used:  # same file name in two folders
+            n += 1
+            name = f"{path.stem}-{n}.gradcam.png"
+        used.add(name)
+        written.append(str(write_png(np.hstack([image, overlay(image, h)]), folder / name)))
+    return written
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reporting
+
+
+def format_lines(run: PredictionRun) -> list[str]:
+    """What ``msbt predict`` prints: a header, one line per image, rejects, skips and notes."""
+    prep = run.preparation
+    lines = [f"model {run.checkpoint}; threshold {run.threshold.value:.4g} from {run.threshold.source}; images "
+             f"fitted to {prep.image_size} px (aspect {prep.aspect}, intensity {prep.intensity}, 16-bit "
+             f"{prep.sixteen_bit}) as in training, from {prep.source}"]
+    lines += [f"{p.path}\t{p.label}\tp={p.probability:.4f}\tthreshold={p.threshold:.4g}"
+              + (f"\theatmap={p.heatmap}" if p.heatmap else "") for p in run.predictions]
+    lines += [f"rejected {r.path}: {r.reason}" for r in run.rejects]
+    lines += [f"skipped {n}: {reason}" for reason, n in sorted(run.skipped.items())]
+    lines += [f"note: {note}" for note in run.notes]
+    counts = {c: sum(p.label == c for p in run.predictions) for c in run.class_names}
+    lines.append(f"{len(run.predictions)} predicted ({', '.join(f'{c} {n}' for c, n in counts.items())}), "
+                 f"{len(run.rejects)} rejected")
+    return lines
+
+
+def write_csv(run: PredictionRun, path: str | Path) -> Path:
+    """One row per input file: predictions, then rejects (empty label and probability, with the reason)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(CSV_COLUMNS)
+        for p in run.predictions:
+            writer.writerow([p.path, p.label, repr(p.probability), repr(p.threshold), p.heatmap, ""])
+        for r in run.rejects:
+            writer.writerow([r.path, "", "", "", "", r.reason])
+    os.replace(tmp, path)
+    return path

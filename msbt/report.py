@@ -1,0 +1,480 @@
+"""``report.html``: one self-contained page per run, for a reader who was not there when it ran.
+
+Everything comes from files the run already wrote (``config.yaml``, ``data/<modality>/split.json`` and
+``rejects.csv``, ``metrics.json``, the checkpoints' manifests, and the experiments' JSON files), so the
+page can be rebuilt at any time with ``msbt report RUN_DIR``. No network: charts are inline SVG drawn
+here, images are base64 PNGs, there is no script. Only the Grad-CAM section loads the model (and
+TensorFlow); a failure there is shown in the section rather than stopping the run that writes the page.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import datetime as _dt
+import html
+import itertools
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+from msbt import __version__
+
+REPORT_FILE = "report.html"
+COLORS = ("#1f5fa8", "#d2631c", "#2f8a3b", "#a0307a", "#6b6b6b", "#b59a00")
+MODALITIES = ("ultrasound", "microscope")
+
+
+def _e(text) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inline SVG charts
+
+
+def _ticks(low: float, high: float, count: int = 5) -> list[float]:
+    """About ``count`` round tick values covering [low, high]."""
+    if high <= low:
+        return [low]
+    raw = (high - low) / count
+    step = 10 ** math.floor(math.log10(raw))
+    step *= next(m for m in (1, 2, 2.5, 5, 10) if m * step >= raw)
+    first = math.ceil(low / step - 1e-9) * step
+    return [first + i * step for i in range(int((high - first) / step + 1e-9) + 1)]
+
+
+def line_chart(series: Sequence[dict], *, title: str, xlabel: str, ylabel: str, xlim=None, ylim=None,
+               diagonal: bool = False, square: bool = False, marks: Sequence[dict] = ()) -> str:
+    """An SVG line chart.
+
+    Args:
+        series: ``{"label", "x", "y"}`` dicts, optionally ``"points": True`` (markers, no line),
+            ``"sizes"`` (marker areas, relative) and ``"dash": True``. Non-finite points are skipped.
+        title, xlabel, ylabel: Text.
+        xlim, ylim: Axis ranges; default: the data's.
+        diagonal: Draw the y = x reference line (ROC, calibration).
+        square: Plot area square (ROC, calibration).
+        marks: Vertical markers ``{"x", "label"}`` (e.g. the best epoch).
+
+    Returns:
+        ``<svg>`` markup.
+    """
+    width, height = (340, 320) if square else (420, 260)
+    left, right, top, bottom = 52, 12, 26, 44
+    pw, ph = width - left - right, height - top - bottom
+    if square:
+        pw = ph = min(pw, ph)
+    xs = [x for s in series for x in s["x"] if _finite(x)]
+    ys = [y for s in series for y in s["y"] if _finite(y)]
+    x0, x1 = xlim or ((min(xs), max(xs)) if xs else (0, 1))
+    y0, y1 = ylim or ((min(ys), max(ys)) if ys else (0, 1))
+    if x1 == x0:
+        x0, x1 = x0 - 0.5, x1 + 0.5
+    if y1 == y0:
+        y0, y1 = y0 - 0.5, y1 + 0.5
+
+    def px(x):
+        return left + (x - x0) / (x1 - x0) * pw
+
+    def py(y):
+        return top + ph - (y - y0) / (y1 - y0) * ph
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" role="img" aria-label="{_e(title)}">',
+             f'<text x="{left}" y="16" class="t">{_e(title)}</text>',
+             f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="#fff" stroke="#999"/>']
+    for tx in _ticks(x0, x1):
+        parts.append(f'<line x1="{px(tx):.1f}" y1="{top + ph}" x2="{px(tx):.1f}" y2="{top + ph + 4}" stroke="#999"/>'
+                     f'<text x="{px(tx):.1f}" y="{top + ph + 15}" class="k" text-anchor="middle">{_tick(tx)}</text>')
+    for ty in _ticks(y0, y1):
+        parts.append(f'<line x1="{left}" y1="{py(ty):.1f}" x2="{left + pw}" y2="{py(ty):.1f}" stroke="#eee"/>'
+                     f'<text x="{left - 5}" y="{py(ty) + 3:.1f}" class="k" text-anchor="end">{_tick(ty)}</text>')
+    parts.append(f'<text x="{left + pw / 2:.1f}" y="{height - 8}" class="a" text-anchor="middle">{_e(xlabel)}</text>'
+                 f'<text x="14" y="{top + ph / 2:.1f}" class="a" text-anchor="middle" '
+                 f'transform="rotate(-90 14 {top + ph / 2:.1f})">{_e(ylabel)}</text>')
+    if diagonal:
+        lo, hi = max(x0, y0), min(x1, y1)
+        parts.append(f'<line x1="{px(lo):.1f}" y1="{py(lo):.1f}" x2="{px(hi):.1f}" y2="{py(hi):.1f}" '
+                     'stroke="#aaa" stroke-dasharray="4 3"/>')
+    for mark in marks:
+        parts.append(f'<line x1="{px(mark["x"]):.1f}" y1="{top}" x2="{px(mark["x"]):.1f}" y2="{top + ph}" '
+                     f'stroke="#888" stroke-dasharray="2 2"/><text x="{px(mark["x"]) + 3:.1f}" y="{top + 10}" '
+                     f'class="k">{_e(mark["label"])}</text>')
+    for i, s in enumerate(series):
+        color = COLORS[i % len(COLORS)]
+        pts = [(px(x), py(y)) for x, y in zip(s["x"], s["y"]) if _finite(x) and _finite(y)]
+        if s.get("points"):
+            sizes = s.get("sizes") or [1] * len(pts)
+            biggest = max(sizes) or 1
+            for (cx, cy), size in zip(pts, sizes):
+                r = 2.5 + 5.5 * math.sqrt(size / biggest)
+                parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="{r:.1f}" fill="{color}" fill-opacity="0.6"/>')
+        elif pts:
+            dash = ' stroke-dasharray="5 3"' if s.get("dash") else ""
+            path = " ".join(f"{x:.1f},{y:.1f}" for x, y in pts)
+            parts.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"{dash}/>')
+            if len(pts) == 1:
+                parts.append(f'<circle cx="{pts[0][0]:.1f}" cy="{pts[0][1]:.1f}" r="3" fill="{color}"/>')
+        # legend, inside the plot's lower right
+        ly = top + ph - 10 - 14 * (len(series) - 1 - i)
+        parts.append(f'<rect x="{left + pw - 130}" y="{ly - 8}" width="10" height="10" fill="{color}"/>'
+                     f'<text x="{left + pw - 116}" y="{ly + 1}" class="k">{_e(s["label"])}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _finite(v) -> bool:
+    return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _tick(v: float) -> str:
+    return f"{v:g}" if abs(v) >= 1e-9 else "0"
+
+
+def confusion_svg(matrix: Sequence[Sequence[int]], labels: Sequence[str]) -> str:
+    """A 2x2 confusion matrix as SVG (rows true class, columns predicted), shaded by row share."""
+    cell, left, top = 90, 110, 46
+    width, height = left + 2 * cell + 10, top + 2 * cell + 10
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" role="img" aria-label="confusion matrix">',
+             f'<text x="{left + cell}" y="14" class="a" text-anchor="middle">predicted</text>']
+    for j, label in enumerate(labels):
+        parts.append(f'<text x="{left + j * cell + cell / 2}" y="{top - 8}" class="k" '
+                     f'text-anchor="middle">{_e(label)}</text>')
+    for i, row in enumerate(matrix):
+        total = sum(row) or 1
+        parts.append(f'<text x="{left - 8}" y="{top + i * cell + cell / 2 + 4}" class="k" text-anchor="end">'
+                     f'true {_e(labels[i])}</text>')
+        for j, count in enumerate(row):
+            share = count / total
+            fill = f"rgb({int(255 - 180 * share)},{int(255 - 130 * share)},{int(255 - 60 * share)})"
+            parts.append(f'<rect x="{left + j * cell}" y="{top + i * cell}" width="{cell}" height="{cell}" '
+                         f'fill="{fill}" stroke="#fff"/><text x="{left + j * cell + cell / 2}" '
+                         f'y="{top + i * cell + cell / 2 + 6}" class="n" text-anchor="middle">{int(count)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sections
+
+
+def _section(title: str, body: str, anchor: str) -> str:
+    return f'<section id="{anchor}"><h2>{_e(title)}</h2>{body}</section>'
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_e(_fmt(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _ci_text(v: Sequence[float]) -> str:
+    return f"{_fmt(v[0])} [{_fmt(v[1])}, {_fmt(v[2])}]"
+
+
+METRIC_LABELS = {
+    "accuracy": "accuracy", "auc": "ROC AUC", "sensitivity": "sensitivity (recall, malignant)",
+    "specificity": "specificity", "ppv": "PPV (precision)", "npv": "NPV", "f1": "F1", "brier": "Brier score",
+    "loss": "log loss", "prevalence": "prevalence (malignant share)",
+}
+
+
+def metrics_section(result: dict | None) -> str:
+    if not result:
+        return _section("Test metrics", "<p class=missing>No metrics.json in this run yet (the stage-2 model "
+                        "has not been evaluated).</p>", "metrics")
+    ci = result.get("test_ci95", {})
+    rows = [(METRIC_LABELS.get(k, k), _ci_text(ci[k])) for k in METRIC_LABELS if k in ci]
+    intro = (f"<p>Held-out test split: {result.get('test_images')} images in {result.get('test_groups')} lesion "
+             f"groups. Threshold {_fmt(result.get('threshold'), 4)} chosen on the validation split "
+             f"({result.get('val_images', '?')} images) by {_e(result.get('threshold_rule'))}; validation AUC "
+             f"{_fmt(result.get('val_auc'))}. Intervals: 95% percentile bootstrap, "
+             f"{_e(result.get('ci', {}).get('resamples', '?'))} resamples; unit resampled: "
+             f"{_e(result.get('ci', {}).get('unit', 'group'))}.</p>")
+    notes = "".join(f"<li>{_e(n)}</li>" for n in result.get("notes", []))
+    charts = []
+    roc = result.get("roc_curve") or {}
+    if roc.get("fpr"):
+        test = result["test"]
+        op = {"label": "operating point", "x": [1 - test["specificity"]], "y": [test["sensitivity"]], "points": True}
+        curve = {"label": f"test (AUC {_fmt(test['auc'])})", "x": roc["fpr"], "y": roc["tpr"]}
+        charts.append(line_chart([curve, op], title="ROC, test split", xlabel="1 - specificity", ylabel="sensitivity",
+                                 xlim=(0, 1), ylim=(0, 1), diagonal=True, square=True))
+    cal = result.get("calibration") or {}
+    if cal.get("counts"):
+        charts.append(line_chart([{"label": "bins (area ~ images)", "x": cal["mean_predicted"], "y": cal["observed"],
+                                   "points": True, "sizes": cal["counts"]}],
+                                 title=f"Calibration, {cal['bins']} equal-width bins", xlabel="mean predicted p",
+                                 ylabel="observed malignant share", xlim=(0, 1), ylim=(0, 1), diagonal=True,
+                                 square=True))
+    cm = result.get("confusion_matrix")
+    if cm:
+        charts.append(confusion_svg(cm["matrix"], cm["labels"]))
+    body = (intro + _table(("metric", "value [95% CI]"), rows)
+            + (f"<ul class=notes>{notes}</ul>" if notes else "") + f'<div class="charts">{"".join(charts)}</div>')
+    return _section("Test metrics", body, "metrics")
+
+
+def _stage_history(checkpoint: Path) -> tuple[dict, int | None]:
+    """The longest history among a stage's kept checkpoints (a manifest holds the epochs up to its own)."""
+    best = _read_json(checkpoint / "manifest.json") or {}
+    history, chosen = best.get("history", {}), best.get("best_epoch")
+    for sibling in checkpoint.parent.glob("checkpoint_*/manifest.json"):
+        other = _read_json(sibling) or {}
+        if len(next(iter(other.get("history", {}).values()), [])) > len(next(iter(history.values()), [])):
+            history = other["history"]
+    return history, chosen
+
+
+def training_section(checkpoint: str | None) -> str:
+    from msbt.checkpoint import lineage
+
+    if not checkpoint or not Path(checkpoint).is_dir():
+        return _section("Training curves", "<p class=missing>No evaluated checkpoint recorded.</p>", "training")
+    charts, notes = [], []
+    for entry in lineage(checkpoint):
+        manifest = entry.get("manifest")
+        if not manifest:
+            continue
+        history, best_epoch = _stage_history(Path(entry["path"]))
+        stage = manifest["stage"]
+        marks = [{"x": best_epoch, "label": "kept"}] if best_epoch else []
+        epochs = list(range(1, 1 + len(next(iter(history.values()), []))))
+        for metric in ("loss", "auc" if stage == 2 else "accuracy"):
+            series = [{"label": name, "x": epochs, "y": history[name], "dash": name.startswith("val_")}
+                      for name in (metric, f"val_{metric}") if name in history]
+            if series:
+                charts.append(line_chart(series, title=f"Stage {stage} ({manifest['backbone']}): {metric}",
+                                         xlabel="epoch", ylabel=metric, marks=marks))
+        configured = manifest.get("config", {}).get("epochs")
+        if configured and len(epochs) < configured:
+            notes.append(f"stage {stage}: the kept checkpoints record epochs 1-{len(epochs)} of {configured} "
+                         "(a checkpoint's manifest holds the history up to its own epoch)")
+    body = "".join(f"<p class=note>{_e(n)}</p>" for n in notes) + f'<div class="charts">{"".join(charts)}</div>'
+    return _section("Training curves", body, "training")
+
+
+def data_section(run: Path) -> str:
+    parts = []
+    for modality in MODALITIES:
+        folder = run / "data" / modality
+        summary = _read_json(folder / "split.json")
+        if not summary:
+            continue
+        classes = summary["classes"]
+        rows = [(split, *[summary["counts"][split].get(c, 0) for c in classes],
+                 sum(summary["counts"][split].values())) for split in ("train", "val", "test")]
+        g, leak = summary["groups"], summary["leakage"]
+        parts.append(
+            f"<h3>{_e(modality)}</h3><p>{summary['images']} images from <code>{_e(summary['root'])}</code>; "
+            f"{summary['rejects']} rejected; grouping <b>{_e(summary['grouping'])}</b>: {g['count']} groups, "
+            f"{g['multi_image']} with several images (largest {g['largest']}), {len(g['mixed_label'])} mixing "
+            f"classes. Split seed {summary['seed']}, ratios {summary['ratios']}, {summary['folds']} folds. A naive "
+            f"random split would put {leak['naive_random']['val']} val and {leak['naive_random']['test']} test "
+            f"images beside a frame of their lesion in training; this split: "
+            f"{leak['group_aware']['val'] + leak['group_aware']['test']}.</p>"
+            + _table(("split", *classes, "total"), rows) + _rejects(folder / "rejects.csv"))
+    body = "".join(parts) or "<p class=missing>No saved split in this run.</p>"
+    return _section("Data", body, "data")
+
+
+def _rejects(path: Path, shown: int = 20) -> str:
+    if not path.is_file():
+        return ""
+    with path.open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    if len(rows) <= 1:
+        return "<p>No rejected files.</p>"
+    header, body = rows[0], rows[1:]
+    more = f"<p>... and {len(body) - shown} more in <code>{_e(path)}</code></p>" if len(body) > shown else ""
+    return f"<p>Rejected files ({len(body)}):</p>" + _table(header, body[:shown]) + more
+
+
+def lineage_section(checkpoint: str | None) -> str:
+    from msbt.checkpoint import format_lineage
+
+    if not checkpoint or not Path(checkpoint).is_dir():
+        return _section("Lineage", "<p class=missing>No evaluated checkpoint recorded.</p>", "lineage")
+    return _section("Lineage", f"<pre>{_e(format_lineage(checkpoint))}</pre>", "lineage")
+
+
+def gradcam_section(run: Path, result: dict | None, samples: int = 4) -> str:
+    """Sample Grad-CAM overlays of test images (needs msbt.gradcam and TensorFlow)."""
+    title = "Grad-CAM samples"
+    if not result or not Path(result.get("checkpoint", "")).is_dir():
+        return _section(title, "<p class=missing>No evaluated checkpoint recorded.</p>", "gradcam")
+    try:
+        from msbt import gradcam
+    except ImportError as err:
+        return _section(title, f"<p class=missing>NOT AVAILABLE: msbt.gradcam could not be imported ({_e(err)}); "
+                        "this section fills in once it is installed.</p>", "gradcam")
+    try:
+        figures = _gradcam_figures(gradcam, run, result, samples)
+    except Exception as err:  # a report must still be written when explanations fail
+        return _section(title, f"<p class=missing>Grad-CAM failed: {_e(type(err).__name__)}: {_e(err)}</p>", "gradcam")
+    return _section(title, "<p>Test images with the heatmap of the malignant output over them (red = more "
+                    "influence). Caption: true class, predicted probability of malignancy.</p>"
+                    f'<div class="cams">{"".join(figures)}</div>', "gradcam")
+
+
+def _gradcam_figures(gradcam, run: Path, result: dict, samples: int) -> list[str]:
+    import cv2
+    import numpy as np
+
+    from msbt.checkpoint import read_manifest
+    from msbt.evaluate import load_stage2
+    from msbt.preprocess import read_store
+
+    store = run / "stores" / "ultrasound"
+    data = read_store(store, columns=["image", "label_index", "source"], split="test")
+    if len(data["label_index"]) == 0:
+        return ["<p class=missing>The store has no test images.</p>"]
+    # Alternate malignant and benign images, so both classes are shown when both are there.
+    malignant, benign = (list(np.flatnonzero(data["label_index"] == c)) for c in (1, 0))
+    order = [i for pair in itertools.zip_longest(malignant, benign) for i in pair if i is not None][:samples]
+    model, stage = load_stage2(result["checkpoint"])
+    names = read_manifest(result["checkpoint"])["class_names"]
+    size = stage.image_size
+    images = np.stack([cv2.resize(data["image"][i], (size, size), interpolation=cv2.INTER_AREA) for i in order])
+    heat = gradcam.gradcam(model, images)
+    probs = np.asarray(model.predict(images.astype("float32"), verbose=0)).reshape(-1)
+    figures = []
+    for k, i in enumerate(order):
+        shown = gradcam.overlay(images[k], heat[k], alpha=0.4)
+        ok, png = cv2.imencode(".png", cv2.cvtColor(shown, cv2.COLOR_RGB2BGR))
+        if not ok:
+            continue
+        src = base64.b64encode(png.tobytes()).decode("ascii")
+        figures.append(f'<figure><img alt="Grad-CAM {_e(data["source"][i])}" src="data:image/png;base64,{src}">'
+                       f"<figcaption>{_e(names[int(data['label_index'][i])])}, p={probs[k]:.2f}<br>"
+                       f"<small>{_e(data['source'][i])}</small></figcaption></figure>")
+    return figures
+
+
+def experiments_section(run: Path) -> str:
+    """Tables of the cross-validation, Table 1 and comparison workflows, when they have run."""
+    parts = []
+    cv = _read_json(run / "crossval" / "crossval.json")
+    if cv:
+        keys = ("accuracy", "auc", "sensitivity", "specificity", "f1", "loss")
+        rows = [(r["fold"], r["test_images"], *[r[k] for k in keys]) for r in cv["rows"]]
+        rows.append(("mean ± sd", "", *[f"{_fmt(cv['summary'][k][0])} ± {_fmt(cv['summary'][k][1])}" for k in keys]))
+        charts = line_chart([{"label": k, "x": [r["fold"] for r in cv["rows"]], "y": [r[k] for r in cv["rows"]],
+                              "points": True} for k in ("accuracy", "auc")],
+                            title="Per-fold held-out accuracy and AUC", xlabel="fold", ylabel="value", ylim=(0, 1))
+        parts.append(f"<h3>{cv['folds']}-fold cross-validation</h3><p>{_e(cv['design'])}.</p>"
+                     + _table(("fold", "held-out images", *keys), rows) + f'<div class="charts">{charts}</div>')
+    ab = _read_json(run / "ablation" / "ablation.json")
+    if ab:
+        rows = [(r["label"], _ci_text(r["loss"]), _ci_text(r["accuracy"]), _ci_text(r["auc"]),
+                 _fmt(r["paper_accuracy"], 2)) for r in ab["rows"]]
+        parts.append("<h3>Table 1: stage-2 settings</h3><p>Same split, seeds and stage-1 checkpoint; ours on the "
+                     f"held-out test split with 95% CIs; paper: {_e(ab['paper'])}.</p>"
+                     + _table(("setting", "loss", "accuracy", "AUC", "paper accuracy"), rows))
+    cmp_ = _read_json(run / "compare" / "compare.json")
+    if cmp_:
+        rows = [(arm, _ci_text(s["ci95"]["accuracy"]), _ci_text(s["ci95"]["auc"]), s["test"]["loss"])
+                for arm, s in cmp_["arms"].items()]
+        body = _table(("stage-2 start", "accuracy", "AUC", "loss"), rows)
+        tests = []
+        for pair in cmp_["paired"]:
+            cells = [f"{pair['a']} - {pair['b']}"]
+            for name in ("delong", "paired_bootstrap"):
+                t = pair[name]
+                cells.append(t["error"] if "error" in t else
+                             f"{t['diff']:+.3f} [{t['ci'][0]:+.3f}, {t['ci'][1]:+.3f}], p = {t['p_value']:.3g}")
+            tests.append(cells)
+        if tests:
+            body += "<p>AUC differences on the same test images:</p>" + _table(
+                ("pair", "DeLong", "paired bootstrap by lesion"), tests)
+        nv = cmp_.get("naive_vs_group")
+        if nv:
+            leak = nv["naive_test_leakage"]
+            body += ("<p>Naive random split vs group-aware split (multistage, same data and budget; different test "
+                     "sets):</p>" + _table(("split", "accuracy", "AUC", "test images"), [
+                         (name, _ci_text(nv[name]["ci95"]["accuracy"]), _ci_text(nv[name]["ci95"]["auc"]),
+                          nv[name]["test_images"]) for name in ("group_aware", "naive")])
+                     + f"<p>Naive minus group-aware: accuracy {nv['inflation']['accuracy']:+.3f}, AUC "
+                     f"{nv['inflation']['auc']:+.3f}. {leak['leaked_images']} of "
+                     f"{leak['leaked_images'] + leak['clean_images']} naive test images had a frame of their lesion "
+                     "in naive train/val.</p>")
+        parts.append("<h3>Does the middle stage help?</h3>" + body)
+    if not parts:
+        return ""
+    return _section("Experiments", "".join(parts), "experiments")
+
+
+def config_section(run: Path) -> str:
+    path = run / "config.yaml"
+    text = path.read_text() if path.is_file() else "(no config.yaml)"
+    return _section("Configuration", f"<pre>{_e(text)}</pre>", "config")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The page
+
+_STYLE = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1120px;
+color:#222;padding:0 16px}
+h1{font-size:22px;margin-bottom:4px}h2{font-size:18px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:28px}
+h3{font-size:15px}table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;
+text-align:left}th{background:#f4f4f4}pre{background:#f7f7f7;padding:8px;overflow-x:auto;font-size:12px}
+.charts,.cams{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}.missing{color:#a33}.note{color:#555}
+svg text.t{font-size:13px;font-weight:600}svg text.k{font-size:10px;fill:#444}svg text.a{font-size:11px}
+svg text.n{font-size:18px}figure{margin:0;width:180px}figure img{width:180px;image-rendering:pixelated}
+figcaption{font-size:12px}nav a{margin-right:12px}
+"""
+
+
+def _safe(section, *args) -> str:
+    """One section's HTML; a section that fails (e.g. a damaged file) says so instead of losing the page."""
+    try:
+        return section(*args)
+    except Exception as err:
+        name = section.__name__.removesuffix("_section")
+        return _section(name, f"<p class=missing>This section could not be drawn: {_e(type(err).__name__)}: "
+                        f"{_e(err)}</p>", name)
+
+
+def render(run: str | Path, *, gradcam_samples: int = 4) -> str:
+    """The HTML of a run's report (see the module docstring for what it reads)."""
+    run = Path(run)
+    result = _read_json(run / "metrics.json")
+    checkpoint = result.get("checkpoint") if result else None
+    sections = [_safe(metrics_section, result), _safe(training_section, checkpoint), _safe(data_section, run),
+                _safe(gradcam_section, run, result, gradcam_samples), _safe(experiments_section, run),
+                _safe(lineage_section, checkpoint), _safe(config_section, run)]
+    nav = " ".join(f'<a href="#{a}">{t}</a>' for a, t in (
+        ("metrics", "metrics"), ("training", "training"), ("data", "data"), ("gradcam", "Grad-CAM"),
+        ("experiments", "experiments"), ("lineage", "lineage"), ("config", "config")))
+    stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
+            f"<title>msbt report: {_e(run.name)}</title><style>{_STYLE}</style></head><body>"
+            f"<h1>msbt report: {_e(run.name)}</h1><p class=note>Run folder <code>{_e(run.resolve())}</code>; written "
+            f"{stamp} by msbt {__version__}.</p><nav>{nav}</nav>" + "".join(sections) + "</body></html>\n")
+
+
+def write_report(run: str | Path, *, gradcam_samples: int = 4) -> Path:
+    """Write ``<run>/report.html`` and return its path."""
+    run = Path(run)
+    path = run / REPORT_FILE
+    path.write_text(render(run, gradcam_samples=gradcam_samples))
+    return path

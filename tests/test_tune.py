@@ -1,0 +1,267 @@
+"""Ray Tune search of stage 2 (msbt.tune, msbt.features) on a real local Ray cluster.
+
+Built-in synthetic data at the smoke size, EfficientNet-Lite0 (offline ImageNet weights) at 32 px, stage 2 for
+2 epochs, ASHA with a grace period of 1 epoch. One search is started as a subprocess (the real workflow,
+on a private cluster), killed with SIGKILL once a trial has finished, and restored in this process; its
+best configuration is then loaded as an overlay and trained. Fast mode runs head trials on features
+cached once and reused.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from msbt.config import ConfigError, Config, load_config, to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+
+def tiny_yaml(folder: Path) -> Path:
+    """The test's overlay: smoke data, Lite0 at 32 px, a 4-trial search."""
+    config = {
+        "extends": str(ROOT / "workflows" / "configs" / "smoke.yaml"),
+        "synth": {"out_dir": str(folder / "synth")},
+        "preprocess": {"image_size": 32},
+        # Lite0's offline ImageNet weights: a random-weight backbone at 32 px gives near-constant features,
+        # which would make the fast-mode checks below hold trivially.
+        "stage1": {"image_size": 32, "epochs": 1, "batch_size": 8},
+        "stage2": {"image_size": 32, "epochs": 2, "batch_size": 8},
+        # val_loss is continuous: ASHA's cut at the first rung is not decided by ties of a 5-image AUC
+        "tune": {"num_samples": 4, "grace_period": 1, "max_concurrent_trials": 2, "cpus_per_trial": 0.5,
+                 "metric": "val_loss", "mode": "min", "experiment": "search",
+                 "space": {"dense_units": [[256, 128, 64], [16, 16, 16]], "expansion": [1, 3]}},
+        "run": {"name": "tiny", "storage_path": str(folder / "runs")},
+    }
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# No cluster needed
+
+
+def test_tune_yaml_spells_out_the_defaults():
+    assert to_dict(load_config([ROOT / "workflows" / "configs" / "tune.yaml"])) == to_dict(Config())
+
+
+@pytest.mark.parametrize("override, message", [
+    ("tune.space.dropout=[0.6, 0.2]", "tune.space.dropout` must be a range"),
+    ("tune.space.dropout=[0.2, 1.0]", "tune.space.dropout` must lie within"),
+    ("tune.space.learning_rate=[0, 0.01]", "tune.space.learning_rate` is log-uniform"),
+    ("tune.space.dense_units=[[256, 0, 64]]", "tune.space.dense_units`"),
+    ("tune.space.batch_size=[0, 8]", "tune.space.batch_size`"),
+])
+def test_a_bad_search_space_is_refused_naming_the_source_and_key(override, message):
+    from msbt.tune import check_space
+
+    config = load_config([], [override])
+    with pytest.raises(ConfigError, match=message) as err:
+        check_space(config.tune.space, "my.yaml")
+    assert str(err.value).startswith("my.yaml: ")
+
+
+def test_a_wrong_type_in_the_space_names_the_key():
+    with pytest.raises(ConfigError, match="tune.space.optimizer` item 0: must be one of"):
+        load_config([], ["tune.space.optimizer=[rmsprop]"])
+
+
+def test_trial_0_is_the_papers_stage2_configuration():
+    from msbt.tune import reference_point, trial_stage
+
+    cpu = load_config([ROOT / "workflows" / "configs" / "cpu.yaml"])  # cpu.yaml uses Adam in stage 2
+    point = reference_point(cpu)
+    assert point == {"head": {"dense_units": "256-128-64", "dropout": 0.5, "l2": 0.0},
+                     "augment": {"expansion": 3, "shift": 0.1, "rotation": 15.0, "flip": False},
+                     "optimizer": "adagrad", "learning_rate": 0.001, "batch_size": 16}
+    stage = trial_stage(cpu, point)
+    paper = Config().stage2
+    assert (stage.head, stage.augment, stage.optimizer, stage.learning_rate, stage.batch_size) == (
+        paper.head, paper.augment, paper.optimizer, paper.learning_rate, paper.batch_size)
+    assert (stage.backbone, stage.image_size, stage.epochs) == (cpu.stage2.backbone, 96, cpu.stage2.epochs)
+    run_ref = load_config([ROOT / "workflows" / "configs" / "cpu.yaml"], ["tune.reference=run"])
+    assert reference_point(run_ref)["optimizer"] == "adam"
+
+
+def test_fast_mode_holds_the_augmentation_ranges_at_the_reference():
+    from msbt.tune import param_space, reference_point, trial_stage
+
+    config = load_config([], ["stage2.trainable_backbone=false"])
+    assert set(param_space(config.tune.space, fast=True)["augment"]) == {"expansion"}
+    stage = trial_stage(config, {"augment": {"expansion": 5}, "head": {"dense_units": "16-8-4"}}, fast=True)
+    assert (stage.augment.expansion, stage.augment.shift, stage.augment.rotation) == (5, 0.1, 15.0)
+    assert stage.head.dense_units == (16, 8, 4) and stage.trainable_backbone is False
+    assert "shift" not in reference_point(config, fast=True)["augment"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Real Ray Tune runs
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, ray_local):
+    """The run folder with its stores and a stage-1 checkpoint (trained once, in this process)."""
+    from msbt.pipeline import prepare_data, preprocess
+    from msbt.tune import stage1_checkpoint
+
+    folder = tmp_path_factory.mktemp("tune")
+    path = tiny_yaml(folder)
+    config = load_config([path])
+    stores = preprocess(config, prepare_data(config))
+    parent = stage1_checkpoint(config, stores["microscope"].path)
+    return {"yaml": path, "config": config, "ultrasound": str(stores["ultrasound"].path), "parent": parent}
+
+
+def _terminated(experiment: Path) -> int:
+    """Trials the experiment state on disk records as finished (what a restore would keep)."""
+    count = 0
+    for state in experiment.glob("experiment_state-*.json"):
+        try:
+            entries = json.loads(state.read_text()).get("trial_data", [])
+        except (json.JSONDecodeError, OSError):
+            continue  # being written
+        count = max(count, sum(json.loads(e[0]).get("status") == "TERMINATED" for e in entries))
+    return count
+
+
+def _start_search(config: Path, ray_tmp: str, log: Path) -> subprocess.Popen:
+    """The tune workflow as a subprocess in its own session, on a private Ray cluster under ``ray_tmp``."""
+    with log.open("w") as out:
+        return subprocess.Popen(
+            [sys.executable, "workflows/tune.py", "--config", str(config), "--address", "local"],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1"},
+        )
+
+
+def _kill_session(proc: subprocess.Popen, ray_tmp: str) -> None:
+    """SIGKILL the workflow's process group, then any process of its private Ray cluster left behind."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    time.sleep(2)
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            if ray_tmp.encode() in (pid_dir / "cmdline").read_bytes():
+                os.kill(int(pid_dir.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_search_is_interrupted_restored_and_its_best_config_reruns(prepared, tmp_path):
+    from msbt.cli import main as msbt_main
+    from msbt.train import best_checkpoint, train_stage
+    from msbt.tune import experiment_dir, read_experiment, run_search, write_best_overlay
+
+    config = prepared["config"]
+    experiment = experiment_dir(config)
+    # A private cluster whose processes can be found by their temp folder (short: Unix socket paths).
+    ray_tmp = tempfile.mkdtemp(prefix="msbt-tune-", dir="/tmp")
+    log = tmp_path / "first.log"
+    proc = _start_search(prepared["yaml"], ray_tmp, log)
+    try:
+        deadline = time.monotonic() + float(os.environ.get("MSBT_TUNE_TEST_WAIT", 900))
+        while _terminated(experiment) < 1:
+            if proc.poll() is not None and "timed out during startup" in log.read_text():
+                # Ray waits a fixed 30 s for a new node to register; a busy machine can miss that.
+                proc = _start_search(prepared["yaml"], ray_tmp, log)
+            assert proc.poll() is None, f"the search ended before it was interrupted:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no trial finished in time:\n{log.read_text()[-3000:]}"
+            time.sleep(1)
+    finally:
+        _kill_session(proc, ray_tmp)
+    assert "stage 1: reusing" in log.read_text()  # every trial starts from the one stage-1 checkpoint
+    _, before = read_experiment(experiment)
+    finished = {t["trial"]: (experiment / t["trial"] / "result.json").read_text()
+                for t in before if t["status"] in ("complete", "stopped early")}
+    assert 1 <= len(finished) < 4
+
+    with pytest.raises(ConfigError, match="--resume"):
+        run_search(config)  # a second start without --resume is refused, not mixed in
+    run_search(config, resume=True)
+
+    search, trials = read_experiment(experiment)
+    assert len(trials) == 4 and {t["status"] for t in trials} <= {"complete", "stopped early"}
+    assert all(t["epochs"] >= 1 for t in trials)  # the trial cut off by the kill reran and reported
+    assert any(t["status"] == "stopped early" for t in trials)  # ASHA cut at least one trial after epoch 1
+    reference = [t for t in trials if t["reference"]]
+    assert [t["trial"] for t in reference] == ["trial_00000"]
+    assert json.loads((experiment / "trial_00000" / "params.json").read_text()) == search["reference_point"]
+    for name, text in finished.items():  # finished trials were kept, not rerun
+        assert (experiment / name / "result.json").read_text() == text
+    for trial in trials:  # Tune's files (TensorBoard events included) and each trial's Train checkpoints
+        folder = experiment / trial["trial"]
+        assert (folder / "progress.csv").is_file() and list(folder.glob("events.out.tfevents.*"))
+    assert len(list((experiment / "train").glob("*/stage2/checkpoint_*/manifest.json"))) >= 4
+
+    # tune-report: the ranked table and the overlay, which the CLI accepts and which trains
+    best = write_best_overlay(experiment)
+    assert msbt_main(["tune-report", str(experiment)]) == 0
+    assert msbt_main(["config", "--config", str(prepared["yaml"]), "--config", str(best)]) == 0
+    rerun = load_config([prepared["yaml"], best], [f"run.storage_path={tmp_path}", "stage2.epochs=1"])
+    winner = trials[0]
+    assert rerun.stage2.optimizer == winner["params"]["optimizer"]
+    assert rerun.stage2.learning_rate == pytest.approx(winner["params"]["learning_rate"])
+    result = train_stage(rerun, 2, prepared["ultrasound"], parent_checkpoint=prepared["parent"])
+    assert best_checkpoint(result, rerun.stage2.monitor) is not None
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_fast_mode_caches_features_once_and_trains_heads_on_them(prepared, capsys):
+    import dataclasses
+
+    from msbt.features import attach_head, fit_head, frozen, load_features
+    from msbt.preprocess import read_store
+    from msbt.tune import read_experiment, run_search
+
+    over = ["tune.fast=true", "stage2.trainable_backbone=false", "tune.num_samples=2", "tune.scheduler=none"]
+    config = load_config([prepared["yaml"]], over + ["tune.experiment=fast1"])
+    run_search(config)
+    assert "fast mode: features of" in capsys.readouterr().out
+    cache = list((Path(config.run.storage_path) / "tiny" / "tune" / "features").glob("*/features.json"))
+    assert len(cache) == 1
+    info = json.loads(cache[0].read_text())
+    store = read_store(prepared["ultrasound"], columns=["split"])
+    assert info["train"] == int((store["split"] == "train").sum()) and info["copies"] == 3  # max expansion
+    assert info["val"] == int((store["split"] == "val").sum())  # and no test rows
+    search, trials = read_experiment(cache[0].parents[2] / "fast1")
+    assert search["fast"] and len(trials) == 2 and all(t["epochs"] == 2 for t in trials)
+    assert any(t["reference"] for t in trials)
+
+    again = load_config([prepared["yaml"]], over + ["tune.experiment=fast2", "tune.num_samples=1"])
+    run_search(again)
+    assert "fast mode: reusing cached features" in capsys.readouterr().out
+    assert json.loads(cache[0].read_text()) == info
+
+    features = load_features(cache[0].parent)
+    assert features["val_x"].std(axis=0).max() > 1e-3  # the images give different features
+    originals, augmented = features["train_x"][:, 0], features["train_x"][:, 1]
+    assert np.abs(augmented - originals).max() > 1e-3 * np.abs(originals).max()  # copy 1 is augmented
+
+    # The head goes back on the backbone: the full model gives what the head gives on the cached features.
+    stage = dataclasses.replace(frozen(config.stage2), epochs=1)
+    head, _ = fit_head(stage, features)
+    model = attach_head(head, stage, prepared["parent"])
+    images = read_store(prepared["ultrasound"], columns=["image", "source"], split="val")
+    order = np.argsort(images["source"])
+    assert list(images["source"][order]) == list(features["val_source"])
+    full = model.predict(images["image"][order].astype(np.float32), verbose=0)
+    from_cache = head.predict(features["val_x"], verbose=0)
+    assert from_cache.std() > 0  # not one constant answer
+    np.testing.assert_allclose(full, from_cache, atol=1e-4)

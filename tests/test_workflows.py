@@ -1,0 +1,151 @@
+"""The one-script-per-step workflows chained on the smoke config: stage1 -> stage2 -> evaluate.
+
+Run in-process through `msbt.cli.main` (what workflows/stage1.py etc. call) on the session's local Ray
+cluster; the steps find each other through the run folder's stages.json.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from msbt.checkpoint import read_manifest
+from msbt.cli import main
+
+SCRIPTS = ["pipeline", "preprocess", "stage1", "stage2", "evaluate"]
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_each_workflow_script_has_help_and_the_common_options(name):
+    done = subprocess.run([sys.executable, str(ROOT / "workflows" / f"{name}.py"), "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert all(option in done.stdout for option in ("--config", "--set", "--smoke-test", "--address"))
+    assert ("--resume" in done.stdout) == (name in ("pipeline", "stage1", "stage2"))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_steps_chain_through_the_recorded_stages(tmp_path, ray_local, capsys):
+    common = ["--config", str(ROOT / "workflows" / "configs" / "smoke.yaml"),
+              "--set", f"run.storage_path={tmp_path}", "--set", f"synth.out_dir={tmp_path / 'synth'}"]
+    run = tmp_path / "smoke"
+
+    # stage 2 and evaluation need what an earlier step records; said at once, before any work
+    assert main(["stage2", *common]) == 1
+    assert "no finished stage 1" in capsys.readouterr().err
+    assert main(["evaluate", *common]) == 1
+    assert "no finished stage 2" in capsys.readouterr().err
+
+    assert main(["stage1", *common]) == 0
+    stage1 = json.loads((run / "stages.json").read_text())["1"]
+    assert read_manifest(stage1["checkpoint"])["stage"] == 1 and stage1["epochs"] == 1
+    assert not (run / "stores" / "ultrasound").exists()  # stage 1's step builds only its own store
+
+    # a second stage-1 run is refused without --resume and reuses the finished stage with it
+    assert main(["stage1", *common]) == 1
+    err = capsys.readouterr().err
+    assert "--resume" in err and "run.name" in err
+    assert main(["stage1", *common, "--resume"]) == 0
+    assert "stage 1: finished before, reused" in capsys.readouterr().out
+    assert json.loads((run / "stages.json").read_text())["1"] == stage1
+
+    assert main(["stage2", *common]) == 0
+    stage2 = json.loads((run / "stages.json").read_text())["2"]
+    assert read_manifest(stage2["checkpoint"])["parent"]["path"] == stage1["checkpoint"]
+
+    assert main(["evaluate", *common]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["checkpoint"] == stage2["checkpoint"] and metrics["threshold_chosen_on"] == "val"
+    assert "test split (" in capsys.readouterr().out
+
+    # explicit links: a changed stage-2 setting under a new name, from stage 1 by --parent
+    other = [*common, "--set", "run.name=other", "--set", "stage2.head.dropout=0.25"]
+    assert main(["stage2", *other, "--parent", stage1["checkpoint"]]) == 0
+    other_stage2 = json.loads((tmp_path / "other" / "stages.json").read_text())["2"]
+    assert read_manifest(other_stage2["checkpoint"])["config"]["head"]["dropout"] == 0.25
+    assert main(["evaluate", *common, "--checkpoint", other_stage2["checkpoint"]]) == 0
+    assert json.loads((run / "metrics.json").read_text())["checkpoint"] == other_stage2["checkpoint"]
+
+    # --resume refuses a recorded stage that the config no longer describes
+    assert main(["stage2", *common, "--resume", "--set", "stage2.head.dropout=0.25"]) == 1
+    assert "stage2.head" in capsys.readouterr().err
+
+
+def test_tensorboard_callback_writes_epoch_scalars(tmp_path):
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from msbt.tblog import tensorboard_callback, tensorboard_dir
+
+    log_dir = tensorboard_dir(tmp_path / "run", 2)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, activation="sigmoid")])
+    model.compile("adam", "binary_crossentropy", metrics=[keras.metrics.AUC(name="auc")])
+    x, y = np.random.default_rng(0).normal(size=(16, 3)), np.arange(16) % 2
+    model.fit(x, y, validation_data=(x, y), epochs=2, verbose=0, callbacks=[tensorboard_callback(log_dir)])
+    tags: dict[str, list[int]] = {}
+    for split in ("train", "validation"):
+        for event_file in (log_dir / split).glob("events.out.tfevents.*"):
+            for event in tf.compat.v1.train.summary_iterator(str(event_file)):
+                for value in event.summary.value:
+                    tags.setdefault(f"{split}/{value.tag}", []).append(event.step)
+    assert tags["train/epoch_loss"] == [0, 1] and tags["validation/epoch_auc"] == [0, 1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run folder's state, without Ray: refusal, the latest complete checkpoint, a broken stages.json
+
+
+def fake_checkpoint(folder, epoch: int):
+    """A checkpoint folder as Ray leaves it: model file + manifest (the model's bytes do not matter here)."""
+    from msbt.checkpoint import write_manifest
+    from msbt.config import StageConfig
+
+    folder.mkdir(parents=True)
+    (folder / "model.keras").write_bytes(f"weights of epoch {epoch}".encode())
+    write_manifest(folder, stage_config=StageConfig(), class_names=["a", "b"], metrics={"val_loss": 1.0 / epoch},
+                   best_epoch=epoch)
+    return folder
+
+
+def test_a_rerun_is_refused_when_the_run_folder_holds_a_stage(tmp_path):
+    from msbt.config import load_config
+    from msbt.stages import RunStateError, record_stage, refuse_rerun
+
+    config = load_config(overrides=[f"run.storage_path={tmp_path}", "run.name=r"])
+    refuse_rerun(config)  # nothing there yet
+    fake_checkpoint(tmp_path / "r" / "stage2" / "checkpoint_x", 1)
+    with pytest.raises(RunStateError, match=r"stage 2 of run 'r' is already interrupted .*--resume.*run\.name"):
+        refuse_rerun(config)
+    refuse_rerun(config, [1])
+    record_stage(config, 1, {"checkpoint": "somewhere"})
+    with pytest.raises(RunStateError, match=r"stage 1 .* finished \(recorded in .*stages\.json\)"):
+        refuse_rerun(config, [1])
+
+
+def test_latest_checkpoint_skips_incomplete_copies(tmp_path):
+    from msbt.stages import latest_checkpoint
+
+    assert latest_checkpoint(tmp_path) is None
+    fake_checkpoint(tmp_path / "checkpoint_a", 1)
+    second = fake_checkpoint(tmp_path / "checkpoint_b", 2)
+    third = fake_checkpoint(tmp_path / "checkpoint_c", 3)
+    (third / "model.keras").write_bytes(b"cut short")  # a copy interrupted by a kill: fails its sha256
+    fake_checkpoint(tmp_path / "checkpoint_d", 4).joinpath("manifest.json").unlink()
+    assert latest_checkpoint(tmp_path) == second
+
+
+def test_a_broken_stages_file_is_named(tmp_path):
+    from msbt.config import load_config
+    from msbt.stages import RunStateError, read_stages
+
+    config = load_config(overrides=[f"run.storage_path={tmp_path}", "run.name=r"])
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "stages.json").write_text("{not json")
+    with pytest.raises(RunStateError, match=r"r/stages\.json: not valid JSON"):
+        read_stages(config)

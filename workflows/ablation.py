@@ -1,0 +1,31 @@
+"""The paper's Table 1 as one command: four stage-2 settings, same split, seeds and stage-1 checkpoint.
+
+    python workflows/ablation.py --config workflows/configs/cpu.yaml [--fresh]
+
+Writes runs/<run.name>/ablation/ablation.json and prints our loss/accuracy/AUC (95% CIs) beside the
+paper's accuracies; the rows are defined in msbt.experiments.ABLATION_ROWS.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # see workflows/pipeline.py
+
+from workflows.pipeline import CONFIGS  # noqa: E402
+
+
+def main(argv=None) -> int:
+    """Run `msbt ablation` with these arguments; `--smoke-test` adds configs/smoke.yaml."""
+    from msbt.cli import main as msbt_main
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--smoke-test" in args:
+        args.remove("--smoke-test")
+        args += ["--config", str(CONFIGS / "smoke.yaml")]
+    return msbt_main(["ablation", *args])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

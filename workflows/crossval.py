@@ -1,0 +1,31 @@
+"""k-fold cross-validation of stage 2 on the run's saved group-aware folds, all folds from one stage 1.
+
+    python workflows/crossval.py --config workflows/configs/cpu.yaml [--scope trainval|all] [--fresh]
+
+Writes runs/<run.name>/crossval/{folds.csv,crossval.json} and the report's experiments section; see
+docs/evaluation.md for the fold design.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # see workflows/pipeline.py
+
+from workflows.pipeline import CONFIGS  # noqa: E402
+
+
+def main(argv=None) -> int:
+    """Run `msbt crossval` with these arguments; `--smoke-test` adds configs/smoke.yaml."""
+    from msbt.cli import main as msbt_main
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--smoke-test" in args:
+        args.remove("--smoke-test")
+        args += ["--config", str(CONFIGS / "smoke.yaml")]
+    return msbt_main(["crossval", *args])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
