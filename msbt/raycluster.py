@@ -54,5 +54,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # A private cluster lives and dies with this process: on Linux Ray starts its GCS and raylet with
         # PR_SET_PDEATHSIG (their workers follow the raylet), so even a driver killed with SIGKILL leaves
         # no cluster behind, and no address file: a rerun starts its own.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+        # With the dashboard: it serves the state API, which Ray Train's placement-group cleaner needs.
+        # Without it a Tune trial stopped early (ASHA) leaves its Train worker's placement group
+        # reserved, and on a small machine the next trial's data read waits for that CPU forever
+        # (measured: the suite's Tune test hung at "Pending Demands: {'CPU': 1.0}" with 1.0 CPU held
+        # by a dead trial). It also lets the user watch the run (port 8265, or the next free one).
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True)
     log.info("Ray: %s", ray.cluster_resources())

@@ -46,9 +46,14 @@ def frame_of(img: np.ndarray, seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A real local Ray cluster for the session (2 CPUs, no dashboard), shut down at the end."""
+    """A real local Ray cluster for the session (2 CPUs), shut down at the end.
+
+    With the dashboard, as msbt.raycluster starts one: it serves the state API that Ray Train's
+    placement-group cleaner queries; without it, trials that Tune stops early leak their placement
+    groups and later tests wait for CPUs forever.
+    """
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
     yield ray
     ray.shutdown()
