@@ -520,17 +520,27 @@ def _results(file: Path) -> list[dict]:
 
 
 def _trial_statuses(path: Path) -> dict[str, str]:
-    """Trial folder -> Tune status (TERMINATED, ERROR, RUNNING, PENDING) from the newest experiment state."""
-    states = sorted(path.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
-    if not states:
-        return {}
-    out = {}
-    for entry in json.loads(states[-1].read_text()).get("trial_data", []):
+    """Trial folder -> Tune status (TERMINATED, ERROR, RUNNING, PENDING) over every experiment state file.
+
+    A restored experiment leaves the state file of the interrupted run beside its own, and which one is
+    newest by mtime is not reliable; a trial that any state records as TERMINATED is finished (a restore
+    never reruns it), so that status wins, then ERROR, then the rest.
+    """
+    rank = {"TERMINATED": 3, "ERROR": 2}
+    out: dict[str, str] = {}
+    for state in sorted(path.glob("experiment_state-*.json")):
         try:
-            trial = json.loads(entry[0])
-            out[trial["trial_id"]] = trial["status"]
-        except (TypeError, KeyError, IndexError, json.JSONDecodeError):
-            continue
+            entries = json.loads(state.read_text()).get("trial_data", [])
+        except (OSError, json.JSONDecodeError):
+            continue  # being written
+        for entry in entries:
+            try:
+                trial = json.loads(entry[0])
+                trial_id, status = trial["trial_id"], trial["status"]
+            except (TypeError, KeyError, IndexError, json.JSONDecodeError):
+                continue
+            if rank.get(status, 1) >= rank.get(out.get(trial_id, ""), 0):
+                out[trial_id] = status
     return {f"trial_{trial_id.rsplit('_', 1)[-1]}": status for trial_id, status in out.items()}
 
 
