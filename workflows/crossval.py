@@ -13,19 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # see workflows/pipeline.py
 
-from workflows.pipeline import CONFIGS  # noqa: E402
-
-
-def main(argv=None) -> int:
-    """Run `msbt crossval` with these arguments; `--smoke-test` adds configs/smoke.yaml."""
-    from msbt.cli import main as msbt_main
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    if "--smoke-test" in args:
-        args.remove("--smoke-test")
-        args += ["--config", str(CONFIGS / "smoke.yaml")]
-    return msbt_main(["crossval", *args])
-
+from workflows.pipeline import passthrough  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(passthrough("crossval"))

@@ -64,5 +64,17 @@ def entry(command: str, doc: str, argv=None, options=("force_split", "resume")) 
     return msbt_main(cli)
 
 
+def passthrough(command: str, argv=None) -> int:
+    """Run `msbt <command>` with the arguments as given (the experiment workflows have options of their
+    own, which `msbt <command> --help` lists); `--smoke-test` becomes `--config configs/smoke.yaml`."""
+    from msbt.cli import main as msbt_main
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--smoke-test" in args:
+        args.remove("--smoke-test")
+        args += ["--config", str(CONFIGS / "smoke.yaml")]
+    return msbt_main([command, *args])
+
+
 if __name__ == "__main__":
     sys.exit(entry("run", __doc__))
