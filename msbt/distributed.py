@@ -344,9 +344,9 @@ def _run_phase(strategy, model, phase, stage, local_stage, train_ds, val_ds, hoo
     set_backbone_trainable(model, phase.backbone_trains, stage.fine_tune_layers, batchnorm_frozen(stage))
     num_classes = 2 if is_binary(model) else model.get_layer("predictions").units
     with strategy.scope():
+        # compile_model builds the optimizer, here in the scope: built lazily inside the replica step it
+        # would create its variables there.
         training.compile_model(model, stage, phase.learning_rate)
-        # Built here, in the scope: built lazily inside the replica step it would create variables there.
-        model.optimizer.build(model.trainable_variables)
     loop = _Loop(strategy, model, num_classes)
     val = training.eval_batches(val_ds, stage, num_classes=num_classes) if val_ds is not None else None
     for epoch in range(phase.first_epoch, phase.last_epoch):

@@ -7,7 +7,7 @@ import sys
 import cv2
 import pytest
 
-from conftest import ROOT, textured
+from conftest import textured
 from msbt.cli import main
 
 SUBCOMMANDS = ["run", "preprocess", "stage1", "stage2", "evaluate", "synth", "scan", "split", "lineage", "config"]
@@ -90,28 +90,4 @@ def test_parser_builds_without_importing_tensorflow_or_ray():
     assert out.split() == ["False", "False"]
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-@pytest.mark.timeout(2400)
-def test_main_workflow_smoke_test_end_to_end(tmp_path):
-    """`python workflows/pipeline.py --smoke-test`, as the README runs it, in a fresh process."""
-    command = [sys.executable, str(ROOT / "workflows" / "pipeline.py"), "--smoke-test",
-               "--set", f"run.storage_path={tmp_path}", "--set", f"synth.out_dir={tmp_path / 'synth'}"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=1200, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "microscope store:" in done.stdout and "results in" in done.stdout
-    summary = json.loads((tmp_path / "smoke" / "summary.json").read_text())
-    assert summary["data"]["ultrasound"]["leakage"]["group_aware"] == {"val": 0, "test": 0}
-    patches = summary["stores"]["microscope"]["rows"]
-    assert set(patches) == {"train", "val", "test"} and all(len(v) == 4 for v in patches.values())
-    assert (tmp_path / "smoke" / "config.yaml").exists()
-    # both stages trained, linked, and the test split scored at a threshold picked on validation
-    assert "stage 2  efficientnet_lite0  weights=parent" in done.stdout and "<- stage 1" in done.stdout
-    metrics = json.loads((tmp_path / "smoke" / "metrics.json").read_text())
-    assert metrics["threshold_chosen_on"] == "val" and 0.0 <= metrics["threshold"] <= 1.0
-    assert metrics["test_images"] == sum(summary["stores"]["ultrasound"]["rows"]["test"].values())
-    assert set(metrics["test_ci95"]) >= {"accuracy", "auc", "sensitivity", "specificity"}
-    # a rerun of the data step reuses the saved split and the finished stores
-    again = subprocess.run([sys.executable, str(ROOT / "workflows" / "preprocess.py"), *command[2:]],
-                           capture_output=True, text=True, timeout=1200, cwd=tmp_path)
-    assert again.returncode == 0 and "split (reused" in again.stdout, again.stderr[-2000:]
+# The README's `workflows/pipeline.py --smoke-test` end to end in a fresh process: tests/test_job_submit.py.

@@ -1,4 +1,8 @@
-"""`ray job submit` of the smoke workflow to a real `ray start` cluster, as the README tells users to."""
+"""`ray job submit` of the smoke workflow to a real `ray start` cluster, as the README tells users to.
+
+This is also the suite's one end-to-end run of `workflows/pipeline.py --smoke-test` in a fresh process
+(the job's driver): its outputs are checked here as a user would read them.
+"""
 
 import contextlib
 import json
@@ -65,7 +69,8 @@ def stop_cluster(temp: Path) -> None:
     for proc in mine:
         with contextlib.suppress(psutil.Error):
             proc.terminate()
-    _, alive = psutil.wait_procs(mine, timeout=30)
+    # The raylet ends its workers on SIGTERM; the gcs and dashboard may linger: a few seconds, then KILL.
+    _, alive = psutil.wait_procs(mine, timeout=5)
     for proc in alive:
         with contextlib.suppress(psutil.Error):
             proc.kill()
@@ -96,12 +101,30 @@ def test_smoke_pipeline_job_succeeds(head_node, tmp_path):
     # the job server's verdict, asked separately (the CLI prints SUCCEEDED as "succeeded")
     assert f"Job '{job_id}' succeeded" in ray_job("status", job_id)
     logs = ray_job("logs", job_id)
-    assert "stage 2: best val_auc" in logs and "test split (" in logs and "results in" in logs
-    metrics = json.loads((tmp_path / "smoke" / "metrics.json").read_text())
-    assert metrics["threshold_chosen_on"] == "val"
-    assert set(json.loads((tmp_path / "smoke" / "stages.json").read_text())) == {"1", "2"}
+    assert "microscope store:" in logs and "results in" in logs
+    assert "stage 2: best val_auc" in logs and "test split (" in logs
     # the job ran on the submitted cluster, not on a private one it started itself
     assert "Started a local Ray instance" not in output
     # the runtime env's variables reached the job: TF_CPP_MIN_LOG_LEVEL=2 hides this INFO line
     assert "cpu_feature_guard" not in logs
+
+    run = tmp_path / "smoke"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["data"]["ultrasound"]["leakage"]["group_aware"] == {"val": 0, "test": 0}
+    patches = summary["stores"]["microscope"]["rows"]
+    assert set(patches) == {"train", "val", "test"} and all(len(v) == 4 for v in patches.values())
+    assert (run / "config.yaml").exists() and set(json.loads((run / "stages.json").read_text())) == {"1", "2"}
+    # both stages trained, linked, and the test split scored at a threshold picked on validation
+    assert "stage 2  efficientnet_lite0  weights=parent" in logs and "<- stage 1" in logs
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["threshold_chosen_on"] == "val" and 0.0 <= metrics["threshold"] <= 1.0
+    assert metrics["test_images"] == sum(summary["stores"]["ultrasound"]["rows"]["test"].values())
+    assert set(metrics["test_ci95"]) >= {"accuracy", "auc", "sensitivity", "specificity"}
     print(f"job took {time.time() - started:.1f} s")
+
+    # a second job, the data step alone, reuses the saved split and the finished stores
+    again = subprocess.run([*submit[:submit.index("workflows/pipeline.py")], "workflows/preprocess.py",
+                            *submit[submit.index("--smoke-test"):]],
+                           env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert "split (reused" in again.stdout + again.stderr

@@ -260,6 +260,25 @@ def test_two_stage_chain_end_to_end(tmp_path):
         )  # fmt: skip
 
 
+def test_the_train_step_is_traced_once(tmp_path, monkeypatch):
+    """The optimizer is built at compile time: a first trace that created its slot variables would make
+    TensorFlow trace the step twice, half of a short stage's start-up (docs/training.md)."""
+    from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+
+    traces = []
+    original = TensorFlowTrainer.train_step
+
+    def counted(self, data):  # the Python body runs only while TensorFlow traces the step
+        traces.append(1)
+        return original(self, data)
+
+    monkeypatch.setattr(TensorFlowTrainer, "train_step", counted)
+    ds = training.dataset_from_arrays(images(8), np.arange(8) % 2)
+    stage = lite0_stage(epochs=2, trainable_backbone=False, augment=AugmentConfig(enabled=False))
+    result = training.fit_stage(stage, ds, ds, class_names="ab", out_dir=tmp_path / "s")
+    assert len(result.history["loss"]) == 2 and len(traces) == 1
+
+
 def test_parent_and_weights_setting_must_agree(tmp_path):
     ds = training.dataset_from_arrays(images(4), [0, 1, 0, 1])
     with pytest.raises(ValueError, match="no parent checkpoint"):

@@ -1,0 +1,140 @@
+"""Benchmark: where the fixed cost of one short stage goes, plain Keras and Ray Train, in one run.
+
+    .venv/bin/python benchmarks/stage_startup.py               # tiny store, Lite0 random weights, 32 px, 2 epochs
+    .venv/bin/python benchmarks/stage_startup.py --runs 3 --image-size 64
+
+A short stage (a Tune trial, a smoke run, a test) is mostly fixed cost. Each run trains the same stage
+on the same built-in microscope store and is split at the times the training process itself records
+(``train_stage(audit_dir=...)``: Keras' train begin and every epoch end):
+
+* start-up: from the call to Keras' ``on_train_begin`` (Ray: controller and worker start, TensorFlow
+  import in the worker, data to the worker; both: model build and compile);
+* first epoch: includes tracing the train and test steps;
+* later epoch: the mean of epochs 2..E (the steady cost the first epoch is compared with);
+* wind-down: from the last epoch's end to the call's return (Ray: the report, the controller's poll,
+  the worker group's shutdown).
+
+The plain run also counts how often TensorFlow traced Keras' train step (1 is right; 2 means a variable
+was created inside the first trace). Ray is started here with ``os.cpu_count()`` CPUs unless
+``--address`` is given. Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from msbt.config import Config, PreprocessConfig, RunConfig, StageConfig  # noqa: E402
+
+
+def microscope_store(out: Path) -> Path:
+    """A small built-in microscope store (Ray Data preprocessing; Ray must be running)."""
+    from msbt import synth
+    from msbt.discovery import discover
+    from msbt.preprocess import build_microscope_store, split_items
+    from msbt.splits import make_split, save_split
+
+    synth.generate(out / "synth", seed=5, fields_per_line=4, field_size=400, lesions_per_class=2,
+                   ultrasound_size=64)
+    found = discover(out / "synth" / "microscope")
+    save_split(make_split(found, seed=0), out / "split")
+    items = split_items(out / "split", found.root, found.classes, seed=0)
+    return build_microscope_store(items, out / "store", PreprocessConfig(max_patches_per_field=4, image_size=64)).path
+
+
+def phases(started: float, begin: float, ends: list[float], returned: float) -> dict:
+    return {"startup_s": begin - started, "first_epoch_s": ends[0] - begin,
+            "later_epoch_s": (ends[-1] - ends[0]) / max(len(ends) - 1, 1), "wind_down_s": returned - ends[-1],
+            "total_s": returned - started}
+
+
+def plain_run(stage: StageConfig, store: Path, out: Path) -> dict:
+    """``fit_stage`` in this process, with the train step's traces counted."""
+    import keras
+    from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+
+    from msbt import training
+    from msbt.preprocess import read_store
+    from msbt.train import store_classes
+
+    traces = []
+    original = TensorFlowTrainer.train_step
+
+    def counted(self, data):  # runs only while TensorFlow traces the step
+        traces.append(1)
+        return original(self, data)
+
+    class Clock(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.begin, self.ends = time.time(), []
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.ends.append(time.time())
+
+    TensorFlowTrainer.train_step = counted
+    try:
+        started = time.time()
+        table = read_store(store, columns=["image", "label_index", "split"])
+        split = {s: table["split"] == s for s in ("train", "val")}
+        data = {s: training.dataset_from_arrays(table["image"][m], table["label_index"][m]) for s, m in split.items()}
+        clock = Clock()
+        training.fit_stage(stage, data["train"], data["val"], class_names=store_classes(store), out_dir=out,
+                           seed=0, callbacks=[clock])
+        returned = time.time()
+    finally:
+        TensorFlowTrainer.train_step = original
+    return {**phases(started, clock.begin, clock.ends, returned), "train_step_traces": len(traces)}
+
+
+def ray_run(stage: StageConfig, store: Path, out: Path) -> dict:
+    """``train_stage`` with one Ray Train worker; the worker's audit gives its clock."""
+    from msbt.train import train_stage
+
+    config = Config(stage1=stage, run=RunConfig(name="startup", storage_path=str(out / "ray")))
+    started = time.time()
+    train_stage(config, 1, store, audit_dir=out / "audit")
+    returned = time.time()
+    audit = json.loads((out / "audit" / "rank0.json").read_text())
+    return phases(started, audit["train_begin_time"], audit["epoch_end_times"], returned)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--runs", type=int, default=2, help="runs of each kind (default 2)")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--address", help="Ray cluster to join (default: a local one)")
+    args = parser.parse_args(argv)
+
+    import ray
+
+    ray.init(address=args.address, num_cpus=None if args.address else os.cpu_count(), include_dashboard=True,
+             log_to_driver=False)
+    stage = StageConfig(backbone="efficientnet_lite0", weights="none", image_size=args.image_size, batch_size=8,
+                        epochs=args.epochs)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="msbt-startup-") as tmp:
+        store = microscope_store(Path(tmp) / "data")
+        for i in range(args.runs):
+            rows.append(("plain `fit_stage`", plain_run(stage, store, Path(tmp) / f"plain{i}")))
+            rows.append(("Ray Train, 1 worker", ray_run(stage, store, Path(tmp) / f"ray{i}")))
+    ray.shutdown()
+    print(f"\nEfficientNet-Lite0 (random weights) at {args.image_size} px, {args.epochs} epochs, {os.cpu_count()} CPUs")
+    print("| run | start-up s | first epoch s | later epoch s | wind-down s | total s | train-step traces |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in rows:
+        print(f"| {name} | {r['startup_s']:.1f} | {r['first_epoch_s']:.1f} | {r['later_epoch_s']:.1f} | "
+              f"{r['wind_down_s']:.1f} | {r['total_s']:.1f} | {r.get('train_step_traces', '')} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
