@@ -1,17 +1,16 @@
-"""Ray Train layer on a real local 2-CPU cluster: stage 1 -> stage 2 through Ray checkpoints.
+"""Ray Train layer on a real local 2-CPU cluster: one stage through Ray, checkpoints in the msbt format.
 
 Tiny data (synthetic fields cut into 200 px patches, 64 px ultrasound), EfficientNet-Lite0 with random
 weights at 32 px, 2 epochs per stage; one Train worker with 1 CPU (the other CPU is left to Ray Data).
 """
 
-import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
 from msbt import synth
-from msbt.checkpoint import lineage, read_manifest, verify
+from msbt.checkpoint import read_manifest, verify
 from msbt.config import Config, PreprocessConfig, RunConfig, StageConfig
 from msbt.discovery import discover
 from msbt.preprocess import build_microscope_store, build_ultrasound_store, split_items
@@ -134,38 +133,7 @@ def test_stage1_reports_every_epoch_and_checkpoints_in_the_msbt_format(stage1, s
     assert manifest["data_fingerprint"] and manifest["split_id"]
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_stage2_starts_from_stage1_and_links_back(stage1, stores):
-    from msbt.train import best_checkpoint, train_stage
-
-    config, first = stage1
-    parent = best_checkpoint(first, config.stage1.monitor)
-    result = train_stage(config, 2, stores[1], parent_checkpoint=parent)
-    child = best_checkpoint(result, config.stage2.monitor)
-    assert "/t/stage2/" in child.path
-    manifest = read_manifest(checkpoint_dir(child))
-    assert manifest["stage"] == 2 and manifest["class_names"] == ["benign", "malignant"]
-    assert manifest["monitor"] == "val_auc" and "val_auc" in manifest["metrics"]
-    chain = lineage(checkpoint_dir(child))
-    assert [entry["manifest"]["stage"] for entry in chain] == [2, 1]
-    assert chain[0]["link_ok"] is True and all(entry["verified"] for entry in chain)
-    assert chain[1]["path"] == str(parent.path)
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_resume_continues_after_the_checkpoint_epoch(stage1, stores, tmp_path):
-    from msbt.train import best_checkpoint, train_stage
-
-    config, first = stage1
-    start = best_checkpoint(first, "val_loss")
-    done = read_manifest(checkpoint_dir(start))["best_epoch"]
-    longer = dataclasses.replace(config, stage1=dataclasses.replace(config.stage1, epochs=done + 1),
-                                 run=dataclasses.replace(config.run, storage_path=str(tmp_path)))
-    result = train_stage(longer, 1, stores[0], resume_from=start, audit_dir=tmp_path / "audit")
-    assert epochs_run(tmp_path / "audit") == 1  # only the epoch after the checkpoint
-    assert set(result.metrics_dataframe.get("epoch", [])) <= {done + 1}
-    if result.checkpoint is not None:  # reported only if that epoch beat the resumed best
-        manifest = read_manifest(checkpoint_dir(result.checkpoint))
-        assert manifest["best_epoch"] == done + 1 and len(manifest["history"]["val_loss"]) == done + 1
+# Stage 2 from stage 1 with one worker, and its lineage: tests/test_workflows.py (the stage-2 step).
+# Resuming after a checkpoint with one worker, epochs counted: tests/test_resume.py (a killed worker
+# restarts from its last checkpoint through the same fit_stage(resume_from=...)); with two workers and
+# an explicit resume_from: tests/test_distributed.py.

@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from conftest import ROOT
-from msbt.checkpoint import read_manifest
+from test_report import check_run_report
+from msbt.checkpoint import lineage, read_manifest
 from msbt.cli import main
 
 SCRIPTS = ["pipeline", "preprocess", "stage1", "stage2", "evaluate"]
@@ -56,12 +57,19 @@ def test_steps_chain_through_the_recorded_stages(tmp_path, ray_local, capsys):
 
     assert main(["stage2", *common]) == 0
     stage2 = json.loads((run / "stages.json").read_text())["2"]
-    assert read_manifest(stage2["checkpoint"])["parent"]["path"] == stage1["checkpoint"]
+    manifest = read_manifest(stage2["checkpoint"])
+    assert manifest["stage"] == 2 and manifest["class_names"] == ["benign", "malignant"]
+    assert manifest["monitor"] == "val_auc" and "val_auc" in manifest["metrics"]
+    chain = lineage(stage2["checkpoint"])  # stage 2 -> stage 1, both verified against their hashes
+    assert [entry["manifest"]["stage"] for entry in chain] == [2, 1]
+    assert chain[0]["link_ok"] is True and all(entry["verified"] for entry in chain)
+    assert chain[1]["path"] == stage1["checkpoint"]
 
     assert main(["evaluate", *common]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["checkpoint"] == stage2["checkpoint"] and metrics["threshold_chosen_on"] == "val"
     assert "test split (" in capsys.readouterr().out
+    check_run_report(run)  # the evaluation step wrote report.html (tests/test_report.py)
 
     # explicit links: a changed stage-2 setting under a new name, from stage 1 by --parent
     other = [*common, "--set", "run.name=other", "--set", "stage2.head.dropout=0.25"]
