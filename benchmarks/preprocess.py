@@ -3,8 +3,8 @@
     python benchmarks/preprocess.py                     # built-in synthetic 1000x1000 fields
     python benchmarks/preprocess.py --data /path/fields # real class-folder tree of microscope fields
 
-The plain loop runs the pure functions (read + msbt.patches.field_to_patches) with nothing else; the Ray
-runs do the whole step (read, cut, write zstd Parquet) through msbt.preprocess.build_microscope_store in
+The plain loop runs the pure functions (read + msbt.images.patches.field_to_patches) with nothing else; the Ray
+runs do the whole step (read, cut, write zstd Parquet) through msbt.data.preprocess.build_microscope_store in
 a fresh local Ray instance each. Both use one OpenCV thread per process, so "1 CPU" means one core.
 Prints a table; parallel efficiency = Ray 2-CPU throughput / (2 x plain loop throughput).
 """
@@ -24,13 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cv2  # noqa: E402
 
-from msbt import synth  # noqa: E402
+from msbt.data import synth  # noqa: E402
 from msbt.config import PreprocessConfig  # noqa: E402
-from msbt.discovery import discover  # noqa: E402
-from msbt.imagefile import read_image  # noqa: E402
-from msbt.patches import field_to_patches  # noqa: E402
-from msbt.preprocess import build_microscope_store, patch_params, split_items  # noqa: E402
-from msbt.splits import make_split, save_split  # noqa: E402
+from msbt.data.discovery import discover  # noqa: E402
+from msbt.images.imagefile import read_image  # noqa: E402
+from msbt.images.patches import field_to_patches  # noqa: E402
+from msbt.data.preprocess import build_microscope_store, patch_params, split_items  # noqa: E402
+from msbt.data.splits import make_split, save_split  # noqa: E402
 
 
 def plain_loop(items, params):

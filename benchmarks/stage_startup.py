@@ -37,10 +37,10 @@ from msbt.config import Config, PreprocessConfig, RunConfig, StageConfig  # noqa
 
 def microscope_store(out: Path) -> Path:
     """A small built-in microscope store (Ray Data preprocessing; Ray must be running)."""
-    from msbt import synth
-    from msbt.discovery import discover
-    from msbt.preprocess import build_microscope_store, split_items
-    from msbt.splits import make_split, save_split
+    from msbt.data import synth
+    from msbt.data.discovery import discover
+    from msbt.data.preprocess import build_microscope_store, split_items
+    from msbt.data.splits import make_split, save_split
 
     synth.generate(out / "synth", seed=5, fields_per_line=4, field_size=400, lesions_per_class=2,
                    ultrasound_size=64)
@@ -61,9 +61,9 @@ def plain_run(stage: StageConfig, store: Path, out: Path) -> dict:
     import keras
     from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
 
-    from msbt import training
-    from msbt.preprocess import read_store
-    from msbt.train import store_classes
+    from msbt.train import loop as training
+    from msbt.data.preprocess import read_store
+    from msbt.train.runner import store_classes
 
     traces = []
     original = TensorFlowTrainer.train_step
@@ -96,7 +96,7 @@ def plain_run(stage: StageConfig, store: Path, out: Path) -> dict:
 
 def ray_run(stage: StageConfig, store: Path, out: Path) -> dict:
     """``train_stage`` with one Ray Train worker; the worker's audit gives its clock."""
-    from msbt.train import train_stage
+    from msbt.train.runner import train_stage
 
     config = Config(stage1=stage, run=RunConfig(name="startup", storage_path=str(out / "ray")))
     started = time.time()

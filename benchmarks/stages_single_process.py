@@ -4,7 +4,7 @@
     python benchmarks/stages_single_process.py runs/cpu --config workflows/configs/cpu.yaml
 
 Trains stage 1 (ImageNet -> cell-line patches) and stage 2 (stage 1 -> ultrasound) with
-msbt.training.fit_stage, no Ray, and prints validation metrics per epoch and the time per stage. The
+msbt.train.loop.fit_stage, no Ray, and prints validation metrics per epoch and the time per stage. The
 test split is not touched. Ray Train runs the same function across workers (see the Ray Train issue).
 """
 
@@ -26,8 +26,8 @@ def main() -> int:
     args = parser.parse_args()
 
     from msbt.config import load_config
-    from msbt.preprocess import read_store
-    from msbt.training import dataset_from_arrays, fit_stage
+    from msbt.data.preprocess import read_store
+    from msbt.train.loop import dataset_from_arrays, fit_stage
 
     config = load_config(args.config, args.overrides)
     run = Path(args.run_dir)

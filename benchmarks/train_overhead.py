@@ -8,9 +8,9 @@
 Three runs of one stage (EfficientNet-Lite0, random weights: speed does not depend on them; binary head;
 the stage config's augmentation, i.e. every epoch feeds 3 copies of each training image):
 
-a. ``msbt.training.fit_stage`` in this process (Keras ``model.fit``), data read from the store;
-b. ``msbt.train.train_stage`` with 1 Ray Train worker (the same ``fit_stage`` inside the worker);
-c. ``train_stage`` with 2 workers (``msbt.distributed``: custom step, all-reduce, global batch split).
+a. ``msbt.train.loop.fit_stage`` in this process (Keras ``model.fit``), data read from the store;
+b. ``msbt.train.runner.train_stage`` with 1 Ray Train worker (the same ``fit_stage`` inside the worker);
+c. ``train_stage`` with 2 workers (``msbt.train.distributed``: custom step, all-reduce, global batch split).
 
 Two rates per run, both in training images per second (images fed, all workers together):
 
@@ -45,10 +45,10 @@ from msbt.config import AugmentConfig, Config, PreprocessConfig, RunConfig, Stag
 
 def synth_store(out: Path, image_size: int, lesions: int) -> Path:
     """A built-in synthetic ultrasound store (Ray Data preprocessing; Ray must be running)."""
-    from msbt import synth
-    from msbt.discovery import discover
-    from msbt.preprocess import build_ultrasound_store, split_items
-    from msbt.splits import make_split, save_split
+    from msbt.data import synth
+    from msbt.data.discovery import discover
+    from msbt.data.preprocess import build_ultrasound_store, split_items
+    from msbt.data.splits import make_split, save_split
 
     synth.generate(out / "synth", seed=0, fields_per_line=1, field_size=200, lesions_per_class=lesions,
                    frames_per_lesion=(1, 3), ultrasound_size=max(2 * image_size, 128))
@@ -69,8 +69,8 @@ def run_plain(stage: StageConfig, store: Path, classes: list[str]) -> dict:
     """(a) fit_stage in this process."""
     import keras
 
-    from msbt import training
-    from msbt.preprocess import read_store
+    from msbt.train import loop as training
+    from msbt.data.preprocess import read_store
 
     class Clock(keras.callbacks.Callback):
         def __init__(self):
@@ -92,7 +92,7 @@ def run_plain(stage: StageConfig, store: Path, classes: list[str]) -> dict:
 
 def run_ray(config: Config, store: Path, audit: Path) -> dict:
     """(b)/(c) train_stage with config.run.num_workers workers; epoch times from the ranks' audits."""
-    from msbt.train import train_stage
+    from msbt.train.runner import train_stage
 
     start = time.time()
     result = train_stage(config, 1, store, audit_dir=audit)
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import ray
 
-    from msbt.train import store_classes
+    from msbt.train.runner import store_classes
 
     ray.init(address=args.address, num_cpus=None if args.address else os.cpu_count(),
              include_dashboard=False, log_to_driver=False)
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
         fed = [r["examples"] // args.epochs for r in out["ranks"] if r.get("examples")]
         out["images_per_epoch"] = sum(fed) if fed else images_per_epoch
         if out["images_per_epoch"] is None:
-            from msbt.preprocess import read_store
+            from msbt.data.preprocess import read_store
 
             out["images_per_epoch"] = 3 * len(read_store(store, ["label_index"], split="train")["label_index"])
         gpu = " + 1 GPU" if args.use_gpu else ""

@@ -4,8 +4,8 @@
     python benchmarks/train_step.py --backbones resnet50 --sizes 200 --steps 10
     python benchmarks/train_step.py --smoke-test                     # seconds: 32 px, one timed step
 
-Each model is built by msbt.models.build_model with random weights (speed does not depend on them), the
-stage-1 head (GAP + Dense softmax over 4 classes) and compiled by msbt.training.compile_model (the
+Each model is built by msbt.model.models.build_model with random weights (speed does not depend on them), the
+stage-1 head (GAP + Dense softmax over 4 classes) and compiled by msbt.train.loop.compile_model (the
 paper's Adagrad, full fine-tuning), so a train step is exactly what fit_stage runs. The first step
 includes graph tracing and is reported apart; then `--warmup` untimed steps, then `--steps` timed ones.
 Inference is `predict_on_batch` on the same batch size. Prints a Markdown table.
@@ -25,8 +25,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 from msbt.config import StageConfig  # noqa: E402
-from msbt.models import BACKBONES, build_model  # noqa: E402
-from msbt.training import compile_model  # noqa: E402
+from msbt.model.models import BACKBONES, build_model  # noqa: E402
+from msbt.train.loop import compile_model  # noqa: E402
 
 NUM_CLASSES = 4
 

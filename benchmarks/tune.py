@@ -38,7 +38,7 @@ def _trial_seconds(experiment: Path) -> list[float]:
 
 def _search(config, name: str, overrides: list[str], paths, base_overrides) -> dict:
     from msbt.config import load_config
-    from msbt.tune import experiment_dir, run_search
+    from msbt.tune.search import experiment_dir, run_search
 
     cfg = load_config(paths, base_overrides + overrides + [f"tune.experiment={name}"])
     started = time.perf_counter()
@@ -64,9 +64,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from msbt.config import load_config
-    from msbt.pipeline import prepare_data, preprocess, run_dir
+    from msbt.jobs.pipeline import prepare_data, preprocess, run_dir
     from msbt.raycluster import init_ray
-    from msbt.tune import stage1_checkpoint
+    from msbt.tune.search import stage1_checkpoint
 
     paths = args.config + ([str(ROOT / "workflows" / "configs" / "smoke.yaml")] if args.smoke else [])
     trials = 2 if args.smoke and args.trials == 8 else args.trials

@@ -133,9 +133,9 @@ def _load(args) -> "object":
 
 
 def _cmd_run(args) -> int:
-    from msbt.pipeline import main_job
+    from msbt.jobs.pipeline import main_job
     from msbt.raycluster import init_ray
-    from msbt.stages import refuse_rerun
+    from msbt.train.stages import refuse_rerun
 
     config = _load(args)  # a config error should not wait for Ray to start
     if not args.resume:
@@ -146,9 +146,9 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_stage1(args) -> int:
-    from msbt.pipeline import stage1_job
+    from msbt.jobs.pipeline import stage1_job
     from msbt.raycluster import init_ray
-    from msbt.stages import refuse_rerun
+    from msbt.train.stages import refuse_rerun
 
     config = _load(args)
     if not args.resume:
@@ -159,9 +159,9 @@ def _cmd_stage1(args) -> int:
 
 
 def _cmd_stage2(args) -> int:
-    from msbt.pipeline import recorded_checkpoint, stage2_job
+    from msbt.jobs.pipeline import recorded_checkpoint, stage2_job
     from msbt.raycluster import init_ray
-    from msbt.stages import refuse_rerun
+    from msbt.train.stages import refuse_rerun
 
     config = _load(args)
     if not args.resume:
@@ -176,7 +176,7 @@ def _cmd_stage2(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from msbt.pipeline import evaluate_job, recorded_checkpoint
+    from msbt.jobs.pipeline import evaluate_job, recorded_checkpoint
     from msbt.raycluster import init_ray
 
     config = _load(args)
@@ -190,7 +190,7 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_preprocess(args) -> int:
-    from msbt.pipeline import prepare_data, preprocess, summarize, summarize_stores
+    from msbt.jobs.pipeline import prepare_data, preprocess, summarize, summarize_stores
     from msbt.raycluster import init_ray
 
     config = _load(args)
@@ -204,7 +204,7 @@ def _cmd_preprocess(args) -> int:
 def _cmd_synth(args) -> int:
     import dataclasses
 
-    from msbt.pipeline import ensure_synth
+    from msbt.jobs.pipeline import ensure_synth
 
     config = _load(args)
     if args.out:
@@ -214,7 +214,7 @@ def _cmd_synth(args) -> int:
 
 
 def _scan(args, config):
-    from msbt.discovery import discover
+    from msbt.data.discovery import discover
 
     classes = tuple(args.classes) if args.classes else ()
     d = config.data
@@ -223,7 +223,7 @@ def _scan(args, config):
 
 
 def _cmd_scan(args) -> int:
-    from msbt.discovery import write_rejects
+    from msbt.data.discovery import write_rejects
 
     discovery = _scan(args, _load(args))
     counts = ", ".join(f"{c} {n}" for c, n in discovery.counts().items())
@@ -238,8 +238,8 @@ def _cmd_scan(args) -> int:
 
 
 def _cmd_split(args) -> int:
-    from msbt.discovery import write_rejects
-    from msbt.splits import make_split, save_split
+    from msbt.data.discovery import write_rejects
+    from msbt.data.splits import make_split, save_split
 
     out = Path(args.out)
     if (out / "split.json").exists() and not args.force:
@@ -258,7 +258,7 @@ def _cmd_split(args) -> int:
 
 
 def _cmd_lineage(args) -> int:
-    from msbt.checkpoint import format_lineage
+    from msbt.model.checkpoint import format_lineage
 
     if not Path(args.path).exists():
         raise ConfigError(f"{args.path}: no such checkpoint")
@@ -267,7 +267,7 @@ def _cmd_lineage(args) -> int:
 
 
 def _predict_parsers(sub) -> None:
-    """`predict` and `export` (msbt.predict, msbt.export); see docs/predict.md."""
+    """`predict` and `export` (msbt.serve.predict, msbt.serve.export); see docs/predict.md."""
     p = sub.add_parser("predict", help="label new ultrasound images with a stage-2 model (probability, threshold, "
                        "optional Grad-CAM)")
     p.add_argument("model", help="stage-2 checkpoint folder (model.keras + manifest.json) or an `msbt export` folder")
@@ -288,7 +288,7 @@ def _predict_parsers(sub) -> None:
 
 
 def _cmd_predict(args) -> int:
-    from msbt.predict import format_lines, predict, write_csv
+    from msbt.serve.predict import format_lines, predict, write_csv
 
     run = predict(args.model, args.images, threshold=args.threshold, heatmaps=args.heatmaps)
     print("\n".join(format_lines(run)))
@@ -301,7 +301,7 @@ def _cmd_predict(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from msbt.export import export
+    from msbt.serve.export import export
 
     record = export(args.checkpoint, args.out_dir, threshold=args.threshold)
     print(f"exported {args.checkpoint} -> {args.out_dir} (model.keras, manifest.json, saved_model/, export.json); "
@@ -317,7 +317,7 @@ def _cmd_config(args) -> int:
 
 
 def _experiment_parsers(sub) -> None:
-    """`crossval`, `ablation`, `compare` (msbt.experiments) and `report` (msbt.report); see docs/evaluation.md."""
+    """`crossval`, `ablation`, `compare` (msbt.jobs.experiments) and `report` (msbt.eval.report); see docs/evaluation.md."""
     for name, text in (("crossval", "k-fold cross-validation of stage 2 over the saved group-aware folds"),
                        ("ablation", "the paper's Table 1: four stage-2 settings from one stage 1"),
                        ("compare", "multistage vs ImageNet-only vs from scratch, and naive vs group-aware split")):
@@ -343,10 +343,10 @@ def _experiment_parsers(sub) -> None:
 
 
 def _cmd_experiment(args) -> int:
-    from msbt import experiments
-    from msbt.pipeline import run_dir
+    from msbt.jobs import experiments
+    from msbt.jobs.pipeline import run_dir
     from msbt.raycluster import init_ray
-    from msbt.report import write_report
+    from msbt.eval.report import write_report
 
     config = _load(args)
     init_ray(args.address)
@@ -362,7 +362,7 @@ def _cmd_experiment(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from msbt.report import write_report
+    from msbt.eval.report import write_report
 
     if not Path(args.run_dir).is_dir():
         raise ConfigError(f"{args.run_dir}: no such run folder")
@@ -372,7 +372,7 @@ def _cmd_report(args) -> int:
 
 def _cmd_tune(args) -> int:
     from msbt.raycluster import init_ray
-    from msbt.tune import experiment_dir, format_ranking, read_experiment, run_search, write_best_overlay
+    from msbt.tune.search import experiment_dir, format_ranking, read_experiment, run_search, write_best_overlay
 
     extra = ["tune.fast=true", "stage2.trainable_backbone=false"] if args.fast else []
     config = load_config(args.config, args.overrides + extra)
@@ -385,7 +385,7 @@ def _cmd_tune(args) -> int:
 
 
 def _cmd_tune_report(args) -> int:
-    from msbt.tune import format_ranking, read_experiment, write_best_overlay
+    from msbt.tune.search import format_ranking, read_experiment, write_best_overlay
 
     print(format_ranking(*read_experiment(args.path)))
     print(f"best configuration: {write_best_overlay(args.path, args.out)}")

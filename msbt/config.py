@@ -64,7 +64,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """Microscope fields -> cell patches (see msbt.patches); ultrasound images -> model-ready arrays."""
+    """Microscope fields -> cell patches (see msbt.images.patches); ultrasound images -> model-ready arrays."""
 
     # Cell patches. The window must be well above the cell size for the threshold and the automatic
     # polarity to follow the cells, not their halos; "auto" offset = 3x the field's robust noise level.
@@ -147,7 +147,7 @@ class SearchSpaceConfig:
 
     Choices are lists of values; ranges are ``[low, high]`` (uniform; log-uniform for ``learning_rate``).
     A one-value choice or ``low == high`` fixes a dimension; an empty list leaves it out of the search
-    (every trial keeps the run's own stage-2 value). msbt.tune checks the values.
+    (every trial keeps the run's own stage-2 value). msbt.tune.search checks the values.
     """
 
     dense_units: tuple[tuple[int, ...], ...] = ((256, 128, 64), (512, 256, 128), (128, 64, 32))  # choice
@@ -180,7 +180,7 @@ class TuneConfig:
     # Full mode: CPUs of each trial's Train worker (run.use_gpu gives it a GPU). Fast mode: the trial's.
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0  # fast mode only (fractions pack several head trials onto one GPU)
-    # Fast mode (frozen backbone): heads train on cached backbone features (msbt.features).
+    # Fast mode (frozen backbone): heads train on cached backbone features (msbt.tune.fast).
     fast: bool = False
     feature_actors: int = 1  # Ray Data actors computing the features
     space: SearchSpaceConfig = field(default_factory=SearchSpaceConfig)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from msbt.checkpoint import (
+from msbt.model.checkpoint import (
     MANIFEST_FILE,
     MODEL_FILE,
     CheckpointError,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import textured
-from msbt.discovery import DataError, discover, write_rejects
+from msbt.data.discovery import DataError, discover, write_rejects
 
 
 def tree(root, spec):

@@ -1,4 +1,4 @@
-"""Data parallelism across Ray Train workers (msbt.distributed) on a real local 2-CPU cluster.
+"""Data parallelism across Ray Train workers (msbt.train.distributed) on a real local 2-CPU cluster.
 
 Two workers of 0.5 CPU each (data is materialised on the driver first, so no read task waits for a CPU),
 tiny synthetic stores, EfficientNet-Lite0 with random weights at 32 px. Each rank writes an audit of
@@ -9,12 +9,12 @@ import json
 
 import pytest
 
-from msbt import synth
-from msbt.checkpoint import MODEL_FILE, lineage, read_manifest, verify
+from msbt.data import synth
+from msbt.model.checkpoint import MODEL_FILE, lineage, read_manifest, verify
 from msbt.config import Config, HeadConfig, PreprocessConfig, RunConfig, StageConfig
-from msbt.discovery import discover
-from msbt.preprocess import build_microscope_store, build_ultrasound_store, split_items
-from msbt.splits import make_split, save_split
+from msbt.data.discovery import discover
+from msbt.data.preprocess import build_microscope_store, build_ultrasound_store, split_items
+from msbt.data.splits import make_split, save_split
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 STABLE = {"loss", "accuracy", "auc", "sensitivity", "specificity"}
@@ -54,7 +54,7 @@ def stores(tmp_path_factory, ray_local):
 
 @pytest.fixture(scope="module")
 def stage1(stores, tmp_path_factory):
-    from msbt.train import train_stage
+    from msbt.train.runner import train_stage
 
     tmp = tmp_path_factory.mktemp("run")
     config = two_worker_config(tmp)
@@ -71,9 +71,9 @@ def test_mixed_precision_policy_keeps_the_classifier_and_variables_float32(tmp_p
     """On CPU only the policy and dtypes are checked; a mixed-precision training run needs a GPU."""
     import keras
 
-    from msbt.distributed import set_mixed_precision
-    from msbt.models import build_model, load_model
-    from msbt.training import compile_model
+    from msbt.train.distributed import set_mixed_precision
+    from msbt.model.models import build_model, load_model
+    from msbt.train.loop import compile_model
 
     try:
         set_mixed_precision(True)
@@ -100,7 +100,7 @@ def test_one_non_finite_gradient_makes_every_gradient_non_finite():
     import numpy as np
     import tensorflow as tf
 
-    from msbt.distributed import _Loop
+    from msbt.train.distributed import _Loop
 
     ctx = tf.distribute.get_replica_context()  # the default strategy's: all_reduce over one replica
     finite = [tf.constant([1.0, 2.0]), None, tf.constant([[3.0]])]
@@ -124,7 +124,7 @@ def test_mixed_precision_is_a_run_setting():
 @pytest.mark.ray
 @pytest.mark.slow
 def test_two_workers_end_with_identical_weights_from_different_data(stage1, stores):
-    from msbt.train import split_dataset
+    from msbt.train.runner import split_dataset
 
     config, result, (rank0, rank1) = stage1
     assert result.error is None
@@ -151,9 +151,9 @@ def test_two_workers_end_with_identical_weights_from_different_data(stage1, stor
 @pytest.mark.ray
 @pytest.mark.slow
 def test_two_worker_checkpoints_match_the_one_worker_format(stage1, stores):
-    from msbt.distributed import weights_digest
-    from msbt.models import load_model
-    from msbt.train import best_checkpoint, store_classes
+    from msbt.train.distributed import weights_digest
+    from msbt.model.models import load_model
+    from msbt.train.runner import best_checkpoint, store_classes
 
     config, result, (rank0, _) = stage1
     reported = result.metrics_dataframe  # the checkpointed epochs (rank 0's reports)
@@ -177,7 +177,7 @@ def test_two_worker_checkpoints_match_the_one_worker_format(stage1, stores):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_two_worker_stage2_starts_from_stage1_and_links_back(stage1, stores, tmp_path):
-    from msbt.train import best_checkpoint, train_stage
+    from msbt.train.runner import best_checkpoint, train_stage
 
     config, first, _ = stage1
     parent = best_checkpoint(first, config.stage1.monitor)
@@ -200,9 +200,9 @@ def test_two_worker_stage2_starts_from_stage1_and_links_back(stage1, stores, tmp
 def test_two_worker_resume_continues_after_the_checkpoint_epoch(stage1, stores, tmp_path):
     import dataclasses
 
-    from msbt.distributed import weights_digest
-    from msbt.models import load_model
-    from msbt.train import best_checkpoint, train_stage
+    from msbt.train.distributed import weights_digest
+    from msbt.model.models import load_model
+    from msbt.train.runner import best_checkpoint, train_stage
 
     config, first, _ = stage1
     start = best_checkpoint(first, "val_loss")

@@ -1,4 +1,4 @@
-"""Cross-validation, the Table 1 ablation and the stage comparison (msbt.experiments).
+"""Cross-validation, the Table 1 ablation and the stage comparison (msbt.jobs.experiments).
 
 Pure parts (fold plans, overlays, paired tests, naive split) without Ray; then real tiny runs on a local
 2-CPU Ray cluster: built-in data at 32 px, EfficientNet-Lite0 with random weights, 1 epoch per stage.
@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from msbt import experiments as X
-from msbt import metrics
+from msbt.jobs import experiments as X
+from msbt.eval import metrics
 from msbt.config import (Config, ConfigError, DataConfig, HeadConfig, PreprocessConfig, RunConfig, StageConfig,
                          SynthConfig, to_dict)
-from msbt.evaluate import Evaluation
+from msbt.eval.evaluate import Evaluation
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
@@ -126,7 +126,7 @@ def test_fold_roles_hold_every_trainval_image_out_once_and_never_touch_test():
 
 
 def test_naive_roles_split_lesions_and_match_the_splits_own_naive_measure():
-    from msbt.splits import SPLITS, assign_groups, leaked_images
+    from msbt.data.splits import SPLITS, assign_groups, leaked_images
 
     rows = split_rows(n_groups=20, per_group=3)
     roles = X.naive_roles(rows, (0.7, 0.2, 0.1), seed=0)
@@ -227,8 +227,8 @@ def test_stage1_is_trained_once_and_then_reused(tiny, capsys):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_crossval_three_folds_from_one_stage1(tiny):
-    from msbt.checkpoint import lineage
-    from msbt.preprocess import read_store
+    from msbt.model.checkpoint import lineage
+    from msbt.data.preprocess import read_store
 
     config, data, stage1 = tiny
     report = X.crossval(config, n_boot=200)
@@ -254,7 +254,7 @@ def test_crossval_three_folds_from_one_stage1(tiny):
 @pytest.mark.ray
 def test_naive_store_is_the_naive_split_of_the_same_images(tiny_data):
     """The wiring of compare's naive arm: the run's store, split column rewritten to the naive split."""
-    from msbt.preprocess import read_store
+    from msbt.data.preprocess import read_store
 
     config, data = tiny_data
     rows = X.read_split_rows(data.ultrasound_split)
@@ -297,7 +297,7 @@ def test_compare_pairs_arms_on_the_same_test_images(tiny):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_ablation_row_uses_its_overlay_and_the_shared_stage1(tiny, capsys):
-    from msbt.checkpoint import read_manifest
+    from msbt.model.checkpoint import read_manifest
 
     config, data, stage1 = tiny
     report = X.ablation(config, rows=("augmentation_l2",), n_boot=100)

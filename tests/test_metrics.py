@@ -1,4 +1,4 @@
-"""msbt.metrics against hand-computed values, brute force, and simulated coverage. No Ray, no TensorFlow."""
+"""msbt.eval.metrics against hand-computed values, brute force, and simulated coverage. No Ray, no TensorFlow."""
 
 import json
 import math
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from msbt import metrics as M
+from msbt.eval import metrics as M
 
 # A fixed small test split. Rule: malignant call when p >= 0.5.
 #   index:  0    1    2    3    4    5    6    7
@@ -496,11 +496,11 @@ def test_bootstrap_mean_ci_matches_a_loop_over_the_same_resamples():
         M.bootstrap_mean_ci([0.1, np.nan])
 
 
-# ----------------------------------------------------------------------------- metrics.json (msbt.evaluate)
+# ----------------------------------------------------------------------------- metrics.json (msbt.eval.evaluate)
 
 
 def test_metrics_json_schema_from_fixed_predictions(tmp_path):
-    from msbt import evaluate as E
+    from msbt.eval import evaluate as E
 
     # Validation picks the threshold: Youden on this set is 0.6 (J = 1); the test set is only scored.
     val = {"y": np.array([0, 0, 1, 1]), "p": np.array([0.2, 0.4, 0.6, 0.9]), "group": np.array(["v1", "v2", "v3", "v4"])}
@@ -535,7 +535,7 @@ def test_metrics_json_schema_from_fixed_predictions(tmp_path):
 
 
 def test_wilson_interval_matches_hand_computation_and_stays_wide_at_the_edges():
-    from msbt.metrics import wilson_interval
+    from msbt.eval.metrics import wilson_interval
 
     # 5 of 5: centre (1 + z^2/10) / (1 + z^2/5), half-width z/(1 + z^2/5) * sqrt(z^2/100)
     z = 1.959963984540054
@@ -551,7 +551,7 @@ def test_wilson_interval_matches_hand_computation_and_stays_wide_at_the_edges():
 
 
 def test_score_flags_a_test_split_of_few_groups_and_gives_group_wilson_intervals():
-    from msbt.evaluate import score
+    from msbt.eval.evaluate import score
 
     y = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 1] * 2)
     groups = np.array([f"g{i // 4}" for i in range(20)])  # 5 lesions of 4 frames

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from msbt import models
+from msbt.model import models
 from msbt.config import HeadConfig, StageConfig
-from msbt.models import WeightsError, build_backbone, build_model, weight_arrays
+from msbt.model.models import WeightsError, build_backbone, build_model, weight_arrays
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),  # inside Keras' saving
@@ -85,7 +85,7 @@ def test_head_l2_and_dropout_come_from_the_config():
 
 @needs_lite0_weights
 def test_lite0_imagenet_weights_are_the_packaged_ones():
-    from msbt.lite0 import load_lite0_imagenet
+    from msbt.model.lite0 import load_lite0_imagenet
 
     reference = load_lite0_imagenet((32, 32, 3), include_top=False)
     model = build_model(stage(weights="imagenet"), num_classes=4)
@@ -144,7 +144,7 @@ def test_saved_model_reloads_and_predicts_the_same(tmp_path):
     x = pixels(3)
     path = tmp_path / "model.keras"
     model.save(path)
-    loaded = keras.models.load_model(path)  # plain Keras: Preprocess is registered by msbt.models
+    loaded = keras.models.load_model(path)  # plain Keras: Preprocess is registered by msbt.model.models
     np.testing.assert_allclose(loaded(x, training=False), model(x, training=False), rtol=1e-5, atol=1e-6)
     assert models.layer_names(loaded) == models.layer_names(model)
 
@@ -155,7 +155,7 @@ def test_saved_model_reloads_and_predicts_the_same(tmp_path):
 
 def one_fit_step(model: keras.Model, num_classes: int = 4) -> None:
     """One optimizer step through Keras fit (training=True), all labels class 0 so every gradient is nonzero."""
-    from msbt.training import compile_model
+    from msbt.train.loop import compile_model
 
     compile_model(model, StageConfig())
     model.fit(pixels(8), np.eye(num_classes)[np.zeros(8, int)], batch_size=8, epochs=1, verbose=0)

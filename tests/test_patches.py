@@ -1,4 +1,4 @@
-"""Tests for msbt.patches on small synthetic fields with known answers."""
+"""Tests for msbt.images.patches on small synthetic fields with known answers."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from msbt import patches as P
+from msbt.images import patches as P
 
 # Two dark discs and three 3-pixel debris specks on a flat 300x300 field.
 DISCS = [((80, 90), 20), ((210, 200), 30)]  # ((cx, cy), r)

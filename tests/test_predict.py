@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from msbt import predict as pr
-from msbt.checkpoint import MANIFEST_FILE, MODEL_FILE, write_manifest
+from msbt.serve import predict as pr
+from msbt.model.checkpoint import MANIFEST_FILE, MODEL_FILE, write_manifest
 from msbt.cli import main
 from msbt.config import Config, HeadConfig, StageConfig, dump_config
-from msbt.imagefile import fit_square, normalize_intensity
-from msbt.models import build_model, load_model
-from msbt.training import dataset_from_arrays, eval_batches
+from msbt.images.imagefile import fit_square, normalize_intensity
+from msbt.model.models import build_model, load_model
+from msbt.train.loop import dataset_from_arrays, eval_batches
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 # ImageNet Lite0 (offline weights): its features, unlike a random backbone's, differ between images.
@@ -78,13 +78,13 @@ def run(tmp_path_factory):
 
 
 def expected_input(path: Path) -> np.ndarray:
-    """The model input for a file, prepared here independently of msbt.predict."""
+    """The model input for a file, prepared here independently of msbt.serve.predict."""
     raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if raw.dtype == np.uint16:
         raw = ((raw.astype(np.uint32) + 128) // 257).astype(np.uint8)  # data.sixteen_bit: scale
     rgb = cv2.cvtColor(raw, cv2.COLOR_GRAY2RGB if raw.ndim == 2 else cv2.COLOR_BGR2RGB)
     stored = fit_square(normalize_intensity(rgb, "minmax"), 40, "crop")
-    # The stage trains at 32 px: msbt.training resizes the 40 px store images on the fly.
+    # The stage trains at 32 px: msbt.train.loop resizes the 40 px store images on the fly.
     batches = eval_batches(dataset_from_arrays(stored[None], [0]), STAGE, num_classes=2)
     return next(iter(batches))[0].numpy()[0]
 

@@ -8,12 +8,12 @@ import cv2
 import numpy as np
 import pytest
 
-from msbt import synth
+from msbt.data import synth
 from msbt.config import PreprocessConfig
-from msbt.discovery import discover
-from msbt.imagefile import fit_square
-from msbt.patches import field_to_patches
-from msbt.preprocess import (
+from msbt.data.discovery import discover
+from msbt.images.imagefile import fit_square
+from msbt.images.patches import field_to_patches
+from msbt.data.preprocess import (
     StoreError,
     build_microscope_store,
     build_ultrasound_store,
@@ -22,7 +22,7 @@ from msbt.preprocess import (
     split_items,
     write_contact_sheets,
 )
-from msbt.splits import make_split, save_split
+from msbt.data.splits import make_split, save_split
 
 pytestmark = pytest.mark.ray
 

@@ -10,7 +10,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from msbt import report as R
+from msbt.eval import report as R
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 SECTIONS = ("metrics", "training", "data", "gradcam", "lineage", "config")
@@ -125,7 +125,7 @@ def arm(acc, auc, n=10):
 
 def test_experiment_tables_render_from_their_json(tmp_path):
     """The report's experiments section and compare's printed table read the same compare.json shape."""
-    from msbt.experiments import format_compare
+    from msbt.jobs.experiments import format_compare
 
     test = {"diff": 0.1, "ci": [-0.05, 0.25], "p_value": 0.2, "auc_a": 0.8, "auc_b": 0.7, "se": 0.07, "z": 1.3}
     report = {"experiment": "compare", "stage1": "/s1",

@@ -22,12 +22,12 @@ import psutil
 import pytest
 
 from conftest import ROOT
-from msbt import synth
-from msbt.checkpoint import read_manifest
+from msbt.data import synth
+from msbt.model.checkpoint import read_manifest
 from msbt.config import AugmentConfig, Config, PreprocessConfig, RunConfig, StageConfig
-from msbt.discovery import discover
-from msbt.preprocess import build_microscope_store, split_items
-from msbt.splits import make_split, save_split
+from msbt.data.discovery import discover
+from msbt.data.preprocess import build_microscope_store, split_items
+from msbt.data.splits import make_split, save_split
 
 pytestmark = [
     pytest.mark.ray,
@@ -82,7 +82,7 @@ def microscope_store(tmp_path_factory, ray_local):
 
 
 def test_a_killed_worker_resumes_after_its_last_checkpoint(microscope_store, tmp_path):
-    from msbt.train import train_stage
+    from msbt.train.runner import train_stage
 
     epochs = 4
     stage = StageConfig(backbone="efficientnet_lite0", weights="none", image_size=32, batch_size=8, epochs=epochs,

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import frame_of, textured
-from msbt.discovery import DataError, discover
-from msbt.grouping import connected_groups, find_links, fingerprint
-from msbt.splits import assign_groups, leaked_images, load_split, make_split, save_split
+from msbt.data.discovery import DataError, discover
+from msbt.images.grouping import connected_groups, find_links, fingerprint
+from msbt.data.splits import assign_groups, leaked_images, load_split, make_split, save_split
 
 
 def fingerprints(images):

@@ -1,4 +1,4 @@
-"""Tests for msbt.synth: determinism, layout on disk, fit to the preprocessing, class morphology."""
+"""Tests for msbt.data.synth: determinism, layout on disk, fit to the preprocessing, class morphology."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from msbt import synth
+from msbt.data import synth
 
 SMALL = dict(fields_per_line=2, field_size=256, lesions_per_class=5, frames_per_lesion=(1, 3),
              ultrasound_size=96)

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from msbt import synth
-from msbt.checkpoint import read_manifest, verify
+from msbt.data import synth
+from msbt.model.checkpoint import read_manifest, verify
 from msbt.config import Config, PreprocessConfig, RunConfig, StageConfig
-from msbt.discovery import discover
-from msbt.preprocess import build_microscope_store, build_ultrasound_store, split_items
-from msbt.splits import make_split, save_split
+from msbt.data.discovery import discover
+from msbt.data.preprocess import build_microscope_store, build_ultrasound_store, split_items
+from msbt.data.splits import make_split, save_split
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
@@ -55,7 +55,7 @@ def stores(tmp_path_factory, ray_local):
 
 @pytest.fixture(scope="module")
 def stage1(stores, tmp_path_factory):
-    from msbt.train import train_stage
+    from msbt.train.runner import train_stage
 
     folder = tmp_path_factory.mktemp("run1")
     config = tiny_config(folder)
@@ -77,7 +77,7 @@ def checkpoint_dir(checkpoint) -> str:
 
 
 def test_a_worker_count_below_one_is_refused(tmp_path):
-    from msbt.train import train_stage
+    from msbt.train.runner import train_stage
 
     config = tiny_config(tmp_path, num_workers=0)
     with pytest.raises(ValueError, match="num_workers must be at least 1"):
@@ -85,7 +85,7 @@ def test_a_worker_count_below_one_is_refused(tmp_path):
 
 
 def test_a_parent_is_needed_exactly_for_weights_parent(tmp_path):
-    from msbt.train import train_stage
+    from msbt.train.runner import train_stage
 
     config = tiny_config(tmp_path)
     with pytest.raises(ValueError, match="parent checkpoint is needed"):
@@ -97,7 +97,7 @@ def test_a_parent_is_needed_exactly_for_weights_parent(tmp_path):
 
 
 def test_score_order_follows_the_saver():
-    from msbt.train import score_order
+    from msbt.train.runner import score_order
 
     assert (score_order("val_loss"), score_order("val_auc"), score_order("loss")) == ("min", "max", "min")
 
@@ -109,7 +109,7 @@ def test_score_order_follows_the_saver():
 @pytest.mark.ray
 @pytest.mark.slow
 def test_stage1_reports_every_epoch_and_checkpoints_in_the_msbt_format(stage1, stores):
-    from msbt.train import best_checkpoint, store_classes
+    from msbt.train.runner import best_checkpoint, store_classes
 
     config, result = stage1
     assert result.error is None

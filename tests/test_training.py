@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from msbt import augment, training
-from msbt.checkpoint import CheckpointError, lineage, read_manifest, verify
+from msbt.model import augment
+
+from msbt.train import loop as training
+from msbt.model.checkpoint import CheckpointError, lineage, read_manifest, verify
 from msbt.config import AugmentConfig, HeadConfig, StageConfig
-from msbt.models import weight_arrays
+from msbt.model.models import weight_arrays
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),  # inside Keras' saving
@@ -306,7 +308,7 @@ def test_head_first_then_top_layers_schedule(tmp_path, monkeypatch):
     monkeypatch.setenv("MSBT_CACHE_DIR", str(tmp_path / "cache"))
     tf.config.run_functions_eagerly(True)  # 3 steps: eager is faster than tracing two training graphs
     try:
-        from msbt.models import build_backbone
+        from msbt.model.models import build_backbone
 
         start = {layer.name: weight_arrays(layer) for layer in build_backbone("efficientnet_lite0", 32, "imagenet").layers}
         snapshot = Snapshot()

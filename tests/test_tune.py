@@ -1,4 +1,4 @@
-"""Ray Tune search of stage 2 (msbt.tune, msbt.features) on a real local Ray cluster.
+"""Ray Tune search of stage 2 (msbt.tune.search, msbt.tune.fast) on a real local Ray cluster.
 
 Built-in synthetic data at the smoke size, EfficientNet-Lite0 (offline ImageNet weights) at 32 px, stage 2 for
 2 epochs, ASHA with a grace period of 1 epoch. One search is started as a subprocess (the real workflow,
@@ -64,7 +64,7 @@ def test_tune_yaml_spells_out_the_defaults():
     ("tune.space.batch_size=[0, 8]", "tune.space.batch_size`"),
 ])
 def test_a_bad_search_space_is_refused_naming_the_source_and_key(override, message):
-    from msbt.tune import check_space
+    from msbt.tune.search import check_space
 
     config = load_config([], [override])
     with pytest.raises(ConfigError, match=message) as err:
@@ -78,7 +78,7 @@ def test_a_wrong_type_in_the_space_names_the_key():
 
 
 def test_trial_0_is_the_papers_stage2_configuration():
-    from msbt.tune import reference_point, trial_stage
+    from msbt.tune.search import reference_point, trial_stage
 
     cpu = load_config([ROOT / "workflows" / "configs" / "cpu.yaml"])  # cpu.yaml uses Adam in stage 2
     point = reference_point(cpu)
@@ -95,7 +95,7 @@ def test_trial_0_is_the_papers_stage2_configuration():
 
 
 def test_fast_mode_holds_the_augmentation_ranges_at_the_reference():
-    from msbt.tune import param_space, reference_point, trial_stage
+    from msbt.tune.search import param_space, reference_point, trial_stage
 
     config = load_config([], ["stage2.trainable_backbone=false"])
     assert set(param_space(config.tune.space, fast=True)["augment"]) == {"expansion"}
@@ -112,8 +112,8 @@ def test_fast_mode_holds_the_augmentation_ranges_at_the_reference():
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, ray_local):
     """The run folder with its stores and a stage-1 checkpoint (trained once, in this process)."""
-    from msbt.pipeline import prepare_data, preprocess
-    from msbt.tune import stage1_checkpoint
+    from msbt.jobs.pipeline import prepare_data, preprocess
+    from msbt.tune.search import stage1_checkpoint
 
     folder = tmp_path_factory.mktemp("tune")
     path = tiny_yaml(folder)
@@ -165,8 +165,8 @@ def _kill_session(proc: subprocess.Popen, ray_tmp: str) -> None:
 @pytest.mark.slow
 def test_search_is_interrupted_restored_and_its_best_config_reruns(prepared, tmp_path):
     from msbt.cli import main as msbt_main
-    from msbt.train import best_checkpoint, train_stage
-    from msbt.tune import experiment_dir, read_experiment, run_search, write_best_overlay
+    from msbt.train.runner import best_checkpoint, train_stage
+    from msbt.tune.search import experiment_dir, read_experiment, run_search, write_best_overlay
 
     config = prepared["config"]
     experiment = experiment_dir(config)
@@ -228,9 +228,9 @@ def test_search_is_interrupted_restored_and_its_best_config_reruns(prepared, tmp
 def test_fast_mode_caches_features_once_and_trains_heads_on_them(prepared, capsys):
     import dataclasses
 
-    from msbt.features import attach_head, fit_head, frozen, load_features
-    from msbt.preprocess import read_store
-    from msbt.tune import read_experiment, run_search
+    from msbt.tune.fast import attach_head, fit_head, frozen, load_features
+    from msbt.data.preprocess import read_store
+    from msbt.tune.search import read_experiment, run_search
 
     over = ["tune.fast=true", "stage2.trainable_backbone=false", "tune.num_samples=2", "tune.scheduler=none"]
     config = load_config([prepared["yaml"]], over + ["tune.experiment=fast1"])

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT
 from test_report import check_run_report
-from msbt.checkpoint import lineage, read_manifest
+from msbt.model.checkpoint import lineage, read_manifest
 from msbt.cli import main
 
 SCRIPTS = ["pipeline", "preprocess", "stage1", "stage2", "evaluate"]
@@ -89,7 +89,7 @@ def test_tensorboard_callback_writes_epoch_scalars(tmp_path):
     import numpy as np
     import tensorflow as tf
 
-    from msbt.tblog import tensorboard_callback, tensorboard_dir
+    from msbt.train.tblog import tensorboard_callback, tensorboard_dir
 
     log_dir = tensorboard_dir(tmp_path / "run", 2)
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, activation="sigmoid")])
@@ -111,7 +111,7 @@ def test_tensorboard_callback_writes_epoch_scalars(tmp_path):
 
 def fake_checkpoint(folder, epoch: int):
     """A checkpoint folder as Ray leaves it: model file + manifest (the model's bytes do not matter here)."""
-    from msbt.checkpoint import write_manifest
+    from msbt.model.checkpoint import write_manifest
     from msbt.config import StageConfig
 
     folder.mkdir(parents=True)
@@ -123,7 +123,7 @@ def fake_checkpoint(folder, epoch: int):
 
 def test_a_rerun_is_refused_when_the_run_folder_holds_a_stage(tmp_path):
     from msbt.config import load_config
-    from msbt.stages import RunStateError, record_stage, refuse_rerun
+    from msbt.train.stages import RunStateError, record_stage, refuse_rerun
 
     config = load_config(overrides=[f"run.storage_path={tmp_path}", "run.name=r"])
     refuse_rerun(config)  # nothing there yet
@@ -137,7 +137,7 @@ def test_a_rerun_is_refused_when_the_run_folder_holds_a_stage(tmp_path):
 
 
 def test_latest_checkpoint_skips_incomplete_copies(tmp_path):
-    from msbt.stages import latest_checkpoint
+    from msbt.train.stages import latest_checkpoint
 
     assert latest_checkpoint(tmp_path) is None
     fake_checkpoint(tmp_path / "checkpoint_a", 1)
@@ -150,7 +150,7 @@ def test_latest_checkpoint_skips_incomplete_copies(tmp_path):
 
 def test_a_broken_stages_file_is_named(tmp_path):
     from msbt.config import load_config
-    from msbt.stages import RunStateError, read_stages
+    from msbt.train.stages import RunStateError, read_stages
 
     config = load_config(overrides=[f"run.storage_path={tmp_path}", "run.name=r"])
     (tmp_path / "r").mkdir()

@@ -3,7 +3,7 @@
     python workflows/ablation.py --config workflows/configs/cpu.yaml [--fresh]
 
 Writes runs/<run.name>/ablation/ablation.json and prints our loss/accuracy/AUC (95% CIs) beside the
-paper's accuracies; the rows are defined in msbt.experiments.ABLATION_ROWS.
+paper's accuracies; the rows are defined in msbt.jobs.experiments.ABLATION_ROWS.
 """
 
 from __future__ import annotations

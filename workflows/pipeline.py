@@ -3,7 +3,7 @@
 preprocess -> stage 1 -> stage 2 -> test metrics. `--resume` continues a stopped run of the same
 `run.name`: finished stages (runs/<name>/stages.json) are reused, an interrupted one continues from its
 latest checkpoint. A thin entry point, so `ray job submit -- python workflows/pipeline.py ...` runs it
-unchanged; everything it does lives in `msbt.pipeline`.
+unchanged; everything it does lives in `msbt.jobs.pipeline`.
 """
 
 from __future__ import annotations

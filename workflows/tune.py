@@ -2,7 +2,7 @@
 --config workflows/configs/tune.yaml`.
 
 A thin entry point like workflows/pipeline.py (`ray job submit -- python workflows/tune.py ...` runs it
-unchanged); everything it does lives in `msbt.tune`. `--resume` continues an interrupted experiment,
+unchanged); everything it does lives in `msbt.tune.search`. `--resume` continues an interrupted experiment,
 `--fast` trains heads on cached features of a frozen backbone, `--smoke-test` is the smallest real search.
 """
 

@@ -3,7 +3,7 @@
 Layers, from small to large:
 
 * input pipelines: :func:`dataset_from_arrays`, :func:`train_batches` (expansion, shuffling and
-  augmentation per epoch, see ``msbt.augment``), :func:`eval_batches`;
+  augmentation per epoch, see ``msbt.model.augment``), :func:`eval_batches`;
 * :func:`plan_phases` (pure): the paper's single phase, or head-only then fine-tuning;
 * :func:`compile_model`: optimizer from the config, loss and metrics from the head, with stable names
   ``loss, accuracy, auc, sensitivity, specificity`` (and ``val_`` + each);
@@ -30,8 +30,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from msbt import augment
-from msbt.checkpoint import (
+from msbt.model import augment
+from msbt.model.checkpoint import (
     MANIFEST_FILE,
     MODEL_FILE,
     CheckpointError,
@@ -40,7 +40,7 @@ from msbt.checkpoint import (
     write_manifest,
 )
 from msbt.config import StageConfig, to_dict
-from msbt.models import batchnorm_frozen, build_model, is_binary, set_backbone_trainable
+from msbt.model.models import batchnorm_frozen, build_model, is_binary, set_backbone_trainable
 
 METRIC_NAMES = ("loss", "accuracy", "auc", "sensitivity", "specificity")
 _OPTIMIZERS = {"adagrad": keras.optimizers.Adagrad, "adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}
@@ -266,7 +266,7 @@ def compile_model(model: keras.Model, stage: StageConfig, learning_rate: float |
     """Compile with the stage's optimizer (built: its variables exist), the head's loss and the stable metrics.
 
     Args:
-        model: From ``msbt.models.build_model``.
+        model: From ``msbt.model.models.build_model``.
         stage: ``optimizer`` and ``learning_rate``.
         learning_rate: Overrides ``stage.learning_rate`` (a fine-tuning phase).
     """

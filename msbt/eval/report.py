@@ -245,7 +245,7 @@ def _stage_history(checkpoint: Path) -> tuple[dict, int | None]:
 
 
 def training_section(checkpoint: str | None) -> str:
-    from msbt.checkpoint import lineage
+    from msbt.model.checkpoint import lineage
 
     if not checkpoint or not Path(checkpoint).is_dir():
         return _section("Training curves", "<p class=missing>No evaluated checkpoint recorded.</p>", "training")
@@ -309,7 +309,7 @@ def _rejects(path: Path, shown: int = 20) -> str:
 
 
 def lineage_section(checkpoint: str | None) -> str:
-    from msbt.checkpoint import format_lineage
+    from msbt.model.checkpoint import format_lineage
 
     if not checkpoint or not Path(checkpoint).is_dir():
         return _section("Lineage", "<p class=missing>No evaluated checkpoint recorded.</p>", "lineage")
@@ -317,14 +317,14 @@ def lineage_section(checkpoint: str | None) -> str:
 
 
 def gradcam_section(run: Path, result: dict | None, samples: int = 4) -> str:
-    """Sample Grad-CAM overlays of test images (needs msbt.gradcam and TensorFlow)."""
+    """Sample Grad-CAM overlays of test images (needs msbt.model.gradcam and TensorFlow)."""
     title = "Grad-CAM samples"
     if not result or not Path(result.get("checkpoint", "")).is_dir():
         return _section(title, "<p class=missing>No evaluated checkpoint recorded.</p>", "gradcam")
     try:
-        from msbt import gradcam
+        from msbt.model import gradcam
     except ImportError as err:
-        return _section(title, f"<p class=missing>NOT AVAILABLE: msbt.gradcam could not be imported ({_e(err)}); "
+        return _section(title, f"<p class=missing>NOT AVAILABLE: msbt.model.gradcam could not be imported ({_e(err)}); "
                         "this section fills in once it is installed.</p>", "gradcam")
     try:
         figures = _gradcam_figures(gradcam, run, result, samples)
@@ -339,9 +339,9 @@ def _gradcam_figures(gradcam, run: Path, result: dict, samples: int) -> list[str
     import cv2
     import numpy as np
 
-    from msbt.checkpoint import read_manifest
-    from msbt.evaluate import load_stage2
-    from msbt.preprocess import read_store
+    from msbt.model.checkpoint import read_manifest
+    from msbt.eval.evaluate import load_stage2
+    from msbt.data.preprocess import read_store
 
     store = run / "stores" / "ultrasound"
     data = read_store(store, columns=["image", "label_index", "source"], split="test")

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from msbt.checkpoint import MODEL_FILE, CheckpointError, read_manifest, sha256_file, verify
+from msbt.model.checkpoint import MODEL_FILE, CheckpointError, read_manifest, sha256_file, verify
 from msbt.config import Config, to_dict
 
 log = logging.getLogger(__name__)
@@ -38,12 +38,12 @@ class RunStateError(ValueError):
 
 
 def run_folder(config: Config) -> Path:
-    """`<run.storage_path>/<run.name>` (the same folder as msbt.pipeline.run_dir)."""
+    """`<run.storage_path>/<run.name>` (the same folder as msbt.jobs.pipeline.run_dir)."""
     return (Path(config.run.storage_path).expanduser() / config.run.name).resolve()
 
 
 def stage_folder(config: Config, number: int) -> Path:
-    """Ray Train's run folder of one stage (msbt.train.run_config puts it there)."""
+    """Ray Train's run folder of one stage (msbt.train.runner.run_config puts it there)."""
     return run_folder(config) / f"stage{number}"
 
 
@@ -126,7 +126,7 @@ def check_fits(config: Config, number: int, path: str | Path, store_path: str | 
         RunStateError: The checkpoint is gone or altered, or was trained with other stage settings or
             on another store than this config gives.
     """
-    from msbt.train import store_identity
+    from msbt.train.runner import store_identity
 
     path = Path(path)
     try:
@@ -167,7 +167,7 @@ def run_stage(config: Config, number: int, store_path: str | Path, parent: str |
         RunStateError: Without `resume`, a stage that this run folder already holds (see the module
             docstring); with it, a recorded stage that no longer fits the config.
     """
-    from msbt.train import best_checkpoint, train_stage
+    from msbt.train.runner import best_checkpoint, train_stage
 
     stage = config.stage1 if number == 1 else config.stage2
     if not resume:

@@ -1,20 +1,20 @@
 """Applying a trained stage-2 model to new images (`msbt predict`).
 
 An image must reach the model exactly as the training images did: read and converted to 8-bit RGB by
-:func:`msbt.imagefile.read_image` with the run's 16-bit policy, its intensity normalised and fitted to
-the store's square size with the run's aspect policy (``msbt.preprocess.ultrasound_arrays``), and, if the
-stage trained at another size than the store holds, resized the way ``msbt.training`` does it. A
+:func:`msbt.images.imagefile.read_image` with the run's 16-bit policy, its intensity normalised and fitted to
+the store's square size with the run's aspect policy (``msbt.data.preprocess.ultrasound_arrays``), and, if the
+stage trained at another size than the store holds, resized the way ``msbt.train.loop`` does it. A
 checkpoint's manifest records only the stage config (backbone, input size, head), so the rest is read
 from the run the checkpoint belongs to, found by walking up from the checkpoint folder: the ultrasound
 store's ``store.json`` (the settings the training images were really made with), else the run's
 ``config.yaml``; without either the defaults are used and a note says so. An exported model
-(:mod:`msbt.export`) carries all of it in its ``export.json``.
+(:mod:`msbt.serve.export`) carries all of it in its ``export.json``.
 
 The decision threshold is the one the run chose on its validation split (``metrics.json`` of the run,
 used only if it was computed for this very checkpoint), else 0.5 with a note; ``--threshold`` overrides
 both. Every result says where its threshold came from.
 
-Files are taken as discovery takes them (msbt.discovery): folders are searched recursively, hidden
+Files are taken as discovery takes them (msbt.data.discovery): folders are searched recursively, hidden
 folders and system files are ignored, segmentation masks (``*_mask.png``, ``*_mask_1.png``) are skipped
 and counted, and a file that is not a usable image is rejected with its reason, never a crash.
 """
@@ -31,14 +31,14 @@ from typing import Sequence
 
 import numpy as np
 
-from msbt.checkpoint import MODEL_FILE, read_manifest
+from msbt.model.checkpoint import MODEL_FILE, read_manifest
 from msbt.config import PreprocessConfig, load_config
-from msbt.discovery import Reject, _is_system_file, _mask_pattern, _walk
-from msbt.imagefile import ImageError, fit_square, normalize_intensity, read_image
+from msbt.data.discovery import Reject, _is_system_file, _mask_pattern, _walk
+from msbt.images.imagefile import ImageError, fit_square, normalize_intensity, read_image
 
 log = logging.getLogger(__name__)
 
-EXPORT_FILE = "export.json"  # written by msbt.export beside the copied model
+EXPORT_FILE = "export.json"  # written by msbt.serve.export beside the copied model
 CSV_COLUMNS = ("path", "label", "probability", "threshold", "heatmap", "reason")
 DEFAULT_THRESHOLD = 0.5
 _RUN_LEVELS = 5  # checkpoint -> stage2 -> run (or -> arm -> experiment -> run)
@@ -248,7 +248,7 @@ def collect_files(inputs: Sequence[str | Path], mask_suffixes: Sequence[str] = (
 
 
 def prepare_image(path: str | Path, preparation: Preparation) -> np.ndarray:
-    """One file as the store holds it: ``(S, S, 3)`` uint8 (``msbt.preprocess.ultrasound_arrays``).
+    """One file as the store holds it: ``(S, S, 3)`` uint8 (``msbt.data.preprocess.ultrasound_arrays``).
 
     Raises:
         ImageError: The file cannot be used (the reason names the problem).
@@ -258,7 +258,7 @@ def prepare_image(path: str | Path, preparation: Preparation) -> np.ndarray:
 
 
 def model_inputs(images: np.ndarray, image_size: int) -> np.ndarray:
-    """Store-sized uint8 images -> the model's input size, as ``msbt.training`` resizes them.
+    """Store-sized uint8 images -> the model's input size, as ``msbt.train.loop`` resizes them.
 
     Training and evaluation resize (bilinear, rounded back to uint8) only when the store's size differs
     from the stage's; the same arithmetic is used here so the pixels agree exactly.
@@ -299,7 +299,7 @@ def predict(
         CheckpointError: Not a checkpoint, or its model file was changed.
         ValueError: Not a binary checkpoint, or a threshold outside [0, 1].
     """
-    from msbt.evaluate import load_stage2
+    from msbt.eval.evaluate import load_stage2
 
     folder = _folder(checkpoint)
     chosen, notes = find_threshold(folder, threshold)  # a bad --threshold fails before the model loads
@@ -328,15 +328,15 @@ def predict(
         pictures = _write_heatmaps(model, batch, kept, heatmaps, used) if heatmaps else [""] * len(kept)
         negative, positive = run.class_names
         for path, prob, picture in zip(kept, p.reshape(-1), pictures):
-            # The rule of msbt.metrics: malignant when p >= threshold.
+            # The rule of msbt.eval.metrics: malignant when p >= threshold.
             label = positive if prob >= chosen.value else negative
             run.predictions.append(Prediction(str(path), label, float(prob), chosen.value, picture))
     return run
 
 
 def _write_heatmaps(model, batch: np.ndarray, paths: list[Path], folder: str | Path, used: set[str]) -> list[str]:
-    from msbt.gradcam import gradcam, overlay
-    from msbt.sheets import write_png
+    from msbt.model.gradcam import gradcam, overlay
+    from msbt.images.sheets import write_png
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,10 @@
 """Data-parallel training of one stage across Ray Train workers: a custom loop under the multi-worker strategy.
 
-:func:`fit_stage_distributed` is :func:`msbt.training.fit_stage` for ``run.num_workers > 1``. It takes
-the same arguments, runs the same phases (:func:`msbt.training.plan_phases`), the same input pipeline
-(:func:`msbt.training.train_batches` / :func:`msbt.training.eval_batches`), the same compiled optimizer
-(:func:`msbt.training.compile_model`), the same :class:`msbt.training.BestModelSaver` and extra Keras
-callbacks (the Ray report callback of ``msbt.train``), and writes the same manifest; only the loop that
+:func:`fit_stage_distributed` is :func:`msbt.train.loop.fit_stage` for ``run.num_workers > 1``. It takes
+the same arguments, runs the same phases (:func:`msbt.train.loop.plan_phases`), the same input pipeline
+(:func:`msbt.train.loop.train_batches` / :func:`msbt.train.loop.eval_batches`), the same compiled optimizer
+(:func:`msbt.train.loop.compile_model`), the same :class:`msbt.train.loop.BestModelSaver` and extra Keras
+callbacks (the Ray report callback of ``msbt.train.runner``), and writes the same manifest; only the loop that
 feeds batches to the model is its own.
 
 Why not ``model.fit``. Keras 3 ``fit`` under ``tf.distribute.MultiWorkerMirroredStrategy`` fails inside
@@ -36,7 +36,7 @@ identical models.
 Metrics. Training metrics (``loss, accuracy, auc, sensitivity, specificity``) are computed on the global
 batch: each step gathers every replica's labels and predictions (a few numbers per example) and updates
 metric objects that live outside the strategy, identically on every worker. Validation is not split:
-``msbt.train`` gives every worker the whole validation set (``DataConfig(datasets_to_split=["train"])``)
+``msbt.train.runner`` gives every worker the whole validation set (``DataConfig(datasets_to_split=["train"])``)
 and each evaluates it locally with the same weights, so every rank reports the same ``val_*`` values and
 every rank's saver makes the same decision.
 
@@ -62,10 +62,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from msbt import training
-from msbt.checkpoint import MANIFEST_FILE, MODEL_FILE, check_parent, write_manifest
+from msbt.train import loop
+from msbt.model.checkpoint import MANIFEST_FILE, MODEL_FILE, check_parent, write_manifest
 from msbt.config import StageConfig
-from msbt.models import batchnorm_frozen, build_model, is_binary, set_backbone_trainable
+from msbt.model.models import batchnorm_frozen, build_model, is_binary, set_backbone_trainable
 
 SUM = tf.distribute.ReduceOp.SUM
 MEAN = tf.distribute.ReduceOp.MEAN
@@ -92,7 +92,7 @@ def set_cpu_threads(threads: int) -> None:
 def set_mixed_precision(enabled: bool) -> None:
     """Set Keras' global dtype policy: ``mixed_float16`` (float32 variables, float16 compute) or float32.
 
-    The classifier (``predictions``) keeps float32 compute (``msbt.models``), so the probabilities and
+    The classifier (``predictions``) keeps float32 compute (``msbt.model.models``), so the probabilities and
     the loss are float32; ``compile_model`` then wraps the optimizer in a ``LossScaleOptimizer``.
     """
     keras.mixed_precision.set_global_policy("mixed_float16" if enabled else "float32")
@@ -147,8 +147,8 @@ class _Loop:
         cls = keras.losses.BinaryCrossentropy if binary else keras.losses.CategoricalCrossentropy
         self.loss_fn = cls(reduction=None)
         # Outside the strategy's scope: plain variables, updated with the gathered global batch.
-        self.train_metrics = [keras.metrics.Mean(name="loss"), *training.stage_metrics(num_classes)]
-        self.val_metrics = [keras.metrics.Mean(name="loss"), *training.stage_metrics(num_classes)]
+        self.train_metrics = [keras.metrics.Mean(name="loss"), *loop.stage_metrics(num_classes)]
+        self.val_metrics = [keras.metrics.Mean(name="loss"), *loop.stage_metrics(num_classes)]
         self.train_step = tf.function(self._train_step, reduce_retracing=True)
         self.eval_step = tf.function(self._eval_step, reduce_retracing=True)
         self.sync = sync_non_trainable(strategy, model)
@@ -259,8 +259,8 @@ def fit_stage_distributed(
     resume_from: str | Path | None = None,
     strategy: tf.distribute.Strategy | None = None,
     audit: Audit | None = None,
-) -> training.StageResult:
-    """Train one stage data-parallel across the strategy's workers; arguments as :func:`msbt.training.fit_stage`.
+) -> loop.StageResult:
+    """Train one stage data-parallel across the strategy's workers; arguments as :func:`msbt.train.loop.fit_stage`.
 
     Every worker calls this with its own shard as ``train_ds`` and the whole validation set as
     ``val_ds``; every worker ends with the same model and writes the same checkpoint into its own
@@ -276,7 +276,7 @@ def fit_stage_distributed(
         audit: Filled in with what this worker fed and its weight digests (costs a little per step).
 
     Returns:
-        A :class:`msbt.training.StageResult`.
+        A :class:`msbt.train.loop.StageResult`.
 
     Raises:
         ValueError: A worker with several replicas, or a global batch smaller than the worker count.
@@ -295,23 +295,23 @@ def fit_stage_distributed(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
     keras.utils.set_random_seed(seed)  # the same initial weights on every worker
-    saver = training.BestModelSaver(out_dir / MODEL_FILE, stage.monitor)
+    saver = loop.BestModelSaver(out_dir / MODEL_FILE, stage.monitor)
     history: dict[str, list[float]] = {}
     done = 0
     with strategy.scope():
         if resume_from is None:
-            model = build_model(stage, len(class_names), training._open_parent(stage, parent))
+            model = build_model(stage, len(class_names), loop._open_parent(stage, parent))
         else:
             if parent is not None:
                 check_parent(parent, stage)
-            model, done = training._resume(resume_from, stage, class_names, saver, history)
+            model, done = loop._resume(resume_from, stage, class_names, saver, history)
     if audit is not None:
         audit.rank, audit.world_size = rank, workers
         audit.initial_weights = weights_digest(model)
     hooks = keras.callbacks.CallbackList([saver, *callbacks], model=model)
     hooks.on_train_begin()
     local_stage = dataclasses.replace(stage, batch_size=stage.batch_size // workers)
-    for phase in training.plan_phases(stage):
+    for phase in loop.plan_phases(stage):
         if phase.last_epoch <= done:
             continue
         phase = dataclasses.replace(phase, first_epoch=max(phase.first_epoch, done))
@@ -327,7 +327,7 @@ def fit_stage_distributed(
         out_dir, stage_config=stage, class_names=class_names, metrics=saver.best_logs, best_epoch=saver.best_epoch,
         history=history, parent=parent, data_fingerprint=data_fingerprint, split_id=split_id,
     )
-    return training.StageResult(out_dir, manifest["stage"], stage.monitor, saver.best_epoch, saver.best_logs, history)
+    return loop.StageResult(out_dir, manifest["stage"], stage.monitor, saver.best_epoch, saver.best_logs, history)
 
 
 def _world(strategy) -> tuple[int, int]:
@@ -346,11 +346,11 @@ def _run_phase(strategy, model, phase, stage, local_stage, train_ds, val_ds, hoo
     with strategy.scope():
         # compile_model builds the optimizer, here in the scope: built lazily inside the replica step it
         # would create its variables there.
-        training.compile_model(model, stage, phase.learning_rate)
+        loop.compile_model(model, stage, phase.learning_rate)
     loop = _Loop(strategy, model, num_classes)
-    val = training.eval_batches(val_ds, stage, num_classes=num_classes) if val_ds is not None else None
+    val = loop.eval_batches(val_ds, stage, num_classes=num_classes) if val_ds is not None else None
     for epoch in range(phase.first_epoch, phase.last_epoch):
-        batches, local_steps = training.train_batches(
+        batches, local_steps = loop.train_batches(
             train_ds, local_stage, num_classes=num_classes, seed=data_seed, first_epoch=epoch,
             last_epoch=epoch + 1, shuffle_buffer=shuffle_buffer,
         )

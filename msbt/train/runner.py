@@ -1,5 +1,5 @@
-"""Ray Train layer: one stage = one ``TensorflowTrainer`` run of :func:`msbt.training.fit_stage` (one
-worker) or :func:`msbt.distributed.fit_stage_distributed` (several workers, data parallel).
+"""Ray Train layer: one stage = one ``TensorflowTrainer`` run of :func:`msbt.train.loop.fit_stage` (one
+worker) or :func:`msbt.train.distributed.fit_stage_distributed` (several workers, data parallel).
 
 Three layers, as in Ray's own examples:
 
@@ -12,7 +12,7 @@ Three layers, as in Ray's own examples:
 
 Workers (issue #5; ``docs/training.md``). One worker (``run.num_workers: 1``) runs ``fit_stage``, i.e.
 Keras ``model.fit``: on a CPU box that is the fast configuration (two workers measured slower, 9-11 vs
-28 img/s). More workers run :func:`msbt.distributed.fit_stage_distributed`, a custom ``tf.function``
+28 img/s). More workers run :func:`msbt.train.distributed.fit_stage_distributed`, a custom ``tf.function``
 step under ``MultiWorkerMirroredStrategy`` (``TF_CONFIG`` comes from ``TensorflowTrainer``), because
 Keras 3 ``model.fit`` under that strategy fails (keras-team/keras#20585, ray-project/ray#47464; see
 STACK-NOTES): gradients are all-reduced, the global batch ``stage.batch_size`` is split across the
@@ -28,7 +28,7 @@ wrote plus a ``manifest.json`` for that epoch (stage, parent link and hash, best
 It is staged in a folder of its own, so the stage folder never holds a manifest before ``fit_stage``
 finishes (a manifest there means "finished"). Ray keeps ``run.checkpoints_to_keep`` of them, best by
 ``stage.monitor``. The parent link records the parent's path as seen by the worker: with local (or
-shared) storage that is the persisted Ray checkpoint folder, so ``msbt.checkpoint.lineage`` follows it.
+shared) storage that is the persisted Ray checkpoint folder, so ``msbt.model.checkpoint.lineage`` follows it.
 
 Resume. After a worker restart (``FailureConfig.max_failures``), ``ray.train.get_checkpoint()`` is the
 last reported checkpoint, i.e. the best model so far and its epoch; ``train_stage(resume_from=...)``
@@ -58,10 +58,10 @@ from typing import Sequence
 
 import numpy as np
 
-from msbt import tblog
-from msbt.checkpoint import MODEL_FILE, sha256_file, write_manifest
+from msbt.train import tblog
+from msbt.model.checkpoint import MODEL_FILE, sha256_file, write_manifest
 from msbt.config import Config, RunConfig, StageConfig
-from msbt.preprocess import decode_images, image_shape, read_store, store_files
+from msbt.data.preprocess import decode_images, image_shape, read_store, store_files
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def shard_arrays(shard, shape: tuple[int, ...], batch_size: int = 512) -> tuple[
 
     Args:
         shard: A ``ray.data.DataIterator`` (``ray.train.get_dataset_shard(...)``) or a ``ray.data.Dataset``.
-        shape: Every image's shape (``msbt.preprocess.image_shape(store)``).
+        shape: Every image's shape (``msbt.data.preprocess.image_shape(store)``).
         batch_size: Rows per Arrow batch while copying.
 
     Returns:
@@ -186,7 +186,7 @@ def train_loop_per_worker(config: dict) -> None:
     """
     import ray.train
 
-    from msbt import distributed
+    from msbt.train import distributed
 
     context = ray.train.get_context()
     world = context.get_world_size()
@@ -199,12 +199,12 @@ def train_loop_per_worker(config: dict) -> None:
 
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
     distributed.set_mixed_precision(config.get("mixed_precision", False))
-    from msbt import training
+    from msbt.train import loop
 
     stage: StageConfig = config["stage"]
     shape = tuple(config["image_shape"])
-    train_ds = training.dataset_from_arrays(*shard_arrays(ray.train.get_dataset_shard("train"), shape))
-    val_ds = training.dataset_from_arrays(*shard_arrays(ray.train.get_dataset_shard("val"), shape))
+    train_ds = loop.dataset_from_arrays(*shard_arrays(ray.train.get_dataset_shard("train"), shape))
+    val_ds = loop.dataset_from_arrays(*shard_arrays(ray.train.get_dataset_shard("val"), shape))
     resume = ray.train.get_checkpoint() or config.get("resume")
     out_dir = Path(tempfile.mkdtemp(prefix="msbt-stage-"))
     try:
@@ -225,7 +225,7 @@ def train_loop_per_worker(config: dict) -> None:
                           resume_from=resume_dir, **common)
             audit = distributed.Audit(rank=context.get_world_rank(), world_size=world)
             if strategy is None:
-                training.fit_stage(stage, train_ds, val_ds, **kwargs)
+                loop.fit_stage(stage, train_ds, val_ds, **kwargs)
             else:
                 distributed.fit_stage_distributed(
                     stage, train_ds, val_ds, strategy=strategy, audit=audit if clock else None, **kwargs
@@ -375,7 +375,7 @@ def train_stage(
     Args:
         config: The resolved config; ``stage1``/``stage2`` and ``run`` are used, ``data.seed`` seeds it.
         stage_number: 1 (cell lines) or 2 (ultrasound, from ``parent_checkpoint``).
-        store_path: A store from ``msbt.preprocess`` with ``train`` and ``val`` rows.
+        store_path: A store from ``msbt.data.preprocess`` with ``train`` and ``val`` rows.
         parent_checkpoint: Stage 2 only: stage 1's checkpoint (a ``ray.train.Checkpoint`` such as
             :func:`best_checkpoint` of stage 1's result, or a checkpoint folder).
         resume_from: A checkpoint of this same stage to continue from (see "Resume" above).
@@ -383,7 +383,7 @@ def train_stage(
         verbose: Keras ``fit`` verbosity in the worker (multi-worker: one line per epoch on rank 0).
         audit_dir: Each rank writes ``rank<r>.json`` there (a folder every worker can write, e.g. on a
             shared filesystem): wall-clock time of the first train begin and of every epoch end, and with
-            several workers also its data checksums and weight digests (:class:`msbt.distributed.Audit`).
+            several workers also its data checksums and weight digests (:class:`msbt.train.distributed.Audit`).
         callbacks: Ray Train callbacks for the trainer's ``RunConfig`` (e.g. Tune's ``TuneReportCallback``,
             which forwards every epoch's report to a Tune trial).
 

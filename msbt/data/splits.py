@@ -20,8 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
-from msbt.discovery import DataError, Discovery
-from msbt.grouping import connected_groups, find_links
+from msbt.data.discovery import DataError, Discovery
+from msbt.images.grouping import connected_groups, find_links
 
 SPLITS = ("train", "val", "test")
 
@@ -98,7 +98,7 @@ def make_split(
         folds: number of cross-validation folds (over all images; test folds are disjoint by group).
         seed: split seed.
         grouping: "auto" (near-duplicate detection), "manifest" (the manifest's group column), "none".
-        max_distance, min_similarity: near-duplicate thresholds (see `msbt.grouping.find_links`).
+        max_distance, min_similarity: near-duplicate thresholds (see `msbt.images.grouping.find_links`).
 
     Returns:
         SplitResult with a per-image table and a summary (counts, groups, leakage of a naive split).

@@ -17,7 +17,7 @@ Design notes
 * Microscope cells are DARKER than the local background (phase-contrast look: dark body, darker
   nucleus, faint bright halo), ~8-60 px in radius whatever the field size (cells have >= ~200 px
   area); debris specks are 1-2 px in radius and stay under ~55 px above an adaptive threshold,
-  so adaptive thresholding + ``remove_small_objects`` (see :mod:`msbt.patches`) separate them.
+  so adaptive thresholding + ``remove_small_objects`` (see :mod:`msbt.images.patches`) separate them.
 * Ultrasound classes follow BI-RADS descriptors (shape, orientation, margin, posterior features)
   drawn probabilistically so the classes overlap: learnable, not trivially separable.
 * Frames of one lesion share the lesion AND its surrounding anatomy; they differ by speckle,

@@ -5,7 +5,7 @@ groups near-duplicates and saves the leakage-safe split of each modality into th
 resolved config beside it; builds the Parquet stores with Ray Data; trains stage 1 and stage 2 with Ray
 Train; and scores the stage-2 model on the test split at a threshold chosen on validation. A rerun
 reuses the saved split and finished stores; with `resume=True` it also reuses finished stages and
-continues an interrupted one (msbt.stages), and without it a run folder holding a trained stage is refused.
+continues an interrupted one (msbt.train.stages), and without it a run folder holding a trained stage is refused.
 
 The steps are also jobs of their own (`stage1_job`, `stage2_job`, `evaluate_job`: one workflow script
 each), linked through the run folder's `stages.json`.
@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Sequence
 
 from msbt.config import Config, dump_config, to_dict
-from msbt.discovery import Discovery, discover, write_rejects
-from msbt.splits import SplitResult, load_split, make_split, save_split
+from msbt.data.discovery import Discovery, discover, write_rejects
+from msbt.data.splits import SplitResult, load_split, make_split, save_split
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def synth_dir(config: Config) -> Path:
 
 def ensure_synth(config: Config) -> Path:
     """Generate the built-in data set if it is not there yet; return its folder."""
-    from msbt import synth  # numpy/OpenCV only; imported here so `msbt --help` stays fast
+    from msbt.data import synth  # numpy/OpenCV only; imported here so `msbt --help` stays fast
 
     out = synth_dir(config)
     s = config.synth
@@ -158,7 +158,7 @@ def summarize(prepared: dict[str, PreparedData]) -> str:
 
 def preprocess(config: Config, prepared: dict[str, PreparedData]) -> dict:
     """Build the Parquet stores of both modalities with Ray Data (Ray must be initialised)."""
-    from msbt import preprocess as pp
+    from msbt.data import preprocess as pp
 
     stores = run_dir(config) / "stores"
     out = {}
@@ -196,13 +196,13 @@ def train_and_evaluate(config: Config, stores: dict, *, resume: bool = False) ->
     Args:
         config: The resolved config.
         stores: Modality -> store summary (from :func:`preprocess`).
-        resume: Reuse finished stages and continue an interrupted one (msbt.stages.run_stage).
+        resume: Reuse finished stages and continue an interrupted one (msbt.train.stages.run_stage).
 
     Returns:
         ``stage1``/``stage2``: best checkpoint folders; ``stages``: their stages.json entries;
         ``evaluation``: the test metrics (also in metrics.json); ``metrics_file``.
     """
-    from msbt.stages import run_stage
+    from msbt.train.stages import run_stage
 
     stage1 = run_stage(config, 1, stores["microscope"].path, resume=resume)
     stage2 = run_stage(config, 2, stores["ultrasound"].path, parent=stage1["checkpoint"], resume=resume)
@@ -218,14 +218,14 @@ def train_and_evaluate(config: Config, stores: dict, *, resume: bool = False) ->
 
 def evaluate_checkpoint(config: Config, checkpoint: str | Path, store: str | Path) -> dict:
     """Print a stage-2 checkpoint's lineage and test metrics; write them to the run's metrics.json."""
-    from msbt.checkpoint import format_lineage
-    from msbt.evaluate import evaluate, format_report, write_metrics
+    from msbt.model.checkpoint import format_lineage
+    from msbt.eval.evaluate import evaluate, format_report, write_metrics
 
     print(format_lineage(checkpoint))
     result = evaluate(checkpoint, store, seed=config.data.seed)
     write_metrics(result, run_dir(config) / "metrics.json")
     print(format_report(result), flush=True)
-    from msbt.report import write_report  # every evaluated run gets its self-contained report.html
+    from msbt.eval.report import write_report  # every evaluated run gets its self-contained report.html
 
     print(f"report: {write_report(run_dir(config))}", flush=True)
     return result
@@ -237,10 +237,10 @@ def main_job(config: Config, *, force_split: bool = False, resume: bool = False)
     Args:
         config: The resolved config.
         force_split: Make a new split even if the run folder holds one.
-        resume: Continue a stopped run (see msbt.stages); without it a run folder holding a trained
+        resume: Continue a stopped run (see msbt.train.stages); without it a run folder holding a trained
             stage is refused before any work starts.
     """
-    from msbt.stages import refuse_rerun
+    from msbt.train.stages import refuse_rerun
 
     if not resume:
         refuse_rerun(config)
@@ -281,7 +281,7 @@ def recorded_checkpoint(config: Config, number: int) -> str:
     Raises:
         RunStateError: The stage has not finished in this run folder; says which step to run first.
     """
-    from msbt.stages import STAGES_FILE, RunStateError, read_stages
+    from msbt.train.stages import STAGES_FILE, RunStateError, read_stages
 
     recorded = read_stages(config).get(str(number))
     if recorded is None:
@@ -294,7 +294,7 @@ def recorded_checkpoint(config: Config, number: int) -> str:
 
 def stage1_job(config: Config, *, force_split: bool = False, resume: bool = False) -> dict:
     """Microscope data and store, then stage 1; returns its stages.json entry. Ray must be initialised."""
-    from msbt.stages import refuse_rerun, run_stage
+    from msbt.train.stages import refuse_rerun, run_stage
 
     if not resume:
         refuse_rerun(config, [1])
@@ -312,7 +312,7 @@ def stage2_job(config: Config, *, parent: str | Path | None = None, force_split:
     Raises:
         RunStateError: No parent given and no finished stage 1 recorded in this run folder.
     """
-    from msbt.stages import refuse_rerun, run_stage
+    from msbt.train.stages import refuse_rerun, run_stage
 
     if not resume:
         refuse_rerun(config, [2])

@@ -3,8 +3,8 @@
 Every experiment works on the run folder of the main job (``runs/<run.name>``): the same saved split,
 the same Parquet stores (reused, or built if the run has none yet) and ONE stage-1 checkpoint shared by
 every arm that starts from stage 1, so arms differ only in what the experiment varies. Each arm trains
-stage 2 with :func:`msbt.train.train_stage` under its own Ray run folder
-(``runs/<name>/<experiment>/<arm>/stage2``) and is scored by :func:`msbt.evaluate.evaluate`: threshold
+stage 2 with :func:`msbt.train.runner.train_stage` under its own Ray run folder
+(``runs/<name>/<experiment>/<arm>/stage2``) and is scored by :func:`msbt.eval.evaluate.evaluate`: threshold
 chosen on the arm's validation rows, metrics with 95% group-bootstrap intervals on its held-out rows.
 An arm whose ``metrics.json`` exists is reused on a rerun (``fresh=True`` starts the experiment over).
 
@@ -37,7 +37,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from msbt import metrics
+from msbt.eval import metrics
 from msbt.config import Config, ConfigError, to_dict
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ class RunData:
 
 def prepare_run(config: Config) -> RunData:
     """The run's saved split and stores (made now if the main job has not made them). Ray must be up."""
-    from msbt.pipeline import prepare_data, preprocess, run_dir, summarize, summarize_stores
+    from msbt.jobs.pipeline import prepare_data, preprocess, run_dir, summarize, summarize_stores
 
     prepared = prepare_data(config)
     print(summarize(prepared), flush=True)
@@ -128,7 +128,7 @@ def prepare_run(config: Config) -> RunData:
 
 def _usable_stage1(path: str | Path | None, config: Config) -> Path | None:
     """``path`` if it is an intact stage-1 checkpoint trained with this config's stage 1, else None."""
-    from msbt.checkpoint import CheckpointError, read_manifest, verify
+    from msbt.model.checkpoint import CheckpointError, read_manifest, verify
 
     if not path:
         return None
@@ -160,7 +160,7 @@ def _recorded_stage1(run: Path) -> list[str]:
         candidates.append(entry.get("checkpoint") if isinstance(entry, dict) else None)
     scored = run / "metrics.json"  # the evaluated stage-2 model's parent is the run's stage 1
     if scored.is_file():
-        from msbt.checkpoint import lineage
+        from msbt.model.checkpoint import lineage
 
         checkpoint = json.loads(scored.read_text()).get("checkpoint")
         if checkpoint and Path(checkpoint).is_dir():
@@ -175,7 +175,7 @@ def _recorded_stage1(run: Path) -> list[str]:
 def shared_stage1(data: RunData, *, verbose: int = 0) -> Path:
     """The stage-1 checkpoint every arm starts from: the run's own if it records one that matches the
     config's stage 1, else trained once into ``runs/<name>/experiments/stage1`` and recorded there."""
-    from msbt.train import best_checkpoint, train_stage
+    from msbt.train.runner import best_checkpoint, train_stage
 
     for candidate in _recorded_stage1(data.run_dir):
         found = _usable_stage1(candidate, data.config)
@@ -207,10 +207,10 @@ def run_arm(config: Config, store: Path, stage1: Path | None, folder: Path, *, n
         folder: The arm's folder: ``metrics.json`` and ``predictions.csv`` go there.
 
     Returns:
-        The arm's metrics.json content, with its predictions attached as in :class:`msbt.evaluate.Evaluation`.
+        The arm's metrics.json content, with its predictions attached as in :class:`msbt.eval.evaluate.Evaluation`.
     """
-    from msbt.evaluate import Evaluation, evaluate, read_predictions, write_metrics
-    from msbt.train import best_checkpoint, train_stage
+    from msbt.eval.evaluate import Evaluation, evaluate, read_predictions, write_metrics
+    from msbt.train.runner import best_checkpoint, train_stage
 
     done = folder / "metrics.json"
     if done.is_file() and (folder / "predictions.csv").is_file():
@@ -272,7 +272,7 @@ def write_split_store(store: str | Path, roles: Mapping[str, str], out: str | Pa
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
-    from msbt.preprocess import store_files
+    from msbt.data.preprocess import store_files
 
     store, out = Path(store), Path(out)
     files = store_files(store)
@@ -467,7 +467,7 @@ def format_ablation(report: dict) -> str:
 def naive_roles(rows: Sequence[Mapping], ratios: Sequence[float], seed: int) -> dict[str, str]:
     """source -> split of the naive random split: the run's procedure with every image its own group
     (what ``make_split`` measures as ``leakage.naive_random``)."""
-    from msbt.splits import SPLITS, assign_groups
+    from msbt.data.splits import SPLITS, assign_groups
 
     sources = [r["relpath"] for r in rows]
     bins = assign_groups([r["label"] for r in rows], sources, ratios, seed)

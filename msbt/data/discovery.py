@@ -23,8 +23,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from msbt.grouping import fingerprint
-from msbt.imagefile import IMAGE_EXTENSIONS, ImageError, decode_image
+from msbt.images.grouping import fingerprint
+from msbt.images.imagefile import IMAGE_EXTENSIONS, ImageError, decode_image
 
 # Files operating systems and viewers leave in folders; never data, never worth a reject line.
 _SYSTEM_FILES = {"thumbs.db", "desktop.ini", ".ds_store"}
@@ -96,7 +96,7 @@ def discover(
         strict: raise DataError at the first rejected file instead of recording it.
         mask_suffixes: file stems ending in one of these (optionally followed by `_<n>`) are
             segmentation masks, not images, and are skipped.
-        sixteen_bit: 16-bit conversion policy (see `msbt.imagefile.read_image`).
+        sixteen_bit: 16-bit conversion policy (see `msbt.images.imagefile.read_image`).
         workers: decoding threads (OpenCV releases the GIL); None -> number of CPUs.
 
     Returns:

@@ -2,11 +2,11 @@
 
 With ``trainable_backbone: false`` every epoch of every trial pushes the same images through the same
 frozen backbone; only the head learns. So the backbone's output (the ``gap`` layer of
-``msbt.models.build_model``) is computed once per image and copy, in parallel with Ray Data, cached in
+``msbt.model.models.build_model``) is computed once per image and copy, in parallel with Ray Data, cached in
 the run folder, and each trial trains just the head on those vectors.
 
 * Training images get ``E`` copies: copy 0 the original, copies 1..E-1 augmented with
-  ``msbt.augment.augment_image`` under fixed stateless keys (epoch 0, the copy number, and a stable
+  ``msbt.model.augment.augment_image`` under fixed stateless keys (epoch 0, the copy number, and a stable
   index from the image's source name). ``E`` is the largest ``expansion`` of the search space; a trial
   with expansion ``e`` trains on copies ``0..e-1``. The augmentation ranges (shift, rotation, flip) are
   the reference's and fixed: they are part of the cache key. Unlike full training, where each epoch
@@ -15,7 +15,7 @@ the run folder, and each trial trains just the head on those vectors.
 * Cache: ``<run>/tune/features/<key>/features.npz`` + ``features.json``; the key hashes the stage-1
   model file, the store identity, the backbone settings, the augmentation and the seed, so a changed
   input makes a new cache and never reuses a stale one.
-* The head is built by the same code as the full model (``msbt.models``, same layer names), so
+* The head is built by the same code as the full model (``msbt.model.models``, same layer names), so
   :func:`attach_head` puts a trained head back on the backbone as a complete stage-2 model.
 """
 
@@ -54,8 +54,8 @@ def image_index(source: str) -> int:
 
 def cache_key(parent: str | Path, store: str | Path, stage: StageConfig, copies: int, seed: int) -> str:
     """Hash of everything the cached features depend on."""
-    from msbt.checkpoint import read_manifest
-    from msbt.train import store_identity
+    from msbt.model.checkpoint import read_manifest
+    from msbt.train.runner import store_identity
 
     parts = {
         "format": FORMAT,
@@ -87,9 +87,9 @@ class FeatureExtractor:
     def __init__(self, parent: str, stage: dict, copies: int, seed: int, shape: Sequence[int]):
         import keras
 
-        from msbt.checkpoint import load_checkpoint
+        from msbt.model.checkpoint import load_checkpoint
         from msbt.config import from_dict
-        from msbt.models import build_model
+        from msbt.model.models import build_model
 
         self.stage = frozen(from_dict(StageConfig, stage, source="fast-mode stage"))
         self.copies, self.seed, self.shape = copies, seed, tuple(shape)
@@ -99,12 +99,12 @@ class FeatureExtractor:
     def __call__(self, batch):
         import tensorflow as tf
 
-        from msbt import augment
-        from msbt.preprocess import decode_images
+        from msbt.model import augment
+        from msbt.data.preprocess import decode_images
 
         images = tf.convert_to_tensor(decode_images(batch["image"], self.shape))
         size = self.stage.image_size
-        if tuple(images.shape[1:3]) != (size, size):  # as msbt.training resizes before augmenting
+        if tuple(images.shape[1:3]) != (size, size):  # as msbt.train.loop resizes before augmenting
             images = tf.cast(tf.clip_by_value(tf.round(tf.image.resize(images, (size, size))), 0, 255), tf.uint8)
         splits = [str(s) for s in batch["split"].to_pylist()]
         sources = [str(s) for s in batch["source"].to_pylist()]
@@ -141,7 +141,7 @@ def compute_features(store: str | Path, parent: str | Path, stage: StageConfig, 
     import ray.data
     from ray.data.expressions import col
 
-    from msbt.preprocess import image_shape, store_files
+    from msbt.data.preprocess import image_shape, store_files
 
     files = store_files(store)
     if not files:
@@ -186,7 +186,7 @@ def _arrange(cols: Mapping[str, np.ndarray], copies: int) -> dict[str, np.ndarra
 
 
 def features_dir(config: Config, key: str) -> Path:
-    from msbt.pipeline import run_dir
+    from msbt.jobs.pipeline import run_dir
 
     return run_dir(config) / "tune" / "features" / key
 
@@ -203,7 +203,7 @@ def ensure_features(config: Config, store: str | Path, parent: str | Path, refer
     Returns:
         The cache folder (``features.npz``, ``features.json``).
     """
-    from msbt.augment import copies_per_epoch
+    from msbt.model.augment import copies_per_epoch
 
     stage = frozen(dataclasses.replace(config.stage2, augment=reference.augment))
     copies = max([*config.tune.space.expansion, copies_per_epoch(reference.augment)])
@@ -242,7 +242,7 @@ def head_model(stage: StageConfig, feature_dim: int, num_classes: int = 2):
     """The stage's head alone, on backbone features: the same layers (and names) as ``build_model``'s."""
     import keras
 
-    from msbt.models import _head
+    from msbt.model.models import _head
 
     inputs = keras.Input((feature_dim,), name="features")
     return keras.Model(inputs, _head(inputs, stage.head, num_classes), name=f"msbt_head_{stage.backbone}")
@@ -259,8 +259,8 @@ def attach_head(head, stage: StageConfig, parent: str | Path):
     Returns:
         A ``keras.Model`` whose output equals ``head(features(image))``.
     """
-    from msbt.checkpoint import load_checkpoint
-    from msbt.models import build_model
+    from msbt.model.checkpoint import load_checkpoint
+    from msbt.model.models import build_model
 
     num_classes = 2 if head.get_layer("predictions").units == 1 else head.get_layer("predictions").units
     model = build_model(frozen(stage), num_classes, load_checkpoint(parent)[0])
@@ -279,8 +279,8 @@ def fit_head(stage: StageConfig, features: Mapping[str, np.ndarray], *, seed: in
     """
     import keras
 
-    from msbt.augment import copies_per_epoch
-    from msbt.training import compile_model
+    from msbt.model.augment import copies_per_epoch
+    from msbt.train.loop import compile_model
 
     keras.utils.set_random_seed(seed)
     copies = copies_per_epoch(stage.augment)
@@ -302,7 +302,7 @@ def head_trial(params: dict, *, config: Config, features: Mapping[str, np.ndarra
     import keras
     from ray import tune
 
-    from msbt.tune import trial_stage
+    from msbt.tune.search import trial_stage
 
     class Report(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):

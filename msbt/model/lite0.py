@@ -22,7 +22,7 @@ normalisation the checkpoint was trained with is the model's first layer.
 
 Typical use::
 
-    from msbt.lite0 import load_lite0_imagenet
+    from msbt.model.lite0 import load_lite0_imagenet
     backbone = load_lite0_imagenet((200, 200, 3), include_top=False)
     x = keras.layers.GlobalAveragePooling2D()(backbone.output)
 """

@@ -1,11 +1,11 @@
 """Ray Tune layer: a stage-2 search around the paper's configuration, and its review.
 
-Layers, as in msbt.train:
+Layers, as in msbt.train.runner:
 
 * pure helpers: :func:`check_space`, :func:`param_space` (Tune distributions from ``tune.space``),
   :func:`reference_point` (trial 0: the paper's stage-2 values), :func:`trial_config`;
-* trainables: :func:`train_trial` (full mode: one Ray Train run of ``msbt.train.train_stage`` per trial)
-  and ``msbt.features.head_trial`` (fast mode: a head on cached backbone features);
+* trainables: :func:`train_trial` (full mode: one Ray Train run of ``msbt.train.runner.train_stage`` per trial)
+  and ``msbt.tune.fast.head_trial`` (fast mode: a head on cached backbone features);
 * :func:`run_search` builds the ``Tuner`` (or restores an interrupted one) and runs it;
 * review: :func:`read_experiment`, :func:`format_ranking`, :func:`write_best_overlay` (``msbt tune-report``).
 
@@ -58,7 +58,7 @@ DIMENSIONS = {
     "learning_rate": (("learning_rate",), "loguniform"),
     "batch_size": (("batch_size",), "choice"),
 }
-# Fast mode computes the augmented copies once (msbt.features): their ranges are fixed at the reference,
+# Fast mode computes the augmented copies once (msbt.tune.fast): their ranges are fixed at the reference,
 # and `expansion` picks how many of the cached copies a trial uses.
 FIXED_IN_FAST_MODE = ("shift", "rotation", "flip")
 
@@ -222,19 +222,19 @@ def flatten(params: Mapping, prefix: str = "") -> dict:
 
 def experiment_dir(config: Config) -> Path:
     """``<run>/tune/<tune.experiment>``."""
-    from msbt.pipeline import run_dir
+    from msbt.jobs.pipeline import run_dir
 
     return run_dir(config) / "tune" / config.tune.experiment
 
 
 def _recorded_stage1(record: Path, config: Config) -> str | None:
     """A stage-1 checkpoint recorded in ``record`` that is intact and was trained with ``config.stage1``."""
-    from msbt.checkpoint import read_manifest, verify
+    from msbt.model.checkpoint import read_manifest, verify
 
     if not record.is_file():
         return None
     data = json.loads(record.read_text())
-    # stages.json (msbt.stages) keys finished stages by number, "1"; our own tune/stage1.json by "stage1".
+    # stages.json (msbt.train.stages) keys finished stages by number, "1"; our own tune/stage1.json by "stage1".
     path = (data.get("1") or data.get("stage1") or {}).get("checkpoint")
     if not path or not Path(path).is_dir() or not verify(path):
         log.warning("%s: its stage-1 checkpoint %s is missing or altered; not used", record, path)
@@ -251,8 +251,8 @@ def stage1_checkpoint(config: Config, microscope_store: str | Path) -> str:
     Looks in ``<run>/stages.json`` (the pipeline's record) and ``<run>/tune/stage1.json`` (ours); trains
     stage 1 with Ray Train only when neither holds an intact checkpoint of the same ``stage1`` settings.
     """
-    from msbt.pipeline import run_dir
-    from msbt.train import best_checkpoint, train_stage
+    from msbt.jobs.pipeline import run_dir
+    from msbt.train.runner import best_checkpoint, train_stage
 
     own = run_dir(config) / "tune" / STAGE1_FILE
     for record in (run_dir(config) / "stages.json", own):
@@ -286,7 +286,7 @@ def train_trial(params: dict, *, config: Config, store: str, parent: str, experi
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from msbt.train import train_stage
+    from msbt.train.runner import train_stage
 
     trial_id = tune.get_context().get_trial_id()
     _set_aside(Path(experiment) / "train" / trial_id)
@@ -372,7 +372,7 @@ def run_search(config: Config, *, resume: bool = False, sources: str = "tune.spa
     """
     from ray import tune
 
-    from msbt.pipeline import prepare_data, preprocess, summarize, summarize_stores
+    from msbt.jobs.pipeline import prepare_data, preprocess, summarize, summarize_stores
 
     t, fast = config.tune, config.tune.fast
     check_space(t.space, sources)
@@ -395,7 +395,7 @@ def run_search(config: Config, *, resume: bool = False, sources: str = "tune.spa
     store = str(stores["ultrasound"].path)
     features = None
     if fast:
-        from msbt.features import ensure_features
+        from msbt.tune.fast import ensure_features
 
         features = str(ensure_features(config, store, parent, reference_stage(config)))
     record = _search_record(config, fast, parent, features)
@@ -422,7 +422,7 @@ def _trainable(config: Config, store: str, parent: str, exp: str, features: str 
         fn = tune.with_parameters(train_trial, config=config, store=store, parent=parent, experiment=exp)
         # The Train worker holds the trial's CPUs; the trial function only waits for it.
         return tune.with_resources(fn, {"CPU": 0.01})
-    from msbt.features import head_trial, load_features
+    from msbt.tune.fast import head_trial, load_features
 
     fn = tune.with_parameters(head_trial, config=config, features=load_features(features))
     resources = {"CPU": config.tune.cpus_per_trial}
@@ -435,7 +435,7 @@ def _new_tuner(config: Config, trainable, fast: bool):
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from msbt.pipeline import run_dir
+    from msbt.jobs.pipeline import run_dir
 
     t = config.tune
     return tune.Tuner(

@@ -4,7 +4,7 @@ The export folder holds:
 
 * ``model.keras`` and ``manifest.json``: byte copies of the checkpoint's, so the folder is itself a
   checkpoint (its manifest's sha256 still matches) that ``msbt predict`` and ``msbt lineage`` accept;
-  reloading it with Keras needs ``import msbt.models`` (the ``Preprocess`` layer is registered there);
+  reloading it with Keras needs ``import msbt.model.models`` (the ``Preprocess`` layer is registered there);
 * ``saved_model/``: a TensorFlow SavedModel for serving (TF Serving, ``tf.saved_model.load``) that needs
   neither msbt nor Keras: preprocessing is part of the graph, so it takes raw 0..255 pixels;
 * ``export.json``: what a server must know that the graph does not: the input size, how a file becomes
@@ -26,8 +26,8 @@ import shutil
 from pathlib import Path
 
 from msbt import __version__
-from msbt.checkpoint import MANIFEST_FILE, MODEL_FILE, load_checkpoint
-from msbt.predict import EXPORT_FILE, find_preparation, find_threshold
+from msbt.model.checkpoint import MANIFEST_FILE, MODEL_FILE, load_checkpoint
+from msbt.serve.predict import EXPORT_FILE, find_preparation, find_threshold
 
 SAVED_MODEL_DIR = "saved_model"
 EXPORT_FORMAT = 1

@@ -1,8 +1,8 @@
 """Ray Data preprocessing: microscope fields -> cell patches, ultrasound images -> model-ready arrays.
 
-The input is a saved split (`split.csv` from msbt.splits): one row per source file with its label and
-split. Ray Data streams those rows through a per-file function (pure image code from msbt.patches and
-msbt.imagefile) and the workers write Parquet directly, so no image passes through the driver and memory
+The input is a saved split (`split.csv` from msbt.data.splits): one row per source file with its label and
+split. Ray Data streams those rows through a per-file function (pure image code from msbt.images.patches and
+msbt.images.imagefile) and the workers write Parquet directly, so no image passes through the driver and memory
 stays bounded by Ray Data's streaming executor. Every patch carries its source field, so the split made
 per field holds per patch: patches of one field never straddle train/val/test.
 
@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 
 from msbt.config import PreprocessConfig
-from msbt.imagefile import ImageError, fit_square, normalize_intensity, read_image
+from msbt.images.imagefile import ImageError, fit_square, normalize_intensity, read_image
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def field_patches(batch: dict[str, np.ndarray], *, params: dict, sixteen_bit: st
 
     Args:
         batch: columns `path`, `source`, `label`, `label_index`, `split`, `seed` (one row per field).
-        params: keyword arguments of msbt.patches.field_to_patches (without `seed`).
+        params: keyword arguments of msbt.images.patches.field_to_patches (without `seed`).
         sixteen_bit: 16-bit conversion policy.
 
     Returns:
@@ -59,7 +59,7 @@ def field_patches(batch: dict[str, np.ndarray], *, params: dict, sixteen_bit: st
     """
     import cv2
 
-    from msbt.patches import field_to_patches
+    from msbt.images.patches import field_to_patches
 
     # Ray runs one task per CPU; OpenCV's own thread pool on top would oversubscribe the cores.
     cv2.setNumThreads(1)
@@ -181,7 +181,7 @@ def split_items(split_folder: str | Path, root: str | Path, classes: tuple[str, 
 
 
 def patch_params(cfg: PreprocessConfig) -> dict:
-    """Keyword arguments of msbt.patches.field_to_patches from the config."""
+    """Keyword arguments of msbt.images.patches.field_to_patches from the config."""
     return {
         "block_size": cfg.block_size,
         "offset": cfg.offset,
@@ -348,8 +348,8 @@ def sample_store(path: str | Path, label: str, n: int) -> np.ndarray:
 def write_contact_sheets(store: str | Path, items: list[dict], classes: tuple[str, ...], params: dict,
                          per_class: int = 8, fields_per_class: int = 2) -> list[Path]:
     """PNG sheets next to a microscope store: sample patches per class, and masks + boxes on fields."""
-    from msbt.patches import field_to_patches, overlay
-    from msbt.sheets import contact_sheet, write_png
+    from msbt.images.patches import field_to_patches, overlay
+    from msbt.images.sheets import contact_sheet, write_png
 
     store = Path(store)
     patch_rows = [(f"{c}: sample patches", list(sample_store(store, c, per_class))) for c in classes]

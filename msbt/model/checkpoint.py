@@ -165,7 +165,7 @@ def load_checkpoint(path: str | Path, *, check: bool = True):
     manifest = read_manifest(directory)
     if check and not verify(directory):
         raise CheckpointError(f"{directory}: {MODEL_FILE} does not match the sha256 in {MANIFEST_FILE}")
-    from msbt.models import load_model  # TensorFlow only when a model is really loaded
+    from msbt.model.models import load_model  # TensorFlow only when a model is really loaded
 
     return load_model(directory / manifest.get("model_file", MODEL_FILE)), manifest
 

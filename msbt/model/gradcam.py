@@ -24,7 +24,7 @@ zero everywhere, i.e. no heatmap for exactly the most confident calls. ``score="
 to show that (tests/test_gradcam.py).
 
 Model layout. The model must be a chain ``image -> preprocess -> backbone -> gap -> head -> predictions``
-(:func:`msbt.models.build_model`); the backbone is a nested ``keras.Model``, so the feature map is taken
+(:func:`msbt.model.models.build_model`); the backbone is a nested ``keras.Model``, so the feature map is taken
 from a sub-model of the backbone, and the layers around it are called one after the other.
 """
 
@@ -59,7 +59,7 @@ def gradcam(
     """Grad-CAM heatmaps of a batch of images.
 
     Args:
-        model: An msbt model (:func:`msbt.models.build_model`, or loaded from a checkpoint).
+        model: An msbt model (:func:`msbt.model.models.build_model`, or loaded from a checkpoint).
         images: ``(N, H, W, 3)`` raw 0..255 pixels (uint8, or float) at the model's input size.
         layer: The feature map to explain: a layer of the backbone, or a top-level layer; default
             :func:`target_layer`.
@@ -151,7 +151,7 @@ def target_layer(model: keras.Model) -> str:
         raise ValueError(f"model {model.name!r}: {feeder.name!r} feeds the pooling but is not a 4-D map {shape}")
     expected = TARGET_LAYERS.get(model.name.removeprefix("msbt_"))
     if expected is not None and expected != feeder.name:
-        warnings.warn(f"{model.name}: the pooling reads {feeder.name!r}, not {expected!r} as msbt.gradcam "
+        warnings.warn(f"{model.name}: the pooling reads {feeder.name!r}, not {expected!r} as msbt.model.gradcam "
                       f"expects for this backbone; using {feeder.name!r}", stacklevel=2)
     return feeder.name
 

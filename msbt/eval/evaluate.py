@@ -2,7 +2,7 @@
 
 The validation split picks the decision threshold (Youden's J by default); the test split is only ever
 scored, once, with that threshold. Confidence intervals resample lesion groups, not images, because
-frames of one lesion are not independent (msbt.metrics.bootstrap_ci).
+frames of one lesion are not independent (msbt.eval.metrics.bootstrap_ci).
 
 ``metrics.json`` (schema version 2, see ``docs/evaluation.md``) keeps the keys of version 1 (``threshold``,
 ``test``, ``test_ci95``, ...) and adds the curves a report draws (ROC points, calibration bins, the
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from msbt import metrics
-from msbt.preprocess import read_store
+from msbt.eval import metrics
+from msbt.data.preprocess import read_store
 
 SCHEMA_VERSION = 2
 PREDICTIONS_FILE = "predictions.csv"
@@ -43,7 +43,7 @@ class Evaluation(dict):
 
 def load_stage2(checkpoint: str | Path):
     """(model, its StageConfig) of a stage-2 checkpoint; refuses a multi-class one."""
-    from msbt.checkpoint import load_checkpoint
+    from msbt.model.checkpoint import load_checkpoint
     from msbt.config import StageConfig, from_dict
 
     model, manifest = load_checkpoint(checkpoint)
@@ -58,7 +58,7 @@ def predict_split(model, stage, store: str | Path, split: str) -> dict[str, np.n
     Returns:
         `p` (N,), `y` (N,) label indices, `group` and `source` (N,) from the store.
     """
-    from msbt.training import dataset_from_arrays, eval_batches
+    from msbt.train.loop import dataset_from_arrays, eval_batches
 
     data = read_store(store, columns=["image", "label_index", "group", "source"], split=split)
     if len(data["label_index"]) == 0:
@@ -74,7 +74,7 @@ def score(val: dict, test: dict, *, rule: str = "youden", n_boot: int = 2000, se
 
     Args:
         val, test: ``{"p", "y", "group"}`` arrays of the two splits (as :func:`predict_split` returns).
-        rule: Threshold rule for msbt.metrics.choose_threshold, applied to the validation predictions only.
+        rule: Threshold rule for msbt.eval.metrics.choose_threshold, applied to the validation predictions only.
         n_boot: Bootstrap resamples of the test split (by group).
         seed: Bootstrap seed.
         class_names: Label order (index 0 negative), recorded for the confusion matrix.
@@ -166,7 +166,7 @@ def evaluate(checkpoint: str | Path, store: str | Path, *, rule: str = "youden",
     Args:
         checkpoint: A stage-2 checkpoint folder.
         store: The ultrasound store of the same run (its split is the run's split).
-        rule: Threshold rule for msbt.metrics.choose_threshold, applied to validation predictions.
+        rule: Threshold rule for msbt.eval.metrics.choose_threshold, applied to validation predictions.
         n_boot: Bootstrap resamples.
         seed: Bootstrap seed.
 
@@ -174,7 +174,7 @@ def evaluate(checkpoint: str | Path, store: str | Path, *, rule: str = "youden",
         :class:`Evaluation`: the dict of :func:`score` plus ``checkpoint``, with the validation and test
         predictions in its ``predictions`` attribute.
     """
-    from msbt.checkpoint import read_manifest
+    from msbt.model.checkpoint import read_manifest
 
     model, stage = load_stage2(checkpoint)
     class_names = read_manifest(checkpoint)["class_names"]

@@ -53,8 +53,8 @@ class WeightsError(ValueError):
 class Preprocess(layers.Layer):
     """Raw 0..255 RGB pixels -> the input convention a backbone's ImageNet weights expect.
 
-    Registered with Keras, so a saved model reloads once ``msbt.models`` is imported (which
-    :func:`load_model` and ``msbt.checkpoint`` do).
+    Registered with Keras, so a saved model reloads once ``msbt.model.models`` is imported (which
+    :func:`load_model` and ``msbt.model.checkpoint`` do).
 
     Args:
         mode: ``"caffe"`` (RGB->BGR, subtract the ImageNet mean; ResNet50), ``"tf"`` (scale to
@@ -124,7 +124,7 @@ def build_backbone(name: str, image_size: int, weights: str = "none") -> keras.M
 
 def _random_backbone(name: str, shape: tuple[int, int, int]) -> keras.Model:
     if name == "efficientnet_lite0":
-        from msbt.lite0 import build_lite0
+        from msbt.model.lite0 import build_lite0
 
         return build_lite0(shape, include_top=False)
     app = getattr(keras.applications, _KERAS_APPS[name][0])
@@ -133,7 +133,7 @@ def _random_backbone(name: str, shape: tuple[int, int, int]) -> keras.Model:
 
 def _imagenet_backbone(name: str, shape: tuple[int, int, int]) -> keras.Model:
     if name == "efficientnet_lite0":
-        from msbt.lite0 import load_lite0_imagenet
+        from msbt.model.lite0 import load_lite0_imagenet
 
         return load_lite0_imagenet(shape, include_top=False)
     app = getattr(keras.applications, _KERAS_APPS[name][0])
@@ -271,7 +271,7 @@ def build_model(stage: StageConfig, num_classes: int, parent: keras.Model | None
         backbone = build_backbone(stage.backbone, stage.image_size, "none")
         copy_weights(parent_backbone, backbone, source=f"parent model {parent.name!r}")
     model = _assemble(backbone, stage, num_classes)
-    # What trains in the first phase (msbt.training.plan_phases); a later phase changes it and recompiles.
+    # What trains in the first phase (msbt.train.loop.plan_phases); a later phase changes it and recompiles.
     first_phase_trains = stage.trainable_backbone and stage.head_epochs <= 0
     set_backbone_trainable(model, first_phase_trains, stage.fine_tune_layers, batchnorm_frozen(stage))
     return model

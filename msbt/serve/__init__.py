@@ -1,0 +1,2 @@
+"""Using a trained model: prediction on new files and export.
+"""
