@@ -64,7 +64,7 @@ def test_tune_yaml_spells_out_the_defaults():
     ("tune.space.batch_size=[0, 8]", "tune.space.batch_size`"),
 ])
 def test_a_bad_search_space_is_refused_naming_the_source_and_key(override, message):
-    from msbt.tune.search import check_space
+    from msbt.tune.space import check_space
 
     config = load_config([], [override])
     with pytest.raises(ConfigError, match=message) as err:
@@ -78,7 +78,7 @@ def test_a_wrong_type_in_the_space_names_the_key():
 
 
 def test_trial_0_is_the_papers_stage2_configuration():
-    from msbt.tune.search import reference_point, trial_stage
+    from msbt.tune.space import reference_point, trial_stage
 
     cpu = load_config([ROOT / "workflows" / "configs" / "cpu.yaml"])  # cpu.yaml uses Adam in stage 2
     point = reference_point(cpu)
@@ -95,7 +95,7 @@ def test_trial_0_is_the_papers_stage2_configuration():
 
 
 def test_fast_mode_holds_the_augmentation_ranges_at_the_reference():
-    from msbt.tune.search import param_space, reference_point, trial_stage
+    from msbt.tune.space import param_space, reference_point, trial_stage
 
     config = load_config([], ["stage2.trainable_backbone=false"])
     assert set(param_space(config.tune.space, fast=True)["augment"]) == {"expansion"}

@@ -347,7 +347,7 @@ def _run_phase(strategy, model, phase, stage, local_stage, train_ds, val_ds, hoo
         # compile_model builds the optimizer, here in the scope: built lazily inside the replica step it
         # would create its variables there.
         loop.compile_model(model, stage, phase.learning_rate)
-    loop = _Loop(strategy, model, num_classes)
+    stepper = _Loop(strategy, model, num_classes)
     val = loop.eval_batches(val_ds, stage, num_classes=num_classes) if val_ds is not None else None
     for epoch in range(phase.first_epoch, phase.last_epoch):
         batches, local_steps = loop.train_batches(
@@ -356,16 +356,16 @@ def _run_phase(strategy, model, phase, stage, local_stage, train_ds, val_ds, hoo
         )
         steps = gather_min(strategy, local_steps)  # every worker the same count, or the all-reduce hangs
         hooks.on_epoch_begin(epoch)
-        for metric in loop.train_metrics:
+        for metric in stepper.train_metrics:
             metric.reset_state()
         for x, y in batches.take(steps):
-            rows = loop.train_step(x, y)
+            rows = stepper.train_step(x, y)
             if audit is not None:
                 audit.record_step(x, y, rows)
-        loop.sync()
-        logs = {m.name: float(m.result()) for m in loop.train_metrics}
+        stepper.sync()
+        logs = {m.name: float(m.result()) for m in stepper.train_metrics}
         if val is not None:
-            logs.update(loop.evaluate(val))
+            logs.update(stepper.evaluate(val))
         for key, value in logs.items():
             history.setdefault(key, []).append(value)
         if audit is not None:

@@ -302,7 +302,7 @@ def head_trial(params: dict, *, config: Config, features: Mapping[str, np.ndarra
     import keras
     from ray import tune
 
-    from msbt.tune.search import trial_stage
+    from msbt.tune.space import trial_stage
 
     class Report(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
