@@ -62,7 +62,7 @@ def plain_run(stage: StageConfig, store: Path, out: Path) -> dict:
     from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
 
     from msbt.train import loop as training
-    from msbt.data.preprocess import read_store
+    from msbt.data.store import read_store
     from msbt.train.runner import store_classes
 
     traces = []

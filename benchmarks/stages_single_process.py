@@ -26,7 +26,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from msbt.config import load_config
-    from msbt.data.preprocess import read_store
+    from msbt.data.store import read_store
     from msbt.train.loop import dataset_from_arrays, fit_stage
 
     config = load_config(args.config, args.overrides)

@@ -70,7 +70,7 @@ def run_plain(stage: StageConfig, store: Path, classes: list[str]) -> dict:
     import keras
 
     from msbt.train import loop as training
-    from msbt.data.preprocess import read_store
+    from msbt.data.store import read_store
 
     class Clock(keras.callbacks.Callback):
         def __init__(self):
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
         fed = [r["examples"] // args.epochs for r in out["ranks"] if r.get("examples")]
         out["images_per_epoch"] = sum(fed) if fed else images_per_epoch
         if out["images_per_epoch"] is None:
-            from msbt.data.preprocess import read_store
+            from msbt.data.store import read_store
 
             out["images_per_epoch"] = 3 * len(read_store(store, ["label_index"], split="train")["label_index"])
         gpu = " + 1 GPU" if args.use_gpu else ""

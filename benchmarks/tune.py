@@ -64,7 +64,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from msbt.config import load_config
-    from msbt.jobs.pipeline import prepare_data, preprocess, run_dir
+    from msbt.data.prepare import build_stores, prepare_data
+    from msbt.runfolder import run_dir
     from msbt.raycluster import init_ray
     from msbt.tune.search import stage1_checkpoint
 
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
         f"tune.num_samples={trials}", f"tune.max_concurrent_trials={args.concurrent}", "tune.scheduler=none"]
     config = load_config(paths, base)
     init_ray(args.address)
-    stores = preprocess(config, prepare_data(config))  # shared by both searches, outside the timings
+    stores = build_stores(config, prepare_data(config))  # shared by both searches, outside the timings
     stage1_checkpoint(config, stores["microscope"].path)
 
     full = _search(config, f"bench-full-{stamp}", [], paths, base)

@@ -190,21 +190,21 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_preprocess(args) -> int:
-    from msbt.jobs.pipeline import prepare_data, preprocess, summarize, summarize_stores
+    from msbt.data.prepare import build_stores, prepare_data, summarize, summarize_stores
     from msbt.raycluster import init_ray
 
     config = _load(args)
     init_ray(args.address)
     prepared = prepare_data(config, force_split=args.force_split)
     print(summarize(prepared))
-    print(summarize_stores(preprocess(config, prepared)))
+    print(summarize_stores(build_stores(config, prepared)))
     return 0
 
 
 def _cmd_synth(args) -> int:
     import dataclasses
 
-    from msbt.jobs.pipeline import ensure_synth
+    from msbt.data.prepare import ensure_synth
 
     config = _load(args)
     if args.out:
@@ -344,7 +344,7 @@ def _experiment_parsers(sub) -> None:
 
 def _cmd_experiment(args) -> int:
     from msbt.jobs import experiments
-    from msbt.jobs.pipeline import run_dir
+    from msbt.runfolder import run_dir
     from msbt.raycluster import init_ray
     from msbt.eval.report import write_report
 

@@ -228,7 +228,7 @@ def test_stage1_is_trained_once_and_then_reused(tiny, capsys):
 @pytest.mark.slow
 def test_crossval_three_folds_from_one_stage1(tiny):
     from msbt.model.checkpoint import lineage
-    from msbt.data.preprocess import read_store
+    from msbt.data.store import read_store
 
     config, data, stage1 = tiny
     report = X.crossval(config, n_boot=200)
@@ -254,12 +254,12 @@ def test_crossval_three_folds_from_one_stage1(tiny):
 @pytest.mark.ray
 def test_naive_store_is_the_naive_split_of_the_same_images(tiny_data):
     """The wiring of compare's naive arm: the run's store, split column rewritten to the naive split."""
-    from msbt.data.preprocess import read_store
+    from msbt.data.store import read_store, write_resplit
 
     config, data = tiny_data
     rows = X.read_split_rows(data.ultrasound_split)
     roles = X.naive_roles(rows, config.data.split, config.data.seed)
-    store = X.write_split_store(data.ultrasound_store, roles, data.run_dir / "naive-store")
+    store = write_resplit(data.ultrasound_store, roles, data.run_dir / "naive-store")
     naive = read_store(store, columns=["image", "source", "split", "group"])
     original = read_store(data.ultrasound_store, columns=["image", "source", "group"])
     assert sorted(naive["source"]) == sorted(original["source"])  # the same images ...

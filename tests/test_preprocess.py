@@ -14,14 +14,13 @@ from msbt.data.discovery import discover
 from msbt.images.imagefile import fit_square
 from msbt.images.patches import field_to_patches
 from msbt.data.preprocess import (
-    StoreError,
     build_microscope_store,
     build_ultrasound_store,
     patch_params,
-    read_store,
     split_items,
     write_contact_sheets,
 )
+from msbt.data.store import StoreError, read_store
 from msbt.data.splits import make_split, save_split
 
 pytestmark = pytest.mark.ray

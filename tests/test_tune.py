@@ -112,13 +112,13 @@ def test_fast_mode_holds_the_augmentation_ranges_at_the_reference():
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, ray_local):
     """The run folder with its stores and a stage-1 checkpoint (trained once, in this process)."""
-    from msbt.jobs.pipeline import prepare_data, preprocess
+    from msbt.data.prepare import build_stores, prepare_data
     from msbt.tune.search import stage1_checkpoint
 
     folder = tmp_path_factory.mktemp("tune")
     path = tiny_yaml(folder)
     config = load_config([path])
-    stores = preprocess(config, prepare_data(config))
+    stores = build_stores(config, prepare_data(config))
     parent = stage1_checkpoint(config, stores["microscope"].path)
     return {"yaml": path, "config": config, "ultrasound": str(stores["ultrasound"].path), "parent": parent}
 
@@ -229,7 +229,7 @@ def test_fast_mode_caches_features_once_and_trains_heads_on_them(prepared, capsy
     import dataclasses
 
     from msbt.tune.fast import attach_head, fit_head, frozen, load_features
-    from msbt.data.preprocess import read_store
+    from msbt.data.store import read_store
     from msbt.tune.search import read_experiment, run_search
 
     over = ["tune.fast=true", "stage2.trainable_backbone=false", "tune.num_samples=2", "tune.scheduler=none"]

@@ -153,16 +153,16 @@ def _from_tree(root: Path, classes: Sequence[str], mask_suffixes: Sequence[str])
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
         raise DataError(f"{root}: no class folders inside (expected e.g. {root}/benign/, {root}/malignant/)")
-    mask = _mask_pattern(mask_suffixes)
+    mask = mask_pattern(mask_suffixes)
     candidates: list[Candidate] = []
     rejects: list[Reject] = []
     skipped: dict[str, int] = {}
-    loose = [p for p in root.iterdir() if p.is_file() and not _is_system_file(p)]
+    loose = [p for p in root.iterdir() if p.is_file() and not is_system_file(p)]
     if loose:
         skipped["file outside any class folder"] = len(loose)
     found = [d.name for d in class_dirs]
     for class_dir in class_dirs:
-        files = sorted(p for p in _walk(class_dir) if not _is_system_file(p))
+        files = sorted(p for p in walk_files(class_dir) if not is_system_file(p))
         if classes and class_dir.name not in classes:
             key = f"class {class_dir.name!r} not selected"
             skipped[key] = skipped.get(key, 0) + len(files)
@@ -175,18 +175,21 @@ def _from_tree(root: Path, classes: Sequence[str], mask_suffixes: Sequence[str])
     return candidates, rejects, skipped, found
 
 
-def _walk(folder: Path) -> Iterable[Path]:
+def walk_files(folder: Path) -> Iterable[Path]:
+    """Every file under ``folder``, hidden folders skipped."""
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
             yield Path(dirpath) / name
 
 
-def _is_system_file(path: Path) -> bool:
+def is_system_file(path: Path) -> bool:
+    """Operating-system litter (``Thumbs.db``, ``.DS_Store``, AppleDouble ``._*`` files), never an image."""
     return path.name.lower() in _SYSTEM_FILES or path.name.startswith("._")
 
 
-def _mask_pattern(suffixes: Sequence[str]) -> re.Pattern:
+def mask_pattern(suffixes: Sequence[str]) -> re.Pattern:
+    """A pattern that finds a segmentation mask by its stem's suffix (``_mask``, ``_mask_1``...)."""
     if not suffixes:
         return re.compile(r"(?!)")  # matches nothing
     alternatives = "|".join(re.escape(s) for s in suffixes)

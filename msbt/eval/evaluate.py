@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from msbt.eval import metrics
-from msbt.data.preprocess import read_store
+from msbt.data.store import read_store
 
 SCHEMA_VERSION = 2
 PREDICTIONS_FILE = "predictions.csv"

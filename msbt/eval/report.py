@@ -341,7 +341,7 @@ def _gradcam_figures(gradcam, run: Path, result: dict, samples: int) -> list[str
 
     from msbt.model.checkpoint import read_manifest
     from msbt.eval.evaluate import load_stage2
-    from msbt.data.preprocess import read_store
+    from msbt.data.store import read_store
 
     store = run / "stores" / "ultrasound"
     data = read_store(store, columns=["image", "label_index", "source"], split="test")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -37,6 +36,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from msbt.data.store import write_resplit
 from msbt.eval import metrics
 from msbt.config import Config, ConfigError, to_dict
 
@@ -116,14 +116,12 @@ class RunData:
 
 def prepare_run(config: Config) -> RunData:
     """The run's saved split and stores (made now if the main job has not made them). Ray must be up."""
-    from msbt.jobs.pipeline import prepare_data, preprocess, run_dir, summarize, summarize_stores
+    from msbt.data.prepare import ensure_stores
+    from msbt.runfolder import data_dir, run_dir
 
-    prepared = prepare_data(config)
-    print(summarize(prepared), flush=True)
-    stores = preprocess(config, prepared)
-    print(summarize_stores(stores), flush=True)
+    stores = ensure_stores(config)
     return RunData(config, run_dir(config), Path(stores["microscope"].path), Path(stores["ultrasound"].path),
-                   prepared["ultrasound"].folder)
+                   data_dir(config, "ultrasound"))
 
 
 def _usable_stage1(path: str | Path | None, config: Config) -> Path | None:
@@ -256,46 +254,6 @@ def read_split_rows(split_folder: str | Path) -> list[dict]:
     return [{**r, "fold": int(r["fold"])} for r in rows]
 
 
-def write_split_store(store: str | Path, roles: Mapping[str, str], out: str | Path) -> Path:
-    """Copy a store keeping the images listed in ``roles`` with their split rewritten to the role.
-
-    Args:
-        store: An ultrasound store (one row per source image).
-        roles: source (relpath) -> "train" | "val" | "test"; sources not listed are left out.
-        out: The new store folder (replaced if it exists).
-
-    Returns:
-        ``out``: a store that ``read_store``, ``train_stage`` and ``evaluate`` read like any other; its
-        ``store.json`` records the store it came from and hashes the new assignment.
-    """
-    import pyarrow as pa
-    import pyarrow.dataset as pads
-    import pyarrow.parquet as pq
-
-    from msbt.data.preprocess import store_files
-
-    store, out = Path(store), Path(out)
-    files = store_files(store)
-    if not files:
-        raise ValueError(f"{store}: no Parquet files (not a store, or an empty one)")
-    table = pads.dataset(files, format="parquet").to_table()
-    sources = table["source"].to_pylist()
-    keep = [s in roles for s in sources]
-    table = table.filter(pa.array(keep))
-    splits = pa.array([roles[s] for s, k in zip(sources, keep) if k], pa.string())
-    table = table.set_column(table.column_names.index("split"), "split", splits)
-    if out.exists():
-        shutil.rmtree(out)
-    (out / "chunk-00000").mkdir(parents=True)
-    pq.write_table(table, out / "chunk-00000" / "part-00000.parquet", compression="lz4")
-    (out / "chunk-00000" / "_DONE.json").write_text(json.dumps({"files": len(table)}) + "\n")
-    identity = json.loads((store / "store.json").read_text())
-    listing = hashlib.sha1(json.dumps(sorted(roles.items())).encode()).hexdigest()
-    identity = {**identity, "items": listing, "derived_from": {"store": str(store), "items": identity.get("items")}}
-    (out / "store.json").write_text(json.dumps(identity, indent=2) + "\n")
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------
 # k-fold cross-validation
 
@@ -358,7 +316,7 @@ def crossval(config: Config, *, scope: str = "trainval", fresh: bool = False, n_
     fold_rows = []
     for i, plan in enumerate(plans):
         folder = out / f"fold-{i}"
-        store = write_split_store(data.ultrasound_store, plan, folder / "store")
+        store = write_resplit(data.ultrasound_store, plan, folder / "store")
         result = run_arm(arm_config(config, out, f"fold-{i}"), store, stage1, folder, n_boot=n_boot, verbose=verbose)
         fold_rows.append({
             "fold": i, "val_fold": (i + 1) % k,
@@ -551,7 +509,7 @@ def compare(config: Config, *, arms: Sequence[str] = tuple(COMPARE_ARMS), naive:
     if naive:
         rows = read_split_rows(data.ultrasound_split)
         roles = naive_roles(rows, config.data.split, config.data.seed)
-        store = write_split_store(data.ultrasound_store, roles, out / NAIVE_ARM / "store")
+        store = write_resplit(data.ultrasound_store, roles, out / NAIVE_ARM / "store")
         naive_result = run_arm(arm_config(config, out, NAIVE_ARM, COMPARE_ARMS["multistage"]), store, stage1,
                                out / NAIVE_ARM, n_boot=n_boot, verbose=verbose)
         group = results["multistage"]

@@ -13,180 +13,15 @@ each), linked through the run folder's `stages.json`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
-from msbt.config import Config, dump_config, to_dict
-from msbt.data.discovery import Discovery, discover, write_rejects
-from msbt.data.splits import SplitResult, load_split, make_split, save_split
+from msbt.config import Config
+from msbt.data.prepare import build_stores, ensure_stores, prepare_data, summarize, summarize_stores
+from msbt.runfolder import SUMMARY_FILE, run_dir
 
 log = logging.getLogger(__name__)
-
-
-def run_dir(config: Config) -> Path:
-    """The folder every result of this run goes to: `<run.storage_path>/<run.name>`."""
-    return (Path(config.run.storage_path).expanduser() / config.run.name).resolve()
-
-
-def synth_dir(config: Config) -> Path:
-    """Where the built-in data for these synth settings live (a cache keyed by the settings)."""
-    if config.synth.out_dir:
-        return Path(config.synth.out_dir).expanduser().resolve()
-    settings = json.dumps({k: v for k, v in to_dict(config.synth).items() if k != "out_dir"}, sort_keys=True)
-    key = hashlib.sha1(settings.encode()).hexdigest()[:12]
-    return Path.home() / ".cache" / "msbt" / "synth" / key
-
-
-def ensure_synth(config: Config) -> Path:
-    """Generate the built-in data set if it is not there yet; return its folder."""
-    from msbt.data import synth  # numpy/OpenCV only; imported here so `msbt --help` stays fast
-
-    out = synth_dir(config)
-    s = config.synth
-    synth.generate(
-        out,
-        seed=s.seed,
-        fields_per_line=s.fields_per_line,
-        field_size=s.field_size,
-        lesions_per_class=s.lesions_per_class,
-        frames_per_lesion=tuple(s.frames_per_lesion),
-        ultrasound_size=s.ultrasound_size,
-    )
-    return out
-
-
-@dataclass(frozen=True)
-class PreparedData:
-    modality: str
-    source: str
-    folder: Path  # run-folder subfolder with split.csv, split.json, rejects.csv
-    discovery: Discovery
-    split: SplitResult
-    reused: bool
-
-
-def data_sources(config: Config) -> dict[str, tuple[str, tuple[str, ...]]]:
-    """Modality -> (data source, classes to keep), with the built-in data filling what the user left empty."""
-    micro, ultra = config.data.microscope, config.data.ultrasound
-    if not micro or not ultra:
-        built_in = ensure_synth(config)
-        micro = micro or str(built_in / "microscope")
-        ultra = ultra or str(built_in / "ultrasound")
-    return {
-        "microscope": (micro, tuple(config.data.microscope_classes)),
-        "ultrasound": (ultra, tuple(config.data.ultrasound_classes)),
-    }
-
-
-def prepare_data(config: Config, *, force_split: bool = False,
-                 modalities: Sequence[str] = ("microscope", "ultrasound")) -> dict[str, PreparedData]:
-    """Scan, validate, group and split the modalities; save everything into the run folder.
-
-    Args:
-        config: the resolved config.
-        force_split: make a new split even if the run folder holds one (the old one is overwritten).
-        modalities: which of "microscope" (stage 1) and "ultrasound" (stage 2) to prepare.
-
-    Returns:
-        Modality -> PreparedData.
-    """
-    out = run_dir(config)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config(config, out / "config.yaml")
-    prepared = {}
-    for modality, (source, classes) in data_sources(config).items():
-        if modality in modalities:
-            prepared[modality] = _prepare_one(config, modality, source, classes, out / "data" / modality,
-                                              force_split)
-    return prepared
-
-
-def _prepare_one(config: Config, modality: str, source: str, classes, folder: Path, force: bool) -> PreparedData:
-    d = config.data
-    log.info("scanning %s data in %s", modality, source)
-    discovery = discover(
-        source, classes, strict=d.strict, mask_suffixes=d.mask_suffixes, sixteen_bit=d.sixteen_bit
-    )
-    write_rejects(discovery.rejects, folder / "rejects.csv")
-    for reject in discovery.rejects:
-        log.warning("rejected %s: %s", reject.path, reject.reason)
-    # Microscope fields are cut into patches later; the split is by field, and auto-grouping still
-    # catches a field saved twice.
-    if (folder / "split.json").exists() and not force:
-        split, reused = load_split(folder, discovery), True
-    else:
-        split = make_split(
-            discovery,
-            ratios=d.split,
-            folds=d.folds,
-            seed=d.seed,
-            grouping=d.grouping,
-            max_distance=d.hash_max_distance,
-            min_similarity=d.min_similarity,
-        )
-        save_split(split, folder)
-        reused = False
-    return PreparedData(modality, str(source), folder, discovery, split, reused)
-
-
-def summarize(prepared: dict[str, PreparedData]) -> str:
-    """A short human-readable account of the prepared data, for the job log."""
-    lines = []
-    for p in prepared.values():
-        s = p.split.summary
-        g = s["groups"]
-        counts = ", ".join(
-            f"{split} " + "/".join(str(s["counts"][split].get(c, 0)) for c in s["classes"])
-            for split in ("train", "val", "test")
-        )
-        lines += [
-            f"{p.modality}: {s['images']} images in {len(s['classes'])} classes ({', '.join(s['classes'])}) "
-            f"from {p.source}; {s['rejects']} rejected (see {p.folder / 'rejects.csv'})",
-            f"  split ({'reused' if p.reused else 'new'}, seed {s['seed']}): {counts}",
-            f"  groups: {g['count']} ({g['multi_image']} with several images, largest {g['largest']}, "
-            f"{len(g['mixed_label'])} mixing classes)",
-            f"  a naive random split would leak {s['leakage']['naive_random']['val']} val and "
-            f"{s['leakage']['naive_random']['test']} test images; this split leaks "
-            f"{s['leakage']['group_aware']['val'] + s['leakage']['group_aware']['test']}",
-        ]
-    return "\n".join(lines)
-
-
-def preprocess(config: Config, prepared: dict[str, PreparedData]) -> dict:
-    """Build the Parquet stores of both modalities with Ray Data (Ray must be initialised)."""
-    from msbt.data import preprocess as pp
-
-    stores = run_dir(config) / "stores"
-    out = {}
-    for modality, data in prepared.items():
-        d = data.discovery
-        items = pp.split_items(data.folder, d.root, d.classes, config.data.seed)
-        build = pp.build_microscope_store if modality == "microscope" else pp.build_ultrasound_store
-        summary = build(items, stores / modality, config.preprocess, config.data.sixteen_bit)
-        if modality == "microscope":
-            pp.write_contact_sheets(summary.path, items, d.classes, pp.patch_params(config.preprocess))
-        out[modality] = summary
-    return out
-
-
-def summarize_stores(stores: dict) -> str:
-    lines = []
-    for modality, s in stores.items():
-        noun = "patches" if modality == "microscope" else "images"
-        per_split = "; ".join(
-            f"{split} " + ", ".join(f"{c} {n}" for c, n in sorted(s.rows.get(split, {}).items()))
-            for split in ("train", "val", "test")
-        )
-        lines.append(f"{modality} store: {sum(sum(v.values()) for v in s.rows.values())} {noun} from {s.files} "
-                     f"files in {s.seconds:.1f} s ({per_split}) -> {s.path}")
-        if s.empty_sources:
-            lines.append(f"  {len(s.empty_sources)} files gave no {noun} (no cells found, or unreadable): "
-                         f"{', '.join(s.empty_sources[:5])}{' ...' if len(s.empty_sources) > 5 else ''}")
-    return "\n".join(lines)
 
 
 def train_and_evaluate(config: Config, stores: dict, *, resume: bool = False) -> dict:
@@ -195,7 +30,7 @@ def train_and_evaluate(config: Config, stores: dict, *, resume: bool = False) ->
 
     Args:
         config: The resolved config.
-        stores: Modality -> store summary (from :func:`preprocess`).
+        stores: Modality -> store summary (msbt.data.prepare).
         resume: Reuse finished stages and continue an interrupted one (msbt.train.stages.run_stage).
 
     Returns:
@@ -244,9 +79,10 @@ def main_job(config: Config, *, force_split: bool = False, resume: bool = False)
 
     if not resume:
         refuse_rerun(config)
+    # The data step: every file is scanned again, so changed data is refused rather than mixed in.
     prepared = prepare_data(config, force_split=force_split)
     print(summarize(prepared), flush=True)
-    stores = preprocess(config, prepared)
+    stores = build_stores(config, prepared)
     print(summarize_stores(stores), flush=True)
     result = {
         "run_dir": str(run_dir(config)),
@@ -259,7 +95,7 @@ def main_job(config: Config, *, force_split: bool = False, resume: bool = False)
 
 
 def _write_summary(config: Config, result: dict) -> None:
-    (run_dir(config) / "summary.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    (run_dir(config) / SUMMARY_FILE).write_text(json.dumps(result, indent=2, default=float) + "\n")
     print(f"results in {run_dir(config)}")
 
 
@@ -268,11 +104,8 @@ def _write_summary(config: Config, result: dict) -> None:
 
 
 def _data(config: Config, modality: str, force_split: bool):
-    prepared = prepare_data(config, force_split=force_split, modalities=(modality,))
-    print(summarize(prepared), flush=True)
-    stores = preprocess(config, prepared)
-    print(summarize_stores(stores), flush=True)
-    return stores[modality]
+    """One modality's store: the recorded one when it fits (no image read), else made now."""
+    return ensure_stores(config, [modality], force_split=force_split)[modality]
 
 
 def recorded_checkpoint(config: Config, number: int) -> str:

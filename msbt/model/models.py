@@ -282,11 +282,11 @@ def _assemble(backbone: keras.Model, stage: StageConfig, num_classes: int) -> ke
     x = Preprocess(_PREPROCESS[stage.backbone], name="preprocess")(inputs)
     x = backbone(x)
     x = layers.GlobalAveragePooling2D(name="gap")(x)
-    outputs = _head(x, stage.head, num_classes)
+    outputs = head_layers(x, stage.head, num_classes)
     return keras.Model(inputs, outputs, name=f"msbt_{stage.backbone}")
 
 
-def _head(x, head: HeadConfig, num_classes: int):
+def head_layers(x, head: HeadConfig, num_classes: int):
     """Dense layers, one Dropout after them (ours: the paper gives no order), then the classifier."""
     l2 = keras.regularizers.L2(head.l2) if head.l2 > 0 else None
     for i, units in enumerate(head.dense_units, start=1):

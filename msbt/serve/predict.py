@@ -33,7 +33,8 @@ import numpy as np
 
 from msbt.model.checkpoint import MODEL_FILE, read_manifest
 from msbt.config import PreprocessConfig, load_config
-from msbt.data.discovery import Reject, _is_system_file, _mask_pattern, _walk
+from msbt.data.discovery import Reject, is_system_file, mask_pattern, walk_files
+from msbt.data.store import STORE_FILE, Store
 from msbt.images.imagefile import ImageError, fit_square, normalize_intensity, read_image
 
 log = logging.getLogger(__name__)
@@ -182,11 +183,11 @@ def find_preparation(checkpoint: str | Path, model_size: int) -> tuple[Preparati
             continue
         config = load_config([config_file])
         masks = tuple(config.data.mask_suffixes)
-        store = run / "stores" / "ultrasound" / "store.json"
-        if store.is_file():
-            s = json.loads(store.read_text())["settings"]
+        store = run / "stores" / "ultrasound"
+        if (store / STORE_FILE).is_file():
+            s = Store.open(store).settings
             return Preparation(int(s["image_size"]), s["aspect"], s["intensity"], s.get("sixteen_bit", "scale"),
-                               masks, str(store)), []
+                               masks, str(store / STORE_FILE)), []
         pp = config.preprocess
         return Preparation(pp.image_size, pp.aspect, pp.intensity, config.data.sixteen_bit, masks,
                            str(config_file)), []
@@ -222,7 +223,7 @@ def collect_files(inputs: Sequence[str | Path], mask_suffixes: Sequence[str] = (
         ``(files, rejects, skipped)``: candidate paths in the order given (folder contents sorted, each
         file once), ``Reject`` for inputs that do not exist, and ``{reason: count}`` of skipped files.
     """
-    mask = _mask_pattern(mask_suffixes)
+    mask = mask_pattern(mask_suffixes)
     files: list[Path] = []
     rejects: list[Reject] = []
     skipped: dict[str, int] = {}
@@ -230,7 +231,7 @@ def collect_files(inputs: Sequence[str | Path], mask_suffixes: Sequence[str] = (
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            found = sorted(p for p in _walk(path) if not _is_system_file(p))
+            found = sorted(p for p in walk_files(path) if not is_system_file(p))
         elif path.is_file():
             found = [path]
         else:

@@ -47,7 +47,6 @@ training set in its buffer anyway.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -61,7 +60,7 @@ import numpy as np
 from msbt.train import tblog
 from msbt.model.checkpoint import MODEL_FILE, sha256_file, write_manifest
 from msbt.config import Config, RunConfig, StageConfig
-from msbt.data.preprocess import decode_images, image_shape, read_store, store_files
+from msbt.data.store import Store, decode_images
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +73,7 @@ def shard_arrays(shard, shape: tuple[int, ...], batch_size: int = 512) -> tuple[
 
     Args:
         shard: A ``ray.data.DataIterator`` (``ray.train.get_dataset_shard(...)``) or a ``ray.data.Dataset``.
-        shape: Every image's shape (``msbt.data.preprocess.image_shape(store)``).
+        shape: Every image's shape (``Store.open(path).image_shape``).
         batch_size: Rows per Arrow batch while copying.
 
     Returns:
@@ -316,7 +315,7 @@ def split_dataset(store_path: str | Path, split: str):
     import ray.data
     from ray.data.expressions import col
 
-    files = store_files(store_path)
+    files = Store.open(store_path).files()
     if not files:
         raise ValueError(f"{store_path}: no Parquet files (not a store, or an empty one)")
     ds = ray.data.read_parquet(files, columns=["image", "label_index", "split"])
@@ -328,26 +327,13 @@ def split_dataset(store_path: str | Path, split: str):
 
 
 def store_classes(store_path: str | Path) -> list[str]:
-    """Class names in label order, from the store's ``label``/``label_index`` columns.
-
-    Raises:
-        ValueError: An index with two names, or missing indices (a class with no rows at all).
-    """
-    table = read_store(store_path, columns=["label", "label_index"])
-    names: dict[int, str] = {}
-    for index, label in zip(table["label_index"].tolist(), table["label"].tolist()):
-        if names.setdefault(int(index), str(label)) != label:
-            raise ValueError(f"{store_path}: label index {index} is both {names[int(index)]!r} and {label!r}")
-    if sorted(names) != list(range(len(names))):
-        raise ValueError(f"{store_path}: label indices {sorted(names)} are not 0..{len(names) - 1}")
-    return [names[i] for i in range(len(names))]
+    """Class names in label order, as the store recorded them."""
+    return Store.open(store_path).classes
 
 
 def store_identity(store_path: str | Path) -> tuple[str, str]:
-    """``(data_fingerprint, split_id)`` for manifests: hashes of the store's ``store.json`` and file list."""
-    identity = json.loads((Path(store_path) / "store.json").read_text())
-    fingerprint = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    return fingerprint, str(identity.get("items", ""))[:16]
+    """``(data_fingerprint, split_id)`` for manifests (msbt.data.store.Store.fingerprint)."""
+    return Store.open(store_path).fingerprint()
 
 
 def _as_checkpoint(parent):
@@ -411,7 +397,7 @@ def train_stage(
     fingerprint, split_id = store_identity(store_path)
     loop_config = {
         "stage": stage,
-        "image_shape": image_shape(store_path),
+        "image_shape": Store.open(store_path).image_shape,
         "class_names": list(class_names or store_classes(store_path)),
         "seed": config.data.seed,
         "parent": _as_checkpoint(parent_checkpoint),

@@ -26,10 +26,10 @@ from typing import Sequence
 
 from msbt.model.checkpoint import MODEL_FILE, CheckpointError, read_manifest, sha256_file, verify
 from msbt.config import Config, to_dict
+from msbt.runfolder import STAGES_FILE, run_dir, stage_dir
 
 log = logging.getLogger(__name__)
 
-STAGES_FILE = "stages.json"
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a run's checkpoints
 
 
@@ -37,19 +37,9 @@ class RunStateError(ValueError):
     """The run folder's state does not allow what was asked; the message says what to do instead."""
 
 
-def run_folder(config: Config) -> Path:
-    """`<run.storage_path>/<run.name>` (the same folder as msbt.jobs.pipeline.run_dir)."""
-    return (Path(config.run.storage_path).expanduser() / config.run.name).resolve()
-
-
-def stage_folder(config: Config, number: int) -> Path:
-    """Ray Train's run folder of one stage (msbt.train.runner.run_config puts it there)."""
-    return run_folder(config) / f"stage{number}"
-
-
 def read_stages(config: Config) -> dict[str, dict]:
     """Finished stages of this run: `{"1": entry, "2": entry}` (empty when none finished)."""
-    path = run_folder(config) / STAGES_FILE
+    path = run_dir(config) / STAGES_FILE
     if not path.is_file():
         return {}
     try:
@@ -63,7 +53,7 @@ def read_stages(config: Config) -> dict[str, dict]:
 
 def record_stage(config: Config, number: int, entry: dict) -> Path:
     """Add one finished stage to `stages.json` (written whole to a temporary file, then renamed)."""
-    path = run_folder(config) / STAGES_FILE
+    path = run_dir(config) / STAGES_FILE
     stages = read_stages(config)
     stages[str(number)] = entry
     tmp = path.with_name(f".{STAGES_FILE}.tmp")
@@ -80,9 +70,9 @@ def refuse_rerun(config: Config, numbers: Sequence[int] = (1, 2)) -> None:
     """
     stages = read_stages(config)
     for number in numbers:
-        folder = stage_folder(config, number)
+        folder = stage_dir(config, number)
         if str(number) in stages:
-            state = f"finished (recorded in {run_folder(config) / STAGES_FILE})"
+            state = f"finished (recorded in {run_dir(config) / STAGES_FILE})"
         elif (folder / RAY_SNAPSHOT).exists() or any(folder.glob("checkpoint_*")):
             state = f"interrupted (its checkpoints are in {folder})"
         else:
@@ -126,7 +116,7 @@ def check_fits(config: Config, number: int, path: str | Path, store_path: str | 
         RunStateError: The checkpoint is gone or altered, or was trained with other stage settings or
             on another store than this config gives.
     """
-    from msbt.train.runner import store_identity
+    from msbt.data.store import Store
 
     path = Path(path)
     try:
@@ -143,7 +133,7 @@ def check_fits(config: Config, number: int, path: str | Path, store_path: str | 
         details = ", ".join(f"stage{number}.{k}: {theirs.get(k)!r} -> {ours.get(k)!r}" for k in changed)
         raise RunStateError(f"{where} was trained with other settings ({details}); train them under another "
                             f"run.name")
-    if manifest.get("data_fingerprint") != store_identity(store_path)[0]:
+    if manifest.get("data_fingerprint") != Store.open(store_path).fingerprint()[0]:
         raise RunStateError(f"{where} was trained on another store than {store_path}; use another run.name")
     return path
 
@@ -175,15 +165,15 @@ def run_stage(config: Config, number: int, store_path: str | Path, parent: str |
     recorded = read_stages(config).get(str(number)) if resume else None
     if recorded is not None:
         path = check_fits(config, number, recorded["checkpoint"], store_path,
-                          f"stage {number} recorded in {run_folder(config) / STAGES_FILE}")
+                          f"stage {number} recorded in {run_dir(config) / STAGES_FILE}")
         link = read_manifest(path).get("parent") or {}
         if parent is not None and link.get("model_sha256") != sha256_file(Path(parent) / MODEL_FILE):
-            raise RunStateError(f"stage {number} recorded in {run_folder(config) / STAGES_FILE} descends from "
+            raise RunStateError(f"stage {number} recorded in {run_dir(config) / STAGES_FILE} descends from "
                                 f"{link.get('path')}, not from {parent}; train it under another run.name")
         print(f"stage {number}: finished before, reused (--resume): best {recorded['monitor']} "
               f"{recorded['value']:.4f} -> {path}", flush=True)
         return {**recorded, "reused": True}
-    start = latest_checkpoint(stage_folder(config, number)) if resume else None
+    start = latest_checkpoint(stage_dir(config, number)) if resume else None
     if start is not None:
         # checked here, not only in the worker, where a mismatch would be retried max_failures times
         check_fits(config, number, start, store_path, f"stage {number}'s checkpoint {start}", ignore=("epochs",))

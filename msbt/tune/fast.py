@@ -55,12 +55,12 @@ def image_index(source: str) -> int:
 def cache_key(parent: str | Path, store: str | Path, stage: StageConfig, copies: int, seed: int) -> str:
     """Hash of everything the cached features depend on."""
     from msbt.model.checkpoint import read_manifest
-    from msbt.train.runner import store_identity
+    from msbt.data.store import Store
 
     parts = {
         "format": FORMAT,
         "parent_model": read_manifest(parent)["model_sha256"],
-        "store": store_identity(store),
+        "store": Store.open(store).fingerprint(),
         "backbone": [stage.backbone, stage.image_size],
         "augment": {k: v for k, v in to_dict(stage.augment).items() if k not in ("enabled", "expansion")},
         "copies": copies,
@@ -100,7 +100,7 @@ class FeatureExtractor:
         import tensorflow as tf
 
         from msbt.model import augment
-        from msbt.data.preprocess import decode_images
+        from msbt.data.store import decode_images
 
         images = tf.convert_to_tensor(decode_images(batch["image"], self.shape))
         size = self.stage.image_size
@@ -141,9 +141,9 @@ def compute_features(store: str | Path, parent: str | Path, stage: StageConfig, 
     import ray.data
     from ray.data.expressions import col
 
-    from msbt.data.preprocess import image_shape, store_files
+    from msbt.data.store import Store
 
-    files = store_files(store)
+    files = Store.open(store).files()
     if not files:
         raise ValueError(f"{store}: no Parquet files (not a store, or an empty one)")
     ds = ray.data.read_parquet(files, columns=["image", "label_index", "split", "source"])
@@ -152,7 +152,7 @@ def compute_features(store: str | Path, parent: str | Path, stage: StageConfig, 
     ds = ds.map_batches(
         FeatureExtractor,
         fn_constructor_kwargs={"parent": str(parent), "stage": to_dict(stage), "copies": copies, "seed": seed,
-                               "shape": image_shape(store)},
+                               "shape": Store.open(store).image_shape},
         compute=ray.data.ActorPoolStrategy(size=actors),
         batch_size=batch_size,
         batch_format="pyarrow",
@@ -186,9 +186,9 @@ def _arrange(cols: Mapping[str, np.ndarray], copies: int) -> dict[str, np.ndarra
 
 
 def features_dir(config: Config, key: str) -> Path:
-    from msbt.jobs.pipeline import run_dir
+    from msbt.runfolder import tune_dir
 
-    return run_dir(config) / "tune" / "features" / key
+    return tune_dir(config) / "features" / key
 
 
 def ensure_features(config: Config, store: str | Path, parent: str | Path, reference: StageConfig) -> Path:
@@ -242,10 +242,10 @@ def head_model(stage: StageConfig, feature_dim: int, num_classes: int = 2):
     """The stage's head alone, on backbone features: the same layers (and names) as ``build_model``'s."""
     import keras
 
-    from msbt.model.models import _head
+    from msbt.model.models import head_layers
 
     inputs = keras.Input((feature_dim,), name="features")
-    return keras.Model(inputs, _head(inputs, stage.head, num_classes), name=f"msbt_head_{stage.backbone}")
+    return keras.Model(inputs, head_layers(inputs, stage.head, num_classes), name=f"msbt_head_{stage.backbone}")
 
 
 def attach_head(head, stage: StageConfig, parent: str | Path):

@@ -39,6 +39,7 @@ from typing import Any
 import yaml
 
 from msbt.config import Config, ConfigError, to_dict
+from msbt.runfolder import stages_file, tune_dir
 from msbt.tune.space import (
     check_space,
     decode,
@@ -65,9 +66,7 @@ STAGE1_FILE = "stage1.json"
 
 def experiment_dir(config: Config) -> Path:
     """``<run>/tune/<tune.experiment>``."""
-    from msbt.jobs.pipeline import run_dir
-
-    return run_dir(config) / "tune" / config.tune.experiment
+    return tune_dir(config) / config.tune.experiment
 
 
 def _recorded_stage1(record: Path, config: Config) -> str | None:
@@ -94,11 +93,10 @@ def stage1_checkpoint(config: Config, microscope_store: str | Path) -> str:
     Looks in ``<run>/stages.json`` (the pipeline's record) and ``<run>/tune/stage1.json`` (ours); trains
     stage 1 with Ray Train only when neither holds an intact checkpoint of the same ``stage1`` settings.
     """
-    from msbt.jobs.pipeline import run_dir
     from msbt.train.runner import best_checkpoint, train_stage
 
-    own = run_dir(config) / "tune" / STAGE1_FILE
-    for record in (run_dir(config) / "stages.json", own):
+    own = tune_dir(config) / STAGE1_FILE
+    for record in (stages_file(config), own):
         found = _recorded_stage1(record, config)
         if found:
             print(f"stage 1: reusing {found} (from {record})", flush=True)
@@ -215,7 +213,7 @@ def run_search(config: Config, *, resume: bool = False, sources: str = "tune.spa
     """
     from ray import tune
 
-    from msbt.jobs.pipeline import prepare_data, preprocess, summarize, summarize_stores
+    from msbt.data.prepare import ensure_stores
 
     t, fast = config.tune, config.tune.fast
     check_space(t.space, sources)
@@ -230,10 +228,7 @@ def run_search(config: Config, *, resume: bool = False, sources: str = "tune.spa
     if restorable and not resume:
         raise ConfigError(f"{exp}: an experiment already exists; continue it with --resume, or set "
                           "tune.experiment to start another")
-    prepared = prepare_data(config)
-    print(summarize(prepared), flush=True)
-    stores = preprocess(config, prepared)
-    print(summarize_stores(stores), flush=True)
+    stores = ensure_stores(config)
     parent = stage1_checkpoint(config, stores["microscope"].path)
     store = str(stores["ultrasound"].path)
     features = None
@@ -278,8 +273,6 @@ def _new_tuner(config: Config, trainable, fast: bool):
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from msbt.jobs.pipeline import run_dir
-
     t = config.tune
     return tune.Tuner(
         trainable,
@@ -297,7 +290,7 @@ def _new_tuner(config: Config, trainable, fast: bool):
         ),
         run_config=tune.RunConfig(
             name=t.experiment,
-            storage_path=str(run_dir(config) / "tune"),
+            storage_path=str(tune_dir(config)),
             verbose=1,
         ),
     )

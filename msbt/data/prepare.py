@@ -1,0 +1,251 @@
+"""The run's data, made once: scan and validate the sources, split them, build the Parquet stores.
+
+Two ways in:
+
+* :func:`prepare_data` + :func:`build_stores` (the data step: ``msbt preprocess`` and the main job) scan
+  every file, check a saved split against the data (changed data is refused, not silently re-split) and
+  build, resume or reuse the stores;
+* :func:`ensure_stores` (every later step: stages, evaluation, Tune, the experiments) opens the recorded
+  split and stores when they match the config, reading no image file at all, and falls back to the data
+  step only when something is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from msbt.config import Config, dump_config, to_dict
+from msbt.data import synth
+from msbt.data.discovery import Discovery, discover, write_rejects
+from msbt.data.splits import SplitResult, load_split, make_split, save_split
+from msbt.data.store import Store, StoreSummary, matches
+from msbt.runfolder import MODALITIES, data_dir, run_dir, store_dir
+
+log = logging.getLogger(__name__)
+
+
+def synth_dir(config: Config) -> Path:
+    """Where the built-in data for these synth settings live (a cache keyed by the settings)."""
+    if config.synth.out_dir:
+        return Path(config.synth.out_dir).expanduser().resolve()
+    settings = json.dumps({k: v for k, v in to_dict(config.synth).items() if k != "out_dir"}, sort_keys=True)
+    key = hashlib.sha1(settings.encode()).hexdigest()[:12]
+    return Path.home() / ".cache" / "msbt" / "synth" / key
+
+
+def ensure_synth(config: Config) -> Path:
+    """Generate the built-in data set if it is not there yet; return its folder."""
+
+    out = synth_dir(config)
+    s = config.synth
+    synth.generate(
+        out,
+        seed=s.seed,
+        fields_per_line=s.fields_per_line,
+        field_size=s.field_size,
+        lesions_per_class=s.lesions_per_class,
+        frames_per_lesion=tuple(s.frames_per_lesion),
+        ultrasound_size=s.ultrasound_size,
+    )
+    return out
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    modality: str
+    source: str
+    folder: Path  # run-folder subfolder with split.csv, split.json, rejects.csv
+    discovery: Discovery
+    split: SplitResult
+    reused: bool
+
+
+def data_sources(config: Config) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Modality -> (data source, classes to keep), with the built-in data filling what the user left empty."""
+    micro, ultra = config.data.microscope, config.data.ultrasound
+    if not micro or not ultra:
+        built_in = ensure_synth(config)
+        micro = micro or str(built_in / "microscope")
+        ultra = ultra or str(built_in / "ultrasound")
+    return {
+        "microscope": (micro, tuple(config.data.microscope_classes)),
+        "ultrasound": (ultra, tuple(config.data.ultrasound_classes)),
+    }
+
+
+def prepare_data(config: Config, *, force_split: bool = False,
+                 modalities: Sequence[str] = ("microscope", "ultrasound")) -> dict[str, PreparedData]:
+    """Scan, validate, group and split the modalities; save everything into the run folder.
+
+    Args:
+        config: the resolved config.
+        force_split: make a new split even if the run folder holds one (the old one is overwritten).
+        modalities: which of "microscope" (stage 1) and "ultrasound" (stage 2) to prepare.
+
+    Returns:
+        Modality -> PreparedData.
+    """
+    out = run_dir(config)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(config, out / "config.yaml")
+    prepared = {}
+    for modality, (source, classes) in data_sources(config).items():
+        if modality in modalities:
+            prepared[modality] = _prepare_one(config, modality, source, classes, data_dir(config, modality),
+                                              force_split)
+    return prepared
+
+
+def _prepare_one(config: Config, modality: str, source: str, classes, folder: Path, force: bool) -> PreparedData:
+    d = config.data
+    log.info("scanning %s data in %s", modality, source)
+    discovery = discover(
+        source, classes, strict=d.strict, mask_suffixes=d.mask_suffixes, sixteen_bit=d.sixteen_bit
+    )
+    write_rejects(discovery.rejects, folder / "rejects.csv")
+    for reject in discovery.rejects:
+        log.warning("rejected %s: %s", reject.path, reject.reason)
+    # Microscope fields are cut into patches later; the split is by field, and auto-grouping still
+    # catches a field saved twice.
+    if (folder / "split.json").exists() and not force:
+        split, reused = load_split(folder, discovery), True
+    else:
+        split = make_split(
+            discovery,
+            ratios=d.split,
+            folds=d.folds,
+            seed=d.seed,
+            grouping=d.grouping,
+            max_distance=d.hash_max_distance,
+            min_similarity=d.min_similarity,
+        )
+        save_split(split, folder)
+        reused = False
+    return PreparedData(modality, str(source), folder, discovery, split, reused)
+
+
+def summarize(prepared: dict[str, PreparedData]) -> str:
+    """A short human-readable account of the prepared data, for the job log."""
+    lines = []
+    for p in prepared.values():
+        s = p.split.summary
+        g = s["groups"]
+        counts = ", ".join(
+            f"{split} " + "/".join(str(s["counts"][split].get(c, 0)) for c in s["classes"])
+            for split in ("train", "val", "test")
+        )
+        lines += [
+            f"{p.modality}: {s['images']} images in {len(s['classes'])} classes ({', '.join(s['classes'])}) "
+            f"from {p.source}; {s['rejects']} rejected (see {p.folder / 'rejects.csv'})",
+            f"  split ({'reused' if p.reused else 'new'}, seed {s['seed']}): {counts}",
+            f"  groups: {g['count']} ({g['multi_image']} with several images, largest {g['largest']}, "
+            f"{len(g['mixed_label'])} mixing classes)",
+            f"  a naive random split would leak {s['leakage']['naive_random']['val']} val and "
+            f"{s['leakage']['naive_random']['test']} test images; this split leaks "
+            f"{s['leakage']['group_aware']['val'] + s['leakage']['group_aware']['test']}",
+        ]
+    return "\n".join(lines)
+
+
+def build_stores(config: Config, prepared: dict[str, PreparedData]) -> dict[str, StoreSummary]:
+    """Build (or resume, or reuse) the Parquet stores of the prepared modalities with Ray Data.
+
+    Ray must be initialised. Microscope stores also get their contact sheets.
+    """
+    from msbt.data import preprocess as pp
+
+    out = {}
+    for modality, data in prepared.items():
+        d = data.discovery
+        items = pp.split_items(data.folder, d.root, d.classes, config.data.seed)
+        build = pp.build_microscope_store if modality == "microscope" else pp.build_ultrasound_store
+        summary = build(items, store_dir(config, modality), config.preprocess, config.data.sixteen_bit,
+                        classes=d.classes)
+        if modality == "microscope":
+            pp.write_contact_sheets(summary.path, items, d.classes, pp.patch_params(config.preprocess))
+        out[modality] = summary
+    return out
+
+
+def summarize_stores(stores: dict) -> str:
+    lines = []
+    for modality, s in stores.items():
+        noun = "patches" if modality == "microscope" else "images"
+        per_split = "; ".join(
+            f"{split} " + ", ".join(f"{c} {n}" for c, n in sorted(s.rows.get(split, {}).items()))
+            for split in ("train", "val", "test")
+        )
+        lines.append(f"{modality} store: {sum(sum(v.values()) for v in s.rows.values())} {noun} from {s.files} "
+                     f"files in {s.seconds:.1f} s ({per_split}) -> {s.path}")
+        if s.empty_sources:
+            lines.append(f"  {len(s.empty_sources)} files gave no {noun} (no cells found, or unreadable): "
+                         f"{', '.join(s.empty_sources[:5])}{' ...' if len(s.empty_sources) > 5 else ''}")
+    return "\n".join(lines)
+
+
+def recorded_store(config: Config, modality: str) -> StoreSummary | None:
+    """The run's store of ``modality`` as it is, if the recorded split and a complete store match the config.
+
+    Reads ``split.json``/``split.csv`` and ``store.json`` only: no image file is opened, and the data
+    source need not be there any more. None when the split or store is missing, incomplete, made from
+    another source or with other classes or preparation settings (the data step then decides).
+    """
+    from msbt.data import preprocess as pp
+
+    folder = data_dir(config, modality)
+    try:
+        summary = json.loads((folder / "split.json").read_text())
+    except (OSError, ValueError):
+        return None
+    source, classes = _source(config, modality)
+    if Path(summary["root"]).resolve() != Path(source).expanduser().resolve():
+        return None
+    if classes and tuple(summary["classes"]) != tuple(classes):
+        return None
+    items = pp.split_items(folder, summary["root"], tuple(summary["classes"]), config.data.seed)
+    settings, shape = pp.store_settings(modality, config.preprocess, config.data.sixteen_bit)
+    path = store_dir(config, modality)
+    if not matches(path, modality, items, settings, config.preprocess.files_per_chunk, shape, summary["classes"]):
+        return None
+    return Store.open(path).summary()
+
+
+def ensure_stores(config: Config, modalities: Sequence[str] = MODALITIES, *,
+                  force_split: bool = False) -> dict[str, StoreSummary]:
+    """The stores of ``modalities``: the recorded ones when they fit (no image read), else made now.
+
+    Args:
+        config: The resolved config.
+        modalities: Which of "microscope" (stage 1) and "ultrasound" (stage 2) are needed.
+        force_split: Make a new split (and so scan) even if the run folder holds one.
+
+    Returns:
+        Modality -> StoreSummary (``reused`` True for a store opened as it was). Prints what it did.
+        Ray must be initialised when a store has to be built.
+    """
+    found = {} if force_split else {m: s for m in modalities if (s := recorded_store(config, m)) is not None}
+    for modality, summary in found.items():
+        print(f"{modality}: split and store reused from {summary.path.parent.parent} (no image read)", flush=True)
+    if found:
+        print(summarize_stores(found), flush=True)
+    todo = [m for m in modalities if m not in found]
+    if todo:
+        prepared = prepare_data(config, force_split=force_split, modalities=todo)
+        print(summarize(prepared), flush=True)
+        built = build_stores(config, prepared)
+        print(summarize_stores(built), flush=True)
+        found.update(built)
+    return {m: found[m] for m in modalities}
+
+
+def _source(config: Config, modality: str) -> tuple[str, tuple[str, ...]]:
+    """The data source and classes of one modality, without generating the built-in data."""
+    d = config.data
+    source = d.microscope if modality == "microscope" else d.ultrasound
+    classes = d.microscope_classes if modality == "microscope" else d.ultrasound_classes
+    return source or str(synth_dir(config) / modality), tuple(classes)

@@ -1,0 +1,390 @@
+"""The Parquet store: the one module that writes, opens and reads a store's files.
+
+A store is a folder of model-ready images, one row each (a cell patch, or a prepared ultrasound image)::
+
+    store.json              identity: format, kind, image shape, class names, preparation settings,
+                            files per chunk and a hash of the split rows it was made from
+    chunk-00000/*.parquet   rows of `files_per_chunk` source files; `_DONE.json` once the chunk is whole
+    summary.json            rows per split and class, sources that gave no rows, seconds
+
+Columns: ``image`` (fixed-size binary: raw uint8 bytes of one ``image_shape`` array, C order), ``label``,
+``label_index``, ``split``, ``source`` (the source file's path relative to its data root), and ``box``
+(microscope: the patch's window in its field) or ``group`` (ultrasound: the lesion group).
+
+Writing runs a per-file function over the split's rows with Ray Data, chunk by chunk; the workers write
+Parquet directly, so no image passes through the driver. A rerun with the same identity resumes
+(finished chunks are kept) or reuses a complete store; a different identity is refused unless
+``on_existing: overwrite``. Two runs are never mixed in one store.
+
+Everything else opens a store with :meth:`Store.open` (identity, shape and classes read once) and reads
+it with :meth:`Store.read`, :meth:`Store.sample` or Ray Data over :meth:`Store.files`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+STORE_FORMAT = 1
+STORE_FILE = "store.json"
+SUMMARY_FILE = "summary.json"
+DONE_FILE = "_DONE.json"
+META_COLUMNS = ["label", "label_index", "split", "source"]
+
+
+class StoreError(ValueError):
+    """A store cannot be opened, reused or resumed; the message says why and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rows: the image column
+
+
+def arrow_batch(out: dict[str, list], image_shape: tuple[int, ...]):
+    """The Arrow table a per-file function returns: its rows as the store's columns.
+
+    Images go in as one fixed-size binary value per row (raw uint8 bytes in C order), built zero-copy
+    from one contiguous buffer. Ray's tensor columns are stored in Parquet as lists of single bytes,
+    which made writing cost a third as much as cutting the patches (measured: benchmarks/preprocess.py).
+
+    Args:
+        out: Column -> list of values; ``image`` holds arrays of ``image_shape``, ``box`` [x, y, w, h].
+        image_shape: The shape of every image (used when there are none).
+    """
+    import pyarrow as pa
+
+    listed = out.pop("image")
+    images = np.stack(listed) if listed else np.zeros((0, *image_shape), np.uint8)
+    size = int(np.prod(image_shape))
+    columns = {"image": pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(size), len(images), [None, pa.py_buffer(np.ascontiguousarray(images))])}
+    for key, values in out.items():
+        if key == "box":
+            flat = np.asarray(values, dtype=np.int32).reshape(-1)
+            columns[key] = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.int32()), 4)
+        elif key == "label_index":
+            columns[key] = pa.array(np.asarray(values, dtype=np.int64))
+        else:
+            columns[key] = pa.array([str(v) for v in values], pa.string())
+    return pa.table(columns)
+
+
+def decode_images(column, shape: tuple[int, ...]) -> np.ndarray:
+    """(N, *shape) uint8 view of a fixed-size binary image column (pyarrow Array or ChunkedArray)."""
+    import pyarrow as pa
+
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if len(column) == 0:
+        return np.zeros((0, *shape), np.uint8)
+    data = np.frombuffer(column.buffers()[1], np.uint8, count=len(column) * int(np.prod(shape)),
+                         offset=column.offset * int(np.prod(shape)))
+    return data.reshape(len(column), *shape)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Opening and reading
+
+
+def store_files(path: str | Path) -> list[str]:
+    """The Parquet files of a store, in a stable order."""
+    return sorted(str(p) for p in Path(path).glob("chunk-*/*.parquet"))
+
+
+@dataclass(frozen=True)
+class Store:
+    """An opened store: its identity, read once from ``store.json``."""
+
+    path: Path
+    identity: dict
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Store":
+        """Open a store folder.
+
+        Raises:
+            StoreError: No ``store.json`` there (not a store), or one that cannot be read.
+        """
+        path = Path(path).expanduser().resolve()
+        marker = path / STORE_FILE
+        try:
+            identity = json.loads(marker.read_text())
+        except FileNotFoundError:
+            raise StoreError(f"{path}: not a store (no {STORE_FILE}); build it with `msbt preprocess`") from None
+        except (OSError, json.JSONDecodeError) as err:
+            raise StoreError(f"{marker}: unreadable ({err}); rebuild the store "
+                             "(preprocess.on_existing: overwrite)") from None
+        return cls(path, identity)
+
+    @property
+    def kind(self) -> str:
+        return self.identity["kind"]
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.identity["image_shape"])
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names in label-index order (recorded when the store was written)."""
+        return list(self.identity["classes"])
+
+    @property
+    def settings(self) -> dict:
+        """The preparation settings the rows were made with (the per-file function's arguments)."""
+        return dict(self.identity["settings"])
+
+    def fingerprint(self) -> tuple[str, str]:
+        """``(data_fingerprint, split_id)`` for checkpoint manifests: hashes of the identity and rows."""
+        digest = hashlib.sha1(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:16]
+        return digest, str(self.identity.get("items", ""))[:16]
+
+    def files(self) -> list[str]:
+        return store_files(self.path)
+
+    def is_complete(self) -> bool:
+        """Every chunk written whole (the summary is written after the last chunk)."""
+        return (self.path / SUMMARY_FILE).is_file() and all(
+            (chunk / DONE_FILE).is_file() for chunk in self.path.glob("chunk-*"))
+
+    def summary(self) -> "StoreSummary":
+        """The summary written with the store (rows per split and class), as a StoreSummary."""
+        data = json.loads((self.path / SUMMARY_FILE).read_text())
+        return StoreSummary(self.path, data["kind"], data["files"], data["rows"], data["empty_sources"],
+                            0.0, data.get("reused_chunks", 0), reused=True)
+
+    def read(self, columns: list[str] | None = None, split: str | None = None) -> dict[str, np.ndarray]:
+        """Read the store (or some columns, one split) into numpy arrays; for small stores and tests.
+
+        Returns:
+            Column name -> array; ``image`` as (N, H, W, 3) uint8, ``box`` as (N, 4) int32.
+        """
+        import pyarrow.dataset as pads
+
+        files = self.files()
+        if not files:
+            return {c: np.zeros(0) for c in (columns or [])}
+        flt = pads.field("split") == split if split else None
+        table = pads.dataset(files, format="parquet").to_table(columns=columns, filter=flt)
+        out = {}
+        for name in table.column_names:
+            if name == "image":
+                out[name] = decode_images(table[name], self.image_shape)
+            elif name == "box":
+                out[name] = np.asarray(table[name].combine_chunks().flatten(), np.int32).reshape(-1, 4)
+            else:
+                out[name] = table[name].to_numpy()
+        return out
+
+    def sample(self, label: str, n: int) -> np.ndarray:
+        """Up to ``n`` images of one class, reading only the rows needed."""
+        import pyarrow.dataset as pads
+
+        files = self.files()
+        if not files:
+            return np.zeros((0, *self.image_shape), np.uint8)
+        table = pads.dataset(files, format="parquet").head(n, columns=["image"],
+                                                            filter=pads.field("label") == label)
+        return decode_images(table["image"], self.image_shape)
+
+
+def read_store(path: str | Path, columns: list[str] | None = None, split: str | None = None) -> dict[str, np.ndarray]:
+    """``Store.open(path).read(columns, split)``."""
+    return Store.open(path).read(columns, split)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing
+
+
+@dataclass(frozen=True)
+class StoreSummary:
+    path: Path
+    kind: str
+    files: int
+    rows: dict  # split -> class -> rows
+    empty_sources: list  # source files that produced no rows
+    seconds: float
+    reused_chunks: int
+    reused: bool = False  # opened as it was, nothing run
+
+    def as_dict(self) -> dict:
+        return {
+            "path": str(self.path),
+            "kind": self.kind,
+            "files": self.files,
+            "rows": self.rows,
+            "empty_sources": self.empty_sources,
+            "seconds": round(self.seconds, 2),
+            "reused_chunks": self.reused_chunks,
+        }
+
+
+def identity(kind: str, items: Sequence[Mapping], settings: dict, files_per_chunk: int,
+             image_shape: tuple[int, ...], classes: Sequence[str]) -> dict:
+    """What a store is made from; two stores with equal identities hold the same rows.
+
+    Args:
+        kind: "microscope" or "ultrasound".
+        items: The split rows the store is made from (``source``, ``label``, ``split``, ``seed``).
+        settings: The per-file function's keyword arguments (the preparation settings).
+        files_per_chunk: Chunking (a store resumes chunk by chunk).
+        image_shape: Every image's shape.
+        classes: Class names in label-index order.
+    """
+    listing = hashlib.sha1(json.dumps(
+        [[i["source"], i["label"], i["split"], i["seed"]] for i in items]).encode()).hexdigest()
+    return {"format": STORE_FORMAT, "kind": kind, "image_shape": list(image_shape), "classes": list(classes),
+            "settings": settings, "files_per_chunk": files_per_chunk, "items": listing}
+
+
+def write_store(kind: str, items: list[dict], out: str | Path, fn: Callable, fn_kwargs: dict, *,
+                image_shape: tuple[int, ...], classes: Sequence[str], files_per_chunk: int,
+                files_per_task: int, cpus_per_task: float, on_existing: str) -> StoreSummary:
+    """Run ``fn`` over ``items`` with Ray Data, chunk by chunk, into a store at ``out`` (Ray initialised).
+
+    Args:
+        kind: "microscope" or "ultrasound" (recorded in the identity).
+        items: Split rows (msbt.data.preprocess.split_items).
+        out: The store folder.
+        fn: Per-batch function returning :func:`arrow_batch` tables.
+        fn_kwargs: Its keyword arguments; part of the identity.
+        image_shape, classes: Recorded in ``store.json`` for readers.
+        files_per_chunk, files_per_task, cpus_per_task: Chunking and Ray Data task sizing.
+        on_existing: "resume" (default behaviour: reuse a complete store, finish an interrupted one),
+            "overwrite" or "refuse".
+
+    Returns:
+        StoreSummary with rows per split and class, read back from the written Parquet.
+    """
+    import ray
+
+    out = Path(out)
+    started = time.perf_counter()
+    ident = identity(kind, items, fn_kwargs, files_per_chunk, image_shape, classes)
+    _prepare_folder(out, ident, on_existing)
+    chunks = [items[i : i + files_per_chunk] for i in range(0, len(items), files_per_chunk)]
+    reused = 0
+    for index, chunk in enumerate(chunks):
+        folder = out / f"chunk-{index:05d}"
+        if (folder / DONE_FILE).exists():
+            reused += 1
+            continue
+        shutil.rmtree(folder, ignore_errors=True)  # a chunk interrupted mid-write is redone whole
+        # One task per `files_per_task` files: long enough (about 2 s for 1000 px fields) that
+        # Ray's per-task cost is small, short enough that the last tasks finish together.
+        blocks = max(1, -(-len(chunk) // files_per_task))
+        dataset = ray.data.from_items(chunk, override_num_blocks=blocks)
+        dataset = dataset.map_batches(fn, fn_kwargs=fn_kwargs, batch_size=1, num_cpus=cpus_per_task,
+                                      batch_format="numpy")
+        # lz4: a third of the size of raw pixels at a few ms per field; no dictionary or statistics
+        # on the image column, which would only cost time.
+        dataset.write_parquet(str(folder), compression="lz4", use_dictionary=["label", "split", "source"],
+                              write_statistics=["label", "split", "source"])
+        folder.mkdir(parents=True, exist_ok=True)  # a chunk with no rows writes no files
+        _write_json(folder / DONE_FILE, {"files": len(chunk)})
+        log.info("%s store: chunk %d/%d done (%d files)", kind, index + 1, len(chunks), len(chunk))
+    rows, empty = _count(out, items)
+    summary = StoreSummary(out, kind, len(items), rows, empty, time.perf_counter() - started, reused)
+    _write_json(out / SUMMARY_FILE, summary.as_dict())
+    return summary
+
+
+def matches(out: str | Path, kind: str, items: Sequence[Mapping], settings: dict, files_per_chunk: int,
+            image_shape: tuple[int, ...], classes: Sequence[str]) -> bool:
+    """Whether a complete store with exactly this identity is at ``out`` (reusable without any work)."""
+    try:
+        store = Store.open(out)
+    except StoreError:
+        return False
+    wanted = json.loads(json.dumps(identity(kind, items, settings, files_per_chunk, image_shape, classes)))
+    return store.identity == wanted and store.is_complete()
+
+
+def write_resplit(store: str | Path, roles: Mapping[str, str], out: str | Path) -> Path:
+    """Copy a store keeping the rows of the sources in ``roles``, their split rewritten to the role.
+
+    Cross-validation's fold stores: the images are the store's own (no file is read or prepared again).
+
+    Args:
+        store: A store (one or more rows per source).
+        roles: source -> "train" | "val" | "test"; sources not listed are left out.
+        out: The new store folder (replaced if it exists).
+
+    Returns:
+        ``out``: a store read like any other; its ``store.json`` records the store it came from and
+        hashes the new assignment.
+    """
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    source_store, out = Store.open(store), Path(out)
+    files = source_store.files()
+    if not files:
+        raise StoreError(f"{source_store.path}: no Parquet files (not a store, or an empty one)")
+    table = pads.dataset(files, format="parquet").to_table()
+    sources = table["source"].to_pylist()
+    keep = [s in roles for s in sources]
+    table = table.filter(pa.array(keep))
+    splits = pa.array([roles[s] for s, k in zip(sources, keep) if k], pa.string())
+    table = table.set_column(table.column_names.index("split"), "split", splits)
+    if out.exists():
+        shutil.rmtree(out)
+    (out / "chunk-00000").mkdir(parents=True)
+    pq.write_table(table, out / "chunk-00000" / "part-00000.parquet", compression="lz4")
+    _write_json(out / "chunk-00000" / DONE_FILE, {"files": len(table)})
+    listing = hashlib.sha1(json.dumps(sorted(roles.items())).encode()).hexdigest()
+    ident = {**source_store.identity, "items": listing,
+             "derived_from": {"store": str(source_store.path), "items": source_store.identity.get("items")}}
+    _write_json(out / STORE_FILE, ident)
+    rows, _ = _count(out, [])
+    _write_json(out / SUMMARY_FILE, StoreSummary(out, source_store.kind, len(set(roles)), rows, [], 0.0, 0).as_dict())
+    return out
+
+
+def _write_json(path: Path, data) -> None:
+    """Write whole or not at all (a temporary file renamed over the target)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _prepare_folder(out: Path, ident: dict, on_existing: str) -> None:
+    marker = out / STORE_FILE
+    exists = out.exists() and any(out.iterdir())
+    if exists and on_existing == "overwrite":
+        shutil.rmtree(out)
+    elif exists and on_existing == "refuse":
+        raise StoreError(f"{out}: a store already exists here (preprocess.on_existing: resume or overwrite)")
+    elif exists:
+        found = json.loads(marker.read_text()) if marker.exists() else None
+        if found != json.loads(json.dumps(ident)):
+            raise StoreError(
+                f"{out}: the store here was made from other settings or another split; refusing to mix "
+                "them (set preprocess.on_existing: overwrite, or use another run name)"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(marker, ident)
+
+
+def _count(out: Path, items: Sequence[Mapping]) -> tuple[dict, list]:
+    """Rows per split and class, and sources with no rows, from the Parquet metadata columns only."""
+    table = read_store(out, columns=["source", "label", "split"])
+    rows: dict[str, dict[str, int]] = {}
+    for split, label in zip(table["split"], table["label"]):
+        rows.setdefault(str(split), {}).setdefault(str(label), 0)
+        rows[str(split)][str(label)] += 1
+    produced = set(table["source"])
+    return rows, [i["source"] for i in items if i["source"] not in produced]

@@ -1,0 +1,66 @@
+"""The run folder: the one module that knows where a run's files live.
+
+Everything a run writes goes under ``<run.storage_path>/<run.name>/`` (``run_dir``)::
+
+    config.yaml, summary.json, metrics.json, predictions.csv, report.html
+    stages.json                      finished stages (msbt.train.stages)
+    data/<modality>/                 split.csv, split.json, rejects.csv (msbt.data.splits, discovery)
+    stores/<modality>/               Parquet stores (msbt.data.store)
+    stage1/, stage2/                 Ray Train run folders with checkpoint_*/ (msbt.train.runner)
+    tensorboard/stage<n>/            epoch scalars (msbt.train.tblog)
+    tune/                            searches, the fast mode's feature cache (msbt.tune)
+    crossval/, ablation/, compare/   experiments, one Ray run folder per arm (msbt.jobs.experiments)
+
+Paths only: nothing here reads or writes a file, so every layer may use it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from msbt.config import Config
+
+MODALITIES = ("microscope", "ultrasound")
+STAGE_MODALITY = {1: "microscope", 2: "ultrasound"}
+
+CONFIG_FILE = "config.yaml"
+SUMMARY_FILE = "summary.json"
+STAGES_FILE = "stages.json"
+METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.csv"
+REPORT_FILE = "report.html"
+
+
+def run_dir(config: Config) -> Path:
+    """The folder every result of this run goes to: ``<run.storage_path>/<run.name>``, absolute."""
+    return (Path(config.run.storage_path).expanduser() / config.run.name).resolve()
+
+
+def data_dir(config: Config, modality: str) -> Path:
+    """Where a modality's split, split summary and rejects are saved."""
+    return run_dir(config) / "data" / modality
+
+
+def store_dir(config: Config, modality: str) -> Path:
+    """A modality's Parquet store."""
+    return run_dir(config) / "stores" / modality
+
+
+def stage_dir(config: Config, number: int) -> Path:
+    """Ray Train's run folder of one stage (its checkpoints)."""
+    return run_dir(config) / f"stage{number}"
+
+
+def stages_file(config: Config) -> Path:
+    """The record of finished stages."""
+    return run_dir(config) / STAGES_FILE
+
+
+def tune_dir(config: Config) -> Path:
+    """Every Tune search of the run, the stage-1 record of searches and the fast mode's feature cache."""
+    return run_dir(config) / "tune"
+
+
+def experiment_dir(config: Config, experiment: str) -> Path:
+    """An experiment's folder (``crossval``, ``ablation``, ``compare``...)."""
+    return run_dir(config) / experiment
