@@ -14,6 +14,11 @@ import yaml
 from msbt import __version__
 from msbt.config import ConfigError, load_config, to_dict
 
+# The smallest real run, for `--smoke-test`: shipped beside the workflow scripts, not in the package.
+CONFIGS = Path(__file__).resolve().parents[1] / "workflows" / "configs"
+SMOKE_CONFIG = CONFIGS / "smoke.yaml"
+SMOKE_CONFIGS = {"tune": CONFIGS / "tune-smoke.yaml"}  # a command whose smallest run needs more settings
+
 
 def _config_options(parser: argparse.ArgumentParser) -> None:
     # Accepted after the subcommand too (`msbt run --debug`); SUPPRESS keeps the top-level value.
@@ -26,6 +31,8 @@ def _config_options(parser: argparse.ArgumentParser) -> None:
         "--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
         help="override one key after the overlays, e.g. --set stage1.epochs=2",
     )
+    parser.add_argument("--smoke-test", action="store_true", help="add workflows/configs/smoke.yaml (tune: "
+                        "tune-smoke.yaml) after the overlays: the smallest real run")
 
 
 def _step_options(parser: argparse.ArgumentParser) -> None:
@@ -128,8 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _configs(args) -> list:
+    """The overlays of a command: ``--config`` files, then the smoke config with ``--smoke-test``."""
+    if not getattr(args, "smoke_test", False):
+        return list(args.config)
+    smoke = SMOKE_CONFIGS.get(args.command, SMOKE_CONFIG)
+    if not smoke.is_file():
+        raise ConfigError(f"--smoke-test: {smoke} not found (it ships with the project's workflows/)")
+    return [*args.config, str(smoke)]
+
+
 def _load(args) -> "object":
-    return load_config(args.config, args.overrides)
+    return load_config(_configs(args), args.overrides)
 
 
 def _cmd_run(args) -> int:
@@ -375,7 +392,7 @@ def _cmd_tune(args) -> int:
     from msbt.tune.search import experiment_dir, format_ranking, read_experiment, run_search, write_best_overlay
 
     extra = ["tune.fast=true", "stage2.trainable_backbone=false"] if args.fast else []
-    config = load_config(args.config, args.overrides + extra)
+    config = load_config(_configs(args), args.overrides + extra)
     init_ray(args.address)
     run_search(config, resume=args.resume, sources=", ".join(args.config) or "the default config")
     exp = experiment_dir(config)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # see workflows/pipeline.py
 
-from workflows.pipeline import passthrough  # noqa: E402
+from workflows.pipeline import run  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(passthrough("crossval"))
+    sys.exit(run("crossval"))

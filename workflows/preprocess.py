@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # see workflows/pipeline.py
 
-from workflows.pipeline import entry  # noqa: E402
+from workflows.pipeline import run  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(entry("preprocess", __doc__, options=("force_split",)))
+    sys.exit(run("preprocess"))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # see workflows/pipeline.py
 
-from workflows.pipeline import entry  # noqa: E402
+from workflows.pipeline import run  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(entry("stage1", __doc__))
+    sys.exit(run("stage1"))

@@ -89,7 +89,7 @@ def score(val: dict, test: dict, *, rule: str = "youden", n_boot: int = 2000, se
         warnings.simplefilter("always", RuntimeWarning)
         intervals = metrics.bootstrap_ci(y, p, threshold, groups=groups, n_boot=n_boot, seed=seed)
         # Same seed and groups: the loss interval comes from the very resamples of the others.
-        loss = metrics.bootstrap_mean_ci(metrics._case_log_loss(y, p, 1e-7), groups, n_boot=n_boot, seed=seed)
+        loss = metrics.bootstrap_mean_ci(metrics.case_log_loss(y, p, 1e-7), groups, n_boot=n_boot, seed=seed)
     notes = [str(w.message) for w in caught]  # e.g. resamples without a malignant case (small test sets)
     wilson = _wilson_by_groups(point, y, groups)
     n_groups = len(set(groups.tolist()))

@@ -601,10 +601,11 @@ def log_loss(y, p, eps: float = 1e-7) -> float:
     the model adds to its training loss), so a test-split loss sits beside a ``val_loss`` on one scale.
     """
     y, p = _check_inputs(y, p)
-    return float(np.mean(_case_log_loss(y, p, eps)))
+    return float(np.mean(case_log_loss(y, p, eps)))
 
 
-def _case_log_loss(y: np.ndarray, p: np.ndarray, eps: float) -> np.ndarray:
+def case_log_loss(y: np.ndarray, p: np.ndarray, eps: float) -> np.ndarray:
+    """Per-case binary cross-entropy, probabilities clipped to [eps, 1 - eps]."""
     q = np.clip(p, eps, 1.0 - eps)
     return -(y * np.log(q) + (1 - y) * np.log(1.0 - q))
 
