@@ -1,18 +1,13 @@
-"""Shared fixtures: small image trees made on the fly, and the optional real data in ../shared/data."""
+"""Shared fixtures: the optional real data in ../shared/data and the session's local Ray cluster.
 
-import os
+Helper functions (not fixtures) live in tests/helpers.py.
+"""
+
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def shared_data() -> Path:
-    """Real data for optional tests: $MSBT_SHARED_DATA, else ../shared/data beside the project."""
-    return Path(os.environ.get("MSBT_SHARED_DATA", ROOT.parent / "shared" / "data"))
+from helpers import shared_data
 
 
 @pytest.fixture
@@ -26,22 +21,6 @@ def real_data():
         return folder
 
     return get
-
-
-def textured(seed: int, size: int = 64) -> np.ndarray:
-    """A random smooth grayscale image: distinct seeds give unrelated images."""
-    rng = np.random.default_rng(seed)
-    base = rng.normal(size=(size // 8, size // 8)).astype(np.float32)
-    img = cv2.resize(base, (size, size), interpolation=cv2.INTER_CUBIC)
-    img = (img - img.min()) / (img.max() - img.min()) * 200 + 20
-    return img.astype(np.uint8)
-
-
-def frame_of(img: np.ndarray, seed: int) -> np.ndarray:
-    """Another 'frame' of the same scene: a one-pixel shift and fresh noise."""
-    rng = np.random.default_rng(seed)
-    shifted = np.roll(img, shift=(int(rng.integers(-1, 2)), int(rng.integers(-1, 2))), axis=(0, 1))
-    return np.clip(shifted + rng.normal(0, 4, img.shape), 0, 255).astype(np.uint8)
 
 
 @pytest.fixture(scope="session")

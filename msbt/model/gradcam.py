@@ -21,7 +21,7 @@ sigmoid), not of ``p = sigmoid(z)``. Since ``dp/dA = p (1 - p) dz/dA`` and ``p (
 number per image, both give the same normalised map, except where the sigmoid saturates: a confident
 model (``p`` within float32 rounding of 0 or 1) has ``p (1 - p) = 0`` and the probability's gradient is
 zero everywhere, i.e. no heatmap for exactly the most confident calls. ``score="probability"`` is there
-to show that (tests/test_gradcam.py).
+to show that (tests/unit/test_gradcam.py).
 
 Model layout. The model must be a chain ``image -> preprocess -> backbone -> gap -> head -> predictions``
 (:func:`msbt.model.models.build_model`); the backbone is a nested ``keras.Model``, so the feature map is taken

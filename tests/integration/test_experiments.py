@@ -80,7 +80,7 @@ def test_workflow_scripts_pass_their_arguments_to_the_subcommand():
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from helpers import ROOT
 
     for name in ("crossval", "ablation", "compare"):
         done = subprocess.run([sys.executable, str(ROOT / "workflows" / f"{name}.py"), "--help"],

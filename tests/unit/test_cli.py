@@ -7,7 +7,7 @@ import sys
 import cv2
 import pytest
 
-from conftest import textured
+from helpers import textured
 from msbt.cli import main
 
 SUBCOMMANDS = ["run", "preprocess", "stage1", "stage2", "evaluate", "synth", "scan", "split", "lineage", "config"]
@@ -90,4 +90,4 @@ def test_parser_builds_without_importing_tensorflow_or_ray():
     assert out.split() == ["False", "False"]
 
 
-# The README's `workflows/pipeline.py --smoke-test` end to end in a fresh process: tests/test_job_submit.py.
+# The README's `workflows/pipeline.py --smoke-test` end to end in a fresh process: tests/workflows/test_job_submit.py.

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import frame_of, textured
+from helpers import frame_of, textured
 from msbt.data.discovery import DataError, discover
 from msbt.images.grouping import connected_groups, find_links, fingerprint
 from msbt.data.splits import assign_groups, leaked_images, load_split, make_split, save_split

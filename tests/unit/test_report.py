@@ -1,57 +1,18 @@
 """report.html: self-contained (no external URL, no script), every SVG well-formed, every section there.
 
-The real case: `check_run_report` on the run that tests/test_workflows.py trains step by step (smoke data,
+The real case: `check_run_report` on the run that tests/workflows/test_workflows.py trains step by step (smoke data,
 EfficientNet-Lite0, one epoch per stage, a local Ray cluster): its evaluation step writes the report.
 """
 
 import json
 import xml.etree.ElementTree as ET
-from html.parser import HTMLParser
 
 import pytest
 
+from helpers import SECTIONS, check_self_contained, svgs  # noqa: F401
 from msbt.eval import report as R
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning")]
-SECTIONS = ("metrics", "training", "data", "gradcam", "lineage", "config")
-
-
-class Page(HTMLParser):
-    """Collects section ids, every URL-bearing attribute and the raw <svg>...</svg> blocks."""
-
-    def __init__(self):
-        super().__init__()
-        self.ids, self.urls, self.tags = [], [], []
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append(tag)
-        for name, value in attrs:
-            if name == "id":
-                self.ids.append(value)
-            if name in ("src", "href", "action", "srcset", "data", "poster"):
-                self.urls.append(value)
-
-
-def svgs(text: str) -> list[str]:
-    out, start = [], 0
-    while (i := text.find("<svg", start)) >= 0:
-        j = text.index("</svg>", i) + len("</svg>")
-        out.append(text[i:j])
-        start = j
-    return out
-
-
-def check_self_contained(text: str) -> Page:
-    page = Page()
-    page.feed(text)
-    assert "script" not in page.tags and "link" not in page.tags and "iframe" not in page.tags
-    assert all(u.startswith(("data:image/png;base64,", "#")) for u in page.urls), page.urls
-    # The only http(s) text allowed is the SVG namespace name (an identifier, never fetched).
-    assert text.replace('xmlns="http://www.w3.org/2000/svg"', "").count("http") == 0
-    assert "url(" not in text and "@import" not in text
-    for block in svgs(text):
-        ET.fromstring(block)  # raises on malformed SVG
-    return page
 
 
 def test_charts_are_well_formed_svg_even_with_gaps():
@@ -83,37 +44,6 @@ def test_a_run_folder_without_results_still_renders_with_the_gaps_marked(tmp_pat
     text = R.render(tmp_path)
     check_self_contained(text)
     assert "This section could not be drawn: KeyError" in text and 'id="config"' in text
-
-
-def check_run_report(run) -> None:
-    """The report a finished run wrote (evaluation writes it): complete, self-contained, and showing the
-    run's own numbers. Called on a real run by tests/test_workflows.py, which trains one."""
-    text = (run / "report.html").read_text()
-    page = check_self_contained(text)
-    assert set(SECTIONS) <= set(page.ids)
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["schema_version"] == 2 and metrics["predictions_file"] == "predictions.csv"
-    # charts: ROC, calibration, confusion matrix, and loss + AUC/accuracy curves for both stages
-    titles = [ET.fromstring(s).get("aria-label") for s in svgs(text)]
-    assert "ROC, test split" in titles and "confusion matrix" in titles
-    assert any(t.startswith("Calibration") for t in titles)
-    assert {"Stage 1 (efficientnet_lite0): loss", "Stage 2 (efficientnet_lite0): loss",
-            "Stage 2 (efficientnet_lite0): auc"} <= set(titles)
-    # the numbers shown are metrics.json's
-    acc = metrics["test_ci95"]["accuracy"]
-    assert f"{acc[0]:.3f} [{acc[1]:.3f}, {acc[2]:.3f}]" in text
-    assert f"{metrics['threshold']:.4f}" in text
-    # data summary, lineage and config
-    split = json.loads((run / "data" / "ultrasound" / "split.json").read_text())
-    assert f"{split['images']} images from" in text and "naive" in text
-    assert "stage 2  efficientnet_lite0  weights=parent" in text and "&lt;- stage 1" in text
-    assert "backbone: efficientnet_lite0" in text
-    # Grad-CAM: real overlays
-    assert text.count('src="data:image/png;base64,') >= 2 and "Grad-CAM failed" not in text
-    # the per-image predictions are kept for later comparisons
-    rows = (run / "predictions.csv").read_text().splitlines()
-    assert rows[0] == "split,source,group,y,p"
-    assert sum(r.startswith("test,") for r in rows) == metrics["test_images"]
 
 
 def arm(acc, auc, n=10):

@@ -23,7 +23,7 @@ import yaml
 
 from msbt.config import ConfigError, Config, load_config, to_dict
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 

@@ -133,7 +133,7 @@ def test_stage1_reports_every_epoch_and_checkpoints_in_the_msbt_format(stage1, s
     assert manifest["data_fingerprint"] and manifest["split_id"]
 
 
-# Stage 2 from stage 1 with one worker, and its lineage: tests/test_workflows.py (the stage-2 step).
-# Resuming after a checkpoint with one worker, epochs counted: tests/test_resume.py (a killed worker
+# Stage 2 from stage 1 with one worker, and its lineage: tests/workflows/test_workflows.py (the stage-2 step).
+# Resuming after a checkpoint with one worker, epochs counted: tests/integration/test_resume.py (a killed worker
 # restarts from its last checkpoint through the same fit_stage(resume_from=...)); with two workers and
-# an explicit resume_from: tests/test_distributed.py.
+# an explicit resume_from: tests/integration/test_distributed.py.

@@ -2,7 +2,7 @@
 
 import yaml
 
-from conftest import ROOT
+from helpers import ROOT
 
 
 def load():

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from conftest import ROOT
-from test_report import check_run_report
+from helpers import ROOT, check_run_report
+
 from msbt.model.checkpoint import lineage, read_manifest
 from msbt.cli import main
 
@@ -55,7 +55,16 @@ def test_steps_chain_through_the_recorded_stages(tmp_path, ray_local, capsys):
     assert "stage 1: finished before, reused" in capsys.readouterr().out
     assert json.loads((run / "stages.json").read_text())["1"] == stage1
 
+    # Later steps open the recorded split and stores and never scan the data again: with the data
+    # folder moved away (so any scan, decode or regeneration of it would fail or show), stage 2 and
+    # evaluation still run.
+    assert main(["preprocess", *common]) == 0  # the data step: the ultrasound store as well
+    capsys.readouterr()
+    away = tmp_path / "synth-moved-away"
+    (tmp_path / "synth").rename(away)
+
     assert main(["stage2", *common]) == 0
+    assert "ultrasound: split and store reused" in capsys.readouterr().out
     stage2 = json.loads((run / "stages.json").read_text())["2"]
     manifest = read_manifest(stage2["checkpoint"])
     assert manifest["stage"] == 2 and manifest["class_names"] == ["benign", "malignant"]
@@ -69,7 +78,9 @@ def test_steps_chain_through_the_recorded_stages(tmp_path, ray_local, capsys):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["checkpoint"] == stage2["checkpoint"] and metrics["threshold_chosen_on"] == "val"
     assert "test split (" in capsys.readouterr().out
-    check_run_report(run)  # the evaluation step wrote report.html (tests/test_report.py)
+    check_run_report(run)  # the evaluation step wrote report.html (tests/unit/test_report.py)
+    assert not (tmp_path / "synth").exists()  # nothing regenerated the built-in data either
+    away.rename(tmp_path / "synth")  # a new run name below needs its own split, so its own scan
 
     # explicit links: a changed stage-2 setting under a new name, from stage 1 by --parent
     other = [*common, "--set", "run.name=other", "--set", "stage2.head.dropout=0.25"]

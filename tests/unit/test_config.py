@@ -6,7 +6,7 @@ import pytest
 
 from msbt.config import Config, ConfigError, dump_config, load_config, to_dict
 
-CONFIGS = Path(__file__).resolve().parents[1] / "workflows" / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "workflows" / "configs"
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:

@@ -21,7 +21,7 @@ import time
 import psutil
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 from msbt.data import synth
 from msbt.model.checkpoint import read_manifest
 from msbt.config import AugmentConfig, Config, PreprocessConfig, RunConfig, StageConfig

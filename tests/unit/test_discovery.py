@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import textured
+from helpers import textured
 from msbt.data.discovery import DataError, discover, write_rejects
 
 

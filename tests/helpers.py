@@ -1,0 +1,106 @@
+"""Helpers shared by the test tiers (imported as `helpers`; fixtures are in tests/conftest.py)."""
+
+import json
+import os
+import xml.etree.ElementTree as ET
+from html.parser import HTMLParser
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("metrics", "training", "data", "gradcam", "lineage", "config")
+
+
+def shared_data() -> Path:
+    """Real data for optional tests: $MSBT_SHARED_DATA, else ../shared/data beside the project."""
+    return Path(os.environ.get("MSBT_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def textured(seed: int, size: int = 64) -> np.ndarray:
+    """A random smooth grayscale image: distinct seeds give unrelated images."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(size // 8, size // 8)).astype(np.float32)
+    img = cv2.resize(base, (size, size), interpolation=cv2.INTER_CUBIC)
+    img = (img - img.min()) / (img.max() - img.min()) * 200 + 20
+    return img.astype(np.uint8)
+
+
+def frame_of(img: np.ndarray, seed: int) -> np.ndarray:
+    """Another 'frame' of the same scene: a one-pixel shift and fresh noise."""
+    rng = np.random.default_rng(seed)
+    shifted = np.roll(img, shift=(int(rng.integers(-1, 2)), int(rng.integers(-1, 2))), axis=(0, 1))
+    return np.clip(shifted + rng.normal(0, 4, img.shape), 0, 255).astype(np.uint8)
+
+
+# report.html checks (tests/unit/test_report.py, and every evaluated run)
+
+
+class Page(HTMLParser):
+    """Collects section ids, every URL-bearing attribute and the raw <svg>...</svg> blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.ids, self.urls, self.tags = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        for name, value in attrs:
+            if name == "id":
+                self.ids.append(value)
+            if name in ("src", "href", "action", "srcset", "data", "poster"):
+                self.urls.append(value)
+
+
+def svgs(text: str) -> list[str]:
+    out, start = [], 0
+    while (i := text.find("<svg", start)) >= 0:
+        j = text.index("</svg>", i) + len("</svg>")
+        out.append(text[i:j])
+        start = j
+    return out
+
+
+def check_self_contained(text: str) -> Page:
+    page = Page()
+    page.feed(text)
+    assert "script" not in page.tags and "link" not in page.tags and "iframe" not in page.tags
+    assert all(u.startswith(("data:image/png;base64,", "#")) for u in page.urls), page.urls
+    # The only http(s) text allowed is the SVG namespace name (an identifier, never fetched).
+    assert text.replace('xmlns="http://www.w3.org/2000/svg"', "").count("http") == 0
+    assert "url(" not in text and "@import" not in text
+    for block in svgs(text):
+        ET.fromstring(block)  # raises on malformed SVG
+    return page
+
+
+def check_run_report(run) -> None:
+    """The report a finished run wrote (evaluation writes it): complete, self-contained, and showing the
+    run's own numbers. Called on a real run by tests/test_workflows.py, which trains one."""
+    text = (run / "report.html").read_text()
+    page = check_self_contained(text)
+    assert set(SECTIONS) <= set(page.ids)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["schema_version"] == 2 and metrics["predictions_file"] == "predictions.csv"
+    # charts: ROC, calibration, confusion matrix, and loss + AUC/accuracy curves for both stages
+    titles = [ET.fromstring(s).get("aria-label") for s in svgs(text)]
+    assert "ROC, test split" in titles and "confusion matrix" in titles
+    assert any(t.startswith("Calibration") for t in titles)
+    assert {"Stage 1 (efficientnet_lite0): loss", "Stage 2 (efficientnet_lite0): loss",
+            "Stage 2 (efficientnet_lite0): auc"} <= set(titles)
+    # the numbers shown are metrics.json's
+    acc = metrics["test_ci95"]["accuracy"]
+    assert f"{acc[0]:.3f} [{acc[1]:.3f}, {acc[2]:.3f}]" in text
+    assert f"{metrics['threshold']:.4f}" in text
+    # data summary, lineage and config
+    split = json.loads((run / "data" / "ultrasound" / "split.json").read_text())
+    assert f"{split['images']} images from" in text and "naive" in text
+    assert "stage 2  efficientnet_lite0  weights=parent" in text and "&lt;- stage 1" in text
+    assert "backbone: efficientnet_lite0" in text
+    # Grad-CAM: real overlays
+    assert text.count('src="data:image/png;base64,') >= 2 and "Grad-CAM failed" not in text
+    # the per-image predictions are kept for later comparisons
+    rows = (run / "predictions.csv").read_text().splitlines()
+    assert rows[0] == "split,source,group,y,p"
+    assert sum(r.startswith("test,") for r in rows) == metrics["test_images"]
