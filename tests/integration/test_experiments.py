@@ -203,7 +203,10 @@ def tiny_data(tmp_path_factory, ray_local):
         stage2=lite0(weights="parent", monitor="val_auc", head=HeadConfig(dense_units=(8,), dropout=0.5)),
         run=RunConfig(name="tiny", storage_path=str(out / "runs")),
     )
-    return config, X.prepare_run(config)
+    data = X.prepare_run(config)
+    # Every experiment opens the recorded split and stores: with the data moved away, none reads an image.
+    (out / "synth").rename(out / "synth-moved-away")
+    return config, data
 
 
 @pytest.fixture(scope="module")

@@ -120,6 +120,8 @@ def prepared(tmp_path_factory, ray_local):
     config = load_config([path])
     stores = build_stores(config, prepare_data(config))
     parent = stage1_checkpoint(config, stores["microscope"].path)
+    # A search opens the recorded split and stores: with the data moved away it must read no image.
+    (folder / "synth").rename(folder / "synth-moved-away")
     return {"yaml": path, "config": config, "ultrasound": str(stores["ultrasound"].path), "parent": parent}
 
 
