@@ -126,69 +126,26 @@ def prepare_run(config: Config) -> RunData:
                    prepared["ultrasound"].folder)
 
 
-def _usable_stage1(path: str | Path | None, config: Config) -> Path | None:
-    """``path`` if it is an intact stage-1 checkpoint trained with this config's stage 1, else None."""
-    from msbt.model.checkpoint import CheckpointError, read_manifest, verify
-
-    if not path:
-        return None
-    path = Path(path)
-    try:
-        manifest = read_manifest(path)
-        intact = verify(path)
-    except (CheckpointError, OSError):
-        return None
-    if not intact or manifest["stage"] != 1 or manifest["config"] != to_dict(config.stage1):
-        log.info("not reusing %s as stage 1 (changed, not stage 1, or another stage-1 config)", path)
-        return None
-    return path
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _recorded_stage1(run: Path) -> list[str]:
-    """Stage-1 checkpoints the run folder records, most authoritative first."""
-    candidates = []
-    stages = _read_json(run / "stages.json")  # the main job's finished stages: {"1": {"checkpoint": ...}, ...}
-    if isinstance(stages, dict):
-        entry = stages.get("1") or stages.get("stage1") or {}
-        candidates.append(entry.get("checkpoint") if isinstance(entry, dict) else None)
-    scored = run / "metrics.json"  # the evaluated stage-2 model's parent is the run's stage 1
-    if scored.is_file():
-        from msbt.model.checkpoint import lineage
-
-        checkpoint = json.loads(scored.read_text()).get("checkpoint")
-        if checkpoint and Path(checkpoint).is_dir():
-            chain = lineage(checkpoint)
-            candidates.append(chain[1]["path"] if len(chain) > 1 else None)
-    ours = run / "experiments" / "stage1.json"
-    if ours.is_file():
-        candidates.append(json.loads(ours.read_text()).get("checkpoint"))
-    return [c for c in candidates if c]
-
-
 def shared_stage1(data: RunData, *, verbose: int = 0) -> Path:
-    """The stage-1 checkpoint every arm starts from: the run's own if it records one that matches the
-    config's stage 1, else trained once into ``runs/<name>/experiments/stage1`` and recorded there."""
-    from msbt.train.runner import best_checkpoint, train_stage
+    """The stage-1 checkpoint every arm starts from: one the run records (or an identical one of another
+    run, through the stage index) that matches the config's stage 1, else trained once into
+    ``runs/<name>/experiments/stage1`` and recorded there (``msbt.train.stages.reusable_stage1``)."""
+    from msbt.train.stages import index_root, reusable_stage1, reuse_message, train_stage1_once
 
-    for candidate in _recorded_stage1(data.run_dir):
-        found = _usable_stage1(candidate, data.config)
-        if found is not None:
-            print(f"stage 1: reusing {found}")
-            return found
-    config = arm_config(data.config, data.run_dir, "experiments")
-    result = train_stage(config, 1, data.microscope_store, verbose=verbose)
-    best = Path(best_checkpoint(result, config.stage1.monitor).path)
+    found = reusable_stage1(data.config, data.microscope_store)
+    if found is not None and found.run is None:
+        print(f"stage 1: reusing {found.checkpoint}")
+        return found.checkpoint
+    if found is not None:
+        print(reuse_message(1, found.checkpoint, found.run))
+        best = found.checkpoint
+    else:
+        config = arm_config(data.config, data.run_dir, "experiments")
+        best = train_stage1_once(config, data.microscope_store, root=index_root(data.config), verbose=verbose)
+        print(f"stage 1: trained once for the experiments -> {best}")
     record = data.run_dir / "experiments" / "stage1.json"
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({"checkpoint": str(best)}, indent=2) + "\n")
-    print(f"stage 1: trained once for the experiments -> {best}")
     return best
 
 
