@@ -39,6 +39,7 @@ import numpy as np
 
 from msbt.eval import metrics
 from msbt.config import Config, ConfigError, to_dict
+from msbt.train.stages import index_root
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def shared_stage1(data: RunData, *, verbose: int = 0) -> Path:
 
 
 def run_arm(config: Config, store: Path, stage1: Path | None, folder: Path, *, n_boot: int = 2000,
-            verbose: int = 0) -> dict:
+            verbose: int = 0, index: Path | None = None) -> dict:
     """Train stage 2 of one arm and score it; reuse the arm's earlier result if ``folder`` has one.
 
     Args:
@@ -162,12 +163,14 @@ def run_arm(config: Config, store: Path, stage1: Path | None, folder: Path, *, n
         store: The ultrasound store whose ``train``/``val`` rows train and pick, ``test`` rows score.
         stage1: The shared stage-1 checkpoint (used when ``stage2.weights`` is ``parent``).
         folder: The arm's folder: ``metrics.json`` and ``predictions.csv`` go there.
+        index: The stage index's folder (the run's ``msbt.train.stages.index_root``): an identical
+            finished stage 2 found there is scored instead of trained, and a stage 2 trained here is
+            remembered there. None: always train, remember nothing.
 
     Returns:
         The arm's metrics.json content, with its predictions attached as in :class:`msbt.eval.evaluate.Evaluation`.
     """
     from msbt.eval.evaluate import Evaluation, evaluate, read_predictions, write_metrics
-    from msbt.train.runner import best_checkpoint, train_stage
 
     done = folder / "metrics.json"
     if done.is_file() and (folder / "predictions.csv").is_file():
@@ -177,15 +180,33 @@ def run_arm(config: Config, store: Path, stage1: Path | None, folder: Path, *, n
             print(f"{folder.name}: reusing {done}")
             return result
     parent = stage1 if config.stage2.weights == "parent" else None
-    trained = train_stage(config, 2, store, parent_checkpoint=parent, verbose=verbose)
-    best = best_checkpoint(trained, config.stage2.monitor)
-    if best is None:
-        raise RuntimeError(f"{folder}: stage 2 reported no checkpoint")
-    result = evaluate(best.path, store, n_boot=n_boot, seed=config.data.seed)
+    best = _arm_stage2(config, store, parent, folder, index, verbose)
+    result = evaluate(best, store, n_boot=n_boot, seed=config.data.seed)
     result["arm_config"] = {"stage2": to_dict(config.stage2)}
     folder.mkdir(parents=True, exist_ok=True)
     write_metrics(result, done)
     return result
+
+
+def _arm_stage2(config: Config, store: Path, parent: Path | None, folder: Path, index: Path | None,
+                verbose: int) -> Path:
+    """The arm's stage-2 checkpoint: an identical finished stage 2 from the index, or one trained now."""
+    from msbt.train.runner import best_checkpoint, train_stage
+    from msbt.train.stages import find_identical, remember_stage, reuse_message, run_folder, stage_inputs
+
+    inputs = stage_inputs(config, 2, store, parent) if index is not None else None
+    if inputs is not None and config.run.reuse_stages:
+        entry = find_identical(index, inputs)
+        if entry is not None:
+            print(f"{folder.name}: " + reuse_message(2, entry["checkpoint"], entry["run"]), flush=True)
+            return Path(entry["checkpoint"])
+    trained = train_stage(config, 2, store, parent_checkpoint=parent, verbose=verbose)
+    best = best_checkpoint(trained, config.stage2.monitor)
+    if best is None:
+        raise RuntimeError(f"{folder}: stage 2 reported no checkpoint")
+    if inputs is not None:
+        remember_stage(index, inputs, best.path, run_folder(config))
+    return Path(best.path)
 
 
 def _ci(result: dict, key: str) -> list[float]:
@@ -316,7 +337,8 @@ def crossval(config: Config, *, scope: str = "trainval", fresh: bool = False, n_
     for i, plan in enumerate(plans):
         folder = out / f"fold-{i}"
         store = write_split_store(data.ultrasound_store, plan, folder / "store")
-        result = run_arm(arm_config(config, out, f"fold-{i}"), store, stage1, folder, n_boot=n_boot, verbose=verbose)
+        result = run_arm(arm_config(config, out, f"fold-{i}"), store, stage1, folder, n_boot=n_boot, verbose=verbose,
+                         index=index_root(config))
         fold_rows.append({
             "fold": i, "val_fold": (i + 1) % k,
             "train_images": sum(counts[i]["train"].values()), "val_images": result["val_images"],
@@ -388,7 +410,8 @@ def ablation(config: Config, *, rows: Sequence[str] = tuple(ABLATION_ROWS), fres
     table = []
     for name in rows:
         arm = arm_config(config, out, name, ABLATION_ROWS[name])
-        result = run_arm(arm, data.ultrasound_store, stage1, out / name, n_boot=n_boot, verbose=verbose)
+        result = run_arm(arm, data.ultrasound_store, stage1, out / name, n_boot=n_boot, verbose=verbose,
+                         index=index_root(config))
         table.append({
             "row": name, "label": ABLATION_LABELS[name], "overrides": ABLATION_ROWS[name],
             "loss": _ci(result, "loss"), "accuracy": _ci(result, "accuracy"), "auc": _ci(result, "auc"),
@@ -499,7 +522,7 @@ def compare(config: Config, *, arms: Sequence[str] = tuple(COMPARE_ARMS), naive:
     results = {}
     for arm in arms:
         results[arm] = run_arm(arm_config(config, out, arm, COMPARE_ARMS[arm]), data.ultrasound_store, stage1,
-                               out / arm, n_boot=n_boot, verbose=verbose)
+                               out / arm, n_boot=n_boot, verbose=verbose, index=index_root(config))
     report: dict[str, Any] = {
         "experiment": "compare", "stage1": str(stage1) if stage1 else None,
         "arms": {arm: _arm_summary(r) for arm, r in results.items()},
@@ -510,7 +533,7 @@ def compare(config: Config, *, arms: Sequence[str] = tuple(COMPARE_ARMS), naive:
         roles = naive_roles(rows, config.data.split, config.data.seed)
         store = write_split_store(data.ultrasound_store, roles, out / NAIVE_ARM / "store")
         naive_result = run_arm(arm_config(config, out, NAIVE_ARM, COMPARE_ARMS["multistage"]), store, stage1,
-                               out / NAIVE_ARM, n_boot=n_boot, verbose=verbose)
+                               out / NAIVE_ARM, n_boot=n_boot, verbose=verbose, index=index_root(config))
         group = results["multistage"]
         report["naive_vs_group"] = {
             "group_aware": _arm_summary(group), "naive": _arm_summary(naive_result),
