@@ -151,44 +151,27 @@ def _load(args) -> "object":
 
 def _cmd_run(args) -> int:
     from msbt.jobs.pipeline import main_job
-    from msbt.raycluster import init_ray
-    from msbt.train.stages import refuse_rerun
 
     config = _load(args)  # a config error should not wait for Ray to start
-    if not args.resume:
-        refuse_rerun(config)  # nor should a run folder that --resume would be needed for
-    init_ray(args.address)
-    main_job(config, force_split=args.force_split, resume=args.resume)
+    # main_job checks the run folder (--resume) before it starts Ray, nor should that wait
+    main_job(config, force_split=args.force_split, resume=args.resume, address=args.address)
     return 0
 
 
 def _cmd_stage1(args) -> int:
     from msbt.jobs.pipeline import stage1_job
-    from msbt.raycluster import init_ray
-    from msbt.train.stages import refuse_rerun
 
     config = _load(args)
-    if not args.resume:
-        refuse_rerun(config, [1])
-    init_ray(args.address)
-    stage1_job(config, force_split=args.force_split, resume=args.resume)
+    stage1_job(config, force_split=args.force_split, resume=args.resume, address=args.address)
     return 0
 
 
 def _cmd_stage2(args) -> int:
-    from msbt.jobs.pipeline import recorded_checkpoint, stage2_job
-    from msbt.raycluster import init_ray
-    from msbt.train.stages import refuse_rerun
+    from msbt.jobs.pipeline import stage2_job
 
     config = _load(args)
-    if not args.resume:
-        refuse_rerun(config, [2])
-    if args.parent and not Path(args.parent).is_dir():
-        raise ConfigError(f"{args.parent}: no such checkpoint folder (--parent)")
-    if not args.parent:
-        recorded_checkpoint(config, 1)  # no stage 1 yet: say so before Ray starts
-    init_ray(args.address)
-    stage2_job(config, parent=args.parent, force_split=args.force_split, resume=args.resume)
+    # stage2_job refuses a rerun, a missing --parent folder or a missing stage 1 before Ray starts
+    stage2_job(config, parent=args.parent, force_split=args.force_split, resume=args.resume, address=args.address)
     return 0
 
 

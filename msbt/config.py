@@ -199,6 +199,10 @@ class RunConfig:
     # Keras mixed_float16 in every Train worker (GPUs with tensor cores; float32 variables and classifier,
     # loss scaling). Slow on CPU: leave it off there.
     mixed_precision: bool = False
+    # A stage whose inputs (stage settings, parent model, store, seed, workers, precision) match a finished
+    # stage under the same storage_path is reused instead of trained again (msbt.train.stages); false
+    # always trains.
+    reuse_stages: bool = True
 
 
 @dataclass(frozen=True)

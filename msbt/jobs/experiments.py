@@ -39,6 +39,7 @@ import numpy as np
 from msbt.data.store import write_resplit
 from msbt.eval import metrics
 from msbt.config import Config, ConfigError, to_dict
+from msbt.train.stages import index_root
 
 log = logging.getLogger(__name__)
 
@@ -124,69 +125,26 @@ def prepare_run(config: Config) -> RunData:
                    data_dir(config, "ultrasound"))
 
 
-def _usable_stage1(path: str | Path | None, config: Config) -> Path | None:
-    """``path`` if it is an intact stage-1 checkpoint trained with this config's stage 1, else None."""
-    from msbt.model.checkpoint import CheckpointError, read_manifest, verify
-
-    if not path:
-        return None
-    path = Path(path)
-    try:
-        manifest = read_manifest(path)
-        intact = verify(path)
-    except (CheckpointError, OSError):
-        return None
-    if not intact or manifest["stage"] != 1 or manifest["config"] != to_dict(config.stage1):
-        log.info("not reusing %s as stage 1 (changed, not stage 1, or another stage-1 config)", path)
-        return None
-    return path
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _recorded_stage1(run: Path) -> list[str]:
-    """Stage-1 checkpoints the run folder records, most authoritative first."""
-    candidates = []
-    stages = _read_json(run / "stages.json")  # the main job's finished stages: {"1": {"checkpoint": ...}, ...}
-    if isinstance(stages, dict):
-        entry = stages.get("1") or stages.get("stage1") or {}
-        candidates.append(entry.get("checkpoint") if isinstance(entry, dict) else None)
-    scored = run / "metrics.json"  # the evaluated stage-2 model's parent is the run's stage 1
-    if scored.is_file():
-        from msbt.model.checkpoint import lineage
-
-        checkpoint = json.loads(scored.read_text()).get("checkpoint")
-        if checkpoint and Path(checkpoint).is_dir():
-            chain = lineage(checkpoint)
-            candidates.append(chain[1]["path"] if len(chain) > 1 else None)
-    ours = run / "experiments" / "stage1.json"
-    if ours.is_file():
-        candidates.append(json.loads(ours.read_text()).get("checkpoint"))
-    return [c for c in candidates if c]
-
-
 def shared_stage1(data: RunData, *, verbose: int = 0) -> Path:
-    """The stage-1 checkpoint every arm starts from: the run's own if it records one that matches the
-    config's stage 1, else trained once into ``runs/<name>/experiments/stage1`` and recorded there."""
-    from msbt.train.runner import best_checkpoint, train_stage
+    """The stage-1 checkpoint every arm starts from: one the run records (or an identical one of another
+    run, through the stage index) that matches the config's stage 1, else trained once into
+    ``runs/<name>/experiments/stage1`` and recorded there (``msbt.train.stages.reusable_stage1``)."""
+    from msbt.train.stages import index_root, reusable_stage1, reuse_message, train_stage1_once
 
-    for candidate in _recorded_stage1(data.run_dir):
-        found = _usable_stage1(candidate, data.config)
-        if found is not None:
-            print(f"stage 1: reusing {found}")
-            return found
-    config = arm_config(data.config, data.run_dir, "experiments")
-    result = train_stage(config, 1, data.microscope_store, verbose=verbose)
-    best = Path(best_checkpoint(result, config.stage1.monitor).path)
+    found = reusable_stage1(data.config, data.microscope_store)
+    if found is not None and found.run is None:
+        print(f"stage 1: reusing {found.checkpoint}")
+        return found.checkpoint
+    if found is not None:
+        print(reuse_message(1, found.checkpoint, found.run))
+        best = found.checkpoint
+    else:
+        config = arm_config(data.config, data.run_dir, "experiments")
+        best = train_stage1_once(config, data.microscope_store, root=index_root(data.config), verbose=verbose)
+        print(f"stage 1: trained once for the experiments -> {best}")
     record = data.run_dir / "experiments" / "stage1.json"
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({"checkpoint": str(best)}, indent=2) + "\n")
-    print(f"stage 1: trained once for the experiments -> {best}")
     return best
 
 
@@ -195,7 +153,7 @@ def shared_stage1(data: RunData, *, verbose: int = 0) -> Path:
 
 
 def run_arm(config: Config, store: Path, stage1: Path | None, folder: Path, *, n_boot: int = 2000,
-            verbose: int = 0) -> dict:
+            verbose: int = 0, index: Path | None = None) -> dict:
     """Train stage 2 of one arm and score it; reuse the arm's earlier result if ``folder`` has one.
 
     Args:
@@ -203,12 +161,14 @@ def run_arm(config: Config, store: Path, stage1: Path | None, folder: Path, *, n
         store: The ultrasound store whose ``train``/``val`` rows train and pick, ``test`` rows score.
         stage1: The shared stage-1 checkpoint (used when ``stage2.weights`` is ``parent``).
         folder: The arm's folder: ``metrics.json`` and ``predictions.csv`` go there.
+        index: The stage index's folder (the run's ``msbt.train.stages.index_root``): an identical
+            finished stage 2 found there is scored instead of trained, and a stage 2 trained here is
+            remembered there. None: always train, remember nothing.
 
     Returns:
         The arm's metrics.json content, with its predictions attached as in :class:`msbt.eval.evaluate.Evaluation`.
     """
     from msbt.eval.evaluate import Evaluation, evaluate, read_predictions, write_metrics
-    from msbt.train.runner import best_checkpoint, train_stage
 
     done = folder / "metrics.json"
     if done.is_file() and (folder / "predictions.csv").is_file():
@@ -218,15 +178,34 @@ def run_arm(config: Config, store: Path, stage1: Path | None, folder: Path, *, n
             print(f"{folder.name}: reusing {done}")
             return result
     parent = stage1 if config.stage2.weights == "parent" else None
-    trained = train_stage(config, 2, store, parent_checkpoint=parent, verbose=verbose)
-    best = best_checkpoint(trained, config.stage2.monitor)
-    if best is None:
-        raise RuntimeError(f"{folder}: stage 2 reported no checkpoint")
-    result = evaluate(best.path, store, n_boot=n_boot, seed=config.data.seed)
+    best = _arm_stage2(config, store, parent, folder, index, verbose)
+    result = evaluate(best, store, n_boot=n_boot, seed=config.data.seed)
     result["arm_config"] = {"stage2": to_dict(config.stage2)}
     folder.mkdir(parents=True, exist_ok=True)
     write_metrics(result, done)
     return result
+
+
+def _arm_stage2(config: Config, store: Path, parent: Path | None, folder: Path, index: Path | None,
+                verbose: int) -> Path:
+    """The arm's stage-2 checkpoint: an identical finished stage 2 from the index, or one trained now."""
+    from msbt.train.runner import best_checkpoint, train_stage
+    from msbt.train.stages import find_identical, remember_stage, reuse_message, stage_inputs
+    from msbt.runfolder import run_dir
+
+    inputs = stage_inputs(config, 2, store, parent) if index is not None else None
+    if inputs is not None and config.run.reuse_stages:
+        entry = find_identical(index, inputs)
+        if entry is not None:
+            print(f"{folder.name}: " + reuse_message(2, entry["checkpoint"], entry["run"]), flush=True)
+            return Path(entry["checkpoint"])
+    trained = train_stage(config, 2, store, parent_checkpoint=parent, verbose=verbose)
+    best = best_checkpoint(trained, config.stage2.monitor)
+    if best is None:
+        raise RuntimeError(f"{folder}: stage 2 reported no checkpoint")
+    if inputs is not None:
+        remember_stage(index, inputs, best.path, run_dir(config))
+    return Path(best.path)
 
 
 def _ci(result: dict, key: str) -> list[float]:
@@ -317,7 +296,8 @@ def crossval(config: Config, *, scope: str = "trainval", fresh: bool = False, n_
     for i, plan in enumerate(plans):
         folder = out / f"fold-{i}"
         store = write_resplit(data.ultrasound_store, plan, folder / "store")
-        result = run_arm(arm_config(config, out, f"fold-{i}"), store, stage1, folder, n_boot=n_boot, verbose=verbose)
+        result = run_arm(arm_config(config, out, f"fold-{i}"), store, stage1, folder, n_boot=n_boot, verbose=verbose,
+                         index=index_root(config))
         fold_rows.append({
             "fold": i, "val_fold": (i + 1) % k,
             "train_images": sum(counts[i]["train"].values()), "val_images": result["val_images"],
@@ -389,7 +369,8 @@ def ablation(config: Config, *, rows: Sequence[str] = tuple(ABLATION_ROWS), fres
     table = []
     for name in rows:
         arm = arm_config(config, out, name, ABLATION_ROWS[name])
-        result = run_arm(arm, data.ultrasound_store, stage1, out / name, n_boot=n_boot, verbose=verbose)
+        result = run_arm(arm, data.ultrasound_store, stage1, out / name, n_boot=n_boot, verbose=verbose,
+                         index=index_root(config))
         table.append({
             "row": name, "label": ABLATION_LABELS[name], "overrides": ABLATION_ROWS[name],
             "loss": _ci(result, "loss"), "accuracy": _ci(result, "accuracy"), "auc": _ci(result, "auc"),
@@ -500,7 +481,7 @@ def compare(config: Config, *, arms: Sequence[str] = tuple(COMPARE_ARMS), naive:
     results = {}
     for arm in arms:
         results[arm] = run_arm(arm_config(config, out, arm, COMPARE_ARMS[arm]), data.ultrasound_store, stage1,
-                               out / arm, n_boot=n_boot, verbose=verbose)
+                               out / arm, n_boot=n_boot, verbose=verbose, index=index_root(config))
     report: dict[str, Any] = {
         "experiment": "compare", "stage1": str(stage1) if stage1 else None,
         "arms": {arm: _arm_summary(r) for arm, r in results.items()},
@@ -511,7 +492,7 @@ def compare(config: Config, *, arms: Sequence[str] = tuple(COMPARE_ARMS), naive:
         roles = naive_roles(rows, config.data.split, config.data.seed)
         store = write_resplit(data.ultrasound_store, roles, out / NAIVE_ARM / "store")
         naive_result = run_arm(arm_config(config, out, NAIVE_ARM, COMPARE_ARMS["multistage"]), store, stage1,
-                               out / NAIVE_ARM, n_boot=n_boot, verbose=verbose)
+                               out / NAIVE_ARM, n_boot=n_boot, verbose=verbose, index=index_root(config))
         group = results["multistage"]
         report["naive_vs_group"] = {
             "group_aware": _arm_summary(group), "naive": _arm_summary(naive_result),

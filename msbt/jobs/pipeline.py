@@ -16,9 +16,11 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Sequence
 
-from msbt.config import Config
+from msbt.config import Config, ConfigError
 from msbt.data.prepare import build_stores, ensure_stores, prepare_data, summarize, summarize_stores
+from msbt.raycluster import init_ray
 from msbt.runfolder import SUMMARY_FILE, run_dir
 
 log = logging.getLogger(__name__)
@@ -66,19 +68,35 @@ def evaluate_checkpoint(config: Config, checkpoint: str | Path, store: str | Pat
     return result
 
 
-def main_job(config: Config, *, force_split: bool = False, resume: bool = False) -> dict:
-    """Everything the README's main command runs; returns a JSON-able summary. Ray must be initialised.
+def check_rerun(config: Config, numbers: Sequence[int] = (1, 2), *, resume: bool = False) -> None:
+    """The one rerun check of a job that trains stages, made before Ray starts.
+
+    Without ``resume``, a run folder that already holds one of these stages (finished or interrupted)
+    is refused (msbt.train.stages.refuse_rerun says why and what to do); with it, anything goes, and
+    msbt.train.stages.run_stage reuses or continues.
+
+    Raises:
+        RunStateError: A stage this run folder already holds, without ``resume``.
+    """
+    from msbt.train.stages import refuse_rerun
+
+    if not resume:
+        refuse_rerun(config, numbers)
+
+
+def main_job(config: Config, *, force_split: bool = False, resume: bool = False, address: str | None = None) -> dict:
+    """Everything the README's main command runs; returns a JSON-able summary.
 
     Args:
         config: The resolved config.
         force_split: Make a new split even if the run folder holds one.
         resume: Continue a stopped run (see msbt.train.stages); without it a run folder holding a trained
             stage is refused before any work starts.
+        address: The Ray cluster to join or start (msbt.raycluster.init_ray) once the run folder is
+            checked; nothing is started when Ray is already initialised.
     """
-    from msbt.train.stages import refuse_rerun
-
-    if not resume:
-        refuse_rerun(config)
+    check_rerun(config, resume=resume)
+    init_ray(address)
     # The data step: every file is scanned again, so changed data is refused rather than mixed in.
     prepared = prepare_data(config, force_split=force_split)
     print(summarize(prepared), flush=True)
@@ -125,31 +143,40 @@ def recorded_checkpoint(config: Config, number: int) -> str:
     return recorded["checkpoint"]
 
 
-def stage1_job(config: Config, *, force_split: bool = False, resume: bool = False) -> dict:
-    """Microscope data and store, then stage 1; returns its stages.json entry. Ray must be initialised."""
-    from msbt.train.stages import refuse_rerun, run_stage
+def stage1_job(config: Config, *, force_split: bool = False, resume: bool = False,
+               address: str | None = None) -> dict:
+    """Microscope data and store, then stage 1; returns its stages.json entry.
 
-    if not resume:
-        refuse_rerun(config, [1])
+    The run folder is checked (:func:`check_rerun`) before Ray is joined or started (``address``).
+    """
+    from msbt.train.stages import run_stage
+
+    check_rerun(config, [1], resume=resume)
+    init_ray(address)
     store = _data(config, "microscope", force_split)
     return run_stage(config, 1, store.path, resume=resume)
 
 
 def stage2_job(config: Config, *, parent: str | Path | None = None, force_split: bool = False,
-               resume: bool = False) -> dict:
+               resume: bool = False, address: str | None = None) -> dict:
     """Ultrasound data and store, then stage 2 from ``parent`` or from stage 1's recorded best checkpoint.
+
+    The run folder and the parent are checked before Ray is joined or started (``address``).
 
     Returns:
         Stage 2's stages.json entry.
 
     Raises:
         RunStateError: No parent given and no finished stage 1 recorded in this run folder.
+        ConfigError: A ``parent`` that is no folder.
     """
-    from msbt.train.stages import refuse_rerun, run_stage
+    from msbt.train.stages import run_stage
 
-    if not resume:
-        refuse_rerun(config, [2])
-    parent = parent or recorded_checkpoint(config, 1)
+    check_rerun(config, [2], resume=resume)
+    if parent and not Path(parent).is_dir():
+        raise ConfigError(f"{parent}: no such checkpoint folder (--parent)")
+    parent = parent or recorded_checkpoint(config, 1)  # no stage 1 yet: say so before Ray starts
+    init_ray(address)
     store = _data(config, "ultrasound", force_split)
     return run_stage(config, 2, store.path, parent=str(Path(parent).expanduser().resolve()), resume=resume)
 

@@ -4,8 +4,9 @@
 the same arguments, runs the same phases (:func:`msbt.train.loop.plan_phases`), the same input pipeline
 (:func:`msbt.train.loop.train_batches` / :func:`msbt.train.loop.eval_batches`), the same compiled optimizer
 (:func:`msbt.train.loop.compile_model`), the same :class:`msbt.train.loop.BestModelSaver` and extra Keras
-callbacks (the Ray report callback of ``msbt.train.runner``), and writes the same manifest; only the loop that
-feeds batches to the model is its own.
+callbacks (the Ray report callback of ``msbt.train.runner``), and the same setup and teardown
+(:func:`msbt.train.loop.start_stage`, :func:`msbt.train.loop.finish_stage`); only the loop that feeds
+batches to the model is its own.
 
 Why not ``model.fit``. Keras 3 ``fit`` under ``tf.distribute.MultiWorkerMirroredStrategy`` fails inside
 Keras' own step machinery (keras-team/keras#20585, ray-project/ray#47464: ``PerReplica`` values reach
@@ -63,9 +64,8 @@ import numpy as np
 import tensorflow as tf
 
 from msbt.train import loop
-from msbt.model.checkpoint import MANIFEST_FILE, MODEL_FILE, check_parent, write_manifest
 from msbt.config import StageConfig
-from msbt.model.models import batchnorm_frozen, build_model, is_binary, set_backbone_trainable
+from msbt.model.models import batchnorm_frozen, is_binary, set_backbone_trainable
 
 SUM = tf.distribute.ReduceOp.SUM
 MEAN = tf.distribute.ReduceOp.MEAN
@@ -291,43 +291,23 @@ def fit_stage_distributed(
         )
     if stage.batch_size < workers:
         raise ValueError(f"batch_size {stage.batch_size} (global) cannot be split across {workers} workers")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
-    keras.utils.set_random_seed(seed)  # the same initial weights on every worker
-    saver = loop.BestModelSaver(out_dir / MODEL_FILE, stage.monitor)
-    history: dict[str, list[float]] = {}
-    done = 0
-    with strategy.scope():
-        if resume_from is None:
-            model = build_model(stage, len(class_names), loop._open_parent(stage, parent))
-        else:
-            if parent is not None:
-                check_parent(parent, stage)
-            model, done = loop._resume(resume_from, stage, class_names, saver, history)
+    with strategy.scope():  # the model's variables are the strategy's
+        state = loop.start_stage(stage, class_names=class_names, out_dir=out_dir, seed=seed, parent=parent,
+                                 data_fingerprint=data_fingerprint, split_id=split_id, resume_from=resume_from)
     if audit is not None:
         audit.rank, audit.world_size = rank, workers
-        audit.initial_weights = weights_digest(model)
-    hooks = keras.callbacks.CallbackList([saver, *callbacks], model=model)
+        audit.initial_weights = weights_digest(state.model)
+    hooks = keras.callbacks.CallbackList([state.saver, *callbacks], model=state.model)
     hooks.on_train_begin()
     local_stage = dataclasses.replace(stage, batch_size=stage.batch_size // workers)
-    for phase in loop.plan_phases(stage):
-        if phase.last_epoch <= done:
-            continue
-        phase = dataclasses.replace(phase, first_epoch=max(phase.first_epoch, done))
-        _run_phase(strategy, model, phase, stage, local_stage, train_ds, val_ds, hooks, history,
+    for phase in state.phases():
+        _run_phase(strategy, state.model, phase, stage, local_stage, train_ds, val_ds, hooks, state.history,
                    seed + rank, shuffle_buffer, verbose and rank == 0, audit)
     hooks.on_train_end()
     if audit is not None:
         audit.local_batch, audit.global_batch = local_stage.batch_size, local_stage.batch_size * workers
-        audit.final_weights = weights_digest(model)
-    if saver.best_epoch is None:
-        raise RuntimeError(f"{stage.monitor} was never finite; no checkpoint written to {out_dir}")
-    manifest = write_manifest(
-        out_dir, stage_config=stage, class_names=class_names, metrics=saver.best_logs, best_epoch=saver.best_epoch,
-        history=history, parent=parent, data_fingerprint=data_fingerprint, split_id=split_id,
-    )
-    return loop.StageResult(out_dir, manifest["stage"], stage.monitor, saver.best_epoch, saver.best_logs, history)
+        audit.final_weights = weights_digest(state.model)
+    return loop.finish_stage(state)
 
 
 def _world(strategy) -> tuple[int, int]:
@@ -347,29 +327,29 @@ def _run_phase(strategy, model, phase, stage, local_stage, train_ds, val_ds, hoo
         # compile_model builds the optimizer, here in the scope: built lazily inside the replica step it
         # would create its variables there.
         loop.compile_model(model, stage, phase.learning_rate)
-    stepper = _Loop(strategy, model, num_classes)
+    steps = _Loop(strategy, model, num_classes)
     val = loop.eval_batches(val_ds, stage, num_classes=num_classes) if val_ds is not None else None
     for epoch in range(phase.first_epoch, phase.last_epoch):
         batches, local_steps = loop.train_batches(
             train_ds, local_stage, num_classes=num_classes, seed=data_seed, first_epoch=epoch,
             last_epoch=epoch + 1, shuffle_buffer=shuffle_buffer,
         )
-        steps = gather_min(strategy, local_steps)  # every worker the same count, or the all-reduce hangs
+        count = gather_min(strategy, local_steps)  # every worker the same count, or the all-reduce hangs
         hooks.on_epoch_begin(epoch)
-        for metric in stepper.train_metrics:
+        for metric in steps.train_metrics:
             metric.reset_state()
-        for x, y in batches.take(steps):
-            rows = stepper.train_step(x, y)
+        for x, y in batches.take(count):
+            rows = steps.train_step(x, y)
             if audit is not None:
                 audit.record_step(x, y, rows)
-        stepper.sync()
-        logs = {m.name: float(m.result()) for m in stepper.train_metrics}
+        steps.sync()
+        logs = {m.name: float(m.result()) for m in steps.train_metrics}
         if val is not None:
-            logs.update(stepper.evaluate(val))
+            logs.update(steps.evaluate(val))
         for key, value in logs.items():
             history.setdefault(key, []).append(value)
         if audit is not None:
-            audit.steps_per_epoch.append(steps)
+            audit.steps_per_epoch.append(count)
         if verbose:
             print(f"epoch {epoch + 1}/{stage.epochs} " + " ".join(f"{k}={v:.4f}" for k, v in logs.items()), flush=True)
         hooks.on_epoch_end(epoch, logs)

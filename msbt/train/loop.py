@@ -8,8 +8,11 @@ Layers, from small to large:
 * :func:`compile_model`: optimizer from the config, loss and metrics from the head, with stable names
   ``loss, accuracy, auc, sensitivity, specificity`` (and ``val_`` + each);
 * :class:`BestModelSaver`: writes a real copy of the model to disk whenever ``stage.monitor`` improves;
-* :func:`fit_stage`: builds the model (from the parent checkpoint for stage 2), runs the phases, writes
-  the checkpoint manifest and returns a :class:`StageResult`.
+* the stage skeleton, shared by one worker and many: :func:`start_stage` (folder, seeded model from the
+  parent checkpoint or a resumed one, saver) -> a step runner trains each of ``StageState.phases()`` ->
+  :func:`finish_stage` (manifest, :class:`StageResult`);
+* :func:`fit_stage`: that skeleton with Keras ``fit`` as the runner (``msbt.train.distributed`` supplies
+  the multi-worker runner).
 
 A Ray Train layer calls :func:`fit_stage` inside ``train_loop_per_worker``: pass its reporting callback
 in ``callbacks`` and the worker's dataset shard as ``train_ds`` (batched shards are unbatched here).
@@ -347,6 +350,97 @@ class StageResult:
     history: dict[str, list[float]] = field(default_factory=dict)
 
 
+@dataclass
+class StageState:
+    """One stage between :func:`start_stage` and :func:`finish_stage`: what a step runner trains and fills in.
+
+    The runner (``fit_stage``'s Keras ``fit``, or ``msbt.train.distributed``'s custom step) trains
+    ``model`` for each of :meth:`phases`, calls ``saver`` at every epoch end and appends every epoch's
+    logs to ``history``; setup and teardown are the same for one worker and many.
+    """
+
+    stage: StageConfig
+    out_dir: Path
+    class_names: list[str]
+    model: keras.Model
+    saver: BestModelSaver
+    history: dict[str, list[float]]
+    done: int  # epochs already trained (a resumed stage)
+    parent: str | Path | None
+    data_fingerprint: str
+    split_id: str
+
+    def phases(self) -> list[Phase]:
+        """The stage's phases still to run, the first one cut to start after the epochs already done."""
+        return [dataclasses.replace(p, first_epoch=max(p.first_epoch, self.done))
+                for p in plan_phases(self.stage) if p.last_epoch > self.done]
+
+
+def start_stage(
+    stage: StageConfig,
+    *,
+    class_names: Sequence[str],
+    out_dir: str | Path,
+    seed: int = 0,
+    parent: str | Path | None = None,
+    data_fingerprint: str = "",
+    split_id: str = "",
+    resume_from: str | Path | None = None,
+) -> StageState:
+    """Set a stage up: its folder (an old manifest removed), the seeded model and the best-model saver.
+
+    Call it inside a distribution strategy's scope when there is one, so the model's variables are
+    the strategy's. Arguments are those of :func:`fit_stage`.
+
+    Returns:
+        A :class:`StageState`; ``done`` is the resumed checkpoint's ``best_epoch`` (0 for a new stage).
+
+    Raises:
+        CheckpointError: A parent that is not a verified stage-1 checkpoint with the same backbone, or a
+            ``resume_from`` checkpoint of another stage config or other classes.
+        ValueError: A parent given without ``weights="parent"``, or missing with it.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # a half-finished run is never a checkpoint
+    keras.utils.set_random_seed(seed)  # the same initial weights on every worker
+    saver = BestModelSaver(out_dir / MODEL_FILE, stage.monitor)
+    history: dict[str, list[float]] = {}
+    done = 0
+    if resume_from is None:
+        model = build_model(stage, len(class_names), _open_parent(stage, parent))
+    else:
+        if parent is not None:
+            check_parent(parent, stage)
+        model, done = _resume(resume_from, stage, class_names, saver, history)
+    return StageState(stage, out_dir, list(class_names), model, saver, history, done, parent,
+                      data_fingerprint, split_id)
+
+
+def finish_stage(state: StageState) -> StageResult:
+    """Write the stage's manifest beside its best model and return the result.
+
+    Raises:
+        RuntimeError: ``stage.monitor`` never had a finite value (no checkpoint written).
+    """
+    saver, stage = state.saver, state.stage
+    if saver.best_epoch is None:
+        raise RuntimeError(f"{stage.monitor} was never finite; no checkpoint written to {state.out_dir}")
+    manifest = write_manifest(
+        state.out_dir,
+        stage_config=stage,
+        class_names=state.class_names,
+        metrics=saver.best_logs,
+        best_epoch=saver.best_epoch,
+        history=state.history,
+        parent=state.parent,
+        data_fingerprint=state.data_fingerprint,
+        split_id=state.split_id,
+    )
+    return StageResult(state.out_dir, manifest["stage"], stage.monitor, saver.best_epoch, saver.best_logs,
+                       state.history)
+
+
 def fit_stage(
     stage: StageConfig,
     train_ds: tf.data.Dataset,
@@ -364,6 +458,8 @@ def fit_stage(
     resume_from: str | Path | None = None,
 ) -> StageResult:
     """Train one stage and write its checkpoint folder (``model.keras`` + ``manifest.json``).
+
+    :func:`start_stage`, then each phase with Keras ``fit``, then :func:`finish_stage`.
 
     Args:
         stage: The stage's config (stage 1 and stage 2 differ only here).
@@ -390,38 +486,12 @@ def fit_stage(
         CheckpointError: A parent that is not a verified stage-1 checkpoint with the same backbone.
         RuntimeError: ``stage.monitor`` never had a finite value (no checkpoint written).
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # a half-finished run is never a checkpoint
-    keras.utils.set_random_seed(seed)
-    saver = BestModelSaver(out_dir / MODEL_FILE, stage.monitor)
-    history: dict[str, list[float]] = {}
-    done = 0  # epochs already trained (a resumed stage)
-    if resume_from is None:
-        model = build_model(stage, len(class_names), _open_parent(stage, parent))
-    else:
-        if parent is not None:
-            check_parent(parent, stage)
-        model, done = _resume(resume_from, stage, class_names, saver, history)
-    for phase in plan_phases(stage):
-        if phase.last_epoch <= done:
-            continue
-        phase = dataclasses.replace(phase, first_epoch=max(phase.first_epoch, done))
-        _run_phase(model, phase, stage, train_ds, val_ds, [saver, *callbacks], history, seed, shuffle_buffer, verbose)
-    if saver.best_epoch is None:
-        raise RuntimeError(f"{stage.monitor} was never finite; no checkpoint written to {out_dir}")
-    manifest = write_manifest(
-        out_dir,
-        stage_config=stage,
-        class_names=class_names,
-        metrics=saver.best_logs,
-        best_epoch=saver.best_epoch,
-        history=history,
-        parent=parent,
-        data_fingerprint=data_fingerprint,
-        split_id=split_id,
-    )
-    return StageResult(out_dir, manifest["stage"], stage.monitor, saver.best_epoch, saver.best_logs, history)
+    state = start_stage(stage, class_names=class_names, out_dir=out_dir, seed=seed, parent=parent,
+                        data_fingerprint=data_fingerprint, split_id=split_id, resume_from=resume_from)
+    for phase in state.phases():
+        _run_phase(state.model, phase, stage, train_ds, val_ds, [state.saver, *callbacks], state.history, seed,
+                   shuffle_buffer, verbose)
+    return finish_stage(state)
 
 
 def _resume(path, stage: StageConfig, class_names, saver: BestModelSaver, history: dict) -> tuple[keras.Model, int]:

@@ -3,9 +3,10 @@ worker) or :func:`msbt.train.distributed.fit_stage_distributed` (several workers
 
 Three layers, as in Ray's own examples:
 
-* :func:`train_loop_per_worker` runs inside each Train worker: it turns its dataset shards into tf.data,
-  calls ``fit_stage`` (or the multi-worker loop) with a :func:`report_callback` and opens the parent
-  (stage 2) and resume checkpoints with ``as_directory()``;
+* :func:`train_loop_per_worker` runs inside each Train worker with the stage's :class:`LoopConfig`
+  (a frozen dataclass of plain fields): it turns its dataset shards into tf.data, calls ``fit_stage``
+  (or the multi-worker loop) with a :func:`report_callback` and opens the parent (stage 2) and resume
+  checkpoints with ``as_directory()``;
 * :func:`train_stage` builds ``ScalingConfig``/``RunConfig``/datasets from a msbt ``Config`` and a store,
   runs the trainer and returns its ``ray.train.Result``;
 * :func:`best_checkpoint` picks the checkpoint that stage 2 starts from.
@@ -33,7 +34,7 @@ shared) storage that is the persisted Ray checkpoint folder, so ``msbt.model.che
 Resume. After a worker restart (``FailureConfig.max_failures``), ``ray.train.get_checkpoint()`` is the
 last reported checkpoint, i.e. the best model so far and its epoch; ``train_stage(resume_from=...)``
 gives one explicitly (Train V2 refuses ``TensorflowTrainer(resume_from_checkpoint=...)``, so it travels
-in ``train_loop_config``). ``fit_stage(resume_from=<checkpoint folder>)`` continues after that
+in the :class:`LoopConfig`). ``fit_stage(resume_from=<checkpoint folder>)`` continues after that
 epoch. The optimizer state is not in a checkpoint, so a resumed stage starts its optimizer afresh.
 
 Data. The store's Parquet files are read with Ray Data, filtered by split and materialised on the driver
@@ -47,12 +48,14 @@ training set in its buffer anyway.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -173,15 +176,42 @@ def _resumed_history(resume_dir: str | None) -> dict[str, list[float]]:
     return {k: list(v)[:done] for k, v in manifest.get("history", {}).items()}
 
 
-def train_loop_per_worker(config: dict) -> None:
+@dataclass(frozen=True)
+class LoopConfig:
+    """What every Train worker of one stage receives; built by :func:`loop_config` for :func:`train_stage`.
+
+    Plain fields only (paths as ``str``, the frozen ``StageConfig``), so it pickles through Ray.
+    """
+
+    stage: StageConfig
+    image_shape: tuple[int, ...]
+    class_names: tuple[str, ...]
+    seed: int
+    data_fingerprint: str
+    split_id: str
+    parent: str | None = None  # stage 2: the parent checkpoint folder (seen from the worker)
+    # Ray Train V2 refuses TensorflowTrainer(resume_from_checkpoint=...): the checkpoint to continue from
+    # travels here; a checkpoint of a restarted worker (ray.train.get_checkpoint) takes precedence.
+    resume: str | None = None
+    verbose: int = 0
+    mixed_precision: bool = False
+    cpu_threads: int = 1  # workers sharing a host each get the threads of the CPUs they reserved
+    audit_dir: str | None = None  # each rank writes rank<r>.json there (see train_stage); None = no audit
+    tensorboard_dir: str | None = None  # rank 0 writes epoch scalars there; None = none
+
+
+def _open(path: str | None):
+    """A worker-side checkpoint folder as a ``ray.train.Checkpoint`` (``as_directory`` then yields it)."""
+    from ray.train import Checkpoint
+
+    return Checkpoint.from_directory(path) if path else None
+
+
+def train_loop_per_worker(config: LoopConfig) -> None:
     """One stage inside a Ray Train worker: ``fit_stage`` with one worker, the multi-worker loop with more.
 
     Args:
-        config: ``train_loop_config`` from :func:`train_stage`: ``stage`` (StageConfig), ``image_shape``,
-            ``class_names``, ``seed``, ``parent`` (a ``ray.train.Checkpoint`` or None),
-            ``data_fingerprint``, ``split_id``, ``verbose``, ``resume`` (a checkpoint or None),
-            ``mixed_precision``, ``cpu_threads`` and ``audit_dir`` (each rank writes ``rank<r>.json``
-            there, see :func:`train_stage`; None = no audit).
+        config: The stage's :class:`LoopConfig` (bound by :func:`train_stage`).
     """
     import ray.train
 
@@ -193,34 +223,35 @@ def train_loop_per_worker(config: dict) -> None:
     if world > 1:
         # Both before TensorFlow runs its first op here: thread pools are fixed then, and the
         # strategy must configure the collective runtime itself.
-        distributed.set_cpu_threads(config.get("cpu_threads", 1))
+        distributed.set_cpu_threads(config.cpu_threads)
         import tensorflow as tf
 
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    distributed.set_mixed_precision(config.get("mixed_precision", False))
+    distributed.set_mixed_precision(config.mixed_precision)
     from msbt.train import loop
 
-    stage: StageConfig = config["stage"]
-    shape = tuple(config["image_shape"])
+    stage, shape = config.stage, tuple(config.image_shape)
     train_ds = loop.dataset_from_arrays(*shard_arrays(ray.train.get_dataset_shard("train"), shape))
     val_ds = loop.dataset_from_arrays(*shard_arrays(ray.train.get_dataset_shard("val"), shape))
-    resume = ray.train.get_checkpoint() or config.get("resume")
+    resume = ray.train.get_checkpoint() or _open(config.resume)
+    parent = _open(config.parent)
+    class_names = list(config.class_names)
     out_dir = Path(tempfile.mkdtemp(prefix="msbt-stage-"))
     try:
         with contextlib.ExitStack() as stack:
-            parent_dir = stack.enter_context(config["parent"].as_directory()) if config["parent"] else None
+            parent_dir = stack.enter_context(parent.as_directory()) if parent else None
             resume_dir = stack.enter_context(resume.as_directory()) if resume else None
-            common = dict(parent=parent_dir, data_fingerprint=config["data_fingerprint"], split_id=config["split_id"])
+            common = dict(parent=parent_dir, data_fingerprint=config.data_fingerprint, split_id=config.split_id)
             callback = report_callback(
-                out_dir, stage, config["class_names"], history=_resumed_history(resume_dir),
+                out_dir, stage, class_names, history=_resumed_history(resume_dir),
                 **common,
             )
-            clock = _epoch_clock() if config.get("audit_dir") else None
+            clock = _epoch_clock() if config.audit_dir else None
             extra = [clock] if clock else []
-            if config.get("tensorboard_dir") and context.get_world_rank() == 0:
-                extra.append(tblog.tensorboard_callback(config["tensorboard_dir"]))
-            kwargs = dict(class_names=config["class_names"], out_dir=out_dir, seed=config["seed"],
-                          callbacks=[callback, *extra], verbose=config["verbose"],
+            if config.tensorboard_dir and context.get_world_rank() == 0:
+                extra.append(tblog.tensorboard_callback(config.tensorboard_dir))
+            kwargs = dict(class_names=class_names, out_dir=out_dir, seed=config.seed,
+                          callbacks=[callback, *extra], verbose=config.verbose,
                           resume_from=resume_dir, **common)
             audit = distributed.Audit(rank=context.get_world_rank(), world_size=world)
             if strategy is None:
@@ -231,7 +262,7 @@ def train_loop_per_worker(config: dict) -> None:
                 )
             if clock is not None:
                 record = {**audit.as_dict(), "train_begin_time": clock.begin, "epoch_end_times": clock.ends}
-                _write_audit(config["audit_dir"], audit.rank, record)
+                _write_audit(config.audit_dir, audit.rank, record)
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)  # what matters was reported to Ray's storage
 
@@ -336,12 +367,42 @@ def store_identity(store_path: str | Path) -> tuple[str, str]:
     return Store.open(store_path).fingerprint()
 
 
-def _as_checkpoint(parent):
-    from ray.train import Checkpoint
+def checkpoint_path(checkpoint) -> str | None:
+    """A checkpoint given as a folder or a ``ray.train.Checkpoint`` as an absolute folder path (None stays None).
 
-    if parent is None or isinstance(parent, Checkpoint):
-        return parent
-    return Checkpoint.from_directory(str(Path(parent).expanduser().resolve()))
+    Stages live under ``run.storage_path``, a local (or shared) filesystem path, so a Ray checkpoint's
+    ``path`` is a folder the workers can open.
+    """
+    if checkpoint is None:
+        return None
+    path = getattr(checkpoint, "path", checkpoint)  # a ray.train.Checkpoint, or a path
+    return str(Path(path).expanduser().resolve())
+
+
+def loop_config(config: Config, stage_number: int, store_path: str | Path, parent_checkpoint=None, *,
+                resume_from=None, class_names: Sequence[str] | None = None, verbose: int = 0,
+                audit_dir: str | Path | None = None) -> LoopConfig:
+    """The :class:`LoopConfig` of one stage of ``config`` on a store (arguments as :func:`train_stage`)."""
+    stage = config.stage1 if stage_number == 1 else config.stage2
+    store_path = Path(store_path).expanduser().resolve()
+    fingerprint, split_id = store_identity(store_path)
+    return LoopConfig(
+        stage=stage,
+        image_shape=tuple(Store.open(store_path).image_shape),
+        class_names=tuple(class_names or store_classes(store_path)),
+        seed=config.data.seed,
+        data_fingerprint=fingerprint,
+        split_id=split_id,
+        parent=checkpoint_path(parent_checkpoint),
+        resume=checkpoint_path(resume_from),
+        verbose=verbose,
+        mixed_precision=config.run.mixed_precision,
+        cpu_threads=max(1, int(config.run.cpus_per_worker)),
+        audit_dir=str(Path(audit_dir).expanduser().resolve()) if audit_dir else None,
+        # Epoch scalars for TensorBoard beside the stage's Ray folder (Train V2 writes none itself).
+        tensorboard_dir=str(tblog.tensorboard_dir(
+            (Path(config.run.storage_path).expanduser() / config.run.name).resolve(), stage_number)),
+    )
 
 
 def train_stage(
@@ -394,30 +455,12 @@ def train_stage(
         )
     scaling = scaling_config(config.run)  # refuses a bad worker count before any data is read
     store_path = Path(store_path).expanduser().resolve()
-    fingerprint, split_id = store_identity(store_path)
-    loop_config = {
-        "stage": stage,
-        "image_shape": Store.open(store_path).image_shape,
-        "class_names": list(class_names or store_classes(store_path)),
-        "seed": config.data.seed,
-        "parent": _as_checkpoint(parent_checkpoint),
-        "data_fingerprint": fingerprint,
-        "split_id": split_id,
-        "verbose": verbose,
-        # Ray Train V2 refuses TensorflowTrainer(resume_from_checkpoint=...): the checkpoint travels in
-        # the loop config; a checkpoint of a restarted worker (get_checkpoint) takes precedence.
-        "resume": _as_checkpoint(resume_from),
-        "mixed_precision": config.run.mixed_precision,
-        # Workers sharing a host each get the threads of the CPUs they reserved (at least one).
-        "cpu_threads": max(1, int(config.run.cpus_per_worker)),
-        "audit_dir": str(Path(audit_dir).expanduser().resolve()) if audit_dir else None,
-        # Epoch scalars for TensorBoard beside the stage's Ray folder (Train V2 writes none itself).
-        "tensorboard_dir": str(tblog.tensorboard_dir(
-            (Path(config.run.storage_path).expanduser() / config.run.name).resolve(), stage_number)),
-    }
+    worker_config = loop_config(config, stage_number, store_path, parent_checkpoint, resume_from=resume_from,
+                                class_names=class_names, verbose=verbose, audit_dir=audit_dir)
     trainer = TensorflowTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
+        # Bound here rather than passed as train_loop_config: Ray Train V2 exports that to its state API as
+        # a JSON dict, and a dataclass there would be turned into a string.
+        functools.partial(train_loop_per_worker, worker_config),
         scaling_config=scaling,
         run_config=run_config(config.run, stage_number, stage.monitor, callbacks),
         datasets={split: split_dataset(store_path, split) for split in ("train", "val")},

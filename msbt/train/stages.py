@@ -11,18 +11,37 @@ stage settings on the same store) and continues an interrupted one from its late
 WITHOUT `--resume` of a run folder that already holds a stage is refused with a message naming
 `--resume` and `run.name`: Ray Train V2 restores the checkpoints of a run folder it finds
 (`checkpoint_manager_snapshot.json`), so "train again" there would silently continue the old run; and
-deleting a finished model on a plain rerun is worse. A fresh run gets a fresh `run.name`.
+deleting a finished model on a plain rerun is worse. A fresh run gets a fresh `run.name`. That check is
+the jobs layer's (msbt.jobs.pipeline.check_rerun, before Ray starts); `run_stage` assumes it was made.
+
+Identical stages are trained once. A stage's result is determined by its inputs (:func:`stage_inputs`):
+the stage settings, the parent model (its sha256; or the weights source), the store (its identity),
+the seed, the worker count and the precision. Every finished stage is remembered under the sha256 of
+those inputs in `<run.storage_path>/stage-index.json`; a new run (or an experiment, or Tune) whose stage
+has the same inputs reuses that checkpoint instead of training (`run.reuse_stages: false` turns it off).
+An index entry is only a pointer: before reuse the checkpoint must be intact (sha256), be the one the
+entry names, and its manifest must agree with the inputs; anything else is ignored, never trusted.
+The reusing run's stages.json entry says `reused_from` (the run folder that trained it), and its
+stage 2's lineage leads to the checkpoint in that run.
+
+One function finds a stage-1 checkpoint to start from (:func:`reusable_stage1`): the run's own records
+first (stages.json, the experiments' and Tune's stage1.json, the evaluated model's parent), then the
+index. The jobs, the experiments and Tune all use it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import fcntl
+import hashlib
 import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from msbt.model.checkpoint import MODEL_FILE, CheckpointError, read_manifest, sha256_file, verify
 from msbt.config import Config, to_dict
@@ -56,6 +75,7 @@ def record_stage(config: Config, number: int, entry: dict) -> Path:
     path = run_dir(config) / STAGES_FILE
     stages = read_stages(config)
     stages[str(number)] = entry
+    path.parent.mkdir(parents=True, exist_ok=True)  # a reused stage may be the first thing a run writes
     tmp = path.with_name(f".{STAGES_FILE}.tmp")
     tmp.write_text(json.dumps(stages, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
@@ -138,9 +158,272 @@ def check_fits(config: Config, number: int, path: str | Path, store_path: str | 
     return path
 
 
+# ---------------------------------------------------------------------------------------------------
+# What determines a stage, and the index of finished stages
+
+
+INDEX_FILE = "stage-index.json"
+INDEX_FORMAT = 1
+
+
+def parent_identity(weights: str, parent: str | Path | None) -> str:
+    """What a stage starts from: ``sha256:<model hash>`` of a parent checkpoint or a local weights file,
+    else the weights source itself (``imagenet``, ``none``)."""
+    if parent is not None:
+        return "sha256:" + sha256_file(Path(parent) / MODEL_FILE)
+    if weights in ("imagenet", "none", "parent"):
+        return weights
+    path = Path(weights).expanduser()
+    return "sha256:" + sha256_file(path) if path.is_file() else f"missing:{path.resolve()}"
+
+
+def stage_inputs(config: Config, number: int, store_path: str | Path, parent: str | Path | None = None) -> dict:
+    """Everything that determines a stage's result, as plain data (the key of the stage index).
+
+    Args:
+        config: The resolved config; ``stage<number>``, ``data.seed``, ``run.num_workers`` and
+            ``run.mixed_precision`` enter. ``run.name``, ``run.storage_path``, ``run.use_gpu``,
+            ``run.cpus_per_worker`` and the checkpoint/failure settings do not: they change where a
+            result goes or how fast it comes, not what it is.
+        number: 1 or 2.
+        store_path: The stage's store; its identity (``store.json``: content and split) enters.
+        parent: Stage 2's parent checkpoint folder (its model's sha256 enters).
+
+    Returns:
+        A JSON-able mapping; :func:`stage_key` hashes it.
+    """
+    from msbt.data.store import Store
+
+    stage = config.stage1 if number == 1 else config.stage2
+    fingerprint, split_id = Store.open(store_path).fingerprint()
+    return {
+        "stage": number,
+        "config": to_dict(stage),
+        "parent": parent_identity(stage.weights, parent),
+        "data_fingerprint": fingerprint,
+        "split_id": split_id,
+        "seed": config.data.seed,
+        "num_workers": config.run.num_workers,  # one worker runs Keras fit, more a custom step on shards
+        "mixed_precision": config.run.mixed_precision,
+    }
+
+
+def stage_key(inputs: dict) -> str:
+    """sha256 of a stage's inputs (canonical JSON): equal keys = a stage with equal inputs."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def index_root(config: Config) -> Path:
+    """Where the stage index lives: ``run.storage_path`` (shared by every run stored there)."""
+    return Path(config.run.storage_path).expanduser().resolve()
+
+
+def read_index(root: str | Path) -> dict[str, dict]:
+    """The index's entries, ``{key: entry}``; empty when there is none or it cannot be read.
+
+    An unreadable index only costs a retraining, so it is ignored (and logged), not an error.
+    """
+    path = Path(root) / INDEX_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        entries = data["stages"] if data.get("format") == INDEX_FORMAT else None
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        entries = None
+    if not isinstance(entries, dict):
+        log.warning("%s: not a stage index this msbt can read; ignored (stages are trained)", path)
+        return {}
+    return entries
+
+
+@contextlib.contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    """Hold ``<root>/.stage-index.lock``: two jobs finishing at once must not drop each other's entry."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{INDEX_FILE}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def remember_stage(root: str | Path, inputs: dict, checkpoint: str | Path, run: str | Path) -> dict:
+    """Add a finished stage to the index (atomically; the latest stage of a key wins).
+
+    Args:
+        root: The index folder (:func:`index_root`).
+        inputs: :func:`stage_inputs` of the stage.
+        checkpoint: Its best checkpoint folder.
+        run: The run folder that trained it (shown to whoever reuses it).
+
+    Returns:
+        The entry written.
+    """
+    root = Path(root).expanduser().resolve()
+    manifest = read_manifest(checkpoint)
+    entry = {
+        "inputs": inputs,
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "model_sha256": manifest["model_sha256"],
+        "run": str(run),
+        "recorded": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    with _locked(root):
+        entries = read_index(root)
+        entries[stage_key(inputs)] = entry
+        path = root / INDEX_FILE
+        tmp = path.with_name(f".{INDEX_FILE}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"format": INDEX_FORMAT, "stages": entries}, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    return entry
+
+
+def find_identical(root: str | Path, inputs: dict) -> dict | None:
+    """The index entry of a finished stage with exactly these inputs, if its checkpoint still holds.
+
+    Returns:
+        The entry (``checkpoint``, ``run``, ``model_sha256``, ``inputs``), or None: no entry, or a stale
+        or altered one (logged and ignored).
+    """
+    entry = read_index(root).get(stage_key(inputs))
+    if entry is None:
+        return None
+    problem = _entry_problem(entry, inputs)
+    if problem:
+        log.warning("%s: not reusing %s (%s)", Path(root) / INDEX_FILE, entry.get("checkpoint"), problem)
+        return None
+    return entry
+
+
+def _entry_problem(entry: dict, inputs: dict) -> str | None:
+    """Why an index entry cannot be trusted for these inputs (None: it can)."""
+    if not isinstance(entry, dict) or entry.get("inputs") != inputs:
+        return "the entry's inputs differ from its key"
+    path = entry.get("checkpoint")
+    try:
+        manifest = read_manifest(path)
+        intact = verify(path)
+    except (CheckpointError, OSError, TypeError) as err:
+        return f"checkpoint unreadable: {err}"
+    if not intact:
+        return "its model no longer matches its manifest's sha256"
+    if manifest.get("model_sha256") != entry.get("model_sha256"):
+        return "the checkpoint holds another model than the one recorded"
+    if manifest.get("config") != inputs["config"] or manifest.get("data_fingerprint") != inputs["data_fingerprint"]:
+        return "its manifest records other stage settings or another store"
+    link = manifest.get("parent") or {}
+    if inputs["parent"].startswith("sha256:") and inputs["config"].get("weights") == "parent" \
+            and "sha256:" + str(link.get("model_sha256")) != inputs["parent"]:
+        return "its manifest records another parent"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# A stage-1 checkpoint to start from
+
+
+@dataclass(frozen=True)
+class Stage1:
+    """A reusable stage-1 checkpoint and where it was found."""
+
+    checkpoint: Path
+    record: Path  # the record file that named it (a run's stages.json ..., or the stage index)
+    run: str | None = None  # the run folder that trained it, when found through the index
+
+
+STAGE1_RECORDS = ("stages.json", "experiments/stage1.json", "tune/stage1.json")
+
+
+def recorded_stage1(run: str | Path) -> list[tuple[str, Path]]:
+    """Stage-1 checkpoints a run folder records, most authoritative first, with the file naming each.
+
+    The main job's stages.json, the experiments' and Tune's own ``stage1.json``, and the parent of the
+    model evaluated in ``metrics.json``.
+    """
+    run = Path(run)
+    found = []
+    for name in STAGE1_RECORDS:
+        record = run / name
+        data = _read_json(record)
+        if isinstance(data, dict):
+            # stages.json keys finished stages by number; Tune's file by "stage1"; the experiments' is flat.
+            entry = data.get("1") or data.get("stage1") or data
+            if isinstance(entry, dict) and entry.get("checkpoint"):
+                found.append((str(entry["checkpoint"]), record))
+    scored = run / "metrics.json"  # the evaluated stage-2 model's parent is the run's stage 1
+    checkpoint = (_read_json(scored) or {}).get("checkpoint") if scored.is_file() else None
+    if checkpoint and Path(checkpoint).is_dir():
+        from msbt.model.checkpoint import lineage
+
+        chain = lineage(checkpoint)
+        if len(chain) > 1:
+            found.append((chain[1]["path"], scored))
+    return found
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def usable_stage1(path: str | Path | None, config: Config, store_path: str | Path | None = None) -> Path | None:
+    """``path`` if it is an intact stage-1 checkpoint trained with ``config.stage1`` (on this store, when
+    one is given); else None, with the reason logged."""
+    from msbt.data.store import Store
+
+    if not path:
+        return None
+    path = Path(path)
+    try:
+        manifest = read_manifest(path)
+        intact = verify(path)
+    except (CheckpointError, OSError):
+        log.warning("not reusing %s as stage 1: missing or not a checkpoint", path)
+        return None
+    if not intact or manifest.get("stage") != 1 or manifest.get("config") != to_dict(config.stage1):
+        log.warning("not reusing %s as stage 1 (changed, not stage 1, or another stage-1 config)", path)
+        return None
+    if store_path is not None and manifest.get("data_fingerprint") != Store.open(store_path).fingerprint()[0]:
+        log.warning("not reusing %s as stage 1: trained on another store than %s", path, store_path)
+        return None
+    return path
+
+
+def reusable_stage1(config: Config, store_path: str | Path) -> Stage1 | None:
+    """The one lookup of a finished stage 1 that later steps may start from without training it.
+
+    The run's own records come first (:func:`recorded_stage1`), each checked by :func:`usable_stage1`;
+    then, with ``run.reuse_stages``, an identical stage 1 of another run from the stage index.
+
+    Returns:
+        A :class:`Stage1`, or None when stage 1 must be trained.
+    """
+    for candidate, record in recorded_stage1(run_dir(config)):
+        found = usable_stage1(candidate, config, store_path)
+        if found is not None:
+            return Stage1(found, record)
+    if config.run.reuse_stages:
+        entry = find_identical(index_root(config), stage_inputs(config, 1, store_path))
+        if entry is not None:
+            return Stage1(Path(entry["checkpoint"]), index_root(config) / INDEX_FILE, entry["run"])
+    return None
+
+
+def reuse_message(number: int, checkpoint: str | Path, run: str | Path) -> str:
+    """The line printed when a stage is not trained because an identical one finished elsewhere."""
+    return f"stage {number}: identical stage found in run {Path(run).name} ({run}), reused -> {checkpoint}"
+
+
 def run_stage(config: Config, number: int, store_path: str | Path, parent: str | Path | None = None, *,
               resume: bool = False) -> dict:
-    """Train one stage with Ray Train, or reuse/continue it on `--resume`; record it when it finishes.
+    """Train one stage with Ray Train, or reuse/continue it; record it when it finishes.
+
+    The caller has checked that the run folder allows this (msbt.jobs.pipeline.check_rerun: without
+    ``resume``, a run folder already holding this stage is refused there, before Ray starts).
 
     Args:
         config: The resolved config.
@@ -151,33 +434,66 @@ def run_stage(config: Config, number: int, store_path: str | Path, parent: str |
 
     Returns:
         The stage's entry (`checkpoint`, `monitor`, `value`, `best_epoch`, `epochs`, `seconds`,
-        `finished`, `resumed_from`) plus `reused` (True when it was not trained now).
+        `finished`, `resumed_from`, and `reused_from` when an identical stage of another run was
+        taken) plus `reused` (True when it was not trained now).
 
     Raises:
-        RunStateError: Without `resume`, a stage that this run folder already holds (see the module
-            docstring); with it, a recorded stage that no longer fits the config.
+        RunStateError: With `resume`, a recorded stage that no longer fits the config.
     """
-    from msbt.train.runner import best_checkpoint, train_stage
-
-    stage = config.stage1 if number == 1 else config.stage2
-    if not resume:
-        refuse_rerun(config, [number])
     recorded = read_stages(config).get(str(number)) if resume else None
     if recorded is not None:
-        path = check_fits(config, number, recorded["checkpoint"], store_path,
-                          f"stage {number} recorded in {run_dir(config) / STAGES_FILE}")
-        link = read_manifest(path).get("parent") or {}
-        if parent is not None and link.get("model_sha256") != sha256_file(Path(parent) / MODEL_FILE):
-            raise RunStateError(f"stage {number} recorded in {run_dir(config) / STAGES_FILE} descends from "
-                                f"{link.get('path')}, not from {parent}; train it under another run.name")
-        print(f"stage {number}: finished before, reused (--resume): best {recorded['monitor']} "
-              f"{recorded['value']:.4f} -> {path}", flush=True)
-        return {**recorded, "reused": True}
+        return _recorded(config, number, recorded, store_path, parent)
     start = latest_checkpoint(stage_dir(config, number)) if resume else None
+    inputs = stage_inputs(config, number, store_path, parent)
+    if start is None and config.run.reuse_stages:
+        entry = find_identical(index_root(config), inputs)
+        if entry is not None:
+            return _reused(config, number, entry)
     if start is not None:
         # checked here, not only in the worker, where a mismatch would be retried max_failures times
         check_fits(config, number, start, store_path, f"stage {number}'s checkpoint {start}", ignore=("epochs",))
         print(f"stage {number}: resuming after epoch {read_manifest(start)['best_epoch']} from {start}", flush=True)
+    return _trained(config, number, store_path, parent, start, inputs)
+
+
+def _recorded(config: Config, number: int, recorded: dict, store_path, parent) -> dict:
+    """A stage this run recorded as finished, checked against the config (``--resume``)."""
+    path = check_fits(config, number, recorded["checkpoint"], store_path,
+                      f"stage {number} recorded in {run_dir(config) / STAGES_FILE}")
+    link = read_manifest(path).get("parent") or {}
+    if parent is not None and link.get("model_sha256") != sha256_file(Path(parent) / MODEL_FILE):
+        raise RunStateError(f"stage {number} recorded in {run_dir(config) / STAGES_FILE} descends from "
+                            f"{link.get('path')}, not from {parent}; train it under another run.name")
+    print(f"stage {number}: finished before, reused (--resume): best {recorded['monitor']} "
+          f"{recorded['value']:.4f} -> {path}", flush=True)
+    return {**recorded, "reused": True}
+
+
+def _reused(config: Config, number: int, found: dict) -> dict:
+    """Record an identical stage of another run (verified by find_identical) as this run's stage."""
+    stage = config.stage1 if number == 1 else config.stage2
+    manifest = read_manifest(found["checkpoint"])
+    entry = {
+        "checkpoint": found["checkpoint"],
+        "monitor": stage.monitor,
+        "value": float(manifest["metrics"][stage.monitor]),
+        "best_epoch": int(manifest["best_epoch"]),
+        "epochs": stage.epochs,
+        "seconds": 0.0,  # nothing trained now
+        "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "resumed_from": None,
+        "reused_from": found["run"],
+    }
+    record_stage(config, number, entry)
+    print(reuse_message(number, found["checkpoint"], found["run"]), flush=True)
+    return {**entry, "reused": True}
+
+
+def _trained(config: Config, number: int, store_path, parent, start: Path | None, inputs: dict) -> dict:
+    """Train the stage with Ray Train (from ``start`` when continuing), record it and remember it."""
+    from msbt.train.runner import best_checkpoint, train_stage
+
+    stage = config.stage1 if number == 1 else config.stage2
     began = time.time()
     result = train_stage(config, number, store_path, parent_checkpoint=parent, resume_from=start)
     best = best_checkpoint(result, stage.monitor)
@@ -195,6 +511,30 @@ def run_stage(config: Config, number: int, store_path: str | Path, parent: str |
         "resumed_from": str(start) if start else None,
     }
     record_stage(config, number, entry)
+    remember_stage(index_root(config), inputs, best.path, run_dir(config))
     print(f"stage {number}: best {stage.monitor} {entry['value']:.4f} (epoch {entry['best_epoch']} of "
           f"{stage.epochs}) -> {best.path}", flush=True)
     return {**entry, "reused": False}
+
+
+def train_stage1_once(config: Config, store_path: str | Path, *, root: str | Path, verbose: int = 0) -> Path:
+    """Train stage 1 for a later step that found none to reuse (Tune, the experiments) and remember it in
+    the stage index, so the next run with the same inputs reuses it.
+
+    Args:
+        config: The config whose ``run`` places the Ray run folder (``<storage_path>/<name>/stage1``).
+        store_path: The microscope store.
+        root: The stage index's folder: the main run's :func:`index_root` (an experiment's own config
+            places its Ray folders elsewhere).
+        verbose: Keras verbosity in the worker.
+
+    Returns:
+        The best checkpoint folder.
+    """
+    from msbt.train.runner import best_checkpoint, train_stage
+
+    best = best_checkpoint(train_stage(config, 1, store_path, verbose=verbose), config.stage1.monitor)
+    if best is None:
+        raise RuntimeError("stage 1 reported no checkpoint")
+    remember_stage(root, stage_inputs(config, 1, store_path), best.path, run_dir(config))
+    return Path(best.path)

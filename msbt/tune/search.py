@@ -39,7 +39,7 @@ from typing import Any
 import yaml
 
 from msbt.config import Config, ConfigError, to_dict
-from msbt.runfolder import stages_file, tune_dir
+from msbt.runfolder import tune_dir
 from msbt.tune.space import (
     check_space,
     decode,
@@ -69,45 +69,29 @@ def experiment_dir(config: Config) -> Path:
     return tune_dir(config) / config.tune.experiment
 
 
-def _recorded_stage1(record: Path, config: Config) -> str | None:
-    """A stage-1 checkpoint recorded in ``record`` that is intact and was trained with ``config.stage1``."""
-    from msbt.model.checkpoint import read_manifest, verify
-
-    if not record.is_file():
-        return None
-    data = json.loads(record.read_text())
-    # stages.json (msbt.train.stages) keys finished stages by number, "1"; our own tune/stage1.json by "stage1".
-    path = (data.get("1") or data.get("stage1") or {}).get("checkpoint")
-    if not path or not Path(path).is_dir() or not verify(path):
-        log.warning("%s: its stage-1 checkpoint %s is missing or altered; not used", record, path)
-        return None
-    if read_manifest(path)["config"] != to_dict(config.stage1):
-        log.warning("%s: its stage-1 checkpoint was trained with other stage1 settings; not used", record)
-        return None
-    return str(path)
-
-
 def stage1_checkpoint(config: Config, microscope_store: str | Path) -> str:
-    """The stage-1 checkpoint every trial starts from: the run's recorded one, or one trained now.
+    """The stage-1 checkpoint every trial starts from: a reusable one, or one trained now.
 
-    Looks in ``<run>/stages.json`` (the pipeline's record) and ``<run>/tune/stage1.json`` (ours); trains
-    stage 1 with Ray Train only when neither holds an intact checkpoint of the same ``stage1`` settings.
+    ``msbt.train.stages.reusable_stage1`` looks in the run's records (``<run>/stages.json``, our own
+    ``<run>/tune/stage1.json`` ...) and the stage index; stage 1 is trained with Ray Train only when
+    none holds an intact checkpoint of the same ``stage1`` settings on this store.
     """
-    from msbt.train.runner import best_checkpoint, train_stage
+    from msbt.train.stages import index_root, reusable_stage1, reuse_message, train_stage1_once
 
+    found = reusable_stage1(config, microscope_store)
+    if found is not None and found.run is None:
+        print(f"stage 1: reusing {found.checkpoint} (from {found.record})", flush=True)
+        return str(found.checkpoint)
+    if found is not None:
+        print(reuse_message(1, found.checkpoint, found.run), flush=True)
+        best = str(found.checkpoint)
+    else:
+        print("stage 1: training it once for every trial", flush=True)
+        best = str(train_stage1_once(config, microscope_store, root=index_root(config)))
     own = tune_dir(config) / STAGE1_FILE
-    for record in (stages_file(config), own):
-        found = _recorded_stage1(record, config)
-        if found:
-            print(f"stage 1: reusing {found} (from {record})", flush=True)
-            return found
-    print("stage 1: training it once for every trial", flush=True)
-    best = best_checkpoint(train_stage(config, 1, microscope_store), config.stage1.monitor)
-    if best is None:
-        raise RuntimeError("stage 1 reported no checkpoint")
     own.parent.mkdir(parents=True, exist_ok=True)
-    own.write_text(json.dumps({"stage1": {"checkpoint": best.path, "monitor": config.stage1.monitor}}, indent=2))
-    return best.path
+    own.write_text(json.dumps({"stage1": {"checkpoint": best, "monitor": config.stage1.monitor}}, indent=2))
+    return best
 
 
 # ---------------------------------------------------------------------------------------------------

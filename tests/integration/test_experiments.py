@@ -224,7 +224,9 @@ def test_stage1_is_trained_once_and_then_reused(tiny, capsys):
     assert X.shared_stage1(data) == stage1
     assert "reusing" in capsys.readouterr().out
     other = dataclasses.replace(config, stage1=dataclasses.replace(config.stage1, learning_rate=0.5))
-    assert X._usable_stage1(stage1, other) is None  # another stage-1 config is not reused
+    from msbt.train.stages import usable_stage1  # the one stage-1 lookup (msbt.train.stages)
+
+    assert usable_stage1(stage1, other) is None  # another stage-1 config is not reused
 
 
 @pytest.mark.ray
