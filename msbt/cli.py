@@ -239,7 +239,7 @@ def _cmd_scan(args) -> int:
 
 def _cmd_split(args) -> int:
     from msbt.data.discovery import write_rejects
-    from msbt.data.splits import make_split, save_split
+    from msbt.data.splits import make_split, previous_rows, save_split
 
     out = Path(args.out)
     if (out / "split.json").exists() and not args.force:
@@ -248,7 +248,9 @@ def _cmd_split(args) -> int:
     discovery = _scan(args, config)
     d = config.data
     result = make_split(discovery, ratios=d.split, folds=d.folds, seed=d.seed, grouping=d.grouping,
-                        max_distance=d.hash_max_distance, min_similarity=d.min_similarity)
+                        max_distance=d.hash_max_distance, min_similarity=d.min_similarity,
+                        tolerance=d.split_tolerance,
+                        previous=previous_rows(out, seed=d.seed, ratios=d.split, folds=d.folds))
     save_split(result, out)
     write_rejects(discovery.rejects, out / "rejects.csv")
     s = result.summary

@@ -21,15 +21,21 @@ from pathlib import Path
 from typing import Sequence
 
 from msbt.config import Config, dump_config, to_dict
+from msbt.containment import run_location
 from msbt.data.discovery import Discovery, discover, write_rejects
-from msbt.data.splits import SplitResult, load_split, make_split, save_split
+from msbt.data.splits import SplitResult, load_split, make_split, previous_rows, save_split
 
 log = logging.getLogger(__name__)
 
 
 def run_dir(config: Config) -> Path:
-    """The folder every result of this run goes to: `<run.storage_path>/<run.name>`."""
-    return (Path(config.run.storage_path).expanduser() / config.run.name).resolve()
+    """The folder every result of this run goes to: `<run.storage_path>/<run.name>`.
+
+    Raises:
+        ConfigError: `run.name` is not one plain folder name, or `run.storage_path` lies inside Ray's
+            unpacked copy of a submitted job's code (msbt.containment).
+    """
+    return run_location(config)
 
 
 def synth_dir(config: Config) -> Path:
@@ -127,6 +133,9 @@ def _prepare_one(config: Config, modality: str, source: str, classes, folder: Pa
             grouping=d.grouping,
             max_distance=d.hash_max_distance,
             min_similarity=d.min_similarity,
+            tolerance=d.split_tolerance,
+            # a re-split over a saved one (--force-split) keeps the old groups where they were
+            previous=previous_rows(folder, seed=d.seed, ratios=d.split, folds=d.folds),
         )
         save_split(split, folder)
         reused = False
