@@ -61,6 +61,7 @@ import numpy as np
 from msbt.train import tblog
 from msbt.model.checkpoint import MODEL_FILE, sha256_file, write_manifest
 from msbt.config import Config, RunConfig, StageConfig
+from msbt.containment import check_run_name, check_storage_path, run_location
 from msbt.data.preprocess import decode_images, image_shape, read_store, store_files
 
 log = logging.getLogger(__name__)
@@ -297,7 +298,7 @@ def run_config(run: RunConfig, stage_number: int, monitor: str, callbacks: Seque
 
     return RayRunConfig(
         name=f"stage{stage_number}",
-        storage_path=str((Path(run.storage_path).expanduser() / run.name).resolve()),  # Ray wants it absolute
+        storage_path=str(check_storage_path(run.storage_path) / check_run_name(run.name)),  # Ray wants it absolute
         checkpoint_config=CheckpointConfig(
             num_to_keep=run.checkpoints_to_keep,
             checkpoint_score_attribute=monitor,
@@ -426,8 +427,7 @@ def train_stage(
         "cpu_threads": max(1, int(config.run.cpus_per_worker)),
         "audit_dir": str(Path(audit_dir).expanduser().resolve()) if audit_dir else None,
         # Epoch scalars for TensorBoard beside the stage's Ray folder (Train V2 writes none itself).
-        "tensorboard_dir": str(tblog.tensorboard_dir(
-            (Path(config.run.storage_path).expanduser() / config.run.name).resolve(), stage_number)),
+        "tensorboard_dir": str(tblog.tensorboard_dir(run_location(config), stage_number)),
     }
     trainer = TensorflowTrainer(
         train_loop_per_worker,

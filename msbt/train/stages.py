@@ -19,13 +19,14 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Sequence
 
 from msbt.model.checkpoint import MODEL_FILE, CheckpointError, read_manifest, sha256_file, verify
+from msbt.atomicio import write_text
 from msbt.config import Config, to_dict
+from msbt.containment import run_location
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,8 @@ class RunStateError(ValueError):
 
 
 def run_folder(config: Config) -> Path:
-    """`<run.storage_path>/<run.name>` (the same folder as msbt.jobs.pipeline.run_dir)."""
-    return (Path(config.run.storage_path).expanduser() / config.run.name).resolve()
+    """`<run.storage_path>/<run.name>` (the same folder as msbt.jobs.pipeline.run_dir, checked the same way)."""
+    return run_location(config)
 
 
 def stage_folder(config: Config, number: int) -> Path:
@@ -66,10 +67,7 @@ def record_stage(config: Config, number: int, entry: dict) -> Path:
     path = run_folder(config) / STAGES_FILE
     stages = read_stages(config)
     stages[str(number)] = entry
-    tmp = path.with_name(f".{STAGES_FILE}.tmp")
-    tmp.write_text(json.dumps(stages, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text(path, json.dumps(stages, indent=2, sort_keys=True) + "\n")
 
 
 def refuse_rerun(config: Config, numbers: Sequence[int] = (1, 2)) -> None:
