@@ -132,12 +132,26 @@ def _load(args) -> "object":
     return load_config(args.config, args.overrides)
 
 
+def _load_run(args, resume: bool = False) -> "object":
+    """The config of a command that writes a run folder, with the folder checked before Ray starts:
+    `run.name` one folder name, `run.storage_path` not inside Ray's copy of a submitted job's code, and on
+    `--resume` stage settings that fit what the run trained (refused before anything is written)."""
+    from msbt.containment import run_location
+    from msbt.train.stages import refuse_changed_resume
+
+    config = _load(args)
+    run_location(config)
+    if resume:
+        refuse_changed_resume(config)
+    return config
+
+
 def _cmd_run(args) -> int:
     from msbt.jobs.pipeline import main_job
     from msbt.raycluster import init_ray
     from msbt.train.stages import refuse_rerun
 
-    config = _load(args)  # a config error should not wait for Ray to start
+    config = _load_run(args, args.resume)  # a config error should not wait for Ray to start
     if not args.resume:
         refuse_rerun(config)  # nor should a run folder that --resume would be needed for
     init_ray(args.address)
@@ -150,7 +164,7 @@ def _cmd_stage1(args) -> int:
     from msbt.raycluster import init_ray
     from msbt.train.stages import refuse_rerun
 
-    config = _load(args)
+    config = _load_run(args, args.resume)
     if not args.resume:
         refuse_rerun(config, [1])
     init_ray(args.address)
@@ -163,7 +177,7 @@ def _cmd_stage2(args) -> int:
     from msbt.raycluster import init_ray
     from msbt.train.stages import refuse_rerun
 
-    config = _load(args)
+    config = _load_run(args, args.resume)
     if not args.resume:
         refuse_rerun(config, [2])
     if args.parent and not Path(args.parent).is_dir():
@@ -179,7 +193,7 @@ def _cmd_evaluate(args) -> int:
     from msbt.jobs.pipeline import evaluate_job, recorded_checkpoint
     from msbt.raycluster import init_ray
 
-    config = _load(args)
+    config = _load_run(args)
     if args.checkpoint and not Path(args.checkpoint).is_dir():
         raise ConfigError(f"{args.checkpoint}: no such checkpoint folder (--checkpoint)")
     if not args.checkpoint:
@@ -193,7 +207,7 @@ def _cmd_preprocess(args) -> int:
     from msbt.jobs.pipeline import prepare_data, preprocess, summarize, summarize_stores
     from msbt.raycluster import init_ray
 
-    config = _load(args)
+    config = _load_run(args)
     init_ray(args.address)
     prepared = prepare_data(config, force_split=args.force_split)
     print(summarize(prepared))
@@ -350,7 +364,7 @@ def _cmd_experiment(args) -> int:
     from msbt.raycluster import init_ray
     from msbt.eval.report import write_report
 
-    config = _load(args)
+    config = _load_run(args)
     init_ray(args.address)
     common = {"fresh": args.fresh, "n_boot": args.n_boot}
     if args.experiment == "crossval":
@@ -373,11 +387,13 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_tune(args) -> int:
+    from msbt.containment import run_location
     from msbt.raycluster import init_ray
     from msbt.tune.search import experiment_dir, format_ranking, read_experiment, run_search, write_best_overlay
 
     extra = ["tune.fast=true", "stage2.trainable_backbone=false"] if args.fast else []
     config = load_config(args.config, args.overrides + extra)
+    run_location(config)  # before Ray starts
     init_ray(args.address)
     run_search(config, resume=args.resume, sources=", ".join(args.config) or "the default config")
     exp = experiment_dir(config)
@@ -404,7 +420,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print("msbt: interrupted", file=sys.stderr)
+        # Ctrl-C (or `ray job stop`): one line, not a traceback; what finished is on disk
+        print("msbt: interrupted; finished steps and checkpoints are kept: rerun the same command with "
+              "--resume to continue", file=sys.stderr)
         return 130
     except Exception as exc:  # one clear line for users; --debug shows where it came from
         if args.debug:

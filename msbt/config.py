@@ -21,6 +21,8 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
+from msbt.atomicio import write_text
+
 
 class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the file and key."""
@@ -421,5 +423,5 @@ def dump_config(config: Config, path: str | Path) -> Path:
     """Write the resolved config as YAML next to a result, so the result can be reproduced."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
     return path

@@ -27,6 +27,7 @@ from typing import Callable
 
 import numpy as np
 
+from msbt.atomicio import write_text
 from msbt.config import PreprocessConfig
 from msbt.images.imagefile import ImageError, fit_square, normalize_intensity, read_image
 
@@ -252,11 +253,11 @@ def build_store(kind: str, items: list[dict], out: str | Path, fn: Callable, fn_
         dataset.write_parquet(str(folder), compression="lz4", use_dictionary=["label", "split", "source"],
                               write_statistics=["label", "split", "source"])
         folder.mkdir(parents=True, exist_ok=True)  # a chunk with no rows writes no files
-        (folder / "_DONE.json").write_text(json.dumps({"files": len(chunk)}) + "\n")
+        write_text(folder / "_DONE.json", json.dumps({"files": len(chunk)}) + "\n")
         log.info("%s store: chunk %d/%d done (%d files)", kind, index + 1, len(chunks), len(chunk))
     rows, empty = _count(out, items)
     summary = StoreSummary(out, kind, len(items), rows, empty, time.perf_counter() - started, reused)
-    (out / "summary.json").write_text(json.dumps(summary.as_dict(), indent=2) + "\n")
+    write_text(out / "summary.json", json.dumps(summary.as_dict(), indent=2) + "\n")
     return summary
 
 
@@ -282,7 +283,7 @@ def _prepare_folder(out: Path, identity: dict, on_existing: str) -> None:
                 "them (set preprocess.on_existing: overwrite, or use another run name)"
             )
     out.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(identity, indent=2) + "\n")
+    write_text(marker, json.dumps(identity, indent=2) + "\n")
 
 
 def _count(out: Path, items: list[dict]) -> tuple[dict, list]:

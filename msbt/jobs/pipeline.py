@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from msbt.atomicio import write_text
 from msbt.config import Config, dump_config, to_dict
 from msbt.containment import run_location
+from msbt.provenance import write_environment
 from msbt.data.discovery import Discovery, discover, write_rejects
 from msbt.data.splits import SplitResult, load_split, make_split, previous_rows, save_split
 
@@ -102,12 +104,14 @@ def prepare_data(config: Config, *, force_split: bool = False,
     """
     out = run_dir(config)
     out.mkdir(parents=True, exist_ok=True)
-    dump_config(config, out / "config.yaml")
     prepared = {}
     for modality, (source, classes) in data_sources(config).items():
         if modality in modalities:
             prepared[modality] = _prepare_one(config, modality, source, classes, out / "data" / modality,
                                               force_split)
+    # after the data were accepted: a refused rerun (changed data) leaves the run's config.yaml as it was
+    dump_config(config, out / "config.yaml")
+    write_environment(out)
     return prepared
 
 
@@ -249,10 +253,12 @@ def main_job(config: Config, *, force_split: bool = False, resume: bool = False)
         resume: Continue a stopped run (see msbt.train.stages); without it a run folder holding a trained
             stage is refused before any work starts.
     """
-    from msbt.train.stages import refuse_rerun
+    from msbt.train.stages import refuse_changed_resume, refuse_rerun
 
     if not resume:
         refuse_rerun(config)
+    else:
+        refuse_changed_resume(config)  # before anything is written into the run folder
     prepared = prepare_data(config, force_split=force_split)
     print(summarize(prepared), flush=True)
     stores = preprocess(config, prepared)
@@ -268,7 +274,7 @@ def main_job(config: Config, *, force_split: bool = False, resume: bool = False)
 
 
 def _write_summary(config: Config, result: dict) -> None:
-    (run_dir(config) / "summary.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    write_text(run_dir(config) / "summary.json", json.dumps(result, indent=2, default=float) + "\n")
     print(f"results in {run_dir(config)}")
 
 

@@ -58,6 +58,7 @@ from typing import Sequence
 
 import numpy as np
 
+from msbt.atomicio import write_text
 from msbt.train import tblog
 from msbt.model.checkpoint import MODEL_FILE, sha256_file, write_manifest
 from msbt.config import Config, RunConfig, StageConfig
@@ -99,6 +100,7 @@ def report_callback(
     data_fingerprint: str = "",
     split_id: str = "",
     history: dict[str, list[float]] | None = None,
+    staging_dir: str | Path | None = None,
 ):
     """A Keras callback that calls ``ray.train.report`` at the end of every epoch.
 
@@ -112,6 +114,8 @@ def report_callback(
         stage, class_names, parent, data_fingerprint, split_id: As given to ``fit_stage``; they go into
             each reported manifest.
         history: Per-epoch logs of epochs already trained (a resumed stage); this callback appends.
+        staging_dir: Where each reported checkpoint is staged (default: beside ``out_dir``), so an
+            interrupt leaves nothing in the system's temp folder.
 
     Returns:
         A ``keras.callbacks.Callback``.
@@ -142,7 +146,7 @@ def report_callback(
             if self.rank != 0 or not improved:
                 ray.train.report(metrics, checkpoint=None)
                 return
-            with tempfile.TemporaryDirectory(prefix="msbt-report-") as staging:
+            with tempfile.TemporaryDirectory(prefix="report-", dir=staging_dir or Path(out_dir).parent) as staging:
                 self._stage(Path(staging), logs, epoch + 1)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(staging))
 
@@ -207,7 +211,13 @@ def train_loop_per_worker(config: dict) -> None:
     train_ds = loop.dataset_from_arrays(*shard_arrays(ray.train.get_dataset_shard("train"), shape))
     val_ds = loop.dataset_from_arrays(*shard_arrays(ray.train.get_dataset_shard("val"), shape))
     resume = ray.train.get_checkpoint() or config.get("resume")
-    out_dir = Path(tempfile.mkdtemp(prefix="msbt-stage-"))
+    # In the run folder's work area, not the system temp folder: a worker killed by an interrupt
+    # (Ctrl-C, `ray job stop`) runs no `finally`, and what it leaves is removed by the driver
+    # (train_stage) rather than piling up in /tmp (15 MB per stage, issue #13 item 8).
+    work = Path(config["work_dir"]) if config.get("work_dir") else None
+    if work is not None:
+        work.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(tempfile.mkdtemp(prefix=f"rank{context.get_world_rank()}-", dir=work))
     try:
         with contextlib.ExitStack() as stack:
             parent_dir = stack.enter_context(config["parent"].as_directory()) if config["parent"] else None
@@ -215,7 +225,7 @@ def train_loop_per_worker(config: dict) -> None:
             common = dict(parent=parent_dir, data_fingerprint=config["data_fingerprint"], split_id=config["split_id"])
             callback = report_callback(
                 out_dir, stage, config["class_names"], history=_resumed_history(resume_dir),
-                **common,
+                staging_dir=work, **common,
             )
             clock = _epoch_clock() if config.get("audit_dir") else None
             extra = [clock] if clock else []
@@ -266,7 +276,7 @@ def _write_audit(folder: str, rank: int, record: dict) -> None:
     """``<folder>/rank<r>.json``: what one worker fed and when (see ``train_stage(audit_dir=...)``)."""
     path = Path(folder) / f"rank{rank}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    write_text(path, json.dumps(record, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -428,7 +438,10 @@ def train_stage(
         "audit_dir": str(Path(audit_dir).expanduser().resolve()) if audit_dir else None,
         # Epoch scalars for TensorBoard beside the stage's Ray folder (Train V2 writes none itself).
         "tensorboard_dir": str(tblog.tensorboard_dir(run_location(config), stage_number)),
+        # Scratch of the workers (model being saved, checkpoints being staged): see work_folder.
+        "work_dir": str(work_folder(config, stage_number)),
     }
+    remove_work(config, stage_number)  # what an interrupted earlier attempt left
     trainer = TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -438,7 +451,24 @@ def train_stage(
         # Only the training set is sharded: every worker validates on all of it (identical val_* on all ranks).
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    finally:
+        remove_work(config, stage_number)  # also after Ctrl-C: the workers' scratch is never a result
+
+
+def work_folder(config: Config, stage_number: int) -> Path:
+    """``<run>/.work/stage<n>``: the workers' scratch for one stage (on the run's storage, which every
+    worker can write; removed by :func:`remove_work` when the stage ends, however it ends)."""
+    return run_location(config) / ".work" / f"stage{stage_number}"
+
+
+def remove_work(config: Config, stage_number: int) -> None:
+    """Remove a stage's scratch folder, and ``.work`` itself once empty."""
+    folder = work_folder(config, stage_number)
+    shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        folder.parent.rmdir()
 
 
 def best_checkpoint(result, monitor: str):

@@ -19,14 +19,15 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Sequence
 
-from msbt.model.checkpoint import MODEL_FILE, CheckpointError, read_manifest, sha256_file, verify
 from msbt.atomicio import write_text
 from msbt.config import Config, to_dict
 from msbt.containment import run_location
+from msbt.model.checkpoint import MODEL_FILE, CheckpointError, read_manifest, sha256_file, verify
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,13 @@ def check_fits(config: Config, number: int, path: str | Path, store_path: str | 
         raise RunStateError(f"{where}: {err}") from None
     if not intact:
         raise RunStateError(f"{where}: {path} was altered after training (sha256 mismatch)")
+    _refuse_other_settings(config, number, manifest, where, ignore)
+    if manifest.get("data_fingerprint") != store_identity(store_path)[0]:
+        raise RunStateError(f"{where} was trained on another store than {store_path}; use another run.name")
+    return path
+
+
+def _refuse_other_settings(config: Config, number: int, manifest: dict, where: str, ignore: Sequence[str]) -> None:
     stage = config.stage1 if number == 1 else config.stage2
     ours, theirs = to_dict(stage), manifest["config"]
     changed = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k) and k not in ignore)
@@ -141,9 +149,55 @@ def check_fits(config: Config, number: int, path: str | Path, store_path: str | 
         details = ", ".join(f"stage{number}.{k}: {theirs.get(k)!r} -> {ours.get(k)!r}" for k in changed)
         raise RunStateError(f"{where} was trained with other settings ({details}); train them under another "
                             f"run.name")
-    if manifest.get("data_fingerprint") != store_identity(store_path)[0]:
-        raise RunStateError(f"{where} was trained on another store than {store_path}; use another run.name")
-    return path
+
+
+def refuse_changed_resume(config: Config, numbers: Sequence[int] = (1, 2)) -> None:
+    """Before a `--resume` writes anything: refuse stage settings that differ from what the run trained.
+
+    The same settings check as :func:`check_fits` (a recorded stage: every setting; an interrupted one:
+    all but ``epochs``), done from the manifests alone so that a refused resume leaves the run folder,
+    its ``config.yaml`` included, as it was. The store check needs the store and stays in ``run_stage``.
+
+    Raises:
+        RunStateError: naming the stage, the checkpoint and each changed setting.
+    """
+    recorded = read_stages(config)
+    for number in numbers:
+        entry = recorded.get(str(number))
+        path, ignore = (Path(entry["checkpoint"]), ()) if entry else (latest_checkpoint(stage_folder(config, number)),
+                                                                    ("epochs",))
+        if path is None:
+            continue
+        try:
+            manifest = read_manifest(path)
+        except CheckpointError:
+            continue  # reported with its reason by run_stage
+        where = (f"stage {number} recorded in {run_folder(config) / STAGES_FILE}" if entry
+                 else f"stage {number}'s checkpoint {path}")
+        _refuse_other_settings(config, number, manifest, where, ignore)
+
+
+def prune_checkpoints(stage_dir: str | Path, keep: Sequence[str | Path]) -> list[Path]:
+    """Remove the stage's ``checkpoint_*`` folders that Ray's checkpoint manager does not keep.
+
+    Ray deletes checkpoints it drops from its kept list, but a checkpoint persisted just before the driver
+    was killed is on disk and missing from the restored snapshot, so after `--resume` it was never
+    deleted (3 kept where ``run.checkpoints_to_keep`` is 2, issue #13 item 8).
+
+    Args:
+        stage_dir: The stage's Ray run folder (``runs/<name>/stage<n>``).
+        keep: The checkpoint folders Ray kept (``result.best_checkpoints``).
+
+    Returns:
+        The folders removed.
+    """
+    kept = {Path(p).resolve() for p in keep}
+    removed = []
+    for candidate in sorted(Path(stage_dir).glob("checkpoint_*")):
+        if candidate.is_dir() and candidate.resolve() not in kept:
+            shutil.rmtree(candidate)
+            removed.append(candidate)
+    return removed
 
 
 def run_stage(config: Config, number: int, store_path: str | Path, parent: str | Path | None = None, *,
@@ -191,6 +245,9 @@ def run_stage(config: Config, number: int, store_path: str | Path, parent: str |
     best = best_checkpoint(result, stage.monitor)
     if best is None:
         raise RunStateError(f"stage {number} reported no checkpoint ({stage.monitor} never finite?)")
+    kept = [c.path for c, _ in (result.best_checkpoints or [])] + [best.path]
+    for gone in prune_checkpoints(stage_folder(config, number), kept):
+        log.info("removed %s: not among the %d checkpoints kept", gone, config.run.checkpoints_to_keep)
     manifest = read_manifest(best.path)
     entry = {
         "checkpoint": str(best.path),
