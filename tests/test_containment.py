@@ -247,3 +247,42 @@ def test_ctrl_c_during_training_says_so_and_leaves_no_scratch(tmp_path):
     assert not (run / ".work").exists()
     left = (set(glob.glob("/tmp/msbt-stage-*")) | set(glob.glob("/tmp/msbt-report-*"))) - before
     assert not left, left
+
+
+# ---------------------------------------------------------------------------------------------------
+# Provenance: every result folder says what made it
+
+
+def test_environment_json_records_versions_revision_and_hardware(tmp_path):
+    import json
+
+    from msbt.provenance import ENVIRONMENT_FILE, git_revision, write_environment
+
+    record = json.loads(write_environment(tmp_path).read_text())
+    assert (tmp_path / ENVIRONMENT_FILE).is_file()
+    packages = record["packages"]
+    for name in ("ray", "tensorflow", "keras", "numpy", "opencv", "msbt"):
+        assert packages[name], (name, packages)
+    assert packages["ray"].startswith("2.60")
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:
+        assert record["git"]["commit"] == head.stdout.strip() and isinstance(record["git"]["dirty"], bool)
+    hardware = record["hardware"]
+    assert hardware["cpu_count"] >= 1 and hardware["cpu_model"] and isinstance(hardware["gpus"], list)
+    # a copy of the code without .git (what `ray job submit` uploads) is no error
+    outside = git_revision(tmp_path)
+    assert outside["commit"] is None and "not a git checkout" in outside["reason"]
+
+
+def test_the_run_folder_gets_its_environment_json(tmp_path):
+    import json
+
+    from msbt.jobs.pipeline import prepare_data
+
+    small_collection(tmp_path / "data")
+    config = load_config(overrides=[
+        f"data.microscope={tmp_path / 'data' / 'micro'}", f"data.ultrasound={tmp_path / 'data' / 'ultra'}",
+        f"run.storage_path={tmp_path / 'runs'}", "run.name=p", "data.folds=2"])
+    prepare_data(config)
+    record = json.loads((tmp_path / "runs" / "p" / "environment.json").read_text())
+    assert record["packages"]["msbt"] and record["hardware"]["cpu_count"] >= 1

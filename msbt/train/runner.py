@@ -452,9 +452,39 @@ def train_stage(
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
     try:
-        return trainer.fit()
+        return fit_interruptibly(trainer)
     finally:
         remove_work(config, stage_number)  # also after Ctrl-C: the workers' scratch is never a result
+
+
+def fit_interruptibly(trainer):
+    """``trainer.fit()`` in a helper thread, so that Ctrl-C is a ``KeyboardInterrupt`` in the caller.
+
+    On the main thread, Ray Train 2.60's ``fit`` replaces the process's SIGINT handler with its own and
+    never puts Python's back (``DataParallelTrainer._register_sigint_handler``): a Ctrl-C asks the
+    controller to abort, and the handler may call ``sys.exit(0)`` (issue #13 item 8 measured exit code 1,
+    no message, scratch folders left behind); msbt's own "interrupted" line never ran. Off the main thread Ray installs no
+    handler (as under Tune), Python's own turns Ctrl-C into ``KeyboardInterrupt`` here, and the stage's
+    actors end with this driver (a private cluster dies with it; a joined cluster ends a job's actors when
+    its driver goes).
+    """
+    import threading
+
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # handed to the caller's thread as it is
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, name="msbt-trainer-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)  # short waits: the main thread must keep receiving signals
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def work_folder(config: Config, stage_number: int) -> Path:
