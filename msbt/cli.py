@@ -132,7 +132,7 @@ def _load(args) -> "object":
     return load_config(args.config, args.overrides)
 
 
-def _load_run(args, resume: bool = False) -> "object":
+def _load_run(args, resume: bool = False, stages: Sequence[int] = (1, 2)) -> "object":
     """The config of a command that writes a run folder, with the folder checked before Ray starts:
     `run.name` one folder name, `run.storage_path` not inside Ray's copy of a submitted job's code, and on
     `--resume` stage settings that fit what the run trained (refused before anything is written)."""
@@ -142,7 +142,7 @@ def _load_run(args, resume: bool = False) -> "object":
     config = _load(args)
     run_location(config)
     if resume:
-        refuse_changed_resume(config)
+        refuse_changed_resume(config, stages)
     return config
 
 
@@ -164,7 +164,7 @@ def _cmd_stage1(args) -> int:
     from msbt.raycluster import init_ray
     from msbt.train.stages import refuse_rerun
 
-    config = _load_run(args, args.resume)
+    config = _load_run(args, args.resume, [1])
     if not args.resume:
         refuse_rerun(config, [1])
     init_ray(args.address)
@@ -177,7 +177,7 @@ def _cmd_stage2(args) -> int:
     from msbt.raycluster import init_ray
     from msbt.train.stages import refuse_rerun
 
-    config = _load_run(args, args.resume)
+    config = _load_run(args, args.resume, [2])
     if not args.resume:
         refuse_rerun(config, [2])
     if args.parent and not Path(args.parent).is_dir():

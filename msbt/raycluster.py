@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -10,8 +11,6 @@ import stat
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-
-_private: dict[str, str | None] = {"address": None}  # the private cluster this process started, if any
 
 
 def started_cluster() -> str | None:
@@ -52,8 +51,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    if _private["address"] and os.environ.get("RAY_ADDRESS") == _private["address"]:
-        os.environ.pop("RAY_ADDRESS")  # this process's earlier private cluster, shut down since
     target = address or os.environ.get("RAY_ADDRESS") or started_cluster()
     if target and target != "local":
         ray.init(address=target)
@@ -66,7 +63,7 @@ def start_private(num_cpus: int | None = None) -> str:
     """Start a private local cluster that listens on loopback only and that all its processes can name.
 
     Returns:
-        Its GCS address (``127.0.0.1:<port>``), also exported as ``RAY_ADDRESS`` in this process.
+        Its GCS address (``127.0.0.1:<port>``), which every task and actor of it finds in ``RAY_ADDRESS``.
 
     Three settings, each for a measured problem (issue #13, items 9 and 10; docs/reliability.md):
 
@@ -80,18 +77,18 @@ def start_private(num_cpus: int | None = None) -> str:
       machine: with two msbt jobs it logged "Found multiple active Ray instances" and could query the
       wrong cluster, so a Tune trial's placement group was never removed. The GCS port is chosen here
       (``RAY_GCS_SERVER_PORT``) so the address is known before the cluster starts and goes into the
-      job's runtime environment (every task and actor) and into this process.
+      job's runtime environment (every task and actor). Not into this process's own environment: a
+      process it starts later, after this cluster ended, would try to join the dead address.
     * The token file private: :func:`protect_token` before Ray would write it with the umask (0644).
     """
     import ray
 
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # read by Ray's node-IP lookup (and children)
-    _ray_constants_follow_environment()
     protect_token()
     port = free_port()
     address = f"127.0.0.1:{port}"
-    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-    try:
+    # Both variables only while the cluster starts: its GCS, raylet and (through the raylet) its workers
+    # keep them; this process's later clusters, and processes it starts later, get the usual behaviour.
+    with _environment(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_GCS_SERVER_PORT=str(port)), _loopback_node_ip():
         # A private cluster lives and dies with this process: on Linux Ray starts its GCS and raylet with
         # PR_SET_PDEATHSIG (their workers follow the raylet), so even a driver killed with SIGKILL leaves
         # no cluster behind, and no address file: a rerun starts its own.
@@ -102,10 +99,6 @@ def start_private(num_cpus: int | None = None) -> str:
         # by a dead trial). It also lets the user watch the run (port 8265, or the next free one).
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  runtime_env={"env_vars": {"RAY_ADDRESS": address}})
-    finally:
-        os.environ.pop("RAY_GCS_SERVER_PORT", None)  # a later cluster of this process picks its own
-    os.environ["RAY_ADDRESS"] = address  # the driver's own state-API calls and any process it starts
-    _private["address"] = address
     protect_token()
     return address
 
@@ -140,10 +133,30 @@ def protect_token(path: str | Path | None = None) -> Path:
     return path
 
 
-def _ray_constants_follow_environment() -> None:
-    # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER into a module constant when it is first imported; when
-    # something imported Ray before this call, the constant is set to what the environment now says.
+@contextlib.contextmanager
+def _environment(**values: str):
+    """Set environment variables for the ``with`` block, then put back what was there."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _loopback_node_ip():
+    # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER into a module constant when it is first imported, which
+    # may have happened before this call: the constant follows the variable for the block.
     import ray._private.ray_constants as ray_constants  # Ray 2.60: ENABLE_RAY_CLUSTER
 
-    if hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):
-        ray_constants.ENABLE_RAY_CLUSTER = False
+    before = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
