@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
@@ -39,6 +40,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         if not tmp.exists():
             raise FileNotFoundError(f"{path}: the writer left no file to put in place")
         _fsync(tmp)
+        # mkstemp makes the file 0600; give it the mode a plain open() would (or the old file's), so
+        # results on shared storage stay readable by whoever could read them before
+        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -73,6 +77,14 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
     with atomic_open(path, "wb") as handle:
         handle.write(data)
     return Path(path)
+
+
+def _umask() -> int:
+    # The only portable way to read the umask is to set it; set it straight back (a moment in which a
+    # file made by another thread would get 0o022, the usual value anyway).
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync(path: Path) -> None:

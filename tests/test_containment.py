@@ -11,6 +11,7 @@ import glob
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -286,3 +287,17 @@ def test_the_run_folder_gets_its_environment_json(tmp_path):
     prepare_data(config)
     record = json.loads((tmp_path / "runs" / "p" / "environment.json").read_text())
     assert record["packages"]["msbt"] and record["hardware"]["cpu_count"] >= 1
+
+
+def test_atomic_writes_keep_the_usual_file_mode(tmp_path):
+    from msbt.atomicio import write_text
+
+    mask = os.umask(0o022)
+    try:
+        assert stat.S_IMODE(write_text(tmp_path / "a.json", "{}").stat().st_mode) == 0o644
+        (tmp_path / "b.json").write_text("old")
+        (tmp_path / "b.json").chmod(0o640)
+        assert stat.S_IMODE(write_text(tmp_path / "b.json", "new").stat().st_mode) == 0o640
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "b.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]
