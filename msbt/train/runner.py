@@ -25,7 +25,7 @@ workers on one host do not oversubscribe its cores. ``run.mixed_precision`` sets
 Checkpoints. Each epoch every rank calls ``ray.train.report(metrics)``; when ``stage.monitor`` improved,
 rank 0 attaches a checkpoint in the msbt format: the ``model.keras`` that ``fit_stage``'s saver just
 wrote plus a ``manifest.json`` for that epoch (stage, parent link and hash, best epoch, history so far).
-It is staged in a folder of its own, so the stage folder never holds a manifest before ``fit_stage``
+It is staged in a folder of its own (in ``runs/<name>/.work/stage<n>/``, see :func:`work_folder`), so the stage folder never holds a manifest before ``fit_stage``
 finishes (a manifest there means "finished"). Ray keeps ``run.checkpoints_to_keep`` of them, best by
 ``stage.monitor``. The parent link records the parent's path as seen by the worker: with local (or
 shared) storage that is the persisted Ray checkpoint folder, so ``msbt.model.checkpoint.lineage`` follows it.
