@@ -149,10 +149,21 @@ def _load(args) -> "object":
     return load_config(_configs(args), args.overrides)
 
 
+def _load_run(args) -> "object":
+    """The config of a command that writes a run folder, the folder's location checked before Ray
+    starts: `run.name` one folder name, `run.storage_path` not inside Ray's copy of a submitted job's
+    code (msbt.containment). Rerun and --resume checks are the jobs' (msbt.jobs.pipeline.check_rerun)."""
+    from msbt.runfolder import run_dir
+
+    config = _load(args)
+    run_dir(config)
+    return config
+
+
 def _cmd_run(args) -> int:
     from msbt.jobs.pipeline import main_job
 
-    config = _load(args)  # a config error should not wait for Ray to start
+    config = _load_run(args)  # a config error should not wait for Ray to start
     # main_job checks the run folder (--resume) before it starts Ray, nor should that wait
     main_job(config, force_split=args.force_split, resume=args.resume, address=args.address)
     return 0
@@ -161,7 +172,7 @@ def _cmd_run(args) -> int:
 def _cmd_stage1(args) -> int:
     from msbt.jobs.pipeline import stage1_job
 
-    config = _load(args)
+    config = _load_run(args)
     stage1_job(config, force_split=args.force_split, resume=args.resume, address=args.address)
     return 0
 
@@ -169,7 +180,7 @@ def _cmd_stage1(args) -> int:
 def _cmd_stage2(args) -> int:
     from msbt.jobs.pipeline import stage2_job
 
-    config = _load(args)
+    config = _load_run(args)
     # stage2_job refuses a rerun, a missing --parent folder or a missing stage 1 before Ray starts
     stage2_job(config, parent=args.parent, force_split=args.force_split, resume=args.resume, address=args.address)
     return 0
@@ -179,7 +190,7 @@ def _cmd_evaluate(args) -> int:
     from msbt.jobs.pipeline import evaluate_job, recorded_checkpoint
     from msbt.raycluster import init_ray
 
-    config = _load(args)
+    config = _load_run(args)
     if args.checkpoint and not Path(args.checkpoint).is_dir():
         raise ConfigError(f"{args.checkpoint}: no such checkpoint folder (--checkpoint)")
     if not args.checkpoint:
@@ -193,7 +204,7 @@ def _cmd_preprocess(args) -> int:
     from msbt.data.prepare import build_stores, prepare_data, summarize, summarize_stores
     from msbt.raycluster import init_ray
 
-    config = _load(args)
+    config = _load_run(args)
     init_ray(args.address)
     prepared = prepare_data(config, force_split=args.force_split)
     print(summarize(prepared))
@@ -239,7 +250,7 @@ def _cmd_scan(args) -> int:
 
 def _cmd_split(args) -> int:
     from msbt.data.discovery import write_rejects
-    from msbt.data.splits import make_split, save_split
+    from msbt.data.splits import make_split, previous_rows, save_split
 
     out = Path(args.out)
     if (out / "split.json").exists() and not args.force:
@@ -248,7 +259,9 @@ def _cmd_split(args) -> int:
     discovery = _scan(args, config)
     d = config.data
     result = make_split(discovery, ratios=d.split, folds=d.folds, seed=d.seed, grouping=d.grouping,
-                        max_distance=d.hash_max_distance, min_similarity=d.min_similarity)
+                        max_distance=d.hash_max_distance, min_similarity=d.min_similarity,
+                        tolerance=d.split_tolerance,
+                        previous=previous_rows(out, seed=d.seed, ratios=d.split, folds=d.folds))
     save_split(result, out)
     write_rejects(discovery.rejects, out / "rejects.csv")
     s = result.summary
@@ -348,7 +361,7 @@ def _cmd_experiment(args) -> int:
     from msbt.raycluster import init_ray
     from msbt.eval.report import write_report
 
-    config = _load(args)
+    config = _load_run(args)
     init_ray(args.address)
     common = {"fresh": args.fresh, "n_boot": args.n_boot}
     if args.experiment == "crossval":
@@ -372,10 +385,12 @@ def _cmd_report(args) -> int:
 
 def _cmd_tune(args) -> int:
     from msbt.raycluster import init_ray
+    from msbt.runfolder import run_dir
     from msbt.tune.search import experiment_dir, format_ranking, read_experiment, run_search, write_best_overlay
 
     extra = ["tune.fast=true", "stage2.trainable_backbone=false"] if args.fast else []
     config = load_config(_configs(args), args.overrides + extra)
+    run_dir(config)  # run.name and run.storage_path checked before Ray starts
     init_ray(args.address)
     run_search(config, resume=args.resume, sources=", ".join(args.config) or "the default config")
     exp = experiment_dir(config)
@@ -402,7 +417,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print("msbt: interrupted", file=sys.stderr)
+        # Ctrl-C (or `ray job stop`): one line, not a traceback; what finished is on disk
+        print("msbt: interrupted; finished steps and checkpoints are kept: rerun the same command with "
+              "--resume to continue", file=sys.stderr)
         return 130
     except Exception as exc:  # one clear line for users; --debug shows where it came from
         if args.debug:

@@ -21,6 +21,8 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
+from msbt.atomicio import write_text
+
 
 class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the file and key."""
@@ -55,6 +57,10 @@ class DataConfig:
     split: tuple[float, float, float] = (0.7, 0.2, 0.1)  # train:val:test, the paper's 7:2:1
     folds: int = 5
     seed: int = 0
+    # Groups are placed by a seeded hash so they keep their split when images are added; a split may stray
+    # this far (a fraction of a class's images) from its share before groups are moved to meet it
+    # (msbt.data.splits.assign_groups; 0 = as close as whole groups allow, least stable).
+    split_tolerance: float = 0.05
     # "auto": near-duplicate detection on image content; "manifest": the manifest's group column;
     # "none": every image its own group (the naive split, kept for comparisons).
     grouping: Literal["auto", "manifest", "none"] = "auto"
@@ -421,5 +427,5 @@ def dump_config(config: Config, path: str | Path) -> Path:
     """Write the resolved config as YAML next to a result, so the result can be reproduced."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
     return path

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import secrets
 import socket
+import stat
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,40 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if target and target != "local":
         ray.init(address=target)
     else:
+        start_private(num_cpus)
+    log.info("Ray: %s", ray.cluster_resources())
+
+
+def start_private(num_cpus: int | None = None) -> str:
+    """Start a private local cluster that listens on loopback only and that all its processes can name.
+
+    Returns:
+        Its GCS address (``127.0.0.1:<port>``), which every task and actor of it finds in ``RAY_ADDRESS``.
+
+    Three settings, each for a measured problem (issue #13, items 9 and 10; docs/reliability.md):
+
+    * Loopback only. Ray binds its GCS, raylet, object manager, workers, dashboard agent and metrics
+      ports to the node's IP, which ``ray.init`` takes from the route to the outside (0.0.0.0 or the LAN
+      address: reachable from the network, and the metrics ports answer without a token). With
+      ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` Ray uses the loopback address as the node IP (what it does
+      on macOS/Windows), and a private cluster needs no other node.
+    * Its own address everywhere. Ray Train's placement-group cleaner (an actor) finds "its" cluster
+      through the state API with no address, i.e. ``$RAY_ADDRESS`` or else every ``gcs_server`` on the
+      machine: with two msbt jobs it logged "Found multiple active Ray instances" and could query the
+      wrong cluster, so a Tune trial's placement group was never removed. The GCS port is chosen here
+      (``RAY_GCS_SERVER_PORT``) so the address is known before the cluster starts and goes into the
+      job's runtime environment (every task and actor). Not into this process's own environment: a
+      process it starts later, after this cluster ended, would try to join the dead address.
+    * The token file private: :func:`protect_token` before Ray would write it with the umask (0644).
+    """
+    import ray
+
+    protect_token()
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    # Both variables only while the cluster starts: its GCS, raylet and (through the raylet) its workers
+    # keep them; this process's later clusters, and processes it starts later, get the usual behaviour.
+    with _environment(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_GCS_SERVER_PORT=str(port)), _loopback_node_ip():
         # A private cluster lives and dies with this process: on Linux Ray starts its GCS and raylet with
         # PR_SET_PDEATHSIG (their workers follow the raylet), so even a driver killed with SIGKILL leaves
         # no cluster behind, and no address file: a rerun starts its own.
@@ -59,5 +97,66 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # reserved, and on a small machine the next trial's data read waits for that CPU forever
         # (measured: the suite's Tune test hung at "Pending Demands: {'CPU': 1.0}" with 1.0 CPU held
         # by a dead trial). It also lets the user watch the run (port 8265, or the next free one).
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True)
-    log.info("Ray: %s", ray.cluster_resources())
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 runtime_env={"env_vars": {"RAY_ADDRESS": address}})
+    protect_token()
+    return address
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (the OS picks it; the cluster binds it a moment later)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def protect_token(path: str | Path | None = None) -> Path:
+    """Make Ray's token file (``~/.ray/auth_token``, or ``$RAY_AUTH_TOKEN_PATH``) readable by its owner only.
+
+    Anyone who can read the token can run code on the cluster. Ray creates the file with the process
+    umask (0644 measured: world-readable); a missing file is created here first, mode 0600, with a token
+    of Ray's own form (64 hex digits), which Ray then uses; an existing one is narrowed to 0600.
+    """
+    path = Path(path or os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # another process made it just now; narrowed below
+        else:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_hex(32))
+    if stat.S_IMODE(path.stat().st_mode) & 0o077:
+        os.chmod(path, 0o600)
+        log.info("%s: made readable by its owner only (0600)", path)
+    return path
+
+
+@contextlib.contextmanager
+def _environment(**values: str):
+    """Set environment variables for the ``with`` block, then put back what was there."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _loopback_node_ip():
+    # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER into a module constant when it is first imported, which
+    # may have happened before this call: the constant follows the variable for the block.
+    import ray._private.ray_constants as ray_constants  # Ray 2.60: ENABLE_RAY_CLUSTER
+
+    before = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before

@@ -11,7 +11,7 @@ Everything a run writes goes under ``<run.storage_path>/<run.name>/`` (``run_dir
     tune/                            searches, the fast mode's feature cache (msbt.tune)
     crossval/, ablation/, compare/   experiments, one Ray run folder per arm (msbt.jobs.experiments)
 
-Paths only: nothing here reads or writes a file, so every layer may use it.
+Paths only (checked by msbt.containment): nothing here reads or writes a file, so every layer may use it.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from msbt.config import Config
+from msbt.containment import run_location
 
 MODALITIES = ("microscope", "ultrasound")
 STAGE_MODALITY = {1: "microscope", 2: "ultrasound"}
@@ -32,8 +33,13 @@ REPORT_FILE = "report.html"
 
 
 def run_dir(config: Config) -> Path:
-    """The folder every result of this run goes to: ``<run.storage_path>/<run.name>``, absolute."""
-    return (Path(config.run.storage_path).expanduser() / config.run.name).resolve()
+    """The folder every result of this run goes to: ``<run.storage_path>/<run.name>``, absolute.
+
+    Raises:
+        ConfigError: ``run.name`` is not one plain folder name, or ``run.storage_path`` lies inside Ray's
+            unpacked copy of a submitted job's code (msbt.containment).
+    """
+    return run_location(config)
 
 
 def data_dir(config: Config, modality: str) -> Path:

@@ -23,6 +23,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from msbt.atomicio import atomic_open
 from msbt.images.grouping import fingerprint
 from msbt.images.imagefile import IMAGE_EXTENSIONS, ImageError, decode_image
 
@@ -254,7 +255,7 @@ def write_rejects(rejects: Sequence[Reject], path: str | Path) -> Path:
     """Write the rejects manifest (`path,reason`) so nothing is lost silently."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
+    with atomic_open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "reason"])
         writer.writerows((r.path, r.reason) for r in rejects)

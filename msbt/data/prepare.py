@@ -22,9 +22,10 @@ from typing import Sequence
 from msbt.config import Config, dump_config, to_dict
 from msbt.data import synth
 from msbt.data.discovery import Discovery, discover, write_rejects
-from msbt.data.splits import SplitResult, load_split, make_split, save_split
+from msbt.data.splits import SplitResult, load_split, make_split, previous_rows, save_split
 from msbt.data.store import Store, StoreSummary, matches
-from msbt.runfolder import MODALITIES, data_dir, run_dir, store_dir
+from msbt.provenance import write_environment
+from msbt.runfolder import CONFIG_FILE, MODALITIES, data_dir, run_dir, store_dir
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +93,14 @@ def prepare_data(config: Config, *, force_split: bool = False,
     """
     out = run_dir(config)
     out.mkdir(parents=True, exist_ok=True)
-    dump_config(config, out / "config.yaml")
     prepared = {}
     for modality, (source, classes) in data_sources(config).items():
         if modality in modalities:
             prepared[modality] = _prepare_one(config, modality, source, classes, data_dir(config, modality),
                                               force_split)
+    # after the data were accepted: a refused rerun (changed data) leaves the run's config.yaml as it was
+    dump_config(config, out / CONFIG_FILE)
+    write_environment(out)
     return prepared
 
 
@@ -123,6 +126,9 @@ def _prepare_one(config: Config, modality: str, source: str, classes, folder: Pa
             grouping=d.grouping,
             max_distance=d.hash_max_distance,
             min_similarity=d.min_similarity,
+            tolerance=d.split_tolerance,
+            # a re-split over a saved one (--force-split) keeps the old groups where they were
+            previous=previous_rows(folder, seed=d.seed, ratios=d.split, folds=d.folds),
         )
         save_split(split, folder)
         reused = False

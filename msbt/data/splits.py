@@ -1,77 +1,192 @@
 """Leakage-safe splits: stratified, seeded, group-aware train/val/test and k-fold.
 
-A group (one lesion or patient) is never divided: whole groups are dealt to splits. Within each class
-stratum (a group's majority label) groups are shuffled with the seed, then dealt in that random order to the
-split that is furthest below its target count, which keeps every split's class mix close to the requested
-ratio. The order is random, not largest first: dealing the big groups first sends them all to train (the
-split with the largest shortfall) and leaves val/test with single-image lesions only, a test set unlike the
-data (measured on BUSI: 0 of 64 test images from a multi-image lesion, against 41% of the whole set). The split is saved as a CSV of files so every later stage and every rerun
+A group (one lesion or patient) is never divided: whole groups are dealt to splits. Each group gets a
+seeded hash position from its members' file paths, and within each class stratum (a group's majority
+label) the groups, in hash order, are cut into contiguous runs with the requested shares (within an
+explicit tolerance, `assign_groups`). The position of a group depends on that group alone, so a growing
+collection keeps its old groups in their split and fold (issue #13, item 11; `split.json` reports what
+moved when a split is remade over an old one), where the earlier deal in shuffled order moved 100 of 250
+images when one was added. The order is random, not largest first: dealing the big groups first sends
+them all to train and leaves val/test with single-image lesions only, a test set unlike the data
+(measured on BUSI: 0 of 64 test images from a multi-image lesion, against 41% of the whole set). The split is saved as a CSV of files so every later stage and every rerun
 reads the same one; `load_split` refuses a saved split whose data have changed. No Ray, no TensorFlow.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
+from msbt.atomicio import atomic_open, write_text
 from msbt.data.discovery import DataError, Discovery
 from msbt.images.grouping import connected_groups, find_links
 
 SPLITS = ("train", "val", "test")
+# Default of data.split_tolerance: how far (a fraction of a class's images) a split may stray from its
+# target share to keep a group where its hash puts it (see assign_groups).
+DEFAULT_TOLERANCE = 0.05
 
 
-def assign_groups(labels: Sequence[str], groups: Sequence[str], targets: Sequence[float], seed: int) -> np.ndarray:
-    """Deal whole groups to bins so each class is split in the `targets` proportions.
+def group_position(seed: int, salt: str, key: str) -> float:
+    """A seeded, uniform position in [0, 1) for one identity ``key`` (the same on every machine and run)."""
+    digest = hashlib.blake2b(f"{seed}\0{salt}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
+
+def assign_groups(
+    labels: Sequence[str],
+    groups: Sequence[str],
+    targets: Sequence[float],
+    seed: int,
+    *,
+    keys: Sequence[str] | None = None,
+    strata: Sequence[str] | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    salt: str = "split",
+) -> np.ndarray:
+    """Deal whole groups to bins by a seeded hash of each group, so each class is split in ``targets``.
+
+    Stability: each group gets a position in [0, 1), the smallest seeded hash of its members' ``keys``
+    (default: the group id), which does not depend on any other image. In each stratum the groups are
+    ordered by position and cut into contiguous runs, one per bin; a cut sits where the hash alone puts
+    it (position ``< cumsum(targets)``) unless that misses the target share by more than the tolerance,
+    and is then moved by as few groups as needed. Adding or removing images therefore moves no group
+    whose position is not next to a cut, and none at all while every cut stays within its tolerance.
+
+    Stratification (the guarantee the tests check): in every stratum (a group's majority label, and its
+    ``strata`` value when given) each cut's cumulative image count is within
+    ``max(tolerance / 2 * n, largest group / 2)`` of its target, so each bin holds its target share of
+    the stratum's ``n`` images within ``max(tolerance * n, largest group)`` images; and when a stratum has
+    at least as many groups as bins, every bin gets one of its groups (a small data set still has a test
+    set), which takes precedence over the tolerance.
 
     Args:
         labels: class label per item.
         groups: group id per item; items sharing an id always land in the same bin.
         targets: bin proportions, e.g. (0.7, 0.2, 0.1) or (1, 1, 1, 1, 1) for 5 folds.
-        seed: shuffles the order in which groups are dealt, so different seeds give different splits.
+        seed: seeds the positions, so different seeds give different splits.
+        keys: a stable identity per item (its relpath); default: the group id. Give it when group ids
+            are not stable across scans (numbered components).
+        strata: an extra stratum per item (e.g. a site), combined with the label.
+        tolerance: see above; 0 keeps every bin as close to its target as whole groups allow.
+        salt: separates independent assignments of one seed (the split and the folds).
 
     Returns:
         (N,) int bin index per item.
     """
     labels, groups = np.asarray(labels), np.asarray(groups)
+    keys = np.asarray(keys if keys is not None else groups)
     weights = np.asarray(targets, dtype=float) / float(np.sum(targets))
-    rng = np.random.default_rng(seed)
+    members: dict[str, list[int]] = {}
+    for index, group in enumerate(groups):
+        members.setdefault(group, []).append(index)
+    by_stratum: dict[tuple, list[tuple[float, str]]] = {}
+    for group, idx in members.items():
+        # A group mixing classes (a cross-class duplicate) is stratified by its majority label (ties: the
+        # first label in sorted order, so the stratum never depends on file order).
+        majority = Counter(sorted(labels[idx])).most_common(1)[0][0]
+        extra = Counter(sorted(str(strata[i]) for i in idx)).most_common(1)[0][0] if strata is not None else ""
+        position = min(group_position(seed, salt, str(keys[i])) for i in idx)
+        by_stratum.setdefault((str(majority), extra), []).append((position, str(group)))
+    out = np.empty(len(labels), dtype=int)
+    for stratum in sorted(by_stratum):
+        ordered = sorted(by_stratum[stratum])
+        sizes = [len(members[g]) for _, g in ordered]
+        cuts = stratum_cuts([p for p, _ in ordered], sizes, weights, tolerance)
+        for b, (lo, hi) in enumerate(zip([0, *cuts], [*cuts, len(ordered)])):
+            for _, group in ordered[lo:hi]:
+                out[members[group]] = b
+    return out
+
+
+def stratum_cuts(positions: Sequence[float], sizes: Sequence[int], weights: np.ndarray,
+                 tolerance: float) -> list[int]:
+    """Cut indices (one fewer than bins) into one stratum's groups, ordered by ``positions``.
+
+    See :func:`assign_groups` for the rule; ``sizes`` are the groups' image counts.
+    """
+    n, bins = len(sizes), len(weights)
+    cum = np.concatenate([[0], np.cumsum(sizes)])  # images before cut c
+    total = float(cum[-1])
+    bounds = np.cumsum(weights)[:-1]
+    slack = max(tolerance / 2 * total, max(sizes, default=0) / 2)
+    cuts = []
+    for j, bound in enumerate(bounds):
+        target = bound * total
+        natural = int(np.searchsorted(positions, bound))  # where the hash alone cuts
+        if abs(cum[natural] - target) > slack + 1e-9:
+            # the cut nearest the hash's own cut that meets the target within the slack (else the closest)
+            ok = [c for c in range(n + 1) if abs(cum[c] - target) <= slack + 1e-9]
+            pool = ok or [int(np.argmin(np.abs(cum - target)))]
+            natural = min(pool, key=lambda c: (abs(c - natural), c))
+        cuts.append(natural)
+    if n >= bins:
+        # every bin at least one group: push cuts apart left to right, then back from the right end
+        for j in range(bins - 1):
+            cuts[j] = max(cuts[j], (cuts[j - 1] if j else 0) + 1)
+        for j in reversed(range(bins - 1)):
+            cuts[j] = min(cuts[j], (cuts[j + 1] if j < bins - 2 else n) - 1)
+    else:
+        # fewer groups than bins: the larger bins first (a 7:2:1 split of two groups: train and val)
+        order = np.argsort(-weights, kind="stable")
+        counts = np.zeros(bins, int)
+        counts[order[:n]] = 1
+        cuts = [int(c) for c in np.cumsum(counts)[:-1]]
+    for j in range(1, len(cuts)):
+        cuts[j] = max(cuts[j], cuts[j - 1])
+    return [int(c) for c in cuts]
+
+
+def within_tolerance(labels: Sequence[str], groups: Sequence[str], bins: np.ndarray, targets: Sequence[float],
+                     tolerance: float) -> bool:
+    """Whether ``bins`` meets :func:`assign_groups`' guarantee: in every class stratum each bin's image
+    count is within ``max(tolerance * n, largest group)`` of its share, and no bin is empty when the
+    stratum has as many groups as bins."""
+    labels, groups, bins = np.asarray(labels), np.asarray(groups), np.asarray(bins)
+    weights = np.asarray(targets, dtype=float) / float(np.sum(targets))
     members: dict[str, list[int]] = {}
     for index, group in enumerate(groups):
         members.setdefault(group, []).append(index)
     strata: dict[str, list[str]] = {}
     for group, idx in members.items():
-        # A group mixing classes (a cross-class duplicate) is stratified by its majority label.
-        majority = Counter(labels[idx]).most_common(1)[0][0]
-        strata.setdefault(majority, []).append(group)
-    out = np.empty(len(labels), dtype=int)
-    for stratum in sorted(strata):
-        names = sorted(strata[stratum])
-        names = [names[i] for i in rng.permutation(len(names))]
-        total = sum(len(members[g]) for g in names)
-        filled = np.zeros(len(weights))
-        if len(names) >= len(weights):
-            # Every bin gets at least one group of each class when there are enough groups (a small
-            # data set must still have a test set). The smallest groups seed them, so a bin with a
-            # small target is not filled past it by its first group; the rest keep the random order.
-            seeds = sorted(names, key=lambda g: len(members[g]))[: len(weights)]  # stable: shuffled order
-            names = [g for g in names if g not in set(seeds)]
-            for b, group in zip(np.argsort(-weights, kind="stable"), seeds):
-                out[members[group]] = b
-                filled[b] += len(members[group])
-        for group in names:
-            # The bin with the largest shortfall against its target takes the group; on a tie, the
-            # emptier bin (rounding keeps float noise from deciding ties).
-            shortfall = np.round(weights * total - filled, 9)
-            b = max(range(len(weights)), key=lambda k: (shortfall[k], -filled[k]))
-            out[members[group]] = b
-            filled[b] += len(members[group])
-    return out
+        strata.setdefault(Counter(sorted(labels[idx])).most_common(1)[0][0], []).append(group)
+    for names in strata.values():
+        idx = [i for g in names for i in members[g]]
+        n, largest = len(idx), max(len(members[g]) for g in names)
+        counts = np.bincount(bins[idx], minlength=len(weights))
+        if np.any(np.abs(counts - weights * n) > max(tolerance * n, largest) + 1e-9):
+            return False
+        groups_per_bin = Counter(int(bins[members[g][0]]) for g in names)
+        if len(names) >= len(weights) and len(groups_per_bin) < len(weights):
+            return False
+    return True
+
+
+def keep_previous(labels: Sequence[str], groups: Sequence[str], keys: Sequence[str], fresh: np.ndarray,
+                  previous: Mapping[str, int], targets: Sequence[float], tolerance: float) -> np.ndarray:
+    """``fresh`` with every group that was in ``previous`` (key -> bin) put back in its old bin.
+
+    A group takes the bin most of its previously seen members had (a group that grew keeps its place; two
+    old groups joined by a new image go where most of their images were); groups with no old member keep
+    their fresh (hash) bin. When that strays beyond the tolerance (much new data), the fresh assignment is
+    returned instead and ``split.json``'s ``changes`` shows what moved.
+    """
+    out = np.array(fresh, copy=True)
+    members: dict[str, list[int]] = {}
+    for index, group in enumerate(groups):
+        members.setdefault(group, []).append(index)
+    for idx in members.values():
+        old = [previous[keys[i]] for i in idx if keys[i] in previous]
+        if old:
+            out[idx] = Counter(sorted(old)).most_common(1)[0][0]
+    return out if within_tolerance(labels, groups, out, targets, tolerance) else np.array(fresh)
 
 
 @dataclass(frozen=True)
@@ -89,6 +204,8 @@ def make_split(
     grouping: str = "auto",
     max_distance: int = 10,
     min_similarity: float = 0.8,
+    tolerance: float = DEFAULT_TOLERANCE,
+    previous: Sequence[Mapping] | None = None,
 ) -> SplitResult:
     """Group the images, then make the train/val/test split and k folds, and measure naive leakage.
 
@@ -99,6 +216,11 @@ def make_split(
         seed: split seed.
         grouping: "auto" (near-duplicate detection), "manifest" (the manifest's group column), "none".
         max_distance, min_similarity: near-duplicate thresholds (see `msbt.images.grouping.find_links`).
+        tolerance: how far a split may stray from its share to keep groups where their hash puts them
+            (``assign_groups``); groups are placed by their members' relpaths, so a group keeps its split
+            and fold when other images are added.
+        previous: the rows of an earlier split of this collection (``split.csv``): its groups keep their
+            split and fold as long as the shares stay within the tolerance (:func:`keep_previous`).
 
     Returns:
         SplitResult with a per-image table and a summary (counts, groups, leakage of a naive split).
@@ -106,10 +228,18 @@ def make_split(
     records = discovery.records
     labels = [r.label for r in records]
     groups, links = _groups(discovery, grouping, max_distance, min_similarity)
-    split_index = assign_groups(labels, groups, ratios, seed)
-    fold_index = assign_groups(labels, groups, [1.0] * folds, seed) if folds > 1 else np.zeros(len(records), int)
+    relpaths = [r.relpath for r in records]
+    split_index = assign_groups(labels, groups, ratios, seed, keys=relpaths, tolerance=tolerance)
+    fold_index = (assign_groups(labels, groups, [1.0] * folds, seed, keys=relpaths, tolerance=tolerance, salt="fold")
+                  if folds > 1 else np.zeros(len(records), int))
+    if previous:
+        old_split = {row["relpath"]: SPLITS.index(row["split"]) for row in previous}
+        old_fold = {row["relpath"]: int(row["fold"]) for row in previous if int(row["fold"]) < max(folds, 1)}
+        split_index = keep_previous(labels, groups, relpaths, split_index, old_split, ratios, tolerance)
+        if folds > 1:
+            fold_index = keep_previous(labels, groups, relpaths, fold_index, old_fold, [1.0] * folds, tolerance)
     # The naive split: the same procedure with every image its own group.
-    naive = assign_groups(labels, [r.relpath for r in records], ratios, seed)
+    naive = assign_groups(labels, relpaths, ratios, seed, tolerance=tolerance)
     table = [
         {"relpath": r.relpath, "label": r.label, "group": g, "split": SPLITS[s], "fold": int(f)}
         for r, g, s, f in zip(records, groups, split_index, fold_index)
@@ -121,6 +251,8 @@ def make_split(
         "seed": seed,
         "ratios": list(ratios),
         "folds": folds,
+        "tolerance": tolerance,
+        "assignment": "seeded hash of each group's members (stable when images are added)",
         "grouping": grouping,
         "thresholds": {"max_distance": max_distance, "min_similarity": min_similarity},
         "images": len(records),
@@ -202,15 +334,70 @@ def leaked_images(bins: np.ndarray, groups: Sequence[str]) -> dict:
 
 
 def save_split(result: SplitResult, folder: str | Path) -> Path:
-    """Write `split.csv` (one row per image) and `split.json` (the summary) into `folder`."""
+    """Write `split.csv` (one row per image) and `split.json` (the summary) into `folder`, atomically.
+
+    When the folder already holds a split (a re-split with ``--force-split`` / ``--force``), the summary
+    gets ``changes``: how many images were added or removed and how many kept images moved to another
+    split or fold (:func:`split_changes`).
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with (folder / "split.csv").open("w", newline="") as handle:
+    previous = read_table(folder / "split.csv") if (folder / "split.csv").is_file() else None
+    summary = {**result.summary, "changes": split_changes(previous, result.table)}
+    with atomic_open(folder / "split.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["relpath", "label", "group", "split", "fold"])
         writer.writeheader()
         writer.writerows(result.table)
-    (folder / "split.json").write_text(json.dumps(result.summary, indent=2) + "\n")
+    write_text(folder / "split.json", json.dumps(summary, indent=2) + "\n")
+    result.summary.update(changes=summary["changes"])
     return folder / "split.csv"
+
+
+def read_table(path: str | Path) -> list[dict]:
+    """The rows of a saved ``split.csv`` (``fold`` as int)."""
+    with Path(path).open(newline="") as handle:
+        return [{**row, "fold": int(row["fold"])} for row in csv.DictReader(handle)]
+
+
+def previous_rows(folder: str | Path, *, seed: int, ratios: Sequence[float], folds: int) -> list[dict] | None:
+    """The rows of the split saved in ``folder`` if it was made with the same seed, ratios and folds
+    (a split asked for with other settings is a new split, not a continuation), else None."""
+    folder = Path(folder)
+    try:
+        summary = json.loads((folder / "split.json").read_text())
+        rows = read_table(folder / "split.csv")
+    except (OSError, ValueError, KeyError):
+        return None
+    same = (summary.get("seed") == seed and summary.get("folds") == folds
+            and np.allclose(summary.get("ratios", []), list(ratios)))
+    return rows if same else None
+
+
+def split_changes(previous: list[dict] | None, table: list[dict], examples: int = 10) -> dict:
+    """What changed from a previous split of (mostly) the same images, by relpath.
+
+    Returns:
+        ``{"previous": False}`` without one; else ``previous: True``, ``added``, ``removed``, ``kept``,
+        ``moved_split`` / ``moved_fold`` (kept images now in another split / fold), ``moved_groups`` (groups
+        of the new split with a moved image) and up to ``examples`` moved relpaths.
+    """
+    if previous is None:
+        return {"previous": False}
+    before = {row["relpath"]: row for row in previous}
+    now = {row["relpath"]: row for row in table}
+    kept = [p for p in now if p in before]
+    moved = [p for p in kept if now[p]["split"] != before[p]["split"]]
+    moved_fold = [p for p in kept if int(now[p]["fold"]) != int(before[p]["fold"])]
+    return {
+        "previous": True,
+        "added": sum(p not in before for p in now),
+        "removed": sum(p not in now for p in before),
+        "kept": len(kept),
+        "moved_split": len(moved),
+        "moved_fold": len(moved_fold),
+        "moved_groups": len({now[p]["group"] for p in set(moved) | set(moved_fold)}),
+        "moved_examples": sorted(set(moved) | set(moved_fold))[:examples],
+    }
 
 
 def load_split(folder: str | Path, discovery: Discovery) -> SplitResult:
@@ -220,8 +407,7 @@ def load_split(folder: str | Path, discovery: Discovery) -> SplitResult:
     if summary["data_fingerprint"] != discovery.fingerprint():
         raise DataError(
             f"{folder / 'split.json'}: the saved split was made for different data "
-            f"(files, labels or contents changed under {discovery.root}); use a new run name or --force-split"
+            f"(files, labels or contents changed under {discovery.root}); use a new run name, or --force-split to "
+            "re-split (groups of the old split keep their split and fold; split.json's `changes` says what moved)"
         )
-    with (folder / "split.csv").open(newline="") as handle:
-        table = [{**row, "fold": int(row["fold"])} for row in csv.DictReader(handle)]
-    return SplitResult(table, summary)
+    return SplitResult(read_table(folder / "split.csv"), summary)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
+
+from msbt.atomicio import write_text
 
 log = logging.getLogger(__name__)
 
@@ -355,10 +356,8 @@ def write_resplit(store: str | Path, roles: Mapping[str, str], out: str | Path) 
 
 
 def _write_json(path: Path, data) -> None:
-    """Write whole or not at all (a temporary file renamed over the target)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    """Write whole or not at all (msbt.atomicio)."""
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def _prepare_folder(out: Path, ident: dict, on_existing: str) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from msbt.atomicio import atomic_open, write_text
 from msbt.eval import metrics
 from msbt.data.store import read_store
 
@@ -210,14 +211,14 @@ def write_metrics(result: dict, path: str | Path) -> Path:
     if predictions:
         written = write_predictions(predictions, path.parent / PREDICTIONS_FILE)
         result = {**result, "predictions_file": written.name}
-    path.write_text(json.dumps(result, indent=2, default=float) + "\n")
+    write_text(path, json.dumps(result, indent=2, default=float) + "\n")
     return path
 
 
 def write_predictions(predictions: dict[str, dict[str, np.ndarray]], path: str | Path) -> Path:
     """One CSV row per image: split, source (path relative to the data root), group, y (label index), p."""
     path = Path(path)
-    with path.open("w", newline="") as handle:
+    with atomic_open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(PREDICTION_COLUMNS)
         for split, data in predictions.items():

@@ -19,6 +19,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+from msbt.atomicio import write_text
 from msbt import __version__
 
 REPORT_FILE = "report.html"
@@ -472,9 +473,20 @@ def render(run: str | Path, *, gradcam_samples: int = 4) -> str:
             f"{stamp} by msbt {__version__}.</p><nav>{nav}</nav>" + "".join(sections) + "</body></html>\n")
 
 
+RUN_MARKERS = ("config.yaml", "stages.json")  # every run folder holds one of these; a data folder neither
+
+
 def write_report(run: str | Path, *, gradcam_samples: int = 4) -> Path:
-    """Write ``<run>/report.html`` and return its path."""
+    """Write ``<run>/report.html`` and return its path.
+
+    Raises:
+        FileNotFoundError: ``run`` is not a run folder (it holds neither ``config.yaml`` nor
+            ``stages.json``): msbt never writes into a data folder or any other folder given by mistake.
+    """
     run = Path(run)
+    if not any((run / name).is_file() for name in RUN_MARKERS):
+        raise FileNotFoundError(f"{run}: not a run folder (no {' or '.join(RUN_MARKERS)}); `msbt report` writes "
+                                "report.html only into a run folder, runs/<run.name>")
     path = run / REPORT_FILE
-    path.write_text(render(run, gradcam_samples=gradcam_samples))
+    write_text(path, render(run, gradcam_samples=gradcam_samples))
     return path

@@ -8,6 +8,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from msbt.atomicio import write_bytes
+
 
 def contact_sheet(rows: Sequence[tuple[str, Sequence[np.ndarray]]], tile: int = 128, cols: int = 8) -> np.ndarray:
     """Lay out labelled rows of images.
@@ -48,6 +50,8 @@ def write_png(rgb: np.ndarray, path: str | Path) -> Path:
     """Write an RGB array as PNG (OpenCV wants BGR)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"{path}: could not write PNG")
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(f"{path}: could not encode PNG")
+    write_bytes(path, encoded.tobytes())
     return path

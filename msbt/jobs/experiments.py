@@ -37,6 +37,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from msbt.data.store import write_resplit
+from msbt.provenance import write_environment
+from msbt.atomicio import atomic_open, write_text
 from msbt.eval import metrics
 from msbt.config import Config, ConfigError, to_dict
 from msbt.train.stages import index_root
@@ -144,7 +146,7 @@ def shared_stage1(data: RunData, *, verbose: int = 0) -> Path:
         print(f"stage 1: trained once for the experiments -> {best}")
     record = data.run_dir / "experiments" / "stage1.json"
     record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"checkpoint": str(best)}, indent=2) + "\n")
+    write_text(record, json.dumps({"checkpoint": str(best)}, indent=2) + "\n")
     return best
 
 
@@ -216,6 +218,7 @@ def _fresh(folder: Path, fresh: bool) -> Path:
     if fresh and folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    write_environment(folder)  # what this experiment's numbers were made with
     return folder
 
 
@@ -313,7 +316,7 @@ def crossval(config: Config, *, scope: str = "trainval", fresh: bool = False, n_
         "rows": fold_rows, "summary": {key: list(value) for key, value in summary.items()},
     }
     _write_table(out / "folds.csv", fold_rows)
-    (out / "crossval.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    write_text(out / "crossval.json", json.dumps(report, indent=2, default=float) + "\n")
     print(format_crossval(report))
     return report
 
@@ -342,7 +345,7 @@ def _pm(mean: float, sd: float) -> str:
 
 
 def _write_table(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as handle:
+    with atomic_open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -380,7 +383,7 @@ def ablation(config: Config, *, rows: Sequence[str] = tuple(ABLATION_ROWS), fres
     report = {"experiment": "ablation", "stage1": str(stage1), "rows": table,
               "paper": "Ayana, Park, Choe, Multistage Transfer Learning for Breast Cancer Early Diagnosis via "
                        "Ultrasound, Table 1 (test accuracy)"}
-    (out / "ablation.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    write_text(out / "ablation.json", json.dumps(report, indent=2, default=float) + "\n")
     print(format_ablation(report))
     return report
 
@@ -501,7 +504,7 @@ def compare(config: Config, *, arms: Sequence[str] = tuple(COMPARE_ARMS), naive:
             "note": "different test sets (naive vs group-aware split), so not a paired test; intervals resample "
                     "lesion groups in both",
         }
-    (out / "compare.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    write_text(out / "compare.json", json.dumps(report, indent=2, default=float) + "\n")
     print(format_compare(report))
     return report
 

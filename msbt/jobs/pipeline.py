@@ -18,6 +18,7 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
+from msbt.atomicio import write_text
 from msbt.config import Config, ConfigError
 from msbt.data.prepare import build_stores, ensure_stores, prepare_data, summarize, summarize_stores
 from msbt.raycluster import init_ray
@@ -72,16 +73,20 @@ def check_rerun(config: Config, numbers: Sequence[int] = (1, 2), *, resume: bool
     """The one rerun check of a job that trains stages, made before Ray starts.
 
     Without ``resume``, a run folder that already holds one of these stages (finished or interrupted)
-    is refused (msbt.train.stages.refuse_rerun says why and what to do); with it, anything goes, and
-    msbt.train.stages.run_stage reuses or continues.
+    is refused (msbt.train.stages.refuse_rerun says why and what to do); with it, stage settings that
+    differ from what the run trained are refused before anything is written (its config.yaml stays as
+    it was), and msbt.train.stages.run_stage reuses or continues.
 
     Raises:
-        RunStateError: A stage this run folder already holds, without ``resume``.
+        RunStateError: A stage this run folder already holds, without ``resume``; changed stage
+            settings, with it.
     """
-    from msbt.train.stages import refuse_rerun
+    from msbt.train.stages import refuse_changed_resume, refuse_rerun
 
     if not resume:
         refuse_rerun(config, numbers)
+    else:
+        refuse_changed_resume(config, numbers)
 
 
 def main_job(config: Config, *, force_split: bool = False, resume: bool = False, address: str | None = None) -> dict:
@@ -113,7 +118,7 @@ def main_job(config: Config, *, force_split: bool = False, resume: bool = False,
 
 
 def _write_summary(config: Config, result: dict) -> None:
-    (run_dir(config) / SUMMARY_FILE).write_text(json.dumps(result, indent=2, default=float) + "\n")
+    write_text(run_dir(config) / SUMMARY_FILE, json.dumps(result, indent=2, default=float) + "\n")
     print(f"results in {run_dir(config)}")
 
 

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from msbt.atomicio import write_text
 from msbt import __version__
 from msbt.config import StageConfig, to_dict
 
@@ -107,9 +108,7 @@ def write_manifest(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "msbt_version": __version__,
     }
-    tmp = directory / f".{MANIFEST_FILE}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, directory / MANIFEST_FILE)  # never a half-written manifest
+    write_text(directory / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")  # never a half-written manifest
     return manifest
 
 

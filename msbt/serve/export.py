@@ -25,6 +25,8 @@ import json
 import shutil
 from pathlib import Path
 
+from msbt.provenance import write_environment
+from msbt.atomicio import atomic_path, write_text
 from msbt import __version__
 from msbt.model.checkpoint import MANIFEST_FILE, MODEL_FILE, load_checkpoint
 from msbt.serve.predict import EXPORT_FILE, find_preparation, find_threshold
@@ -63,7 +65,9 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, threshold: float | No
 
     out.mkdir(parents=True, exist_ok=True)
     for name in (MODEL_FILE, MANIFEST_FILE):
-        shutil.copy2(src / name, out / name)
+        with atomic_path(out / name) as tmp:  # a full disk leaves no partial model that looks exported
+            shutil.copy2(src / name, tmp)
+    write_environment(out)
     write_saved_model(model, out / SAVED_MODEL_DIR)
     record = {
         "format": EXPORT_FORMAT,
@@ -81,7 +85,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, threshold: float | No
         "msbt_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    (out / EXPORT_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    write_text(out / EXPORT_FILE, json.dumps(record, indent=2) + "\n")
     return record
 
 

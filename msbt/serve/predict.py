@@ -24,13 +24,13 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from msbt.atomicio import atomic_open
 from msbt.model.checkpoint import MODEL_FILE, read_manifest
 from msbt.config import PreprocessConfig, load_config
 from msbt.data.discovery import Reject, is_system_file, mask_pattern, walk_files
@@ -378,13 +378,11 @@ def write_csv(run: PredictionRun, path: str | Path) -> Path:
     """One row per input file: predictions, then rejects (empty label and probability, with the reason)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as handle:
+    with atomic_open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(CSV_COLUMNS)
         for p in run.predictions:
             writer.writerow([p.path, p.label, repr(p.probability), repr(p.threshold), p.heatmap, ""])
         for r in run.rejects:
             writer.writerow([r.path, "", "", "", "", r.reason])
-    os.replace(tmp, path)
     return path

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from msbt.atomicio import atomic_path
 from msbt.model import augment
 from msbt.model.checkpoint import (
     MANIFEST_FILE,
@@ -333,9 +333,8 @@ class BestModelSaver(keras.callbacks.Callback):
             # its optimizer.
             self._export = keras.Model.from_config(self.model.get_config())
         self._export.set_weights(self.model.get_weights())
-        tmp = self.path.with_name(f".{self.path.stem}.tmp.keras")
-        self._export.save(tmp)
-        os.replace(tmp, self.path)
+        with atomic_path(self.path) as tmp:  # a full disk leaves the last good model, never a 0-byte one
+            self._export.save(tmp)
 
 
 @dataclass(frozen=True)

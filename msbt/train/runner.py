@@ -26,7 +26,7 @@ workers on one host do not oversubscribe its cores. ``run.mixed_precision`` sets
 Checkpoints. Each epoch every rank calls ``ray.train.report(metrics)``; when ``stage.monitor`` improved,
 rank 0 attaches a checkpoint in the msbt format: the ``model.keras`` that ``fit_stage``'s saver just
 wrote plus a ``manifest.json`` for that epoch (stage, parent link and hash, best epoch, history so far).
-It is staged in a folder of its own, so the stage folder never holds a manifest before ``fit_stage``
+It is staged in a folder of its own (in ``runs/<name>/.work/stage<n>/``, see :func:`work_folder`), so the stage folder never holds a manifest before ``fit_stage``
 finishes (a manifest there means "finished"). Ray keeps ``run.checkpoints_to_keep`` of them, best by
 ``stage.monitor``. The parent link records the parent's path as seen by the worker: with local (or
 shared) storage that is the persisted Ray checkpoint folder, so ``msbt.model.checkpoint.lineage`` follows it.
@@ -60,9 +60,11 @@ from typing import Sequence
 
 import numpy as np
 
+from msbt.atomicio import write_text
 from msbt.train import tblog
 from msbt.model.checkpoint import MODEL_FILE, sha256_file, write_manifest
 from msbt.config import Config, RunConfig, StageConfig
+from msbt.containment import check_run_name, check_storage_path, run_location
 from msbt.data.store import Store, decode_images
 
 log = logging.getLogger(__name__)
@@ -100,6 +102,7 @@ def report_callback(
     data_fingerprint: str = "",
     split_id: str = "",
     history: dict[str, list[float]] | None = None,
+    staging_dir: str | Path | None = None,
 ):
     """A Keras callback that calls ``ray.train.report`` at the end of every epoch.
 
@@ -113,6 +116,8 @@ def report_callback(
         stage, class_names, parent, data_fingerprint, split_id: As given to ``fit_stage``; they go into
             each reported manifest.
         history: Per-epoch logs of epochs already trained (a resumed stage); this callback appends.
+        staging_dir: Where each reported checkpoint is staged (default: beside ``out_dir``), so an
+            interrupt leaves nothing in the system's temp folder.
 
     Returns:
         A ``keras.callbacks.Callback``.
@@ -143,7 +148,7 @@ def report_callback(
             if self.rank != 0 or not improved:
                 ray.train.report(metrics, checkpoint=None)
                 return
-            with tempfile.TemporaryDirectory(prefix="msbt-report-") as staging:
+            with tempfile.TemporaryDirectory(prefix="report-", dir=staging_dir or Path(out_dir).parent) as staging:
                 self._stage(Path(staging), logs, epoch + 1)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(staging))
 
@@ -198,6 +203,7 @@ class LoopConfig:
     cpu_threads: int = 1  # workers sharing a host each get the threads of the CPUs they reserved
     audit_dir: str | None = None  # each rank writes rank<r>.json there (see train_stage); None = no audit
     tensorboard_dir: str | None = None  # rank 0 writes epoch scalars there; None = none
+    work_dir: str | None = None  # the workers' scratch (model being saved, checkpoints staged): work_folder
 
 
 def _open(path: str | None):
@@ -236,7 +242,13 @@ def train_loop_per_worker(config: LoopConfig) -> None:
     resume = ray.train.get_checkpoint() or _open(config.resume)
     parent = _open(config.parent)
     class_names = list(config.class_names)
-    out_dir = Path(tempfile.mkdtemp(prefix="msbt-stage-"))
+    # In the run folder's work area, not the system temp folder: a worker killed by an interrupt
+    # (Ctrl-C, `ray job stop`) runs no `finally`, and what it leaves is removed by the driver
+    # (train_stage) rather than piling up in /tmp (15 MB per stage, issue #13 item 8).
+    work = Path(config.work_dir) if config.work_dir else None
+    if work is not None:
+        work.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(tempfile.mkdtemp(prefix=f"rank{context.get_world_rank()}-", dir=work))
     try:
         with contextlib.ExitStack() as stack:
             parent_dir = stack.enter_context(parent.as_directory()) if parent else None
@@ -244,7 +256,7 @@ def train_loop_per_worker(config: LoopConfig) -> None:
             common = dict(parent=parent_dir, data_fingerprint=config.data_fingerprint, split_id=config.split_id)
             callback = report_callback(
                 out_dir, stage, class_names, history=_resumed_history(resume_dir),
-                **common,
+                staging_dir=work, **common,
             )
             clock = _epoch_clock() if config.audit_dir else None
             extra = [clock] if clock else []
@@ -295,7 +307,7 @@ def _write_audit(folder: str, rank: int, record: dict) -> None:
     """``<folder>/rank<r>.json``: what one worker fed and when (see ``train_stage(audit_dir=...)``)."""
     path = Path(folder) / f"rank{rank}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    write_text(path, json.dumps(record, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -327,7 +339,7 @@ def run_config(run: RunConfig, stage_number: int, monitor: str, callbacks: Seque
 
     return RayRunConfig(
         name=f"stage{stage_number}",
-        storage_path=str((Path(run.storage_path).expanduser() / run.name).resolve()),  # Ray wants it absolute
+        storage_path=str(check_storage_path(run.storage_path) / check_run_name(run.name)),  # Ray wants it absolute
         checkpoint_config=CheckpointConfig(
             num_to_keep=run.checkpoints_to_keep,
             checkpoint_score_attribute=monitor,
@@ -400,8 +412,8 @@ def loop_config(config: Config, stage_number: int, store_path: str | Path, paren
         cpu_threads=max(1, int(config.run.cpus_per_worker)),
         audit_dir=str(Path(audit_dir).expanduser().resolve()) if audit_dir else None,
         # Epoch scalars for TensorBoard beside the stage's Ray folder (Train V2 writes none itself).
-        tensorboard_dir=str(tblog.tensorboard_dir(
-            (Path(config.run.storage_path).expanduser() / config.run.name).resolve(), stage_number)),
+        tensorboard_dir=str(tblog.tensorboard_dir(run_location(config), stage_number)),
+        work_dir=str(work_folder(config, stage_number)),
     )
 
 
@@ -457,6 +469,7 @@ def train_stage(
     store_path = Path(store_path).expanduser().resolve()
     worker_config = loop_config(config, stage_number, store_path, parent_checkpoint, resume_from=resume_from,
                                 class_names=class_names, verbose=verbose, audit_dir=audit_dir)
+    remove_work(config, stage_number)  # what an interrupted earlier attempt left
     trainer = TensorflowTrainer(
         # Bound here rather than passed as train_loop_config: Ray Train V2 exports that to its state API as
         # a JSON dict, and a dataclass there would be turned into a string.
@@ -467,7 +480,54 @@ def train_stage(
         # Only the training set is sharded: every worker validates on all of it (identical val_* on all ranks).
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-    return trainer.fit()
+    try:
+        return fit_interruptibly(trainer)
+    finally:
+        remove_work(config, stage_number)  # also after Ctrl-C: the workers' scratch is never a result
+
+
+def fit_interruptibly(trainer):
+    """``trainer.fit()`` in a helper thread, so that Ctrl-C is a ``KeyboardInterrupt`` in the caller.
+
+    On the main thread, Ray Train 2.60's ``fit`` replaces the process's SIGINT handler with its own and
+    never puts Python's back (``DataParallelTrainer._register_sigint_handler``): a Ctrl-C asks the
+    controller to abort, and the handler may call ``sys.exit(0)`` (issue #13 item 8 measured exit code 1,
+    no message, scratch folders left behind); msbt's own "interrupted" line never ran. Off the main thread Ray installs no
+    handler (as under Tune), Python's own turns Ctrl-C into ``KeyboardInterrupt`` here, and the stage's
+    actors end with this driver (a private cluster dies with it; a joined cluster ends a job's actors when
+    its driver goes).
+    """
+    import threading
+
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # handed to the caller's thread as it is
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, name="msbt-trainer-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)  # short waits: the main thread must keep receiving signals
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def work_folder(config: Config, stage_number: int) -> Path:
+    """``<run>/.work/stage<n>``: the workers' scratch for one stage (on the run's storage, which every
+    worker can write; removed by :func:`remove_work` when the stage ends, however it ends)."""
+    return run_location(config) / ".work" / f"stage{stage_number}"
+
+
+def remove_work(config: Config, stage_number: int) -> None:
+    """Remove a stage's scratch folder, and ``.work`` itself once empty."""
+    folder = work_folder(config, stage_number)
+    shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        folder.parent.rmdir()
 
 
 def best_checkpoint(result, monitor: str):

@@ -37,14 +37,15 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from msbt.model.checkpoint import MODEL_FILE, CheckpointError, read_manifest, sha256_file, verify
+from msbt.atomicio import write_text
 from msbt.config import Config, to_dict
+from msbt.model.checkpoint import MODEL_FILE, CheckpointError, read_manifest, sha256_file, verify
 from msbt.runfolder import STAGES_FILE, run_dir, stage_dir
 
 log = logging.getLogger(__name__)
@@ -75,11 +76,7 @@ def record_stage(config: Config, number: int, entry: dict) -> Path:
     path = run_dir(config) / STAGES_FILE
     stages = read_stages(config)
     stages[str(number)] = entry
-    path.parent.mkdir(parents=True, exist_ok=True)  # a reused stage may be the first thing a run writes
-    tmp = path.with_name(f".{STAGES_FILE}.tmp")
-    tmp.write_text(json.dumps(stages, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text(path, json.dumps(stages, indent=2, sort_keys=True) + "\n")
 
 
 def refuse_rerun(config: Config, numbers: Sequence[int] = (1, 2)) -> None:
@@ -146,6 +143,13 @@ def check_fits(config: Config, number: int, path: str | Path, store_path: str | 
         raise RunStateError(f"{where}: {err}") from None
     if not intact:
         raise RunStateError(f"{where}: {path} was altered after training (sha256 mismatch)")
+    _refuse_other_settings(config, number, manifest, where, ignore)
+    if manifest.get("data_fingerprint") != Store.open(store_path).fingerprint()[0]:
+        raise RunStateError(f"{where} was trained on another store than {store_path}; use another run.name")
+    return path
+
+
+def _refuse_other_settings(config: Config, number: int, manifest: dict, where: str, ignore: Sequence[str]) -> None:
     stage = config.stage1 if number == 1 else config.stage2
     ours, theirs = to_dict(stage), manifest["config"]
     changed = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k) and k not in ignore)
@@ -153,9 +157,55 @@ def check_fits(config: Config, number: int, path: str | Path, store_path: str | 
         details = ", ".join(f"stage{number}.{k}: {theirs.get(k)!r} -> {ours.get(k)!r}" for k in changed)
         raise RunStateError(f"{where} was trained with other settings ({details}); train them under another "
                             f"run.name")
-    if manifest.get("data_fingerprint") != Store.open(store_path).fingerprint()[0]:
-        raise RunStateError(f"{where} was trained on another store than {store_path}; use another run.name")
-    return path
+
+
+def refuse_changed_resume(config: Config, numbers: Sequence[int] = (1, 2)) -> None:
+    """Before a `--resume` writes anything: refuse stage settings that differ from what the run trained.
+
+    The same settings check as :func:`check_fits` (a recorded stage: every setting; an interrupted one:
+    all but ``epochs``), done from the manifests alone so that a refused resume leaves the run folder,
+    its ``config.yaml`` included, as it was. The store check needs the store and stays in ``run_stage``.
+
+    Raises:
+        RunStateError: naming the stage, the checkpoint and each changed setting.
+    """
+    recorded = read_stages(config)
+    for number in numbers:
+        entry = recorded.get(str(number))
+        path, ignore = (Path(entry["checkpoint"]), ()) if entry else (latest_checkpoint(stage_dir(config, number)),
+                                                                    ("epochs",))
+        if path is None:
+            continue
+        try:
+            manifest = read_manifest(path)
+        except CheckpointError:
+            continue  # reported with its reason by run_stage
+        where = (f"stage {number} recorded in {run_dir(config) / STAGES_FILE}" if entry
+                 else f"stage {number}'s checkpoint {path}")
+        _refuse_other_settings(config, number, manifest, where, ignore)
+
+
+def prune_checkpoints(folder: str | Path, keep: Sequence[str | Path]) -> list[Path]:
+    """Remove the stage's ``checkpoint_*`` folders that Ray's checkpoint manager does not keep.
+
+    Ray deletes checkpoints it drops from its kept list, but a checkpoint persisted just before the driver
+    was killed is on disk and missing from the restored snapshot, so after `--resume` it was never
+    deleted (3 kept where ``run.checkpoints_to_keep`` is 2, issue #13 item 8).
+
+    Args:
+        folder: The stage's Ray run folder (``runs/<name>/stage<n>``).
+        keep: The checkpoint folders Ray kept (``result.best_checkpoints``).
+
+    Returns:
+        The folders removed.
+    """
+    kept = {Path(p).resolve() for p in keep}
+    removed = []
+    for candidate in sorted(Path(folder).glob("checkpoint_*")):
+        if candidate.is_dir() and candidate.resolve() not in kept:
+            shutil.rmtree(candidate)
+            removed.append(candidate)
+    return removed
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -274,9 +324,7 @@ def remember_stage(root: str | Path, inputs: dict, checkpoint: str | Path, run: 
         entries = read_index(root)
         entries[stage_key(inputs)] = entry
         path = root / INDEX_FILE
-        tmp = path.with_name(f".{INDEX_FILE}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"format": INDEX_FORMAT, "stages": entries}, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        write_text(path, json.dumps({"format": INDEX_FORMAT, "stages": entries}, indent=2, sort_keys=True) + "\n")
     return entry
 
 
@@ -499,6 +547,9 @@ def _trained(config: Config, number: int, store_path, parent, start: Path | None
     best = best_checkpoint(result, stage.monitor)
     if best is None:
         raise RunStateError(f"stage {number} reported no checkpoint ({stage.monitor} never finite?)")
+    kept = [c.path for c, _ in (result.best_checkpoints or [])] + [best.path]
+    for gone in prune_checkpoints(stage_dir(config, number), kept):
+        log.info("removed %s: not among the %d checkpoints kept", gone, config.run.checkpoints_to_keep)
     manifest = read_manifest(best.path)
     entry = {
         "checkpoint": str(best.path),

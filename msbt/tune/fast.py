@@ -32,6 +32,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from msbt.atomicio import write_text
 from msbt.config import Config, StageConfig, to_dict
 
 log = logging.getLogger(__name__)
@@ -222,7 +223,7 @@ def ensure_features(config: Config, store: str | Path, parent: str | Path, refer
     info = {"key": key, "parent": str(parent), "store": str(store), "copies": copies, "seed": config.data.seed,
             "stage": to_dict(stage), "train": int(len(arrays["train_y"])), "val": int(len(arrays["val_y"])),
             "dim": int(arrays["val_x"].shape[1]), "seconds": round(seconds, 2)}
-    (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")  # written last: marks the cache complete
+    write_text(out / INFO_FILE, json.dumps(info, indent=2) + "\n")  # written last: marks the cache complete
     print(f"fast mode: features of {info['train']} train images x {copies} copies and {info['val']} val images "
           f"in {seconds:.1f} s -> {out}", flush=True)
     return out

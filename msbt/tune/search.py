@@ -38,6 +38,7 @@ from typing import Any
 
 import yaml
 
+from msbt.atomicio import write_text
 from msbt.config import Config, ConfigError, to_dict
 from msbt.runfolder import tune_dir
 from msbt.tune.space import (
@@ -53,6 +54,7 @@ from msbt.tune.space import (
     space_values,
     trial_config,
 )
+from msbt.provenance import write_environment
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +92,7 @@ def stage1_checkpoint(config: Config, microscope_store: str | Path) -> str:
         best = str(train_stage1_once(config, microscope_store, root=index_root(config)))
     own = tune_dir(config) / STAGE1_FILE
     own.parent.mkdir(parents=True, exist_ok=True)
-    own.write_text(json.dumps({"stage1": {"checkpoint": best, "monitor": config.stage1.monitor}}, indent=2))
+    write_text(own, json.dumps({"stage1": {"checkpoint": best, "monitor": config.stage1.monitor}}, indent=2))
     return best
 
 
@@ -230,7 +232,8 @@ def run_search(config: Config, *, resume: bool = False, sources: str = "tune.spa
         tuner = tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         exp.mkdir(parents=True, exist_ok=True)
-        record_path.write_text(json.dumps(record, indent=2) + "\n")
+        write_text(record_path, json.dumps(record, indent=2) + "\n")
+        write_environment(exp)
         tuner = _new_tuner(config, trainable, fast)
     results = tuner.fit()
     print(f"tune results in {exp}; review: msbt tune-report {exp}", flush=True)
@@ -423,6 +426,6 @@ def write_best_overlay(path: str | Path, out: str | Path | None = None) -> Path:
                f"{search['metric']} {best['best']:.4f} at epoch {best['best_epoch']} (validation split).\n"
                f"# Use on top of the configs the search ran with, e.g.\n"
                f"#   python workflows/pipeline.py --config workflows/configs/cpu.yaml --config {out}\n")
-    out.write_text(comment + yaml.safe_dump(overlay, sort_keys=False))
+    write_text(out, comment + yaml.safe_dump(overlay, sort_keys=False))
     load_config([out])  # an overlay the pipeline cannot read is an error here, not later
     return out

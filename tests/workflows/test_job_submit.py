@@ -108,7 +108,11 @@ def test_smoke_pipeline_job_succeeds(head_node, tmp_path):
     # the runtime env's variables reached the job: TF_CPP_MIN_LOG_LEVEL=2 hides this INFO line
     assert "cpu_feature_guard" not in logs
 
+    # the results are where the user asked (an absolute run.storage_path, expanded at submit time), not
+    # in Ray's unpacked copy of the code (issue #13, item 0)
     run = tmp_path / "smoke"
+    assert f"results in {run}" in logs and "_ray_pkg_" not in logs.split("results in")[-1].splitlines()[0]
+    assert (run / "environment.json").is_file() and (run / "metrics.json").is_file()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["data"]["ultrasound"]["leakage"]["group_aware"] == {"val": 0, "test": 0}
     patches = summary["stores"]["microscope"]["rows"]
@@ -122,9 +126,32 @@ def test_smoke_pipeline_job_succeeds(head_node, tmp_path):
     assert set(metrics["test_ci95"]) >= {"accuracy", "auc", "sensitivity", "specificity"}
     print(f"job took {time.time() - started:.1f} s")
 
-    # a second job, the data step alone, reuses the saved split and the finished stores
-    again = subprocess.run([*submit[:submit.index("workflows/pipeline.py")], "workflows/preprocess.py",
-                            *submit[submit.index("--smoke-test"):]],
-                           env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
-    assert "split (reused" in again.stdout + again.stderr
+    # a second job after the code changed (a new package, so a new _ray_pkg_ folder) continues the same
+    # run with --resume: finished stages and the saved split are found on the absolute storage path
+    code = tmp_path / "code"
+    shutil.copytree(ROOT, code, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "__pycache__", ".pytest_cache"))
+    with open(code / "README.md", "a") as handle:
+        handle.write("\nchanged after the first job\n")
+    again = subprocess.run([*submit, "--resume"], env=env, capture_output=True, text=True, timeout=600, cwd=code)
+    output = again.stdout + again.stderr
+    assert again.returncode == 0, output[-3000:]
+    assert "split (reused" in output and "stage 1: finished before, reused (--resume)" in output
+    assert "stage 2: finished before, reused (--resume)" in output and f"results in {run}" in output
+
+
+def test_a_submitted_job_with_a_relative_storage_path_is_refused(head_node, tmp_path):
+    """The default `run.storage_path: runs` would resolve inside Ray's unpacked package: refused by name."""
+    ray_cli, address, env = head_node
+    env = {**env, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": address}
+    submit = [str(ray_cli), "job", "submit", "--working-dir", ".", "--runtime-env", "workflows/runtime_env.yaml",
+              "--", "python", "workflows/preprocess.py", "--smoke-test", "--set", f"synth.out_dir={tmp_path / 'synth'}"]
+    for _ in range(12):
+        done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        output = done.stdout + done.stderr
+        if "No available agent" not in output:
+            break
+        time.sleep(10)
+    assert done.returncode != 0 and "failed" in output.lower(), output[-3000:]
+    assert "run.storage_path 'runs' resolves to" in output and "_ray_pkg_" in output
+    assert "--set run.storage_path=$PWD/runs" in output
+    assert "microscope store:" not in output  # refused before any work
