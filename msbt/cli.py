@@ -132,6 +132,13 @@ def _load(args) -> "object":
     return load_config(args.config, args.overrides)
 
 
+def _preflight(config) -> None:
+    """A misnamed or unreadable data folder or manifest: an error in seconds, before Ray starts."""
+    from msbt.jobs.pipeline import check_data
+
+    check_data(config)
+
+
 def _cmd_run(args) -> int:
     from msbt.jobs.pipeline import main_job
     from msbt.raycluster import init_ray
@@ -140,6 +147,7 @@ def _cmd_run(args) -> int:
     config = _load(args)  # a config error should not wait for Ray to start
     if not args.resume:
         refuse_rerun(config)  # nor should a run folder that --resume would be needed for
+    _preflight(config)
     init_ray(args.address)
     main_job(config, force_split=args.force_split, resume=args.resume)
     return 0
@@ -153,6 +161,7 @@ def _cmd_stage1(args) -> int:
     config = _load(args)
     if not args.resume:
         refuse_rerun(config, [1])
+    _preflight(config)
     init_ray(args.address)
     stage1_job(config, force_split=args.force_split, resume=args.resume)
     return 0
@@ -170,6 +179,7 @@ def _cmd_stage2(args) -> int:
         raise ConfigError(f"{args.parent}: no such checkpoint folder (--parent)")
     if not args.parent:
         recorded_checkpoint(config, 1)  # no stage 1 yet: say so before Ray starts
+    _preflight(config)
     init_ray(args.address)
     stage2_job(config, parent=args.parent, force_split=args.force_split, resume=args.resume)
     return 0
@@ -194,6 +204,7 @@ def _cmd_preprocess(args) -> int:
     from msbt.raycluster import init_ray
 
     config = _load(args)
+    _preflight(config)
     init_ray(args.address)
     prepared = prepare_data(config, force_split=args.force_split)
     print(summarize(prepared))
@@ -219,7 +230,8 @@ def _scan(args, config):
     classes = tuple(args.classes) if args.classes else ()
     d = config.data
     return discover(args.source, classes, strict=args.strict or d.strict, mask_suffixes=d.mask_suffixes,
-                    sixteen_bit=d.sixteen_bit)
+                    sixteen_bit=d.sixteen_bit, max_pixels=d.max_pixels, on_partial=d.on_partial,
+                    on_conflict=d.on_conflict)
 
 
 def _cmd_scan(args) -> int:
@@ -232,6 +244,8 @@ def _cmd_scan(args) -> int:
         print(f"skipped {n}: {reason}")
     for reject in discovery.rejects:
         print(f"rejected {reject.path}: {reject.reason}")
+    for warning in discovery.warnings:
+        print(f"warning {warning.path}: {warning.reason} (used; data.on_partial: warn)")
     if args.rejects:
         print(f"rejects manifest: {write_rejects(discovery.rejects, args.rejects)}")
     return 0
@@ -349,6 +363,7 @@ def _cmd_experiment(args) -> int:
     from msbt.eval.report import write_report
 
     config = _load(args)
+    _preflight(config)
     init_ray(args.address)
     common = {"fresh": args.fresh, "n_boot": args.n_boot}
     if args.experiment == "crossval":
@@ -376,6 +391,7 @@ def _cmd_tune(args) -> int:
 
     extra = ["tune.fast=true", "stage2.trainable_backbone=false"] if args.fast else []
     config = load_config(args.config, args.overrides + extra)
+    _preflight(config)
     init_ray(args.address)
     run_search(config, resume=args.resume, sources=", ".join(args.config) or "the default config")
     exp = experiment_dir(config)
@@ -395,6 +411,11 @@ def _cmd_tune_report(args) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `msbt` console script."""
     args = build_parser().parse_args(argv)
+    # File names that are not UTF-8 reach messages as surrogates: print their bytes back as they are
+    # (what `ls` does) instead of failing with "surrogates not allowed".
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

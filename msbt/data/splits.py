@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +110,7 @@ def make_split(
     groups = join_frames([r.relpath for r in records], groups)
     split_index = assign_groups(labels, groups, ratios, seed)
     fold_index = assign_groups(labels, groups, [1.0] * folds, seed) if folds > 1 else np.zeros(len(records), int)
+    check_nonempty(split_index, fold_index, groups, ratios, folds, grouping, discovery.root)
     # The naive split: the same procedure with every image its own group.
     naive = assign_groups(labels, [r.relpath for r in records], ratios, seed)
     table = [
@@ -126,6 +128,7 @@ def make_split(
         "thresholds": {"max_distance": max_distance, "min_similarity": min_similarity},
         "images": len(records),
         "rejects": len(discovery.rejects),
+        "empty_folds": [k for k in range(folds) if folds > 1 and not np.any(fold_index == k)],
         "counts": _counts(labels, split_index),
         "groups": _group_stats(labels, groups, links),
         "leakage": {
@@ -156,6 +159,26 @@ def _groups(discovery: Discovery, grouping: str, max_distance: int, min_similari
     )
     component = connected_groups(len(records), links.pairs)
     return [f"g{c:05d}" for c in component], len(links.pairs)
+
+
+def check_nonempty(split_index: np.ndarray, fold_index: np.ndarray, groups: Sequence[str], ratios: Sequence[float],
+                   folds: int, grouping: str, root: str) -> None:
+    """Every split with a share got at least one image; else say why (too few groups).
+
+    Empty folds are not refused here (small sets have them; the summary's `empty_folds` lists them);
+    cross-validation refuses them when it runs.
+
+    Raises:
+        DataError: e.g. a manifest whose rows all share one group leaves val and test empty.
+    """
+    n_groups = len(set(groups))
+    empty = [SPLITS[b] for b in range(len(SPLITS)) if ratios[b] > 0 and not np.any(split_index == b)]
+    if empty:
+        raise DataError(
+            f"{root}: {', '.join(empty)} would be empty: {len(split_index)} images form only {n_groups} group(s) "
+            f"(grouping: {grouping}), and a group is never divided; give more groups (e.g. the manifest's "
+            "group column), fewer folds (data.folds) or another grouping"
+        )
 
 
 def join_frames(relpaths: Sequence[str], groups: Sequence[str]) -> list[str]:
@@ -235,11 +258,16 @@ def save_split(result: SplitResult, folder: str | Path) -> Path:
     """Write `split.csv` (one row per image) and `split.json` (the summary) into `folder`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with (folder / "split.csv").open("w", newline="") as handle:
+    # Atomic (temp + rename), split.csv first: split.json is the marker of a complete split.
+    tmp = folder / ".split.csv.tmp"
+    with tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=["relpath", "label", "group", "split", "fold"])
         writer.writeheader()
         writer.writerows(result.table)
-    (folder / "split.json").write_text(json.dumps(result.summary, indent=2) + "\n")
+    os.replace(tmp, folder / "split.csv")
+    tmp = folder / ".split.json.tmp"
+    tmp.write_text(json.dumps(result.summary, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, folder / "split.json")
     return folder / "split.csv"
 
 
@@ -252,6 +280,6 @@ def load_split(folder: str | Path, discovery: Discovery) -> SplitResult:
             f"{folder / 'split.json'}: the saved split was made for different data "
             f"(files, labels or contents changed under {discovery.root}); use a new run name or --force-split"
         )
-    with (folder / "split.csv").open(newline="") as handle:
+    with (folder / "split.csv").open(newline="", encoding="utf-8") as handle:
         table = [{**row, "fold": int(row["fold"])} for row in csv.DictReader(handle)]
     return SplitResult(table, summary)

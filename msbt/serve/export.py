@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import shutil
 from pathlib import Path
 
 from msbt import __version__
-from msbt.model.checkpoint import MANIFEST_FILE, MODEL_FILE, load_checkpoint
-from msbt.serve.predict import EXPORT_FILE, find_preparation, find_threshold
+from msbt.model.checkpoint import DIGEST_KEY, MANIFEST_FILE, MODEL_FILE, json_digest, load_checkpoint
+from msbt.serve.predict import EXPORT_DIGEST_KEY, EXPORT_FILE, find_preparation, find_threshold
 
 SAVED_MODEL_DIR = "saved_model"
 EXPORT_FORMAT = 1
@@ -81,7 +82,13 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, threshold: float | No
         "msbt_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    (out / EXPORT_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    # The digest covers what predict reads from export.json (threshold, preparation, class names, model
+    # hash) and the copied manifest's own digest, so an edit to either is detected (msbt.serve.predict).
+    record["manifest_sha256"] = manifest.get(DIGEST_KEY)
+    record[EXPORT_DIGEST_KEY] = json_digest(record, skip=EXPORT_DIGEST_KEY)
+    tmp = out / f".{EXPORT_FILE}.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, out / EXPORT_FILE)
     return record
 
 
