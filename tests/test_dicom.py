@@ -126,7 +126,33 @@ def test_scan_and_split_write_no_patient_data(tmp_path, capsys, caplog):
     assert len(rows) == 32 and any(r["relpath"] == "malignant/loop3.dcm#frame=0001" for r in rows)
 
 
+def test_pipeline_data_step_and_store_rows_hold_no_patient_data(tmp_path, caplog):
+    """The pipeline's data step (scan, rejects, split into the run folder) and the rows the Ray Data
+    per-file function makes for the store, written as Parquet: grepped for the fake values."""
+    import pyarrow.parquet as pq
+
+    from msbt.config import load_config
+    from msbt.jobs.pipeline import prepare_data
+
+    root = dicom_tree(tmp_path / "data")
+    micro = tmp_path / "micro"
+    for k, line in enumerate(("a", "b")):
+        (micro / line).mkdir(parents=True)
+        cv2.imwrite(str(micro / line / "f.png"), textured(k))
+    config = load_config([], [f"data.ultrasound={root}", f"data.microscope={micro}", "data.folds=2",
+                              f"run.storage_path={tmp_path / 'runs'}", "run.name=dcm"])
+    prepared = prepare_data(config, modalities=("ultrasound",))["ultrasound"]
+    items = split_items(prepared.folder, root, prepared.discovery.classes, 0)
+    batch = {k: np.array([item[k] for item in items]) for k in items[0]}
+    pq.write_table(ultrasound_arrays(batch, image_size=32, aspect="pad", intensity="none"),
+                   tmp_path / "runs" / "dcm" / "rows.parquet", compression="none")  # greppable
+    assert len(items) == 32 and (prepared.folder / "rejects.csv").read_text().count("broken.dcm") == 1
+    assert phi_found(tmp_path / "runs") == []
+    assert not [v for v in FAKE_PHI.values() if v in caplog.text or v.split("^")[0] in caplog.text]
+
+
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 def test_predict_reads_cine_frames_and_writes_no_patient_data(tmp_path, capsys):
     """A real (tiny) checkpoint predicts every frame of a cine loop; no output holds patient data."""
     import keras
