@@ -160,10 +160,21 @@ def _load_run(args) -> "object":
     return config
 
 
+def _preflight(config, modalities=("microscope", "ultrasound"), *, always: bool = False) -> None:
+    """A misnamed or unreadable data folder or manifest: an error in seconds, before Ray starts.
+
+    Only for data a step will scan: a later step whose recorded split and store fit reads no data
+    (``always`` for the data step itself)."""
+    from msbt.data.prepare import check_data
+
+    check_data(config, modalities, always=always)
+
+
 def _cmd_run(args) -> int:
     from msbt.jobs.pipeline import main_job
 
     config = _load_run(args)  # a config error should not wait for Ray to start
+    _preflight(config, always=True)  # data folders named wrongly: an error before Ray starts
     # main_job checks the run folder (--resume) before it starts Ray, nor should that wait
     main_job(config, force_split=args.force_split, resume=args.resume, address=args.address)
     return 0
@@ -173,6 +184,7 @@ def _cmd_stage1(args) -> int:
     from msbt.jobs.pipeline import stage1_job
 
     config = _load_run(args)
+    _preflight(config, ["microscope"])
     stage1_job(config, force_split=args.force_split, resume=args.resume, address=args.address)
     return 0
 
@@ -181,6 +193,7 @@ def _cmd_stage2(args) -> int:
     from msbt.jobs.pipeline import stage2_job
 
     config = _load_run(args)
+    _preflight(config, ["ultrasound"])
     # stage2_job refuses a rerun, a missing --parent folder or a missing stage 1 before Ray starts
     stage2_job(config, parent=args.parent, force_split=args.force_split, resume=args.resume, address=args.address)
     return 0
@@ -195,6 +208,7 @@ def _cmd_evaluate(args) -> int:
         raise ConfigError(f"{args.checkpoint}: no such checkpoint folder (--checkpoint)")
     if not args.checkpoint:
         recorded_checkpoint(config, 2)
+    _preflight(config, ["ultrasound"])
     init_ray(args.address)
     evaluate_job(config, checkpoint=args.checkpoint)
     return 0
@@ -205,6 +219,7 @@ def _cmd_preprocess(args) -> int:
     from msbt.raycluster import init_ray
 
     config = _load_run(args)
+    _preflight(config, always=True)
     init_ray(args.address)
     prepared = prepare_data(config, force_split=args.force_split)
     print(summarize(prepared))
@@ -230,7 +245,8 @@ def _scan(args, config):
     classes = tuple(args.classes) if args.classes else ()
     d = config.data
     return discover(args.source, classes, strict=args.strict or d.strict, mask_suffixes=d.mask_suffixes,
-                    sixteen_bit=d.sixteen_bit)
+                    sixteen_bit=d.sixteen_bit, max_pixels=d.max_pixels, on_partial=d.on_partial,
+                    on_conflict=d.on_conflict)
 
 
 def _cmd_scan(args) -> int:
@@ -243,6 +259,8 @@ def _cmd_scan(args) -> int:
         print(f"skipped {n}: {reason}")
     for reject in discovery.rejects:
         print(f"rejected {reject.path}: {reject.reason}")
+    for warning in discovery.warnings:
+        print(f"warning {warning.path}: {warning.reason} (used; data.on_partial: warn)")
     if args.rejects:
         print(f"rejects manifest: {write_rejects(discovery.rejects, args.rejects)}")
     return 0
@@ -362,6 +380,7 @@ def _cmd_experiment(args) -> int:
     from msbt.eval.report import write_report
 
     config = _load_run(args)
+    _preflight(config)
     init_ray(args.address)
     common = {"fresh": args.fresh, "n_boot": args.n_boot}
     if args.experiment == "crossval":
@@ -391,6 +410,7 @@ def _cmd_tune(args) -> int:
     extra = ["tune.fast=true", "stage2.trainable_backbone=false"] if args.fast else []
     config = load_config(_configs(args), args.overrides + extra)
     run_dir(config)  # run.name and run.storage_path checked before Ray starts
+    _preflight(config)
     init_ray(args.address)
     run_search(config, resume=args.resume, sources=", ".join(args.config) or "the default config")
     exp = experiment_dir(config)
@@ -410,6 +430,11 @@ def _cmd_tune_report(args) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `msbt` console script."""
     args = build_parser().parse_args(argv)
+    # File names that are not UTF-8 reach messages as surrogates: print their bytes back as they are
+    # (what `ls` does) instead of failing with "surrogates not allowed".
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -66,6 +67,14 @@ class DataConfig:
     grouping: Literal["auto", "manifest", "none"] = "auto"
     hash_max_distance: int = 10  # of 64 pHash bits; candidate near-duplicate pairs
     min_similarity: float = 0.8  # correlation of 32x32 thumbnails that confirms a candidate pair
+    # Bad-input policies (docs/reliability.md). Images over max_pixels are rejected from their header,
+    # before decoding (a decompression-bomb guard; 64 MP = 8000 x 8000).
+    max_pixels: int = 64_000_000
+    # A file only part of which would be used (multi-page TIFF, animated GIF, a JPEG cut short with its
+    # end marker put back, a format its extension does not name): reject it, or use it with a warning.
+    on_partial: Literal["reject", "warn"] = "reject"
+    # The same file content under two classes: stop with an error naming both, or reject every copy.
+    on_conflict: Literal["error", "reject"] = "error"
 
 
 @dataclass(frozen=True)
@@ -248,7 +257,9 @@ def load_config(paths: typing.Sequence[str | Path] = (), overrides: typing.Seque
         layer = _parse_override(item)
         _check(Config, layer, source=f"--set {item}", prefix="")
         _deep_merge(merged, layer)
-    return _build(Config(), merged)
+    config = _build(Config(), merged)
+    check_ranges(config, source=", ".join([str(p) for p in paths] + [f"--set {o}" for o in overrides]) or "defaults")
+    return config
 
 
 def from_dict(cls: type, data: Mapping, source: str = "<dict>") -> Any:
@@ -261,7 +272,9 @@ def with_overlay(base: Any, data: Mapping, source: str = "<overlay>") -> Any:
     """``base`` (a config dataclass instance) with a nested mapping applied on top, checked like one more
     overlay file (e.g. a Tune trial's stage-2 values on the run's ``StageConfig``)."""
     _check(type(base), data, source=source, prefix="")
-    return _build(base, data)
+    result = _build(base, data)
+    check_ranges(result, source=source)
+    return result
 
 
 def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> list[tuple[Path, dict]]:
@@ -293,14 +306,45 @@ def _parse_override(item: str) -> dict:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. stage1.epochs=2")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        problem = str(exc).splitlines()[0]
+        raise ConfigError(f"--set {item}: the value of `{key.strip()}` is not valid YAML ({problem})") from None
+    parts = key.strip().split(".")
+    value = _as_number(value, _hint_at(Config, parts))
     layer: dict[str, Any] = {}
     node = layer
-    parts = key.strip().split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
     return layer
+
+
+def _hint_at(cls: type, parts: list[str]) -> Any:
+    """The type hint of a dotted key, or None when the key does not exist (reported by _check)."""
+    hint: Any = cls
+    for part in parts:
+        if not dataclasses.is_dataclass(hint):
+            return None
+        hint = typing.get_type_hints(hint).get(part)
+    return hint
+
+
+def _as_number(value: Any, hint: Any) -> Any:
+    """A command-line string that is a number, as a number where a float is wanted.
+
+    PyYAML follows YAML 1.1, which reads `1e-3` (no dot) as a string; users type it that way.
+    """
+    if not isinstance(value, str) or hint is None:
+        return value
+    wanted = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if float not in wanted:
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        return value
 
 
 def _deep_merge(into: dict, layer: Mapping) -> None:
@@ -429,3 +473,111 @@ def dump_config(config: Config, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
     return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ranges: values of the right type that cannot work (batch_size 0, NaN learning rate, ...) are refused
+# when the config is read, not as a worker traceback a minute after Ray started.
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _positive(v) -> bool:
+    return _finite(v) and v > 0
+
+
+_MAX_FOLDS = 100  # beyond this a fold is a handful of images: a typo, not a design
+_RANGES: dict[type, list[tuple[str, Any, str]]] = {
+    SynthConfig: [
+        ("fields_per_line", lambda v: v >= 1, ">= 1"),
+        ("field_size", lambda v: v >= 64, ">= 64"),
+        ("lesions_per_class", lambda v: v >= 1, ">= 1"),
+        ("frames_per_lesion", lambda v: 1 <= v[0] <= v[1], "[low, high] with 1 <= low <= high"),
+        ("ultrasound_size", lambda v: v >= 32, ">= 32"),
+    ],
+    DataConfig: [
+        ("split", lambda v: all(_positive(x) for x in v) and abs(sum(v) - 1.0) < 1e-6,
+         "three shares, each > 0, summing to 1 (e.g. [0.7, 0.2, 0.1])"),
+        ("folds", lambda v: 2 <= v <= _MAX_FOLDS, f"between 2 and {_MAX_FOLDS}"),
+        ("hash_max_distance", lambda v: 0 <= v <= 64, "between 0 and 64 (bits of the hash)"),
+        ("min_similarity", lambda v: _finite(v) and 0.0 <= v <= 1.0, "between 0 and 1"),
+        ("max_pixels", lambda v: 64 <= v <= 2**30, "between 64 and 2**30 (OpenCV's own limit)"),
+    ],
+    PreprocessConfig: [
+        ("block_size", lambda v: v >= 3 and v % 2 == 1, "an odd number >= 3"),
+        ("offset", lambda v: v == "auto" or _finite(v), "'auto' or a finite number"),
+        ("min_object_size", lambda v: v >= 0, ">= 0"),
+        ("patch_size", lambda v: v >= 16, ">= 16"),
+        ("max_patches_per_field", lambda v: v >= 1, ">= 1"),
+        ("min_center_distance", lambda v: v is None or v >= 0, "null or >= 0"),
+        ("image_size", lambda v: v >= 32, ">= 32"),
+        ("files_per_chunk", lambda v: v >= 1, ">= 1"),
+        ("files_per_task", lambda v: v >= 1, ">= 1"),
+        ("cpus_per_task", _positive, "> 0"),
+    ],
+    AugmentConfig: [
+        ("expansion", lambda v: v >= 1, ">= 1"),
+        ("shift", lambda v: _finite(v) and 0.0 <= v < 1.0, "in [0, 1)"),
+        ("rotation", lambda v: _finite(v) and 0.0 <= v <= 180.0, "in [0, 180] degrees"),
+        ("zoom", lambda v: _finite(v) and 0.0 <= v < 1.0, "in [0, 1)"),
+        ("contrast", lambda v: _finite(v) and 0.0 <= v < 1.0, "in [0, 1)"),
+    ],
+    HeadConfig: [
+        ("dense_units", lambda v: all(u >= 1 for u in v), "units >= 1"),
+        ("dropout", lambda v: _finite(v) and 0.0 <= v < 1.0, "in [0, 1)"),
+        ("l2", lambda v: _finite(v) and v >= 0.0, "a finite number >= 0"),
+    ],
+    StageConfig: [
+        ("image_size", lambda v: v >= 32, ">= 32"),
+        ("learning_rate", _positive, "a finite number > 0"),
+        ("batch_size", lambda v: v >= 1, ">= 1"),
+        ("epochs", lambda v: v >= 1, ">= 1"),
+        ("head_epochs", lambda v: v >= 0, ">= 0"),
+        ("fine_tune_layers", lambda v: v >= 0, ">= 0"),
+        ("fine_tune_lr_scale", _positive, "a finite number > 0"),
+    ],
+    TuneConfig: [
+        ("num_samples", lambda v: v >= 1, ">= 1"),
+        ("max_concurrent_trials", lambda v: v >= 1, ">= 1"),
+        ("grace_period", lambda v: v >= 1, ">= 1"),
+        ("reduction_factor", lambda v: v >= 2, ">= 2"),
+        ("cpus_per_trial", _positive, "> 0"),
+        ("gpus_per_trial", lambda v: _finite(v) and v >= 0, ">= 0"),
+        ("feature_actors", lambda v: v >= 1, ">= 1"),
+    ],
+    RunConfig: [
+        ("num_workers", lambda v: v >= 1, ">= 1"),
+        ("cpus_per_worker", _positive, "> 0"),
+        ("max_failures", lambda v: v >= -1, ">= -1 (-1: retry without limit)"),
+        ("checkpoints_to_keep", lambda v: v >= 1, ">= 1"),
+    ],
+}
+
+
+def check_ranges(config: Any, source: str = "config", prefix: str = "") -> None:
+    """Refuse values that have the right type but cannot work, naming the dotted key and the range.
+
+    Args:
+        config: a config dataclass instance (Config or any part of it).
+        source: where the values came from, for the message.
+
+    Raises:
+        ConfigError: the first value out of range.
+    """
+    for name, test, wanted in _RANGES.get(type(config), []):
+        value = getattr(config, name)
+        try:
+            ok = bool(test(value))
+        except (TypeError, ValueError, IndexError):
+            ok = False
+        if not ok:
+            raise ConfigError(f"{source}: `{prefix}{name}` must be {wanted}, got {value!r}")
+    if isinstance(config, StageConfig) and config.head_epochs > config.epochs:
+        raise ConfigError(f"{source}: `{prefix}head_epochs` ({config.head_epochs}) must not exceed "
+                          f"`{prefix}epochs` ({config.epochs})")
+    for f in dataclasses.fields(config):
+        child = getattr(config, f.name)
+        if dataclasses.is_dataclass(child):
+            check_ranges(child, source, prefix=f"{prefix}{f.name}.")

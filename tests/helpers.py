@@ -77,7 +77,7 @@ def check_self_contained(text: str) -> Page:
 
 def check_run_report(run) -> None:
     """The report a finished run wrote (evaluation writes it): complete, self-contained, and showing the
-    run's own numbers. Called on a real run by tests/test_workflows.py, which trains one."""
+    run's own numbers. Called on a real run by tests/workflows/test_workflows.py, which trains one."""
     text = (run / "report.html").read_text()
     page = check_self_contained(text)
     assert set(SECTIONS) <= set(page.ids)

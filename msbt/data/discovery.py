@@ -5,6 +5,9 @@ Layouts read:
   BUSI: PNG with `<name>_mask.png` / `<name>_mask_1.png` beside each image, and a `normal/` class);
 - a CSV manifest with a header `path,label[,group]`, paths absolute or relative to the CSV's folder.
 
+DICOM files are taken whatever their name (their magic decides); a multi-frame file (a cine loop) gives
+one image per frame, `file#frame=NNNN`, all of one group. Only their pixels are read, never patient data.
+
 Every image is decoded once here: a file that cannot be used becomes a `Reject` (path and reason) and the
 scan goes on, unless `strict` is set. The same decode yields the content digest and the perceptual
 fingerprint that grouping needs. Nothing is ever written under the data root. No Ray, no TensorFlow.
@@ -14,18 +17,28 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from msbt.atomicio import atomic_open
 from msbt.images.grouping import fingerprint
-from msbt.images.imagefile import IMAGE_EXTENSIONS, ImageError, decode_image
+from msbt.images.dicom import frame_ref, is_dicom
+from msbt.images.imagefile import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    ImageError,
+    decode_image,
+    image_refs,
+    read_dicom_image,
+    read_file_bytes,
+)
 
 # Files operating systems and viewers leave in folders; never data, never worth a reject line.
 _SYSTEM_FILES = {"thumbs.db", "desktop.ini", ".ds_store"}
@@ -63,6 +76,7 @@ class Discovery:
     hashes: np.ndarray  # (N,) uint64 perceptual hashes, aligned with records
     thumbs: np.ndarray  # (N, 1024) float32 normalised thumbnails, aligned with records
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count (masks, excluded classes)
+    warnings: list[Reject] = field(default_factory=list)  # used, but only in part (data.on_partial: warn)
 
     def counts(self) -> dict[str, int]:
         """Number of usable images per class, in class order."""
@@ -75,7 +89,7 @@ class Discovery:
         """Digest of the data set's identity: relative paths, labels and file contents."""
         h = hashlib.sha1()
         for r in sorted(self.records, key=lambda r: r.relpath):
-            h.update(f"{r.relpath}\t{r.label}\t{r.digest}\n".encode())
+            h.update(f"{r.relpath}\t{r.label}\t{r.digest}\n".encode("utf-8", "surrogateescape"))
         return h.hexdigest()
 
 
@@ -87,6 +101,9 @@ def discover(
     mask_suffixes: Sequence[str] = ("_mask",),
     sixteen_bit: str = "scale",
     workers: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    on_partial: str = "reject",
+    on_conflict: str = "error",
 ) -> Discovery:
     """Scan a class-per-folder tree or a CSV manifest and validate every image in it.
 
@@ -99,9 +116,18 @@ def discover(
             segmentation masks, not images, and are skipped.
         sixteen_bit: 16-bit conversion policy (see `msbt.images.imagefile.read_image`).
         workers: decoding threads (OpenCV releases the GIL); None -> number of CPUs.
+        max_pixels: images over this many pixels are rejected from their header, before decoding.
+        on_partial: "reject" or "warn" for files only part of which would be used (see
+            `msbt.images.imagefile.read_image`); warnings land in `Discovery.warnings`.
+        on_conflict: the same file content under two classes: "error" stops the scan naming both
+            files, "reject" rejects every copy.
 
     Returns:
         Discovery with records sorted by (class order, relpath).
+
+    Raises:
+        DataError: the source, a class folder or the manifest cannot be used, a kept class has no usable
+            image, or labels contradict each other (on_conflict: error).
     """
     source = Path(source).expanduser()
     if not source.exists():
@@ -117,25 +143,28 @@ def discover(
     if strict and rejects:
         raise DataError(f"{rejects[0].path}: {rejects[0].reason} (strict mode)")
     keep = tuple(classes) if classes else tuple(sorted(found))
-    missing = [c for c in keep if c not in found]
-    if missing:
-        raise DataError(f"{source}: class {missing[0]!r} not found (found: {', '.join(sorted(found)) or 'none'})")
+    check_classes(source, keep, found)
 
-    results = _decode_all(candidates, sixteen_bit, workers)
-    records, hashes, thumbs = [], [], []
-    for (path, relpath, label, group), outcome in zip(candidates, results):
+    options = {"sixteen_bit": sixteen_bit, "max_pixels": max_pixels, "on_partial": on_partial}
+    records, hashes, thumbs, warnings = [], [], [], []
+    for (path, relpath, label, group), outcome in _decode_all(candidates, options, workers):
         if isinstance(outcome, Reject):
             if strict:
                 raise DataError(f"{outcome.path}: {outcome.reason} (strict mode)")
             rejects.append(outcome)
             continue
-        (height, width), digest, (phash, thumb) = outcome
+        (height, width), digest, (phash, thumb), notes = outcome
+        warnings += [Reject(text_name(str(path)), note) for note in notes]
         records.append(ImageRecord(str(path), relpath, label, group, width, height, digest))
         hashes.append(phash)
         thumbs.append(thumb)
-    order = sorted(range(len(records)), key=lambda i: (keep.index(records[i].label), records[i].relpath))
+    conflicting = _conflicts(records, on_conflict)
+    rejects += [Reject(text_name(records[i].path), reason) for i, reason in conflicting.items()]
+    order = sorted((i for i in range(len(records)) if i not in conflicting),
+                   key=lambda i: (keep.index(records[i].label), records[i].relpath))
     if not order:
         raise DataError(f"{source}: no usable images ({len(rejects)} rejected)")
+    _require_every_class(source, keep, [records[i].label for i in order], rejects, candidates)
     return Discovery(
         root=str(root),
         classes=keep,
@@ -144,44 +173,213 @@ def discover(
         hashes=np.array([hashes[i] for i in order], dtype=np.uint64),
         thumbs=np.stack([thumbs[i] for i in order]),
         skipped=skipped,
+        warnings=sorted(warnings, key=lambda r: r.path),
     )
+
+
+def check_source(source: str | Path, classes: Sequence[str] = ()) -> None:
+    """The cheap checks of `discover`, without reading any image: the folder or manifest exists and is
+    readable, the classes to keep are there (a case-only difference is named), each class folder can be
+    listed and a manifest is UTF-8 with path and label columns. Meant to run before Ray starts, so such
+    mistakes cost seconds, not a cluster start-up.
+
+    Raises:
+        DataError: naming the folder, manifest or class and the reason.
+    """
+    source = Path(source).expanduser()
+    if not source.exists():
+        raise DataError(f"{source}: data folder or manifest does not exist")
+    if source.is_file():
+        if source.suffix.lower() != ".csv":
+            raise DataError(f"{source}: expected a folder of class folders or a .csv manifest")
+        columns, rows = _read_manifest_rows(source)
+        if "path" not in columns or "label" not in columns:
+            raise DataError(f"{source}: manifest needs a header with columns path,label[,group]; got {columns}")
+        found = sorted({r.get("label", "") for r in rows} - {""})
+        check_classes(source, tuple(classes) or found, found)
+        return
+    try:
+        found = [p.name for p in source.iterdir() if is_folder(p) and not p.name.startswith(".")]
+    except OSError as exc:
+        raise DataError(f"{source}: data folder cannot be read ({exc.strerror or exc})") from None
+    if not found:
+        raise DataError(f"{source}: no class folders inside (expected e.g. {source}/benign/, {source}/malignant/)")
+    keep = tuple(classes) or tuple(sorted(found))
+    check_classes(source, keep, found)
+    for c in keep:
+        try:
+            with os.scandir(source / c) as listing:
+                next(listing, None)
+        except OSError as exc:
+            raise DataError(f"{source / c}: class folder cannot be read ({exc.strerror or exc})") from None
+
+
+def check_classes(source: str | Path, keep: Sequence[str], found: Sequence[str]) -> None:
+    """Every class to keep was found; a name that differs only in case is named as the likely mistake.
+
+    Raises:
+        DataError: naming the source, the missing class and what was found.
+    """
+    missing = [c for c in keep if c not in found]
+    if not missing:
+        return
+    near = [f for f in found if f.lower() == missing[0].lower()]
+    hint = f"; {near[0]!r} differs only in case (class names are case-sensitive)" if near else ""
+    raise DataError(f"{source}: class {missing[0]!r} not found (found: {', '.join(sorted(found)) or 'none'}){hint}")
+
+
+def _require_every_class(source: Path, keep: Sequence[str], labels: Sequence[str], rejects: list[Reject],
+                         candidates: list) -> None:
+    """A kept class without a single usable image would train a model that never sees it: stop."""
+    for c in keep:
+        if c in labels:
+            continue
+        tried = sum(1 for cand in candidates if cand[2] == c)
+        where = source / c if source.is_dir() else source
+        reason = f"all {tried} of its files were rejected (see the rejects)" if tried else "it holds no image files"
+        first = next((r for r in rejects if _in_class(r.path, where)), None)
+        detail = f"; e.g. {first.path}: {first.reason}" if first else ""
+        raise DataError(f"{where}: class {c!r} has no usable image: {reason}{detail}")
+
+
+def _in_class(path: str, where: Path) -> bool:
+    return path.startswith(text_name(str(where)) + os.sep) or path == text_name(str(where))
+
+
+def _conflicts(records: list[ImageRecord], on_conflict: str) -> dict[int, str]:
+    """Indices of records whose exact content also appears under another label, with the reason.
+
+    Raises:
+        DataError: on_conflict "error" and such a pair exists (both files are named).
+    """
+    if on_conflict not in ("error", "reject"):
+        raise ValueError(f"on_conflict must be 'error' or 'reject', got {on_conflict!r}")
+    by_digest: dict[str, list[int]] = {}
+    for i, record in enumerate(records):
+        by_digest.setdefault(record.digest, []).append(i)
+    out: dict[int, str] = {}
+    for members in by_digest.values():
+        labels = {records[i].label for i in members}
+        if len(labels) < 2:
+            continue
+        a = members[0]
+        b = next(i for i in members if records[i].label != records[a].label)
+        if on_conflict == "error":
+            raise DataError(f"{text_name(records[a].path)} ({records[a].label}) and {text_name(records[b].path)} "
+                            f"({records[b].label}) are the same file content under two classes; remove one, "
+                            "or set data.on_conflict: reject to reject every copy")
+        for i in members:
+            other = b if records[i].label == records[a].label else a
+            out[i] = (f"same content as {text_name(records[other].path)} labelled {records[other].label!r} "
+                      "(contradictory labels; data.on_conflict: reject)")
+    return out
+
+
+def text_name(name: str) -> str:
+    """A file name as text that any UTF-8 file can hold: bytes that are not UTF-8 (Python keeps them as
+    surrogates, `os.fsdecode`) are written `\\xNN`, every other character as it is. `fs_name` undoes it, so
+    split.csv, rejects.csv, stores and predictions name such files and later steps find them again.
+    (A name really containing the text `\\x` followed by two hex digits 80-ff is read back wrongly.)"""
+    if not any("\udc80" <= ch <= "\udcff" for ch in name):
+        return name
+    return "".join(f"\\x{ord(ch) - 0xDC00:02x}" if "\udc80" <= ch <= "\udcff" else ch for ch in name)
+
+
+def fs_name(text: str) -> str:
+    """The file name `text_name` wrote: `\\xNN` (NN >= 80) back to the byte it stands for."""
+    if "\\x" not in text:
+        return text
+    return re.sub(r"\\x([89a-f][0-9a-f])", lambda m: chr(0xDC00 + int(m[1], 16)), text)
 
 
 Candidate = tuple[Path, str, str, str]  # (absolute path, relpath, label, group)
 
 
 def _from_tree(root: Path, classes: Sequence[str], mask_suffixes: Sequence[str]):
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    try:
+        entries = sorted(root.iterdir())
+    except OSError as exc:
+        raise DataError(f"{root}: data folder cannot be read ({exc.strerror or exc})") from None
+    class_dirs = [p for p in entries if is_folder(p) and not p.name.startswith(".")]
     if not class_dirs:
         raise DataError(f"{root}: no class folders inside (expected e.g. {root}/benign/, {root}/malignant/)")
     mask = mask_pattern(mask_suffixes)
     candidates: list[Candidate] = []
     rejects: list[Reject] = []
     skipped: dict[str, int] = {}
-    loose = [p for p in root.iterdir() if p.is_file() and not is_system_file(p)]
+    loose = [p for p in entries if not is_folder(p) and not is_system_file(p)]
     if loose:
         skipped["file outside any class folder"] = len(loose)
     found = [d.name for d in class_dirs]
     for class_dir in class_dirs:
-        files = sorted(p for p in walk_files(class_dir) if not is_system_file(p))
         if classes and class_dir.name not in classes:
             key = f"class {class_dir.name!r} not selected"
-            skipped[key] = skipped.get(key, 0) + len(files)
+            skipped[key] = skipped.get(key, 0) + sum(1 for p in walk_files(class_dir, []) if not is_system_file(p))
             continue
+        problems: list[Reject] = []
+        files = sorted(p for p in walk_files(class_dir, problems) if not is_system_file(p))
+        if problems and problems[0].path == text_name(str(class_dir)):
+            # The class folder itself: every image of the class would be lost, so never go on without it.
+            raise DataError(f"{class_dir}: class folder {problems[0].reason}")
+        rejects += problems
         for path in files:
             if mask.search(path.stem):
                 skipped["segmentation mask"] = skipped.get("segmentation mask", 0) + 1
             else:
-                candidates.append((path, path.relative_to(root).as_posix(), class_dir.name, ""))
+                candidates.append((path, text_name(path.relative_to(root).as_posix()), class_dir.name, ""))
     return candidates, rejects, skipped, found
 
 
-def walk_files(folder: Path) -> Iterable[Path]:
-    """Every file under ``folder``, hidden folders skipped."""
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            yield Path(dirpath) / name
+def is_folder(path: Path) -> bool:
+    """``path.is_dir()``, False for a symbolic-link loop (reported when it is read as a file)."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
+def walk_files(folder: str | Path, problems: list[Reject]) -> Iterator[Path]:
+    """Every file under `folder`, recursively; hidden folders are left out.
+
+    Symbolic links to folders are followed (collections are often assembled from links), each real
+    folder once: a link back to a folder already walked (a loop) is recorded in `problems` and not
+    entered. A folder that cannot be listed is recorded in `problems` with the OS's reason (the first
+    entry is `folder` itself when it is the one that failed). Entries that are neither files nor folders
+    are yielded too: reading them says what they are.
+    """
+    seen: set[tuple[int, int]] = set()
+    stack = [Path(folder)]
+    while stack:
+        current = stack.pop()
+        try:
+            info = os.stat(current)
+            key = (info.st_dev, info.st_ino)
+            if key in seen:
+                problems.append(Reject(text_name(str(current)), "folder already walked (a symbolic link loop or a "
+                                                                "second link to it); not entered again"))
+                continue
+            seen.add(key)
+            with os.scandir(current) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError as exc:
+            problems.append(Reject(text_name(str(current)), f"cannot be read ({exc.strerror or exc})"))
+            continue
+        folders = []
+        for entry in entries:
+            if _entry_is_dir(entry):
+                if not entry.name.startswith("."):
+                    folders.append(Path(entry.path))
+            else:
+                yield Path(entry.path)
+        stack.extend(reversed(folders))
+
+
+def _entry_is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows symbolic links
+    except OSError:
+        return False
+
 
 
 def is_system_file(path: Path) -> bool:
@@ -198,16 +396,13 @@ def mask_pattern(suffixes: Sequence[str]) -> re.Pattern:
 
 
 def _from_manifest(manifest: Path, classes: Sequence[str]):
-    with manifest.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        if "path" not in columns or "label" not in columns:
-            raise DataError(f"{manifest}: manifest needs a header with columns path,label[,group]; got {columns}")
-        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    columns, rows = _read_manifest_rows(manifest)
+    if "path" not in columns or "label" not in columns:
+        raise DataError(f"{manifest}: manifest needs a header with columns path,label[,group]; got {columns}")
     candidates: list[Candidate] = []
     rejects: list[Reject] = []
     skipped: dict[str, int] = {}
-    seen: set[Path] = set()
+    seen: set[str] = set()
     found: list[str] = []
     for line, row in enumerate(rows, start=2):  # line 1 is the header
         where = f"{manifest}:{line}"
@@ -219,44 +414,114 @@ def _from_manifest(manifest: Path, classes: Sequence[str]):
         label = row["label"]
         if label not in found:
             found.append(label)
+        # realpath, not Path.resolve: it does not raise on a symbolic link loop (Python < 3.13 does).
+        real = os.path.realpath(path)
         if classes and label not in classes:
             key = f"class {label!r} not selected"
             skipped[key] = skipped.get(key, 0) + 1
-        elif path.resolve() in seen:
+        elif real in seen:
             rejects.append(Reject(str(path), f"listed twice in the manifest (again at line {line})"))
-        elif not path.is_file():
+        elif not os.path.lexists(path):
             rejects.append(Reject(str(path), f"listed in the manifest (line {line}) but does not exist"))
         else:
-            seen.add(path.resolve())
+            seen.add(real)
             candidates.append((path, row["path"], label, row.get("group", "")))
     return candidates, rejects, skipped, found
 
 
-def _decode_all(candidates: list[Candidate], sixteen_bit: str, workers: int | None) -> list:
-    def one(candidate: Candidate):
-        path = candidate[0]
-        if path.suffix.lower() not in IMAGE_EXTENSIONS:
-            return Reject(str(path), f"not an image file (extension '{path.suffix or 'none'}')")
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            return Reject(str(path), f"unreadable ({exc.strerror or exc})")
-        try:
-            rgb = decode_image(data, path, sixteen_bit)  # type: ignore[arg-type]
-        except ImageError as exc:
-            return Reject(str(path), exc.reason)
-        return rgb.shape[:2], hashlib.sha1(data).hexdigest(), fingerprint(rgb)
+def _read_manifest_rows(manifest: Path) -> tuple[list[str], list[dict]]:
+    """Header and rows of a CSV manifest: UTF-8, with or without a byte-order mark (Excel writes one).
 
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        return list(pool.map(one, candidates))
+    Raises:
+        DataError: bytes that are not UTF-8 (e.g. a Latin-1 export), naming the line and the byte.
+    """
+    try:
+        data = manifest.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{manifest}: manifest cannot be read ({exc.strerror or exc})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError(f"{manifest}:{line}: not UTF-8 (byte 0x{data[exc.start]:02x}); save the manifest as "
+                        "UTF-8 (e.g. 'CSV UTF-8' in a spreadsheet, or iconv -f latin1 -t utf-8)") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    columns = [c.strip() for c in (reader.fieldnames or [])]
+    rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    return columns, rows
+
+
+def _decode_all(candidates: list[Candidate], options: dict, workers: int | None) -> list[tuple[Candidate, object]]:
+    """Decode every candidate; a multi-frame DICOM becomes one (candidate, outcome) per frame."""
+    pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
+    try:
+        results = list(pool.map(lambda c: _decode_one(c, options), candidates))
+    except BaseException:
+        # Ctrl-C (or any error): drop the queued files at once instead of decoding them all first,
+        # so the first Ctrl-C stops the scan.
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return [pair for pairs in results for pair in pairs]
+
+
+def _decode_one(candidate: Candidate, options: dict) -> list[tuple[Candidate, object]]:
+    path = candidate[0]
+    name = text_name(str(path))
+    if is_dicom(path):
+        return _decode_dicom(candidate, options)
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return [(candidate, Reject(name, f"not an image file (extension '{path.suffix or 'none'}')"))]
+    notes: list[str] = []
+    try:
+        data = read_file_bytes(path)
+        rgb = decode_image(data, path, options["sixteen_bit"], max_pixels=options["max_pixels"],  # type: ignore[arg-type]
+                           on_partial=options["on_partial"], warnings=notes)
+    except ImageError as exc:
+        return [(candidate, Reject(name, exc.reason))]
+    return [(candidate, (rgb.shape[:2], hashlib.sha1(data).hexdigest(), fingerprint(rgb), notes))]
+
+
+def _decode_dicom(candidate: Candidate, options: dict) -> list[tuple[Candidate, object]]:
+    """Each frame of a DICOM file as its own image; frames share the file's digest (msbt.data.splits
+    keeps the frames of one file in one group). Only pixels are read: no patient data (msbt.images.dicom)."""
+    path, relpath, label, group = candidate
+    refs = image_refs(path)
+    if len(refs) == 1:
+        frames = [(candidate, None)]
+    else:
+        frames = [((Path(ref), frame_ref(relpath, i), label, group), i) for i, ref in enumerate(refs)]
+    try:
+        digest = _sha1_file(path)
+    except OSError as exc:
+        return [(candidate, Reject(text_name(str(path)), f"unreadable ({exc.strerror or exc})"))]
+    out: list[tuple[Candidate, object]] = []
+    for frame_candidate, index in frames:
+        try:
+            rgb = read_dicom_image(path, index, options["sixteen_bit"], max_pixels=options["max_pixels"])
+        except ImageError as exc:
+            out.append((frame_candidate, Reject(text_name(str(frame_candidate[0])), exc.reason)))
+            continue
+        out.append((frame_candidate, (rgb.shape[:2], digest, fingerprint(rgb), [])))
+    return out
+
+
+def _sha1_file(path: Path) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_rejects(rejects: Sequence[Reject], path: str | Path) -> Path:
-    """Write the rejects manifest (`path,reason`) so nothing is lost silently."""
+    """Write the rejects manifest (`path,reason`) so nothing is lost silently; atomically (temp + rename).
+
+    Paths are text (`text_name`): a file name that is not UTF-8 appears with `\\xNN` escapes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "reason"])
-        writer.writerows((r.path, r.reason) for r in rejects)
+        writer.writerows((text_name(r.path), r.reason) for r in rejects)
     return path

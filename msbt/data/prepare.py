@@ -21,7 +21,7 @@ from typing import Sequence
 
 from msbt.config import Config, dump_config, to_dict
 from msbt.data import synth
-from msbt.data.discovery import Discovery, discover, write_rejects
+from msbt.data.discovery import Discovery, check_source, discover, write_rejects
 from msbt.data.splits import SplitResult, load_split, make_split, previous_rows, save_split
 from msbt.data.store import Store, StoreSummary, matches
 from msbt.provenance import write_environment
@@ -79,6 +79,24 @@ def data_sources(config: Config) -> dict[str, tuple[str, tuple[str, ...]]]:
     }
 
 
+def check_data(config: Config, modalities: Sequence[str] = MODALITIES, *, always: bool = False) -> None:
+    """Fail fast: the data folders or manifests the config names, checked without reading an image
+    (msbt.data.discovery.check_source), before Ray starts; the full scan follows in :func:`prepare_data`.
+
+    Args:
+        config: The resolved config.
+        modalities: The modalities a step needs.
+        always: Check even a modality whose recorded split and store fit (the data step scans anyway);
+            otherwise such a modality is skipped: a later step reads none of its data.
+    """
+    for modality in modalities:
+        source = config.data.microscope if modality == "microscope" else config.data.ultrasound
+        if not source or (not always and recorded_store(config, modality) is not None):
+            continue
+        classes = config.data.microscope_classes if modality == "microscope" else config.data.ultrasound_classes
+        check_source(source, classes)
+
+
 def prepare_data(config: Config, *, force_split: bool = False,
                  modalities: Sequence[str] = ("microscope", "ultrasound")) -> dict[str, PreparedData]:
     """Scan, validate, group and split the modalities; save everything into the run folder.
@@ -108,11 +126,14 @@ def _prepare_one(config: Config, modality: str, source: str, classes, folder: Pa
     d = config.data
     log.info("scanning %s data in %s", modality, source)
     discovery = discover(
-        source, classes, strict=d.strict, mask_suffixes=d.mask_suffixes, sixteen_bit=d.sixteen_bit
+        source, classes, strict=d.strict, mask_suffixes=d.mask_suffixes, sixteen_bit=d.sixteen_bit,
+        max_pixels=d.max_pixels, on_partial=d.on_partial, on_conflict=d.on_conflict,
     )
     write_rejects(discovery.rejects, folder / "rejects.csv")
     for reject in discovery.rejects:
         log.warning("rejected %s: %s", reject.path, reject.reason)
+    for warning in discovery.warnings:
+        log.warning("used in part %s: %s (data.on_partial: warn)", warning.path, warning.reason)
     # Microscope fields are cut into patches later; the split is by field, and auto-grouping still
     # catches a field saved twice.
     if (folder / "split.json").exists() and not force:

@@ -21,10 +21,16 @@ from typing import Sequence
 import numpy as np
 
 from msbt.config import PreprocessConfig
+from msbt.data.discovery import fs_name
 from msbt.data.store import META_COLUMNS, Store, StoreSummary, arrow_batch, write_store
 from msbt.images.imagefile import ImageError, fit_square, normalize_intensity, read_image
 
 log = logging.getLogger(__name__)
+
+# Files reach the store only after discovery accepted them under the run's data.max_pixels and
+# data.on_partial (and the split's data fingerprint guarantees they are unchanged): read them as accepted.
+_VALIDATED = {"max_pixels": None, "on_partial": "warn"}
+
 
 # ---------------------------------------------------------------------------------------------------
 # Per-file functions (run inside Ray Data tasks; plain numpy in, plain numpy out)
@@ -53,7 +59,7 @@ def field_patches(batch: dict[str, np.ndarray], *, params: dict, sixteen_bit: st
     out: dict[str, list] = {"image": [], "box": [], **{c: [] for c in META_COLUMNS}}
     for i in range(len(batch["path"])):
         try:
-            rgb = read_image(str(batch["path"][i]), sixteen_bit)
+            rgb = read_image(str(batch["path"][i]), sixteen_bit, **_VALIDATED)
             patches, boxes, _ = field_to_patches(rgb, seed=int(batch["seed"][i]), **params)
         except (ImageError, ValueError) as exc:
             log.warning("skipped field %s: %s", batch["path"][i], exc)
@@ -71,7 +77,7 @@ def ultrasound_arrays(batch: dict[str, np.ndarray], *, image_size: int, aspect: 
     out: dict[str, list] = {"image": [], "group": [], **{c: [] for c in META_COLUMNS}}
     for i in range(len(batch["path"])):
         try:
-            rgb = read_image(str(batch["path"][i]), sixteen_bit)
+            rgb = read_image(str(batch["path"][i]), sixteen_bit, **_VALIDATED)
         except ImageError as exc:
             log.warning("skipped image %s: %s", batch["path"][i], exc)
             continue
@@ -84,12 +90,12 @@ def ultrasound_arrays(batch: dict[str, np.ndarray], *, image_size: int, aspect: 
 
 def split_items(split_folder: str | Path, root: str | Path, classes: tuple[str, ...], seed: int) -> list[dict]:
     """Rows of a saved split as pipeline input: absolute path, label index and a per-file seed."""
-    with (Path(split_folder) / "split.csv").open(newline="") as handle:
+    with (Path(split_folder) / "split.csv").open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     items = []
     for row in sorted(rows, key=lambda r: r["relpath"]):
         items.append({
-            "path": str(Path(root) / row["relpath"]),
+            "path": str(Path(root) / fs_name(row["relpath"])),  # \xNN escapes back to the file's bytes
             "source": row["relpath"],
             "label": row["label"],
             "label_index": classes.index(row["label"]),
@@ -97,7 +103,7 @@ def split_items(split_folder: str | Path, root: str | Path, classes: tuple[str, 
             "group": row["group"],
             # A seed per file (not per task) keeps a field's patch subset the same however the work
             # is divided among tasks.
-            "seed": zlib.crc32(f"{seed}:{row['relpath']}".encode()),
+            "seed": zlib.crc32(f"{seed}:{row['relpath']}".encode("utf-8", "surrogateescape")),
         })
     return items
 

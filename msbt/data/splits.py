@@ -228,6 +228,7 @@ def make_split(
     records = discovery.records
     labels = [r.label for r in records]
     groups, links = _groups(discovery, grouping, max_distance, min_similarity)
+    groups = join_frames([r.relpath for r in records], groups)
     relpaths = [r.relpath for r in records]
     split_index = assign_groups(labels, groups, ratios, seed, keys=relpaths, tolerance=tolerance)
     fold_index = (assign_groups(labels, groups, [1.0] * folds, seed, keys=relpaths, tolerance=tolerance, salt="fold")
@@ -238,6 +239,7 @@ def make_split(
         split_index = keep_previous(labels, groups, relpaths, split_index, old_split, ratios, tolerance)
         if folds > 1:
             fold_index = keep_previous(labels, groups, relpaths, fold_index, old_fold, [1.0] * folds, tolerance)
+    check_nonempty(split_index, fold_index, groups, ratios, folds, grouping, discovery.root)
     # The naive split: the same procedure with every image its own group.
     naive = assign_groups(labels, relpaths, ratios, seed, tolerance=tolerance)
     table = [
@@ -257,6 +259,7 @@ def make_split(
         "thresholds": {"max_distance": max_distance, "min_similarity": min_similarity},
         "images": len(records),
         "rejects": len(discovery.rejects),
+        "empty_folds": [k for k in range(folds) if folds > 1 and not np.any(fold_index == k)],
         "counts": _counts(labels, split_index),
         "groups": _group_stats(labels, groups, links),
         "leakage": {
@@ -287,6 +290,55 @@ def _groups(discovery: Discovery, grouping: str, max_distance: int, min_similari
     )
     component = connected_groups(len(records), links.pairs)
     return [f"g{c:05d}" for c in component], len(links.pairs)
+
+
+def check_nonempty(split_index: np.ndarray, fold_index: np.ndarray, groups: Sequence[str], ratios: Sequence[float],
+                   folds: int, grouping: str, root: str) -> None:
+    """Every split with a share got at least one image; else say why (too few groups).
+
+    Empty folds are not refused here (small sets have them; the summary's `empty_folds` lists them);
+    cross-validation refuses them when it runs.
+
+    Raises:
+        DataError: e.g. a manifest whose rows all share one group leaves val and test empty.
+    """
+    n_groups = len(set(groups))
+    empty = [SPLITS[b] for b in range(len(SPLITS)) if ratios[b] > 0 and not np.any(split_index == b)]
+    if empty:
+        raise DataError(
+            f"{root}: {', '.join(empty)} would be empty: {len(split_index)} images form only {n_groups} group(s) "
+            f"(grouping: {grouping}), and a group is never divided; give more groups (e.g. the manifest's "
+            "group column), fewer folds (data.folds) or another grouping"
+        )
+
+
+def join_frames(relpaths: Sequence[str], groups: Sequence[str]) -> list[str]:
+    """Put the frames of one multi-frame file (``cine.dcm#frame=NNNN``, msbt.images.dicom) in one group.
+
+    A cine loop is one lesion seen many times: its frames must never straddle splits, whatever the
+    grouping mode. Groups that hold frames of one file are merged (union-find), keeping the first name.
+    """
+    parent = list(range(len(groups)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[tuple[str, str], int] = {}
+    for i, (relpath, group) in enumerate(zip(relpaths, groups)):
+        file, frame = _frame_of(relpath)
+        for key in (("group", group), ("file", file)) if frame is not None else (("group", group),):
+            j = first.setdefault(key, i)
+            parent[root(i)] = root(j)
+    return [groups[root(i)] for i in range(len(groups))]
+
+
+def _frame_of(relpath: str) -> tuple[str, int | None]:
+    # The suffix msbt.images.dicom.frame_ref writes; relpaths are relative, so no file check applies.
+    file, _, index = relpath.rpartition("#frame=")
+    return (file, int(index)) if file and index.isdigit() else (relpath, None)
 
 
 def _counts(labels: Sequence[str], bins: np.ndarray) -> dict:
@@ -344,7 +396,7 @@ def save_split(result: SplitResult, folder: str | Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     previous = read_table(folder / "split.csv") if (folder / "split.csv").is_file() else None
     summary = {**result.summary, "changes": split_changes(previous, result.table)}
-    with atomic_open(folder / "split.csv", "w", newline="") as handle:
+    with atomic_open(folder / "split.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=["relpath", "label", "group", "split", "fold"])
         writer.writeheader()
         writer.writerows(result.table)
@@ -355,7 +407,7 @@ def save_split(result: SplitResult, folder: str | Path) -> Path:
 
 def read_table(path: str | Path) -> list[dict]:
     """The rows of a saved ``split.csv`` (``fold`` as int)."""
-    with Path(path).open(newline="") as handle:
+    with Path(path).open(newline="", encoding="utf-8") as handle:
         return [{**row, "fold": int(row["fold"])} for row in csv.DictReader(handle)]
 
 

@@ -29,8 +29,21 @@ FORMAT_VERSION = 1
 MAX_STAGE = 2  # the paper's chain: ImageNet -> cell lines (stage 1) -> ultrasound (stage 2)
 
 
+DIGEST_KEY = "manifest_sha256"  # sha256 of the manifest's other fields (class names, config, model hash ...)
+
+
 class CheckpointError(ValueError):
     """A checkpoint is missing, altered, or not allowed where it was given; the message names it."""
+
+
+def json_digest(record: Mapping, skip: str = DIGEST_KEY) -> str:
+    """sha256 of a JSON record's canonical form (sorted keys), leaving out the field ``skip`` that holds it.
+
+    A manifest (or export.json) carries the digest of everything else in it, so a hand edit (swapped
+    class_names, another threshold) is detected; the model file is covered through its own sha256 inside.
+    """
+    body = {k: v for k, v in record.items() if k != skip}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def sha256_file(path: str | Path) -> str:
@@ -108,6 +121,7 @@ def write_manifest(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "msbt_version": __version__,
     }
+    manifest[DIGEST_KEY] = json_digest(manifest)
     write_text(directory / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")  # never a half-written manifest
     return manifest
 
@@ -140,11 +154,38 @@ def _folder(path: str | Path) -> Path:
 
 
 def verify(path: str | Path) -> bool:
-    """True when the checkpoint's model file exists and its sha256 matches the manifest."""
+    """True when the checkpoint's model file exists, its sha256 matches the manifest, and the manifest
+    itself is unchanged (its digest, where it has one)."""
+    try:
+        check_integrity(path)
+    except CheckpointError:
+        return False
+    return True
+
+
+def check_integrity(path: str | Path) -> dict:
+    """Everything a prediction depends on inside the checkpoint is as written: the manifest (class names,
+    config, weights record ...) against its own digest, the model file against the manifest's sha256.
+
+    Returns:
+        The manifest.
+
+    Raises:
+        CheckpointError: naming the file and what changed.
+    """
     directory = _folder(path)
     manifest = read_manifest(directory)
+    recorded = manifest.get(DIGEST_KEY)
+    # Manifests written before the digest existed (format 1 without it) are checked by the model hash only.
+    if recorded is not None and recorded != json_digest(manifest):
+        raise CheckpointError(f"{directory / MANIFEST_FILE}: changed after it was written (its {DIGEST_KEY} does "
+                              "not match its content: class names, config or hashes were edited)")
     model = directory / manifest.get("model_file", MODEL_FILE)
-    return model.is_file() and sha256_file(model) == manifest.get("model_sha256")
+    if not model.is_file():
+        raise CheckpointError(f"{model}: the checkpoint's model file is missing")
+    if sha256_file(model) != manifest.get("model_sha256"):
+        raise CheckpointError(f"{directory}: {MODEL_FILE} does not match the sha256 in {MANIFEST_FILE}")
+    return manifest
 
 
 def load_checkpoint(path: str | Path, *, check: bool = True):
@@ -161,12 +202,16 @@ def load_checkpoint(path: str | Path, *, check: bool = True):
         CheckpointError: Not a checkpoint, or the model file was changed.
     """
     directory = _folder(path)
-    manifest = read_manifest(directory)
-    if check and not verify(directory):
-        raise CheckpointError(f"{directory}: {MODEL_FILE} does not match the sha256 in {MANIFEST_FILE}")
+    manifest = check_integrity(directory) if check else read_manifest(directory)
     from msbt.model.models import load_model  # TensorFlow only when a model is really loaded
 
-    return load_model(directory / manifest.get("model_file", MODEL_FILE)), manifest
+    file = directory / manifest.get("model_file", MODEL_FILE)
+    try:
+        return load_model(file), manifest
+    except Exception as exc:  # Keras reports a damaged archive as e.g. "File not found": say what it is
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{file}: cannot be loaded as a Keras model (damaged or truncated file?): "
+                              f"{type(exc).__name__}: {first}") from None
 
 
 def check_parent(path: str | Path, stage_config: StageConfig) -> dict:
@@ -183,9 +228,10 @@ def check_parent(path: str | Path, stage_config: StageConfig) -> dict:
         CheckpointError: Not a checkpoint, altered, already the last stage, or another backbone.
     """
     directory = _folder(path)
-    manifest = read_manifest(directory)
-    if not verify(directory):
-        raise CheckpointError(f"parent {directory}: {MODEL_FILE} does not match its manifest's sha256")
+    try:
+        manifest = check_integrity(directory)
+    except CheckpointError as err:
+        raise CheckpointError(f"parent checkpoint: {err}") from None
     if manifest["stage"] >= MAX_STAGE:
         raise CheckpointError(
             f"parent {directory} is a stage-{manifest['stage']} checkpoint; stage 2 needs a stage-1 parent"

@@ -28,8 +28,8 @@ from pathlib import Path
 from msbt.provenance import write_environment
 from msbt.atomicio import atomic_path, write_text
 from msbt import __version__
-from msbt.model.checkpoint import MANIFEST_FILE, MODEL_FILE, load_checkpoint
-from msbt.serve.predict import EXPORT_FILE, find_preparation, find_threshold
+from msbt.model.checkpoint import DIGEST_KEY, MANIFEST_FILE, MODEL_FILE, json_digest, load_checkpoint
+from msbt.serve.predict import EXPORT_DIGEST_KEY, EXPORT_FILE, find_preparation, find_threshold
 
 SAVED_MODEL_DIR = "saved_model"
 EXPORT_FORMAT = 1
@@ -85,6 +85,10 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, threshold: float | No
         "msbt_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    # The digest covers what predict reads from export.json (threshold, preparation, class names, model
+    # hash) and the copied manifest's own digest, so an edit to either is detected (msbt.serve.predict).
+    record["manifest_sha256"] = manifest.get(DIGEST_KEY)
+    record[EXPORT_DIGEST_KEY] = json_digest(record, skip=EXPORT_DIGEST_KEY)
     write_text(out / EXPORT_FILE, json.dumps(record, indent=2) + "\n")
     return record
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,15 +32,16 @@ from typing import Sequence
 import numpy as np
 
 from msbt.atomicio import atomic_open
-from msbt.model.checkpoint import MODEL_FILE, read_manifest
+from msbt.model.checkpoint import DIGEST_KEY, MODEL_FILE, CheckpointError, json_digest, read_manifest
 from msbt.config import PreprocessConfig, load_config
-from msbt.data.discovery import Reject, is_system_file, mask_pattern, walk_files
+from msbt.data.discovery import Reject, is_folder, is_system_file, mask_pattern, text_name, walk_files
 from msbt.data.store import STORE_FILE, Store
-from msbt.images.imagefile import ImageError, fit_square, normalize_intensity, read_image
+from msbt.images.imagefile import ImageError, fit_square, image_refs, normalize_intensity, read_image
 
 log = logging.getLogger(__name__)
 
 EXPORT_FILE = "export.json"  # written by msbt.serve.export beside the copied model
+EXPORT_DIGEST_KEY = "export_sha256"  # export.json's digest of its other fields (msbt.model.checkpoint.json_digest)
 CSV_COLUMNS = ("path", "label", "probability", "threshold", "heatmap", "reason")
 DEFAULT_THRESHOLD = 0.5
 _RUN_LEVELS = 5  # checkpoint -> stage2 -> run (or -> arm -> experiment -> run)
@@ -203,9 +205,19 @@ def _read_export(folder: Path) -> dict | None:
     if not file.is_file():
         return None
     try:
-        return json.loads(file.read_text())
+        record = json.loads(file.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{file}: not valid JSON ({err})") from None
+    # Threshold and preparation come from here: an edit would silently change every prediction.
+    recorded = record.get(EXPORT_DIGEST_KEY)
+    if recorded is not None and recorded != json_digest(record, skip=EXPORT_DIGEST_KEY):
+        raise CheckpointError(f"{file}: changed after export (its {EXPORT_DIGEST_KEY} does not match its content: "
+                              "threshold, preparation or class names were edited)")
+    manifest = folder / "manifest.json"
+    if recorded is not None and manifest.is_file():
+        if record.get("manifest_sha256") != read_manifest(folder).get(DIGEST_KEY):
+            raise CheckpointError(f"{file}: made for another manifest.json than the one beside it")
+    return record
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -227,25 +239,36 @@ def collect_files(inputs: Sequence[str | Path], mask_suffixes: Sequence[str] = (
     files: list[Path] = []
     rejects: list[Reject] = []
     skipped: dict[str, int] = {}
-    seen: set[Path] = set()
+    seen: set[str] = set()
     for item in inputs:
         path = Path(item).expanduser()
-        if path.is_dir():
-            found = sorted(p for p in walk_files(path) if not is_system_file(p))
-        elif path.is_file():
-            found = [path]
+        if is_folder(path):
+            problems: list[Reject] = []
+            found = sorted(p for p in walk_files(path, problems) if not is_system_file(p))
+            rejects += problems
+        elif os.path.lexists(path):
+            found = [path]  # a file, or something reading it will name (FIFO, device, link loop)
         else:
-            rejects.append(Reject(str(path), "does not exist"))
+            rejects.append(Reject(text_name(str(path)), "does not exist"))
             continue
         for file in found:
-            if file.resolve() in seen:
+            # realpath, not Path.resolve: it does not raise on a symbolic link loop (Python < 3.13 does).
+            real = os.path.realpath(file)
+            if real in seen:
                 continue
-            seen.add(file.resolve())
+            seen.add(real)
             if mask.search(file.stem):
                 skipped["segmentation mask"] = skipped.get("segmentation mask", 0) + 1
             else:
                 files.append(file)
     return files, rejects, skipped
+
+
+def _is_folder(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
 
 
 def prepare_image(path: str | Path, preparation: Preparation) -> np.ndarray:
@@ -312,6 +335,8 @@ def predict(
         run.notes.append(f"images are fitted to {preparation.image_size} px as the store holds them, then resized "
                          f"to the model's {stage.image_size} px as in training")
     files, run.rejects, run.skipped = collect_files(inputs, preparation.mask_suffixes)
+    # A multi-frame DICOM (a cine loop) is predicted frame by frame, each as `file#frame=NNNN`.
+    files = [ref for file in files for ref in image_refs(file)]
     used: set[str] = set()  # heatmap file names taken so far
     # A chunk at a time, so a folder of thousands of images never sits in memory at once.
     for start in range(0, len(files), _CHUNK):
@@ -321,7 +346,7 @@ def predict(
                 images.append(prepare_image(path, preparation))
                 kept.append(path)
             except ImageError as err:
-                run.rejects.append(Reject(str(path), err.reason))
+                run.rejects.append(Reject(text_name(str(path)), err.reason))
         if not kept:
             continue
         batch = model_inputs(np.stack(images), stage.image_size)
@@ -331,7 +356,8 @@ def predict(
         for path, prob, picture in zip(kept, p.reshape(-1), pictures):
             # The rule of msbt.eval.metrics: malignant when p >= threshold.
             label = positive if prob >= chosen.value else negative
-            run.predictions.append(Prediction(str(path), label, float(prob), chosen.value, picture))
+            # text_name: a file name that is not UTF-8 is printed and written with \xNN escapes.
+            run.predictions.append(Prediction(text_name(str(path)), label, float(prob), chosen.value, picture))
     return run
 
 
@@ -344,10 +370,12 @@ def _write_heatmaps(model, batch: np.ndarray, paths: list[Path], folder: str | P
     heat = gradcam(model, batch)
     written = []
     for image, h, path in zip(batch, heat, paths):
-        name, n = f"{path.stem}.gradcam.png", 1
+        path = Path(path)  # a frame reference's name is `file#frame=NNNN`: its stem keeps the frame
+        stem = text_name(path.stem)
+        name, n = f"{stem}.gradcam.png", 1
         while name in used:  # same file name in two folders
             n += 1
-            name = f"{path.stem}-{n}.gradcam.png"
+            name = f"{stem}-{n}.gradcam.png"
         used.add(name)
         written.append(str(write_png(np.hstack([image, overlay(image, h)]), folder / name)))
     return written

@@ -102,7 +102,7 @@ def test_kfold_folds_are_disjoint_by_group_and_balanced():
     for f, g in zip(folds, groups):
         by_group[g].add(f)
     assert all(len(v) == 1 for v in by_group.values())
-    # the explicit guarantee of assign_groups (tests/test_split_stability.py checks it in detail): each
+    # the explicit guarantee of assign_groups (tests/unit/test_split_stability.py checks it in detail): each
     # class's fold within max(5% of the class, its largest group) images of a fifth
     for label in ("benign", "malignant"):
         n = labels.count(label)

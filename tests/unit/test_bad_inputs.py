@@ -1,0 +1,489 @@
+"""Bad input, as a careless or hostile user gives it, through every entry point it reaches (issue 13).
+
+Each case: the message names the file or key and the reason, the run goes on or stops as documented in
+docs/reliability.md, and nothing is lost (every file is either used or in the rejects) or left behind
+(no temporary files). Generated files only; no Ray (the pipeline's data step runs without it).
+"""
+
+import csv
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from helpers import ROOT, textured
+from msbt.cli import main
+from msbt.config import ConfigError, load_config
+from msbt.data.discovery import DataError, discover, fs_name
+from msbt.data.preprocess import split_items, ultrasound_arrays
+from msbt.images.imagefile import ImageError, read_image
+
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+PYTHON = sys.executable
+
+
+def png(path: Path, seed: int, size: int = 64) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), textured(seed, size))
+    return path
+
+
+def tree(root: Path, per_class: int = 4, classes=("benign", "malignant")) -> Path:
+    for c, label in enumerate(classes):
+        for k in range(per_class):
+            png(root / label / f"{label[0]}{k}.png", 100 * c + k)
+    return root
+
+
+def huge_png(path: Path, width: int, height: int) -> Path:
+    """A valid PNG header claiming width x height, with a tiny compressed body (a decompression bomb's shape)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def run_cli(*args, timeout=60, env=None):
+    """The CLI in its own process (for signals, privileges and start-up timing)."""
+    return subprocess.run([PYTHON, "-m", "msbt.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+
+
+def no_temp_files(folder: Path) -> list[Path]:
+    return [p for p in Path(folder).rglob("*") if p.name.endswith(".tmp")]
+
+
+def read_rejects(path: Path) -> dict[str, str]:
+    with path.open(newline="", encoding="utf-8") as handle:
+        return {row["path"]: row["reason"] for row in csv.DictReader(handle)}
+
+
+def scan_and_split(root: Path, out: Path, *extra: str) -> tuple[int, dict, list]:
+    """`msbt scan --rejects` then `msbt split`; returns split's exit code, its rejects and split rows."""
+    rc_scan = main(["scan", str(root), "--rejects", str(out / "scan_rejects.csv"), *extra])
+    rc = main(["split", str(root), "--out", str(out / "split"), "--set", "data.folds=2", *extra])
+    assert rc_scan == rc
+    if rc:
+        return rc, {}, []
+    assert read_rejects(out / "scan_rejects.csv") == read_rejects(out / "split" / "rejects.csv")
+    with (out / "split" / "split.csv").open(newline="", encoding="utf-8") as handle:
+        return rc, read_rejects(out / "split" / "rejects.csv"), list(csv.DictReader(handle))
+
+
+def pipeline_data_step(tmp_path: Path, ultrasound: Path, *extra: str):
+    """The pipeline's data step (scan, rejects.csv, split) and the Ray Data per-file function on its split."""
+    from msbt.jobs.pipeline import prepare_data
+
+    micro = tree(tmp_path / "micro", 3, ("lineA", "lineB"))
+    config = load_config([], [f"data.microscope={micro}", f"data.ultrasound={ultrasound}",
+                              f"run.storage_path={tmp_path / 'runs'}", "run.name=r", "data.folds=2", *extra])
+    prepared = prepare_data(config, modalities=("ultrasound",))["ultrasound"]
+    items = split_items(prepared.folder, prepared.discovery.root, prepared.discovery.classes, 0)
+    batch = {k: np.array([item[k] for item in items]) for k in items[0]}
+    table = ultrasound_arrays(batch, image_size=32, aspect="pad", intensity="none")
+    return prepared, items, table
+
+
+# ---------------------------------------------------------------------------------------------------
+# A tiny real stage-2 checkpoint for predict/export (EfficientNet-Lite0 at 32 px, untrained head)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    import keras
+
+    from msbt.config import HeadConfig, StageConfig
+    from msbt.model.checkpoint import MODEL_FILE, write_manifest
+    from msbt.model.models import build_model
+
+    stage = StageConfig(backbone="efficientnet_lite0", weights="imagenet", image_size=32,
+                        head=HeadConfig((4,), 0.0), monitor="val_auc")
+    folder = tmp_path_factory.mktemp("ckpt") / "checkpoint_000001"
+    folder.mkdir()
+    keras.utils.set_random_seed(0)
+    build_model(stage, 2).save(folder / MODEL_FILE)
+    write_manifest(folder, stage_config=stage, class_names=["benign", "malignant"], metrics={}, best_epoch=1)
+    return folder
+
+
+def predict_rows(checkpoint: Path, inputs, out: Path) -> tuple[int, dict, dict]:
+    """`msbt predict --out`: exit code, {path: label} predicted and {path: reason} rejected."""
+    rc = main(["predict", str(checkpoint), *map(str, inputs), "--out", str(out)])
+    if not out.exists():
+        return rc, {}, {}
+    with out.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    return rc, {r["path"]: r["label"] for r in rows if r["label"]}, {r["path"]: r["reason"] for r in rows if not r["label"]}
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. Class folders that cannot be read or hold nothing usable
+
+
+def test_empty_class_is_an_error_naming_the_folder(tmp_path, capsys):
+    root = tree(tmp_path / "data")
+    for f in (root / "malignant").iterdir():
+        f.unlink()
+    (root / "malignant" / "notes.txt").write_text("x")
+    assert main(["split", str(root), "--out", str(tmp_path / "out"), "--set", "data.folds=2"]) == 1
+    err = capsys.readouterr().err
+    assert f"{root / 'malignant'}: class 'malignant' has no usable image: all 1 of its files were rejected" in err
+    assert "notes.txt: not an image file" in err
+    assert not (tmp_path / "out" / "split.csv").exists()
+
+
+@pytest.mark.skipif(not Path("/usr/bin/setpriv").exists() and os.geteuid() == 0, reason="needs setpriv as root")
+def test_unreadable_class_folder_is_an_error_not_a_missing_class(tmp_path):
+    root = tree(tmp_path / "data")
+    os.chmod(root / "malignant", 0)
+    try:
+        # As root, drop the capabilities that bypass file permissions (as a hospital user would lack them).
+        prefix = ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--"] if os.geteuid() == 0 else []
+        start = time.monotonic()
+        result = subprocess.run([*prefix, PYTHON, "-m", "msbt.cli", "split", str(root), "--out", str(tmp_path / "o"),
+                                 "--classes", "benign", "malignant", "--set", "data.folds=2"],
+                                capture_output=True, text=True, timeout=60, cwd=ROOT,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+    finally:
+        os.chmod(root / "malignant", 0o755)
+    assert result.returncode == 1, result.stdout
+    assert f"{root / 'malignant'}: class folder cannot be read (Permission denied)" in result.stderr
+    assert not (tmp_path / "o" / "split.csv").exists()
+    assert time.monotonic() - start < 30
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. Huge images: rejected from the header, before decoding
+
+
+def test_huge_image_is_rejected_from_its_header_everywhere(tmp_path, checkpoint):
+    root = tree(tmp_path / "data")
+    bomb = huge_png(root / "benign" / "bomb.png", 40000, 40000)
+    with pytest.raises(ImageError, match="bomb.png: image too large \\(40000x40000 = 1600000000 px; limit data.max_pixels"):
+        read_image(bomb)
+    rc, rejects, rows = scan_and_split(root, tmp_path / "out")
+    assert rc == 0 and rejects == {str(bomb): "image too large (40000x40000 = 1600000000 px; limit "
+                                              "data.max_pixels = 64000000)"}
+    assert len(rows) == 8  # nothing else lost
+    prepared, items, table = pipeline_data_step(tmp_path, root)
+    assert read_rejects(prepared.folder / "rejects.csv") == rejects and table.num_rows == 8
+    rc, predicted, rejected = predict_rows(checkpoint, [root / "benign"], tmp_path / "p.csv")
+    assert rc == 0 and len(predicted) == 4 and rejected[str(bomb)].startswith("image too large")
+    assert no_temp_files(tmp_path) == []
+
+
+def test_pixel_limit_is_configurable(tmp_path):
+    root = tree(tmp_path / "data")
+    png(root / "benign" / "big.png", 7, 128)  # 16384 px
+    rc, rejects, rows = scan_and_split(root, tmp_path / "out", "--set", "data.max_pixels=10000")
+    assert rc == 0 and list(rejects.values()) == ["image too large (128x128 = 16384 px; limit data.max_pixels = 10000)"]
+    with pytest.raises(ConfigError, match="`data.max_pixels` must be between 64 and 2\\*\\*30"):
+        load_config([], ["data.max_pixels=0"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. Odd file system entries: names that are not UTF-8, link loops, FIFOs, devices, Ctrl-C
+
+
+def test_non_utf8_file_names_round_trip_through_split_pipeline_and_predict(tmp_path, checkpoint, capsys):
+    root = tree(tmp_path / "data")
+    raw = os.fsencode(root / "malignant") + b"/caf\xe9 l\xe9sion.png"
+    with open(raw, "wb") as handle:  # a str path cannot carry these bytes: write through the bytes path
+        handle.write(cv2.imencode(".png", textured(77))[1].tobytes())
+    rc, rejects, rows = scan_and_split(root, tmp_path / "out")
+    assert rc == 0 and rejects == {}
+    escaped = [r["relpath"] for r in rows if "caf" in r["relpath"]]
+    assert escaped == ["malignant/caf\\xe9 l\\xe9sion.png"]  # valid UTF-8 text in split.csv...
+    assert os.fsencode(root / fs_name(escaped[0])) == raw  # ...that names the very file again
+    prepared, items, table = pipeline_data_step(tmp_path, root)
+    assert table.num_rows == 9 and "malignant/caf\\xe9 l\\xe9sion.png" in table["source"].to_pylist()
+    capsys.readouterr()
+    rc, predicted, rejected = predict_rows(checkpoint, [root / "malignant"], tmp_path / "p.csv")
+    assert rc == 0 and rejected == {} and f"{root}/malignant/caf\\xe9 l\\xe9sion.png" in predicted
+    assert "caf" in capsys.readouterr().out
+
+
+def test_link_loops_fifos_and_devices_are_rejected_never_followed_or_opened(tmp_path, checkpoint):
+    root = tree(tmp_path / "data")
+    os.symlink("loop.png", root / "benign" / "loop.png")  # a link to itself
+    os.mkfifo(root / "benign" / "fifo.png")  # opened for reading, it would block forever
+    os.symlink("/dev/zero", root / "benign" / "zero.png")  # endless when read
+    os.symlink(".", root / "benign" / "again")  # a folder link to itself: a walk loop
+    (root / "malignant" / "real").mkdir()
+    png(root / "malignant" / "real" / "m9.png", 9)
+    os.symlink("real", root / "malignant" / "linked")  # a folder reached twice: walked once
+    start = time.monotonic()
+    rc, rejects, rows = scan_and_split(root, tmp_path / "out")
+    assert time.monotonic() - start < 30
+    b = root / "benign"
+    walked = "folder already walked (a symbolic link loop or a second link to it); not entered again"
+    assert rc == 0 and rejects == {
+        str(b / "again"): walked,
+        str(b / "fifo.png"): "not a regular file (a FIFO)",
+        str(b / "loop.png"): "unreadable (Too many levels of symbolic links)",
+        str(b / "zero.png"): "not a regular file (a character device)",
+        str(root / "malignant" / "real"): walked,  # reached first through `linked`
+    }
+    assert len([r for r in rows if r["label"] == "malignant"]) == 5  # m9 once, not twice
+    assert len(rows) == 9
+    rc, predicted, rejected = predict_rows(checkpoint, [b / "loop.png", b / "fifo.png", b / "zero.png", b / "b0.png"],
+                                           tmp_path / "p.csv")
+    assert rc == 0 and list(predicted) == [str(b / "b0.png")]
+    assert rejected == {str(b / "loop.png"): "unreadable (Too many levels of symbolic links)",
+                        str(b / "fifo.png"): "not a regular file (a FIFO)",
+                        str(b / "zero.png"): "not a regular file (a character device)"}
+    assert time.monotonic() - start < 60
+
+
+@pytest.mark.slow
+def test_first_ctrl_c_stops_a_scan(tmp_path):
+    """One large image linked 400 times: a scan of several seconds, stopped by one SIGINT."""
+    root = tmp_path / "data"
+    first = png(root / "benign" / "b0000.png", 1, 1500)
+    for k in range(1, 400):
+        os.link(first, root / "benign" / f"b{k:04d}.png")
+    png(root / "malignant" / "m.png", 2)
+    proc = subprocess.Popen([PYTHON, "-m", "msbt.cli", "scan", str(root)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    time.sleep(4)  # imports done, decoding under way
+    assert proc.poll() is None, "the scan ended before the signal: make it longer"
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    stopped = time.monotonic() - sent
+    assert proc.returncode == 130 and "msbt: interrupted" in err
+    assert stopped < 3.0, f"took {stopped:.1f} s after the first Ctrl-C"
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. Files only part of which would be used
+
+
+def partial_files(folder: Path) -> dict[str, Path]:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 255, (128, 128, 3)).astype(np.uint8)
+    data = cv2.imencode(".jpg", noise)[1].tobytes()
+    (folder / "cut.jpg").write_bytes(data[: len(data) // 2] + b"\xff\xd9")  # end marker put back
+    frames = [Image.fromarray(textured(3)), Image.fromarray(textured(4))]
+    frames[0].save(folder / "anim.png", "GIF", save_all=True, append_images=frames[1:])
+    frames[0].save(folder / "pages.tif", "TIFF", save_all=True, append_images=frames[1:])
+    frames[0].save(folder / "still_gif.png", "GIF")
+    return {p.name: p for p in folder.iterdir()}
+
+
+PARTIAL_REASONS = {
+    "anim.png": "a GIF file named '.png'; GIF with 2 pages/frames: only the first would be used",
+    "pages.tif": "TIFF with 2 pages/frames: only the first would be used",
+    "still_gif.png": "a GIF file named '.png'",
+}
+
+
+def test_partial_files_are_rejected_with_the_reason_or_used_with_a_warning(tmp_path, checkpoint, capsys):
+    root = tree(tmp_path / "data")
+    files = partial_files(root / "benign")
+    rc, rejects, rows = scan_and_split(root, tmp_path / "reject")
+    assert rc == 0 and len(rows) == 8
+    reasons = {Path(p).name: r for p, r in rejects.items()}
+    assert reasons["cut.jpg"].startswith("truncated JPEG (its last ") and "filled grey" in reasons["cut.jpg"]
+    for name, reason in PARTIAL_REASONS.items():
+        assert reasons[name] == f"{reason} (data.on_partial: reject)"
+    capsys.readouterr()
+    rc, rejects, rows = scan_and_split(root, tmp_path / "warn", "--set", "data.on_partial=warn")
+    assert rc == 0 and rejects == {} and len(rows) == 12  # used...
+    out = capsys.readouterr().out
+    for name, reason in PARTIAL_REASONS.items():
+        assert f"warning {files[name]}: {reason} (used; data.on_partial: warn)" in out  # ...and said
+    prepared, items, table = pipeline_data_step(tmp_path, root)
+    assert {Path(p).name for p in read_rejects(prepared.folder / "rejects.csv")} == set(files)
+    rc, predicted, rejected = predict_rows(checkpoint, [root / "benign"], tmp_path / "p.csv")
+    assert {Path(p).name for p in rejected} == set(files) and len(predicted) == 4
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. Labels that contradict each other, manifests, class names
+
+
+def test_same_image_under_two_classes_is_an_error_or_both_are_rejected(tmp_path, capsys):
+    root = tree(tmp_path / "data")
+    (root / "malignant" / "copy.png").write_bytes((root / "benign" / "b1.png").read_bytes())
+    assert main(["split", str(root), "--out", str(tmp_path / "o"), "--set", "data.folds=2"]) == 1
+    err = capsys.readouterr().err
+    assert f"{root / 'benign' / 'b1.png'} (benign) and {root / 'malignant' / 'copy.png'} (malignant) are the same " \
+           "file content under two classes" in err
+    assert not (tmp_path / "o" / "split.csv").exists()
+    rc, rejects, rows = scan_and_split(root, tmp_path / "out", "--set", "data.on_conflict=reject")
+    assert rc == 0 and set(rejects) == {str(root / "benign" / "b1.png"), str(root / "malignant" / "copy.png")}
+    assert "contradictory labels" in rejects[str(root / "benign" / "b1.png")]
+    assert len(rows) == 7
+    with pytest.raises(DataError, match="same file content under two classes"):
+        pipeline_data_step(tmp_path, root)
+
+
+def manifest(path: Path, root: Path, groups: bool, encoding="utf-8", bom=False, extra_row="") -> Path:
+    lines = ["path,label,group"] + [
+        f"{p.relative_to(path.parent).as_posix()},{p.parent.name},{'one' if groups else p.stem}"
+        for p in sorted(root.rglob("*.png"))]
+    text = "\n".join(lines + ([extra_row] if extra_row else [])) + "\n"
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode(encoding))
+    return path
+
+
+def test_manifest_with_one_group_is_an_error_not_empty_splits(tmp_path, capsys):
+    root = tree(tmp_path / "data", 6)
+    csv_file = manifest(tmp_path / "m.csv", root, groups=True)
+    assert main(["split", str(csv_file), "--out", str(tmp_path / "o"), "--set", "data.grouping=manifest"]) == 1
+    assert "val, test would be empty: 12 images form only 1 group(s) (grouping: manifest)" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "split.csv").exists()
+    with pytest.raises(DataError, match="would be empty"):
+        pipeline_data_step(tmp_path, csv_file, "data.grouping=manifest")
+
+
+def test_bom_manifest_is_read_and_latin1_is_an_error_naming_file_and_line(tmp_path, capsys):
+    root = tree(tmp_path / "data")
+    bom = manifest(tmp_path / "bom.csv", root, groups=False, bom=True)
+    assert len(discover(bom).records) == 8
+    latin = manifest(tmp_path / "latin.csv", root, groups=False, encoding="latin-1",
+                     extra_row="data/benign/l\xe9sion.png,benign,x")
+    assert main(["scan", str(latin)]) == 1
+    assert f"{latin}:10: not UTF-8 (byte 0xe9)" in capsys.readouterr().err
+    with pytest.raises(DataError, match="latin.csv:10: not UTF-8"):
+        pipeline_data_step(tmp_path, latin)
+
+
+def test_class_folder_differing_in_case_fails_before_ray_starts(tmp_path):
+    root = tree(tmp_path / "data", 2, ("Benign", "malignant"))
+    micro = tree(tmp_path / "micro", 2, ("a", "b"))
+    start = time.monotonic()
+    result = run_cli("run", "--set", f"data.ultrasound={root}", "--set", f"data.microscope={micro}",
+                     "--set", f"run.storage_path={tmp_path / 'runs'}")
+    took = time.monotonic() - start
+    assert result.returncode == 1
+    assert f"{root}: class 'benign' not found (found: Benign, malignant); 'Benign' differs only in case" in result.stderr
+    assert "Ray" not in result.stderr + result.stdout  # no cluster was started
+    assert took < 5.0 + 3.0  # 5 s as asked, plus this machine's interpreter start under load
+    assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6. Config values of the right type that cannot work
+
+
+@pytest.mark.parametrize("override, key", [
+    ("stage1.batch_size=0", "stage1.batch_size"),
+    ("stage2.epochs=-1", "stage2.epochs"),
+    ("stage1.image_size=0", "stage1.image_size"),
+    ("preprocess.image_size=8", "preprocess.image_size"),
+    ("stage1.learning_rate=.nan", "stage1.learning_rate"),
+    ("stage1.learning_rate=nan", "stage1.learning_rate"),
+    ("stage2.learning_rate=-0.1", "stage2.learning_rate"),
+    ("stage2.head.dropout=1.5", "stage2.head.dropout"),
+    ("data.folds=0", "data.folds"),
+    ("data.folds=1000", "data.folds"),
+    ("data.split=[1,0,0]", "data.split"),
+    ("data.split=[0.5,0.2,0.1]", "data.split"),
+    ("run.num_workers=0", "run.num_workers"),
+    ("run.checkpoints_to_keep=0", "run.checkpoints_to_keep"),
+    ("tune.num_samples=0", "tune.num_samples"),
+    ("preprocess.block_size=150", "preprocess.block_size"),
+])
+def test_config_ranges_are_checked_when_read(override, key, capsys):
+    with pytest.raises(ConfigError, match=f"--set {re.escape(override)}.*`{re.escape(key)}` must be"):
+        load_config([], [override])
+    assert main(["config", "--set", override]) == 1
+    assert f"`{key}` must be" in capsys.readouterr().err
+
+
+def test_config_numbers_and_broken_values_from_the_command_line(capsys):
+    assert load_config([], ["stage1.learning_rate=1e-3"]).stage1.learning_rate == 0.001
+    assert load_config([], ["stage1.learning_rate=2E-4"]).stage1.learning_rate == 0.0002
+    assert load_config([], ["run.name=1e3"]).run.name == "1e3"  # a string where a string is wanted
+    with pytest.raises(ConfigError, match=r"--set data.split=\[1: the value of `data.split` is not valid YAML"):
+        load_config([], ["data.split=[1"])
+    assert main(["config", "--set", "stage2.learning_rate=1e-3"]) == 0
+    assert "learning_rate: 0.001" in capsys.readouterr().out
+
+
+def test_config_error_fails_run_before_ray(tmp_path):
+    start = time.monotonic()
+    result = run_cli("run", "--set", "stage1.batch_size=0", "--set", f"run.storage_path={tmp_path}")
+    assert result.returncode == 1 and "`stage1.batch_size` must be >= 1, got 0" in result.stderr
+    assert time.monotonic() - start < 8.0 and not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------
+# 7. Integrity of everything a prediction depends on
+
+
+def copy_checkpoint(checkpoint: Path, to: Path) -> Path:
+    import shutil
+
+    shutil.copytree(checkpoint, to)
+    return to
+
+
+def rewrite_manifest(folder: Path, change, rehash: bool = False) -> None:
+    import json
+
+    from msbt.model.checkpoint import DIGEST_KEY, json_digest
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    change(manifest)
+    if rehash:  # a careful forger: every hash made to match again
+        manifest[DIGEST_KEY] = json_digest(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_swapped_class_names_are_detected_by_predict_and_export(tmp_path, checkpoint, capsys):
+    folder = copy_checkpoint(checkpoint, tmp_path / "swapped")
+    rewrite_manifest(folder, lambda m: m.__setitem__("class_names", ["malignant", "benign"]))
+    images = tree(tmp_path / "data", 1)
+    rc, predicted, _ = predict_rows(folder, [images], tmp_path / "p.csv")
+    assert rc == 1 and predicted == {} and not (tmp_path / "p.csv").exists()
+    err = capsys.readouterr().err
+    assert f"{folder / 'manifest.json'}: changed after it was written" in err and "class names" in err
+    assert main(["export", str(folder), str(tmp_path / "exp")]) == 1
+    assert "changed after it was written" in capsys.readouterr().err
+    assert not (tmp_path / "exp").exists()
+
+
+def test_truncated_model_with_matching_hash_names_the_file(tmp_path, checkpoint, capsys):
+    from msbt.model.checkpoint import sha256_file
+
+    folder = copy_checkpoint(checkpoint, tmp_path / "cut")
+    model = folder / "model.keras"
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    rewrite_manifest(folder, lambda m: m.__setitem__("model_sha256", sha256_file(model)), rehash=True)
+    rc, predicted, _ = predict_rows(folder, [tree(tmp_path / "data", 1)], tmp_path / "p.csv")
+    err = capsys.readouterr().err
+    assert rc == 1 and f"{model}: cannot be loaded as a Keras model (damaged or truncated file?)" in err
+    assert "File not found" not in err.split("file?):")[0]
+
+
+@pytest.mark.slow
+def test_edited_export_threshold_is_detected(tmp_path, checkpoint, capsys):
+    import json
+
+    assert main(["export", str(checkpoint), str(tmp_path / "exp"), "--threshold", "0.3"]) == 0
+    record = json.loads((tmp_path / "exp" / "export.json").read_text())
+    record["threshold"]["value"] = 0.9
+    (tmp_path / "exp" / "export.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    rc, predicted, _ = predict_rows(tmp_path / "exp", [tree(tmp_path / "data", 1)], tmp_path / "p.csv")
+    assert rc == 1 and predicted == {}
+    assert f"{tmp_path / 'exp' / 'export.json'}: changed after export" in capsys.readouterr().err
+    assert no_temp_files(tmp_path) == []
