@@ -43,6 +43,7 @@ class ImageRecord:
     width: int
     height: int
     digest: str  # sha1 of the file's bytes
+    site: str = ""  # the named source (hospital, scanner) it came from; see msbt.data.sites
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Discovery:
     hashes: np.ndarray  # (N,) uint64 perceptual hashes, aligned with records
     thumbs: np.ndarray  # (N, 1024) float32 normalised thumbnails, aligned with records
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count (masks, excluded classes)
+    sites: dict[str, str] = field(default_factory=dict)  # site name -> its root (msbt.data.sites)
 
     def counts(self) -> dict[str, int]:
         """Number of usable images per class, in class order."""
@@ -245,6 +247,16 @@ def _decode_all(candidates: list[Candidate], sixteen_bit: str, workers: int | No
 
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         return list(pool.map(one, candidates))
+
+
+def manifest_paths(manifest: str | Path) -> tuple[list[Path], list[Reject]]:
+    """The image paths a CSV manifest lists (``path`` column, relative to the CSV), as discovery reads them.
+
+    For tools that take the same manifests as training but need no labels (``msbt predict``): rows
+    without a path, missing files and repeated files become rejects, as in :func:`discover`.
+    """
+    candidates, rejects, _, _ = _from_manifest(Path(manifest), ())
+    return [c[0] for c in candidates], rejects
 
 
 def write_rejects(rejects: Sequence[Reject], path: str | Path) -> Path:

@@ -59,6 +59,17 @@ def ensure_synth(config: Config) -> Path:
     return out
 
 
+def ensure_synth_sites(config: Config) -> list[str]:
+    """The built-in multi-site ultrasound set (``synth.sites`` >= 2) as ``NAME=PATH`` sources."""
+    from msbt.data import sitesynth
+
+    s = config.synth
+    out = synth_dir(config) / "sites"
+    summary = sitesynth.generate_sites(out, sites=s.sites, seed=s.seed, lesions_per_class=s.lesions_per_class,
+                                       frames_per_lesion=tuple(s.frames_per_lesion), size=s.ultrasound_size)
+    return [f"{name}={path}" for name, path in summary["sites"].items()]
+
+
 @dataclass(frozen=True)
 class PreparedData:
     modality: str
@@ -75,6 +86,8 @@ def data_sources(config: Config) -> dict[str, tuple[str, tuple[str, ...]]]:
     if not micro or not ultra:
         built_in = ensure_synth(config)
         micro = micro or str(built_in / "microscope")
+        if not ultra and config.synth.sites >= 2:
+            ultra = tuple(ensure_synth_sites(config))
         ultra = ultra or str(built_in / "ultrasound")
     return {
         "microscope": (micro, tuple(config.data.microscope_classes)),
@@ -108,9 +121,15 @@ def prepare_data(config: Config, *, force_split: bool = False,
 def _prepare_one(config: Config, modality: str, source: str, classes, folder: Path, force: bool) -> PreparedData:
     d = config.data
     log.info("scanning %s data in %s", modality, source)
-    discovery = discover(
-        source, classes, strict=d.strict, mask_suffixes=d.mask_suffixes, sixteen_bit=d.sixteen_bit
-    )
+    if modality == "ultrasound":  # one source or several named sites (msbt.data.sites)
+        from msbt.data.sites import discover_sites
+
+        discovery = discover_sites(source, classes, strict=d.strict, mask_suffixes=d.mask_suffixes,
+                                   sixteen_bit=d.sixteen_bit)
+    else:
+        discovery = discover(
+            source, classes, strict=d.strict, mask_suffixes=d.mask_suffixes, sixteen_bit=d.sixteen_bit
+        )
     write_rejects(discovery.rejects, folder / "rejects.csv")
     for reject in discovery.rejects:
         log.warning("rejected %s: %s", reject.path, reject.reason)
@@ -130,6 +149,10 @@ def _prepare_one(config: Config, modality: str, source: str, classes, folder: Pa
         )
         save_split(split, folder)
         reused = False
+    if modality == "ultrasound":  # for the contamination check of msbt.eval.external
+        from msbt.data.splits import save_fingerprints
+
+        save_fingerprints(discovery, folder)
     return PreparedData(modality, str(source), folder, discovery, split, reused)
 
 
@@ -153,6 +176,13 @@ def summarize(prepared: dict[str, PreparedData]) -> str:
             f"{s['leakage']['naive_random']['test']} test images; this split leaks "
             f"{s['leakage']['group_aware']['val'] + s['leakage']['group_aware']['test']}",
         ]
+        if len(s.get("sites", {})) > 1:
+            for site, per in s["sites"].items():
+                lines.append(f"  site {site}: " + ", ".join(
+                    f"{split} " + "/".join(str(per[split].get(c, 0)) for c in s["classes"]) for split in per))
+            cross = s.get("cross_site_duplicates", {})
+            lines.append(f"  near-duplicates across sites: {cross.get('pairs', 0)} pairs ({cross.get('images', 0)} "
+                         "images), reported in split.json, not merged into groups")
     return "\n".join(lines)
 
 
@@ -165,12 +195,30 @@ def preprocess(config: Config, prepared: dict[str, PreparedData]) -> dict:
     for modality, data in prepared.items():
         d = data.discovery
         items = pp.split_items(data.folder, d.root, d.classes, config.data.seed)
+        if modality == "ultrasound":
+            _with_sites(items, d)
         build = pp.build_microscope_store if modality == "microscope" else pp.build_ultrasound_store
         summary = build(items, stores / modality, config.preprocess, config.data.sixteen_bit)
         if modality == "microscope":
             pp.write_contact_sheets(summary.path, items, d.classes, pp.patch_params(config.preprocess))
+        else:
+            from msbt.data.profile import profile_from_store, write_profile
+
+            # What the training images look like, for the out-of-depth warnings of predict/external.
+            sizes = {r.relpath: (r.width, r.height) for r in d.records}
+            write_profile(profile_from_store(summary.path, sizes), summary.path)
         out[modality] = summary
     return out
+
+
+def _with_sites(items: list[dict], discovery: Discovery) -> None:
+    """Give every store item its file's absolute path and its site: with several sites the files live under
+    different roots, so the path comes from the discovery record, not from one root + relpath."""
+    records = {r.relpath: r for r in discovery.records}
+    for item in items:
+        record = records.get(item["source"])
+        if record is not None:
+            item["path"], item["site"] = record.path, record.site or "site"
 
 
 def summarize_stores(stores: dict) -> str:
