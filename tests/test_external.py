@@ -135,3 +135,42 @@ def test_leave_one_site_out_folds_hold_out_each_site_whole():
         assert sorted(others.values()) == sorted(["train", "train", "val", "internal"] * 2)
         seen_as_test |= {k for k, v in roles.items() if v == "test"}
     assert len(seen_as_test) == 9
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_leave_one_site_out_on_two_built_in_sites(tmp_path, ray_local):
+    """The real thing, smallest: two built-in sites, 32 px, one epoch per stage; every site held out once,
+    its store holding all its images as test and the other site's test rows as 'internal'."""
+    from msbt.config import DataConfig, PreprocessConfig, RunConfig, SynthConfig
+    from msbt.data.preprocess import read_store
+    from msbt.jobs import experiments as X
+
+    lite0 = dict(backbone="efficientnet_lite0", weights="none", image_size=32, batch_size=8, epochs=1)
+    config = Config(
+        synth=SynthConfig(out_dir=str(tmp_path / "synth"), fields_per_line=2, field_size=300, lesions_per_class=6,
+                          frames_per_lesion=(1, 2), ultrasound_size=48, sites=2),
+        data=DataConfig(split=(0.5, 0.25, 0.25), folds=3),
+        preprocess=PreprocessConfig(max_patches_per_field=3, image_size=32),
+        stage1=StageConfig(**lite0),
+        stage2=StageConfig(**{**lite0, "weights": "parent", "monitor": "val_auc", "head": HeadConfig((8,), 0.5)}),
+        run=RunConfig(name="loso", storage_path=str(tmp_path / "runs")),
+    )
+    report = X.leave_one_site_out(config, n_boot=100)
+    assert [r["site"] for r in report["rows"]] == ["site-a", "site-b"]
+    rows = X.read_split_rows(tmp_path / "runs" / "loso" / "data" / "ultrasound")
+    stage1s = set()
+    for r in report["rows"]:
+        store = read_store(tmp_path / "runs" / "loso" / "loso" / f"site-{r['site']}" / "store",
+                           columns=["source", "split", "site"])
+        held = {s for s, role in zip(store["source"], store["split"]) if role == "test"}
+        assert held == {x["relpath"] for x in rows if x["site"] == r["site"]} and set(store["site"]) == {"site-a", "site-b"}
+        assert r["test_images"] == len(held) and r["internal_auc"] is not None
+        assert r["gap"] == pytest.approx(r["internal_auc"][0] - r["held_out_auc"][0])
+        low, high = r["held_out_auc"][1:]
+        assert low <= r["held_out_auc"][0] <= high
+        from msbt.model.checkpoint import lineage
+
+        stage1s.add(lineage(r["checkpoint"])[1]["path"])
+    assert len(stage1s) == 1  # both arms from one stage 1
+    assert (tmp_path / "runs" / "loso" / "loso" / "loso.json").is_file()

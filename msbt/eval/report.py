@@ -291,9 +291,25 @@ def data_section(run: Path) -> str:
             f"random split would put {leak['naive_random']['val']} val and {leak['naive_random']['test']} test "
             f"images beside a frame of their lesion in training; this split: "
             f"{leak['group_aware']['val'] + leak['group_aware']['test']}.</p>"
-            + _table(("split", *classes, "total"), rows) + _rejects(folder / "rejects.csv"))
+            + _table(("split", *classes, "total"), rows) + _sites_table(summary) + _rejects(folder / "rejects.csv"))
     body = "".join(parts) or "<p class=missing>No saved split in this run.</p>"
     return _section("Data", body, "data")
+
+
+def _sites_table(summary: dict) -> str:
+    """Per-site split counts and the cross-site near-duplicates, for a split of several sites."""
+    sites = summary.get("sites", {})
+    if len(sites) < 2:
+        return ""
+    classes = summary["classes"]
+    rows = [(site, split, *[per[split].get(c, 0) for c in classes]) for site, per in sites.items()
+            for split in ("train", "val", "test")]
+    cross = summary.get("cross_site_duplicates", {})
+    return ("<p>Per site (stratified by site and class; groups never span sites):</p>"
+            + _table(("site", "split", *classes), rows)
+            + f"<p>Near-duplicates across sites: {cross.get('pairs', 0)} pairs ({cross.get('images', 0)} images), "
+            f"{cross.get('pairs_across_train_and_held_out', 0)} of them across train and val/test; reported, "
+            "not merged (see docs/evaluation.md, Sites).</p>")
 
 
 def _rejects(path: Path, shown: int = 20) -> str:
