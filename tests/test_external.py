@@ -174,3 +174,32 @@ def test_leave_one_site_out_on_two_built_in_sites(tmp_path, ray_local):
         stage1s.add(lineage(r["checkpoint"])[1]["path"])
     assert len(stage1s) == 1  # both arms from one stage 1
     assert (tmp_path / "runs" / "loso" / "loso" / "loso.json").is_file()
+
+
+def test_threshold_flags_and_spread():
+    from msbt.eval.threshold import logit, threshold_flags, threshold_spread
+
+    # The Mendeley failure of the issue: validation scores saturated at exactly 1.0, threshold 1.0.
+    p = np.array([1.0] * 8 + [0.2, 0.1])
+    flags = threshold_flags(p, 1.0)
+    assert any("saturated score" in f for f in flags) and any("tied scores" in f for f in flags)
+    assert threshold_flags(np.linspace(0.05, 0.95, 20), 0.5) == []
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 40)
+    scores = np.clip(y * 0.3 + rng.normal(0.35, 0.15, 80), 0.001, 0.999)
+    point, low, high = threshold_spread(y, scores, n_boot=200)
+    assert low <= point <= high and high - low > 0.01  # a threshold from 80 noisy scores moves
+    assert np.isfinite(logit([0.0, 1.0])).all() and logit([0.5])[0] == 0.0
+
+
+def test_predict_takes_the_manifests_training_takes(tmp_path):
+    import cv2
+
+    from msbt.serve.predict import collect_files
+
+    for name in ("a.png", "b.png"):
+        cv2.imwrite(str(tmp_path / name), np.full((8, 8), 100, np.uint8))
+    (tmp_path / "list.csv").write_text("path,label,group\na.png,benign,p1\nb.png,malignant,p2\ngone.png,benign,p3\n")
+    files, rejects, _ = collect_files([tmp_path / "list.csv"])
+    assert [f.name for f in files] == ["a.png", "b.png"]
+    assert len(rejects) == 1 and "gone.png" in rejects[0].path and "does not exist" in rejects[0].reason

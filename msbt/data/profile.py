@@ -97,7 +97,7 @@ def _scale(name: str, value: float) -> float:
 
 
 def _unscale(name: str, value: float) -> float:
-    return float(math.exp(value)) if name in _LOG else float(value)
+    return round(math.exp(value), 6) if name in _LOG else float(value)  # 256, not 255.99999999999994
 
 
 def profile_from_store(store: str | Path, sizes: Mapping[str, tuple[int, int]]) -> dict:
