@@ -116,3 +116,19 @@ def test_profile_flags_inputs_unlike_the_training_images():
     warnings = check_inputs(profile, [crop] * 5 + [same] * 5)
     assert any("long_side" in w and "5 of 10" in w for w in warnings)
     assert check_inputs(profile, [same] * 20 + [crop]) == []  # 1 of 21 is under the 10% rule
+
+
+def test_metrics_and_predictions_name_the_site(tmp_path):
+    from msbt.eval import evaluate as E
+
+    rng = np.random.default_rng(0)
+    y = np.tile([0, 1], 20)
+    test = {"y": y, "p": np.clip(y * 0.4 + rng.uniform(0, 0.6, 40), 0, 1), "group": np.array([f"g{i}" for i in range(40)]),
+            "source": np.array([f"{i}.png" for i in range(40)]), "site": np.array(["a"] * 20 + ["b"] * 20)}
+    val = {"y": y, "p": test["p"][::-1].copy(), "group": test["group"]}
+    r = E.score(val, test, n_boot=100)
+    assert set(r["sites"]) == {"a", "b"} and r["sites"]["a"]["images"] == 20
+    assert len(r["sites"]["b"]["auc"]) == 3 and len(r["threshold_ci95"]) == 3
+    E.write_predictions({"test": test}, tmp_path / "predictions.csv")
+    back = E.read_predictions(tmp_path / "predictions.csv")
+    assert back["test"]["site"].tolist() == test["site"].tolist()

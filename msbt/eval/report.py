@@ -228,6 +228,16 @@ def metrics_section(result: dict | None) -> str:
     cm = result.get("confusion_matrix")
     if cm:
         charts.append(confusion_svg(cm["matrix"], cm["labels"]))
+    per_site = [(site, r["images"], r["groups"], *[_ci_text(r[k]) if k in r else "" for k in
+                                                   ("auc", "sensitivity", "specificity")])
+                for site, r in (result.get("sites") or {}).items()]
+    if per_site:
+        intro += "<p>Per site, at the same threshold:</p>" + _table(
+            ("site", "images", "groups", "AUC", "sensitivity", "specificity"), per_site)
+    spread = result.get("threshold_ci95")
+    if spread and all(isinstance(v, (int, float)) for v in spread):
+        intro += (f"<p>Threshold {_fmt(spread[0], 4)}: 95% range over bootstrap resamples of the validation "
+                  f"groups [{_fmt(spread[1], 4)}, {_fmt(spread[2], 4)}].</p>")
     body = (intro + _table(("metric", "value [95% CI]"), rows)
             + (f"<ul class=notes>{notes}</ul>" if notes else "") + f'<div class="charts">{"".join(charts)}</div>')
     return _section("Test metrics", body, "metrics")
