@@ -92,3 +92,13 @@ def _fsync(path: Path) -> None:
     # A full disk can also surface here (delayed allocation), which must fail the write, not the rename.
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
+
+
+def read_json(path: str | Path):
+    """The JSON in ``path``, or None when it is missing or unreadable (a record that may not exist yet)."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None

@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_lineage)
 
     _predict_parsers(sub)
+    _external_parser(sub)
     _experiment_parsers(sub)
 
     p = sub.add_parser("tune", help="Ray Tune search of stage 2 (head, augmentation, optimizer) around the paper")
@@ -342,6 +343,39 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _external_parser(sub) -> None:
+    """`external` (msbt.serve.external, msbt.eval.external); see docs/evaluation.md."""
+    p = sub.add_parser("external", help="score a trained run on other sites: metrics with CIs at the run's "
+                       "threshold, threshold transfer, calibration, contamination check")
+    p.add_argument("checkpoint", help="stage-2 checkpoint folder of a run")
+    p.add_argument("sources", nargs="+", help="folders of class folders or CSV manifests, one site each "
+                   "(NAME=PATH, or PATH: named after its folder)")
+    p.add_argument("--out", help="folder that receives external/<site>/ (default: the checkpoint's run folder)")
+    p.add_argument("--threshold", type=float, help="decision threshold (default: the run's validation threshold)")
+    p.add_argument("--keep-duplicates", action="store_true", help="also score near-duplicates of the run's "
+                   "train/val images (default: excluded and counted)")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    p.set_defaults(func=_cmd_external)
+
+
+def _cmd_external(args) -> int:
+    from msbt.eval.external import format_site
+    from msbt.eval.report import write_report
+    from msbt.serve.external import external
+    from msbt.serve.predict import find_run_dir
+
+    results = external(args.checkpoint, args.sources, out=args.out, threshold=args.threshold,
+                       keep_duplicates=args.keep_duplicates, n_boot=args.n_boot)
+    for site, result in results.items():
+        print("\n".join(format_site(site, result)))
+    for note in next(iter(results.values()), {}).get("run_notes", []):
+        print(f"note: {note}")
+    folder = Path(args.out) if args.out else find_run_dir(args.checkpoint)
+    print(f"results in {folder}/external/; report: {write_report(folder)}")
+    return 0
+
+
 def _cmd_config(args) -> int:
     print(yaml.safe_dump(to_dict(_load(args)), sort_keys=False), end="")
     return 0
@@ -362,6 +396,8 @@ def _experiment_parsers(sub) -> None:
             p.add_argument("--scope", choices=("trainval", "all"), default="trainval",
                            help="trainval: folds over the train+val images, test split untouched (default); "
                                 "all: every image (do not select on the result)")
+            p.add_argument("--by", choices=("fold", "site"), default="fold",
+                           help="fold: k group-aware folds (default); site: leave one site out, for every site")
         if name == "compare":
             p.add_argument("--arms", nargs="+", choices=("multistage", "imagenet", "scratch"),
                            default=["multistage", "imagenet", "scratch"], help="stage-2 starting points")
@@ -383,7 +419,9 @@ def _cmd_experiment(args) -> int:
     _preflight(config)
     init_ray(args.address)
     common = {"fresh": args.fresh, "n_boot": args.n_boot}
-    if args.experiment == "crossval":
+    if args.experiment == "crossval" and args.by == "site":
+        experiments.leave_one_site_out(config, **common)
+    elif args.experiment == "crossval":
         experiments.crossval(config, scope=args.scope, **common)
     elif args.experiment == "ablation":
         experiments.ablation(config, **common)

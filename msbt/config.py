@@ -40,6 +40,9 @@ class SynthConfig:
     lesions_per_class: int = 40
     frames_per_lesion: tuple[int, int] = (1, 3)
     ultrasound_size: int = 256
+    # >= 2: the built-in ultrasound set is that many sites that differ in gain, speckle and framing
+    # (msbt.data.sitesynth), for multi-site runs, external evaluation and leave-one-site-out on built-in data.
+    sites: int = 0
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,9 @@ class DataConfig:
 
     # Class-per-folder roots or CSV manifests (path,label[,group]); "" -> built-in synthetic data.
     microscope: str = ""
-    ultrasound: str = ""
+    # One source, or several named sites: a list of `NAME=PATH` (or bare `PATH`, named after its folder);
+    # see msbt.data.sites.
+    ultrasound: str | tuple[str, ...] = ""
     # Ultrasound classes to keep, in label order (index 0 = negative); BUSI's `normal/` is dropped here.
     ultrasound_classes: tuple[str, ...] = ("benign", "malignant")
     microscope_classes: tuple[str, ...] = ()  # () -> every class folder found
@@ -435,6 +440,8 @@ def _build(base: Any, data: Mapping) -> Any:
             kwargs[f.name] = _build(getattr(base, f.name), value)
         elif typing.get_origin(hint) is tuple:
             kwargs[f.name] = _as_tuple(value, hint)
+        elif isinstance(value, list) and typing.get_origin(hint) in (typing.Union, types.UnionType):
+            kwargs[f.name] = tuple(value)  # `str | tuple[str, ...]` given as a YAML list (data.ultrasound)
         elif hint is float:
             kwargs[f.name] = float(value)
         else:

@@ -1,6 +1,7 @@
 """k-fold cross-validation of stage 2 on the run's saved group-aware folds, all folds from one stage 1.
 
     python workflows/crossval.py --config workflows/configs/cpu.yaml [--scope trainval|all] [--fresh]
+    python workflows/crossval.py --config workflows/configs/cpu.yaml --by site   # leave one site out
 
 Writes runs/<run.name>/crossval/{folds.csv,crossval.json} and the report's experiments section; see
 docs/evaluation.md for the fold design.

@@ -57,6 +57,7 @@ class ImageRecord:
     width: int
     height: int
     digest: str  # sha1 of the file's bytes
+    site: str = ""  # the named source (hospital, scanner) it came from; see msbt.data.sites
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class Discovery:
     thumbs: np.ndarray  # (N, 1024) float32 normalised thumbnails, aligned with records
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count (masks, excluded classes)
     warnings: list[Reject] = field(default_factory=list)  # used, but only in part (data.on_partial: warn)
+    sites: dict[str, str] = field(default_factory=dict)  # site name -> its root (msbt.data.sites)
 
     def counts(self) -> dict[str, int]:
         """Number of usable images per class, in class order."""
@@ -512,6 +514,16 @@ def _sha1_file(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def manifest_paths(manifest: str | Path) -> tuple[list[Path], list[Reject]]:
+    """The image paths a CSV manifest lists (``path`` column, relative to the CSV), as discovery reads them.
+
+    For tools that take the same manifests as training but need no labels (``msbt predict``): rows
+    without a path, missing files and repeated files become rejects, as in :func:`discover`.
+    """
+    candidates, rejects, _, _ = _from_manifest(Path(manifest), ())
+    return [c[0] for c in candidates], rejects
 
 
 def write_rejects(rejects: Sequence[Reject], path: str | Path) -> Path:

@@ -22,7 +22,9 @@ from typing import Sequence
 from msbt.config import Config, dump_config, to_dict
 from msbt.data import synth
 from msbt.data.discovery import Discovery, check_source, discover, write_rejects
-from msbt.data.splits import SplitResult, load_split, make_split, previous_rows, save_split
+from msbt.data.profile import profile_from_store, write_profile
+from msbt.data.sites import discover_sites, parse_sources
+from msbt.data.splits import SplitResult, load_split, make_split, previous_rows, save_fingerprints, save_split
 from msbt.data.store import Store, StoreSummary, matches
 from msbt.provenance import write_environment
 from msbt.runfolder import CONFIG_FILE, MODALITIES, data_dir, run_dir, store_dir
@@ -56,6 +58,17 @@ def ensure_synth(config: Config) -> Path:
     return out
 
 
+def ensure_synth_sites(config: Config) -> list[str]:
+    """The built-in multi-site ultrasound set (``synth.sites`` >= 2) as ``NAME=PATH`` sources."""
+    from msbt.data import sitesynth
+
+    s = config.synth
+    out = synth_dir(config) / "sites"
+    summary = sitesynth.generate_sites(out, sites=s.sites, seed=s.seed, lesions_per_class=s.lesions_per_class,
+                                       frames_per_lesion=tuple(s.frames_per_lesion), size=s.ultrasound_size)
+    return [f"{name}={path}" for name, path in summary["sites"].items()]
+
+
 @dataclass(frozen=True)
 class PreparedData:
     modality: str
@@ -72,6 +85,8 @@ def data_sources(config: Config) -> dict[str, tuple[str, tuple[str, ...]]]:
     if not micro or not ultra:
         built_in = ensure_synth(config)
         micro = micro or str(built_in / "microscope")
+        if not ultra and config.synth.sites >= 2:
+            ultra = tuple(ensure_synth_sites(config))
         ultra = ultra or str(built_in / "ultrasound")
     return {
         "microscope": (micro, tuple(config.data.microscope_classes)),
@@ -125,10 +140,12 @@ def prepare_data(config: Config, *, force_split: bool = False,
 def _prepare_one(config: Config, modality: str, source: str, classes, folder: Path, force: bool) -> PreparedData:
     d = config.data
     log.info("scanning %s data in %s", modality, source)
-    discovery = discover(
-        source, classes, strict=d.strict, mask_suffixes=d.mask_suffixes, sixteen_bit=d.sixteen_bit,
-        max_pixels=d.max_pixels, on_partial=d.on_partial, on_conflict=d.on_conflict,
-    )
+    options = dict(strict=d.strict, mask_suffixes=d.mask_suffixes, sixteen_bit=d.sixteen_bit,
+                   max_pixels=d.max_pixels, on_partial=d.on_partial, on_conflict=d.on_conflict)
+    if modality == "ultrasound":  # one source or several named sites (msbt.data.sites)
+        discovery = discover_sites(source, classes, **options)
+    else:
+        discovery = discover(source, classes, **options)
     write_rejects(discovery.rejects, folder / "rejects.csv")
     for reject in discovery.rejects:
         log.warning("rejected %s: %s", reject.path, reject.reason)
@@ -151,8 +168,11 @@ def _prepare_one(config: Config, modality: str, source: str, classes, folder: Pa
             # a re-split over a saved one (--force-split) keeps the old groups where they were
             previous=previous_rows(folder, seed=d.seed, ratios=d.split, folds=d.folds),
         )
+        split.summary["source"] = source_key(config, modality)  # what ensure_stores compares
         save_split(split, folder)
         reused = False
+    if modality == "ultrasound":  # for the contamination check of msbt.eval.external
+        save_fingerprints(discovery, folder)
     return PreparedData(modality, str(source), folder, discovery, split, reused)
 
 
@@ -176,6 +196,13 @@ def summarize(prepared: dict[str, PreparedData]) -> str:
             f"{s['leakage']['naive_random']['test']} test images; this split leaks "
             f"{s['leakage']['group_aware']['val'] + s['leakage']['group_aware']['test']}",
         ]
+        if len(s.get("sites", {})) > 1:
+            for site, per in s["sites"].items():
+                lines.append(f"  site {site}: " + ", ".join(
+                    f"{split} " + "/".join(str(per[split].get(c, 0)) for c in s["classes"]) for split in per))
+            cross = s.get("cross_site_duplicates", {})
+            lines.append(f"  near-duplicates across sites: {cross.get('pairs', 0)} pairs ({cross.get('images', 0)} "
+                         "images), reported in split.json, not merged into groups")
     return "\n".join(lines)
 
 
@@ -190,13 +217,29 @@ def build_stores(config: Config, prepared: dict[str, PreparedData]) -> dict[str,
     for modality, data in prepared.items():
         d = data.discovery
         items = pp.split_items(data.folder, d.root, d.classes, config.data.seed)
+        if modality == "ultrasound":
+            _with_sites(items, d)
         build = pp.build_microscope_store if modality == "microscope" else pp.build_ultrasound_store
         summary = build(items, store_dir(config, modality), config.preprocess, config.data.sixteen_bit,
                         classes=d.classes)
         if modality == "microscope":
             pp.write_contact_sheets(summary.path, items, d.classes, pp.patch_params(config.preprocess))
+        else:
+            # What the training images look like, for the out-of-depth warnings of predict/external.
+            sizes = {r.relpath: (r.width, r.height) for r in d.records}
+            write_profile(profile_from_store(summary.path, sizes), summary.path)
         out[modality] = summary
     return out
+
+
+def _with_sites(items: list[dict], discovery: Discovery) -> None:
+    """Give every store item its file's absolute path and its site: with several sites the files live under
+    different roots, so the path comes from the discovery record, not from one root + relpath."""
+    records = {r.relpath: r for r in discovery.records}
+    for item in items:
+        record = records.get(item["source"])
+        if record is not None:
+            item["path"], item["site"] = record.path, record.site or "site"
 
 
 def summarize_stores(stores: dict) -> str:
@@ -229,9 +272,9 @@ def recorded_store(config: Config, modality: str) -> StoreSummary | None:
         summary = json.loads((folder / "split.json").read_text())
     except (OSError, ValueError):
         return None
-    source, classes = _source(config, modality)
-    if Path(summary["root"]).resolve() != Path(source).expanduser().resolve():
-        return None
+    if summary.get("source") != source_key(config, modality):
+        return None  # another data source (or a split saved before sources were recorded)
+    classes = config.data.microscope_classes if modality == "microscope" else config.data.ultrasound_classes
     if classes and tuple(summary["classes"]) != tuple(classes):
         return None
     items = pp.split_items(folder, summary["root"], tuple(summary["classes"]), config.data.seed)
@@ -270,9 +313,13 @@ def ensure_stores(config: Config, modalities: Sequence[str] = MODALITIES, *,
     return {m: found[m] for m in modalities}
 
 
-def _source(config: Config, modality: str) -> tuple[str, tuple[str, ...]]:
-    """The data source and classes of one modality, without generating the built-in data."""
-    d = config.data
-    source = d.microscope if modality == "microscope" else d.ultrasound
-    classes = d.microscope_classes if modality == "microscope" else d.ultrasound_classes
-    return source or str(synth_dir(config) / modality), tuple(classes)
+def source_key(config: Config, modality: str) -> str:
+    """The data source of a modality as config gives it, resolved, without generating the built-in data:
+    recorded in ``split.json`` so a later step can tell that its split and store came from this source."""
+    d, s = config.data, config.synth
+    if modality == "microscope":
+        return str(Path(d.microscope or synth_dir(config) / "microscope").expanduser().resolve())
+    if not d.ultrasound:
+        built_in = synth_dir(config) / ("sites" if s.sites >= 2 else "ultrasound")
+        return f"built-in:{built_in}" if s.sites >= 2 else str(built_in.resolve())
+    return ";".join(f"{site.name}={Path(site.path).expanduser().resolve()}" for site in parse_sources(d.ultrasound))

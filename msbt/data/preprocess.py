@@ -74,7 +74,9 @@ def field_patches(batch: dict[str, np.ndarray], *, params: dict, sixteen_bit: st
 def ultrasound_arrays(batch: dict[str, np.ndarray], *, image_size: int, aspect: str, intensity: str,
                       sixteen_bit: str = "scale") -> dict[str, np.ndarray]:
     """Read each ultrasound image of a batch as a (S, S, 3) uint8 array (grayscale -> 3 channels)."""
-    out: dict[str, list] = {"image": [], "group": [], **{c: [] for c in META_COLUMNS}}
+    # `site` (msbt.data.sites) when the items carry it; stores made before sites existed lack the column.
+    extra = ["group"] + (["site"] if "site" in batch else [])
+    out: dict[str, list] = {"image": [], **{c: [] for c in extra}, **{c: [] for c in META_COLUMNS}}
     for i in range(len(batch["path"])):
         try:
             rgb = read_image(str(batch["path"][i]), sixteen_bit, **_VALIDATED)
@@ -82,7 +84,8 @@ def ultrasound_arrays(batch: dict[str, np.ndarray], *, image_size: int, aspect: 
             log.warning("skipped image %s: %s", batch["path"][i], exc)
             continue
         out["image"].append(fit_square(normalize_intensity(rgb, intensity), image_size, aspect))
-        out["group"].append(batch["group"][i])
+        for column in extra:
+            out[column].append(batch[column][i])
         for column in META_COLUMNS:
             out[column].append(batch[column][i])
     return arrow_batch(out, (image_size, image_size, 3))

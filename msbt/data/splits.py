@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from msbt.atomicio import atomic_open, write_text
+from msbt.atomicio import atomic_open, atomic_path, write_text
 from msbt.data.discovery import DataError, Discovery
 from msbt.images.grouping import connected_groups, find_links
 
@@ -227,23 +227,31 @@ def make_split(
     """
     records = discovery.records
     labels = [r.label for r in records]
-    groups, links = _groups(discovery, grouping, max_distance, min_similarity)
-    groups = join_frames([r.relpath for r in records], groups)
+    sites = [r.site for r in records]
+    several = len(set(sites)) > 1
+    if several:
+        # Groups never span sites: each site is grouped on its own (see site_groups for why).
+        groups, links, cross = site_groups(discovery, grouping, max_distance, min_similarity)
+    else:
+        groups, links = _groups(discovery, grouping, max_distance, min_similarity)
+    groups = join_frames([r.relpath for r in records], groups)  # the frames of one DICOM cine loop: one group
+    # Stratify by site and class: the stratum of a group is "<site>/<label>" (one site: just the label).
+    strata = [f"{s}/{label}" for s, label in zip(sites, labels)] if several else labels
     relpaths = [r.relpath for r in records]
-    split_index = assign_groups(labels, groups, ratios, seed, keys=relpaths, tolerance=tolerance)
-    fold_index = (assign_groups(labels, groups, [1.0] * folds, seed, keys=relpaths, tolerance=tolerance, salt="fold")
+    split_index = assign_groups(strata, groups, ratios, seed, keys=relpaths, tolerance=tolerance)
+    fold_index = (assign_groups(strata, groups, [1.0] * folds, seed, keys=relpaths, tolerance=tolerance, salt="fold")
                   if folds > 1 else np.zeros(len(records), int))
     if previous:
         old_split = {row["relpath"]: SPLITS.index(row["split"]) for row in previous}
         old_fold = {row["relpath"]: int(row["fold"]) for row in previous if int(row["fold"]) < max(folds, 1)}
-        split_index = keep_previous(labels, groups, relpaths, split_index, old_split, ratios, tolerance)
+        split_index = keep_previous(strata, groups, relpaths, split_index, old_split, ratios, tolerance)
         if folds > 1:
-            fold_index = keep_previous(labels, groups, relpaths, fold_index, old_fold, [1.0] * folds, tolerance)
+            fold_index = keep_previous(strata, groups, relpaths, fold_index, old_fold, [1.0] * folds, tolerance)
     check_nonempty(split_index, fold_index, groups, ratios, folds, grouping, discovery.root)
     # The naive split: the same procedure with every image its own group.
-    naive = assign_groups(labels, relpaths, ratios, seed, tolerance=tolerance)
+    naive = assign_groups(strata, relpaths, ratios, seed, tolerance=tolerance)
     table = [
-        {"relpath": r.relpath, "label": r.label, "group": g, "split": SPLITS[s], "fold": int(f)}
+        {"relpath": r.relpath, "label": r.label, "group": g, "split": SPLITS[s], "fold": int(f), "site": r.site}
         for r, g, s, f in zip(records, groups, split_index, fold_index)
     ]
     summary = {
@@ -266,8 +274,54 @@ def make_split(
             "group_aware": leaked_images(split_index, groups),
             "naive_random": leaked_images(naive, groups),
         },
+        "sites": {site: _counts([l for l, s in zip(labels, sites) if s == site],
+                                split_index[np.asarray(sites) == site]) for site in sorted(set(sites))},
     }
+    if several:
+        summary["cross_site_duplicates"] = _cross_site_report(records, cross, split_index)
     return SplitResult(table, summary)
+
+
+def site_groups(discovery: Discovery, grouping: str, max_distance: int, min_similarity: float):
+    """Groups found within each site (ids `<site>:<group>`), and the near-duplicate links across sites.
+
+    Why cross-site near-duplicates are reported and not merged: a site is the unit that external and
+    leave-one-site-out evaluation hold out whole, so a group spanning two sites could not be held out with
+    either; and a pair across sites is either the same image published in two collections (a curation
+    fact the user must see) or two look-alike framings (a false link). Evaluations on a held-out site
+    exclude such images explicitly with the contamination check (msbt.eval.external), which counts them.
+
+    Returns:
+        (groups, links within sites, cross-site pairs (M, 2) of record indices).
+    """
+    records = discovery.records
+    groups: list[str] = [""] * len(records)
+    links = 0
+    for site in sorted({r.site for r in records}):
+        index = [i for i, r in enumerate(records) if r.site == site]
+        part = Discovery(root=discovery.root, classes=discovery.classes, records=[records[i] for i in index],
+                         rejects=[], hashes=discovery.hashes[index], thumbs=discovery.thumbs[index])
+        found, n = _groups(part, grouping, max_distance, min_similarity)
+        links += n
+        for i, g in zip(index, found):
+            groups[i] = f"{site}:{g}"
+    found = find_links(discovery.hashes, discovery.thumbs, max_distance=max_distance,
+                       min_similarity=min_similarity, digests=[r.digest for r in records])
+    cross = np.array([(i, j) for i, j in found.pairs if records[i].site != records[j].site], dtype=np.int64)
+    return groups, links, cross.reshape(-1, 2)
+
+
+def _cross_site_report(records, cross: np.ndarray, split_index: np.ndarray, shown: int = 20) -> dict:
+    """How many near-duplicate pairs link two sites, how many of them the internal split puts on both
+    sides of train vs val/test, and the first pairs (relpaths) for the user to look at."""
+    apart = sum(1 for i, j in cross if (split_index[i] == 0) != (split_index[j] == 0))
+    return {
+        "pairs": int(len(cross)),
+        "images": int(len(set(cross.reshape(-1).tolist()))),
+        "pairs_across_train_and_held_out": int(apart),
+        "examples": [[records[i].relpath, records[j].relpath] for i, j in cross[:shown]],
+        "policy": "reported, not merged: groups never span sites; held-out-site evaluations exclude them",
+    }
 
 
 def _groups(discovery: Discovery, grouping: str, max_distance: int, min_similarity: float):
@@ -397,7 +451,9 @@ def save_split(result: SplitResult, folder: str | Path) -> Path:
     previous = read_table(folder / "split.csv") if (folder / "split.csv").is_file() else None
     summary = {**result.summary, "changes": split_changes(previous, result.table)}
     with atomic_open(folder / "split.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["relpath", "label", "group", "split", "fold"])
+        # `site` last: readers of the five older columns keep working.
+        writer = csv.DictWriter(handle, fieldnames=["relpath", "label", "group", "split", "fold", "site"],
+                                extrasaction="ignore", restval="")
         writer.writeheader()
         writer.writerows(result.table)
     write_text(folder / "split.json", json.dumps(summary, indent=2) + "\n")
@@ -463,3 +519,26 @@ def load_split(folder: str | Path, discovery: Discovery) -> SplitResult:
             "re-split (groups of the old split keep their split and fold; split.json's `changes` says what moved)"
         )
     return SplitResult(read_table(folder / "split.csv"), summary)
+
+
+FINGERPRINTS_FILE = "fingerprints.npz"
+
+
+def save_fingerprints(discovery: Discovery, folder: str | Path) -> Path:
+    """Keep the perceptual hashes and thumbnails of every image beside the split (`fingerprints.npz`), so a
+    later contamination check (msbt.eval.external) can compare new images with this run's without the
+    training data at hand."""
+    path = Path(folder) / FINGERPRINTS_FILE
+    with atomic_path(path) as tmp:
+        np.savez_compressed(tmp, relpath=np.array([r.relpath for r in discovery.records]), hashes=discovery.hashes,
+                            thumbs=discovery.thumbs, digests=np.array([r.digest for r in discovery.records]))
+    return path
+
+
+def load_fingerprints(folder: str | Path) -> dict[str, np.ndarray] | None:
+    """`fingerprints.npz` of a saved split as arrays (relpath, hashes, thumbs, digests), or None if absent."""
+    path = Path(folder) / FINGERPRINTS_FILE
+    if not path.is_file():
+        return None
+    with np.load(path) as data:
+        return {key: data[key] for key in data.files}

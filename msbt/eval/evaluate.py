@@ -23,10 +23,12 @@ import numpy as np
 from msbt.atomicio import atomic_open, write_text
 from msbt.eval import metrics
 from msbt.data.store import read_store
+from msbt.eval.threshold import threshold_flags, threshold_spread
 
 SCHEMA_VERSION = 2
 PREDICTIONS_FILE = "predictions.csv"
-PREDICTION_COLUMNS = ("split", "source", "group", "y", "p")
+PREDICTION_COLUMNS = ("split", "source", "group", "y", "p", "site")
+_OLD_PREDICTION_COLUMNS = PREDICTION_COLUMNS[:5]  # files written before sites existed
 CALIBRATION_BINS = 10
 FEW_GROUPS = 20  # fewer test lesion groups than this: bootstrap intervals are flagged in the notes
 
@@ -61,12 +63,24 @@ def predict_split(model, stage, store: str | Path, split: str) -> dict[str, np.n
     """
     from msbt.train.loop import dataset_from_arrays, eval_batches
 
-    data = read_store(store, columns=["image", "label_index", "group", "source"], split=split)
+    site = ["site"] if has_column(store, "site") else []  # stores made before sites existed lack it
+    data = read_store(store, columns=["image", "label_index", "group", "source", *site], split=split)
     if len(data["label_index"]) == 0:
         raise ValueError(f"{store}: no {split} rows")
     batches = eval_batches(dataset_from_arrays(data["image"], data["label_index"]), stage, num_classes=2)
     p = np.asarray(model.predict(batches, verbose=0)).reshape(-1).astype(np.float64)
-    return {"p": p, "y": data["label_index"].astype(int), "group": data["group"], "source": data["source"]}
+    return {"p": p, "y": data["label_index"].astype(int), "group": data["group"], "source": data["source"],
+            "site": data["site"] if site else np.full(len(p), "", dtype=object)}
+
+
+def has_column(store: str | Path, name: str) -> bool:
+    """Whether a store's Parquet files have column ``name`` (read from the first file's schema)."""
+    import pyarrow.parquet as pq
+
+    from msbt.data.preprocess import store_files
+
+    files = store_files(store)
+    return bool(files) and name in pq.read_schema(files[0]).names
 
 
 def score(val: dict, test: dict, *, rule: str = "youden", n_boot: int = 2000, seed: int = 0,
@@ -92,6 +106,8 @@ def score(val: dict, test: dict, *, rule: str = "youden", n_boot: int = 2000, se
         # Same seed and groups: the loss interval comes from the very resamples of the others.
         loss = metrics.bootstrap_mean_ci(metrics.case_log_loss(y, p, 1e-7), groups, n_boot=n_boot, seed=seed)
     notes = [str(w.message) for w in caught]  # e.g. resamples without a malignant case (small test sets)
+    flags = threshold_flags(val["p"], threshold)
+    notes += flags
     wilson = _wilson_by_groups(point, y, groups)
     n_groups = len(set(groups.tolist()))
     if n_groups < FEW_GROUPS:
@@ -108,6 +124,9 @@ def score(val: dict, test: dict, *, rule: str = "youden", n_boot: int = 2000, se
         "threshold": float(threshold),
         "threshold_rule": rule,
         "threshold_chosen_on": "val",
+        # The threshold's own uncertainty: 95% interval over bootstrap resamples of the validation groups.
+        "threshold_ci95": threshold_spread(val["y"], val["p"], val.get("group"), rule=rule, seed=seed),
+        "threshold_flags": flags,
         "val_auc": metrics.roc_auc(val["y"], val["p"]),
         "val_images": int(len(val["y"])),
         "val_groups": int(len(set(np.asarray(val["group"]).tolist()))),
@@ -132,7 +151,27 @@ def score(val: dict, test: dict, *, rule: str = "youden", n_boot: int = 2000, se
             "counts": counts[filled].astype(int).tolist(),
         },
         "notes": notes,
+        **({"sites": site_metrics(test, threshold, n_boot=n_boot, seed=seed)}
+           if len(set(np.asarray(test.get("site", [""])).tolist())) > 1 else {}),
     }
+
+
+def site_metrics(test: dict, threshold: float, *, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Per-site test metrics (AUC, sensitivity, specificity with 95% group-bootstrap intervals) at one
+    threshold, for a test split that holds several sites; a site without both classes gets counts only."""
+    out = {}
+    sites = np.asarray(test["site"])
+    for site in sorted(set(sites.tolist())):
+        keep = sites == site
+        y, p, g = np.asarray(test["y"])[keep], np.asarray(test["p"])[keep], np.asarray(test["group"])[keep]
+        row = {"images": int(keep.sum()), "groups": int(len(set(g.tolist()))), "malignant": int(y.sum())}
+        if 0 < y.sum() < len(y):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                ci = metrics.bootstrap_ci(y, p, threshold, groups=g, n_boot=n_boot, seed=seed)
+            row.update({k: [float(x) for x in ci[k]] for k in ("auc", "sensitivity", "specificity", "accuracy")})
+        out[site] = row
+    return out
 
 
 def _wilson_by_groups(point: dict, y: np.ndarray, groups: np.ndarray) -> dict[str, list[float]]:
@@ -222,8 +261,9 @@ def write_predictions(predictions: dict[str, dict[str, np.ndarray]], path: str |
         writer = csv.writer(handle)
         writer.writerow(PREDICTION_COLUMNS)
         for split, data in predictions.items():
-            for source, group, y, p in zip(data["source"], data["group"], data["y"], data["p"]):
-                writer.writerow([split, source, group, int(y), repr(float(p))])
+            sites = data.get("site", [""] * len(data["p"]))
+            for source, group, y, p, site in zip(data["source"], data["group"], data["y"], data["p"], sites):
+                writer.writerow([split, source, group, int(y), repr(float(p)), site])
     return path
 
 
@@ -238,14 +278,15 @@ def read_predictions(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
         raise ValueError(f"{path}: no predictions file (run the evaluation first)")
     with path.open(newline="") as handle:
         reader = csv.DictReader(handle)
-        if tuple(reader.fieldnames or ()) != PREDICTION_COLUMNS:
+        if tuple(reader.fieldnames or ()) not in (PREDICTION_COLUMNS, _OLD_PREDICTION_COLUMNS):
             raise ValueError(f"{path}: expected columns {','.join(PREDICTION_COLUMNS)}, got {reader.fieldnames}")
         rows = list(reader)
     out: dict[str, dict[str, list]] = {}
     for row in rows:
-        cols = out.setdefault(row["split"], {"source": [], "group": [], "y": [], "p": []})
+        cols = out.setdefault(row["split"], {"source": [], "group": [], "y": [], "p": [], "site": []})
         for key in cols:
-            cols[key].append(row[key])
+            cols[key].append(row.get(key, ""))
     return {split: {"source": np.asarray(c["source"]), "group": np.asarray(c["group"]),
-                    "y": np.asarray(c["y"], dtype=int), "p": np.asarray(c["p"], dtype=float)}
+                    "y": np.asarray(c["y"], dtype=int), "p": np.asarray(c["p"], dtype=float),
+                    "site": np.asarray(c["site"])}
             for split, c in out.items()}

@@ -229,6 +229,16 @@ def metrics_section(result: dict | None) -> str:
     cm = result.get("confusion_matrix")
     if cm:
         charts.append(confusion_svg(cm["matrix"], cm["labels"]))
+    per_site = [(site, r["images"], r["groups"], *[_ci_text(r[k]) if k in r else "" for k in
+                                                   ("auc", "sensitivity", "specificity")])
+                for site, r in (result.get("sites") or {}).items()]
+    if per_site:
+        intro += "<p>Per site, at the same threshold:</p>" + _table(
+            ("site", "images", "groups", "AUC", "sensitivity", "specificity"), per_site)
+    spread = result.get("threshold_ci95")
+    if spread and all(isinstance(v, (int, float)) for v in spread):
+        intro += (f"<p>Threshold {_fmt(spread[0], 4)}: 95% range over bootstrap resamples of the validation "
+                  f"groups [{_fmt(spread[1], 4)}, {_fmt(spread[2], 4)}].</p>")
     body = (intro + _table(("metric", "value [95% CI]"), rows)
             + (f"<ul class=notes>{notes}</ul>" if notes else "") + f'<div class="charts">{"".join(charts)}</div>')
     return _section("Test metrics", body, "metrics")
@@ -292,9 +302,25 @@ def data_section(run: Path) -> str:
             f"random split would put {leak['naive_random']['val']} val and {leak['naive_random']['test']} test "
             f"images beside a frame of their lesion in training; this split: "
             f"{leak['group_aware']['val'] + leak['group_aware']['test']}.</p>"
-            + _table(("split", *classes, "total"), rows) + _rejects(folder / "rejects.csv"))
+            + _table(("split", *classes, "total"), rows) + _sites_table(summary) + _rejects(folder / "rejects.csv"))
     body = "".join(parts) or "<p class=missing>No saved split in this run.</p>"
     return _section("Data", body, "data")
+
+
+def _sites_table(summary: dict) -> str:
+    """Per-site split counts and the cross-site near-duplicates, for a split of several sites."""
+    sites = summary.get("sites", {})
+    if len(sites) < 2:
+        return ""
+    classes = summary["classes"]
+    rows = [(site, split, *[per[split].get(c, 0) for c in classes]) for site, per in sites.items()
+            for split in ("train", "val", "test")]
+    cross = summary.get("cross_site_duplicates", {})
+    return ("<p>Per site (stratified by site and class; groups never span sites):</p>"
+            + _table(("site", "split", *classes), rows)
+            + f"<p>Near-duplicates across sites: {cross.get('pairs', 0)} pairs ({cross.get('images', 0)} images), "
+            f"{cross.get('pairs_across_train_and_held_out', 0)} of them across train and val/test; reported, "
+            "not merged (see docs/evaluation.md, Sites).</p>")
 
 
 def _rejects(path: Path, shown: int = 20) -> str:
@@ -383,6 +409,13 @@ def experiments_section(run: Path) -> str:
                             title="Per-fold held-out accuracy and AUC", xlabel="fold", ylabel="value", ylim=(0, 1))
         parts.append(f"<h3>{cv['folds']}-fold cross-validation</h3><p>{_e(cv['design'])}.</p>"
                      + _table(("fold", "held-out images", *keys), rows) + f'<div class="charts">{charts}</div>')
+    loso = _read_json(run / "loso" / "loso.json")
+    if loso:
+        rows = [(r["site"], r["test_images"], _ci_text(r["held_out_auc"]), _ci_text(r["internal_auc"]) if r.get(
+            "internal_auc") else "", _fmt(r.get("gap")), r.get("contamination_excluded", 0)) for r in loso["rows"]]
+        parts.append(f"<h3>Leave one site out</h3><p>{_e(loso['design'])}.</p>" + _table(
+            ("held-out site", "images", "held-out AUC", "internal AUC (other sites' test)", "gap", "near-dupes excluded"),
+            rows))
     ab = _read_json(run / "ablation" / "ablation.json")
     if ab:
         rows = [(r["label"], _ci_text(r["loss"]), _ci_text(r["accuracy"]), _ci_text(r["auc"]),
@@ -423,6 +456,45 @@ def experiments_section(run: Path) -> str:
     return _section("Experiments", "".join(parts), "experiments")
 
 
+def external_section(run: Path) -> str:
+    """One subsection per external site (``external/<site>/metrics.json``, msbt.eval.external)."""
+    from msbt.eval.external import read_sites
+
+    sites = read_sites(run)
+    if not sites:
+        return ""
+    parts = ["<p>Each site scored with the run's preparation at the run's validation threshold; intervals are 95% "
+             "group bootstraps. The site's own best threshold is chosen on the site's images themselves: "
+             "<b>optimistic</b>, shown only as the most a re-chosen threshold could recover.</p>"]
+    for site, r in sites.items():
+        c = r.get("contamination", {})
+        head = (f"<h3>{_e(site)}</h3><p>{_e(r.get('source'))}: {r.get('images')} images scored "
+                f"({r.get('groups')} lesion groups, {r.get('malignant')} malignant); contamination check: "
+                f"{c.get('found', 0)} near-duplicates of the run's train/val images "
+                f"{'excluded' if c.get('excluded') else 'kept' if c.get('checked') else '(not checked)'}.</p>")
+        body = ""
+        at = r.get("at_run_threshold")
+        if at:
+            rows = [(METRIC_LABELS.get(k, k), _ci_text(v)) for k, v in at.items() if k in METRIC_LABELS]
+            t = r["threshold_transfer"]
+            transfer = _table(("threshold", "value", "sensitivity", "specificity"), [
+                ("run's validation threshold", t["run_threshold"], t["run"]["sensitivity"], t["run"]["specificity"]),
+                ("site's own best (optimistic)", t["site_best_threshold"], t["site_best_optimistic"]["sensitivity"],
+                 t["site_best_optimistic"]["specificity"])])
+            cal = r["calibration"]
+            chart = line_chart([{"label": "bins (area ~ images)", "x": cal["mean_predicted"], "y": cal["observed"],
+                                 "points": True, "sizes": cal["counts"]}], title=f"Calibration at {site}",
+                               xlabel="mean predicted p", ylabel="observed malignant share", xlim=(0, 1),
+                               ylim=(0, 1), diagonal=True, square=True)
+            body = (_table(("metric at the run's threshold", "value [95% CI]"), rows) + "<p>Threshold transfer:</p>"
+                    + transfer + f"<p>Calibration-in-the-large (mean p minus malignant share) "
+                    f"{cal['in_the_large']:+.3f}; Brier {_fmt(cal['brier'])}; {r['called_malignant']:.0%} called "
+                    f"malignant.</p><div class=charts>{chart}</div>")
+        warn = "".join(f"<li>{_e(w)}</li>" for w in [*r.get("out_of_depth", []), *r.get("notes", [])])
+        parts.append(head + body + (f"<ul class=notes>{warn}</ul>" if warn else ""))
+    return _section("External sites", "".join(parts), "external")
+
+
 def config_section(run: Path) -> str:
     path = run / "config.yaml"
     text = path.read_text() if path.is_file() else "(no config.yaml)"
@@ -461,11 +533,13 @@ def render(run: str | Path, *, gradcam_samples: int = 4) -> str:
     result = _read_json(run / "metrics.json")
     checkpoint = result.get("checkpoint") if result else None
     sections = [_safe(metrics_section, result), _safe(training_section, checkpoint), _safe(data_section, run),
-                _safe(gradcam_section, run, result, gradcam_samples), _safe(experiments_section, run),
+                _safe(gradcam_section, run, result, gradcam_samples), _safe(external_section, run),
+                _safe(experiments_section, run),
                 _safe(lineage_section, checkpoint), _safe(config_section, run)]
     nav = " ".join(f'<a href="#{a}">{t}</a>' for a, t in (
         ("metrics", "metrics"), ("training", "training"), ("data", "data"), ("gradcam", "Grad-CAM"),
-        ("experiments", "experiments"), ("lineage", "lineage"), ("config", "config")))
+        ("external", "external sites"), ("experiments", "experiments"), ("lineage", "lineage"),
+        ("config", "config")))
     stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
             f"<title>msbt report: {_e(run.name)}</title><style>{_STYLE}</style></head><body>"

@@ -38,7 +38,7 @@ import numpy as np
 
 from msbt.data.store import write_resplit
 from msbt.provenance import write_environment
-from msbt.atomicio import atomic_open, write_text
+from msbt.atomicio import atomic_open, read_json, write_text
 from msbt.eval import metrics
 from msbt.config import Config, ConfigError, to_dict
 from msbt.train.stages import index_root
@@ -540,4 +540,118 @@ def format_compare(report: dict) -> str:
         lines.append(f"  naive - group: accuracy {inf['accuracy']:+.3f}, AUC {inf['auc']:+.3f}; "
                      f"{leak['leaked_images']} of {leak['leaked_images'] + leak['clean_images']} naive test images "
                      "have a frame of their lesion in naive train/val")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Leave one site out
+
+
+def site_roles(rows: Sequence[Mapping], held_out: str, exclude: frozenset[str] = frozenset()) -> dict[str, str]:
+    """source -> role when ``held_out`` is the unseen site: all its images "test" (minus ``exclude``); the
+    other sites keep their saved split, their train rows "train", val rows "val" (threshold and best epoch)
+    and their test rows "internal" (the in-distribution number the held-out one is compared with)."""
+    roles = {}
+    for row in rows:
+        if row.get("site", "") == held_out:
+            if row["relpath"] not in exclude:
+                roles[row["relpath"]] = "test"
+        else:
+            roles[row["relpath"]] = {"train": "train", "val": "val", "test": "internal"}[row["split"]]
+    return roles
+
+
+def cross_site_duplicates(split_folder: Path, rows: Sequence[Mapping], held_out: str) -> frozenset[str]:
+    """Held-out images that are near-duplicates of another site's train/val image (msbt.eval.external's
+    contamination check on the fingerprints saved with the split); empty when none were saved."""
+    from msbt.data.splits import load_fingerprints
+    from msbt.eval.external import contamination
+
+    saved = load_fingerprints(split_folder)
+    if saved is None:
+        return frozenset()
+    role = {r["relpath"]: (r.get("site", ""), r["split"]) for r in rows}
+    index = {str(rel): i for i, rel in enumerate(saved["relpath"])}
+    mine = [index[r] for r, (s, _) in role.items() if s == held_out and r in index]
+    theirs = [index[r] for r, (s, split) in role.items() if s != held_out and split in ("train", "val") and r in index]
+    thresholds = json.loads((split_folder / "split.json").read_text()).get("thresholds", {})
+    found = contamination(saved["hashes"][theirs], saved["thumbs"][theirs], saved["digests"][theirs],
+                          saved["hashes"][mine], saved["thumbs"][mine], saved["digests"][mine], **thresholds)
+    return frozenset(str(saved["relpath"][mine[j]]) for j in found)
+
+
+def _internal(result: dict, store: Path, folder: Path, n_boot: int, seed: int) -> dict:
+    """The arm's model scored on the other sites' test rows ("internal"), cached in ``internal.json``."""
+    from msbt.eval.evaluate import load_stage2, predict_split, score
+
+    cached = read_json(folder / "internal.json")
+    if cached and cached.get("checkpoint") == result["checkpoint"]:
+        return cached
+    model, stage = load_stage2(result["checkpoint"])
+    internal = predict_split(model, stage, store, "internal")
+    scored = score(result.predictions["val"], internal, n_boot=n_boot, seed=seed)
+    out = {"checkpoint": result["checkpoint"], "images": scored["test_images"], "auc": _ci(scored, "auc")}
+    (folder / "internal.json").write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+def leave_one_site_out(config: Config, *, fresh: bool = False, n_boot: int = 2000, verbose: int = 0) -> dict:
+    """Train on every site but one and score the held-out one, for every site; all from one stage 1.
+
+    Returns:
+        The content of ``loso.json`` (also written, with ``sites.csv``, to ``runs/<name>/loso``): per held-out
+        site its AUC with a 95% interval, the internal AUC (the other sites' test rows, same model) and the
+        gap internal minus held-out.
+    """
+    data = prepare_run(config)
+    rows = read_split_rows(data.ultrasound_split)
+    sites = sorted({r.get("site", "") for r in rows})
+    if len(sites) < 2:
+        raise ValueError(f"{data.ultrasound_split / 'split.csv'}: leave-one-site-out needs at least two sites "
+                         f"(data.ultrasound: a list of NAME=PATH, or synth.sites: 3); found {sites}")
+    labels = {r["relpath"]: r["label"] for r in rows}
+    excluded = {s: cross_site_duplicates(data.ultrasound_split, rows, s) for s in sites}
+    plans = {s: site_roles(rows, s, excluded[s]) for s in sites}
+    for s, plan in plans.items():  # fail before any training
+        _check_roles({k: v for k, v in plan.items() if v != "internal"}, labels, f"held-out site {s}")
+    out = _fresh(data.run_dir / "loso", fresh)
+    stage1 = shared_stage1(data, verbose=verbose)
+    table = []
+    for s, plan in plans.items():
+        folder = out / f"site-{s}"
+        store = write_resplit(data.ultrasound_store, plan, folder / "store")
+        result = run_arm(arm_config(config, out, f"site-{s}"), store, stage1, folder, n_boot=n_boot, verbose=verbose)
+        has_internal = "internal" in plan.values()
+        internal = _internal(result, store, folder, n_boot, config.data.seed) if has_internal else None
+        held = _ci(result, "auc")
+        table.append({
+            "site": s, "test_images": result["test_images"], "test_groups": result["test_groups"],
+            "contamination_excluded": len(excluded[s]), "threshold": result["threshold"],
+            "held_out_auc": held, "sensitivity": _ci(result, "sensitivity"), "specificity": _ci(result, "specificity"),
+            "internal_auc": internal["auc"] if internal else None,
+            "gap": internal["auc"][0] - held[0] if internal else None, "checkpoint": result["checkpoint"],
+        })
+        print(f"held-out {s}: AUC {_with_ci(held)}" + (f", internal {_with_ci(internal['auc'])}" if internal else ""))
+    report = {"experiment": "loso", "sites": sites, "stage1": str(stage1), "design": _LOSO_DESIGN, "rows": table}
+    _write_table(out / "sites.csv", [{k: (json.dumps(v) if isinstance(v, list) else v) for k, v in r.items()}
+                                     for r in table])
+    (out / "loso.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    print(format_loso(report))
+    return report
+
+
+_LOSO_DESIGN = ("each site held out in turn: stage 2 trains on the other sites' train rows, picks its threshold "
+                "and best epoch on their val rows, and is scored on every image of the held-out site except "
+                "near-duplicates of the other sites' train/val images; 'internal' scores the same model on the "
+                "other sites' test rows")
+
+
+def format_loso(report: dict) -> str:
+    """The leave-one-site-out summary table for the job log."""
+    lines = ["leave one site out (" + report["design"] + "):",
+             f"{'held-out site':<20} {'images':>6}  {'held-out AUC [95% CI]':<26} {'internal AUC [95% CI]':<26} gap"]
+    for r in report["rows"]:
+        internal = _with_ci(r["internal_auc"]) if r["internal_auc"] else "-"
+        gap = f"{r['gap']:+.3f}" if r["gap"] is not None else "-"
+        lines.append(f"{r['site']:<20} {r['test_images']:>6}  {_with_ci(r['held_out_auc']):<26} {internal:<26} {gap}")
     return "\n".join(lines)

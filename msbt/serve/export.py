@@ -29,7 +29,7 @@ from msbt.provenance import write_environment
 from msbt.atomicio import atomic_path, write_text
 from msbt import __version__
 from msbt.model.checkpoint import DIGEST_KEY, MANIFEST_FILE, MODEL_FILE, json_digest, load_checkpoint
-from msbt.serve.predict import EXPORT_DIGEST_KEY, EXPORT_FILE, find_preparation, find_threshold
+from msbt.serve.predict import EXPORT_DIGEST_KEY, EXPORT_FILE, find_preparation, find_profile, find_threshold
 
 SAVED_MODEL_DIR = "saved_model"
 EXPORT_FORMAT = 1
@@ -62,6 +62,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, threshold: float | No
     size = int(model.input_shape[1])
     chosen, threshold_notes = find_threshold(src, threshold)
     preparation, preparation_notes = find_preparation(src, size)
+    profile, _ = find_profile(src)  # the training-input profile travels with the model (out-of-depth check)
 
     out.mkdir(parents=True, exist_ok=True)
     for name in (MODEL_FILE, MANIFEST_FILE):
@@ -80,6 +81,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, threshold: float | No
         "signatures": {"serving_default": "float32 image -> probability", "serve_uint8": "uint8 image -> probability"},
         "threshold": {"value": chosen.value, "source": chosen.source},
         "preparation": preparation.as_dict(),
+        "profile": profile,
         "notes": threshold_notes + preparation_notes,
         "tensorflow_version": tf.__version__,
         "msbt_version": __version__,

@@ -34,15 +34,18 @@ import numpy as np
 from msbt.atomicio import atomic_open
 from msbt.model.checkpoint import DIGEST_KEY, MODEL_FILE, CheckpointError, json_digest, read_manifest
 from msbt.config import PreprocessConfig, load_config
-from msbt.data.discovery import Reject, is_folder, is_system_file, mask_pattern, text_name, walk_files
+from msbt.data.discovery import Reject, is_folder, is_system_file, manifest_paths, mask_pattern, text_name, walk_files
 from msbt.data.store import STORE_FILE, Store
 from msbt.images.imagefile import ImageError, fit_square, image_refs, normalize_intensity, read_image
+from msbt.data.profile import check_inputs, image_features, out_of_range
 
 log = logging.getLogger(__name__)
 
 EXPORT_FILE = "export.json"  # written by msbt.serve.export beside the copied model
 EXPORT_DIGEST_KEY = "export_sha256"  # export.json's digest of its other fields (msbt.model.checkpoint.json_digest)
-CSV_COLUMNS = ("path", "label", "probability", "threshold", "heatmap", "reason")
+# `logit` (the model's pre-sigmoid score: it still ranks images where p saturates at 1.0) and
+# `out_of_range` (profile features outside the training range, msbt.data.profile) come last.
+CSV_COLUMNS = ("path", "label", "probability", "threshold", "heatmap", "reason", "logit", "out_of_range")
 DEFAULT_THRESHOLD = 0.5
 _RUN_LEVELS = 5  # checkpoint -> stage2 -> run (or -> arm -> experiment -> run)
 _CHUNK = 256  # files prepared and predicted together
@@ -77,6 +80,8 @@ class Prediction:
     probability: float
     threshold: float
     heatmap: str = ""  # PNG written with --heatmaps
+    logit: float = float("nan")
+    out_of_range: str = ""  # profile features of this image outside the training range ("" = none)
 
 
 @dataclass
@@ -91,6 +96,7 @@ class PredictionRun:
     rejects: list[Reject] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # out of depth (msbt.data.profile), threshold flags
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -156,6 +162,47 @@ def _same_checkpoint(recorded, folder: Path, metrics_folder: Path) -> bool:
         return True
     relative = folder.resolve().relative_to(metrics_folder.resolve())  # e.g. stage2/checkpoint_...
     return recorded.parts[-len(relative.parts):] == relative.parts
+
+
+def find_run_dir(checkpoint: str | Path) -> Path | None:
+    """The run folder a checkpoint belongs to (the first folder above it with config.yaml beside data/ or
+    stores/), or None (e.g. an exported model)."""
+    for run in _ancestors(_folder(checkpoint))[1:]:
+        if (run / "config.yaml").is_file() and ((run / "stores").is_dir() or (run / "data").is_dir()):
+            return run
+    return None
+
+
+def find_profile(checkpoint: str | Path) -> tuple[dict | None, list[str]]:
+    """The training-input profile of the run (``stores/ultrasound/profile.json``, msbt.data.profile), or
+    ``export.json``'s copy; None with a note when the run recorded none."""
+    from msbt.data.profile import PROFILE_FILE
+
+    exported = _read_export(_folder(checkpoint))
+    if exported and exported.get("profile"):
+        return exported["profile"], []
+    run = find_run_dir(checkpoint)
+    file = run / "stores" / "ultrasound" / PROFILE_FILE if run else None
+    if file is not None and file.is_file():
+        return json.loads(file.read_text()), []
+    return None, ["the run recorded no profile of its training images (made before msbt recorded one): inputs "
+                  "are not checked against the training distribution"]
+
+
+def threshold_warnings(checkpoint: str | Path, chosen: "Threshold") -> list[str]:
+    """The flags metrics.json recorded on the threshold (tied or saturated validation scores) and its
+    bootstrap spread, when the threshold came from that file."""
+    run = find_run_dir(checkpoint)
+    file = run / "metrics.json" if run else None
+    if file is None or not file.is_file() or str(file) not in chosen.source:
+        return []
+    result = json.loads(file.read_text())
+    out = [f"threshold: {flag}" for flag in result.get("threshold_flags", [])]
+    spread = result.get("threshold_ci95")
+    if spread and all(isinstance(v, (int, float)) for v in spread):
+        out.append(f"threshold {spread[0]:.4g}: 95% bootstrap range over validation resamples "
+                   f"[{spread[1]:.4g}, {spread[2]:.4g}]")
+    return out
 
 
 def find_preparation(checkpoint: str | Path, model_size: int) -> tuple[Preparation, list[str]]:
@@ -246,6 +293,10 @@ def collect_files(inputs: Sequence[str | Path], mask_suffixes: Sequence[str] = (
             problems: list[Reject] = []
             found = sorted(p for p in walk_files(path, problems) if not is_system_file(p))
             rejects += problems
+        elif path.is_file() and path.suffix.lower() == ".csv":
+            # The manifests training takes (path,label[,group]); labels are not needed here.
+            found, bad = manifest_paths(path)
+            rejects += bad
         elif os.path.lexists(path):
             found = [path]  # a file, or something reading it will name (FIFO, device, link loop)
         else:
@@ -277,8 +328,31 @@ def prepare_image(path: str | Path, preparation: Preparation) -> np.ndarray:
     Raises:
         ImageError: The file cannot be used (the reason names the problem).
     """
+    return prepare_sized(path, preparation)[0]
+
+
+def prepare_sized(path: str | Path, preparation: Preparation) -> tuple[np.ndarray, tuple[int, int]]:
+    """:func:`prepare_image` and the file's own (width, height), which the out-of-depth check compares."""
     rgb = read_image(path, preparation.sixteen_bit)  # type: ignore[arg-type]
-    return fit_square(normalize_intensity(rgb, preparation.intensity), preparation.image_size, preparation.aspect)
+    fitted = fit_square(normalize_intensity(rgb, preparation.intensity), preparation.image_size, preparation.aspect)
+    return fitted, (int(rgb.shape[1]), int(rgb.shape[0]))
+
+
+def predict_logits(model, batch: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, logits) of a binary model for a batch of model-sized uint8 images.
+
+    The probability is the model's own output (the number thresholds were chosen on); the logit is the
+    classifier's input times its weights plus bias, in float64, so it still ranks images whose float32
+    probability has saturated at exactly 1.0.
+    """
+    import keras
+
+    head = model.get_layer("predictions")
+    both = keras.Model(model.inputs, [model.outputs[0], head.input])
+    p, features = both.predict(batch.astype(np.float32), batch_size=batch_size, verbose=0)
+    kernel, bias = (np.asarray(w, np.float64) for w in head.get_weights())
+    logits = np.asarray(features, np.float64) @ kernel + bias
+    return np.asarray(p, np.float64).reshape(-1), logits.reshape(-1)
 
 
 def model_inputs(images: np.ndarray, image_size: int) -> np.ndarray:
@@ -337,27 +411,38 @@ def predict(
     files, run.rejects, run.skipped = collect_files(inputs, preparation.mask_suffixes)
     # A multi-frame DICOM (a cine loop) is predicted frame by frame, each as `file#frame=NNNN`.
     files = [ref for file in files for ref in image_refs(file)]
+    profile, more = find_profile(folder)
+    run.notes += more
+    run.warnings += threshold_warnings(folder, chosen)
+    features: list[dict] = []
     used: set[str] = set()  # heatmap file names taken so far
     # A chunk at a time, so a folder of thousands of images never sits in memory at once.
     for start in range(0, len(files), _CHUNK):
-        images, kept = [], []
+        images, kept, sizes = [], [], []
         for path in files[start : start + _CHUNK]:
             try:
-                images.append(prepare_image(path, preparation))
+                image, size = prepare_sized(path, preparation)
+                images.append(image)
+                sizes.append(size)
                 kept.append(path)
             except ImageError as err:
                 run.rejects.append(Reject(text_name(str(path)), err.reason))
         if not kept:
             continue
         batch = model_inputs(np.stack(images), stage.image_size)
-        p = np.asarray(model.predict(batch.astype(np.float32), batch_size=batch_size, verbose=0), np.float64)
+        p, z = predict_logits(model, batch, batch_size)
         pictures = _write_heatmaps(model, batch, kept, heatmaps, used) if heatmaps else [""] * len(kept)
         negative, positive = run.class_names
-        for path, prob, picture in zip(kept, p.reshape(-1), pictures):
+        for path, prob, logit, picture, image, size in zip(kept, p, z, pictures, images, sizes):
             # The rule of msbt.eval.metrics: malignant when p >= threshold.
             label = positive if prob >= chosen.value else negative
             # text_name: a file name that is not UTF-8 is printed and written with \xNN escapes.
-            run.predictions.append(Prediction(text_name(str(path)), label, float(prob), chosen.value, picture))
+            f = image_features(*size, image)
+            features.append(f)
+            outside = ",".join(out_of_range(profile, f)) if profile else ""
+            run.predictions.append(Prediction(text_name(str(path)), label, float(prob), chosen.value, picture, float(logit), outside))
+    if profile:
+        run.warnings += check_inputs(profile, features)
     return run
 
 
@@ -391,11 +476,13 @@ def format_lines(run: PredictionRun) -> list[str]:
     lines = [f"model {run.checkpoint}; threshold {run.threshold.value:.4g} from {run.threshold.source}; images "
              f"fitted to {prep.image_size} px (aspect {prep.aspect}, intensity {prep.intensity}, 16-bit "
              f"{prep.sixteen_bit}) as in training, from {prep.source}"]
-    lines += [f"{p.path}\t{p.label}\tp={p.probability:.4f}\tthreshold={p.threshold:.4g}"
-              + (f"\theatmap={p.heatmap}" if p.heatmap else "") for p in run.predictions]
+    lines += [f"{p.path}\t{p.label}\tp={p.probability:.4f}\tlogit={p.logit:.3f}\tthreshold={p.threshold:.4g}"
+              + (f"\theatmap={p.heatmap}" if p.heatmap else "")
+              + (f"\tout_of_range={p.out_of_range}" if p.out_of_range else "") for p in run.predictions]
     lines += [f"rejected {r.path}: {r.reason}" for r in run.rejects]
     lines += [f"skipped {n}: {reason}" for reason, n in sorted(run.skipped.items())]
     lines += [f"note: {note}" for note in run.notes]
+    lines += [f"warning: {w}" for w in run.warnings]
     counts = {c: sum(p.label == c for p in run.predictions) for c in run.class_names}
     lines.append(f"{len(run.predictions)} predicted ({', '.join(f'{c} {n}' for c, n in counts.items())}), "
                  f"{len(run.rejects)} rejected")
@@ -410,7 +497,8 @@ def write_csv(run: PredictionRun, path: str | Path) -> Path:
         writer = csv.writer(handle)
         writer.writerow(CSV_COLUMNS)
         for p in run.predictions:
-            writer.writerow([p.path, p.label, repr(p.probability), repr(p.threshold), p.heatmap, ""])
+            writer.writerow([p.path, p.label, repr(p.probability), repr(p.threshold), p.heatmap, "", repr(p.logit),
+                             p.out_of_range])
         for r in run.rejects:
-            writer.writerow([r.path, "", "", "", "", r.reason])
+            writer.writerow([r.path, "", "", "", "", r.reason, "", ""])
     return path

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from msbt.atomicio import write_text
+from msbt.atomicio import read_json, write_text
 from msbt.config import Config, to_dict
 from msbt.model.checkpoint import MODEL_FILE, CheckpointError, read_manifest, sha256_file, verify
 from msbt.runfolder import STAGES_FILE, run_dir, stage_dir
@@ -394,14 +394,14 @@ def recorded_stage1(run: str | Path) -> list[tuple[str, Path]]:
     found = []
     for name in STAGE1_RECORDS:
         record = run / name
-        data = _read_json(record)
+        data = read_json(record)
         if isinstance(data, dict):
             # stages.json keys finished stages by number; Tune's file by "stage1"; the experiments' is flat.
             entry = data.get("1") or data.get("stage1") or data
             if isinstance(entry, dict) and entry.get("checkpoint"):
                 found.append((str(entry["checkpoint"]), record))
     scored = run / "metrics.json"  # the evaluated stage-2 model's parent is the run's stage 1
-    checkpoint = (_read_json(scored) or {}).get("checkpoint") if scored.is_file() else None
+    checkpoint = (read_json(scored) or {}).get("checkpoint") if scored.is_file() else None
     if checkpoint and Path(checkpoint).is_dir():
         from msbt.model.checkpoint import lineage
 
@@ -409,13 +409,6 @@ def recorded_stage1(run: str | Path) -> list[tuple[str, Path]]:
         if len(chain) > 1:
             found.append((chain[1]["path"], scored))
     return found
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def usable_stage1(path: str | Path | None, config: Config, store_path: str | Path | None = None) -> Path | None:

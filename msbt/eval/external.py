@@ -1,0 +1,168 @@
+"""External evaluation: a trained run scored on another site's images, with what a user must know beside AUC.
+
+For each external site (msbt.serve.external runs the model; this module scores and writes, no model):
+- metrics with 95% group-bootstrap intervals at the RUN's validation threshold (msbt.eval.metrics): the
+  number a deployment would see, since a new site has no labelled validation set of its own;
+- threshold transfer: sensitivity/specificity at the run's threshold beside those at the site's own
+  best (Youden) threshold. The latter is chosen on the very images it is scored on, so it is labelled
+  optimistic: it shows what re-calibrating at the site could at most recover;
+- calibration on the site (reliability bins, calibration-in-the-large = mean p - malignant share, Brier);
+- a contamination check: near-duplicates of the run's train/val images in the external set, found with
+  msbt.images.grouping.find_links (the code and thresholds the run's split used), excluded by default
+  and counted, because a "new" site that shares images with training is not new.
+No TensorFlow, no Ray.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from msbt.eval import metrics
+from msbt.eval.threshold import SATURATION, threshold_flags
+from msbt.images.grouping import connected_groups, find_links
+
+EXTERNAL_DIR = "external"
+SCHEMA = 1
+PREDICTION_COLUMNS = ("path", "relpath", "site", "group", "y", "p", "logit", "predicted", "out_of_range",
+                      "excluded")
+CALIBRATION_BINS = 10
+
+
+def contamination(run_hashes: np.ndarray, run_thumbs: np.ndarray, run_digests: Sequence[str],
+                  ext_hashes: np.ndarray, ext_thumbs: np.ndarray, ext_digests: Sequence[str], *,
+                  max_distance: int = 10, min_similarity: float = 0.8) -> dict[int, int]:
+    """External images that are near-duplicates of a run image: {external index: a run index it matches}.
+
+    The two sets are searched together with :func:`msbt.images.grouping.find_links` (perceptual hash
+    distance, then thumbnail correlation; byte-identical files always match) and only pairs with one
+    image on each side are kept.
+    """
+    n = len(run_hashes)
+    links = find_links(np.concatenate([np.asarray(run_hashes, np.uint64), np.asarray(ext_hashes, np.uint64)]),
+                       np.concatenate([run_thumbs, ext_thumbs]), max_distance=max_distance,
+                       min_similarity=min_similarity, digests=[*map(str, run_digests), *map(str, ext_digests)])
+    found: dict[int, int] = {}
+    for i, j in links.pairs:
+        if i < n <= j:
+            found.setdefault(int(j) - n, int(i))
+    return found
+
+
+def site_groups(hashes: np.ndarray, thumbs: np.ndarray, digests: Sequence[str], *, max_distance: int = 10,
+                min_similarity: float = 0.8) -> np.ndarray:
+    """Lesion groups within an external site (as the run's split groups its own images), for the bootstrap."""
+    links = find_links(hashes, thumbs, max_distance=max_distance, min_similarity=min_similarity,
+                       digests=list(map(str, digests)))
+    return np.array([f"g{c:05d}" for c in connected_groups(len(hashes), links.pairs)])
+
+
+def score_site(y, p, groups, threshold: float, *, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Metrics of one external site at the run's threshold, threshold transfer and calibration.
+
+    Args:
+        y, p, groups: labels (0/1), probabilities and lesion groups of the site's scored images.
+        threshold: the run's validation threshold.
+
+    Returns:
+        JSON-able dict: ``at_run_threshold`` ({metric: [value, low, high]}), ``threshold_transfer``,
+        ``calibration``, counts and notes.
+    """
+    y, p, groups = np.asarray(y, int), np.asarray(p, float), np.asarray(groups)
+    out: dict = {"images": int(len(y)), "groups": int(len(set(groups.tolist()))), "malignant": int(y.sum()),
+                 "threshold": float(threshold), "notes": []}
+    if len(y) == 0 or y.min() == y.max():
+        out["notes"].append("the site needs both classes for AUC, sensitivity and specificity; counts only")
+        return out
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        ci = metrics.bootstrap_ci(y, p, threshold, groups=groups, n_boot=n_boot, seed=seed)
+    out["notes"] += sorted({str(w.message) for w in caught})
+    out["at_run_threshold"] = {k: [float(x) for x in v] for k, v in ci.items()}
+    own = metrics.choose_threshold(y, p, "youden")
+    at_own = metrics.binary_metrics(y, p, own)
+    out["threshold_transfer"] = {
+        "run_threshold": float(threshold),
+        "run": {"sensitivity": ci["sensitivity"][0], "specificity": ci["specificity"][0]},
+        "site_best_threshold": float(own),
+        "site_best_optimistic": {"sensitivity": float(at_own["sensitivity"]), "specificity": float(at_own["specificity"])},
+        "note": "site_best is chosen on the very images it is scored on (Youden): optimistic, an upper bound "
+                "of what re-choosing the threshold at this site could recover",
+    }
+    mean_p, observed, counts = metrics.calibration_curve(y, p, bins=CALIBRATION_BINS, strategy="uniform")
+    filled = counts > 0
+    out["calibration"] = {
+        "strategy": "uniform", "bins": CALIBRATION_BINS, "mean_predicted": mean_p[filled].tolist(),
+        "observed": observed[filled].tolist(), "counts": counts[filled].astype(int).tolist(),
+        "in_the_large": float(p.mean() - y.mean()),  # > 0: the model over-calls malignancy here
+        "brier": float(np.mean((p - y) ** 2)),
+    }
+    out["called_malignant"] = float(np.mean(p >= threshold))
+    saturated = float(np.mean((p <= SATURATION) | (p >= 1 - SATURATION)))
+    out["saturated_share"] = saturated
+    out["notes"] += [f for f in threshold_flags(p, threshold) if "saturated" in f and "validation" not in f]
+    if saturated > 0.2:
+        out["notes"].append(f"{saturated:.0%} of this site's scores are saturated (0 or 1): the model is "
+                            "overconfident here; look at the logits in predictions.csv")
+    return out
+
+
+def write_site(folder: str | Path, result: Mapping, rows: Sequence[Mapping]) -> Path:
+    """Write ``metrics.json`` and ``predictions.csv`` of one site atomically into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _atomic(folder / "metrics.json", json.dumps(result, indent=2, default=float) + "\n")
+    tmp = folder / ".predictions.csv.tmp"
+    with tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(PREDICTION_COLUMNS), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, folder / "predictions.csv")
+    return folder / "metrics.json"
+
+
+def read_sites(run: str | Path) -> dict[str, dict]:
+    """Every ``external/<site>/metrics.json`` of a run folder: {site: result}."""
+    out = {}
+    for path in sorted(Path(run).glob(f"{EXTERNAL_DIR}/*/metrics.json")):
+        try:
+            out[path.parent.name] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def format_site(site: str, result: Mapping) -> list[str]:
+    """Lines for the terminal: one site's numbers."""
+    c = result.get("contamination", {})
+    lines = [f"site {site}: {result.get('images')} images scored ({result.get('groups')} groups, "
+             f"{result.get('malignant')} malignant); {c.get('found', 0)} near-duplicates of the run's train/val "
+             f"images {'excluded' if c.get('excluded') else 'kept'}"]
+    at = result.get("at_run_threshold")
+    if at:
+        lines.append("  at the run's threshold {:.4g}: ".format(result["threshold"]) + ", ".join(
+            f"{k} {v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for k, v in at.items()
+            if k in ("auc", "sensitivity", "specificity", "accuracy")))
+        t = result["threshold_transfer"]
+        lines.append(f"  threshold transfer: sensitivity/specificity {t['run']['sensitivity']:.3f}/"
+                     f"{t['run']['specificity']:.3f} at the run's threshold vs "
+                     f"{t['site_best_optimistic']['sensitivity']:.3f}/{t['site_best_optimistic']['specificity']:.3f} "
+                     f"at the site's own best {t['site_best_threshold']:.4g} (optimistic)")
+        cal = result["calibration"]
+        lines.append(f"  calibration: mean p - malignant share {cal['in_the_large']:+.3f}, Brier {cal['brier']:.3f}; "
+                     f"{result['called_malignant']:.0%} called malignant")
+    lines += [f"  warning: {w}" for w in result.get("out_of_depth", [])]
+    lines += [f"  note: {n}" for n in result.get("notes", [])]
+    return lines
+
+
+def _atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,161 @@
+"""`msbt external CHECKPOINT SOURCE...`: score a trained run on other sites, as a step of its own.
+
+This module applies the model; msbt.eval.external scores and writes. Every image reaches the model as
+`msbt predict` prepares it (the run's recorded preparation, msbt.serve.predict), the threshold is the run's
+validation threshold, and the run's train/val images are compared with each site's for near-duplicates
+with the fingerprints the split saved (`data/ultrasound/fingerprints.npz`; for runs made before it
+existed, the run's own data are scanned again). It lives in serve, not eval, because it loads and runs a
+model (serve sits above eval; eval never imports serve).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from msbt.config import load_config
+from msbt.data.discovery import Discovery
+from msbt.data.profile import check_inputs, image_features, out_of_range
+from msbt.data.sites import Site, discover_sites, parse_sources
+from msbt.data.splits import load_fingerprints
+from msbt.eval import external as ext
+from msbt.images.imagefile import ImageError
+from msbt.serve.predict import (find_preparation, find_profile, find_run_dir, find_threshold, model_inputs,
+                                predict_logits, prepare_sized, threshold_warnings)
+
+log = logging.getLogger(__name__)
+_CHUNK = 256
+
+
+def run_reference(run: Path | None) -> tuple[dict | None, dict, list[str]]:
+    """The run's train/val fingerprints (relpath, hashes, thumbs, digests), its grouping thresholds and notes.
+
+    Returns (None, thresholds, notes) when the run folder or its split cannot be found: then no
+    contamination check is possible and a note says so.
+    """
+    thresholds = {"max_distance": 10, "min_similarity": 0.8}
+    if run is None or not (run / "data" / "ultrasound" / "split.csv").is_file():
+        return None, thresholds, ["no run split found above the checkpoint: the contamination check was not run"]
+    folder = run / "data" / "ultrasound"
+    summary = json.loads((folder / "split.json").read_text())
+    thresholds = summary.get("thresholds", thresholds)
+    with (folder / "split.csv").open(newline="") as handle:
+        keep = {r["relpath"] for r in csv.DictReader(handle) if r["split"] in ("train", "val")}
+    saved = load_fingerprints(folder)
+    notes = []
+    if saved is None:  # a run made before fingerprints were saved: scan its data again
+        config = load_config([run / "config.yaml"])
+        if not config.data.ultrasound:
+            return None, thresholds, ["the run used built-in data and saved no fingerprints: contamination not checked"]
+        d = discover_sites(config.data.ultrasound, config.data.ultrasound_classes,
+                           mask_suffixes=config.data.mask_suffixes, sixteen_bit=config.data.sixteen_bit)
+        saved = {"relpath": np.array([r.relpath for r in d.records]), "hashes": d.hashes, "thumbs": d.thumbs,
+                 "digests": np.array([r.digest for r in d.records])}
+        notes.append(f"fingerprints of the run's images recomputed from {config.data.ultrasound}")
+    mask = np.array([str(r) in keep for r in saved["relpath"]])
+    return {k: v[mask] for k, v in saved.items()}, thresholds, notes
+
+
+def external(checkpoint: str | Path, sources: str | Sequence[str], *, out: str | Path | None = None,
+             threshold: float | None = None, keep_duplicates: bool = False, n_boot: int = 2000, seed: int = 0,
+             batch_size: int = 32) -> dict[str, dict]:
+    """Score a stage-2 checkpoint on each external source; write ``<out>/external/<site>/``.
+
+    Args:
+        checkpoint: a stage-2 checkpoint folder of a run.
+        sources: folders or CSV manifests, each a site (``NAME=PATH`` or a bare path).
+        out: folder that receives ``external/<site>/``; default the checkpoint's run folder.
+        threshold: overrides the run's validation threshold.
+        keep_duplicates: score near-duplicates of the run's train/val images too (default: excluded).
+        n_boot, seed: bootstrap resamples and seed.
+
+    Returns:
+        {site: its metrics.json content}.
+
+    Raises:
+        ValueError: no output folder (and no run folder), a bad source (named), a bad threshold.
+    """
+    from msbt.eval.evaluate import load_stage2
+    from msbt.model.checkpoint import read_manifest
+
+    sites = parse_sources(sources)  # bad names fail before the model loads
+    chosen, notes = find_threshold(checkpoint, threshold)
+    run = find_run_dir(checkpoint)
+    out = Path(out) if out else run
+    if out is None:
+        raise ValueError(f"{checkpoint}: not inside a run folder; give --out")
+    model, stage = load_stage2(checkpoint)
+    class_names = list(read_manifest(checkpoint)["class_names"])
+    preparation, more = find_preparation(checkpoint, stage.image_size)
+    profile, more2 = find_profile(checkpoint)
+    reference, thresholds, more3 = run_reference(run)
+    notes += more + more2 + more3 + threshold_warnings(checkpoint, chosen)
+    results = {}
+    for site in sites:
+        d = discover_sites([site], class_names, mask_suffixes=preparation.mask_suffixes,
+                           sixteen_bit=preparation.sixteen_bit)
+        result, rows = _score_site(model, stage, site, d, chosen.value, preparation, profile, reference, thresholds,
+                                   keep_duplicates=keep_duplicates, n_boot=n_boot, seed=seed, batch_size=batch_size)
+        result.update({"checkpoint": str(checkpoint), "threshold_source": chosen.source,
+                       "preparation": preparation.as_dict(), "run_notes": notes})
+        ext.write_site(out / ext.EXTERNAL_DIR / site.name, result, rows)
+        results[site.name] = result
+    return results
+
+
+def _score_site(model, stage, site: Site, d: Discovery, threshold: float, preparation, profile, reference,
+                thresholds: dict, *, keep_duplicates: bool, n_boot: int, seed: int, batch_size: int):
+    digests = [r.digest for r in d.records]
+    dupes = {} if reference is None else ext.contamination(
+        reference["hashes"], reference["thumbs"], reference["digests"], d.hashes, d.thumbs, digests, **thresholds)
+    if any(r.group for r in d.records):  # the manifest's groups (patients) when it has them
+        groups = np.array([r.group or f"~{r.relpath}" for r in d.records])
+    else:
+        groups = ext.site_groups(d.hashes, d.thumbs, digests, **thresholds)
+    rows, features, y, p, g = [], [], [], [], []
+    rejects = list(d.rejects)
+    records = list(enumerate(d.records))
+    for start in range(0, len(records), _CHUNK):
+        images, kept, sizes = [], [], []
+        for index, record in records[start : start + _CHUNK]:
+            try:
+                image, size = prepare_sized(record.path, preparation)
+            except ImageError as err:
+                rejects.append(err)
+                continue
+            images.append(image)
+            sizes.append(size)
+            kept.append(index)
+        if not kept:
+            continue
+        probs, logits = predict_logits(model, model_inputs(np.stack(images), stage.image_size), batch_size)
+        for index, image, size, prob, logit in zip(kept, images, sizes, probs, logits):
+            record = d.records[index]
+            f = image_features(*size, image)
+            duplicate = index in dupes
+            excluded = "near-duplicate of a run train/val image" if duplicate and not keep_duplicates else ""
+            label = d.classes.index(record.label)
+            rows.append({"path": record.path, "relpath": record.relpath, "site": site.name, "group": groups[index],
+                         "y": label, "p": repr(float(prob)), "logit": repr(float(logit)),
+                         "predicted": int(prob >= threshold),
+                         "out_of_range": ",".join(out_of_range(profile, f)) if profile else "", "excluded": excluded})
+            if not excluded:
+                features.append(f)
+                y.append(label)
+                p.append(float(prob))
+                g.append(groups[index])
+    result = {"schema": ext.SCHEMA, "site": site.name, "source": site.path,
+              **ext.score_site(y, p, g, threshold, n_boot=n_boot, seed=seed)}
+    result["contamination"] = {
+        "checked": reference is not None, "found": len(dupes), "excluded": bool(dupes) and not keep_duplicates,
+        "thresholds": thresholds, "run_images_compared": 0 if reference is None else int(len(reference["hashes"])),
+        "examples": [[d.records[j].relpath, str(reference["relpath"][i])] for j, i in list(dupes.items())[:20]],
+    }
+    result["out_of_depth"] = check_inputs(profile, features) if profile else []
+    result["rejects"] = len(rejects)
+    return result, rows

@@ -1,0 +1,205 @@
+"""`msbt external` on a tiny real run folder, the scoring of msbt.eval.external, and leave-one-site-out folds.
+
+The run is shaped as the main job writes it (config.yaml, data/ultrasound/split.* + fingerprints.npz,
+stores/ultrasound/store.json + profile.json, metrics.json, a stage-2 checkpoint) around a 32 px
+EfficientNet-Lite0 model with ImageNet features and an untrained head, as in tests/unit/test_predict.py:
+training would only cost time, and the checks are about what is compared and written, not accuracy.
+"""
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from msbt.config import Config, HeadConfig, StageConfig, dump_config
+from msbt.data.profile import build_profile, image_features, write_profile
+from msbt.data.sites import discover_sites
+from msbt.data.sitesynth import generate_sites
+from msbt.data.splits import make_split, save_fingerprints, save_split
+from msbt.eval import external as ext
+from msbt.model.checkpoint import MODEL_FILE, write_manifest
+from msbt.model.models import build_model
+
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+STAGE = StageConfig(backbone="efficientnet_lite0", weights="imagenet", image_size=32, batch_size=4,
+                    head=HeadConfig((8, 4, 2), 0.5), monitor="val_auc")
+CLASSES = ("benign", "malignant")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("external")
+    sites = generate_sites(root / "sites", sites=3, seed=0, lesions_per_class=6, frames_per_lesion=(1, 2), size=48)["sites"]
+    run = root / "runs" / "a"
+    config = Config()
+    dump_config(config, run / "config.yaml")
+    d = discover_sites(sites["site-a"], CLASSES)
+    split = make_split(d, folds=3)
+    save_split(split, run / "data" / "ultrasound")
+    save_fingerprints(d, run / "data" / "ultrasound")
+    store = run / "stores" / "ultrasound"
+    store.mkdir(parents=True)
+    (store / "store.json").write_text(json.dumps({"kind": "ultrasound", "settings": {
+        "image_size": 48, "aspect": "pad", "intensity": "none", "sixteen_bit": "scale"}}))
+    from msbt.serve.predict import Preparation, prepare_sized
+
+    prep = Preparation(48, "pad", "none", "scale", ("_mask",), "test")
+    train = [r for r, row in zip(d.records, split.table) if row["split"] == "train"]
+    prepared = [prepare_sized(r.path, prep) for r in train]  # (image, (width, height))
+    write_profile(build_profile([image_features(*size, image) for image, size in prepared]), store)
+    checkpoint = run / "stage2" / "checkpoint_000001"
+    checkpoint.mkdir(parents=True)
+    keras.utils.set_random_seed(0)
+    build_model(STAGE, 2).save(checkpoint / MODEL_FILE)
+    write_manifest(checkpoint, stage_config=STAGE, class_names=list(CLASSES), metrics={"val_auc": 0.5}, best_epoch=1)
+    (run / "metrics.json").write_text(json.dumps({
+        "checkpoint": str(checkpoint), "threshold": 0.5, "threshold_rule": "youden", "threshold_chosen_on": "val",
+        "threshold_flags": ["threshold chosen among tied scores: 50% of validation images score exactly 0.5"],
+        "threshold_ci95": [0.5, 0.3, 0.7]}))
+    # A "new" site that holds three of the run's training images (renamed) among site b's images.
+    mixed = root / "mixed"
+    shutil.copytree(sites["site-b"], mixed)
+    copied = [r for r in train if r.label == "benign"][:3]
+    for i, r in enumerate(copied):
+        shutil.copy(r.path, mixed / "benign" / f"copied_{i}.png")
+    return {"run": run, "checkpoint": checkpoint, "sites": sites, "mixed": mixed, "copied": len(copied)}
+
+
+def test_contamination_is_found_excluded_by_default_and_counted(run):
+    from msbt.serve.external import external
+
+    results = external(run["checkpoint"], [f"mixed={run['mixed']}"], n_boot=100)
+    r = results["mixed"]
+    scored_files = len(list((run["mixed"] / "benign").iterdir())) + len(list((run["mixed"] / "malignant").iterdir()))
+    assert r["contamination"]["found"] == run["copied"] and r["contamination"]["excluded"]
+    assert r["images"] == scored_files - run["copied"]
+    with (run["run"] / "external" / "mixed" / "predictions.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    excluded = [row for row in rows if row["excluded"]]
+    assert sorted(Path(row["path"]).name for row in excluded) == [f"copied_{i}.png" for i in range(run["copied"])]
+    assert all(np.isfinite(float(row["logit"])) for row in rows)
+    # The logit is the classifier's pre-sigmoid score: sigmoid(logit) is the probability.
+    for row in rows:
+        assert 1 / (1 + np.exp(-float(row["logit"]))) == pytest.approx(float(row["p"]), abs=1e-5)
+    kept = external(run["checkpoint"], [f"mixed={run['mixed']}"], n_boot=100, keep_duplicates=True)["mixed"]
+    assert kept["images"] == scored_files and not kept["contamination"]["excluded"]
+
+
+def test_external_metrics_transfer_calibration_depth_and_report(run):
+    from msbt.cli import main
+
+    assert main(["external", str(run["checkpoint"]), run["sites"]["site-c"], "--n-boot", "100"]) == 0
+    r = json.loads((run["run"] / "external" / "site-c" / "metrics.json").read_text())
+    assert set(r["at_run_threshold"]) >= {"auc", "sensitivity", "specificity"} and r["threshold"] == 0.5
+    auc, low, high = r["at_run_threshold"]["auc"]
+    assert low <= auc <= high
+    t = r["threshold_transfer"]
+    assert "optimistic" in t["note"] and t["run_threshold"] == 0.5
+    # Youden on the site itself can only do as well or better in J than the run's threshold.
+    j = lambda s: s["sensitivity"] + s["specificity"]  # noqa: E731
+    assert j(t["site_best_optimistic"]) >= j(t["run"]) - 1e-12
+    assert sum(r["calibration"]["counts"]) == r["images"]
+    # Site c stores 32 px lesion crops; the run trained on 48 px frames: the size rule must fire.
+    assert any("long_side" in w for w in r["out_of_depth"])
+    assert any("tied scores" in n for n in r["run_notes"])
+    html = (run["run"] / "report.html").read_text()
+    assert 'id="external"' in html and "site-c" in html and "optimistic" in html
+
+
+def test_score_site_at_a_fixed_threshold_by_hand():
+    y = np.array([0, 0, 0, 1, 1, 1])
+    p = np.array([0.1, 0.2, 0.7, 0.6, 0.8, 0.9])
+    r = ext.score_site(y, p, [f"g{i}" for i in range(6)], 0.75, n_boot=50)
+    assert r["at_run_threshold"]["sensitivity"][0] == pytest.approx(2 / 3)
+    assert r["at_run_threshold"]["specificity"][0] == 1.0
+    assert r["threshold_transfer"]["site_best_threshold"] == 0.6  # Youden: J = 1 - 1/3 at 0.6 (ties -> lower)
+    assert r["calibration"]["in_the_large"] == pytest.approx(p.mean() - 0.5)
+    assert ext.score_site([1, 1], [0.2, 0.3], ["a", "b"], 0.5)["notes"]  # one class: counts only
+
+
+def test_leave_one_site_out_folds_hold_out_each_site_whole():
+    from msbt.jobs.experiments import site_roles
+
+    rows = [{"relpath": f"{s}/{i}", "site": s, "split": split, "label": "benign"}
+            for s in ("a", "b", "c") for i, split in enumerate(("train", "train", "val", "test"))]
+    seen_as_test = set()
+    for held in ("a", "b", "c"):
+        roles = site_roles(rows, held, exclude=frozenset({f"{held}/0"}))
+        assert {k for k, v in roles.items() if v == "test"} == {f"{held}/1", f"{held}/2", f"{held}/3"}
+        assert f"{held}/0" not in roles  # a near-duplicate of another site's training image: excluded
+        others = {k: v for k, v in roles.items() if not k.startswith(held)}
+        assert sorted(others.values()) == sorted(["train", "train", "val", "internal"] * 2)
+        seen_as_test |= {k for k, v in roles.items() if v == "test"}
+    assert len(seen_as_test) == 9
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_leave_one_site_out_on_two_built_in_sites(tmp_path, ray_local):
+    """The real thing, smallest: two built-in sites, 32 px, one epoch per stage; every site held out once,
+    its store holding all its images as test and the other site's test rows as 'internal'."""
+    from msbt.config import DataConfig, PreprocessConfig, RunConfig, SynthConfig
+    from msbt.data.preprocess import read_store
+    from msbt.jobs import experiments as X
+
+    lite0 = dict(backbone="efficientnet_lite0", weights="none", image_size=32, batch_size=8, epochs=1)
+    config = Config(
+        synth=SynthConfig(out_dir=str(tmp_path / "synth"), fields_per_line=2, field_size=300, lesions_per_class=6,
+                          frames_per_lesion=(1, 2), ultrasound_size=48, sites=2),
+        data=DataConfig(split=(0.5, 0.25, 0.25), folds=3),
+        preprocess=PreprocessConfig(max_patches_per_field=3, image_size=32),
+        stage1=StageConfig(**lite0),
+        stage2=StageConfig(**{**lite0, "weights": "parent", "monitor": "val_auc", "head": HeadConfig((8,), 0.5)}),
+        run=RunConfig(name="loso", storage_path=str(tmp_path / "runs")),
+    )
+    report = X.leave_one_site_out(config, n_boot=100)
+    assert [r["site"] for r in report["rows"]] == ["site-a", "site-b"]
+    rows = X.read_split_rows(tmp_path / "runs" / "loso" / "data" / "ultrasound")
+    stage1s = set()
+    for r in report["rows"]:
+        store = read_store(tmp_path / "runs" / "loso" / "loso" / f"site-{r['site']}" / "store",
+                           columns=["source", "split", "site"])
+        held = {s for s, role in zip(store["source"], store["split"]) if role == "test"}
+        assert held == {x["relpath"] for x in rows if x["site"] == r["site"]} and set(store["site"]) == {"site-a", "site-b"}
+        assert r["test_images"] == len(held) and r["internal_auc"] is not None
+        assert r["gap"] == pytest.approx(r["internal_auc"][0] - r["held_out_auc"][0])
+        low, high = r["held_out_auc"][1:]
+        assert low <= r["held_out_auc"][0] <= high
+        from msbt.model.checkpoint import lineage
+
+        stage1s.add(lineage(r["checkpoint"])[1]["path"])
+    assert len(stage1s) == 1  # both arms from one stage 1
+    assert (tmp_path / "runs" / "loso" / "loso" / "loso.json").is_file()
+
+
+def test_threshold_flags_and_spread():
+    from msbt.eval.threshold import logit, threshold_flags, threshold_spread
+
+    # The Mendeley failure of the issue: validation scores saturated at exactly 1.0, threshold 1.0.
+    p = np.array([1.0] * 8 + [0.2, 0.1])
+    flags = threshold_flags(p, 1.0)
+    assert any("saturated score" in f for f in flags) and any("tied scores" in f for f in flags)
+    assert threshold_flags(np.linspace(0.05, 0.95, 20), 0.5) == []
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 40)
+    scores = np.clip(y * 0.3 + rng.normal(0.35, 0.15, 80), 0.001, 0.999)
+    point, low, high = threshold_spread(y, scores, n_boot=200)
+    assert low <= point <= high and high - low > 0.01  # a threshold from 80 noisy scores moves
+    assert np.isfinite(logit([0.0, 1.0])).all() and logit([0.5])[0] == 0.0
+
+
+def test_predict_takes_the_manifests_training_takes(tmp_path):
+    import cv2
+
+    from msbt.serve.predict import collect_files
+
+    for name in ("a.png", "b.png"):
+        cv2.imwrite(str(tmp_path / name), np.full((8, 8), 100, np.uint8))
+    (tmp_path / "list.csv").write_text("path,label,group\na.png,benign,p1\nb.png,malignant,p2\ngone.png,benign,p3\n")
+    files, rejects, _ = collect_files([tmp_path / "list.csv"])
+    assert [f.name for f in files] == ["a.png", "b.png"]
+    assert len(rejects) == 1 and "gone.png" in rejects[0].path and "does not exist" in rejects[0].reason

@@ -1,0 +1,134 @@
+"""Multi-site data (msbt.data.sites, site-aware splits, the built-in multi-site set, the input profile).
+
+Tiny generated data only: three built-in sites at 48 px; no Ray, no TensorFlow.
+"""
+
+import csv
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from msbt.config import ConfigError, load_config
+from msbt.data.discovery import DataError
+from msbt.data.profile import build_profile, check_inputs, image_features, out_of_range
+from msbt.data.sites import Site, discover_sites, parse_sources
+from msbt.data.sitesynth import generate_sites
+from msbt.data.splits import load_fingerprints, make_split, save_fingerprints, save_split
+
+CLASSES = ("benign", "malignant")
+
+
+@pytest.fixture(scope="module")
+def three_sites(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sites") / "built-in"
+    summary = generate_sites(out, sites=3, seed=0, lesions_per_class=6, frames_per_lesion=(1, 3), size=48)
+    return summary["sites"]
+
+
+def test_parse_sources_names_sites_and_refuses_bad_names(tmp_path):
+    assert parse_sources("/data/busi-256") == [Site("busi-256", "/data/busi-256")]
+    assert parse_sources(["a=/x/one", "/y/list.csv"]) == [Site("a", "/x/one"), Site("list", "/y/list.csv")]
+    with pytest.raises(DataError, match="two sources named 'one'"):
+        parse_sources(["/x/one", "/y/one"])
+    with pytest.raises(DataError, match="site name"):
+        parse_sources(["bad name=/x"])
+
+
+def test_config_takes_one_source_or_a_list_of_sites(tmp_path):
+    path = tmp_path / "sites.yaml"
+    path.write_text("data:\n  ultrasound: [busi=/d/busi, breast=/d/breast]\n")
+    assert load_config([path]).data.ultrasound == ("busi=/d/busi", "breast=/d/breast")
+    assert load_config([], ["data.ultrasound=/d/busi"]).data.ultrasound == "/d/busi"
+    with pytest.raises(ConfigError, match="data.ultrasound"):
+        load_config([], ["data.ultrasound=3"])
+
+
+def test_built_in_sites_differ_in_framing_and_every_record_carries_its_site(three_sites):
+    sizes = {name: cv2.imread(str(next((__import__("pathlib").Path(p) / "benign").iterdir()))).shape[:2]
+             for name, p in three_sites.items()}
+    assert sizes == {"site-a": (48, 48), "site-b": (48, 64), "site-c": (32, 32)}  # frame, wide, crop
+    d = discover_sites([f"{k}={v}" for k, v in three_sites.items()], CLASSES)
+    assert {r.site for r in d.records} == set(three_sites) and d.sites == three_sites
+    assert all(r.relpath.startswith(f"{r.site}/") for r in d.records)
+    assert len(d.hashes) == len(d.thumbs) == len(d.records)
+
+
+def test_one_source_keeps_relpaths_and_fingerprint_of_a_plain_scan(three_sites):
+    from msbt.data.discovery import discover
+
+    plain = discover(three_sites["site-a"], CLASSES)
+    one = discover_sites(three_sites["site-a"], CLASSES)
+    assert [r.relpath for r in one.records] == [r.relpath for r in plain.records]
+    assert one.fingerprint() == plain.fingerprint() and {r.site for r in one.records} == {"site-a"}
+
+
+def test_split_never_puts_a_group_across_sites_and_stratifies_by_site(three_sites, tmp_path):
+    d = discover_sites([f"{k}={v}" for k, v in three_sites.items()], CLASSES)
+    result = make_split(d, ratios=(0.6, 0.2, 0.2), folds=3, seed=1)
+    site_of_group = {}
+    for row in result.table:
+        assert site_of_group.setdefault(row["group"], row["site"]) == row["site"]
+    for site, per in result.summary["sites"].items():
+        for split in ("train", "val", "test"):  # every site has both classes in every split
+            assert set(per[split]) == set(CLASSES), (site, split, per)
+    assert "cross_site_duplicates" in result.summary
+    save_split(result, tmp_path)
+    with (tmp_path / "split.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows[0].keys() >= {"relpath", "site"} and {r["site"] for r in rows} == set(three_sites)
+    assert json.loads((tmp_path / "split.json").read_text())["sites"] == result.summary["sites"]
+
+
+def test_an_image_copied_to_another_site_is_reported_not_merged(three_sites, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(three_sites["site-b"], copy)
+    first = sorted((copy / "benign").iterdir())[0]
+    shutil.copy(next((__import__("pathlib").Path(three_sites["site-a"]) / "benign").iterdir()), first)
+    d = discover_sites([f"a={three_sites['site-a']}", f"b={copy}"], CLASSES)
+    result = make_split(d, folds=3)
+    cross = result.summary["cross_site_duplicates"]
+    assert cross["pairs"] >= 1 and any(pair[1] == f"b/benign/{first.name}" for pair in cross["examples"])
+    groups = {row["relpath"]: row["group"] for row in result.table}
+    assert groups[f"b/benign/{first.name}"].startswith("b:")  # its group stays inside its own site
+
+
+def test_fingerprints_round_trip(three_sites, tmp_path):
+    d = discover_sites(three_sites["site-a"], CLASSES)
+    save_fingerprints(d, tmp_path)
+    saved = load_fingerprints(tmp_path)
+    assert saved["relpath"].tolist() == [r.relpath for r in d.records]
+    np.testing.assert_array_equal(saved["hashes"], d.hashes)
+    assert load_fingerprints(tmp_path / "none") is None
+
+
+def test_profile_flags_inputs_unlike_the_training_images():
+    rng = np.random.default_rng(0)
+    train = [image_features(256, 256, rng.integers(40, 200, (32, 32, 3)).astype(np.uint8)) for _ in range(50)]
+    profile = build_profile(train)
+    same = image_features(256, 256, rng.integers(40, 200, (32, 32, 3)).astype(np.uint8))
+    assert out_of_range(profile, same) == []
+    crop = image_features(90, 70, rng.integers(40, 200, (32, 32, 3)).astype(np.uint8))
+    assert set(out_of_range(profile, crop)) >= {"long_side", "aspect"}
+    warnings = check_inputs(profile, [crop] * 5 + [same] * 5)
+    assert any("long_side" in w and "5 of 10" in w for w in warnings)
+    assert check_inputs(profile, [same] * 20 + [crop]) == []  # 1 of 21 is under the 10% rule
+
+
+def test_metrics_and_predictions_name_the_site(tmp_path):
+    from msbt.eval import evaluate as E
+
+    rng = np.random.default_rng(0)
+    y = np.tile([0, 1], 20)
+    test = {"y": y, "p": np.clip(y * 0.4 + rng.uniform(0, 0.6, 40), 0, 1), "group": np.array([f"g{i}" for i in range(40)]),
+            "source": np.array([f"{i}.png" for i in range(40)]), "site": np.array(["a"] * 20 + ["b"] * 20)}
+    val = {"y": y, "p": test["p"][::-1].copy(), "group": test["group"]}
+    r = E.score(val, test, n_boot=100)
+    assert set(r["sites"]) == {"a", "b"} and r["sites"]["a"]["images"] == 20
+    assert len(r["sites"]["b"]["auc"]) == 3 and len(r["threshold_ci95"]) == 3
+    E.write_predictions({"test": test}, tmp_path / "predictions.csv")
+    back = E.read_predictions(tmp_path / "predictions.csv")
+    assert back["test"]["site"].tolist() == test["site"].tolist()
