@@ -205,6 +205,8 @@ def run_stage(config: Config, number: int, store_path: str | Path, parent: str |
         "resumed_from": str(start) if start else None,
     }
     record_stage(config, number, entry)
-    print(f"stage {number}: best {stage.monitor} {entry['value']:.4f} (epoch {entry['best_epoch']} of "
+    # An AUC monitored during training is Keras' binned estimate; the exact one comes with the evaluation.
+    kind = " [Keras' binned AUC]" if "auc" in stage.monitor else ""
+    print(f"stage {number}: best {stage.monitor} {entry['value']:.4f}{kind} (epoch {entry['best_epoch']} of "
           f"{stage.epochs}) -> {best.path}", flush=True)
     return {**entry, "reused": False}
