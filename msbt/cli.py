@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +17,8 @@ from msbt.config import ConfigError, load_config, to_dict
 def _config_options(parser: argparse.ArgumentParser) -> None:
     # Accepted after the subcommand too (`msbt run --debug`); SUPPRESS keeps the top-level value.
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    parser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show Ray's and TensorFlow's own output on the terminal (always in runs/<name>/logs/)")
     parser.add_argument(
         "--config", action="append", default=[], metavar="YAML",
         help="config overlay on the paper's settings; repeat to stack (later wins)",
@@ -43,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"msbt {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
+    parser.add_argument("--verbose", action="store_true", help="show INFO logs and Ray's and TensorFlow's own "
+                        "output on the terminal (by default they go to runs/<name>/logs/ only)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("run", help="run the main job (today: data scan, grouping, split, Ray Data preprocessing)")
@@ -119,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune-report", help="rank a tune experiment's trials; write the best as a config overlay")
     p.add_argument("path", help="the experiment folder, runs/<name>/tune/<experiment>")
     p.add_argument("--out", help="where the overlay goes (default: PATH/best.yaml)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="also write rank1.yaml ... rankK.yaml, the K "
+                   "best trials' overlays, for re-scoring under cross-validation before one is adopted")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     p.set_defaults(func=_cmd_tune_report)
 
@@ -132,35 +137,44 @@ def _load(args) -> "object":
     return load_config(args.config, args.overrides)
 
 
+def _start_ray(args, config, *, tensorflow: bool = True) -> None:
+    """Log into ``runs/<name>/logs/``, join or start Ray, and import TensorFlow with its start-up notices
+    in the log (``tensorflow``: the command will need it), keeping the console quiet (msbt.console)."""
+    from msbt import console
+    from msbt.raycluster import init_ray
+
+    console.attach_run(Path(config.run.storage_path).expanduser().resolve() / config.run.name)
+    init_ray(args.address)
+    if tensorflow:
+        console.import_tensorflow()
+
+
 def _cmd_run(args) -> int:
     from msbt.jobs.pipeline import main_job
-    from msbt.raycluster import init_ray
     from msbt.train.stages import refuse_rerun
 
     config = _load(args)  # a config error should not wait for Ray to start
     if not args.resume:
         refuse_rerun(config)  # nor should a run folder that --resume would be needed for
-    init_ray(args.address)
+    _start_ray(args, config)
     main_job(config, force_split=args.force_split, resume=args.resume)
     return 0
 
 
 def _cmd_stage1(args) -> int:
     from msbt.jobs.pipeline import stage1_job
-    from msbt.raycluster import init_ray
     from msbt.train.stages import refuse_rerun
 
     config = _load(args)
     if not args.resume:
         refuse_rerun(config, [1])
-    init_ray(args.address)
+    _start_ray(args, config)
     stage1_job(config, force_split=args.force_split, resume=args.resume)
     return 0
 
 
 def _cmd_stage2(args) -> int:
     from msbt.jobs.pipeline import recorded_checkpoint, stage2_job
-    from msbt.raycluster import init_ray
     from msbt.train.stages import refuse_rerun
 
     config = _load(args)
@@ -170,31 +184,29 @@ def _cmd_stage2(args) -> int:
         raise ConfigError(f"{args.parent}: no such checkpoint folder (--parent)")
     if not args.parent:
         recorded_checkpoint(config, 1)  # no stage 1 yet: say so before Ray starts
-    init_ray(args.address)
+    _start_ray(args, config)
     stage2_job(config, parent=args.parent, force_split=args.force_split, resume=args.resume)
     return 0
 
 
 def _cmd_evaluate(args) -> int:
     from msbt.jobs.pipeline import evaluate_job, recorded_checkpoint
-    from msbt.raycluster import init_ray
 
     config = _load(args)
     if args.checkpoint and not Path(args.checkpoint).is_dir():
         raise ConfigError(f"{args.checkpoint}: no such checkpoint folder (--checkpoint)")
     if not args.checkpoint:
         recorded_checkpoint(config, 2)
-    init_ray(args.address)
+    _start_ray(args, config)
     evaluate_job(config, checkpoint=args.checkpoint)
     return 0
 
 
 def _cmd_preprocess(args) -> int:
     from msbt.jobs.pipeline import prepare_data, preprocess, summarize, summarize_stores
-    from msbt.raycluster import init_ray
 
     config = _load(args)
-    init_ray(args.address)
+    _start_ray(args, config, tensorflow=False)
     prepared = prepare_data(config, force_split=args.force_split)
     print(summarize(prepared))
     print(summarize_stores(preprocess(config, prepared)))
@@ -345,11 +357,10 @@ def _experiment_parsers(sub) -> None:
 def _cmd_experiment(args) -> int:
     from msbt.jobs import experiments
     from msbt.jobs.pipeline import run_dir
-    from msbt.raycluster import init_ray
     from msbt.eval.report import write_report
 
     config = _load(args)
-    init_ray(args.address)
+    _start_ray(args, config)
     common = {"fresh": args.fresh, "n_boot": args.n_boot}
     if args.experiment == "crossval":
         experiments.crossval(config, scope=args.scope, **common)
@@ -371,17 +382,28 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_tune(args) -> int:
-    from msbt.raycluster import init_ray
     from msbt.tune.search import experiment_dir, format_ranking, read_experiment, run_search, write_best_overlay
 
     extra = ["tune.fast=true", "stage2.trainable_backbone=false"] if args.fast else []
     config = load_config(args.config, args.overrides + extra)
-    init_ray(args.address)
+    _start_ray(args, config)
     run_search(config, resume=args.resume, sources=", ".join(args.config) or "the default config")
     exp = experiment_dir(config)
     print(format_ranking(*read_experiment(exp)))
     print(f"best configuration: {write_best_overlay(exp)}")
+    _review(exp, 0)
     return 0
+
+
+def _review(exp, top_k: int) -> None:
+    """Write the experiment's review.html (and the top-k overlays) and say where."""
+    from msbt.tune.review import crossval_commands, write_review, write_top_overlays
+
+    print(f"review: {write_review(exp, top_k=max(top_k, 3))}")
+    if top_k > 0:
+        for path in write_top_overlays(exp, top_k):
+            print(f"re-score under cross-validation: {path}")
+        print("\n".join(crossval_commands(exp, top_k)[1:]))
 
 
 def _cmd_tune_report(args) -> int:
@@ -389,16 +411,17 @@ def _cmd_tune_report(args) -> int:
 
     print(format_ranking(*read_experiment(args.path)))
     print(f"best configuration: {write_best_overlay(args.path, args.out)}")
+    _review(args.path, args.top_k)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `msbt` console script."""
+    from msbt import console
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    # Before anything imports TensorFlow or Ray: their notices go to the run's log file (see msbt.console).
+    console.setup(verbose=args.verbose, debug=args.debug)
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -45,11 +45,14 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """
     import ray
 
+    from msbt import console
+
     if ray.is_initialized():
         return
+    console.tame_ray()  # Ray's start-up lines go to the run's log (unless --verbose)
     target = address or os.environ.get("RAY_ADDRESS") or started_cluster()
     if target and target != "local":
-        ray.init(address=target)
+        context = ray.init(address=target)
     else:
         # A private cluster lives and dies with this process: on Linux Ray starts its GCS and raylet with
         # PR_SET_PDEATHSIG (their workers follow the raylet), so even a driver killed with SIGKILL leaves
@@ -59,5 +62,16 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # reserved, and on a small machine the next trial's data read waits for that CPU forever
         # (measured: the suite's Tune test hung at "Pending Demands: {'CPU': 1.0}" with 1.0 CPU held
         # by a dead trial). It also lets the user watch the run (port 8265, or the next free one).
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True)
+        context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True)
+    console.tame_ray()  # now that Ray is connected: what its workers print goes to the log too
+    print(describe_cluster(target if target and target != "local" else None, ray.cluster_resources(),
+                           getattr(context, "dashboard_url", None)), flush=True)
     log.info("Ray: %s", ray.cluster_resources())
+
+
+def describe_cluster(address: str | None, resources: dict, dashboard: str | None) -> str:
+    """One line about the cluster a command runs on: which one, its CPUs/GPUs, its dashboard."""
+    where = f"cluster at {address}" if address else "private local cluster"
+    gpus = f", {resources['GPU']:g} GPUs" if resources.get("GPU") else ""
+    seen = f"; dashboard http://{dashboard}" if dashboard else ""
+    return f"Ray: {where} ({resources.get('CPU', 0):g} CPUs{gpus}){seen}"

@@ -40,6 +40,8 @@ def entry(command: str, doc: str, argv=None, options=("force_split", "resume")) 
     parser.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, a `ray start` cluster "
                         "on this machine, or a private one; `local`: always a private one)")
     parser.add_argument("--debug", action="store_true", help="full tracebacks")
+    parser.add_argument("--verbose", action="store_true", help="Ray's and TensorFlow's own output on the terminal "
+                        "too (it is always in runs/<name>/logs/)")
     for name in options:
         spec = dict(STEP_OPTIONS[name])
         parser.add_argument(*spec.pop("flags"), dest=name, **spec)
@@ -48,7 +50,7 @@ def entry(command: str, doc: str, argv=None, options=("force_split", "resume")) 
     from msbt.cli import main as msbt_main
 
     configs = args.config + ([str(CONFIGS / "smoke.yaml")] if args.smoke_test else [])
-    cli = (["--debug"] if args.debug else []) + [command]
+    cli = (["--debug"] if args.debug else []) + (["--verbose"] if args.verbose else []) + [command]
     for path in configs:
         cli += ["--config", path]
     for item in args.overrides:

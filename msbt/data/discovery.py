@@ -23,6 +23,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from msbt.console import progress
 from msbt.images.grouping import fingerprint
 from msbt.images.imagefile import IMAGE_EXTENSIONS, ImageError, decode_image
 
@@ -244,7 +245,7 @@ def _decode_all(candidates: list[Candidate], sixteen_bit: str, workers: int | No
         return rgb.shape[:2], hashlib.sha1(data).hexdigest(), fingerprint(rgb)
 
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        return list(pool.map(one, candidates))
+        return list(progress(pool.map(one, candidates), total=len(candidates), desc="scan", unit="file"))
 
 
 def write_rejects(rejects: Sequence[Reject], path: str | Path) -> Path:

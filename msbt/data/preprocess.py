@@ -27,6 +27,7 @@ from typing import Callable
 
 import numpy as np
 
+from msbt.console import progress
 from msbt.config import PreprocessConfig
 from msbt.images.imagefile import ImageError, fit_square, normalize_intensity, read_image
 
@@ -235,10 +236,13 @@ def build_store(kind: str, items: list[dict], out: str | Path, fn: Callable, fn_
     _prepare_folder(out, identity, cfg.on_existing)
     chunks = [items[i : i + cfg.files_per_chunk] for i in range(0, len(items), cfg.files_per_chunk)]
     reused = 0
+    noun = "fields -> patches" if kind == "microscope" else "images"
+    bar = progress(total=len(items), desc=f"{kind} store", unit=noun.split()[0])
     for index, chunk in enumerate(chunks):
         folder = out / f"chunk-{index:05d}"
         if (folder / "_DONE.json").exists():
             reused += 1
+            bar.update(len(chunk))
             continue
         shutil.rmtree(folder, ignore_errors=True)  # a chunk interrupted mid-write is redone whole
         # One task per `files_per_task` files: long enough (about 2 s for 1000 px fields) that
@@ -254,6 +258,8 @@ def build_store(kind: str, items: list[dict], out: str | Path, fn: Callable, fn_
         folder.mkdir(parents=True, exist_ok=True)  # a chunk with no rows writes no files
         (folder / "_DONE.json").write_text(json.dumps({"files": len(chunk)}) + "\n")
         log.info("%s store: chunk %d/%d done (%d files)", kind, index + 1, len(chunks), len(chunk))
+        bar.update(len(chunk))
+    bar.close()
     rows, empty = _count(out, items)
     summary = StoreSummary(out, kind, len(items), rows, empty, time.perf_counter() - started, reused)
     (out / "summary.json").write_text(json.dumps(summary.as_dict(), indent=2) + "\n")

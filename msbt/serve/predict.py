@@ -33,6 +33,7 @@ import numpy as np
 
 from msbt.model.checkpoint import MODEL_FILE, read_manifest
 from msbt.config import PreprocessConfig, load_config
+from msbt.console import progress
 from msbt.data.discovery import Reject, _is_system_file, _mask_pattern, _walk
 from msbt.images.imagefile import ImageError, fit_square, normalize_intensity, read_image
 
@@ -313,7 +314,10 @@ def predict(
     files, run.rejects, run.skipped = collect_files(inputs, preparation.mask_suffixes)
     used: set[str] = set()  # heatmap file names taken so far
     # A chunk at a time, so a folder of thousands of images never sits in memory at once.
+    bar = progress(total=len(files), desc="predict", unit="image") if len(files) > _CHUNK else None
     for start in range(0, len(files), _CHUNK):
+        if bar is not None and start:
+            bar.update(_CHUNK)
         images, kept = [], []
         for path in files[start : start + _CHUNK]:
             try:
@@ -331,6 +335,9 @@ def predict(
             # The rule of msbt.eval.metrics: malignant when p >= threshold.
             label = positive if prob >= chosen.value else negative
             run.predictions.append(Prediction(str(path), label, float(prob), chosen.value, picture))
+    if bar is not None:
+        bar.update(len(files) - bar.n)
+        bar.close()
     return run
 
 

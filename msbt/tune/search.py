@@ -39,6 +39,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from msbt import console
 from msbt.config import Config, ConfigError, SearchSpaceConfig, StageConfig, to_dict, with_overlay
 
 log = logging.getLogger(__name__)
@@ -292,7 +293,8 @@ def train_trial(params: dict, *, config: Config, store: str, parent: str, experi
     _set_aside(Path(experiment) / "train" / trial_id)
     cfg = trial_config(config, params, storage=Path(experiment) / "train", name=trial_id)
     # Ray's callback on the Train run forwards each epoch's report to this trial: one Tune result per epoch.
-    train_stage(cfg, 2, store, parent_checkpoint=parent, callbacks=[TuneReportCallback()])
+    # No epoch bars: the search draws one bar over its trials (trial_progress).
+    train_stage(cfg, 2, store, parent_checkpoint=parent, callbacks=[TuneReportCallback()], progress=False)
 
 
 def _set_aside(folder: Path) -> None:
@@ -330,6 +332,9 @@ def _search_record(config: Config, fast: bool, parent: str, features: str | None
         "stage1_checkpoint": parent,
         "features": features,
         "run": config.run.name,
+        # Where ASHA may cut a trial (msbt.tune.review marks the rungs on each trial's curve).
+        "scheduler": {"kind": config.tune.scheduler, "grace_period": config.tune.grace_period,
+                      "reduction_factor": config.tune.reduction_factor, "num_samples": config.tune.num_samples},
     }
 
 
@@ -455,9 +460,45 @@ def _new_tuner(config: Config, trainable, fast: bool):
         run_config=tune.RunConfig(
             name=t.experiment,
             storage_path=str(run_dir(config) / "tune"),
-            verbose=1,
+            # Tune's status table every few seconds is --verbose only; by default one bar over the trials.
+            verbose=1 if console.is_verbose() else 0,
+            callbacks=[trial_progress(t.num_samples, t.metric, t.mode)],
         ),
     )
+
+
+def trial_progress(trials: int, metric: str, mode: str):
+    """A Tune callback: one progress bar over the search's trials, with the best ``metric`` so far."""
+    from ray import tune
+
+    class _TrialBar(tune.Callback):
+        def __init__(self):
+            self.bar = None
+            self.best: float | None = None
+
+        def setup(self, **info):
+            self.bar = console.progress(total=trials, desc="tune: trials", unit="trial")
+
+        def _finished(self, trial):
+            value = (trial.last_result or {}).get(metric)
+            if value is not None and (self.best is None or (value > self.best if mode == "max" else value < self.best)):
+                self.best = float(value)
+            if self.bar is not None:
+                if self.best is not None:
+                    self.bar.set_description(f"tune: trials (best {metric} {self.best:.4f})")
+                self.bar.update(1)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._finished(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._finished(trial)
+
+        def on_experiment_end(self, trials, **info):
+            if self.bar is not None:
+                self.bar.close()
+
+    return _TrialBar()
 
 
 # ---------------------------------------------------------------------------------------------------
