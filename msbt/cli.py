@@ -391,15 +391,18 @@ def _cmd_tune(args) -> int:
     exp = experiment_dir(config)
     print(format_ranking(*read_experiment(exp)))
     print(f"best configuration: {write_best_overlay(exp)}")
-    _review(exp, 0)
+    from msbt.tune.review import write_review
+
+    print(f"review: {write_review(exp)}")
     return 0
 
 
 def _review(exp, top_k: int) -> None:
     """Write the experiment's review.html (and the top-k overlays) and say where."""
-    from msbt.tune.review import crossval_commands, write_review, write_top_overlays
+    from msbt.tune.review import crossval_commands, write_hparams, write_review, write_top_overlays
 
     print(f"review: {write_review(exp, top_k=max(top_k, 3))}")
+    print(f"TensorBoard HParams: {write_hparams(exp)} (tensorboard --logdir {Path(exp).resolve().parent})")
     if top_k > 0:
         for path in write_top_overlays(exp, top_k):
             print(f"re-score under cross-validation: {path}")

@@ -219,6 +219,10 @@ def route_worker_output() -> bool:
     def handle(data: dict) -> None:
         # Read at each call: a later command of this process (tests) may attach another run folder.
         lines, folder = data.get("lines", []), _state["folder"]
+        if data.get("is_err"):
+            # Ray Train V2 turns print() in its workers into a log record that reaches stderr as well as
+            # stdout: a bar's state would arrive twice and a late copy would redraw a closed bar.
+            lines = [ln for ln in lines if RAY_TQDM_MAGIC not in ln]
         name = data.get("actor_name") or data.get("task_name") or ""
         prefix = f"({name} pid={data.get('pid')}) ".replace("( ", "(")
         try:
@@ -230,7 +234,10 @@ def route_worker_output() -> bool:
         if _state["verbose"] or not logged:
             shown = lines
         else:
-            shown = [ln for ln in lines if RAY_TQDM_MAGIC in ln or ERROR_LINE.match(ln)]
+            # The autoscaler's own warnings (e.g. a resource request that cannot be met) stay visible.
+            alert = data.get("pid") == "autoscaler"
+            shown = [ln for ln in lines if RAY_TQDM_MAGIC in ln or ERROR_LINE.match(ln)
+                     or alert and ("Warning:" in ln or "Error:" in ln)]
         if shown:
             show({**data, "lines": shown})
 

@@ -30,13 +30,15 @@ def entry(argv=None) -> int:
     parser.add_argument("--fast", action="store_true", help="frozen backbone: heads on cached features")
     parser.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS or a local one)")
     parser.add_argument("--debug", action="store_true", help="full tracebacks")
+    parser.add_argument("--verbose", action="store_true", help="Ray's and TensorFlow's own output on the terminal "
+                        "too (it is always in runs/<name>/logs/)")
     args = parser.parse_args(argv)
 
     from msbt.cli import main as msbt_main
 
     configs = args.config + ([str(CONFIGS / "smoke.yaml")] if args.smoke_test else [])
     overrides = (SMOKE if args.smoke_test else []) + args.overrides
-    cli = (["--debug"] if args.debug else []) + ["tune"]
+    cli = (["--debug"] if args.debug else []) + (["--verbose"] if args.verbose else []) + ["tune"]
     for path in configs:
         cli += ["--config", path]
     for item in overrides:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import logging
 import math
 import time
@@ -408,6 +409,9 @@ def run_search(config: Config, *, resume: bool = False, sources: str = "tune.spa
     if restorable:
         _check_resume(record_path, record)
     trainable = _trainable(config, store, parent, str(exp), features)
+    # Tune's TensorBoard logger writes HParams whose metric columns stay empty (its scalars are tagged
+    # ray/tune/<name>); msbt.tune.review writes them instead, so only the CSV and JSON loggers are kept.
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     if restorable:
         print(f"resuming {exp}", flush=True)
         tuner = tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -416,7 +420,10 @@ def run_search(config: Config, *, resume: bool = False, sources: str = "tune.spa
         record_path.write_text(json.dumps(record, indent=2) + "\n")
         tuner = _new_tuner(config, trainable, fast)
     results = tuner.fit()
-    print(f"tune results in {exp}; review: msbt tune-report {exp}", flush=True)
+    from msbt.tune.review import write_hparams
+
+    print(f"tune results in {exp}; HParams for TensorBoard in {write_hparams(exp)}; review: msbt tune-report "
+          f"{exp}", flush=True)
     return results
 
 
@@ -438,6 +445,7 @@ def _trainable(config: Config, store: str, parent: str, exp: str, features: str 
 
 def _new_tuner(config: Config, trainable, fast: bool):
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from msbt.jobs.pipeline import run_dir
@@ -462,7 +470,7 @@ def _new_tuner(config: Config, trainable, fast: bool):
             storage_path=str(run_dir(config) / "tune"),
             # Tune's status table every few seconds is --verbose only; by default one bar over the trials.
             verbose=1 if console.is_verbose() else 0,
-            callbacks=[trial_progress(t.num_samples, t.metric, t.mode)],
+            callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), trial_progress(t.num_samples, t.metric, t.mode)],
         ),
     )
 
