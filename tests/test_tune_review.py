@@ -138,7 +138,7 @@ def test_hparams_files_read_back_with_tensorboards_own_parsers(tmp_path):
     content = root.PluginTagToContent("hparams")["_hparams_/experiment"]
     experiment = metadata.parse_experiment_plugin_data(content)
     infos = {h.name: h for h in experiment.hparam_infos}
-    assert set(infos) == {"optimizer", "learning_rate"}
+    assert set(infos) == {"optimizer", "learning_rate", "reference"}
     assert list(infos["optimizer"].domain_discrete.values) and infos["learning_rate"].domain_interval.max_value == 0.01
     assert [m.name.tag for m in experiment.metric_infos][:2] == [METRIC, f"best_{METRIC}"]
     for name, (lr, opt, curve) in TRIALS.items():
@@ -147,6 +147,7 @@ def test_hparams_files_read_back_with_tensorboards_own_parsers(tmp_path):
         start = metadata.parse_session_start_info_plugin_data(
             run.PluginTagToContent("hparams")["_hparams_/session_start_info"])
         assert start.hparams["optimizer"].string_value == opt
+        assert start.hparams["reference"].bool_value is (name == "trial_00000")
         assert start.hparams["learning_rate"].number_value == pytest.approx(lr)
         values = [e.value for e in run.Scalars(METRIC)]
         assert values == pytest.approx(curve)  # the trial's whole curve, step = epoch

@@ -457,6 +457,8 @@ def _experiment_summary(trials: Sequence[dict], keys: Sequence[str], metrics: Se
             info.type = DataType.Value("DATA_TYPE_STRING")
             info.domain_discrete.extend(sorted({str(v) for v in values}))
         infos.append(info)
+    infos.append(HParamInfo(name="reference", type=DataType.Value("DATA_TYPE_BOOL"),
+                            description="trial 0: the reference (paper's) configuration"))
     metric_infos = [MetricInfo(name=MetricName(tag=m), display_name=m,
                                dataset_type=DatasetType.Value("DATASET_VALIDATION")) for m in metrics]
     experiment = Experiment(hparam_infos=infos, metric_infos=metric_infos)
@@ -477,6 +479,7 @@ def _session_summaries(trial: dict, keys: Sequence[str]):
             start.hparams[key].number_value = float(value)
         elif value is not None:
             start.hparams[key].string_value = str(value)
+    start.hparams["reference"].bool_value = bool(trial["reference"])
     status = {"error": "STATUS_FAILURE", "unfinished": "STATUS_RUNNING"}.get(trial["status"], "STATUS_SUCCESS")
     end = SessionEndInfo(status=Status.Value(status))
     return (_plugin_summary("_hparams_/session_start_info", HParamsPluginData(session_start_info=start, version=0)),
