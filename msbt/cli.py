@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +22,8 @@ SMOKE_CONFIGS = {"tune": CONFIGS / "tune-smoke.yaml"}  # a command whose smalles
 def _config_options(parser: argparse.ArgumentParser) -> None:
     # Accepted after the subcommand too (`msbt run --debug`); SUPPRESS keeps the top-level value.
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    parser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show Ray's and TensorFlow's own output on the terminal (always in runs/<name>/logs/)")
     parser.add_argument(
         "--config", action="append", default=[], metavar="YAML",
         help="config overlay on the paper's settings; repeat to stack (later wins)",
@@ -50,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"msbt {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
+    parser.add_argument("--verbose", action="store_true", help="show INFO logs and Ray's and TensorFlow's own "
+                        "output on the terminal (by default they go to runs/<name>/logs/ only)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("run", help="run the main job (today: data scan, grouping, split, Ray Data preprocessing)")
@@ -127,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune-report", help="rank a tune experiment's trials; write the best as a config overlay")
     p.add_argument("path", help="the experiment folder, runs/<name>/tune/<experiment>")
     p.add_argument("--out", help="where the overlay goes (default: PATH/best.yaml)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="also write rank1.yaml ... rankK.yaml, the K "
+                   "best trials' overlays, for re-scoring under cross-validation before one is adopted")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     p.set_defaults(func=_cmd_tune_report)
 
@@ -171,12 +176,33 @@ def _preflight(config, modalities=("microscope", "ultrasound"), *, always: bool 
     check_data(config, modalities, always=always)
 
 
+def _attach(config, *, tensorflow: bool = True) -> None:
+    """Log into ``runs/<name>/logs/`` and import TensorFlow with its start-up notices in that log
+    (``tensorflow``: the command will need it), keeping the console quiet (msbt.console)."""
+    from msbt import console
+    from msbt.runfolder import run_dir
+
+    console.attach_run(run_dir(config))
+    if tensorflow:
+        console.import_tensorflow()
+
+
+def _start_ray(args, config, *, tensorflow: bool = True) -> None:
+    """:func:`_attach`, then join or start Ray (the jobs that train start it themselves, after their
+    rerun check)."""
+    from msbt.raycluster import init_ray
+
+    _attach(config, tensorflow=tensorflow)
+    init_ray(args.address)
+
+
 def _cmd_run(args) -> int:
     from msbt.jobs.pipeline import main_job
 
     config = _load_run(args)  # a config error should not wait for Ray to start
     _preflight(config, always=True)  # data folders named wrongly: an error before Ray starts
     # main_job checks the run folder (--resume) before it starts Ray, nor should that wait
+    _attach(config)  # the run's log file, and TensorFlow's start-up notices in it
     main_job(config, force_split=args.force_split, resume=args.resume, address=args.address)
     return 0
 
@@ -186,6 +212,7 @@ def _cmd_stage1(args) -> int:
 
     config = _load_run(args)
     _preflight(config, ["microscope"])
+    _attach(config)  # the run's log file, and TensorFlow's start-up notices in it
     stage1_job(config, force_split=args.force_split, resume=args.resume, address=args.address)
     return 0
 
@@ -196,13 +223,13 @@ def _cmd_stage2(args) -> int:
     config = _load_run(args)
     _preflight(config, ["ultrasound"])
     # stage2_job refuses a rerun, a missing --parent folder or a missing stage 1 before Ray starts
+    _attach(config)  # the run's log file, and TensorFlow's start-up notices in it
     stage2_job(config, parent=args.parent, force_split=args.force_split, resume=args.resume, address=args.address)
     return 0
 
 
 def _cmd_evaluate(args) -> int:
     from msbt.jobs.pipeline import evaluate_job, recorded_checkpoint
-    from msbt.raycluster import init_ray
 
     config = _load_run(args)
     if args.checkpoint and not Path(args.checkpoint).is_dir():
@@ -210,18 +237,17 @@ def _cmd_evaluate(args) -> int:
     if not args.checkpoint:
         recorded_checkpoint(config, 2)
     _preflight(config, ["ultrasound"])
-    init_ray(args.address)
+    _start_ray(args, config)
     evaluate_job(config, checkpoint=args.checkpoint)
     return 0
 
 
 def _cmd_preprocess(args) -> int:
     from msbt.data.prepare import build_stores, prepare_data, summarize, summarize_stores
-    from msbt.raycluster import init_ray
 
     config = _load_run(args)
     _preflight(config, always=True)
-    init_ray(args.address)
+    _start_ray(args, config, tensorflow=False)
     prepared = prepare_data(config, force_split=args.force_split)
     print(summarize(prepared))
     print(summarize_stores(build_stores(config, prepared)))
@@ -412,12 +438,11 @@ def _experiment_parsers(sub) -> None:
 def _cmd_experiment(args) -> int:
     from msbt.jobs import experiments
     from msbt.runfolder import run_dir
-    from msbt.raycluster import init_ray
     from msbt.eval.report import write_report
 
     config = _load_run(args)
     _preflight(config)
-    init_ray(args.address)
+    _start_ray(args, config)
     common = {"fresh": args.fresh, "n_boot": args.n_boot}
     if args.experiment == "crossval" and args.by == "site":
         experiments.leave_one_site_out(config, **common)
@@ -441,42 +466,58 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_tune(args) -> int:
-    from msbt.raycluster import init_ray
     from msbt.runfolder import run_dir
-    from msbt.tune.search import experiment_dir, format_ranking, read_experiment, run_search, write_best_overlay
+    from msbt.tune.review import format_ranking, read_experiment, write_best_overlay
+    from msbt.tune.search import experiment_dir, run_search
 
     extra = ["tune.fast=true", "stage2.trainable_backbone=false"] if args.fast else []
     config = load_config(_configs(args), args.overrides + extra)
     run_dir(config)  # run.name and run.storage_path checked before Ray starts
     _preflight(config)
-    init_ray(args.address)
+    _start_ray(args, config)
     run_search(config, resume=args.resume, sources=", ".join(args.config) or "the default config")
     exp = experiment_dir(config)
     print(format_ranking(*read_experiment(exp)))
     print(f"best configuration: {write_best_overlay(exp)}")
+    from msbt.tune.review import write_review
+
+    print(f"review: {write_review(exp)}")
     return 0
 
 
+def _review(exp, top_k: int) -> None:
+    """Write the experiment's review.html (and the top-k overlays) and say where."""
+    from msbt.tune.review import crossval_commands, write_hparams, write_review, write_top_overlays
+
+    print(f"review: {write_review(exp, top_k=max(top_k, 3))}")
+    print(f"TensorBoard HParams: {write_hparams(exp)} (tensorboard --logdir {Path(exp).resolve().parent})")
+    if top_k > 0:
+        for path in write_top_overlays(exp, top_k):
+            print(f"re-score under cross-validation: {path}")
+        print("\n".join(crossval_commands(exp, top_k)[1:]))
+
+
 def _cmd_tune_report(args) -> int:
-    from msbt.tune.search import format_ranking, read_experiment, write_best_overlay
+    from msbt.tune.review import format_ranking, read_experiment, write_best_overlay
 
     print(format_ranking(*read_experiment(args.path)))
     print(f"best configuration: {write_best_overlay(args.path, args.out)}")
+    _review(args.path, args.top_k)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `msbt` console script."""
+    from msbt import console
+
     args = build_parser().parse_args(argv)
     # File names that are not UTF-8 reach messages as surrogates: print their bytes back as they are
     # (what `ls` does) instead of failing with "surrogates not allowed".
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="surrogateescape")
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    # Before anything imports TensorFlow or Ray: their notices go to the run's log file (see msbt.console).
+    console.setup(verbose=args.verbose, debug=args.debug)
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -49,14 +49,29 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """
     import ray
 
+    from msbt import console
+
     if ray.is_initialized():
         return
+    console.tame_ray()  # Ray's start-up lines go to the run's log (unless --verbose)
     target = address or os.environ.get("RAY_ADDRESS") or started_cluster()
+    dashboard = None
     if target and target != "local":
-        ray.init(address=target)
+        dashboard = getattr(ray.init(address=target), "dashboard_url", None)
     else:
         start_private(num_cpus)
+    console.tame_ray()  # now that Ray is connected: what its workers print goes to the log too
+    print(describe_cluster(target if target and target != "local" else None, ray.cluster_resources(), dashboard),
+          flush=True)
     log.info("Ray: %s", ray.cluster_resources())
+
+
+def describe_cluster(address: str | None, resources: dict, dashboard: str | None) -> str:
+    """One line about the cluster a command runs on: which one, its CPUs/GPUs, its dashboard."""
+    where = f"cluster at {address}" if address else "private local cluster"
+    gpus = f", {resources['GPU']:g} GPUs" if resources.get("GPU") else ""
+    seen = f"; dashboard http://{dashboard}" if dashboard else ""
+    return f"Ray: {where} ({resources.get('CPU', 0):g} CPUs{gpus}){seen}"
 
 
 def start_private(num_cpus: int | None = None) -> str:

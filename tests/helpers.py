@@ -82,7 +82,7 @@ def check_run_report(run) -> None:
     page = check_self_contained(text)
     assert set(SECTIONS) <= set(page.ids)
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["schema_version"] == 2 and metrics["predictions_file"] == "predictions.csv"
+    assert metrics["schema_version"] == 3 and metrics["predictions_file"] == "predictions.csv"
     # charts: ROC, calibration, confusion matrix, and loss + AUC/accuracy curves for both stages
     titles = [ET.fromstring(s).get("aria-label") for s in svgs(text)]
     assert "ROC, test split" in titles and "confusion matrix" in titles

@@ -28,6 +28,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from msbt.atomicio import atomic_open
+from msbt.console import progress
 from msbt.images.grouping import fingerprint
 from msbt.images.dicom import frame_ref, is_dicom
 from msbt.images.imagefile import (
@@ -457,7 +458,8 @@ def _decode_all(candidates: list[Candidate], options: dict, workers: int | None)
     """Decode every candidate; a multi-frame DICOM becomes one (candidate, outcome) per frame."""
     pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
     try:
-        results = list(pool.map(lambda c: _decode_one(c, options), candidates))
+        results = list(progress(pool.map(lambda c: _decode_one(c, options), candidates),
+                                total=len(candidates), desc="scan", unit="file"))
     except BaseException:
         # Ctrl-C (or any error): drop the queued files at once instead of decoding them all first,
         # so the first Ctrl-C stops the scan.

@@ -34,6 +34,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from msbt.atomicio import write_text
+from msbt.console import progress
 
 log = logging.getLogger(__name__)
 
@@ -277,10 +278,12 @@ def write_store(kind: str, items: list[dict], out: str | Path, fn: Callable, fn_
     _prepare_folder(out, ident, on_existing)
     chunks = [items[i : i + files_per_chunk] for i in range(0, len(items), files_per_chunk)]
     reused = 0
+    bar = progress(total=len(items), desc=f"{kind} store", unit="field" if kind == "microscope" else "image")
     for index, chunk in enumerate(chunks):
         folder = out / f"chunk-{index:05d}"
         if (folder / DONE_FILE).exists():
             reused += 1
+            bar.update(len(chunk))
             continue
         shutil.rmtree(folder, ignore_errors=True)  # a chunk interrupted mid-write is redone whole
         # One task per `files_per_task` files: long enough (about 2 s for 1000 px fields) that
@@ -296,6 +299,8 @@ def write_store(kind: str, items: list[dict], out: str | Path, fn: Callable, fn_
         folder.mkdir(parents=True, exist_ok=True)  # a chunk with no rows writes no files
         _write_json(folder / DONE_FILE, {"files": len(chunk)})
         log.info("%s store: chunk %d/%d done (%d files)", kind, index + 1, len(chunks), len(chunk))
+        bar.update(len(chunk))
+    bar.close()
     rows, empty = _count(out, items)
     summary = StoreSummary(out, kind, len(items), rows, empty, time.perf_counter() - started, reused)
     _write_json(out / SUMMARY_FILE, summary.as_dict())

@@ -25,7 +25,7 @@ from msbt.eval import metrics
 from msbt.data.store import read_store
 from msbt.eval.threshold import threshold_flags, threshold_spread
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: val_auc -> val_auc_exact (training logs' val_auc is Keras' binned AUC)
 PREDICTIONS_FILE = "predictions.csv"
 PREDICTION_COLUMNS = ("split", "source", "group", "y", "p", "site")
 _OLD_PREDICTION_COLUMNS = PREDICTION_COLUMNS[:5]  # files written before sites existed
@@ -127,7 +127,9 @@ def score(val: dict, test: dict, *, rule: str = "youden", n_boot: int = 2000, se
         # The threshold's own uncertainty: 95% interval over bootstrap resamples of the validation groups.
         "threshold_ci95": threshold_spread(val["y"], val["p"], val.get("group"), rule=rule, seed=seed),
         "threshold_flags": flags,
-        "val_auc": metrics.roc_auc(val["y"], val["p"]),
+        # Exact (rank-based) AUC of this model on validation. Named apart from training's `val_auc`, which is
+        # Keras' AUC over 200 fixed thresholds: on few, bunched scores the two differ by a few hundredths.
+        "val_auc_exact": metrics.roc_auc(val["y"], val["p"]),
         "val_images": int(len(val["y"])),
         "val_groups": int(len(set(np.asarray(val["group"]).tolist()))),
         "test": {**{k: (v.item() if isinstance(v, np.generic) else v) for k, v in point.items()}, "loss": loss[0]},
@@ -235,6 +237,9 @@ def format_report(result: dict) -> str:
              f"{result['threshold']:.3g} chosen on val by {result['threshold_rule']}; 95% CIs resample "
              f"{result.get('ci', {}).get('unit', 'group')}s):"]
     lines += [f"  {p}" for p in parts]
+    if "val_auc_exact" in result:
+        lines.append(f"  validation: val_auc_exact {result['val_auc_exact']:.4f} ({result.get('val_images')} images; "
+                     "exact, where training's val_auc is Keras' binned estimate)")
     wilson = result.get("test_ci95_wilson_groups", {})
     if wilson:
         lines.append("  Wilson 95% over lesion groups: " + ", ".join(

@@ -79,9 +79,14 @@ def line_chart(series: Sequence[dict], *, title: str, xlabel: str, ylabel: str, 
     """
     width, height = (340, 320) if square else (420, 260)
     left, right, top, bottom = 52, 12, 26, 44
+    if marks:  # their labels go between the title and the plot area, off the data
+        top, height = top + 12, height + 12
     pw, ph = width - left - right, height - top - bottom
     if square:
         pw = ph = min(pw, ph)
+    # The legend sits below the plot area, one row per series, so it never covers a line.
+    legend_top = height
+    height += 15 * len(series) + 4
     xs = [x for s in series for x in s["x"] if _finite(x)]
     ys = [y for s in series for y in s["y"] if _finite(y)]
     x0, x1 = xlim or ((min(xs), max(xs)) if xs else (0, 1))
@@ -107,7 +112,7 @@ def line_chart(series: Sequence[dict], *, title: str, xlabel: str, ylabel: str, 
     for ty in _ticks(y0, y1):
         parts.append(f'<line x1="{left}" y1="{py(ty):.1f}" x2="{left + pw}" y2="{py(ty):.1f}" stroke="#eee"/>'
                      f'<text x="{left - 5}" y="{py(ty) + 3:.1f}" class="k" text-anchor="end">{_tick(ty)}</text>')
-    parts.append(f'<text x="{left + pw / 2:.1f}" y="{height - 8}" class="a" text-anchor="middle">{_e(xlabel)}</text>'
+    parts.append(f'<text x="{left + pw / 2:.1f}" y="{legend_top - 8}" class="a" text-anchor="middle">{_e(xlabel)}</text>'
                  f'<text x="14" y="{top + ph / 2:.1f}" class="a" text-anchor="middle" '
                  f'transform="rotate(-90 14 {top + ph / 2:.1f})">{_e(ylabel)}</text>')
     if diagonal:
@@ -116,8 +121,8 @@ def line_chart(series: Sequence[dict], *, title: str, xlabel: str, ylabel: str, 
                      'stroke="#aaa" stroke-dasharray="4 3"/>')
     for mark in marks:
         parts.append(f'<line x1="{px(mark["x"]):.1f}" y1="{top}" x2="{px(mark["x"]):.1f}" y2="{top + ph}" '
-                     f'stroke="#888" stroke-dasharray="2 2"/><text x="{px(mark["x"]) + 3:.1f}" y="{top + 10}" '
-                     f'class="k">{_e(mark["label"])}</text>')
+                     f'stroke="#888" stroke-dasharray="2 2"/><text x="{px(mark["x"]):.1f}" y="{top - 4}" '
+                     f'class="k" text-anchor="middle">{_e(mark["label"])}</text>')
     for i, s in enumerate(series):
         color = COLORS[i % len(COLORS)]
         pts = [(px(x), py(y)) for x, y in zip(s["x"], s["y"]) if _finite(x) and _finite(y)]
@@ -133,10 +138,12 @@ def line_chart(series: Sequence[dict], *, title: str, xlabel: str, ylabel: str, 
             parts.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"{dash}/>')
             if len(pts) == 1:
                 parts.append(f'<circle cx="{pts[0][0]:.1f}" cy="{pts[0][1]:.1f}" r="3" fill="{color}"/>')
-        # legend, inside the plot's lower right
-        ly = top + ph - 10 - 14 * (len(series) - 1 - i)
-        parts.append(f'<rect x="{left + pw - 130}" y="{ly - 8}" width="10" height="10" fill="{color}"/>'
-                     f'<text x="{left + pw - 116}" y="{ly + 1}" class="k">{_e(s["label"])}</text>')
+        ly = legend_top + 8 + 15 * i
+        dash = ' stroke-dasharray="5 3"' if s.get("dash") else ""
+        key = (f'<circle cx="{left + 9}" cy="{ly - 3}" r="4" fill="{color}" fill-opacity="0.6"/>' if s.get("points")
+               else f'<line x1="{left}" y1="{ly - 3}" x2="{left + 18}" y2="{ly - 3}" stroke="{color}" '
+                    f'stroke-width="2"{dash}/>')
+        parts.append(f'{key}<text x="{left + 24}" y="{ly + 1}" class="k legend">{_e(s["label"])}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -206,8 +213,8 @@ def metrics_section(result: dict | None) -> str:
     rows = [(METRIC_LABELS.get(k, k), _ci_text(ci[k])) for k in METRIC_LABELS if k in ci]
     intro = (f"<p>Held-out test split: {result.get('test_images')} images in {result.get('test_groups')} lesion "
              f"groups. Threshold {_fmt(result.get('threshold'), 4)} chosen on the validation split "
-             f"({result.get('val_images', '?')} images) by {_e(result.get('threshold_rule'))}; validation AUC "
-             f"{_fmt(result.get('val_auc'))}. Intervals: 95% percentile bootstrap, "
+             f"({result.get('val_images', '?')} images) by {_e(result.get('threshold_rule'))}; validation AUC (exact) "
+             f"{_fmt(result.get('val_auc_exact', result.get('val_auc')))}. Intervals: 95% percentile bootstrap, "
              f"{_e(result.get('ci', {}).get('resamples', '?'))} resamples; unit resampled: "
              f"{_e(result.get('ci', {}).get('unit', 'group'))}.</p>")
     notes = "".join(f"<li>{_e(n)}</li>" for n in result.get("notes", []))
@@ -245,9 +252,17 @@ def metrics_section(result: dict | None) -> str:
 
 
 def _stage_history(checkpoint: Path) -> tuple[dict, int | None]:
-    """The longest history among a stage's kept checkpoints (a manifest holds the epochs up to its own)."""
+    """A stage's per-epoch history and the kept epoch.
+
+    From the stage folder's ``history.json`` (every epoch, written during training); for runs older
+    than that file, the longest history among the kept checkpoints (each manifest holds the epochs up
+    to its own, so epochs after the last improvement are missing).
+    """
     best = _read_json(checkpoint / "manifest.json") or {}
     history, chosen = best.get("history", {}), best.get("best_epoch")
+    full = _read_json(checkpoint.parent / "history.json")
+    if full and full.get("history"):
+        return full["history"], chosen
     for sibling in checkpoint.parent.glob("checkpoint_*/manifest.json"):
         other = _read_json(sibling) or {}
         if len(next(iter(other.get("history", {}).values()), [])) > len(next(iter(history.values()), [])):
@@ -267,18 +282,21 @@ def training_section(checkpoint: str | None) -> str:
             continue
         history, best_epoch = _stage_history(Path(entry["path"]))
         stage = manifest["stage"]
-        marks = [{"x": best_epoch, "label": "kept"}] if best_epoch else []
-        epochs = list(range(1, 1 + len(next(iter(history.values()), []))))
+        marks = [{"x": best_epoch, "label": f"kept (epoch {best_epoch})"}] if best_epoch else []
+        epochs = list(range(1, 1 + max((len(v) for v in history.values()), default=0)))
         for metric in ("loss", "auc" if stage == 2 else "accuracy"):
-            series = [{"label": name, "x": epochs, "y": history[name], "dash": name.startswith("val_")}
+            # Training-time AUCs are Keras' binned estimates; the exact validation AUC is in the metrics above.
+            suffix = " (Keras, 200 thresholds)" if metric == "auc" else ""
+            series = [{"label": name + suffix, "x": epochs[:len(history[name])], "y": history[name],
+                       "dash": name.startswith("val_")}
                       for name in (metric, f"val_{metric}") if name in history]
             if series:
                 charts.append(line_chart(series, title=f"Stage {stage} ({manifest['backbone']}): {metric}",
                                          xlabel="epoch", ylabel=metric, marks=marks))
         configured = manifest.get("config", {}).get("epochs")
         if configured and len(epochs) < configured:
-            notes.append(f"stage {stage}: the kept checkpoints record epochs 1-{len(epochs)} of {configured} "
-                         "(a checkpoint's manifest holds the history up to its own epoch)")
+            notes.append(f"stage {stage}: epochs 1-{len(epochs)} of {configured} recorded (no history.json in "
+                         f"{Path(entry['path']).parent}: a run from before it existed, or an interrupted one)")
     body = "".join(f"<p class=note>{_e(n)}</p>" for n in notes) + f'<div class="charts">{"".join(charts)}</div>'
     return _section("Training curves", body, "training")
 

@@ -34,6 +34,7 @@ import numpy as np
 from msbt.atomicio import atomic_open
 from msbt.model.checkpoint import DIGEST_KEY, MODEL_FILE, CheckpointError, json_digest, read_manifest
 from msbt.config import PreprocessConfig, load_config
+from msbt.console import progress
 from msbt.data.discovery import Reject, is_folder, is_system_file, manifest_paths, mask_pattern, text_name, walk_files
 from msbt.data.store import STORE_FILE, Store
 from msbt.images.imagefile import ImageError, fit_square, image_refs, normalize_intensity, read_image
@@ -417,7 +418,10 @@ def predict(
     features: list[dict] = []
     used: set[str] = set()  # heatmap file names taken so far
     # A chunk at a time, so a folder of thousands of images never sits in memory at once.
+    bar = progress(total=len(files), desc="predict", unit="image") if len(files) > _CHUNK else None
     for start in range(0, len(files), _CHUNK):
+        if bar is not None and start:
+            bar.update(_CHUNK)
         images, kept, sizes = [], [], []
         for path in files[start : start + _CHUNK]:
             try:
@@ -443,6 +447,9 @@ def predict(
             run.predictions.append(Prediction(text_name(str(path)), label, float(prob), chosen.value, picture, float(logit), outside))
     if profile:
         run.warnings += check_inputs(profile, features)
+    if bar is not None:
+        bar.update(len(files) - bar.n)
+        bar.close()
     return run
 
 

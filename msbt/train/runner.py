@@ -69,6 +69,8 @@ from msbt.data.store import Store, decode_images
 
 log = logging.getLogger(__name__)
 
+HISTORY_FILE = "history.json"
+
 # ---------------------------------------------------------------------------------------------------
 # Inside a worker
 
@@ -103,6 +105,7 @@ def report_callback(
     split_id: str = "",
     history: dict[str, list[float]] | None = None,
     staging_dir: str | Path | None = None,
+    history_file: str | Path | None = None,
 ):
     """A Keras callback that calls ``ray.train.report`` at the end of every epoch.
 
@@ -118,6 +121,8 @@ def report_callback(
         history: Per-epoch logs of epochs already trained (a resumed stage); this callback appends.
         staging_dir: Where each reported checkpoint is staged (default: beside ``out_dir``), so an
             interrupt leaves nothing in the system's temp folder.
+        history_file: Rank 0 rewrites it after every epoch with the whole history so far (see
+            :func:`write_history`): every epoch, also those after the kept checkpoint.
 
     Returns:
         A ``keras.callbacks.Callback``.
@@ -143,6 +148,8 @@ def report_callback(
             for key, value in logs.items():
                 self.history.setdefault(key, []).append(value)
             metrics = {**logs, "epoch": epoch + 1}
+            if history_file and self.rank == 0:
+                write_history(history_file, self.history)
             current = sha256_file(self.model_file) if self.model_file.is_file() else None
             improved, self.last_hash = current is not None and current != self.last_hash, current
             if self.rank != 0 or not improved:
@@ -170,6 +177,62 @@ def report_callback(
             )
 
     return _Report()
+
+
+def write_history(path: str | Path, history: dict[str, list[float]]) -> Path:
+    """``history.json``: ``{"epochs": N, "history": {metric: [one value per epoch]}}``, written atomically.
+
+    ``val_auc`` (and ``auc``) in it is Keras' AUC over 200 fixed thresholds, computed during training;
+    the exact validation AUC of the kept model is ``val_auc_exact`` in ``metrics.json``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    epochs = max((len(v) for v in history.values()), default=0)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"epochs": epochs, "history": history}, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def epoch_progress(stage_number: int, epochs: int):
+    """A Keras callback drawing one progress bar per epoch (batches; validation metrics at its end).
+
+    The bar is Ray's ``tqdm_ray``: the worker sends its state, the driver draws it (msbt.console).
+
+    Args:
+        stage_number: Named in the bar.
+        epochs: The stage's epochs, for "epoch e/E" (Keras numbers epochs across phases and resumes).
+    """
+    import keras
+
+    from msbt.console import worker_progress
+
+    class _Bars(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.epoch = 0
+            self.bar = None
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch + 1
+            self.bar = worker_progress(total=(self.params or {}).get("steps"), unit="batch",
+                                       desc=f"stage {stage_number} epoch {self.epoch}/{epochs}")
+
+        def on_train_batch_end(self, batch, logs=None):
+            if self.bar is not None:
+                self.bar.update(1)
+
+        def on_epoch_end(self, epoch, logs=None):
+            if self.bar is None:
+                return
+            shown = [(k, v) for k, v in (logs or {}).items() if k in ("loss", "val_loss", "val_accuracy", "val_auc")]
+            # "val_auc~": Keras' binned AUC during training, not the exact one of metrics.json
+            text = " ".join(f"{k.replace('val_auc', 'val_auc~')} {float(v):.4f}" for k, v in shown)
+            self.bar.set_description(f"stage {stage_number} epoch {self.epoch}/{epochs}: {text}")
+            self.bar.close()
+            self.bar = None
+
+    return _Bars()
 
 
 def _resumed_history(resume_dir: str | None) -> dict[str, list[float]]:
@@ -204,6 +267,9 @@ class LoopConfig:
     audit_dir: str | None = None  # each rank writes rank<r>.json there (see train_stage); None = no audit
     tensorboard_dir: str | None = None  # rank 0 writes epoch scalars there; None = none
     work_dir: str | None = None  # the workers' scratch (model being saved, checkpoints staged): work_folder
+    history_file: str | None = None  # rank 0 rewrites every epoch's metrics there (all epochs, not only kept)
+    stage_number: int = 0  # named in the progress bar
+    progress: bool = False  # rank 0 draws a bar per epoch on the driver's console
 
 
 def _open(path: str | None):
@@ -254,12 +320,15 @@ def train_loop_per_worker(config: LoopConfig) -> None:
             parent_dir = stack.enter_context(parent.as_directory()) if parent else None
             resume_dir = stack.enter_context(resume.as_directory()) if resume else None
             common = dict(parent=parent_dir, data_fingerprint=config.data_fingerprint, split_id=config.split_id)
+            history = _resumed_history(resume_dir)
             callback = report_callback(
-                out_dir, stage, class_names, history=_resumed_history(resume_dir),
-                staging_dir=work, **common,
+                out_dir, stage, class_names, history=history,
+                staging_dir=work, history_file=config.history_file, **common,
             )
             clock = _epoch_clock() if config.audit_dir else None
             extra = [clock] if clock else []
+            if config.progress and context.get_world_rank() == 0:
+                extra.append(epoch_progress(config.stage_number, stage.epochs))
             if config.tensorboard_dir and context.get_world_rank() == 0:
                 extra.append(tblog.tensorboard_callback(config.tensorboard_dir))
             kwargs = dict(class_names=class_names, out_dir=out_dir, seed=config.seed,
@@ -350,6 +419,11 @@ def run_config(run: RunConfig, stage_number: int, monitor: str, callbacks: Seque
     )
 
 
+def history_path(run: RunConfig, stage_number: int) -> Path:
+    """``<storage_path>/<name>/stage<n>/history.json``: a stage's per-epoch metrics (:func:`write_history`)."""
+    return check_storage_path(run.storage_path) / check_run_name(run.name) / f"stage{stage_number}" / HISTORY_FILE
+
+
 def split_dataset(store_path: str | Path, split: str):
     """One split of a store as a materialised Ray Dataset with columns ``image``, ``label_index``.
 
@@ -392,6 +466,7 @@ def checkpoint_path(checkpoint) -> str | None:
 
 
 def loop_config(config: Config, stage_number: int, store_path: str | Path, parent_checkpoint=None, *,
+                progress: bool = False,
                 resume_from=None, class_names: Sequence[str] | None = None, verbose: int = 0,
                 audit_dir: str | Path | None = None) -> LoopConfig:
     """The :class:`LoopConfig` of one stage of ``config`` on a store (arguments as :func:`train_stage`)."""
@@ -414,6 +489,9 @@ def loop_config(config: Config, stage_number: int, store_path: str | Path, paren
         # Epoch scalars for TensorBoard beside the stage's Ray folder (Train V2 writes none itself).
         tensorboard_dir=str(tblog.tensorboard_dir(run_location(config), stage_number)),
         work_dir=str(work_folder(config, stage_number)),
+        history_file=str(history_path(config.run, stage_number)),
+        stage_number=stage_number,
+        progress=progress,
     )
 
 
@@ -428,6 +506,7 @@ def train_stage(
     verbose: int = 0,
     audit_dir: str | Path | None = None,
     callbacks: Sequence = (),
+    progress: bool = True,
 ):
     """Train one stage with Ray Train (Ray must be initialised).
 
@@ -445,6 +524,7 @@ def train_stage(
             several workers also its data checksums and weight digests (:class:`msbt.train.distributed.Audit`).
         callbacks: Ray Train callbacks for the trainer's ``RunConfig`` (e.g. Tune's ``TuneReportCallback``,
             which forwards every epoch's report to a Tune trial).
+        progress: A progress bar per epoch on the driver's console (rank 0 draws it through Ray).
 
     Returns:
         The ``ray.train.Result``; its checkpoints are msbt checkpoint folders.
@@ -468,6 +548,7 @@ def train_stage(
     scaling = scaling_config(config.run)  # refuses a bad worker count before any data is read
     store_path = Path(store_path).expanduser().resolve()
     worker_config = loop_config(config, stage_number, store_path, parent_checkpoint, resume_from=resume_from,
+                                progress=progress,
                                 class_names=class_names, verbose=verbose, audit_dir=audit_dir)
     remove_work(config, stage_number)  # what an interrupted earlier attempt left
     trainer = TensorflowTrainer(

@@ -556,7 +556,9 @@ def _trained(config: Config, number: int, store_path, parent, start: Path | None
     }
     record_stage(config, number, entry)
     remember_stage(index_root(config), inputs, best.path, run_dir(config))
-    print(f"stage {number}: best {stage.monitor} {entry['value']:.4f} (epoch {entry['best_epoch']} of "
+    # An AUC monitored during training is Keras' binned estimate; the exact one comes with the evaluation.
+    kind = " [Keras' binned AUC]" if "auc" in stage.monitor else ""
+    print(f"stage {number}: best {stage.monitor} {entry['value']:.4f}{kind} (epoch {entry['best_epoch']} of "
           f"{stage.epochs}) -> {best.path}", flush=True)
     return {**entry, "reused": False}
 

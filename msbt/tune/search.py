@@ -30,23 +30,19 @@ Layout (``<run>`` = ``<run.storage_path>/<run.name>``)::
 from __future__ import annotations
 
 import json
+import os
 import logging
-import math
 import time
 from pathlib import Path
-from typing import Any
 
-import yaml
 
 from msbt.atomicio import write_text
 from msbt.config import Config, ConfigError, to_dict
 from msbt.runfolder import tune_dir
+from msbt.tune.review import SEARCH_FILE
 from msbt.tune.space import (
     check_space,
-    decode,
     fast_fixed,
-    flatten,
-    merge_overlays,
     param_space,
     reference_point,
     reference_stage,
@@ -55,10 +51,10 @@ from msbt.tune.space import (
     trial_config,
 )
 from msbt.provenance import write_environment
+from msbt import console
 
 log = logging.getLogger(__name__)
 
-SEARCH_FILE = "search.json"
 STAGE1_FILE = "stage1.json"
 
 
@@ -119,7 +115,8 @@ def train_trial(params: dict, *, config: Config, store: str, parent: str, experi
     _set_aside(Path(experiment) / "train" / trial_id)
     cfg = trial_config(config, params, storage=Path(experiment) / "train", name=trial_id)
     # Ray's callback on the Train run forwards each epoch's report to this trial: one Tune result per epoch.
-    train_stage(cfg, 2, store, parent_checkpoint=parent, callbacks=[TuneReportCallback()])
+    # No epoch bars: the search draws one bar over its trials (trial_progress).
+    train_stage(cfg, 2, store, parent_checkpoint=parent, callbacks=[TuneReportCallback()], progress=False)
 
 
 def _set_aside(folder: Path) -> None:
@@ -157,6 +154,9 @@ def _search_record(config: Config, fast: bool, parent: str, features: str | None
         "stage1_checkpoint": parent,
         "features": features,
         "run": config.run.name,
+        # Where ASHA may cut a trial (msbt.tune.review marks the rungs on each trial's curve).
+        "scheduler": {"kind": config.tune.scheduler, "grace_period": config.tune.grace_period,
+                      "reduction_factor": config.tune.reduction_factor, "num_samples": config.tune.num_samples},
     }
 
 
@@ -227,6 +227,9 @@ def run_search(config: Config, *, resume: bool = False, sources: str = "tune.spa
     if restorable:
         _check_resume(record_path, record)
     trainable = _trainable(config, store, parent, str(exp), features)
+    # Tune's TensorBoard logger writes HParams whose metric columns stay empty (its scalars are tagged
+    # ray/tune/<name>); msbt.tune.review writes them instead, so only the CSV and JSON loggers are kept.
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     if restorable:
         print(f"resuming {exp}", flush=True)
         tuner = tune.Tuner.restore(str(exp), trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -236,7 +239,10 @@ def run_search(config: Config, *, resume: bool = False, sources: str = "tune.spa
         write_environment(exp)
         tuner = _new_tuner(config, trainable, fast)
     results = tuner.fit()
-    print(f"tune results in {exp}; review: msbt tune-report {exp}", flush=True)
+    from msbt.tune.review import write_hparams
+
+    print(f"tune results in {exp}; HParams for TensorBoard in {write_hparams(exp)}; review: msbt tune-report "
+          f"{exp}", flush=True)
     return results
 
 
@@ -258,6 +264,7 @@ def _trainable(config: Config, store: str, parent: str, exp: str, features: str 
 
 def _new_tuner(config: Config, trainable, fast: bool):
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     t = config.tune
@@ -278,154 +285,42 @@ def _new_tuner(config: Config, trainable, fast: bool):
         run_config=tune.RunConfig(
             name=t.experiment,
             storage_path=str(tune_dir(config)),
-            verbose=1,
+            # Tune's status table every few seconds is --verbose only; by default one bar over the trials.
+            verbose=1 if console.is_verbose() else 0,
+            callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), trial_progress(t.num_samples, t.metric, t.mode)],
         ),
     )
 
 
-# ---------------------------------------------------------------------------------------------------
-# Review
+def trial_progress(trials: int, metric: str, mode: str):
+    """A Tune callback: one progress bar over the search's trials, with the best ``metric`` so far."""
+    from ray import tune
 
+    class _TrialBar(tune.Callback):
+        def __init__(self):
+            self.bar = None
+            self.best: float | None = None
 
-def read_experiment(path: str | Path) -> tuple[dict, list[dict]]:
-    """Read an experiment folder without Ray: its ``search.json`` and one row per trial.
+        def setup(self, **info):
+            self.bar = console.progress(total=trials, desc="tune: trials", unit="trial")
 
-    Args:
-        path: ``<run>/tune/<experiment>``.
+        def _finished(self, trial):
+            value = (trial.last_result or {}).get(metric)
+            if value is not None and (self.best is None or (value > self.best if mode == "max" else value < self.best)):
+                self.best = float(value)
+            if self.bar is not None:
+                if self.best is not None:
+                    self.bar.set_description(f"tune: trials (best {metric} {self.best:.4f})")
+                self.bar.update(1)
 
-    Returns:
-        ``(search record, trials)``; each trial: ``trial`` (folder name), ``params`` (nested), ``best``
-        (best value of the metric over its epochs, None if never reported), ``best_epoch``, ``epochs``
-        (results reported), ``status`` (``complete``, ``stopped early``, ``error`` or ``unfinished``),
-        ``reference`` (True for trial 0's values).
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._finished(trial)
 
-    Raises:
-        FileNotFoundError: ``path`` is not an experiment made by ``msbt tune``.
-    """
-    path = Path(path).expanduser()
-    if not (path / SEARCH_FILE).is_file():
-        raise FileNotFoundError(f"{path}: not a msbt tune experiment (no {SEARCH_FILE})")
-    search = json.loads((path / SEARCH_FILE).read_text())
-    statuses = _trial_statuses(path)
-    metric, sign = search["metric"], (1 if search["mode"] == "max" else -1)
-    trials = []
-    for folder in sorted(path.glob("trial_*")):
-        if not (folder / "params.json").is_file():
-            continue
-        params = json.loads((folder / "params.json").read_text())
-        results = _results(folder / "result.json")
-        values = [(r[metric], r.get("training_iteration", i + 1)) for i, r in enumerate(results)
-                  if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
-        best = max(values, key=lambda v: sign * v[0]) if values else None
-        trials.append({
-            "trial": folder.name,
-            "params": params,
-            "best": best[0] if best else None,
-            "best_epoch": best[1] if best else None,
-            "epochs": len(results),
-            "status": _status(folder, statuses.get(folder.name), len(results), search["epochs"]),
-            "reference": flatten(params) == flatten(search["reference_point"]),
-        })
-    trials.sort(key=lambda r: (r["best"] is None, -sign * (r["best"] or 0.0)))
-    return search, trials
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._finished(trial)
 
+        def on_experiment_end(self, trials, **info):
+            if self.bar is not None:
+                self.bar.close()
 
-def _results(file: Path) -> list[dict]:
-    if not file.is_file():
-        return []
-    rows = []
-    for line in file.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # the last line of a killed run may be cut off
-            break
-    return rows
-
-
-def _trial_statuses(path: Path) -> dict[str, str]:
-    """Trial folder -> Tune status (TERMINATED, ERROR, RUNNING, PENDING) over every experiment state file.
-
-    A restored experiment leaves the state file of the interrupted run beside its own, and which one is
-    newest by mtime is not reliable; a trial that any state records as TERMINATED is finished (a restore
-    never reruns it), so that status wins, then ERROR, then the rest.
-    """
-    rank = {"TERMINATED": 3, "ERROR": 2}
-    out: dict[str, str] = {}
-    for state in sorted(path.glob("experiment_state-*.json")):
-        try:
-            entries = json.loads(state.read_text()).get("trial_data", [])
-        except (OSError, json.JSONDecodeError):
-            continue  # being written
-        for entry in entries:
-            try:
-                trial = json.loads(entry[0])
-                trial_id, status = trial["trial_id"], trial["status"]
-            except (TypeError, KeyError, IndexError, json.JSONDecodeError):
-                continue
-            if rank.get(status, 1) >= rank.get(out.get(trial_id, ""), 0):
-                out[trial_id] = status
-    return {f"trial_{trial_id.rsplit('_', 1)[-1]}": status for trial_id, status in out.items()}
-
-
-def _status(folder: Path, tune_status: str | None, epochs: int, max_epochs: int) -> str:
-    if tune_status == "ERROR" or (folder / "error.txt").is_file() and tune_status != "TERMINATED":
-        return "error"
-    if tune_status in ("RUNNING", "PENDING", "PAUSED") or (tune_status is None and epochs < max_epochs):
-        return "unfinished"
-    return "complete" if epochs >= max_epochs else "stopped early"
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    if isinstance(value, list):
-        return "/".join(_short(v) for v in value)
-    return str(value)
-
-
-def format_ranking(search: dict, trials: list[dict]) -> str:
-    """The ranked table ``msbt tune-report`` prints: best first; trial 0 (the reference) marked."""
-    metric = search["metric"]
-    flat = [flatten(t["params"]) for t in trials]
-    keys = [k for k in (flat[0] if flat else {}) if len({json.dumps(f.get(k)) for f in flat}) > 1]
-    header = ["rank", "trial", *keys, metric, "best ep", "epochs", "status", ""]
-    rows = []
-    for rank, (trial, values) in enumerate(zip(trials, flat), start=1):
-        score = "n/a" if trial["best"] is None else f"{trial['best']:.4f}"
-        rows.append([str(rank), trial["trial"], *(_short(values.get(k)) for k in keys), score,
-                     str(trial["best_epoch"] or "-"), f"{trial['epochs']}/{search['epochs']}", trial["status"],
-                     f"<- trial 0: {search['reference']}'s configuration" if trial["reference"] else ""])
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
-    mode = "fast (heads on cached features, backbone frozen)" if search["fast"] else "full training"
-    title = f"{len(trials)} trials, {mode}, ranked by best {metric} ({search['mode']}) on the validation split"
-    return "\n".join([title, *lines])
-
-
-def best_overlay(search: dict, trials: list[dict]) -> dict:
-    """The best trial's stage-2 values as a config overlay (``trainable_backbone: false`` in fast mode)."""
-    scored = [t for t in trials if t["best"] is not None]
-    if not scored:
-        raise ValueError("no trial reported the metric yet; nothing to choose from")
-    best = scored[0]
-    stage2 = merge_overlays(search.get("fixed") or {}, decode(best["params"]))
-    if search["fast"]:
-        stage2["trainable_backbone"] = False
-    return {"stage2": stage2}
-
-
-def write_best_overlay(path: str | Path, out: str | Path | None = None) -> Path:
-    """Write the best trial's overlay (default ``<experiment>/best.yaml``) and check that it loads."""
-    from msbt.config import load_config
-
-    search, trials = read_experiment(path)
-    overlay = best_overlay(search, trials)
-    best = next(t for t in trials if t["best"] is not None)
-    out = Path(out) if out else Path(path) / "best.yaml"
-    comment = (f"# Best stage-2 configuration of {Path(path).resolve()}: {best['trial']}, best "
-               f"{search['metric']} {best['best']:.4f} at epoch {best['best_epoch']} (validation split).\n"
-               f"# Use on top of the configs the search ran with, e.g.\n"
-               f"#   python workflows/pipeline.py --config workflows/configs/cpu.yaml --config {out}\n")
-    write_text(out, comment + yaml.safe_dump(overlay, sort_keys=False))
-    load_config([out])  # an overlay the pipeline cannot read is an error here, not later
-    return out
+    return _TrialBar()

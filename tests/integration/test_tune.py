@@ -168,7 +168,8 @@ def _kill_session(proc: subprocess.Popen, ray_tmp: str) -> None:
 def test_search_is_interrupted_restored_and_its_best_config_reruns(prepared, tmp_path):
     from msbt.cli import main as msbt_main
     from msbt.train.runner import best_checkpoint, train_stage
-    from msbt.tune.search import experiment_dir, read_experiment, run_search, write_best_overlay
+    from msbt.tune.review import read_experiment, write_best_overlay
+    from msbt.tune.search import experiment_dir, run_search
 
     config = prepared["config"]
     experiment = experiment_dir(config)
@@ -232,7 +233,8 @@ def test_fast_mode_caches_features_once_and_trains_heads_on_them(prepared, capsy
 
     from msbt.tune.fast import attach_head, fit_head, frozen, load_features
     from msbt.data.store import read_store
-    from msbt.tune.search import read_experiment, run_search
+    from msbt.tune.review import read_experiment
+    from msbt.tune.search import run_search
 
     over = ["tune.fast=true", "stage2.trainable_backbone=false", "tune.num_samples=2", "tune.scheduler=none"]
     config = load_config([prepared["yaml"]], over + ["tune.experiment=fast1"])

@@ -507,7 +507,7 @@ def test_metrics_json_schema_from_fixed_predictions(tmp_path):
     groups = np.array(["a", "a", "b", "c", "d", "d", "e", "f"])
     test = {"y": Y8, "p": P8, "group": groups, "source": np.array([f"{i}.png" for i in range(8)])}
     r = E.score(val, test, n_boot=300, seed=1)
-    assert r["schema_version"] == 2 and r["threshold"] == 0.6 and r["threshold_chosen_on"] == "val"
+    assert r["schema_version"] == 3 and r["threshold"] == 0.6 and r["threshold_chosen_on"] == "val"
     # at 0.6: calls [1 1 0 1 0 0 0 0] -> tp 2 (idx 0, 1), fp 1 (idx 3), fn 2 (idx 2, 7), tn 3
     assert r["confusion_matrix"]["matrix"] == [[3, 1], [2, 2]]
     assert r["test"]["npv"] == pytest.approx(3 / 5) and r["test"]["ppv"] == pytest.approx(2 / 3)

@@ -1,0 +1,344 @@
+"""The console and the log files of a run: one line per step and progress bars on the terminal, the rest
+in ``runs/<name>/logs/``.
+
+A run's terminal used to be a wall of Ray Data execution plans, TensorFlow start-up notices (its CUDA
+probe prints ``failed call to cuInit`` on every CPU machine) and a ``TrainingReport(...)`` dump per epoch
+from every worker. By default (``verbose=False``):
+
+* msbt's own step lines (``print``) and warnings reach the terminal; its INFO logs go to the log file;
+* the ``ray`` and ``ray.data`` loggers of this process write to the log file, and only their warnings
+  reach the terminal (a few known notices, such as Ray's "token authentication is enabled", not even those);
+* what Ray workers print (Train workers and controller, Ray Data's coordinators, TensorFlow inside them)
+  is forwarded to this process by Ray as usual, but written to ``logs/workers.log``; the terminal gets
+  only their progress bars (``ray.experimental.tqdm_ray``) and lines that name a Python exception;
+* TensorFlow's C++ logging is set to warnings and up (``TF_CPP_MIN_LOG_LEVEL=2``) before it is imported,
+  the CUDA probe is skipped where there is no NVIDIA device (``CUDA_VISIBLE_DEVICES=""``; never where one
+  exists) and the lines TensorFlow prints before its logging is set up are captured into the log file.
+
+``verbose=True`` (``msbt --verbose``) leaves Ray's and TensorFlow's output on the terminal as before;
+the log files are written either way. The log files are ``driver.log`` (Python logging of this process
+and TensorFlow's start-up lines) and ``workers.log`` (every line a Ray worker printed, with its actor name
+and pid), both appended to by every command run on the same run folder.
+
+Progress bars: :func:`progress` in this process and :func:`worker_progress` inside Ray workers. Once Ray
+is connected both are Ray's own ``tqdm_ray`` bars, drawn by this process, so a bar of a Train worker and
+one of the driver never overwrite each other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import glob
+import logging
+import logging.handlers
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Iterable
+
+LOG_DIR = "logs"
+DRIVER_LOG = "driver.log"
+WORKERS_LOG = "workers.log"
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+# Warnings that Ray prints on every run of a default setup; the README explains them, the log keeps them.
+KNOWN_NOTICES = (
+    "Token authentication is enabled for this Ray cluster",
+    "Progress bars disabled",
+)
+# A forwarded worker line that names a Python exception ("ValueError: ...", "Traceback (most recent ...").
+ERROR_LINE = re.compile(r"^(Traceback \(most recent call last\)|[\w.]*[A-Z]\w*(Error|Exception)\b.*)")
+
+_state: dict = {"verbose": True, "console": None, "buffer": None, "file": None, "folder": None,
+                "workers": None}
+
+
+def has_gpu() -> bool:
+    """Whether this machine shows an NVIDIA GPU: a ``/dev/nvidia<N>`` device or ``nvidia-smi`` on PATH."""
+    return bool(glob.glob("/dev/nvidia[0-9]*")) or shutil.which("nvidia-smi") is not None
+
+
+def quiet_environment(verbose: bool = False) -> dict[str, str]:
+    """Set, before TensorFlow is imported, the environment that keeps its notices off the terminal.
+
+    Variables already set by the user are kept. Ray workers started by this process inherit them; for
+    workers of a cluster the same values are in ``workflows/runtime_env.yaml``.
+
+    Args:
+        verbose: Change nothing.
+
+    Returns:
+        The variables set here (name -> value).
+    """
+    if verbose:
+        return {}
+    wanted = {"TF_CPP_MIN_LOG_LEVEL": "2"}
+    if not has_gpu():
+        # No device, so nothing is hidden; TensorFlow's own probe would only print a CUDA error.
+        wanted["CUDA_VISIBLE_DEVICES"] = ""
+    changed = {k: v for k, v in wanted.items() if k not in os.environ}
+    os.environ.update(changed)
+    return changed
+
+
+class _NoticeFilter(logging.Filter):
+    """Keeps known, harmless notices and Python's warnings module off the terminal."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "py.warnings":
+            return False
+        message = record.getMessage()
+        return not any(notice in message for notice in KNOWN_NOTICES)
+
+
+def setup(verbose: bool = False, debug: bool = False) -> None:
+    """Configure logging for a command: terminal handler now, the run's log file once it is known.
+
+    Until :func:`attach_run` names the run folder, records are held in memory (then written to the file).
+
+    Args:
+        verbose: Show INFO logs and Ray's/TensorFlow's output on the terminal.
+        debug: DEBUG level everywhere (implies nothing about the terminal otherwise).
+    """
+    quiet_environment(verbose)
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    for handler in (_state["console"], _state["buffer"], _state["file"]):
+        if handler is not None:
+            root.removeHandler(handler)
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
+    console.setFormatter(logging.Formatter(FORMAT if verbose or debug else "%(levelname)s %(name)s: %(message)s"))
+    if not verbose:
+        console.addFilter(_NoticeFilter())
+    buffer = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)
+    buffer.setLevel(root.level)
+    root.addHandler(console)
+    root.addHandler(buffer)
+    logging.captureWarnings(True)
+    _state.update(verbose=verbose, console=console, buffer=buffer, file=None, folder=None, workers=None)
+
+
+def attach_run(run_folder: str | Path) -> Path:
+    """Write this process's logs to ``<run folder>/logs/driver.log`` from now on (and what came before).
+
+    Returns:
+        The logs folder.
+    """
+    folder = Path(run_folder) / LOG_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    if _state["folder"] == folder:
+        return folder
+    root = logging.getLogger()
+    for name in ("ray", "ray.data"):  # tame_ray() gave them the previous file (or the buffer)
+        for old in (_state["file"], _state["buffer"]):
+            if old is not None:
+                logging.getLogger(name).removeHandler(old)
+    handler = logging.FileHandler(folder / DRIVER_LOG, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.setLevel(root.level)  # Ray Data's logger passes DEBUG records; INFO unless --debug
+    if _state["file"] is not None:
+        root.removeHandler(_state["file"])
+        _state["file"].close()
+    buffer = _state["buffer"]
+    if buffer is not None:
+        buffer.setTarget(handler)
+        buffer.flush()
+        root.removeHandler(buffer)
+        _state["buffer"] = None
+    root.addHandler(handler)
+    _state.update(file=handler, folder=folder)
+    if "ray" in sys.modules:
+        tame_ray()
+    return folder
+
+
+def is_verbose() -> bool:
+    """Whether the command runs with ``--verbose`` (Ray's and TensorFlow's output on the terminal)."""
+    return bool(_state["verbose"])
+
+
+def log_folder() -> Path | None:
+    """The logs folder of the run this process writes to, if one is attached."""
+    return _state["folder"]
+
+
+def tame_ray() -> None:
+    """Route the ``ray`` and ``ray.data`` loggers of this process, and the output of Ray's workers, to the
+    log files; without ``verbose`` also off the terminal. A no-op before Ray is imported; called again
+    after ``ray.init`` (the worker output hook exists only then)."""
+    if "ray" not in sys.modules:
+        return
+    quiet = not _state["verbose"]
+    # Importing Ray Data sets up its logger (terminal handler included): do it now, so that is undone here.
+    import ray.data  # noqa: F401
+
+    ours = [h for h in ((_state["console"] if quiet else None), _state["file"] or _state["buffer"]) if h is not None]
+    for name in ("ray", "ray.data"):
+        logger = logging.getLogger(name)  # both have propagate=False and a terminal handler of their own
+        for handler in list(logger.handlers):
+            if quiet and type(handler).__name__ == "PlainRayHandler" or (
+                    handler in (_state["file"], _state["buffer"]) and handler not in ours):
+                logger.removeHandler(handler)
+        for handler in ours:
+            if handler not in logger.handlers:
+                logger.addHandler(handler)
+    if quiet:
+        # Ray Data's own bars would draw one per operator of every small read; msbt draws one per step.
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    route_worker_output()
+
+
+def route_worker_output() -> bool:
+    """Write what Ray workers print to ``logs/workers.log``; show only progress bars and exception lines.
+
+    Ray 2.60 has no public setting for where forwarded worker output goes (only ``log_to_driver`` on or
+    off, and off would also lose the workers' progress bars), so this replaces the handler that Ray's
+    ``ray.init`` registers on its output dispatcher, under the same name. Ray's own printing function still
+    draws what is shown (progress bars, de-duplication). Returns False where that hook is missing (another
+    Ray version, or Ray not connected), leaving Ray's default.
+    """
+    if _state["folder"] is None:
+        return False
+    try:
+        from ray._private import worker as ray_worker
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+        from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
+    except ImportError:
+        return False
+    registered = dict(dispatcher.handlers)  # (name, function) pairs
+    if "ray_print_logs" not in registered:  # Ray not connected, or log_to_driver=False
+        return False
+    if registered["ray_print_logs"] is _state["workers"]:
+        return True
+    show = functools.partial(ray_worker.print_to_stdstream, ignore_prefix=False)
+
+    def handle(data: dict) -> None:
+        # Read at each call: a later command of this process (tests) may attach another run folder.
+        lines, folder = data.get("lines", []), _state["folder"]
+        if data.get("is_err"):
+            # Ray Train V2 turns print() in its workers into a log record that reaches stderr as well as
+            # stdout: a bar's state would arrive twice and a late copy would redraw a closed bar.
+            lines = [ln for ln in lines if RAY_TQDM_MAGIC not in ln]
+        name = data.get("actor_name") or data.get("task_name") or ""
+        prefix = f"({name} pid={data.get('pid')}) ".replace("( ", "(")
+        try:
+            with (folder / WORKERS_LOG).open("a", encoding="utf-8") as out:
+                out.writelines(prefix + line + "\n" for line in lines if RAY_TQDM_MAGIC not in line)
+            logged = True
+        except (OSError, TypeError):  # the folder is gone: show everything rather than lose it
+            logged = False
+        if _state["verbose"] or not logged:
+            shown = lines
+        else:
+            # The autoscaler's own warnings (e.g. a resource request that cannot be met) stay visible.
+            alert = data.get("pid") == "autoscaler"
+            shown = [ln for ln in lines if RAY_TQDM_MAGIC in ln or ERROR_LINE.match(ln)
+                     or alert and ("Warning:" in ln or "Error:" in ln)]
+        if shown:
+            show({**data, "lines": shown})
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", handle)
+    _state["workers"] = handle
+    return True
+
+
+@contextlib.contextmanager
+def captured_stderr():
+    """Send what is written to file descriptor 2 (C++ libraries included) to ``driver.log`` meanwhile.
+
+    Without a log folder (or with ``verbose``) nothing is captured.
+    """
+    folder = _state["folder"]
+    if _state["verbose"] or folder is None:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(folder / DRIVER_LOG, "ab") as log_file:
+            os.dup2(log_file.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
+def import_tensorflow() -> None:
+    """Import TensorFlow and Keras and let it probe its devices, with its start-up lines in the log file.
+
+    TensorFlow 2.21 prints a few lines (oneDNN notice, "Could not find cuda drivers") through absl before
+    its log level applies, and the device probe logs ``failed call to cuInit`` where no GPU exists; both
+    happen once per process, so doing them here, captured, keeps them off the terminal for good.
+    """
+    with captured_stderr():
+        import keras  # noqa: F401
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+
+
+def _in_ray_worker() -> bool:
+    if "ray" not in sys.modules:
+        return False
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+
+
+def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", unit: str = "it"):
+    """A progress bar for a long step of this process (an iterable wrapper, or ``update(n)`` by hand).
+
+    With Ray connected it is a ``tqdm_ray`` bar, so it shares the screen with the bars of Ray workers;
+    before that a plain ``tqdm`` bar on stderr (refreshed every 5 s when stderr is not a terminal, so
+    a log of it stays short). Close it (or use it as a context manager) when the step ends.
+    """
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            from ray.experimental.tqdm_ray import tqdm as ray_tqdm
+
+            return _Closing(ray_tqdm(iterable, desc=desc, total=total, unit=unit))
+    from tqdm import tqdm
+
+    interactive = sys.stderr.isatty()
+    return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=interactive,
+                mininterval=0.2 if interactive else 5.0)
+
+
+def worker_progress(*, total: int | None = None, desc: str = "", unit: str = "it"):
+    """A progress bar inside a Ray worker, drawn by the driver (``ray.experimental.tqdm_ray``)."""
+    from ray.experimental.tqdm_ray import tqdm as ray_tqdm
+
+    return _Closing(ray_tqdm(desc=desc, total=total, unit=unit))
+
+
+class _Closing:
+    """Adds what ``tqdm_ray.tqdm`` lacks for use like ``tqdm``: ``with``, ``__iter__`` that closes."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def __getattr__(self, name):
+        return getattr(self.bar, name)
+
+    def __iter__(self):
+        try:
+            yield from self.bar
+        finally:
+            self.bar.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+        return False

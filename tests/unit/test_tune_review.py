@@ -1,0 +1,157 @@
+"""The tune review page (msbt.tune.review) on an experiment folder laid out as Tune and `msbt tune` leave it.
+
+No Ray: the folder is written here (search.json, trial_*/params.json and result.json lines, the run's
+split.csv), so every number on the page can be checked against what went in.
+"""
+
+import csv
+import json
+import math
+import xml.etree.ElementTree as ET
+from html.parser import HTMLParser
+
+import pytest
+
+from msbt.cli import main
+from msbt.tune import review
+
+METRIC = "val_auc"
+# trial -> (learning rate, optimizer, per-epoch val_auc); 8 epochs, ASHA grace 2, factor 2 -> rungs 2, 4
+TRIALS = {
+    "trial_00000": (0.001, "adagrad", [0.60, 0.66, 0.70, 0.74, 0.75, 0.77, 0.78, 0.78]),  # the reference
+    "trial_00001": (0.01, "adam", [0.55, 0.58, 0.62, 0.64, 0.70, 0.71, 0.72, 0.80]),
+    "trial_00002": (0.0001, "sgd", [0.50, 0.52]),  # cut at the first rung
+    "trial_00003": (0.003, "adam", [0.58, 0.61, 0.63, 0.65]),  # cut at the second
+}
+
+
+def make_experiment(root):
+    run = root / "run"
+    exp = run / "tune" / "search"
+    exp.mkdir(parents=True)
+    reference = {"optimizer": "adagrad", "learning_rate": 0.001}
+    (exp / "search.json").write_text(json.dumps({
+        "metric": METRIC, "mode": "max", "epochs": 8, "fast": False, "reference": "paper",
+        "reference_point": reference, "fixed": {}, "searched": {}, "stage2": {}, "run": "run",
+        "scheduler": {"kind": "asha", "grace_period": 2, "reduction_factor": 2, "num_samples": 4}}))
+    for name, (lr, opt, curve) in TRIALS.items():
+        folder = exp / name
+        folder.mkdir()
+        (folder / "params.json").write_text(json.dumps({"optimizer": opt, "learning_rate": lr}))
+        (folder / "result.json").write_text("".join(
+            json.dumps({METRIC: v, "training_iteration": i + 1}) + "\n" for i, v in enumerate(curve)))
+    # Tune's experiment state: every trial finished (ASHA's stops are TERMINATED too)
+    state = [[json.dumps({"trial_id": f"abc_{name[-5:]}", "status": "TERMINATED"}), "{}"] for name in TRIALS]
+    (exp / "experiment_state-2026-12-02_03-00-00.json").write_text(json.dumps({"trial_data": state}))
+    split = run / "data" / "ultrasound"
+    split.mkdir(parents=True)
+    with (split / "split.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["relpath", "label", "group", "split", "fold"])
+        for i in range(12):  # 7 benign images in 6 lesion groups (g5 has two frames), 5 malignant in 5
+            label = "benign" if i < 7 else "malignant"
+            writer.writerow([f"v{i}.png", label, f"g{min(i, 5) if i < 7 else i}", "val", 0])
+        writer.writerow(["t0.png", "benign", "gt", "train", 0])
+    return exp
+
+
+class Collect(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags, self.text, self.svgs, self._svg = [], [], [], None
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_review_page_holds_every_trial_and_the_numbers_behind_it(tmp_path):
+    exp = make_experiment(tmp_path)
+    page = review.render(exp)
+    parser = Collect()
+    parser.feed(page)
+    text = " ".join(parser.text)
+    for name in TRIALS:
+        assert text.count(name) >= 2, name  # in the table and above its curve
+    assert "trial_00000 (trial 0)" in text and 'class="ref"' in page
+    assert "ASHA compared trials at epoch 2, 4" in text
+    assert "stopped early after epoch 2" in text and "stopped early after epoch 4" in text
+    assert "12 validation images in 11 lesion groups (benign 6, malignant 5)" in text
+    assert "0.8000" in text  # the winner, trial 1 at its last epoch
+    se = review.auc_standard_error(0.80, 5, 6)  # malignant lesions are the positives
+    assert f"{se:.3f}" in text
+    assert "Spearman" in text and "eta^2" in text
+    assert "workflows/crossval.py" in text
+    # every SVG is well-formed; parallel coordinates has one line per trial
+    svgs = [page[i:page.index("</svg>", i) + 6] for i in range(len(page)) if page.startswith("<svg", i)]
+    trees = [ET.fromstring(s) for s in svgs]
+    pc = next(t for t in trees if t.get("class") == "pc")
+    assert len(list(pc.iter("{http://www.w3.org/2000/svg}polyline"))) == len(TRIALS)
+    assert sum(t.get("class") == "curve" for t in trees) == len(TRIALS)
+
+
+def test_importance_uses_rank_correlation_for_numbers_and_eta_squared_for_categories():
+    trials = [{"params": {"lr": lr, "opt": opt}, "best": best}
+              for lr, opt, best in [(1, "a", 0.1), (2, "a", 0.2), (3, "b", 0.9), (4, "b", 0.8)]]
+    rows = {r["key"]: r for r in review.importance(trials, ["lr", "opt"])}
+    assert rows["lr"]["estimate"] == "Spearman rho^2" and rows["lr"]["signed"] == pytest.approx(0.8)
+    assert rows["lr"]["value"] == pytest.approx(0.64)
+    # groups a: 0.1, 0.2 (mean .15); b: 0.9, 0.8 (mean .85); grand mean .5
+    between, total = 2 * 0.35 ** 2 * 2, sum((y - 0.5) ** 2 for y in (0.1, 0.2, 0.9, 0.8))
+    assert rows["opt"]["estimate"] == "eta^2" and rows["opt"]["value"] == pytest.approx(between / total)
+
+
+def test_hanley_mcneil_standard_error_matches_the_papers_formula():
+    # A = 0.8, 3 positives, 6 negatives: Q1 = 0.8/1.2, Q2 = 1.28/1.8
+    a, q1, q2 = 0.8, 0.8 / 1.2, 1.28 / 1.8
+    expected = math.sqrt((a * (1 - a) + 2 * (q1 - a * a) + 5 * (q2 - a * a)) / 18)
+    assert review.auc_standard_error(0.8, 3, 6) == pytest.approx(expected)
+
+
+def test_asha_rungs_follow_grace_period_and_reduction_factor():
+    search = {"epochs": 20, "scheduler": {"kind": "asha", "grace_period": 3, "reduction_factor": 2}}
+    assert review.asha_rungs(search) == [3, 6, 12]
+    assert review.asha_rungs({"epochs": 8, "scheduler": {"kind": "none", "grace_period": 2}}) == []
+
+
+def test_tune_report_writes_the_page_and_the_top_k_overlays(tmp_path, capsys):
+    exp = make_experiment(tmp_path)
+    assert main(["tune-report", str(exp), "--top-k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert (exp / "review.html").is_file() and (exp / "best.yaml").is_file()
+    assert (exp / "rank1.yaml").is_file() and (exp / "rank2.yaml").is_file() and not (exp / "rank3.yaml").exists()
+    assert "trial_00001" in (exp / "rank1.yaml").read_text()
+    assert "crossval.py" in out and "rank2.yaml" in out
+
+
+def test_hparams_files_read_back_with_tensorboards_own_parsers(tmp_path):
+    pytest.importorskip("tensorboard")  # the dev extra: viewing only
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+
+    exp = make_experiment(tmp_path)
+    out = review.write_hparams(exp)
+    root = EventAccumulator(str(out), size_guidance={"tensors": 0})
+    root.Reload()
+    content = root.PluginTagToContent("hparams")["_hparams_/experiment"]
+    experiment = metadata.parse_experiment_plugin_data(content)
+    infos = {h.name: h for h in experiment.hparam_infos}
+    assert set(infos) == {"optimizer", "learning_rate", "reference"}
+    assert list(infos["optimizer"].domain_discrete.values) and infos["learning_rate"].domain_interval.max_value == 0.01
+    assert [m.name.tag for m in experiment.metric_infos][:2] == [METRIC, f"best_{METRIC}"]
+    for name, (lr, opt, curve) in TRIALS.items():
+        run = EventAccumulator(str(out / name), size_guidance={"tensors": 0, "scalars": 0})
+        run.Reload()
+        start = metadata.parse_session_start_info_plugin_data(
+            run.PluginTagToContent("hparams")["_hparams_/session_start_info"])
+        assert start.hparams["optimizer"].string_value == opt
+        assert start.hparams["reference"].bool_value is (name == "trial_00000")
+        assert start.hparams["learning_rate"].number_value == pytest.approx(lr)
+        values = [e.value for e in run.Scalars(METRIC)]
+        assert values == pytest.approx(curve)  # the trial's whole curve, step = epoch
+        assert [e.step for e in run.Scalars(METRIC)] == list(range(1, len(curve) + 1))
+        assert run.Scalars(f"best_{METRIC}")[0].value == pytest.approx(max(curve))
+    review.write_hparams(exp)  # rewritten whole, not appended
+    assert len(list((out / "trial_00001").iterdir())) == 1

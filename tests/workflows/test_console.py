@@ -1,0 +1,179 @@
+"""The quiet console (msbt.console): what reaches the terminal, what lands in runs/<name>/logs/.
+
+Unit tests run the real logging and file-descriptor plumbing in this process or a subprocess; the smoke
+job test runs the real main job (its own private Ray cluster) and counts its terminal lines.
+"""
+
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from helpers import ROOT
+from msbt import console
+from msbt.eval.report import line_chart
+from msbt.train.runner import write_history
+
+PY = sys.executable
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture
+def restore_logging():
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(level)
+    logging.captureWarnings(False)
+    console._state.update(verbose=True, console=None, buffer=None, file=None, folder=None, workers=None)
+
+
+def test_quiet_environment_keeps_what_the_user_set_and_never_hides_a_gpu(monkeypatch):
+    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert console.quiet_environment(verbose=True) == {}
+    assert "TF_CPP_MIN_LOG_LEVEL" not in os.environ
+    changed = console.quiet_environment()
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "2"
+    assert ("CUDA_VISIBLE_DEVICES" in changed) == (not console.has_gpu())
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert console.quiet_environment() == {}
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0" and os.environ["CUDA_VISIBLE_DEVICES"] == "1"
+
+
+def test_logs_before_the_run_folder_is_known_reach_the_file_and_only_warnings_the_terminal(
+        tmp_path, capsys, restore_logging):
+    console.setup(verbose=False)
+    log = logging.getLogger("msbt.some.step")
+    log.info("early detail")
+    log.warning("something the user must see")
+    logging.getLogger("ray").warning("Token authentication is enabled for this Ray cluster. ...")
+    folder = console.attach_run(tmp_path / "run")
+    log.info("later detail")
+    err = capsys.readouterr().err
+    assert "something the user must see" in err
+    assert "detail" not in err and "Token authentication" not in err
+    text = (folder / console.DRIVER_LOG).read_text()
+    assert folder == tmp_path / "run" / "logs"
+    for line in ("early detail", "something the user must see", "later detail"):
+        assert line in text
+
+
+def test_verbose_shows_info_on_the_terminal(tmp_path, capsys, restore_logging):
+    console.setup(verbose=True)
+    console.attach_run(tmp_path)
+    logging.getLogger("msbt.x").info("a detail")
+    assert "a detail" in capsys.readouterr().err
+    assert "a detail" in (tmp_path / "logs" / console.DRIVER_LOG).read_text()
+
+
+def test_tensorflow_start_up_lines_go_to_the_log_not_the_terminal(tmp_path):
+    code = ("from msbt import console; console.setup(); console.attach_run(r'%s'); console.import_tensorflow(); "
+            "print('imported')" % tmp_path)
+    done = subprocess.run([PY, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "imported"
+    assert done.stderr == "", done.stderr  # no oneDNN notice, no CUDA probe, no absl preamble
+    log = (tmp_path / "logs" / console.DRIVER_LOG).read_text()
+    assert "oneDNN" in log or "cuda" in log.lower()  # what TensorFlow 2.21 printed is kept
+
+
+def test_captured_stderr_takes_output_written_below_python(tmp_path, restore_logging):
+    console.setup(verbose=False)
+    console.attach_run(tmp_path)
+    with console.captured_stderr():
+        os.write(2, b"a C++ library speaking\n")
+    assert "a C++ library speaking" in (tmp_path / "logs" / console.DRIVER_LOG).read_text()
+
+
+@pytest.mark.parametrize("line, shown", [
+    ("ValueError: store has no 'val' rows", True),
+    ("ray.exceptions.RayTaskError(ValueError): boom", True),
+    ("Traceback (most recent call last):", True),
+    ("E0000 00:00:1796181459.630264 8750 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error", False),
+    ("Reporting training result 1: TrainingReport(checkpoint=None, metrics={'loss': 1.0})", False),
+    ("Starting execution of Dataset train_0357U1. Full logs are in /tmp/ray/session/logs/ray-data", False),
+])
+def test_only_worker_lines_that_name_an_exception_reach_the_terminal(line, shown):
+    assert bool(console.ERROR_LINE.match(line)) is shown
+
+
+def test_history_file_holds_every_epoch_and_is_replaced_whole(tmp_path):
+    path = tmp_path / "stage2" / "history.json"
+    history = {"loss": [], "val_auc": []}
+    for epoch in range(5):
+        history["loss"].append(1.0 / (epoch + 1))
+        history["val_auc"].append(0.5 + epoch / 20)
+        write_history(path, history)
+        data = json.loads(path.read_text())
+        assert data["epochs"] == epoch + 1 and data["history"]["loss"] == history["loss"]
+    assert [p.name for p in path.parent.iterdir()] == ["history.json"]  # no temporary file left
+
+
+def test_chart_legends_sit_below_the_plot_area():
+    series = [{"label": f"series {i}", "x": [1, 2, 3], "y": [0.1 * i, 0.5, 0.9]} for i in range(4)]
+    svg = line_chart(series, title="t", xlabel="epoch", ylabel="y", marks=[{"x": 2, "label": "kept (epoch 2)"}])
+    root = ET.fromstring(svg)
+    ns = "{http://www.w3.org/2000/svg}"
+    plot = next(r for r in root.iter(f"{ns}rect") if r.get("stroke") == "#999")
+    bottom, top = float(plot.get("y")) + float(plot.get("height")), float(plot.get("y"))
+    legend = [t for t in root.iter(f"{ns}text") if "legend" in (t.get("class") or "")]
+    assert [t.text for t in legend] == [s["label"] for s in series]
+    assert all(float(t.get("y")) > bottom for t in legend)
+    mark = next(t for t in root.iter(f"{ns}text") if t.text == "kept (epoch 2)")
+    assert float(mark.get("y")) < top  # the kept-epoch label sits above the data too
+    assert float(root.get("height")) > max(float(t.get("y")) for t in legend)
+
+
+@pytest.mark.slow
+def test_bootstrap_is_quiet_and_prints_its_log_when_pip_fails(tmp_path):
+    """A set-up that fails shows pip's own output; PIP_NO_INDEX keeps it offline and quick."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "bootstrap.sh", tmp_path / "scripts")
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'broken'\nversion = 'not a version'\n")
+    env = {**os.environ, "PYTHON": PY, "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    done = subprocess.run(["bash", "scripts/bootstrap.sh"], cwd=tmp_path, capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode != 0
+    assert "set-up failed" in done.stderr and "bootstrap.log" in done.stderr
+    assert re.search(r"(?i)version", done.stderr)  # pip's own complaint, from the log
+    assert not (tmp_path / ".venv" / ".msbt-installed").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_the_smoke_job_prints_few_lines_with_bars_and_logs_the_rest(tmp_path):
+    """The main job on the built-in data, as a user runs it (its own private Ray cluster)."""
+    done = subprocess.run(
+        [PY, str(ROOT / "workflows" / "pipeline.py"), "--smoke-test", "--address", "local",
+         "--set", "stage2.epochs=2", "--set", f"run.storage_path={tmp_path}",
+         "--set", f"synth.out_dir={tmp_path / 'synth'}"],
+        capture_output=True, text=True, env=ENV, timeout=1100)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    assert out.count("\n") < 60, out  # newlines, as `wc -l` counts: a bar redraws itself with \r
+    for step in ("scan", "microscope store", "stage 1 epoch 1/1", "stage 2 epoch 2/2", "stage 2: best val_auc",
+                 "Keras' binned AUC", "val_auc_exact", "report:"):
+        assert step in out, step
+    for noise in ("cuInit", "oneDNN", "TrainingReport", "Execution plan", "logging_progress", "absl"):
+        assert noise not in out, noise
+    logs = tmp_path / "smoke" / "logs"
+    driver, workers = (logs / console.DRIVER_LOG).read_text(), (logs / console.WORKERS_LOG).read_text()
+    assert "Execution plan of Dataset" in driver  # Ray Data's lines, kept
+    assert "Reporting training result" in workers and "RayTrainWorker" in workers
+    history = json.loads((tmp_path / "smoke" / "stage2" / "history.json").read_text())
+    assert history["epochs"] == 2 and len(history["history"]["val_auc"]) == 2
+    report = (tmp_path / "smoke" / "report.html").read_text()
+    assert "kept (epoch" in report and "Keras, 200 thresholds" in report
