@@ -60,6 +60,12 @@ class DataConfig:
     grouping: Literal["auto", "manifest", "none"] = "auto"
     hash_max_distance: int = 10  # of 64 pHash bits; candidate near-duplicate pairs
     min_similarity: float = 0.8  # correlation of 32x32 thumbnails that confirms a candidate pair
+    # Where files are decoded and fingerprinted (msbt.data.scan): "local" = threads in the driver,
+    # "ray" = Ray Data tasks over the cluster, "auto" = Ray Data from scan_ray_min_files candidates on
+    # when a Ray cluster is up (below that the threaded scan takes seconds and Ray's start-up is not
+    # worth it; docs/preprocess.md has the measurement).
+    scan: Literal["auto", "local", "ray"] = "auto"
+    scan_ray_min_files: int = 2000
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -86,6 +86,7 @@ def discover(
     mask_suffixes: Sequence[str] = ("_mask",),
     sixteen_bit: str = "scale",
     workers: int | None = None,
+    inspect_all: Callable[[list, str], list] | None = None,
 ) -> Discovery:
     """Scan a class-per-folder tree or a CSV manifest and validate every image in it.
 
@@ -98,6 +99,9 @@ def discover(
             segmentation masks, not images, and are skipped.
         sixteen_bit: 16-bit conversion policy (see `msbt.images.imagefile.read_image`).
         workers: decoding threads (OpenCV releases the GIL); None -> number of CPUs.
+        inspect_all: runs `inspect_file` over every candidate and returns the outcomes in candidate
+            order, given (candidates, sixteen_bit); None -> threads in this process.
+            `msbt.data.scan` passes one that runs on Ray Data.
 
     Returns:
         Discovery with records sorted by (class order, relpath).
@@ -120,7 +124,10 @@ def discover(
     if missing:
         raise DataError(f"{source}: class {missing[0]!r} not found (found: {', '.join(sorted(found)) or 'none'})")
 
-    results = _decode_all(candidates, sixteen_bit, workers)
+    if inspect_all is None:
+        results = inspect_in_threads(candidates, sixteen_bit, workers)
+    else:
+        results = inspect_all(candidates, sixteen_bit)
     records, hashes, thumbs = [], [], []
     for (path, relpath, label, group), outcome in zip(candidates, results):
         if isinstance(outcome, Reject):
@@ -228,20 +235,36 @@ def _from_manifest(manifest: Path, classes: Sequence[str]):
     return candidates, rejects, skipped, found
 
 
-def _decode_all(candidates: list[Candidate], sixteen_bit: str, workers: int | None) -> list:
+def inspect_file(path: Path, sixteen_bit: str = "scale"):
+    """Validate, decode and fingerprint one file: the per-file work of a scan, wherever it runs.
+
+    Args:
+        path: the file.
+        sixteen_bit: 16-bit conversion policy (see `msbt.images.imagefile.read_image`).
+
+    Returns:
+        A `Reject` (path and reason), or `((height, width), sha1 hex digest, (hash, thumb))` with the
+        perceptual hash and thumbnail of `msbt.images.grouping.fingerprint`.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return Reject(str(path), f"not an image file (extension '{path.suffix or 'none'}')")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return Reject(str(path), f"unreadable ({exc.strerror or exc})")
+    try:
+        rgb = decode_image(data, path, sixteen_bit)  # type: ignore[arg-type]
+    except ImageError as exc:
+        return Reject(str(path), exc.reason)
+    return rgb.shape[:2], hashlib.sha1(data).hexdigest(), fingerprint(rgb)
+
+
+def inspect_in_threads(candidates: list[Candidate], sixteen_bit: str = "scale", workers: int | None = None) -> list:
+    """`inspect_file` over every candidate with a thread pool in this process; outcomes in candidate order."""
+
     def one(candidate: Candidate):
-        path = candidate[0]
-        if path.suffix.lower() not in IMAGE_EXTENSIONS:
-            return Reject(str(path), f"not an image file (extension '{path.suffix or 'none'}')")
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            return Reject(str(path), f"unreadable ({exc.strerror or exc})")
-        try:
-            rgb = decode_image(data, path, sixteen_bit)  # type: ignore[arg-type]
-        except ImageError as exc:
-            return Reject(str(path), exc.reason)
-        return rgb.shape[:2], hashlib.sha1(data).hexdigest(), fingerprint(rgb)
+        return inspect_file(candidate[0], sixteen_bit)
 
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         return list(pool.map(one, candidates))

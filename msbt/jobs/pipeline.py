@@ -22,6 +22,7 @@ from typing import Sequence
 
 from msbt.config import Config, dump_config, to_dict
 from msbt.data.discovery import Discovery, discover, write_rejects
+from msbt.data.scan import scan_inspector
 from msbt.data.splits import SplitResult, load_split, make_split, save_split
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,8 @@ def _prepare_one(config: Config, modality: str, source: str, classes, folder: Pa
     d = config.data
     log.info("scanning %s data in %s", modality, source)
     discovery = discover(
-        source, classes, strict=d.strict, mask_suffixes=d.mask_suffixes, sixteen_bit=d.sixteen_bit
+        source, classes, strict=d.strict, mask_suffixes=d.mask_suffixes, sixteen_bit=d.sixteen_bit,
+        inspect_all=scan_inspector(d.scan, d.scan_ray_min_files),
     )
     write_rejects(discovery.rejects, folder / "rejects.csv")
     for reject in discovery.rejects:
