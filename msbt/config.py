@@ -205,6 +205,9 @@ class RunConfig:
     # Keras mixed_float16 in every Train worker (GPUs with tensor cores; float32 variables and classifier,
     # loss scaling). Slow on CPU: leave it off there.
     mixed_precision: bool = False
+    # GPUs per Train worker when use_gpu: 1 normally; 0.5 puts two workers on one GPU (a plumbing
+    # check of the multi-worker path on a one-GPU machine, benchmarks/gpu.sh), never faster than one.
+    gpus_per_worker: float = 1.0
 
 
 @dataclass(frozen=True)
