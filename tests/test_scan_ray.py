@@ -86,3 +86,12 @@ def test_ray_scan_gives_the_same_groups_on_real_data(real_data, ray_local, name)
     assert [row["group"] for row in make_split(on_ray).table] == before
     if name == "mendeley-rodrigues":
         assert len(set(before)) == 48  # the 48 lesions of docs/data.md
+
+
+def test_scan_mode_is_a_checked_config_key():
+    from msbt.config import ConfigError, load_config
+
+    assert load_config().data.scan == "auto" and load_config().data.scan_ray_min_files == 2000
+    assert load_config(overrides=["data.scan=ray"]).data.scan == "ray"
+    with pytest.raises(ConfigError, match="data.scan"):
+        load_config(overrides=["data.scan=cluster"])
