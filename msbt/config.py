@@ -80,6 +80,12 @@ class DataConfig:
     on_partial: Literal["reject", "warn"] = "reject"
     # The same file content under two classes: stop with an error naming both, or reject every copy.
     on_conflict: Literal["error", "reject"] = "error"
+    # Where files are decoded and fingerprinted (msbt.data.scan): "local" = threads in the driver,
+    # "ray" = Ray Data tasks over the cluster, "auto" = Ray Data from scan_ray_min_files candidates on
+    # when a Ray cluster is up (below that the threaded scan takes seconds and Ray's start-up is not
+    # worth it; docs/preprocess.md has the measurement).
+    scan: Literal["auto", "local", "ray"] = "auto"
+    scan_ray_min_files: int = 2000
 
 
 @dataclass(frozen=True)
@@ -223,6 +229,9 @@ class RunConfig:
     # stage under the same storage_path is reused instead of trained again (msbt.train.stages); false
     # always trains.
     reuse_stages: bool = True
+    # GPUs per Train worker when use_gpu: 1 normally; 0.5 puts two workers on one GPU (a plumbing
+    # check of the multi-worker path on a one-GPU machine, benchmarks/gpu.sh), never faster than one.
+    gpus_per_worker: float = 1.0
 
 
 @dataclass(frozen=True)

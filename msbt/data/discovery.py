@@ -23,7 +23,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -107,6 +107,7 @@ def discover(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     on_partial: str = "reject",
     on_conflict: str = "error",
+    inspect_all: Callable[[list, str], list] | None = None,
 ) -> Discovery:
     """Scan a class-per-folder tree or a CSV manifest and validate every image in it.
 
@@ -124,6 +125,9 @@ def discover(
             `msbt.images.imagefile.read_image`); warnings land in `Discovery.warnings`.
         on_conflict: the same file content under two classes: "error" stops the scan naming both
             files, "reject" rejects every copy.
+        inspect_all: runs `inspect_file` over every candidate and returns the (candidate, outcome) pairs
+            in candidate order, given (candidates, options); None -> threads in this process
+            (`inspect_in_threads`). `msbt.data.scan` passes one that runs on Ray Data.
 
     Returns:
         Discovery with records sorted by (class order, relpath).
@@ -150,7 +154,9 @@ def discover(
 
     options = {"sixteen_bit": sixteen_bit, "max_pixels": max_pixels, "on_partial": on_partial}
     records, hashes, thumbs, warnings = [], [], [], []
-    for (path, relpath, label, group), outcome in _decode_all(candidates, options, workers):
+    pairs = (inspect_all(candidates, options) if inspect_all is not None
+             else inspect_in_threads(candidates, options, workers))
+    for (path, relpath, label, group), outcome in pairs:
         if isinstance(outcome, Reject):
             if strict:
                 raise DataError(f"{outcome.path}: {outcome.reason} (strict mode)")
@@ -454,11 +460,11 @@ def _read_manifest_rows(manifest: Path) -> tuple[list[str], list[dict]]:
     return columns, rows
 
 
-def _decode_all(candidates: list[Candidate], options: dict, workers: int | None) -> list[tuple[Candidate, object]]:
-    """Decode every candidate; a multi-frame DICOM becomes one (candidate, outcome) per frame."""
+def inspect_in_threads(candidates: list[Candidate], options: dict, workers: int | None = None) -> list[tuple[Candidate, object]]:
+    """`inspect_file` over every candidate with a thread pool in this process, pairs in candidate order."""
     pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
     try:
-        results = list(progress(pool.map(lambda c: _decode_one(c, options), candidates),
+        results = list(progress(pool.map(lambda c: inspect_file(c, options), candidates),
                                 total=len(candidates), desc="scan", unit="file"))
     except BaseException:
         # Ctrl-C (or any error): drop the queued files at once instead of decoding them all first,
@@ -469,7 +475,19 @@ def _decode_all(candidates: list[Candidate], options: dict, workers: int | None)
     return [pair for pairs in results for pair in pairs]
 
 
-def _decode_one(candidate: Candidate, options: dict) -> list[tuple[Candidate, object]]:
+def inspect_file(candidate: Candidate, options: dict) -> list[tuple[Candidate, object]]:
+    """Validate, decode and fingerprint one file: the per-file work of a scan, wherever it runs.
+
+    Args:
+        candidate: ``(path, relpath, label, group)``.
+        options: ``sixteen_bit``, ``max_pixels``, ``on_partial`` (see `discover`).
+
+    Returns:
+        ``(candidate, outcome)`` pairs: one for an image file, one per frame of a multi-frame DICOM. An
+        outcome is a `Reject`, or ``((height, width), sha1 digest, (hash, thumb), notes)`` with the
+        perceptual hash and thumbnail of `msbt.images.grouping.fingerprint` and the reasons the file was
+        used only in part (``data.on_partial: warn``).
+    """
     path = candidate[0]
     name = text_name(str(path))
     if is_dicom(path):

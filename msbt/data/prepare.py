@@ -22,6 +22,7 @@ from typing import Sequence
 from msbt.config import Config, dump_config, to_dict
 from msbt.data import synth
 from msbt.data.discovery import Discovery, check_source, discover, write_rejects
+from msbt.data.scan import scan_inspector
 from msbt.data.profile import profile_from_store, write_profile
 from msbt.data.sites import discover_sites, parse_sources
 from msbt.data.splits import SplitResult, load_split, make_split, previous_rows, save_fingerprints, save_split
@@ -141,7 +142,9 @@ def _prepare_one(config: Config, modality: str, source: str, classes, folder: Pa
     d = config.data
     log.info("scanning %s data in %s", modality, source)
     options = dict(strict=d.strict, mask_suffixes=d.mask_suffixes, sixteen_bit=d.sixteen_bit,
-                   max_pixels=d.max_pixels, on_partial=d.on_partial, on_conflict=d.on_conflict)
+                   max_pixels=d.max_pixels, on_partial=d.on_partial, on_conflict=d.on_conflict,
+                   # driver threads, or Ray Data tasks for a large collection (msbt.data.scan)
+                   inspect_all=scan_inspector(d.scan, d.scan_ray_min_files))
     if modality == "ultrasound":  # one source or several named sites (msbt.data.sites)
         discovery = discover_sites(source, classes, **options)
     else:

@@ -390,9 +390,10 @@ def scaling_config(run: RunConfig):
 
     if run.num_workers < 1:
         raise ValueError(f"run.num_workers must be at least 1, got {run.num_workers}")
-    return ScalingConfig(
-        num_workers=run.num_workers, use_gpu=run.use_gpu, resources_per_worker={"CPU": run.cpus_per_worker}
-    )
+    resources = {"CPU": run.cpus_per_worker}
+    if run.use_gpu and run.gpus_per_worker != 1:
+        resources["GPU"] = run.gpus_per_worker
+    return ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu, resources_per_worker=resources)
 
 
 def score_order(monitor: str) -> str:
