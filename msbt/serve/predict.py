@@ -253,7 +253,15 @@ def prepare_image(path: str | Path, preparation: Preparation) -> np.ndarray:
     Raises:
         ImageError: The file cannot be used (the reason names the problem).
     """
-    rgb = read_image(path, preparation.sixteen_bit)  # type: ignore[arg-type]
+    return prepare_rgb(read_image(path, preparation.sixteen_bit), preparation)  # type: ignore[arg-type]
+
+
+def prepare_rgb(rgb: np.ndarray, preparation: Preparation) -> np.ndarray:
+    """Decoded 8-bit RGB ``(H, W, 3)`` -> the store's ``(S, S, 3)`` uint8: intensity, then ``fit_square``.
+
+    The one place (besides the store itself) that turns pixels into store pixels: ``msbt stream`` and
+    ``msbt serve`` call it for frames and uploaded bytes.
+    """
     return fit_square(normalize_intensity(rgb, preparation.intensity), preparation.image_size, preparation.aspect)
 
 
