@@ -5,6 +5,9 @@ Layouts read:
   BUSI: PNG with `<name>_mask.png` / `<name>_mask_1.png` beside each image, and a `normal/` class);
 - a CSV manifest with a header `path,label[,group]`, paths absolute or relative to the CSV's folder.
 
+DICOM files are taken whatever their name (their magic decides); a multi-frame file (a cine loop) gives
+one image per frame, `file#frame=NNNN`, all of one group. Only their pixels are read, never patient data.
+
 Every image is decoded once here: a file that cannot be used becomes a `Reject` (path and reason) and the
 scan goes on, unless `strict` is set. The same decode yields the content digest and the perceptual
 fingerprint that grouping needs. Nothing is ever written under the data root. No Ray, no TensorFlow.
@@ -24,7 +27,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from msbt.images.grouping import fingerprint
-from msbt.images.imagefile import IMAGE_EXTENSIONS, ImageError, decode_image
+from msbt.images.dicom import frame_ref, is_dicom
+from msbt.images.imagefile import IMAGE_EXTENSIONS, ImageError, decode_image, image_refs, read_dicom_image
 
 # Files operating systems and viewers leave in folders; never data, never worth a reject line.
 _SYSTEM_FILES = {"thumbs.db", "desktop.ini", ".ds_store"}
@@ -120,9 +124,8 @@ def discover(
     if missing:
         raise DataError(f"{source}: class {missing[0]!r} not found (found: {', '.join(sorted(found)) or 'none'})")
 
-    results = _decode_all(candidates, sixteen_bit, workers)
     records, hashes, thumbs = [], [], []
-    for (path, relpath, label, group), outcome in zip(candidates, results):
+    for (path, relpath, label, group), outcome in _decode_all(candidates, sixteen_bit, workers):
         if isinstance(outcome, Reject):
             if strict:
                 raise DataError(f"{outcome.path}: {outcome.reason} (strict mode)")
@@ -228,23 +231,59 @@ def _from_manifest(manifest: Path, classes: Sequence[str]):
     return candidates, rejects, skipped, found
 
 
-def _decode_all(candidates: list[Candidate], sixteen_bit: str, workers: int | None) -> list:
-    def one(candidate: Candidate):
-        path = candidate[0]
-        if path.suffix.lower() not in IMAGE_EXTENSIONS:
-            return Reject(str(path), f"not an image file (extension '{path.suffix or 'none'}')")
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            return Reject(str(path), f"unreadable ({exc.strerror or exc})")
-        try:
-            rgb = decode_image(data, path, sixteen_bit)  # type: ignore[arg-type]
-        except ImageError as exc:
-            return Reject(str(path), exc.reason)
-        return rgb.shape[:2], hashlib.sha1(data).hexdigest(), fingerprint(rgb)
-
+def _decode_all(candidates: list[Candidate], sixteen_bit: str, workers: int | None) -> list[tuple[Candidate, object]]:
+    """Decode every candidate; a multi-frame DICOM becomes one (candidate, outcome) per frame."""
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-        return list(pool.map(one, candidates))
+        return [pair for pairs in pool.map(lambda c: _decode_one(c, sixteen_bit), candidates) for pair in pairs]
+
+
+def _decode_one(candidate: Candidate, sixteen_bit: str) -> list[tuple[Candidate, object]]:
+    path = candidate[0]
+    if is_dicom(path):
+        return _decode_dicom(candidate, sixteen_bit)
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return [(candidate, Reject(str(path), f"not an image file (extension '{path.suffix or 'none'}')"))]
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return [(candidate, Reject(str(path), f"unreadable ({exc.strerror or exc})"))]
+    try:
+        rgb = decode_image(data, path, sixteen_bit)  # type: ignore[arg-type]
+    except ImageError as exc:
+        return [(candidate, Reject(str(path), exc.reason))]
+    return [(candidate, (rgb.shape[:2], hashlib.sha1(data).hexdigest(), fingerprint(rgb)))]
+
+
+def _decode_dicom(candidate: Candidate, sixteen_bit: str) -> list[tuple[Candidate, object]]:
+    """Each frame of a DICOM file as its own image; frames share the file's digest (msbt.data.splits
+    keeps the frames of one file in one group). Only pixels are read: no patient data (msbt.images.dicom)."""
+    path, relpath, label, group = candidate
+    refs = image_refs(path)
+    if len(refs) == 1:
+        frames = [(candidate, None)]
+    else:
+        frames = [((Path(ref), frame_ref(relpath, i), label, group), i) for i, ref in enumerate(refs)]
+    try:
+        digest = _sha1_file(path)
+    except OSError as exc:
+        return [(candidate, Reject(str(path), f"unreadable ({exc.strerror or exc})"))]
+    out: list[tuple[Candidate, object]] = []
+    for frame_candidate, index in frames:
+        try:
+            rgb = read_dicom_image(path, index, sixteen_bit)
+        except ImageError as exc:
+            out.append((frame_candidate, Reject(str(frame_candidate[0]), exc.reason)))
+            continue
+        out.append((frame_candidate, (rgb.shape[:2], digest, fingerprint(rgb))))
+    return out
+
+
+def _sha1_file(path: Path) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_rejects(rejects: Sequence[Reject], path: str | Path) -> Path:

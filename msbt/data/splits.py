@@ -106,6 +106,7 @@ def make_split(
     records = discovery.records
     labels = [r.label for r in records]
     groups, links = _groups(discovery, grouping, max_distance, min_similarity)
+    groups = join_frames([r.relpath for r in records], groups)
     split_index = assign_groups(labels, groups, ratios, seed)
     fold_index = assign_groups(labels, groups, [1.0] * folds, seed) if folds > 1 else np.zeros(len(records), int)
     # The naive split: the same procedure with every image its own group.
@@ -155,6 +156,35 @@ def _groups(discovery: Discovery, grouping: str, max_distance: int, min_similari
     )
     component = connected_groups(len(records), links.pairs)
     return [f"g{c:05d}" for c in component], len(links.pairs)
+
+
+def join_frames(relpaths: Sequence[str], groups: Sequence[str]) -> list[str]:
+    """Put the frames of one multi-frame file (``cine.dcm#frame=NNNN``, msbt.images.dicom) in one group.
+
+    A cine loop is one lesion seen many times: its frames must never straddle splits, whatever the
+    grouping mode. Groups that hold frames of one file are merged (union-find), keeping the first name.
+    """
+    parent = list(range(len(groups)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[tuple[str, str], int] = {}
+    for i, (relpath, group) in enumerate(zip(relpaths, groups)):
+        file, frame = _frame_of(relpath)
+        for key in (("group", group), ("file", file)) if frame is not None else (("group", group),):
+            j = first.setdefault(key, i)
+            parent[root(i)] = root(j)
+    return [groups[root(i)] for i in range(len(groups))]
+
+
+def _frame_of(relpath: str) -> tuple[str, int | None]:
+    # The suffix msbt.images.dicom.frame_ref writes; relpaths are relative, so no file check applies.
+    file, _, index = relpath.rpartition("#frame=")
+    return (file, int(index)) if file and index.isdigit() else (relpath, None)
 
 
 def _counts(labels: Sequence[str], bins: np.ndarray) -> dict:

@@ -1,6 +1,8 @@
 """Reading image files the way users have them, with a clear reason when one cannot be used.
 
-Every image leaves here as uint8 RGB (H, W, 3). The conversions are explicit because real collections mix
+Every image leaves here as uint8 RGB (H, W, 3). DICOM files (found by their magic, whatever their name)
+are read through msbt.images.dicom; a multi-frame file holds one image per frame, referred to as
+`file#frame=NNNN` (`image_refs`). The conversions are explicit because real collections mix
 them: the paper's Mendeley set is 8-bit grayscale BMP, BUSI is RGB PNG, scanners export 16-bit PNG/TIFF
 and some tools add an alpha channel. No Ray, no TensorFlow.
 """
@@ -8,13 +10,26 @@ and some tools add an alpha channel. No Ray, no TensorFlow.
 from __future__ import annotations
 
 import functools
+import io
+import os
+import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import cv2
 import numpy as np
 
+from msbt.images import dicom
+
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+# The container format each extension promises (Pillow's format names).
+_FORMAT_OF = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
+# Decompression-bomb guard (`data.max_pixels`): 64 MP is 8000 x 8000, far above any ultrasound image or
+# microscope field of the paper, and 192 MB as uint8 RGB. A 30000 x 30000 PNG of under 1 MB would
+# otherwise take 3.6 GB to decode. OpenCV's own limit (CV_IO_MAX_IMAGE_PIXELS, 2**30) is an assertion.
+DEFAULT_MAX_PIXELS = 64_000_000
+PARTIAL_POLICIES = ("reject", "warn")
 
 
 
@@ -27,14 +42,21 @@ class ImageError(ValueError):
         self.reason = reason
 
 
-def read_image(path: str | Path, sixteen_bit: Literal["scale", "minmax"] = "scale") -> np.ndarray:
+def read_image(path: str | Path, sixteen_bit: Literal["scale", "minmax"] = "scale", *,
+               max_pixels: int | None = DEFAULT_MAX_PIXELS, on_partial: str = "reject",
+               warnings: list[str] | None = None) -> np.ndarray:
     """Read one image file as uint8 RGB.
 
     Args:
-        path: the file.
+        path: the file (or a DICOM frame reference, see `image_refs`).
         sixteen_bit: how 16-bit images become 8-bit: "scale" maps the full 0..65535 range linearly
             (keeps intensities comparable across images), "minmax" stretches each image's own range
             (for 12-bit data stored in 16-bit containers, which "scale" would leave nearly black).
+        max_pixels: refuse images with more pixels than this, read from the header before decoding.
+        on_partial: a file of which only part would be used (a multi-page TIFF, an animated GIF, a JPEG
+            cut short with its end marker put back, a format its extension does not name): "reject" it,
+            or "warn" (use it and append the reason to `warnings`).
+        warnings: receives the reasons of "warn".
 
     Returns:
         (H, W, 3) uint8 array in RGB order.
@@ -42,28 +64,198 @@ def read_image(path: str | Path, sixteen_bit: Literal["scale", "minmax"] = "scal
     Raises:
         ImageError: empty, truncated, undecodable, wrong extension or degenerate file.
     """
+    file, frame = dicom.split_ref(path)
+    if frame is not None or dicom.is_dicom(file):
+        return read_dicom_image(file, frame, sixteen_bit, max_pixels=max_pixels)
     path = Path(path)
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
-        raise ImageError(path, f"not an image file (extension '{path.suffix}')")
+        raise ImageError(path, f"not an image file (extension '{path.suffix or 'none'}')")
+    data = read_file_bytes(path)
+    return decode_image(data, path, sixteen_bit, max_pixels=max_pixels, on_partial=on_partial, warnings=warnings)
+
+
+def read_file_bytes(path: str | Path) -> bytes:
+    """The bytes of a regular file; anything else (FIFO, device, socket, folder, symlink loop) is refused
+    with the reason, without ever blocking: the file is opened non-blocking and checked with fstat
+    before a byte is read (a FIFO named x.png would otherwise hang the scan).
+
+    Raises:
+        ImageError: not a regular file, or unreadable (the OS's reason).
+    """
     try:
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
         raise ImageError(path, f"unreadable ({exc.strerror or exc})") from None
-    return decode_image(data, path, sixteen_bit)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ImageError(path, f"not a regular file ({_file_kind(mode)})")
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            return handle.read()
+    except OSError as exc:
+        raise ImageError(path, f"unreadable ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
 
 
-def decode_image(data: bytes, path: str | Path, sixteen_bit: Literal["scale", "minmax"] = "scale") -> np.ndarray:
-    """Decode encoded image bytes (as read from `path`, used in messages) to uint8 RGB."""
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return name
+    return "not a plain file"
+
+
+def read_dicom_image(path: str | Path, frame: int | None, sixteen_bit: str = "scale", *,
+                     max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """One frame of a DICOM file (msbt.images.dicom) as uint8 RGB, checked like any other image.
+
+    Args:
+        path: the DICOM file.
+        frame: 0-based frame index; None for a single-frame file (a multi-frame file needs one:
+            see `image_refs`).
+        sixteen_bit, max_pixels: as for `read_image` (the limit is per frame).
+    """
+    try:
+        header = dicom.read_header(path)
+        if frame is None:
+            if header.frames > 1:
+                raise ImageError(path, f"multi-frame DICOM ({header.frames} frames): name one frame")
+            frame = 0
+        rgb = dicom.read_dicom_frame(path, frame, sixteen_bit, header=header, max_pixels=max_pixels)
+    except dicom.DicomError as exc:
+        raise ImageError(exc.path, exc.reason) from None
+    # Through the same checks as every image (size, blank); RGB -> the BGR order to_rgb8 expects.
+    return to_rgb8(rgb[:, :, ::-1], path, sixteen_bit)
+
+
+def image_refs(path: str | Path) -> list[str]:
+    """The images a file holds: one reference per frame of a multi-frame DICOM, else the path itself.
+
+    Never raises: a file whose header cannot be read is returned as it is, and reading it says why.
+    """
+    if dicom.is_dicom(path):
+        try:
+            frames = dicom.read_header(path).frames
+        except dicom.DicomError:
+            return [str(path)]
+        if frames > 1:
+            return [dicom.frame_ref(path, i) for i in range(frames)]
+    return [str(path)]
+
+
+def decode_image(data: bytes, path: str | Path, sixteen_bit: Literal["scale", "minmax"] = "scale", *,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, on_partial: str = "reject",
+                 warnings: list[str] | None = None) -> np.ndarray:
+    """Decode encoded image bytes (as read from `path`, used in messages) to uint8 RGB.
+
+    The header is read first (`check_header`): size limit, format against extension, pages; then OpenCV
+    decodes. Arguments after `sixteen_bit` as for `read_image`.
+    """
     if not data:
         raise ImageError(path, "empty file (0 bytes)")
     truncated = _truncation(data)
     if truncated:
         raise ImageError(path, truncated)
+    notes = check_header(data, path, max_pixels=max_pixels)
     _quiet_opencv()
-    array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    try:
+        array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error:  # OpenCV asserts on sizes past its own limit instead of returning None
+        array = None
     if array is None:
         raise ImageError(path, "cannot be decoded as an image (corrupt or unsupported format)")
+    grey = _grey_tail(array, data)
+    if grey:
+        notes.append(grey)
+    _apply_partial_policy(notes, path, on_partial, warnings)
     return to_rgb8(array, path, sixteen_bit)
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image file's header says, read without decoding its pixels."""
+
+    format: str  # Pillow's name: PNG, JPEG, BMP, TIFF, GIF, ...
+    width: int
+    height: int
+    frames: int  # pages of a TIFF, frames of a GIF/APNG; 1 for a still
+
+
+def read_image_header(data: bytes, path: str | Path) -> ImageHeader:
+    """The format, size and page count of encoded image bytes, from the header only (Pillow).
+
+    Raises:
+        ImageError: the header is not one of an image format.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    _pillow_headers_only()
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            frames = int(getattr(image, "n_frames", 1) or 1)
+            return ImageHeader(str(image.format), int(image.width), int(image.height), frames)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
+        raise ImageError(path, "cannot be decoded as an image (unrecognised or corrupt header)") from None
+
+
+def check_header(data: bytes, path: str | Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> list[str]:
+    """Refuse an image over the pixel limit before decoding it; name what would make it partial.
+
+    Returns:
+        Reasons the file would be used only in part (extra pages or frames, a format its extension
+        does not name); the caller applies the `on_partial` policy.
+
+    Raises:
+        ImageError: over `max_pixels`, or an unreadable header.
+    """
+    header = read_image_header(data, path)
+    pixels = header.width * header.height
+    if max_pixels is not None and pixels > max_pixels:
+        raise ImageError(path, f"image too large ({header.width}x{header.height} = {pixels} px; "
+                               f"limit data.max_pixels = {max_pixels})")
+    notes = []
+    promised = _FORMAT_OF.get(Path(path).suffix.lower())
+    if promised and header.format != promised:
+        notes.append(f"a {header.format} file named '{Path(path).suffix}'")
+    if header.frames > 1:
+        notes.append(f"{header.format} with {header.frames} pages/frames: only the first would be used")
+    return notes
+
+
+def _grey_tail(array: np.ndarray, data: bytes) -> str | None:
+    """A JPEG whose data end early but whose end marker is in place decodes with its last rows filled
+    with grey 128 (libjpeg's fill); a whole MCU row (8 px) of exact 128 at the bottom names it."""
+    if not data.startswith(b"\xff\xd8") or array.dtype != np.uint8:
+        return None
+    rows = 0
+    for row in array[::-1]:
+        if not (row == 128).all():
+            break
+        rows += 1
+    if rows >= 8 and rows < array.shape[0]:
+        return f"truncated JPEG (its last {rows} rows are filled grey: the data end before the end marker)"
+    return None
+
+
+def _apply_partial_policy(notes: list[str], path: str | Path, on_partial: str, warnings: list[str] | None) -> None:
+    if on_partial not in PARTIAL_POLICIES:
+        raise ValueError(f"on_partial must be one of {PARTIAL_POLICIES}, got {on_partial!r}")
+    if not notes:
+        return
+    if on_partial == "reject":
+        raise ImageError(path, "; ".join(notes) + " (data.on_partial: reject)")
+    if warnings is not None:
+        warnings.extend(notes)
+
+
+@functools.cache
+def _pillow_headers_only() -> None:
+    # Pillow refuses to open (even to read the header of) images over 2 x 89 MP; msbt's own, configurable
+    # limit (`max_pixels`) replaces that guard, and Pillow never decodes pixels here (OpenCV does).
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None
 
 
 @functools.cache

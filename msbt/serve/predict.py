@@ -34,7 +34,7 @@ import numpy as np
 from msbt.model.checkpoint import MODEL_FILE, read_manifest
 from msbt.config import PreprocessConfig, load_config
 from msbt.data.discovery import Reject, _is_system_file, _mask_pattern, _walk
-from msbt.images.imagefile import ImageError, fit_square, normalize_intensity, read_image
+from msbt.images.imagefile import ImageError, fit_square, image_refs, normalize_intensity, read_image
 
 log = logging.getLogger(__name__)
 
@@ -319,6 +319,8 @@ def predict(
         run.notes.append(f"images are fitted to {preparation.image_size} px as the store holds them, then resized "
                          f"to the model's {stage.image_size} px as in training")
     files, run.rejects, run.skipped = collect_files(inputs, preparation.mask_suffixes)
+    # A multi-frame DICOM (a cine loop) is predicted frame by frame, each as `file#frame=NNNN`.
+    files = [ref for file in files for ref in image_refs(file)]
     used: set[str] = set()  # heatmap file names taken so far
     # A chunk at a time, so a folder of thousands of images never sits in memory at once.
     for start in range(0, len(files), _CHUNK):
@@ -351,6 +353,7 @@ def _write_heatmaps(model, batch: np.ndarray, paths: list[Path], folder: str | P
     heat = gradcam(model, batch)
     written = []
     for image, h, path in zip(batch, heat, paths):
+        path = Path(path)  # a frame reference's name is `file#frame=NNNN`: its stem keeps the frame
         name, n = f"{path.stem}.gradcam.png", 1
         while name in used:  # same file name in two folders
             n += 1

@@ -1,0 +1,246 @@
+"""Reading DICOM images and cine loops as uint8 RGB frames, without touching who the patient is.
+
+Ultrasound usually leaves the scanner as DICOM: one still (one frame) or a cine loop (many frames of one
+lesion). pydicom reads the file; this module turns its pixels into the same uint8 RGB arrays as every
+other image (msbt.images.imagefile) and says why when it cannot.
+
+Patient data: only the image pixel module (group 0x0028: rows, columns, bits, photometric
+interpretation, frames, palette) and the transfer syntax are ever read into memory. The header is read
+with ``specific_tags`` and pixels through ``pydicom.pixels.pixel_array(path, ds_out=...)``, which copies
+only group 0x0028 and the file meta, so PatientName, PatientID, dates, institution and every other
+identifying element are skipped by the parser and cannot reach a message, a log line or a result. A frame
+is referred to by the file's path and its index (``frame_ref``). pydicom's own warnings (which may quote
+element values) are silenced while a file is read. Text burned into the pixels by the scanner is not
+detected or removed (docs/data.md).
+
+No Ray, no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+DICOM_EXTENSIONS = frozenset({".dcm", ".dicom", ".dic"})
+# The frame suffix of a reference to one frame of a multi-frame file: "cine.dcm#frame=0003".
+_FRAME_SUFFIX = re.compile(r"^(?P<file>.+)#frame=(?P<index>\d+)$")
+
+# The image pixel module and what decoding needs; nothing else is read from a file's data set.
+_HEADER_TAGS = [
+    "SamplesPerPixel", "PhotometricInterpretation", "PlanarConfiguration", "Rows", "Columns",
+    "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "NumberOfFrames",
+]
+
+
+class DicomError(ValueError):
+    """A DICOM file that cannot be used; ``reason`` is one short phrase, never an element's value."""
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class DicomHeader:
+    """What a DICOM file's image pixel module says about its pixels (no patient data)."""
+
+    rows: int
+    columns: int
+    frames: int
+    samples: int
+    photometric: str
+    bits_stored: int
+    signed: bool
+    transfer_syntax: str
+
+
+def is_dicom(path: str | Path) -> bool:
+    """True for a DICOM Part 10 file: the ``DICM`` magic after the 128-byte preamble.
+
+    Files from PACS exports often have no extension (or a number as one), so the bytes decide, not the
+    name. A FIFO, device or unreadable file is not DICOM (nothing is opened that could block).
+    """
+    import os
+    import stat
+
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
+        with open(path, "rb") as handle:
+            head = handle.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def frame_ref(path: str | Path, index: int) -> str:
+    """The reference of frame ``index`` (0-based) of a multi-frame file, e.g. ``cine.dcm#frame=0003``."""
+    return f"{path}#frame={index:04d}"
+
+
+def split_ref(ref: str | Path) -> tuple[str, int | None]:
+    """``(file, frame index)`` of a reference made by :func:`frame_ref`; ``(ref, None)`` for a plain path.
+
+    A path that exists as given is always a plain path (a file really named ``x#frame=1``).
+    """
+    text = str(ref)
+    match = _FRAME_SUFFIX.match(text)
+    if match is None or Path(text).exists():
+        return text, None
+    return match["file"], int(match["index"])
+
+
+def read_header(path: str | Path) -> DicomHeader:
+    """The image pixel module of a DICOM file, read without its pixel data.
+
+    Raises:
+        DicomError: not DICOM, no image, or a pixel module that does not describe an image.
+    """
+    import pydicom
+
+    _quiet()
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+    except Exception as exc:  # pydicom raises many types for a damaged file
+        raise DicomError(path, f"not a readable DICOM file ({type(exc).__name__})") from None
+    try:
+        header = DicomHeader(
+            rows=int(ds.Rows),
+            columns=int(ds.Columns),
+            frames=int(ds.get("NumberOfFrames", 1) or 1),
+            samples=int(ds.get("SamplesPerPixel", 1)),
+            photometric=str(ds.PhotometricInterpretation).strip().upper(),
+            bits_stored=int(ds.get("BitsStored", ds.get("BitsAllocated", 8))),
+            signed=int(ds.get("PixelRepresentation", 0)) == 1,
+            transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")),
+        )
+    except (AttributeError, TypeError, ValueError):
+        raise DicomError(path, "DICOM file without an image (no rows, columns or photometric interpretation)") from None
+    if header.rows <= 0 or header.columns <= 0 or header.frames <= 0:
+        raise DicomError(path, f"DICOM image of {header.columns}x{header.rows} px and {header.frames} frame(s)")
+    _check_length(path, header, int(ds.get("BitsAllocated", 8)))
+    return header
+
+
+def _check_length(path: str | Path, header: DicomHeader, bits_allocated: int) -> None:
+    """Refuse an uncompressed file too short for its frames: pydicom would decode the first frames of a
+    cut-off cine loop and fail (or pad) later ones, so the whole file is refused up front."""
+    import os
+
+    from pydicom.uid import UID
+
+    if not header.transfer_syntax or UID(header.transfer_syntax).is_compressed:
+        return
+    needed = header.rows * header.columns * header.samples * header.frames * max(bits_allocated, 8) // 8
+    size = os.path.getsize(path)
+    if size < needed:
+        raise DicomError(path, f"truncated DICOM ({size} bytes; its {header.frames} frame(s) need {needed})")
+
+
+def read_dicom_frames(path: str | Path, sixteen_bit: str = "scale", max_pixels: int | None = None) -> list[np.ndarray]:
+    """Every frame of a DICOM file as uint8 RGB (H, W, 3), in file order.
+
+    Args:
+        path: a DICOM Part 10 file (any extension, or none).
+        sixteen_bit: how more than 8 bits per sample become 8: "scale" maps the declared range
+            (0 .. 2**BitsStored - 1) linearly onto 0..255, "minmax" stretches each frame's own range
+            (see msbt.images.imagefile.read_image).
+        max_pixels: refuse a file whose frames hold more pixels than this (rows x columns per frame),
+            before any pixel is decoded; None: no limit.
+
+    Returns:
+        One array per frame.
+
+    Raises:
+        DicomError: the reason names what is wrong (never a value of the file's data set).
+    """
+    header = read_header(path)
+    check_size(path, header, max_pixels)
+    return [read_dicom_frame(path, i, sixteen_bit, header=header) for i in range(header.frames)]
+
+
+def check_size(path: str | Path, header: DicomHeader, max_pixels: int | None) -> None:
+    """Refuse a frame larger than ``max_pixels`` before it is decoded (a decompression-bomb guard)."""
+    if max_pixels is not None and header.rows * header.columns > max_pixels:
+        raise DicomError(path, f"image too large ({header.columns}x{header.rows} = {header.rows * header.columns} px "
+                               f"per frame; limit data.max_pixels = {max_pixels})")
+
+
+def read_dicom_frame(path: str | Path, index: int, sixteen_bit: str = "scale", *,
+                     header: DicomHeader | None = None, max_pixels: int | None = None) -> np.ndarray:
+    """Frame ``index`` (0-based) of a DICOM file as uint8 RGB (H, W, 3); only that frame is decoded.
+
+    Raises:
+        DicomError: no such frame, an unsupported photometric interpretation or transfer syntax, or a
+            decoding failure.
+    """
+    from pydicom.dataset import Dataset
+    from pydicom.pixels import pixel_array
+
+    header = header or read_header(path)
+    check_size(path, header, max_pixels)
+    if not 0 <= index < header.frames:
+        raise DicomError(path, f"no frame {index} (the file has {header.frames})")
+    if header.photometric not in ("MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422"):
+        raise DicomError(path, f"unsupported photometric interpretation {header.photometric}")
+    module = Dataset()  # receives group 0x0028 and the file meta only: no patient data
+    _quiet()
+    try:
+        # YBR_FULL/YBR_FULL_422 are converted to RGB by pydicom (raw=False).
+        array = pixel_array(str(path), ds_out=module, index=index)
+    except Exception as exc:
+        raise DicomError(path, _decode_failure(exc, header)) from None
+    return _to_rgb8(array, header, sixteen_bit, path)
+
+
+def _decode_failure(exc: Exception, header: DicomHeader) -> str:
+    text = str(exc)
+    if "plugin" in text.lower() or "missing required dependencies" in text.lower():
+        return f"compressed DICOM this installation cannot decode (transfer syntax {header.transfer_syntax})"
+    return f"DICOM pixel data cannot be decoded ({type(exc).__name__})"
+
+
+def _to_rgb8(array: np.ndarray, header: DicomHeader, sixteen_bit: str, path: str | Path) -> np.ndarray:
+    """A decoded frame (gray (H, W) or RGB (H, W, 3), any integer depth) as uint8 RGB."""
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] != 3):
+        raise DicomError(path, f"unsupported DICOM frame shape {array.shape}")
+    if header.signed:
+        # Signed samples (rare in ultrasound): shift to unsigned so "scale" keeps its meaning.
+        array = array.astype(np.int64) + (1 << (header.bits_stored - 1))
+    if array.dtype != np.uint8:
+        top = (1 << header.bits_stored) - 1
+        array = np.clip(array.astype(np.int64), 0, top)
+        if sixteen_bit == "minmax":
+            lo, hi = int(array.min()), int(array.max())
+        else:
+            lo, hi = 0, top
+        scale = 255.0 / max(hi - lo, 1)
+        array = np.clip((array - lo) * scale + 0.5, 0, 255).astype(np.uint8)
+    if header.photometric == "MONOCHROME1":
+        array = 255 - array  # MONOCHROME1: the lowest value is white
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(array)
+
+
+@functools.cache
+def _quiet() -> None:
+    """Silence pydicom's warnings and log lines for good: they may quote element values.
+
+    Set once per process (not per read): warning filters and logger levels are process-wide, and a
+    per-read switch would race between the threads discovery decodes with.
+    """
+    import pydicom.config
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?$")
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL + 1)
