@@ -238,3 +238,22 @@ def test_serve_answers_images_and_refuses_bad_bytes(exported, ray_local, tmp_pat
         assert requests.get(f"{url}/nothing-here", timeout=30).status_code == 404
     finally:
         serve.shutdown()
+
+
+def test_stream_of_a_dicom_cine_loop(exported, tmp_path):
+    from dicomfiles import phi_found, write_dicom
+
+    frames = ultrasound(5)
+    loop = write_dicom(tmp_path / "cine.bin", frames[..., 0])  # MONOCHROME2; found by content, not extension
+    source = st.open_source(loop, fps=20)
+    assert (source.kind, source.fps) == ("dicom", 20.0)
+    served = eng.load_served(exported["folder"], "openvino")
+    out = tmp_path / "dicom.csv"
+    summary = st.stream(served.engine, source, served.preparation, served.threshold, served.class_names, out,
+                        pace=False)
+    assert (summary.frames_read, summary.frames_scored, summary.frames_dropped) == (5, 5, 0)
+    p = [float(r["probability"]) for r in csv.DictReader(out.open())]
+    expected = exported["model"].predict(frames.astype(np.float32), verbose=0).reshape(-1)
+    np.testing.assert_allclose(p, expected, atol=eng.FLOAT_PARITY)
+    # The fake patient data written into the loop reaches none of the outputs.
+    assert all(hit.startswith(f"{loop}:") for hit in phi_found(tmp_path)), phi_found(tmp_path)

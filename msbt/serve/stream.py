@@ -20,7 +20,8 @@ is offered to it and skipped (counted) when the previous heatmap is still being 
 heatmaps never hold the stream back.
 
 Sources: a video file (whatever OpenCV's FFmpeg reads), a folder of frame images in name order, a
-capture device index (``0``), or a multi-frame DICOM cine loop (``.dcm``).
+capture device index (``0``), or a multi-frame DICOM cine loop (recognised by its content, any extension;
+``msbt.images.dicom`` decodes one frame at a time and never reads patient data).
 """
 
 from __future__ import annotations
@@ -146,7 +147,9 @@ def open_source(source: str | int, *, fps: float | None = None, sixteen_bit: str
         return _folder(path, fps or DEFAULT_FPS, sixteen_bit)
     if not path.is_file():
         raise SourceError(f"{path}: no such file, folder or capture device")
-    if path.suffix.lower() in (".dcm", ".dicom"):
+    from msbt.images.dicom import is_dicom
+
+    if is_dicom(path):  # by its magic bytes, whatever the extension
         return _dicom(path, fps or DEFAULT_FPS, sixteen_bit)
     return _video(path, fps)
 
@@ -206,17 +209,21 @@ def _folder(path: Path, fps: float, sixteen_bit: str) -> Source:
 
 
 def _dicom(path: Path, fps: float, sixteen_bit: str) -> Source:
+    from msbt.images.dicom import read_dicom_frame, read_header
+
     try:
-        from msbt.images.dicom import read_dicom_frames
-    except ImportError:
-        raise SourceError(f"{path}: DICOM cine loops need msbt.images.dicom, which this build lacks") from None
-    try:
-        images = read_dicom_frames(path, sixteen_bit)
+        header = read_header(path)  # the image pixel module only: no patient data is read
     except ValueError as err:
-        raise SourceError(f"{path}: {err}") from None
-    if not images:
+        raise SourceError(str(err)) from None
+    if header.frames < 1:
         raise SourceError(f"{path}: the DICOM file holds no frame")
-    return Source(str(path), "dicom", fps, (to_rgb8(np.asarray(f), path) for f in images), live=False)
+
+    def frames():
+        # One frame decoded at a time: a long cine loop never sits in memory whole.
+        for i in range(header.frames):
+            yield read_dicom_frame(path, i, sixteen_bit, header=header)  # uint8 RGB already
+
+    return Source(str(path), "dicom", fps, frames(), live=False)
 
 
 # ---------------------------------------------------------------------------------------------------
