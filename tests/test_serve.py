@@ -257,3 +257,22 @@ def test_stream_of_a_dicom_cine_loop(exported, tmp_path):
     np.testing.assert_allclose(p, expected, atol=eng.FLOAT_PARITY)
     # The fake patient data written into the loop reaches none of the outputs.
     assert all(hit.startswith(f"{loop}:") for hit in phi_found(tmp_path)), phi_found(tmp_path)
+
+
+def test_shipped_serve_config_is_a_valid_serve_deploy_config(exported):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from msbt.serve.app import build_app
+
+    root = Path(__file__).resolve().parents[1]
+    config = ServeDeploySchema.model_validate(yaml.safe_load((root / "workflows" / "serve.yaml").read_text()))
+    (application,) = config.applications
+    assert application.import_path == "msbt.serve.app:build_app"
+    assert config.http_options.host == "127.0.0.1"  # this machine only unless told otherwise
+    args = {**application.args, "model": str(exported["folder"]), "max_batch_size": "4"}  # CLI args are strings
+    assert build_app(args) is not None
+    with pytest.raises(Exception, match="max_batch_size"):
+        build_app({**args, "max_batch_size": "many"})
+    with pytest.raises(eng.EngineError, match="not an `msbt export` folder"):
+        build_app({**args, "model": str(exported["root"])})

@@ -13,8 +13,8 @@ Endpoints (FastAPI ingress of one deployment, ``Classifier``):
 
 Requests are scored in dynamic batches (``@serve.batch``: up to ``serve.max_batch_size`` images, or
 whatever arrived within ``serve.batch_wait_timeout_s`` of the first). Replicas, CPUs and GPUs per replica
-come from the ``serve:`` config section; the engine gets as many threads as its replica has CPUs, so
-replicas on one machine do not fight over cores.
+come from the ``serve:`` config section (or a Serve config file); the engine gets as many threads as Ray
+assigned its replica CPUs, so replicas on one machine do not fight over cores.
 
 Deploy it with ``msbt serve MODEL`` (which starts or joins a Ray cluster), or with Ray's own CLI from a
 config file (``serve run workflows/serve.yaml``, ``serve deploy workflows/serve.yaml``) through
@@ -41,11 +41,16 @@ api = FastAPI(title="msbt", description="Breast ultrasound malignancy probabilit
 class Classifier:
     """One replica: an engine loaded from an export folder, scoring batches of prepared images."""
 
-    def __init__(self, model: str, engine: str = "openvino", threads: int = 1, threshold: float | None = None,
+    def __init__(self, model: str, engine: str = "openvino", threshold: float | None = None,
                  max_batch_size: int = 8, batch_wait_timeout_s: float = 0.005, max_request_mb: float = 32.0):
+        import ray
+
         from msbt.serve.engines import load_served
 
-        self.model = load_served(model, engine, threads=max(1, int(threads)), threshold=threshold)
+        # As many engine threads as CPUs Ray gave this replica (from the config or a Serve config file's
+        # ray_actor_options), so replicas on one node do not oversubscribe its cores.
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+        self.model = load_served(model, engine, threads=max(1, int(cpus)), threshold=threshold)
         self.max_bytes = int(max_request_mb * (1 << 20))
         self.score.set_max_batch_size(max_batch_size)
         self.score.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -120,8 +125,8 @@ def application(model: str | Path, config: ServeConfig = ServeConfig(), *, thres
     if config.gpus_per_replica:
         options["num_gpus"] = config.gpus_per_replica
     deployment = Classifier.options(num_replicas=config.replicas, ray_actor_options=options)
-    return deployment.bind(str(folder), config.engine, max(1, int(config.cpus_per_replica)), threshold,
-                           config.max_batch_size, config.batch_wait_timeout_s, config.max_request_mb)
+    return deployment.bind(str(folder), config.engine, threshold, config.max_batch_size,
+                           config.batch_wait_timeout_s, config.max_request_mb)
 
 
 def build_app(args: dict):
