@@ -117,7 +117,7 @@ def bench_serve(folder: Path, pngs: list[bytes], clients: int, seconds: float, b
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     try:
         config = ServeConfig(port=port, engine="openvino", cpus_per_replica=float(cpus), max_batch_size=batch)
         url = app.run(folder, config, blocking=False) + "/predict"
