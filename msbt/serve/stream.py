@@ -267,10 +267,12 @@ class _Slot:
         return taken
 
 
-def _read(source: Source, slot: _Slot, pace: bool, counts: dict, errors: list) -> None:
+def _read(source: Source, slot: _Slot, pace: bool, counts: dict, errors: list, stop: threading.Event) -> None:
     start = time.perf_counter()
     try:
         for i, frame in enumerate(source.frames):
+            if stop.is_set():
+                break
             due = i / source.fps
             if pace and not source.live:  # a file is played at its frame rate, as a scanner would send it
                 wait = start + due - time.perf_counter()
@@ -395,8 +397,9 @@ def stream(engine: Engine, source: Source, preparation: Preparation, threshold: 
             raise ValueError("heatmaps need the model folder with model.keras")
         folder = Path(heatmap_dir) if heatmap_dir else out_csv.with_name(out_csv.stem + "-gradcam")
         heatmaps, summary.heatmaps = _Heatmaps(Path(model_folder), folder, engine.image_size), str(folder)
-    slot, counts, errors = _Slot(drop=pace), {"read": 0}, []
-    reader = threading.Thread(target=_read, args=(source, slot, pace, counts, errors), name="msbt-reader", daemon=True)
+    slot, counts, errors, stop = _Slot(drop=pace), {"read": 0}, [], threading.Event()
+    reader = threading.Thread(target=_read, args=(source, slot, pace, counts, errors, stop), name="msbt-reader",
+                              daemon=True)
     tmp = out_csv.with_name(f".{out_csv.name}.tmp")
     writer_video = None
     smoother = Smoother(smoothing)
@@ -406,23 +409,29 @@ def stream(engine: Engine, source: Source, preparation: Preparation, threshold: 
         with tmp.open("w", newline="") as handle:
             rows = csv.writer(handle)
             rows.writerow(CSV_COLUMNS)
-            while (item := slot.queue.get()) is not _END:
-                index, due, frame = item
-                for d_index, d_due in slot.take_dropped():
-                    rows.writerow([d_index, f"{d_due:.4f}", "dropped", "", "", "", "", ""])
-                    summary.frames_dropped += 1
-                image = model_inputs(prepare_rgb(frame, preparation)[None], engine.image_size)
-                p = float(engine.predict(image)[0])
-                s = smoother.update(p)
-                label = class_names[int(p >= threshold.value)]
-                s_label = class_names[int(s >= threshold.value)]
-                rows.writerow([index, f"{due:.4f}", "scored", repr(p), label, repr(s), s_label, repr(threshold.value)])
-                summary.frames_scored += 1
-                if video:
-                    writer_video = writer_video or _video_writer(Path(video), frame.shape, source.fps)
-                    writer_video.write(_annotate(frame, p, label, s, s_label, threshold.value))
-                if heatmaps and (summary.frames_scored - 1) % heatmap_every == 0:  # frames 1, N+1, 2N+1, ...
-                    heatmaps.offer(index, image[0])
+            try:
+                while (item := slot.queue.get()) is not _END:
+                    index, due, frame = item
+                    for d_index, d_due in slot.take_dropped():
+                        rows.writerow([d_index, f"{d_due:.4f}", "dropped", "", "", "", "", ""])
+                        summary.frames_dropped += 1
+                    image = model_inputs(prepare_rgb(frame, preparation)[None], engine.image_size)
+                    p = float(engine.predict(image)[0])
+                    s = smoother.update(p)
+                    label = class_names[int(p >= threshold.value)]
+                    s_label = class_names[int(s >= threshold.value)]
+                    rows.writerow([index, f"{due:.4f}", "scored", repr(p), label, repr(s), s_label,
+                                   repr(threshold.value)])
+                    summary.frames_scored += 1
+                    if video:
+                        writer_video = writer_video or _video_writer(Path(video), frame.shape, source.fps)
+                        writer_video.write(_annotate(frame, p, label, s, s_label, threshold.value))
+                    if heatmaps and (summary.frames_scored - 1) % heatmap_every == 0:  # frames 1, N+1, 2N+1, ...
+                        heatmaps.offer(index, image[0])
+            except KeyboardInterrupt:  # how a live (device) stream ends: keep what was scored
+                stop.set()
+                _drain(slot.queue)
+                summary.notes.append("stopped by Ctrl-C")
             for d_index, d_due in slot.take_dropped():  # dropped after the last scored frame (none, by close())
                 rows.writerow([d_index, f"{d_due:.4f}", "dropped", "", "", "", "", ""])
                 summary.frames_dropped += 1
@@ -447,6 +456,15 @@ def stream(engine: Engine, source: Source, preparation: Preparation, threshold: 
         summary.notes.append(f"stream stopped early at frame {counts['read']}: {errors[0]}")
     _write_json(summary, out_csv.with_suffix(out_csv.suffix + ".json"))
     return summary
+
+
+def _drain(q: queue.Queue) -> None:
+    """Empty the slot so a reader blocked on it can see the stop and end."""
+    while True:
+        try:
+            q.get_nowait()
+        except queue.Empty:
+            return
 
 
 def _limit(frames: Iterator[np.ndarray], n: int) -> Iterator[np.ndarray]:
