@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="generate the built-in synthetic microscope and ultrasound data")
     _config_options(p)
     p.add_argument("--out", help="output folder (default: the cache folder keyed by the synth settings)")
+    p.add_argument("--cine", metavar="VIDEO", help="instead: write a synthetic cine loop (one lesion swept under "
+                   "the probe) to this .avi/.mp4/.mkv file, the demo source of `msbt stream`")
+    p.add_argument("--cine-frames", type=int, default=90, help="frames in the cine loop (default 90)")
+    p.add_argument("--cine-fps", type=float, default=30.0, help="its frame rate (default 30)")
+    p.add_argument("--cine-class", choices=("benign", "malignant"), default="malignant", help="its lesion's class")
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("scan", help="scan and validate a class-folder tree or CSV manifest; report rejects")
@@ -117,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _predict_parsers(sub)
     _external_parser(sub)
+    _serve_parsers(sub)
     _experiment_parsers(sub)
 
     p = sub.add_parser("tune", help="Ray Tune search of stage 2 (head, augmentation, optimizer) around the paper")
@@ -260,6 +266,13 @@ def _cmd_synth(args) -> int:
     from msbt.data.prepare import ensure_synth
 
     config = _load(args)
+    if args.cine:
+        from msbt.data.synth import write_cine
+
+        path = write_cine(args.cine, seed=config.synth.seed, label=args.cine_class, frames=args.cine_frames,
+                          fps=args.cine_fps, size=config.synth.ultrasound_size)
+        print(f"cine loop: {path} ({args.cine_frames} frames at {args.cine_fps:g} fps, {args.cine_class} lesion)")
+        return 0
     if args.out:
         config = dataclasses.replace(config, synth=dataclasses.replace(config.synth, out_dir=args.out))
     print(ensure_synth(config))
@@ -337,9 +350,11 @@ def _predict_parsers(sub) -> None:
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("export", help="write a stage-2 checkpoint as Keras model + TensorFlow SavedModel for serving")
+    p = sub.add_parser("export", help="write a stage-2 checkpoint as Keras model, TensorFlow SavedModel, ONNX and "
+                       "OpenVINO IR for serving, each checked against Keras")
     p.add_argument("checkpoint", help="stage-2 checkpoint folder (model.keras + manifest.json)")
-    p.add_argument("out_dir", help="new or empty folder for model.keras, manifest.json, saved_model/, export.json")
+    p.add_argument("out_dir", help="new or empty folder for model.keras, manifest.json, saved_model/, model.onnx, "
+                   "openvino/, export.json")
     p.add_argument("--threshold", type=float, help="threshold to record (default: the run's validation threshold)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     p.set_defaults(func=_cmd_export)
@@ -362,8 +377,12 @@ def _cmd_export(args) -> int:
     from msbt.serve.export import export
 
     record = export(args.checkpoint, args.out_dir, threshold=args.threshold)
-    print(f"exported {args.checkpoint} -> {args.out_dir} (model.keras, manifest.json, saved_model/, export.json); "
-          f"threshold {record['threshold']['value']:.4g} from {record['threshold']['source']}")
+    print(f"exported {args.checkpoint} -> {args.out_dir} (model.keras, manifest.json, saved_model/, model.onnx, "
+          f"openvino/, export.json); threshold {record['threshold']['value']:.4g} from "
+          f"{record['threshold']['source']}; model id {record['model_id']}")
+    for name, e in record["engines"].items():
+        print(f"engine {name} ({e['precision']}): max |p - p_keras| = {e['max_abs_diff']:.2e} on {e['frames']} "
+              "synthetic ultrasound frames")
     for note in record["notes"]:
         print(f"note: {note}")
     return 0
@@ -399,6 +418,75 @@ def _cmd_external(args) -> int:
         print(f"note: {note}")
     folder = Path(args.out) if args.out else find_run_dir(args.checkpoint)
     print(f"results in {folder}/external/; report: {write_report(folder)}")
+
+
+def _serve_parsers(sub) -> None:
+    """`stream` (msbt.serve.stream) and `serve` (msbt.serve.app); see docs/predict.md."""
+    from msbt.config import ServeConfig
+
+    engines = ("keras", "savedmodel", "onnx", "openvino")
+    p = sub.add_parser("stream", help="score a video, folder of frames, capture device or DICOM cine loop frame "
+                       "by frame in real time")
+    p.add_argument("model", help="an `msbt export` folder")
+    p.add_argument("source", help="video file, folder of frames (name order), capture device index (0), or .dcm")
+    p.add_argument("--out", metavar="CSV", help="per-frame CSV (default: stream.csv in the current folder)")
+    p.add_argument("--engine", choices=engines, default="openvino", help="inference engine (default openvino, f32)")
+    p.add_argument("--threads", type=int, help="engine threads (default: all cores)")
+    p.add_argument("--threshold", type=float, help="decision threshold (default: the run's, from export.json)")
+    p.add_argument("--smooth", choices=("ema", "window"), default="ema", help="lesion-level score: exponential "
+                   "moving average (default) or mean of the last --window scored frames")
+    p.add_argument("--alpha", type=float, default=0.3, help="EMA weight of the newest frame (default 0.3)")
+    p.add_argument("--window", type=int, default=8, help="frames in the window mean (default 8)")
+    p.add_argument("--fps", type=float, help="source frame rate (default: the video's; 30 for folders and DICOM)")
+    p.add_argument("--all-frames", action="store_true", help="score every frame as fast as possible instead of "
+                   "reading at the source's pace and dropping frames the engine cannot keep up with")
+    p.add_argument("--video", metavar="FILE", help="write an annotated video (.avi/.mp4/.mkv)")
+    p.add_argument("--heatmaps", type=int, default=0, metavar="N", help="Grad-CAM of every N-th scored frame, on "
+                   "a side thread (skipped while busy)")
+    p.add_argument("--max-frames", type=int, help="stop after this many frames (a device never ends)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    p.set_defaults(func=_cmd_stream)
+
+    d = ServeConfig()
+    p = sub.add_parser("serve", help="serve an exported model over HTTP with Ray Serve (POST /predict, GET /healthz)")
+    _config_options(p)
+    p.add_argument("model", help="an `msbt export` folder")
+    p.add_argument("--host", help=f"interface to listen on (default serve.host, {d.host}: this machine only)")
+    p.add_argument("--port", type=int, help=f"port (default serve.port, {d.port})")
+    p.add_argument("--threshold", type=float, help="decision threshold (default: the run's, from export.json)")
+    p.add_argument("--address", help="Ray cluster to join (default: as for `run`)")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_stream(args) -> int:
+    from msbt.serve.engines import load_served
+    from msbt.serve.stream import Smoothing, format_summary, open_source, stream
+
+    smoothing = Smoothing(args.smooth, args.alpha, args.window)  # bad values fail before anything loads
+    if args.heatmaps < 0:
+        raise ConfigError(f"--heatmaps must be >= 0, got {args.heatmaps}")
+    served = load_served(args.model, args.engine, threads=args.threads, threshold=args.threshold)
+    source = open_source(args.source, fps=args.fps, sixteen_bit=served.preparation.sixteen_bit)
+    summary = stream(served.engine, source, served.preparation, served.threshold, served.class_names,
+                     args.out or "stream.csv", smoothing=smoothing, pace=not args.all_frames, video=args.video,
+                     heatmap_every=args.heatmaps, model_folder=args.model, max_frames=args.max_frames)
+    summary.notes = served.notes + summary.notes
+    print(format_summary(summary))
+    return 0 if summary.frames_scored else 1
+
+
+def _cmd_serve(args) -> int:
+    import dataclasses
+
+    from msbt.raycluster import init_ray
+    from msbt.serve import app
+
+    config = _load(args).serve
+    config = dataclasses.replace(config, **{k: v for k, v in (("host", args.host), ("port", args.port)) if v})
+    app.application(args.model, config)  # a wrong folder or config fails before Ray starts
+    init_ray(args.address)
+    print(f"serving {args.model} at http://{config.host}:{config.port}/predict (GET /healthz); Ctrl-C stops it")
+    app.run(args.model, config, threshold=args.threshold, blocking=True)
     return 0
 
 

@@ -235,6 +235,22 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """`msbt serve`: the Ray Serve application (msbt.serve.app); see docs/predict.md."""
+
+    host: str = "127.0.0.1"  # only this machine can reach it unless told otherwise (0.0.0.0: every interface)
+    port: int = 8000
+    engine: Literal["keras", "savedmodel", "onnx", "openvino"] = "openvino"
+    replicas: int = 1
+    cpus_per_replica: float = 1.0  # also the engine's thread count (at least 1)
+    gpus_per_replica: float = 0.0
+    # Dynamic batching (@serve.batch): a batch runs when it is full or the first request waited this long.
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.005
+    max_request_mb: float = 32.0  # larger bodies get HTTP 413 before they are decoded
+
+
+@dataclass(frozen=True)
 class Config:
     synth: SynthConfig = field(default_factory=SynthConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -243,6 +259,7 @@ class Config:
     stage2: StageConfig = field(default_factory=_stage2_default)
     tune: TuneConfig = field(default_factory=TuneConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -67,6 +67,9 @@ _KIND_LESION = 2
 _KIND_FRAME = 3
 _KIND_FRAME_COUNT = 4
 _KIND_NAMES = 5
+_KIND_CINE = 6
+# Video container -> codec OpenCV's FFmpeg backend writes without extra libraries.
+VIDEO_CODECS = {".avi": "MJPG", ".mp4": "mp4v", ".mkv": "FFV1"}
 
 
 def item_rng(seed: int, kind: int, *key: int) -> np.random.Generator:
@@ -906,3 +909,65 @@ def generate(out_dir, *, seed: int = 0, fields_per_line: int = 8, field_size: in
     tmp.write_text(json.dumps({"args": args, "counts": counts}, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, marker)  # atomic: a crash never leaves a marker for a partial data set
     return _summary(out, counts, cached=False)
+
+
+# ==================================================================================================
+# Cine loop: a probe sweep over one lesion, as a video file
+# ==================================================================================================
+def cine_frames(seed: int = 0, label: str = "malignant", frames: int = 90, size: int = 256,
+                drift: float = 0.12) -> list[np.ndarray]:
+    """Frames of a cine loop: one lesion drifting sideways under the probe, fresh speckle every frame.
+
+    The lesion's anatomy is fixed (as for the frames of one lesion in the data set); each frame has its
+    own speckle, gain and small probe jitter (:func:`ultrasound_frame`), and the whole field slides
+    sideways and back once over the loop (``drift``: amplitude as a fraction of the frame side), as
+    when a sonographer sweeps across a lesion.
+
+    Returns:
+        ``frames`` uint8 grayscale ``(size, size)`` arrays.
+    """
+    if label not in ULTRASOUND_CLASSES:
+        raise ValueError(f"label must be one of {ULTRASOUND_CLASSES}, got {label!r}")
+    if frames < 1 or size < 32:
+        raise ValueError(f"need frames >= 1 and size >= 32, got frames={frames}, size={size}")
+    c = ULTRASOUND_CLASSES.index(label)
+    lesion = ultrasound_lesion(label == "malignant", item_rng(seed, _KIND_CINE, c))
+    out = []
+    for f in range(frames):
+        image = ultrasound_frame(lesion, item_rng(seed, _KIND_CINE, c, f), size)
+        shift = drift * size * math.sin(2 * math.pi * f / frames)
+        m = np.float32([[1, 0, shift], [0, 1, 0]])
+        out.append(cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT))
+    return out
+
+
+def write_cine(path, *, seed: int = 0, label: str = "malignant", frames: int = 90, fps: float = 30.0,
+               size: int = 256) -> Path:
+    """Write :func:`cine_frames` as a video file (``.avi`` MJPG, ``.mp4`` mp4v or ``.mkv`` FFV1).
+
+    The demo source of ``msbt stream``. Written to a temporary name and renamed, so a half-written
+    video is never left under ``path``.
+
+    Raises:
+        ValueError: Unknown container or bad arguments.
+        OSError: OpenCV cannot write the file.
+    """
+    path = Path(path)
+    fourcc = VIDEO_CODECS.get(path.suffix.lower())
+    if fourcc is None:
+        raise ValueError(f"{path}: video must end in one of {', '.join(VIDEO_CODECS)}")
+    if fps <= 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    images = cine_frames(seed, label, frames, size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*fourcc), float(fps), (size, size))
+    if not writer.isOpened():
+        raise OSError(f"{path}: OpenCV cannot open a {fourcc} video writer")
+    try:
+        for image in images:
+            writer.write(cv2.cvtColor(image, cv2.COLOR_GRAY2BGR))
+    finally:
+        writer.release()
+    os.replace(tmp, path)
+    return path

@@ -335,8 +335,16 @@ def prepare_image(path: str | Path, preparation: Preparation) -> np.ndarray:
 def prepare_sized(path: str | Path, preparation: Preparation) -> tuple[np.ndarray, tuple[int, int]]:
     """:func:`prepare_image` and the file's own (width, height), which the out-of-depth check compares."""
     rgb = read_image(path, preparation.sixteen_bit)  # type: ignore[arg-type]
-    fitted = fit_square(normalize_intensity(rgb, preparation.intensity), preparation.image_size, preparation.aspect)
-    return fitted, (int(rgb.shape[1]), int(rgb.shape[0]))
+    return prepare_rgb(rgb, preparation), (int(rgb.shape[1]), int(rgb.shape[0]))
+
+
+def prepare_rgb(rgb: np.ndarray, preparation: Preparation) -> np.ndarray:
+    """Decoded 8-bit RGB ``(H, W, 3)`` -> the store's ``(S, S, 3)`` uint8: intensity, then ``fit_square``.
+
+    The one place (besides the store itself) that turns pixels into store pixels: ``msbt stream`` and
+    ``msbt serve`` call it for frames and uploaded bytes.
+    """
+    return fit_square(normalize_intensity(rgb, preparation.intensity), preparation.image_size, preparation.aspect)
 
 
 def predict_logits(model, batch: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:

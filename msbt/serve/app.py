@@ -1,0 +1,160 @@
+"""`msbt serve`: an exported stage-2 model as a Ray Serve HTTP application.
+
+Endpoints (FastAPI ingress of one deployment, ``Classifier``):
+
+* ``POST /predict``: the body is one image file's bytes (PNG, JPEG, BMP, TIFF, 8 or 16 bit, grey or
+  colour). Answer: JSON ``{"probability", "label", "threshold", "threshold_source", "model_id",
+  "lineage_sha256", "engine"}``. The image is prepared exactly as ``msbt predict`` prepares a file
+  (``decode_image`` with the run's 16-bit policy, ``prepare_rgb``, ``model_inputs``). Bytes that are not
+  a usable image get HTTP 400 with the reason (never a 500); a body above ``serve.max_request_mb``
+  gets 413 before it is decoded.
+* ``GET /healthz``: ``{"status": "ok", "model_id", "lineage_sha256", "engine"}`` once the replica has its
+  engine loaded.
+
+Requests are scored in dynamic batches (``@serve.batch``: up to ``serve.max_batch_size`` images, or
+whatever arrived within ``serve.batch_wait_timeout_s`` of the first). Replicas, CPUs and GPUs per replica
+come from the ``serve:`` config section (or a Serve config file); the engine gets as many threads as Ray
+assigned its replica CPUs, so replicas on one machine do not fight over cores.
+
+Deploy it with ``msbt serve MODEL`` (which starts or joins a Ray cluster), or with Ray's own CLI from a
+config file (``serve run workflows/serve.yaml``, ``serve deploy workflows/serve.yaml``) through
+:func:`build_app`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from msbt.config import ServeConfig, from_dict
+
+api = FastAPI(title="msbt", description="Breast ultrasound malignancy probability of one image per request")
+
+
+@serve.deployment(name="Classifier")
+@serve.ingress(api)
+class Classifier:
+    """One replica: an engine loaded from an export folder, scoring batches of prepared images."""
+
+    def __init__(self, model: str, engine: str = "openvino", threshold: float | None = None,
+                 max_batch_size: int = 8, batch_wait_timeout_s: float = 0.005, max_request_mb: float = 32.0):
+        import ray
+
+        from msbt.serve.engines import load_served
+
+        # As many engine threads as CPUs Ray gave this replica (from the config or a Serve config file's
+        # ray_actor_options), so replicas on one node do not oversubscribe its cores.
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+        self.model = load_served(model, engine, threads=max(1, int(cpus)), threshold=threshold)
+        self.max_bytes = int(max_request_mb * (1 << 20))
+        self.score.set_max_batch_size(max_batch_size)
+        self.score.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    def _identity(self) -> dict:
+        m = self.model
+        return {"model_id": m.model_id, "lineage_sha256": m.lineage_sha256,
+                "engine": f"{m.engine.name} ({m.engine.precision})"}
+
+    @api.get("/healthz")
+    def healthz(self) -> dict:
+        return {"status": "ok", **self._identity()}
+
+    @api.post("/predict")
+    async def predict(self, request: Request):
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_bytes:
+            return _error(413, f"request body of {int(declared)} bytes is larger than {self.max_bytes} bytes")
+        body = await request.body()
+        if len(body) > self.max_bytes:
+            return _error(413, f"request body of {len(body)} bytes is larger than {self.max_bytes} bytes")
+        try:
+            image = await asyncio.to_thread(self._prepare, body)
+        except ValueError as err:  # ImageError is a ValueError: its message names the problem
+            return _error(400, getattr(err, "reason", None) or str(err))
+        p = await self.score(image)
+        m = self.model
+        return {"probability": p, "label": m.class_names[int(p >= m.threshold.value)],
+                "threshold": m.threshold.value, "threshold_source": m.threshold.source, **self._identity()}
+
+    def _prepare(self, body: bytes) -> np.ndarray:
+        """Request bytes -> the model input, as ``msbt predict`` prepares a file."""
+        import cv2
+
+        from msbt.images.imagefile import ImageError, decode_image
+        from msbt.serve.predict import model_inputs, prepare_rgb
+
+        prep = self.model.preparation
+        try:
+            rgb = decode_image(body, "request body", prep.sixteen_bit)  # type: ignore[arg-type]
+        except cv2.error as err:  # e.g. an image above OpenCV's pixel limit asserts instead of failing
+            raise ImageError("request body", f"cannot be decoded ({err.err or err})") from None
+        return model_inputs(prepare_rgb(rgb, prep)[None], self.model.engine.image_size)[0]
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def score(self, images: list[np.ndarray]) -> list[float]:
+        # Off the event loop, so requests keep being read and decoded while a batch runs.
+        p = await asyncio.to_thread(self.model.engine.predict, np.stack(images))
+        return [float(x) for x in p]
+
+
+def _error(status: int, reason: str) -> JSONResponse:
+    return JSONResponse({"error": reason}, status_code=status)
+
+
+def application(model: str | Path, config: ServeConfig = ServeConfig(), *, threshold: float | None = None):
+    """The bound Serve application for an export folder, with replicas and resources from ``config``.
+
+    Raises:
+        EngineError: ``model`` is not an ``msbt export`` folder with the configured engine's files
+            (checked here, before any replica starts).
+    """
+    from msbt.serve.engines import ENGINES, EngineError
+    from msbt.serve.predict import EXPORT_FILE
+
+    folder = Path(model).expanduser().resolve()
+    if not (folder / EXPORT_FILE).is_file():
+        raise EngineError(f"{folder}: not an `msbt export` folder (no {EXPORT_FILE}); run `msbt export` first")
+    if config.engine not in ENGINES or config.replicas < 1 or config.cpus_per_replica <= 0:
+        raise EngineError(f"serve config: need a known engine, replicas >= 1 and cpus_per_replica > 0, got {config}")
+    options = {"num_cpus": config.cpus_per_replica}
+    if config.gpus_per_replica:
+        options["num_gpus"] = config.gpus_per_replica
+    deployment = Classifier.options(num_replicas=config.replicas, ray_actor_options=options)
+    return deployment.bind(str(folder), config.engine, threshold, config.max_batch_size,
+                           config.batch_wait_timeout_s, config.max_request_mb)
+
+
+def build_app(args: dict):
+    """Application builder for ``serve run``/``serve deploy``: ``args`` are ``model`` plus ``serve:`` keys.
+
+    Example: ``serve run msbt.serve.app:build_app model=exports/cpu-v1 engine=onnx``; in a Serve config
+    file the same keys go under the application's ``args``. Values given on the command line arrive as
+    strings and are read as YAML scalars.
+    """
+    import yaml
+
+    args = dict(args)
+    if "model" not in args:
+        raise ValueError("build_app needs args.model: the `msbt export` folder to serve")
+    model = str(args.pop("model"))
+    threshold = args.pop("threshold", None)
+    values = {k: yaml.safe_load(v) if isinstance(v, str) and k != "engine" else v for k, v in args.items()}
+    config = from_dict(ServeConfig, values, source="serve application args")
+    return application(model, config, threshold=None if threshold is None else float(threshold))
+
+
+def run(model: str | Path, config: ServeConfig, *, threshold: float | None = None, blocking: bool = True) -> str:
+    """Start Serve on the connected Ray cluster at ``config.host:config.port`` and deploy the model.
+
+    Returns:
+        The URL of the application (when ``blocking``, only after Ctrl-C: it serves until then).
+    """
+    app = application(model, config, threshold=threshold)
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(app, name="msbt", route_prefix="/", blocking=blocking)
+    return f"http://{config.host}:{config.port}"

@@ -1,0 +1,220 @@
+"""One interface over the four ways an exported stage-2 model can run: ``predict(batch_uint8) -> p``.
+
+An ``msbt export`` folder (:mod:`msbt.serve.export`) holds the same model four times:
+
+* ``keras``: ``model.keras`` run by Keras inside a ``tf.function`` (the reference every other engine is
+  compared with);
+* ``savedmodel``: ``saved_model/``'s ``serve_uint8`` signature (TensorFlow only, no Keras, no msbt);
+* ``onnx``: ``model.onnx`` (tf2onnx from the same uint8 signature) in ONNX Runtime;
+* ``openvino``: ``openvino/model.xml`` (converted from the ONNX model, weights kept in float32) in
+  OpenVINO Runtime, compiled with ``INFERENCE_PRECISION_HINT: f32``. Left to itself OpenVINO picks
+  bfloat16 on CPUs with AVX512_BF16 (this machine's); ``precision="bf16"`` asks for that explicitly, and
+  such an engine is reduced precision: its outputs are not within the float parity bound.
+
+Every engine takes the uint8 pixels of images already prepared as in training (``(N, S, S, 3)``, RGB,
+at the model's input size: :func:`msbt.serve.predict.prepare_rgb` + ``model_inputs``) and returns the
+malignancy probability per image, float64 ``(N,)``. The model's own preprocessing (``Preprocess``
+layer, the backbone's normalisation) is inside every exported graph; no engine re-implements it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from msbt.serve.predict import Preparation, Threshold
+
+ENGINES = ("keras", "savedmodel", "onnx", "openvino")
+PRECISIONS = ("f32", "bf16")
+ONNX_FILE = "model.onnx"
+OPENVINO_DIR = "openvino"
+OPENVINO_FILE = "model.xml"
+# Float engines must agree with Keras to this much (max |p_engine - p_keras|) on real images.
+FLOAT_PARITY = 1e-4
+
+
+class EngineError(ValueError):
+    """An engine cannot be loaded from a folder; the message names the folder and what is missing."""
+
+
+@dataclass
+class Engine:
+    """A loaded model: ``predict`` maps uint8 ``(N, S, S, 3)`` to float64 probabilities ``(N,)``."""
+
+    name: str
+    precision: str  # "f32" (float parity with Keras expected) or "bf16" (reduced)
+    image_size: int
+    path: str
+    run: Callable[[np.ndarray], np.ndarray]
+    owner: object = None  # the runtime object ``run`` calls into (a loaded SavedModel dies with its last reference)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Malignancy probabilities of a batch of prepared uint8 images.
+
+        Raises:
+            ValueError: Not uint8 ``(N, S, S, 3)`` at the model's size (a wrong input would otherwise
+                be silently cast or fail deep inside the runtime).
+        """
+        images = np.asarray(images)
+        s = self.image_size
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (s, s, 3):
+            raise ValueError(f"{self.name} engine takes uint8 (N, {s}, {s}, 3) images, got {images.dtype} "
+                             f"{images.shape}")
+        if len(images) == 0:
+            return np.zeros(0, np.float64)
+        return np.asarray(self.run(np.ascontiguousarray(images)), np.float64).reshape(-1)
+
+
+def load_engine(folder: str | Path, name: str = "openvino", *, precision: str = "f32",
+                threads: int | None = None) -> Engine:
+    """Load one engine from an ``msbt export`` folder (``keras`` also from a stage-2 checkpoint).
+
+    Args:
+        folder: The export folder.
+        name: One of :data:`ENGINES`.
+        precision: ``"f32"``; OpenVINO also ``"bf16"`` (reduced precision, no float parity).
+        threads: Intra-op threads (ONNX Runtime, OpenVINO, TensorFlow); default: the runtime's choice
+            (all cores). A Ray Serve replica passes its CPU share.
+
+    Raises:
+        EngineError: Unknown engine or precision, or the folder lacks the engine's files.
+    """
+    folder = Path(folder).expanduser()
+    if name not in ENGINES:
+        raise EngineError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")
+    if precision not in PRECISIONS or (precision != "f32" and name != "openvino"):
+        raise EngineError(f"precision {precision!r} is not available for the {name} engine "
+                          f"(f32 everywhere; bf16 with openvino only)")
+    loader = {"keras": _keras, "savedmodel": _savedmodel, "onnx": _onnx, "openvino": _openvino}[name]
+    return loader(folder, precision, threads)
+
+
+def _need(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise EngineError(f"{path}: missing, so the {what} engine cannot run from {path.parent} "
+                          "(re-run `msbt export` to write it)")
+    return path
+
+
+def _tf_threads(threads: int | None) -> None:
+    import tensorflow as tf
+
+    if threads:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+        except RuntimeError:  # TensorFlow already started in this process: keep its pool
+            pass
+
+
+def _keras(folder: Path, precision: str, threads: int | None) -> Engine:
+    import tensorflow as tf
+
+    from msbt.model.models import load_model
+
+    _tf_threads(threads)
+    model = load_model(_need(folder / "model.keras", "keras"))
+    size = int(model.input_shape[1])
+
+    # One traced graph for every batch size; model.predict would add a per-call dataset pipeline.
+    @tf.function(input_signature=[tf.TensorSpec((None, size, size, 3), tf.uint8)])
+    def probability(images):
+        return tf.reshape(model(tf.cast(images, tf.float32), training=False), [-1])
+
+    return Engine("keras", precision, size, str(folder), lambda x: probability(x).numpy())
+
+
+def _savedmodel(folder: Path, precision: str, threads: int | None) -> Engine:
+    import tensorflow as tf
+
+    _tf_threads(threads)
+    loaded = tf.saved_model.load(str(_need(folder / "saved_model", "savedmodel")))
+    fn = loaded.serve_uint8
+    size = int(fn.input_signature[0].shape[1])
+    return Engine("savedmodel", precision, size, str(folder),
+                  lambda x: fn(tf.constant(x))["probability"].numpy(), owner=loaded)
+
+
+def _onnx(folder: Path, precision: str, threads: int | None) -> Engine:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(_need(folder / ONNX_FILE, "onnx")), options,
+                                   providers=["CPUExecutionProvider"])
+    inp = session.get_inputs()[0]
+    return Engine("onnx", precision, int(inp.shape[1]), str(folder),
+                  lambda x: session.run(None, {inp.name: x})[0])
+
+
+def _openvino(folder: Path, precision: str, threads: int | None) -> Engine:
+    import openvino as ov
+
+    core = ov.Core()
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    compiled = core.compile_model(core.read_model(str(_need(folder / OPENVINO_DIR / OPENVINO_FILE, "openvino"))),
+                                  "CPU", config)
+    used = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+    # Refuse silently different arithmetic: the name says what ran (e.g. f16 on a CPU without bf16).
+    if used != precision:
+        raise EngineError(f"{folder}: OpenVINO compiled with precision {used}, not the {precision} asked for")
+    request = compiled.create_infer_request()  # one request reused: no per-call allocation
+    size = int(compiled.inputs[0].get_partial_shape()[1].get_length())
+    output = compiled.outputs[0]
+    return Engine("openvino", precision, size, str(folder), lambda x: request.infer([x])[output])
+
+
+@dataclass
+class ServedModel:
+    """An engine with what a caller reports beside its probabilities (from ``export.json``)."""
+
+    engine: Engine
+    folder: str
+    threshold: "Threshold"
+    preparation: "Preparation"
+    class_names: list[str]
+    model_id: str
+    lineage_sha256: str
+    notes: list[str]
+
+
+def load_served(folder: str | Path, name: str = "openvino", *, precision: str = "f32", threads: int | None = None,
+                threshold: float | None = None) -> ServedModel:
+    """An export folder's engine, threshold, preparation, class names, model id and lineage hash.
+
+    Raises:
+        EngineError: Not an ``msbt export`` folder (no ``export.json``), or the engine's files are missing.
+        ValueError: A threshold outside [0, 1].
+    """
+    from msbt.serve.predict import EXPORT_FILE, find_preparation, find_threshold
+
+    folder = Path(folder).expanduser()
+    record_file = folder / EXPORT_FILE
+    if not record_file.is_file():
+        raise EngineError(f"{folder}: not an `msbt export` folder (no {EXPORT_FILE}); run `msbt export` first")
+    record = json.loads(record_file.read_text())
+    chosen, notes = find_threshold(folder, threshold)  # a bad threshold fails before the model loads
+    engine = load_engine(folder, name, precision=precision, threads=threads)
+    preparation, more = find_preparation(folder, engine.image_size)
+    return ServedModel(engine, str(folder), chosen, preparation, list(record["class_names"]),
+                       record.get("model_id", ""), record.get("lineage_sha256", ""), notes + more)
+
+
+def openvino_default_precision() -> str:
+    """The inference precision OpenVINO picks on this machine's CPU when not told (e.g. ``bf16``)."""
+    import openvino as ov
+
+    return ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
+
+
+def cpu_count() -> int:
+    """CPUs this process may use (the affinity mask, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

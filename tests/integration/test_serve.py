@@ -1,0 +1,278 @@
+"""Exported engines (parity with Keras), `msbt stream` and `msbt serve` on one tiny exported model.
+
+The model is a 32 px EfficientNet-Lite0 with ImageNet features and an untrained head, exported once for
+the module (Keras, SavedModel, ONNX, OpenVINO). Images are the built-in synthetic ultrasound: a cine
+loop written by ``msbt synth --cine`` and frames made by ``msbt.data.synth``.
+"""
+
+import csv
+import json
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import keras
+import numpy as np
+import pytest
+
+from msbt.cli import main
+from msbt.config import HeadConfig, ServeConfig, StageConfig
+from msbt.data.synth import cine_frames, lesion_images
+from msbt.images.imagefile import fit_square
+from msbt.model.checkpoint import MODEL_FILE, write_manifest
+from msbt.model.models import build_model
+from msbt.serve import engines as eng
+from msbt.serve import export as ex
+from msbt.serve import stream as st
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+STAGE = StageConfig(backbone="efficientnet_lite0", weights="imagenet", image_size=32, batch_size=4,
+                    head=HeadConfig((8, 4, 2), 0.5), monitor="val_auc")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """An export folder of a tiny stage-2 checkpoint (threshold 0.5: no run around it)."""
+    root = tmp_path_factory.mktemp("serve")
+    checkpoint = root / "checkpoint"
+    checkpoint.mkdir()
+    keras.utils.set_random_seed(0)
+    model = build_model(STAGE, 2)
+    model.save(checkpoint / MODEL_FILE)
+    write_manifest(checkpoint, stage_config=STAGE, class_names=["benign", "malignant"],
+                   metrics={"val_auc": 0.5}, best_epoch=1)
+    record = ex.export(checkpoint, root / "export")
+    return {"folder": root / "export", "record": record, "model": model, "root": root}
+
+
+def ultrasound(n: int, size: int = 96, seed: int = 7) -> np.ndarray:
+    """n synthetic ultrasound frames (both classes), prepared independently: RGB, padded square, 32 px."""
+    frames = []
+    for i in range(n):
+        _, images = lesion_images(seed, ("benign", "malignant")[i % 2], i, (1, 1), size)
+        frames.append(fit_square(np.dstack([images[0]] * 3), 32, "pad"))
+    return np.stack(frames)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Engines
+
+
+def test_every_float_engine_matches_keras_on_ultrasound_frames(exported):
+    folder, record = exported["folder"], exported["record"]
+    for name in ("model.keras", "saved_model", "model.onnx", "openvino/model.xml", "openvino/model.bin"):
+        assert (folder / name).exists(), name
+    images = ultrasound(12)  # other frames than the export's own check
+    reference = exported["model"].predict(images.astype(np.float32), verbose=0).reshape(-1)
+    assert reference.std() > 1e-4  # the images give different answers: the comparison means something
+    for name in eng.ENGINES:
+        p = eng.load_engine(folder, name).predict(images)
+        assert p.shape == (12,) and p.dtype == np.float64
+        assert np.abs(p - reference).max() <= eng.FLOAT_PARITY, name
+        assert record["engines"][name]["max_abs_diff"] <= eng.FLOAT_PARITY
+    # OpenVINO's own choice on this CPU is recorded beside the f32 figures, marked as reduced precision.
+    bf16 = record["engines"]["openvino_bf16"]
+    assert bf16["precision"] == "bf16" and "reduced precision" in bf16["note"]
+    assert record["model_id"].startswith("efficientnet_lite0-32px-") and len(record["lineage_sha256"]) == 64
+
+
+def test_parity_check_refuses_an_engine_beyond_the_bound(exported, monkeypatch):
+    monkeypatch.setattr(eng, "FLOAT_PARITY", 0.0)  # ONNX Runtime differs from Keras by ~1e-7
+    with pytest.raises(ValueError, match="onnx engine differs from Keras"):
+        ex.check_parity(exported["folder"], ["keras", "onnx"], ultrasound(4))
+
+
+def test_engine_refuses_wrong_inputs_and_missing_files(exported, tmp_path):
+    engine = eng.load_engine(exported["folder"], "onnx")
+    with pytest.raises(ValueError, match=r"uint8 \(N, 32, 32, 3\)"):
+        engine.predict(np.zeros((1, 32, 32, 3), np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        engine.predict(np.zeros((1, 40, 40, 3), np.uint8))
+    assert engine.predict(np.zeros((0, 32, 32, 3), np.uint8)).shape == (0,)
+    with pytest.raises(eng.EngineError, match="model.onnx: missing"):
+        eng.load_engine(tmp_path, "onnx")
+    with pytest.raises(eng.EngineError, match="unknown engine"):
+        eng.load_engine(exported["folder"], "tensorrt")
+    with pytest.raises(eng.EngineError, match="not an `msbt export` folder"):
+        eng.load_served(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stream
+
+
+def test_smoothing_ema_and_window():
+    ema = st.Smoother(st.Smoothing("ema", alpha=0.5))
+    assert [ema.update(p) for p in (1.0, 0.0, 0.0)] == [1.0, 0.5, 0.25]
+    window = st.Smoother(st.Smoothing("window", window=2))
+    assert [window.update(p) for p in (1.0, 0.0, 0.0)] == [1.0, 0.5, 0.0]
+    with pytest.raises(ValueError, match="alpha"):
+        st.Smoothing("ema", alpha=0.0)
+
+
+def test_stream_of_a_folder_scores_every_frame_like_the_engine(exported, tmp_path, capsys):
+    frames = ultrasound(6)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, frame in enumerate(frames):
+        cv2.imwrite(str(folder / f"f{i:03d}.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    out = tmp_path / "out" / "frames.csv"
+    code = main(["stream", str(exported["folder"]), str(folder), "--out", str(out), "--engine", "onnx",
+                 "--all-frames", "--smooth", "window", "--window", "3"])
+    assert code == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [int(r["frame"]) for r in rows] == list(range(6)) and {r["status"] for r in rows} == {"scored"}
+    expected = exported["model"].predict(frames.astype(np.float32), verbose=0).reshape(-1)
+    p = np.array([float(r["probability"]) for r in rows])
+    np.testing.assert_allclose(p, expected, atol=1e-6)
+    np.testing.assert_allclose([float(r["smoothed"]) for r in rows][-1], p[-3:].mean(), atol=1e-12)
+    for r in rows:
+        assert r["label"] == ("malignant" if float(r["probability"]) >= 0.5 else "benign")
+    summary = json.loads(out.with_suffix(".csv.json").read_text())
+    assert (summary["frames_read"], summary["frames_scored"], summary["frames_dropped"]) == (6, 6, 0)
+    assert "6 scored, 0 dropped" in capsys.readouterr().out
+
+
+def test_stream_drops_frames_a_slow_engine_cannot_keep_up_with(exported, tmp_path):
+    video = tmp_path / "cine.avi"
+    assert main(["synth", "--cine", str(video), "--cine-frames", "30", "--cine-fps", "30"]) == 0
+    fast = eng.load_engine(exported["folder"], "openvino")
+
+    def slow(x):  # an engine at ~10 frames/s against a 30 fps source
+        time.sleep(0.1)
+        return fast.run(x)
+
+    engine = eng.Engine("slow-openvino", "f32", 32, fast.path, slow)
+    served = eng.load_served(exported["folder"], "openvino")
+    source = st.open_source(video)
+    assert (source.kind, source.fps) == ("video", 30.0)
+    out = tmp_path / "slow.csv"
+    summary = st.stream(engine, source, served.preparation, served.threshold, served.class_names, out,
+                        video=tmp_path / "annotated.avi")
+    rows = list(csv.DictReader(out.open()))
+    # Every frame is accounted for, in order: scored or dropped, never queued without bound.
+    assert [int(r["frame"]) for r in rows] == list(range(30))
+    dropped = [r for r in rows if r["status"] == "dropped"]
+    assert summary.frames_read == 30 and summary.frames_dropped == len(dropped) >= 10
+    assert summary.frames_scored + summary.frames_dropped == 30
+    assert rows[-1]["status"] == "scored"  # the end of the loop is never dropped
+    assert all(r["probability"] == "" for r in dropped)
+    annotated = cv2.VideoCapture(str(tmp_path / "annotated.avi"))
+    assert annotated.get(cv2.CAP_PROP_FRAME_COUNT) == summary.frames_scored
+
+
+def test_stream_heatmaps_on_a_side_process(exported, tmp_path):
+    frames = [np.dstack([f] * 3) for f in cine_frames(frames=8, size=64)]
+    source = st.Source("cine", "video", 30.0, iter(frames), live=False)
+    served = eng.load_served(exported["folder"], "onnx")
+    summary = st.stream(served.engine, source, served.preparation, served.threshold, served.class_names,
+                        tmp_path / "h.csv", pace=False, heatmap_every=2, model_folder=exported["folder"])
+    pictures = sorted(p.name for p in Path(summary.heatmaps).iterdir())
+    # Frames 1, 3, 5, 7 were offered (every 2nd scored, from the first); busy ones were skipped, not queued.
+    assert summary.heatmaps_written == len(pictures) >= 1
+    assert summary.heatmaps_written + summary.heatmaps_skipped == 4
+    assert cv2.imread(str(Path(summary.heatmaps) / pictures[0])).shape == (32, 64, 3)
+
+
+def test_stream_sources_that_cannot_be_opened(tmp_path):
+    with pytest.raises(st.SourceError, match="no such file"):
+        st.open_source(tmp_path / "missing.avi")
+    (tmp_path / "notes.avi").write_text("not a video")
+    with pytest.raises(st.SourceError, match="cannot read a video frame"):
+        st.open_source(tmp_path / "notes.avi")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(st.SourceError, match="no image files"):
+        st.open_source(tmp_path / "empty")
+    with pytest.raises(st.SourceError, match="capture device 97"):
+        st.open_source("97")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Serve (a real local Ray cluster, real HTTP)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.ray
+def test_serve_answers_images_and_refuses_bad_bytes(exported, ray_local, tmp_path):
+    import requests
+    from ray import serve
+
+    from msbt.serve import app
+
+    port = _free_port()
+    config = ServeConfig(port=port, engine="onnx", cpus_per_replica=0.5, max_batch_size=4)
+    url = app.run(exported["folder"], config, blocking=False)
+    assert url == f"http://127.0.0.1:{port}"
+    try:
+        health = requests.get(f"{url}/healthz", timeout=30).json()
+        assert health["status"] == "ok" and health["model_id"] == exported["record"]["model_id"]
+        frames = ultrasound(8)
+        files = []
+        for i, frame in enumerate(frames):
+            ok, png = cv2.imencode(".png", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+            files.append(png.tobytes())
+        # Eight at once: @serve.batch groups them; each answer is its own image's.
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda b: requests.post(f"{url}/predict", data=b, timeout=60), files))
+        assert [a.status_code for a in answers] == [200] * 8
+        expected = exported["model"].predict(frames.astype(np.float32), verbose=0).reshape(-1)
+        got = [a.json() for a in answers]
+        np.testing.assert_allclose([g["probability"] for g in got], expected, atol=1e-6)
+        first = got[0]
+        assert first["label"] == ("malignant" if first["probability"] >= 0.5 else "benign")
+        assert (first["threshold"], first["model_id"], first["lineage_sha256"]) == (
+            0.5, exported["record"]["model_id"], exported["record"]["lineage_sha256"])
+        # Bad bytes: 400 with the reason, never a 500.
+        bad = {b"": "empty", b"this is not an image": "cannot be decoded", files[0][: len(files[0]) // 2]: "truncated",
+               np.zeros(4, np.uint8).tobytes(): "cannot be decoded"}
+        for body, reason in bad.items():
+            answer = requests.post(f"{url}/predict", data=body, timeout=30)
+            assert answer.status_code == 400 and reason in answer.json()["error"], (body[:20], answer.text)
+        assert requests.get(f"{url}/nothing-here", timeout=30).status_code == 404
+    finally:
+        serve.shutdown()
+
+
+def test_stream_of_a_dicom_cine_loop(exported, tmp_path):
+    from dicomfiles import phi_found, write_dicom
+
+    frames = ultrasound(5)
+    loop = write_dicom(tmp_path / "cine.bin", frames[..., 0])  # MONOCHROME2; found by content, not extension
+    source = st.open_source(loop, fps=20)
+    assert (source.kind, source.fps) == ("dicom", 20.0)
+    served = eng.load_served(exported["folder"], "openvino")
+    out = tmp_path / "dicom.csv"
+    summary = st.stream(served.engine, source, served.preparation, served.threshold, served.class_names, out,
+                        pace=False)
+    assert (summary.frames_read, summary.frames_scored, summary.frames_dropped) == (5, 5, 0)
+    p = [float(r["probability"]) for r in csv.DictReader(out.open())]
+    expected = exported["model"].predict(frames.astype(np.float32), verbose=0).reshape(-1)
+    np.testing.assert_allclose(p, expected, atol=eng.FLOAT_PARITY)
+    # The fake patient data written into the loop reaches none of the outputs.
+    assert all(hit.startswith(f"{loop}:") for hit in phi_found(tmp_path)), phi_found(tmp_path)
+
+
+def test_shipped_serve_config_is_a_valid_serve_deploy_config(exported):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from msbt.serve.app import build_app
+
+    root = Path(__file__).resolve().parents[1]
+    config = ServeDeploySchema.model_validate(yaml.safe_load((root / "workflows" / "serve.yaml").read_text()))
+    (application,) = config.applications
+    assert application.import_path == "msbt.serve.app:build_app"
+    assert config.http_options.host == "127.0.0.1"  # this machine only unless told otherwise
+    args = {**application.args, "model": str(exported["folder"]), "max_batch_size": "4"}  # CLI args are strings
+    assert build_app(args) is not None
+    with pytest.raises(Exception, match="max_batch_size"):
+        build_app({**args, "max_batch_size": "many"})
+    with pytest.raises(eng.EngineError, match="not an `msbt export` folder"):
+        build_app({**args, "model": str(exported["root"])})
