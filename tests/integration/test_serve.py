@@ -265,7 +265,7 @@ def test_shipped_serve_config_is_a_valid_serve_deploy_config(exported):
 
     from msbt.serve.app import build_app
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     config = ServeDeploySchema.model_validate(yaml.safe_load((root / "workflows" / "serve.yaml").read_text()))
     (application,) = config.applications
     assert application.import_path == "msbt.serve.app:build_app"
