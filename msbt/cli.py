@@ -207,8 +207,7 @@ def _cmd_run(args) -> int:
 
     config = _load_run(args)  # a config error should not wait for Ray to start
     _preflight(config, always=True)  # data folders named wrongly: an error before Ray starts
-    # main_job checks the run folder (--resume) before it starts Ray, nor should that wait
-    _attach(config)  # the run's log file, and TensorFlow's start-up notices in it
+    # main_job checks the run folder (--resume) before it opens the run's log or starts Ray
     main_job(config, force_split=args.force_split, resume=args.resume, address=args.address)
     return 0
 
@@ -218,7 +217,6 @@ def _cmd_stage1(args) -> int:
 
     config = _load_run(args)
     _preflight(config, ["microscope"])
-    _attach(config)  # the run's log file, and TensorFlow's start-up notices in it
     stage1_job(config, force_split=args.force_split, resume=args.resume, address=args.address)
     return 0
 
@@ -229,7 +227,6 @@ def _cmd_stage2(args) -> int:
     config = _load_run(args)
     _preflight(config, ["ultrasound"])
     # stage2_job refuses a rerun, a missing --parent folder or a missing stage 1 before Ray starts
-    _attach(config)  # the run's log file, and TensorFlow's start-up notices in it
     stage2_job(config, parent=args.parent, force_split=args.force_split, resume=args.resume, address=args.address)
     return 0
 
@@ -418,6 +415,7 @@ def _cmd_external(args) -> int:
         print(f"note: {note}")
     folder = Path(args.out) if args.out else find_run_dir(args.checkpoint)
     print(f"results in {folder}/external/; report: {write_report(folder)}")
+    return 0
 
 
 def _serve_parsers(sub) -> None:

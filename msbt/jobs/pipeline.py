@@ -22,6 +22,7 @@ from msbt.atomicio import write_text
 from msbt.config import Config, ConfigError
 from msbt.data.prepare import build_stores, ensure_stores, prepare_data, summarize, summarize_stores
 from msbt.raycluster import init_ray
+from msbt import console
 from msbt.runfolder import SUMMARY_FILE, run_dir
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,16 @@ def evaluate_checkpoint(config: Config, checkpoint: str | Path, store: str | Pat
     return result
 
 
+def start_ray(config: Config, address: str | None = None) -> None:
+    """After a job's checks: the run's log file (``runs/<name>/logs/``), TensorFlow imported with its
+    start-up notices in that log, then Ray joined or started (msbt.console, msbt.raycluster.init_ray).
+
+    Called only once the run folder may be written: a refused rerun leaves it as it was."""
+    console.attach_run(run_dir(config))
+    console.import_tensorflow()
+    init_ray(address)
+
+
 def check_rerun(config: Config, numbers: Sequence[int] = (1, 2), *, resume: bool = False) -> None:
     """The one rerun check of a job that trains stages, made before Ray starts.
 
@@ -101,7 +112,7 @@ def main_job(config: Config, *, force_split: bool = False, resume: bool = False,
             checked; nothing is started when Ray is already initialised.
     """
     check_rerun(config, resume=resume)
-    init_ray(address)
+    start_ray(config, address)
     # The data step: every file is scanned again, so changed data is refused rather than mixed in.
     prepared = prepare_data(config, force_split=force_split)
     print(summarize(prepared), flush=True)
@@ -157,7 +168,7 @@ def stage1_job(config: Config, *, force_split: bool = False, resume: bool = Fals
     from msbt.train.stages import run_stage
 
     check_rerun(config, [1], resume=resume)
-    init_ray(address)
+    start_ray(config, address)
     store = _data(config, "microscope", force_split)
     return run_stage(config, 1, store.path, resume=resume)
 
@@ -181,7 +192,7 @@ def stage2_job(config: Config, *, parent: str | Path | None = None, force_split:
     if parent and not Path(parent).is_dir():
         raise ConfigError(f"{parent}: no such checkpoint folder (--parent)")
     parent = parent or recorded_checkpoint(config, 1)  # no stage 1 yet: say so before Ray starts
-    init_ray(address)
+    start_ray(config, address)
     store = _data(config, "ultrasound", force_split)
     return run_stage(config, 2, store.path, parent=str(Path(parent).expanduser().resolve()), resume=resume)
 

@@ -14,6 +14,7 @@ import pickle
 
 import pytest
 
+from msbt.runfolder import run_dir, stage_dir
 from msbt.config import Config, RunConfig, StageConfig, load_config
 from msbt.model.checkpoint import MODEL_FILE, read_manifest, write_manifest
 from msbt.train import stages as S
@@ -85,9 +86,9 @@ def test_the_index_returns_a_remembered_stage_and_ignores_stale_or_altered_entri
     root, inputs = S.index_root(config), S.stage_inputs(config, 1, store)
     checkpoint = fake_checkpoint(tmp_path / "runs" / "a" / "stage1" / "checkpoint_1", config.stage1, store)
     assert S.find_identical(root, inputs) is None  # nothing remembered yet
-    S.remember_stage(root, inputs, checkpoint, S.run_folder(config))
+    S.remember_stage(root, inputs, checkpoint, run_dir(config))
     entry = S.find_identical(root, inputs)
-    assert entry["checkpoint"] == str(checkpoint.resolve()) and entry["run"] == str(S.run_folder(config))
+    assert entry["checkpoint"] == str(checkpoint.resolve()) and entry["run"] == str(run_dir(config))
     other = S.stage_inputs(config_for(tmp_path, "a", "data.seed=7"), 1, store)
     assert S.find_identical(root, other) is None  # other inputs, other key
 
@@ -105,12 +106,12 @@ def test_the_index_returns_a_remembered_stage_and_ignores_stale_or_altered_entri
     data["stages"][key]["inputs"]["seed"] = 99  # an entry edited by hand no longer matches its key
     index.write_text(json.dumps(data))
     assert S.find_identical(root, inputs) is None
-    S.remember_stage(root, inputs, checkpoint, S.run_folder(config))  # the latest entry of a key wins
+    S.remember_stage(root, inputs, checkpoint, run_dir(config))  # the latest entry of a key wins
     assert S.find_identical(root, inputs) is not None
     wrong = fake_checkpoint(tmp_path / "other", dataclasses.replace(config.stage1, learning_rate=0.5), store)
     S.remember_stage(root, inputs, wrong, "elsewhere")  # points at a checkpoint of other settings
     assert S.find_identical(root, inputs) is None
-    S.remember_stage(root, inputs, checkpoint, S.run_folder(config))
+    S.remember_stage(root, inputs, checkpoint, run_dir(config))
     import shutil
 
     shutil.rmtree(checkpoint)  # gone
@@ -123,13 +124,13 @@ def test_run_stage_reuses_an_identical_stage_of_another_run_without_ray(tmp_path
     """Run B's stage 1 has run A's inputs: recorded as reused, nothing trained, nothing in B's stage folder."""
     store = fake_store(tmp_path / "s")
     a, b = config_for(tmp_path, "a"), config_for(tmp_path, "b")
-    checkpoint = fake_checkpoint(S.stage_folder(a, 1) / "checkpoint_1", a.stage1, store)
-    S.remember_stage(S.index_root(a), S.stage_inputs(a, 1, store), checkpoint, S.run_folder(a))
+    checkpoint = fake_checkpoint(stage_dir(a, 1) / "checkpoint_1", a.stage1, store)
+    S.remember_stage(S.index_root(a), S.stage_inputs(a, 1, store), checkpoint, run_dir(a))
     entry = S.run_stage(b, 1, store)  # no Ray here: training would fail, reuse needs none
     assert entry["reused"] and entry["checkpoint"] == str(checkpoint.resolve()) and entry["seconds"] == 0.0
     recorded = S.read_stages(b)["1"]
-    assert recorded["reused_from"] == str(S.run_folder(a)) and recorded["value"] == 0.25
-    assert not S.stage_folder(b, 1).exists()
+    assert recorded["reused_from"] == str(run_dir(a)) and recorded["value"] == 0.25
+    assert not stage_dir(b, 1).exists()
     assert "stage 1: identical stage found in run a" in capsys.readouterr().out
     # B now holds a finished stage 1: a plain rerun is refused, --resume takes the record
     with pytest.raises(S.RunStateError, match=r"stage 1 of run 'b' is already finished"):
@@ -142,16 +143,16 @@ def test_reusable_stage1_takes_the_runs_records_first_then_the_index(tmp_path):
     store = fake_store(tmp_path / "s")
     a, b = config_for(tmp_path, "a"), config_for(tmp_path, "b")
     assert S.reusable_stage1(b, store) is None
-    in_a = fake_checkpoint(S.stage_folder(a, 1) / "checkpoint_1", a.stage1, store, model=b"a")
-    S.remember_stage(S.index_root(a), S.stage_inputs(a, 1, store), in_a, S.run_folder(a))
+    in_a = fake_checkpoint(stage_dir(a, 1) / "checkpoint_1", a.stage1, store, model=b"a")
+    S.remember_stage(S.index_root(a), S.stage_inputs(a, 1, store), in_a, run_dir(a))
     found = S.reusable_stage1(b, store)
-    assert found.checkpoint == in_a.resolve() and found.run == str(S.run_folder(a))
+    assert found.checkpoint == in_a.resolve() and found.run == str(run_dir(a))
     off = config_for(tmp_path, "b", "run.reuse_stages=false")
     assert S.reusable_stage1(off, store) is None  # the opt-out
     assert S.reusable_stage1(b, fake_store(tmp_path / "s2", items="xyz")) is None  # another store
-    in_b = fake_checkpoint(S.stage_folder(b, 1) / "checkpoint_1", b.stage1, store, model=b"b")
-    S.run_folder(b).joinpath("tune").mkdir(parents=True)
-    (S.run_folder(b) / "tune" / "stage1.json").write_text(json.dumps({"stage1": {"checkpoint": str(in_b)}}))
+    in_b = fake_checkpoint(stage_dir(b, 1) / "checkpoint_1", b.stage1, store, model=b"b")
+    run_dir(b).joinpath("tune").mkdir(parents=True)
+    (run_dir(b) / "tune" / "stage1.json").write_text(json.dumps({"stage1": {"checkpoint": str(in_b)}}))
     found = S.reusable_stage1(b, store)
     assert found.checkpoint == in_b and found.run is None and found.record.name == "stage1.json"
     other = config_for(tmp_path, "b", "stage1.learning_rate=0.5")
@@ -189,7 +190,7 @@ def test_the_jobs_refuse_a_rerun_before_ray_starts(tmp_path):
 
     store = fake_store(tmp_path / "s")
     config = config_for(tmp_path, "r")
-    checkpoint = fake_checkpoint(S.stage_folder(config, 2) / "checkpoint_1", config.stage2, store)
+    checkpoint = fake_checkpoint(stage_dir(config, 2) / "checkpoint_1", config.stage2, store)
     S.record_stage(config, 2, {"checkpoint": str(checkpoint)})
     was_up = ray.is_initialized()
     with pytest.raises(S.RunStateError, match=r"stage 2 of run 'r' is already finished .*--resume.*run\.name"):
@@ -231,9 +232,9 @@ def test_a_new_run_reuses_an_identical_stage1_without_training(tmp_path, ray_loc
 
     reused = S.run_stage(b, 1, store)
     assert reused["reused"] and reused["checkpoint"] == trained["checkpoint"]
-    assert S.read_stages(b)["1"]["reused_from"] == str(S.run_folder(a))
-    assert not S.stage_folder(b, 1).exists()  # no Ray run, no new checkpoint folder
-    assert not (S.run_folder(b) / "tensorboard").exists()  # no worker ran
+    assert S.read_stages(b)["1"]["reused_from"] == str(run_dir(a))
+    assert not stage_dir(b, 1).exists()  # no Ray run, no new checkpoint folder
+    assert not (run_dir(b) / "tensorboard").exists()  # no worker ran
     assert "stage 1: identical stage found in run a" in capsys.readouterr().out
     assert read_manifest(reused["checkpoint"]) == read_manifest(trained["checkpoint"])  # the same model
 
