@@ -232,6 +232,10 @@ class RunConfig:
     # GPUs per Train worker when use_gpu: 1 normally; 0.5 puts two workers on one GPU (a plumbing
     # check of the multi-worker path on a one-GPU machine, benchmarks/gpu.sh), never faster than one.
     gpus_per_worker: float = 1.0
+    # Two runs of the same config and seed give identical models: TensorFlow's op determinism, and every
+    # worker's rows in one fixed order (sorted by source file and patch box, dealt to workers by
+    # position). Costs speed (measured in docs/training.md, "Reproducibility").
+    deterministic: bool = False
 
 
 @dataclass(frozen=True)

@@ -75,24 +75,44 @@ HISTORY_FILE = "history.json"
 # Inside a worker
 
 
-def shard_arrays(shard, shape: tuple[int, ...], batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+def shard_arrays(shard, shape: tuple[int, ...], batch_size: int = 512, *, ordered: bool = False,
+                 rank: int = 0, world: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Copy a dataset shard (columns ``image``, ``label_index``) into memory once.
 
     Args:
         shard: A ``ray.data.DataIterator`` (``ray.train.get_dataset_shard(...)``) or a ``ray.data.Dataset``.
         shape: Every image's shape (``Store.open(path).image_shape``).
         batch_size: Rows per Arrow batch while copying.
+        ordered: ``run.deterministic``: the shard is the whole split with its ``source`` (and ``box``)
+            columns; its rows are sorted by them (Ray Data's block order may differ between runs) and
+            this worker keeps rows ``rank, rank + world, ...``.
+        rank, world: This worker's rank and the number of workers (``ordered`` only).
 
     Returns:
         ``(images uint8 (N, *shape), labels int64 (N,))``.
     """
-    images, labels = [], []
+    images, labels, keys = [], [], []
     for batch in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
         images.append(decode_images(batch["image"], shape))  # a view; concatenate copies it out
         labels.append(np.asarray(batch["label_index"].to_numpy(), np.int64))
+        if ordered:
+            keys.append(row_keys(batch))
     if not images:
         return np.zeros((0, *shape), np.uint8), np.zeros(0, np.int64)
-    return np.concatenate(images), np.concatenate(labels)
+    images, labels = np.concatenate(images), np.concatenate(labels)
+    if ordered:
+        order = np.argsort(np.concatenate(keys), kind="stable")[rank::world]
+        images, labels = images[order], labels[order]
+    return images, labels
+
+
+def row_keys(batch) -> np.ndarray:
+    """One sortable key per row: the source file and, for a patch, its box in the field (unique per row)."""
+    sources = [str(s) for s in batch["source"].to_pylist()]
+    if "box" in batch.column_names:
+        boxes = batch["box"].to_pylist()
+        return np.array([f"{s}\t{b[1]:06d}\t{b[0]:06d}" for s, b in zip(sources, boxes)], dtype=object)
+    return np.array(sources, dtype=object)
 
 
 def report_callback(
@@ -270,6 +290,7 @@ class LoopConfig:
     history_file: str | None = None  # rank 0 rewrites every epoch's metrics there (all epochs, not only kept)
     stage_number: int = 0  # named in the progress bar
     progress: bool = False  # rank 0 draws a bar per epoch on the driver's console
+    deterministic: bool = False  # run.deterministic: op determinism, rows in a fixed order (shard_arrays)
 
 
 def _open(path: str | None):
@@ -300,11 +321,18 @@ def train_loop_per_worker(config: LoopConfig) -> None:
 
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
     distributed.set_mixed_precision(config.mixed_precision)
+    if config.deterministic:
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()  # before the first op of the stage
     from msbt.train import loop
 
     stage, shape = config.stage, tuple(config.image_shape)
-    train_ds = loop.dataset_from_arrays(*shard_arrays(ray.train.get_dataset_shard("train"), shape))
-    val_ds = loop.dataset_from_arrays(*shard_arrays(ray.train.get_dataset_shard("val"), shape))
+    order = dict(ordered=config.deterministic, rank=context.get_world_rank(), world=world)
+    train_ds = loop.dataset_from_arrays(*shard_arrays(ray.train.get_dataset_shard("train"), shape, **order))
+    # every worker validates on the whole validation set
+    val_ds = loop.dataset_from_arrays(*shard_arrays(ray.train.get_dataset_shard("val"), shape,
+                                                    ordered=config.deterministic))
     resume = ray.train.get_checkpoint() or _open(config.resume)
     parent = _open(config.parent)
     class_names = list(config.class_names)
@@ -425,20 +453,26 @@ def history_path(run: RunConfig, stage_number: int) -> Path:
     return check_storage_path(run.storage_path) / check_run_name(run.name) / f"stage{stage_number}" / HISTORY_FILE
 
 
-def split_dataset(store_path: str | Path, split: str):
+def split_dataset(store_path: str | Path, split: str, *, keys: bool = False):
     """One split of a store as a materialised Ray Dataset with columns ``image``, ``label_index``.
 
     Materialised here, on the driver, so no read task waits for a CPU a Train worker holds.
+
+    Args:
+        keys: Also the ``source`` (and a patch's ``box``) columns, which order the rows in deterministic
+            mode (:func:`shard_arrays`).
     """
     import ray.data
     from ray.data.expressions import col
 
-    files = Store.open(store_path).files()
+    store = Store.open(store_path)
+    files = store.files()
     if not files:
         raise ValueError(f"{store_path}: no Parquet files (not a store, or an empty one)")
-    ds = ray.data.read_parquet(files, columns=["image", "label_index", "split"])
+    extra = (["source"] + (["box"] if store.kind == "microscope" else [])) if keys else []
+    ds = ray.data.read_parquet(files, columns=["image", "label_index", "split", *extra])
     # An expression filter runs on the Arrow table (read_parquet refuses a pyarrow `filter=` in 2.60).
-    ds = ds.filter(expr=col("split") == split).select_columns(["image", "label_index"]).materialize()
+    ds = ds.filter(expr=col("split") == split).select_columns(["image", "label_index", *extra]).materialize()
     if ds.count() == 0:
         raise ValueError(f"{store_path}: the store has no {split!r} rows")
     return ds
@@ -493,6 +527,7 @@ def loop_config(config: Config, stage_number: int, store_path: str | Path, paren
         history_file=str(history_path(config.run, stage_number)),
         stage_number=stage_number,
         progress=progress,
+        deterministic=config.run.deterministic,
     )
 
 
@@ -558,9 +593,11 @@ def train_stage(
         functools.partial(train_loop_per_worker, worker_config),
         scaling_config=scaling,
         run_config=run_config(config.run, stage_number, stage.monitor, callbacks),
-        datasets={split: split_dataset(store_path, split) for split in ("train", "val")},
+        datasets={split: split_dataset(store_path, split, keys=config.run.deterministic) for split in ("train", "val")},
         # Only the training set is sharded: every worker validates on all of it (identical val_* on all ranks).
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        # Deterministic mode deals the rows itself, by position after sorting (shard_arrays): Ray Data's
+        # split follows block order, which may differ between runs.
+        dataset_config=DataConfig(datasets_to_split=[] if config.run.deterministic else ["train"]),
     )
     try:
         return fit_interruptibly(trainer)

@@ -231,8 +231,8 @@ def stage_inputs(config: Config, number: int, store_path: str | Path, parent: st
     """Everything that determines a stage's result, as plain data (the key of the stage index).
 
     Args:
-        config: The resolved config; ``stage<number>``, ``data.seed``, ``run.num_workers`` and
-            ``run.mixed_precision`` enter. ``run.name``, ``run.storage_path``, ``run.use_gpu``,
+        config: The resolved config; ``stage<number>``, ``data.seed``, ``run.num_workers``,
+            ``run.mixed_precision`` and ``run.deterministic`` (when set) enter. ``run.name``, ``run.storage_path``, ``run.use_gpu``,
             ``run.cpus_per_worker`` and the checkpoint/failure settings do not: they change where a
             result goes or how fast it comes, not what it is.
         number: 1 or 2.
@@ -255,6 +255,8 @@ def stage_inputs(config: Config, number: int, store_path: str | Path, parent: st
         "seed": config.data.seed,
         "num_workers": config.run.num_workers,  # one worker runs Keras fit, more a custom step on shards
         "mixed_precision": config.run.mixed_precision,
+        # a deterministic run promises a reproducible model: never stand in for it with another one
+        **({"deterministic": True} if config.run.deterministic else {}),
     }
 
 
