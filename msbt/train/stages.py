@@ -206,7 +206,7 @@ def stage_inputs(config: Config, number: int, store_path: str | Path, parent: st
 
     stage = config.stage1 if number == 1 else config.stage2
     fingerprint, split_id = store_identity(store_path)
-    return {
+    inputs = {
         "stage": number,
         "config": to_dict(stage),
         "parent": parent_identity(stage.weights, parent),
@@ -216,6 +216,7 @@ def stage_inputs(config: Config, number: int, store_path: str | Path, parent: st
         "num_workers": config.run.num_workers,  # one worker runs Keras fit, more a custom step on shards
         "mixed_precision": config.run.mixed_precision,
     }
+    return json.loads(json.dumps(inputs))  # as the index holds them (lists, not tuples), so they compare equal
 
 
 def stage_key(inputs: dict) -> str:
