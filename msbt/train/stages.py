@@ -246,7 +246,7 @@ def stage_inputs(config: Config, number: int, store_path: str | Path, parent: st
 
     stage = config.stage1 if number == 1 else config.stage2
     fingerprint, split_id = Store.open(store_path).fingerprint()
-    return {
+    inputs = {
         "stage": number,
         "config": to_dict(stage),
         "parent": parent_identity(stage.weights, parent),
@@ -258,6 +258,7 @@ def stage_inputs(config: Config, number: int, store_path: str | Path, parent: st
         # a deterministic run promises a reproducible model: never stand in for it with another one
         **({"deterministic": True} if config.run.deterministic else {}),
     }
+    return json.loads(json.dumps(inputs))  # as the index holds them (lists, not tuples), so they compare equal
 
 
 def stage_key(inputs: dict) -> str:
