@@ -163,7 +163,8 @@ def discover(
             rejects.append(outcome)
             continue
         (height, width), digest, (phash, thumb), notes = outcome
-        warnings += [Reject(text_name(str(path)), note) for note in notes]
+        if notes:
+            warnings.append(Reject(text_name(str(path)), "; ".join(notes)))
         records.append(ImageRecord(str(path), relpath, label, group, width, height, digest))
         hashes.append(phash)
         thumbs.append(thumb)

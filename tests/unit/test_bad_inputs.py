@@ -283,7 +283,7 @@ def partial_files(folder: Path) -> dict[str, Path]:
     frames[0].save(folder / "anim.png", "GIF", save_all=True, append_images=frames[1:])
     frames[0].save(folder / "pages.tif", "TIFF", save_all=True, append_images=frames[1:])
     frames[0].save(folder / "still_gif.png", "GIF")
-    return {p.name: p for p in folder.iterdir()}
+    return {name: folder / name for name in ("cut.jpg", "anim.png", "pages.tif", "still_gif.png")}
 
 
 PARTIAL_REASONS = {
