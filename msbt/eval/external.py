@@ -103,6 +103,9 @@ def score_site(y, p, groups, threshold: float, *, n_boot: int = 2000, seed: int 
         "in_the_large": float(p.mean() - y.mean()),  # > 0: the model over-calls malignancy here
         "brier": float(np.mean((p - y) ** 2)),
     }
+    if at_own["sensitivity"] + at_own["specificity"] - 1 <= 1e-12:
+        out["notes"].append("no threshold beats chance on this site (best Youden J = 0): the model's ranking "
+                            "carries no usable signal here, whatever threshold is chosen")
     out["called_malignant"] = float(np.mean(p >= threshold))
     saturated = float(np.mean((p <= SATURATION) | (p >= 1 - SATURATION)))
     out["saturated_share"] = saturated
@@ -141,9 +144,11 @@ def read_sites(run: str | Path) -> dict[str, dict]:
 def format_site(site: str, result: Mapping) -> list[str]:
     """Lines for the terminal: one site's numbers."""
     c = result.get("contamination", {})
+    found = c.get("found", 0)
+    verdict = ("not checked" if not c.get("checked") else "none found" if not found
+               else f"{found} found and {'excluded' if c.get('excluded') else 'kept (--keep-duplicates)'}")
     lines = [f"site {site}: {result.get('images')} images scored ({result.get('groups')} groups, "
-             f"{result.get('malignant')} malignant); {c.get('found', 0)} near-duplicates of the run's train/val "
-             f"images {'excluded' if c.get('excluded') else 'kept'}"]
+             f"{result.get('malignant')} malignant); near-duplicates of the run's train/val images: {verdict}"]
     at = result.get("at_run_threshold")
     if at:
         lines.append("  at the run's threshold {:.4g}: ".format(result["threshold"]) + ", ".join(

@@ -487,9 +487,8 @@ def external_section(run: Path) -> str:
     for site, r in sites.items():
         c = r.get("contamination", {})
         head = (f"<h3>{_e(site)}</h3><p>{_e(r.get('source'))}: {r.get('images')} images scored "
-                f"({r.get('groups')} lesion groups, {r.get('malignant')} malignant); contamination check: "
-                f"{c.get('found', 0)} near-duplicates of the run's train/val images "
-                f"{'excluded' if c.get('excluded') else 'kept' if c.get('checked') else '(not checked)'}.</p>")
+                f"({r.get('groups')} lesion groups, {r.get('malignant')} malignant); contamination check "
+                f"(near-duplicates of the run's train/val images): {_e(_contamination_text(c))}.</p>")
         body = ""
         at = r.get("at_run_threshold")
         if at:
@@ -511,6 +510,15 @@ def external_section(run: Path) -> str:
         warn = "".join(f"<li>{_e(w)}</li>" for w in [*r.get("out_of_depth", []), *r.get("notes", [])])
         parts.append(head + body + (f"<ul class=notes>{warn}</ul>" if warn else ""))
     return _section("External sites", "".join(parts), "external")
+
+
+def _contamination_text(c: dict) -> str:
+    if not c.get("checked"):
+        return "not checked"
+    found = c.get("found", 0)
+    if not found:
+        return f"none found among {c.get('run_images_compared', '?')} run images"
+    return f"{found} found, {'excluded from the numbers' if c.get('excluded') else 'kept (--keep-duplicates)'}"
 
 
 def config_section(run: Path) -> str:

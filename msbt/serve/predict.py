@@ -25,6 +25,7 @@ import csv
 import json
 import os
 import logging
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -357,11 +358,16 @@ def predict_logits(model, batch: np.ndarray, batch_size: int = 32) -> tuple[np.n
     import keras
 
     head = model.get_layer("predictions")
-    both = keras.Model(model.inputs, [model.outputs[0], head.input])
+    both = _TWO_OUTPUTS.get(model)
+    if both is None:  # built once per model: a new Model per chunk would retrace its predict function
+        both = _TWO_OUTPUTS[model] = keras.Model(model.inputs, [model.outputs[0], head.input])
     p, features = both.predict(batch.astype(np.float32), batch_size=batch_size, verbose=0)
     kernel, bias = (np.asarray(w, np.float64) for w in head.get_weights())
     logits = np.asarray(features, np.float64) @ kernel + bias
     return np.asarray(p, np.float64).reshape(-1), logits.reshape(-1)
+
+
+_TWO_OUTPUTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def model_inputs(images: np.ndarray, image_size: int) -> np.ndarray:
