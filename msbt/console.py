@@ -106,9 +106,11 @@ def setup(verbose: bool = False, debug: bool = False) -> None:
     quiet_environment(verbose)
     root = logging.getLogger()
     root.setLevel(logging.DEBUG if debug else logging.INFO)
-    for handler in (_state["console"], _state["buffer"], _state["file"]):
+    for handler in (_state["console"], _state["buffer"], _state["file"]):  # an earlier command of this process
         if handler is not None:
-            root.removeHandler(handler)
+            for name in ("", "ray", "ray.data"):
+                logging.getLogger(name).removeHandler(handler)
+            handler.close()
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
     console.setFormatter(logging.Formatter(FORMAT if verbose or debug else "%(levelname)s %(name)s: %(message)s"))

@@ -207,13 +207,7 @@ def trial_curves(path: str | Path, trials: Sequence[dict], metric: str) -> dict[
     out = {}
     for trial in trials:
         points = []
-        file = Path(path) / trial["trial"] / "result.json"
-        lines = file.read_text().splitlines() if file.is_file() else []
-        for i, line in enumerate(lines):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                break  # a killed trial's last line may be cut off
+        for i, row in enumerate(_result_rows(Path(path) / trial["trial"] / "result.json")):
             value = row.get(metric)
             if isinstance(value, (int, float)) and math.isfinite(value):
                 points.append((int(row.get("training_iteration", i + 1)), float(value)))
@@ -303,11 +297,13 @@ def optimism(search: dict, trials: Sequence[dict], path: str | Path) -> dict:
                margin=abs(best - median))
     size = validation_size(path)
     out["validation"] = size
-    counts = list((size or {}).get("groups_by_label", {}).values())
-    if "auc" in search["metric"] and len(counts) == 2 and min(counts) > 0 and 0 < best < 1:
-        out["auc_se"] = auc_standard_error(best, counts[1], counts[0])
-    elif "auc" in search["metric"] and len(counts) == 2 and min(counts) > 0:
-        out["auc_se"] = auc_standard_error(0.999, counts[1], counts[0])  # at 1.0 the formula gives 0
+    groups = (size or {}).get("groups_by_label", {})
+    # Positives are the malignant lesions (label index 1 of msbt's binary stores; the last label otherwise).
+    positive = "malignant" if "malignant" in groups else (sorted(groups)[-1] if groups else None)
+    negatives = sum(n for label, n in groups.items() if label != positive)
+    if "auc" in search["metric"] and len(groups) == 2 and groups[positive] > 0 and negatives > 0:
+        # At an AUC of exactly 1 (or 0) the formula gives 0: a small step inside keeps it informative.
+        out["auc_se"] = auc_standard_error(min(max(best, 0.001), 0.999), groups[positive], negatives)
     return out
 
 
@@ -691,6 +687,7 @@ def write_hparams(path: str | Path) -> Path:
 
 
 def _result_rows(file: Path) -> list[dict]:
+    """Tune's ``result.json`` lines as dicts (a killed trial's cut-off last line is dropped)."""
     rows = []
     for line in file.read_text().splitlines() if file.is_file() else []:
         try:

@@ -107,6 +107,12 @@ def test_smoke_pipeline_job_succeeds(head_node, tmp_path):
     assert "Started a local Ray instance" not in output
     # the runtime env's variables reached the job: TF_CPP_MIN_LOG_LEVEL=2 hides this INFO line
     assert "cpu_feature_guard" not in logs
+    # the quiet console (msbt.console): step lines and bars in `ray job logs`, Ray's and the workers'
+    # own lines in the run's log files
+    print(logs)  # shown with `pytest -rP`
+    assert logs.count("\n") < 60 and "stage 1 epoch 1/1" in logs
+    assert "Execution plan" not in logs and "TrainingReport" not in logs and "cuInit" not in logs
+    assert "Reporting training result" in (tmp_path / "smoke" / "logs" / "workers.log").read_text()
 
     # the results are where the user asked (an absolute run.storage_path, expanded at submit time), not
     # in Ray's unpacked copy of the code (issue #13, item 0)
