@@ -4,6 +4,7 @@ Each test runs msbt in a fresh process, as a user would, so the cluster's enviro
 RAY_ADDRESS, the token file) is that of a real run and this test process is left untouched.
 """
 
+import ipaddress
 import json
 import os
 import re
@@ -41,6 +42,12 @@ print(json.dumps({"gcs": ray.get_runtime_context().gcs_address, "driver": os.env
 """
 
 
+def loopback(address: str) -> bool:
+    """127.0.0.0/8, ::1, or loopback seen through an IPv6 socket (``::ffff:127.0.0.1``, as gcs_server binds)."""
+    ip = ipaddress.ip_address(address)
+    return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
+
+
 def run_probe(home):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HOME": str(home)}
     for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
@@ -54,7 +61,7 @@ def test_private_cluster_listens_on_loopback_only_and_its_token_is_private(tmp_p
     report = run_probe(tmp_path)
     # GCS, raylet, object manager, workers, dashboard, its agent, metrics: all on the loopback address
     assert len(report["listening"]) >= 5, report
-    exposed = [row for row in report["listening"] if row[0] not in ("127.0.0.1", "::1")]
+    exposed = [row for row in report["listening"] if not loopback(row[0])]
     assert exposed == [], exposed
     assert {"gcs_server", "raylet"} <= {name for _, _, name in report["listening"]}
     # every process of the cluster names its own cluster (item 10): the driver and a worker task

@@ -7,6 +7,7 @@ old groups, and ``split.json`` says what moved. The stratification guarantee is 
 ``max(tolerance * n, largest group)`` images, and no empty split when a class has enough groups.
 """
 
+import collections
 import json
 
 import cv2
@@ -136,3 +137,22 @@ def test_msbt_split_force_reports_what_moved(tmp_path, capsys):
     assert {row["split"] for row in read_table(out / "split.csv")} == set(SPLITS)
     # no temporary file is left beside the split
     assert sorted(p.name for p in out.iterdir()) == ["rejects.csv", "split.csv", "split.json"]
+
+
+def test_group_size_does_not_decide_the_split():
+    # Half the images in lesions of 4 frames, placed by their file paths as make_split places them: a
+    # position biased by group size (the smallest of k hashes) sent them to train and left test with
+    # single images (measured on BUSI-256: 4% of test images from multi-image lesions, 40% overall).
+    labels, groups, keys = [], [], []
+    for g in range(400):
+        size = 4 if g % 5 == 0 else 1
+        labels += ["benign" if g % 2 else "malignant"] * size
+        groups += [f"g{g}"] * size
+        keys += [f"lesion{g}/frame{k}.png" for k in range(size)]
+    size = collections.Counter(groups)
+    for seed in range(3):
+        bins = assign_groups(labels, groups, RATIOS, seed, keys=keys)
+        for b in (1, 2):
+            members = [g for g, k in zip(groups, bins) if k == b]
+            share = sum(size[g] > 1 for g in members) / len(members)
+            assert 0.3 < share < 0.7, (seed, b, share)  # half the images, give or take
