@@ -221,7 +221,7 @@ def test_serve_answers_images_and_refuses_bad_bytes(exported, ray_local, tmp_pat
         # Eight at once: @serve.batch groups them; each answer is its own image's.
         with ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(lambda b: requests.post(f"{url}/predict", data=b, timeout=60), files))
-        assert [a.status_code for a in answers] == [200] * 8
+        assert [a.status_code for a in answers] == [200] * 8, [a.text[:300] for a in answers]
         expected = exported["model"].predict(frames.astype(np.float32), verbose=0).reshape(-1)
         got = [a.json() for a in answers]
         np.testing.assert_allclose([g["probability"] for g in got], expected, atol=1e-6)
