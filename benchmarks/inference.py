@@ -191,10 +191,16 @@ def run(args) -> dict:
             del engine
             print(f"{key} {name}-{precision}: {entry['engines'][f'{name}-{precision}']['fps_b1']:.1f} fps", flush=True)
         entry["stream"] = bench_stream(folder, cine, root / key / "stream.csv")
-        if key in args.serve_models:
-            entry["serve"] = bench_serve(folder, pngs, args.clients, args.serve_seconds, args.serve_batch)
         results["models"][key] = entry
-        print(json.dumps({k: entry[k] for k in ("stream", "serve") if k in entry}), flush=True)
+        if key in args.serve_models:
+            try:
+                entry["serve"] = bench_serve(folder, pngs, args.clients, args.serve_seconds, args.serve_batch)
+            except Exception as err:  # keep the engine figures; the table says serve failed
+                entry["serve_error"] = f"{type(err).__name__}: {err}"
+        print(json.dumps({k: entry[k] for k in ("stream", "serve", "serve_error") if k in entry}), flush=True)
+        if args.out:  # after every model, so a later failure keeps what was measured
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(results, indent=2, default=float) + "\n")
     results["load_after"] = os.getloadavg()
     return results
 

@@ -16,12 +16,14 @@ whatever arrived within ``serve.batch_wait_timeout_s`` of the first). Replicas, 
 come from the ``serve:`` config section (or a Serve config file); the engine gets as many threads as Ray
 assigned its replica CPUs, so replicas on one machine do not fight over cores.
 
+No ``from __future__ import annotations`` here: FastAPI reads the ``Request`` annotation at runtime, and
+as a string it took ``request`` for a query parameter (every POST answered 422; measured).
+
 Deploy it with ``msbt serve MODEL`` (which starts or joins a Ray cluster), or with Ray's own CLI from a
 config file (``serve run workflows/serve.yaml``, ``serve deploy workflows/serve.yaml``) through
 :func:`build_app`.
 """
 
-from __future__ import annotations
 
 import asyncio
 from pathlib import Path
@@ -124,7 +126,9 @@ def application(model: str | Path, config: ServeConfig = ServeConfig(), *, thres
     options = {"num_cpus": config.cpus_per_replica}
     if config.gpus_per_replica:
         options["num_gpus"] = config.gpus_per_replica
-    deployment = Classifier.options(num_replicas=config.replicas, ray_actor_options=options)
+    # Serve's default of 5 requests in flight per replica would cap every batch at 5.
+    deployment = Classifier.options(num_replicas=config.replicas, ray_actor_options=options,
+                                    max_ongoing_requests=max(5, 2 * config.max_batch_size))
     return deployment.bind(str(folder), config.engine, threshold, config.max_batch_size,
                            config.batch_wait_timeout_s, config.max_request_mb)
 

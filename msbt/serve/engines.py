@@ -20,7 +20,6 @@ layer, the backbone's normalisation) is inside every exported graph; no engine r
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -214,7 +213,3 @@ def openvino_default_precision() -> str:
 
     return ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
 
-
-def cpu_count() -> int:
-    """CPUs this process may use (the affinity mask, not the host's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

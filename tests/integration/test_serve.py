@@ -221,7 +221,7 @@ def test_serve_answers_images_and_refuses_bad_bytes(exported, ray_local, tmp_pat
         # Eight at once: @serve.batch groups them; each answer is its own image's.
         with ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(lambda b: requests.post(f"{url}/predict", data=b, timeout=60), files))
-        assert [a.status_code for a in answers] == [200] * 8
+        assert [a.status_code for a in answers] == [200] * 8, [a.text[:300] for a in answers]
         expected = exported["model"].predict(frames.astype(np.float32), verbose=0).reshape(-1)
         got = [a.json() for a in answers]
         np.testing.assert_allclose([g["probability"] for g in got], expected, atol=1e-6)
@@ -276,3 +276,13 @@ def test_shipped_serve_config_is_a_valid_serve_deploy_config(exported):
         build_app({**args, "max_batch_size": "many"})
     with pytest.raises(eng.EngineError, match="not an `msbt export` folder"):
         build_app({**args, "model": str(exported["root"])})
+
+
+def test_serve_and_stream_commands_refuse_a_folder_that_is_not_an_export(tmp_path, capsys):
+    # Both fail with the reason before Ray or an engine starts.
+    assert main(["serve", str(tmp_path)]) == 1
+    assert "not an `msbt export` folder" in capsys.readouterr().err
+    assert main(["stream", str(tmp_path), str(tmp_path / "cine.avi")]) == 1
+    assert "not an `msbt export` folder" in capsys.readouterr().err
+    assert main(["stream", str(tmp_path), "0", "--alpha", "2"]) == 1
+    assert "--alpha must be in (0, 1]" in capsys.readouterr().err
