@@ -146,7 +146,7 @@ def main() -> int:
     # Two workers sharing a GPU: TensorFlow must not take all of its memory in the first process.
     os.environ["TF_FORCE_GPU_ALLOW_GROWTH"] = "true"
     init_ray("local")
-    failed = False
+    failed, rows, per_epoch = False, [], 0
     try:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         if not smoke and gpus < 1:
@@ -159,15 +159,15 @@ def main() -> int:
         cpus = max(1.0, (os.cpu_count() or 2) // 4) if not smoke else 1.0
         plan = [("1 worker, float32", 1, False), ("1 worker, mixed precision", 1, True)]
         plan += [] if smoke else [("2 workers on 1 GPU (plumbing check)", 2, False)]
-        rows, estimate = [], 150.0
+        estimate = 150.0
         for label, workers, mixed in plan:
             left = args.budget - (time.perf_counter() - started)
             if left < estimate:
                 print(f"{label}: skipped, {left:.0f} s of the {args.budget:.0f} s budget left "
-                      f"(a run took {estimate:.0f} s)", flush=True)
+                      f"(a run takes about {estimate:.0f} s)", flush=True)
                 continue
             try:
-                r = run_stage(store, work, label.split(",")[0].replace(" ", "") + str(int(mixed)),
+                r = run_stage(store, work, f"w{workers}-{'mixed' if mixed else 'fp32'}",
                               workers=workers, mixed=mixed, use_gpu=not smoke, image_size=size,
                               epochs=args.epochs, cpus_per_worker=cpus)
             except Exception as exc:  # report and go on: one failed run must not hide the others
@@ -177,11 +177,12 @@ def main() -> int:
             estimate = r["wall_s"]
             rows.append((label, workers, r, projection(r["first"], r["later"], per_epoch)))
             print(f"{label}: done in {r['wall_s']:.0f} s", flush=True)
-        print_table(rows, per_epoch, size)
     finally:
         ray.shutdown()
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
+    # After Ray is down, so the workers' progress lines cannot interleave with the table.
+    print_table(rows, per_epoch, size)
     print(f"total {time.perf_counter() - started:.0f} s")
     return 1 if failed else 0
 

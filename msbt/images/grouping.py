@@ -142,6 +142,8 @@ def _block_plan(n: int, r: int, force: bool = False) -> int | None:
     # At least 4 blocks: a block of w bits needs a bucket table of 2^w + 1 entries (16 bits: 0.5 MiB).
     for m in range(4, 17):
         width = -(-64 // m)
+        if (m - 1) * width >= 64:  # fewer than m blocks of this width cover 64 bits: not an m-block plan
+            continue
         probes = sum(comb(width, k) for k in range(r // m + 1))
         # Per hash and block: one bucket lookup per probe, then every hash in those buckets (for
         # uniform hashes n / 2^width of them) is compared; in numpy a lookup costs about as much as

@@ -72,6 +72,7 @@ def test_ray_scan_equals_threaded_scan_on_generated_data(tmp_path, ray_local):
 
 
 @pytest.mark.ray
+@pytest.mark.shared_data
 @pytest.mark.parametrize("name", ["mendeley-rodrigues", "busi-256"])
 def test_ray_scan_gives_the_same_groups_on_real_data(real_data, ray_local, name):
     root = real_data(name)

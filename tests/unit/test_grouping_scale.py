@@ -99,3 +99,12 @@ def test_empty_and_single_inputs():
         assert len(i) == len(j) == 0
     with pytest.raises(ValueError, match="unknown method"):
         near_pairs(np.zeros(3, np.uint64), 10, method="bk-tree")
+
+
+@pytest.mark.parametrize("max_distance", [24, 40])
+def test_large_distances_stay_exact_whatever_the_block_plan(max_distance):
+    hashes, _, _ = random_collection(1500, seed=max_distance)
+    blocks = near_pairs(hashes, max_distance, method="blocks")
+    full = near_pairs(hashes, max_distance, method="compare")
+    np.testing.assert_array_equal(blocks[0], full[0])
+    np.testing.assert_array_equal(blocks[1], full[1])
