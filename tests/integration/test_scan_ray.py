@@ -4,12 +4,11 @@ import cv2
 import numpy as np
 import pytest
 
-from helpers import frame_of, textured
+from helpers import frame_of, reference_links, textured
 from msbt.data.discovery import DataError, discover
 from msbt.data.scan import choose_scan, scan, scan_inspector
 from msbt.data.splits import make_split
 from msbt.images.grouping import connected_groups
-from test_grouping_scale import reference_links
 
 
 def test_choose_scan_follows_the_mode_the_size_and_the_cluster():

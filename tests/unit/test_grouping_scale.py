@@ -3,33 +3,8 @@
 import numpy as np
 import pytest
 
+from helpers import reference_links
 from msbt.images.grouping import connected_groups, find_links, near_pairs
-
-
-def reference_links(hashes, thumbs, max_distance, min_similarity, digests):
-    """find_links as it was before multi-index hashing (every pair compared), kept here as the oracle."""
-    hashes = np.asarray(hashes, dtype=np.uint64)
-    n = len(hashes)
-    found = []
-    for start in range(0, n, 256):
-        rows = np.arange(start, min(start + 256, n))
-        dist = np.bitwise_count(hashes[rows, None] ^ hashes[None, :])
-        i, j = np.nonzero(dist <= max_distance)
-        keep = j > rows[i]
-        i, j = rows[i[keep]], j[keep]
-        sim = np.einsum("kd,kd->k", thumbs[i], thumbs[j])
-        ok = sim >= min_similarity
-        found.append(np.stack([i[ok], j[ok], dist[i[ok] - start, j[ok]], np.round(sim[ok] * 1e6)], axis=1))
-    table = np.concatenate(found)
-    by_digest = {}
-    for index, digest in enumerate(digests):
-        by_digest.setdefault(digest, []).append(index)
-    rows = [[m[0], j, int(np.bitwise_count(hashes[m[0]] ^ hashes[j])), round(float(thumbs[m[0]] @ thumbs[j]) * 1e6)]
-            for m in by_digest.values() for j in m[1:]]
-    table = np.unique(np.concatenate([table, np.array(rows, dtype=np.float64).reshape(-1, 4)]), axis=0)
-    _, first = np.unique(table[:, :2].astype(np.int64), axis=0, return_index=True)
-    table = table[np.sort(first)]
-    return table[:, :2].astype(np.int64), table[:, 2].astype(np.int64), table[:, 3] / 1e6
 
 
 def random_collection(n, seed):
