@@ -79,3 +79,14 @@ def test_a_private_name_used_across_modules_is_found(tmp_path):
     target = tmp_path / "msbt" / "serve" / "predict.py"
     target.write_text(target.read_text() + "\nfrom msbt.data.discovery import _SYSTEM_FILES  # noqa\n")
     assert any("imports msbt.data.discovery._SYSTEM_FILES" in f for f in private_uses(tmp_path / "msbt"))
+
+
+def test_no_test_file_imports_another():
+    """Shared test code lives in tests/helpers.py (and tests/dicomfiles.py), never in a test module."""
+    offenders = []
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.relative_to(ROOT)}: imports {n}" for n in names if n.split(".")[-1].startswith("test_")]
+    assert offenders == []
