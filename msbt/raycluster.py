@@ -74,8 +74,12 @@ def describe_cluster(address: str | None, resources: dict, dashboard: str | None
     return f"Ray: {where} ({resources.get('CPU', 0):g} CPUs{gpus}){seen}"
 
 
-def start_private(num_cpus: int | None = None) -> str:
+def start_private(num_cpus: int | None = None, **options) -> str:
     """Start a private local cluster that listens on loopback only and that all its processes can name.
+
+    Args:
+        num_cpus: CPUs of the cluster (default: all).
+        options: More ``ray.init`` keywords (the test suite's cluster passes ``log_to_driver=False``).
 
     Returns:
         Its GCS address (``127.0.0.1:<port>``), which every task and actor of it finds in ``RAY_ADDRESS``.
@@ -113,7 +117,7 @@ def start_private(num_cpus: int | None = None) -> str:
         # (measured: the suite's Tune test hung at "Pending Demands: {'CPU': 1.0}" with 1.0 CPU held
         # by a dead trial). It also lets the user watch the run (port 8265, or the next free one).
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 runtime_env={"env_vars": {"RAY_ADDRESS": address}})
+                 runtime_env={"env_vars": {"RAY_ADDRESS": address}}, **options)
     protect_token()
     return address
 

@@ -27,12 +27,16 @@ def real_data():
 def ray_local():
     """A real local Ray cluster for the session (2 CPUs), shut down at the end.
 
-    With the dashboard, as msbt.raycluster starts one: it serves the state API that Ray Train's
+    Started as msbt.raycluster starts one, with the dashboard: it serves the state API that Ray Train's
     placement-group cleaner queries; without it, trials that Tune stops early leak their placement
     groups and later tests wait for CPUs forever.
     """
     ray = pytest.importorskip("ray")
+    from msbt.raycluster import start_private
+
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
+        # msbt's private cluster: loopback only, and every process of it knows its address, so a
+        # Train placement-group cleaner never queries another cluster on the machine (docs/reliability.md)
+        start_private(num_cpus=2, log_to_driver=False)
     yield ray
     ray.shutdown()
