@@ -118,7 +118,8 @@ def run_one(manifest: Path, out: Path, cpus: int, compare_local: bool) -> dict:
 
     from msbt.config import PreprocessConfig
     from msbt.data.discovery import discover
-    from msbt.data.preprocess import build_microscope_store, split_items, store_files
+    from msbt.data.preprocess import build_microscope_store, split_items
+    from msbt.data.store import store_files
     from msbt.data.scan import scan
     from msbt.data.splits import make_split, save_split
 

@@ -102,7 +102,7 @@ def _unscale(name: str, value: float) -> float:
 
 def profile_from_store(store: str | Path, sizes: Mapping[str, tuple[int, int]]) -> dict:
     """The profile of a store's `train` rows; `sizes` maps a row's `source` to its file's (width, height)."""
-    from msbt.data.preprocess import read_store
+    from msbt.data.store import read_store
 
     data = read_store(store, columns=["image", "source"], split="train")
     features = [image_features(*sizes[s], image) for s, image in zip(data["source"], data["image"]) if s in sizes]

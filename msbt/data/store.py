@@ -155,6 +155,13 @@ class Store:
     def files(self) -> list[str]:
         return store_files(self.path)
 
+    def columns(self) -> list[str]:
+        """The column names of the rows (from the first Parquet file's schema; none for an empty store)."""
+        import pyarrow.parquet as pq
+
+        files = self.files()
+        return list(pq.read_schema(files[0]).names) if files else []
+
     def is_complete(self) -> bool:
         """Every chunk written whole (the summary is written after the last chunk)."""
         return (self.path / SUMMARY_FILE).is_file() and all(

@@ -75,12 +75,9 @@ def predict_split(model, stage, store: str | Path, split: str) -> dict[str, np.n
 
 def has_column(store: str | Path, name: str) -> bool:
     """Whether a store's Parquet files have column ``name`` (read from the first file's schema)."""
-    import pyarrow.parquet as pq
+    from msbt.data.store import Store
 
-    from msbt.data.preprocess import store_files
-
-    files = store_files(store)
-    return bool(files) and name in pq.read_schema(files[0]).names
+    return name in Store.open(store).columns()
 
 
 def score(val: dict, test: dict, *, rule: str = "youden", n_boot: int = 2000, seed: int = 0,

@@ -143,7 +143,7 @@ def test_leave_one_site_out_on_two_built_in_sites(tmp_path, ray_local):
     """The real thing, smallest: two built-in sites, 32 px, one epoch per stage; every site held out once,
     its store holding all its images as test and the other site's test rows as 'internal'."""
     from msbt.config import DataConfig, PreprocessConfig, RunConfig, SynthConfig
-    from msbt.data.preprocess import read_store
+    from msbt.data.store import read_store
     from msbt.jobs import experiments as X
 
     lite0 = dict(backbone="efficientnet_lite0", weights="none", image_size=32, batch_size=8, epochs=1)
