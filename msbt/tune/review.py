@@ -302,8 +302,9 @@ def optimism(search: dict, trials: Sequence[dict], path: str | Path) -> dict:
     positive = "malignant" if "malignant" in groups else (sorted(groups)[-1] if groups else None)
     negatives = sum(n for label, n in groups.items() if label != positive)
     if "auc" in search["metric"] and len(groups) == 2 and groups[positive] > 0 and negatives > 0:
-        # At an AUC of exactly 1 (or 0) the formula gives 0: a small step inside keeps it informative.
-        out["auc_se"] = auc_standard_error(min(max(best, 0.001), 0.999), groups[positive], negatives)
+        # At the median trial's AUC: at the winner's (often 1.0 on a small split) the formula collapses to 0.
+        out["auc_se"] = auc_standard_error(min(max(median, 0.001), 0.999), groups[positive], negatives)
+        out["auc_step"] = 1.0 / (groups[positive] * negatives)  # one lesion pair swapped
     return out
 
 
@@ -429,7 +430,7 @@ def _table(search: dict, trials: Sequence[dict], keys: Sequence[str]) -> str:
     rows = []
     for rank, t in enumerate(trials, start=1):
         flat = flatten(t["params"])
-        cells = [rank, t["trial"], *(flat.get(k) for k in keys),
+        cells = [rank, t["trial"], *(f"{v:.3g}" if isinstance(v, float) else v for v in (flat.get(k) for k in keys)),
                  "n/a" if t["best"] is None else f"{t['best']:.4f}", t["best_epoch"] or "-",
                  f"{t['epochs']}/{search['epochs']}", t["status"]]
         cls = ' class="ref"' if t["reference"] else ""
@@ -464,9 +465,11 @@ def _optimism_section(search: dict, o: dict, top_commands: Sequence[str]) -> str
              f"{o['median']:.4f}, standard deviation {o['sd']:.4f}); the winner is {o['margin']:.4f} above the "
              "median trial."]
     if "auc_se" in o:
-        lines.append(f"On that many lesions one AUC has a standard error of about {o['auc_se']:.3f} (Hanley &amp; "
-                     "McNeil 1982, lesions counted as cases): a margin of that size between trials is within "
-                     "the noise of the split, and the maximum of several noisy values is biased upward.")
+        lines.append(f"At the median trial's AUC, one AUC on that many lesions has a standard error of about "
+                     f"{o['auc_se']:.3f} (Hanley &amp; McNeil 1982, lesions counted as cases), and one misordered "
+                     f"malignant/benign lesion pair moves it by {o['auc_step']:.3f}: margins of that size between "
+                     "trials are within the noise of the split, and the maximum of several noisy values is biased "
+                     "upward.")
     lines.append("Before adopting a configuration, re-score the top ones under k-fold cross-validation (every "
                  "fold a fresh split of the train+val lesions; the test split stays untouched):")
     cmds = f"<pre>{_e(chr(10).join(top_commands))}</pre>"

@@ -160,10 +160,13 @@ def test_the_smoke_job_prints_few_lines_with_bars_and_logs_the_rest(tmp_path):
         [PY, str(ROOT / "workflows" / "pipeline.py"), "--smoke-test", "--address", "local",
          "--set", "stage2.epochs=2", "--set", f"run.storage_path={tmp_path}",
          "--set", f"synth.out_dir={tmp_path / 'synth'}"],
-        capture_output=True, text=True, env=ENV, timeout=1100)
-    out = done.stdout + done.stderr
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ENV, timeout=1100)
+    # One stream, as on a terminal; bytes, since text mode would turn each bar's \r into a newline.
+    out = done.stdout.decode("utf-8", "replace")
+    (tmp_path / "console.txt").write_bytes(done.stdout)
     assert done.returncode == 0, out[-3000:]
-    assert out.count("\n") < 60, out  # newlines, as `wc -l` counts: a bar redraws itself with \r
+    # newlines, as `wc -l` counts them (a bar redraws itself with \r); repr: pytest would split at \r
+    assert out.count("\n") < 60, repr(out)
     for step in ("scan", "microscope store", "stage 1 epoch 1/1", "stage 2 epoch 2/2", "stage 2: best val_auc",
                  "Keras' binned AUC", "val_auc_exact", "report:"):
         assert step in out, step
