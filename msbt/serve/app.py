@@ -70,18 +70,26 @@ class Classifier:
     async def predict(self, request: Request):
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.max_bytes:
-            return _error(413, f"request body of {int(declared)} bytes is larger than {self.max_bytes} bytes")
+            return self.error(413, f"request body of {int(declared)} bytes is larger than {self.max_bytes} bytes")
         body = await request.body()
         if len(body) > self.max_bytes:
-            return _error(413, f"request body of {len(body)} bytes is larger than {self.max_bytes} bytes")
+            return self.error(413, f"request body of {len(body)} bytes is larger than {self.max_bytes} bytes")
         try:
             image = await asyncio.to_thread(self._prepare, body)
         except ValueError as err:  # ImageError is a ValueError: its message names the problem
-            return _error(400, getattr(err, "reason", None) or str(err))
+            return self.error(400, getattr(err, "reason", None) or str(err))
         p = await self.score(image)
         m = self.model
         return {"probability": p, "label": m.class_names[int(p >= m.threshold.value)],
                 "threshold": m.threshold.value, "threshold_source": m.threshold.source, **self._identity()}
+
+    @staticmethod
+    def error(status: int, reason: str) -> JSONResponse:
+        """A JSON error answer. A method, not a module function: Serve ships the ingress class to the
+        replica without this module's other globals (a module-level helper raised NameError there)."""
+        from fastapi.responses import JSONResponse
+
+        return JSONResponse({"error": reason}, status_code=status)
 
     def _prepare(self, body: bytes) -> np.ndarray:
         """Request bytes -> the model input, as ``msbt predict`` prepares a file."""
@@ -102,10 +110,6 @@ class Classifier:
         # Off the event loop, so requests keep being read and decoded while a batch runs.
         p = await asyncio.to_thread(self.model.engine.predict, np.stack(images))
         return [float(x) for x in p]
-
-
-def _error(status: int, reason: str) -> JSONResponse:
-    return JSONResponse({"error": reason}, status_code=status)
 
 
 def application(model: str | Path, config: ServeConfig = ServeConfig(), *, threshold: float | None = None):
