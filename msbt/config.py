@@ -78,8 +78,10 @@ class DataConfig:
     # A file only part of which would be used (multi-page TIFF, animated GIF, a JPEG cut short with its
     # end marker put back, a format its extension does not name): reject it, or use it with a warning.
     on_partial: Literal["reject", "warn"] = "reject"
-    # The same file content under two classes: stop with an error naming both, or reject every copy.
-    on_conflict: Literal["error", "reject"] = "error"
+    # The same file content under two classes: reject every copy (each listed in rejects.csv with the
+    # other file named, the run goes on), or stop with an error naming both. Reject by default, as for
+    # every other file that cannot be used: public sets have such copies (BUSI: Data in Brief 48:109247).
+    on_conflict: Literal["reject", "error"] = "reject"
     # Where files are decoded and fingerprinted (msbt.data.scan): "local" = threads in the driver,
     # "ray" = Ray Data tasks over the cluster, "auto" = Ray Data from scan_ray_min_files candidates on
     # when a Ray cluster is up (below that the threaded scan takes seconds and Ray's start-up is not

@@ -106,7 +106,7 @@ def discover(
     workers: int | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     on_partial: str = "reject",
-    on_conflict: str = "error",
+    on_conflict: str = "reject",
     inspect_all: Callable[[list, str], list] | None = None,
 ) -> Discovery:
     """Scan a class-per-folder tree or a CSV manifest and validate every image in it.

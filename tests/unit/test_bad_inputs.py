@@ -84,7 +84,7 @@ def scan_and_split(root: Path, out: Path, *extra: str) -> tuple[int, dict, list]
 
 def pipeline_data_step(tmp_path: Path, ultrasound: Path, *extra: str):
     """The pipeline's data step (scan, rejects.csv, split) and the Ray Data per-file function on its split."""
-    from msbt.jobs.pipeline import prepare_data
+    from msbt.data.prepare import prepare_data
 
     micro = tree(tmp_path / "micro", 3, ("lineA", "lineB"))
     config = load_config([], [f"data.microscope={micro}", f"data.ultrasound={ultrasound}",
@@ -321,17 +321,18 @@ def test_partial_files_are_rejected_with_the_reason_or_used_with_a_warning(tmp_p
 def test_same_image_under_two_classes_is_an_error_or_both_are_rejected(tmp_path, capsys):
     root = tree(tmp_path / "data")
     (root / "malignant" / "copy.png").write_bytes((root / "benign" / "b1.png").read_bytes())
-    assert main(["split", str(root), "--out", str(tmp_path / "o"), "--set", "data.folds=2"]) == 1
+    assert main(["split", str(root), "--out", str(tmp_path / "o"), "--set", "data.folds=2",
+                 "--set", "data.on_conflict=error"]) == 1
     err = capsys.readouterr().err
     assert f"{root / 'benign' / 'b1.png'} (benign) and {root / 'malignant' / 'copy.png'} (malignant) are the same " \
            "file content under two classes" in err
     assert not (tmp_path / "o" / "split.csv").exists()
-    rc, rejects, rows = scan_and_split(root, tmp_path / "out", "--set", "data.on_conflict=reject")
+    rc, rejects, rows = scan_and_split(root, tmp_path / "out")  # the default: both copies rejected
     assert rc == 0 and set(rejects) == {str(root / "benign" / "b1.png"), str(root / "malignant" / "copy.png")}
     assert "contradictory labels" in rejects[str(root / "benign" / "b1.png")]
     assert len(rows) == 7
     with pytest.raises(DataError, match="same file content under two classes"):
-        pipeline_data_step(tmp_path, root)
+        pipeline_data_step(tmp_path, root, "data.on_conflict=error")
 
 
 def manifest(path: Path, root: Path, groups: bool, encoding="utf-8", bom=False, extra_row="") -> Path:
