@@ -301,3 +301,19 @@ def test_atomic_writes_keep_the_usual_file_mode(tmp_path):
     finally:
         os.umask(mask)
     assert (tmp_path / "b.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]
+
+
+def test_the_submitted_package_holds_every_module_of_msbt(tmp_path):
+    """`ray job submit --working-dir . --runtime-env workflows/runtime_env.yaml` uploads what Ray's own
+    packager keeps; a bare `data/` exclude dropped msbt/data/ (the job then imported another msbt)."""
+    import zipfile
+
+    pytest.importorskip("ray")
+    from ray._private.runtime_env.packaging import create_package  # what `ray job submit` runs
+
+    excludes = yaml.safe_load((ROOT / "workflows" / "runtime_env.yaml").read_text())["excludes"]
+    create_package(str(ROOT), tmp_path / "pkg.zip", include_gitignore=True, excludes=list(excludes))
+    packaged = set(zipfile.ZipFile(tmp_path / "pkg.zip").namelist())
+    modules = {str(p.relative_to(ROOT)) for p in (ROOT / "msbt").rglob("*.py") if "__pycache__" not in p.parts}
+    assert modules and modules <= packaged, sorted(modules - packaged)
+    assert "workflows/pipeline.py" in packaged and not any(n.startswith((".venv/", "runs/", ".git/")) for n in packaged)
