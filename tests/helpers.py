@@ -102,7 +102,7 @@ def check_run_report(run) -> None:
     assert text.count('src="data:image/png;base64,') >= 2 and "Grad-CAM failed" not in text
     # the per-image predictions are kept for later comparisons
     rows = (run / "predictions.csv").read_text().splitlines()
-    assert rows[0] == "split,source,group,y,p"
+    assert rows[0] == "split,source,group,y,p,site"
     assert sum(r.startswith("test,") for r in rows) == metrics["test_images"]
 
 

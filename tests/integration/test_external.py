@@ -148,7 +148,7 @@ def test_leave_one_site_out_on_two_built_in_sites(tmp_path, ray_local):
 
     lite0 = dict(backbone="efficientnet_lite0", weights="none", image_size=32, batch_size=8, epochs=1)
     config = Config(
-        synth=SynthConfig(out_dir=str(tmp_path / "synth"), fields_per_line=2, field_size=300, lesions_per_class=6,
+        synth=SynthConfig(out_dir=str(tmp_path / "synth"), fields_per_line=3, field_size=300, lesions_per_class=6,
                           frames_per_lesion=(1, 2), ultrasound_size=48, sites=2),
         data=DataConfig(split=(0.5, 0.25, 0.25), folds=3),
         preprocess=PreprocessConfig(max_patches_per_field=3, image_size=32),

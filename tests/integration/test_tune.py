@@ -209,9 +209,10 @@ def test_search_is_interrupted_restored_and_its_best_config_reruns(prepared, tmp
     assert json.loads((experiment / "trial_00000" / "params.json").read_text()) == search["reference_point"]
     for name, text in finished.items():  # finished trials were kept, not rerun
         assert (experiment / name / "result.json").read_text() == text
-    for trial in trials:  # Tune's files (TensorBoard events included) and each trial's Train checkpoints
+    for trial in trials:  # Tune's files, each trial's HParams run for TensorBoard, each trial's Train checkpoints
         folder = experiment / trial["trial"]
-        assert (folder / "progress.csv").is_file() and list(folder.glob("events.out.tfevents.*"))
+        assert (folder / "progress.csv").is_file()
+        assert list((experiment / "hparams" / trial["trial"]).glob("events.out.tfevents.*"))
     assert len(list((experiment / "train").glob("*/stage2/checkpoint_*/manifest.json"))) >= 4
 
     # tune-report: the ranked table and the overlay, which the CLI accepts and which trains
