@@ -110,9 +110,12 @@ def test_smoke_pipeline_job_succeeds(head_node, tmp_path):
     # the quiet console (msbt.console): step lines and bars in `ray job logs`, Ray's and the workers'
     # own lines in the run's log files
     print(logs)  # shown with `pytest -rP`
-    # counted in bytes: text mode would turn each bar's \r (a redraw) into a line of its own
+    # Counted in bytes: text mode would turn each bar's \r (a redraw) into a line of its own. Under
+    # `ray job logs` each bar's refreshes arrive as lines of their own (the job log is line-based):
+    # measured 85 lines for this job against 40 on a terminal, so the bound here is looser than the
+    # terminal's 60 (tests/workflows/test_console.py); what must not come back is the noise below.
     raw = subprocess.run([str(ray_cli), "job", "logs", job_id], env=env, capture_output=True, timeout=60).stdout
-    assert raw.count(b"\n") < 60 and "stage 1 epoch 1/1" in logs
+    assert raw.count(b"\n") < 120 and "stage 1 epoch 1/1" in logs
     assert "Execution plan" not in logs and "TrainingReport" not in logs and "cuInit" not in logs
     assert "Reporting training result" in (tmp_path / "smoke" / "logs" / "workers.log").read_text()
 
