@@ -136,12 +136,8 @@ def discover(
         DataError: the source, a class folder or the manifest cannot be used, a kept class has no usable
             image, or labels contradict each other (on_conflict: error).
     """
-    source = Path(source).expanduser()
-    if not source.exists():
-        raise DataError(f"{source}: data folder or manifest does not exist")
+    source = _source_path(source)
     if source.is_file():
-        if source.suffix.lower() != ".csv":
-            raise DataError(f"{source}: expected a folder of class folders or a .csv manifest")
         candidates, rejects, skipped, found = _from_manifest(source, classes)
         root = source.parent
     else:
@@ -187,6 +183,16 @@ def discover(
     )
 
 
+def _source_path(source: str | Path) -> Path:
+    """``source`` as a path that is a folder or a ``.csv`` manifest; else a DataError naming it."""
+    source = Path(source).expanduser()
+    if not source.exists():
+        raise DataError(f"{source}: data folder or manifest does not exist")
+    if source.is_file() and source.suffix.lower() != ".csv":
+        raise DataError(f"{source}: expected a folder of class folders or a .csv manifest")
+    return source
+
+
 def check_source(source: str | Path, classes: Sequence[str] = ()) -> None:
     """The cheap checks of `discover`, without reading any image: the folder or manifest exists and is
     readable, the classes to keep are there (a case-only difference is named), each class folder can be
@@ -196,12 +202,8 @@ def check_source(source: str | Path, classes: Sequence[str] = ()) -> None:
     Raises:
         DataError: naming the folder, manifest or class and the reason.
     """
-    source = Path(source).expanduser()
-    if not source.exists():
-        raise DataError(f"{source}: data folder or manifest does not exist")
+    source = _source_path(source)
     if source.is_file():
-        if source.suffix.lower() != ".csv":
-            raise DataError(f"{source}: expected a folder of class folders or a .csv manifest")
         columns, rows = _read_manifest_rows(source)
         if "path" not in columns or "label" not in columns:
             raise DataError(f"{source}: manifest needs a header with columns path,label[,group]; got {columns}")
