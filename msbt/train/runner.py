@@ -601,8 +601,33 @@ def train_stage(
     )
     try:
         return fit_interruptibly(trainer)
+    except KeyboardInterrupt:
+        end_workers_then_remove_work(config, stage_number)
+        raise
     finally:
-        remove_work(config, stage_number)  # also after Ctrl-C: the workers' scratch is never a result
+        remove_work(config, stage_number)  # the workers' scratch is never a result
+
+
+def end_workers_then_remove_work(config: Config, stage_number: int, settle_s: float = 2.0) -> None:
+    """After Ctrl-C: end this driver's Ray (and with it the stage's workers), then remove their scratch.
+
+    A worker may still be saving into the scratch folder when the driver sees the interrupt: removed
+    before the workers end, the folder came back (CI, issue #13 item 8). ``ray.shutdown`` stops a
+    private cluster's processes and, on a joined cluster, ends this job, whose actors the cluster then
+    kills; the folder is removed again until it stays gone for ``settle_s``.
+    """
+    import time
+
+    import ray
+
+    ray.shutdown(wait_for_processes=True)
+    quiet_since = time.monotonic()
+    deadline = quiet_since + 10 * settle_s
+    while time.monotonic() < deadline and time.monotonic() - quiet_since < settle_s:
+        if work_folder(config, stage_number).exists():
+            remove_work(config, stage_number)
+            quiet_since = time.monotonic()
+        time.sleep(0.2)
 
 
 def fit_interruptibly(trainer):
