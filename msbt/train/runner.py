@@ -1,4 +1,4 @@
-"""Ray Train layer: one stage = one ``TensorflowTrainer`` run of :func:`msbt.train.loop.fit_stage` (one
+"""Ray Train layer: one stage = one Ray Train ``DataParallelTrainer`` run of :func:`msbt.train.loop.fit_stage` (one
 worker) or :func:`msbt.train.distributed.fit_stage_distributed` (several workers, data parallel).
 
 Three layers, as in Ray's own examples:
@@ -14,7 +14,7 @@ Three layers, as in Ray's own examples:
 Workers (issue #5; ``docs/training.md``). One worker (``run.num_workers: 1``) runs ``fit_stage``, i.e.
 Keras ``model.fit``: on a CPU box that is the fast configuration (two workers measured slower, 9-11 vs
 28 img/s). More workers run :func:`msbt.train.distributed.fit_stage_distributed`, a custom ``tf.function``
-step under ``MultiWorkerMirroredStrategy`` (``TF_CONFIG`` comes from ``TensorflowTrainer``), because
+step under ``MultiWorkerMirroredStrategy`` (``TF_CONFIG`` comes from :mod:`msbt.train.tfbackend`), because
 Keras 3 ``model.fit`` under that strategy fails (keras-team/keras#20585, ray-project/ray#47464; see
 STACK-NOTES): gradients are all-reduced, the global batch ``stage.batch_size`` is split across the
 workers, and every worker ends with the same weights. Only the training set is split across workers;
@@ -33,7 +33,7 @@ shared) storage that is the persisted Ray checkpoint folder, so ``msbt.model.che
 
 Resume. After a worker restart (``FailureConfig.max_failures``), ``ray.train.get_checkpoint()`` is the
 last reported checkpoint, i.e. the best model so far and its epoch; ``train_stage(resume_from=...)``
-gives one explicitly (Train V2 refuses ``TensorflowTrainer(resume_from_checkpoint=...)``, so it travels
+gives one explicitly (Train V2 refuses a trainer's ``resume_from_checkpoint``, so it travels
 in the :class:`LoopConfig`). ``fit_stage(resume_from=<checkpoint folder>)`` continues after that
 epoch. The optimizer state is not in a checkpoint, so a resumed stage starts its optimizer afresh.
 
@@ -278,7 +278,7 @@ class LoopConfig:
     data_fingerprint: str
     split_id: str
     parent: str | None = None  # stage 2: the parent checkpoint folder (seen from the worker)
-    # Ray Train V2 refuses TensorflowTrainer(resume_from_checkpoint=...): the checkpoint to continue from
+    # Ray Train V2 refuses a trainer's resume_from_checkpoint: the checkpoint to continue from
     # travels here; a checkpoint of a restarted worker (ray.train.get_checkpoint) takes precedence.
     resume: str | None = None
     verbose: int = 0
@@ -571,7 +571,9 @@ def train_stage(
         ray.train.TrainingFailedError: The worker failed more than ``run.max_failures`` times.
     """
     from ray.train import DataConfig
-    from ray.train.tensorflow import TensorflowTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    from msbt.train.tfbackend import TFConfig
 
     if stage_number not in (1, 2):
         raise ValueError(f"stage_number must be 1 or 2, got {stage_number!r}")
@@ -587,10 +589,11 @@ def train_stage(
                                 progress=progress,
                                 class_names=class_names, verbose=verbose, audit_dir=audit_dir)
     remove_work(config, stage_number)  # what an interrupted earlier attempt left
-    trainer = TensorflowTrainer(
+    trainer = DataParallelTrainer(
         # Bound here rather than passed as train_loop_config: Ray Train V2 exports that to its state API as
         # a JSON dict, and a dataclass there would be turned into a string.
         functools.partial(train_loop_per_worker, worker_config),
+        backend_config=TFConfig(),  # TF_CONFIG for several workers; keeps TensorFlow out of the controller
         scaling_config=scaling,
         run_config=run_config(config.run, stage_number, stage.monitor, callbacks),
         datasets={split: split_dataset(store_path, split, keys=config.run.deterministic) for split in ("train", "val")},

@@ -1,6 +1,6 @@
 """TensorBoard logs of a stage: one folder per stage in the run folder, written by the Train worker.
 
-Ray Train V2 writes no result files of its own for a ``TensorflowTrainer`` run (the stage folder holds
+Ray Train V2 writes no result files of its own for a stage's Train run (the stage folder holds
 only ``checkpoint_*/`` and ``checkpoint_manager_snapshot.json``; V1's ``result.json``, ``progress.csv``
 and event files came from Tune's loggers). So rank 0 of a stage adds :func:`tensorboard_callback` to
 ``fit_stage``'s callbacks, writing ``runs/<name>/tensorboard/stage<n>/{train,validation}``, and
