@@ -25,6 +25,9 @@ from msbt.config import StageConfig, to_dict
 
 MODEL_FILE = "model.keras"
 MANIFEST_FILE = "manifest.json"
+# The training state at the kept epoch (optimizer variables, dropout seed states), for a resume that
+# continues as if never interrupted (msbt.train.loop); not needed to predict.
+TRAIN_STATE_FILE = "train_state.npz"
 FORMAT_VERSION = 1
 MAX_STAGE = 2  # the paper's chain: ImageNet -> cell lines (stage 1) -> ultrasound (stage 2)
 
@@ -121,6 +124,8 @@ def write_manifest(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "msbt_version": __version__,
     }
+    if (directory / TRAIN_STATE_FILE).is_file():
+        manifest["train_state_sha256"] = sha256_file(directory / TRAIN_STATE_FILE)
     manifest[DIGEST_KEY] = json_digest(manifest)
     write_text(directory / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")  # never a half-written manifest
     return manifest
@@ -328,3 +333,21 @@ def _describe(entry: Mapping) -> str:
         f"stage {m['stage']}  {m['backbone']}  weights={m['weights']['source']}  "
         f"classes={','.join(m['class_names'])}  {score_text}  [{status}]  {entry['path']}"
     )
+
+
+def train_state_file(path: str | Path) -> Path | None:
+    """The checkpoint's verified ``train_state.npz``, or None for a checkpoint written without one.
+
+    Raises:
+        CheckpointError: The manifest records a training state but the file is missing or changed.
+    """
+    directory = _folder(path)
+    recorded = read_manifest(directory).get("train_state_sha256")
+    if recorded is None:
+        return None
+    state = directory / TRAIN_STATE_FILE
+    if not state.is_file():
+        raise CheckpointError(f"{state}: missing, but the checkpoint's manifest records it")
+    if sha256_file(state) != recorded:
+        raise CheckpointError(f"{state}: changed after it was written (sha256 differs from the manifest)")
+    return state

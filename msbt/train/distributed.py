@@ -301,8 +301,8 @@ def fit_stage_distributed(
     hooks.on_train_begin()
     local_stage = dataclasses.replace(stage, batch_size=stage.batch_size // workers)
     for phase in state.phases():
-        _run_phase(strategy, state.model, phase, stage, local_stage, train_ds, val_ds, hooks, state.history,
-                   seed + rank, shuffle_buffer, verbose and rank == 0, audit)
+        _run_phase(strategy, state, phase, local_stage, train_ds, val_ds, hooks, seed + rank, shuffle_buffer,
+                   verbose and rank == 0, audit)
     hooks.on_train_end()
     if audit is not None:
         audit.local_batch, audit.global_batch = local_stage.batch_size, local_stage.batch_size * workers
@@ -318,15 +318,17 @@ def _world(strategy) -> tuple[int, int]:
     return workers, int(getattr(resolver, "task_id", 0) or 0)
 
 
-def _run_phase(strategy, model, phase, stage, local_stage, train_ds, val_ds, hooks, history, data_seed,
+def _run_phase(strategy, state: loop.StageState, phase, local_stage, train_ds, val_ds, hooks, data_seed,
                shuffle_buffer, verbose, audit):
     """Set what trains, recompile inside the scope, then run the phase's epochs step by step."""
+    model, stage, history = state.model, state.stage, state.history
     set_backbone_trainable(model, phase.backbone_trains, stage.fine_tune_layers, batchnorm_frozen(stage))
     num_classes = 2 if is_binary(model) else model.get_layer("predictions").units
     with strategy.scope():
         # compile_model builds the optimizer, here in the scope: built lazily inside the replica step it
         # would create its variables there.
         loop.compile_model(model, stage, phase.learning_rate)
+        state.resume_phase(phase)  # a resumed stage's optimizer state, on every replica
     steps = _Loop(strategy, model, num_classes)
     val = loop.eval_batches(val_ds, stage, num_classes=num_classes) if val_ds is not None else None
     for epoch in range(phase.first_epoch, phase.last_epoch):

@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Sequence
 
 import keras
+import logging
+
 import numpy as np
 import tensorflow as tf
 
@@ -37,14 +39,17 @@ from msbt.model import augment
 from msbt.model.checkpoint import (
     MANIFEST_FILE,
     MODEL_FILE,
+    TRAIN_STATE_FILE,
     CheckpointError,
     check_parent,
     load_checkpoint,
+    train_state_file,
     write_manifest,
 )
 from msbt.config import StageConfig, to_dict
 from msbt.model.models import batchnorm_frozen, build_model, is_binary, set_backbone_trainable
 
+log = logging.getLogger(__name__)
 METRIC_NAMES = ("loss", "accuracy", "auc", "sensitivity", "specificity")
 _OPTIMIZERS = {"adagrad": keras.optimizers.Adagrad, "adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}
 
@@ -290,9 +295,10 @@ def compile_model(model: keras.Model, stage: StageConfig, learning_rate: float |
 class BestModelSaver(keras.callbacks.Callback):
     """Save the model to disk whenever ``monitor`` improves: a real copy, not a live reference.
 
-    It saves an uncompiled clone (weights copied in), so the file holds no optimizer state (half the
-    size with Adagrad/Adam) and no compile config (no custom metric needed to load it). Written to a
-    temporary file and renamed, so ``model.keras`` is always complete. ``*loss`` is minimised, anything
+    It saves an uncompiled clone (weights copied in), so the model file holds no optimizer state (half
+    the size with Adagrad/Adam) and no compile config (no custom metric needed to load it). Beside it,
+    ``train_state.npz`` holds what a resume needs to continue exactly (:func:`save_train_state`). Each
+    file is written to a temporary file and renamed, so it is always complete. ``*loss`` is minimised, anything
     else maximised; NaN never counts as an improvement.
 
     Args:
@@ -335,6 +341,66 @@ class BestModelSaver(keras.callbacks.Callback):
         self._export.set_weights(self.model.get_weights())
         with atomic_path(self.path) as tmp:  # a full disk leaves the last good model, never a 0-byte one
             self._export.save(tmp)
+        save_train_state(self.model, self.path.parent / TRAIN_STATE_FILE, epoch=self.best_epoch)
+
+
+def _state_variables(model: keras.Model) -> tuple[list, list]:
+    """``(optimizer variables, model variables outside its weights)``: what a resume restores besides
+    the weights. The second are the seed generators' states (Dropout), which the model file omits."""
+    weights = {id(v) for v in model.weights}
+    extra = [v for v in model.variables if id(v) not in weights]
+    optimizer = list(model.optimizer.variables) if getattr(model, "optimizer", None) is not None else []
+    return optimizer, extra
+
+
+def save_train_state(model: keras.Model, path: str | Path, *, epoch: int) -> Path:
+    """Write ``train_state.npz``: the optimizer's variables (Adagrad accumulators, Adam moments, the
+    step count), the seed generators' states, and the epoch they belong to (1-based, last one trained).
+
+    With these and the model's weights, training after ``epoch`` continues as an uninterrupted run
+    would: the batches and augmentation of every epoch are keyed by the seed and the epoch number
+    (:func:`train_batches`), so they need no state of their own.
+    """
+    optimizer, extra = _state_variables(model)
+    arrays = {f"optimizer_{i}": np.asarray(v.numpy()) for i, v in enumerate(optimizer)}
+    arrays.update({f"model_{i}": np.asarray(v.numpy()) for i, v in enumerate(extra)})
+    arrays["epoch"] = np.asarray(epoch)
+    arrays["optimizer_paths"] = np.asarray([v.path for v in optimizer], dtype=str)
+    arrays["model_paths"] = np.asarray([v.path for v in extra], dtype=str)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
+    return Path(path)
+
+
+def restore_train_state(model: keras.Model, path: str | Path, *, optimizer: bool = True) -> bool:
+    """Put a :func:`save_train_state` file's values back into a compiled ``model``.
+
+    Args:
+        optimizer: Also the optimizer's variables (False at a phase boundary, where an uninterrupted run
+            starts a new optimizer too).
+
+    Returns:
+        Whether the optimizer's state was restored: False when the saved one does not fit this optimizer
+        (another optimizer type or mixed-precision setting), which is logged; training then continues
+        with a fresh optimizer, as resumes did before training states were saved.
+    """
+    with np.load(path) as data:
+        saved = {key: data[key] for key in data.files}
+    optimizer_vars, extra = _state_variables(model)
+    model_values = [saved[f"model_{i}"] for i in range(len(saved["model_paths"]))]
+    if [v.shape for v in extra] == [tuple(a.shape) for a in model_values]:
+        for variable, value in zip(extra, model_values):
+            variable.assign(value)
+    if not optimizer:
+        return False
+    values = [saved[f"optimizer_{i}"] for i in range(len(saved["optimizer_paths"]))]
+    if [tuple(v.shape) for v in optimizer_vars] != [tuple(a.shape) for a in values]:
+        log.warning("%s: the saved optimizer state (%d variables) does not fit this optimizer (%d); the "
+                    "resumed stage starts its optimizer afresh", path, len(values), len(optimizer_vars))
+        return False
+    for variable, value in zip(optimizer_vars, values):
+        variable.assign(value)
+    return True
 
 
 @dataclass(frozen=True)
@@ -368,11 +434,22 @@ class StageState:
     parent: str | Path | None
     data_fingerprint: str
     split_id: str
+    train_state: Path | None = None  # a resumed checkpoint's train_state.npz, put back by resume_phase
 
     def phases(self) -> list[Phase]:
         """The stage's phases still to run, the first one cut to start after the epochs already done."""
         return [dataclasses.replace(p, first_epoch=max(p.first_epoch, self.done))
                 for p in plan_phases(self.stage) if p.last_epoch > self.done]
+
+    def resume_phase(self, phase: Phase) -> None:
+        """After a phase's ``compile_model``: the first phase of a resumed stage gets the checkpoint's
+        training state back (its optimizer's too when the checkpoint lies inside this phase; at a
+        phase boundary an uninterrupted run starts a new optimizer as well). Once per stage."""
+        if self.train_state is None or phase.first_epoch != self.done:
+            return
+        inside = any(p.first_epoch < self.done < p.last_epoch for p in plan_phases(self.stage))
+        restore_train_state(self.model, self.train_state, optimizer=inside)
+        self.train_state = None
 
 
 def start_stage(
@@ -412,8 +489,11 @@ def start_stage(
         if parent is not None:
             check_parent(parent, stage)
         model, done = _resume(resume_from, stage, class_names, saver, history)
-    return StageState(stage, out_dir, list(class_names), model, saver, history, done, parent,
-                      data_fingerprint, split_id)
+    state = StageState(stage, out_dir, list(class_names), model, saver, history, done, parent,
+                       data_fingerprint, split_id)
+    if resume_from is not None:
+        state.train_state = _resumed_train_state(resume_from, out_dir)
+    return state
 
 
 def finish_stage(state: StageState) -> StageResult:
@@ -474,9 +554,9 @@ def fit_stage(
         shuffle_buffer: See :func:`train_batches`.
         verbose: Keras ``fit`` verbosity.
         resume_from: A checkpoint folder of this same stage (e.g. one a Ray Train worker reported):
-            training continues after its ``best_epoch`` with its model, best score and history. Its
-            config must equal ``stage`` except ``epochs``. The optimizer starts afresh (checkpoints hold
-            no optimizer state).
+            training continues after its ``best_epoch`` with its model, best score, history and
+            training state (optimizer, seed generators: ``train_state.npz``), so in deterministic mode
+            it ends as an uninterrupted run does. Its config must equal ``stage`` except ``epochs``.
 
     Returns:
         A :class:`StageResult` with the best epoch's metrics and the full history.
@@ -488,8 +568,7 @@ def fit_stage(
     state = start_stage(stage, class_names=class_names, out_dir=out_dir, seed=seed, parent=parent,
                         data_fingerprint=data_fingerprint, split_id=split_id, resume_from=resume_from)
     for phase in state.phases():
-        _run_phase(state.model, phase, stage, train_ds, val_ds, [state.saver, *callbacks], state.history, seed,
-                   shuffle_buffer, verbose)
+        _run_phase(state, phase, train_ds, val_ds, [state.saver, *callbacks], seed, shuffle_buffer, verbose)
     return finish_stage(state)
 
 
@@ -508,6 +587,20 @@ def _resume(path, stage: StageConfig, class_names, saver: BestModelSaver, histor
     return model, done
 
 
+def _resumed_train_state(checkpoint: str | Path, out_dir: Path) -> Path | None:
+    """The checkpoint's verified training state, copied beside the model the saver starts from (kept if
+    no later epoch improves). None for a checkpoint without one: its resume restarts the optimizer."""
+    source = train_state_file(checkpoint)
+    target = out_dir / TRAIN_STATE_FILE
+    if source is None:
+        target.unlink(missing_ok=True)
+        log.warning("%s: no training state in this checkpoint (written by an older msbt); the resumed "
+                    "stage starts its optimizer afresh", checkpoint)
+        return None
+    shutil.copyfile(source, target)
+    return target
+
+
 def _open_parent(stage: StageConfig, parent: str | Path | None) -> keras.Model | None:
     """The parent checkpoint's model for ``weights="parent"``; refuse any other combination."""
     if stage.weights != "parent":
@@ -520,10 +613,12 @@ def _open_parent(stage: StageConfig, parent: str | Path | None) -> keras.Model |
     return load_checkpoint(parent)[0]
 
 
-def _run_phase(model, phase, stage, train_ds, val_ds, callbacks, history, seed, shuffle_buffer, verbose):
+def _run_phase(state: StageState, phase, train_ds, val_ds, callbacks, seed, shuffle_buffer, verbose):
     """Set what trains, recompile (needed after changing `trainable`), fit, and append the history."""
+    model, stage, history = state.model, state.stage, state.history
     set_backbone_trainable(model, phase.backbone_trains, stage.fine_tune_layers, batchnorm_frozen(stage))
     compile_model(model, stage, phase.learning_rate)
+    state.resume_phase(phase)
     num_classes = 2 if is_binary(model) else model.get_layer("predictions").units
     train, steps = train_batches(
         train_ds,

@@ -35,7 +35,8 @@ Resume. After a worker restart (``FailureConfig.max_failures``), ``ray.train.get
 last reported checkpoint, i.e. the best model so far and its epoch; ``train_stage(resume_from=...)``
 gives one explicitly (Train V2 refuses a trainer's ``resume_from_checkpoint``, so it travels
 in the :class:`LoopConfig`). ``fit_stage(resume_from=<checkpoint folder>)`` continues after that
-epoch. The optimizer state is not in a checkpoint, so a resumed stage starts its optimizer afresh.
+epoch with the checkpoint's training state (``train_state.npz``: optimizer, seed generators), so a
+resumed stage continues as an uninterrupted one would (docs/training.md).
 
 Data. The store's Parquet files are read with Ray Data, filtered by split and materialised on the driver
 before the trainer starts: on 2 CPUs a Train worker holding a CPU starved streaming read tasks
@@ -62,7 +63,7 @@ import numpy as np
 
 from msbt.atomicio import write_text
 from msbt.train import tblog
-from msbt.model.checkpoint import MODEL_FILE, sha256_file, write_manifest
+from msbt.model.checkpoint import MODEL_FILE, TRAIN_STATE_FILE, sha256_file, write_manifest
 from msbt.config import Config, RunConfig, StageConfig
 from msbt.containment import check_run_name, check_storage_path, run_location
 from msbt.data.store import Store, decode_images
@@ -180,10 +181,14 @@ def report_callback(
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(staging))
 
         def _stage(self, staging: Path, logs: dict, best_epoch: int) -> None:
-            try:  # a hard link costs nothing; Ray copies the folder to storage during report()
-                os.link(self.model_file, staging / MODEL_FILE)
-            except OSError:
-                shutil.copy2(self.model_file, staging / MODEL_FILE)
+            # the saver's model and, beside it, its training state (optimizer, seed generators)
+            for source in (self.model_file, self.model_file.with_name(TRAIN_STATE_FILE)):
+                if not source.is_file():
+                    continue
+                try:  # a hard link costs nothing; Ray copies the folder to storage during report()
+                    os.link(source, staging / source.name)
+                except OSError:
+                    shutil.copy2(source, staging / source.name)
             write_manifest(
                 staging,
                 stage_config=stage,

@@ -45,7 +45,7 @@ from typing import Iterator, Sequence
 
 from msbt.atomicio import read_json, write_text
 from msbt.config import Config, to_dict
-from msbt.model.checkpoint import MODEL_FILE, CheckpointError, read_manifest, sha256_file, verify
+from msbt.model.checkpoint import MODEL_FILE, CheckpointError, read_manifest, sha256_file, train_state_file, verify
 from msbt.runfolder import STAGES_FILE, run_dir, stage_dir
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,7 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
         try:
             epoch = int(read_manifest(candidate)["best_epoch"])
             complete = verify(candidate)
+            train_state_file(candidate)  # a training state cut short is an incomplete copy too
         except (CheckpointError, KeyError, ValueError, OSError):
             continue
         if complete and (best is None or epoch > best[0]):

@@ -353,3 +353,68 @@ def test_keras_fit_walks_through_the_epochs_of_one_dataset():
     data = epochs[0].concatenate(epochs[1]).concatenate(epochs[2])
     history = model.fit(data, epochs=3, steps_per_epoch=2, shuffle=False, verbose=0)
     assert history.history["mean_label"] == [0.0, 1.0, 2.0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resume equals an uninterrupted run
+
+RESUME_SCRIPT = r'''
+import json, sys
+from pathlib import Path
+import numpy as np
+import tensorflow as tf
+tf.config.experimental.enable_op_determinism()  # run.deterministic's kernels (msbt.train.runner)
+from msbt.config import HeadConfig, StageConfig
+from msbt.model.checkpoint import TRAIN_STATE_FILE, read_manifest, write_manifest
+from msbt.model.models import weight_arrays
+from msbt.model.checkpoint import load_checkpoint
+from msbt.train import loop
+
+out = Path(sys.argv[1])
+x = np.random.default_rng(0).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
+ds = loop.dataset_from_arrays(x, np.arange(12) % 2)
+def stage(epochs):  # Dropout in the head (a seed generator), Adam (moments and a step count)
+    return StageConfig(backbone="efficientnet_lite0", weights="none", image_size=32, batch_size=4, epochs=epochs,
+                       trainable_backbone=False, optimizer="adam", learning_rate=0.01, monitor="loss",
+                       head=HeadConfig((8,), 0.5))
+def fit(name, epochs, resume=None):
+    return loop.fit_stage(stage(epochs), ds, ds, class_names="ab", out_dir=out / name, seed=0, resume_from=resume)
+def digest(result):
+    return [float(np.sum(w, dtype=np.float64)) for w in weight_arrays(load_checkpoint(result.checkpoint)[0])]
+
+whole = fit("whole", 3)
+first = fit("first", 1)
+resumed = fit("resumed", 3, resume=first.checkpoint)
+# the same first epoch from a checkpoint without a training state (as msbt wrote them before)
+old = out / "old"
+old.mkdir()
+(old / "model.keras").write_bytes((first.checkpoint / "model.keras").read_bytes())
+m = read_manifest(first.checkpoint)
+write_manifest(old, stage_config=stage(1), class_names=list("ab"), metrics=m["metrics"], best_epoch=1, history=m["history"])
+assert "train_state_sha256" not in read_manifest(old) and "train_state_sha256" in m
+restarted = fit("restarted", 3, resume=old)
+print(json.dumps({name: {"loss": r.history["loss"], "best_epoch": r.best_epoch, "digest": digest(r)}
+                  for name, r in [("whole", whole), ("resumed", resumed), ("restarted", restarted)]}))
+'''
+
+
+def test_a_resumed_stage_ends_as_an_uninterrupted_one_in_deterministic_mode(tmp_path):
+    """Train 3 epochs at once; train 1, then resume to 3 from that checkpoint: the same losses every
+    epoch and the same kept model. A checkpoint without a training state (optimizer restarted, Dropout's
+    seed state reset) gives other numbers, so the check can fail. In a subprocess: op determinism is a
+    process-wide switch."""
+    import json
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    done = subprocess.run([sys.executable, "-c", RESUME_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = json.loads(done.stdout.strip().splitlines()[-1])
+    whole, resumed, restarted = runs["whole"], runs["resumed"], runs["restarted"]
+    assert len(whole["loss"]) == len(resumed["loss"]) == 3
+    assert resumed["loss"] == whole["loss"] and resumed["best_epoch"] == whole["best_epoch"]
+    assert resumed["digest"] == whole["digest"]
+    assert restarted["loss"][1:] != whole["loss"][1:]  # without the state the later epochs differ
