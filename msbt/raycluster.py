@@ -57,13 +57,29 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     target = address or os.environ.get("RAY_ADDRESS") or started_cluster()
     dashboard = None
     if target and target != "local":
-        dashboard = getattr(ray.init(address=target), "dashboard_url", None)
+        dashboard = getattr(ray.init(address=target, **_own_address(target)), "dashboard_url", None)
     else:
         start_private(num_cpus)
     console.tame_ray()  # now that Ray is connected: what its workers print goes to the log too
     print(describe_cluster(target if target and target != "local" else None, ray.cluster_resources(), dashboard),
           flush=True)
     log.info("Ray: %s", ray.cluster_resources())
+
+
+def _own_address(target: str) -> dict:
+    """``ray.init`` keywords that give every task and actor of this job the cluster's GCS address.
+
+    Ray Train's placement-group cleaner (an actor) finds its cluster through ``$RAY_ADDRESS``, else by
+    looking for every ``gcs_server`` on the machine: on a `ray start` cluster beside another one (a
+    private cluster of another msbt job, a test session) it logged "Found multiple active Ray instances"
+    and could ask the wrong one. A job's driver has the variable (`ray job submit` sets it); the actors
+    it starts have only the job's runtime environment, which Ray merges with this one. Only for a
+    plain ``host:port`` (a ``ray://`` client address is not the GCS).
+    """
+    host, _, port = target.rpartition(":")
+    if "://" in target or not host or not port.isdigit():
+        return {}
+    return {"runtime_env": {"env_vars": {"RAY_ADDRESS": target}}}
 
 
 def describe_cluster(address: str | None, resources: dict, dashboard: str | None) -> str:

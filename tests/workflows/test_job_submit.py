@@ -76,7 +76,8 @@ def stop_cluster(temp: Path) -> None:
             proc.kill()
 
 
-def test_smoke_pipeline_job_succeeds(head_node, tmp_path):
+def test_smoke_pipeline_job_succeeds(head_node, tmp_path, ray_local):
+    """``ray_local``: the session's private cluster runs beside the `ray start` one, as another job's might."""
     ray_cli, address, env = head_node
     # The CLI must send the cluster's token (written by `ray start`).
     env = {**env, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": address}
@@ -117,7 +118,10 @@ def test_smoke_pipeline_job_succeeds(head_node, tmp_path):
     raw = subprocess.run([str(ray_cli), "job", "logs", job_id], env=env, capture_output=True, timeout=60).stdout
     assert raw.count(b"\n") < 120 and "stage 1 epoch 1/1" in logs
     assert "Execution plan" not in logs and "TrainingReport" not in logs and "cuInit" not in logs
-    assert "Reporting training result" in (tmp_path / "smoke" / "logs" / "workers.log").read_text()
+    workers = (tmp_path / "smoke" / "logs" / "workers.log").read_text()
+    assert "Reporting training result" in workers
+    # every actor of the job knows its cluster: Train's placement-group cleaner did not go looking
+    assert "Found multiple active Ray instances" not in workers + logs
 
     # the results are where the user asked (an absolute run.storage_path, expanded at submit time), not
     # in Ray's unpacked copy of the code (issue #13, item 0)
