@@ -592,8 +592,39 @@ def _cmd_tune_report(args) -> int:
     return 0
 
 
+INTERRUPTED = ("finished steps and checkpoints are kept: rerun the same command with --resume to continue")
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (``ray job stop``, ``kill``, a scheduler's pre-emption), unwound like Ctrl-C."""
+
+
+def _stop_on_sigterm():
+    """Turn SIGTERM into :class:`Stopped`, saying so at once.
+
+    ``ray job stop`` sends the job's driver SIGTERM and SIGKILL 3 s later (``RAY_JOB_STOP_WAIT_TIME_S``);
+    Python's default for SIGTERM is to die without a word or a ``finally``. The line is printed in the
+    handler, before the clean-up that the exception then runs, so it reaches the job's log even when the
+    SIGKILL comes first.
+
+    Returns:
+        The handler it replaced (``main`` puts it back when the command returns).
+    """
+    import signal
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process
+        print(f"msbt: stopped (SIGTERM); {INTERRUPTED}", file=sys.stderr, flush=True)
+        raise Stopped()
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `msbt` console script."""
+    import signal
+    import threading
+
     from msbt import console
 
     args = build_parser().parse_args(argv)
@@ -604,12 +635,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             stream.reconfigure(errors="surrogateescape")
     # Before anything imports TensorFlow or Ray: their notices go to the run's log file (see msbt.console).
     console.setup(verbose=args.verbose, debug=args.debug)
+    main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers live
+    previous = _stop_on_sigterm() if main_thread else None
     try:
         return args.func(args)
+    except Stopped:
+        return 143  # 128 + SIGTERM, what a shell reports; the line was printed by the handler
     except KeyboardInterrupt:
-        # Ctrl-C (or `ray job stop`): one line, not a traceback; what finished is on disk
-        print("msbt: interrupted; finished steps and checkpoints are kept: rerun the same command with "
-              "--resume to continue", file=sys.stderr)
+        # Ctrl-C (or `ray job stop` with RAY_JOB_STOP_SIGNAL=SIGINT): one line, not a traceback; what
+        # finished is on disk
+        print(f"msbt: interrupted; {INTERRUPTED}", file=sys.stderr)
         return 130
     except Exception as exc:  # one clear line for users; --debug shows where it came from
         if args.debug:
@@ -617,6 +652,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(exc) if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
         print(f"msbt: error: {message}", file=sys.stderr)
         return 1
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":
