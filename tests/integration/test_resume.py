@@ -6,7 +6,9 @@
 2. ``workflows/pipeline.py --smoke-test`` in its own process group, SIGKILLed (driver and its private Ray
    cluster) once stage 1 is recorded finished and stage 2 has a checkpoint; the rerun with ``--resume``
    reuses stage 1 untouched and finishes stage 2 from its checkpoint. A rerun without ``--resume`` is
-   refused before any work.
+   refused before any work. Both runs are also the suite's check of the quiet console as a user sees it
+   (`bash scripts/run-main.sh` runs the pipeline with ``--resume``): few terminal lines, progress bars,
+   the step lines, and Ray's and the workers' lines in the run's log files.
 """
 
 import contextlib
@@ -23,6 +25,7 @@ import pytest
 import yaml
 
 from helpers import ROOT
+from msbt import console
 from msbt.data import synth
 from msbt.model.checkpoint import read_manifest
 from msbt.config import AugmentConfig, Config, PreprocessConfig, RunConfig, StageConfig
@@ -144,6 +147,28 @@ def pipeline(storage, *extra):
             "--set", "stage2.epochs=3", "--set", "run.max_failures=2", *extra]
 
 
+def check_console(first: str, resumed: str, run) -> None:
+    """The quiet console (msbt.console) of the main job: the first run's output up to its kill, and the
+    resumed run's whole output."""
+    for out in (first, resumed):
+        # newlines, as `wc -l` counts them (a bar redraws itself with \r); repr: pytest would split at \r
+        assert out.count("\n") < 60, repr(out)
+        for noise in ("cuInit", "oneDNN", "TrainingReport", "Execution plan", "logging_progress", "absl"):
+            assert noise not in out, noise
+    for step in ("scan", "microscope store", "stage 1 epoch 1/1", "stage 2 epoch 1/3"):
+        assert step in first, step
+    for step in ("stage 2 epoch 3/3", "stage 2: best val_auc", "Keras' binned AUC", "val_auc_exact", "report:"):
+        assert step in resumed, step
+    logs = run / "logs"
+    driver, workers = (logs / console.DRIVER_LOG).read_text(), (logs / console.WORKERS_LOG).read_text()
+    assert "Execution plan of Dataset" in driver  # Ray Data's lines, kept
+    assert "Reporting training result" in workers and "RayTrainWorker" in workers
+    history = json.loads((run / "stage2" / "history.json").read_text())
+    assert history["epochs"] == 3 and len(history["history"]["val_auc"]) == 3
+    report = (run / "report.html").read_text()
+    assert "kept (epoch" in report and "Keras, 200 thresholds" in report
+
+
 def test_a_killed_workflow_resumes_without_retraining_finished_stages(tmp_path):
     run = tmp_path / "smoke"
     log = (tmp_path / "first.log").open("w")
@@ -172,11 +197,14 @@ def test_a_killed_workflow_resumes_without_retraining_finished_stages(tmp_path):
     assert refused.returncode == 1
     assert "--resume" in refused.stderr and "run.name" in refused.stderr and "stage 1" in refused.stderr
 
-    again = subprocess.run(pipeline(tmp_path, "--resume"), capture_output=True, text=True, timeout=900,
-                           cwd=tmp_path)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "stage 1: finished before, reused (--resume)" in again.stdout
-    assert "stage 2: resuming after epoch" in again.stdout
+    # One stream, as on a terminal; bytes, since text mode would turn each bar's \r into a newline.
+    again = subprocess.run(pipeline(tmp_path, "--resume"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           timeout=900, cwd=tmp_path)
+    resumed = again.stdout.decode("utf-8", "replace")
+    assert again.returncode == 0, resumed[-3000:]
+    assert "stage 1: finished before, reused (--resume)" in resumed
+    assert "stage 2: resuming after epoch" in resumed
+    check_console((tmp_path / "first.log").read_bytes().decode("utf-8", "replace"), resumed, run)
     stages_after = json.loads((run / "stages.json").read_text())
     assert stages_after["1"] == stage1  # stage 1 untouched: same entry, same files
     assert {p.name: p.stat().st_mtime_ns for p in (run / "stage1").rglob("*")} == stage1_files

@@ -1,7 +1,9 @@
 """The quiet console (msbt.console): what reaches the terminal, what lands in runs/<name>/logs/.
 
-Unit tests run the real logging and file-descriptor plumbing in this process or a subprocess; the smoke
-job test runs the real main job (its own private Ray cluster) and counts its terminal lines.
+Unit tests run the real logging and file-descriptor plumbing in this process or a subprocess. The main
+job's terminal output (its own private Ray cluster, lines counted) is checked on the runs of
+tests/integration/test_resume.py::test_a_killed_workflow_resumes_without_retraining_finished_stages, and
+under `ray job submit` in tests/workflows/test_job_submit.py.
 """
 
 import json
@@ -149,34 +151,3 @@ def test_bootstrap_is_quiet_and_prints_its_log_when_pip_fails(tmp_path):
     assert "set-up failed" in done.stderr and "bootstrap.log" in done.stderr
     assert re.search(r"(?i)version", done.stderr)  # pip's own complaint, from the log
     assert not (tmp_path / ".venv" / ".msbt-installed").exists()
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-@pytest.mark.timeout(1200)
-def test_the_smoke_job_prints_few_lines_with_bars_and_logs_the_rest(tmp_path):
-    """The main job on the built-in data, as a user runs it (its own private Ray cluster)."""
-    done = subprocess.run(
-        [PY, str(ROOT / "workflows" / "pipeline.py"), "--smoke-test", "--address", "local",
-         "--set", "stage2.epochs=2", "--set", f"run.storage_path={tmp_path}",
-         "--set", f"synth.out_dir={tmp_path / 'synth'}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ENV, timeout=1100)
-    # One stream, as on a terminal; bytes, since text mode would turn each bar's \r into a newline.
-    out = done.stdout.decode("utf-8", "replace")
-    (tmp_path / "console.txt").write_bytes(done.stdout)
-    assert done.returncode == 0, out[-3000:]
-    # newlines, as `wc -l` counts them (a bar redraws itself with \r); repr: pytest would split at \r
-    assert out.count("\n") < 60, repr(out)
-    for step in ("scan", "microscope store", "stage 1 epoch 1/1", "stage 2 epoch 2/2", "stage 2: best val_auc",
-                 "Keras' binned AUC", "val_auc_exact", "report:"):
-        assert step in out, step
-    for noise in ("cuInit", "oneDNN", "TrainingReport", "Execution plan", "logging_progress", "absl"):
-        assert noise not in out, noise
-    logs = tmp_path / "smoke" / "logs"
-    driver, workers = (logs / console.DRIVER_LOG).read_text(), (logs / console.WORKERS_LOG).read_text()
-    assert "Execution plan of Dataset" in driver  # Ray Data's lines, kept
-    assert "Reporting training result" in workers and "RayTrainWorker" in workers
-    history = json.loads((tmp_path / "smoke" / "stage2" / "history.json").read_text())
-    assert history["epochs"] == 2 and len(history["history"]["val_auc"]) == 2
-    report = (tmp_path / "smoke" / "report.html").read_text()
-    assert "kept (epoch" in report and "Keras, 200 thresholds" in report
