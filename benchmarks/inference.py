@@ -8,7 +8,10 @@ since speed does not depend on them; the paper's stage-2 head) the script writes
 runs ``msbt export`` on it (which checks every float engine against Keras on synthetic ultrasound frames)
 and then measures, side by side in this process:
 
-* each engine (Keras ``tf.function``, SavedModel, ONNX Runtime, OpenVINO f32, OpenVINO bf16): single-stream
+* each engine (Keras ``tf.function``, SavedModel, ONNX Runtime, OpenVINO f32, OpenVINO bf16, and ONNX Runtime
+  and OpenVINO on the int8 model of ``msbt.serve.quantize.quantize``, calibrated here on the synthetic
+  frames: random weights have no AUC to check, so these rows are speed only; a real export keeps int8
+  only when its test AUC holds, ``msbt export --int8``): single-stream
   frames/s at batch 1 (1 / mean latency), latency p50/p99, and images/s at each batch size of
   ``--batches`` (the best is reported);
 * ``msbt stream`` end to end on the demo cine loop (``msbt synth --cine``, 256 px frames): video decode,
@@ -39,7 +42,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 MODELS = (("resnet50", 200), ("efficientnet_lite0", 224), ("efficientnet_lite0", 96))  # the paper's model first
-ENGINE_RUNS = (("keras", "f32"), ("savedmodel", "f32"), ("onnx", "f32"), ("openvino", "f32"), ("openvino", "bf16"))
+ENGINE_RUNS = (("keras", "f32"), ("savedmodel", "f32"), ("onnx", "f32"), ("openvino", "f32"), ("openvino", "bf16"),
+               ("onnx", "int8"), ("openvino", "int8"))
 
 
 def make_export(root: Path, backbone: str, size: int) -> Path:
@@ -185,6 +189,12 @@ def run(args) -> dict:
         record = json.loads((folder / "export.json").read_text())
         entry = {"export_s": time.perf_counter() - t, "parity": record["engines"], "engines": {}}
         images = prepared_frames(frames, folder)
+        from msbt.serve.quantize import INT8_FILE, quantize
+
+        quantize(folder / "model.onnx", folder / INT8_FILE, images)
+        reference = load_engine(folder, "onnx").predict(images)
+        entry["parity"]["int8"] = {"max_abs_diff": float(np.abs(
+            load_engine(folder, "onnx", precision="int8").predict(images) - reference).max())}
         for name, precision in ENGINE_RUNS:
             engine = load_engine(folder, name, precision=precision)
             entry["engines"][f"{name}-{precision}"] = bench_engine(engine, images, args.seconds, args.batches)
@@ -210,7 +220,8 @@ def table(results: dict, serve_batch: int) -> str:
              "|---|---|---|---|---|---|---|"]
     for key, entry in results["models"].items():
         for name, r in entry["engines"].items():
-            parity_key = "openvino_bf16" if name == "openvino-bf16" else name.split("-")[0]
+            parity_key = ("openvino_bf16" if name == "openvino-bf16" else "int8" if name.endswith("int8")
+                          else name.split("-")[0])  # int8: against ONNX Runtime f32 (speed only, see above)
             diff = entry["parity"].get(parity_key, {}).get("max_abs_diff")
             lines.append(f"| {key} | {name} | {diff:.1e} | {r['fps_b1']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
                          f"| {r['best_img_s']:.1f} ({r['best_batch']}) |")
@@ -241,10 +252,12 @@ def main() -> None:
     parser.add_argument("--serve-seconds", type=float, default=30.0)
     parser.add_argument("--serve-batch", type=int, default=8)
     parser.add_argument("--serve-models", nargs="*", default=["resnet50@200", "efficientnet_lite0@224"])
+    parser.add_argument("--models", nargs="+", metavar="BACKBONE@SIZE",
+                        help="models to measure (default: " + " ".join(f"{b}@{s}" for b, s in MODELS) + ")")
     parser.add_argument("--out", help="write all figures here as JSON")
     parser.add_argument("--smoke-test", action="store_true")
     args = parser.parse_args()
-    args.models = MODELS
+    args.models = [(m.split("@")[0], int(m.split("@")[1])) for m in args.models] if args.models else MODELS
     if args.smoke_test:
         args.models, args.seconds, args.batches, args.cine_frames = (("efficientnet_lite0", 32),), 0.3, [1, 4], 20
         args.serve_models, args.serve_seconds, args.serve_batch = ["efficientnet_lite0@32"], 3.0, 4

@@ -353,6 +353,12 @@ def _predict_parsers(sub) -> None:
     p.add_argument("out_dir", help="new or empty folder for model.keras, manifest.json, saved_model/, model.onnx, "
                    "openvino/, export.json")
     p.add_argument("--threshold", type=float, help="threshold to record (default: the run's validation threshold)")
+    p.add_argument("--int8", action="store_true", help="also an int8 model (ONNX Runtime and OpenVINO), calibrated "
+                   "on the run's training split, kept only if its test-split AUC holds (--int8-max-auc-drop)")
+    p.add_argument("--int8-store", metavar="STORE", help="the run's ultrasound store (default: <run>/stores/ultrasound "
+                   "beside the checkpoint's stage2/)")
+    p.add_argument("--int8-max-auc-drop", type=float, default=0.01, metavar="D",
+                   help="largest accepted test AUC drop of int8 against float32 (default 0.01)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     p.set_defaults(func=_cmd_export)
 
@@ -373,13 +379,21 @@ def _cmd_predict(args) -> int:
 def _cmd_export(args) -> int:
     from msbt.serve.export import export
 
-    record = export(args.checkpoint, args.out_dir, threshold=args.threshold)
+    record = export(args.checkpoint, args.out_dir, threshold=args.threshold, int8=args.int8,
+                    int8_store=args.int8_store, int8_max_auc_drop=args.int8_max_auc_drop)
     print(f"exported {args.checkpoint} -> {args.out_dir} (model.keras, manifest.json, saved_model/, model.onnx, "
           f"openvino/, export.json); threshold {record['threshold']['value']:.4g} from "
           f"{record['threshold']['source']}; model id {record['model_id']}")
     for name, e in record["engines"].items():
         print(f"engine {name} ({e['precision']}): max |p - p_keras| = {e['max_abs_diff']:.2e} on {e['frames']} "
               "synthetic ultrasound frames")
+    int8 = record.get("int8")
+    if int8:
+        verdict = (f"kept: {int8['file']}, engines onnx and openvino with --precision int8" if int8["accepted"]
+                   else f"refused (drop above {int8['max_auc_drop']:g}): no int8 model written")
+        print(f"int8: test AUC {int8['auc_f32']:.4f} (float32) -> {int8['auc_int8']:.4f} (int8), change "
+              f"{int8['auc_change']:+.4f} on {int8['test_images']} test images, calibrated on "
+              f"{int8['calibration']['images']} training images; {verdict}")
     for note in record["notes"]:
         print(f"note: {note}")
     return 0
@@ -429,6 +443,9 @@ def _serve_parsers(sub) -> None:
     p.add_argument("source", help="video file, folder of frames (name order), capture device index (0), or .dcm")
     p.add_argument("--out", metavar="CSV", help="per-frame CSV (default: stream.csv in the current folder)")
     p.add_argument("--engine", choices=engines, default="openvino", help="inference engine (default openvino, f32)")
+    p.add_argument("--precision", choices=("f32", "bf16", "int8"), default="f32", help="f32 (default); bf16 "
+                   "(openvino); int8 (onnx, openvino: an export made with --int8, whose AUC change export.json "
+                   "records)")
     p.add_argument("--threads", type=int, help="engine threads (default: all cores)")
     p.add_argument("--threshold", type=float, help="decision threshold (default: the run's, from export.json)")
     p.add_argument("--smooth", choices=("ema", "window"), default="ema", help="lesion-level score: exponential "
@@ -463,7 +480,8 @@ def _cmd_stream(args) -> int:
     smoothing = Smoothing(args.smooth, args.alpha, args.window)  # bad values fail before anything loads
     if args.heatmaps < 0:
         raise ConfigError(f"--heatmaps must be >= 0, got {args.heatmaps}")
-    served = load_served(args.model, args.engine, threads=args.threads, threshold=args.threshold)
+    served = load_served(args.model, args.engine, precision=args.precision, threads=args.threads,
+                         threshold=args.threshold)
     source = open_source(args.source, fps=args.fps, sixteen_bit=served.preparation.sixteen_bit)
     summary = stream(served.engine, source, served.preparation, served.threshold, served.class_names,
                      args.out or "stream.csv", smoothing=smoothing, pace=not args.all_frames, video=args.video,

@@ -11,6 +11,10 @@ An ``msbt export`` folder (:mod:`msbt.serve.export`) holds the same model four t
   bfloat16 on CPUs with AVX512_BF16 (this machine's); ``precision="bf16"`` asks for that explicitly, and
   such an engine is reduced precision: its outputs are not within the float parity bound.
 
+``onnx`` and ``openvino`` also run ``precision="int8"``: ``model_int8.onnx``, written by ``msbt export
+--int8`` only when the test-split AUC held (:mod:`msbt.serve.quantize`; its AUC change is in
+``export.json`` under ``int8``). OpenVINO reads the quantized ONNX model and runs it in int8.
+
 Every engine takes the uint8 pixels of images already prepared as in training (``(N, S, S, 3)``, RGB,
 at the model's input size: :func:`msbt.serve.predict.prepare_rgb` + ``model_inputs``) and returns the
 malignancy probability per image, float64 ``(N,)``. The model's own preprocessing (``Preprocess``
@@ -30,8 +34,9 @@ if TYPE_CHECKING:
     from msbt.serve.predict import Preparation, Threshold
 
 ENGINES = ("keras", "savedmodel", "onnx", "openvino")
-PRECISIONS = ("f32", "bf16")
+PRECISIONS = ("f32", "bf16", "int8")
 ONNX_FILE = "model.onnx"
+INT8_FILE = "model_int8.onnx"  # msbt.serve.quantize
 OPENVINO_DIR = "openvino"
 OPENVINO_FILE = "model.xml"
 # Float engines must agree with Keras to this much (max |p_engine - p_keras|) on real images.
@@ -47,7 +52,7 @@ class Engine:
     """A loaded model: ``predict`` maps uint8 ``(N, S, S, 3)`` to float64 probabilities ``(N,)``."""
 
     name: str
-    precision: str  # "f32" (float parity with Keras expected) or "bf16" (reduced)
+    precision: str  # "f32" (float parity with Keras expected), "bf16" or "int8" (reduced)
     image_size: int
     path: str
     run: Callable[[np.ndarray], np.ndarray]
@@ -77,7 +82,8 @@ def load_engine(folder: str | Path, name: str = "openvino", *, precision: str = 
     Args:
         folder: The export folder.
         name: One of :data:`ENGINES`.
-        precision: ``"f32"``; OpenVINO also ``"bf16"`` (reduced precision, no float parity).
+        precision: ``"f32"``; OpenVINO also ``"bf16"``; ONNX Runtime and OpenVINO also ``"int8"`` (an
+            export made with ``--int8``). Reduced precisions are not within the float parity bound.
         threads: Intra-op threads (ONNX Runtime, OpenVINO, TensorFlow); default: the runtime's choice
             (all cores). A Ray Serve replica passes its CPU share.
 
@@ -87,17 +93,19 @@ def load_engine(folder: str | Path, name: str = "openvino", *, precision: str = 
     folder = Path(folder).expanduser()
     if name not in ENGINES:
         raise EngineError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")
-    if precision not in PRECISIONS or (precision != "f32" and name != "openvino"):
+    allowed = {"keras": ("f32",), "savedmodel": ("f32",), "onnx": ("f32", "int8"), "openvino": PRECISIONS}[name]
+    if precision not in allowed:
         raise EngineError(f"precision {precision!r} is not available for the {name} engine "
-                          f"(f32 everywhere; bf16 with openvino only)")
+                          f"(f32 everywhere; bf16 with openvino; int8 with onnx and openvino)")
     loader = {"keras": _keras, "savedmodel": _savedmodel, "onnx": _onnx, "openvino": _openvino}[name]
     return loader(folder, precision, threads)
 
 
 def _need(path: Path, what: str) -> Path:
     if not path.exists():
+        how = "`msbt export --int8` (kept only when the test AUC holds)" if "int8" in what else "`msbt export`"
         raise EngineError(f"{path}: missing, so the {what} engine cannot run from {path.parent} "
-                          "(re-run `msbt export` to write it)")
+                          f"(re-run {how} to write it)")
     return path
 
 
@@ -145,8 +153,8 @@ def _onnx(folder: Path, precision: str, threads: int | None) -> Engine:
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(_need(folder / ONNX_FILE, "onnx")), options,
-                                   providers=["CPUExecutionProvider"])
+    model = _need(folder / INT8_FILE, "int8 onnx") if precision == "int8" else _need(folder / ONNX_FILE, "onnx")
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
     inp = session.get_inputs()[0]
     return Engine("onnx", precision, int(inp.shape[1]), str(folder),
                   lambda x: session.run(None, {inp.name: x})[0])
@@ -156,14 +164,17 @@ def _openvino(folder: Path, precision: str, threads: int | None) -> Engine:
     import openvino as ov
 
     core = ov.Core()
-    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
+    # int8: the quantized ONNX model, its float parts (e.g. the head) kept in float32
+    hint = "f32" if precision == "int8" else precision
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hint}
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
-    compiled = core.compile_model(core.read_model(str(_need(folder / OPENVINO_DIR / OPENVINO_FILE, "openvino"))),
-                                  "CPU", config)
+    model = (_need(folder / INT8_FILE, "int8 openvino") if precision == "int8"
+             else _need(folder / OPENVINO_DIR / OPENVINO_FILE, "openvino"))
+    compiled = core.compile_model(core.read_model(str(model)), "CPU", config)
     used = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
     # Refuse silently different arithmetic: the name says what ran (e.g. f16 on a CPU without bf16).
-    if used != precision:
+    if used != hint:
         raise EngineError(f"{folder}: OpenVINO compiled with precision {used}, not the {precision} asked for")
     request = compiled.create_infer_request()  # one request reused: no per-call allocation
     size = int(compiled.inputs[0].get_partial_shape()[1].get_length())
@@ -203,6 +214,10 @@ def load_served(folder: str | Path, name: str = "openvino", *, precision: str = 
     chosen, notes = find_threshold(folder, threshold)  # a bad threshold fails before the model loads
     engine = load_engine(folder, name, precision=precision, threads=threads)
     preparation, more = find_preparation(folder, engine.image_size)
+    int8 = record.get("int8") or {}
+    if precision == "int8" and int8.get("accepted"):  # reduced precision is never used without its cost beside it
+        more.append(f"int8 engine: test AUC {int8['auc_f32']:.4f} (float32) -> {int8['auc_int8']:.4f} (int8) on "
+                    f"{int8['test_images']} test images (export.json)")
     return ServedModel(engine, str(folder), chosen, preparation, list(record["class_names"]),
                        record.get("model_id", ""), record.get("lineage_sha256", ""), notes + more)
 

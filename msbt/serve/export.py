@@ -50,7 +50,8 @@ PARITY_FRAMES = 16  # built-in synthetic ultrasound frames (8 per class) each en
 
 
 def export(checkpoint: str | Path, out_dir: str | Path, *, threshold: float | None = None,
-           formats: tuple[str, ...] = ("onnx", "openvino")) -> dict:
+           formats: tuple[str, ...] = ("onnx", "openvino"), int8: bool = False,
+           int8_store: str | Path | None = None, int8_max_auc_drop: float = 0.01) -> dict:
     """Write a stage-2 checkpoint as Keras model, SavedModel, ONNX, OpenVINO IR and ``export.json``.
 
     Args:
@@ -59,6 +60,11 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, threshold: float | No
         threshold: Overrides the run's validation threshold recorded in ``export.json``.
         formats: Which of ``onnx`` and ``openvino`` to add (OpenVINO IR is converted from the ONNX model,
             so it needs ``onnx``).
+        int8: Also an int8 model (:mod:`msbt.serve.quantize`), calibrated on the run's training split and
+            kept only if its test-split AUC is at most ``int8_max_auc_drop`` below the float model's;
+            the outcome is ``export.json``'s ``int8`` record either way.
+        int8_store: The ultrasound store of the checkpoint's run (default: ``<run>/stores/ultrasound``
+            for a checkpoint at ``<run>/stage2/checkpoint_*``).
 
     Returns:
         The ``export.json`` content.
@@ -76,6 +82,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, threshold: float | No
     unknown = set(formats) - {"onnx", "openvino"}
     if unknown or ("openvino" in formats and "onnx" not in formats):
         raise ValueError(f"formats must be among onnx, openvino (openvino needs onnx), got {list(formats)}")
+    store = _int8_store(src, int8_store) if int8 else None  # a missing store is said before any work
     model, manifest = load_checkpoint(src)  # verifies the model against the manifest's sha256
     if len(manifest["class_names"]) != 2:
         raise ValueError(f"{src}: not a binary (stage-2) checkpoint: classes {manifest['class_names']}")
@@ -88,11 +95,25 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, threshold: float | No
     out.mkdir(parents=True, exist_ok=True)
     try:
         record = _write_all(model, manifest, src, out, chosen, preparation, threshold_notes + preparation_notes,
-                            formats, profile)
+                            formats, profile, int8_store=store, int8_max_auc_drop=int8_max_auc_drop)
     except BaseException:
         _clear(out, remove=created)  # nothing half-written stays behind: the folder was new or empty
         raise
     return record
+
+
+def _int8_store(checkpoint: Path, store: str | Path | None) -> Path:
+    """The store an int8 model is calibrated and checked on; refused early when there is none."""
+    from msbt.data.store import Store, StoreError
+
+    path = Path(store).expanduser() if store else checkpoint.resolve().parents[1] / "stores" / "ultrasound"
+    try:
+        if not Store.open(path).is_complete():
+            raise StoreError(f"{path}: the store is incomplete")
+    except (StoreError, OSError, ValueError) as err:
+        raise ValueError(f"--int8 needs the run's ultrasound store (train split to calibrate, test split to check "
+                         f"the AUC): {err}; give it with --int8-store") from None
+    return path
 
 
 def _clear(out: Path, *, remove: bool) -> None:
@@ -104,7 +125,8 @@ def _clear(out: Path, *, remove: bool) -> None:
 
 
 def _write_all(model, manifest, src: Path, out: Path, chosen, preparation: Preparation, notes: list[str],
-               formats, profile: dict | None) -> dict:
+               formats, profile: dict | None, *, int8_store: Path | None = None,
+               int8_max_auc_drop: float = 0.01) -> dict:
     import tensorflow as tf
 
     size = int(model.input_shape[1])
@@ -120,6 +142,14 @@ def _write_all(model, manifest, src: Path, out: Path, chosen, preparation: Prepa
     names = ["keras", "savedmodel", *(["onnx"] if "onnx" in formats else []),
              *(["openvino"] if "openvino" in formats else [])]
     parity = check_parity(out, names, parity_images(preparation, size))
+    int8 = None
+    if int8_store is not None:
+        from msbt.serve.quantize import add_int8
+
+        if "onnx" not in formats:
+            raise ValueError("--int8 quantizes the ONNX model: keep the onnx format")
+        int8 = add_int8(out, int8_store, max_auc_drop=int8_max_auc_drop,
+                        data_fingerprint=manifest.get("data_fingerprint", ""))
     record = {
         "format": EXPORT_FORMAT,
         "checkpoint": str(src.resolve()),
@@ -135,6 +165,7 @@ def _write_all(model, manifest, src: Path, out: Path, chosen, preparation: Prepa
         "model_id": f"{manifest['backbone']}-{size}px-{manifest['model_sha256'][:12]}",
         "lineage_sha256": lineage_hash(src),
         "engines": parity,
+        "int8": int8,
         "notes": notes,
         "tensorflow_version": tf.__version__,
         "msbt_version": __version__,

@@ -286,3 +286,61 @@ def test_serve_and_stream_commands_refuse_a_folder_that_is_not_an_export(tmp_pat
     assert "not an `msbt export` folder" in capsys.readouterr().err
     assert main(["stream", str(tmp_path), "0", "--alpha", "2"]) == 1
     assert "--alpha must be in (0, 1]" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# int8: calibrated on the train split, kept only within its test-AUC bound
+
+
+@pytest.fixture(scope="module")
+def ultrasound_store(tmp_path_factory, ray_local):
+    """A real ultrasound store (built-in synthetic data, Ray Data) with train, val and test rows, 32 px."""
+    from msbt.config import PreprocessConfig
+    from msbt.data import synth
+    from msbt.data.discovery import discover
+    from msbt.data.preprocess import build_ultrasound_store, split_items
+    from msbt.data.splits import make_split, save_split
+
+    out = tmp_path_factory.mktemp("int8")
+    synth.generate(out / "synth", seed=5, fields_per_line=1, field_size=200, lesions_per_class=10,
+                   frames_per_lesion=(1, 2), ultrasound_size=64)
+    found = discover(out / "synth" / "ultrasound")
+    save_split(make_split(found, seed=0), out / "split")
+    items = split_items(out / "split", found.root, found.classes, seed=0)
+    return build_ultrasound_store(items, out / "store", PreprocessConfig(image_size=32)).path
+
+
+@pytest.mark.ray
+def test_int8_is_kept_only_within_its_test_auc_bound(exported, ultrasound_store, tmp_path, capsys):
+    from msbt.data.store import Store
+
+    checkpoint = exported["root"] / "checkpoint"
+    assert main(["export", str(checkpoint), str(tmp_path / "kept"), "--int8", "--int8-store", str(ultrasound_store),
+                 "--int8-max-auc-drop", "1"]) == 0
+    assert "int8: test AUC" in capsys.readouterr().out
+    record = json.loads((tmp_path / "kept" / "export.json").read_text())["int8"]
+    test_rows = int((Store.open(ultrasound_store).read(columns=["split"])["split"] == "test").sum())
+    assert record["accepted"] and record["file"] == "model_int8.onnx" and record["test_images"] == test_rows
+    assert record["calibration"]["split"] == "train" and record["calibration"]["images"] > 0
+    assert record["auc_change"] == pytest.approx(record["auc_int8"] - record["auc_f32"])
+    images = ultrasound(8)
+    reference = eng.load_engine(tmp_path / "kept", "onnx").predict(images)
+    for name in ("onnx", "openvino"):
+        p = eng.load_engine(tmp_path / "kept", name, precision="int8").predict(images)
+        assert p.shape == (8,) and np.all((p >= 0) & (p <= 1))
+        assert 0 < np.abs(p - reference).max() < 0.1  # quantized: close, not equal
+    served = eng.load_served(tmp_path / "kept", "openvino", precision="int8")
+    assert any(note.startswith("int8 engine: test AUC") for note in served.notes)  # its cost travels with it
+
+    # An impossible bound: the int8 model is refused, recorded as such, and cannot be loaded.
+    ex.export(checkpoint, tmp_path / "refused", formats=("onnx",), int8=True, int8_store=ultrasound_store,
+              int8_max_auc_drop=-1.0)
+    record = json.loads((tmp_path / "refused" / "export.json").read_text())["int8"]
+    assert not record["accepted"] and record["file"] is None
+    assert not (tmp_path / "refused" / "model_int8.onnx").exists()
+    with pytest.raises(eng.EngineError, match="--int8"):
+        eng.load_engine(tmp_path / "refused", "onnx", precision="int8")
+    # No store to calibrate on: said before anything is written.
+    with pytest.raises(ValueError, match="--int8 needs the run's ultrasound store"):
+        ex.export(checkpoint, tmp_path / "nostore", int8=True)
+    assert not (tmp_path / "nostore").exists()
