@@ -247,6 +247,8 @@ class ServeConfig:
     host: str = "127.0.0.1"  # only this machine can reach it unless told otherwise (0.0.0.0: every interface)
     port: int = 8000
     engine: Literal["keras", "savedmodel", "onnx", "openvino"] = "openvino"
+    # int8: onnx/openvino on an export made with --int8 (kept only within its test-AUC bound, export.json)
+    precision: Literal["f32", "int8"] = "f32"
     replicas: int = 1
     cpus_per_replica: float = 1.0  # also the engine's thread count (at least 1)
     gpus_per_replica: float = 0.0

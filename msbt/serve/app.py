@@ -44,7 +44,8 @@ class Classifier:
     """One replica: an engine loaded from an export folder, scoring batches of prepared images."""
 
     def __init__(self, model: str, engine: str = "openvino", threshold: float | None = None,
-                 max_batch_size: int = 8, batch_wait_timeout_s: float = 0.005, max_request_mb: float = 32.0):
+                 max_batch_size: int = 8, batch_wait_timeout_s: float = 0.005, max_request_mb: float = 32.0,
+                 precision: str = "f32"):
         import ray
 
         from msbt.serve.engines import load_served
@@ -52,7 +53,7 @@ class Classifier:
         # As many engine threads as CPUs Ray gave this replica (from the config or a Serve config file's
         # ray_actor_options), so replicas on one node do not oversubscribe its cores.
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-        self.model = load_served(model, engine, threads=max(1, int(cpus)), threshold=threshold)
+        self.model = load_served(model, engine, precision=precision, threads=max(1, int(cpus)), threshold=threshold)
         self.max_bytes = int(max_request_mb * (1 << 20))
         self.score.set_max_batch_size(max_batch_size)
         self.score.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -119,7 +120,7 @@ def application(model: str | Path, config: ServeConfig = ServeConfig(), *, thres
         EngineError: ``model`` is not an ``msbt export`` folder with the configured engine's files
             (checked here, before any replica starts).
     """
-    from msbt.serve.engines import ENGINES, EngineError
+    from msbt.serve.engines import ENGINES, INT8_FILE, EngineError
     from msbt.serve.predict import EXPORT_FILE
 
     folder = Path(model).expanduser().resolve()
@@ -127,6 +128,9 @@ def application(model: str | Path, config: ServeConfig = ServeConfig(), *, thres
         raise EngineError(f"{folder}: not an `msbt export` folder (no {EXPORT_FILE}); run `msbt export` first")
     if config.engine not in ENGINES or config.replicas < 1 or config.cpus_per_replica <= 0:
         raise EngineError(f"serve config: need a known engine, replicas >= 1 and cpus_per_replica > 0, got {config}")
+    if config.precision == "int8" and (config.engine not in ("onnx", "openvino") or not (folder / INT8_FILE).is_file()):
+        raise EngineError(f"{folder}: serve.precision int8 needs engine onnx or openvino and {INT8_FILE}, which "
+                          "`msbt export --int8` writes only when the test AUC held (see export.json's int8)")
     options = {"num_cpus": config.cpus_per_replica}
     if config.gpus_per_replica:
         options["num_gpus"] = config.gpus_per_replica
@@ -134,7 +138,7 @@ def application(model: str | Path, config: ServeConfig = ServeConfig(), *, thres
     deployment = Classifier.options(num_replicas=config.replicas, ray_actor_options=options,
                                     max_ongoing_requests=max(5, 2 * config.max_batch_size))
     return deployment.bind(str(folder), config.engine, threshold, config.max_batch_size,
-                           config.batch_wait_timeout_s, config.max_request_mb)
+                           config.batch_wait_timeout_s, config.max_request_mb, config.precision)
 
 
 def build_app(args: dict):
@@ -151,7 +155,8 @@ def build_app(args: dict):
         raise ValueError("build_app needs args.model: the `msbt export` folder to serve")
     model = str(args.pop("model"))
     threshold = args.pop("threshold", None)
-    values = {k: yaml.safe_load(v) if isinstance(v, str) and k != "engine" else v for k, v in args.items()}
+    values = {k: yaml.safe_load(v) if isinstance(v, str) and k not in ("engine", "precision") else v
+              for k, v in args.items()}
     config = from_dict(ServeConfig, values, source="serve application args")
     return application(model, config, threshold=None if threshold is None else float(threshold))
 
