@@ -340,6 +340,11 @@ def test_int8_is_kept_only_within_its_test_auc_bound(exported, ultrasound_store,
     assert not (tmp_path / "refused" / "model_int8.onnx").exists()
     with pytest.raises(eng.EngineError, match="--int8"):
         eng.load_engine(tmp_path / "refused", "onnx", precision="int8")
+    from msbt.serve import app  # `msbt serve` with serve.precision int8: refused before any replica starts
+
+    with pytest.raises(eng.EngineError, match="precision int8 needs"):
+        app.application(tmp_path / "refused", ServeConfig(engine="onnx", precision="int8"))
+    assert app.application(tmp_path / "kept", ServeConfig(precision="int8")) is not None
     # No store to calibrate on: said before anything is written.
     with pytest.raises(ValueError, match="--int8 needs the run's ultrasound store"):
         ex.export(checkpoint, tmp_path / "nostore", int8=True)
