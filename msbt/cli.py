@@ -392,8 +392,9 @@ def _cmd_export(args) -> int:
         verdict = (f"kept: {int8['file']}, engines onnx and openvino with --precision int8" if int8["accepted"]
                    else f"refused (drop above {int8['max_auc_drop']:g}): no int8 model written")
         print(f"int8: test AUC {int8['auc_f32']:.4f} (float32) -> {int8['auc_int8']:.4f} (int8), change "
-              f"{int8['auc_change']:+.4f} on {int8['test_images']} test images, calibrated on "
-              f"{int8['calibration']['images']} training images; {verdict}")
+              f"{int8['auc_change']:+.4f} on {int8['test_images']} test images ({int8['labels_changed']} labels "
+              f"change at threshold {int8['threshold']:.4g}; max |p_int8 - p_f32| {int8['max_abs_diff']:.3f}), "
+              f"calibrated on {int8['calibration']['images']} training images; {verdict}")
     for note in record["notes"]:
         print(f"note: {note}")
     return 0

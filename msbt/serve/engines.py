@@ -217,7 +217,8 @@ def load_served(folder: str | Path, name: str = "openvino", *, precision: str = 
     int8 = record.get("int8") or {}
     if precision == "int8" and int8.get("accepted"):  # reduced precision is never used without its cost beside it
         more.append(f"int8 engine: test AUC {int8['auc_f32']:.4f} (float32) -> {int8['auc_int8']:.4f} (int8) on "
-                    f"{int8['test_images']} test images (export.json)")
+                    f"{int8['test_images']} test images, {int8.get('labels_changed', '?')} labels changed at the "
+                    "threshold (export.json)")
     return ServedModel(engine, str(folder), chosen, preparation, list(record["class_names"]),
                        record.get("model_id", ""), record.get("lineage_sha256", ""), notes + more)
 

@@ -149,7 +149,7 @@ def _write_all(model, manifest, src: Path, out: Path, chosen, preparation: Prepa
         if "onnx" not in formats:
             raise ValueError("--int8 quantizes the ONNX model: keep the onnx format")
         int8 = add_int8(out, int8_store, max_auc_drop=int8_max_auc_drop,
-                        data_fingerprint=manifest.get("data_fingerprint", ""))
+                        data_fingerprint=manifest.get("data_fingerprint", ""), threshold=chosen.value)
     record = {
         "format": EXPORT_FORMAT,
         "checkpoint": str(src.resolve()),

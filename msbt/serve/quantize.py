@@ -75,7 +75,8 @@ def split_images(store: Store, split: str, size: int, limit: int | None = None) 
     return model_inputs(images, size), np.asarray(labels, np.int64)
 
 
-def add_int8(folder: str | Path, store_path: str | Path, *, max_auc_drop: float, data_fingerprint: str = "") -> dict:
+def add_int8(folder: str | Path, store_path: str | Path, *, max_auc_drop: float, data_fingerprint: str = "",
+             threshold: float = 0.5) -> dict:
     """Quantize an export folder's ONNX model and keep it only if the test AUC holds.
 
     Args:
@@ -84,10 +85,13 @@ def add_int8(folder: str | Path, store_path: str | Path, *, max_auc_drop: float,
             test split.
         max_auc_drop: Largest accepted ``AUC(float32) - AUC(int8)`` on the test split.
         data_fingerprint: The checkpoint's recorded store fingerprint; a store that differs is refused.
+        threshold: The export's decision threshold: test images whose label at it differs between the
+            float32 and int8 engines are counted (the AUC can hold while single calls flip).
 
     Returns:
         The ``int8`` record for ``export.json``: file (or None when refused), calibration and test
-        counts, both AUCs, their difference, max |p_int8 - p_f32| on the test images, accepted.
+        counts, both AUCs, their difference, max |p_int8 - p_f32| on the test images, the test labels
+        that change at ``threshold``, accepted.
 
     Raises:
         ValueError: A store that is not the checkpoint's, or without train or test images of both classes.
@@ -121,6 +125,8 @@ def add_int8(folder: str | Path, store_path: str | Path, *, max_auc_drop: float,
         "auc_change": float(auc8 - auc32),
         "max_auc_drop": float(max_auc_drop),
         "max_abs_diff": float(np.abs(p8 - p32).max()),
+        "threshold": float(threshold),
+        "labels_changed": int(np.sum((p8 >= threshold) != (p32 >= threshold))),
         "accepted": bool(auc32 - auc8 <= max_auc_drop),
     }
     if not record["accepted"]:

@@ -323,6 +323,7 @@ def test_int8_is_kept_only_within_its_test_auc_bound(exported, ultrasound_store,
     assert record["accepted"] and record["file"] == "model_int8.onnx" and record["test_images"] == test_rows
     assert record["calibration"]["split"] == "train" and record["calibration"]["images"] > 0
     assert record["auc_change"] == pytest.approx(record["auc_int8"] - record["auc_f32"])
+    assert record["threshold"] == 0.5 and 0 <= record["labels_changed"] <= record["test_images"]
     images = ultrasound(8)
     reference = eng.load_engine(tmp_path / "kept", "onnx").predict(images)
     for name in ("onnx", "openvino"):
