@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import shutil
 from dataclasses import dataclass, field
@@ -29,8 +30,6 @@ from pathlib import Path
 from typing import Sequence
 
 import keras
-import logging
-
 import numpy as np
 import tensorflow as tf
 
