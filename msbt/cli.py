@@ -631,9 +631,13 @@ def _stop_on_sigterm():
     """
     import signal
 
+    import os
+
     def handler(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process
-        print(f"msbt: stopped (SIGTERM); {INTERRUPTED}", file=sys.stderr, flush=True)
+        # os.write, not print: the main thread may be inside a write to stderr (a progress bar), and a
+        # reentrant print would raise instead of saying this
+        os.write(2, f"msbt: stopped (SIGTERM); {INTERRUPTED}\n".encode())
         raise Stopped()
 
     return signal.signal(signal.SIGTERM, handler)

@@ -56,14 +56,36 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     console.tame_ray()  # Ray's start-up lines go to the run's log (unless --verbose)
     target = address or os.environ.get("RAY_ADDRESS") or started_cluster()
     dashboard = None
-    if target and target != "local":
-        dashboard = getattr(ray.init(address=target, **_own_address(target)), "dashboard_url", None)
-    else:
-        start_private(num_cpus)
+    with _keep_sigterm_handler():
+        if target and target != "local":
+            dashboard = getattr(ray.init(address=target, **_own_address(target)), "dashboard_url", None)
+        else:
+            start_private(num_cpus)
     console.tame_ray()  # now that Ray is connected: what its workers print goes to the log too
     print(describe_cluster(target if target and target != "local" else None, ray.cluster_resources(), dashboard),
           flush=True)
     log.info("Ray: %s", ray.cluster_resources())
+
+
+@contextlib.contextmanager
+def _keep_sigterm_handler():
+    """Put back a SIGTERM handler of the caller's after ``ray.init``.
+
+    On the main thread ``ray.init`` replaces the SIGTERM handler with ``sys.exit`` (a private cluster's
+    node with "kill every process, then exit 1"), so the CLI's handler (msbt.cli: a line, the Ctrl-C
+    clean-up, exit 143) would end at the first command that starts Ray. Only a Python handler is put
+    back (the default action and SIG_IGN are left to Ray); the clean-up it triggers ends Ray itself.
+    """
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if callable(previous):
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _own_address(target: str) -> dict:

@@ -196,6 +196,27 @@ class Store:
                 out[name] = table[name].to_numpy()
         return out
 
+    def sample_split(self, split: str, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """``(images, label indices)`` of up to ``n`` rows of one split, drawn at random (seeded) and as
+        evenly over the classes as the split allows; only the chosen rows' images are decoded."""
+        import pyarrow.dataset as pads
+
+        files = self.files()
+        if not files:
+            return np.zeros((0, *self.image_shape), np.uint8), np.zeros(0, np.int64)
+        table = pads.dataset(files, format="parquet").to_table(columns=["image", "label_index"],
+                                                               filter=pads.field("split") == split)
+        labels = table["label_index"].to_numpy()
+        rng = np.random.default_rng(seed)
+        by_class = [rng.permutation(np.flatnonzero(labels == c)).tolist() for c in np.unique(labels)]
+        chosen: list[int] = []
+        while len(chosen) < n and any(by_class):  # one of each class in turn
+            for rows in by_class:
+                if rows and len(chosen) < n:
+                    chosen.append(rows.pop())
+        picked = table.take(sorted(chosen))
+        return decode_images(picked["image"], self.image_shape), picked["label_index"].to_numpy().astype(np.int64)
+
     def sample(self, label: str, n: int) -> np.ndarray:
         """Up to ``n`` images of one class, reading only the rows needed."""
         import pyarrow.dataset as pads

@@ -82,6 +82,8 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, threshold: float | No
     unknown = set(formats) - {"onnx", "openvino"}
     if unknown or ("openvino" in formats and "onnx" not in formats):
         raise ValueError(f"formats must be among onnx, openvino (openvino needs onnx), got {list(formats)}")
+    if int8 and "onnx" not in formats:
+        raise ValueError("--int8 quantizes the ONNX model: keep the onnx format")
     store = _int8_store(src, int8_store) if int8 else None  # a missing store is said before any work
     model, manifest = load_checkpoint(src)  # verifies the model against the manifest's sha256
     if len(manifest["class_names"]) != 2:
@@ -106,11 +108,11 @@ def _int8_store(checkpoint: Path, store: str | Path | None) -> Path:
     """The store an int8 model is calibrated and checked on; refused early when there is none."""
     from msbt.data.store import Store, StoreError
 
-    path = Path(store).expanduser() if store else checkpoint.resolve().parents[1] / "stores" / "ultrasound"
     try:
+        path = Path(store).expanduser() if store else checkpoint.resolve().parents[1] / "stores" / "ultrasound"
         if not Store.open(path).is_complete():
             raise StoreError(f"{path}: the store is incomplete")
-    except (StoreError, OSError, ValueError) as err:
+    except (StoreError, OSError, ValueError, IndexError) as err:
         raise ValueError(f"--int8 needs the run's ultrasound store (train split to calibrate, test split to check "
                          f"the AUC): {err}; give it with --int8-store") from None
     return path
@@ -146,10 +148,8 @@ def _write_all(model, manifest, src: Path, out: Path, chosen, preparation: Prepa
     if int8_store is not None:
         from msbt.serve.quantize import add_int8
 
-        if "onnx" not in formats:
-            raise ValueError("--int8 quantizes the ONNX model: keep the onnx format")
-        int8 = add_int8(out, int8_store, max_auc_drop=int8_max_auc_drop,
-                        data_fingerprint=manifest.get("data_fingerprint", ""), threshold=chosen.value)
+        int8 = add_int8(out, int8_store, max_auc_drop=int8_max_auc_drop, threshold=chosen.value,
+                        data_fingerprint=manifest.get("data_fingerprint", ""), class_names=manifest["class_names"])
     record = {
         "format": EXPORT_FORMAT,
         "checkpoint": str(src.resolve()),

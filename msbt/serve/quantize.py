@@ -65,18 +65,29 @@ def quantize(onnx_path: str | Path, out_path: str | Path, calibration: np.ndarra
 
 
 def split_images(store: Store, split: str, size: int, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``(uint8 images at the model's size, labels)`` of one split of a store (the first ``limit``)."""
+    """``(uint8 images at the model's size, labels)`` of one split of a store: all of it, or a seeded
+    sample of ``limit`` rows spread over the classes (calibration must see both)."""
     from msbt.serve.predict import model_inputs
 
-    rows = store.read(columns=["image", "label_index"], split=split)
-    images, labels = rows.get("image", np.zeros((0, size, size, 3), np.uint8)), rows.get("label_index", np.zeros(0))
     if limit is not None:
-        images, labels = images[:limit], labels[:limit]
-    return model_inputs(images, size), np.asarray(labels, np.int64)
+        images, labels = store.sample_split(split, limit, seed=0)
+    else:
+        rows = store.read(columns=["image", "label_index"], split=split)
+        images = rows.get("image", np.zeros((0, *store.image_shape), np.uint8))
+        labels = np.asarray(rows.get("label_index", np.zeros(0)), np.int64)
+    if len(images) == 0:
+        return np.zeros((0, size, size, 3), np.uint8), labels
+    return model_inputs(images, size), labels
+
+
+def accepted(auc_f32: float, auc_int8: float, max_auc_drop: float) -> bool:
+    """Whether an int8 model is kept: its AUC is at most ``max_auc_drop`` below the float32 model's
+    (an int8 AUC above the float one always passes)."""
+    return bool(auc_f32 - auc_int8 <= max_auc_drop)
 
 
 def add_int8(folder: str | Path, store_path: str | Path, *, max_auc_drop: float, data_fingerprint: str = "",
-             threshold: float = 0.5) -> dict:
+             threshold: float = 0.5, class_names: list[str] | None = None) -> dict:
     """Quantize an export folder's ONNX model and keep it only if the test AUC holds.
 
     Args:
@@ -87,6 +98,7 @@ def add_int8(folder: str | Path, store_path: str | Path, *, max_auc_drop: float,
         data_fingerprint: The checkpoint's recorded store fingerprint; a store that differs is refused.
         threshold: The export's decision threshold: test images whose label at it differs between the
             float32 and int8 engines are counted (the AUC can hold while single calls flip).
+        class_names: The checkpoint's classes; a store with other classes (or another order) is refused.
 
     Returns:
         The ``int8`` record for ``export.json``: file (or None when refused), calibration and test
@@ -103,6 +115,11 @@ def add_int8(folder: str | Path, store_path: str | Path, *, max_auc_drop: float,
     if data_fingerprint and fingerprint != data_fingerprint:
         raise ValueError(f"{store_path}: not the store this checkpoint trained on (fingerprint {fingerprint[:12]}, "
                          f"checkpoint {data_fingerprint[:12]}); give the run's stores/ultrasound")
+    if class_names is not None and list(store.classes) != list(class_names):
+        raise ValueError(f"{store_path}: classes {list(store.classes)}, but the model's are {list(class_names)}; "
+                         "give the run's stores/ultrasound")
+    if not data_fingerprint:
+        log.warning("%s: the checkpoint records no store fingerprint; the store is taken as given", store_path)
     reference = eng.load_engine(folder, "onnx")
     size = reference.image_size
     calibration, _ = split_images(store, "train", size, CALIBRATION_IMAGES)
@@ -127,7 +144,7 @@ def add_int8(folder: str | Path, store_path: str | Path, *, max_auc_drop: float,
         "max_abs_diff": float(np.abs(p8 - p32).max()),
         "threshold": float(threshold),
         "labels_changed": int(np.sum((p8 >= threshold) != (p32 >= threshold))),
-        "accepted": bool(auc32 - auc8 <= max_auc_drop),
+        "accepted": accepted(auc32, auc8, max_auc_drop),
     }
     if not record["accepted"]:
         path.unlink(missing_ok=True)

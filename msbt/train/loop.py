@@ -371,12 +371,14 @@ def save_train_state(model: keras.Model, path: str | Path, *, epoch: int) -> Pat
     return Path(path)
 
 
-def restore_train_state(model: keras.Model, path: str | Path, *, optimizer: bool = True) -> bool:
+def restore_train_state(model: keras.Model, path: str | Path, *, optimizer: bool = True,
+                        epoch: int | None = None) -> bool:
     """Put a :func:`save_train_state` file's values back into a compiled ``model``.
 
     Args:
         optimizer: Also the optimizer's variables (False at a phase boundary, where an uninterrupted run
             starts a new optimizer too).
+        epoch: The epoch of the model the state goes with; a state of another epoch is not used.
 
     Returns:
         Whether the optimizer's state was restored: False when the saved one does not fit this optimizer
@@ -385,11 +387,18 @@ def restore_train_state(model: keras.Model, path: str | Path, *, optimizer: bool
     """
     with np.load(path) as data:
         saved = {key: data[key] for key in data.files}
+    if epoch is not None and int(saved["epoch"]) != epoch:
+        log.warning("%s: a training state of epoch %d beside a model of epoch %d; not used (the resumed stage "
+                    "starts its optimizer afresh)", path, int(saved["epoch"]), epoch)
+        return False
     optimizer_vars, extra = _state_variables(model)
     model_values = [saved[f"model_{i}"] for i in range(len(saved["model_paths"]))]
-    if [v.shape for v in extra] == [tuple(a.shape) for a in model_values]:
+    if [tuple(v.shape) for v in extra] == [tuple(a.shape) for a in model_values]:
         for variable, value in zip(extra, model_values):
             variable.assign(value)
+    else:
+        log.warning("%s: the saved seed-generator states (%d) do not fit this model (%d); dropout draws "
+                    "restart", path, len(model_values), len(extra))
     if not optimizer:
         return False
     values = [saved[f"optimizer_{i}"] for i in range(len(saved["optimizer_paths"]))]
@@ -447,7 +456,7 @@ class StageState:
         if self.train_state is None or phase.first_epoch != self.done:
             return
         inside = any(p.first_epoch < self.done < p.last_epoch for p in plan_phases(self.stage))
-        restore_train_state(self.model, self.train_state, optimizer=inside)
+        restore_train_state(self.model, self.train_state, optimizer=inside, epoch=self.done)
         self.train_state = None
 
 

@@ -156,12 +156,14 @@ def test_a_model_saved_on_a_full_disk_keeps_the_previous_model(tmp_path):
         saver.set_model(model)
         saver.on_epoch_end(0, {"val_loss": 1.0})
         first = (disk / "model.keras").read_bytes()
+        state = (disk / "train_state.npz").read_bytes()  # its training state, for a resume
         filler = leave_free(disk, 1024)
         model.layers[1].kernel.assign(model.layers[1].kernel + 1.0)
         with pytest.raises(OSError):
             saver.on_epoch_end(1, {"val_loss": 0.5})
         assert (disk / "model.keras").read_bytes() == first  # the last good model, whole
-        assert sorted(p.name for p in disk.iterdir()) == ["filler", "model.keras"]
+        assert (disk / "train_state.npz").read_bytes() == state  # and the state that goes with it
+        assert sorted(p.name for p in disk.iterdir()) == ["filler", "model.keras", "train_state.npz"]
         filler.unlink()
 
 
@@ -317,3 +319,33 @@ def test_the_submitted_package_holds_every_module_of_msbt(tmp_path):
     modules = {str(p.relative_to(ROOT)) for p in (ROOT / "msbt").rglob("*.py") if "__pycache__" not in p.parts}
     assert modules and modules <= packaged, sorted(modules - packaged)
     assert "workflows/pipeline.py" in packaged and not any(n.startswith((".venv/", "runs/", ".git/")) for n in packaged)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sigterm_after_ray_started_says_so_and_exits_143(tmp_path):
+    """`ray job stop` sends the driver SIGTERM. `ray.init` installs its own SIGTERM handler (sys.exit, or a
+    private node's "kill everything, exit 1"); msbt puts its own back, so the line and exit 143 hold for
+    commands that run on Ray too."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env.pop("RAY_ADDRESS", None)
+    log = tmp_path / "out.log"
+    cmd = [sys.executable, "workflows/preprocess.py", "--smoke-test", "--address", "local",
+           "--set", f"run.storage_path={tmp_path}", "--set", f"synth.out_dir={tmp_path / 'synth'}"]
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and "Ray: private local cluster" not in log.read_text():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.5)
+        assert "Ray: private local cluster" in log.read_text(), "Ray never started"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    output = log.read_text()
+    assert proc.returncode == 143, output[-3000:]
+    assert "msbt: stopped (SIGTERM); finished steps and checkpoints are kept" in output and "Traceback" not in output

@@ -1,0 +1,16 @@
+"""The int8 keep-or-refuse rule (msbt.serve.quantize); the whole export: tests/integration/test_serve.py."""
+
+import pytest
+
+from msbt.serve.quantize import accepted
+
+
+@pytest.mark.parametrize("f32, int8, bound, kept", [
+    (0.80, 0.79, 0.02, True),    # a drop within the bound
+    (0.80, 0.75, 0.02, False),   # a drop beyond it
+    (0.80, 0.85, 0.00, True),    # int8 better: always kept
+    (0.80, 0.80, 0.00, True),    # no change at a zero bound
+    (0.80, 0.7999, 0.00, False),
+])
+def test_int8_is_kept_only_when_its_auc_drop_is_within_the_bound(f32, int8, bound, kept):
+    assert accepted(f32, int8, bound) is kept
