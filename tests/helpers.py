@@ -133,3 +133,15 @@ def reference_links(hashes, thumbs, max_distance, min_similarity, digests):
     _, first = np.unique(table[:, :2].astype(np.int64), axis=0, return_index=True)
     table = table[np.sort(first)]
     return table[:, :2].astype(np.int64), table[:, 2].astype(np.int64), table[:, 3] / 1e6
+
+
+def split_and_store(root: Path, out: Path, build, cfg) -> Path:
+    """Discover ``root``, save its split under ``out/split`` and build a store at ``out/store`` with ``build``
+    (msbt.data.preprocess.build_microscope_store or build_ultrasound_store; Ray must be running)."""
+    from msbt.data.discovery import discover
+    from msbt.data.preprocess import split_items
+    from msbt.data.splits import make_split, save_split
+
+    found = discover(root)
+    save_split(make_split(found, seed=0), out / "split")
+    return build(split_items(out / "split", found.root, found.classes, seed=0), out / "store", cfg).path

@@ -24,14 +24,12 @@ import psutil
 import pytest
 import yaml
 
-from helpers import ROOT
+from helpers import ROOT, split_and_store
 from msbt import console
 from msbt.data import synth
 from msbt.model.checkpoint import read_manifest
 from msbt.config import AugmentConfig, Config, PreprocessConfig, RunConfig, StageConfig
-from msbt.data.discovery import discover
-from msbt.data.preprocess import build_microscope_store, split_items
-from msbt.data.splits import make_split, save_split
+from msbt.data.preprocess import build_microscope_store
 
 pytestmark = [
     pytest.mark.ray,
@@ -79,10 +77,8 @@ def microscope_store(tmp_path_factory, ray_local):
     out = tmp_path_factory.mktemp("resume")
     synth.generate(out / "synth", seed=5, fields_per_line=3, field_size=400, lesions_per_class=2,
                    frames_per_lesion=(1, 1), ultrasound_size=64)
-    d = discover(out / "synth" / "microscope")
-    save_split(make_split(d, seed=0), out / "split")
-    items = split_items(out / "split", d.root, d.classes, seed=0)
-    return build_microscope_store(items, out / "store", PreprocessConfig(max_patches_per_field=6, image_size=32)).path
+    return split_and_store(out / "synth" / "microscope", out, build_microscope_store,
+                           PreprocessConfig(max_patches_per_field=6, image_size=32))
 
 
 def test_a_killed_worker_resumes_after_its_last_checkpoint(microscope_store, tmp_path):

@@ -295,19 +295,15 @@ def test_serve_and_stream_commands_refuse_a_folder_that_is_not_an_export(tmp_pat
 @pytest.fixture(scope="module")
 def ultrasound_store(tmp_path_factory, ray_local):
     """A real ultrasound store (built-in synthetic data, Ray Data) with train, val and test rows, 32 px."""
+    from helpers import split_and_store
     from msbt.config import PreprocessConfig
     from msbt.data import synth
-    from msbt.data.discovery import discover
-    from msbt.data.preprocess import build_ultrasound_store, split_items
-    from msbt.data.splits import make_split, save_split
+    from msbt.data.preprocess import build_ultrasound_store
 
     out = tmp_path_factory.mktemp("int8")
     synth.generate(out / "synth", seed=5, fields_per_line=1, field_size=200, lesions_per_class=10,
                    frames_per_lesion=(1, 2), ultrasound_size=64)
-    found = discover(out / "synth" / "ultrasound")
-    save_split(make_split(found, seed=0), out / "split")
-    items = split_items(out / "split", found.root, found.classes, seed=0)
-    return build_ultrasound_store(items, out / "store", PreprocessConfig(image_size=32)).path
+    return split_and_store(out / "synth" / "ultrasound", out, build_ultrasound_store, PreprocessConfig(image_size=32))
 
 
 @pytest.mark.ray

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers import split_and_store
 from msbt.data import synth
 from msbt.model.checkpoint import read_manifest, verify
 from msbt.config import Config, PreprocessConfig, RunConfig, StageConfig
-from msbt.data.discovery import discover
-from msbt.data.preprocess import build_microscope_store, build_ultrasound_store, split_items
-from msbt.data.splits import make_split, save_split
+from msbt.data.preprocess import build_microscope_store, build_ultrasound_store
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
@@ -36,20 +35,14 @@ def tiny_config(tmp_path, **run) -> Config:
     )
 
 
-def store(root, out, build, cfg):
-    d = discover(root)
-    save_split(make_split(d, seed=0), out / "split")
-    return build(split_items(out / "split", d.root, d.classes, seed=0), out / "store", cfg).path
-
-
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory, ray_local):
     out = tmp_path_factory.mktemp("train")
     synth.generate(out / "synth", seed=3, fields_per_line=4, field_size=400, lesions_per_class=5,
                    frames_per_lesion=(1, 2), ultrasound_size=96)
     cfg = PreprocessConfig(max_patches_per_field=4, image_size=64)
-    micro = store(out / "synth" / "microscope", out / "micro", build_microscope_store, cfg)
-    ultra = store(out / "synth" / "ultrasound", out / "ultra", build_ultrasound_store, cfg)
+    micro = split_and_store(out / "synth" / "microscope", out / "micro", build_microscope_store, cfg)
+    ultra = split_and_store(out / "synth" / "ultrasound", out / "ultra", build_ultrasound_store, cfg)
     return micro, ultra
 
 
