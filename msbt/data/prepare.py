@@ -109,8 +109,11 @@ def check_data(config: Config, modalities: Sequence[str] = MODALITIES, *, always
         source = config.data.microscope if modality == "microscope" else config.data.ultrasound
         if not source or (not always and recorded_store(config, modality) is not None):
             continue
-        classes = config.data.microscope_classes if modality == "microscope" else config.data.ultrasound_classes
-        check_source(source, classes)
+        if modality == "microscope":
+            check_source(source, config.data.microscope_classes)
+            continue
+        for site in parse_sources(source):  # one source or several named sites (msbt.data.sites)
+            check_source(site.path, config.data.ultrasound_classes)
 
 
 def prepare_data(config: Config, *, force_split: bool = False,

@@ -45,6 +45,20 @@ def test_config_takes_one_source_or_a_list_of_sites(tmp_path):
         load_config([], ["data.ultrasound=3"])
 
 
+def test_the_preflight_check_takes_a_list_of_sites_and_names_a_missing_one(three_sites, tmp_path):
+    """A fresh run with several named sites passes the before-Ray check (it once failed with a TypeError
+    on the list); a site whose folder is missing is named."""
+    from msbt.data.prepare import check_data
+
+    sites = [f"{k}={v}" for k, v in three_sites.items()]
+    config = load_config([], [f"data.ultrasound=[{', '.join(sites)}]", f"run.storage_path={tmp_path}"])
+    check_data(config, ["ultrasound"])
+    missing = tmp_path / "nowhere"
+    config = load_config([], [f"data.ultrasound=[{sites[0]}, gone={missing}]", f"run.storage_path={tmp_path}"])
+    with pytest.raises(DataError, match=f"{missing}: data folder or manifest does not exist"):
+        check_data(config, ["ultrasound"])
+
+
 def test_built_in_sites_differ_in_framing_and_every_record_carries_its_site(three_sites):
     sizes = {name: cv2.imread(str(next((__import__("pathlib").Path(p) / "benign").iterdir()))).shape[:2]
              for name, p in three_sites.items()}
