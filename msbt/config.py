@@ -107,7 +107,7 @@ class PreprocessConfig:
     # Ultrasound images: resized to image_size x image_size.
     image_size: int = 200
     aspect: Literal["pad", "stretch", "crop"] = "pad"  # pad keeps the lesion's shape (letterbox)
-    intensity: Literal["none", "minmax"] = "none"
+    intensity: Literal["none", "minmax", "clahe"] = "none"
     # Running over many files: a rerun into an existing store refuses, resumes (finished chunks are
     # kept) or overwrites; never mixes two runs silently.
     on_existing: Literal["refuse", "resume", "overwrite"] = "resume"
@@ -125,6 +125,12 @@ class AugmentConfig:
     flip: bool = False
     zoom: float = 0.0
     contrast: float = 0.0
+    # Ultrasound-specific (docs/evaluation.md, "Levers"): overall gain (grey levels times 1 +- brightness),
+    # speckle (each pixel times 1 + N(0, speckle)), and blur (Gaussian, sigma up to `blur` pixels at the
+    # image's size), each drawn per image; 0 = off.
+    brightness: float = 0.0
+    speckle: float = 0.0
+    blur: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -564,6 +570,9 @@ _RANGES: dict[type, list[tuple[str, Any, str]]] = {
         ("rotation", lambda v: _finite(v) and 0.0 <= v <= 180.0, "in [0, 180] degrees"),
         ("zoom", lambda v: _finite(v) and 0.0 <= v < 1.0, "in [0, 1)"),
         ("contrast", lambda v: _finite(v) and 0.0 <= v < 1.0, "in [0, 1)"),
+        ("brightness", lambda v: _finite(v) and 0.0 <= v < 1.0, "in [0, 1)"),
+        ("speckle", lambda v: _finite(v) and 0.0 <= v <= 1.0, "in [0, 1]"),
+        ("blur", lambda v: _finite(v) and 0.0 <= v <= 10.0, "in [0, 10] pixels"),
     ],
     HeadConfig: [
         ("dense_units", lambda v: all(u >= 1 for u in v), "units >= 1"),

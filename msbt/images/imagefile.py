@@ -375,11 +375,21 @@ def _resize(rgb: np.ndarray, h: int, w: int) -> np.ndarray:
 
 def normalize_intensity(rgb: np.ndarray, mode: str = "none") -> np.ndarray:
     """"none" keeps the scanner's grey levels; "minmax" stretches the 1st-99th percentile to 0..255,
-    which evens out gain differences between machines."""
+    which evens out gain differences between machines; "clahe" equalises contrast locally (OpenCV's
+    contrast-limited adaptive histogram equalisation on the lightness channel, clip limit 2, tiles of
+    1/8 of each side), which also evens out depth-dependent gain (time-gain compensation) that differs
+    between scanners and operators."""
     if mode == "none":
         return rgb
+    if mode == "clahe":
+        clahe = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
+        if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]):
+            return np.repeat(clahe.apply(np.ascontiguousarray(rgb[..., 0]))[..., None], 3, axis=2)
+        lab = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2LAB)  # colour overlays keep their hue
+        lab[..., 0] = clahe.apply(lab[..., 0])
+        return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
     if mode != "minmax":
-        raise ValueError(f"intensity must be 'none' or 'minmax', got {mode!r}")
+        raise ValueError(f"intensity must be 'none', 'minmax' or 'clahe', got {mode!r}")
     lo, hi = np.percentile(rgb, (1, 99))
     if hi <= lo:
         return rgb

@@ -85,7 +85,7 @@ def random_params(key, cfg: AugmentConfig, height: int, width: int):
 
 
 def augment_image(image, key, cfg: AugmentConfig):
-    """Apply one random shift/rotation/zoom/flip/contrast to one image.
+    """Apply one random shift/rotation/zoom/flip/contrast (and gain/blur/speckle) to one image.
 
     Args:
         image: (H, W, C) tensor of 0..255 pixels (any numeric dtype).
@@ -103,7 +103,39 @@ def augment_image(image, key, cfg: AugmentConfig):
     if cfg.contrast > 0:
         mean = tf.reduce_mean(out, axis=(0, 1), keepdims=True)
         out = (out - mean) * contrast + mean
+    if cfg.brightness > 0 or cfg.blur > 0 or cfg.speckle > 0:
+        out = _ultrasound_look(out, key, cfg)
     return tf.clip_by_value(out, 0.0, 255.0)
+
+
+def _ultrasound_look(image, key, cfg: AugmentConfig):
+    """Gain, blur and speckle of another scanner or operator, drawn from keys folded off the image's key
+    (the affine and contrast draws above stay what they were, so older configs augment exactly as before)."""
+    u = tf.random.stateless_uniform([2], seed=tf.random.experimental.stateless_fold_in(key, 1))
+    out = image
+    if cfg.brightness > 0:
+        out = out * (1.0 + (2.0 * u[0] - 1.0) * cfg.brightness)
+    if cfg.blur > 0:
+        out = gaussian_blur(out, u[1] * cfg.blur, radius=max(1, math.ceil(3 * cfg.blur)))
+    if cfg.speckle > 0:  # multiplicative, one value per pixel for all channels (the content is grey)
+        noise = tf.random.stateless_normal([out.shape[0], out.shape[1], 1],
+                                           seed=tf.random.experimental.stateless_fold_in(key, 2))
+        out = out * (1.0 + cfg.speckle * noise)
+    return out
+
+
+def gaussian_blur(image, sigma, radius: int):
+    """(H, W, C) float image blurred with a Gaussian of standard deviation ``sigma`` pixels (a tensor;
+    near 0 leaves the image as it is), separable, edges mirrored; ``radius`` fixes the kernel's size."""
+    x = tf.range(-radius, radius + 1, dtype=tf.float32)
+    k = tf.exp(-0.5 * tf.square(x / tf.maximum(tf.cast(sigma, tf.float32), 1e-3)))
+    k = k / tf.reduce_sum(k)
+    channels = image.shape[-1]
+    kx = tf.tile(tf.reshape(k, [1, -1, 1, 1]), [1, 1, channels, 1])
+    ky = tf.tile(tf.reshape(k, [-1, 1, 1, 1]), [1, 1, channels, 1])
+    padded = tf.pad(image[None], [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="SYMMETRIC")
+    out = tf.nn.depthwise_conv2d(padded, kx, [1, 1, 1, 1], "VALID")
+    return tf.nn.depthwise_conv2d(out, ky, [1, 1, 1, 1], "VALID")[0]
 
 
 def image_key(seed: int, epoch, copy: int, index):

@@ -63,6 +63,26 @@ def test_same_key_same_transform_other_key_other_transform():
     assert a.dtype == np.float32 and a.min() >= 0 and a.max() <= 255
 
 
+def test_ultrasound_augmentation_is_keyed_and_leaves_older_configs_unchanged():
+    """Gain, blur and speckle are drawn per image from the image's key; with them off the output is the
+    same as before they existed (the affine/contrast draws are untouched)."""
+    img = images(1)[0]
+    key = tf.constant([7, 1], tf.int64)
+    base = augment.augment_image(img, key, AugmentConfig(contrast=0.2)).numpy()
+    look = AugmentConfig(contrast=0.2, brightness=0.3, speckle=0.2, blur=1.5)
+    a = augment.augment_image(img, key, look).numpy()
+    assert np.array_equal(a, augment.augment_image(img, key, look).numpy())
+    assert not np.array_equal(a, augment.augment_image(img, tf.constant([8, 1], tf.int64), look).numpy())
+    assert not np.array_equal(a, base) and a.min() >= 0 and a.max() <= 255
+    # blur alone keeps the mean grey level and lowers the local variation
+    flat = tf.cast(tf.random.stateless_uniform([32, 32, 3], seed=[1, 2], maxval=255), tf.float32)
+    blurred = augment.gaussian_blur(flat, tf.constant(2.0), radius=6).numpy()
+    assert abs(blurred.mean() - flat.numpy().mean()) < 2 and np.abs(np.diff(blurred, axis=1)).mean() < \
+        0.3 * np.abs(np.diff(flat.numpy(), axis=1)).mean()
+    np.testing.assert_allclose(augment.gaussian_blur(flat, tf.constant(0.0), radius=3).numpy(), flat.numpy(),
+                               atol=1e-3)
+
+
 @pytest.mark.parametrize(
     "params, rows, cols",
     [
