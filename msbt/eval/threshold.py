@@ -67,3 +67,36 @@ def logit(p, eps: float = 1e-12) -> np.ndarray:
     for probabilities already written to a file."""
     p = np.clip(np.asarray(p, float), eps, 1 - eps)
     return np.log(p) - np.log1p(-p)
+
+
+def out_of_fold_threshold(folds, fold_thresholds, *, rule: str = "youden", seed: int = 0) -> dict:
+    """The decision threshold chosen on pooled out-of-fold predictions of a cross-validation.
+
+    Every train+val image is scored once, by the fold model that did not train on it, so the rule sees
+    all of them instead of one validation split's few dozen lesions: a steadier choice for the recipe.
+
+    Args:
+        folds: One ``{"y", "p", "group"}`` per fold: its held-out images' labels, probabilities, groups.
+        fold_thresholds: Each fold model's own validation threshold (their range is the rerun-to-rerun
+            swing a single run's threshold has).
+        rule: The threshold rule (msbt.eval.metrics.choose_threshold).
+
+    Returns:
+        ``{"threshold", "ci95": [t, low, high] over group bootstrap resamples of the pooled predictions,
+        "images", "groups", "fold_thresholds", "fold_range": [min, max], "flags"}``.
+    """
+    y = np.concatenate([np.asarray(f["y"], int) for f in folds])
+    p = np.concatenate([np.asarray(f["p"], float) for f in folds])
+    groups = np.concatenate([np.asarray([f"{i}:{g}" for g in f["group"]]) for i, f in enumerate(folds)])
+    spread = threshold_spread(y, p, groups, rule=rule, seed=seed)
+    return {"threshold": spread[0], "ci95": spread, "images": int(len(y)), "groups": int(len(np.unique(groups))),
+            "rule": rule, "fold_thresholds": [float(t) for t in fold_thresholds],
+            "fold_range": [float(min(fold_thresholds)), float(max(fold_thresholds))],
+            "flags": threshold_flags(p, spread[0])}
+
+
+def at_threshold(y, p, threshold: float) -> dict:
+    """Sensitivity and specificity of scores ``p`` at ``threshold`` (a decision is ``p >= threshold``)."""
+    m = metrics.binary_metrics(np.asarray(y, int), np.asarray(p, float), threshold)
+    return {"threshold": float(threshold), "sensitivity": float(m["sensitivity"]),
+            "specificity": float(m["specificity"])}

@@ -295,12 +295,13 @@ def crossval(config: Config, *, scope: str = "trainval", fresh: bool = False, n_
     counts = [_check_roles(plan, labels, f"fold {i}") for i, plan in enumerate(plans)]  # fail before training
     out = _fresh(data.run_dir / "crossval", fresh)
     stage1 = shared_stage1(data, verbose=verbose)
-    fold_rows = []
+    fold_rows, held_out = [], []
     for i, plan in enumerate(plans):
         folder = out / f"fold-{i}"
         store = write_resplit(data.ultrasound_store, plan, folder / "store")
         result = run_arm(arm_config(config, out, f"fold-{i}"), store, stage1, folder, n_boot=n_boot, verbose=verbose,
                          index=index_root(config))
+        held_out.append(result.predictions["test"])
         fold_rows.append({
             "fold": i, "val_fold": (i + 1) % k,
             "train_images": sum(counts[i]["train"].values()), "val_images": result["val_images"],
@@ -315,10 +316,30 @@ def crossval(config: Config, *, scope: str = "trainval", fresh: bool = False, n_
         "design": _CV_DESIGN[scope].format(k=k),
         "rows": fold_rows, "summary": {key: list(value) for key, value in summary.items()},
     }
+    if scope == "trainval":  # with scope "all" the pooled predictions include the test split: not for choosing
+        report["oof_threshold"] = oof_threshold(held_out, [r["threshold"] for r in fold_rows], data.run_dir,
+                                                seed=config.data.seed)
     _write_table(out / "folds.csv", fold_rows)
     write_text(out / "crossval.json", json.dumps(report, indent=2, default=float) + "\n")
     print(format_crossval(report))
     return report
+
+
+def oof_threshold(held_out: Sequence[dict], fold_thresholds: Sequence[float], run: Path, *, seed: int = 0) -> dict:
+    """The threshold chosen on the folds' pooled out-of-fold predictions (msbt.eval.threshold), and, when the
+    main job has scored its test split, that split's sensitivity/specificity at it beside those at the run's
+    own validation threshold. The test split only shows the effect; it chooses nothing."""
+    from msbt.eval.evaluate import read_predictions
+    from msbt.eval.threshold import at_threshold, out_of_fold_threshold
+
+    out = out_of_fold_threshold(held_out, fold_thresholds, seed=seed)
+    main = read_json(run / "metrics.json")
+    if main and (run / "predictions.csv").is_file():
+        test = read_predictions(run / "predictions.csv").get("test")
+        if test is not None and len(test["y"]):
+            out["main_run_test"] = {"run_threshold": at_threshold(test["y"], test["p"], float(main["threshold"])),
+                                    "oof_threshold": at_threshold(test["y"], test["p"], out["threshold"])}
+    return out
 
 
 _CV_DESIGN = {
@@ -337,7 +358,25 @@ def format_crossval(report: dict) -> str:
         lines.append(f"{row['fold']:>4}  {row['test_images']:>6}  " + "  ".join(f"{row[k]:>11.3f}" for k in keys))
     lines.append("mean ± sd     " + "  ".join(
         f"{_pm(*report['summary'][k]):>11}" for k in keys))
+    oof = report.get("oof_threshold")
+    if oof:
+        lines.append(format_oof(oof))
     return "\n".join(lines)
+
+
+def format_oof(oof: dict) -> str:
+    """The out-of-fold threshold, its spread, and (when the main job ran) the test split at both thresholds."""
+    lo, hi = oof["fold_range"]
+    text = (f"out-of-fold threshold {oof['threshold']:.4f} [{oof['ci95'][1]:.4f}, {oof['ci95'][2]:.4f}] "
+            f"({oof['rule']}, {oof['images']} images / {oof['groups']} groups, each scored by the fold model that "
+            f"did not train on it); the folds' own validation thresholds range {lo:.4f}-{hi:.4f}")
+    main = oof.get("main_run_test")
+    if main:
+        a, b = main["run_threshold"], main["oof_threshold"]
+        text += (f"\nmain run's test split: sensitivity/specificity {a['sensitivity']:.3f}/{a['specificity']:.3f} at "
+                 f"its validation threshold {a['threshold']:.4f}, {b['sensitivity']:.3f}/{b['specificity']:.3f} at "
+                 "the out-of-fold threshold")
+    return text + "".join(f"\n  note: {flag}" for flag in oof.get("flags", ()))
 
 
 def _pm(mean: float, sd: float) -> str:

@@ -254,6 +254,17 @@ def test_crossval_three_folds_from_one_stage1(tiny):
     mean, sd = report["summary"]["accuracy"]
     accs = [row["accuracy"] for row in report["rows"]]
     assert (mean, sd) == pytest.approx((np.mean(accs), np.std(accs, ddof=1)))
+    # the out-of-fold threshold: chosen on every train+val image, each from the fold model that held it out
+    from msbt.eval.evaluate import read_predictions
+    from msbt.eval.metrics import choose_threshold
+
+    oof = report["oof_threshold"]
+    pooled = [read_predictions(out / f"fold-{row['fold']}" / "predictions.csv")["test"] for row in report["rows"]]
+    assert oof["images"] == len(held_out) == sum(len(f["y"]) for f in pooled)
+    assert oof["threshold"] == pytest.approx(choose_threshold(np.concatenate([f["y"] for f in pooled]),
+                                                              np.concatenate([f["p"] for f in pooled])))
+    assert oof["fold_thresholds"] == [row["threshold"] for row in report["rows"]]
+    assert "out-of-fold threshold" in X.format_crossval(report)
 
 
 @pytest.mark.ray

@@ -563,3 +563,23 @@ def test_score_flags_a_test_split_of_few_groups_and_gives_group_wilson_intervals
     value, low, high = result["test_ci95_wilson_groups"]["accuracy"]
     assert value == 1.0 and low == pytest.approx(0.5655, abs=1e-4) and high == 1.0  # n = 5 groups
     assert any("only 5 lesion groups" in n for n in result["notes"])
+
+
+def test_out_of_fold_threshold_pools_the_folds_and_reports_their_spread():
+    from msbt.eval.threshold import at_threshold, out_of_fold_threshold
+
+    rng = np.random.default_rng(0)
+    folds = []
+    for k in range(3):
+        y = rng.integers(0, 2, 40)
+        folds.append({"y": y, "p": np.clip(0.3 * y + rng.uniform(0, 0.7, 40), 0, 1),
+                      "group": [f"g{i // 2}" for i in range(40)]})  # group names repeat across folds
+    out = out_of_fold_threshold(folds, [0.2, 0.5, 0.4], seed=0)
+    y = np.concatenate([f["y"] for f in folds])
+    p = np.concatenate([f["p"] for f in folds])
+    assert out["threshold"] == pytest.approx(M.choose_threshold(y, p))
+    assert out["images"] == 120 and out["groups"] == 60  # groups are kept apart per fold
+    assert out["ci95"][1] <= out["threshold"] <= out["ci95"][2] and out["fold_range"] == [0.2, 0.5]
+    at = at_threshold(y, p, out["threshold"])
+    m = M.binary_metrics(y, p, out["threshold"])
+    assert (at["sensitivity"], at["specificity"]) == (m["sensitivity"], m["specificity"])
