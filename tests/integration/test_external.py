@@ -174,6 +174,11 @@ def test_leave_one_site_out_on_two_built_in_sites(tmp_path, ray_local):
         stage1s.add(lineage(r["checkpoint"])[1]["path"])
     assert len(stage1s) == 1  # both arms from one stage 1
     assert (tmp_path / "runs" / "loso" / "loso" / "loso.json").is_file()
+    aucs = {r["site"]: r["held_out_auc"] for r in report["rows"]}
+    summary = report["summary"]
+    assert summary["worst_held_out_auc"] == min(aucs.values(), key=lambda v: v[0]) == aucs[summary["worst_site"]]
+    assert summary["mean_held_out_auc"] == pytest.approx(np.mean([v[0] for v in aucs.values()]))
+    assert "at a site it never saw" in X.format_loso(report)
 
 
 def test_threshold_flags_and_spread():
