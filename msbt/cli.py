@@ -533,6 +533,9 @@ def _experiment_parsers(sub) -> None:
             p.add_argument("--arms", nargs="+", choices=("multistage", "imagenet", "scratch"),
                            default=["multistage", "imagenet", "scratch"], help="stage-2 starting points")
             p.add_argument("--no-naive", action="store_true", help="skip the naive-split arm")
+            p.add_argument("--by", choices=("split", "site"), default="split",
+                           help="split: the arms on the run's test split, and the naive-split arm (default); "
+                                "site: the arms under leave one site out, paired per held-out site")
         p.set_defaults(func=_cmd_experiment, experiment=name)
     p = sub.add_parser("report", help="(re)write a run folder's report.html")
     p.add_argument("run_dir", help="a run folder (runs/<run.name>)")
@@ -555,6 +558,8 @@ def _cmd_experiment(args) -> int:
         experiments.crossval(config, scope=args.scope, **common)
     elif args.experiment == "ablation":
         experiments.ablation(config, **common)
+    elif args.by == "site":
+        experiments.leave_one_site_out(config, arms=args.arms, **common)
     else:
         experiments.compare(config, arms=args.arms, naive=not args.no_naive, **common)
     print(f"report: {write_report(run_dir(config))}")

@@ -448,6 +448,18 @@ def experiments_section(run: Path) -> str:
         parts.append(f"<h3>Leave one site out</h3><p>{_e(loso['design'])}.</p>" + _table(
             ("held-out site", "images", "held-out AUC", "internal AUC (other sites' test)", "gap", "near-dupes excluded"),
             rows))
+    lc = _read_json(run / "loso" / "compare.json")
+    if lc:
+        rows = [(arm, r["site"], r["test_images"], _ci_text(r["held_out_auc"]),
+                 _ci_text(r["internal_auc"]) if r.get("internal_auc") else "")
+                for arm, part in lc["arms"].items() for r in part["rows"]]
+        tests = [(site, f"{t['a']} − {t['b']}", _ci_text([t["paired_bootstrap"]["diff"], *t["paired_bootstrap"]["ci"]]),
+                  _fmt(t["paired_bootstrap"]["p_value"])) for site, ts in lc["paired"].items() for t in ts
+                 if "error" not in t["paired_bootstrap"]]
+        parts.append("<h3>Stage-2 starting points under leave one site out</h3><p>Each arm trained once per held-out "
+                     "site on the other sites; differences are paired on the held-out site's images (group "
+                     "bootstrap).</p>" + _table(("arm", "held-out site", "images", "held-out AUC", "internal AUC"), rows)
+                     + _table(("held-out site", "arms", "AUC difference [95% CI]", "p"), tests))
     ab = _read_json(run / "ablation" / "ablation.json")
     if ab:
         rows = [(r["label"], _ci_text(r["loss"]), _ci_text(r["accuracy"]), _ci_text(r["auc"]),

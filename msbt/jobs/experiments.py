@@ -634,14 +634,24 @@ def _internal(result: dict, store: Path, folder: Path, n_boot: int, seed: int) -
     return out
 
 
-def leave_one_site_out(config: Config, *, fresh: bool = False, n_boot: int = 2000, verbose: int = 0) -> dict:
+def leave_one_site_out(config: Config, *, arms: Sequence[str] | None = None, fresh: bool = False, n_boot: int = 2000,
+                       verbose: int = 0) -> dict:
     """Train on every site but one and score the held-out one, for every site; all from one stage 1.
 
+    Args:
+        arms: None: the config's own stage 2 (``crossval --by site``). Otherwise stage-2 starting points of
+            :data:`COMPARE_ARMS` (``compare --by site``), each trained per held-out site and compared on the same
+            held-out images with paired tests; an arm whose overlay leaves the config unchanged shares the
+            plain design's folder (``site-<s>``), so a finished ``crossval --by site`` is reused.
+
     Returns:
-        The content of ``loso.json`` (also written, with ``sites.csv``, to ``runs/<name>/loso``): per held-out
-        site its AUC with a 95% interval, the internal AUC (the other sites' test rows, same model) and the
-        gap internal minus held-out.
+        The content of ``loso.json`` (or ``compare.json`` with arms; either also written, with ``sites.csv``, to
+        ``runs/<name>/loso``): per held-out site its AUC with a 95% interval, the internal AUC (the other sites'
+        test rows, same model) and the gap internal minus held-out; with arms, per arm and the paired tests.
     """
+    unknown = [a for a in arms or () if a not in COMPARE_ARMS]
+    if unknown:
+        raise ValueError(f"unknown arms {unknown}; known: {list(COMPARE_ARMS)}")
     data = prepare_run(config)
     rows = read_split_rows(data.ultrasound_split)
     sites = sorted({r.get("site", "") for r in rows})
@@ -653,34 +663,55 @@ def leave_one_site_out(config: Config, *, fresh: bool = False, n_boot: int = 200
     plans = {s: site_roles(rows, s, excluded[s]) for s in sites}
     for s, plan in plans.items():  # fail before any training
         _check_roles({k: v for k, v in plan.items() if v != "internal"}, labels, f"held-out site {s}")
+    overlays = {"config": {}} if arms is None else {a: COMPARE_ARMS[a] for a in arms}
+    configs = {a: with_overrides(config, ov) for a, ov in overlays.items()}
     out = _fresh(data.run_dir / "loso", fresh)
-    stage1 = shared_stage1(data, verbose=verbose)
-    table = []
+    needs_stage1 = any(c.stage2.weights == "parent" for c in configs.values())
+    stage1 = shared_stage1(data, verbose=verbose) if needs_stage1 else None
+    tables: dict[str, list[dict]] = {a: [] for a in configs}
+    paired = {}
     for s, plan in plans.items():
-        folder = out / f"site-{s}"
-        store = write_resplit(data.ultrasound_store, plan, folder / "store")
-        result = run_arm(arm_config(config, out, f"site-{s}"), store, stage1, folder, n_boot=n_boot, verbose=verbose)
-        has_internal = "internal" in plan.values()
-        internal = _internal(result, store, folder, n_boot, config.data.seed) if has_internal else None
-        held = _ci(result, "auc")
-        table.append({
-            "site": s, "test_images": result["test_images"], "test_groups": result["test_groups"],
-            "contamination_excluded": len(excluded[s]), "threshold": result["threshold"],
-            "held_out_auc": held, "sensitivity": _ci(result, "sensitivity"), "specificity": _ci(result, "specificity"),
-            "internal_auc": internal["auc"] if internal else None,
-            "gap": internal["auc"][0] - held[0] if internal else None, "checkpoint": result["checkpoint"],
-        })
-        print(f"held-out {s}: AUC {_with_ci(held)}" + (f", internal {_with_ci(internal['auc'])}" if internal else ""))
-    worst = min(table, key=lambda r: r["held_out_auc"][0])
-    summary = {"mean_held_out_auc": float(np.mean([r["held_out_auc"][0] for r in table])),
-               "worst_site": worst["site"], "worst_held_out_auc": worst["held_out_auc"]}
-    report = {"experiment": "loso", "sites": sites, "stage1": str(stage1), "design": _LOSO_DESIGN, "rows": table,
-              "summary": summary}
-    _write_table(out / "sites.csv", [{k: (json.dumps(v) if isinstance(v, list) else v) for k, v in r.items()}
-                                     for r in table])
-    (out / "loso.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+        store = write_resplit(data.ultrasound_store, plan, out / f"site-{s}" / "store")
+        results = {}
+        for arm, arm_cfg in configs.items():
+            name = f"site-{s}" if arm_cfg == config else f"site-{s}-{arm}"  # one config, one folder
+            folder = out / name
+            result = results[arm] = run_arm(arm_config(arm_cfg, out, name), store, stage1, folder, n_boot=n_boot,
+                                            verbose=verbose)
+            has_internal = "internal" in plan.values()
+            internal = _internal(result, store, folder, n_boot, config.data.seed) if has_internal else None
+            held = _ci(result, "auc")
+            tables[arm].append({
+                "site": s, "test_images": result["test_images"], "test_groups": result["test_groups"],
+                "contamination_excluded": len(excluded[s]), "threshold": result["threshold"],
+                "held_out_auc": held, "sensitivity": _ci(result, "sensitivity"),
+                "specificity": _ci(result, "specificity"), "internal_auc": internal["auc"] if internal else None,
+                "gap": internal["auc"][0] - held[0] if internal else None, "checkpoint": result["checkpoint"],
+            })
+            print(f"held-out {s}{'' if arms is None else f' ({arm})'}: AUC {_with_ci(held)}"
+                  + (f", internal {_with_ci(internal['auc'])}" if internal else ""))
+        if len(results) > 1:
+            paired[s] = paired_tests(results, n_boot=n_boot, seed=config.data.seed)
+    first = next(iter(tables))
+    report = {"experiment": "loso", "sites": sites, "stage1": str(stage1) if stage1 else None,
+              "design": _LOSO_DESIGN, "rows": tables[first], "summary": _loso_summary(tables[first])}
+    if arms is not None:
+        report.update(experiment="loso-compare", arms={a: {"rows": t, "summary": _loso_summary(t)}
+                                                       for a, t in tables.items()}, paired=paired)
+    _write_table(out / ("sites.csv" if arms is None else "compare-sites.csv"),
+                 [{"arm": a, **{k: (json.dumps(v) if isinstance(v, list) else v) for k, v in r.items()}}
+                  for a, t in tables.items() for r in t])
+    write_text(out / ("loso.json" if arms is None else "compare.json"),
+               json.dumps(report, indent=2, default=float) + "\n")
     print(format_loso(report))
     return report
+
+
+def _loso_summary(table: Sequence[Mapping]) -> dict:
+    """The number to quote: the worst held-out site's AUC with its interval, and the mean over sites."""
+    worst = min(table, key=lambda r: r["held_out_auc"][0])
+    return {"mean_held_out_auc": float(np.mean([r["held_out_auc"][0] for r in table])),
+            "worst_site": worst["site"], "worst_held_out_auc": worst["held_out_auc"]}
 
 
 _LOSO_DESIGN = ("each site held out in turn: stage 2 trains on the other sites' train rows, picks its threshold "
@@ -697,6 +728,14 @@ def format_loso(report: dict) -> str:
         internal = _with_ci(r["internal_auc"]) if r["internal_auc"] else "-"
         gap = f"{r['gap']:+.3f}" if r["gap"] is not None else "-"
         lines.append(f"{r['site']:<20} {r['test_images']:>6}  {_with_ci(r['held_out_auc']):<26} {internal:<26} {gap}")
+    for arm, part in report.get("arms", {}).items():
+        lines.append(f"arm {arm}: " + ", ".join(f"{r['site']} {_with_ci(r['held_out_auc'])}" for r in part["rows"]))
+    for site, tests in report.get("paired", {}).items():
+        for t in tests:
+            boot = t["paired_bootstrap"]
+            if "error" not in boot:
+                lines.append(f"held-out {site}: AUC {t['a']} - {t['b']} {_with_ci([boot['diff'], *boot['ci']])} "
+                             f"(paired group bootstrap on the held-out images, p = {boot['p_value']:.3f})")
     summary = report.get("summary")
     if summary:
         lines.append(f"at a site it never saw: AUC {_with_ci(summary['worst_held_out_auc'])} at the worst "

@@ -139,7 +139,7 @@ def test_leave_one_site_out_folds_hold_out_each_site_whole():
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_leave_one_site_out_on_two_built_in_sites(tmp_path, ray_local):
+def test_leave_one_site_out_on_two_built_in_sites(tmp_path, ray_local, capsys):
     """The real thing, smallest: two built-in sites, 32 px, one epoch per stage; every site held out once,
     its store holding all its images as test and the other site's test rows as 'internal'."""
     from msbt.config import DataConfig, PreprocessConfig, RunConfig, SynthConfig
@@ -179,6 +179,26 @@ def test_leave_one_site_out_on_two_built_in_sites(tmp_path, ray_local):
     assert summary["worst_held_out_auc"] == min(aucs.values(), key=lambda v: v[0]) == aucs[summary["worst_site"]]
     assert summary["mean_held_out_auc"] == pytest.approx(np.mean([v[0] for v in aucs.values()]))
     assert "at a site it never saw" in X.format_loso(report)
+    # compare --by site: the multistage arm is the design above (its folders reused, nothing retrained), the
+    # scratch arm trains per site; the two are paired on each held-out site's images
+    capsys.readouterr()
+    both = X.leave_one_site_out(config, arms=("multistage", "scratch"), n_boot=100)
+    printed = capsys.readouterr().out
+    assert "site-site-a: reusing" in printed and "site-site-b: reusing" in printed
+    assert both["arms"]["multistage"]["rows"] == report["rows"]
+    assert [r["site"] for r in both["arms"]["scratch"]["rows"]] == ["site-a", "site-b"]
+    for r in both["arms"]["scratch"]["rows"]:
+        assert f"/loso/site-{r['site']}-scratch/" in r["checkpoint"]
+        assert len(lineage(r["checkpoint"])) == 1  # trained from scratch: no parent stage
+    for site in ("site-a", "site-b"):
+        (test,) = both["paired"][site]
+        assert (test["a"], test["b"]) == ("multistage", "scratch")
+        held = {r["site"]: r["held_out_auc"][0] for r in report["rows"]}[site]
+        assert test["paired_bootstrap"]["auc_a"] == pytest.approx(held)
+    assert (tmp_path / "runs" / "loso" / "loso" / "compare.json").is_file()
+    from msbt.eval.report import experiments_section
+
+    assert "Stage-2 starting points under leave one site out" in experiments_section(tmp_path / "runs" / "loso")
 
 
 def test_threshold_flags_and_spread():
