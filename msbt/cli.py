@@ -537,6 +537,14 @@ def _experiment_parsers(sub) -> None:
                            help="split: the arms on the run's test split, and the naive-split arm (default); "
                                 "site: the arms under leave one site out, paired per held-out site")
         p.set_defaults(func=_cmd_experiment, experiment=name)
+    p = sub.add_parser("loso-diff", help="leave-one-site-out results of several runs against the first, paired "
+                       "per held-out site (did a lever help?)")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (runs/<run.name>) with loso/loso.json; "
+                   "the first is the baseline")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    p.add_argument("--out", help="also write the table as JSON here")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    p.set_defaults(func=_cmd_loso_diff)
     p = sub.add_parser("report", help="(re)write a run folder's report.html")
     p.add_argument("run_dir", help="a run folder (runs/<run.name>)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
@@ -563,6 +571,23 @@ def _cmd_experiment(args) -> int:
     else:
         experiments.compare(config, arms=args.arms, naive=not args.no_naive, **common)
     print(f"report: {write_report(run_dir(config))}")
+    return 0
+
+
+def _cmd_loso_diff(args) -> int:
+    import json
+
+    from msbt.jobs import experiments
+
+    if len(args.runs) < 2:
+        raise ConfigError("loso-diff needs a baseline run folder and at least one other")
+    for run in args.runs:
+        if not Path(run).is_dir():
+            raise ConfigError(f"{run}: no such run folder")
+    report = experiments.loso_diff(args.runs, n_boot=args.n_boot)
+    print(experiments.format_loso_diff(report))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2, default=float) + "\n")
     return 0
 
 

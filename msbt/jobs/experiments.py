@@ -714,6 +714,56 @@ def _loso_summary(table: Sequence[Mapping]) -> dict:
             "worst_site": worst["site"], "worst_held_out_auc": worst["held_out_auc"]}
 
 
+def loso_diff(runs: Sequence[str | Path], *, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Leave-one-site-out results of several runs (e.g. one per lever) against the first, paired per held-out
+    site on the images both scored (group bootstrap of the AUC difference): did a lever move the number a user
+    quotes by more than the rerun noise? Reads ``runs/<name>/loso/site-<s>/predictions.csv``; trains nothing.
+
+    Raises:
+        ValueError: a run without a leave-one-site-out result, or held-out sites that differ between runs.
+    """
+    from msbt.eval.evaluate import read_predictions
+
+    def held_out(run: Path) -> dict[str, dict]:
+        report = read_json(run / "loso" / "loso.json")
+        if not report:
+            raise ValueError(f"{run}: no loso/loso.json (run workflows/crossval.py --by site first)")
+        return {r["site"]: read_predictions(run / "loso" / f"site-{r['site']}" / "predictions.csv")["test"]
+                for r in report["rows"]}
+
+    paths = [Path(r) for r in runs]
+    results = {p.name: held_out(p) for p in paths}
+    base_name, base = paths[0].name, results[paths[0].name]
+    rows = []
+    for name, sites in results.items():
+        if set(sites) != set(base):
+            raise ValueError(f"{name}: held-out sites {sorted(sites)} differ from {base_name}'s {sorted(base)}")
+        for site, pred in sites.items():
+            ref = base[site]
+            common = sorted(set(pred["source"]) & set(ref["source"]))
+            a, b = (dict(zip(x["source"], range(len(x["source"])))) for x in (pred, ref))
+            ia, ib = [a[c] for c in common], [b[c] for c in common]
+            y, groups = pred["y"][ia], pred["group"][ia]
+            row = {"run": name, "site": site, "images": len(common),
+                   "auc": list(metrics.bootstrap_ci(y, pred["p"][ia], 0.5, groups=groups, n_boot=n_boot,
+                                                     seed=seed)["auc"])}  # AUC needs no threshold
+            if name != base_name:
+                d = metrics.paired_bootstrap_auc_diff(y, pred["p"][ia], ref["p"][ib], groups=groups, n_boot=n_boot,
+                                                      seed=seed)
+                row["diff_vs_first"] = [d["diff"], *d["ci"]]
+                row["p_value"] = d["p_value"]
+            rows.append(row)
+    return {"base": base_name, "rows": rows}
+
+
+def format_loso_diff(report: dict) -> str:
+    lines = [f"{'run':<28} {'held-out site':<14} {'images':>6}  {'AUC [95% CI]':<24} AUC - {report['base']} [95% CI], p"]
+    for r in report["rows"]:
+        diff = (f"{_with_ci(r['diff_vs_first'])}, p = {r['p_value']:.3f}" if "diff_vs_first" in r else "(base)")
+        lines.append(f"{r['run']:<28} {r['site']:<14} {r['images']:>6}  {_with_ci(r['auc']):<24} {diff}")
+    return "\n".join(lines)
+
+
 _LOSO_DESIGN = ("each site held out in turn: stage 2 trains on the other sites' train rows, picks its threshold "
                 "and best epoch on their val rows, and is scored on every image of the held-out site except "
                 "near-duplicates of the other sites' train/val images; 'internal' scores the same model on the "

@@ -583,3 +583,32 @@ def test_out_of_fold_threshold_pools_the_folds_and_reports_their_spread():
     at = at_threshold(y, p, out["threshold"])
     m = M.binary_metrics(y, p, out["threshold"])
     assert (at["sensitivity"], at["specificity"]) == (m["sensitivity"], m["specificity"])
+
+
+def test_loso_diff_pairs_two_runs_on_the_held_out_images(tmp_path, capsys):
+    """`msbt loso-diff`: each run's held-out predictions against the first run's, on the same images."""
+    import csv
+
+    from msbt.cli import main
+    from msbt.jobs.experiments import loso_diff
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 60)
+    scores = {"base": 0.2 * y + rng.uniform(0, 0.8, 60), "lever": 0.6 * y + rng.uniform(0, 0.4, 60)}
+    for run, p in scores.items():
+        (tmp_path / run / "loso" / "site-a").mkdir(parents=True)
+        (tmp_path / run / "loso" / "loso.json").write_text(json.dumps({"rows": [{"site": "a"}]}))
+        with (tmp_path / run / "loso" / "site-a" / "predictions.csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["split", "source", "group", "y", "p", "site"])
+            order = range(59, -1, -1) if run == "lever" else range(60)  # rows in another order: paired by source
+            w.writerows(["test", f"img{i}", f"g{i // 2}", y[i], p[i], "a"] for i in order)
+    report = loso_diff([tmp_path / "base", tmp_path / "lever"], n_boot=300)
+    base, lever = report["rows"]
+    assert base["auc"][0] == pytest.approx(M.roc_auc(y, scores["base"]))
+    assert lever["diff_vs_first"][0] == pytest.approx(M.roc_auc(y, scores["lever"]) - M.roc_auc(y, scores["base"]))
+    assert lever["diff_vs_first"][1] > 0 and lever["p_value"] < 0.05 and lever["images"] == 60
+    assert main(["loso-diff", str(tmp_path / "base"), str(tmp_path / "lever"), "--n-boot", "100"]) == 0
+    assert "AUC - base" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="no loso/loso.json"):
+        loso_diff([tmp_path / "base", tmp_path])
