@@ -724,16 +724,28 @@ def loso_diff(runs: Sequence[str | Path], *, n_boot: int = 2000, seed: int = 0) 
     """
     from msbt.eval.evaluate import read_predictions
 
-    def held_out(run: Path) -> dict[str, dict]:
-        report = read_json(run / "loso" / "loso.json")
-        if not report:
-            raise ValueError(f"{run}: no loso/loso.json (run workflows/crossval.py --by site first)")
-        return {r["site"]: read_predictions(run / "loso" / f"site-{r['site']}" / "predictions.csv")["test"]
-                for r in report["rows"]}
+    def held_out(spec: str) -> tuple[str, dict[str, dict]]:
+        path, _, arm = str(spec).rpartition(":")
+        if arm not in COMPARE_ARMS:  # no ":ARM" suffix
+            path, arm = str(spec), ""
+        run = Path(path)
+        if arm:
+            report = (read_json(run / "loso" / "compare.json") or {}).get("arms", {}).get(arm)
+            if not report:
+                raise ValueError(f"{run}: no arm {arm!r} in loso/compare.json (run workflows/compare.py --by site)")
+        else:
+            report = read_json(run / "loso" / "loso.json")
+            if not report:
+                raise ValueError(f"{run}: no loso/loso.json (run workflows/crossval.py --by site first)")
+        found = {}
+        for r in report["rows"]:  # the arm's folder is the one its checkpoint lies in
+            folder = run / "loso" / Path(r["checkpoint"]).resolve().relative_to((run / "loso").resolve()).parts[0]
+            found[r["site"]] = read_predictions(folder / "predictions.csv")["test"]
+        return run.name + (f":{arm}" if arm else ""), found
 
-    paths = [Path(r) for r in runs]
-    results = {p.name: held_out(p) for p in paths}
-    base_name, base = paths[0].name, results[paths[0].name]
+    results = dict(held_out(r) for r in runs)
+    base_name = next(iter(results))
+    base = results[base_name]
     rows = []
     for name, sites in results.items():
         if set(sites) != set(base):

@@ -595,20 +595,28 @@ def test_loso_diff_pairs_two_runs_on_the_held_out_images(tmp_path, capsys):
     rng = np.random.default_rng(1)
     y = rng.integers(0, 2, 60)
     scores = {"base": 0.2 * y + rng.uniform(0, 0.8, 60), "lever": 0.6 * y + rng.uniform(0, 0.4, 60)}
-    for run, p in scores.items():
-        (tmp_path / run / "loso" / "site-a").mkdir(parents=True)
-        (tmp_path / run / "loso" / "loso.json").write_text(json.dumps({"rows": [{"site": "a"}]}))
-        with (tmp_path / run / "loso" / "site-a" / "predictions.csv").open("w", newline="") as f:
+    for run, p in scores.items():  # base: crossval --by site; lever: the imagenet arm of compare --by site
+        folder = tmp_path / run / "loso" / ("site-a" if run == "base" else "site-a-imagenet")
+        folder.mkdir(parents=True)
+        rows = [{"site": "a", "checkpoint": str(folder / "stage2" / "checkpoint_0")}]
+        if run == "base":
+            (tmp_path / run / "loso" / "loso.json").write_text(json.dumps({"rows": rows}))
+        else:
+            (tmp_path / run / "loso" / "compare.json").write_text(json.dumps({"arms": {"imagenet": {"rows": rows}}}))
+        with (folder / "predictions.csv").open("w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["split", "source", "group", "y", "p", "site"])
             order = range(59, -1, -1) if run == "lever" else range(60)  # rows in another order: paired by source
             w.writerows(["test", f"img{i}", f"g{i // 2}", y[i], p[i], "a"] for i in order)
-    report = loso_diff([tmp_path / "base", tmp_path / "lever"], n_boot=300)
+    report = loso_diff([tmp_path / "base", f"{tmp_path / 'lever'}:imagenet"], n_boot=300)
     base, lever = report["rows"]
     assert base["auc"][0] == pytest.approx(M.roc_auc(y, scores["base"]))
     assert lever["diff_vs_first"][0] == pytest.approx(M.roc_auc(y, scores["lever"]) - M.roc_auc(y, scores["base"]))
     assert lever["diff_vs_first"][1] > 0 and lever["p_value"] < 0.05 and lever["images"] == 60
-    assert main(["loso-diff", str(tmp_path / "base"), str(tmp_path / "lever"), "--n-boot", "100"]) == 0
+    assert lever["run"] == "lever:imagenet"
+    assert main(["loso-diff", str(tmp_path / "base"), f"{tmp_path / 'lever'}:imagenet", "--n-boot", "100"]) == 0
     assert "AUC - base" in capsys.readouterr().out
     with pytest.raises(ValueError, match="no loso/loso.json"):
-        loso_diff([tmp_path / "base", tmp_path])
+        loso_diff([tmp_path / "base", tmp_path / "lever"])
+    with pytest.raises(ValueError, match="no arm 'scratch'"):
+        loso_diff([tmp_path / "base", f"{tmp_path / 'lever'}:scratch"])
