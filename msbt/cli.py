@@ -540,7 +540,8 @@ def _experiment_parsers(sub) -> None:
     p = sub.add_parser("loso-diff", help="leave-one-site-out results of several runs against the first, paired "
                        "per held-out site (did a lever help?)")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (runs/<run.name>) with loso/loso.json, "
-                   "or RUN_DIR:ARM for an arm of `compare --by site` (loso/compare.json); the first is the baseline")
+                   "or RUN_DIR:ARM for an arm of `compare --by site` (loso/compare.json), or A+B: their probabilities "
+                   "averaged (an ensemble); the first is the baseline")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--out", help="also write the table as JSON here")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
@@ -582,8 +583,9 @@ def _cmd_loso_diff(args) -> int:
     if len(args.runs) < 2:
         raise ConfigError("loso-diff needs a baseline run folder and at least one other")
     for run in args.runs:
-        if not Path(run).is_dir() and not Path(run.rpartition(":")[0]).is_dir():
-            raise ConfigError(f"{run}: no such run folder")
+        for part in run.split("+"):
+            if not Path(part).is_dir() and not Path(part.rpartition(":")[0]).is_dir():
+                raise ConfigError(f"{part}: no such run folder")
     report = experiments.loso_diff(args.runs, n_boot=args.n_boot)
     print(experiments.format_loso_diff(report))
     if args.out:

@@ -743,7 +743,25 @@ def loso_diff(runs: Sequence[str | Path], *, n_boot: int = 2000, seed: int = 0) 
             found[r["site"]] = read_predictions(folder / "predictions.csv")["test"]
         return run.name + (f":{arm}" if arm else ""), found
 
-    results = dict(held_out(r) for r in runs)
+    def averaged(spec: str) -> tuple[str, dict[str, dict]]:
+        """``A+B+...``: the members' held-out probabilities averaged per image (an ensemble's score)."""
+        members = [held_out(part) for part in str(spec).split("+")]
+        if len(members) == 1:
+            return members[0]
+        out = {}
+        for site, first in members[0][1].items():
+            order = np.argsort(first["source"], kind="stable")
+            ps = []
+            for name, sites in members:
+                pred = sites.get(site)
+                idx = np.argsort(pred["source"], kind="stable") if pred is not None else None
+                if pred is None or not np.array_equal(pred["source"][idx], first["source"][order]):
+                    raise ValueError(f"{name}: other held-out images than {members[0][0]} at site {site}")
+                ps.append(pred["p"][idx])
+            out[site] = {**{k: v[order] for k, v in first.items() if k != "p"}, "p": np.mean(ps, axis=0)}
+        return "+".join(name for name, _ in members), out
+
+    results = dict(averaged(r) for r in runs)
     base_name = next(iter(results))
     base = results[base_name]
     rows = []

@@ -614,6 +614,9 @@ def test_loso_diff_pairs_two_runs_on_the_held_out_images(tmp_path, capsys):
     assert lever["diff_vs_first"][0] == pytest.approx(M.roc_auc(y, scores["lever"]) - M.roc_auc(y, scores["base"]))
     assert lever["diff_vs_first"][1] > 0 and lever["p_value"] < 0.05 and lever["images"] == 60
     assert lever["run"] == "lever:imagenet"
+    both = loso_diff([tmp_path / "base", f"{tmp_path / 'base'}+{tmp_path / 'lever'}:imagenet"], n_boot=100)["rows"][1]
+    assert both["run"] == "base+lever:imagenet"
+    assert both["auc"][0] == pytest.approx(M.roc_auc(y, (scores["base"] + scores["lever"]) / 2))
     assert main(["loso-diff", str(tmp_path / "base"), f"{tmp_path / 'lever'}:imagenet", "--n-boot", "100"]) == 0
     assert "AUC - base" in capsys.readouterr().out
     with pytest.raises(ValueError, match="no loso/loso.json"):
