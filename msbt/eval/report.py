@@ -428,16 +428,9 @@ def experiments_section(run: Path) -> str:
         oof = cv.get("oof_threshold")
         oof_text = ""
         if oof:
-            oof_text = (f"<p>Out-of-fold threshold ({_e(oof['rule'])}, chosen on {oof['images']} train+val images "
-                        f"each scored by the fold model that did not train on it): {_ci_text(oof['ci95'])}; the "
-                        f"folds' own validation thresholds range {_fmt(oof['fold_range'][0])}-{_fmt(oof['fold_range'][1])}.")
-            main = oof.get("main_run_test")
-            if main:
-                a, b = main["run_threshold"], main["oof_threshold"]
-                oof_text += (f" Main run's test split, sensitivity/specificity: {_fmt(a['sensitivity'])}/"
-                             f"{_fmt(a['specificity'])} at its validation threshold, {_fmt(b['sensitivity'])}/"
-                             f"{_fmt(b['specificity'])} at the out-of-fold threshold.")
-            oof_text += "</p>"
+            from msbt.eval.threshold import format_oof
+
+            oof_text = "<p>" + "<br>".join(_e(line) for line in format_oof(oof).splitlines()) + "</p>"
         parts.append(f"<h3>{cv['folds']}-fold cross-validation</h3><p>{_e(cv['design'])}.</p>"
                      + _table(("fold", "held-out images", *keys), rows) + oof_text
                      + f'<div class="charts">{charts}</div>')

@@ -74,3 +74,30 @@ def test_experiment_tables_render_from_their_json(tmp_path):
     assert "accuracy +0.150, AUC +0.120. 9 of 12 naive test images" in text
     printed = format_compare(report)
     assert "naive - group: accuracy +0.150, AUC +0.120; 9 of 12" in printed and "paired_bootstrap too few" in printed
+
+
+def test_crossval_and_site_comparison_sections_render_from_their_json(tmp_path):
+    """The out-of-fold threshold under the cross-validation table, and compare --by site's tables."""
+    keys = ("accuracy", "auc", "sensitivity", "specificity", "f1", "loss")
+    cv = {"folds": 2, "design": "two folds", "rows": [{"fold": i, "test_images": 10, **{k: 0.8 for k in keys}}
+                                                      for i in range(2)],
+          "summary": {k: [0.8, 0.0] for k in keys},
+          "oof_threshold": {"threshold": 0.42, "ci95": [0.42, 0.3, 0.6], "images": 20, "groups": 18,
+                            "rule": "youden", "fold_thresholds": [0.2, 0.7], "fold_range": [0.2, 0.7], "flags": [],
+                            "main_run_test": {"run_threshold": {"threshold": 0.2, "sensitivity": 1.0,
+                                                                "specificity": 0.5},
+                                              "oof_threshold": {"threshold": 0.42, "sensitivity": 0.9,
+                                                                "specificity": 0.8}}}}
+    (tmp_path / "crossval").mkdir()
+    (tmp_path / "crossval" / "crossval.json").write_text(json.dumps(cv))
+    row = {"site": "a", "test_images": 30, "held_out_auc": [0.7, 0.6, 0.8], "internal_auc": [0.9, 0.8, 1.0]}
+    test = {"diff": -0.05, "ci": [-0.1, 0.02], "p_value": 0.3}
+    loso = {"arms": {"multistage": {"rows": [row]}, "imagenet": {"rows": [{**row, "held_out_auc": [0.75, 0.65, 0.85]}]}},
+            "paired": {"a": [{"a": "multistage", "b": "imagenet", "paired_bootstrap": test}]}}
+    (tmp_path / "loso").mkdir()
+    (tmp_path / "loso" / "compare.json").write_text(json.dumps(loso))
+    text = R.render(tmp_path)
+    check_self_contained(text)
+    assert "out-of-fold threshold 0.4200 [0.3000, 0.6000]" in text and "range 0.2000-0.7000" in text
+    assert "0.900/0.800 at the out-of-fold threshold" in text
+    assert "Stage-2 starting points under leave one site out" in text and "multistage − imagenet" in text
