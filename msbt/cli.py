@@ -535,7 +535,7 @@ def _experiment_parsers(sub) -> None:
             p.add_argument("--no-naive", action="store_true", help="skip the naive-split arm")
             p.add_argument("--by", choices=("split", "site"), default="split",
                            help="split: the arms on the run's test split, and the naive-split arm (default); "
-                                "site: the arms under leave one site out, paired per held-out site")
+                                "site: the arms under leave one site out, paired per held-out site (no naive arm)")
         p.set_defaults(func=_cmd_experiment, experiment=name)
     p = sub.add_parser("loso-diff", help="leave-one-site-out results of several runs against the first, paired "
                        "per held-out site (did a lever help?)")
@@ -584,8 +584,11 @@ def _cmd_loso_diff(args) -> int:
         raise ConfigError("loso-diff needs a baseline run folder and at least one other")
     for run in args.runs:
         for part in run.split("+"):
-            if not Path(part).is_dir() and not Path(part.rpartition(":")[0]).is_dir():
-                raise ConfigError(f"{part}: no such run folder")
+            folder, _, arm = part.rpartition(":")
+            if not folder or arm not in experiments.COMPARE_ARMS:  # no ":ARM" suffix
+                folder = part
+            if not Path(folder).is_dir():
+                raise ConfigError(f"{folder}: no such run folder")
     report = experiments.loso_diff(args.runs, n_boot=args.n_boot)
     print(experiments.format_loso_diff(report))
     if args.out:

@@ -25,6 +25,10 @@ import yaml
 from msbt.atomicio import write_text
 
 
+# Field metadata of a setting added after runs began recording their settings (see to_dict).
+ADDED_LATER = {"added_later": True}
+
+
 class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the file and key."""
 
@@ -125,12 +129,13 @@ class AugmentConfig:
     flip: bool = False
     zoom: float = 0.0
     contrast: float = 0.0
-    # Ultrasound-specific (docs/evaluation.md, "Levers"): overall gain (grey levels times 1 +- brightness),
+    # Ultrasound-specific (docs/models.md, "Augmentation"): overall gain (grey levels times 1 +- brightness),
     # speckle (each pixel times 1 + N(0, speckle)), and blur (Gaussian, sigma up to `blur` pixels at the
-    # image's size), each drawn per image; 0 = off.
-    brightness: float = 0.0
-    speckle: float = 0.0
-    blur: float = 0.0
+    # image's size), each drawn per image; 0 = off. Added after runs recorded their settings: left out of
+    # records while off (see to_dict), so older manifests, stage-index keys and resume checks still match.
+    brightness: float = field(default=0.0, metadata=ADDED_LATER)
+    speckle: float = field(default=0.0, metadata=ADDED_LATER)
+    blur: float = field(default=0.0, metadata=ADDED_LATER)
 
 
 @dataclass(frozen=True)
@@ -510,8 +515,24 @@ def _is_float_tuple(hint: Any) -> bool:
 
 
 def to_dict(config: Any) -> dict:
-    """Plain dict (lists, not tuples) of a config, suitable for YAML/JSON."""
-    return json.loads(json.dumps(dataclasses.asdict(config)))
+    """Plain dict (lists, not tuples) of a config, suitable for YAML/JSON.
+
+    A field marked :data:`ADDED_LATER` is left out while it has its default: records written before it
+    existed (checkpoint manifests, stage-index keys, saved config.yaml files) compare equal to a record of
+    the same settings today; reading such a record fills the default back in.
+    """
+    return json.loads(json.dumps(_record(config)))
+
+
+def _record(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _record(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if not (f.metadata.get("added_later") and getattr(value, f.name) == f.default)}
+    if isinstance(value, (list, tuple)):
+        return [_record(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _record(v) for k, v in value.items()}
+    return value
 
 
 def dump_config(config: Config, path: str | Path) -> Path:

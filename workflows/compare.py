@@ -1,9 +1,11 @@
 """Does the middle stage help? Multistage vs ImageNet -> ultrasound vs from scratch, and a naive split.
 
     python workflows/compare.py --config workflows/configs/cpu.yaml [--arms multistage imagenet scratch] [--no-naive]
+    python workflows/compare.py --config ... --by site [--arms multistage imagenet]   # at sites never seen
 
 Same split, budget and stage-1 checkpoint; paired DeLong and group-bootstrap tests on the AUC; writes
-runs/<run.name>/compare/compare.json and prints the table.
+runs/<run.name>/compare/compare.json and prints the table. `--by site`: each arm under leave one site out,
+paired per held-out site (runs/<run.name>/loso/compare.json; no naive arm).
 """
 
 from __future__ import annotations

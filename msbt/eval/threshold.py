@@ -42,20 +42,20 @@ def threshold_spread(y, p, groups=None, *, rule: str = "youden", n_boot: int = 5
     return [float(point), float(low), float(high)]
 
 
-def threshold_flags(p_val, threshold: float) -> list[str]:
-    """Warnings about a threshold chosen on validation scores ``p_val`` (empty when none applies)."""
+def threshold_flags(p_val, threshold: float, what: str = "validation") -> list[str]:
+    """Warnings about a threshold chosen on ``what`` scores ``p_val`` (empty when none applies)."""
     p = np.asarray(p_val, float)
     flags = []
     if threshold <= SATURATION or threshold >= 1 - SATURATION:
         flags.append(f"threshold {threshold:.6g} lies on a saturated score (within {SATURATION:g} of 0 or 1): "
-                     "the validation scores do not separate there, so the threshold is arbitrary")
+                     f"the {what} scores do not separate there, so the threshold is arbitrary")
     tied = float(np.mean(np.abs(p - threshold) <= 1e-12)) if len(p) else 0.0
     if tied > TIED_SHARE:
-        flags.append(f"threshold chosen among tied scores: {tied:.0%} of validation images score exactly "
+        flags.append(f"threshold chosen among tied scores: {tied:.0%} of {what} images score exactly "
                      f"{threshold:.6g}")
     saturated = float(np.mean((p <= SATURATION) | (p >= 1 - SATURATION))) if len(p) else 0.0
     if saturated > SATURATED_SHARE:
-        flags.append(f"{saturated:.0%} of validation scores are saturated (0 or 1 to within {SATURATION:g}): an "
+        flags.append(f"{saturated:.0%} of {what} scores are saturated (0 or 1 to within {SATURATION:g}): an "
                      "overconfident model; its probabilities are not calibrated")
     return flags
 
@@ -92,7 +92,7 @@ def out_of_fold_threshold(folds, fold_thresholds, *, rule: str = "youden", seed:
     return {"threshold": spread[0], "ci95": spread, "images": int(len(y)), "groups": int(len(np.unique(groups))),
             "rule": rule, "fold_thresholds": [float(t) for t in fold_thresholds],
             "fold_range": [float(min(fold_thresholds)), float(max(fold_thresholds))],
-            "flags": threshold_flags(p, spread[0])}
+            "flags": threshold_flags(p, spread[0], "out-of-fold")}
 
 
 def at_threshold(y, p, threshold: float) -> dict:

@@ -652,7 +652,22 @@ def leave_one_site_out(config: Config, *, arms: Sequence[str] | None = None, fre
         _check_roles({k: v for k, v in plan.items() if v != "internal"}, labels, f"held-out site {s}")
     overlays = {"config": {}} if arms is None else {a: COMPARE_ARMS[a] for a in arms}
     configs = {a: with_overrides(config, ov) for a, ov in overlays.items()}
-    out = _fresh(data.run_dir / "loso", fresh)
+    folders = {a: (lambda s, a=a: f"site-{s}" if configs[a] == config else f"site-{s}-{a}") for a in configs}
+    clash = [s for s in sites for a in COMPARE_ARMS if s.endswith(f"-{a}")] if arms is not None else []
+    if clash:  # site "x-imagenet" and site "x"'s imagenet arm would share a folder
+        raise ValueError(f"site names {clash} end like an arm's folder suffix; rename the site (NAME=PATH)")
+    out = data.run_dir / "loso"
+    if fresh:  # this experiment's own results only: the plain design's, or the arms' that are not shared
+        own = {folders[a](s) for a in configs for s in sites}
+        own -= {f"site-{s}" for s in sites} if arms is not None else set()
+        for name in (own | ({"loso.json", "sites.csv", "compare.json", "compare-sites.csv"} if arms is None
+                            else {"compare.json", "compare-sites.csv"})):
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    out = _fresh(out, False)
     needs_stage1 = any(c.stage2.weights == "parent" for c in configs.values())
     stage1 = shared_stage1(data, verbose=verbose) if needs_stage1 else None
     tables: dict[str, list[dict]] = {a: [] for a in configs}
@@ -661,7 +676,7 @@ def leave_one_site_out(config: Config, *, arms: Sequence[str] | None = None, fre
         store = write_resplit(data.ultrasound_store, plan, out / f"site-{s}" / "store")
         results = {}
         for arm, arm_cfg in configs.items():
-            name = f"site-{s}" if arm_cfg == config else f"site-{s}-{arm}"  # one config, one folder
+            name = folders[arm](s)  # one config, one folder
             folder = out / name
             result = results[arm] = run_arm(arm_config(arm_cfg, out, name), store, stage1, folder, n_boot=n_boot,
                                             verbose=verbose)
@@ -674,6 +689,7 @@ def leave_one_site_out(config: Config, *, arms: Sequence[str] | None = None, fre
                 "held_out_auc": held, "sensitivity": _ci(result, "sensitivity"),
                 "specificity": _ci(result, "specificity"), "internal_auc": internal["auc"] if internal else None,
                 "gap": internal["auc"][0] - held[0] if internal else None, "checkpoint": result["checkpoint"],
+                "folder": name,
             })
             print(f"held-out {s}{'' if arms is None else f' ({arm})'}: AUC {_with_ci(held)}"
                   + (f", internal {_with_ci(internal['auc'])}" if internal else ""))
@@ -686,7 +702,8 @@ def leave_one_site_out(config: Config, *, arms: Sequence[str] | None = None, fre
         report.update(experiment="loso-compare", arms={a: {"rows": t, "summary": _loso_summary(t)}
                                                        for a, t in tables.items()}, paired=paired)
     _write_table(out / ("sites.csv" if arms is None else "compare-sites.csv"),
-                 [{"arm": a, **{k: (json.dumps(v) if isinstance(v, list) else v) for k, v in r.items()}}
+                 [{**({} if arms is None else {"arm": a}), **{k: (json.dumps(v) if isinstance(v, list) else v)
+                                                            for k, v in r.items()}}
                   for a, t in tables.items() for r in t])
     write_text(out / ("loso.json" if arms is None else "compare.json"),
                json.dumps(report, indent=2, default=float) + "\n")
@@ -704,31 +721,39 @@ def _loso_summary(table: Sequence[Mapping]) -> dict:
 def loso_diff(runs: Sequence[str | Path], *, n_boot: int = 2000, seed: int = 0) -> dict:
     """Leave-one-site-out results of several runs (e.g. one per lever) against the first, paired per held-out
     site on the images both scored (group bootstrap of the AUC difference): did a lever move the number a user
-    quotes by more than the rerun noise? Reads ``runs/<name>/loso/site-<s>/predictions.csv``; trains nothing.
+    quotes by more than the rerun noise? Reads ``runs/<name>/loso/site-<s>/predictions.csv``, or with
+    ``RUN_DIR:ARM`` that arm's of ``compare --by site``; ``A+B`` averages the members' probabilities per image
+    (what an ensemble of them would score). A run stopped before its last site counts with the sites it
+    finished (those without a result are listed in ``missing``). Trains nothing.
 
     Raises:
-        ValueError: a run without a leave-one-site-out result, or held-out sites that differ between runs.
+        ValueError: a run without any held-out site scored, an unknown arm, or a run named twice.
     """
     from msbt.eval.evaluate import read_predictions
 
     def held_out(spec: str) -> tuple[str, dict[str, dict]]:
         path, _, arm = str(spec).rpartition(":")
-        if arm not in COMPARE_ARMS:  # no ":ARM" suffix
+        if not path or arm not in COMPARE_ARMS:  # no ":ARM" suffix
             path, arm = str(spec), ""
         run = Path(path)
         if arm:
             report = (read_json(run / "loso" / "compare.json") or {}).get("arms", {}).get(arm)
             if not report:
                 raise ValueError(f"{run}: no arm {arm!r} in loso/compare.json (run workflows/compare.py --by site)")
+            folders = {r["site"]: r.get("folder") or f"site-{r['site']}-{arm}" for r in report["rows"]}
         else:
             report = read_json(run / "loso" / "loso.json")
-            if not report:
-                raise ValueError(f"{run}: no loso/loso.json (run workflows/crossval.py --by site first)")
-        found = {}
-        for r in report["rows"]:  # the arm's folder is the one its checkpoint lies in
-            folder = run / "loso" / Path(r["checkpoint"]).resolve().relative_to((run / "loso").resolve()).parts[0]
-            found[r["site"]] = read_predictions(folder / "predictions.csv")["test"]
-        return run.name + (f":{arm}" if arm else ""), found
+            if report:
+                folders = {r["site"]: r.get("folder") or f"site-{r['site']}" for r in report["rows"]}
+            else:  # stopped before its summary: the sites it finished
+                folders = {f.parent.name[len("site-"):]: f.parent.name
+                           for f in sorted((run / "loso").glob("site-*/predictions.csv"))
+                           if not any(f.parent.name.endswith(f"-{a}") for a in COMPARE_ARMS)}
+            if not folders:
+                raise ValueError(f"{run}: no held-out site scored in loso/ (run workflows/crossval.py --by site)")
+        found = {site: read_predictions(run / "loso" / name / "predictions.csv")["test"]
+                 for site, name in folders.items()}
+        return str(spec), found
 
     def averaged(spec: str) -> tuple[str, dict[str, dict]]:
         """``A+B+...``: the members' held-out probabilities averaged per image (an ensemble's score)."""
@@ -748,15 +773,21 @@ def loso_diff(runs: Sequence[str | Path], *, n_boot: int = 2000, seed: int = 0) 
             out[site] = {**{k: v[order] for k, v in first.items() if k != "p"}, "p": np.mean(ps, axis=0)}
         return "+".join(name for name, _ in members), out
 
-    results = dict(averaged(r) for r in runs)
-    base_name = next(iter(results))
+    specs = [str(r) for r in runs]
+    twice = sorted({r for r in specs if specs.count(r) > 1})
+    if twice:
+        raise ValueError(f"named more than once: {twice}")
+    results = dict(averaged(r) for r in specs)
+    base_name = specs[0]
     base = results[base_name]
-    rows = []
+    rows, missing = [], {}
     for name, sites in results.items():
         if set(sites) != set(base):
-            raise ValueError(f"{name}: held-out sites {sorted(sites)} differ from {base_name}'s {sorted(base)}")
-        for site, pred in sites.items():
-            ref = base[site]
+            missing[name] = sorted(set(base) ^ set(sites))
+        for site, pred in sorted(sites.items()):
+            ref = base.get(site)
+            if ref is None:
+                continue
             common = sorted(set(pred["source"]) & set(ref["source"]))
             a, b = (dict(zip(x["source"], range(len(x["source"])))) for x in (pred, ref))
             ia, ib = [a[c] for c in common], [b[c] for c in common]
@@ -770,14 +801,22 @@ def loso_diff(runs: Sequence[str | Path], *, n_boot: int = 2000, seed: int = 0) 
                 row["diff_vs_first"] = [d["diff"], *d["ci"]]
                 row["p_value"] = d["p_value"]
             rows.append(row)
-    return {"base": base_name, "rows": rows}
+    return {"base": base_name, "rows": rows, "missing": missing}
+
+
+def _short(spec: str) -> str:
+    """``/x/runs/a:imagenet+/x/runs/b`` -> ``a:imagenet+b`` (the run folders' names)."""
+    return "+".join(Path(p).name for p in spec.split("+"))
 
 
 def format_loso_diff(report: dict) -> str:
-    lines = [f"{'run':<28} {'held-out site':<14} {'images':>6}  {'AUC [95% CI]':<24} AUC - {report['base']} [95% CI], p"]
+    lines = [f"{'run':<28} {'held-out site':<14} {'images':>6}  {'AUC [95% CI]':<24} "
+             f"AUC - {_short(report['base'])} [95% CI], p"]
     for r in report["rows"]:
         diff = (f"{_with_ci(r['diff_vs_first'])}, p = {r['p_value']:.3f}" if "diff_vs_first" in r else "(base)")
-        lines.append(f"{r['run']:<28} {r['site']:<14} {r['images']:>6}  {_with_ci(r['auc']):<24} {diff}")
+        lines.append(f"{_short(r['run']):<28} {r['site']:<14} {r['images']:>6}  {_with_ci(r['auc']):<24} {diff}")
+    for run, sites in report.get("missing", {}).items():
+        lines.append(f"{_short(run)}: no result at {', '.join(sites)} (only sites both runs scored are compared)")
     return "\n".join(lines)
 
 
@@ -788,24 +827,27 @@ _LOSO_DESIGN = ("each site held out in turn: stage 2 trains on the other sites' 
 
 
 def format_loso(report: dict) -> str:
-    """The leave-one-site-out summary table for the job log."""
-    lines = ["leave one site out (" + report["design"] + "):",
-             f"{'held-out site':<20} {'images':>6}  {'held-out AUC [95% CI]':<26} {'internal AUC [95% CI]':<26} gap"]
-    for r in report["rows"]:
-        internal = _with_ci(r["internal_auc"]) if r["internal_auc"] else "-"
-        gap = f"{r['gap']:+.3f}" if r["gap"] is not None else "-"
-        lines.append(f"{r['site']:<20} {r['test_images']:>6}  {_with_ci(r['held_out_auc']):<26} {internal:<26} {gap}")
-    for arm, part in report.get("arms", {}).items():
-        lines.append(f"arm {arm}: " + ", ".join(f"{r['site']} {_with_ci(r['held_out_auc'])}" for r in part["rows"]))
+    """The leave-one-site-out summary table for the job log (one per arm for compare --by site)."""
+    lines = ["leave one site out (" + report["design"] + "):"]
+    parts = report.get("arms") or {None: {"rows": report["rows"], "summary": report.get("summary")}}
+    for arm, part in parts.items():
+        if arm:
+            lines.append(f"arm {arm}:")
+        lines.append(f"{'held-out site':<20} {'images':>6}  {'held-out AUC [95% CI]':<26} {'internal AUC [95% CI]':<26} gap")
+        for r in part["rows"]:
+            internal = _with_ci(r["internal_auc"]) if r["internal_auc"] else "-"
+            gap = f"{r['gap']:+.3f}" if r["gap"] is not None else "-"
+            lines.append(f"{r['site']:<20} {r['test_images']:>6}  {_with_ci(r['held_out_auc']):<26} {internal:<26} {gap}")
+        summary = part.get("summary")
+        if summary:
+            lines.append(f"at a site it never saw{f' ({arm})' if arm else ''}: AUC "
+                         f"{_with_ci(summary['worst_held_out_auc'])} at the worst ({summary['worst_site']}), "
+                         f"{summary['mean_held_out_auc']:.3f} on average over the {len(part['rows'])} sites; quote "
+                         "these, not the internal AUC")
     for site, tests in report.get("paired", {}).items():
         for t in tests:
             boot = t["paired_bootstrap"]
             if "error" not in boot:
                 lines.append(f"held-out {site}: AUC {t['a']} - {t['b']} {_with_ci([boot['diff'], *boot['ci']])} "
                              f"(paired group bootstrap on the held-out images, p = {boot['p_value']:.3f})")
-    summary = report.get("summary")
-    if summary:
-        lines.append(f"at a site it never saw: AUC {_with_ci(summary['worst_held_out_auc'])} at the worst "
-                     f"({summary['worst_site']}), {summary['mean_held_out_auc']:.3f} on average over the "
-                     f"{len(report['rows'])} sites; quote these, not the internal AUC")
     return "\n".join(lines)

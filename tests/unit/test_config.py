@@ -125,3 +125,18 @@ def test_dumped_config_reloads_identically(tmp_path):
     path = dump_config(config, tmp_path / "resolved.yaml")
     assert load_config([path]) == config
     assert to_dict(config)["stage2"]["head"]["l2"] == 0.01
+
+
+def test_settings_added_later_leave_older_records_unchanged():
+    """brightness/speckle/blur were added after runs recorded their stage settings: while off they are not
+    in the record, so an older manifest's config (these keys only) still matches, keys and resumes included;
+    when set they are recorded, and a record without them reads back with them off."""
+    from msbt.config import AugmentConfig, StageConfig, from_dict
+
+    older_keys = ["enabled", "expansion", "shift", "rotation", "flip", "zoom", "contrast"]
+    assert list(to_dict(AugmentConfig())) == older_keys
+    assert to_dict(AugmentConfig(blur=1.0))["blur"] == 1.0 and "speckle" not in to_dict(AugmentConfig(blur=1.0))
+    record = to_dict(StageConfig())
+    assert from_dict(StageConfig, record) == StageConfig()
+    assert to_dict(from_dict(StageConfig, to_dict(StageConfig(augment=AugmentConfig(speckle=0.1))))) == \
+        to_dict(StageConfig(augment=AugmentConfig(speckle=0.1)))

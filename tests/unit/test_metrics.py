@@ -590,7 +590,7 @@ def test_loso_diff_pairs_two_runs_on_the_held_out_images(tmp_path, capsys):
     import csv
 
     from msbt.cli import main
-    from msbt.jobs.experiments import loso_diff
+    from msbt.jobs.experiments import format_loso_diff, loso_diff
 
     rng = np.random.default_rng(1)
     y = rng.integers(0, 2, 60)
@@ -613,13 +613,47 @@ def test_loso_diff_pairs_two_runs_on_the_held_out_images(tmp_path, capsys):
     assert base["auc"][0] == pytest.approx(M.roc_auc(y, scores["base"]))
     assert lever["diff_vs_first"][0] == pytest.approx(M.roc_auc(y, scores["lever"]) - M.roc_auc(y, scores["base"]))
     assert lever["diff_vs_first"][1] > 0 and lever["p_value"] < 0.05 and lever["images"] == 60
-    assert lever["run"] == "lever:imagenet"
+    assert lever["run"] == f"{tmp_path / 'lever'}:imagenet"
     both = loso_diff([tmp_path / "base", f"{tmp_path / 'base'}+{tmp_path / 'lever'}:imagenet"], n_boot=100)["rows"][1]
-    assert both["run"] == "base+lever:imagenet"
+    assert "base+lever:imagenet " in format_loso_diff({"base": str(tmp_path / "base"), "rows": [both]})
     assert both["auc"][0] == pytest.approx(M.roc_auc(y, (scores["base"] + scores["lever"]) / 2))
     assert main(["loso-diff", str(tmp_path / "base"), f"{tmp_path / 'lever'}:imagenet", "--n-boot", "100"]) == 0
     assert "AUC - base" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="no loso/loso.json"):
-        loso_diff([tmp_path / "base", tmp_path / "lever"])
+    with pytest.raises(ValueError, match="no held-out site scored"):
+        loso_diff([tmp_path / "base", tmp_path / "lever"])  # lever has only an arm's folder
+    with pytest.raises(ValueError, match="more than once"):
+        loso_diff([tmp_path / "base", tmp_path / "base"])
+    assert main(["loso-diff", str(tmp_path / "base"), str(tmp_path / "nowhere")]) == 1
+    assert "nowhere: no such run folder" in capsys.readouterr().err
+    # a run stopped before its summary counts with the sites it finished
+    (tmp_path / "base" / "loso" / "loso.json").unlink()
+    partial = loso_diff([f"{tmp_path / 'lever'}:imagenet", tmp_path / "base"], n_boot=100)
+    assert [r["site"] for r in partial["rows"]] == ["a", "a"] and partial["missing"] == {}
     with pytest.raises(ValueError, match="no arm 'scratch'"):
         loso_diff([tmp_path / "base", f"{tmp_path / 'lever'}:scratch"])
+
+
+def test_the_out_of_fold_threshold_is_shown_on_the_main_runs_test_split(tmp_path):
+    """crossval's oof_threshold adds the main run's test sensitivity/specificity at its own validation
+    threshold and at the out-of-fold one, read from the run's metrics.json and predictions.csv."""
+    import csv
+
+    from msbt.jobs.experiments import oof_threshold
+
+    rng = np.random.default_rng(2)
+    folds = [{"y": (y := rng.integers(0, 2, 30)), "p": np.clip(0.4 * y + rng.uniform(0, 0.6, 30), 0, 1),
+              "group": [f"g{i}" for i in range(30)]} for _ in range(2)]
+    assert "main_run_test" not in oof_threshold(folds, [0.3, 0.5], tmp_path)  # no main run yet
+    y_test = rng.integers(0, 2, 20)
+    p_test = np.clip(0.4 * y_test + rng.uniform(0, 0.6, 20), 0, 1)
+    (tmp_path / "metrics.json").write_text(json.dumps({"threshold": 0.25}))
+    with (tmp_path / "predictions.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["split", "source", "group", "y", "p", "site"])
+        w.writerows(["test", f"t{i}", f"t{i}", y_test[i], p_test[i], ""] for i in range(20))
+    out = oof_threshold(folds, [0.3, 0.5], tmp_path)
+    main = out["main_run_test"]
+    for key, t in (("run_threshold", 0.25), ("oof_threshold", out["threshold"])):
+        m = M.binary_metrics(y_test, p_test, t)
+        assert main[key]["threshold"] == pytest.approx(t)
+        assert (main[key]["sensitivity"], main[key]["specificity"]) == pytest.approx((m["sensitivity"], m["specificity"]))

@@ -66,6 +66,12 @@ def test_same_key_same_transform_other_key_other_transform():
 def test_ultrasound_augmentation_is_keyed_and_leaves_older_configs_unchanged():
     """Gain, blur and speckle are drawn per image from the image's key; with them off the output is the
     same as before they existed (the affine/contrast draws are untouched)."""
+    # the output of the code before these settings existed (8b9fce2), same image, key and config
+    ramp = (np.arange(32 * 32 * 3).reshape(32, 32, 3) * 7 % 256).astype(np.uint8)
+    older = augment.augment_image(ramp, tf.constant([7, 1], tf.int64), AugmentConfig(contrast=0.2, flip=True, zoom=0.1))
+    np.testing.assert_allclose(older.numpy()[::8, ::8, 0], [[97.31, 231.0, 206.63, 125.47], [196.46, 115.3, 34.14, 216.04],
+                                                           [72.14, 53.15, 124.71, 43.55], [128.07, 95.75, 76.76, 134.12]],
+                               atol=0.05)
     img = images(1)[0]
     key = tf.constant([7, 1], tf.int64)
     base = augment.augment_image(img, key, AugmentConfig(contrast=0.2)).numpy()
