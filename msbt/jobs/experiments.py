@@ -657,16 +657,8 @@ def leave_one_site_out(config: Config, *, arms: Sequence[str] | None = None, fre
     if clash:  # site "x-imagenet" and site "x"'s imagenet arm would share a folder
         raise ValueError(f"site names {clash} end like an arm's folder suffix; rename the site (NAME=PATH)")
     out = data.run_dir / "loso"
-    if fresh:  # this experiment's own results only: the plain design's, or the arms' that are not shared
-        own = {folders[a](s) for a in configs for s in sites}
-        own -= {f"site-{s}" for s in sites} if arms is not None else set()
-        for name in (own | ({"loso.json", "sites.csv", "compare.json", "compare-sites.csv"} if arms is None
-                            else {"compare.json", "compare-sites.csv"})):
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+    if fresh:
+        remove_loso_results(out, {folders[a](s) for a in configs for s in sites}, sites, compare=arms is not None)
     out = _fresh(out, False)
     needs_stage1 = any(c.stage2.weights == "parent" for c in configs.values())
     stage1 = shared_stage1(data, verbose=verbose) if needs_stage1 else None
@@ -709,6 +701,20 @@ def leave_one_site_out(config: Config, *, arms: Sequence[str] | None = None, fre
                json.dumps(report, indent=2, default=float) + "\n")
     print(format_loso(report))
     return report
+
+
+def remove_loso_results(out: Path, folders: set[str], sites: Sequence[str], *, compare: bool) -> None:
+    """``--fresh`` for leave one site out: this experiment's own results only. The plain design
+    (``compare=False``): its ``site-<s>/`` folders, ``loso.json``, ``sites.csv``, and the comparison that used
+    them; ``compare --by site``: its arms' folders except the shared ``site-<s>/``, and ``compare.json``."""
+    own = set(folders) - ({f"site-{s}" for s in sites} if compare else set())
+    files = {"compare.json", "compare-sites.csv"} | (set() if compare else {"loso.json", "sites.csv"})
+    for name in own | files:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
 
 
 def _loso_summary(table: Sequence[Mapping]) -> dict:

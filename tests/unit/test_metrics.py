@@ -657,3 +657,20 @@ def test_the_out_of_fold_threshold_is_shown_on_the_main_runs_test_split(tmp_path
         m = M.binary_metrics(y_test, p_test, t)
         assert main[key]["threshold"] == pytest.approx(t)
         assert (main[key]["sensitivity"], main[key]["specificity"]) == pytest.approx((m["sensitivity"], m["specificity"]))
+
+
+@pytest.mark.parametrize("compare", [False, True])
+def test_fresh_leave_one_site_out_removes_only_its_own_results(tmp_path, compare):
+    from msbt.jobs.experiments import remove_loso_results
+
+    names = ["site-a", "site-b", "site-a-imagenet", "site-b-imagenet", "loso.json", "sites.csv", "compare.json",
+             "compare-sites.csv", "environment.json"]
+    for name in names:
+        (tmp_path / name).mkdir() if name.startswith("site-") else (tmp_path / name).write_text("{}")
+    folders = {"site-a", "site-b", "site-a-imagenet", "site-b-imagenet"} if compare else {"site-a", "site-b"}
+    remove_loso_results(tmp_path, folders, ["a", "b"], compare=compare)
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    if compare:  # the shared design stays
+        assert kept == ["environment.json", "loso.json", "site-a", "site-b", "sites.csv"]
+    else:  # the other arms stay; the comparison that used this design goes
+        assert kept == ["environment.json", "site-a-imagenet", "site-b-imagenet"]
