@@ -652,13 +652,16 @@ def leave_one_site_out(config: Config, *, arms: Sequence[str] | None = None, fre
         _check_roles({k: v for k, v in plan.items() if v != "internal"}, labels, f"held-out site {s}")
     overlays = {"config": {}} if arms is None else {a: COMPARE_ARMS[a] for a in arms}
     configs = {a: with_overrides(config, ov) for a, ov in overlays.items()}
-    folders = {a: (lambda s, a=a: f"site-{s}" if configs[a] == config else f"site-{s}-{a}") for a in configs}
+
+    def folder_name(arm: str, site: str) -> str:  # one config, one folder: an arm equal to the config shares the design's
+        return f"site-{site}" if configs[arm] == config else f"site-{site}-{arm}"
+
     clash = [s for s in sites for a in COMPARE_ARMS if s.endswith(f"-{a}")] if arms is not None else []
     if clash:  # site "x-imagenet" and site "x"'s imagenet arm would share a folder
         raise ValueError(f"site names {clash} end like an arm's folder suffix; rename the site (NAME=PATH)")
     out = data.run_dir / "loso"
     if fresh:
-        remove_loso_results(out, {folders[a](s) for a in configs for s in sites}, sites, compare=arms is not None)
+        remove_loso_results(out, {folder_name(a, s) for a in configs for s in sites}, sites, compare=arms is not None)
     out = _fresh(out, False)
     needs_stage1 = any(c.stage2.weights == "parent" for c in configs.values())
     stage1 = shared_stage1(data, verbose=verbose) if needs_stage1 else None
@@ -668,7 +671,7 @@ def leave_one_site_out(config: Config, *, arms: Sequence[str] | None = None, fre
         store = write_resplit(data.ultrasound_store, plan, out / f"site-{s}" / "store")
         results = {}
         for arm, arm_cfg in configs.items():
-            name = folders[arm](s)  # one config, one folder
+            name = folder_name(arm, s)
             folder = out / name
             result = results[arm] = run_arm(arm_config(arm_cfg, out, name), store, stage1, folder, n_boot=n_boot,
                                             verbose=verbose)
