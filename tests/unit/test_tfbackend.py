@@ -1,6 +1,7 @@
 """The stage's Ray Train backend: TF_CONFIG for every worker, and no TensorFlow where the controller runs."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -32,3 +33,19 @@ def test_what_the_train_controller_unpickles_does_not_import_tensorflow():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["False", "True"]
+
+
+def test_the_train_controller_is_given_msbts_poll_interval_unless_the_user_set_one(monkeypatch):
+    # Ray Train's own function that picks the driver's variables for the controller's environment
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate
+
+    from msbt.raycluster import environment
+    from msbt.train.runner import TRAIN_POLL_ENV, TRAIN_POLL_S, train_environment
+
+    monkeypatch.delenv(TRAIN_POLL_ENV, raising=False)
+    with environment(**train_environment()):
+        assert get_env_vars_to_propagate()[TRAIN_POLL_ENV] == TRAIN_POLL_S
+    assert TRAIN_POLL_ENV not in os.environ  # only while the stage runs
+    monkeypatch.setenv(TRAIN_POLL_ENV, "3")
+    with environment(**train_environment()):
+        assert get_env_vars_to_propagate()[TRAIN_POLL_ENV] == "3"
