@@ -23,7 +23,8 @@ Two rates per run, both in training images per second (images fed, all workers t
 
 Ray is started here (``ray.init(num_cpus=os.cpu_count())``) unless ``--address`` is given. The 2-worker
 run gives each worker ``--cpus-per-worker`` CPUs (default (CPUs - 1) / 2, leaving one to Ray Data) and as
-many TensorFlow threads (at least one). Prints a Markdown table and the ratios b/a and c/a.
+many TensorFlow threads (at least one). Each arm runs ``--repeats`` times (default 3), the arms in turns;
+prints every run, each arm's median and range, and the ratios b/a and c/a of the runs made side by side.
 """
 
 from __future__ import annotations
@@ -63,6 +64,16 @@ def steady_rate(images_per_epoch: int, epoch_ends: list[float]) -> float:
     if len(epoch_ends) < 2:
         return float("nan")
     return images_per_epoch * (len(epoch_ends) - 1) / (epoch_ends[-1] - epoch_ends[0])
+
+
+def spread(values: list[float], fmt: str = ".1f") -> str:
+    """``median [min, max]`` of a list of rates (NaNs left out)."""
+    import numpy as np
+
+    v = np.array([x for x in values if x == x], dtype=float)
+    if v.size == 0:
+        return "n/a"
+    return f"{np.median(v):{fmt}} [{v.min():{fmt}}, {v.max():{fmt}}]"
 
 
 def run_plain(stage: StageConfig, store: Path, classes: list[str]) -> dict:
@@ -117,10 +128,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per Ray Train worker (a uses the driver's)")
     parser.add_argument("--mixed-precision", action="store_true", help="run.mixed_precision for b and c (GPUs)")
     parser.add_argument("--runs", default="abc", help="which runs: any of a, b, c")
-    parser.add_argument("--smoke-test", action="store_true", help="32 px, 8 lesions per class, 2 epochs")
+    parser.add_argument("--repeats", type=int, help="runs of each arm, taken in turns (default 3; smoke test 1)")
+    parser.add_argument("--smoke-test", action="store_true", help="32 px, 8 lesions per class, 2 epochs, 1 run each")
     args = parser.parse_args(argv)
     if args.smoke_test:
         args.image_size, args.lesions, args.epochs, args.batch = 32, 8, 2, 8
+    args.repeats = args.repeats if args.repeats is not None else (1 if args.smoke_test else 3)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     return args
 
 
@@ -139,40 +154,52 @@ def main(argv=None) -> int:
                         batch_size=args.batch, epochs=args.epochs, optimizer="adam",
                         augment=AugmentConfig(expansion=3))
     base = Config(stage1=stage, run=RunConfig(name="bench", storage_path=str(work / "ray")))
-    rows = {}
-    if "a" in args.runs:
-        rows["a. plain fit_stage"] = run_plain(stage, store, classes)
-    images_per_epoch = rows["a. plain fit_stage"]["images_per_epoch"] if rows else None
-    for key, workers, cpus in (("b", 1, 1.0), ("c", 2, args.cpus_per_worker)):
-        if key not in args.runs:
-            continue
-        run = dataclasses.replace(base.run, name=f"bench-{workers}w", num_workers=workers, cpus_per_worker=cpus,
-                                  use_gpu=args.use_gpu, mixed_precision=args.mixed_precision)
-        out = run_ray(dataclasses.replace(base, run=run), store, work / f"audit-{workers}w")
-        # Each rank feeds its own images; the 1-worker audit has no per-rank count, it feeds the whole set.
-        fed = [r["examples"] // args.epochs for r in out["ranks"] if r.get("examples")]
-        out["images_per_epoch"] = sum(fed) if fed else images_per_epoch
-        if out["images_per_epoch"] is None:
-            from msbt.data.store import read_store
+    rows = []  # (arm key, label, repeat, measurement), in the order run
+    images_per_epoch = None
+    # The arms take turns (a, b, c, a, b, c, ...) so that a slow spell of the machine hits every arm.
+    for repeat in range(args.repeats):
+        if "a" in args.runs:
+            out = run_plain(stage, store, classes)
+            images_per_epoch = out["images_per_epoch"]
+            rows.append(("a", "a. plain fit_stage", repeat, out))
+        for key, workers, cpus in (("b", 1, 1.0), ("c", 2, args.cpus_per_worker)):
+            if key not in args.runs:
+                continue
+            run = dataclasses.replace(base.run, name=f"bench-{workers}w-{repeat}", num_workers=workers,
+                                      cpus_per_worker=cpus, use_gpu=args.use_gpu, mixed_precision=args.mixed_precision)
+            out = run_ray(dataclasses.replace(base, run=run), store, work / f"audit-{workers}w-{repeat}")
+            # Each rank feeds its own images; the 1-worker audit has no per-rank count, it feeds the whole set.
+            fed = [r["examples"] // args.epochs for r in out["ranks"] if r.get("examples")]
+            out["images_per_epoch"] = sum(fed) if fed else images_per_epoch
+            if out["images_per_epoch"] is None:
+                from msbt.data.store import read_store
 
-            out["images_per_epoch"] = 3 * len(read_store(store, ["label_index"], split="train")["label_index"])
-        gpu = " + 1 GPU" if args.use_gpu else ""
-        label = f"{key}. Ray Train, {workers} worker{'s' if workers > 1 else ''} x {cpus:g} CPU{gpu}"
-        rows[label] = out
+                out["images_per_epoch"] = 3 * len(read_store(store, ["label_index"], split="train")["label_index"])
+            gpu = " + 1 GPU" if args.use_gpu else ""
+            rows.append((key, f"{key}. Ray Train, {workers} worker{'s' if workers > 1 else ''} x {cpus:g} CPU{gpu}",
+                         repeat, out))
     print(f"\nstore {store}: {args.image_size} px, batch {args.batch}, {args.epochs} epochs, "
-          f"{os.cpu_count()} CPUs, EfficientNet-Lite0\n")
-    print("| run | images/epoch | steady img/s (epochs 2..E) | end-to-end img/s | wall s |")
-    print("|---|---|---|---|---|")
-    rates = {}
-    for label, r in rows.items():
-        rates[label[0]] = steady_rate(r["images_per_epoch"], r["epoch_ends"])
-        e2e = r["images_per_epoch"] * args.epochs / r["wall"]
-        print(f"| {label} | {r['images_per_epoch']} | {rates[label[0]]:.1f} | {e2e:.1f} | {r['wall']:.1f} |")
-    if "a" in rates:
+          f"{os.cpu_count()} CPUs, EfficientNet-Lite0, {args.repeats} runs of each arm, interleaved\n")
+    print("| run | repeat | images/epoch | steady img/s (epochs 2..E) | end-to-end img/s | wall s |")
+    print("|---|---|---|---|---|---|")
+    steady, e2e, labels = {}, {}, {}
+    for key, label, repeat, r in rows:
+        steady.setdefault(key, []).append(steady_rate(r["images_per_epoch"], r["epoch_ends"]))
+        e2e.setdefault(key, []).append(r["images_per_epoch"] * args.epochs / r["wall"])
+        labels[key] = label
+        print(f"| {label} | {repeat + 1} | {r['images_per_epoch']} | {steady[key][-1]:.1f} | {e2e[key][-1]:.1f} "
+              f"| {r['wall']:.1f} |")
+    print("\n| run | steady img/s median [min, max] | end-to-end img/s median [min, max] |")
+    print("|---|---|---|")
+    for key, label in labels.items():
+        print(f"| {label} | {spread(steady[key])} | {spread(e2e[key])} |")
+    if "a" in steady:
+        # Ratios of the runs made side by side (repeat i of b against repeat i of a), then their spread.
         for key in ("b", "c"):
-            if key in rates:
-                print(f"\nratio {key}/a (steady): {rates[key] / rates['a']:.2f}", end="")
-        print()
+            if key in steady:
+                for name, rates in (("steady", steady), ("end to end", e2e)):
+                    pairs = [x / y for x, y in zip(rates[key], rates["a"])]
+                    print(f"ratio {key}/a ({name}): {spread(pairs, '.2f')}")
     ray.shutdown()
     return 0
 
