@@ -194,6 +194,7 @@ def main(argv=None) -> int:
     for key, label in labels.items():
         print(f"| {label} | {spread(steady[key])} | {spread(e2e[key])} |")
     if "a" in steady:
+        print()
         # Ratios of the runs made side by side (repeat i of b against repeat i of a), then their spread.
         for key in ("b", "c"):
             if key in steady:

@@ -145,7 +145,7 @@ def start_private(num_cpus: int | None = None, **options) -> str:
     address = f"127.0.0.1:{port}"
     # Both variables only while the cluster starts: its GCS, raylet and (through the raylet) its workers
     # keep them; this process's later clusters, and processes it starts later, get the usual behaviour.
-    with environment(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_GCS_SERVER_PORT=str(port)), _loopback_node_ip():
+    with _environment(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_GCS_SERVER_PORT=str(port)), _loopback_node_ip():
         # A private cluster lives and dies with this process: on Linux Ray starts its GCS and raylet with
         # PR_SET_PDEATHSIG (their workers follow the raylet), so even a driver killed with SIGKILL leaves
         # no cluster behind, and no address file: a rerun starts its own.
@@ -191,7 +191,7 @@ def protect_token(path: str | Path | None = None) -> Path:
 
 
 @contextlib.contextmanager
-def environment(**values: str):
+def _environment(**values: str):
     """Set environment variables for the ``with`` block, then put back what was there."""
     before = {key: os.environ.get(key) for key in values}
     os.environ.update(values)

@@ -66,7 +66,6 @@ from msbt.train import tblog
 from msbt.model.checkpoint import MODEL_FILE, TRAIN_STATE_FILE, sha256_file, write_manifest
 from msbt.config import Config, RunConfig, StageConfig
 from msbt.containment import check_run_name, check_storage_path, run_location
-from msbt.raycluster import environment
 from msbt.data.store import Store, decode_images
 
 log = logging.getLogger(__name__)
@@ -78,7 +77,7 @@ HISTORY_FILE = "history.json"
 # every stage and every Tune trial (benchmarks/stage_startup.py: wind-down 5.0-5.1 s at 2 s, 0.9-1.2 s at
 # 0.25 s; docs/training.md). A poll is one small actor call per worker, and a late answer is not a failure
 # (only one hanging for RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 10 minutes, is), so msbt polls more often
-# unless the user set the variable.
+# unless the user set the variable (kept for the process: set_train_poll).
 TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 TRAIN_POLL_S = "0.25"
 
@@ -617,9 +616,9 @@ def train_stage(
         # split follows block order, which may differ between runs.
         dataset_config=DataConfig(datasets_to_split=[] if config.run.deterministic else ["train"]),
     )
+    set_train_poll()  # read as the controller starts; Ray Train passes it on
     try:
-        with environment(**train_environment()):  # read as the controller starts; Ray Train passes it on
-            return fit_interruptibly(trainer)
+        return fit_interruptibly(trainer)
     except KeyboardInterrupt:
         end_workers_then_remove_work(config, stage_number)
         raise
@@ -627,9 +626,13 @@ def train_stage(
         remove_work(config, stage_number)  # the workers' scratch is never a result
 
 
-def train_environment() -> dict[str, str]:
-    """What a stage's driver sets for its Train controller: the poll interval, unless the user set one."""
-    return {} if TRAIN_POLL_ENV in os.environ else {TRAIN_POLL_ENV: TRAIN_POLL_S}
+def set_train_poll() -> None:
+    """Give the Train controllers this process starts msbt's poll interval, unless the user set one.
+
+    Set once and kept (not put back after each stage): changing the environment while Ray's own threads
+    may read it is not safe, and the variable means nothing to anything but Ray Train.
+    """
+    os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_S)
 
 
 def end_workers_then_remove_work(config: Config, stage_number: int, settle_s: float = 2.0) -> None:

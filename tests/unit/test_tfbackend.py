@@ -1,7 +1,6 @@
 """The stage's Ray Train backend: TF_CONFIG for every worker, and no TensorFlow where the controller runs."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -39,13 +38,13 @@ def test_the_train_controller_is_given_msbts_poll_interval_unless_the_user_set_o
     # Ray Train's own function that picks the driver's variables for the controller's environment
     from ray.train.v2._internal.constants import get_env_vars_to_propagate
 
-    from msbt.raycluster import environment
-    from msbt.train.runner import TRAIN_POLL_ENV, TRAIN_POLL_S, train_environment
+    from msbt.train.runner import TRAIN_POLL_ENV, TRAIN_POLL_S, set_train_poll
 
-    monkeypatch.delenv(TRAIN_POLL_ENV, raising=False)
-    with environment(**train_environment()):
-        assert get_env_vars_to_propagate()[TRAIN_POLL_ENV] == TRAIN_POLL_S
-    assert TRAIN_POLL_ENV not in os.environ  # only while the stage runs
+    monkeypatch.setenv(TRAIN_POLL_ENV, "unset below")  # monkeypatch puts the session's value back after
+    monkeypatch.delenv(TRAIN_POLL_ENV)
+    assert TRAIN_POLL_ENV not in get_env_vars_to_propagate()
+    set_train_poll()
+    assert get_env_vars_to_propagate()[TRAIN_POLL_ENV] == TRAIN_POLL_S
     monkeypatch.setenv(TRAIN_POLL_ENV, "3")
-    with environment(**train_environment()):
-        assert get_env_vars_to_propagate()[TRAIN_POLL_ENV] == "3"
+    set_train_poll()
+    assert get_env_vars_to_propagate()[TRAIN_POLL_ENV] == "3"
