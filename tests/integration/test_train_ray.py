@@ -121,6 +121,8 @@ def test_a_stage_gives_its_train_controller_msbts_poll_interval(stage1):
     assert POLL_SEEN == [TRAIN_POLL_S]  # docs/training.md: 4 s less wind-down per stage than Ray's 2 s
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_stage1_reports_every_epoch_and_checkpoints_in_the_msbt_format(stage1, stores):
     from msbt.train.runner import best_checkpoint, store_classes
 
