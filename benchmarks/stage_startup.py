@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/stage_startup.py               # tiny store, Lite0 random weights, 32 px, 2 epochs
     .venv/bin/python benchmarks/stage_startup.py --runs 3 --image-size 64
+    .venv/bin/python benchmarks/stage_startup.py --backbone efficientnet_lite0 tiny_cnn   # the test backbone
 
 A short stage (a Tune trial, a smoke run, a test) is mostly fixed cost. Each run trains the same stage
 on the same built-in microscope store and is split at the times the training process itself records
@@ -112,22 +113,26 @@ def main(argv=None) -> int:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--address", help="Ray cluster to join (default: a local one)")
+    parser.add_argument("--backbone", nargs="+", default=["efficientnet_lite0"],
+                        choices=["efficientnet_lite0", "tiny_cnn", "resnet50"],
+                        help="backbones (random weights), each measured --runs times (default efficientnet_lite0)")
     args = parser.parse_args(argv)
 
     import ray
 
     ray.init(address=args.address, num_cpus=None if args.address else os.cpu_count(), include_dashboard=True,
              log_to_driver=False)
-    stage = StageConfig(backbone="efficientnet_lite0", weights="none", image_size=args.image_size, batch_size=8,
-                        epochs=args.epochs)
     rows = []
     with tempfile.TemporaryDirectory(prefix="msbt-startup-") as tmp:
         store = microscope_store(Path(tmp) / "data")
         for i in range(args.runs):
-            rows.append(("plain `fit_stage`", plain_run(stage, store, Path(tmp) / f"plain{i}")))
-            rows.append(("Ray Train, 1 worker", ray_run(stage, store, Path(tmp) / f"ray{i}")))
+            for backbone in args.backbone:  # interleaved, so a drift of the machine hits every backbone alike
+                stage = StageConfig(backbone=backbone, weights="none", image_size=args.image_size, batch_size=8,
+                                    epochs=args.epochs)
+                rows.append((f"{backbone}, plain `fit_stage`", plain_run(stage, store, Path(tmp) / f"plain{i}{backbone}")))
+                rows.append((f"{backbone}, Ray Train, 1 worker", ray_run(stage, store, Path(tmp) / f"ray{i}{backbone}")))
     ray.shutdown()
-    print(f"\nEfficientNet-Lite0 (random weights) at {args.image_size} px, {args.epochs} epochs, {os.cpu_count()} CPUs")
+    print(f"\nrandom weights at {args.image_size} px, {args.epochs} epochs, {os.cpu_count()} CPUs")
     print("| run | start-up s | first epoch s | later epoch s | wind-down s | total s | train-step traces |")
     print("|---|---|---|---|---|---|---|")
     for name, r in rows:

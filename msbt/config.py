@@ -149,7 +149,8 @@ class HeadConfig:
 class StageConfig:
     """One transfer-learning stage; stage 1 and stage 2 are the same code with two of these."""
 
-    backbone: Literal["resnet50", "efficientnetb2", "inceptionv3", "efficientnet_lite0"] = "resnet50"
+    # tiny_cnn: a small random-init CNN for smoke runs and tests only (msbt.model.models)
+    backbone: Literal["resnet50", "efficientnetb2", "inceptionv3", "efficientnet_lite0", "tiny_cnn"] = "resnet50"
     weights: str = "imagenet"  # "imagenet" | "none" | a local weights file | "parent" (previous stage)
     image_size: int = 200
     optimizer: Literal["adagrad", "adam", "sgd"] = "adagrad"
@@ -645,6 +646,9 @@ def check_ranges(config: Any, source: str = "config", prefix: str = "") -> None:
             ok = False
         if not ok:
             raise ConfigError(f"{source}: `{prefix}{name}` must be {wanted}, got {value!r}")
+    if isinstance(config, StageConfig) and config.backbone == "tiny_cnn" and config.weights == "imagenet":
+        raise ConfigError(f"{source}: `{prefix}weights` imagenet: backbone tiny_cnn has none (it is for smoke "
+                          f"runs and tests); use none or a local weights file")
     if isinstance(config, StageConfig) and config.head_epochs > config.epochs:
         raise ConfigError(f"{source}: `{prefix}head_epochs` ({config.head_epochs}) must not exceed "
                           f"`{prefix}epochs` ({config.epochs})")

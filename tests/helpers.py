@@ -8,9 +8,17 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("metrics", "training", "data", "gradcam", "lineage", "config")
+
+
+# The backbone of tests whose subject is not the backbone: msbt's tiny_cnn, whose training step TensorFlow
+# traces in about 1 s where Lite0's takes 5-6 s (docs/architecture.md, "The test suite"). Lite0 itself is
+# trained by the unit tests, the serving and Tune tests, and `ray job submit` of the real smoke pipeline.
+TINY_BACKBONE = {"backbone": "tiny_cnn", "weights": "none"}
+TINY_SETS = ["--set", "stage1.backbone=tiny_cnn", "--set", "stage1.weights=none", "--set", "stage2.backbone=tiny_cnn"]
 
 
 def shared_data() -> Path:
@@ -87,8 +95,8 @@ def check_run_report(run) -> None:
     titles = [ET.fromstring(s).get("aria-label") for s in svgs(text)]
     assert "ROC, test split" in titles and "confusion matrix" in titles
     assert any(t.startswith("Calibration") for t in titles)
-    assert {"Stage 1 (efficientnet_lite0): loss", "Stage 2 (efficientnet_lite0): loss",
-            "Stage 2 (efficientnet_lite0): auc"} <= set(titles)
+    backbone = yaml.safe_load((run / "config.yaml").read_text())["stage2"]["backbone"]  # the run's own
+    assert {f"Stage 1 ({backbone}): loss", f"Stage 2 ({backbone}): loss", f"Stage 2 ({backbone}): auc"} <= set(titles)
     # the numbers shown are metrics.json's
     acc = metrics["test_ci95"]["accuracy"]
     assert f"{acc[0]:.3f} [{acc[1]:.3f}, {acc[2]:.3f}]" in text
@@ -96,8 +104,8 @@ def check_run_report(run) -> None:
     # data summary, lineage and config
     split = json.loads((run / "data" / "ultrasound" / "split.json").read_text())
     assert f"{split['images']} images from" in text and "naive" in text
-    assert "stage 2  efficientnet_lite0  weights=parent" in text and "&lt;- stage 1" in text
-    assert "backbone: efficientnet_lite0" in text
+    assert f"stage 2  {backbone}  weights=parent" in text and "&lt;- stage 1" in text
+    assert f"backbone: {backbone}" in text
     # Grad-CAM: real overlays
     assert text.count('src="data:image/png;base64,') >= 2 and "Grad-CAM failed" not in text
     # the per-image predictions are kept for later comparisons

@@ -30,7 +30,7 @@ from keras import layers
 
 from msbt.config import HeadConfig, StageConfig
 
-BACKBONES = ("resnet50", "efficientnetb2", "inceptionv3", "efficientnet_lite0")
+BACKBONES = ("resnet50", "efficientnetb2", "inceptionv3", "efficientnet_lite0", "tiny_cnn")
 
 # keras.applications class and the input convention its ImageNet weights were trained with.
 # "none": the application normalises raw 0..255 pixels itself (EfficientNet's Rescaling+Normalization
@@ -40,7 +40,11 @@ _KERAS_APPS = {
     "efficientnetb2": ("EfficientNetB2", "none"),
     "inceptionv3": ("InceptionV3", "tf"),
 }
-_PREPROCESS = {**{k: mode for k, (_, mode) in _KERAS_APPS.items()}, "efficientnet_lite0": "none"}
+_PREPROCESS = {**{k: mode for k, (_, mode) in _KERAS_APPS.items()}, "efficientnet_lite0": "none", "tiny_cnn": "tf"}
+# tiny_cnn: five strided Conv-BN-ReLU blocks, random init only. For smoke runs and the test suite, where
+# the backbone is incidental: TensorFlow traces its training step in about 0.5 s against Lite0's 5-6 s
+# at 32 px (docs/architecture.md), which is most of a short test stage's own time. Never diagnostic.
+TINY_CNN_FILTERS = (16, 32, 64, 96, 128)  # five stride-2 blocks: a map at 1/32 of the input, as the others
 # keras.applications.imagenet_utils "caffe" mode: ImageNet channel means in BGR order.
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
@@ -112,6 +116,9 @@ def build_backbone(name: str, image_size: int, weights: str = "none") -> keras.M
     if weights == "parent":
         raise ValueError("weights='parent' is resolved by the stage function: pass the parent model")
     shape = (image_size, image_size, 3)
+    if name == "tiny_cnn" and weights == "imagenet":
+        raise WeightsError("backbone tiny_cnn has no ImageNet weights (it is for smoke runs and tests); "
+                           "set its `weights` to none or a local file")
     if weights == "imagenet":
         model = _imagenet_backbone(name, shape)
     else:
@@ -123,12 +130,28 @@ def build_backbone(name: str, image_size: int, weights: str = "none") -> keras.M
 
 
 def _random_backbone(name: str, shape: tuple[int, int, int]) -> keras.Model:
+    if name == "tiny_cnn":
+        return _tiny_cnn(shape)
     if name == "efficientnet_lite0":
         from msbt.model.lite0 import build_lite0
 
         return build_lite0(shape, include_top=False)
     app = getattr(keras.applications, _KERAS_APPS[name][0])
     return app(include_top=False, weights=None, input_shape=shape)
+
+
+def _tiny_cnn(shape: tuple[int, int, int]) -> keras.Model:
+    """The ``tiny_cnn`` backbone: Conv(3x3, stride 2) -> BatchNorm -> ReLU per block, the last ReLU
+    named ``top_relu`` (Grad-CAM's layer). BatchNorm is there so freezing and BatchNorm modes act on it as
+    on the real backbones."""
+    inputs = keras.Input(shape)
+    x = inputs
+    for i, filters in enumerate(TINY_CNN_FILTERS, 1):
+        last = i == len(TINY_CNN_FILTERS)
+        x = layers.Conv2D(filters, 3, strides=2, padding="same", use_bias=False, name=f"block{i}_conv")(x)
+        x = layers.BatchNormalization(name=f"block{i}_bn")(x)
+        x = layers.ReLU(name="top_relu" if last else f"block{i}_relu")(x)
+    return keras.Model(inputs, x, name="tiny_cnn")
 
 
 def _imagenet_backbone(name: str, shape: tuple[int, int, int]) -> keras.Model:

@@ -1,7 +1,7 @@
 """Data parallelism across Ray Train workers (msbt.train.distributed) on a real local 2-CPU cluster.
 
 Two workers of 0.5 CPU each (data is materialised on the driver first, so no read task waits for a CPU),
-tiny synthetic stores, EfficientNet-Lite0 with random weights at 32 px. Each rank writes an audit of
+tiny synthetic stores, the tiny_cnn backbone at 32 px. Each rank writes an audit of
 what it fed and its weight digests; the tests compare the ranks.
 """
 
@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from helpers import TINY_BACKBONE
 from msbt.data import synth
 from msbt.model.checkpoint import MODEL_FILE, lineage, read_manifest, verify
 from msbt.config import Config, HeadConfig, PreprocessConfig, RunConfig, StageConfig
@@ -21,16 +22,20 @@ STABLE = {"loss", "accuracy", "auc", "sensitivity", "specificity"}
 BATCH = 8  # global; 4 per worker
 
 
-def lite0(**kw) -> StageConfig:
-    base = dict(backbone="efficientnet_lite0", weights="none", image_size=32, batch_size=BATCH, epochs=2)
+def small(**kw) -> StageConfig:
+    base = dict(**TINY_BACKBONE, image_size=32, batch_size=BATCH, epochs=2)
     return StageConfig(**{**base, **kw})
+
+
+def lite0(**kw) -> StageConfig:
+    return small(backbone="efficientnet_lite0", **kw)
 
 
 def two_worker_config(tmp_path) -> Config:
     return Config(
-        stage1=lite0(head=HeadConfig(dense_units=(8,), dropout=0.2, l2=1e-4)),  # dropout + L2 under the strategy
+        stage1=small(head=HeadConfig(dense_units=(8,), dropout=0.2, l2=1e-4)),  # dropout + L2 under the strategy
         # head-only epoch, then fine-tuning: two phases, two compiled optimizers
-        stage2=lite0(weights="parent", monitor="val_auc", head_epochs=1),
+        stage2=small(weights="parent", monitor="val_auc", head_epochs=1),
         run=RunConfig(name="d", storage_path=str(tmp_path / "ray"), num_workers=2, cpus_per_worker=0.5),
     )
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import TINY_BACKBONE
 from msbt.jobs import experiments as X
 from msbt.eval import metrics
 from msbt.config import (Config, ConfigError, DataConfig, HeadConfig, PreprocessConfig, RunConfig, StageConfig,
@@ -184,8 +185,8 @@ def test_leakage_breakdown_separates_images_whose_lesion_was_trained_on():
 # Real tiny runs on Ray
 
 
-def lite0(**kw) -> StageConfig:
-    base = dict(backbone="efficientnet_lite0", weights="none", image_size=32, batch_size=8, epochs=1)
+def small(**kw) -> StageConfig:
+    base = dict(**TINY_BACKBONE, image_size=32, batch_size=8, epochs=1)
     return StageConfig(**{**base, **kw})
 
 
@@ -199,8 +200,8 @@ def tiny_data(tmp_path_factory, ray_local):
         # a quarter of the lesions in test, so a paired DeLong has two of each class to work with
         data=DataConfig(split=(0.5, 0.25, 0.25), folds=3),
         preprocess=PreprocessConfig(max_patches_per_field=4, image_size=32),
-        stage1=lite0(),
-        stage2=lite0(weights="parent", monitor="val_auc", head=HeadConfig(dense_units=(8,), dropout=0.5)),
+        stage1=small(),
+        stage2=small(weights="parent", monitor="val_auc", head=HeadConfig(dense_units=(8,), dropout=0.5)),
         run=RunConfig(name="tiny", storage_path=str(out / "runs")),
     )
     data = X.prepare_run(config)

@@ -15,6 +15,7 @@ import keras
 import numpy as np
 import pytest
 
+from helpers import TINY_BACKBONE
 from msbt.config import Config, HeadConfig, StageConfig, dump_config
 from msbt.data.profile import build_profile, image_features, write_profile
 from msbt.data.sites import discover_sites
@@ -146,14 +147,14 @@ def test_leave_one_site_out_on_two_built_in_sites(tmp_path, ray_local, capsys):
     from msbt.data.store import read_store
     from msbt.jobs import experiments as X
 
-    lite0 = dict(backbone="efficientnet_lite0", weights="none", image_size=32, batch_size=8, epochs=1)
+    small = dict(**TINY_BACKBONE, image_size=32, batch_size=8, epochs=1)
     config = Config(
         synth=SynthConfig(out_dir=str(tmp_path / "synth"), fields_per_line=3, field_size=300, lesions_per_class=6,
                           frames_per_lesion=(1, 2), ultrasound_size=48, sites=2),
         data=DataConfig(split=(0.5, 0.25, 0.25), folds=3),
         preprocess=PreprocessConfig(max_patches_per_field=3, image_size=32),
-        stage1=StageConfig(**lite0),
-        stage2=StageConfig(**{**lite0, "weights": "parent", "monitor": "val_auc", "head": HeadConfig((8,), 0.5)}),
+        stage1=StageConfig(**small),
+        stage2=StageConfig(**{**small, "weights": "parent", "monitor": "val_auc", "head": HeadConfig((8,), 0.5)}),
         run=RunConfig(name="loso", storage_path=str(tmp_path / "runs")),
     )
     report = X.leave_one_site_out(config, n_boot=100)

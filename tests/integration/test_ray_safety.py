@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from helpers import ROOT
+from helpers import ROOT, TINY_SETS
 
 pytestmark = [pytest.mark.ray]
 
@@ -93,7 +93,9 @@ def test_two_msbt_jobs_on_one_machine_each_use_their_own_cluster(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
     env.pop("RAY_ADDRESS", None)
     common = ["--smoke-test", "--address", "local"]
-    tune = [sys.executable, "workflows/tune.py", *common, "--set", f"run.storage_path={tmp_path / 'a'}",
+    # the search on the tiny backbone (its trials are what the cleaner must clean up), the stage on Lite0
+    # (slower: it keeps its cluster running beside the search's trials)
+    tune = [sys.executable, "workflows/tune.py", *common, *TINY_SETS, "--set", f"run.storage_path={tmp_path / 'a'}",
             "--set", "tune.num_samples=2", "--set", "tune.max_concurrent_trials=1"]
     stage = [sys.executable, "workflows/stage1.py", *common, "--set", f"run.storage_path={tmp_path / 'b'}",
              "--set", "stage1.epochs=3"]

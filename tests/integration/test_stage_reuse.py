@@ -222,7 +222,7 @@ def test_a_new_run_reuses_an_identical_stage1_without_training(tmp_path, ray_loc
     save_split(make_split(found, seed=0), tmp_path / "split")
     store = build_microscope_store(split_items(tmp_path / "split", found.root, found.classes, seed=0),
                                    tmp_path / "store", PreprocessConfig(max_patches_per_field=3, image_size=32)).path
-    tiny = ["stage1.backbone=efficientnet_lite0", "stage1.weights=none", "stage1.image_size=32",
+    tiny = ["stage1.backbone=tiny_cnn", "stage1.weights=none", "stage1.image_size=32",
             "stage1.batch_size=8", "stage1.epochs=1"]
     a, b = config_for(tmp_path, "a", *tiny), config_for(tmp_path, "b", *tiny)
 

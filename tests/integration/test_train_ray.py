@@ -1,7 +1,7 @@
 """Ray Train layer on a real local 2-CPU cluster: one stage through Ray, checkpoints in the msbt format.
 
-Tiny data (synthetic fields cut into 200 px patches, 64 px ultrasound), EfficientNet-Lite0 with random
-weights at 32 px, 2 epochs per stage; one Train worker with 1 CPU (the other CPU is left to Ray Data).
+Tiny data (synthetic fields cut into 200 px patches, 64 px ultrasound), the tiny_cnn backbone at 32 px,
+2 epochs per stage; one Train worker with 1 CPU (the other CPU is left to Ray Data).
 """
 
 import json
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import split_and_store
+from helpers import TINY_BACKBONE, split_and_store
 from msbt.data import synth
 from msbt.model.checkpoint import read_manifest, verify
 from msbt.config import Config, PreprocessConfig, RunConfig, StageConfig
@@ -23,15 +23,15 @@ pytestmark = [
 STABLE = {"loss", "accuracy", "auc", "sensitivity", "specificity"}
 
 
-def lite0(**kw) -> StageConfig:
-    base = dict(backbone="efficientnet_lite0", weights="none", image_size=32, batch_size=8, epochs=2)
+def small(**kw) -> StageConfig:
+    base = dict(**TINY_BACKBONE, image_size=32, batch_size=8, epochs=2)
     return StageConfig(**{**base, **kw})
 
 
 def tiny_config(tmp_path, **run) -> Config:
     return Config(
-        stage1=lite0(),
-        stage2=lite0(weights="parent", monitor="val_auc"),
+        stage1=small(),
+        stage2=small(weights="parent", monitor="val_auc"),
         run=RunConfig(name="t", storage_path=str(tmp_path / "ray"), cpus_per_worker=1.0, **run),
     )
 

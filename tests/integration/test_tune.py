@@ -1,7 +1,6 @@
 """Ray Tune search of stage 2 (msbt.tune.search, msbt.tune.fast) on a real local Ray cluster.
 
-Built-in synthetic data at the smoke size, EfficientNet-Lite0 (offline ImageNet weights) at 32 px, stage 2 for
-2 epochs, ASHA with a grace period of 1 epoch. One search is started as a subprocess (the real workflow,
+Built-in synthetic data at the smoke size, the tiny_cnn backbone at 32 px, stage 2 for 2 epochs, ASHA with a grace period of 1 epoch. One search is started as a subprocess (the real workflow,
 on a private cluster), killed with SIGKILL once a trial has finished, and restored in this process; its
 best configuration is then loaded as an overlay and trained. Fast mode runs head trials on features
 cached once and reused.
@@ -28,15 +27,15 @@ pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 
 def tiny_yaml(folder: Path) -> Path:
-    """The test's overlay: smoke data, Lite0 at 32 px, a 4-trial search."""
+    """The test's overlay: smoke data, tiny_cnn at 32 px, a 4-trial search."""
     config = {
         "extends": str(ROOT / "workflows" / "configs" / "smoke.yaml"),
         "synth": {"out_dir": str(folder / "synth")},
         "preprocess": {"image_size": 32},
-        # Lite0's offline ImageNet weights: a random-weight backbone at 32 px gives near-constant features,
-        # which would make the fast-mode checks below hold trivially.
-        "stage1": {"image_size": 32, "epochs": 1, "batch_size": 8},
-        "stage2": {"image_size": 32, "epochs": 2, "batch_size": 8},
+        # tiny_cnn (random init, msbt.model.models): its features vary with the image, which the fast-mode
+        # checks below need (and check); Lite0 with random weights at 32 px gives near-constant ones.
+        "stage1": {"backbone": "tiny_cnn", "weights": "none", "image_size": 32, "epochs": 1, "batch_size": 8},
+        "stage2": {"backbone": "tiny_cnn", "image_size": 32, "epochs": 2, "batch_size": 8},
         # val_loss is continuous: ASHA's cut at the first rung is not decided by ties of a 5-image AUC
         "tune": {"num_samples": 4, "grace_period": 1, "max_concurrent_trials": 2, "cpus_per_trial": 0.5,
                  "metric": "val_loss", "mode": "min", "experiment": "search",

@@ -5,7 +5,6 @@ Every file is generated here with pydicom (uncompressed) and carries fake identi
 """
 
 import csv
-import json
 
 import cv2
 import numpy as np
@@ -14,7 +13,7 @@ import pytest
 from helpers import textured
 from dicomfiles import FAKE_PHI, phi_found, write_dicom
 from msbt.cli import main
-from msbt.data.discovery import discover, write_rejects
+from msbt.data.discovery import discover
 from msbt.data.preprocess import split_items, ultrasound_arrays
 from msbt.data.splits import make_split, save_split
 from msbt.images import dicom

@@ -266,3 +266,14 @@ def test_failed_imagenet_download_says_what_to_do(monkeypatch):
     with pytest.raises(WeightsError, match="efficientnet_lite0") as info:
         build_backbone("resnet50", 32, "imagenet")
     assert "URL fetch failure" in str(info.value) and "*_notop.h5" in str(info.value)
+
+
+def test_tiny_cnn_has_no_imagenet_weights_and_says_so_before_any_work():
+    from msbt.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"`stage1.weights` imagenet: backbone tiny_cnn has none"):
+        load_config([], ["stage1.backbone=tiny_cnn"])
+    with pytest.raises(models.WeightsError, match="tiny_cnn has no ImageNet weights"):
+        models.build_backbone("tiny_cnn", 32, "imagenet")
+    config = load_config([], ["stage1.backbone=tiny_cnn", "stage1.weights=none"])
+    assert config.stage1.backbone == "tiny_cnn"

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from helpers import TINY_BACKBONE
 from msbt.model import augment
 
 from msbt.train import loop as training
@@ -257,7 +258,7 @@ def test_best_model_maximises_scores_and_names_a_missing_monitor(tmp_path):
 @pytest.mark.slow
 def test_two_stage_chain_end_to_end(tmp_path):
     x, cells, lesions = images(8), np.arange(8) % 4, np.arange(8) % 2
-    stage1 = lite0_stage(epochs=2, trainable_backbone=False)  # frozen: a 3 s trace instead of 10 s
+    stage1 = lite0_stage(**TINY_BACKBONE, epochs=2, trainable_backbone=False)
     r1 = training.fit_stage(
         stage1,
         training.dataset_from_arrays(x, cells),
@@ -270,7 +271,8 @@ def test_two_stage_chain_end_to_end(tmp_path):
     )
     assert r1.stage == 1 and set(r1.history) == STABLE | {f"val_{m}" for m in STABLE}
     assert len(r1.history["loss"]) == 2 and r1.best_metrics["val_loss"] == min(r1.history["val_loss"])
-    stage2 = lite0_stage(weights="parent", epochs=1, head=HeadConfig((8, 4, 2), 0.5), monitor="val_auc")
+    stage2 = lite0_stage(backbone="tiny_cnn", weights="parent", epochs=1, head=HeadConfig((8, 4, 2), 0.5),
+                         monitor="val_auc")
     us_train, us_val = training.dataset_from_arrays(x, lesions), training.dataset_from_arrays(x, lesions)
     r2 = training.fit_stage(
         stage2, us_train, us_val, class_names=["benign", "malignant"], out_dir=tmp_path / "stage2",
@@ -400,7 +402,7 @@ out = Path(sys.argv[1])
 x = np.random.default_rng(0).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
 ds = loop.dataset_from_arrays(x, np.arange(12) % 2)
 def stage(epochs):  # Dropout in the head (a seed generator), Adam (moments and a step count)
-    return StageConfig(backbone="efficientnet_lite0", weights="none", image_size=32, batch_size=4, epochs=epochs,
+    return StageConfig(backbone="tiny_cnn", weights="none", image_size=32, batch_size=4, epochs=epochs,
                        trainable_backbone=False, optimizer="adam", learning_rate=0.01, monitor="loss",
                        head=HeadConfig((8,), 0.5))
 def fit(name, epochs, resume=None):

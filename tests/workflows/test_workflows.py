@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT, check_run_report
+from helpers import ROOT, TINY_SETS, check_run_report
 
 from msbt.model.checkpoint import lineage, read_manifest
 from msbt.cli import main
@@ -33,7 +33,7 @@ def test_each_workflow_script_has_help_and_the_common_options(name):
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_steps_chain_through_the_recorded_stages(tmp_path, ray_local, capsys):
     common = ["--config", str(ROOT / "workflows" / "configs" / "smoke.yaml"),
-              "--set", f"run.storage_path={tmp_path}", "--set", f"synth.out_dir={tmp_path / 'synth'}"]
+              "--set", f"run.storage_path={tmp_path}", "--set", f"synth.out_dir={tmp_path / 'synth'}", *TINY_SETS]
     run = tmp_path / "smoke"
 
     # stage 2 and evaluation need what an earlier step records; said at once, before any work
