@@ -1,13 +1,16 @@
-"""Shared fixtures: the optional real data in ../shared/data and the session's local Ray cluster.
+"""Shared fixtures: the optional real data in ../shared/data, the session's local Ray cluster, and the
+session's tiny run (data, stores and stage 1, made once).
 
 Helper functions (not fixtures) live in tests/helpers.py.
 """
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import yaml
 
-from helpers import shared_data
+from helpers import ROOT, shared_data
 
 
 @pytest.fixture
@@ -40,3 +43,47 @@ def ray_local():
         start_private(num_cpus=2, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, ray_local):
+    """One run for the session: built-in data -> split and stores -> stage 1, made once (Ray Data, Ray Train).
+
+    The tests that build on a finished stage 1 (the experiments, Tune, the Ray Train stage tests' stores)
+    share it and each trains only what it tests; they write into their own subfolders of the run
+    (``experiments/``, ``crossval/``, ``compare/``, ``tune/``). The data folder is moved away afterwards:
+    every later step must open the recorded split and stores and read no image.
+
+    Returns:
+        ``yaml`` (the run's overlay, for subprocesses), ``config``, ``data`` (msbt.jobs.experiments.RunData)
+        and ``stage1`` (its checkpoint folder).
+    """
+    from msbt.config import load_config
+    from msbt.jobs import experiments as X
+
+    folder = tmp_path_factory.mktemp("tiny-run")
+    overlay = {
+        "extends": str(ROOT / "workflows" / "configs" / "smoke.yaml"),
+        "synth": {"out_dir": str(folder / "synth"), "fields_per_line": 3, "field_size": 400, "lesions_per_class": 9,
+                  "frames_per_lesion": [1, 2], "ultrasound_size": 64},
+        # a quarter of the lesions in test, so a paired DeLong has two of each class to work with
+        "data": {"split": [0.5, 0.25, 0.25], "folds": 3},
+        "preprocess": {"max_patches_per_field": 4, "image_size": 32},
+        # tiny_cnn (random init, msbt.model.models): its features vary with the image, which Tune's fast-mode
+        # checks need (and check); Lite0 with random weights at 32 px gives near-constant ones.
+        "stage1": {"backbone": "tiny_cnn", "weights": "none", "image_size": 32, "epochs": 1, "batch_size": 8},
+        "stage2": {"backbone": "tiny_cnn", "image_size": 32, "epochs": 2, "batch_size": 8, "monitor": "val_auc",
+                   "head": {"dense_units": [8], "dropout": 0.5}},
+        # val_loss is continuous: ASHA's cut at the first rung is not decided by ties of a small-split AUC
+        "tune": {"num_samples": 4, "grace_period": 1, "max_concurrent_trials": 2, "cpus_per_trial": 0.5,
+                 "metric": "val_loss", "mode": "min", "experiment": "search",
+                 "space": {"dense_units": [[256, 128, 64], [16, 16, 16]], "expansion": [1, 3]}},
+        "run": {"name": "tiny", "storage_path": str(folder / "runs")},
+    }
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(overlay))
+    config = load_config([path])
+    data = X.prepare_run(config)
+    stage1 = X.shared_stage1(data)
+    (folder / "synth").rename(folder / "synth-moved-away")
+    return SimpleNamespace(yaml=path, config=config, data=data, stage1=stage1)

@@ -1,7 +1,8 @@
 """Cross-validation, the Table 1 ablation and the stage comparison (msbt.jobs.experiments).
 
 Pure parts (fold plans, overlays, paired tests, naive split) without Ray; then real tiny runs on a local
-2-CPU Ray cluster: built-in data at 32 px, EfficientNet-Lite0 with random weights, 1 epoch per stage.
+2-CPU Ray cluster, on the session's tiny run (tests/conftest.py: built-in data at 32 px, tiny_cnn, its stage 1
+trained once for the session).
 """
 
 import dataclasses
@@ -11,11 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import TINY_BACKBONE
 from msbt.jobs import experiments as X
 from msbt.eval import metrics
-from msbt.config import (Config, ConfigError, DataConfig, HeadConfig, PreprocessConfig, RunConfig, StageConfig,
-                         SynthConfig, to_dict)
+from msbt.config import Config, ConfigError, to_dict
 from msbt.eval.evaluate import Evaluation
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -185,36 +184,17 @@ def test_leakage_breakdown_separates_images_whose_lesion_was_trained_on():
 # Real tiny runs on Ray
 
 
-def small(**kw) -> StageConfig:
-    base = dict(**TINY_BACKBONE, image_size=32, batch_size=8, epochs=1)
-    return StageConfig(**{**base, **kw})
+@pytest.fixture(scope="module")
+def tiny_data(tiny_run):
+    """The session's run folder with its split and stores. Every experiment opens the recorded split and
+    stores: the data folder has been moved away, so none reads an image."""
+    return tiny_run.config, tiny_run.data
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory, ray_local):
-    """A run folder with its split and stores (Ray Data, no training)."""
-    out = tmp_path_factory.mktemp("exp")
-    config = Config(
-        synth=SynthConfig(out_dir=str(out / "synth"), fields_per_line=3, field_size=400, lesions_per_class=9,
-                          frames_per_lesion=(1, 2), ultrasound_size=64),
-        # a quarter of the lesions in test, so a paired DeLong has two of each class to work with
-        data=DataConfig(split=(0.5, 0.25, 0.25), folds=3),
-        preprocess=PreprocessConfig(max_patches_per_field=4, image_size=32),
-        stage1=small(),
-        stage2=small(weights="parent", monitor="val_auc", head=HeadConfig(dense_units=(8,), dropout=0.5)),
-        run=RunConfig(name="tiny", storage_path=str(out / "runs")),
-    )
-    data = X.prepare_run(config)
-    # Every experiment opens the recorded split and stores: with the data moved away, none reads an image.
-    (out / "synth").rename(out / "synth-moved-away")
-    return config, data
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_data):
-    """The same run with stage 1 trained once (shared by every experiment)."""
-    config, data = tiny_data
-    return config, data, X.shared_stage1(data)
+def tiny(tiny_run):
+    """The same run with its stage 1, trained once (shared by every experiment)."""
+    return tiny_run.config, tiny_run.data, tiny_run.stage1
 
 
 @pytest.mark.ray

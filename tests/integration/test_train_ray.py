@@ -1,7 +1,7 @@
 """Ray Train layer on a real local 2-CPU cluster: one stage through Ray, checkpoints in the msbt format.
 
-Tiny data (synthetic fields cut into 200 px patches, 64 px ultrasound), the tiny_cnn backbone at 32 px,
-2 epochs per stage; one Train worker with 1 CPU (the other CPU is left to Ray Data).
+The session's tiny stores (tests/conftest.py: synthetic fields cut into 200 px patches), the tiny_cnn
+backbone at 32 px, 2 epochs per stage; one Train worker with 1 CPU (the other CPU is left to Ray Data).
 """
 
 import json
@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TINY_BACKBONE, split_and_store
+from helpers import TINY_BACKBONE
 from msbt.data import synth
 from msbt.model.checkpoint import read_manifest, verify
-from msbt.config import Config, PreprocessConfig, RunConfig, StageConfig
-from msbt.data.preprocess import build_microscope_store, build_ultrasound_store
+from msbt.config import Config, RunConfig, StageConfig
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
@@ -37,14 +36,9 @@ def tiny_config(tmp_path, **run) -> Config:
 
 
 @pytest.fixture(scope="module")
-def stores(tmp_path_factory, ray_local):
-    out = tmp_path_factory.mktemp("train")
-    synth.generate(out / "synth", seed=3, fields_per_line=4, field_size=400, lesions_per_class=5,
-                   frames_per_lesion=(1, 2), ultrasound_size=96)
-    cfg = PreprocessConfig(max_patches_per_field=4, image_size=64)
-    micro = split_and_store(out / "synth" / "microscope", out / "micro", build_microscope_store, cfg)
-    ultra = split_and_store(out / "synth" / "ultrasound", out / "ultra", build_ultrasound_store, cfg)
-    return micro, ultra
+def stores(tiny_run):
+    """The session's stores (tests/conftest.py); the stages below are this file's own."""
+    return tiny_run.data.microscope_store, tiny_run.data.ultrasound_store
 
 
 POLL_SEEN = []  # the controller poll interval in the environment as the stage-1 fixture's trainer started

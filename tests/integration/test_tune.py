@@ -1,6 +1,7 @@
 """Ray Tune search of stage 2 (msbt.tune.search, msbt.tune.fast) on a real local Ray cluster.
 
-Built-in synthetic data at the smoke size, the tiny_cnn backbone at 32 px, stage 2 for 2 epochs, ASHA with a grace period of 1 epoch. One search is started as a subprocess (the real workflow,
+On the session's tiny run (tests/conftest.py: built-in data, the tiny_cnn backbone at 32 px, stage 2 for
+2 epochs), ASHA with a grace period of 1 epoch. One search is started as a subprocess (the real workflow,
 on a private cluster), killed with SIGKILL once a trial has finished, and restored in this process; its
 best configuration is then loaded as an overlay and trained. Fast mode runs head trials on features
 cached once and reused.
@@ -18,33 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from msbt.config import ConfigError, Config, load_config, to_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning")]
-
-
-def tiny_yaml(folder: Path) -> Path:
-    """The test's overlay: smoke data, tiny_cnn at 32 px, a 4-trial search."""
-    config = {
-        "extends": str(ROOT / "workflows" / "configs" / "smoke.yaml"),
-        "synth": {"out_dir": str(folder / "synth")},
-        "preprocess": {"image_size": 32},
-        # tiny_cnn (random init, msbt.model.models): its features vary with the image, which the fast-mode
-        # checks below need (and check); Lite0 with random weights at 32 px gives near-constant ones.
-        "stage1": {"backbone": "tiny_cnn", "weights": "none", "image_size": 32, "epochs": 1, "batch_size": 8},
-        "stage2": {"backbone": "tiny_cnn", "image_size": 32, "epochs": 2, "batch_size": 8},
-        # val_loss is continuous: ASHA's cut at the first rung is not decided by ties of a 5-image AUC
-        "tune": {"num_samples": 4, "grace_period": 1, "max_concurrent_trials": 2, "cpus_per_trial": 0.5,
-                 "metric": "val_loss", "mode": "min", "experiment": "search",
-                 "space": {"dense_units": [[256, 128, 64], [16, 16, 16]], "expansion": [1, 3]}},
-        "run": {"name": "tiny", "storage_path": str(folder / "runs")},
-    }
-    path = folder / "tiny.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -109,19 +88,16 @@ def test_fast_mode_holds_the_augmentation_ranges_at_the_reference():
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory, ray_local):
-    """The run folder with its stores and a stage-1 checkpoint (trained once, in this process)."""
-    from msbt.data.prepare import build_stores, prepare_data
+def prepared(tiny_run):
+    """The session's run (tests/conftest.py): its overlay (a 4-trial search of tiny_cnn at 32 px), stores and
+    stage-1 checkpoint. A search opens the recorded split and stores: the data folder has been moved away,
+    so it must read no image."""
     from msbt.tune.search import stage1_checkpoint
 
-    folder = tmp_path_factory.mktemp("tune")
-    path = tiny_yaml(folder)
-    config = load_config([path])
-    stores = build_stores(config, prepare_data(config))
-    parent = stage1_checkpoint(config, stores["microscope"].path)
-    # A search opens the recorded split and stores: with the data moved away it must read no image.
-    (folder / "synth").rename(folder / "synth-moved-away")
-    return {"yaml": path, "config": config, "ultrasound": str(stores["ultrasound"].path), "parent": parent}
+    parent = stage1_checkpoint(tiny_run.config, tiny_run.data.microscope_store)  # the run's own, reused
+    assert parent == str(tiny_run.stage1)
+    return {"yaml": tiny_run.yaml, "config": tiny_run.config, "ultrasound": str(tiny_run.data.ultrasound_store),
+            "parent": parent}
 
 
 def _terminated(experiment: Path) -> int:

@@ -97,7 +97,7 @@ def pipeline_data_step(tmp_path: Path, ultrasound: Path, *extra: str):
 
 
 # ---------------------------------------------------------------------------------------------------
-# A tiny real stage-2 checkpoint for predict/export (EfficientNet-Lite0 at 32 px, untrained head)
+# A tiny real stage-2 checkpoint for predict/export (tiny_cnn at 32 px, untrained: the inputs are the subject)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def checkpoint(tmp_path_factory):
     from msbt.model.checkpoint import MODEL_FILE, write_manifest
     from msbt.model.models import build_model
 
-    stage = StageConfig(backbone="efficientnet_lite0", weights="imagenet", image_size=32,
+    stage = StageConfig(backbone="tiny_cnn", weights="none", image_size=32,
                         head=HeadConfig((4,), 0.0), monitor="val_auc")
     folder = tmp_path_factory.mktemp("ckpt") / "checkpoint_000001"
     folder.mkdir()
