@@ -1,5 +1,5 @@
 """Shared fixtures: the optional real data in ../shared/data, the session's local Ray cluster, and the
-session's tiny run (data, stores and stage 1, made once).
+session's tiny run (its stores, then its stage 1, each made once).
 
 Helper functions (not fixtures) live in tests/helpers.py.
 """
@@ -46,17 +46,16 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, ray_local):
-    """One run for the session: built-in data -> split and stores -> stage 1, made once (Ray Data, Ray Train).
+def tiny_stores(tmp_path_factory, ray_local):
+    """One run for the session, its data part: built-in data -> split and stores, made once (Ray Data).
 
-    The tests that build on a finished stage 1 (the experiments, Tune, the Ray Train stage tests' stores)
-    share it and each trains only what it tests; they write into their own subfolders of the run
-    (``experiments/``, ``crossval/``, ``compare/``, ``tune/``). The data folder is moved away afterwards:
-    every later step must open the recorded split and stores and read no image.
+    The tests that build on it (the experiments, Tune, the Ray Train stage tests) each train only what they
+    test, into their own subfolders of the run (``experiments/``, ``crossval/``, ``compare/``, ``tune/``) or
+    their own run folders. The data folder is moved away afterwards: every later step must open the
+    recorded split and stores and read no image.
 
     Returns:
-        ``yaml`` (the run's overlay, for subprocesses), ``config``, ``data`` (msbt.jobs.experiments.RunData)
-        and ``stage1`` (its checkpoint folder).
+        ``yaml`` (the run's overlay, for subprocesses), ``config`` and ``data`` (msbt.jobs.experiments.RunData).
     """
     from msbt.config import load_config
     from msbt.jobs import experiments as X
@@ -84,6 +83,13 @@ def tiny_run(tmp_path_factory, ray_local):
     path.write_text(yaml.safe_dump(overlay))
     config = load_config([path])
     data = X.prepare_run(config)
-    stage1 = X.shared_stage1(data)
     (folder / "synth").rename(folder / "synth-moved-away")
-    return SimpleNamespace(yaml=path, config=config, data=data, stage1=stage1)
+    return SimpleNamespace(yaml=path, config=config, data=data)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_stores):
+    """The session's run with its stage 1, trained once (Ray Train); ``stage1`` is its checkpoint folder."""
+    from msbt.jobs import experiments as X
+
+    return SimpleNamespace(**vars(tiny_stores), stage1=X.shared_stage1(tiny_stores.data))

@@ -40,7 +40,7 @@ from msbt.data.store import write_resplit
 from msbt.provenance import write_environment
 from msbt.atomicio import atomic_open, read_json, write_text
 from msbt.eval import metrics
-from msbt.config import Config, ConfigError, to_dict
+from msbt.config import Config, ConfigError, check_ranges, to_dict
 from msbt.train.stages import index_root
 
 log = logging.getLogger(__name__)
@@ -80,14 +80,17 @@ NAIVE_ARM = "naive_split"
 # Config overlays
 
 
-def with_overrides(config: Config, overrides: Mapping[str, Any]) -> Config:
-    """A copy of ``config`` with dotted keys replaced, e.g. ``{"stage2.head.l2": 1e-4}``.
+def with_overrides(config: Config, overrides: Mapping[str, Any], source: str = "overlay") -> Config:
+    """A copy of ``config`` with dotted keys replaced, e.g. ``{"stage2.head.l2": 1e-4}``, checked as a
+    config file is (``msbt.config.check_ranges``).
 
     Raises:
-        ConfigError: A key that names no config field.
+        ConfigError: A key that names no config field, or a value the result cannot work with (e.g. the
+            ``imagenet`` arm on a backbone without ImageNet weights), named with ``source``.
     """
     for dotted, value in overrides.items():
         config = _replace(config, dotted.split("."), value, dotted)
+    check_ranges(config, source)
     return config
 
 
@@ -503,6 +506,8 @@ def compare(config: Config, *, arms: Sequence[str] = tuple(COMPARE_ARMS), naive:
         raise ValueError(f"unknown arms {unknown}; known: {list(COMPARE_ARMS)}")
     if naive and "multistage" not in arms:
         raise ValueError("the naive-split comparison needs the multistage arm")
+    for arm in arms:  # every arm's config holds before any work (stage 1 and the first arms train first)
+        with_overrides(config, COMPARE_ARMS[arm], f"compare arm {arm}")
     data = prepare_run(config)
     out = _fresh(data.run_dir / "compare", fresh)
     needs_stage1 = any(COMPARE_ARMS[a]["stage2.weights"] == "parent" for a in arms) or naive
@@ -639,6 +644,9 @@ def leave_one_site_out(config: Config, *, arms: Sequence[str] | None = None, fre
     unknown = [a for a in arms or () if a not in COMPARE_ARMS]
     if unknown:
         raise ValueError(f"unknown arms {unknown}; known: {list(COMPARE_ARMS)}")
+    overlays = {"config": {}} if arms is None else {a: COMPARE_ARMS[a] for a in arms}
+    # every arm's config is checked before any work, as compare's are
+    configs = {a: with_overrides(config, ov, f"leave-one-site-out arm {a}") for a, ov in overlays.items()}
     data = prepare_run(config)
     rows = read_split_rows(data.ultrasound_split)
     sites = sorted({r.get("site", "") for r in rows})
@@ -650,8 +658,6 @@ def leave_one_site_out(config: Config, *, arms: Sequence[str] | None = None, fre
     plans = {s: site_roles(rows, s, excluded[s]) for s in sites}
     for s, plan in plans.items():  # fail before any training
         _check_roles({k: v for k, v in plan.items() if v != "internal"}, labels, f"held-out site {s}")
-    overlays = {"config": {}} if arms is None else {a: COMPARE_ARMS[a] for a in arms}
-    configs = {a: with_overrides(config, ov) for a, ov in overlays.items()}
 
     def folder_name(arm: str, site: str) -> str:  # one config, one folder: an arm equal to the config shares the design's
         return f"site-{site}" if configs[arm] == config else f"site-{site}-{arm}"

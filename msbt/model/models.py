@@ -42,8 +42,9 @@ _KERAS_APPS = {
 }
 _PREPROCESS = {**{k: mode for k, (_, mode) in _KERAS_APPS.items()}, "efficientnet_lite0": "none", "tiny_cnn": "tf"}
 # tiny_cnn: five strided Conv-BN-ReLU blocks, random init only. For smoke runs and the test suite, where
-# the backbone is incidental: TensorFlow traces its training step in about 0.5 s against Lite0's 5-6 s
-# at 32 px (docs/architecture.md), which is most of a short test stage's own time. Never diagnostic.
+# the backbone is incidental: the first epoch of a short stage at 32 px (mostly TensorFlow tracing the
+# training step) takes 1.6-1.9 s against Lite0's 8.1-8.8 s (docs/training.md, "The test backbone"). Never
+# a diagnostic model.
 TINY_CNN_FILTERS = (16, 32, 64, 96, 128)  # five stride-2 blocks: a map at 1/32 of the input, as the others
 # keras.applications.imagenet_utils "caffe" mode: ImageNet channel means in BGR order.
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)

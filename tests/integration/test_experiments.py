@@ -76,6 +76,21 @@ def test_experiment_subcommands_have_help(name, capsys):
     assert info.value.code == 0 and "usage: msbt " + name in capsys.readouterr().out
 
 
+def test_an_arm_the_backbone_cannot_run_is_refused_before_any_work(tmp_path):
+    """tiny_cnn has no ImageNet weights: compare's imagenet arm (and leave-one-site-out's) is refused when
+    the experiment starts, naming the arm and the key, not after stage 1 and the first arms have trained."""
+    from msbt.config import load_config
+
+    config = load_config([], ["stage1.backbone=tiny_cnn", "stage1.weights=none", "stage2.backbone=tiny_cnn",
+                              f"run.storage_path={tmp_path}"])
+    message = r"compare arm imagenet: `stage2.weights` imagenet: backbone tiny_cnn has none"
+    with pytest.raises(ConfigError, match=message):
+        X.compare(config, arms=("multistage", "imagenet", "scratch"), naive=False)
+    with pytest.raises(ConfigError, match=message.replace("compare", "leave-one-site-out")):
+        X.leave_one_site_out(config, arms=("multistage", "imagenet"))
+    assert not list(tmp_path.iterdir())  # no data step ran, nothing was written
+
+
 def test_workflow_scripts_pass_their_arguments_to_the_subcommand():
     import subprocess
     import sys
@@ -185,10 +200,10 @@ def test_leakage_breakdown_separates_images_whose_lesion_was_trained_on():
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tiny_run):
+def tiny_data(tiny_stores):
     """The session's run folder with its split and stores. Every experiment opens the recorded split and
     stores: the data folder has been moved away, so none reads an image."""
-    return tiny_run.config, tiny_run.data
+    return tiny_stores.config, tiny_stores.data
 
 
 @pytest.fixture(scope="module")

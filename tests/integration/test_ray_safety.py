@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -94,15 +95,23 @@ def test_two_msbt_jobs_on_one_machine_each_use_their_own_cluster(tmp_path):
     env.pop("RAY_ADDRESS", None)
     common = ["--smoke-test", "--address", "local"]
     # the search on the tiny backbone (its trials are what the cleaner must clean up), the stage on Lite0
-    # (slower: it keeps its cluster running beside the search's trials)
+    # for enough epochs that its cluster still runs while the search's first trial does (checked below)
     tune = [sys.executable, "workflows/tune.py", *common, *TINY_SETS, "--set", f"run.storage_path={tmp_path / 'a'}",
             "--set", "tune.num_samples=2", "--set", "tune.max_concurrent_trials=1"]
     stage = [sys.executable, "workflows/stage1.py", *common, "--set", f"run.storage_path={tmp_path / 'b'}",
-             "--set", "stage1.epochs=3"]
+             "--set", "stage1.epochs=6"]
     started = time.time()
     procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for cmd in (tune, stage)]
-    outputs = [p.communicate(timeout=1400)[0] for p in procs]
+    ended = {}
+
+    def finish(i):
+        out = procs[i].communicate(timeout=1400)[0]
+        ended[i] = time.time()
+        return out
+
+    with ThreadPoolExecutor(2) as pool:
+        outputs = list(pool.map(finish, (0, 1)))
     for proc, out in zip(procs, outputs):
         assert proc.returncode == 0, out[-4000:]
         assert "Found multiple active Ray instances" not in out, out[-4000:]
@@ -111,4 +120,8 @@ def test_two_msbt_jobs_on_one_machine_each_use_their_own_cluster(tmp_path):
     # both trials ran to a result: no placement group of the first was left holding the CPU
     results = list((tmp_path / "a" / "smoke" / "tune" / "smoke").glob("*/result.json"))
     assert len(results) == 2 and all(r.read_text().strip() for r in results), results
+    # the two clusters ran side by side while a trial ran: the stage job ended after the first trial
+    # started (else the cleaner never had a second cluster to confuse it with)
+    first_trial = min(r.stat().st_ctime for r in (tmp_path / "a" / "smoke" / "tune" / "smoke").glob("*/params.json"))
+    assert ended[1] > first_trial, f"the stage job ended {first_trial - ended[1]:.0f} s before a trial started"
     print(f"two jobs took {time.time() - started:.0f} s")

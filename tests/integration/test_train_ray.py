@@ -36,9 +36,9 @@ def tiny_config(tmp_path, **run) -> Config:
 
 
 @pytest.fixture(scope="module")
-def stores(tiny_run):
+def stores(tiny_stores):
     """The session's stores (tests/conftest.py); the stages below are this file's own."""
-    return tiny_run.data.microscope_store, tiny_run.data.ultrasound_store
+    return tiny_stores.data.microscope_store, tiny_stores.data.ultrasound_store
 
 
 POLL_SEEN = []  # the controller poll interval in the environment as the stage-1 fixture's trainer started

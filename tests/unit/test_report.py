@@ -1,7 +1,7 @@
 """report.html: self-contained (no external URL, no script), every SVG well-formed, every section there.
 
 The real case: `check_run_report` on the run that tests/workflows/test_workflows.py trains step by step (smoke data,
-EfficientNet-Lite0, one epoch per stage, a local Ray cluster): its evaluation step writes the report.
+the tiny_cnn backbone, one epoch per stage, a local Ray cluster): its evaluation step writes the report.
 """
 
 import json

@@ -78,7 +78,7 @@ def test_steps_chain_through_the_recorded_stages(tmp_path, ray_local, capsys):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["checkpoint"] == stage2["checkpoint"] and metrics["threshold_chosen_on"] == "val"
     assert "test split (" in capsys.readouterr().out
-    check_run_report(run)  # the evaluation step wrote report.html (tests/unit/test_report.py)
+    check_run_report(run, "tiny_cnn")  # the evaluation step wrote report.html (tests/unit/test_report.py)
     assert not (tmp_path / "synth").exists()  # nothing regenerated the built-in data either
     away.rename(tmp_path / "synth")  # a new run name below needs its own split, so its own scan
 
