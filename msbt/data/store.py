@@ -155,6 +155,19 @@ class Store:
     def files(self) -> list[str]:
         return store_files(self.path)
 
+    def nbytes(self) -> int:
+        """The size of its Parquet files on disk."""
+        return sum(Path(f).stat().st_size for f in self.files())
+
+    def read_tables(self, columns: list[str] | None = None, split: str | None = None) -> list:
+        """Some columns of one split (or of every row), as one ``pyarrow.Table`` per Parquet file, in file
+        order and as stored (``image`` still encoded); files without such rows are left out."""
+        import pyarrow.dataset as pads
+
+        flt = pads.field("split") == split if split else None
+        tables = [pads.dataset(f, format="parquet").to_table(columns=columns, filter=flt) for f in self.files()]
+        return [t for t in tables if t.num_rows]
+
     def columns(self) -> list[str]:
         """The column names of the rows (from the first Parquet file's schema; none for an empty store)."""
         import pyarrow.parquet as pq

@@ -94,15 +94,19 @@ def test_two_msbt_jobs_on_one_machine_each_use_their_own_cluster(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
     env.pop("RAY_ADDRESS", None)
     common = ["--smoke-test", "--address", "local"]
-    # the search on the tiny backbone (its trials are what the cleaner must clean up), the stage on Lite0
-    # for enough epochs that its cluster still runs while the search's first trial does (checked below)
+    # The search on the tiny backbone (its trials are what the cleaner must clean up); the stage job is
+    # started once the search's first trial has, so that its cluster comes up and runs beside the trials.
     tune = [sys.executable, "workflows/tune.py", *common, *TINY_SETS, "--set", f"run.storage_path={tmp_path / 'a'}",
             "--set", "tune.num_samples=2", "--set", "tune.max_concurrent_trials=1"]
     stage = [sys.executable, "workflows/stage1.py", *common, "--set", f"run.storage_path={tmp_path / 'b'}",
-             "--set", "stage1.epochs=6"]
+             "--set", "stage1.epochs=3"]
+    trials = tmp_path / "a" / "smoke" / "tune" / "smoke"
     started = time.time()
-    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for cmd in (tune, stage)]
+
+    def launch(cmd):
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    procs = [launch(tune)]
     ended = {}
 
     def finish(i):
@@ -111,17 +115,24 @@ def test_two_msbt_jobs_on_one_machine_each_use_their_own_cluster(tmp_path):
         return out
 
     with ThreadPoolExecutor(2) as pool:
-        outputs = list(pool.map(finish, (0, 1)))
+        tune_out = pool.submit(finish, 0)
+        while not list(trials.glob("*/params.json")):  # Tune writes it as a trial starts
+            assert not tune_out.done(), f"the search ended before a trial started:\n{tune_out.result()[-4000:]}"
+            assert time.time() - started < 900, "no trial started in 900 s"
+            time.sleep(0.5)
+        procs.append(launch(stage))
+        outputs = [tune_out.result(), pool.submit(finish, 1).result()]
     for proc, out in zip(procs, outputs):
         assert proc.returncode == 0, out[-4000:]
         assert "Found multiple active Ray instances" not in out, out[-4000:]
         assert "Failed to query Ray Train Controller actor state" not in out
     assert "tune results in" in outputs[0] and "stage 1: best" in outputs[1]
     # both trials ran to a result: no placement group of the first was left holding the CPU
-    results = list((tmp_path / "a" / "smoke" / "tune" / "smoke").glob("*/result.json"))
+    results = list(trials.glob("*/result.json"))
     assert len(results) == 2 and all(r.read_text().strip() for r in results), results
-    # the two clusters ran side by side while a trial ran: the stage job ended after the first trial
-    # started (else the cleaner never had a second cluster to confuse it with)
-    first_trial = min(r.stat().st_ctime for r in (tmp_path / "a" / "smoke" / "tune" / "smoke").glob("*/params.json"))
-    assert ended[1] > first_trial, f"the stage job ended {first_trial - ended[1]:.0f} s before a trial started"
-    print(f"two jobs took {time.time() - started:.0f} s")
+    # the two clusters ran side by side while a trial ran: the stage job (started during the first trial)
+    # ended after the last trial started, so the search's last Train run and its cleaner saw a second cluster
+    last_trial = max(r.stat().st_ctime for r in trials.glob("*/params.json"))
+    assert ended[1] > last_trial, f"the stage job ended {last_trial - ended[1]:.0f} s before the last trial started"
+    print(f"two jobs took {time.time() - started:.0f} s; the stage job ended {ended[1] - last_trial:.0f} s after "
+          f"the last trial started")

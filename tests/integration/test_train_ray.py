@@ -63,6 +63,30 @@ def stage1(stores, tmp_path_factory):
         return config, runner.train_stage(config, 1, stores[0], audit_dir=folder / "audit")
 
 
+@pytest.mark.ray
+@pytest.mark.parametrize("which", [0, 1], ids=["microscope", "ultrasound"])
+def test_a_small_store_read_on_the_driver_gives_ray_datas_rows(stores, which, monkeypatch):
+    """split_dataset reads a small store with pyarrow on the driver, a large one with Ray Data's parallel
+    read: the same rows either way (forced here by a threshold of 0 bytes)."""
+    from msbt.train import runner
+
+    def rows(ds):
+        batch = ds.to_pandas()
+        key = batch["source"] + (batch["box"].astype(str) if "box" in batch else "")
+        return sorted(zip(key, batch["label_index"], batch["image"].map(bytes)))
+
+    for split in ("train", "val"):
+        direct = runner.split_dataset(stores[which], split, keys=True)
+        assert runner.Store.open(stores[which]).nbytes() <= runner.DRIVER_READ_BYTES
+        with monkeypatch.context() as patch:
+            patch.setattr(runner, "DRIVER_READ_BYTES", 0)
+            parallel = runner.split_dataset(stores[which], split, keys=True)
+        assert direct.schema().names == parallel.schema().names
+        assert rows(direct) == rows(parallel) and len(rows(direct)) > 0
+    with pytest.raises(ValueError, match="has no 'test2' rows"):
+        runner.split_dataset(stores[which], "test2")
+
+
 def epochs_run(audit_dir) -> int:
     """Epochs the worker trained, from its audit record (Ray's metrics_dataframe holds only the
     reports that carried a checkpoint, i.e. the improving epochs)."""
