@@ -155,18 +155,35 @@ class Store:
     def files(self) -> list[str]:
         return store_files(self.path)
 
-    def nbytes(self) -> int:
-        """The size of its Parquet files on disk."""
-        return sum(Path(f).stat().st_size for f in self.files())
+    def memory_bytes(self) -> int:
+        """The size of its rows in memory, uncompressed (from the Parquet footers; pixels compress well)."""
+        import pyarrow.parquet as pq
+
+        total = 0
+        for f in self.files():
+            meta = pq.read_metadata(f)
+            total += sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+        return total
 
     def read_tables(self, columns: list[str] | None = None, split: str | None = None) -> list:
         """Some columns of one split (or of every row), as one ``pyarrow.Table`` per Parquet file, in file
-        order and as stored (``image`` still encoded); files without such rows are left out."""
+        order and as stored (``image`` still encoded); files without such rows are left out.
+
+        Raises:
+            StoreError: Two files disagree on the columns' types (names the file).
+        """
         import pyarrow.dataset as pads
 
         flt = pads.field("split") == split if split else None
-        tables = [pads.dataset(f, format="parquet").to_table(columns=columns, filter=flt) for f in self.files()]
-        return [t for t in tables if t.num_rows]
+        tables, schema = [], None
+        for f in self.files():
+            table = pads.dataset(f, format="parquet").to_table(columns=columns, filter=flt)
+            if schema is not None and not table.schema.equals(schema):
+                raise StoreError(f"{f}: its columns differ from the store's other files ({table.schema} vs {schema})")
+            schema = table.schema
+            if table.num_rows:
+                tables.append(table)
+        return tables
 
     def columns(self) -> list[str]:
         """The column names of the rows (from the first Parquet file's schema; none for an empty store)."""

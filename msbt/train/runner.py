@@ -467,8 +467,9 @@ def history_path(run: RunConfig, stage_number: int) -> Path:
     return check_storage_path(run.storage_path) / check_run_name(run.name) / f"stage{stage_number}" / HISTORY_FILE
 
 
-# A store up to this size on disk is read on the driver with pyarrow and handed to Ray as Arrow blocks
-# (ray.data.from_arrow): 0.06 s instead of about 1 s per split for running a Ray Data read on a tiny store,
+# A store whose rows take up to this much memory (uncompressed) is read on the driver with pyarrow and handed
+# to Ray as Arrow blocks (ray.data.from_arrow; the driver holds a split twice for a moment, its tables and
+# their copy in the object store): 0.06 s instead of about 1 s per split for a Ray Data read on a tiny store,
 # 2 s of every short stage and Tune trial (docs/training.md). Larger stores are read by Ray Data tasks.
 DRIVER_READ_BYTES = 256 * 2**20
 
@@ -492,7 +493,7 @@ def split_dataset(store_path: str | Path, split: str, *, keys: bool = False):
     if not files:
         raise ValueError(f"{store_path}: no Parquet files (not a store, or an empty one)")
     extra = (["source"] + (["box"] if store.kind == "microscope" else [])) if keys else []
-    if store.nbytes() <= DRIVER_READ_BYTES:
+    if store.memory_bytes() <= DRIVER_READ_BYTES:
         tables = store.read_tables(["image", "label_index", *extra], split)
         ds = ray.data.from_arrow(tables) if tables else None
     else:

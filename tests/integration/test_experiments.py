@@ -82,7 +82,7 @@ def test_an_arm_the_backbone_cannot_run_is_refused_before_any_work(tmp_path):
     from msbt.config import load_config
 
     config = load_config([], ["stage1.backbone=tiny_cnn", "stage1.weights=none", "stage2.backbone=tiny_cnn",
-                              f"run.storage_path={tmp_path}"])
+                              f"run.storage_path={tmp_path}", f"synth.out_dir={tmp_path / 'synth'}"])
     message = r"compare arm imagenet: `stage2.weights` imagenet: backbone tiny_cnn has none"
     with pytest.raises(ConfigError, match=message):
         X.compare(config, arms=("multistage", "imagenet", "scratch"), naive=False)

@@ -114,14 +114,20 @@ def test_two_msbt_jobs_on_one_machine_each_use_their_own_cluster(tmp_path):
         ended[i] = time.time()
         return out
 
-    with ThreadPoolExecutor(2) as pool:
-        tune_out = pool.submit(finish, 0)
-        while not list(trials.glob("*/params.json")):  # Tune writes it as a trial starts
-            assert not tune_out.done(), f"the search ended before a trial started:\n{tune_out.result()[-4000:]}"
-            assert time.time() - started < 900, "no trial started in 900 s"
-            time.sleep(0.5)
-        procs.append(launch(stage))
-        outputs = [tune_out.result(), pool.submit(finish, 1).result()]
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            tune_out = pool.submit(finish, 0)
+            while not list(trials.glob("*/params.json")):  # Tune writes it as a trial starts
+                assert not tune_out.done(), f"the search ended before a trial started:\n{tune_out.result()[-4000:]}"
+                assert time.time() - started < 900, "no trial started in 900 s"
+                time.sleep(0.5)
+            procs.append(launch(stage))
+            stage_out = pool.submit(finish, 1)  # read at once: a full pipe would stall the job
+            outputs = [tune_out.result(), stage_out.result()]
+    finally:  # a failed wait or a timeout leaves no job (nor its cluster) running
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
     for proc, out in zip(procs, outputs):
         assert proc.returncode == 0, out[-4000:]
         assert "Found multiple active Ray instances" not in out, out[-4000:]

@@ -75,16 +75,20 @@ def test_a_small_store_read_on_the_driver_gives_ray_datas_rows(stores, which, mo
         key = batch["source"] + (batch["box"].astype(str) if "box" in batch else "")
         return sorted(zip(key, batch["label_index"], batch["image"].map(bytes)))
 
+    store = runner.Store.open(stores[which])
+    assert store.memory_bytes() <= runner.DRIVER_READ_BYTES
+    counts = store.summary().rows
     for split in ("train", "val"):
         direct = runner.split_dataset(stores[which], split, keys=True)
-        assert runner.Store.open(stores[which]).nbytes() <= runner.DRIVER_READ_BYTES
         with monkeypatch.context() as patch:
             patch.setattr(runner, "DRIVER_READ_BYTES", 0)
             parallel = runner.split_dataset(stores[which], split, keys=True)
-        assert direct.schema().names == parallel.schema().names
-        assert rows(direct) == rows(parallel) and len(rows(direct)) > 0
-    with pytest.raises(ValueError, match="has no 'test2' rows"):
-        runner.split_dataset(stores[which], "test2")
+        assert direct.schema().names == parallel.schema().names and direct.schema().types == parallel.schema().types
+        assert rows(direct) == rows(parallel) and len(rows(direct)) == sum(counts[split].values()) > 0
+    for threshold in (runner.DRIVER_READ_BYTES, 0):
+        with monkeypatch.context() as patch, pytest.raises(ValueError, match="has no 'test2' rows"):
+            patch.setattr(runner, "DRIVER_READ_BYTES", threshold)
+            runner.split_dataset(stores[which], "test2")
 
 
 def epochs_run(audit_dir) -> int:
