@@ -477,9 +477,9 @@ DRIVER_READ_BYTES = 256 * 2**20
 def split_dataset(store_path: str | Path, split: str, *, keys: bool = False):
     """One split of a store as a materialised Ray Dataset with columns ``image``, ``label_index``.
 
-    Materialised here, on the driver, so no read task waits for a CPU a Train worker holds. A store of up
-    to :data:`DRIVER_READ_BYTES` is read here directly (one block per Parquet file, in file order); a larger
-    one by Ray Data's parallel read. Both give the same rows.
+    Materialised here, on the driver, so no read task waits for a CPU a Train worker holds. A store whose
+    rows take up to :data:`DRIVER_READ_BYTES` in memory is read here directly (one block per Parquet file,
+    in file order); a larger one by Ray Data's parallel read. Both give the same rows.
 
     Args:
         keys: Also the ``source`` (and a patch's ``box``) columns, which order the rows in deterministic
