@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/stage_startup.py               # tiny store, Lite0 random weights, 32 px, 2 epochs
     .venv/bin/python benchmarks/stage_startup.py --runs 3 --image-size 64
     .venv/bin/python benchmarks/stage_startup.py --backbone efficientnet_lite0 tiny_cnn   # the test backbone
+    .venv/bin/python benchmarks/stage_startup.py --backbone tiny_cnn --processes         # what Ray starts
 
 A short stage (a Tune trial, a smoke run, a test) is mostly fixed cost. Each run trains the same stage
 on the same built-in microscope store and is split at the times the training process itself records
@@ -16,8 +17,12 @@ on the same built-in microscope store and is split at the times the training pro
   the worker group's shutdown).
 
 The plain run also counts how often TensorFlow traced Keras' train step (1 is right; 2 means a variable
-was created inside the first trace). Ray is started here with ``os.cpu_count()`` CPUs unless
-``--address`` is given. Prints a Markdown table.
+was created inside the first trace). Ray is started here as msbt starts a private cluster
+(``msbt.raycluster.start_private``, ``os.cpu_count()`` CPUs) unless ``--address`` is given. Prints a
+Markdown table; ``--processes`` adds one of the Ray processes each Ray run started (Train's controller,
+workers and helper actors) with the CPU seconds each used, sampled every 0.1 s (the private cluster's
+processes only, which descend from this one; an idle Ray worker started before the run and then made an
+actor is not counted).
 """
 
 from __future__ import annotations
@@ -95,16 +100,53 @@ def plain_run(stage: StageConfig, store: Path, out: Path) -> dict:
     return {**phases(started, clock.begin, clock.ends, returned), "train_step_traces": len(traces)}
 
 
-def ray_run(stage: StageConfig, store: Path, out: Path) -> dict:
+class ProcessWatch:
+    """The processes below this one, sampled every 0.1 s: name (Ray's process title) and CPU seconds."""
+
+    def __init__(self):
+        import threading
+
+        import psutil
+
+        self._me, self._seen, self._stop = psutil.Process(), {}, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        import psutil
+
+        while not self._stop.is_set():
+            for proc in self._me.children(recursive=True):
+                try:
+                    times = proc.cpu_times()
+                    self._seen[proc.pid] = (proc.cmdline()[0].split()[0], times.user + times.system)
+                except (psutil.Error, IndexError):
+                    pass
+            self._stop.wait(0.1)
+
+    def snapshot(self) -> dict[int, tuple[str, float]]:
+        return dict(self._seen)
+
+    def close(self):
+        self._stop.set()
+        self._thread.join()
+
+
+def ray_run(stage: StageConfig, store: Path, out: Path, watch: ProcessWatch | None = None) -> dict:
     """``train_stage`` with one Ray Train worker; the worker's audit gives its clock."""
     from msbt.train.runner import train_stage
 
     config = Config(stage1=stage, run=RunConfig(name="startup", storage_path=str(out / "ray")))
+    before = watch.snapshot() if watch else {}
     started = time.time()
     train_stage(config, 1, store, audit_dir=out / "audit")
     returned = time.time()
     audit = json.loads((out / "audit" / "rank0.json").read_text())
-    return phases(started, audit["train_begin_time"], audit["epoch_end_times"], returned)
+    row = phases(started, audit["train_begin_time"], audit["epoch_end_times"], returned)
+    if watch:
+        time.sleep(0.3)  # the last sample of processes that ended with the run
+        row["processes"] = sorted((name, cpu) for pid, (name, cpu) in watch.snapshot().items() if pid not in before)
+    return row
 
 
 def main(argv=None) -> int:
@@ -116,12 +158,19 @@ def main(argv=None) -> int:
     parser.add_argument("--backbone", nargs="+", default=["efficientnet_lite0"],
                         choices=["efficientnet_lite0", "tiny_cnn", "resnet50"],
                         help="backbones (random weights), each measured --runs times (default efficientnet_lite0)")
+    parser.add_argument("--processes", action="store_true",
+                        help="also list the processes each Ray run started and their CPU seconds")
     args = parser.parse_args(argv)
 
     import ray
 
-    ray.init(address=args.address, num_cpus=None if args.address else os.cpu_count(), include_dashboard=True,
-             log_to_driver=False)
+    from msbt.raycluster import start_private
+
+    if args.address:
+        ray.init(address=args.address, log_to_driver=False)
+    else:
+        start_private(os.cpu_count(), log_to_driver=False)
+    watch = ProcessWatch() if args.processes else None
     rows = []
     with tempfile.TemporaryDirectory(prefix="msbt-startup-") as tmp:
         store = microscope_store(Path(tmp) / "data")
@@ -130,7 +179,10 @@ def main(argv=None) -> int:
                 stage = StageConfig(backbone=backbone, weights="none", image_size=args.image_size, batch_size=8,
                                     epochs=args.epochs)
                 rows.append((f"{backbone}, plain `fit_stage`", plain_run(stage, store, Path(tmp) / f"plain{i}{backbone}")))
-                rows.append((f"{backbone}, Ray Train, 1 worker", ray_run(stage, store, Path(tmp) / f"ray{i}{backbone}")))
+                rows.append((f"{backbone}, Ray Train, 1 worker",
+                             ray_run(stage, store, Path(tmp) / f"ray{i}{backbone}", watch)))
+    if watch:
+        watch.close()
     ray.shutdown()
     print(f"\nrandom weights at {args.image_size} px, {args.epochs} epochs, {os.cpu_count()} CPUs")
     print("| run | start-up s | first epoch s | later epoch s | wind-down s | total s | train-step traces |")
@@ -138,6 +190,13 @@ def main(argv=None) -> int:
     for name, r in rows:
         print(f"| {name} | {r['startup_s']:.1f} | {r['first_epoch_s']:.1f} | {r['later_epoch_s']:.1f} | "
               f"{r['wind_down_s']:.1f} | {r['total_s']:.1f} | {r.get('train_step_traces', '')} |")
+    if watch:
+        print("\n| Ray run | processes it started (CPU s) | their CPU s |")
+        print("|---|---|---|")
+        for name, r in rows:
+            if "processes" in r:
+                listed = ", ".join(f"{proc.removeprefix('ray::')} {cpu:.1f}" for proc, cpu in r["processes"])
+                print(f"| {name} | {listed} | {sum(cpu for _, cpu in r['processes']):.1f} |")
     return 0
 
 

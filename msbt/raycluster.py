@@ -137,6 +137,8 @@ def start_private(num_cpus: int | None = None, **options) -> str:
       job's runtime environment (every task and actor). Not into this process's own environment: a
       process it starts later, after this cluster ended, would try to join the dead address.
     * The token file private: :func:`protect_token` before Ray would write it with the umask (0644).
+
+    And one for speed: no Ray Train preemption watcher in a cluster of one node (:func:`_no_preemption_watcher`).
     """
     import ray
 
@@ -155,9 +157,22 @@ def start_private(num_cpus: int | None = None, **options) -> str:
         # (measured: the suite's Tune test hung at "Pending Demands: {'CPU': 1.0}" with 1.0 CPU held
         # by a dead trial). It also lets the user watch the run (port 8265, or the next free one).
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 runtime_env={"env_vars": {"RAY_ADDRESS": address}}, **options)
+                 runtime_env={"env_vars": {"RAY_ADDRESS": address, **_no_preemption_watcher()}}, **options)
     protect_token()
     return address
+
+
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
+def _no_preemption_watcher() -> dict[str, str]:
+    """Ray Train's preemption watcher off in a private cluster, unless the user set the variable.
+
+    Ray Train 2.60 starts a watcher actor (a process of its own) with every worker group, to report nodes
+    being taken back (spot instances). A loopback-only cluster is one node that nothing can take back;
+    the process cost about 1 s of start-up per stage and Tune trial (benchmarks/stage_startup.py).
+    """
+    return {} if PREEMPTION_WATCHER_ENV in os.environ else {PREEMPTION_WATCHER_ENV: "0"}
 
 
 def free_port() -> int:

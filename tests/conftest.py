@@ -93,3 +93,52 @@ def tiny_run(tiny_stores):
     from msbt.jobs import experiments as X
 
     return SimpleNamespace(**vars(tiny_stores), stage1=X.shared_stage1(tiny_stores.data))
+
+
+# The suite runs in two pytest-xdist processes (scripts/test.sh; -n 0 runs it in this one). A process gets a
+# whole file at a time, so that a file's module fixtures are made once, and the files built on the session's
+# tiny run as one unit, so that it is made once. (xdist's own "--dist loadgroup" would do the grouping, but
+# with pytest 9.2 it groups nothing: it renames the test ids through an attribute pytest no longer reads.)
+TINY_RUN_FIXTURES = {"tiny_stores", "tiny_run"}
+TINY_RUN_FILES = {"test_experiments.py", "test_train_ray.py", "test_tune.py"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -k/-m deselect: the check below sees whole files
+def pytest_collection_modifyitems(config, items):
+    files: dict = {}
+    for item in items:
+        files.setdefault(item.path, []).append(item)
+    for path, tests in files.items():
+        if path.name not in TINY_RUN_FILES and any(TINY_RUN_FIXTURES & set(t.fixturenames) for t in tests):
+            raise pytest.UsageError(f"{path.name} uses the session's tiny run: add it to TINY_RUN_FILES in "
+                                    f"tests/conftest.py, so that one test process makes that run")
+    # Long files first (the longest a file's tests may run, from their timeout marks; then files with slow
+    # tests), so that no long file is left for the end while the other process idles.
+    def longest_first(path):
+        tests = files[path]
+        limits = [mark.args[0] for t in tests for mark in t.iter_markers("timeout") if mark.args]
+        return -max(limits, default=0), not any(t.get_closest_marker("slow") for t in tests)
+
+    items[:] = [test for path in sorted(files, key=longest_first) for test in files[path]]
+
+
+class FileScheduling:
+    """pytest-xdist's scheduler for this suite: a file is one unit of work, the tiny-run files together one."""
+
+    @staticmethod
+    def pytest_xdist_make_scheduler(config, log):
+        from xdist.scheduler import LoadScopeScheduling
+
+        config.option.loadscopereorder = False  # keep the order above (xdist would sort by number of tests)
+
+        class ByFile(LoadScopeScheduling):
+            def _split_scope(self, nodeid: str) -> str:
+                path = nodeid.split("::", 1)[0]
+                return "tiny-run" if path.rsplit("/", 1)[-1] in TINY_RUN_FILES else path
+
+        return ByFile(config, log)
+
+
+def pytest_configure(config):
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(FileScheduling(), "msbt-file-scheduling")

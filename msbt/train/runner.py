@@ -626,8 +626,11 @@ def train_stage(
         datasets={split: split_dataset(store_path, split, keys=config.run.deterministic) for split in ("train", "val")},
         # Only the training set is sharded: every worker validates on all of it (identical val_* on all ranks).
         # Deterministic mode deals the rows itself, by position after sorting (shard_arrays): Ray Data's
-        # split follows block order, which may differ between runs.
-        dataset_config=DataConfig(datasets_to_split=[] if config.run.deterministic else ["train"]),
+        # split follows block order, which may differ between runs. One worker takes the whole set
+        # unsplit: a split into one shard gives the same rows but starts a SplitCoordinator actor, a
+        # process of its own (benchmarks/stage_startup.py: about 1 s of start-up per stage and trial).
+        dataset_config=DataConfig(
+            datasets_to_split=[] if config.run.deterministic or config.run.num_workers == 1 else ["train"]),
     )
     set_train_poll()  # read as the controller starts; Ray Train passes it on
     try:

@@ -24,7 +24,7 @@ import psutil
 import pytest
 import yaml
 
-from helpers import ROOT, split_and_store
+from helpers import ROOT, TINY_BACKBONE, TINY_SETS, split_and_store
 from msbt import console
 from msbt.data import synth
 from msbt.model.checkpoint import read_manifest
@@ -84,8 +84,10 @@ def microscope_store(tmp_path_factory, ray_local):
 def test_a_killed_worker_resumes_after_its_last_checkpoint(microscope_store, tmp_path):
     from msbt.train.runner import train_stage
 
-    epochs = 4
-    stage = StageConfig(backbone="efficientnet_lite0", weights="none", image_size=32, batch_size=8, epochs=epochs,
+    # The test backbone: about 0.1-0.3 s an epoch here, so enough epochs that the kill lands between the
+    # first checkpoint and the last epoch (asserted below; measured: killed after epoch 1 of 12)
+    epochs = 12
+    stage = StageConfig(**TINY_BACKBONE, image_size=32, batch_size=8, epochs=epochs,
                         optimizer="adam", augment=AugmentConfig(enabled=False), monitor="loss")
     config = Config(stage1=stage, run=RunConfig(name="kill", storage_path=str(tmp_path), cpus_per_worker=1.0,
                                                 max_failures=3, checkpoints_to_keep=epochs * 2))
@@ -136,11 +138,17 @@ def test_a_killed_worker_resumes_after_its_last_checkpoint(microscope_store, tmp
           f"checkpoints at epochs {reported}")
 
 
+# Stage 2's epochs: on the test backbone (tiny_cnn, helpers.TINY_SETS) an epoch of the smoke run takes well
+# under a second, so there are enough of them for the kill to land after the first checkpoint and before the
+# last epoch, with epochs left for the resumed run.
+EPOCHS2 = 8
+
+
 def pipeline(storage, *extra):
     return [sys.executable, str(ROOT / "workflows" / "pipeline.py"), "--smoke-test", "--address", "local",
-            "--set", f"run.storage_path={storage}", "--set", f"synth.out_dir={storage / 'synth'}",
+            "--set", f"run.storage_path={storage}", "--set", f"synth.out_dir={storage / 'synth'}", *TINY_SETS,
             # failures other than ours (an out-of-memory kill on a crowded machine) are retried
-            "--set", "stage2.epochs=3", "--set", "run.max_failures=2", *extra]
+            "--set", f"stage2.epochs={EPOCHS2}", "--set", "run.max_failures=2", *extra]
 
 
 def check_console(first: str, resumed: str, run) -> None:
@@ -151,16 +159,17 @@ def check_console(first: str, resumed: str, run) -> None:
         assert out.count("\n") < 60, repr(out)
         for noise in ("cuInit", "oneDNN", "TrainingReport", "Execution plan", "logging_progress", "absl"):
             assert noise not in out, noise
-    for step in ("scan", "microscope store", "stage 1 epoch 1/1", "stage 2 epoch 1/3"):
+    for step in ("scan", "microscope store", "stage 1 epoch 1/1", f"stage 2 epoch 1/{EPOCHS2}"):
         assert step in first, step
-    for step in ("stage 2 epoch 3/3", "stage 2: best val_auc", "Keras' binned AUC", "val_auc_exact", "report:"):
+    for step in (f"stage 2 epoch {EPOCHS2}/{EPOCHS2}", "stage 2: best val_auc", "Keras' binned AUC", "val_auc_exact",
+                 "report:"):
         assert step in resumed, step
     logs = run / "logs"
     driver, workers = (logs / console.DRIVER_LOG).read_text(), (logs / console.WORKERS_LOG).read_text()
     assert "Execution plan of Dataset" in driver  # Ray Data's lines, kept
     assert "Reporting training result" in workers and "RayTrainWorker" in workers
     history = json.loads((run / "stage2" / "history.json").read_text())
-    assert history["epochs"] == 3 and len(history["history"]["val_auc"]) == 3
+    assert history["epochs"] == EPOCHS2 and len(history["history"]["val_auc"]) == EPOCHS2
     report = (run / "report.html").read_text()
     assert "kept (epoch" in report and "Keras, 200 thresholds" in report
 
@@ -204,7 +213,7 @@ def test_a_killed_workflow_resumes_without_retraining_finished_stages(tmp_path):
     stages_after = json.loads((run / "stages.json").read_text())
     assert stages_after["1"] == stage1  # stage 1 untouched: same entry, same files
     assert {p.name: p.stat().st_mtime_ns for p in (run / "stage1").rglob("*")} == stage1_files
-    assert stages_after["2"]["resumed_from"] and stages_after["2"]["epochs"] == 3
+    assert stages_after["2"]["resumed_from"] and stages_after["2"]["epochs"] == EPOCHS2
     best = read_manifest(stages_after["2"]["checkpoint"])
     assert best["parent"]["path"] == stage1["checkpoint"]
     metrics = json.loads((run / "metrics.json").read_text())

@@ -42,6 +42,18 @@ def stores(tiny_stores):
 
 
 POLL_SEEN = []  # the controller poll interval in the environment as the stage-1 fixture's trainer started
+STARTED = []  # the class names of the actors the stage-1 fixture's run started (Ray's state API)
+
+
+def actors() -> dict[str, str]:
+    """Every actor of the session's cluster, alive or ended: id -> class name."""
+    import ray
+    from ray.util.state import list_actors
+
+    # This cluster's address: without one, Ray looks for "the" cluster among every raylet on the machine and
+    # refuses when it finds several (the other test process's, a subprocess's private one).
+    found = list_actors(address=ray.get_runtime_context().gcs_address, limit=10_000, raise_on_missing_output=False)
+    return {a.actor_id: a.class_name for a in found}
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +72,10 @@ def stage1(stores, tmp_path_factory):
         patch.setenv(runner.TRAIN_POLL_ENV, "unset below")  # the session's value is put back after
         patch.delenv(runner.TRAIN_POLL_ENV)
         patch.setattr(runner, "fit_interruptibly", watched)
-        return config, runner.train_stage(config, 1, stores[0], audit_dir=folder / "audit")
+        before = actors()
+        result = runner.train_stage(config, 1, stores[0], audit_dir=folder / "audit")
+        STARTED.extend(name for actor, name in actors().items() if actor not in before)
+        return config, result
 
 
 @pytest.mark.ray
@@ -141,6 +156,17 @@ def test_a_stage_gives_its_train_controller_msbts_poll_interval(stage1):
     from msbt.train.runner import TRAIN_POLL_S
 
     assert POLL_SEEN == [TRAIN_POLL_S]  # docs/training.md: 4 s less wind-down per stage than Ray's 2 s
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_one_worker_stage_starts_no_split_coordinator_and_no_preemption_watcher(stage1):
+    """Each actor is a process of its own (about 1 s of start-up each, docs/training.md): one worker takes
+    its training set unsplit, and a private cluster (one node) has nothing a preemption watcher could see."""
+    assert "RayTrainWorker" in STARTED and "TrainController" in STARTED, STARTED  # the query sees this run
+    assert "SplitCoordinator" not in STARTED, STARTED
+    if "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ:  # the user's setting is kept
+        assert "PreemptionWatcher" not in STARTED, STARTED
 
 
 @pytest.mark.ray

@@ -29,9 +29,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def head_node(tmp_path):
-    """A head node started with `ray start` (token authentication on, as Ray 2.60 defaults)."""
+@pytest.fixture(scope="module")
+def head_node():
+    """A head node started with `ray start` (token authentication on, as Ray 2.60 defaults), for both
+    tests: each submits its own job, as users submit several jobs to one cluster."""
     ray_cli = Path(sys.executable).with_name("ray")
     if not ray_cli.exists():
         pytest.skip("the `ray` command is not installed beside this Python")
