@@ -226,11 +226,6 @@ def test_fast_mode_caches_features_once_and_trains_heads_on_them(prepared, capsy
     assert search["fast"] and len(trials) == 2 and all(t["epochs"] == 2 for t in trials)
     assert any(t["reference"] for t in trials)
 
-    again = load_config([prepared["yaml"]], over + ["tune.experiment=fast2", "tune.num_samples=1"])
-    run_search(again)
-    assert "fast mode: reusing cached features" in capsys.readouterr().out
-    assert json.loads(cache[0].read_text()) == info
-
     features = load_features(cache[0].parent)
     assert features["val_x"].std(axis=0).max() > 1e-3  # the images give different features
     originals, augmented = features["train_x"][:, 0], features["train_x"][:, 1]
@@ -239,9 +234,12 @@ def test_fast_mode_caches_features_once_and_trains_heads_on_them(prepared, capsy
     # Early stopping, exactly: one trial at a time, so trial k reaches epoch 1 (ASHA's only rung below
     # max_t = 2) after trials 0..k-1, and ASHA must stop it there iff its val_loss is worse than the
     # (1 - 1/reduction_factor) quantile of theirs (Tune records -val_loss for mode "min").
+    # (A second search of the same stage 2 on the same store: it reuses the cached features.)
     asha = load_config([prepared["yaml"]], over[:2] + ["tune.experiment=asha", "tune.num_samples=8",
                                                        "tune.max_concurrent_trials=1", "tune.scheduler=asha"])
     run_search(asha)
+    assert "fast mode: reusing cached features" in capsys.readouterr().out
+    assert json.loads(cache[0].read_text()) == info
     experiment = cache[0].parents[2] / "asha"
     _, trials = read_experiment(experiment)
     first = {}

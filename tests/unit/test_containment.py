@@ -21,7 +21,7 @@ import cv2
 import pytest
 import yaml
 
-from helpers import ROOT, frame_of, textured
+from helpers import ROOT, TINY_SETS, frame_of, textured
 from msbt.cli import main as msbt_main
 from msbt.config import ConfigError, dump_config, load_config
 from msbt.containment import check_storage_path, run_location
@@ -229,7 +229,7 @@ def test_ctrl_c_during_training_says_so_and_leaves_no_scratch(tmp_path):
     env.pop("RAY_ADDRESS", None)
     before = set(glob.glob("/tmp/msbt-stage-*")) | set(glob.glob("/tmp/msbt-report-*"))
     run = tmp_path / "smoke"
-    cmd = [sys.executable, "workflows/stage1.py", "--smoke-test", "--address", "local",
+    cmd = [sys.executable, "workflows/stage1.py", "--smoke-test", "--address", "local", *TINY_SETS,
            "--set", "stage1.epochs=50", "--set", f"run.storage_path={tmp_path}"]
     # a terminal's Ctrl-C goes to the whole foreground process group: a session of its own stands in
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
