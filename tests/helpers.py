@@ -15,8 +15,8 @@ SECTIONS = ("metrics", "training", "data", "gradcam", "lineage", "config")
 
 # The backbone of tests whose subject is not the backbone: msbt's tiny_cnn, whose first short epoch (mostly
 # tracing) takes 1.6-1.9 s where Lite0's takes 8.1-8.8 s (docs/training.md, "The test backbone"). Lite0 is
-# still trained by the model and training unit tests, the serving and export tests, the two-jobs test's
-# stage job, and `ray job submit` of the real smoke pipeline (docs/architecture.md, "Tests").
+# still trained by the model and training unit tests, the serving and export tests, and `ray job submit` of
+# the real smoke pipeline (docs/architecture.md, "Tests").
 TINY_BACKBONE = {"backbone": "tiny_cnn", "weights": "none"}
 TINY_SETS = ["--set", "stage1.backbone=tiny_cnn", "--set", "stage1.weights=none", "--set", "stage2.backbone=tiny_cnn"]
 

@@ -11,12 +11,10 @@ import re
 import stat
 import subprocess
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from helpers import ROOT, TINY_SETS
+from helpers import ROOT
 
 pytestmark = [pytest.mark.ray]
 
@@ -83,62 +81,3 @@ def test_an_existing_world_readable_token_is_narrowed(tmp_path):
     assert stat.S_IMODE(token.stat().st_mode) == 0o600 and token.read_text() == "a" * 64
     fresh = protect_token(tmp_path / "sub" / "auth_token")
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o600 and len(fresh.read_text()) == 64
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(1500)
-def test_two_msbt_jobs_on_one_machine_each_use_their_own_cluster(tmp_path):
-    """A Tune search (Ray Train trials, whose placement groups Train's cleaner must remove) beside a
-    stage-1 training, each with its own private cluster. Before: every run logged "Found multiple active
-    Ray instances" from the cleaner, which then asked whichever cluster it found."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    env.pop("RAY_ADDRESS", None)
-    common = ["--smoke-test", "--address", "local"]
-    # The search on the tiny backbone (its trials are what the cleaner must clean up); the stage job is
-    # started once the search's first trial has, so that its cluster comes up and runs beside the trials.
-    tune = [sys.executable, "workflows/tune.py", *common, *TINY_SETS, "--set", f"run.storage_path={tmp_path / 'a'}",
-            "--set", "tune.num_samples=2", "--set", "tune.max_concurrent_trials=1"]
-    stage = [sys.executable, "workflows/stage1.py", *common, "--set", f"run.storage_path={tmp_path / 'b'}",
-             "--set", "stage1.epochs=3"]
-    trials = tmp_path / "a" / "smoke" / "tune" / "smoke"
-    started = time.time()
-
-    def launch(cmd):
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    procs = [launch(tune)]
-    ended = {}
-
-    def finish(i):
-        out = procs[i].communicate(timeout=1400)[0]
-        ended[i] = time.time()
-        return out
-
-    try:
-        with ThreadPoolExecutor(2) as pool:
-            tune_out = pool.submit(finish, 0)
-            while not list(trials.glob("*/params.json")):  # Tune writes it as a trial starts
-                assert not tune_out.done(), f"the search ended before a trial started:\n{tune_out.result()[-4000:]}"
-                assert time.time() - started < 900, "no trial started in 900 s"
-                time.sleep(0.5)
-            procs.append(launch(stage))
-            stage_out = pool.submit(finish, 1)  # read at once: a full pipe would stall the job
-            outputs = [tune_out.result(), stage_out.result()]
-    finally:  # a failed wait or a timeout leaves no job (nor its cluster) running
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for proc, out in zip(procs, outputs):
-        assert proc.returncode == 0, out[-4000:]
-        assert "Found multiple active Ray instances" not in out, out[-4000:]
-        assert "Failed to query Ray Train Controller actor state" not in out
-    assert "tune results in" in outputs[0] and "stage 1: best" in outputs[1]
-    # both trials ran to a result: no placement group of the first was left holding the CPU
-    results = list(trials.glob("*/result.json"))
-    assert len(results) == 2 and all(r.read_text().strip() for r in results), results
-    # the two clusters ran side by side while a trial ran: the stage job (started during the first trial)
-    # ended after the last trial started, so the search's last Train run and its cleaner saw a second cluster
-    last_trial = max(r.stat().st_ctime for r in trials.glob("*/params.json"))
-    assert ended[1] > last_trial, f"the stage job ended {last_trial - ended[1]:.0f} s before the last trial started"
-    print(f"two jobs took {time.time() - started:.0f} s; the stage job ended {ended[1] - last_trial:.0f} s after "
-          f"the last trial started")

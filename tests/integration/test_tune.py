@@ -146,8 +146,17 @@ def test_search_is_interrupted_restored_and_its_best_config_reruns(prepared, tmp
     from msbt.tune.review import read_experiment, write_best_overlay
     from msbt.tune.search import experiment_dir, run_search
 
+    import ray
+
     config = prepared["config"]
     experiment = experiment_dir(config)
+    # Two msbt clusters on one machine (issue #13, item 10; docs/reliability.md): the search runs on its own
+    # private cluster beside this session's, which is up throughout. The trials' Ray Train placement-group
+    # cleaners once went looking for a cluster and logged "Found multiple active Ray instances", then could
+    # ask the other one. What the search's workers print goes to the run's workers.log: read from here on.
+    assert ray.is_initialized()
+    workers_log = Path(config.run.storage_path) / config.run.name / "logs" / "workers.log"
+    workers_from = workers_log.stat().st_size if workers_log.exists() else 0
     # A private cluster whose processes can be found by their temp folder (short: Unix socket paths).
     ray_tmp = tempfile.mkdtemp(prefix="msbt-tune-", dir="/tmp")
     log = tmp_path / "first.log"
@@ -164,6 +173,13 @@ def test_search_is_interrupted_restored_and_its_best_config_reruns(prepared, tmp
     finally:
         _kill_session(proc, ray_tmp)
     assert "stage 1: reusing" in log.read_text()  # every trial starts from the one stage-1 checkpoint
+    with workers_log.open("rb") as handle:
+        handle.seek(workers_from)
+        search_workers = handle.read().decode("utf-8", "replace")
+    assert "RayTrainWorker" in search_workers  # the trials' worker output is there: the check below can fail
+    for out in (log.read_text(), search_workers):
+        assert "Found multiple active Ray instances" not in out
+        assert "Failed to query Ray Train Controller actor state" not in out
     _, before = read_experiment(experiment)
     finished = {t["trial"]: (experiment / t["trial"] / "result.json").read_text()
                 for t in before if t["status"] in ("complete", "stopped early")}
