@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import pytest
 
-from helpers import ROOT, textured
+from helpers import ROOT, ctrl_c_as_at_a_terminal, textured
 from msbt.cli import main
 from msbt.config import ConfigError, load_config
 from msbt.data.discovery import DataError, discover, fs_name
@@ -259,7 +259,8 @@ def test_first_ctrl_c_or_sigterm_stops_a_scan(tmp_path, sig, code, line):
         os.link(first, root / "benign" / f"b{k:04d}.png")
     png(root / "malignant" / "m.png", 2)
     proc = subprocess.Popen([PYTHON, "-m", "msbt.cli", "scan", str(root)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            preexec_fn=ctrl_c_as_at_a_terminal)
     time.sleep(4)  # imports done, decoding under way
     assert proc.poll() is None, "the scan ended before the signal: make it longer"
     sent = time.monotonic()

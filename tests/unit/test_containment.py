@@ -21,7 +21,7 @@ import cv2
 import pytest
 import yaml
 
-from helpers import ROOT, TINY_SETS, frame_of, textured
+from helpers import ROOT, TINY_SETS, ctrl_c_as_at_a_terminal, frame_of, textured
 from msbt.cli import main as msbt_main
 from msbt.config import ConfigError, dump_config, load_config
 from msbt.containment import check_storage_path, run_location
@@ -233,7 +233,7 @@ def test_ctrl_c_during_training_says_so_and_leaves_no_scratch(tmp_path):
            "--set", "stage1.epochs=50", "--set", f"run.storage_path={tmp_path}"]
     # a terminal's Ctrl-C goes to the whole foreground process group: a session of its own stands in
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=ctrl_c_as_at_a_terminal)
     try:
         deadline = time.time() + 600
         while time.time() < deadline and not list(run.glob("stage1/checkpoint_*")):
