@@ -175,7 +175,7 @@ def run(args) -> dict:
     import cv2
 
     from msbt.data.synth import cine_frames, write_cine
-    from msbt.serve.engines import load_engine
+    from msbt.serve.engines import load_engine, openvino_has_bf16
 
     root = Path(tempfile.mkdtemp(prefix="msbt-bench-"))
     cine = write_cine(root / "cine.avi", frames=args.cine_frames, fps=30.0, size=256)
@@ -196,6 +196,9 @@ def run(args) -> dict:
         entry["parity"]["int8"] = {"max_abs_diff": float(np.abs(
             load_engine(folder, "onnx", precision="int8").predict(images) - reference).max())}
         for name, precision in ENGINE_RUNS:
+            if precision == "bf16" and not openvino_has_bf16():
+                print(f"{key} {name}-{precision}: skipped, this CPU has no bfloat16", flush=True)
+                continue
             engine = load_engine(folder, name, precision=precision)
             entry["engines"][f"{name}-{precision}"] = bench_engine(engine, images, args.seconds, args.batches)
             del engine

@@ -385,6 +385,9 @@ def _cmd_export(args) -> int:
           f"openvino/, export.json); threshold {record['threshold']['value']:.4g} from "
           f"{record['threshold']['source']}; model id {record['model_id']}")
     for name, e in record["engines"].items():
+        if "max_abs_diff" not in e:  # e.g. bf16 on a CPU without it
+            print(f"engine {name} ({e['precision']}): {e['note']}")
+            continue
         print(f"engine {name} ({e['precision']}): max |p - p_keras| = {e['max_abs_diff']:.2e} on {e['frames']} "
               "synthetic ultrasound frames")
     int8 = record.get("int8")

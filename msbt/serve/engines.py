@@ -8,8 +8,10 @@ An ``msbt export`` folder (:mod:`msbt.serve.export`) holds the same model four t
 * ``onnx``: ``model.onnx`` (tf2onnx from the same uint8 signature) in ONNX Runtime;
 * ``openvino``: ``openvino/model.xml`` (converted from the ONNX model, weights kept in float32) in
   OpenVINO Runtime, compiled with ``INFERENCE_PRECISION_HINT: f32``. Left to itself OpenVINO picks
-  bfloat16 on CPUs with AVX512_BF16 (this machine's); ``precision="bf16"`` asks for that explicitly, and
-  such an engine is reduced precision: its outputs are not within the float parity bound.
+  bfloat16 on CPUs that have it (AVX512_BF16 or AMX; ``BF16`` among the CPU's optimization
+  capabilities); ``precision="bf16"`` asks for that explicitly, is refused with the reason on a CPU
+  without it (e.g. AMD Zen 3, most workstations before 2023), and is reduced precision: its outputs are
+  not within the float parity bound.
 
 ``onnx`` and ``openvino`` also run ``precision="int8"``: ``model_int8.onnx``, written by ``msbt export
 --int8`` only when the test-split AUC held (:mod:`msbt.serve.quantize`; its AUC change is in
@@ -164,6 +166,9 @@ def _openvino(folder: Path, precision: str, threads: int | None) -> Engine:
     import openvino as ov
 
     core = ov.Core()
+    if precision == "bf16" and not openvino_has_bf16():
+        raise EngineError(f"{folder}: bf16 is not available on this CPU (OpenVINO CPU capabilities: "
+                          f"{', '.join(openvino_capabilities())}); use f32")
     # int8: the quantized ONNX model, its float parts (e.g. the head) kept in float32
     hint = "f32" if precision == "int8" else precision
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hint}
@@ -224,8 +229,20 @@ def load_served(folder: str | Path, name: str = "openvino", *, precision: str = 
 
 
 def openvino_default_precision() -> str:
-    """The inference precision OpenVINO picks on this machine's CPU when not told (e.g. ``bf16``)."""
+    """The inference precision OpenVINO picks on this machine's CPU when not told (``bf16`` or ``f32``)."""
     import openvino as ov
 
     return ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
+
+
+def openvino_capabilities() -> list[str]:
+    """What OpenVINO's CPU plugin can compute on this CPU, e.g. ``["FP32", "BF16", "INT8", ...]``."""
+    import openvino as ov
+
+    return [str(c) for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
+
+
+def openvino_has_bf16() -> bool:
+    """Whether this CPU runs OpenVINO models in bfloat16 (AVX512_BF16 or AMX)."""
+    return "BF16" in openvino_capabilities()
 

@@ -72,9 +72,18 @@ def test_every_float_engine_matches_keras_on_ultrasound_frames(exported):
         assert p.shape == (12,) and p.dtype == np.float64
         assert np.abs(p - reference).max() <= eng.FLOAT_PARITY, name
         assert record["engines"][name]["max_abs_diff"] <= eng.FLOAT_PARITY
-    # OpenVINO's own choice on this CPU is recorded beside the f32 figures, marked as reduced precision.
+    # OpenVINO's own choice on this CPU is recorded beside the f32 figures, marked as reduced precision; a CPU
+    # without bfloat16 is said so, and asking for bf16 there is refused with the reason.
     bf16 = record["engines"]["openvino_bf16"]
-    assert bf16["precision"] == "bf16" and "reduced precision" in bf16["note"]
+    assert bf16["precision"] == "bf16"
+    if eng.openvino_has_bf16():
+        assert "reduced precision" in bf16["note"] and bf16["max_abs_diff"] > 0
+        assert eng.load_engine(folder, "openvino", precision="bf16").predict(images).shape == (12,)
+    else:
+        assert bf16["available"] is False and "no bfloat16" in bf16["note"] and "max_abs_diff" not in bf16
+        assert bf16["openvino_default_precision"] == "f32"
+        with pytest.raises(eng.EngineError, match="bf16 is not available on this CPU .*FP32"):
+            eng.load_engine(folder, "openvino", precision="bf16")
     assert record["model_id"].startswith("efficientnet_lite0-32px-") and len(record["lineage_sha256"]) == 64
 
 
