@@ -10,7 +10,7 @@ An ``msbt export`` folder (:mod:`msbt.serve.export`) holds the same model four t
   OpenVINO Runtime, compiled with ``INFERENCE_PRECISION_HINT: f32``. Left to itself OpenVINO picks
   bfloat16 on CPUs that have it (AVX512_BF16 or AMX; ``BF16`` among the CPU's optimization
   capabilities); ``precision="bf16"`` asks for that explicitly, is refused with the reason on a CPU
-  without it (e.g. AMD Zen 3, most workstations before 2023), and is reduced precision: its outputs are
+  without it (e.g. AMD Zen 3, Intel desktop CPUs without AVX-512), and is reduced precision: its outputs are
   not within the float parity bound.
 
 ``onnx`` and ``openvino`` also run ``precision="int8"``: ``model_int8.onnx``, written by ``msbt export
