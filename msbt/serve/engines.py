@@ -166,9 +166,10 @@ def _openvino(folder: Path, precision: str, threads: int | None) -> Engine:
     import openvino as ov
 
     core = ov.Core()
-    if precision == "bf16" and not openvino_has_bf16():
+    capabilities = openvino_capabilities(core)
+    if precision == "bf16" and "BF16" not in capabilities:
         raise EngineError(f"{folder}: bf16 is not available on this CPU (OpenVINO CPU capabilities: "
-                          f"{', '.join(openvino_capabilities())}); use f32")
+                          f"{', '.join(capabilities)}); use f32")
     # int8: the quantized ONNX model, its float parts (e.g. the head) kept in float32
     hint = "f32" if precision == "int8" else precision
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hint}
@@ -235,11 +236,13 @@ def openvino_default_precision() -> str:
     return ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
 
 
-def openvino_capabilities() -> list[str]:
+def openvino_capabilities(core=None) -> list[str]:
     """What OpenVINO's CPU plugin can compute on this CPU, e.g. ``["FP32", "BF16", "INT8", ...]``."""
-    import openvino as ov
+    if core is None:
+        import openvino as ov
 
-    return [str(c) for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
+        core = ov.Core()
+    return [str(c) for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
 
 
 def openvino_has_bf16() -> bool:

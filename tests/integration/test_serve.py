@@ -77,7 +77,7 @@ def test_every_float_engine_matches_keras_on_ultrasound_frames(exported):
     bf16 = record["engines"]["openvino_bf16"]
     assert bf16["precision"] == "bf16"
     if eng.openvino_has_bf16():
-        assert "reduced precision" in bf16["note"] and bf16["max_abs_diff"] > 0
+        assert "reduced precision" in bf16["note"] and "max_abs_diff" in bf16
         assert eng.load_engine(folder, "openvino", precision="bf16").predict(images).shape == (12,)
     else:
         assert bf16["available"] is False and "no bfloat16" in bf16["note"] and "max_abs_diff" not in bf16
