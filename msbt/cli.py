@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "output on the terminal (by default they go to runs/<name>/logs/ only)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("run", help="run the main job (today: data scan, grouping, split, Ray Data preprocessing)")
+    p = sub.add_parser("run", help="run the main job: data scan, grouping, split, Ray Data stores, stage 1, "
+                       "stage 2, test metrics, report")
     _config_options(p)
     p.add_argument("--force-split", action="store_true", help="make a new split even if the run has one")
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, a local `ray start` "
@@ -204,9 +205,11 @@ def _start_ray(args, config, *, tensorflow: bool = True) -> None:
 
 def _cmd_run(args) -> int:
     from msbt.jobs.pipeline import main_job
+    from msbt.runfolder import run_modalities
 
     config = _load_run(args)  # a config error should not wait for Ray to start
-    _preflight(config, always=True)  # data folders named wrongly: an error before Ray starts
+    # data folders named wrongly: an error before Ray starts (those of the stages this run trains)
+    _preflight(config, run_modalities(config), always=True)
     # main_job checks the run folder (--resume) before it opens the run's log or starts Ray
     main_job(config, force_split=args.force_split, resume=args.resume, address=args.address)
     return 0

@@ -32,6 +32,17 @@ PREDICTIONS_FILE = "predictions.csv"
 REPORT_FILE = "report.html"
 
 
+def run_stages(config: Config) -> tuple[int, ...]:
+    """The stages a run trains: ``(1, 2)`` when stage 2 starts from stage 1 (``stage2.weights: parent``, the
+    paper's pipeline), else ``(2,)``: a stage 1 that nothing starts from is neither trained nor given data."""
+    return (1, 2) if config.stage2.weights == "parent" else (2,)
+
+
+def run_modalities(config: Config) -> tuple[str, ...]:
+    """The modalities whose data and stores a run needs (those of :func:`run_stages`)."""
+    return tuple(STAGE_MODALITY[n] for n in run_stages(config))
+
+
 def run_dir(config: Config) -> Path:
     """The folder every result of this run goes to: ``<run.storage_path>/<run.name>``, absolute.
 

@@ -82,7 +82,7 @@ def tiny_stores(tmp_path_factory, ray_local):
     path = folder / "tiny.yaml"
     path.write_text(yaml.safe_dump(overlay))
     config = load_config([path])
-    data = X.prepare_run(config)
+    data = X.prepare_run(config, stage1=True)
     (folder / "synth").rename(folder / "synth-moved-away")
     return SimpleNamespace(yaml=path, config=config, data=data)
 

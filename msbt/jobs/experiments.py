@@ -41,6 +41,7 @@ from msbt.provenance import write_environment
 from msbt.atomicio import atomic_open, read_json, write_text
 from msbt.eval import metrics
 from msbt.config import Config, ConfigError, check_ranges, to_dict
+from msbt.runfolder import run_stages
 from msbt.train.stages import index_root
 
 log = logging.getLogger(__name__)
@@ -115,19 +116,24 @@ def arm_config(config: Config, experiment_dir: Path, arm: str, overrides: Mappin
 class RunData:
     config: Config
     run_dir: Path
-    microscope_store: Path
+    microscope_store: Path | None  # None when no arm starts from stage 1
     ultrasound_store: Path
     ultrasound_split: Path  # the folder with split.csv / split.json
 
 
-def prepare_run(config: Config) -> RunData:
-    """The run's saved split and stores (made now if the main job has not made them). Ray must be up."""
+def prepare_run(config: Config, *, stage1: bool) -> RunData:
+    """The run's saved split and stores (made now if the main job has not made them). Ray must be up.
+
+    Args:
+        stage1: Whether a stage 1 is needed (an arm starts from it): without, no microscope data is
+            scanned and no microscope store is made or opened (``microscope_store`` is None).
+    """
     from msbt.data.prepare import ensure_stores
     from msbt.runfolder import data_dir, run_dir
 
-    stores = ensure_stores(config)
-    return RunData(config, run_dir(config), Path(stores["microscope"].path), Path(stores["ultrasound"].path),
-                   data_dir(config, "ultrasound"))
+    stores = ensure_stores(config, ["microscope", "ultrasound"] if stage1 else ["ultrasound"])
+    return RunData(config, run_dir(config), Path(stores["microscope"].path) if stage1 else None,
+                   Path(stores["ultrasound"].path), data_dir(config, "ultrasound"))
 
 
 def shared_stage1(data: RunData, *, verbose: int = 0) -> Path:
@@ -290,14 +296,15 @@ def crossval(config: Config, *, scope: str = "trainval", fresh: bool = False, n_
         The content of ``crossval.json`` (also written, with ``folds.csv``, to ``runs/<name>/crossval``):
         per-fold rows and ``summary`` = {metric: [mean, sd]} over folds.
     """
-    data = prepare_run(config)
+    needs_stage1 = 1 in run_stages(config)
+    data = prepare_run(config, stage1=needs_stage1)
     rows = read_split_rows(data.ultrasound_split)
     k = int(json.loads((data.ultrasound_split / "split.json").read_text())["folds"])
     labels = {r["relpath"]: r["label"] for r in rows}
     plans = [fold_roles(rows, i, k, scope) for i in range(k)]
     counts = [_check_roles(plan, labels, f"fold {i}") for i, plan in enumerate(plans)]  # fail before training
     out = _fresh(data.run_dir / "crossval", fresh)
-    stage1 = shared_stage1(data, verbose=verbose)
+    stage1 = shared_stage1(data, verbose=verbose) if needs_stage1 else None
     fold_rows, held_out = [], []
     for i, plan in enumerate(plans):
         folder = out / f"fold-{i}"
@@ -315,7 +322,7 @@ def crossval(config: Config, *, scope: str = "trainval", fresh: bool = False, n_
         print(f"fold {i}: " + ", ".join(f"{key} {result['test'][key]:.3f}" for key in ("accuracy", "auc", "loss")))
     summary = metrics.summarize_folds([{key: row[key] for key in SUMMARY_KEYS} for row in fold_rows])
     report = {
-        "experiment": "crossval", "folds": k, "scope": scope, "stage1": str(stage1),
+        "experiment": "crossval", "folds": k, "scope": scope, "stage1": str(stage1) if stage1 else None,
         "design": _CV_DESIGN[scope].format(k=k),
         "rows": fold_rows, "summary": {key: list(value) for key, value in summary.items()},
     }
@@ -395,9 +402,10 @@ def ablation(config: Config, *, rows: Sequence[str] = tuple(ABLATION_ROWS), fres
     unknown = [r for r in rows if r not in ABLATION_ROWS]
     if unknown:
         raise ValueError(f"unknown ablation rows {unknown}; known: {list(ABLATION_ROWS)}")
-    data = prepare_run(config)
+    needs_stage1 = 1 in run_stages(config)
+    data = prepare_run(config, stage1=needs_stage1)
     out = _fresh(data.run_dir / "ablation", fresh)
-    stage1 = shared_stage1(data, verbose=verbose)
+    stage1 = shared_stage1(data, verbose=verbose) if needs_stage1 else None
     table = []
     for name in rows:
         arm = arm_config(config, out, name, ABLATION_ROWS[name])
@@ -409,7 +417,7 @@ def ablation(config: Config, *, rows: Sequence[str] = tuple(ABLATION_ROWS), fres
             "threshold": result["threshold"], "test_images": result["test_images"],
             "paper_accuracy": PAPER_TABLE1_ACCURACY[name], "checkpoint": result["checkpoint"],
         })
-    report = {"experiment": "ablation", "stage1": str(stage1), "rows": table,
+    report = {"experiment": "ablation", "stage1": str(stage1) if stage1 else None, "rows": table,
               "paper": "Ayana, Park, Choe, Multistage Transfer Learning for Breast Cancer Early Diagnosis via "
                        "Ultrasound, Table 1 (test accuracy)"}
     write_text(out / "ablation.json", json.dumps(report, indent=2, default=float) + "\n")
@@ -508,9 +516,9 @@ def compare(config: Config, *, arms: Sequence[str] = tuple(COMPARE_ARMS), naive:
         raise ValueError("the naive-split comparison needs the multistage arm")
     for arm in arms:  # every arm's config holds before any work (stage 1 and the first arms train first)
         with_overrides(config, COMPARE_ARMS[arm], f"compare arm {arm}")
-    data = prepare_run(config)
-    out = _fresh(data.run_dir / "compare", fresh)
     needs_stage1 = any(COMPARE_ARMS[a]["stage2.weights"] == "parent" for a in arms) or naive
+    data = prepare_run(config, stage1=needs_stage1)
+    out = _fresh(data.run_dir / "compare", fresh)
     stage1 = shared_stage1(data, verbose=verbose) if needs_stage1 else None
     results = {}
     for arm in arms:
@@ -647,7 +655,8 @@ def leave_one_site_out(config: Config, *, arms: Sequence[str] | None = None, fre
     overlays = {"config": {}} if arms is None else {a: COMPARE_ARMS[a] for a in arms}
     # every arm's config is checked before any work, as compare's are
     configs = {a: with_overrides(config, ov, f"leave-one-site-out arm {a}") for a, ov in overlays.items()}
-    data = prepare_run(config)
+    needs_stage1 = any(1 in run_stages(c) for c in configs.values())
+    data = prepare_run(config, stage1=needs_stage1)
     rows = read_split_rows(data.ultrasound_split)
     sites = sorted({r.get("site", "") for r in rows})
     if len(sites) < 2:
@@ -669,7 +678,6 @@ def leave_one_site_out(config: Config, *, arms: Sequence[str] | None = None, fre
     if fresh:
         remove_loso_results(out, {folder_name(a, s) for a in configs for s in sites}, sites, compare=arms is not None)
     out = _fresh(out, False)
-    needs_stage1 = any(c.stage2.weights == "parent" for c in configs.values())
     stage1 = shared_stage1(data, verbose=verbose) if needs_stage1 else None
     tables: dict[str, list[dict]] = {a: [] for a in configs}
     paired = {}

@@ -23,14 +23,15 @@ from msbt.config import Config, ConfigError
 from msbt.data.prepare import build_stores, ensure_stores, prepare_data, summarize, summarize_stores
 from msbt.raycluster import init_ray
 from msbt import console
-from msbt.runfolder import SUMMARY_FILE, run_dir
+from msbt.runfolder import SUMMARY_FILE, run_dir, run_modalities, run_stages
 
 log = logging.getLogger(__name__)
 
 
 def train_and_evaluate(config: Config, stores: dict, *, resume: bool = False) -> dict:
     """Stage 1 (cell lines) and stage 2 (ultrasound, from stage 1's best checkpoint) with Ray Train, then
-    the stage-2 model on the test split. Ray must be initialised.
+    the stage-2 model on the test split. Ray must be initialised. A stage 2 that does not start from stage 1
+    (``stage2.weights`` other than ``parent``) is trained alone (msbt.runfolder.run_stages).
 
     Args:
         config: The resolved config.
@@ -38,18 +39,25 @@ def train_and_evaluate(config: Config, stores: dict, *, resume: bool = False) ->
         resume: Reuse finished stages and continue an interrupted one (msbt.train.stages.run_stage).
 
     Returns:
-        ``stage1``/``stage2``: best checkpoint folders; ``stages``: their stages.json entries;
+        ``stage1``/``stage2``: best checkpoint folders (``stage1`` None when not trained); ``stages``: their
+        stages.json entries;
         ``evaluation``: the test metrics (also in metrics.json); ``metrics_file``.
     """
     from msbt.train.stages import run_stage
 
-    stage1 = run_stage(config, 1, stores["microscope"].path, resume=resume)
-    stage2 = run_stage(config, 2, stores["ultrasound"].path, parent=stage1["checkpoint"], resume=resume)
+    stage1, parent = None, None
+    if 1 in run_stages(config):
+        stage1 = run_stage(config, 1, stores["microscope"].path, resume=resume)
+        parent = stage1["checkpoint"]
+    else:
+        print(f"stage 1: not trained (stage2.weights is {config.stage2.weights!r}: stage 2 does not start from it)",
+              flush=True)
+    stage2 = run_stage(config, 2, stores["ultrasound"].path, parent=parent, resume=resume)
     evaluation = evaluate_checkpoint(config, stage2["checkpoint"], stores["ultrasound"].path)
     return {
-        "stage1": stage1["checkpoint"],
+        "stage1": parent,
         "stage2": stage2["checkpoint"],
-        "stages": {"1": stage1, "2": stage2},
+        "stages": {**({"1": stage1} if stage1 else {}), "2": stage2},
         "evaluation": evaluation,
         "metrics_file": str(run_dir(config) / "metrics.json"),
     }
@@ -111,10 +119,10 @@ def main_job(config: Config, *, force_split: bool = False, resume: bool = False,
         address: The Ray cluster to join or start (msbt.raycluster.init_ray) once the run folder is
             checked; nothing is started when Ray is already initialised.
     """
-    check_rerun(config, resume=resume)
+    check_rerun(config, run_stages(config), resume=resume)
     start_ray(config, address)
     # The data step: every file is scanned again, so changed data is refused rather than mixed in.
-    prepared = prepare_data(config, force_split=force_split)
+    prepared = prepare_data(config, force_split=force_split, modalities=run_modalities(config))
     print(summarize(prepared), flush=True)
     stores = build_stores(config, prepared)
     print(summarize_stores(stores), flush=True)
@@ -175,7 +183,8 @@ def stage1_job(config: Config, *, force_split: bool = False, resume: bool = Fals
 
 def stage2_job(config: Config, *, parent: str | Path | None = None, force_split: bool = False,
                resume: bool = False, address: str | None = None) -> dict:
-    """Ultrasound data and store, then stage 2 from ``parent`` or from stage 1's recorded best checkpoint.
+    """Ultrasound data and store, then stage 2 from ``parent`` or from stage 1's recorded best checkpoint (from
+    no checkpoint when ``stage2.weights`` is not ``parent``).
 
     The run folder and the parent are checked before Ray is joined or started (``address``).
 
@@ -183,18 +192,23 @@ def stage2_job(config: Config, *, parent: str | Path | None = None, force_split:
         Stage 2's stages.json entry.
 
     Raises:
-        RunStateError: No parent given and no finished stage 1 recorded in this run folder.
-        ConfigError: A ``parent`` that is no folder.
+        RunStateError: No parent given and no finished stage 1 recorded in this run folder (for a stage 2
+            that starts from one).
+        ConfigError: A ``parent`` that is no folder, or one given to a stage 2 that starts from none.
     """
     from msbt.train.stages import run_stage
 
     check_rerun(config, [2], resume=resume)
+    if parent and 1 not in run_stages(config):
+        raise ConfigError(f"--parent {parent}: stage2.weights is {config.stage2.weights!r}, so stage 2 starts from no "
+                          "stage-1 checkpoint; set stage2.weights: parent to start from this one")
     if parent and not Path(parent).is_dir():
         raise ConfigError(f"{parent}: no such checkpoint folder (--parent)")
-    parent = parent or recorded_checkpoint(config, 1)  # no stage 1 yet: say so before Ray starts
+    if 1 in run_stages(config):
+        parent = str(Path(parent or recorded_checkpoint(config, 1)).expanduser().resolve())  # said before Ray starts
     start_ray(config, address)
     store = _data(config, "ultrasound", force_split)
-    return run_stage(config, 2, store.path, parent=str(Path(parent).expanduser().resolve()), resume=resume)
+    return run_stage(config, 2, store.path, parent=parent, resume=resume)
 
 
 def evaluate_job(config: Config, *, checkpoint: str | Path | None = None) -> dict:

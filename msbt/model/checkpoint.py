@@ -58,7 +58,7 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _weights_record(weights: str) -> dict[str, Any]:
+def weights_record(weights: str) -> dict[str, Any]:
     """The weights source; a local file also gets its hash, so the run can be reproduced exactly."""
     if weights in ("imagenet", "none", "parent"):
         return {"source": weights}
@@ -77,6 +77,7 @@ def write_manifest(
     parent: str | Path | None = None,
     data_fingerprint: str = "",
     split_id: str = "",
+    number: int | None = None,
 ) -> dict:
     """Write ``manifest.json`` beside an already saved ``model.keras``.
 
@@ -90,9 +91,15 @@ def write_manifest(
         parent: The parent checkpoint folder (stage 2), or None.
         data_fingerprint: Identifies the training data (passed in by the caller).
         split_id: Identifies the train/val/test split (passed in by the caller).
+        number: The stage's number (1 cell lines, 2 ultrasound). Default: 1 without a parent, else the
+            parent's plus one. A stage 2 that starts from no stage 1 (``weights`` imagenet, none or a file)
+            must say so: it has no parent to count from.
 
     Returns:
         The manifest as written.
+
+    Raises:
+        ValueError: A ``number`` that is not the parent's plus one.
     """
     directory = Path(directory)
     parent_record = None
@@ -105,14 +112,18 @@ def write_manifest(
             "model_sha256": sha256_file(parent_dir / MODEL_FILE),
             "stage": read_manifest(parent_dir)["stage"],
         }
+    counted = 1 if parent_record is None else parent_record["stage"] + 1
+    if number is not None and parent_record is not None and number != counted:
+        raise ValueError(f"stage {number} cannot have the stage-{parent_record['stage']} parent "
+                         f"{parent_record['path']}")
     manifest = {
         "format": FORMAT_VERSION,
-        "stage": 1 if parent_record is None else parent_record["stage"] + 1,
+        "stage": counted if number is None else number,
         "model_file": MODEL_FILE,
         "model_sha256": sha256_file(directory / MODEL_FILE),
         "parent": parent_record,
         "backbone": stage_config.backbone,
-        "weights": _weights_record(stage_config.weights),
+        "weights": weights_record(stage_config.weights),
         "data_fingerprint": data_fingerprint,
         "split_id": split_id,
         "class_names": list(class_names),

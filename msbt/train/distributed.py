@@ -259,6 +259,7 @@ def fit_stage_distributed(
     resume_from: str | Path | None = None,
     strategy: tf.distribute.Strategy | None = None,
     audit: Audit | None = None,
+    number: int | None = None,
 ) -> loop.StageResult:
     """Train one stage data-parallel across the strategy's workers; arguments as :func:`msbt.train.loop.fit_stage`.
 
@@ -268,7 +269,7 @@ def fit_stage_distributed(
 
     Args:
         stage, train_ds, val_ds, class_names, out_dir, seed, parent, callbacks, data_fingerprint,
-            split_id, shuffle_buffer, verbose, resume_from: As for ``fit_stage``; ``stage.batch_size`` is
+            split_id, shuffle_buffer, verbose, resume_from, number: As for ``fit_stage``; ``stage.batch_size`` is
             the global batch. ``seed`` seeds the weights identically on every worker; worker ``r`` keys
             its shuffling and augmentation with ``seed + r`` (its shard is other images anyway).
         strategy: A ``MultiWorkerMirroredStrategy`` (created before any other TensorFlow op of the
@@ -293,7 +294,8 @@ def fit_stage_distributed(
         raise ValueError(f"batch_size {stage.batch_size} (global) cannot be split across {workers} workers")
     with strategy.scope():  # the model's variables are the strategy's
         state = loop.start_stage(stage, class_names=class_names, out_dir=out_dir, seed=seed, parent=parent,
-                                 data_fingerprint=data_fingerprint, split_id=split_id, resume_from=resume_from)
+                                 data_fingerprint=data_fingerprint, split_id=split_id, resume_from=resume_from,
+                                 number=number)
     if audit is not None:
         audit.rank, audit.world_size = rank, workers
         audit.initial_weights = weights_digest(state.model)

@@ -443,6 +443,7 @@ class StageState:
     data_fingerprint: str
     split_id: str
     train_state: Path | None = None  # a resumed checkpoint's train_state.npz, put back by resume_phase
+    number: int | None = None  # the stage's number, for its manifest (None: counted from the parent)
 
     def phases(self) -> list[Phase]:
         """The stage's phases still to run, the first one cut to start after the epochs already done."""
@@ -470,6 +471,7 @@ def start_stage(
     data_fingerprint: str = "",
     split_id: str = "",
     resume_from: str | Path | None = None,
+    number: int | None = None,
 ) -> StageState:
     """Set a stage up: its folder (an old manifest removed), the seeded model and the best-model saver.
 
@@ -498,7 +500,7 @@ def start_stage(
             check_parent(parent, stage)
         model, done = _resume(resume_from, stage, class_names, saver, history)
     state = StageState(stage, out_dir, list(class_names), model, saver, history, done, parent,
-                       data_fingerprint, split_id)
+                       data_fingerprint, split_id, number=number)
     if resume_from is not None:
         state.train_state = _resumed_train_state(resume_from, out_dir)
     return state
@@ -523,6 +525,7 @@ def finish_stage(state: StageState) -> StageResult:
         parent=state.parent,
         data_fingerprint=state.data_fingerprint,
         split_id=state.split_id,
+        number=state.number,
     )
     return StageResult(state.out_dir, manifest["stage"], stage.monitor, saver.best_epoch, saver.best_logs,
                        state.history)
@@ -543,6 +546,7 @@ def fit_stage(
     shuffle_buffer: int | None = None,
     verbose: int = 0,
     resume_from: str | Path | None = None,
+    number: int | None = None,
 ) -> StageResult:
     """Train one stage and write its checkpoint folder (``model.keras`` + ``manifest.json``).
 
@@ -565,6 +569,8 @@ def fit_stage(
             training continues after its ``best_epoch`` with its model, best score, history and
             training state (optimizer, seed generators: ``train_state.npz``), so in deterministic mode
             it ends as an uninterrupted run does. Its config must equal ``stage`` except ``epochs``.
+        number: The stage's number for its manifest (msbt.model.checkpoint.write_manifest); default:
+            counted from the parent (1 without one).
 
     Returns:
         A :class:`StageResult` with the best epoch's metrics and the full history.
@@ -574,7 +580,8 @@ def fit_stage(
         RuntimeError: ``stage.monitor`` never had a finite value (no checkpoint written).
     """
     state = start_stage(stage, class_names=class_names, out_dir=out_dir, seed=seed, parent=parent,
-                        data_fingerprint=data_fingerprint, split_id=split_id, resume_from=resume_from)
+                        data_fingerprint=data_fingerprint, split_id=split_id, resume_from=resume_from,
+                        number=number)
     for phase in state.phases():
         _run_phase(state, phase, train_ds, val_ds, [state.saver, *callbacks], seed, shuffle_buffer, verbose)
     return finish_stage(state)

@@ -136,6 +136,7 @@ def report_callback(
     history: dict[str, list[float]] | None = None,
     staging_dir: str | Path | None = None,
     history_file: str | Path | None = None,
+    number: int | None = None,
 ):
     """A Keras callback that calls ``ray.train.report`` at the end of every epoch.
 
@@ -146,8 +147,8 @@ def report_callback(
 
     Args:
         out_dir: ``fit_stage``'s checkpoint folder (where the saver writes ``model.keras``).
-        stage, class_names, parent, data_fingerprint, split_id: As given to ``fit_stage``; they go into
-            each reported manifest.
+        stage, class_names, parent, data_fingerprint, split_id, number: As given to ``fit_stage``; they go
+            into each reported manifest.
         history: Per-epoch logs of epochs already trained (a resumed stage); this callback appends.
         staging_dir: Where each reported checkpoint is staged (default: beside ``out_dir``), so an
             interrupt leaves nothing in the system's temp folder.
@@ -208,6 +209,7 @@ def report_callback(
                 parent=parent,
                 data_fingerprint=data_fingerprint,
                 split_id=split_id,
+                number=number,
             )
 
     return _Report()
@@ -302,7 +304,7 @@ class LoopConfig:
     tensorboard_dir: str | None = None  # rank 0 writes epoch scalars there; None = none
     work_dir: str | None = None  # the workers' scratch (model being saved, checkpoints staged): work_folder
     history_file: str | None = None  # rank 0 rewrites every epoch's metrics there (all epochs, not only kept)
-    stage_number: int = 0  # named in the progress bar
+    stage_number: int = 0  # named in the progress bar and recorded in the manifests (0: counted from the parent)
     progress: bool = False  # rank 0 draws a bar per epoch on the driver's console
     deterministic: bool = False  # run.deterministic: op determinism, rows in a fixed order (shard_arrays)
 
@@ -361,7 +363,8 @@ def train_loop_per_worker(config: LoopConfig) -> None:
         with contextlib.ExitStack() as stack:
             parent_dir = stack.enter_context(parent.as_directory()) if parent else None
             resume_dir = stack.enter_context(resume.as_directory()) if resume else None
-            common = dict(parent=parent_dir, data_fingerprint=config.data_fingerprint, split_id=config.split_id)
+            common = dict(parent=parent_dir, data_fingerprint=config.data_fingerprint, split_id=config.split_id,
+                          number=config.stage_number or None)
             history = _resumed_history(resume_dir)
             callback = report_callback(
                 out_dir, stage, class_names, history=history,

@@ -53,14 +53,15 @@ def image_index(source: str) -> int:
     return zlib.crc32(source.encode())
 
 
-def cache_key(parent: str | Path, store: str | Path, stage: StageConfig, copies: int, seed: int) -> str:
+def cache_key(parent: str | Path | None, store: str | Path, stage: StageConfig, copies: int, seed: int) -> str:
     """Hash of everything the cached features depend on."""
-    from msbt.model.checkpoint import read_manifest
+    from msbt.model.checkpoint import read_manifest, weights_record
     from msbt.data.store import Store
 
     parts = {
         "format": FORMAT,
-        "parent_model": read_manifest(parent)["model_sha256"],
+        # the backbone's weights: the stage-1 model, or (no parent) the stage's own source (a file's sha256)
+        "parent_model": read_manifest(parent)["model_sha256"] if parent else weights_record(stage.weights),
         "store": Store.open(store).fingerprint(),
         "backbone": [stage.backbone, stage.image_size],
         "augment": {k: v for k, v in to_dict(stage.augment).items() if k not in ("enabled", "expansion")},
@@ -78,14 +79,14 @@ class FeatureExtractor:
     """A Ray Data actor: loads the stage-1 model once, returns backbone features of image batches.
 
     Args:
-        parent: The stage-1 checkpoint folder.
+        parent: The stage-1 checkpoint folder (None: the stage's own ``weights``).
         stage: Stage-2 config (backbone, image size; its ``augment`` ranges make the copies).
         copies: Copies per training image (copy 0 = original).
         seed: Augmentation seed.
         shape: Stored image shape.
     """
 
-    def __init__(self, parent: str, stage: dict, copies: int, seed: int, shape: Sequence[int]):
+    def __init__(self, parent: str | None, stage: dict, copies: int, seed: int, shape: Sequence[int]):
         import keras
 
         from msbt.model.checkpoint import load_checkpoint
@@ -94,7 +95,7 @@ class FeatureExtractor:
 
         self.stage = frozen(from_dict(StageConfig, stage, source="fast-mode stage"))
         self.copies, self.seed, self.shape = copies, seed, tuple(shape)
-        model = build_model(self.stage, 2, load_checkpoint(parent)[0])
+        model = build_model(self.stage, 2, load_checkpoint(parent)[0] if parent else None)
         self.extract = keras.Model(model.inputs, model.get_layer("gap").output)
 
     def __call__(self, batch):
@@ -130,7 +131,7 @@ class FeatureExtractor:
                 "copy": np.concatenate(out["copy"])}
 
 
-def compute_features(store: str | Path, parent: str | Path, stage: StageConfig, copies: int, seed: int,
+def compute_features(store: str | Path, parent: str | Path | None, stage: StageConfig, copies: int, seed: int,
                      actors: int = 1, batch_size: int = 32) -> dict[str, np.ndarray]:
     """Backbone features of the store's train (``copies`` each) and val images, with Ray Data actors.
 
@@ -152,8 +153,8 @@ def compute_features(store: str | Path, parent: str | Path, stage: StageConfig, 
     ds = ds.filter(expr=col("split").is_in(list(SPLITS))).materialize()
     ds = ds.map_batches(
         FeatureExtractor,
-        fn_constructor_kwargs={"parent": str(parent), "stage": to_dict(stage), "copies": copies, "seed": seed,
-                               "shape": Store.open(store).image_shape},
+        fn_constructor_kwargs={"parent": str(parent) if parent else None, "stage": to_dict(stage), "copies": copies,
+                               "seed": seed, "shape": Store.open(store).image_shape},
         compute=ray.data.ActorPoolStrategy(size=actors),
         batch_size=batch_size,
         batch_format="pyarrow",
@@ -192,13 +193,13 @@ def features_dir(config: Config, key: str) -> Path:
     return tune_dir(config) / "features" / key
 
 
-def ensure_features(config: Config, store: str | Path, parent: str | Path, reference: StageConfig) -> Path:
+def ensure_features(config: Config, store: str | Path, parent: str | Path | None, reference: StageConfig) -> Path:
     """The cached features for this run, computed now if there are none for this key.
 
     Args:
         config: The run's config (``stage2`` backbone and image size, ``tune.space.expansion``).
         store: The ultrasound store.
-        parent: The stage-1 checkpoint folder.
+        parent: The stage-1 checkpoint folder (None: the stage's own ``weights``).
         reference: The stage whose augmentation ranges make the copies (trial 0's).
 
     Returns:
@@ -220,9 +221,9 @@ def ensure_features(config: Config, store: str | Path, parent: str | Path, refer
     np.savez(tmp, **arrays)
     tmp.replace(out / FEATURES_FILE)
     seconds = time.perf_counter() - started
-    info = {"key": key, "parent": str(parent), "store": str(store), "copies": copies, "seed": config.data.seed,
-            "stage": to_dict(stage), "train": int(len(arrays["train_y"])), "val": int(len(arrays["val_y"])),
-            "dim": int(arrays["val_x"].shape[1]), "seconds": round(seconds, 2)}
+    info = {"key": key, "parent": str(parent) if parent else None, "store": str(store), "copies": copies,
+            "seed": config.data.seed, "stage": to_dict(stage), "train": int(len(arrays["train_y"])),
+            "val": int(len(arrays["val_y"])), "dim": int(arrays["val_x"].shape[1]), "seconds": round(seconds, 2)}
     write_text(out / INFO_FILE, json.dumps(info, indent=2) + "\n")  # written last: marks the cache complete
     print(f"fast mode: features of {info['train']} train images x {copies} copies and {info['val']} val images "
           f"in {seconds:.1f} s -> {out}", flush=True)
@@ -249,13 +250,13 @@ def head_model(stage: StageConfig, feature_dim: int, num_classes: int = 2):
     return keras.Model(inputs, head_layers(inputs, stage.head, num_classes), name=f"msbt_head_{stage.backbone}")
 
 
-def attach_head(head, stage: StageConfig, parent: str | Path):
+def attach_head(head, stage: StageConfig, parent: str | Path | None):
     """A complete stage-2 model: stage 1's backbone (as ``build_model`` copies it) with a trained head.
 
     Args:
         head: From :func:`head_model`, trained.
         stage: The stage-2 config the head was trained under.
-        parent: The stage-1 checkpoint the features came from.
+        parent: The stage-1 checkpoint the features came from (None: the stage's own ``weights``).
 
     Returns:
         A ``keras.Model`` whose output equals ``head(features(image))``.
@@ -264,7 +265,7 @@ def attach_head(head, stage: StageConfig, parent: str | Path):
     from msbt.model.models import build_model
 
     num_classes = 2 if head.get_layer("predictions").units == 1 else head.get_layer("predictions").units
-    model = build_model(frozen(stage), num_classes, load_checkpoint(parent)[0])
+    model = build_model(frozen(stage), num_classes, load_checkpoint(parent)[0] if parent else None)
     for layer in head.layers:
         if layer.weights:
             model.get_layer(layer.name).set_weights(layer.get_weights())

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from msbt.atomicio import write_text
 from msbt.config import Config, ConfigError, to_dict
-from msbt.runfolder import tune_dir
+from msbt.runfolder import run_modalities, run_stages, tune_dir
 from msbt.tune.review import SEARCH_FILE
 from msbt.tune.space import (
     check_space,
@@ -96,14 +96,14 @@ def stage1_checkpoint(config: Config, microscope_store: str | Path) -> str:
 # Trainables
 
 
-def train_trial(params: dict, *, config: Config, store: str, parent: str, experiment: str) -> None:
+def train_trial(params: dict, *, config: Config, store: str, parent: str | None, experiment: str) -> None:
     """Full mode: one trial = one Ray Train run of stage 2 from the shared stage-1 checkpoint.
 
     Args:
         params: The trial's values, nested like :func:`param_space`.
         config: The run's resolved config.
         store: The ultrasound store (its train and val rows are used).
-        parent: The stage-1 checkpoint folder.
+        parent: The stage-1 checkpoint folder (None: stage 2 starts from its ``weights``).
         experiment: The experiment folder; the Train run goes to ``train/<trial id>/stage2`` in it.
     """
     from ray import tune
@@ -139,7 +139,7 @@ def trial_dirname(trial) -> str:
 # The search
 
 
-def _search_record(config: Config, fast: bool, parent: str, features: str | None) -> dict:
+def _search_record(config: Config, fast: bool, parent: str | None, features: str | None) -> dict:
     space = config.tune.space
     return {
         "metric": config.tune.metric,
@@ -214,8 +214,9 @@ def run_search(config: Config, *, resume: bool = False, sources: str = "tune.spa
     if restorable and not resume:
         raise ConfigError(f"{exp}: an experiment already exists; continue it with --resume, or set "
                           "tune.experiment to start another")
-    stores = ensure_stores(config)
-    parent = stage1_checkpoint(config, stores["microscope"].path)
+    stores = ensure_stores(config, run_modalities(config))
+    # Every trial starts from the one stage-1 checkpoint, or (stage2.weights other than parent) from none.
+    parent = stage1_checkpoint(config, stores["microscope"].path) if 1 in run_stages(config) else None
     store = str(stores["ultrasound"].path)
     features = None
     if fast:
@@ -246,7 +247,7 @@ def run_search(config: Config, *, resume: bool = False, sources: str = "tune.spa
     return results
 
 
-def _trainable(config: Config, store: str, parent: str, exp: str, features: str | None):
+def _trainable(config: Config, store: str, parent: str | None, exp: str, features: str | None):
     from ray import tune
 
     if features is None:

@@ -68,6 +68,22 @@ def test_weights_file_source_is_hashed(tmp_path):
     assert read_manifest(folder)["weights"] == {"source": str(weights), "sha256": sha256_file(weights)}
 
 
+def test_a_stage2_without_a_parent_says_it_is_stage2_and_is_no_parent(chain, tmp_path):
+    """A stage 2 from ImageNet (no stage 1) used to be recorded as stage 1: the report called its curves
+    stage 1's, and it passed as a stage-1 parent."""
+    folder = tmp_path / "imagenet-stage2"
+    folder.mkdir()
+    (folder / MODEL_FILE).write_bytes(b"stage two from imagenet")
+    stage = StageConfig(weights="imagenet")
+    common = dict(stage_config=stage, class_names=["benign", "malignant"], metrics={"val_auc": 0.7}, best_epoch=1)
+    assert write_manifest(folder, **common, number=2)["stage"] == 2 and read_manifest(folder)["parent"] is None
+    with pytest.raises(CheckpointError, match="stage-2 checkpoint"):
+        check_parent(folder, STAGE2)
+    assert write_manifest(folder, **common)["stage"] == 1  # without a number: counted from the parent, as before
+    with pytest.raises(ValueError, match="stage 1 cannot have the stage-1 parent"):
+        write_manifest(chain[1], **common, parent=chain[0], number=1)
+
+
 def test_verify_detects_a_changed_model(chain):
     s1, _ = chain
     assert verify(s1)

@@ -7,10 +7,11 @@ cluster; the steps find each other through the run folder's stages.json.
 import json
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 
 import pytest
 
-from helpers import ROOT, TINY_SETS, check_run_report
+from helpers import ROOT, TINY_SETS, check_run_report, check_self_contained, svgs
 
 from msbt.model.checkpoint import lineage, read_manifest
 from msbt.cli import main
@@ -93,6 +94,40 @@ def test_steps_chain_through_the_recorded_stages(tmp_path, ray_local, capsys):
     # --resume refuses a recorded stage that the config no longer describes
     assert main(["stage2", *common, "--resume", "--set", "stage2.head.dropout=0.25"]) == 1
     assert "stage2.head" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_stage2_that_starts_from_no_stage1_runs_alone(tmp_path, ray_local, capsys):
+    """stage2.weights other than parent (workflows/configs/multisite.yaml starts from ImageNet): the main job
+    trains no stage 1 and reads no microscope data. It used to train stage 1, then fail at stage 2 (measured
+    2026-12-03: 'a parent checkpoint is needed exactly when weights is parent', after stage 1's minutes)."""
+    common = ["--config", str(ROOT / "workflows" / "configs" / "smoke.yaml"), "--set", f"run.storage_path={tmp_path}",
+              "--set", f"synth.out_dir={tmp_path / 'synth'}", *TINY_SETS, "--set", "stage2.weights=none"]
+    # a stage-1 checkpoint given to such a stage 2 is refused at once, naming the setting
+    assert main(["stage2", *common, "--parent", str(tmp_path)]) == 1
+    assert "stage2.weights is 'none'" in capsys.readouterr().err
+
+    assert main(["run", *common]) == 0
+    out = capsys.readouterr().out
+    assert "stage 1: not trained (stage2.weights is 'none'" in out and "microscope" not in out
+    run = tmp_path / "smoke"
+    assert not (run / "stage1").exists() and not (run / "stores" / "microscope").exists()
+    assert not (run / "data" / "microscope").exists()
+    stages = json.loads((run / "stages.json").read_text())
+    assert list(stages) == ["2"]
+    chain = lineage(stages["2"]["checkpoint"])
+    assert len(chain) == 1 and chain[0]["verified"] and read_manifest(stages["2"]["checkpoint"])["parent"] is None
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["training"]["stage1"] is None and list(summary["stores"]) == ["ultrasound"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["checkpoint"] == stages["2"]["checkpoint"]
+    text = (run / "report.html").read_text()
+    check_self_contained(text)
+    titles = [ET.fromstring(s).get("aria-label") for s in svgs(text)]
+    assert "Stage 2 (tiny_cnn): loss" in titles and not any(t.startswith("Stage 1") for t in titles)
+    assert "weights=none" in text
 
 
 def test_tensorboard_callback_writes_epoch_scalars(tmp_path):
