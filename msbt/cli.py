@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_stage1)
 
     p = sub.add_parser("stage2", help="ultrasound data and store, then stage 2 from stage 1's recorded best "
-                       "checkpoint (or --parent)")
+                       "checkpoint (or --parent; from none when stage2.weights is not parent)")
     _step_options(p)
     p.add_argument("--parent", metavar="CHECKPOINT", help="stage-1 checkpoint folder to start from (default: "
                    "stage 1's best, recorded in the run's stages.json)")
