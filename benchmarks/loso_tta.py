@@ -43,13 +43,17 @@ def main(argv=None) -> int:
 
     from msbt.data.store import read_store
     from msbt.eval.evaluate import load_stage2, predict_split, read_predictions, write_predictions
+    from msbt.train.loop import dataset_from_arrays, eval_batches
 
     for folder in folders:
         checkpoint = json.loads((folder / "metrics.json").read_text())["checkpoint"]
         model, stage = load_stage2(checkpoint)
         plain = predict_split(model, stage, folder / "store", "test")
-        images = read_store(folder / "store", columns=["image"], split="test")["image"]
-        mirrored = np.asarray(model.predict(images[:, :, ::-1].astype("float32"), batch_size=32, verbose=0))
+        rows = read_store(folder / "store", columns=["image", "label_index"], split="test")
+        # mirrored left to right, then the evaluation's own batching (it resizes to the stage's size)
+        mirrored_rows = dataset_from_arrays(np.ascontiguousarray(rows["image"][:, :, ::-1]), rows["label_index"])
+        batches = eval_batches(mirrored_rows, stage, num_classes=2)
+        mirrored = np.asarray(model.predict(batches, verbose=0))
         recorded = read_predictions(folder / "predictions.csv")["test"]
         drift = float(np.abs(np.sort(plain["p"]) - np.sort(recorded["p"])).max())
         (out / "loso" / folder.name).mkdir(parents=True)

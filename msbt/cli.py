@@ -560,11 +560,12 @@ def _experiment_parsers(sub) -> None:
 
 def _cmd_experiment(args) -> int:
     from msbt.jobs import experiments
-    from msbt.runfolder import run_dir
+    from msbt.runfolder import MODALITIES, run_dir, run_modalities
     from msbt.eval.report import write_report
 
     config = _load_run(args)
-    _preflight(config)
+    # compare's arms may start from stage 1 whatever the config says; the other experiments train its stage 2
+    _preflight(config, MODALITIES if args.experiment == "compare" else run_modalities(config))
     _start_ray(args, config)
     common = {"fresh": args.fresh, "n_boot": args.n_boot}
     if args.experiment == "crossval" and args.by == "site":
@@ -612,14 +613,14 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_tune(args) -> int:
-    from msbt.runfolder import run_dir
+    from msbt.runfolder import run_dir, run_modalities
     from msbt.tune.review import format_ranking, read_experiment, write_best_overlay
     from msbt.tune.search import experiment_dir, run_search
 
     extra = ["tune.fast=true", "stage2.trainable_backbone=false"] if args.fast else []
     config = load_config(_configs(args), args.overrides + extra)
     run_dir(config)  # run.name and run.storage_path checked before Ray starts
-    _preflight(config)
+    _preflight(config, run_modalities(config))
     _start_ray(args, config)
     run_search(config, resume=args.resume, sources=", ".join(args.config) or "the default config")
     exp = experiment_dir(config)

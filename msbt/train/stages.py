@@ -365,6 +365,8 @@ def _entry_problem(entry: dict, inputs: dict) -> str | None:
         return "the checkpoint holds another model than the one recorded"
     if manifest.get("config") != inputs["config"] or manifest.get("data_fingerprint") != inputs["data_fingerprint"]:
         return "its manifest records other stage settings or another store"
+    if manifest.get("stage") != inputs["stage"]:  # a stage 2 without a parent written before 2026-12-03 says 1
+        return f"its manifest records stage {manifest.get('stage')}, not {inputs['stage']}"
     link = manifest.get("parent") or {}
     if inputs["parent"].startswith("sha256:") and inputs["config"].get("weights") == "parent" \
             and "sha256:" + str(link.get("model_sha256")) != inputs["parent"]:

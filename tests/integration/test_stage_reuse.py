@@ -31,7 +31,7 @@ def config_for(tmp_path, name="a", *overrides):
     return load_config(overrides=[f"run.storage_path={tmp_path / 'runs'}", f"run.name={name}", *overrides])
 
 
-def fake_checkpoint(folder, stage: StageConfig, store, *, parent=None, model=b"weights", epoch=2):
+def fake_checkpoint(folder, stage: StageConfig, store, *, parent=None, model=b"weights", epoch=2, number=None):
     """A checkpoint folder of ``stage`` trained on ``store`` (the model's bytes stand in for a model)."""
     from msbt.train.runner import store_identity
 
@@ -40,7 +40,7 @@ def fake_checkpoint(folder, stage: StageConfig, store, *, parent=None, model=b"w
     fingerprint, split_id = store_identity(store)
     write_manifest(folder, stage_config=stage, class_names=["a", "b"], metrics={stage.monitor: 0.25, "loss": 0.5},
                    best_epoch=epoch, history={"loss": [0.7, 0.5]}, parent=parent, data_fingerprint=fingerprint,
-                   split_id=split_id)
+                   split_id=split_id, number=number)
     return folder
 
 
@@ -118,6 +118,20 @@ def test_the_index_returns_a_remembered_stage_and_ignores_stale_or_altered_entri
     assert S.find_identical(root, inputs) is None
     index.write_text("{not json")  # an unreadable index is ignored, not trusted and not fatal
     assert S.read_index(root) == {} and S.find_identical(root, inputs) is None
+
+
+def test_a_stage2_without_a_parent_recorded_as_stage1_is_not_reused(tmp_path):
+    """Before 2026-12-03 a stage 2 from ImageNet (no parent) was written as stage 1; reusing it would put a
+    'stage 1' checkpoint in stages.json as stage 2. Such entries are skipped (trained once more)."""
+    store = fake_store(tmp_path / "s")
+    config = config_for(tmp_path, "a", "stage2.weights=imagenet")
+    root, inputs = S.index_root(config), S.stage_inputs(config, 2, store)
+    old = fake_checkpoint(tmp_path / "old", config.stage2, store)  # no number: counted as stage 1
+    S.remember_stage(root, inputs, old, run_dir(config))
+    assert S.find_identical(root, inputs) is None
+    new = fake_checkpoint(tmp_path / "new", config.stage2, store, number=2)
+    S.remember_stage(root, inputs, new, run_dir(config))
+    assert S.find_identical(root, inputs)["checkpoint"] == str(new.resolve())
 
 
 def test_run_stage_reuses_an_identical_stage_of_another_run_without_ray(tmp_path, capsys):
