@@ -514,9 +514,9 @@ def compare(config: Config, *, arms: Sequence[str] = tuple(COMPARE_ARMS), naive:
         raise ValueError(f"unknown arms {unknown}; known: {list(COMPARE_ARMS)}")
     if naive and "multistage" not in arms:
         raise ValueError("the naive-split comparison needs the multistage arm")
-    for arm in arms:  # every arm's config holds before any work (stage 1 and the first arms train first)
-        with_overrides(config, COMPARE_ARMS[arm], f"compare arm {arm}")
-    needs_stage1 = any(COMPARE_ARMS[a]["stage2.weights"] == "parent" for a in arms) or naive
+    # every arm's config holds before any work (stage 1 and the first arms train first)
+    configs = [with_overrides(config, COMPARE_ARMS[arm], f"compare arm {arm}") for arm in arms]
+    needs_stage1 = any(1 in run_stages(c) for c in configs) or naive
     data = prepare_run(config, stage1=needs_stage1)
     out = _fresh(data.run_dir / "compare", fresh)
     stage1 = shared_stage1(data, verbose=verbose) if needs_stage1 else None
