@@ -535,6 +535,10 @@ def _experiment_parsers(sub) -> None:
                                 "all: every image (do not select on the result)")
             p.add_argument("--by", choices=("fold", "site"), default="fold",
                            help="fold: k group-aware folds (default); site: leave one site out, for every site")
+            p.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
+                           help="with --by site: repeat the design with these training seeds (run.train_seed) on "
+                                "the same split, and summarise the mean and spread over them (e.g. 0 1 2; the "
+                                "config's own seed reuses a finished single-seed run)")
         if name == "compare":
             p.add_argument("--arms", nargs="+", choices=("multistage", "imagenet", "scratch"),
                            default=["multistage", "imagenet", "scratch"], help="stage-2 starting points")
@@ -564,12 +568,14 @@ def _cmd_experiment(args) -> int:
     from msbt.eval.report import write_report
 
     config = _load_run(args)
+    if getattr(args, "seeds", None) and args.by != "site":
+        raise ConfigError("--seeds repeats leave one site out (--by site); k-fold crossval over seeds is not built")
     # compare's arms may start from stage 1 whatever the config says; the other experiments train its stage 2
     _preflight(config, MODALITIES if args.experiment == "compare" else run_modalities(config))
     _start_ray(args, config)
     common = {"fresh": args.fresh, "n_boot": args.n_boot}
     if args.experiment == "crossval" and args.by == "site":
-        experiments.leave_one_site_out(config, **common)
+        experiments.leave_one_site_out(config, seeds=args.seeds, **common)
     elif args.experiment == "crossval":
         experiments.crossval(config, scope=args.scope, **common)
     elif args.experiment == "ablation":

@@ -250,6 +250,10 @@ class RunConfig:
     # worker's rows in one fixed order (sorted by source file and patch box, dealt to workers by
     # position). Costs speed (measured in docs/training.md, "Reproducibility").
     deterministic: bool = False
+    # Seeds each stage's weight initialisation, row order, dropout and augmentation; None: data.seed. The
+    # split keeps data.seed, so runs that differ only here train on the same images (`crossval --by site
+    # --seeds` sets it per repetition: how much the held-out AUC moves with the seed alone).
+    train_seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -280,6 +284,11 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     run: RunConfig = field(default_factory=RunConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+
+
+def training_seed(config: Config) -> int:
+    """The seed of training (weights, row order, dropout, augmentation): ``run.train_seed``, else ``data.seed``."""
+    return config.data.seed if config.run.train_seed is None else config.run.train_seed
 
 
 # ---------------------------------------------------------------------------------------------------

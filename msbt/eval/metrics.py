@@ -529,6 +529,85 @@ def paired_bootstrap_auc_diff(
     return _comparison(roc_auc(y, p_a), roc_auc(y, p_b), se, (low, high))
 
 
+def repeated_auc(y, p_runs, p_base=None, groups=None, n_boot: int = 2000, alpha: float = 0.05,
+                 seed: int = 0) -> dict[str, object]:
+    """The AUC of a design trained several times, and its difference from another design's, with both
+    sources of uncertainty: which cases were sampled, and which training seed was drawn.
+
+    Each row of ``p_runs`` is one training of the design (a seed) scored on the same N cases. The statistic
+    is the mean over rows of the per-row AUC, what a user retraining the design gets on average. Its case
+    uncertainty is a group bootstrap of the cases with the models fixed (every row sees the same resample);
+    its seed uncertainty is the spread over rows, sd^2 / S, added in quadrature, the two-source
+    decomposition of Bouthillier et al., "Accounting for variance in machine learning benchmarks", MLSys
+    2021. One row: the seed term is unknown, and only the case bootstrap is reported.
+
+    Args:
+        y: (N,) labels, 0 benign, 1 malignant.
+        p_runs: (S, N) or (N,) scores of the design's S trainings.
+        p_base: optional (S', N) or (N,) scores of the design compared with (the baseline); its rows need not
+            pair with p_runs' rows (different designs share no training randomness worth pairing).
+        groups, n_boot, alpha, seed: as in :func:`bootstrap_ci`.
+
+    Returns:
+        ``auc`` (mean over rows), ``per_seed``, ``seed_sd`` (ddof 1; nan for one row), ``ci_cases`` (percentile
+        interval of the mean over the case bootstrap), ``se_cases``, ``se`` (both sources; nan with one row).
+        With ``p_base`` also ``diff`` (auc - the base's), ``diff_ci_cases``, ``se_cases_diff``, ``se_seed_diff``
+        (from the seed variances pooled over the designs with >= 2 rows, assumed equal, so one design
+        with a single seed borrows the other's; nan when neither has two), ``se_diff`` (both, or the case
+        term alone when the seed term is nan), ``diff_ci`` (normal, on se_diff) and ``p_value``
+        (two-sided normal on se_diff, as :func:`paired_bootstrap_auc_diff` on one row each).
+    """
+    def rows(p) -> np.ndarray:
+        arr = np.asarray(p, dtype=float)
+        arr = arr[None, :] if arr.ndim == 1 else arr
+        for row in arr:
+            _check_inputs(y, row, probabilities=False)
+        return arr
+
+    y = np.asarray(y)
+    runs = rows(p_runs)
+    base = rows(p_base) if p_base is not None else None
+    y = _check_inputs(y, runs[0], probabilities=False)[0]
+    if n_boot < 2 or not 0 < alpha < 1:
+        raise ValueError(f"need n_boot >= 2 and 0 < alpha < 1, got {n_boot}, {alpha}")
+    plans = {"a": [_AucPlan(y, r) for r in runs], "b": [_AucPlan(y, r) for r in base] if base is not None else []}
+    reps = _bootstrap_replicates(
+        y, groups, n_boot, seed,
+        lambda w: {k: np.mean([plan(w) for plan in ps], axis=0) for k, ps in plans.items() if ps})
+
+    def spread(arr) -> tuple[list[float], float]:
+        aucs = [roc_auc(y, r) for r in arr]
+        return aucs, float(np.std(aucs, ddof=1)) if len(aucs) > 1 else float("nan")
+
+    def sd(values: np.ndarray) -> float:
+        defined = values[~np.isnan(values)]
+        return float(np.std(defined, ddof=1)) if defined.size >= 2 else float("nan")
+
+    per_seed, seed_sd = spread(runs)
+    out: dict[str, object] = {
+        "auc": float(np.mean(per_seed)), "per_seed": per_seed, "seed_sd": seed_sd,
+        "ci_cases": _percentile_interval("auc", reps["a"], alpha), "se_cases": sd(reps["a"]),
+    }
+    out["se"] = math.hypot(out["se_cases"], seed_sd / math.sqrt(len(runs)))
+    if base is None:
+        return out
+    base_aucs, base_sd = spread(base)
+    diffs = reps["a"] - reps["b"]
+    sizes = [(len(runs), seed_sd), (len(base), base_sd)]
+    dof = sum(n - 1 for n, s in sizes if n > 1)
+    pooled = sum((n - 1) * s ** 2 for n, s in sizes if n > 1) / dof if dof else float("nan")
+    se_seed = math.sqrt(pooled * (1 / len(runs) + 1 / len(base)))
+    se_cases = sd(diffs)
+    se = se_cases if math.isnan(se_seed) else math.hypot(se_cases, se_seed)
+    result = _comparison(out["auc"], float(np.mean(base_aucs)), se, (float("nan"), float("nan")))
+    z = float(stats.norm.ppf(1 - alpha / 2))
+    out.update(diff=result["diff"], diff_ci_cases=_percentile_interval("auc difference", diffs, alpha),
+               se_cases_diff=se_cases, se_seed_diff=se_seed, se_diff=se, p_value=result["p_value"],
+               diff_ci=(result["diff"] - z * se, result["diff"] + z * se), base_auc=result["auc_b"],
+               base_per_seed=base_aucs, base_seed_sd=base_sd)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------
 # Cross-validation summary
 # ---------------------------------------------------------------------------------------------------

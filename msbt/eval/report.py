@@ -438,9 +438,19 @@ def experiments_section(run: Path) -> str:
     if loso:
         rows = [(r["site"], r["test_images"], _ci_text(r["held_out_auc"]), _ci_text(r["internal_auc"]) if r.get(
             "internal_auc") else "", _fmt(r.get("gap")), r.get("contamination_excluded", 0)) for r in loso["rows"]]
-        parts.append(f"<h3>Leave one site out</h3><p>{_e(loso['design'])}.</p>" + _table(
+        seeds = loso.get("seeds") or []
+        parts.append(f"<h3>Leave one site out</h3><p>{_e(loso['design'])}"
+                     + (f"; training seed {seeds[0]} of {len(seeds)}" if len(seeds) > 1 else "") + ".</p>" + _table(
             ("held-out site", "images", "held-out AUC", "internal AUC (other sites' test)", "gap", "near-dupes excluded"),
             rows))
+        if loso.get("across_seeds"):
+            rows = [(r["site"], r["images"], _ci_text([r["held_out_auc_mean"], *r["ci_cases"]]), _fmt(r["seed_sd"]),
+                     " ".join(_fmt(a) for a in r["per_seed"]), _ci_text(r["ensemble_auc"])) for r in loso["across_seeds"]]
+            parts.append(f"<p>The same design over {len(seeds)} training seeds {_e(str(seeds))} on the same split: "
+                         "the mean over seeds is the number to quote (its interval covers the held-out cases; the "
+                         "seeds' spread is beside it); the averaged model scores the mean of the seeds' "
+                         "probabilities.</p>" + _table(("held-out site", "images", "mean AUC [95% CI cases]",
+                                                        "sd over seeds", "per seed", "averaged model AUC"), rows))
     lc = _read_json(run / "loso" / "compare.json")
     if lc:
         rows = [(arm, r["site"], r["test_images"], _ci_text(r["held_out_auc"]),

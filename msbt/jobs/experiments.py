@@ -634,8 +634,8 @@ def _internal(result: dict, store: Path, folder: Path, n_boot: int, seed: int) -
     return out
 
 
-def leave_one_site_out(config: Config, *, arms: Sequence[str] | None = None, fresh: bool = False, n_boot: int = 2000,
-                       verbose: int = 0) -> dict:
+def leave_one_site_out(config: Config, *, arms: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
+                       fresh: bool = False, n_boot: int = 2000, verbose: int = 0) -> dict:
     """Train on every site but one and score the held-out one, for every site; all from one stage 1.
 
     Args:
@@ -643,15 +643,33 @@ def leave_one_site_out(config: Config, *, arms: Sequence[str] | None = None, fre
             :data:`COMPARE_ARMS` (``compare --by site``), each trained per held-out site and compared on the same
             held-out images with paired tests; an arm whose overlay leaves the config unchanged shares the
             plain design's folder (``site-<s>``), so a finished ``crossval --by site`` is reused.
+        seeds: Training seeds (``run.train_seed``) to repeat the whole design with, on the same split and
+            stores (``crossval --by site --seeds 0 1 2``): one seed's held-out AUC moves by as much as most
+            levers, so the number to quote is the mean over seeds with both uncertainties
+            (:func:`msbt.eval.metrics.repeated_auc`). The config's own seed keeps the folders ``site-<s>``
+            (a finished single-seed run is reused), another seed k gets ``site-<s>-seed<k>``. None: the
+            config's own seed only. Not combined with ``arms``.
 
     Returns:
         The content of ``loso.json`` (or ``compare.json`` with arms; either also written, with ``sites.csv``, to
         ``runs/<name>/loso``): per held-out site its AUC with a 95% interval, the internal AUC (the other sites'
         test rows, same model) and the gap internal minus held-out; with arms, per arm and the paired tests.
+        With several seeds, ``rows`` are the first seed's, ``by_seed`` every seed's, ``across_seeds`` per site
+        the mean over seeds with its spread and intervals and the seeds' averaged model (an ensemble), and
+        the summary is made of the means.
     """
+    from msbt.config import training_seed
+
     unknown = [a for a in arms or () if a not in COMPARE_ARMS]
     if unknown:
         raise ValueError(f"unknown arms {unknown}; known: {list(COMPARE_ARMS)}")
+    own_seed = training_seed(config)
+    seeds = [own_seed] if seeds is None else list(dict.fromkeys(int(k) for k in seeds))
+    if not seeds:
+        raise ValueError("seeds: give at least one training seed")
+    if arms is not None and seeds != [own_seed]:
+        raise ValueError("seeds: repeating compare --by site over seeds is not built; run crossval --by site "
+                         "--seeds per arm's config and compare them with msbt loso-diff")
     overlays = {"config": {}} if arms is None else {a: COMPARE_ARMS[a] for a in arms}
     # every arm's config is checked before any work, as compare's are
     configs = {a: with_overrides(config, ov, f"leave-one-site-out arm {a}") for a, ov in overlays.items()}
@@ -668,52 +686,71 @@ def leave_one_site_out(config: Config, *, arms: Sequence[str] | None = None, fre
     for s, plan in plans.items():  # fail before any training
         _check_roles({k: v for k, v in plan.items() if v != "internal"}, labels, f"held-out site {s}")
 
-    def folder_name(arm: str, site: str) -> str:  # one config, one folder: an arm equal to the config shares the design's
-        return f"site-{site}" if configs[arm] == config else f"site-{site}-{arm}"
+    def folder_name(arm: str, site: str, seed: int = own_seed) -> str:
+        # one config, one folder: an arm equal to the config shares the design's; another seed, its own
+        name = f"site-{site}" if configs[arm] == config else f"site-{site}-{arm}"
+        return name if seed == own_seed else f"{name}-seed{seed}"
 
     clash = [s for s in sites for a in COMPARE_ARMS if s.endswith(f"-{a}")] if arms is not None else []
     if clash:  # site "x-imagenet" and site "x"'s imagenet arm would share a folder
         raise ValueError(f"site names {clash} end like an arm's folder suffix; rename the site (NAME=PATH)")
     out = data.run_dir / "loso"
     if fresh:
-        remove_loso_results(out, {folder_name(a, s) for a in configs for s in sites}, sites, compare=arms is not None)
+        remove_loso_results(out, {folder_name(a, s, k) for a in configs for s in sites for k in seeds}, sites,
+                            compare=arms is not None)
     out = _fresh(out, False)
     stage1 = shared_stage1(data, verbose=verbose) if needs_stage1 else None
     tables: dict[str, list[dict]] = {a: [] for a in configs}
+    by_seed: dict[int, list[dict]] = {k: [] for k in seeds}
+    held_preds: dict[str, dict[int, dict]] = {s: {} for s in sites}
     paired = {}
     for s, plan in plans.items():
         store = write_resplit(data.ultrasound_store, plan, out / f"site-{s}" / "store")
         results = {}
-        for arm, arm_cfg in configs.items():
-            name = folder_name(arm, s)
-            folder = out / name
-            result = results[arm] = run_arm(arm_config(arm_cfg, out, name), store, stage1, folder, n_boot=n_boot,
-                                            verbose=verbose)
-            has_internal = "internal" in plan.values()
-            internal = _internal(result, store, folder, n_boot, config.data.seed) if has_internal else None
-            held = _ci(result, "auc")
-            tables[arm].append({
-                "site": s, "test_images": result["test_images"], "test_groups": result["test_groups"],
-                "contamination_excluded": len(excluded[s]), "threshold": result["threshold"],
-                "held_out_auc": held, "sensitivity": _ci(result, "sensitivity"),
-                "specificity": _ci(result, "specificity"), "internal_auc": internal["auc"] if internal else None,
-                "gap": internal["auc"][0] - held[0] if internal else None, "checkpoint": result["checkpoint"],
-                "folder": name,
-            })
-            print(f"held-out {s}{'' if arms is None else f' ({arm})'}: AUC {_with_ci(held)}"
-                  + (f", internal {_with_ci(internal['auc'])}" if internal else ""))
+        for seed in seeds:
+            for arm, arm_cfg in configs.items():
+                name = folder_name(arm, s, seed)
+                folder = out / name
+                overrides = {} if seed == own_seed else {"run.train_seed": seed}
+                result = run_arm(arm_config(arm_cfg, out, name, overrides), store, stage1, folder, n_boot=n_boot,
+                                 verbose=verbose)
+                if seed == seeds[0]:
+                    results[arm] = result
+                held_preds[s][seed] = result.predictions["test"]
+                has_internal = "internal" in plan.values()
+                internal = _internal(result, store, folder, n_boot, config.data.seed) if has_internal else None
+                held = _ci(result, "auc")
+                row = {
+                    "site": s, "test_images": result["test_images"], "test_groups": result["test_groups"],
+                    "contamination_excluded": len(excluded[s]), "threshold": result["threshold"],
+                    "held_out_auc": held, "sensitivity": _ci(result, "sensitivity"),
+                    "specificity": _ci(result, "specificity"), "internal_auc": internal["auc"] if internal else None,
+                    "gap": internal["auc"][0] - held[0] if internal else None, "checkpoint": result["checkpoint"],
+                    "folder": name, "seed": seed,
+                }
+                by_seed[seed].append(row)
+                if seed == seeds[0]:
+                    tables[arm].append(row)
+                print(f"held-out {s}{'' if arms is None else f' ({arm})'}"
+                      f"{f' seed {seed}' if len(seeds) > 1 else ''}: AUC {_with_ci(held)}"
+                      + (f", internal {_with_ci(internal['auc'])}" if internal else ""))
         if len(results) > 1:
             paired[s] = paired_tests(results, n_boot=n_boot, seed=config.data.seed)
     first = next(iter(tables))
     report = {"experiment": "loso", "sites": sites, "stage1": str(stage1) if stage1 else None,
-              "design": _LOSO_DESIGN, "rows": tables[first], "summary": _loso_summary(tables[first])}
+              "design": _LOSO_DESIGN, "seeds": seeds, "rows": tables[first], "summary": _loso_summary(tables[first])}
+    if len(seeds) > 1:
+        across = [_across_seeds(s, held_preds[s], by_seed, n_boot=n_boot, seed=config.data.seed) for s in sites]
+        report.update(by_seed={str(k): rows for k, rows in by_seed.items()}, across_seeds=across,
+                      summary=_seeds_summary(across))
     if arms is not None:
         report.update(experiment="loso-compare", arms={a: {"rows": t, "summary": _loso_summary(t)}
                                                        for a, t in tables.items()}, paired=paired)
     _write_table(out / ("sites.csv" if arms is None else "compare-sites.csv"),
                  [{**({} if arms is None else {"arm": a}), **{k: (json.dumps(v) if isinstance(v, list) else v)
                                                             for k, v in r.items()}}
-                  for a, t in tables.items() for r in t])
+                  for a, t in (tables.items() if len(seeds) == 1 else [(first, [r for k in seeds for r in by_seed[k]])])
+                  for r in t])
     write_text(out / ("loso.json" if arms is None else "compare.json"),
                json.dumps(report, indent=2, default=float) + "\n")
     print(format_loso(report))
@@ -741,20 +778,67 @@ def _loso_summary(table: Sequence[Mapping]) -> dict:
             "worst_site": worst["site"], "worst_held_out_auc": worst["held_out_auc"]}
 
 
+def _aligned_seeds(site: str, preds: Mapping[int, dict]) -> tuple[dict, np.ndarray]:
+    """One site's held-out predictions of every seed on the same images: (the first seed's arrays, ordered
+    by source, and the (S, N) probabilities in that order)."""
+    first = next(iter(preds.values()))
+    order = np.argsort(first["source"], kind="stable")
+    ps = []
+    for seed, pred in preds.items():
+        idx = np.argsort(pred["source"], kind="stable")
+        if not np.array_equal(pred["source"][idx], first["source"][order]):
+            raise ValueError(f"held-out site {site}: seed {seed} scored other images than seed {next(iter(preds))}")
+        ps.append(pred["p"][idx])
+    return {k: v[order] for k, v in first.items() if k != "p"}, np.stack(ps)
+
+
+def _across_seeds(site: str, preds: Mapping[int, dict], by_seed: Mapping[int, Sequence[Mapping]], *, n_boot: int,
+                  seed: int) -> dict:
+    """One held-out site over the seeds: the mean AUC with the case interval and both uncertainties, the spread
+    over seeds, and the seeds' averaged model (mean probability per image: an ensemble one could deploy)."""
+    arrays, ps = _aligned_seeds(site, preds)
+    rep = metrics.repeated_auc(arrays["y"], ps, groups=arrays["group"], n_boot=n_boot, seed=seed)
+    ensemble = metrics.bootstrap_ci(arrays["y"], ps.mean(axis=0), 0.5, groups=arrays["group"], n_boot=n_boot,
+                                    seed=seed)["auc"]
+    internal = [r["internal_auc"][0] for k in preds for r in by_seed[k] if r["site"] == site and r["internal_auc"]]
+    return {"site": site, "seeds": [int(k) for k in preds], "images": int(len(arrays["y"])),
+            "held_out_auc_mean": rep["auc"], "ci_cases": list(rep["ci_cases"]), "se": rep["se"],
+            "per_seed": rep["per_seed"], "seed_sd": rep["seed_sd"], "seed_range": [min(rep["per_seed"]), max(rep["per_seed"])],
+            "ensemble_auc": [float(x) for x in ensemble],
+            "internal_auc_mean": float(np.mean(internal)) if internal else None}
+
+
+def _seeds_summary(across: Sequence[Mapping]) -> dict:
+    """The number to quote with several seeds: the worst site's mean over seeds (case interval of the mean,
+    and the seeds' range), the mean over sites, and the seeds' averaged model at the same site."""
+    worst = min(across, key=lambda r: r["held_out_auc_mean"])
+    return {"mean_held_out_auc": float(np.mean([r["held_out_auc_mean"] for r in across])),
+            "worst_site": worst["site"], "worst_held_out_auc": [worst["held_out_auc_mean"], *worst["ci_cases"]],
+            "worst_seed_range": worst["seed_range"], "worst_seed_sd": worst["seed_sd"], "seeds": worst["seeds"],
+            "worst_site_ensemble_auc": worst["ensemble_auc"],
+            "mean_ensemble_auc": float(np.mean([r["ensemble_auc"][0] for r in across]))}
+
+
 def loso_diff(runs: Sequence[str | Path], *, n_boot: int = 2000, seed: int = 0) -> dict:
-    """Leave-one-site-out results of several runs (e.g. one per lever) against the first, paired per held-out
-    site on the images both scored (group bootstrap of the AUC difference): did a lever move the number a user
-    quotes by more than the rerun noise? Reads ``runs/<name>/loso/site-<s>/predictions.csv``, or with
+    """Leave-one-site-out results of several runs (e.g. one per lever) against the first, per held-out site on
+    the images both scored: did a lever move the number a user quotes by more than the noise? Reads
+    ``runs/<name>/loso/site-<s>/predictions.csv`` (every seed's with ``crossval --by site --seeds``), or with
     ``RUN_DIR:ARM`` that arm's of ``compare --by site``; ``A+B`` averages the members' probabilities per image
-    (what an ensemble of them would score). A run stopped before its last site counts with the sites it
-    finished (those without a result are listed in ``missing``). Trains nothing.
+    (what an ensemble of them would score; members with seeds are averaged seed by seed, in order). A run
+    stopped before its last site counts with the sites it finished (those without a result are listed in
+    ``missing``). Trains nothing.
+
+    A run with several seeds counts as the mean of its seeds' AUCs, and the difference's uncertainty adds the
+    seed spread to the case bootstrap (:func:`msbt.eval.metrics.repeated_auc`); with one seed on both sides
+    the seed spread is unmeasured and the interval and p-value cover the held-out cases only (``seed_term``
+    false): a rerun with another seed moved held-out AUC by 0.05-0.07 on real sites (docs/evaluation.md).
 
     Raises:
         ValueError: a run without any held-out site scored, an unknown arm, or a run named twice.
     """
     from msbt.eval.evaluate import read_predictions
 
-    def held_out(spec: str) -> tuple[str, dict[str, dict]]:
+    def held_out(spec: str) -> tuple[str, dict[str, dict[int | None, dict]]]:
         path, _, arm = str(spec).rpartition(":")
         if not path or arm not in COMPARE_ARMS:  # no ":ARM" suffix
             path, arm = str(spec), ""
@@ -763,19 +847,26 @@ def loso_diff(runs: Sequence[str | Path], *, n_boot: int = 2000, seed: int = 0) 
             report = (read_json(run / "loso" / "compare.json") or {}).get("arms", {}).get(arm)
             if not report:
                 raise ValueError(f"{run}: no arm {arm!r} in loso/compare.json (run workflows/compare.py --by site)")
-            folders = {r["site"]: r.get("folder") or f"site-{r['site']}-{arm}" for r in report["rows"]}
+            folders = {r["site"]: {None: r.get("folder") or f"site-{r['site']}-{arm}"} for r in report["rows"]}
         else:
             report = read_json(run / "loso" / "loso.json")
-            if report:
-                folders = {r["site"]: r.get("folder") or f"site-{r['site']}" for r in report["rows"]}
-            else:  # stopped before its summary: the sites it finished
-                folders = {f.parent.name[len("site-"):]: f.parent.name
+            if report and report.get("by_seed"):
+                folders = {}
+                for k, rows in report["by_seed"].items():
+                    for r in rows:
+                        folders.setdefault(r["site"], {})[int(k)] = r["folder"]
+            elif report:
+                folders = {r["site"]: {r.get("seed"): r.get("folder") or f"site-{r['site']}"} for r in report["rows"]}
+            else:  # stopped before its summary: the sites it finished (the config's own seed)
+                folders = {f.parent.name[len("site-"):]: {None: f.parent.name}
                            for f in sorted((run / "loso").glob("site-*/predictions.csv"))
-                           if not any(f.parent.name.endswith(f"-{a}") for a in COMPARE_ARMS)}
+                           if not any(f.parent.name.endswith(f"-{a}") for a in COMPARE_ARMS)
+                           and "-seed" not in f.parent.name}
             if not folders:
                 raise ValueError(f"{run}: no held-out site scored in loso/ (run workflows/crossval.py --by site)")
-        found = {site: read_predictions(run / "loso" / name / "predictions.csv")["test"]
-                 for site, name in folders.items()}
+        found = {site: {k: read_predictions(run / "loso" / name / "predictions.csv")["test"]
+                        for k, name in names.items()}
+                 for site, names in folders.items()}
         return str(spec), found
 
     def averaged(spec: str) -> tuple[str, dict[str, dict]]:
@@ -784,16 +875,20 @@ def loso_diff(runs: Sequence[str | Path], *, n_boot: int = 2000, seed: int = 0) 
         if len(members) == 1:
             return members[0]
         out = {}
-        for site, first in members[0][1].items():
-            order = np.argsort(first["source"], kind="stable")
-            ps = []
+        for site in members[0][1]:
+            stacks = []
             for name, sites in members:
-                pred = sites.get(site)
-                idx = np.argsort(pred["source"], kind="stable") if pred is not None else None
-                if pred is None or not np.array_equal(pred["source"][idx], first["source"][order]):
+                if site not in sites:
+                    raise ValueError(f"{name}: no held-out result at site {site}, which {members[0][0]} has")
+                arrays, ps = _aligned_seeds(site, sites[site])
+                if stacks and not np.array_equal(arrays["source"], stacks[0][0]["source"]):
                     raise ValueError(f"{name}: other held-out images than {members[0][0]} at site {site}")
-                ps.append(pred["p"][idx])
-            out[site] = {**{k: v[order] for k, v in first.items() if k != "p"}, "p": np.mean(ps, axis=0)}
+                if stacks and len(ps) != len(stacks[0][1]):
+                    raise ValueError(f"{name}: {len(ps)} seeds, {members[0][0]} {len(stacks[0][1])}; an average "
+                                     "of runs pairs their seeds in order, so they need as many")
+                stacks.append((arrays, ps))
+            mean = np.mean([ps for _, ps in stacks], axis=0)
+            out[site] = {i: {**stacks[0][0], "p": row} for i, row in enumerate(mean)}
         return "+".join(name for name, _ in members), out
 
     specs = [str(r) for r in runs]
@@ -802,27 +897,28 @@ def loso_diff(runs: Sequence[str | Path], *, n_boot: int = 2000, seed: int = 0) 
         raise ValueError(f"named more than once: {twice}")
     results = dict(averaged(r) for r in specs)
     base_name = specs[0]
-    base = results[base_name]
+    base = {site: _aligned_seeds(site, preds) for site, preds in results[base_name].items()}
     rows, missing = [], {}
     for name, sites in results.items():
         if set(sites) != set(base):
             missing[name] = sorted(set(base) ^ set(sites))
-        for site, pred in sorted(sites.items()):
-            ref = base.get(site)
-            if ref is None:
+        for site, preds in sorted(sites.items()):
+            if site not in base:
                 continue
+            (pred, ps), (ref, ps_ref) = _aligned_seeds(site, preds), base[site]
             common = sorted(set(pred["source"]) & set(ref["source"]))
             a, b = (dict(zip(x["source"], range(len(x["source"])))) for x in (pred, ref))
             ia, ib = [a[c] for c in common], [b[c] for c in common]
             y, groups = pred["y"][ia], pred["group"][ia]
-            row = {"run": name, "site": site, "images": len(common),
-                   "auc": list(metrics.bootstrap_ci(y, pred["p"][ia], 0.5, groups=groups, n_boot=n_boot,
-                                                     seed=seed)["auc"])}  # AUC needs no threshold
+            rep = metrics.repeated_auc(y, ps[:, ia], None if name == base_name else ps_ref[:, ib], groups=groups,
+                                       n_boot=n_boot, seed=seed)
+            row = {"run": name, "site": site, "images": len(common), "seeds": len(ps),
+                   "auc": [rep["auc"], *rep["ci_cases"]], "seed_sd": rep["seed_sd"]}
             if name != base_name:
-                d = metrics.paired_bootstrap_auc_diff(y, pred["p"][ia], ref["p"][ib], groups=groups, n_boot=n_boot,
-                                                      seed=seed)
-                row["diff_vs_first"] = [d["diff"], *d["ci"]]
-                row["p_value"] = d["p_value"]
+                seed_term = not math.isnan(rep["se_seed_diff"])
+                row["diff_vs_first"] = [rep["diff"], *(rep["diff_ci"] if seed_term else rep["diff_ci_cases"])]
+                row["p_value"] = rep["p_value"]
+                row["seed_term"] = seed_term
             rows.append(row)
     return {"base": base_name, "rows": rows, "missing": missing}
 
@@ -833,13 +929,26 @@ def _short(spec: str) -> str:
 
 
 def format_loso_diff(report: dict) -> str:
-    lines = [f"{'run':<28} {'held-out site':<14} {'images':>6}  {'AUC [95% CI]':<24} "
-             f"AUC - {_short(report['base'])} [95% CI], p"]
+    seeded = any(r.get("seeds", 1) > 1 for r in report["rows"])
+    lines = [f"{'run':<28} {'held-out site':<14} {'images':>6}  "
+             + (f"{'seeds':>5}  {'mean AUC [95% CI cases]':<24} {'sd':>5}  " if seeded else f"{'AUC [95% CI]':<24} ")
+             + f"AUC - {_short(report['base'])} [95% CI], p"]
     for r in report["rows"]:
         diff = (f"{_with_ci(r['diff_vs_first'])}, p = {r['p_value']:.3f}" if "diff_vs_first" in r else "(base)")
-        lines.append(f"{_short(r['run']):<28} {r['site']:<14} {r['images']:>6}  {_with_ci(r['auc']):<24} {diff}")
+        if seeded:
+            sd = f"{r['seed_sd']:.3f}" if r.get("seeds", 1) > 1 else "-"
+            lines.append(f"{_short(r['run']):<28} {r['site']:<14} {r['images']:>6}  {r.get('seeds', 1):>5}  "
+                         f"{_with_ci(r['auc']):<24} {sd:>5}  {diff}")
+        else:
+            lines.append(f"{_short(r['run']):<28} {r['site']:<14} {r['images']:>6}  {_with_ci(r['auc']):<24} {diff}")
     for run, sites in report.get("missing", {}).items():
         lines.append(f"{_short(run)}: no result at {', '.join(sites)} (only sites both runs scored are compared)")
+    if any(r.get("seed_term") is False for r in report["rows"]):
+        lines.append("one seed on both sides: the interval and p cover the held-out cases only, not the training "
+                     "seed (which alone moved held-out AUC by 0.05-0.07 on real sites); use crossval --by site --seeds")
+    elif seeded:
+        lines.append("intervals and p: the held-out cases (group bootstrap) and the spread over seeds together "
+                     "(seed variance pooled over the runs with two or more seeds)")
     return "\n".join(lines)
 
 
@@ -862,7 +971,9 @@ def format_loso(report: dict) -> str:
             gap = f"{r['gap']:+.3f}" if r["gap"] is not None else "-"
             lines.append(f"{r['site']:<20} {r['test_images']:>6}  {_with_ci(r['held_out_auc']):<26} {internal:<26} {gap}")
         summary = part.get("summary")
-        if summary:
+        if report.get("across_seeds") and not arm:
+            lines += _format_seeds(report)
+        elif summary:
             lines.append(f"at a site it never saw{f' ({arm})' if arm else ''}: AUC "
                          f"{_with_ci(summary['worst_held_out_auc'])} at the worst ({summary['worst_site']}), "
                          f"{summary['mean_held_out_auc']:.3f} on average over the {len(part['rows'])} sites; quote "
@@ -874,3 +985,24 @@ def format_loso(report: dict) -> str:
                 lines.append(f"held-out {site}: AUC {t['a']} - {t['b']} {_with_ci([boot['diff'], *boot['ci']])} "
                              f"(paired group bootstrap on the held-out images, p = {boot['p_value']:.3f})")
     return "\n".join(lines)
+
+
+def _format_seeds(report: dict) -> list[str]:
+    """The leave-one-site-out table over several seeds: per site the mean with its case interval, the seeds'
+    spread and the seeds' averaged model; the summary line to quote."""
+    across, summary = report["across_seeds"], report["summary"]
+    n = len(report["seeds"])
+    lines = [f"over {n} training seeds {report['seeds']} (same split; the table above is seed {report['seeds'][0]}):",
+             f"{'held-out site':<20} {'mean AUC [95% CI cases]':<26} {'sd':>5}  {'seeds min-max':<13} "
+             f"{'averaged model AUC [95% CI]':<28}"]
+    for r in across:
+        lines.append(f"{r['site']:<20} {_with_ci([r['held_out_auc_mean'], *r['ci_cases']]):<26} "
+                     f"{r['seed_sd']:>5.3f}  {r['seed_range'][0]:.3f}-{r['seed_range'][1]:.3f}   "
+                     f"{_with_ci(r['ensemble_auc']):<28}")
+    lines.append(f"at a site it never saw: AUC {_with_ci(summary['worst_held_out_auc'])} at the worst "
+                 f"({summary['worst_site']}; one seed gave {summary['worst_seed_range'][0]:.3f} to "
+                 f"{summary['worst_seed_range'][1]:.3f}), {summary['mean_held_out_auc']:.3f} on average over the "
+                 f"{len(across)} sites, mean of {n} seeds; the {n} seeds' averaged model: "
+                 f"{_with_ci(summary['worst_site_ensemble_auc'])} at {summary['worst_site']}, "
+                 f"{summary['mean_ensemble_auc']:.3f} on average. Quote these, not the internal AUC or one seed")
+    return lines

@@ -78,6 +78,7 @@ def write_manifest(
     data_fingerprint: str = "",
     split_id: str = "",
     number: int | None = None,
+    seed: int | None = None,
 ) -> dict:
     """Write ``manifest.json`` beside an already saved ``model.keras``.
 
@@ -94,6 +95,8 @@ def write_manifest(
         number: The stage's number (1 cell lines, 2 ultrasound). Default: 1 without a parent, else the
             parent's plus one. A stage 2 that starts from no stage 1 (``weights`` imagenet, none or a file)
             must say so: it has no parent to count from.
+        seed: The training seed (weights, row order, augmentation); recorded when given, so repetitions
+            of one design over seeds say which they are.
 
     Returns:
         The manifest as written.
@@ -135,6 +138,8 @@ def write_manifest(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "msbt_version": __version__,
     }
+    if seed is not None:
+        manifest["seed"] = int(seed)
     if (directory / TRAIN_STATE_FILE).is_file():
         manifest["train_state_sha256"] = sha256_file(directory / TRAIN_STATE_FILE)
     manifest[DIGEST_KEY] = json_digest(manifest)

@@ -444,6 +444,7 @@ class StageState:
     split_id: str
     train_state: Path | None = None  # a resumed checkpoint's train_state.npz, put back by resume_phase
     number: int | None = None  # the stage's number, for its manifest (None: counted from the parent)
+    seed: int | None = None  # the training seed, for its manifest
 
     def phases(self) -> list[Phase]:
         """The stage's phases still to run, the first one cut to start after the epochs already done."""
@@ -500,7 +501,7 @@ def start_stage(
             check_parent(parent, stage)
         model, done = _resume(resume_from, stage, class_names, saver, history)
     state = StageState(stage, out_dir, list(class_names), model, saver, history, done, parent,
-                       data_fingerprint, split_id, number=number)
+                       data_fingerprint, split_id, number=number, seed=seed)
     if resume_from is not None:
         state.train_state = _resumed_train_state(resume_from, out_dir)
     return state
@@ -526,6 +527,7 @@ def finish_stage(state: StageState) -> StageResult:
         data_fingerprint=state.data_fingerprint,
         split_id=state.split_id,
         number=state.number,
+        seed=state.seed,
     )
     return StageResult(state.out_dir, manifest["stage"], stage.monitor, saver.best_epoch, saver.best_logs,
                        state.history)

@@ -64,7 +64,7 @@ import numpy as np
 from msbt.atomicio import write_text
 from msbt.train import tblog
 from msbt.model.checkpoint import MODEL_FILE, TRAIN_STATE_FILE, sha256_file, write_manifest
-from msbt.config import Config, RunConfig, StageConfig
+from msbt.config import Config, RunConfig, StageConfig, training_seed
 from msbt.containment import check_run_name, check_storage_path, run_location
 from msbt.data.store import Store, decode_images
 
@@ -137,6 +137,7 @@ def report_callback(
     staging_dir: str | Path | None = None,
     history_file: str | Path | None = None,
     number: int | None = None,
+    seed: int | None = None,
 ):
     """A Keras callback that calls ``ray.train.report`` at the end of every epoch.
 
@@ -147,8 +148,8 @@ def report_callback(
 
     Args:
         out_dir: ``fit_stage``'s checkpoint folder (where the saver writes ``model.keras``).
-        stage, class_names, parent, data_fingerprint, split_id, number: As given to ``fit_stage``; they go
-            into each reported manifest.
+        stage, class_names, parent, data_fingerprint, split_id, number, seed: As given to ``fit_stage``; they
+            go into each reported manifest.
         history: Per-epoch logs of epochs already trained (a resumed stage); this callback appends.
         staging_dir: Where each reported checkpoint is staged (default: beside ``out_dir``), so an
             interrupt leaves nothing in the system's temp folder.
@@ -210,6 +211,7 @@ def report_callback(
                 data_fingerprint=data_fingerprint,
                 split_id=split_id,
                 number=number,
+                seed=seed,
             )
 
     return _Report()
@@ -368,7 +370,7 @@ def train_loop_per_worker(config: LoopConfig) -> None:
             history = _resumed_history(resume_dir)
             callback = report_callback(
                 out_dir, stage, class_names, history=history,
-                staging_dir=work, history_file=config.history_file, **common,
+                staging_dir=work, history_file=config.history_file, seed=config.seed, **common,
             )
             clock = _epoch_clock() if config.audit_dir else None
             extra = [clock] if clock else []
@@ -542,7 +544,7 @@ def loop_config(config: Config, stage_number: int, store_path: str | Path, paren
         stage=stage,
         image_shape=tuple(Store.open(store_path).image_shape),
         class_names=tuple(class_names or store_classes(store_path)),
-        seed=config.data.seed,
+        seed=training_seed(config),
         data_fingerprint=fingerprint,
         split_id=split_id,
         parent=checkpoint_path(parent_checkpoint),

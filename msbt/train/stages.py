@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from msbt.atomicio import read_json, write_text
-from msbt.config import Config, to_dict
+from msbt.config import Config, to_dict, training_seed
 from msbt.model.checkpoint import MODEL_FILE, CheckpointError, read_manifest, sha256_file, train_state_file, verify
 from msbt.runfolder import STAGES_FILE, run_dir, stage_dir
 
@@ -232,8 +232,9 @@ def stage_inputs(config: Config, number: int, store_path: str | Path, parent: st
     """Everything that determines a stage's result, as plain data (the key of the stage index).
 
     Args:
-        config: The resolved config; ``stage<number>``, ``data.seed``, ``run.num_workers``,
-            ``run.mixed_precision`` and ``run.deterministic`` (when set) enter. ``run.name``, ``run.storage_path``, ``run.use_gpu``,
+        config: The resolved config; ``stage<number>``, the training seed (``run.train_seed``, else
+            ``data.seed``), ``run.num_workers``, ``run.mixed_precision`` and ``run.deterministic`` (when
+            set) enter. ``run.name``, ``run.storage_path``, ``run.use_gpu``,
             ``run.cpus_per_worker`` and the checkpoint/failure settings do not: they change where a
             result goes or how fast it comes, not what it is.
         number: 1 or 2.
@@ -253,7 +254,7 @@ def stage_inputs(config: Config, number: int, store_path: str | Path, parent: st
         "parent": parent_identity(stage.weights, parent),
         "data_fingerprint": fingerprint,
         "split_id": split_id,
-        "seed": config.data.seed,
+        "seed": training_seed(config),
         "num_workers": config.run.num_workers,  # one worker runs Keras fit, more a custom step on shards
         "mixed_precision": config.run.mixed_precision,
         # a deterministic run promises a reproducible model: never stand in for it with another one

@@ -33,7 +33,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from msbt.atomicio import write_text
-from msbt.config import Config, StageConfig, to_dict
+from msbt.config import Config, StageConfig, to_dict, training_seed
 
 log = logging.getLogger(__name__)
 
@@ -209,20 +209,20 @@ def ensure_features(config: Config, store: str | Path, parent: str | Path | None
 
     stage = frozen(dataclasses.replace(config.stage2, augment=reference.augment))
     copies = max([*config.tune.space.expansion, copies_per_epoch(reference.augment)])
-    key = cache_key(parent, store, stage, copies, config.data.seed)
+    key = cache_key(parent, store, stage, copies, training_seed(config))
     out = features_dir(config, key)
     if (out / INFO_FILE).is_file():
         print(f"fast mode: reusing cached features {out}", flush=True)
         return out
     started = time.perf_counter()
-    arrays = compute_features(store, parent, stage, copies, config.data.seed, actors=config.tune.feature_actors)
+    arrays = compute_features(store, parent, stage, copies, training_seed(config), actors=config.tune.feature_actors)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{FEATURES_FILE}.tmp.npz"
     np.savez(tmp, **arrays)
     tmp.replace(out / FEATURES_FILE)
     seconds = time.perf_counter() - started
     info = {"key": key, "parent": str(parent) if parent else None, "store": str(store), "copies": copies,
-            "seed": config.data.seed, "stage": to_dict(stage), "train": int(len(arrays["train_y"])),
+            "seed": training_seed(config), "stage": to_dict(stage), "train": int(len(arrays["train_y"])),
             "val": int(len(arrays["val_y"])), "dim": int(arrays["val_x"].shape[1]), "seconds": round(seconds, 2)}
     write_text(out / INFO_FILE, json.dumps(info, indent=2) + "\n")  # written last: marks the cache complete
     print(f"fast mode: features of {info['train']} train images x {copies} copies and {info['val']} val images "
@@ -310,4 +310,4 @@ def head_trial(params: dict, *, config: Config, features: Mapping[str, np.ndarra
         def on_epoch_end(self, epoch, logs=None):
             tune.report({**{k: float(v) for k, v in (logs or {}).items()}, "epoch": epoch + 1})
 
-    fit_head(trial_stage(config, params, fast=True), features, seed=config.data.seed, callbacks=[Report()])
+    fit_head(trial_stage(config, params, fast=True), features, seed=training_seed(config), callbacks=[Report()])

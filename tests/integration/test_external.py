@@ -200,6 +200,34 @@ def test_leave_one_site_out_on_two_built_in_sites(tmp_path, ray_local, capsys):
     from msbt.eval.report import experiments_section
 
     assert "Stage-2 starting points under leave one site out" in experiments_section(tmp_path / "runs" / "loso")
+    # --seeds: the config's own seed (0) reuses site-<s>/, seed 1 trains site-<s>-seed1/ on the same stores; the
+    # summary is the mean over seeds, with the seeds' spread and their averaged model
+    from msbt.model.checkpoint import read_manifest
+
+    capsys.readouterr()
+    seeded = X.leave_one_site_out(config, seeds=(0, 1), n_boot=100)
+    printed = capsys.readouterr().out
+    assert "site-site-a: reusing" in printed and "held-out site-b seed 1: AUC" in printed
+    assert seeded["seeds"] == [0, 1] and seeded["rows"] == report["rows"] == seeded["by_seed"]["0"]
+    for r in seeded["by_seed"]["1"]:
+        assert r["folder"] == f"site-{r['site']}-seed1" and f"/loso/site-{r['site']}-seed1/" in r["checkpoint"]
+        assert read_manifest(r["checkpoint"])["seed"] == 1
+        assert lineage(r["checkpoint"])[1]["path"] in stage1s  # the same stage 1
+    assert {read_manifest(r["checkpoint"])["seed"] for r in report["rows"]} == {0}
+    for site, across in zip(("site-a", "site-b"), seeded["across_seeds"]):
+        per_seed = [next(r["held_out_auc"][0] for r in seeded["by_seed"][k] if r["site"] == site) for k in "01"]
+        assert across["site"] == site and across["per_seed"] == pytest.approx(per_seed)
+        assert across["held_out_auc_mean"] == pytest.approx(np.mean(per_seed))
+        assert across["seed_sd"] == pytest.approx(np.std(per_seed, ddof=1))
+    worst = min(seeded["across_seeds"], key=lambda r: r["held_out_auc_mean"])
+    assert seeded["summary"]["worst_site"] == worst["site"]
+    assert seeded["summary"]["worst_held_out_auc"][0] == pytest.approx(worst["held_out_auc_mean"])
+    assert "over 2 training seeds" in X.format_loso(seeded) and "averaged model" in X.format_loso(seeded)
+    assert "sd over seeds" in experiments_section(tmp_path / "runs" / "loso")
+    diff = X.loso_diff([tmp_path / "runs" / "loso", f"{tmp_path / 'runs' / 'loso'}:scratch"], n_boot=100)
+    assert [r["seeds"] for r in diff["rows"]] == [2, 2, 1, 1] and all(r["seed_term"] for r in diff["rows"][2:])
+    with pytest.raises(ValueError, match="not built"):
+        X.leave_one_site_out(config, arms=("scratch",), seeds=(0, 1))
 
 
 def test_threshold_flags_and_spread():

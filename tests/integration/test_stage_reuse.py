@@ -54,11 +54,12 @@ def test_the_key_changes_with_every_determining_input_and_not_with_the_run_name(
     key = S.stage_key(S.stage_inputs(base, 1, store))
     same = [config_for(tmp_path, "b"), config_for(tmp_path, "a", f"run.storage_path={tmp_path / 'elsewhere'}"),
             config_for(tmp_path, "a", "run.cpus_per_worker=2.0"), config_for(tmp_path, "a", "run.max_failures=3"),
-            config_for(tmp_path, "a", "stage2.epochs=5")]  # stage 2's settings do not make stage 1
+            config_for(tmp_path, "a", "stage2.epochs=5"),  # stage 2's settings do not make stage 1
+            config_for(tmp_path, "a", "run.train_seed=0")]  # the training seed, named: data.seed's value
     for config in same:
         assert S.stage_key(S.stage_inputs(config, 1, store)) == key
     changed = ["stage1.learning_rate=0.5", "stage1.epochs=2", "stage1.weights=none", "stage1.augment.enabled=false",
-               "data.seed=1", "run.num_workers=2", "run.mixed_precision=true"]
+               "data.seed=1", "run.num_workers=2", "run.mixed_precision=true", "run.train_seed=2"]
     keys = {S.stage_key(S.stage_inputs(config_for(tmp_path, "a", item), 1, store)) for item in changed}
     assert len(keys) == len(changed) and key not in keys
     assert S.stage_key(S.stage_inputs(base, 1, other_store)) != key  # another store (another split)

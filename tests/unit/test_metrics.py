@@ -674,3 +674,93 @@ def test_fresh_leave_one_site_out_removes_only_its_own_results(tmp_path, compare
         assert kept == ["environment.json", "loso.json", "site-a", "site-b", "sites.csv"]
     else:  # the other arms stay; the comparison that used this design goes
         assert kept == ["environment.json", "site-a-imagenet", "site-b-imagenet"]
+
+
+def test_repeated_auc_is_the_paired_bootstrap_with_one_seed_and_adds_the_seed_spread_with_more():
+    """One training each: the case bootstrap alone, numbers equal to bootstrap_ci / paired_bootstrap_auc_diff.
+    Several: the mean of the seeds' AUCs, and a seed term sd^2/S added in quadrature to the case term."""
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 90)
+    groups = np.arange(90) // 3
+
+    def scores(shift, n):
+        return np.stack([np.clip(shift * y + rng.uniform(0, 1 - shift, 90), 0, 1) for _ in range(n)])
+
+    a, b = scores(0.3, 1)[0], scores(0.1, 1)[0]
+    one = M.repeated_auc(y, a, b, groups=groups, n_boot=400, seed=5)
+    pair = M.paired_bootstrap_auc_diff(y, a, b, groups=groups, n_boot=400, seed=5)
+    assert one["diff"] == pytest.approx(pair["diff"]) and one["diff_ci_cases"] == pytest.approx(pair["ci"])
+    assert one["p_value"] == pytest.approx(pair["p_value"]) and math.isnan(one["se_seed_diff"])
+    assert [one["auc"], *one["ci_cases"]] == pytest.approx(list(M.bootstrap_ci(y, a, 0.5, groups=groups, n_boot=400,
+                                                                                  seed=5)["auc"]))
+    runs, base = scores(0.3, 4), scores(0.1, 3)
+    many = M.repeated_auc(y, runs, base, groups=groups, n_boot=400, seed=5)
+    aucs = [M.roc_auc(y, r) for r in runs]
+    assert many["auc"] == pytest.approx(np.mean(aucs)) and many["per_seed"] == pytest.approx(aucs)
+    assert many["seed_sd"] == pytest.approx(np.std(aucs, ddof=1))
+    assert many["diff"] == pytest.approx(np.mean(aucs) - np.mean([M.roc_auc(y, r) for r in base]))
+    pooled = (3 * many["seed_sd"] ** 2 + 2 * many["base_seed_sd"] ** 2) / 5
+    assert many["se_seed_diff"] == pytest.approx(math.sqrt(pooled * (1 / 4 + 1 / 3)))
+    assert many["se_diff"] == pytest.approx(math.hypot(many["se_cases_diff"], many["se_seed_diff"]))
+    assert many["diff_ci"][0] < many["diff"] < many["diff_ci"][1]
+    assert many["p_value"] == pytest.approx(math.erfc(abs(many["diff"] / many["se_diff"]) / math.sqrt(2)))
+    # a single-seed design borrows the other's seed variance
+    lone = M.repeated_auc(y, runs[:1], base, groups=groups, n_boot=400, seed=5)
+    assert lone["se_seed_diff"] == pytest.approx(many["base_seed_sd"] * math.sqrt(1 + 1 / 3))
+    with pytest.raises(ValueError, match="equal length"):
+        M.repeated_auc(y, runs[:, :10])
+
+
+def test_loso_diff_with_seeds_counts_the_mean_over_seeds_and_their_spread(tmp_path, capsys):
+    """`msbt loso-diff` on runs of `crossval --by site --seeds`: each run is the mean of its seeds' AUCs on the
+    held-out images, the difference carries the seed spread; a one-seed run against another says it does not."""
+    import csv
+
+    from msbt.jobs.experiments import format_loso_diff, loso_diff
+
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 60)
+
+    def write_run(name, shifts):
+        by_seed = {}
+        for k, shift in enumerate(shifts):
+            folder_name = "site-a" if k == 0 else f"site-a-seed{k}"
+            folder = tmp_path / name / "loso" / folder_name
+            folder.mkdir(parents=True)
+            with (folder / "predictions.csv").open("w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["split", "source", "group", "y", "p", "site"])
+                p = np.clip(shift * y + rng.uniform(0, 1 - shift, 60), 0, 1)
+                w.writerows(["test", f"img{i}", f"g{i // 2}", y[i], p[i], "a"] for i in rng.permutation(60))
+            by_seed[str(k)] = [{"site": "a", "folder": folder_name, "seed": k}]
+        report = {"seeds": list(range(len(shifts))), "rows": by_seed["0"]}
+        if len(shifts) > 1:
+            report["by_seed"] = by_seed
+        (tmp_path / name / "loso" / "loso.json").write_text(json.dumps(report))
+
+    write_run("base", [0.1, 0.15, 0.05])
+    write_run("lever", [0.5, 0.45, 0.55])
+    write_run("single", [0.3])
+    report = loso_diff([tmp_path / "base", tmp_path / "lever", tmp_path / "single"], n_boot=300)
+    base, lever, single = report["rows"]
+    assert (base["seeds"], lever["seeds"], single["seeds"]) == (3, 3, 1)
+    assert lever["seed_term"] and single["seed_term"]  # the single run borrows the base's seed spread
+    assert lever["diff_vs_first"][0] == pytest.approx(lever["auc"][0] - base["auc"][0])
+    assert lever["diff_vs_first"][1] > 0 and lever["p_value"] < 0.05
+    text = format_loso_diff(report)
+    assert "mean AUC" in text and "spread over seeds together" in text
+    # the ensemble of two seeded runs averages seed by seed; one of another seed count is refused
+    both = loso_diff([tmp_path / "base", f"{tmp_path / 'base'}+{tmp_path / 'lever'}"], n_boot=100)["rows"][1]
+    assert both["seeds"] == 3
+    with pytest.raises(ValueError, match="pairs their seeds in order"):
+        loso_diff([tmp_path / "base", f"{tmp_path / 'base'}+{tmp_path / 'single'}"], n_boot=100)
+    one_each = loso_diff([tmp_path / "single", f"{tmp_path / 'single'}+{tmp_path / 'single'}"], n_boot=100)
+    assert "cover the held-out cases only" in format_loso_diff(one_each)
+
+
+def test_crossval_seeds_are_refused_without_by_site_before_ray_starts(tmp_path, capsys):
+    from msbt.cli import main
+
+    assert main(["crossval", "--seeds", "0", "1", "--set", f"run.storage_path={tmp_path}"]) == 1
+    assert "--seeds repeats leave one site out (--by site)" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing started, nothing written
