@@ -121,6 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     p.set_defaults(func=_cmd_lineage)
 
+    p = sub.add_parser("ensemble", help="average several stage-2 checkpoints of one split into one model, and "
+                       "score it and each member on their test rows")
+    p.add_argument("checkpoints", nargs="+", help="two or more stage-2 checkpoint folders trained on the same data "
+                   "and split (e.g. a leave-one-site-out fold's seeds)")
+    p.add_argument("--out", required=True, help="the ensemble's folder (<out>/checkpoint for predict, external, "
+                   "export and serve); inside the members' run folder, predict finds the run's preparation")
+    p.add_argument("--store", help="their ultrasound store (default: found at or above the first checkpoint)")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    p.set_defaults(func=_cmd_ensemble)
+
     _predict_parsers(sub)
     _external_parser(sub)
     _serve_parsers(sub)
@@ -325,6 +336,18 @@ def _cmd_split(args) -> int:
     s = result.summary
     print(json.dumps({k: s[k] for k in ("images", "rejects", "counts", "groups", "leakage")}, indent=2))
     print(f"split saved to {out / 'split.csv'}")
+    return 0
+
+
+def _cmd_ensemble(args) -> int:
+    from msbt.jobs.ensemble import format_ensemble, make_ensemble
+
+    for path in args.checkpoints:
+        if not Path(path).is_dir():
+            raise ConfigError(f"{path}: no such checkpoint folder")
+    if args.store and not Path(args.store).is_dir():
+        raise ConfigError(f"{args.store}: no such store folder (--store)")
+    print(format_ensemble(make_ensemble(args.checkpoints, args.out, store=args.store, n_boot=args.n_boot)))
     return 0
 
 

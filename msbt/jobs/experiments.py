@@ -798,8 +798,8 @@ def _across_seeds(site: str, preds: Mapping[int, dict], by_seed: Mapping[int, Se
     over seeds, and the seeds' averaged model (mean probability per image: an ensemble one could deploy)."""
     arrays, ps = _aligned_seeds(site, preds)
     rep = metrics.repeated_auc(arrays["y"], ps, groups=arrays["group"], n_boot=n_boot, seed=seed)
-    ensemble = metrics.bootstrap_ci(arrays["y"], ps.mean(axis=0), 0.5, groups=arrays["group"], n_boot=n_boot,
-                                    seed=seed)["auc"]
+    averaged = metrics.repeated_auc(arrays["y"], ps.mean(axis=0), groups=arrays["group"], n_boot=n_boot, seed=seed)
+    ensemble = [averaged["auc"], *averaged["ci_cases"]]
     internal = [r["internal_auc"][0] for k in preds for r in by_seed[k] if r["site"] == site and r["internal_auc"]]
     return {"site": site, "seeds": [int(k) for k in preds], "images": int(len(arrays["y"])),
             "held_out_auc_mean": rep["auc"], "ci_cases": list(rep["ci_cases"]), "se": rep["se"],

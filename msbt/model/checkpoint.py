@@ -79,6 +79,7 @@ def write_manifest(
     split_id: str = "",
     number: int | None = None,
     seed: int | None = None,
+    members: Sequence[Mapping] | None = None,
 ) -> dict:
     """Write ``manifest.json`` beside an already saved ``model.keras``.
 
@@ -97,6 +98,7 @@ def write_manifest(
             must say so: it has no parent to count from.
         seed: The training seed (weights, row order, augmentation); recorded when given, so repetitions
             of one design over seeds say which they are.
+        members: An ensemble's members (msbt.model.ensemble): folder, relpath, model sha256 of each.
 
     Returns:
         The manifest as written.
@@ -140,6 +142,8 @@ def write_manifest(
     }
     if seed is not None:
         manifest["seed"] = int(seed)
+    if members:
+        manifest["members"] = [dict(m) for m in members]
     if (directory / TRAIN_STATE_FILE).is_file():
         manifest["train_state_sha256"] = sha256_file(directory / TRAIN_STATE_FILE)
     manifest[DIGEST_KEY] = json_digest(manifest)
@@ -324,6 +328,19 @@ def format_lineage(path: str | Path) -> str:
     """
     lines = []
     chain = lineage(path)
+    members = (chain[0]["manifest"] or {}).get("members")
+    if members:  # an ensemble (msbt.model.ensemble): its own line, then each member's chain, checked by hash
+        lines.append(f"ensemble of {len(members)}: " + _describe(chain[0]))
+        for i, record in enumerate(members):
+            folder = _find_parent(Path(chain[0]["path"]), record)
+            if folder is None:
+                lines.append(f"  member {i}: MISSING checkpoint {record['path']}")
+                continue
+            changed = "" if sha256_file(folder / MODEL_FILE) == record["model_sha256"] else " [MEMBER CHANGED]"
+            sub = format_lineage(folder).splitlines()
+            lines.append(f"  member {i}{changed}: {sub[0]}")
+            lines += [f"    {line}" for line in sub[1:]]
+        return "\n".join(lines)
     for depth, entry in enumerate(chain):
         prefix = "" if depth == 0 else "  <- "
         manifest = entry["manifest"]

@@ -76,6 +76,8 @@ def gradcam(
 
     Raises:
         ValueError: Wrong image shape, an unknown layer or score, or a model that is not a chain.
+
+    An ensemble (msbt.model.ensemble) gets the mean of its members' heatmaps (each normalised as above).
     """
     if score not in ("logit", "probability"):
         raise ValueError(f"score must be 'logit' or 'probability', got {score!r}")
@@ -85,6 +87,12 @@ def gradcam(
         raise ValueError(f"images must be (N, {size[0]}, {size[1]}, 3) at the model's input size, got {images.shape}")
     if len(images) == 0:
         return np.zeros((0, *size), np.float32)
+    from msbt.model.ensemble import members
+
+    parts = members(model)
+    if parts:  # an ensemble: the mean of its members' maps, each at its own default layer
+        return np.mean([gradcam(m, images, layer, score=score, class_index=class_index, batch_size=batch_size)
+                        for m in parts], axis=0).astype(np.float32)
     forward = _forward_fn(model, layer or target_layer(model))
     maps = []
     for start in range(0, len(images), batch_size):

@@ -353,10 +353,18 @@ def predict_logits(model, batch: np.ndarray, batch_size: int = 32) -> tuple[np.n
 
     The probability is the model's own output (the number thresholds were chosen on); the logit is the
     classifier's input times its weights plus bias, in float64, so it still ranks images whose float32
-    probability has saturated at exactly 1.0.
+    probability has saturated at exactly 1.0. For an ensemble (msbt.model.ensemble) the logit is that of
+    the mean of its members' probabilities, from their logits.
     """
     import keras
 
+    from msbt.model.ensemble import combine_logits, members
+
+    parts = members(model)
+    if parts:
+        p = np.asarray(model.predict(batch.astype(np.float32), batch_size=batch_size, verbose=0), np.float64)
+        logits = [predict_logits(member, batch, batch_size)[1] for member in parts]
+        return p.reshape(-1), combine_logits(np.stack(logits))
     head = model.get_layer("predictions")
     both = _TWO_OUTPUTS.get(model)
     if both is None:  # built once per model: a new Model per chunk would retrace its predict function

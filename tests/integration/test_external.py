@@ -229,6 +229,47 @@ def test_leave_one_site_out_on_two_built_in_sites(tmp_path, ray_local, capsys):
     with pytest.raises(ValueError, match="not built"):
         X.leave_one_site_out(config, arms=("scratch",), seeds=(0, 1))
 
+    # msbt ensemble: site-a's two seeds averaged into one checkpoint, scored on their fold store (found from the
+    # checkpoint), which is the "averaged model" leave one site out reported
+    from msbt.eval.evaluate import read_predictions
+    from msbt.jobs.ensemble import make_ensemble
+    from msbt.model import gradcam
+    from msbt.model.checkpoint import CheckpointError, format_lineage, load_checkpoint
+    from msbt.serve.predict import predict_logits
+
+    a0, a1 = (next(r["checkpoint"] for r in seeded["by_seed"][k] if r["site"] == "site-a") for k in "01")
+    b0 = next(r["checkpoint"] for r in seeded["by_seed"]["0"] if r["site"] == "site-b")
+    out = tmp_path / "runs" / "loso" / "ensembles" / "site-a"
+    ens = make_ensemble([a0, a1], out, n_boot=100)
+    assert ens["store"] == str((tmp_path / "runs" / "loso" / "loso" / "site-site-a" / "store").resolve())
+    across = next(r for r in seeded["across_seeds"] if r["site"] == "site-a")
+    assert ens["test_auc"][0] == pytest.approx(across["ensemble_auc"][0])
+    assert [m["test_auc"][0] for m in ens["members"]] == pytest.approx(across["per_seed"])
+    assert ens["vs_members"]["members_mean_auc"] == pytest.approx(across["held_out_auc_mean"])
+    members = [read_predictions(tmp_path / "runs" / "loso" / "loso" / f / "predictions.csv")["test"]
+               for f in ("site-site-a", "site-site-a-seed1")]
+    mine = read_predictions(out / "predictions.csv")["test"]
+    order = [np.argsort(m["source"]) for m in (mine, *members)]
+    np.testing.assert_allclose(mine["p"][order[0]], np.mean([m["p"][o] for m, o in zip(members, order[1:])], axis=0),
+                               atol=1e-6)
+    model, manifest = load_checkpoint(out / "checkpoint")
+    assert [m["model_sha256"] for m in manifest["members"]] == [read_manifest(c)["model_sha256"] for c in (a0, a1)]
+    assert [m["seed"] for m in manifest["members"]] == [0, 1]
+    images = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3)).astype(np.uint8)
+    p, logit = predict_logits(model, images)
+    np.testing.assert_allclose(1 / (1 + np.exp(-logit)), p, atol=1e-5)
+    parts = [load_checkpoint(c)[0] for c in (a0, a1)]
+    np.testing.assert_allclose(gradcam.gradcam(model, images),
+                               np.mean([gradcam.gradcam(m, images) for m in parts], axis=0), atol=1e-5)
+    text = format_lineage(out / "checkpoint")
+    assert text.startswith("ensemble of 2") and "member 1: stage 2" in text and "MEMBER CHANGED" not in text
+    for bad, message in (([a0], "at least two"), ([a0, a0], "more than once"), ([a0, b0], "other training data")):
+        with pytest.raises(CheckpointError, match=message):
+            make_ensemble(bad, tmp_path / "refused", store=ens["store"], n_boot=100)
+        assert not (tmp_path / "refused" / "checkpoint").exists()  # refused before anything is written
+    with pytest.raises(CheckpointError, match="holds a checkpoint already"):
+        make_ensemble([a0, a1], out, n_boot=100)
+
 
 def test_threshold_flags_and_spread():
     from msbt.eval.threshold import logit, threshold_flags, threshold_spread

@@ -1,0 +1,126 @@
+"""`msbt ensemble`: several stage-2 checkpoints of one split averaged into one model, and scored.
+
+The members (e.g. one design trained with three seeds, ``crossval --by site --seeds``, or several designs
+on one split) are checked and saved as one checkpoint (msbt.model.ensemble); the ensemble is then
+evaluated on the members' store like any stage-2 model: threshold chosen on the shared validation rows,
+test metrics with group-bootstrap intervals. Each member is scored on the same rows, so the output says
+what the average adds over a single member, with the members' spread counted
+(msbt.eval.metrics.repeated_auc). The folder written:
+
+    <out>/checkpoint/   model.keras + manifest.json (members listed): for predict, external, export, serve
+    <out>/metrics.json, predictions.csv   the ensemble's evaluation (predict's threshold comes from here)
+    <out>/members.json  each member's test AUC, and the ensemble minus the members' mean
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from msbt.atomicio import write_text
+from msbt.eval import metrics
+
+CHECKPOINT_FOLDER = "checkpoint"
+
+
+def find_store(checkpoint: str | Path) -> Path:
+    """The store a checkpoint was trained on: the first store at or above its folder (``store/``,
+    ``stores/ultrasound/``, or a leave-one-site-out fold's ``loso/site-*/store``) whose identity is the
+    manifest's ``data_fingerprint`` and ``split_id``.
+
+    Raises:
+        ValueError: None found (pass the store explicitly).
+    """
+    from msbt.data.store import Store, StoreError
+    from msbt.model.checkpoint import read_manifest
+
+    folder = Path(checkpoint).expanduser().resolve()
+    manifest = read_manifest(folder)
+    wanted = (manifest.get("data_fingerprint"), manifest.get("split_id"))
+    for above in [folder, *folder.parents][:8]:
+        for candidate in [above / "store", above / "stores" / "ultrasound", *sorted(above.glob("loso/site-*/store"))]:
+            if not (candidate / "store.json").is_file():
+                continue
+            try:
+                if Store.open(candidate).fingerprint() == wanted:
+                    return candidate
+            except StoreError:
+                continue
+    raise ValueError(f"{folder}: no store with its data and split found at or above it; pass --store")
+
+
+def make_ensemble(checkpoints: Sequence[str | Path], out: str | Path, *, store: str | Path | None = None,
+                  n_boot: int = 2000, seed: int = 0) -> dict:
+    """Average ``checkpoints`` into ``<out>/checkpoint`` and score it and each member on ``store``.
+
+    Args:
+        checkpoints: Two or more stage-2 checkpoints of the same data and split.
+        out: The ensemble's folder; inside a run folder, ``msbt predict`` finds the run's preparation.
+        store: Their ultrasound store; default: found from the first member (:func:`find_store`).
+        n_boot, seed: Bootstrap resamples and seed.
+
+    Returns:
+        The content of ``members.json``: the ensemble's and every member's test AUC with intervals, and the
+        ensemble minus the members' mean AUC on the same test rows (both uncertainties).
+
+    Raises:
+        msbt.model.checkpoint.CheckpointError: Members that cannot be averaged (named), before anything is written.
+        ValueError: No store found for them, or one of other data than theirs.
+    """
+    from msbt.data.store import Store
+    from msbt.eval.evaluate import evaluate, load_stage2, predict_split, write_metrics
+    from msbt.model.checkpoint import read_manifest
+    from msbt.model.ensemble import write_ensemble
+
+    out = Path(out).expanduser().resolve()
+    store = Path(store).expanduser().resolve() if store else find_store(checkpoints[0])
+    first = read_manifest(checkpoints[0])
+    if Store.open(store).fingerprint() != (first.get("data_fingerprint"), first.get("split_id")):
+        raise ValueError(f"{store}: another data set or split than {checkpoints[0]} was trained on")
+    folder = write_ensemble(checkpoints, out / CHECKPOINT_FOLDER)
+    result = evaluate(folder, store, n_boot=n_boot, seed=seed)
+    write_metrics(result, out / "metrics.json")
+    test = result.predictions["test"]
+    member_p, rows = [], []
+    for member in read_manifest(folder)["members"]:
+        model, stage = load_stage2(member["path"])
+        pred = predict_split(model, stage, store, "test")
+        if not np.array_equal(pred["source"], test["source"]):
+            raise ValueError(f"{member['path']}: scored other test rows than the ensemble")
+        member_p.append(pred["p"])
+        auc = metrics.repeated_auc(pred["y"], pred["p"], groups=pred["group"], n_boot=n_boot, seed=seed)
+        rows.append({"path": member["path"], "seed": member.get("seed"),
+                     "test_auc": [auc["auc"], *(float(x) for x in auc["ci_cases"])]})
+    versus = metrics.repeated_auc(test["y"], test["p"], np.stack(member_p), groups=test["group"], n_boot=n_boot,
+                                  seed=seed)
+    report = {
+        "checkpoint": str(folder), "store": str(store), "test_images": int(len(test["y"])),
+        "threshold": result["threshold"], "test_auc": [float(x) for x in result["test_ci95"]["auc"]],
+        "members": rows,
+        "vs_members": {"diff": versus["diff"], "ci95": [float(x) for x in versus["diff_ci"]],
+                       "p_value": versus["p_value"], "members_mean_auc": versus["base_auc"],
+                       "members_sd": versus["base_seed_sd"]},
+    }
+    write_text(out / "members.json", json.dumps(report, indent=2, default=float) + "\n")
+    return report
+
+
+def format_ensemble(report: dict) -> str:
+    """Lines for the terminal: members' and the ensemble's test AUC, and what the average adds."""
+    def ci(v):
+        return f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
+
+    lines = [f"ensemble of {len(report['members'])} -> {report['checkpoint']}",
+             f"test rows of {report['store']} ({report['test_images']} images):"]
+    for i, m in enumerate(report["members"]):
+        seed = "" if m["seed"] is None else f" (seed {m['seed']})"
+        lines.append(f"  member {i}{seed}: AUC {ci(m['test_auc'])}  {m['path']}")
+    v = report["vs_members"]
+    lines.append(f"  ensemble: AUC {ci(report['test_auc'])}, threshold {report['threshold']:.4g} (chosen on the "
+                 "members' shared validation rows)")
+    lines.append(f"  ensemble - members' mean AUC: {v['diff']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}], "
+                 f"p = {v['p_value']:.3f} (the test cases and the members' spread)")
+    return "\n".join(lines)
