@@ -252,7 +252,7 @@ class RunConfig:
     deterministic: bool = False
     # Seeds each stage's weight initialisation, row order, dropout and augmentation; None: data.seed. The
     # split keeps data.seed, so runs that differ only here train on the same images (`crossval --by site
-    # --seeds` sets it per repetition: how much the held-out AUC moves with the seed alone).
+    # --seeds` sets it per repetition: how much the held-out AUC moves with the training seed alone).
     train_seed: int | None = None
 
 

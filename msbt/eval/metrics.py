@@ -530,16 +530,19 @@ def paired_bootstrap_auc_diff(
 
 
 def repeated_auc(y, p_runs, p_base=None, groups=None, n_boot: int = 2000, alpha: float = 0.05,
-                 seed: int = 0) -> dict[str, object]:
+                 seed: int = 0, seed_term: bool = True) -> dict[str, object]:
     """The AUC of a design trained several times, and its difference from another design's, with both
     sources of uncertainty: which cases were sampled, and which training seed was drawn.
 
     Each row of ``p_runs`` is one training of the design (a seed) scored on the same N cases. The statistic
     is the mean over rows of the per-row AUC, what a user retraining the design gets on average. Its case
     uncertainty is a group bootstrap of the cases with the models fixed (every row sees the same resample);
-    its seed uncertainty is the spread over rows, sd^2 / S, added in quadrature, the two-source
+    its seed uncertainty is the spread over rows, sd^2 / S, added in quadrature: the two-source
     decomposition of Bouthillier et al., "Accounting for variance in machine learning benchmarks", MLSys
-    2021. One row: the seed term is unknown, and only the case bootstrap is reported.
+    2021. The seed variance is estimated from few rows, so intervals and p-values use a t distribution
+    with Welch-Satterthwaite degrees of freedom (the case term counted as exactly known). The spread over
+    rows on fixed cases also holds the seed x case interaction, which the bootstrap counts too: that
+    errs on the wide side. One row: the seed term is unknown, and only the case bootstrap is reported.
 
     Args:
         y: (N,) labels, 0 benign, 1 malignant.
@@ -547,15 +550,18 @@ def repeated_auc(y, p_runs, p_base=None, groups=None, n_boot: int = 2000, alpha:
         p_base: optional (S', N) or (N,) scores of the design compared with (the baseline); its rows need not
             pair with p_runs' rows (different designs share no training randomness worth pairing).
         groups, n_boot, alpha, seed: as in :func:`bootstrap_ci`.
+        seed_term: False: conditional on these very trainings (e.g. an ensemble against its own members,
+            which is a fixed function of them): case bootstrap only.
 
     Returns:
-        ``auc`` (mean over rows), ``per_seed``, ``seed_sd`` (ddof 1; nan for one row), ``ci_cases`` (percentile
-        interval of the mean over the case bootstrap), ``se_cases``, ``se`` (both sources; nan with one row).
-        With ``p_base`` also ``diff`` (auc - the base's), ``diff_ci_cases``, ``se_cases_diff``, ``se_seed_diff``
-        (from the seed variances pooled over the designs with >= 2 rows, assumed equal, so one design
-        with a single seed borrows the other's; nan when neither has two), ``se_diff`` (both, or the case
-        term alone when the seed term is nan), ``diff_ci`` (normal, on se_diff) and ``p_value``
-        (two-sided normal on se_diff, as :func:`paired_bootstrap_auc_diff` on one row each).
+        ``auc`` (mean over rows), ``per_seed``, ``seed_sd`` (ddof 1; None for one row), ``ci_cases`` (percentile
+        interval of the mean over the case bootstrap), ``se_cases``, ``se`` and ``ci`` (both sources, t with
+        ``df`` degrees of freedom; None with one row). With ``p_base`` also ``diff`` (auc - the base's),
+        ``diff_ci_cases``, ``se_cases_diff``, ``se_seed_diff`` (from the seed variances pooled over the designs
+        with >= 2 rows, assumed equal, so a design with one seed borrows the other's; None when neither has
+        two or without ``seed_term``), ``se_diff``, ``df_diff`` (inf on the case term alone), ``diff_ci`` (t
+        interval on se_diff; the percentile case interval when there is no seed term) and ``p_value``
+        (two-sided, on se_diff; as :func:`paired_bootstrap_auc_diff` for one row each).
     """
     def rows(p) -> np.ndarray:
         arr = np.asarray(p, dtype=float)
@@ -575,35 +581,48 @@ def repeated_auc(y, p_runs, p_base=None, groups=None, n_boot: int = 2000, alpha:
         y, groups, n_boot, seed,
         lambda w: {k: np.mean([plan(w) for plan in ps], axis=0) for k, ps in plans.items() if ps})
 
-    def spread(arr) -> tuple[list[float], float]:
+    def spread(arr) -> tuple[list[float], float | None]:
         aucs = [roc_auc(y, r) for r in arr]
-        return aucs, float(np.std(aucs, ddof=1)) if len(aucs) > 1 else float("nan")
+        return aucs, float(np.std(aucs, ddof=1)) if len(aucs) > 1 else None
 
     def sd(values: np.ndarray) -> float:
         defined = values[~np.isnan(values)]
         return float(np.std(defined, ddof=1)) if defined.size >= 2 else float("nan")
 
+    def t_interval(centre: float, se: float, df: float) -> tuple[float, float]:
+        half = float(stats.t.ppf(1 - alpha / 2, df)) * se
+        return centre - half, centre + half
+
     per_seed, seed_sd = spread(runs)
     out: dict[str, object] = {
         "auc": float(np.mean(per_seed)), "per_seed": per_seed, "seed_sd": seed_sd,
         "ci_cases": _percentile_interval("auc", reps["a"], alpha), "se_cases": sd(reps["a"]),
+        "se": None, "ci": None, "df": None,
     }
-    out["se"] = math.hypot(out["se_cases"], seed_sd / math.sqrt(len(runs)))
+    if seed_sd is not None and seed_term:
+        var_seed = seed_sd ** 2 / len(runs)
+        se = math.sqrt(out["se_cases"] ** 2 + var_seed)
+        df = se ** 4 / (var_seed ** 2 / (len(runs) - 1)) if var_seed > 0 else math.inf
+        out.update(se=se, df=df, ci=t_interval(out["auc"], se, df))
     if base is None:
         return out
     base_aucs, base_sd = spread(base)
     diffs = reps["a"] - reps["b"]
+    diff = out["auc"] - float(np.mean(base_aucs))
+    se_cases = sd(diffs)
     sizes = [(len(runs), seed_sd), (len(base), base_sd)]
     dof = sum(n - 1 for n, s in sizes if n > 1)
-    pooled = sum((n - 1) * s ** 2 for n, s in sizes if n > 1) / dof if dof else float("nan")
-    se_seed = math.sqrt(pooled * (1 / len(runs) + 1 / len(base)))
-    se_cases = sd(diffs)
-    se = se_cases if math.isnan(se_seed) else math.hypot(se_cases, se_seed)
-    result = _comparison(out["auc"], float(np.mean(base_aucs)), se, (float("nan"), float("nan")))
-    z = float(stats.norm.ppf(1 - alpha / 2))
-    out.update(diff=result["diff"], diff_ci_cases=_percentile_interval("auc difference", diffs, alpha),
-               se_cases_diff=se_cases, se_seed_diff=se_seed, se_diff=se, p_value=result["p_value"],
-               diff_ci=(result["diff"] - z * se, result["diff"] + z * se), base_auc=result["auc_b"],
+    ci_cases = _percentile_interval("auc difference", diffs, alpha)
+    if seed_term and dof:
+        var_seed = sum((n - 1) * s ** 2 for n, s in sizes if n > 1) / dof * (1 / len(runs) + 1 / len(base))
+        se = math.sqrt(se_cases ** 2 + var_seed)
+        df = se ** 4 / (var_seed ** 2 / dof) if var_seed > 0 else math.inf
+        se_seed, ci = math.sqrt(var_seed), t_interval(diff, se, df)
+    else:
+        se, df, se_seed, ci = se_cases, math.inf, None, ci_cases
+    p_value = float(2 * stats.t.sf(abs(diff / se), df)) if se > 0 else (1.0 if diff == 0 else 0.0)
+    out.update(diff=diff, diff_ci_cases=ci_cases, se_cases_diff=se_cases, se_seed_diff=se_seed, se_diff=se,
+               df_diff=df, p_value=p_value, diff_ci=ci, base_auc=float(np.mean(base_aucs)),
                base_per_seed=base_aucs, base_seed_sd=base_sd)
     return out
 

@@ -15,6 +15,7 @@ what the average adds over a single member, with the members' spread counted
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -64,14 +65,14 @@ def make_ensemble(checkpoints: Sequence[str | Path], out: str | Path, *, store: 
 
     Returns:
         The content of ``members.json``: the ensemble's and every member's test AUC with intervals, and the
-        ensemble minus the members' mean AUC on the same test rows (both uncertainties).
+        ensemble minus the members' mean AUC, paired on the same test rows and given these members (no
+        seed term: the ensemble is a fixed function of them).
 
     Raises:
         msbt.model.checkpoint.CheckpointError: Members that cannot be averaged (named), before anything is written.
         ValueError: No store found for them, or one of other data than theirs.
     """
     from msbt.data.store import Store
-    from msbt.eval.evaluate import evaluate, load_stage2, predict_split, write_metrics
     from msbt.model.checkpoint import read_manifest
     from msbt.model.ensemble import write_ensemble
 
@@ -81,22 +82,39 @@ def make_ensemble(checkpoints: Sequence[str | Path], out: str | Path, *, store: 
     if Store.open(store).fingerprint() != (first.get("data_fingerprint"), first.get("split_id")):
         raise ValueError(f"{store}: another data set or split than {checkpoints[0]} was trained on")
     folder = write_ensemble(checkpoints, out / CHECKPOINT_FOLDER)
+    try:
+        report = _score(folder, store, n_boot=n_boot, seed=seed, out=out)
+    except BaseException:  # an ensemble that was not scored is not left behind half made
+        shutil.rmtree(folder, ignore_errors=True)
+        for name in ("metrics.json", "predictions.csv"):
+            (out / name).unlink(missing_ok=True)
+        raise
+    write_text(out / "members.json", json.dumps(report, indent=2, default=float) + "\n")
+    return report
+
+
+def _score(folder: Path, store: Path, *, n_boot: int, seed: int, out: Path) -> dict:
+    """Evaluate the ensemble (metrics.json, predictions.csv in ``out``) and its members on the same test rows."""
+    from msbt.eval.evaluate import evaluate, load_stage2, predict_split, write_metrics
+    from msbt.model.checkpoint import read_manifest
+    from msbt.model.ensemble import members
+
     result = evaluate(folder, store, n_boot=n_boot, seed=seed)
     write_metrics(result, out / "metrics.json")
     test = result.predictions["test"]
+    model, stage = load_stage2(folder)
     member_p, rows = [], []
-    for member in read_manifest(folder)["members"]:
-        model, stage = load_stage2(member["path"])
-        pred = predict_split(model, stage, store, "test")
-        if not np.array_equal(pred["source"], test["source"]):
-            raise ValueError(f"{member['path']}: scored other test rows than the ensemble")
+    for record, member in zip(read_manifest(folder)["members"], members(model)):
+        pred = predict_split(member, stage, store, "test")
         member_p.append(pred["p"])
         auc = metrics.repeated_auc(pred["y"], pred["p"], groups=pred["group"], n_boot=n_boot, seed=seed)
-        rows.append({"path": member["path"], "seed": member.get("seed"),
+        rows.append({"path": record["path"], "seed": record.get("seed"),
                      "test_auc": [auc["auc"], *(float(x) for x in auc["ci_cases"])]})
+    # the ensemble is a fixed function of these members: compared with them on the same test resamples, no
+    # seed term (that would ask what another draw of members would do)
     versus = metrics.repeated_auc(test["y"], test["p"], np.stack(member_p), groups=test["group"], n_boot=n_boot,
-                                  seed=seed)
-    report = {
+                                  seed=seed, seed_term=False)
+    return {
         "checkpoint": str(folder), "store": str(store), "test_images": int(len(test["y"])),
         "threshold": result["threshold"], "test_auc": [float(x) for x in result["test_ci95"]["auc"]],
         "members": rows,
@@ -104,8 +122,6 @@ def make_ensemble(checkpoints: Sequence[str | Path], out: str | Path, *, store: 
                        "p_value": versus["p_value"], "members_mean_auc": versus["base_auc"],
                        "members_sd": versus["base_seed_sd"]},
     }
-    write_text(out / "members.json", json.dumps(report, indent=2, default=float) + "\n")
-    return report
 
 
 def format_ensemble(report: dict) -> str:
@@ -122,5 +138,5 @@ def format_ensemble(report: dict) -> str:
     lines.append(f"  ensemble: AUC {ci(report['test_auc'])}, threshold {report['threshold']:.4g} (chosen on the "
                  "members' shared validation rows)")
     lines.append(f"  ensemble - members' mean AUC: {v['diff']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}], "
-                 f"p = {v['p_value']:.3f} (the test cases and the members' spread)")
+                 f"p = {v['p_value']:.3f} (paired on the test images, given these members)")
     return "\n".join(lines)

@@ -29,6 +29,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ from msbt.data.store import write_resplit
 from msbt.provenance import write_environment
 from msbt.atomicio import atomic_open, read_json, write_text
 from msbt.eval import metrics
-from msbt.config import Config, ConfigError, check_ranges, to_dict
+from msbt.config import Config, ConfigError, check_ranges, to_dict, training_seed
 from msbt.runfolder import run_stages
 from msbt.train.stages import index_root
 
@@ -181,10 +182,16 @@ def run_arm(config: Config, store: Path, stage1: Path | None, folder: Path, *, n
     """
     from msbt.eval.evaluate import Evaluation, evaluate, read_predictions, write_metrics
 
+    from msbt.model.checkpoint import read_manifest
+
     done = folder / "metrics.json"
     if done.is_file() and (folder / "predictions.csv").is_file():
         result = Evaluation(json.loads(done.read_text()))
-        if Path(result["checkpoint"]).is_dir():
+        recorded = read_manifest(result["checkpoint"]).get("seed") if Path(result["checkpoint"]).is_dir() else None
+        if recorded is not None and recorded != training_seed(config):
+            print(f"{folder.name}: its checkpoint was trained with seed {recorded}, not {training_seed(config)}: "
+                  "training again")
+        elif Path(result["checkpoint"]).is_dir():
             result.predictions = read_predictions(folder / "predictions.csv")
             print(f"{folder.name}: reusing {done}")
             return result
@@ -643,12 +650,14 @@ def leave_one_site_out(config: Config, *, arms: Sequence[str] | None = None, see
             :data:`COMPARE_ARMS` (``compare --by site``), each trained per held-out site and compared on the same
             held-out images with paired tests; an arm whose overlay leaves the config unchanged shares the
             plain design's folder (``site-<s>``), so a finished ``crossval --by site`` is reused.
-        seeds: Training seeds (``run.train_seed``) to repeat the whole design with, on the same split and
-            stores (``crossval --by site --seeds 0 1 2``): one seed's held-out AUC moves by as much as most
-            levers, so the number to quote is the mean over seeds with both uncertainties
-            (:func:`msbt.eval.metrics.repeated_auc`). The config's own seed keeps the folders ``site-<s>``
-            (a finished single-seed run is reused), another seed k gets ``site-<s>-seed<k>``. None: the
-            config's own seed only. Not combined with ``arms``.
+        seeds: Training seeds (``run.train_seed``) to repeat stage 2 of the design with, on the same split,
+            stores and stage-1 checkpoint (``crossval --by site --seeds 0 1 2``): one seed's held-out AUC moves
+            by as much as most levers, so the number to quote is the mean over seeds with both uncertainties
+            (:func:`msbt.eval.metrics.repeated_auc`). A design that starts from stage 1 shares one stage 1
+            over the seeds: its spread is that of stage 2, given that stage 1. Folders: ``site-<s>`` for the
+            seed equal to ``data.seed`` (a finished single-seed run is reused), ``site-<s>-seed<k>`` for
+            another seed k; a reused folder whose checkpoint records another seed is trained again. None: the
+            config's own training seed only. Not combined with ``arms``.
 
     Returns:
         The content of ``loso.json`` (or ``compare.json`` with arms; either also written, with ``sites.csv``, to
@@ -658,8 +667,6 @@ def leave_one_site_out(config: Config, *, arms: Sequence[str] | None = None, see
         the mean over seeds with its spread and intervals and the seeds' averaged model (an ensemble), and
         the summary is made of the means.
     """
-    from msbt.config import training_seed
-
     unknown = [a for a in arms or () if a not in COMPARE_ARMS]
     if unknown:
         raise ValueError(f"unknown arms {unknown}; known: {list(COMPARE_ARMS)}")
@@ -687,13 +694,17 @@ def leave_one_site_out(config: Config, *, arms: Sequence[str] | None = None, see
         _check_roles({k: v for k, v in plan.items() if v != "internal"}, labels, f"held-out site {s}")
 
     def folder_name(arm: str, site: str, seed: int = own_seed) -> str:
-        # one config, one folder: an arm equal to the config shares the design's; another seed, its own
+        # one config, one folder: an arm equal to the config shares the design's; a training seed other than
+        # data.seed, a folder of its own (a fixed rule, whatever seed the config itself names)
         name = f"site-{site}" if configs[arm] == config else f"site-{site}-{arm}"
-        return name if seed == own_seed else f"{name}-seed{seed}"
+        return name if seed == config.data.seed else f"{name}-seed{seed}"
 
     clash = [s for s in sites for a in COMPARE_ARMS if s.endswith(f"-{a}")] if arms is not None else []
     if clash:  # site "x-imagenet" and site "x"'s imagenet arm would share a folder
         raise ValueError(f"site names {clash} end like an arm's folder suffix; rename the site (NAME=PATH)")
+    clash = [s for s in sites if re.search(r"-seed\d+$", s)] if seeds != [config.data.seed] else []
+    if clash:  # site "x-seed1" and site "x"'s seed 1 would share a folder
+        raise ValueError(f"site names {clash} end like a seed's folder suffix; rename the site (NAME=PATH)")
     out = data.run_dir / "loso"
     if fresh:
         remove_loso_results(out, {folder_name(a, s, k) for a in configs for s in sites for k in seeds}, sites,
@@ -762,6 +773,9 @@ def remove_loso_results(out: Path, folders: set[str], sites: Sequence[str], *, c
     (``compare=False``): its ``site-<s>/`` folders, ``loso.json``, ``sites.csv``, and the comparison that used
     them; ``compare --by site``: its arms' folders except the shared ``site-<s>/``, and ``compare.json``."""
     own = set(folders) - ({f"site-{s}" for s in sites} if compare else set())
+    if not compare:  # every seed's folders, also of seeds this run does not name: none may be mixed in later
+        pattern = re.compile(rf"site-({'|'.join(re.escape(s) for s in sites)})-seed\d+")
+        own |= {f.name for f in out.glob("site-*-seed*") if pattern.fullmatch(f.name)}
     files = {"compare.json", "compare-sites.csv"} | (set() if compare else {"loso.json", "sites.csv"})
     for name in own | files:
         target = out / name
@@ -802,18 +816,21 @@ def _across_seeds(site: str, preds: Mapping[int, dict], by_seed: Mapping[int, Se
     ensemble = [averaged["auc"], *averaged["ci_cases"]]
     internal = [r["internal_auc"][0] for k in preds for r in by_seed[k] if r["site"] == site and r["internal_auc"]]
     return {"site": site, "seeds": [int(k) for k in preds], "images": int(len(arrays["y"])),
-            "held_out_auc_mean": rep["auc"], "ci_cases": list(rep["ci_cases"]), "se": rep["se"],
-            "per_seed": rep["per_seed"], "seed_sd": rep["seed_sd"], "seed_range": [min(rep["per_seed"]), max(rep["per_seed"])],
+            "held_out_auc_mean": rep["auc"], "ci": list(rep["ci"]) if rep["ci"] else None, "df": rep["df"],
+            "ci_cases": list(rep["ci_cases"]), "se": rep["se"], "per_seed": rep["per_seed"],
+            "seed_sd": rep["seed_sd"], "seed_range": [min(rep["per_seed"]), max(rep["per_seed"])],
             "ensemble_auc": [float(x) for x in ensemble],
             "internal_auc_mean": float(np.mean(internal)) if internal else None}
 
 
 def _seeds_summary(across: Sequence[Mapping]) -> dict:
-    """The number to quote with several seeds: the worst site's mean over seeds (case interval of the mean,
-    and the seeds' range), the mean over sites, and the seeds' averaged model at the same site."""
+    """The number to quote with several seeds: the worst site's mean over seeds with its interval over the
+    held-out cases and the seeds together (and over the cases alone), the range one seed gave, the mean over
+    sites, and the seeds' averaged model at the same site."""
     worst = min(across, key=lambda r: r["held_out_auc_mean"])
     return {"mean_held_out_auc": float(np.mean([r["held_out_auc_mean"] for r in across])),
-            "worst_site": worst["site"], "worst_held_out_auc": [worst["held_out_auc_mean"], *worst["ci_cases"]],
+            "worst_site": worst["site"], "worst_held_out_auc": [worst["held_out_auc_mean"], *worst["ci"]],
+            "worst_ci_cases": worst["ci_cases"],
             "worst_seed_range": worst["seed_range"], "worst_seed_sd": worst["seed_sd"], "seeds": worst["seeds"],
             "worst_site_ensemble_auc": worst["ensemble_auc"],
             "mean_ensemble_auc": float(np.mean([r["ensemble_auc"][0] for r in across]))}
@@ -831,7 +848,8 @@ def loso_diff(runs: Sequence[str | Path], *, n_boot: int = 2000, seed: int = 0) 
     A run with several seeds counts as the mean of its seeds' AUCs, and the difference's uncertainty adds the
     seed spread to the case bootstrap (:func:`msbt.eval.metrics.repeated_auc`); with one seed on both sides
     the seed spread is unmeasured and the interval and p-value cover the held-out cases only (``seed_term``
-    false): a rerun with another seed moved held-out AUC by 0.05-0.07 on real sites (docs/evaluation.md).
+    false): a rerun with another seed (and split of the training sites) moved held-out AUC by 0.05-0.07 on
+    real sites (docs/evaluation.md).
 
     Raises:
         ValueError: a run without any held-out site scored, an unknown arm, or a run named twice.
@@ -861,7 +879,7 @@ def loso_diff(runs: Sequence[str | Path], *, n_boot: int = 2000, seed: int = 0) 
                 folders = {f.parent.name[len("site-"):]: {None: f.parent.name}
                            for f in sorted((run / "loso").glob("site-*/predictions.csv"))
                            if not any(f.parent.name.endswith(f"-{a}") for a in COMPARE_ARMS)
-                           and "-seed" not in f.parent.name}
+                           and not re.search(r"-seed\d+$", f.parent.name)}
             if not folders:
                 raise ValueError(f"{run}: no held-out site scored in loso/ (run workflows/crossval.py --by site)")
         found = {site: {k: read_predictions(run / "loso" / name / "predictions.csv")["test"]
@@ -913,12 +931,13 @@ def loso_diff(runs: Sequence[str | Path], *, n_boot: int = 2000, seed: int = 0) 
             rep = metrics.repeated_auc(y, ps[:, ia], None if name == base_name else ps_ref[:, ib], groups=groups,
                                        n_boot=n_boot, seed=seed)
             row = {"run": name, "site": site, "images": len(common), "seeds": len(ps),
-                   "auc": [rep["auc"], *rep["ci_cases"]], "seed_sd": rep["seed_sd"]}
+                   "auc": [rep["auc"], *rep["ci_cases"]], "seed_sd": rep["seed_sd"],
+                   "auc_ci_with_seeds": list(rep["ci"]) if rep["ci"] else None}
             if name != base_name:
-                seed_term = not math.isnan(rep["se_seed_diff"])
-                row["diff_vs_first"] = [rep["diff"], *(rep["diff_ci"] if seed_term else rep["diff_ci_cases"])]
+                row["diff_vs_first"] = [rep["diff"], *rep["diff_ci"]]
                 row["p_value"] = rep["p_value"]
-                row["seed_term"] = seed_term
+                row["seed_term"] = rep["se_seed_diff"] is not None
+                row["df"] = rep["df_diff"] if math.isfinite(rep["df_diff"]) else None
             rows.append(row)
     return {"base": base_name, "rows": rows, "missing": missing}
 
@@ -934,9 +953,12 @@ def format_loso_diff(report: dict) -> str:
              + (f"{'seeds':>5}  {'mean AUC [95% CI cases]':<24} {'sd':>5}  " if seeded else f"{'AUC [95% CI]':<24} ")
              + f"AUC - {_short(report['base'])} [95% CI], p"]
     for r in report["rows"]:
-        diff = (f"{_with_ci(r['diff_vs_first'])}, p = {r['p_value']:.3f}" if "diff_vs_first" in r else "(base)")
+        diff = "(base)"
+        if "diff_vs_first" in r:
+            mark = "" if r.get("seed_term") else " *"
+            diff = f"{_with_ci(r['diff_vs_first'])}, p = {r['p_value']:.3f}{mark}"
         if seeded:
-            sd = f"{r['seed_sd']:.3f}" if r.get("seeds", 1) > 1 else "-"
+            sd = f"{r['seed_sd']:.3f}" if r.get("seed_sd") is not None else "-"
             lines.append(f"{_short(r['run']):<28} {r['site']:<14} {r['images']:>6}  {r.get('seeds', 1):>5}  "
                          f"{_with_ci(r['auc']):<24} {sd:>5}  {diff}")
         else:
@@ -944,11 +966,13 @@ def format_loso_diff(report: dict) -> str:
     for run, sites in report.get("missing", {}).items():
         lines.append(f"{_short(run)}: no result at {', '.join(sites)} (only sites both runs scored are compared)")
     if any(r.get("seed_term") is False for r in report["rows"]):
-        lines.append("one seed on both sides: the interval and p cover the held-out cases only, not the training "
-                     "seed (which alone moved held-out AUC by 0.05-0.07 on real sites); use crossval --by site --seeds")
-    elif seeded:
-        lines.append("intervals and p: the held-out cases (group bootstrap) and the spread over seeds together "
-                     "(seed variance pooled over the runs with two or more seeds)")
+        lines.append("* one seed on both sides: the interval and p cover the held-out images only, not the training "
+                     "seed (another seed and split moved held-out AUC by 0.05-0.07 on real sites); compare runs of "
+                     "crossval --by site --seeds")
+    if any(r.get("seed_term") for r in report["rows"]):
+        lines.append("intervals and p without *: the held-out images (group bootstrap) and the spread over seeds "
+                     "together (seed variance pooled over the runs with two or more seeds; t with Welch-Satterthwaite "
+                     "degrees of freedom)")
     return "\n".join(lines)
 
 
@@ -988,21 +1012,24 @@ def format_loso(report: dict) -> str:
 
 
 def _format_seeds(report: dict) -> list[str]:
-    """The leave-one-site-out table over several seeds: per site the mean with its case interval, the seeds'
-    spread and the seeds' averaged model; the summary line to quote."""
+    """The leave-one-site-out table over several seeds: per site the mean with its intervals (cases and seeds
+    together; cases alone), the seeds' spread and the seeds' averaged model; the summary line to quote."""
     across, summary = report["across_seeds"], report["summary"]
     n = len(report["seeds"])
-    lines = [f"over {n} training seeds {report['seeds']} (same split; the table above is seed {report['seeds'][0]}):",
-             f"{'held-out site':<20} {'mean AUC [95% CI cases]':<26} {'sd':>5}  {'seeds min-max':<13} "
-             f"{'averaged model AUC [95% CI]':<28}"]
+    lines = [f"over {n} training seeds {report['seeds']} of stage 2 (same split and stores; the table above is "
+             f"seed {report['seeds'][0]}):",
+             f"{'held-out site':<20} {'mean AUC [95% CI]':<24} {'[CI cases only]':<16} {'sd':>5}  "
+             f"{'seeds min-max':<13}  {'averaged model AUC [95% CI]':<28}"]
     for r in across:
-        lines.append(f"{r['site']:<20} {_with_ci([r['held_out_auc_mean'], *r['ci_cases']]):<26} "
-                     f"{r['seed_sd']:>5.3f}  {r['seed_range'][0]:.3f}-{r['seed_range'][1]:.3f}   "
-                     f"{_with_ci(r['ensemble_auc']):<28}")
+        ci = _with_ci([r["held_out_auc_mean"], *r["ci"]]) if r.get("ci") else f"{r['held_out_auc_mean']:.3f}"
+        cases = f"[{r['ci_cases'][0]:.3f}, {r['ci_cases'][1]:.3f}]"
+        lines.append(f"{r['site']:<20} {ci:<24} {cases:<16} {r['seed_sd']:>5.3f}  "
+                     f"{r['seed_range'][0]:.3f}-{r['seed_range'][1]:.3f}    {_with_ci(r['ensemble_auc']):<28}")
     lines.append(f"at a site it never saw: AUC {_with_ci(summary['worst_held_out_auc'])} at the worst "
-                 f"({summary['worst_site']}; one seed gave {summary['worst_seed_range'][0]:.3f} to "
-                 f"{summary['worst_seed_range'][1]:.3f}), {summary['mean_held_out_auc']:.3f} on average over the "
-                 f"{len(across)} sites, mean of {n} seeds; the {n} seeds' averaged model: "
-                 f"{_with_ci(summary['worst_site_ensemble_auc'])} at {summary['worst_site']}, "
-                 f"{summary['mean_ensemble_auc']:.3f} on average. Quote these, not the internal AUC or one seed")
+                 f"({summary['worst_site']}; mean of {n} seeds, the interval over its held-out images and the seeds; "
+                 f"one seed gave {summary['worst_seed_range'][0]:.3f} to {summary['worst_seed_range'][1]:.3f}), "
+                 f"{summary['mean_held_out_auc']:.3f} on average over the {len(across)} sites; the {n} seeds' "
+                 f"averaged model: {_with_ci(summary['worst_site_ensemble_auc'])} at {summary['worst_site']}, "
+                 f"{summary['mean_ensemble_auc']:.3f} on average (msbt ensemble makes it one checkpoint). Quote these, "
+                 "not the internal AUC or one seed")
     return lines

@@ -330,7 +330,9 @@ def format_lineage(path: str | Path) -> str:
     chain = lineage(path)
     members = (chain[0]["manifest"] or {}).get("members")
     if members:  # an ensemble (msbt.model.ensemble): its own line, then each member's chain, checked by hash
-        lines.append(f"ensemble of {len(members)}: " + _describe(chain[0]))
+        status = "ok" if chain[0]["verified"] else "MODEL CHANGED"
+        lines.append(f"ensemble of {len(members)}  stage 2  classes={','.join(chain[0]['manifest']['class_names'])}  "
+                     f"mean of the members' probabilities  [{status}]  {chain[0]['path']}")
         for i, record in enumerate(members):
             folder = _find_parent(Path(chain[0]["path"]), record)
             if folder is None:

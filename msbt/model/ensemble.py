@@ -30,6 +30,12 @@ MEMBER_PREFIX = "member_"
 MEAN_LAYER = "ensemble_mean"
 
 
+def label(manifest) -> str:
+    """What a manifest's model is, for ids and listings: its backbone, or ``ensemble-<k>`` for an ensemble (whose
+    manifest carries its first member's stage settings)."""
+    return f"ensemble-{len(manifest['members'])}" if manifest.get("members") else manifest["backbone"]
+
+
 def members(model) -> list:
     """The member models of an ensemble, in order; [] for an ordinary msbt model."""
     import keras

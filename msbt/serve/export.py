@@ -36,6 +36,7 @@ import numpy as np
 from msbt import __version__
 from msbt.atomicio import atomic_path, write_text
 from msbt.model.checkpoint import DIGEST_KEY, MANIFEST_FILE, MODEL_FILE, json_digest, lineage, load_checkpoint
+from msbt.model.ensemble import label as model_label
 from msbt.provenance import write_environment
 from msbt.serve import engines as eng
 from msbt.serve.predict import (EXPORT_DIGEST_KEY, EXPORT_FILE, Preparation, find_preparation, find_profile,
@@ -154,7 +155,7 @@ def _write_all(model, manifest, src: Path, out: Path, chosen, preparation: Prepa
         "format": EXPORT_FORMAT,
         "checkpoint": str(src.resolve()),
         "model_sha256": manifest["model_sha256"],
-        "backbone": manifest["backbone"],
+        "backbone": model_label(manifest),
         "class_names": manifest["class_names"],
         "input": {"shape": [None, size, size, 3], "pixels": "RGB 0..255", "dtypes": ["float32", "uint8"]},
         "output": "probability of class_names[1]; called class_names[1] when probability >= threshold",
@@ -162,7 +163,7 @@ def _write_all(model, manifest, src: Path, out: Path, chosen, preparation: Prepa
         "threshold": {"value": chosen.value, "source": chosen.source},
         "preparation": preparation.as_dict(),
         "profile": profile,
-        "model_id": f"{manifest['backbone']}-{size}px-{manifest['model_sha256'][:12]}",
+        "model_id": f"{model_label(manifest)}-{size}px-{manifest['model_sha256'][:12]}",
         "lineage_sha256": lineage_hash(src),
         "engines": parity,
         "int8": int8,

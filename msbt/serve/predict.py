@@ -358,21 +358,26 @@ def predict_logits(model, batch: np.ndarray, batch_size: int = 32) -> tuple[np.n
     """
     import keras
 
-    from msbt.model.ensemble import combine_logits, members
+    from msbt.model.ensemble import MEAN_LAYER as ENSEMBLE_MEAN, combine_logits, members
 
-    parts = members(model)
-    if parts:
-        p = np.asarray(model.predict(batch.astype(np.float32), batch_size=batch_size, verbose=0), np.float64)
-        logits = [predict_logits(member, batch, batch_size)[1] for member in parts]
-        return p.reshape(-1), combine_logits(np.stack(logits))
-    head = model.get_layer("predictions")
+    parts = members(model) or [model]
+    heads = [part.get_layer("predictions") for part in parts]
     both = _TWO_OUTPUTS.get(model)
     if both is None:  # built once per model: a new Model per chunk would retrace its predict function
-        both = _TWO_OUTPUTS[model] = keras.Model(model.inputs, [model.outputs[0], head.input])
-    p, features = both.predict(batch.astype(np.float32), batch_size=batch_size, verbose=0)
-    kernel, bias = (np.asarray(w, np.float64) for w in head.get_weights())
-    logits = np.asarray(features, np.float64) @ kernel + bias
-    return np.asarray(p, np.float64).reshape(-1), logits.reshape(-1)
+        if len(parts) == 1:
+            both = keras.Model(model.inputs, [model.outputs[0], heads[0].input])
+        else:  # an ensemble: its output, and each member's classifier input, in one pass over the members
+            image = keras.Input(model.input_shape[1:])
+            pairs = [keras.Model(m.inputs, [m.outputs[0], h.input])(image) for m, h in zip(parts, heads)]
+            mean = model.get_layer(ENSEMBLE_MEAN)([p for p, _ in pairs])  # the ensemble's own averaging layer
+            both = keras.Model(image, [mean, *[f for _, f in pairs]])
+        _TWO_OUTPUTS[model] = both
+    p, *features = both.predict(batch.astype(np.float32), batch_size=batch_size, verbose=0)
+    logits = []
+    for head, f in zip(heads, features):
+        kernel, bias = (np.asarray(w, np.float64) for w in head.get_weights())
+        logits.append((np.asarray(f, np.float64) @ kernel + bias).reshape(-1))
+    return np.asarray(p, np.float64).reshape(-1), logits[0] if len(logits) == 1 else combine_logits(np.stack(logits))
 
 
 _TWO_OUTPUTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

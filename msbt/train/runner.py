@@ -579,7 +579,8 @@ def train_stage(
     """Train one stage with Ray Train (Ray must be initialised).
 
     Args:
-        config: The resolved config; ``stage1``/``stage2`` and ``run`` are used, ``data.seed`` seeds it.
+        config: The resolved config; ``stage1``/``stage2`` and ``run`` are used; ``run.train_seed`` (else
+            ``data.seed``) seeds it.
         stage_number: 1 (cell lines) or 2 (ultrasound, from ``parent_checkpoint``).
         store_path: A store from ``msbt.data.preprocess`` with ``train`` and ``val`` rows.
         parent_checkpoint: Stage 2 only: stage 1's checkpoint (a ``ray.train.Checkpoint`` such as

@@ -228,6 +228,15 @@ def test_leave_one_site_out_on_two_built_in_sites(tmp_path, ray_local, capsys):
     assert [r["seeds"] for r in diff["rows"]] == [2, 2, 1, 1] and all(r["seed_term"] for r in diff["rows"][2:])
     with pytest.raises(ValueError, match="not built"):
         X.leave_one_site_out(config, arms=("scratch",), seeds=(0, 1))
+    # folders follow a fixed rule (a suffix for a training seed other than data.seed): a config whose own training
+    # seed is 1 finds seed 1's folders and trains nothing
+    import dataclasses
+
+    capsys.readouterr()
+    one = X.leave_one_site_out(dataclasses.replace(config, run=dataclasses.replace(config.run, train_seed=1)), n_boot=100)
+    printed = capsys.readouterr().out
+    assert "site-site-a-seed1: reusing" in printed and "site-site-b-seed1: reusing" in printed
+    assert [r["checkpoint"] for r in one["rows"]] == [r["checkpoint"] for r in seeded["by_seed"]["1"]]
 
     # msbt ensemble: site-a's two seeds averaged into one checkpoint, scored on their fold store (found from the
     # checkpoint), which is the "averaged model" leave one site out reported

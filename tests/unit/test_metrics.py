@@ -678,7 +678,7 @@ def test_fresh_leave_one_site_out_removes_only_its_own_results(tmp_path, compare
 
 def test_repeated_auc_is_the_paired_bootstrap_with_one_seed_and_adds_the_seed_spread_with_more():
     """One training each: the case bootstrap alone, numbers equal to bootstrap_ci / paired_bootstrap_auc_diff.
-    Several: the mean of the seeds' AUCs, and a seed term sd^2/S added in quadrature to the case term."""
+    Several: the mean of the seeds' AUCs, a seed term added to the case term, t intervals on few seeds."""
     rng = np.random.default_rng(3)
     y = rng.integers(0, 2, 90)
     groups = np.arange(90) // 3
@@ -689,8 +689,9 @@ def test_repeated_auc_is_the_paired_bootstrap_with_one_seed_and_adds_the_seed_sp
     a, b = scores(0.3, 1)[0], scores(0.1, 1)[0]
     one = M.repeated_auc(y, a, b, groups=groups, n_boot=400, seed=5)
     pair = M.paired_bootstrap_auc_diff(y, a, b, groups=groups, n_boot=400, seed=5)
-    assert one["diff"] == pytest.approx(pair["diff"]) and one["diff_ci_cases"] == pytest.approx(pair["ci"])
-    assert one["p_value"] == pytest.approx(pair["p_value"]) and math.isnan(one["se_seed_diff"])
+    assert one["diff"] == pytest.approx(pair["diff"]) and one["diff_ci"] == pytest.approx(pair["ci"])
+    assert one["p_value"] == pytest.approx(pair["p_value"]) and one["se_seed_diff"] is None
+    assert one["seed_sd"] is None and one["ci"] is None and one["df_diff"] == math.inf
     assert [one["auc"], *one["ci_cases"]] == pytest.approx(list(M.bootstrap_ci(y, a, 0.5, groups=groups, n_boot=400,
                                                                                   seed=5)["auc"]))
     runs, base = scores(0.3, 4), scores(0.1, 3)
@@ -699,16 +700,60 @@ def test_repeated_auc_is_the_paired_bootstrap_with_one_seed_and_adds_the_seed_sp
     assert many["auc"] == pytest.approx(np.mean(aucs)) and many["per_seed"] == pytest.approx(aucs)
     assert many["seed_sd"] == pytest.approx(np.std(aucs, ddof=1))
     assert many["diff"] == pytest.approx(np.mean(aucs) - np.mean([M.roc_auc(y, r) for r in base]))
-    pooled = (3 * many["seed_sd"] ** 2 + 2 * many["base_seed_sd"] ** 2) / 5
-    assert many["se_seed_diff"] == pytest.approx(math.sqrt(pooled * (1 / 4 + 1 / 3)))
-    assert many["se_diff"] == pytest.approx(math.hypot(many["se_cases_diff"], many["se_seed_diff"]))
-    assert many["diff_ci"][0] < many["diff"] < many["diff_ci"][1]
-    assert many["p_value"] == pytest.approx(math.erfc(abs(many["diff"] / many["se_diff"]) / math.sqrt(2)))
+    assert many["se_diff"] > many["se_cases_diff"] > 0 and many["se_seed_diff"] > 0  # the seeds widen it
+    width = many["diff_ci"][1] - many["diff_ci"][0]
+    assert width > 2 * 1.96 * many["se_diff"]  # t on few seeds: wider than the normal interval of the same se
+    assert 5 < many["df_diff"] < 1e6
+    # given these very trainings (seed_term=False): the case bootstrap alone, as with one seed
+    fixed = M.repeated_auc(y, runs, base, groups=groups, n_boot=400, seed=5, seed_term=False)
+    assert fixed["se_seed_diff"] is None and fixed["diff_ci"] == fixed["diff_ci_cases"] == many["diff_ci_cases"]
+    assert fixed["p_value"] < many["p_value"]
+    # one design's own interval: cases and seeds together is wider than the cases alone
+    assert many["ci"][1] - many["ci"][0] > many["ci_cases"][1] - many["ci_cases"][0]
     # a single-seed design borrows the other's seed variance
     lone = M.repeated_auc(y, runs[:1], base, groups=groups, n_boot=400, seed=5)
     assert lone["se_seed_diff"] == pytest.approx(many["base_seed_sd"] * math.sqrt(1 + 1 / 3))
     with pytest.raises(ValueError, match="equal length"):
         M.repeated_auc(y, runs[:, :10])
+
+
+def test_an_ensembles_logit_is_that_of_its_mean_probability_also_when_saturated():
+    from msbt.model.ensemble import combine_logits
+
+    z = np.array([[-3.0, 0.5, 40.0, -800.0, 800.0], [1.0, -2.0, 35.0, -790.0, 700.0]])
+    out = combine_logits(z)
+    assert np.isfinite(out).all()
+    mean = (1 / (1 + np.exp(-z[:, :2]))).mean(axis=0)
+    np.testing.assert_allclose(out[:2], np.log(mean / (1 - mean)), rtol=1e-12)
+    assert out[2] == pytest.approx(np.log(2) - np.log(np.exp(-40.0) + np.exp(-35.0)))  # both near 1: still ranked
+    assert out[3] == pytest.approx(-790 - np.log(2) + np.log1p(np.exp(-10.0)), abs=1e-9)
+    assert out[4] == pytest.approx(700 + np.log(2), abs=1e-9)
+
+
+def test_leave_one_site_out_over_seeds_is_summarised_by_the_mean_and_both_intervals():
+    from msbt.jobs.experiments import _across_seeds, _seeds_summary, _format_seeds
+
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 50)
+    preds, by_seed = {}, {}
+    for k, shift in zip((0, 1, 2), (0.2, 0.35, 0.5)):
+        order = rng.permutation(50)
+        preds[k] = {"source": np.array([f"i{i}" for i in order]), "y": y[order], "group": np.array([f"g{i // 2}" for i in order]),
+                    "p": np.clip(shift * y[order] + rng.uniform(0, 1 - shift, 50), 0, 1), "site": np.full(50, "a")}
+        by_seed[k] = [{"site": "a", "internal_auc": [0.9, 0.8, 1.0]}]
+    across = _across_seeds("a", preds, by_seed, n_boot=200, seed=0)
+    aucs = [M.roc_auc(p["y"], p["p"]) for p in preds.values()]
+    assert across["per_seed"] == pytest.approx(aucs) and across["held_out_auc_mean"] == pytest.approx(np.mean(aucs))
+    assert across["seed_range"] == [min(aucs), max(aucs)] and across["internal_auc_mean"] == pytest.approx(0.9)
+    assert across["ci"][0] < across["ci_cases"][0] and across["ci"][1] > across["ci_cases"][1]
+    aligned = {k: np.argsort(p["source"]) for k, p in preds.items()}
+    mean_p = np.mean([p["p"][aligned[k]] for k, p in preds.items()], axis=0)
+    assert across["ensemble_auc"][0] == pytest.approx(M.roc_auc(preds[0]["y"][aligned[0]], mean_p))
+    other = {**across, "site": "b", "held_out_auc_mean": across["held_out_auc_mean"] + 0.1}
+    summary = _seeds_summary([across, other])
+    assert summary["worst_site"] == "a" and summary["worst_held_out_auc"] == [across["held_out_auc_mean"], *across["ci"]]
+    text = "\n".join(_format_seeds({"seeds": [0, 1, 2], "across_seeds": [across, other], "summary": summary}))
+    assert "over 3 training seeds" in text and "at the worst (a;" in text and "msbt ensemble" in text
 
 
 def test_loso_diff_with_seeds_counts_the_mean_over_seeds_and_their_spread(tmp_path, capsys):
@@ -745,17 +790,18 @@ def test_loso_diff_with_seeds_counts_the_mean_over_seeds_and_their_spread(tmp_pa
     base, lever, single = report["rows"]
     assert (base["seeds"], lever["seeds"], single["seeds"]) == (3, 3, 1)
     assert lever["seed_term"] and single["seed_term"]  # the single run borrows the base's seed spread
+    assert base["seed_sd"] > 0 and single["seed_sd"] is None and json.dumps(report, allow_nan=False)
     assert lever["diff_vs_first"][0] == pytest.approx(lever["auc"][0] - base["auc"][0])
     assert lever["diff_vs_first"][1] > 0 and lever["p_value"] < 0.05
     text = format_loso_diff(report)
-    assert "mean AUC" in text and "spread over seeds together" in text
+    assert "mean AUC" in text and "spread over seeds" in text and "* one seed on both sides" not in text
     # the ensemble of two seeded runs averages seed by seed; one of another seed count is refused
     both = loso_diff([tmp_path / "base", f"{tmp_path / 'base'}+{tmp_path / 'lever'}"], n_boot=100)["rows"][1]
     assert both["seeds"] == 3
     with pytest.raises(ValueError, match="pairs their seeds in order"):
         loso_diff([tmp_path / "base", f"{tmp_path / 'base'}+{tmp_path / 'single'}"], n_boot=100)
     one_each = loso_diff([tmp_path / "single", f"{tmp_path / 'single'}+{tmp_path / 'single'}"], n_boot=100)
-    assert "cover the held-out cases only" in format_loso_diff(one_each)
+    assert "cover the held-out images only" in format_loso_diff(one_each)
 
 
 def test_crossval_seeds_are_refused_without_by_site_before_ray_starts(tmp_path, capsys):
@@ -764,3 +810,14 @@ def test_crossval_seeds_are_refused_without_by_site_before_ray_starts(tmp_path, 
     assert main(["crossval", "--seeds", "0", "1", "--set", f"run.storage_path={tmp_path}"]) == 1
     assert "--seeds repeats leave one site out (--by site)" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing started, nothing written
+
+
+def test_fresh_leave_one_site_out_removes_every_seeds_folders_of_its_sites_and_nothing_else(tmp_path):
+    from msbt.jobs.experiments import remove_loso_results
+
+    names = ["site-a", "site-a-seed1", "site-a-seed7", "site-a-imagenet", "site-ab-seed1", "site-b-seedling"]
+    for name in names:
+        (tmp_path / name).mkdir()
+    (tmp_path / "loso.json").write_text("{}")
+    remove_loso_results(tmp_path, {"site-a"}, ["a"], compare=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site-a-imagenet", "site-ab-seed1", "site-b-seedling"]
