@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -735,6 +736,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except Stopped:
         return 143  # 128 + SIGTERM, what a shell reports; the line was printed by the handler
+    except BrokenPipeError:
+        # the reader went away (`msbt lineage ... | head`): nothing to say to it; point stdout at devnull so
+        # that the interpreter's own flush at exit does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports
     except KeyboardInterrupt:
         # Ctrl-C (or `ray job stop` with RAY_JOB_STOP_SIGNAL=SIGINT): one line, not a traceback; what
         # finished is on disk

@@ -38,6 +38,15 @@ def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
         main(["config", "--debug", "--config", str(bad)])
 
 
+def test_a_reader_that_goes_away_is_not_an_error():
+    """`msbt config | head -1`: the closed pipe ends the command quietly, as for other Unix tools."""
+    proc = subprocess.Popen([sys.executable, "-m", "msbt.cli", "config"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the command writes (it imports first)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and "error" not in err and "Traceback" not in err
+
+
 def test_missing_data_folder_is_one_clear_line(tmp_path, capsys):
     assert main(["scan", str(tmp_path / "nowhere")]) == 1
     assert "nowhere: data folder or manifest does not exist" in capsys.readouterr().err
