@@ -529,6 +529,11 @@ def paired_bootstrap_auc_diff(
     return _comparison(roc_auc(y, p_a), roc_auc(y, p_b), se, (low, high))
 
 
+def p_text(p: float) -> str:
+    """A p-value as printed: three decimals, and "p < 0.001" rather than a p of zero."""
+    return "p < 0.001" if p < 0.0005 else f"p = {p:.3f}"
+
+
 def repeated_auc(y, p_runs, p_base=None, groups=None, n_boot: int = 2000, alpha: float = 0.05,
                  seed: int = 0, seed_term: bool = True) -> dict[str, object]:
     """The AUC of a design trained several times, and its difference from another design's, with both

@@ -23,6 +23,7 @@ import numpy as np
 
 from msbt.atomicio import write_text
 from msbt.eval import metrics
+from msbt.eval.metrics import p_text
 
 CHECKPOINT_FOLDER = "checkpoint"
 
@@ -138,5 +139,5 @@ def format_ensemble(report: dict) -> str:
     lines.append(f"  ensemble: AUC {ci(report['test_auc'])}, threshold {report['threshold']:.4g} (chosen on the "
                  "members' shared validation rows)")
     lines.append(f"  ensemble - members' mean AUC: {v['diff']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}], "
-                 f"p = {v['p_value']:.3f} (paired on the test images, given these members)")
+                 f"{p_text(v['p_value'])} (paired on the test images, given these members)")
     return "\n".join(lines)

@@ -956,7 +956,7 @@ def format_loso_diff(report: dict) -> str:
         diff = "(base)"
         if "diff_vs_first" in r:
             mark = "" if r.get("seed_term") else " *"
-            diff = f"{_with_ci(r['diff_vs_first'])}, p = {r['p_value']:.3f}{mark}"
+            diff = f"{_with_ci(r['diff_vs_first'])}, {metrics.p_text(r['p_value'])}{mark}"
         if seeded:
             sd = f"{r['seed_sd']:.3f}" if r.get("seed_sd") is not None else "-"
             lines.append(f"{_short(r['run']):<28} {r['site']:<14} {r['images']:>6}  {r.get('seeds', 1):>5}  "
@@ -1007,7 +1007,7 @@ def format_loso(report: dict) -> str:
             boot = t["paired_bootstrap"]
             if "error" not in boot:
                 lines.append(f"held-out {site}: AUC {t['a']} - {t['b']} {_with_ci([boot['diff'], *boot['ci']])} "
-                             f"(paired group bootstrap on the held-out images, p = {boot['p_value']:.3f})")
+                             f"(paired group bootstrap on the held-out images, {metrics.p_text(boot['p_value'])})")
     return "\n".join(lines)
 
 
