@@ -107,8 +107,9 @@ def write_ensemble(checkpoints: Sequence[str | Path], out_dir: str | Path) -> Pa
                 raise CheckpointError(
                     f"{folder}: other {what} than {first_folder} ({manifest.get(key)!r} vs {first.get(key)!r}); "
                     "members must share the data and split, so that the ensemble's threshold is chosen on "
-                    "validation rows none of them trained on (stores of other run folders differ even on the same "
-                    "images: average the seeds of one run, or the arms of one compare)")
+                    "validation rows none of them trained on (main runs of the same data and data.seed share "
+                    "their store whatever their names; a leave-one-site-out fold's store records the run folder "
+                    "it was cut from, so average the seeds of one run, or the arms of one compare)")
         if manifest["config"].get("image_size") != first["config"].get("image_size"):
             raise CheckpointError(f"{folder}: image size {manifest['config'].get('image_size')}, {first_folder}: "
                                   f"{first['config'].get('image_size')}; members must take the same image size")
