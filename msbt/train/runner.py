@@ -360,6 +360,12 @@ def train_loop_per_worker(config: LoopConfig) -> None:
     work = Path(config.work_dir) if config.work_dir else None
     if work is not None:
         work.mkdir(parents=True, exist_ok=True)
+        # TensorFlow's autograph writes each function it converts to the temp folder
+        # (__autograph_generated_file*.py) and removes it only at interpreter exit, which a Train worker
+        # ended by Ray never reaches: thousands piled up in /tmp. This worker's temp folder is the stage's
+        # scratch, which train_stage removes however the stage ends.
+        tempfile.tempdir = str(work)
+        os.environ["TMPDIR"] = str(work)
     out_dir = Path(tempfile.mkdtemp(prefix=f"rank{context.get_world_rank()}-", dir=work))
     try:
         with contextlib.ExitStack() as stack:
