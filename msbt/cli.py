@@ -733,12 +733,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers live
     previous = _stop_on_sigterm() if main_thread else None
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, not in the interpreter's exit, so that a reader gone away is seen below
+        return code
     except Stopped:
         return 143  # 128 + SIGTERM, what a shell reports; the line was printed by the handler
-    except BrokenPipeError:
-        # the reader went away (`msbt lineage ... | head`): nothing to say to it; point stdout at devnull so
-        # that the interpreter's own flush at exit does not fail again
+    except BrokenPipeError as exc:
+        if not _stdout_gone() or args.debug:  # another pipe or socket broke: an error like any other
+            if args.debug:
+                raise
+            print(f"msbt: error: {exc}", file=sys.stderr)
+            return 1
+        # the reader of the output went away (`msbt lineage ... | head`): nothing to tell it; stdout points at
+        # devnull so that the interpreter's own flush at exit does not fail again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports
     except KeyboardInterrupt:
@@ -755,6 +762,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _stdout_gone() -> bool:
+    """Whether standard output is a pipe whose reader has closed it (poll reports an error on it)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no fileno (captured), or no poll on this platform
+        return False
 
 
 if __name__ == "__main__":

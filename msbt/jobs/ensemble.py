@@ -78,6 +78,11 @@ def make_ensemble(checkpoints: Sequence[str | Path], out: str | Path, *, store: 
     from msbt.model.ensemble import write_ensemble
 
     out = Path(out).expanduser().resolve()
+    taken = [name for name in (CHECKPOINT_FOLDER, "metrics.json", "predictions.csv", "members.json", "config.yaml")
+             if (out / name).exists()]
+    if taken:  # e.g. --out runs/<name>: the run's own metrics.json would be overwritten
+        raise ValueError(f"{out}: holds {', '.join(taken)} already; give the ensemble a folder of its own "
+                         "(e.g. runs/<name>/ensembles/<label>)")
     store = Path(store).expanduser().resolve() if store else find_store(checkpoints[0])
     first = read_manifest(checkpoints[0])
     if Store.open(store).fingerprint() != (first.get("data_fingerprint"), first.get("split_id")):

@@ -82,6 +82,16 @@ NAIVE_ARM = "naive_split"
 # Config overlays
 
 
+# A repetition of a design with another training seed k lives in ``<folder>-seed<k>`` (leave one site out).
+SEED_SUFFIX = re.compile(r"-seed\d+$")
+
+
+def seed_folder(name: str, seed: int, data_seed: int) -> str:
+    """The folder of ``name`` trained with training seed ``seed``: ``name`` itself for the seed equal to
+    ``data.seed`` (so a run made before seeds could be chosen is found), else ``name-seed<seed>``."""
+    return name if seed == data_seed else f"{name}-seed{seed}"
+
+
 def with_overrides(config: Config, overrides: Mapping[str, Any], source: str = "overlay") -> Config:
     """A copy of ``config`` with dotted keys replaced, e.g. ``{"stage2.head.l2": 1e-4}``, checked as a
     config file is (``msbt.config.check_ranges``).
@@ -181,20 +191,27 @@ def run_arm(config: Config, store: Path, stage1: Path | None, folder: Path, *, n
         The arm's metrics.json content, with its predictions attached as in :class:`msbt.eval.evaluate.Evaluation`.
     """
     from msbt.eval.evaluate import Evaluation, evaluate, read_predictions, write_metrics
-
-    from msbt.model.checkpoint import read_manifest
+    from msbt.model.checkpoint import CheckpointError, read_manifest
 
     done = folder / "metrics.json"
     if done.is_file() and (folder / "predictions.csv").is_file():
         result = Evaluation(json.loads(done.read_text()))
-        recorded = read_manifest(result["checkpoint"]).get("seed") if Path(result["checkpoint"]).is_dir() else None
-        if recorded is not None and recorded != training_seed(config):
-            print(f"{folder.name}: its checkpoint was trained with seed {recorded}, not {training_seed(config)}: "
-                  "training again")
-        elif Path(result["checkpoint"]).is_dir():
+        try:
+            recorded = read_manifest(result["checkpoint"]).get("seed")
+        except CheckpointError:  # the checkpoint folder is gone or damaged: train again
+            recorded = None
+            result = None
+        if result is not None and (recorded is None or recorded == training_seed(config)):
             result.predictions = read_predictions(folder / "predictions.csv")
             print(f"{folder.name}: reusing {done}")
             return result
+        print(f"{folder.name}: " + ("its checkpoint is missing or damaged" if result is None else
+                                    f"its checkpoint was trained with seed {recorded}, not {training_seed(config)}")
+              + ": training again")
+        # the old results and Ray run folder go first: Ray Train would restore the old run it found there
+        for name in ("stage2", "metrics.json", "predictions.csv", "internal.json"):
+            target = folder / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     parent = stage1 if config.stage2.weights == "parent" else None
     best = _arm_stage2(config, store, parent, folder, index, verbose)
     result = evaluate(best, store, n_boot=n_boot, seed=config.data.seed)
@@ -696,13 +713,12 @@ def leave_one_site_out(config: Config, *, arms: Sequence[str] | None = None, see
     def folder_name(arm: str, site: str, seed: int = own_seed) -> str:
         # one config, one folder: an arm equal to the config shares the design's; a training seed other than
         # data.seed, a folder of its own (a fixed rule, whatever seed the config itself names)
-        name = f"site-{site}" if configs[arm] == config else f"site-{site}-{arm}"
-        return name if seed == config.data.seed else f"{name}-seed{seed}"
+        return seed_folder(f"site-{site}" if configs[arm] == config else f"site-{site}-{arm}", seed, config.data.seed)
 
     clash = [s for s in sites for a in COMPARE_ARMS if s.endswith(f"-{a}")] if arms is not None else []
     if clash:  # site "x-imagenet" and site "x"'s imagenet arm would share a folder
         raise ValueError(f"site names {clash} end like an arm's folder suffix; rename the site (NAME=PATH)")
-    clash = [s for s in sites if re.search(r"-seed\d+$", s)] if seeds != [config.data.seed] else []
+    clash = [s for s in sites if SEED_SUFFIX.search(s)] if seeds != [config.data.seed] else []
     if clash:  # site "x-seed1" and site "x"'s seed 1 would share a folder
         raise ValueError(f"site names {clash} end like a seed's folder suffix; rename the site (NAME=PATH)")
     out = data.run_dir / "loso"
@@ -774,8 +790,7 @@ def remove_loso_results(out: Path, folders: set[str], sites: Sequence[str], *, c
     them; ``compare --by site``: its arms' folders except the shared ``site-<s>/``, and ``compare.json``."""
     own = set(folders) - ({f"site-{s}" for s in sites} if compare else set())
     if not compare:  # every seed's folders, also of seeds this run does not name: none may be mixed in later
-        pattern = re.compile(rf"site-({'|'.join(re.escape(s) for s in sites)})-seed\d+")
-        own |= {f.name for f in out.glob("site-*-seed*") if pattern.fullmatch(f.name)}
+        own |= {f.name for f in out.glob("site-*-seed*") if SEED_SUFFIX.sub("", f.name) in {f"site-{s}" for s in sites}}
     files = {"compare.json", "compare-sites.csv"} | (set() if compare else {"loso.json", "sites.csv"})
     for name in own | files:
         target = out / name
@@ -879,7 +894,7 @@ def loso_diff(runs: Sequence[str | Path], *, n_boot: int = 2000, seed: int = 0) 
                 folders = {f.parent.name[len("site-"):]: {None: f.parent.name}
                            for f in sorted((run / "loso").glob("site-*/predictions.csv"))
                            if not any(f.parent.name.endswith(f"-{a}") for a in COMPARE_ARMS)
-                           and not re.search(r"-seed\d+$", f.parent.name)}
+                           and not SEED_SUFFIX.search(f.parent.name)}
             if not folders:
                 raise ValueError(f"{run}: no held-out site scored in loso/ (run workflows/crossval.py --by site)")
         found = {site: {k: read_predictions(run / "loso" / name / "predictions.csv")["test"]

@@ -19,6 +19,7 @@ the average stays checkable.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -117,16 +118,24 @@ def write_ensemble(checkpoints: Sequence[str | Path], out_dir: str | Path) -> Pa
     from msbt.model.checkpoint import MODEL_FILE
 
     ensemble = build_ensemble([model for _, model, _ in loaded])
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    ensemble.save(str(out / MODEL_FILE))
-    records = [{"path": str(folder), "relpath": os.path.relpath(folder, out),
-                "model_sha256": sha256_file(folder / MODEL_FILE), "backbone": manifest["backbone"],
-                "seed": manifest.get("seed"), "best_epoch": manifest["best_epoch"]}
-               for folder, _, manifest in loaded]
-    write_manifest(out, stage_config=from_dict(StageConfig, first["config"], source=f"{first_folder}/manifest.json"),
-                   class_names=first["class_names"], metrics={}, best_epoch=0, parent=None,
-                   data_fingerprint=first["data_fingerprint"], split_id=first["split_id"], number=2,
-                   members=records)
+    try:
+        ensemble.save(str(out / MODEL_FILE))
+        records = [{"path": str(folder), "relpath": os.path.relpath(folder, out),
+                    "model_sha256": sha256_file(folder / MODEL_FILE), "backbone": manifest["backbone"],
+                    "seed": manifest.get("seed"), "best_epoch": manifest["best_epoch"]}
+                   for folder, _, manifest in loaded]
+        write_manifest(out, stage_config=from_dict(StageConfig, first["config"],
+                                                   source=f"{first_folder}/manifest.json"),
+                       class_names=first["class_names"], metrics={}, best_epoch=0, parent=None,
+                       data_fingerprint=first["data_fingerprint"], split_id=first["split_id"], number=2,
+                       members=records)
+    except BaseException:  # no model without its manifest is left behind
+        (out / MODEL_FILE).unlink(missing_ok=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     return out
 
 

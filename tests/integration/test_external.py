@@ -276,8 +276,12 @@ def test_leave_one_site_out_on_two_built_in_sites(tmp_path, ray_local, capsys):
         with pytest.raises(CheckpointError, match=message):
             make_ensemble(bad, tmp_path / "refused", store=ens["store"], n_boot=100)
         assert not (tmp_path / "refused" / "checkpoint").exists()  # refused before anything is written
-    with pytest.raises(CheckpointError, match="holds a checkpoint already"):
+    with pytest.raises(ValueError, match="holds checkpoint, metrics.json, predictions.csv, members.json already"):
         make_ensemble([a0, a1], out, n_boot=100)
+    run_folder = tmp_path / "runs" / "loso"  # the run's own folder: its config.yaml (and results) stay its own
+    with pytest.raises(ValueError, match="holds config.yaml already"):
+        make_ensemble([a0, a1], run_folder, n_boot=100)
+    assert not (run_folder / "checkpoint").exists() and not (run_folder / "members.json").exists()
 
 
 def test_threshold_flags_and_spread():

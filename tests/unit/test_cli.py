@@ -1,6 +1,7 @@
 """The command line as a user meets it: help, one-line errors, and each data subcommand."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -40,8 +41,9 @@ def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
 
 def test_a_reader_that_goes_away_is_not_an_error():
     """`msbt config | head -1`: the closed pipe ends the command quietly, as for other Unix tools."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # output buffered, as for most users
     proc = subprocess.Popen([sys.executable, "-m", "msbt.cli", "config"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, env=env)
     proc.stdout.close()  # before the command writes (it imports first)
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141 and "error" not in err and "Traceback" not in err

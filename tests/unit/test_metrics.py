@@ -821,3 +821,36 @@ def test_fresh_leave_one_site_out_removes_every_seeds_folders_of_its_sites_and_n
     (tmp_path / "loso.json").write_text("{}")
     remove_loso_results(tmp_path, {"site-a"}, ["a"], compare=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["site-a-imagenet", "site-ab-seed1", "site-b-seedling"]
+
+
+def test_an_arm_trained_with_another_seed_is_trained_again_from_a_clean_folder(tmp_path, monkeypatch):
+    """run_arm reuses a folder's result only when its checkpoint records the arm's training seed; otherwise the
+    old results and Ray run folder are removed first (Ray Train would restore the old run it found there)."""
+    from msbt.config import load_config
+    from msbt.jobs import experiments as X
+
+    folder = tmp_path / "site-a-seed1"
+    checkpoint = folder / "stage2" / "checkpoint_0"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "manifest.json").write_text(json.dumps({"seed": 5}))
+    (folder / "metrics.json").write_text(json.dumps({"checkpoint": str(checkpoint)}))
+    for name in ("predictions.csv", "internal.json"):
+        (folder / name).write_text("old")
+
+    class Trained(Exception):
+        pass
+
+    def train(*args, **kwargs):
+        assert not any(folder.iterdir())  # nothing of the seed-5 run is left to be restored or reused
+        raise Trained
+
+    monkeypatch.setattr(X, "_arm_stage2", train)
+    config = load_config(overrides=["run.train_seed=1"])
+    with pytest.raises(Trained):
+        X.run_arm(config, tmp_path / "store", None, folder)
+    # the recorded seed is the arm's: reused, nothing trained
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "manifest.json").write_text(json.dumps({"seed": 1}))
+    (folder / "metrics.json").write_text(json.dumps({"checkpoint": str(checkpoint)}))
+    (folder / "predictions.csv").write_text("split,source,group,y,p,site\ntest,a.png,g,1,0.9,a\n")
+    assert X.run_arm(config, tmp_path / "store", None, folder)["checkpoint"] == str(checkpoint)
