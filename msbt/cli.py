@@ -77,9 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "stage 1's best, recorded in the run's stages.json)")
     p.set_defaults(func=_cmd_stage2)
 
-    p = sub.add_parser("evaluate", help="test metrics of stage 2's recorded best checkpoint (or --checkpoint)")
+    p = sub.add_parser("evaluate", help="test metrics of the run's model (or --checkpoint)")
     _config_options(p)
-    p.add_argument("--checkpoint", help="stage-2 checkpoint folder (default: stage 2's best, from stages.json)")
+    p.add_argument("--checkpoint", help="stage-2 checkpoint folder (default: the run's model: stage 2's best, from "
+                   "stages.json, or with run.stage2_seeds > 1 the average of its seeds)")
     p.add_argument("--address", help="Ray cluster to join (default: as for `run`)")
     p.set_defaults(func=_cmd_evaluate)
 
@@ -247,13 +248,13 @@ def _cmd_stage2(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from msbt.jobs.pipeline import evaluate_job, recorded_checkpoint
+    from msbt.jobs.pipeline import evaluate_job, run_model
 
     config = _load_run(args)
     if args.checkpoint and not Path(args.checkpoint).is_dir():
         raise ConfigError(f"{args.checkpoint}: no such checkpoint folder (--checkpoint)")
     if not args.checkpoint:
-        recorded_checkpoint(config, 2)
+        run_model(config)  # said before Ray starts
     _preflight(config, ["ultrasound"])
     _start_ray(args, config)
     evaluate_job(config, checkpoint=args.checkpoint)
@@ -559,10 +560,12 @@ def _experiment_parsers(sub) -> None:
                                 "all: every image (do not select on the result)")
             p.add_argument("--by", choices=("fold", "site"), default="fold",
                            help="fold: k group-aware folds (default); site: leave one site out, for every site")
+        if name in ("crossval", "compare"):
             p.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
-                           help="with --by site: repeat the design with these training seeds (run.train_seed) on "
-                                "the same split, and summarise the mean and spread over them (e.g. 0 1 2; the "
-                                "config's own seed reuses a finished single-seed run)")
+                           help="with --by site: repeat the design (compare: every arm) with these training seeds "
+                                "(run.train_seed) on the same split, and summarise the mean and spread over them "
+                                "(e.g. 0 1 2; default: run.stage2_seeds of them; the config's own seed reuses a "
+                                "finished single-seed run)")
         if name == "compare":
             p.add_argument("--arms", nargs="+", choices=("multistage", "imagenet", "scratch"),
                            default=["multistage", "imagenet", "scratch"], help="stage-2 starting points")
@@ -593,7 +596,8 @@ def _cmd_experiment(args) -> int:
 
     config = _load_run(args)
     if getattr(args, "seeds", None) and args.by != "site":
-        raise ConfigError("--seeds repeats leave one site out (--by site); k-fold crossval over seeds is not built")
+        raise ConfigError("--seeds repeats leave one site out (--by site); k-fold crossval and compare on the run's "
+                          "split over seeds are not built")
     # compare's arms may start from stage 1 whatever the config says; the other experiments train its stage 2
     _preflight(config, MODALITIES if args.experiment == "compare" else run_modalities(config))
     _start_ray(args, config)
@@ -605,7 +609,7 @@ def _cmd_experiment(args) -> int:
     elif args.experiment == "ablation":
         experiments.ablation(config, **common)
     elif args.by == "site":
-        experiments.leave_one_site_out(config, arms=args.arms, **common)
+        experiments.leave_one_site_out(config, arms=args.arms, seeds=args.seeds, **common)
     else:
         experiments.compare(config, arms=args.arms, naive=not args.no_naive, **common)
     print(f"report: {write_report(run_dir(config))}")

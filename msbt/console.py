@@ -273,6 +273,23 @@ def captured_stderr():
         os.close(saved)
 
 
+@contextlib.contextmanager
+def printed_to_log():
+    """Send what this process ``print``s (Python's ``sys.stdout``) to ``driver.log`` meanwhile: for library
+    code that prints where a logger would do (Tune prints "View detailed results here: ..." at every search's
+    start, whatever its verbosity). Progress bars draw on stderr and stay.
+
+    Without a log folder (or with ``verbose``) nothing is redirected.
+    """
+    folder = _state["folder"]
+    if _state["verbose"] or folder is None:
+        yield
+        return
+    sys.stdout.flush()
+    with open(folder / DRIVER_LOG, "a", encoding="utf-8") as log_file, contextlib.redirect_stdout(log_file):
+        yield
+
+
 def import_tensorflow() -> None:
     """Import TensorFlow and Keras and let it probe its devices, with its start-up lines in the log file.
 

@@ -7,6 +7,9 @@ Everything a run writes goes under ``<run.storage_path>/<run.name>/`` (``run_dir
     data/<modality>/                 split.csv, split.json, rejects.csv (msbt.data.splits, discovery)
     stores/<modality>/               Parquet stores (msbt.data.store)
     stage1/, stage2/                 Ray Train run folders with checkpoint_*/ (msbt.train.runner)
+    seeds/seed<k>/                   stage 2 with each further training seed (run.stage2_seeds > 1): a run
+                                     folder of its own (stage2/, stages.json, tensorboard/)
+    ensemble/checkpoint/, members.json   the seeds' average, the run's model when run.stage2_seeds > 1
     tensorboard/stage<n>/            epoch scalars (msbt.train.tblog)
     tune/                            searches, the fast mode's feature cache (msbt.tune)
     crossval/, ablation/, compare/   experiments, one Ray run folder per arm (msbt.jobs.experiments)
@@ -16,9 +19,10 @@ Paths only (checked by msbt.containment): nothing here reads or writes a file, s
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from msbt.config import Config
+from msbt.config import Config, stage2_seed_list
 from msbt.containment import run_location
 
 MODALITIES = ("microscope", "ultrasound")
@@ -30,6 +34,8 @@ STAGES_FILE = "stages.json"
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.csv"
 REPORT_FILE = "report.html"
+SEEDS_FOLDER = "seeds"
+ENSEMBLE_FOLDER = "ensemble"
 
 
 def run_stages(config: Config) -> tuple[int, ...]:
@@ -81,3 +87,18 @@ def tune_dir(config: Config) -> Path:
 def experiment_dir(config: Config, experiment: str) -> Path:
     """An experiment's folder (``crossval``, ``ablation``, ``compare``...)."""
     return run_dir(config) / experiment
+
+
+def seed_runs(config: Config) -> list[tuple[int, Config]]:
+    """Stage 2's further training seeds (``run.stage2_seeds`` > 1), each with the config of its own run folder
+    ``<run>/seeds/seed<k>/`` (``run.train_seed`` k): ``[]`` for a run that trains stage 2 once. The first seed
+    is the run's own ``stage2/``."""
+    base = run_dir(config) / SEEDS_FOLDER
+    return [(seed, dataclasses.replace(config, run=dataclasses.replace(
+        config.run, storage_path=str(base), name=f"seed{seed}", train_seed=seed, stage2_seeds=1)))
+        for seed in stage2_seed_list(config)[1:]]
+
+
+def ensemble_checkpoint(config: Config) -> Path:
+    """The checkpoint of the average of stage 2's seeds (the run's model when ``run.stage2_seeds`` > 1)."""
+    return run_dir(config) / ENSEMBLE_FOLDER / "checkpoint"

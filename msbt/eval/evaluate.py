@@ -59,7 +59,8 @@ def predict_split(model, stage, store: str | Path, split: str) -> dict[str, np.n
     """Malignancy probabilities of one split of an ultrasound store (at the stage's own image size).
 
     Returns:
-        `p` (N,), `y` (N,) label indices, `group` and `source` (N,) from the store.
+        `p` (N,), `y` (N,) label indices, `group` and `source` (N,) from the store. A model with several
+        outputs (e.g. an ensemble's members side by side) gives `p` of shape (outputs, N).
     """
     from msbt.train.loop import dataset_from_arrays, eval_batches
 
@@ -68,9 +69,12 @@ def predict_split(model, stage, store: str | Path, split: str) -> dict[str, np.n
     if len(data["label_index"]) == 0:
         raise ValueError(f"{store}: no {split} rows")
     batches = eval_batches(dataset_from_arrays(data["image"], data["label_index"]), stage, num_classes=2)
-    p = np.asarray(model.predict(batches, verbose=0)).reshape(-1).astype(np.float64)
+    out = model.predict(batches, verbose=0)
+    p = (np.stack([np.asarray(o).reshape(-1) for o in out]) if isinstance(out, (list, tuple))
+         else np.asarray(out).reshape(-1)).astype(np.float64)
+    n = len(data["label_index"])
     return {"p": p, "y": data["label_index"].astype(int), "group": data["group"], "source": data["source"],
-            "site": data["site"] if site else np.full(len(p), "", dtype=object)}
+            "site": data["site"] if site else np.full(n, "", dtype=object)}
 
 
 def has_column(store: str | Path, name: str) -> bool:

@@ -594,9 +594,11 @@ def repeated_auc(y, p_runs, p_base=None, groups=None, n_boot: int = 2000, alpha:
         defined = values[~np.isnan(values)]
         return float(np.std(defined, ddof=1)) if defined.size >= 2 else float("nan")
 
-    def t_interval(centre: float, se: float, df: float) -> tuple[float, float]:
+    def t_interval(centre: float, se: float, df: float, low: float, high: float) -> tuple[float, float]:
+        # cut to what the quantity can take: with two seeds (df near 1) t is 12.7 and an AUC's interval would
+        # otherwise run far outside [0, 1]
         half = float(stats.t.ppf(1 - alpha / 2, df)) * se
-        return centre - half, centre + half
+        return max(low, centre - half), min(high, centre + half)
 
     per_seed, seed_sd = spread(runs)
     out: dict[str, object] = {
@@ -608,7 +610,7 @@ def repeated_auc(y, p_runs, p_base=None, groups=None, n_boot: int = 2000, alpha:
         var_seed = seed_sd ** 2 / len(runs)
         se = math.sqrt(out["se_cases"] ** 2 + var_seed)
         df = se ** 4 / (var_seed ** 2 / (len(runs) - 1)) if var_seed > 0 else math.inf
-        out.update(se=se, df=df, ci=t_interval(out["auc"], se, df))
+        out.update(se=se, df=df, ci=t_interval(out["auc"], se, df, 0.0, 1.0))
     if base is None:
         return out
     base_aucs, base_sd = spread(base)
@@ -622,7 +624,7 @@ def repeated_auc(y, p_runs, p_base=None, groups=None, n_boot: int = 2000, alpha:
         var_seed = sum((n - 1) * s ** 2 for n, s in sizes if n > 1) / dof * (1 / len(runs) + 1 / len(base))
         se = math.sqrt(se_cases ** 2 + var_seed)
         df = se ** 4 / (var_seed ** 2 / dof) if var_seed > 0 else math.inf
-        se_seed, ci = math.sqrt(var_seed), t_interval(diff, se, df)
+        se_seed, ci = math.sqrt(var_seed), t_interval(diff, se, df, -1.0, 1.0)
     else:
         se, df, se_seed, ci = se_cases, math.inf, None, ci_cases
     p_value = float(2 * stats.t.sf(abs(diff / se), df)) if se > 0 else (1.0 if diff == 0 else 0.0)

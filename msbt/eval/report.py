@@ -246,9 +246,24 @@ def metrics_section(result: dict | None) -> str:
     if spread and all(isinstance(v, (int, float)) for v in spread):
         intro += (f"<p>Threshold {_fmt(spread[0], 4)}: 95% range over bootstrap resamples of the validation "
                   f"groups [{_fmt(spread[1], 4)}, {_fmt(spread[2], 4)}].</p>")
-    body = (intro + _table(("metric", "value [95% CI]"), rows)
+    body = (intro + _table(("metric", "value [95% CI]"), rows) + _members_text(result.get("checkpoint"))
             + (f"<ul class=notes>{notes}</ul>" if notes else "") + f'<div class="charts">{"".join(charts)}</div>')
     return _section("Test metrics", body, "metrics")
+
+
+def _members_text(checkpoint: str | None) -> str:
+    """For an average of models (msbt.model.ensemble): each member's test AUC on the same rows and what the
+    average adds (``members.json`` beside the checkpoint folder, msbt.jobs.ensemble); '' otherwise."""
+    report = _read_json(Path(checkpoint).parent / "members.json") if checkpoint else None
+    if not report or report.get("checkpoint") != checkpoint:
+        return ""
+    v = report["vs_members"]
+    rows = [(f"member {i}" + ("" if m.get("seed") is None else f" (seed {m['seed']})"), _ci_text(m["test_auc"]),
+             m["path"]) for i, m in enumerate(report["members"])]
+    return (f"<p>The model is the average of {len(rows)} stage-2 models' probabilities. Each on the same test rows, "
+            "and the average minus their mean AUC (paired on the test images, given these members):</p>"
+            + _table(("member", "test AUC [95% CI]", "checkpoint"), rows)
+            + f"<p>Average - members' mean AUC: {v['diff']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}].</p>")
 
 
 def _stage_history(checkpoint: Path) -> tuple[dict, int | None]:
@@ -275,30 +290,41 @@ def training_section(checkpoint: str | None) -> str:
 
     if not checkpoint or not Path(checkpoint).is_dir():
         return _section("Training curves", "<p class=missing>No evaluated checkpoint recorded.</p>", "training")
-    charts, notes = [], []
-    for entry in lineage(checkpoint):
-        manifest = entry.get("manifest")
-        if not manifest:
-            continue
-        history, best_epoch = _stage_history(Path(entry["path"]))
-        stage = manifest["stage"]
-        marks = [{"x": best_epoch, "label": f"kept (epoch {best_epoch})"}] if best_epoch else []
-        epochs = list(range(1, 1 + max((len(v) for v in history.values()), default=0)))
-        for metric in ("loss", "auc" if stage == 2 else "accuracy"):
-            # Training-time AUCs are Keras' binned estimates; the exact validation AUC is in the metrics above.
-            suffix = " (Keras, 200 thresholds)" if metric == "auc" else ""
-            series = [{"label": name + suffix, "x": epochs[:len(history[name])], "y": history[name],
-                       "dash": name.startswith("val_")}
-                      for name in (metric, f"val_{metric}") if name in history]
-            if series:
-                charts.append(line_chart(series, title=f"Stage {stage} ({manifest['backbone']}): {metric}",
-                                         xlabel="epoch", ylabel=metric, marks=marks))
-        configured = manifest.get("config", {}).get("epochs")
-        if configured and len(epochs) < configured:
-            notes.append(f"stage {stage}: epochs 1-{len(epochs)} of {configured} recorded (no history.json in "
-                         f"{Path(entry['path']).parent}: a run from before it existed, or an interrupted one)")
+    charts, notes, drawn = [], [], set()
+    members = (_read_json(Path(checkpoint) / "manifest.json") or {}).get("members")
+    # an average of models has no curves of its own: each member's chain is drawn (a shared stage 1 once)
+    chains = ([(f", seed {m['seed']}" if m.get("seed") is not None else f", member {i}", lineage(m["path"]))
+               for i, m in enumerate(members)] if members else [("", lineage(checkpoint))])
+    for tag, chain in chains:
+        for entry in chain:
+            if entry.get("manifest") and entry["path"] not in drawn:
+                drawn.add(entry["path"])
+                _stage_charts(entry, tag, charts, notes)
     body = "".join(f"<p class=note>{_e(n)}</p>" for n in notes) + f'<div class="charts">{"".join(charts)}</div>'
     return _section("Training curves", body, "training")
+
+
+def _stage_charts(entry: dict, tag: str, charts: list, notes: list) -> None:
+    """One stage's loss and AUC (or accuracy) curves with the kept epoch marked, appended to ``charts``."""
+    manifest = entry["manifest"]
+    history, best_epoch = _stage_history(Path(entry["path"]))
+    stage = manifest["stage"]
+    tag = tag if stage == 2 else ""  # members share their stage 1
+    marks = [{"x": best_epoch, "label": f"kept (epoch {best_epoch})"}] if best_epoch else []
+    epochs = list(range(1, 1 + max((len(v) for v in history.values()), default=0)))
+    for metric in ("loss", "auc" if stage == 2 else "accuracy"):
+        # Training-time AUCs are Keras' binned estimates; the exact validation AUC is in the metrics above.
+        suffix = " (Keras, 200 thresholds)" if metric == "auc" else ""
+        series = [{"label": name + suffix, "x": epochs[:len(history[name])], "y": history[name],
+                   "dash": name.startswith("val_")}
+                  for name in (metric, f"val_{metric}") if name in history]
+        if series:
+            charts.append(line_chart(series, title=f"Stage {stage} ({manifest['backbone']}{tag}): {metric}",
+                                     xlabel="epoch", ylabel=metric, marks=marks))
+    configured = manifest.get("config", {}).get("epochs")
+    if configured and len(epochs) < configured:
+        notes.append(f"stage {stage}{tag}: epochs 1-{len(epochs)} of {configured} recorded (no history.json in "
+                     f"{Path(entry['path']).parent}: a run from before it existed, or an interrupted one)")
 
 
 def data_section(run: Path) -> str:
@@ -456,15 +482,30 @@ def experiments_section(run: Path) -> str:
                                                       "averaged model AUC"), rows))
     lc = _read_json(run / "loso" / "compare.json")
     if lc:
-        rows = [(arm, r["site"], r["test_images"], _ci_text(r["held_out_auc"]),
-                 _ci_text(r["internal_auc"]) if r.get("internal_auc") else "")
-                for arm, part in lc["arms"].items() for r in part["rows"]]
-        tests = [(site, f"{t['a']} − {t['b']}", _ci_text([t["paired_bootstrap"]["diff"], *t["paired_bootstrap"]["ci"]]),
-                  _fmt(t["paired_bootstrap"]["p_value"])) for site, ts in lc["paired"].items() for t in ts
-                 if "error" not in t["paired_bootstrap"]]
-        parts.append("<h3>Stage-2 starting points under leave one site out</h3><p>Each arm trained once per held-out "
-                     "site on the other sites; differences are paired on the held-out site's images (group "
-                     "bootstrap).</p>" + _table(("arm", "held-out site", "images", "held-out AUC", "internal AUC"), rows)
+        seeds = lc.get("seeds") or []
+        if len(seeds) > 1:  # each arm over the seeds: its mean per site, and differences of the means
+            rows = [(arm, r["site"], r["images"], _ci_text([r["held_out_auc_mean"], *r["ci"]]) if r.get("ci") else
+                     _fmt(r["held_out_auc_mean"]), _fmt(r["seed_sd"]), _ci_text(r["ensemble_auc"]))
+                    for arm, part in lc["arms"].items() for r in part["across_seeds"]]
+            header = ("arm", "held-out site", "images", "mean AUC over seeds [95% CI]", "sd over seeds",
+                      "averaged model AUC")
+            intro = (f"Each arm trained per held-out site on the other sites with {len(seeds)} training seeds "
+                     f"{_e(str(seeds))}; differences are of the arms' means over the seeds, with intervals over the "
+                     "held-out images and both arms' seeds.")
+            tests = [(site, f"{t['a']} − {t['b']}", _ci_text([t["over_seeds"]["diff"], *t["over_seeds"]["ci"]]),
+                      _fmt(t["over_seeds"]["p_value"])) for site, ts in lc["paired"].items() for t in ts]
+        else:
+            rows = [(arm, r["site"], r["test_images"], _ci_text(r["held_out_auc"]),
+                     _ci_text(r["internal_auc"]) if r.get("internal_auc") else "")
+                    for arm, part in lc["arms"].items() for r in part["rows"]]
+            header = ("arm", "held-out site", "images", "held-out AUC", "internal AUC")
+            intro = ("Each arm trained once per held-out site on the other sites; differences are paired on the "
+                     "held-out site's images (group bootstrap).")
+            tests = [(site, f"{t['a']} − {t['b']}",
+                      _ci_text([t["paired_bootstrap"]["diff"], *t["paired_bootstrap"]["ci"]]),
+                      _fmt(t["paired_bootstrap"]["p_value"])) for site, ts in lc["paired"].items() for t in ts
+                     if "error" not in t["paired_bootstrap"]]
+        parts.append(f"<h3>Stage-2 starting points under leave one site out</h3><p>{intro}</p>" + _table(header, rows)
                      + _table(("held-out site", "arms", "AUC difference [95% CI]", "p"), tests))
     ab = _read_json(run / "ablation" / "ablation.json")
     if ab:

@@ -101,19 +101,34 @@ def make_ensemble(checkpoints: Sequence[str | Path], out: str | Path, *, store: 
 
 def _score(folder: Path, store: Path, *, n_boot: int, seed: int, out: Path) -> dict:
     """Evaluate the ensemble (metrics.json, predictions.csv in ``out``) and its members on the same test rows."""
-    from msbt.eval.evaluate import evaluate, load_stage2, predict_split, write_metrics
-    from msbt.model.checkpoint import read_manifest
-    from msbt.model.ensemble import members
+    from msbt.eval.evaluate import evaluate, write_metrics
 
     result = evaluate(folder, store, n_boot=n_boot, seed=seed)
     write_metrics(result, out / "metrics.json")
+    return members_report(folder, store, result, n_boot=n_boot, seed=seed)
+
+
+def members_report(folder: str | Path, store: str | Path, result, *, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Each member of an ensemble scored on the test rows the ensemble was evaluated on (``result``: its
+    msbt.eval.evaluate.Evaluation), and the ensemble minus the members' mean: the content of members.json."""
+    from msbt.eval.evaluate import load_stage2, predict_split
+    from msbt.model.checkpoint import read_manifest
+    from msbt.model.ensemble import members
+
+    folder, store = Path(folder), Path(store)
     test = result.predictions["test"]
+    import keras
+
     model, stage = load_stage2(folder)
-    member_p, rows = [], []
-    for record, member in zip(read_manifest(folder)["members"], members(model)):
-        pred = predict_split(member, stage, store, "test")
-        member_p.append(pred["p"])
-        auc = metrics.repeated_auc(pred["y"], pred["p"], groups=pred["group"], n_boot=n_boot, seed=seed)
+    parts = members(model)
+    # every member in one pass: one model with one output per member (a predict per member traced a new
+    # predict function each time, and TensorFlow warned of retracing on the terminal from the fifth on)
+    image = keras.Input(model.input_shape[1:])
+    together = keras.Model(image, [part(image) for part in parts])
+    pred = predict_split(together, stage, store, "test")
+    member_p, rows = list(pred["p"]), []
+    for record, p in zip(read_manifest(folder)["members"], member_p):
+        auc = metrics.repeated_auc(pred["y"], p, groups=pred["group"], n_boot=n_boot, seed=seed)
         rows.append({"path": record["path"], "seed": record.get("seed"),
                      "test_auc": [auc["auc"], *(float(x) for x in auc["ci_cases"])]})
     # the ensemble is a fixed function of these members: compared with them on the same test resamples, no
@@ -146,3 +161,34 @@ def format_ensemble(report: dict) -> str:
     lines.append(f"  ensemble - members' mean AUC: {v['diff']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}], "
                  f"{p_text(v['p_value'])} (paired on the test images, given these members)")
     return "\n".join(lines)
+
+
+def run_ensemble(config, checkpoints: Sequence[str | Path]) -> Path:
+    """The run's average of its stage-2 seeds (msbt.runfolder.ensemble_checkpoint): kept when it holds exactly
+    these members (paths and model sha256), else made (again: a seed trained anew makes a new average)."""
+    from msbt.model.checkpoint import MODEL_FILE, CheckpointError, read_manifest, sha256_file, verify
+    from msbt.model.ensemble import write_ensemble
+    from msbt.runfolder import ensemble_checkpoint
+
+    folder = ensemble_checkpoint(config)
+    wanted = [(str(Path(c).expanduser().resolve()), sha256_file(Path(c) / MODEL_FILE)) for c in checkpoints]
+    if folder.exists():
+        try:
+            have = [(m["path"], m["model_sha256"]) for m in read_manifest(folder).get("members") or []]
+            kept = verify(folder) and have == wanted
+        except (CheckpointError, KeyError, TypeError):
+            kept = False
+        if kept:
+            print(f"stage 2: the average of the {len(wanted)} seeds' models, made before -> {folder}", flush=True)
+            return folder
+        shutil.rmtree(folder.parent)  # made from other members (or damaged): its evaluation goes with it
+    write_ensemble(checkpoints, folder)
+    print(f"stage 2: the average of the {len(wanted)} seeds' models is the run's model -> {folder}", flush=True)
+    return folder
+
+
+def write_members(checkpoint: str | Path, store: str | Path, result, *, n_boot: int = 2000, seed: int = 0) -> dict:
+    """:func:`members_report` of an evaluated ensemble, written to ``members.json`` beside its checkpoint folder."""
+    report = members_report(checkpoint, store, result, n_boot=n_boot, seed=seed)
+    write_text(Path(checkpoint).parent / "members.json", json.dumps(report, indent=2, default=float) + "\n")
+    return report

@@ -41,7 +41,7 @@ from msbt.data.store import write_resplit
 from msbt.provenance import write_environment
 from msbt.atomicio import atomic_open, read_json, write_text
 from msbt.eval import metrics
-from msbt.config import Config, ConfigError, check_ranges, to_dict, training_seed
+from msbt.config import Config, ConfigError, check_ranges, stage2_seed_list, to_dict, training_seed
 from msbt.runfolder import run_stages
 from msbt.train.stages import index_root
 
@@ -84,6 +84,15 @@ NAIVE_ARM = "naive_split"
 
 # A repetition of a design with another training seed k lives in ``<folder>-seed<k>`` (leave one site out).
 SEED_SUFFIX = re.compile(r"-seed\d+$")
+
+
+def one_seed_note(config: Config, experiment: str) -> None:
+    """Say that an experiment trains one model per fold or arm when the run averages several seeds (its numbers
+    are then a single seed's, not the run's model's)."""
+    if config.run.stage2_seeds > 1:
+        print(f"{experiment}: trains stage 2 with one seed ({training_seed(config)}) per fold or arm; "
+              f"run.stage2_seeds ({config.run.stage2_seeds}) is the main job's and leave one site out's",
+              flush=True)
 
 
 def seed_folder(name: str, seed: int, data_seed: int) -> str:
@@ -320,6 +329,7 @@ def crossval(config: Config, *, scope: str = "trainval", fresh: bool = False, n_
         The content of ``crossval.json`` (also written, with ``folds.csv``, to ``runs/<name>/crossval``):
         per-fold rows and ``summary`` = {metric: [mean, sd]} over folds.
     """
+    one_seed_note(config, "crossval")
     needs_stage1 = 1 in run_stages(config)
     data = prepare_run(config, stage1=needs_stage1)
     rows = read_split_rows(data.ultrasound_split)
@@ -426,6 +436,7 @@ def ablation(config: Config, *, rows: Sequence[str] = tuple(ABLATION_ROWS), fres
     unknown = [r for r in rows if r not in ABLATION_ROWS]
     if unknown:
         raise ValueError(f"unknown ablation rows {unknown}; known: {list(ABLATION_ROWS)}")
+    one_seed_note(config, "ablation")
     needs_stage1 = 1 in run_stages(config)
     data = prepare_run(config, stage1=needs_stage1)
     out = _fresh(data.run_dir / "ablation", fresh)
@@ -511,6 +522,32 @@ def paired_tests(results: Mapping[str, dict], *, n_boot: int = 2000, seed: int =
     return out
 
 
+def seeded_pairs(site: str, preds: Mapping[str, Mapping[int, dict]], *, n_boot: int = 2000,
+                 seed: int = 0) -> list[dict]:
+    """Every pair of arms at one held-out site, each arm trained with the same several seeds: the difference of
+    their mean AUCs over the seeds, with an interval and p-value over the held-out images and both arms'
+    seed spread (:func:`msbt.eval.metrics.repeated_auc`), in ``over_seeds``; ``paired_bootstrap`` holds the
+    first seed's paired group bootstrap, as with one seed."""
+    aligned = {arm: _aligned_seeds(site, p) for arm, p in preds.items()}
+    arms = list(aligned)
+    out = []
+    for i, a in enumerate(arms):
+        for b in arms[i + 1:]:
+            (arr_a, ps_a), (arr_b, ps_b) = aligned[a], aligned[b]
+            if not np.array_equal(arr_a["source"], arr_b["source"]):
+                raise ValueError(f"held-out site {site}: arms {a} and {b} scored other images")
+            y, groups = arr_a["y"], arr_a["group"]
+            rep = metrics.repeated_auc(y, ps_a, ps_b, groups=groups, n_boot=n_boot, seed=seed)
+            first = metrics.paired_bootstrap_auc_diff(y, ps_a[0], ps_b[0], groups=groups, n_boot=n_boot, seed=seed)
+            out.append({"a": a, "b": b, "paired_bootstrap": {k: (list(v) if isinstance(v, tuple) else v)
+                                                             for k, v in first.items()},
+                        "over_seeds": {"seeds": len(ps_a), "auc_a": rep["auc"], "auc_b": rep["base_auc"],
+                                       "diff": rep["diff"], "ci": [float(x) for x in rep["diff_ci"]],
+                                       "p_value": rep["p_value"], "df": rep["df_diff"] if math.isfinite(rep["df_diff"])
+                                       else None}})
+    return out
+
+
 def leakage_breakdown(result: dict, naive: Mapping[str, str], rows: Sequence[Mapping]) -> dict:
     """How the naive model does on naive-test images whose lesion it trained on vs the others."""
     group_of = {r["relpath"]: r["group"] for r in rows}
@@ -540,6 +577,7 @@ def compare(config: Config, *, arms: Sequence[str] = tuple(COMPARE_ARMS), naive:
         raise ValueError("the naive-split comparison needs the multistage arm")
     # every arm's config holds before any work (stage 1 and the first arms train first)
     configs = [with_overrides(config, COMPARE_ARMS[arm], f"compare arm {arm}") for arm in arms]
+    one_seed_note(config, "compare")
     needs_stage1 = any(1 in run_stages(c) for c in configs) or naive
     data = prepare_run(config, stage1=needs_stage1)
     out = _fresh(data.run_dir / "compare", fresh)
@@ -673,8 +711,10 @@ def leave_one_site_out(config: Config, *, arms: Sequence[str] | None = None, see
             (:func:`msbt.eval.metrics.repeated_auc`). A design that starts from stage 1 shares one stage 1
             over the seeds: its spread is that of stage 2, given that stage 1. Folders: ``site-<s>`` for the
             seed equal to ``data.seed`` (a finished single-seed run is reused), ``site-<s>-seed<k>`` for
-            another seed k; a reused folder whose checkpoint records another seed is trained again. None: the
-            config's own training seed only. Not combined with ``arms``.
+            another seed k (an arm's: ``site-<s>-<arm>[-seed<k>]``); a reused folder whose checkpoint records
+            another seed is trained again. None: the run's stage-2 seeds (``run.stage2_seeds`` from its training
+            seed; one unless set). With ``arms``, every arm is trained with every seed and the arms are compared
+            on their means over the seeds, the seeds' spread counted (:func:`seeded_pairs`).
 
     Returns:
         The content of ``loso.json`` (or ``compare.json`` with arms; either also written, with ``sites.csv``, to
@@ -688,12 +728,9 @@ def leave_one_site_out(config: Config, *, arms: Sequence[str] | None = None, see
     if unknown:
         raise ValueError(f"unknown arms {unknown}; known: {list(COMPARE_ARMS)}")
     own_seed = training_seed(config)
-    seeds = [own_seed] if seeds is None else list(dict.fromkeys(int(k) for k in seeds))
+    seeds = list(dict.fromkeys(int(k) for k in (stage2_seed_list(config) if seeds is None else seeds)))
     if not seeds:
         raise ValueError("seeds: give at least one training seed")
-    if arms is not None and seeds != [own_seed]:
-        raise ValueError("seeds: repeating compare --by site over seeds is not built; run crossval --by site "
-                         "--seeds per arm's config and compare them with msbt loso-diff")
     overlays = {"config": {}} if arms is None else {a: COMPARE_ARMS[a] for a in arms}
     # every arm's config is checked before any work, as compare's are
     configs = {a: with_overrides(config, ov, f"leave-one-site-out arm {a}") for a, ov in overlays.items()}
@@ -727,9 +764,9 @@ def leave_one_site_out(config: Config, *, arms: Sequence[str] | None = None, see
                             compare=arms is not None)
     out = _fresh(out, False)
     stage1 = shared_stage1(data, verbose=verbose) if needs_stage1 else None
-    tables: dict[str, list[dict]] = {a: [] for a in configs}
-    by_seed: dict[int, list[dict]] = {k: [] for k in seeds}
-    held_preds: dict[str, dict[int, dict]] = {s: {} for s in sites}
+    tables: dict[str, list[dict]] = {a: [] for a in configs}  # the first seed's rows
+    by_seed: dict[str, dict[int, list[dict]]] = {a: {k: [] for k in seeds} for a in configs}
+    held_preds: dict[str, dict[str, dict[int, dict]]] = {a: {s: {} for s in sites} for a in configs}
     paired = {}
     for s, plan in plans.items():
         store = write_resplit(data.ultrasound_store, plan, out / f"site-{s}" / "store")
@@ -743,7 +780,7 @@ def leave_one_site_out(config: Config, *, arms: Sequence[str] | None = None, see
                                  verbose=verbose)
                 if seed == seeds[0]:
                     results[arm] = result
-                held_preds[s][seed] = result.predictions["test"]
+                held_preds[arm][s][seed] = result.predictions["test"]
                 has_internal = "internal" in plan.values()
                 internal = _internal(result, store, folder, n_boot, config.data.seed) if has_internal else None
                 held = _ci(result, "auc")
@@ -755,29 +792,32 @@ def leave_one_site_out(config: Config, *, arms: Sequence[str] | None = None, see
                     "gap": internal["auc"][0] - held[0] if internal else None, "checkpoint": result["checkpoint"],
                     "folder": name, "seed": seed,
                 }
-                by_seed[seed].append(row)
+                by_seed[arm][seed].append(row)
                 if seed == seeds[0]:
                     tables[arm].append(row)
                 print(f"held-out {s}{'' if arms is None else f' ({arm})'}"
                       f"{f' seed {seed}' if len(seeds) > 1 else ''}: AUC {_with_ci(held)}"
                       + (f", internal {_with_ci(internal['auc'])}" if internal else ""))
         if len(results) > 1:
-            paired[s] = paired_tests(results, n_boot=n_boot, seed=config.data.seed)
+            paired[s] = (paired_tests(results, n_boot=n_boot, seed=config.data.seed) if len(seeds) == 1 else
+                         seeded_pairs(s, {a: held_preds[a][s] for a in configs}, n_boot=n_boot, seed=config.data.seed))
+    parts = {}
+    for a, t in tables.items():
+        parts[a] = {"rows": t, "summary": _loso_summary(t)}
+        if len(seeds) > 1:
+            across = [_across_seeds(s, held_preds[a][s], by_seed[a], n_boot=n_boot, seed=config.data.seed)
+                      for s in sites]
+            parts[a].update(by_seed={str(k): rows for k, rows in by_seed[a].items()}, across_seeds=across,
+                            summary=_seeds_summary(across))
     first = next(iter(tables))
     report = {"experiment": "loso", "sites": sites, "stage1": str(stage1) if stage1 else None,
-              "design": _LOSO_DESIGN, "seeds": seeds, "rows": tables[first], "summary": _loso_summary(tables[first])}
-    if len(seeds) > 1:
-        across = [_across_seeds(s, held_preds[s], by_seed, n_boot=n_boot, seed=config.data.seed) for s in sites]
-        report.update(by_seed={str(k): rows for k, rows in by_seed.items()}, across_seeds=across,
-                      summary=_seeds_summary(across))
+              "design": _LOSO_DESIGN, "seeds": seeds, **parts[first]}
     if arms is not None:
-        report.update(experiment="loso-compare", arms={a: {"rows": t, "summary": _loso_summary(t)}
-                                                       for a, t in tables.items()}, paired=paired)
+        report.update(experiment="loso-compare", arms=parts, paired=paired)
     _write_table(out / ("sites.csv" if arms is None else "compare-sites.csv"),
                  [{**({} if arms is None else {"arm": a}), **{k: (json.dumps(v) if isinstance(v, list) else v)
                                                             for k, v in r.items()}}
-                  for a, t in (tables.items() if len(seeds) == 1 else [(first, [r for k in seeds for r in by_seed[k]])])
-                  for r in t])
+                  for a in tables for k in seeds for r in by_seed[a][k]])
     write_text(out / ("loso.json" if arms is None else "compare.json"),
                json.dumps(report, indent=2, default=float) + "\n")
     print(format_loso(report))
@@ -880,7 +920,11 @@ def loso_diff(runs: Sequence[str | Path], *, n_boot: int = 2000, seed: int = 0) 
             report = (read_json(run / "loso" / "compare.json") or {}).get("arms", {}).get(arm)
             if not report:
                 raise ValueError(f"{run}: no arm {arm!r} in loso/compare.json (run workflows/compare.py --by site)")
-            folders = {r["site"]: {None: r.get("folder") or f"site-{r['site']}-{arm}"} for r in report["rows"]}
+            folders = {}
+            for k, rows in (report.get("by_seed") or {None: report["rows"]}).items():  # every seed's, if several
+                for r in rows:
+                    folders.setdefault(r["site"], {})[None if k is None else int(k)] = (
+                        r.get("folder") or f"site-{r['site']}-{arm}")
         else:
             report = read_json(run / "loso" / "loso.json")
             if report and report.get("by_seed"):
@@ -1000,7 +1044,7 @@ _LOSO_DESIGN = ("each site held out in turn: stage 2 trains on the other sites' 
 def format_loso(report: dict) -> str:
     """The leave-one-site-out summary table for the job log (one per arm for compare --by site)."""
     lines = ["leave one site out (" + report["design"] + "):"]
-    parts = report.get("arms") or {None: {"rows": report["rows"], "summary": report.get("summary")}}
+    parts = report.get("arms") or {None: report}
     for arm, part in parts.items():
         if arm:
             lines.append(f"arm {arm}:")
@@ -1010,8 +1054,8 @@ def format_loso(report: dict) -> str:
             gap = f"{r['gap']:+.3f}" if r["gap"] is not None else "-"
             lines.append(f"{r['site']:<20} {r['test_images']:>6}  {_with_ci(r['held_out_auc']):<26} {internal:<26} {gap}")
         summary = part.get("summary")
-        if report.get("across_seeds") and not arm:
-            lines += _format_seeds(report)
+        if part.get("across_seeds"):
+            lines += _format_seeds(part, report["seeds"], arm)
         elif summary:
             lines.append(f"at a site it never saw{f' ({arm})' if arm else ''}: AUC "
                          f"{_with_ci(summary['worst_held_out_auc'])} at the worst ({summary['worst_site']}), "
@@ -1019,20 +1063,25 @@ def format_loso(report: dict) -> str:
                          "these, not the internal AUC")
     for site, tests in report.get("paired", {}).items():
         for t in tests:
-            boot = t["paired_bootstrap"]
-            if "error" not in boot:
+            boot, seeded = t["paired_bootstrap"], t.get("over_seeds")
+            if seeded:
+                lines.append(f"held-out {site}: mean AUC {t['a']} - {t['b']} over {seeded['seeds']} seeds "
+                             f"{_with_ci([seeded['diff'], *seeded['ci']])} (the interval over the held-out images "
+                             f"and both arms' seeds, {metrics.p_text(seeded['p_value'])})")
+            elif "error" not in boot:
                 lines.append(f"held-out {site}: AUC {t['a']} - {t['b']} {_with_ci([boot['diff'], *boot['ci']])} "
                              f"(paired group bootstrap on the held-out images, {metrics.p_text(boot['p_value'])})")
     return "\n".join(lines)
 
 
-def _format_seeds(report: dict) -> list[str]:
-    """The leave-one-site-out table over several seeds: per site the mean with its intervals (cases and seeds
-    together; cases alone), the seeds' spread and the seeds' averaged model; the summary line to quote."""
-    across, summary = report["across_seeds"], report["summary"]
-    n = len(report["seeds"])
-    lines = [f"over {n} training seeds {report['seeds']} of stage 2 (same split and stores; the table above is "
-             f"seed {report['seeds'][0]}):",
+def _format_seeds(part: dict, seeds: Sequence[int], arm: str | None = None) -> list[str]:
+    """The leave-one-site-out table over several seeds (of the design, or of one arm): per site the mean with its
+    intervals (cases and seeds together; cases alone), the seeds' spread and the seeds' averaged model; the
+    summary line to quote."""
+    across, summary = part["across_seeds"], part["summary"]
+    n = len(seeds)
+    lines = [f"over {n} training seeds {list(seeds)} of stage 2{f' ({arm})' if arm else ''} (same split and stores; "
+             f"the table above is seed {seeds[0]}):",
              f"{'held-out site':<20} {'mean AUC [95% CI]':<24} {'[CI cases only]':<16} {'sd':>5}  "
              f"{'seeds min-max':<13}  {'averaged model AUC [95% CI]':<28}"]
     for r in across:
@@ -1040,8 +1089,8 @@ def _format_seeds(report: dict) -> list[str]:
         cases = f"[{r['ci_cases'][0]:.3f}, {r['ci_cases'][1]:.3f}]"
         lines.append(f"{r['site']:<20} {ci:<24} {cases:<16} {r['seed_sd']:>5.3f}  "
                      f"{r['seed_range'][0]:.3f}-{r['seed_range'][1]:.3f}    {_with_ci(r['ensemble_auc']):<28}")
-    lines.append(f"at a site it never saw: AUC {_with_ci(summary['worst_held_out_auc'])} at the worst "
-                 f"({summary['worst_site']}; mean of {n} seeds, the interval over its held-out images and the seeds; "
+    lines.append(f"at a site it never saw{f' ({arm})' if arm else ''}: AUC {_with_ci(summary['worst_held_out_auc'])} "
+                 f"at the worst ({summary['worst_site']}; mean of {n} seeds, the interval over its held-out images and the seeds; "
                  f"one seed gave {summary['worst_seed_range'][0]:.3f} to {summary['worst_seed_range'][1]:.3f}), "
                  f"{summary['mean_held_out_auc']:.3f} on average over the {len(across)} sites; the {n} seeds' "
                  f"averaged model: {_with_ci(summary['worst_site_ensemble_auc'])} at {summary['worst_site']}, "

@@ -7,6 +7,10 @@ Train; and scores the stage-2 model on the test split at a threshold chosen on v
 reuses the saved split and finished stores; with `resume=True` it also reuses finished stages and
 continues an interrupted one (msbt.train.stages), and without it a run folder holding a trained stage is refused.
 
+With ``run.stage2_seeds`` > 1, stage 2 is trained once per training seed (the first in the run's own
+``stage2/``, the others in ``seeds/seed<k>/``) and the average of their models (msbt.model.ensemble) is the
+run's model: evaluated, reported, and the one later steps take (:func:`run_model`).
+
 The steps are also jobs of their own (`stage1_job`, `stage2_job`, `evaluate_job`: one workflow script
 each), linked through the run folder's `stages.json`.
 """
@@ -19,11 +23,11 @@ from pathlib import Path
 from typing import Sequence
 
 from msbt.atomicio import write_text
-from msbt.config import Config, ConfigError
+from msbt.config import Config, ConfigError, stage2_seed_list
 from msbt.data.prepare import build_stores, ensure_stores, prepare_data, summarize, summarize_stores
 from msbt.raycluster import init_ray
 from msbt import console
-from msbt.runfolder import SUMMARY_FILE, run_dir, run_modalities, run_stages
+from msbt.runfolder import SUMMARY_FILE, ensemble_checkpoint, run_dir, run_modalities, run_stages, seed_runs
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +43,9 @@ def train_and_evaluate(config: Config, stores: dict, *, resume: bool = False) ->
         resume: Reuse finished stages and continue an interrupted one (msbt.train.stages.run_stage).
 
     Returns:
-        ``stage1``/``stage2``: best checkpoint folders (``stage1`` None when not trained); ``stages``: their
-        stages.json entries;
-        ``evaluation``: the test metrics (also in metrics.json); ``metrics_file``.
+        ``stage1``/``stage2``: best checkpoint folders (``stage1`` None when not trained); ``model``: the run's
+        model (stage 2's checkpoint, or the average of its seeds); ``stages``: their stages.json entries;
+        ``evaluation``: the test metrics of the run's model (also in metrics.json); ``metrics_file``.
     """
     from msbt.train.stages import run_stage
 
@@ -52,19 +56,68 @@ def train_and_evaluate(config: Config, stores: dict, *, resume: bool = False) ->
     else:
         print(f"stage 1: not trained (stage2.weights is {config.stage2.weights!r}: stage 2 does not start from it)",
               flush=True)
-    stage2 = run_stage(config, 2, stores["ultrasound"].path, parent=parent, resume=resume)
-    evaluation = evaluate_checkpoint(config, stage2["checkpoint"], stores["ultrasound"].path)
+    stage2 = train_stage2(config, stores["ultrasound"].path, parent, resume=resume)
+    evaluation = evaluate_checkpoint(config, stage2["model"], stores["ultrasound"].path)
     return {
         "stage1": parent,
         "stage2": stage2["checkpoint"],
+        "model": stage2["model"],
         "stages": {**({"1": stage1} if stage1 else {}), "2": stage2},
         "evaluation": evaluation,
         "metrics_file": str(run_dir(config) / "metrics.json"),
     }
 
 
+def train_stage2(config: Config, store: str | Path, parent: str | Path | None, *, resume: bool = False) -> dict:
+    """Stage 2 with each of its training seeds (``run.stage2_seeds``) and, with several, their average.
+
+    Each seed is a stage of its own (reused, resumed or trained by msbt.train.stages.run_stage, remembered in
+    the run's stage index); the average is made once all have finished (:func:`msbt.jobs.ensemble.run_ensemble`).
+
+    Returns:
+        Stage 2's stages.json entry (the first seed's), with ``model``: the run's model (that checkpoint, or
+        the average's) and, with several seeds, ``seeds``: every seed's entry with its ``seed``.
+    """
+    from msbt.jobs.ensemble import run_ensemble
+    from msbt.train.stages import index_root, run_stage
+
+    extra, seeds = seed_runs(config), stage2_seed_list(config)
+    if extra:
+        print(f"stage 2, training seed {seeds[0]} (1 of {len(seeds)}) in {run_dir(config)}", flush=True)
+    first = run_stage(config, 2, store, parent=parent, resume=resume)
+    if not extra:
+        return {**first, "model": first["checkpoint"]}
+    entries = [{**first, "seed": seeds[0]}]
+    for i, (seed, seeded) in enumerate(extra, start=2):
+        print(f"stage 2, training seed {seed} ({i} of {len(seeds)}) in {run_dir(seeded)}", flush=True)
+        entry = run_stage(seeded, 2, store, parent=parent, resume=resume, index=index_root(config))
+        entries.append({**entry, "seed": seed})
+    model = run_ensemble(config, [e["checkpoint"] for e in entries])
+    return {**first, "model": str(model), "seeds": entries}
+
+
+def run_model(config: Config) -> str:
+    """The run's model: stage 2's recorded best checkpoint, or with ``run.stage2_seeds`` > 1 the seeds' average.
+
+    Raises:
+        RunStateError: The run has not finished stage 2 (with all its seeds); says which step to run.
+    """
+    from msbt.train.stages import RunStateError
+
+    if not seed_runs(config):
+        return recorded_checkpoint(config, 2)
+    folder = ensemble_checkpoint(config)
+    if not (folder / "manifest.json").is_file():
+        raise RunStateError(f"{folder}: run {config.run.name!r} has no average of its {config.run.stage2_seeds} "
+                            "stage-2 seeds (run.stage2_seeds) yet; run workflows/stage2.py with the same config "
+                            "first, or give --checkpoint")
+    return str(folder)
+
+
 def evaluate_checkpoint(config: Config, checkpoint: str | Path, store: str | Path) -> dict:
-    """Print a stage-2 checkpoint's lineage and test metrics; write them to the run's metrics.json."""
+    """Print a stage-2 checkpoint's lineage and test metrics; write them to the run's metrics.json.
+
+    The run's own average of seeds also gets each member scored on the same test rows (its ``members.json``)."""
     from msbt.model.checkpoint import format_lineage
     from msbt.eval.evaluate import evaluate, format_report, write_metrics
 
@@ -72,6 +125,10 @@ def evaluate_checkpoint(config: Config, checkpoint: str | Path, store: str | Pat
     result = evaluate(checkpoint, store, seed=config.data.seed)
     write_metrics(result, run_dir(config) / "metrics.json")
     print(format_report(result), flush=True)
+    if Path(checkpoint).resolve() == ensemble_checkpoint(config).resolve():
+        from msbt.jobs.ensemble import format_ensemble, write_members
+
+        print(format_ensemble(write_members(checkpoint, store, result, seed=config.data.seed)), flush=True)
     from msbt.eval.report import write_report  # every evaluated run gets its self-contained report.html
 
     print(f"report: {write_report(run_dir(config))}", flush=True)
@@ -102,10 +159,12 @@ def check_rerun(config: Config, numbers: Sequence[int] = (1, 2), *, resume: bool
     """
     from msbt.train.stages import refuse_changed_resume, refuse_rerun
 
-    if not resume:
-        refuse_rerun(config, numbers)
-    else:
-        refuse_changed_resume(config, numbers)
+    runs = [(config, numbers)] + ([(seeded, [2]) for _, seeded in seed_runs(config)] if 2 in numbers else [])
+    for checked, stages in runs:  # stage 2's further seeds are run folders of their own (seed_runs)
+        if not resume:
+            refuse_rerun(checked, stages)
+        else:
+            refuse_changed_resume(checked, stages)
 
 
 def main_job(config: Config, *, force_split: bool = False, resume: bool = False, address: str | None = None) -> dict:
@@ -189,15 +248,13 @@ def stage2_job(config: Config, *, parent: str | Path | None = None, force_split:
     The run folder and the parent are checked before Ray is joined or started (``address``).
 
     Returns:
-        Stage 2's stages.json entry.
+        Stage 2's stages.json entry, with ``model`` (see :func:`train_stage2`).
 
     Raises:
         RunStateError: No parent given and no finished stage 1 recorded in this run folder (for a stage 2
             that starts from one).
         ConfigError: A ``parent`` that is no folder, or one given to a stage 2 that starts from none.
     """
-    from msbt.train.stages import run_stage
-
     check_rerun(config, [2], resume=resume)
     if parent and 1 not in run_stages(config):
         raise ConfigError(f"--parent {parent}: stage2.weights is {config.stage2.weights!r}, so stage 2 starts from no "
@@ -208,15 +265,15 @@ def stage2_job(config: Config, *, parent: str | Path | None = None, force_split:
         parent = str(Path(parent or recorded_checkpoint(config, 1)).expanduser().resolve())  # said before Ray starts
     start_ray(config, address)
     store = _data(config, "ultrasound", force_split)
-    return run_stage(config, 2, store.path, parent=parent, resume=resume)
+    return train_stage2(config, store.path, parent, resume=resume)
 
 
 def evaluate_job(config: Config, *, checkpoint: str | Path | None = None) -> dict:
-    """Test metrics of ``checkpoint`` or of stage 2's recorded best; written to metrics.json.
+    """Test metrics of ``checkpoint`` or of the run's model (:func:`run_model`); written to metrics.json.
 
     Raises:
-        RunStateError: No checkpoint given and no finished stage 2 recorded in this run folder.
+        RunStateError: No checkpoint given and no finished stage 2 (with all its seeds) in this run folder.
     """
-    checkpoint = checkpoint or recorded_checkpoint(config, 2)
+    checkpoint = checkpoint or run_model(config)
     store = _data(config, "ultrasound", force_split=False)
     return evaluate_checkpoint(config, checkpoint, store.path)

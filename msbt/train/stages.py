@@ -412,7 +412,8 @@ def recorded_stage1(run: str | Path) -> list[tuple[str, Path]]:
     if checkpoint and Path(checkpoint).is_dir():
         from msbt.model.checkpoint import lineage
 
-        chain = lineage(checkpoint)
+        members = read_manifest(checkpoint).get("members") if (Path(checkpoint) / "manifest.json").is_file() else None
+        chain = lineage(members[0]["path"] if members else checkpoint)  # an average: its first member's parent
         if len(chain) > 1:
             found.append((chain[1]["path"], scored))
     return found
@@ -467,7 +468,7 @@ def reuse_message(number: int, checkpoint: str | Path, run: str | Path) -> str:
 
 
 def run_stage(config: Config, number: int, store_path: str | Path, parent: str | Path | None = None, *,
-              resume: bool = False) -> dict:
+              resume: bool = False, index: str | Path | None = None) -> dict:
     """Train one stage with Ray Train, or reuse/continue it; record it when it finishes.
 
     The caller has checked that the run folder allows this (msbt.jobs.pipeline.check_rerun: without
@@ -479,6 +480,8 @@ def run_stage(config: Config, number: int, store_path: str | Path, parent: str |
         store_path: The stage's Parquet store.
         parent: Stage 2: stage 1's checkpoint folder.
         resume: Reuse a recorded stage; continue an interrupted one from its latest checkpoint.
+        index: The stage index's folder; default :func:`index_root` of ``config`` (a run folder nested in
+            another, such as a further training seed's, passes the outer run's).
 
     Returns:
         The stage's entry (`checkpoint`, `monitor`, `value`, `best_epoch`, `epochs`, `seconds`,
@@ -493,15 +496,16 @@ def run_stage(config: Config, number: int, store_path: str | Path, parent: str |
         return _recorded(config, number, recorded, store_path, parent)
     start = latest_checkpoint(stage_dir(config, number)) if resume else None
     inputs = stage_inputs(config, number, store_path, parent)
+    index = Path(index) if index is not None else index_root(config)
     if start is None and config.run.reuse_stages:
-        entry = find_identical(index_root(config), inputs)
+        entry = find_identical(index, inputs)
         if entry is not None:
             return _reused(config, number, entry)
     if start is not None:
         # checked here, not only in the worker, where a mismatch would be retried max_failures times
         check_fits(config, number, start, store_path, f"stage {number}'s checkpoint {start}", ignore=("epochs",))
         print(f"stage {number}: resuming after epoch {read_manifest(start)['best_epoch']} from {start}", flush=True)
-    return _trained(config, number, store_path, parent, start, inputs)
+    return _trained(config, number, store_path, parent, start, inputs, index)
 
 
 def _recorded(config: Config, number: int, recorded: dict, store_path, parent) -> dict:
@@ -537,7 +541,7 @@ def _reused(config: Config, number: int, found: dict) -> dict:
     return {**entry, "reused": True}
 
 
-def _trained(config: Config, number: int, store_path, parent, start: Path | None, inputs: dict) -> dict:
+def _trained(config: Config, number: int, store_path, parent, start: Path | None, inputs: dict, index: Path) -> dict:
     """Train the stage with Ray Train (from ``start`` when continuing), record it and remember it."""
     from msbt.train.runner import best_checkpoint, train_stage
 
@@ -562,7 +566,7 @@ def _trained(config: Config, number: int, store_path, parent, start: Path | None
         "resumed_from": str(start) if start else None,
     }
     record_stage(config, number, entry)
-    remember_stage(index_root(config), inputs, best.path, run_dir(config))
+    remember_stage(index, inputs, best.path, run_dir(config))
     # An AUC monitored during training is Keras' binned estimate; the exact one comes with the evaluation.
     kind = " [Keras' binned AUC]" if "auc" in stage.monitor else ""
     print(f"stage {number}: best {stage.monitor} {entry['value']:.4f}{kind} (epoch {entry['best_epoch']} of "

@@ -106,11 +106,15 @@ def train_trial(params: dict, *, config: Config, store: str, parent: str | None,
         parent: The stage-1 checkpoint folder (None: stage 2 starts from its ``weights``).
         experiment: The experiment folder; the Train run goes to ``train/<trial id>/stage2`` in it.
     """
+    import ray.data
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from msbt.train.runner import train_stage
 
+    # Ray Train hands this process' DataContext to the trial's workers: with Ray Data's bars on (a trial actor's
+    # default), each validation pass printed "Dataset val_... execution finished" to the terminal (issue #17).
+    ray.data.DataContext.get_current().enable_progress_bars = False
     trial_id = tune.get_context().get_trial_id()
     _set_aside(Path(experiment) / "train" / trial_id)
     cfg = trial_config(config, params, storage=Path(experiment) / "train", name=trial_id)
@@ -239,7 +243,8 @@ def run_search(config: Config, *, resume: bool = False, sources: str = "tune.spa
         write_text(record_path, json.dumps(record, indent=2) + "\n")
         write_environment(exp)
         tuner = _new_tuner(config, trainable, fast)
-    results = tuner.fit()
+    with console.printed_to_log():  # Tune's own prints (its status tables are --verbose only)
+        results = tuner.fit()
     from msbt.tune.review import write_hparams
 
     print(f"tune results in {exp}; HParams for TensorBoard in {write_hparams(exp)}; review: msbt tune-report "

@@ -226,8 +226,30 @@ def test_leave_one_site_out_on_two_built_in_sites(tmp_path, ray_local, capsys):
     assert "sd over seeds" in experiments_section(tmp_path / "runs" / "loso")
     diff = X.loso_diff([tmp_path / "runs" / "loso", f"{tmp_path / 'runs' / 'loso'}:scratch"], n_boot=100)
     assert [r["seeds"] for r in diff["rows"]] == [2, 2, 1, 1] and all(r["seed_term"] for r in diff["rows"][2:])
-    with pytest.raises(ValueError, match="not built"):
-        X.leave_one_site_out(config, arms=("scratch",), seeds=(0, 1))
+    # compare --by site --seeds: every arm with every seed (the multistage arm is the design: its seed folders are
+    # reused; scratch trains seed 1), the arms compared on their means over the seeds, both spreads counted
+    capsys.readouterr()
+    arms2 = X.leave_one_site_out(config, arms=("multistage", "scratch"), seeds=(0, 1), n_boot=100)
+    printed = capsys.readouterr().out
+    assert "site-site-a-seed1: reusing" in printed and "site-site-b-scratch: reusing" in printed
+    assert arms2["arms"]["multistage"]["across_seeds"] == seeded["across_seeds"]  # the same models, reused
+    scratch = arms2["arms"]["scratch"]
+    assert [r["folder"] for r in scratch["by_seed"]["1"]] == ["site-site-a-scratch-seed1", "site-site-b-scratch-seed1"]
+    assert {read_manifest(r["checkpoint"])["seed"] for r in scratch["by_seed"]["1"]} == {1}
+    for site in ("site-a", "site-b"):
+        (test,) = arms2["paired"][site]
+        means = {a: next(r["held_out_auc_mean"] for r in arms2["arms"][a]["across_seeds"] if r["site"] == site)
+                 for a in ("multistage", "scratch")}
+        over = test["over_seeds"]
+        assert over["seeds"] == 2 and over["diff"] == pytest.approx(means["multistage"] - means["scratch"])
+        assert over["ci"][0] <= over["diff"] <= over["ci"][1]
+        first = next(iter(both["paired"][site]))["paired_bootstrap"]  # seed 0's paired bootstrap, as before
+        assert [test["paired_bootstrap"][k] for k in ("auc_a", "auc_b", "diff")] == pytest.approx(
+            [first[k] for k in ("auc_a", "auc_b", "diff")], abs=1e-6)
+    assert "(scratch) (same split" in X.format_loso(arms2) and "over 2 seeds" in X.format_loso(arms2)
+    assert "mean AUC over seeds" in experiments_section(tmp_path / "runs" / "loso")
+    diff = X.loso_diff([tmp_path / "runs" / "loso", f"{tmp_path / 'runs' / 'loso'}:scratch"], n_boot=100)
+    assert [r["seeds"] for r in diff["rows"]] == [2, 2, 2, 2]
     # folders follow a fixed rule (a suffix for a training seed other than data.seed): a config whose own training
     # seed is 1 finds seed 1's folders and trains nothing
     import dataclasses

@@ -180,6 +180,11 @@ def test_search_is_interrupted_restored_and_its_best_config_reruns(prepared, tmp
     for out in (log.read_text(), search_workers):
         assert "Found multiple active Ray instances" not in out
         assert "Failed to query Ray Train Controller actor state" not in out
+    # the quiet console (issue #17): Tune's start-up print goes to the run's driver.log, and the trials' Train
+    # workers draw no Ray Data bars ("Dataset val_... execution finished" after every validation pass)
+    terminal = log.read_text()
+    assert "View detailed results here" not in terminal and "execution finished" not in terminal
+    assert "View detailed results here" in (workers_log.parent / "driver.log").read_text()
     _, before = read_experiment(experiment)
     finished = {t["trial"]: (experiment / t["trial"] / "result.json").read_text()
                 for t in before if t["status"] in ("complete", "stopped early")}

@@ -715,6 +715,12 @@ def test_repeated_auc_is_the_paired_bootstrap_with_one_seed_and_adds_the_seed_sp
     assert lone["se_seed_diff"] == pytest.approx(many["base_seed_sd"] * math.sqrt(1 + 1 / 3))
     with pytest.raises(ValueError, match="equal length"):
         M.repeated_auc(y, runs[:, :10])
+    # two seeds (df near 1, t = 12.7): the intervals stop at what an AUC and a difference of AUCs can take
+    apart = np.stack([scores(0.6, 1)[0], scores(0.0, 1)[0]])  # two seeds far apart: a wide t interval
+    two = M.repeated_auc(y, apart, apart[::-1] * 0.5, groups=groups, n_boot=400, seed=5)
+    assert two["auc"] + 12 * two["se"] > 1 and two["diff"] + 12 * two["se_diff"] > 1  # it would have run over
+    assert 0.0 <= two["ci"][0] <= two["auc"] <= two["ci"][1] <= 1.0
+    assert -1.0 <= two["diff_ci"][0] <= two["diff"] <= two["diff_ci"][1] <= 1.0
 
 
 def test_an_ensembles_logit_is_that_of_its_mean_probability_also_when_saturated():
@@ -752,8 +758,10 @@ def test_leave_one_site_out_over_seeds_is_summarised_by_the_mean_and_both_interv
     other = {**across, "site": "b", "held_out_auc_mean": across["held_out_auc_mean"] + 0.1}
     summary = _seeds_summary([across, other])
     assert summary["worst_site"] == "a" and summary["worst_held_out_auc"] == [across["held_out_auc_mean"], *across["ci"]]
-    text = "\n".join(_format_seeds({"seeds": [0, 1, 2], "across_seeds": [across, other], "summary": summary}))
+    text = "\n".join(_format_seeds({"across_seeds": [across, other], "summary": summary}, [0, 1, 2]))
     assert "over 3 training seeds" in text and "at the worst (a;" in text and "msbt ensemble" in text
+    text = "\n".join(_format_seeds({"across_seeds": [across, other], "summary": summary}, [0, 1, 2], "scratch"))
+    assert "of stage 2 (scratch)" in text and "never saw (scratch)" in text
 
 
 def test_loso_diff_with_seeds_counts_the_mean_over_seeds_and_their_spread(tmp_path, capsys):

@@ -29,3 +29,34 @@ def test_fast_mode_features_without_a_parent_are_keyed_by_the_weights_source(tmp
     before = key(weights)
     weights.write_bytes(b"two")  # the same path with other weights: other features
     assert key(weights) != before
+
+
+def test_stage2_seeds_are_run_folders_of_their_own_and_a_rerun_checks_each(tmp_path):
+    import pytest
+
+    from msbt.config import ConfigError, stage2_seed_list
+    from msbt.jobs.pipeline import check_rerun, run_model
+    from msbt.runfolder import ensemble_checkpoint, run_dir, seed_runs
+    from msbt.train.stages import RunStateError
+
+    base = [f"run.storage_path={tmp_path}", "run.name=r"]
+    assert seed_runs(load_config(overrides=base)) == []  # one seed: stage2/ only, no average
+    config = load_config(overrides=[*base, "run.stage2_seeds=3", "run.train_seed=5"])
+    assert stage2_seed_list(config) == [5, 6, 7]
+    runs = seed_runs(config)
+    assert [seed for seed, _ in runs] == [6, 7]
+    for seed, seeded in runs:
+        assert run_dir(seeded) == tmp_path / "r" / "seeds" / f"seed{seed}" and seeded.run.train_seed == seed
+        assert seeded.stage2 == config.stage2 and seeded.data == config.data  # only where and which seed differ
+    assert ensemble_checkpoint(config) == tmp_path / "r" / "ensemble" / "checkpoint"
+    with pytest.raises(RunStateError, match="no average of its 3 stage-2 seeds"):
+        run_model(config)
+    # a plain rerun is refused when any seed's folder holds a stage 2, not only the run's own stage2/
+    check_rerun(config, [2])
+    (tmp_path / "r" / "seeds" / "seed7").mkdir(parents=True)
+    (tmp_path / "r" / "seeds" / "seed7" / "stages.json").write_text(json.dumps({"2": {"checkpoint": "x"}}))
+    with pytest.raises(RunStateError, match="seed7"):
+        check_rerun(config, [2])
+    check_rerun(config, [1])  # stage 1 alone is not concerned
+    with pytest.raises(ConfigError, match="run.stage2_seeds"):
+        load_config(overrides=["run.stage2_seeds=0"])

@@ -95,6 +95,46 @@ def test_steps_chain_through_the_recorded_stages(tmp_path, ray_local, capsys):
     assert main(["stage2", *common, "--resume", "--set", "stage2.head.dropout=0.25"]) == 1
     assert "stage2.head" in capsys.readouterr().err
 
+    # run.stage2_seeds: stage 2 once per training seed, and their average is the run's model. On --resume the
+    # recorded seed 0 is reused and only seed 1 trains, in a run folder of its own under seeds/.
+    seeded = [*common, "--set", "run.stage2_seeds=2"]
+    capsys.readouterr()
+    assert main(["evaluate", *seeded]) == 1  # no average yet: said before any work
+    assert "no average of its 2 stage-2 seeds" in capsys.readouterr().err
+    assert main(["stage2", *seeded]) == 1  # a plain rerun is still refused
+    assert main(["stage2", *seeded, "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "stage 2: finished before, reused" in out and "training seed 1 (2 of 2)" in out
+    seed1 = json.loads((run / "seeds" / "seed1" / "stages.json").read_text())["2"]
+    assert read_manifest(seed1["checkpoint"])["seed"] == 1 and read_manifest(stage2["checkpoint"])["seed"] == 0
+    assert lineage(seed1["checkpoint"])[1]["path"] == stage1["checkpoint"]  # the same stage 1
+    average = run / "ensemble" / "checkpoint"
+    assert [m["path"] for m in read_manifest(average)["members"]] == [stage2["checkpoint"], seed1["checkpoint"]]
+    assert main(["evaluate", *seeded]) == 0  # the run's model is now the average
+    out = capsys.readouterr().out
+    assert "ensemble - members' mean AUC" in out
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["checkpoint"] == str(average)
+    members = json.loads((run / "ensemble" / "members.json").read_text())
+    assert [m["seed"] for m in members["members"]] == [0, 1] and members["checkpoint"] == str(average)
+    report = (run / "report.html").read_text()
+    assert "average of 2 stage-2 models" in report
+    titles = [ET.fromstring(s).get("aria-label") for s in svgs(report)]
+    assert {"Stage 2 (tiny_cnn, seed 0): auc", "Stage 2 (tiny_cnn, seed 1): auc", "Stage 1 (tiny_cnn): loss"} <= set(titles)
+    # nothing trains or changes on a second --resume
+    assert main(["stage2", *seeded, "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "made before" in out and "stage 2: best" not in out
+    assert read_manifest(average)["members"] == read_manifest(average)["members"]  # (intact, read twice)
+    # a new run with the same inputs trains no seed: both come from the stage index (seed 1 was remembered
+    # under the outer run's storage path), and the new run gets its own average of them
+    again = [*seeded, "--set", "run.name=again"]
+    assert main(["stage2", *again, "--parent", stage1["checkpoint"]]) == 0
+    out = capsys.readouterr().out
+    assert out.count("identical stage found in run") == 2 and "stage 2: best" not in out
+    members = read_manifest(tmp_path / "again" / "ensemble" / "checkpoint")["members"]
+    assert [m["path"] for m in members] == [stage2["checkpoint"], seed1["checkpoint"]]
+
 
 @pytest.mark.ray
 @pytest.mark.timeout(900)
