@@ -349,6 +349,7 @@ def _cmd_ensemble(args) -> int:
             raise ConfigError(f"{path}: no such checkpoint folder")
     if args.store and not Path(args.store).is_dir():
         raise ConfigError(f"{args.store}: no such store folder (--store)")
+    _quiet_tensorflow()
     print(format_ensemble(make_ensemble(args.checkpoints, args.out, store=args.store, n_boot=args.n_boot)))
     return 0
 
@@ -391,9 +392,19 @@ def _predict_parsers(sub) -> None:
     p.set_defaults(func=_cmd_export)
 
 
+def _quiet_tensorflow() -> None:
+    """For a command that loads a Keras model without a run folder to log into: TensorFlow's start-up notices
+    (oneDNN, "failed call to cuInit" on every machine without a GPU) are held back, shown only if the import
+    fails (msbt.console.captured_stderr)."""
+    from msbt import console
+
+    console.import_tensorflow()
+
+
 def _cmd_predict(args) -> int:
     from msbt.serve.predict import format_lines, predict, write_csv
 
+    _quiet_tensorflow()
     run = predict(args.model, args.images, threshold=args.threshold, heatmaps=args.heatmaps)
     print("\n".join(format_lines(run)))
     if args.out:
@@ -407,6 +418,7 @@ def _cmd_predict(args) -> int:
 def _cmd_export(args) -> int:
     from msbt.serve.export import export
 
+    _quiet_tensorflow()
     record = export(args.checkpoint, args.out_dir, threshold=args.threshold, int8=args.int8,
                     int8_store=args.int8_store, int8_max_auc_drop=args.int8_max_auc_drop)
     print(f"exported {args.checkpoint} -> {args.out_dir} (model.keras, manifest.json, saved_model/, model.onnx, "
@@ -453,6 +465,7 @@ def _cmd_external(args) -> int:
     from msbt.serve.external import external
     from msbt.serve.predict import find_run_dir
 
+    _quiet_tensorflow()
     results = external(args.checkpoint, args.sources, out=args.out, threshold=args.threshold,
                        keep_duplicates=args.keep_duplicates, n_boot=args.n_boot)
     for site, result in results.items():
@@ -642,6 +655,7 @@ def _cmd_report(args) -> int:
 
     if not Path(args.run_dir).is_dir():
         raise ConfigError(f"{args.run_dir}: no such run folder")
+    _quiet_tensorflow()  # Grad-CAM loads the run's model
     print(write_report(args.run_dir))
     return 0
 

@@ -36,6 +36,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -253,19 +254,27 @@ def route_worker_output() -> bool:
 def captured_stderr():
     """Send what is written to file descriptor 2 (C++ libraries included) to ``driver.log`` meanwhile.
 
-    Without a log folder (or with ``verbose``) nothing is captured.
+    Without a log folder (a command that works on a checkpoint or export, such as ``msbt predict``) it goes
+    to a temporary file instead, which is written back to the terminal only if the block fails, so that an
+    error is never hidden. With ``verbose`` nothing is captured.
     """
     folder = _state["folder"]
-    if _state["verbose"] or folder is None:
+    if _state["verbose"]:
         yield
         return
     sys.stderr.flush()
     saved = os.dup(2)
     try:
-        with open(folder / DRIVER_LOG, "ab") as log_file:
+        with (open(folder / DRIVER_LOG, "ab") if folder is not None else tempfile.TemporaryFile()) as log_file:
             os.dup2(log_file.fileno(), 2)
             try:
                 yield
+            except BaseException:
+                if folder is None:  # what was held back may explain the failure
+                    sys.stderr.flush()
+                    log_file.seek(0)
+                    os.write(saved, log_file.read())
+                raise
             finally:
                 sys.stderr.flush()
                 os.dup2(saved, 2)

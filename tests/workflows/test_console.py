@@ -91,6 +91,20 @@ def test_tensorflow_start_up_lines_go_to_the_log_not_the_terminal(tmp_path):
     assert "oneDNN" in log or "cuda" in log.lower()  # what TensorFlow 2.21 printed is kept
 
 
+def test_a_command_without_a_run_folder_imports_tensorflow_quietly_too(tmp_path):
+    """`msbt predict`/`export`/`external`/`ensemble`/`report` load a model outside a run's log: TensorFlow's
+    start-up lines (oneDNN, `failed call to cuInit` on a machine without a GPU) used to reach the terminal."""
+    code = "from msbt import console; console.setup(); console.import_tensorflow(); print('imported')"
+    done = subprocess.run([PY, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "imported" and done.stderr == "", done.stderr
+    # a failure inside the captured block shows what was held back, so nothing that explains it is lost
+    code = ("import os; from msbt import console; console.setup()\n"
+            "with console.captured_stderr():\n    os.write(2, b'held back\\n'); raise SystemExit(3)")
+    done = subprocess.run([PY, "-c", code], capture_output=True, text=True, env=ENV, timeout=60)
+    assert done.returncode == 3 and "held back" in done.stderr
+
+
 def test_captured_stderr_takes_output_written_below_python(tmp_path, restore_logging):
     console.setup(verbose=False)
     console.attach_run(tmp_path)
