@@ -577,8 +577,9 @@ def _experiment_parsers(sub) -> None:
             p.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
                            help="with --by site: repeat the design (compare: every arm) with these training seeds "
                                 "(run.train_seed) on the same split, and summarise the mean and spread over them "
-                                "(e.g. 0 1 2; default: run.stage2_seeds of them; the config's own seed reuses a "
-                                "finished single-seed run)")
+                                "(e.g. 0 1 2; default: run.stage2_seeds seeds counting up from the config's "
+                                "training seed, run.train_seed else data.seed, which reuses a finished "
+                                "single-seed run)")
         if name == "compare":
             p.add_argument("--arms", nargs="+", choices=("multistage", "imagenet", "scratch"),
                            default=["multistage", "imagenet", "scratch"], help="stage-2 starting points")

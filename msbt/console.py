@@ -295,8 +295,34 @@ def printed_to_log():
         yield
         return
     sys.stdout.flush()
-    with open(folder / DRIVER_LOG, "a", encoding="utf-8") as log_file, contextlib.redirect_stdout(log_file):
+    with open(folder / DRIVER_LOG, "a", encoding="utf-8") as log_file, \
+            contextlib.redirect_stdout(_ThisThreadTo(log_file, sys.stdout)):
         yield
+
+
+class _ThisThreadTo:
+    """A stdout that sends what the thread that made it writes to ``log``, and every other thread's writes (Ray's
+    thread that prints forwarded worker lines, which the console already filters) to ``terminal`` as before."""
+
+    def __init__(self, log, terminal):
+        import threading
+
+        self._log, self._terminal, self._thread = log, terminal, threading.get_ident()
+
+    def _target(self):
+        import threading
+
+        return self._log if threading.get_ident() == self._thread else self._terminal
+
+    def write(self, text: str) -> int:
+        return self._target().write(text)
+
+    def flush(self) -> None:
+        self._log.flush()
+        self._terminal.flush()
+
+    def __getattr__(self, name):  # fileno, isatty, encoding...: the terminal's
+        return getattr(self._terminal, name)
 
 
 def import_tensorflow() -> None:

@@ -2,10 +2,13 @@
 
     python workflows/compare.py --config workflows/configs/cpu.yaml [--arms multistage imagenet scratch] [--no-naive]
     python workflows/compare.py --config ... --by site [--arms multistage imagenet]   # at sites never seen
+    python workflows/compare.py --config ... --by site --arms multistage imagenet --seeds 0 1 2   # over seeds
 
 Same split, budget and stage-1 checkpoint; paired DeLong and group-bootstrap tests on the AUC; writes
 runs/<run.name>/compare/compare.json and prints the table. `--by site`: each arm under leave one site out,
-paired per held-out site (runs/<run.name>/loso/compare.json; no naive arm).
+paired per held-out site (runs/<run.name>/loso/compare.json; no naive arm); with several training seeds
+(`--seeds`, else run.stage2_seeds) every arm is trained with each, and the arms are compared on their means
+over the seeds with the seed spread counted.
 """
 
 from __future__ import annotations

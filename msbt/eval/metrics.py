@@ -598,7 +598,7 @@ def repeated_auc(y, p_runs, p_base=None, groups=None, n_boot: int = 2000, alpha:
         # cut to what the quantity can take: with two seeds (df near 1) t is 12.7 and an AUC's interval would
         # otherwise run far outside [0, 1]
         half = float(stats.t.ppf(1 - alpha / 2, df)) * se
-        return max(low, centre - half), min(high, centre + half)
+        return float(np.clip(centre - half, low, high)), float(np.clip(centre + half, low, high))  # NaN stays NaN
 
     per_seed, seed_sd = spread(runs)
     out: dict[str, object] = {

@@ -493,7 +493,8 @@ def experiments_section(run: Path) -> str:
                      f"{_e(str(seeds))}; differences are of the arms' means over the seeds, with intervals over the "
                      "held-out images and both arms' seeds.")
             tests = [(site, f"{t['a']} − {t['b']}", _ci_text([t["over_seeds"]["diff"], *t["over_seeds"]["ci"]]),
-                      _fmt(t["over_seeds"]["p_value"])) for site, ts in lc["paired"].items() for t in ts]
+                      _fmt(t["over_seeds"]["p_value"])) for site, ts in lc["paired"].items() for t in ts
+                     if "error" not in t["over_seeds"]]
         else:
             rows = [(arm, r["site"], r["test_images"], _ci_text(r["held_out_auc"]),
                      _ci_text(r["internal_auc"]) if r.get("internal_auc") else "")

@@ -87,25 +87,18 @@ def make_ensemble(checkpoints: Sequence[str | Path], out: str | Path, *, store: 
     first = read_manifest(checkpoints[0])
     if Store.open(store).fingerprint() != (first.get("data_fingerprint"), first.get("split_id")):
         raise ValueError(f"{store}: another data set or split than {checkpoints[0]} was trained on")
-    folder = write_ensemble(checkpoints, out / CHECKPOINT_FOLDER)
-    try:
-        report = _score(folder, store, n_boot=n_boot, seed=seed, out=out)
-    except BaseException:  # an ensemble that was not scored is not left behind half made
-        shutil.rmtree(folder, ignore_errors=True)
-        for name in ("metrics.json", "predictions.csv"):
-            (out / name).unlink(missing_ok=True)
-        raise
-    write_text(out / "members.json", json.dumps(report, indent=2, default=float) + "\n")
-    return report
-
-
-def _score(folder: Path, store: Path, *, n_boot: int, seed: int, out: Path) -> dict:
-    """Evaluate the ensemble (metrics.json, predictions.csv in ``out``) and its members on the same test rows."""
     from msbt.eval.evaluate import evaluate, write_metrics
 
-    result = evaluate(folder, store, n_boot=n_boot, seed=seed)
-    write_metrics(result, out / "metrics.json")
-    return members_report(folder, store, result, n_boot=n_boot, seed=seed)
+    folder = write_ensemble(checkpoints, out / CHECKPOINT_FOLDER)
+    try:  # the ensemble, then its members on the same test rows
+        result = evaluate(folder, store, n_boot=n_boot, seed=seed)
+        write_metrics(result, out / "metrics.json")
+        return write_members(folder, store, result, n_boot=n_boot, seed=seed)  # <out>/members.json
+    except BaseException:  # an ensemble that was not scored is not left behind half made
+        shutil.rmtree(folder, ignore_errors=True)
+        for name in ("metrics.json", "predictions.csv", "members.json"):
+            (out / name).unlink(missing_ok=True)
+        raise
 
 
 def members_report(folder: str | Path, store: str | Path, result, *, n_boot: int = 2000, seed: int = 0) -> dict:
@@ -163,27 +156,49 @@ def format_ensemble(report: dict) -> str:
     return "\n".join(lines)
 
 
+def holds_members(folder: str | Path, checkpoints: Sequence[str | Path]) -> bool:
+    """Whether the ensemble checkpoint ``folder`` is intact and averages exactly ``checkpoints``, in order
+    (their folders and model sha256)."""
+    from msbt.model.checkpoint import MODEL_FILE, CheckpointError, read_manifest, sha256_file, verify
+
+    try:
+        have = [(m["path"], m["model_sha256"]) for m in read_manifest(folder).get("members") or []]
+        wanted = [(str(Path(c).expanduser().resolve()), sha256_file(Path(c) / MODEL_FILE)) for c in checkpoints]
+        return have == wanted and verify(folder)
+    except (CheckpointError, KeyError, TypeError, OSError):
+        return False
+
+
 def run_ensemble(config, checkpoints: Sequence[str | Path]) -> Path:
     """The run's average of its stage-2 seeds (msbt.runfolder.ensemble_checkpoint): kept when it holds exactly
-    these members (paths and model sha256), else made (again: a seed trained anew makes a new average)."""
-    from msbt.model.checkpoint import MODEL_FILE, CheckpointError, read_manifest, sha256_file, verify
+    these members, else made (again: a seed trained anew, or another number of seeds, makes a new average).
+
+    An average made again lives at the same path, so the run's evaluation of the old one (``metrics.json``,
+    ``predictions.csv`` naming it, and its ``members.json``) is removed with it: predict would otherwise apply
+    the old average's threshold to the new one. The main job evaluates the new one at once; after
+    ``msbt stage2`` alone, ``msbt evaluate`` does.
+    """
     from msbt.model.ensemble import write_ensemble
-    from msbt.runfolder import ensemble_checkpoint
+    from msbt.runfolder import METRICS_FILE, PREDICTIONS_FILE, ensemble_checkpoint, run_dir
 
     folder = ensemble_checkpoint(config)
-    wanted = [(str(Path(c).expanduser().resolve()), sha256_file(Path(c) / MODEL_FILE)) for c in checkpoints]
     if folder.exists():
-        try:
-            have = [(m["path"], m["model_sha256"]) for m in read_manifest(folder).get("members") or []]
-            kept = verify(folder) and have == wanted
-        except (CheckpointError, KeyError, TypeError):
-            kept = False
-        if kept:
-            print(f"stage 2: the average of the {len(wanted)} seeds' models, made before -> {folder}", flush=True)
+        if holds_members(folder, checkpoints):
+            print(f"stage 2: the average of the {len(checkpoints)} seeds' models, made before -> {folder}",
+                  flush=True)
             return folder
-        shutil.rmtree(folder.parent)  # made from other members (or damaged): its evaluation goes with it
+        metrics = run_dir(config) / METRICS_FILE
+        try:
+            stale = Path(json.loads(metrics.read_text()).get("checkpoint", "")).resolve() == folder.resolve()
+        except (OSError, ValueError, AttributeError):
+            stale = False
+        for gone in ([metrics, run_dir(config) / PREDICTIONS_FILE] if stale else []) + [folder.parent / "members.json"]:
+            gone.unlink(missing_ok=True)
+        shutil.rmtree(folder)  # made from other members (or damaged)
+        print(f"stage 2: the average in {folder} was made from other seeds' models: made again"
+              + (" (its evaluation removed; msbt evaluate scores the new one)" if stale else ""), flush=True)
     write_ensemble(checkpoints, folder)
-    print(f"stage 2: the average of the {len(wanted)} seeds' models is the run's model -> {folder}", flush=True)
+    print(f"stage 2: the average of the {len(checkpoints)} seeds' models is the run's model -> {folder}", flush=True)
     return folder
 
 

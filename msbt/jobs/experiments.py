@@ -537,14 +537,19 @@ def seeded_pairs(site: str, preds: Mapping[str, Mapping[int, dict]], *, n_boot: 
             if not np.array_equal(arr_a["source"], arr_b["source"]):
                 raise ValueError(f"held-out site {site}: arms {a} and {b} scored other images")
             y, groups = arr_a["y"], arr_a["group"]
-            rep = metrics.repeated_auc(y, ps_a, ps_b, groups=groups, n_boot=n_boot, seed=seed)
-            first = metrics.paired_bootstrap_auc_diff(y, ps_a[0], ps_b[0], groups=groups, n_boot=n_boot, seed=seed)
+            try:
+                rep = metrics.repeated_auc(y, ps_a, ps_b, groups=groups, n_boot=n_boot, seed=seed)
+                first = metrics.paired_bootstrap_auc_diff(y, ps_a[0], ps_b[0], groups=groups, n_boot=n_boot,
+                                                          seed=seed)
+            except ValueError as err:  # e.g. a held-out site with one class: said, not a failed experiment
+                out.append({"a": a, "b": b, "paired_bootstrap": {"error": str(err)}, "over_seeds": {"error": str(err)}})
+                continue
+            df = rep["df_diff"] if math.isfinite(rep["df_diff"]) else None
             out.append({"a": a, "b": b, "paired_bootstrap": {k: (list(v) if isinstance(v, tuple) else v)
                                                              for k, v in first.items()},
                         "over_seeds": {"seeds": len(ps_a), "auc_a": rep["auc"], "auc_b": rep["base_auc"],
                                        "diff": rep["diff"], "ci": [float(x) for x in rep["diff_ci"]],
-                                       "p_value": rep["p_value"], "df": rep["df_diff"] if math.isfinite(rep["df_diff"])
-                                       else None}})
+                                       "p_value": rep["p_value"], "df": df}})
     return out
 
 
@@ -827,10 +832,13 @@ def leave_one_site_out(config: Config, *, arms: Sequence[str] | None = None, see
 def remove_loso_results(out: Path, folders: set[str], sites: Sequence[str], *, compare: bool) -> None:
     """``--fresh`` for leave one site out: this experiment's own results only. The plain design
     (``compare=False``): its ``site-<s>/`` folders, ``loso.json``, ``sites.csv``, and the comparison that used
-    them; ``compare --by site``: its arms' folders except the shared ``site-<s>/``, and ``compare.json``."""
-    own = set(folders) - ({f"site-{s}" for s in sites} if compare else set())
-    if not compare:  # every seed's folders, also of seeds this run does not name: none may be mixed in later
-        own |= {f.name for f in out.glob("site-*-seed*") if SEED_SUFFIX.sub("", f.name) in {f"site-{s}" for s in sites}}
+    them; ``compare --by site``: its arms' folders except the shared design's (``site-<s>/`` and its seeds'
+    ``site-<s>-seed<k>/``), and ``compare.json``."""
+    design = {f"site-{s}" for s in sites}
+    if compare:  # the arm equal to the config trains in the design's folders, every seed's: those stay
+        own = {name for name in folders if SEED_SUFFIX.sub("", name) not in design}
+    else:  # every seed's folders, also of seeds this run does not name: none may be mixed in later
+        own = set(folders) | {f.name for f in out.glob("site-*-seed*") if SEED_SUFFIX.sub("", f.name) in design}
     files = {"compare.json", "compare-sites.csv"} | (set() if compare else {"loso.json", "sites.csv"})
     for name in own | files:
         target = out / name
@@ -1064,11 +1072,11 @@ def format_loso(report: dict) -> str:
     for site, tests in report.get("paired", {}).items():
         for t in tests:
             boot, seeded = t["paired_bootstrap"], t.get("over_seeds")
-            if seeded:
+            if seeded and "error" not in seeded:
                 lines.append(f"held-out {site}: mean AUC {t['a']} - {t['b']} over {seeded['seeds']} seeds "
                              f"{_with_ci([seeded['diff'], *seeded['ci']])} (the interval over the held-out images "
                              f"and both arms' seeds, {metrics.p_text(seeded['p_value'])})")
-            elif "error" not in boot:
+            elif not seeded and "error" not in boot:
                 lines.append(f"held-out {site}: AUC {t['a']} - {t['b']} {_with_ci([boot['diff'], *boot['ci']])} "
                              f"(paired group bootstrap on the held-out images, {metrics.p_text(boot['p_value'])})")
     return "\n".join(lines)
@@ -1090,7 +1098,8 @@ def _format_seeds(part: dict, seeds: Sequence[int], arm: str | None = None) -> l
         lines.append(f"{r['site']:<20} {ci:<24} {cases:<16} {r['seed_sd']:>5.3f}  "
                      f"{r['seed_range'][0]:.3f}-{r['seed_range'][1]:.3f}    {_with_ci(r['ensemble_auc']):<28}")
     lines.append(f"at a site it never saw{f' ({arm})' if arm else ''}: AUC {_with_ci(summary['worst_held_out_auc'])} "
-                 f"at the worst ({summary['worst_site']}; mean of {n} seeds, the interval over its held-out images and the seeds; "
+                 f"at the worst ({summary['worst_site']}; mean of {n} seeds, the interval over its held-out images "
+                 "and the seeds; "
                  f"one seed gave {summary['worst_seed_range'][0]:.3f} to {summary['worst_seed_range'][1]:.3f}), "
                  f"{summary['mean_held_out_auc']:.3f} on average over the {len(across)} sites; the {n} seeds' "
                  f"averaged model: {_with_ci(summary['worst_site_ensemble_auc'])} at {summary['worst_site']}, "

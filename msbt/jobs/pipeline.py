@@ -102,15 +102,19 @@ def run_model(config: Config) -> str:
     Raises:
         RunStateError: The run has not finished stage 2 (with all its seeds); says which step to run.
     """
-    from msbt.train.stages import RunStateError
+    from msbt.jobs.ensemble import holds_members
+    from msbt.train.stages import RunStateError, read_stages
 
-    if not seed_runs(config):
+    extra = seed_runs(config)
+    if not extra:
         return recorded_checkpoint(config, 2)
     folder = ensemble_checkpoint(config)
-    if not (folder / "manifest.json").is_file():
-        raise RunStateError(f"{folder}: run {config.run.name!r} has no average of its {config.run.stage2_seeds} "
+    members = [read_stages(c).get("2", {}).get("checkpoint") for c in [config] + [c for _, c in extra]]
+    if not (folder / "manifest.json").is_file() or None in members or not holds_members(folder, members):
+        state = "no average" if not (folder / "manifest.json").is_file() else "no current average"
+        raise RunStateError(f"{folder}: run {config.run.name!r} has {state} of its {config.run.stage2_seeds} "
                             "stage-2 seeds (run.stage2_seeds) yet; run workflows/stage2.py with the same config "
-                            "first, or give --checkpoint")
+                            "(--resume, if some seeds have finished), or give --checkpoint")
     return str(folder)
 
 
@@ -121,11 +125,12 @@ def evaluate_checkpoint(config: Config, checkpoint: str | Path, store: str | Pat
     from msbt.model.checkpoint import format_lineage
     from msbt.eval.evaluate import evaluate, format_report, write_metrics
 
+    checkpoint = str(Path(checkpoint).expanduser().resolve())  # as recorded in metrics.json and members.json
     print(format_lineage(checkpoint))
     result = evaluate(checkpoint, store, seed=config.data.seed)
     write_metrics(result, run_dir(config) / "metrics.json")
     print(format_report(result), flush=True)
-    if Path(checkpoint).resolve() == ensemble_checkpoint(config).resolve():
+    if Path(checkpoint) == ensemble_checkpoint(config).resolve():
         from msbt.jobs.ensemble import format_ensemble, write_members
 
         print(format_ensemble(write_members(checkpoint, store, result, seed=config.data.seed)), flush=True)
@@ -159,10 +164,11 @@ def check_rerun(config: Config, numbers: Sequence[int] = (1, 2), *, resume: bool
     """
     from msbt.train.stages import refuse_changed_resume, refuse_rerun
 
-    runs = [(config, numbers)] + ([(seeded, [2]) for _, seeded in seed_runs(config)] if 2 in numbers else [])
-    for checked, stages in runs:  # stage 2's further seeds are run folders of their own (seed_runs)
+    runs = [(config, numbers, None)] + ([(seeded, [2], f"run {config.run.name!r} (training seed {seed})")
+                                         for seed, seeded in seed_runs(config)] if 2 in numbers else [])
+    for checked, stages, label in runs:  # stage 2's further seeds are run folders of their own (seed_runs)
         if not resume:
-            refuse_rerun(checked, stages)
+            refuse_rerun(checked, stages, label=label)
         else:
             refuse_changed_resume(checked, stages)
 

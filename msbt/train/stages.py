@@ -79,8 +79,12 @@ def record_stage(config: Config, number: int, entry: dict) -> Path:
     return write_text(path, json.dumps(stages, indent=2, sort_keys=True) + "\n")
 
 
-def refuse_rerun(config: Config, numbers: Sequence[int] = (1, 2)) -> None:
+def refuse_rerun(config: Config, numbers: Sequence[int] = (1, 2), *, label: str | None = None) -> None:
     """Raise if any of these stages already trained in this run folder (finished or interrupted).
+
+    Args:
+        label: How the message names the run (default ``run '<run.name>'``; a further training seed's folder
+            names the run it belongs to).
 
     Raises:
         RunStateError: naming the stage, where its state lies, `--resume` and `run.name`.
@@ -95,7 +99,7 @@ def refuse_rerun(config: Config, numbers: Sequence[int] = (1, 2)) -> None:
         else:
             continue
         raise RunStateError(
-            f"stage {number} of run {config.run.name!r} is already {state}. Rerun with --resume to reuse "
+            f"stage {number} of {label or f'run {config.run.name!r}'} is already {state}. Rerun with --resume to reuse "
             f"finished stages and continue an interrupted one, or train afresh under another name "
             f"(--set run.name=...)."
         )
@@ -158,6 +162,12 @@ def _refuse_other_settings(config: Config, number: int, manifest: dict, where: s
         details = ", ".join(f"stage{number}.{k}: {theirs.get(k)!r} -> {ours.get(k)!r}" for k in changed)
         raise RunStateError(f"{where} was trained with other settings ({details}); train them under another "
                             f"run.name")
+    # the seed decides which folder a further stage-2 seed lives in and what an average of seeds holds: a stage
+    # trained with another one is not this config's (checkpoints made before manifests recorded it pass)
+    if manifest.get("seed") is not None and manifest["seed"] != training_seed(config):
+        raise RunStateError(f"{where} was trained with training seed {manifest['seed']}, this config gives "
+                            f"{training_seed(config)} (run.train_seed, else data.seed); train it under another "
+                            "run.name")
 
 
 def refuse_changed_resume(config: Config, numbers: Sequence[int] = (1, 2)) -> None:

@@ -831,6 +831,20 @@ def test_fresh_leave_one_site_out_removes_every_seeds_folders_of_its_sites_and_n
     assert sorted(p.name for p in tmp_path.iterdir()) == ["site-a-imagenet", "site-ab-seed1", "site-b-seedling"]
 
 
+def test_fresh_compare_by_site_with_seeds_keeps_every_seed_of_the_shared_design(tmp_path):
+    """compare --by site --seeds --fresh: the arm equal to the config trains in the design's own seed folders
+    (site-<s>-seed<k>), which loso.json lists: they stay; only the other arms' folders, every seed, go."""
+    from msbt.jobs.experiments import remove_loso_results
+
+    folders = {"site-a", "site-a-seed1", "site-a-scratch", "site-a-scratch-seed1"}
+    for name in folders:
+        (tmp_path / name).mkdir()
+    (tmp_path / "loso.json").write_text("{}")
+    (tmp_path / "compare.json").write_text("{}")
+    remove_loso_results(tmp_path, folders, ["a"], compare=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loso.json", "site-a", "site-a-seed1"]
+
+
 def test_an_arm_trained_with_another_seed_is_trained_again_from_a_clean_folder(tmp_path, monkeypatch):
     """run_arm reuses a folder's result only when its checkpoint records the arm's training seed; otherwise the
     old results and Ray run folder are removed first (Ray Train would restore the old run it found there)."""

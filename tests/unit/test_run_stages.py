@@ -55,7 +55,7 @@ def test_stage2_seeds_are_run_folders_of_their_own_and_a_rerun_checks_each(tmp_p
     check_rerun(config, [2])
     (tmp_path / "r" / "seeds" / "seed7").mkdir(parents=True)
     (tmp_path / "r" / "seeds" / "seed7" / "stages.json").write_text(json.dumps({"2": {"checkpoint": "x"}}))
-    with pytest.raises(RunStateError, match="seed7"):
+    with pytest.raises(RunStateError, match=r"stage 2 of run .r. \(training seed 7\).*seeds/seed7"):
         check_rerun(config, [2])
     check_rerun(config, [1])  # stage 1 alone is not concerned
     with pytest.raises(ConfigError, match="run.stage2_seeds"):

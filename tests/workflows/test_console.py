@@ -165,3 +165,20 @@ def test_bootstrap_is_quiet_and_prints_its_log_when_pip_fails(tmp_path):
     assert "set-up failed" in done.stderr and "bootstrap.log" in done.stderr
     assert re.search(r"(?i)version", done.stderr)  # pip's own complaint, from the log
     assert not (tmp_path / ".venv" / ".msbt-installed").exists()
+
+
+def test_printed_to_log_takes_this_threads_prints_only(tmp_path, capsys, restore_logging):
+    """Tune prints "View detailed results here" from the thread that runs the search: that goes to driver.log;
+    Ray's own thread, which prints the worker lines the console lets through, keeps the terminal."""
+    import threading
+
+    console.setup(verbose=False)
+    console.attach_run(tmp_path)
+    with console.printed_to_log():
+        print("View detailed results here: /somewhere")
+        other = threading.Thread(target=lambda: print("ValueError: from a worker"))
+        other.start()
+        other.join()
+    out = capsys.readouterr().out
+    assert "ValueError: from a worker" in out and "View detailed results" not in out
+    assert "View detailed results here" in (tmp_path / "logs" / console.DRIVER_LOG).read_text()

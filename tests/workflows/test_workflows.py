@@ -120,12 +120,27 @@ def test_steps_chain_through_the_recorded_stages(tmp_path, ray_local, capsys):
     report = (run / "report.html").read_text()
     assert "average of 2 stage-2 models" in report
     titles = [ET.fromstring(s).get("aria-label") for s in svgs(report)]
-    assert {"Stage 2 (tiny_cnn, seed 0): auc", "Stage 2 (tiny_cnn, seed 1): auc", "Stage 1 (tiny_cnn): loss"} <= set(titles)
-    # nothing trains or changes on a second --resume
+    assert {"Stage 2 (tiny_cnn, seed 0): auc", "Stage 2 (tiny_cnn, seed 1): auc",
+            "Stage 1 (tiny_cnn): loss"} <= set(titles)
+    # nothing trains or changes on a second --resume: the average is kept as it was, not made again
+    made = (average / "manifest.json").stat().st_mtime_ns
     assert main(["stage2", *seeded, "--resume"]) == 0
     out = capsys.readouterr().out
     assert "made before" in out and "stage 2: best" not in out
-    assert read_manifest(average)["members"] == read_manifest(average)["members"]  # (intact, read twice)
+    assert (average / "manifest.json").stat().st_mtime_ns == made
+    # an average that is not made of the seeds this config names is not the run's model
+    assert main(["evaluate", *common, "--set", "run.stage2_seeds=3"]) == 1
+    assert "no current average of its 3 stage-2 seeds" in capsys.readouterr().err
+    # an average made again (here: damaged; likewise from other seeds) takes the old one's evaluation with it, so
+    # predict never applies the old threshold to the new model at the same path
+    (average / "manifest.json").write_text("{}")
+    assert main(["stage2", *seeded, "--resume"]) == 0
+    assert "made again (its evaluation removed" in capsys.readouterr().out
+    assert not (run / "metrics.json").exists() and not (run / "ensemble" / "members.json").exists()
+    assert [m["path"] for m in read_manifest(average)["members"]] == [stage2["checkpoint"], seed1["checkpoint"]]
+    # --resume refuses a recorded stage 2 trained with another training seed than the config gives
+    assert main(["stage2", *common, "--resume", "--set", "run.train_seed=1"]) == 1
+    assert "training seed 0, this config gives 1" in capsys.readouterr().err
     # a new run with the same inputs trains no seed: both come from the stage index (seed 1 was remembered
     # under the outer run's storage path), and the new run gets its own average of them
     again = [*seeded, "--set", "run.name=again"]
