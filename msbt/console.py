@@ -13,7 +13,11 @@ from every worker. By default (``verbose=False``):
   only their progress bars (``ray.experimental.tqdm_ray``) and lines that name a Python exception;
 * TensorFlow's C++ logging is set to warnings and up (``TF_CPP_MIN_LOG_LEVEL=2``) before it is imported,
   the CUDA probe is skipped where there is no NVIDIA device (``CUDA_VISIBLE_DEVICES=""``; never where one
-  exists) and the lines TensorFlow prints before its logging is set up are captured into the log file.
+  exists) and the lines TensorFlow prints before its logging is set up are captured into the log file
+  (TensorFlow 2.21 still logs ``failed call to cuInit`` with no visible device); commands without a run
+  folder (predict, export, external, ensemble, report) hold them back and show them only if the import fails;
+* what Tune prints itself during a search (``View detailed results here``, whatever its verbosity) goes to
+  the log file (:func:`printed_to_log`), and Tune's trials draw no Ray Data bars.
 
 ``verbose=True`` (``msbt --verbose``) leaves Ray's and TensorFlow's output on the terminal as before;
 the log files are written either way. The log files are ``driver.log`` (Python logging of this process
