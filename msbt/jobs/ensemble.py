@@ -104,14 +104,14 @@ def make_ensemble(checkpoints: Sequence[str | Path], out: str | Path, *, store: 
 def members_report(folder: str | Path, store: str | Path, result, *, n_boot: int = 2000, seed: int = 0) -> dict:
     """Each member of an ensemble scored on the test rows the ensemble was evaluated on (``result``: its
     msbt.eval.evaluate.Evaluation), and the ensemble minus the members' mean: the content of members.json."""
+    import keras
+
     from msbt.eval.evaluate import load_stage2, predict_split
     from msbt.model.checkpoint import read_manifest
     from msbt.model.ensemble import members
 
     folder, store = Path(folder), Path(store)
     test = result.predictions["test"]
-    import keras
-
     model, stage = load_stage2(folder)
     parts = members(model)
     # every member in one pass: one model with one output per member (a predict per member traced a new
