@@ -525,6 +525,8 @@ def _cmd_stream(args) -> int:
     smoothing = Smoothing(args.smooth, args.alpha, args.window)  # bad values fail before anything loads
     if args.heatmaps < 0:
         raise ConfigError(f"--heatmaps must be >= 0, got {args.heatmaps}")
+    if args.engine in ("keras", "savedmodel") or args.heatmaps:  # TensorFlow runs them (ONNX, OpenVINO: not)
+        _quiet_tensorflow()
     served = load_served(args.model, args.engine, precision=args.precision, threads=args.threads,
                          threshold=args.threshold)
     source = open_source(args.source, fps=args.fps, sixteen_bit=served.preparation.sixteen_bit)
