@@ -41,6 +41,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterable
 
@@ -309,13 +310,9 @@ class _ThisThreadTo:
     thread that prints forwarded worker lines, which the console already filters) to ``terminal`` as before."""
 
     def __init__(self, log, terminal):
-        import threading
-
         self._log, self._terminal, self._thread = log, terminal, threading.get_ident()
 
     def _target(self):
-        import threading
-
         return self._log if threading.get_ident() == self._thread else self._terminal
 
     def write(self, text: str) -> int:
