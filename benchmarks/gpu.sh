@@ -22,15 +22,15 @@ started=$SECONDS
 echo "== CPU-only checks"
 bash -n "$0"
 "$PY" -m py_compile benchmarks/gpu_stage.py
-"$PY" -c "import tensorflow, ray.train.tensorflow, msbt.train.runner, msbt.data.preprocess" \
-  || { echo "imports failed: install the project first (pip install -e .)"; exit 1; }
-"$PY" benchmarks/gpu_stage.py --dry-run
+# one Python process: the imports, the dry run and TensorFlow's GPU count (each start imports TensorFlow)
+dry=$("$PY" benchmarks/gpu_stage.py --dry-run) || { echo "$dry"; exit 1; }
+echo "$dry" | grep -v '^gpus: '
+gpus=$(echo "$dry" | sed -n 's/^gpus: //p')
 
 echo "== GPU"
 if command -v nvidia-smi >/dev/null 2>&1; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 fi
-gpus=$("$PY" -c "import tensorflow as tf; print(len(tf.config.list_physical_devices('GPU')))" 2>/dev/null | tail -n 1)
 if [ "${gpus:-0}" = "0" ]; then
   echo "no GPU: TensorFlow sees no GPU on this machine; the CPU-only checks passed, nothing was timed."
   exit 0

@@ -103,7 +103,21 @@ def run_stage(store: Path, work: Path, name: str, *, workers: int, mixed: bool, 
 
 
 def dry_run() -> int:
-    """Imports and one training step of the stage-2 model at 32 px, no Ray: seconds on any machine."""
+    """Imports and one training step of the stage-2 model at 32 px, no Ray: seconds on any machine.
+
+    Its last line, ``gpus: N``, is how many GPUs TensorFlow sees (benchmarks/gpu.sh reads it): one process
+    for the import check, the step and the GPU count, since each start imports TensorFlow again (about
+    5 s of CPU on a 2-core machine).
+    """
+    try:
+        import ray.train  # noqa: F401  what the timed runs need beside TensorFlow
+        import tensorflow as tf
+
+        import msbt.data.preprocess  # noqa: F401
+        import msbt.train.runner  # noqa: F401
+    except ImportError as error:
+        print(f"imports failed ({error}): install the project first (pip install -e .)")
+        return 1
     import numpy as np
 
     from msbt.config import load_config
@@ -121,6 +135,7 @@ def dry_run() -> int:
     assert abs(check["projected_s"] - 78.0) < 1e-9 and abs(check["images_per_s"] - 262.5) < 1e-9
     print(f"dry run ok: {stage.backbone} stage-2 model ({model.count_params():,} parameters), "
           f"one step of batch {stage.batch_size} at 32 px, loss {float(loss):.3f}; projection arithmetic checked")
+    print(f"gpus: {len(tf.config.list_physical_devices('GPU'))}")
     return 0
 
 

@@ -434,8 +434,13 @@ def _placements(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return v10, v01
 
 
-def _comparison(auc_a: float, auc_b: float, se: float, diff_ci: tuple[float, float]) -> dict[str, object]:
-    """Common result of the two comparisons; two-sided normal p-value of diff / se."""
+def _comparison(auc_a: float, auc_b: float, se: float, diff_ci: tuple[float, float],
+                n_boot: int | None = None) -> dict[str, object]:
+    """Common result of the two comparisons; two-sided normal p-value of diff / se.
+
+    ``n_boot``: the se comes from that many resamples. When none of them moved a nonzero difference, the
+    p-value is given as 1 / (n_boot + 1), the smallest a resampling test of that size can show, not 0.
+    """
     diff = auc_a - auc_b
     if math.isnan(se) or math.isnan(diff):
         z = float("nan")
@@ -446,6 +451,8 @@ def _comparison(auc_a: float, auc_b: float, se: float, diff_ci: tuple[float, flo
         # resample/placement ever moves (p = 0 in the limit).
         z = 0.0 if diff == 0 else math.copysign(math.inf, diff)
     p_value = float(math.erfc(abs(z) / math.sqrt(2.0)))  # = 2 * (1 - Phi(|z|))
+    if n_boot is not None and math.isinf(z):
+        p_value = 1.0 / (n_boot + 1)
     return {"auc_a": auc_a, "auc_b": auc_b, "diff": diff, "se": se, "z": z, "p_value": p_value, "ci": diff_ci}
 
 
@@ -526,7 +533,7 @@ def paired_bootstrap_auc_diff(
     low, high = _percentile_interval("auc difference", diffs, alpha)
     defined = diffs[~np.isnan(diffs)]
     se = float(np.std(defined, ddof=1)) if defined.size >= 2 else float("nan")
-    return _comparison(roc_auc(y, p_a), roc_auc(y, p_b), se, (low, high))
+    return _comparison(roc_auc(y, p_a), roc_auc(y, p_b), se, (low, high), n_boot=n_boot)
 
 
 def p_text(p: float) -> str:
@@ -627,7 +634,14 @@ def repeated_auc(y, p_runs, p_base=None, groups=None, n_boot: int = 2000, alpha:
         se_seed, ci = math.sqrt(var_seed), t_interval(diff, se, df, -1.0, 1.0)
     else:
         se, df, se_seed, ci = se_cases, math.inf, None, ci_cases
-    p_value = float(2 * stats.t.sf(abs(diff / se), df)) if se > 0 else (1.0 if diff == 0 else 0.0)
+    # se 0: no resample and no seed moved the difference; a nonzero one then gets the smallest p a bootstrap
+    # of n_boot resamples can show (as paired_bootstrap), not 0
+    if math.isnan(se) or math.isnan(diff):
+        p_value = float("nan")
+    elif se > 0:
+        p_value = float(2 * stats.t.sf(abs(diff / se), df))
+    else:
+        p_value = 1.0 if diff == 0 else 1.0 / (n_boot + 1)
     out.update(diff=diff, diff_ci_cases=ci_cases, se_cases_diff=se_cases, se_seed_diff=se_seed, se_diff=se,
                df_diff=df, p_value=p_value, diff_ci=ci, base_auc=float(np.mean(base_aucs)),
                base_per_seed=base_aucs, base_seed_sd=base_sd)

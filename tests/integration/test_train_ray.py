@@ -61,7 +61,8 @@ def stage1(stores, tmp_path_factory):
     from msbt.train import runner
 
     folder = tmp_path_factory.mktemp("run1")
-    config = tiny_config(folder)
+    # deterministic: test_deterministic_runs_give_identical_models compares a resumed run with this one
+    config = tiny_config(folder, deterministic=True)
     real = runner.fit_interruptibly
 
     def watched(trainer):  # the real call, with what Ray Train will hand its controller noted first
@@ -204,26 +205,31 @@ def test_stage1_reports_every_epoch_and_checkpoints_in_the_msbt_format(stage1, s
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_deterministic_runs_give_identical_models(stores, tmp_path):
-    """run.deterministic: a run of 2 epochs, and a run of 1 epoch resumed to 2 from its checkpoint (the
-    training state travels in it: optimizer, seed generators), end with the same weights, bit for bit,
-    and the same metrics every epoch."""
+def test_deterministic_runs_give_identical_models(stage1, stores, tmp_path):
+    """run.deterministic: a run of 2 epochs (the stage-1 fixture's), and a run of 1 epoch resumed to 2 from
+    its checkpoint (the training state travels in it: optimizer, seed generators), end with the same
+    weights, bit for bit, and the same metrics every epoch."""
     import dataclasses
 
     from msbt.model.checkpoint import load_checkpoint
     from msbt.train.distributed import weights_digest
     from msbt.train.runner import best_checkpoint, history_path, train_stage
 
-    def run(name, epochs, resume=None):
-        config = tiny_config(tmp_path / name, deterministic=True)
-        config = dataclasses.replace(config, stage1=dataclasses.replace(config.stage1, epochs=epochs))
-        best = best_checkpoint(train_stage(config, 1, stores[0], resume_from=resume), config.stage1.monitor)
+    def outcome(config, best, resume=None):
         kept = checkpoint_dir(best) if best is not None else resume  # no later epoch improved on it
         model, _ = load_checkpoint(kept)
         history = json.loads(history_path(config.run, 1).read_text())["history"]
         return kept, weights_digest(model), history
 
-    _, whole, whole_history = run("a", 2)
+    def run(name, epochs, resume=None):
+        config = tiny_config(tmp_path / name, deterministic=True)
+        config = dataclasses.replace(config, stage1=dataclasses.replace(config.stage1, epochs=epochs))
+        best = best_checkpoint(train_stage(config, 1, stores[0], resume_from=resume), config.stage1.monitor)
+        return outcome(config, best, resume)
+
+    config, result = stage1
+    assert config.run.deterministic and config.stage1.epochs == 2
+    _, whole, whole_history = outcome(config, best_checkpoint(result, config.stage1.monitor))
     first, _, _ = run("b", 1)
     _, resumed, resumed_history = run("c", 2, resume=first)
     assert len(whole_history["loss"]) == 2

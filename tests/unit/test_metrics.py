@@ -723,6 +723,21 @@ def test_repeated_auc_is_the_paired_bootstrap_with_one_seed_and_adds_the_seed_sp
     assert -1.0 <= two["diff_ci"][0] <= two["diff"] <= two["diff_ci"][1] <= 1.0
 
 
+def test_a_difference_no_resample_moves_gets_the_smallest_bootstrap_p_not_zero():
+    """Perfect against reversed scores: every resample gives the same AUC difference (1), so the bootstrap se
+    is 0. A resampling test of B draws cannot show p below 1 / (B + 1); a p of 0 read as certainty."""
+    y = np.array([0, 1] * 6)
+    good, bad = y * 0.8 + 0.1, (1 - y) * 0.8 + 0.1
+    pair = M.paired_bootstrap_auc_diff(y, good, bad, n_boot=99, seed=1)
+    assert pair["diff"] == 1.0 and pair["se"] == 0.0 and pair["p_value"] == pytest.approx(1 / 100)
+    one = M.repeated_auc(y, good, bad, n_boot=99, seed=1)
+    assert one["diff"] == 1.0 and one["se_diff"] == 0.0 and one["p_value"] == pytest.approx(1 / 100)
+    same = M.repeated_auc(y, good, good, n_boot=99, seed=1)
+    assert same["diff"] == 0.0 and same["p_value"] == 1.0  # nothing to tell apart
+    assert M.delong_test(y, good, bad)["p_value"] == 0.0  # DeLong's se is analytic: its limit stays 0
+    assert M.p_text(pair["p_value"]) == "p = 0.010"
+
+
 def test_an_ensembles_logit_is_that_of_its_mean_probability_also_when_saturated():
     from msbt.model.ensemble import combine_logits
 
