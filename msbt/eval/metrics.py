@@ -434,6 +434,15 @@ def _placements(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return v10, v01
 
 
+def _no_spread_p(diff: float, n_boot: int | None) -> float:
+    """The p-value of a difference with no variability: identical rankings (diff 0) give 1; a nonzero
+    difference that no DeLong placement moves gives its limit 0, one that none of ``n_boot`` resamples moved
+    the smallest p a bootstrap of that size can show, 1 / (n_boot + 1)."""
+    if diff == 0:
+        return 1.0
+    return 0.0 if n_boot is None else 1.0 / (n_boot + 1)
+
+
 def _comparison(auc_a: float, auc_b: float, se: float, diff_ci: tuple[float, float],
                 n_boot: int | None = None) -> dict[str, object]:
     """Common result of the two comparisons; two-sided normal p-value of diff / se.
@@ -443,16 +452,13 @@ def _comparison(auc_a: float, auc_b: float, se: float, diff_ci: tuple[float, flo
     """
     diff = auc_a - auc_b
     if math.isnan(se) or math.isnan(diff):
-        z = float("nan")
+        z = p_value = float("nan")
     elif se > 0:
         z = float(diff / se)
+        p_value = float(math.erfc(abs(z) / math.sqrt(2.0)))  # = 2 * (1 - Phi(|z|))
     else:
-        # No variability in the difference: identical rankings (diff 0 -> p = 1), or a difference that no
-        # resample/placement ever moves (p = 0 in the limit).
         z = 0.0 if diff == 0 else math.copysign(math.inf, diff)
-    p_value = float(math.erfc(abs(z) / math.sqrt(2.0)))  # = 2 * (1 - Phi(|z|))
-    if n_boot is not None and math.isinf(z):
-        p_value = 1.0 / (n_boot + 1)
+        p_value = _no_spread_p(diff, n_boot)
     return {"auc_a": auc_a, "auc_b": auc_b, "diff": diff, "se": se, "z": z, "p_value": p_value, "ci": diff_ci}
 
 
@@ -634,14 +640,12 @@ def repeated_auc(y, p_runs, p_base=None, groups=None, n_boot: int = 2000, alpha:
         se_seed, ci = math.sqrt(var_seed), t_interval(diff, se, df, -1.0, 1.0)
     else:
         se, df, se_seed, ci = se_cases, math.inf, None, ci_cases
-    # se 0: no resample and no seed moved the difference; a nonzero one then gets the smallest p a bootstrap
-    # of n_boot resamples can show (as paired_bootstrap), not 0
     if math.isnan(se) or math.isnan(diff):
         p_value = float("nan")
     elif se > 0:
         p_value = float(2 * stats.t.sf(abs(diff / se), df))
-    else:
-        p_value = 1.0 if diff == 0 else 1.0 / (n_boot + 1)
+    else:  # no resample and no seed moved the difference
+        p_value = _no_spread_p(diff, n_boot)
     out.update(diff=diff, diff_ci_cases=ci_cases, se_cases_diff=se_cases, se_seed_diff=se_seed, se_diff=se,
                df_diff=df, p_value=p_value, diff_ci=ci, base_auc=float(np.mean(base_aucs)),
                base_per_seed=base_aucs, base_seed_sd=base_sd)
