@@ -19,7 +19,9 @@ and then measures, side by side in this process:
   compared with the bare engine's single-stream rate;
 * ``msbt serve`` (a private local Ray cluster, OpenVINO f32, one replica with all CPUs) under
   ``--clients`` concurrent clients posting PNG frames for ``--serve-seconds`` each to 127.0.0.1:
-  requests/s, latency p50/p99, errors; compared with the bare engine's images/s at the serve batch size.
+  requests/s, latency p50/p99, errors; once per ``--serve-streams`` value (``serve.streams``: batches the
+  replica scores at once), each compared with the bare engine's images/s at the serve batch size, both
+  single-stream and with the same streams (as many threads each scoring batches).
 
 Prints a Markdown table and writes every figure as JSON (``--out``).
 """
@@ -108,7 +110,31 @@ def bench_stream(folder: Path, cine: Path, out: Path) -> dict:
             "paced_dropped": paced.frames_dropped}
 
 
-def bench_serve(folder: Path, pngs: list[bytes], clients: int, seconds: float, batch: int) -> dict:
+def bench_concurrent(folder: Path, images: np.ndarray, batch: int, streams: int, seconds: float) -> float:
+    """Images/s of the OpenVINO f32 engine with ``streams`` streams, ``streams`` threads each scoring batches."""
+    from msbt.serve.engines import load_engine
+
+    engine = load_engine(folder, "openvino", threads=len(os.sched_getaffinity(0)), streams=streams)
+    x = images[np.arange(batch) % len(images)]
+    engine.predict(x)
+    counts = [0] * streams
+    stop = time.perf_counter() + seconds
+
+    def work(k: int) -> None:
+        while time.perf_counter() < stop:
+            engine.predict(x)
+            counts[k] += batch
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - start)
+
+
+def bench_serve(folder: Path, pngs: list[bytes], clients: int, seconds: float, batch: int, streams: int = 1) -> dict:
     """``msbt serve`` on a private Ray cluster; ``clients`` threads post frames for ``seconds``."""
     import ray
     import requests
@@ -123,7 +149,8 @@ def bench_serve(folder: Path, pngs: list[bytes], clients: int, seconds: float, b
         port = s.getsockname()[1]
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     try:
-        config = ServeConfig(port=port, engine="openvino", cpus_per_replica=float(cpus), max_batch_size=batch)
+        config = ServeConfig(port=port, engine="openvino", cpus_per_replica=float(cpus), max_batch_size=batch,
+                             streams=streams)
         url = app.run(folder, config, blocking=False) + "/predict"
         for body in pngs[:4]:  # warm-up
             requests.post(url, data=body, timeout=120).raise_for_status()
@@ -156,7 +183,7 @@ def bench_serve(folder: Path, pngs: list[bytes], clients: int, seconds: float, b
         lat = np.array(times)
         return {"clients": clients, "seconds": elapsed, "requests": len(lat), "errors": errors[0],
                 "rps": len(lat) / elapsed, "p50_ms": 1e3 * np.percentile(lat, 50),
-                "p99_ms": 1e3 * np.percentile(lat, 99), "batch": batch, "cpus": cpus}
+                "p99_ms": 1e3 * np.percentile(lat, 99), "batch": batch, "cpus": cpus, "streams": streams}
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -206,10 +233,14 @@ def run(args) -> dict:
         entry["stream"] = bench_stream(folder, cine, root / key / "stream.csv")
         results["models"][key] = entry
         if key in args.serve_models:
-            try:
-                entry["serve"] = bench_serve(folder, pngs, args.clients, args.serve_seconds, args.serve_batch)
-            except Exception as err:  # keep the engine figures; the table says serve failed
-                entry["serve_error"] = f"{type(err).__name__}: {err}"
+            entry["serve"] = []
+            for streams in args.serve_streams:  # side by side in this run: the replica's streams, and the bare
+                try:                            # engine with as many streams scoring batches from as many threads
+                    bare = bench_concurrent(folder, images, args.serve_batch, streams, args.seconds)
+                    entry["serve"].append({**bench_serve(folder, pngs, args.clients, args.serve_seconds,
+                                                         args.serve_batch, streams), "bare_streams_img_s": bare})
+                except Exception as err:  # keep the engine figures; the table says serve failed
+                    entry["serve_error"] = f"streams {streams}: {type(err).__name__}: {err}"
         print(json.dumps({k: entry[k] for k in ("stream", "serve", "serve_error") if k in entry}), flush=True)
         if args.out:  # after every model, so a later failure keeps what was measured
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -228,21 +259,23 @@ def table(results: dict, serve_batch: int) -> str:
             diff = entry["parity"].get(parity_key, {}).get("max_abs_diff")
             lines.append(f"| {key} | {name} | {diff:.1e} | {r['fps_b1']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
                          f"| {r['best_img_s']:.1f} ({r['best_batch']}) |")
-    lines += ["", "| model | stream fps (end to end) | bare OpenVINO f32 fps | ratio | paced 30 fps: scored / dropped "
-              f"| serve req/s | p50 ms | p99 ms | errors | bare img/s at batch {serve_batch} | ratio |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| model | stream fps (end to end) | bare OpenVINO f32 fps | ratio "
+              "| paced 30 fps: scored / dropped |", "|---|---|---|---|---|"]
     for key, entry in results["models"].items():
         s, bare = entry["stream"], entry["engines"]["openvino-f32"]
-        row = (f"| {key} | {s['fps']:.1f} | {bare['fps_b1']:.1f} | {s['fps'] / bare['fps_b1']:.2f} "
-               f"| {s['paced_scored']} / {s['paced_dropped']} ")
-        if "serve" in entry:
-            v = entry["serve"]
-            bare_b = bare["throughput"].get(serve_batch, float("nan"))
-            row += (f"| {v['rps']:.1f} | {v['p50_ms']:.0f} | {v['p99_ms']:.0f} | {v['errors']} | {bare_b:.1f} "
-                    f"| {v['rps'] / bare_b:.2f} |")
-        else:
-            row += "| | | | | | |"
-        lines.append(row)
+        lines.append(f"| {key} | {s['fps']:.1f} | {bare['fps_b1']:.1f} | {s['fps'] / bare['fps_b1']:.2f} "
+                     f"| {s['paced_scored']} / {s['paced_dropped']} |")
+    lines += ["", f"| model | replica streams | serve req/s | p50 ms | p99 ms | errors "
+              f"| bare img/s at batch {serve_batch} (1 stream) | ratio | bare img/s, same streams | ratio |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for key, entry in results["models"].items():
+        bare_b = entry["engines"]["openvino-f32"]["throughput"].get(serve_batch, float("nan"))
+        for v in entry.get("serve", []):
+            lines.append(f"| {key} | {v['streams']} | {v['rps']:.1f} | {v['p50_ms']:.0f} | {v['p99_ms']:.0f} "
+                         f"| {v['errors']} | {bare_b:.1f} | {v['rps'] / bare_b:.2f} | {v['bare_streams_img_s']:.1f} "
+                         f"| {v['rps'] / v['bare_streams_img_s']:.2f} |")
+        if "serve_error" in entry:
+            lines.append(f"| {key} | serve failed: {entry['serve_error']} |")
     return "\n".join(lines)
 
 
@@ -254,6 +287,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--serve-seconds", type=float, default=30.0)
     parser.add_argument("--serve-batch", type=int, default=8)
+    parser.add_argument("--serve-streams", type=int, nargs="+", default=[1, 2],
+                        help="replica streams (serve.streams) to measure, each against the bare engine")
     parser.add_argument("--serve-models", nargs="*", default=["resnet50@200", "efficientnet_lite0@224"])
     parser.add_argument("--models", nargs="+", metavar="BACKBONE@SIZE",
                         help="models to measure (default: " + " ".join(f"{b}@{s}" for b, s in MODELS) + ")")

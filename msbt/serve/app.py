@@ -12,9 +12,10 @@ Endpoints (FastAPI ingress of one deployment, ``Classifier``):
   engine loaded.
 
 Requests are scored in dynamic batches (``@serve.batch``: up to ``serve.max_batch_size`` images, or
-whatever arrived within ``serve.batch_wait_timeout_s`` of the first). Replicas, CPUs and GPUs per replica
-come from the ``serve:`` config section (or a Serve config file); the engine gets as many threads as Ray
-assigned its replica CPUs, so replicas on one machine do not fight over cores.
+whatever arrived within ``serve.batch_wait_timeout_s`` of the first), ``serve.streams`` batches at once.
+Replicas, CPUs and GPUs per replica come from the ``serve:`` config section (or a Serve config file); the
+engine gets as many threads as Ray assigned its replica CPUs, so replicas on one machine do not fight over
+cores.
 
 No ``from __future__ import annotations`` here: FastAPI reads the ``Request`` annotation at runtime, and
 as a string it took ``request`` for a query parameter (every POST answered 422; measured).
@@ -45,7 +46,7 @@ class Classifier:
 
     def __init__(self, model: str, engine: str = "openvino", threshold: float | None = None,
                  max_batch_size: int = 8, batch_wait_timeout_s: float = 0.005, max_request_mb: float = 32.0,
-                 precision: str = "f32"):
+                 precision: str = "f32", streams: int = 1):
         import ray
 
         from msbt.serve.engines import load_served
@@ -53,10 +54,20 @@ class Classifier:
         # As many engine threads as CPUs Ray gave this replica (from the config or a Serve config file's
         # ray_actor_options), so replicas on one node do not oversubscribe its cores.
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-        self.model = load_served(model, engine, precision=precision, threads=max(1, int(cpus)), threshold=threshold)
+        self.model = load_served(model, engine, precision=precision, threads=max(1, int(cpus)), threshold=threshold,
+                                 streams=streams)
         self.max_bytes = int(max_request_mb * (1 << 20))
-        self.score.set_max_batch_size(max_batch_size)
-        self.score.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+        # Dynamic batching: up to max_batch_size requests per batch, `streams` batches at once (each on its
+        # own engine stream). Made here, not as a decorated method: Serve fixes a batch's concurrency when
+        # the decorator is applied, and it comes from the config.
+        async def run_batch(images: list[np.ndarray]) -> list[float]:
+            # Off the event loop, so requests keep being read and decoded while a batch runs.
+            p = await asyncio.to_thread(self.model.engine.predict, np.stack(images))
+            return [float(x) for x in p]
+
+        self.score = serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,
+                                 max_concurrent_batches=streams)(run_batch)
 
     def _identity(self) -> dict:
         m = self.model
@@ -106,12 +117,6 @@ class Classifier:
             raise ImageError("request body", f"cannot be decoded ({err.err or err})") from None
         return model_inputs(prepare_rgb(rgb, prep)[None], self.model.engine.image_size)[0]
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def score(self, images: list[np.ndarray]) -> list[float]:
-        # Off the event loop, so requests keep being read and decoded while a batch runs.
-        p = await asyncio.to_thread(self.model.engine.predict, np.stack(images))
-        return [float(x) for x in p]
-
 
 def application(model: str | Path, config: ServeConfig = ServeConfig(), *, threshold: float | None = None):
     """The bound Serve application for an export folder, with replicas and resources from ``config``.
@@ -126,8 +131,9 @@ def application(model: str | Path, config: ServeConfig = ServeConfig(), *, thres
     folder = Path(model).expanduser().resolve()
     if not (folder / EXPORT_FILE).is_file():
         raise EngineError(f"{folder}: not an `msbt export` folder (no {EXPORT_FILE}); run `msbt export` first")
-    if config.engine not in ENGINES or config.replicas < 1 or config.cpus_per_replica <= 0:
-        raise EngineError(f"serve config: need a known engine, replicas >= 1 and cpus_per_replica > 0, got {config}")
+    if config.engine not in ENGINES or config.replicas < 1 or config.cpus_per_replica <= 0 or config.streams < 1:
+        raise EngineError(f"serve config: need a known engine, replicas >= 1, cpus_per_replica > 0 and streams >= 1, "
+                          f"got {config}")
     if config.precision == "int8" and (config.engine not in ("onnx", "openvino") or not (folder / INT8_FILE).is_file()):
         raise EngineError(f"{folder}: serve.precision int8 needs engine onnx or openvino and {INT8_FILE}, which "
                           "`msbt export --int8` writes only when the test AUC held (see export.json's int8)")
@@ -136,9 +142,9 @@ def application(model: str | Path, config: ServeConfig = ServeConfig(), *, thres
         options["num_gpus"] = config.gpus_per_replica
     # Serve's default of 5 requests in flight per replica would cap every batch at 5.
     deployment = Classifier.options(num_replicas=config.replicas, ray_actor_options=options,
-                                    max_ongoing_requests=max(5, 2 * config.max_batch_size))
+                                    max_ongoing_requests=max(5, 2 * config.max_batch_size * config.streams))
     return deployment.bind(str(folder), config.engine, threshold, config.max_batch_size,
-                           config.batch_wait_timeout_s, config.max_request_mb, config.precision)
+                           config.batch_wait_timeout_s, config.max_request_mb, config.precision, config.streams)
 
 
 def build_app(args: dict):

@@ -26,6 +26,7 @@ layer, the backbone's normalisation) is inside every exported graph; no engine r
 from __future__ import annotations
 
 import json
+import queue
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -78,7 +79,7 @@ class Engine:
 
 
 def load_engine(folder: str | Path, name: str = "openvino", *, precision: str = "f32",
-                threads: int | None = None) -> Engine:
+                threads: int | None = None, streams: int = 1) -> Engine:
     """Load one engine from an ``msbt export`` folder (``keras`` also from a stage-2 checkpoint).
 
     Args:
@@ -88,6 +89,9 @@ def load_engine(folder: str | Path, name: str = "openvino", *, precision: str = 
             export made with ``--int8``). Reduced precisions are not within the float parity bound.
         threads: Intra-op threads (ONNX Runtime, OpenVINO, TensorFlow); default: the runtime's choice
             (all cores). A Ray Serve replica passes its CPU share.
+        streams: Batches ``predict`` may run at once from several threads (OpenVINO: that many inference
+            streams sharing ``threads``; ONNX Runtime: ``threads // streams`` threads per call; TensorFlow
+            shares one pool). 1 (default): one batch at a time on all threads, the lowest latency.
 
     Raises:
         EngineError: Unknown engine or precision, or the folder lacks the engine's files.
@@ -99,8 +103,11 @@ def load_engine(folder: str | Path, name: str = "openvino", *, precision: str = 
     if precision not in allowed:
         raise EngineError(f"precision {precision!r} is not available for the {name} engine "
                           f"(f32 everywhere; bf16 with openvino; int8 with onnx and openvino)")
-    loader = {"keras": _keras, "savedmodel": _savedmodel, "onnx": _onnx, "openvino": _openvino}[name]
-    return loader(folder, precision, threads)
+    if streams < 1:
+        raise EngineError(f"streams must be at least 1, got {streams}")
+    if name in ("onnx", "openvino"):
+        return {"onnx": _onnx, "openvino": _openvino}[name](folder, precision, threads, streams)
+    return {"keras": _keras, "savedmodel": _savedmodel}[name](folder, precision, threads)
 
 
 def _need(path: Path, what: str) -> Path:
@@ -149,12 +156,12 @@ def _savedmodel(folder: Path, precision: str, threads: int | None) -> Engine:
                   lambda x: fn(tf.constant(x))["probability"].numpy(), owner=loaded)
 
 
-def _onnx(folder: Path, precision: str, threads: int | None) -> Engine:
+def _onnx(folder: Path, precision: str, threads: int | None, streams: int = 1) -> Engine:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
+    if threads:  # a session runs concurrent calls, each on its own intra-op pool of this size
+        options.intra_op_num_threads = max(1, threads // streams)
     model = _need(folder / INT8_FILE, "int8 onnx") if precision == "int8" else _need(folder / ONNX_FILE, "onnx")
     session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
     inp = session.get_inputs()[0]
@@ -162,7 +169,7 @@ def _onnx(folder: Path, precision: str, threads: int | None) -> Engine:
                   lambda x: session.run(None, {inp.name: x})[0])
 
 
-def _openvino(folder: Path, precision: str, threads: int | None) -> Engine:
+def _openvino(folder: Path, precision: str, threads: int | None, streams: int = 1) -> Engine:
     import openvino as ov
 
     core = ov.Core()
@@ -173,6 +180,8 @@ def _openvino(folder: Path, precision: str, threads: int | None) -> Engine:
     # int8: the quantized ONNX model, its float parts (e.g. the head) kept in float32
     hint = "f32" if precision == "int8" else precision
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hint}
+    if streams > 1:  # independent streams: a batch on one is not held up when another's thread is preempted
+        config = {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": int(streams), "INFERENCE_PRECISION_HINT": hint}
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
     model = (_need(folder / INT8_FILE, "int8 openvino") if precision == "int8"
@@ -182,10 +191,21 @@ def _openvino(folder: Path, precision: str, threads: int | None) -> Engine:
     # Refuse silently different arithmetic: the name says what ran (e.g. f16 on a CPU without bf16).
     if used != hint:
         raise EngineError(f"{folder}: OpenVINO compiled with precision {used}, not the {precision} asked for")
-    request = compiled.create_infer_request()  # one request reused: no per-call allocation
+    # One infer request per stream, reused (no per-call allocation); a call takes a free one, or waits for one
+    requests: queue.SimpleQueue = queue.SimpleQueue()
+    for _ in range(streams):
+        requests.put(compiled.create_infer_request())
     size = int(compiled.inputs[0].get_partial_shape()[1].get_length())
     output = compiled.outputs[0]
-    return Engine("openvino", precision, size, str(folder), lambda x: request.infer([x])[output])
+
+    def run(x: np.ndarray) -> np.ndarray:
+        request = requests.get()
+        try:
+            return np.array(request.infer([x])[output])  # a copy: the request's output buffer is reused
+        finally:
+            requests.put(request)
+
+    return Engine("openvino", precision, size, str(folder), run)
 
 
 @dataclass
@@ -203,7 +223,7 @@ class ServedModel:
 
 
 def load_served(folder: str | Path, name: str = "openvino", *, precision: str = "f32", threads: int | None = None,
-                threshold: float | None = None) -> ServedModel:
+                threshold: float | None = None, streams: int = 1) -> ServedModel:
     """An export folder's engine, threshold, preparation, class names, model id and lineage hash.
 
     Raises:
@@ -218,7 +238,7 @@ def load_served(folder: str | Path, name: str = "openvino", *, precision: str = 
         raise EngineError(f"{folder}: not an `msbt export` folder (no {EXPORT_FILE}); run `msbt export` first")
     record = json.loads(record_file.read_text())
     chosen, notes = find_threshold(folder, threshold)  # a bad threshold fails before the model loads
-    engine = load_engine(folder, name, precision=precision, threads=threads)
+    engine = load_engine(folder, name, precision=precision, threads=threads, streams=streams)
     preparation, more = find_preparation(folder, engine.image_size)
     int8 = record.get("int8") or {}
     if precision == "int8" and int8.get("accepted"):  # reduced precision is never used without its cost beside it

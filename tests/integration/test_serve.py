@@ -93,6 +93,23 @@ def test_parity_check_refuses_an_engine_beyond_the_bound(exported, monkeypatch):
         ex.check_parity(exported["folder"], ["keras", "onnx"], ultrasound(4))
 
 
+def test_engines_with_several_streams_score_concurrent_batches_each_as_its_own(exported):
+    """serve.streams: batches from several threads at once; every caller gets its own batch's answers,
+    the same as one stream gives (OpenVINO: one infer request per stream, its output copied out)."""
+    images = ultrasound(12)
+    batches = [images[k::4] for k in range(4)]  # four different batches of 3
+    for name in ("openvino", "onnx"):
+        one = eng.load_engine(exported["folder"], name)
+        expected = [one.predict(b) for b in batches]
+        two = eng.load_engine(exported["folder"], name, threads=2, streams=2)
+        with ThreadPoolExecutor(4) as pool:  # more callers than streams: the extra ones wait for a free stream
+            got = list(pool.map(lambda k: two.predict(batches[k % 4]), range(40)))
+        for k, p in enumerate(got):
+            np.testing.assert_allclose(p, expected[k % 4], atol=1e-6, err_msg=f"{name} call {k}")
+    with pytest.raises(eng.EngineError, match="streams must be at least 1"):
+        eng.load_engine(exported["folder"], "onnx", streams=0)
+
+
 def test_engine_refuses_wrong_inputs_and_missing_files(exported, tmp_path):
     engine = eng.load_engine(exported["folder"], "onnx")
     with pytest.raises(ValueError, match=r"uint8 \(N, 32, 32, 3\)"):
@@ -216,7 +233,8 @@ def test_serve_answers_images_and_refuses_bad_bytes(exported, ray_local, tmp_pat
     from msbt.serve import app
 
     port = _free_port()
-    config = ServeConfig(port=port, engine="onnx", cpus_per_replica=0.5, max_batch_size=4)
+    # two batches at once (serve.streams): each answer must still be its own image's
+    config = ServeConfig(port=port, engine="onnx", cpus_per_replica=0.5, max_batch_size=4, streams=2)
     url = app.run(exported["folder"], config, blocking=False)
     assert url == f"http://127.0.0.1:{port}"
     try:
@@ -281,8 +299,11 @@ def test_shipped_serve_config_is_a_valid_serve_deploy_config(exported):
     assert config.http_options.host == "127.0.0.1"  # this machine only unless told otherwise
     args = {**application.args, "model": str(exported["folder"]), "max_batch_size": "4"}  # CLI args are strings
     assert build_app(args) is not None
+    assert application.args["streams"] == 2  # two batches at once on the replica's 2 CPUs (docs/predict.md)
     with pytest.raises(Exception, match="max_batch_size"):
         build_app({**args, "max_batch_size": "many"})
+    with pytest.raises(eng.EngineError, match="streams >= 1"):
+        build_app({**args, "streams": "0"})
     with pytest.raises(eng.EngineError, match="not an `msbt export` folder"):
         build_app({**args, "model": str(exported["root"])})
 
