@@ -105,9 +105,8 @@ def load_engine(folder: str | Path, name: str = "openvino", *, precision: str = 
                           f"(f32 everywhere; bf16 with openvino; int8 with onnx and openvino)")
     if streams < 1:
         raise EngineError(f"streams must be at least 1, got {streams}")
-    if name in ("onnx", "openvino"):
-        return {"onnx": _onnx, "openvino": _openvino}[name](folder, precision, threads, streams)
-    return {"keras": _keras, "savedmodel": _savedmodel}[name](folder, precision, threads)
+    loader = {"keras": _keras, "savedmodel": _savedmodel, "onnx": _onnx, "openvino": _openvino}[name]
+    return loader(folder, precision, threads, streams)
 
 
 def _need(path: Path, what: str) -> Path:
@@ -128,7 +127,7 @@ def _tf_threads(threads: int | None) -> None:
             pass
 
 
-def _keras(folder: Path, precision: str, threads: int | None) -> Engine:
+def _keras(folder: Path, precision: str, threads: int | None, streams: int = 1) -> Engine:
     import tensorflow as tf
 
     from msbt.model.models import load_model
@@ -145,7 +144,7 @@ def _keras(folder: Path, precision: str, threads: int | None) -> Engine:
     return Engine("keras", precision, size, str(folder), lambda x: probability(x).numpy())
 
 
-def _savedmodel(folder: Path, precision: str, threads: int | None) -> Engine:
+def _savedmodel(folder: Path, precision: str, threads: int | None, streams: int = 1) -> Engine:
     import tensorflow as tf
 
     _tf_threads(threads)
@@ -179,9 +178,10 @@ def _openvino(folder: Path, precision: str, threads: int | None, streams: int = 
                           f"{', '.join(capabilities)}); use f32")
     # int8: the quantized ONNX model, its float parts (e.g. the head) kept in float32
     hint = "f32" if precision == "int8" else precision
-    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": hint}
-    if streams > 1:  # independent streams: a batch on one is not held up when another's thread is preempted
-        config = {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": int(streams), "INFERENCE_PRECISION_HINT": hint}
+    # one stream: every thread on one batch (lowest latency); several: independent streams sharing the threads
+    config = {"PERFORMANCE_HINT": "THROUGHPUT" if streams > 1 else "LATENCY", "INFERENCE_PRECISION_HINT": hint}
+    if streams > 1:
+        config["NUM_STREAMS"] = int(streams)
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
     model = (_need(folder / INT8_FILE, "int8 openvino") if precision == "int8"
