@@ -45,6 +45,9 @@ def features(images: np.ndarray, layers: list[str], batch: int = 32) -> dict[str
 
     size = images.shape[1]
     backbone = load_lite0_imagenet((size, size, 3), include_top=False)
+    unknown = sorted(set(layers) - {layer.name for layer in backbone.layers})
+    if unknown:
+        raise SystemExit(f"--layers: {', '.join(unknown)} not a layer of EfficientNet-Lite0 (e.g. {', '.join(LAYERS)})")
     model = keras.Model(backbone.input,
                         [keras.layers.GlobalAveragePooling2D()(backbone.get_layer(n).output) for n in layers])
     out = {}
@@ -112,6 +115,8 @@ def main(argv=None) -> int:
     parser.add_argument("--msbt-head", type=Path, metavar="CONFIG",
                         help="also train this config's stage-2 head on each layer's features (e.g. multisite.yaml)")
     args = parser.parse_args(argv)
+    if min(args.c) <= 0:
+        parser.error(f"--c: every inverse penalty strength must be positive, got {min(args.c):g}")
 
     from msbt.data.store import Store
 
