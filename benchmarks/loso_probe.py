@@ -10,7 +10,7 @@ weights (msbt.model.lite0) at the store's image size; each named block's output 
 
 For every held-out site: the features are standardised with the training rows' mean and spread; an L2
 logistic regression is fitted on the other sites' ``train`` rows for each C of ``--c``, the C with the
-best exact AUC on their ``val`` rows is kept and refitted on train + val, and the held-out site's every
+best exact AUC on their ``val`` rows is kept and refitted on train + val (``--no-refit``: not), and the held-out site's every
 image is scored; TTA rows average the plain and mirrored images' logits. ``--msbt-head CONFIG`` adds, per
 layer, the config's own stage-2 head (Dense layers, dropout, optimizer, epochs: ``msbt.tune.fast.fit_head``, as
 Tune's fast mode trains it) on the same features, unstandardised and without augmentation, trained on the
@@ -75,7 +75,7 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, c: float):
 
 
 def probe(feats: dict, meta: dict, layers: list[str], cs: list[float], tta: bool, n_boot: int,
-          stage=None) -> list[dict]:
+          stage=None, refit: bool = True) -> list[dict]:
     """One design (layers, TTA; or msbt's head of ``stage``) held out at every site; a row per held-out site."""
     from msbt.eval.metrics import bootstrap_ci, roc_auc
 
@@ -95,7 +95,8 @@ def probe(feats: dict, meta: dict, layers: list[str], cs: list[float], tta: bool
             chosen, p = None, np.asarray(head(plain[test], training=False))[:, 0]
         else:
             chosen = max(cs, key=lambda c: roc_auc(y[val], fit_logistic(a[train], y[train], c)(a[val])))
-            head = fit_logistic(a[train | val], y[train | val], chosen)
+            fit = (train | val) if refit else train
+            head = fit_logistic(a[fit], y[fit], chosen)
             logit = (head(a[test]) + head(b[test])) / 2 if tta else head(a[test])
             p = 0.5 * (1 + np.tanh(logit / 2))
         with warnings.catch_warnings():  # only the AUC is read; rates at 0.5 (e.g. an undefined ppv) are not
@@ -112,6 +113,8 @@ def main(argv=None) -> int:
     parser.add_argument("--c", nargs="+", type=float, default=[0.001, 0.003, 0.01, 0.03, 0.1],
                         help="inverse penalty strengths; one is chosen per held-out site on the other sites' val rows")
     parser.add_argument("--n-boot", type=int, default=2000)
+    parser.add_argument("--no-refit", action="store_true",
+                        help="keep the linear head fitted on the train rows (default: refitted on train + val)")
     parser.add_argument("--msbt-head", type=Path, metavar="CONFIG",
                         help="also train this config's stage-2 head on each layer's features (e.g. multisite.yaml)")
     args = parser.parse_args(argv)
@@ -145,7 +148,8 @@ def main(argv=None) -> int:
     print("|---|---|---|" + "---|" * (len(sites) + 1))
     for layer in args.layers:
         for kind, tta in designs:
-            rows = probe(feats, data, [layer], args.c, tta, args.n_boot, stage if kind == "msbt head" else None)
+            rows = probe(feats, data, [layer], args.c, tta, args.n_boot, stage if kind == "msbt head" else None,
+                         refit=not args.no_refit)
             cells = [f"{r['auc'][0]:.3f} [{r['auc'][1]:.3f}, {r['auc'][2]:.3f}]" + (f" (C {r['c']:g})" if r["c"] else "")
                      for r in rows]
             worst = min(r["auc"][0] for r in rows)
