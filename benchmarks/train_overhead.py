@@ -10,7 +10,9 @@ the stage config's augmentation, i.e. every epoch feeds 3 copies of each trainin
 
 a. ``msbt.train.loop.fit_stage`` in this process (Keras ``model.fit``), data read from the store;
 b. ``msbt.train.runner.train_stage`` with 1 Ray Train worker (the same ``fit_stage`` inside the worker);
-c. ``train_stage`` with 2 workers (``msbt.train.distributed``: custom step, all-reduce, global batch split).
+c. ``train_stage`` with 2 workers (``msbt.train.distributed``: custom step, all-reduce, global batch split);
+t. (only when asked, ``--runs at``) run a on a helper thread of this process, as Ray Train runs its training
+   function in a worker: what the thread alone costs, without Ray.
 
 Two rates per run, both in training images per second (images fed, all workers together):
 
@@ -24,7 +26,7 @@ Two rates per run, both in training images per second (images fed, all workers t
 Ray is started here (``ray.init(num_cpus=os.cpu_count())``) unless ``--address`` is given. The 2-worker
 run gives each worker ``--cpus-per-worker`` CPUs (default (CPUs - 1) / 2, leaving one to Ray Data) and as
 many TensorFlow threads (at least one). Each arm runs ``--repeats`` times (default 3), the arms in turns;
-prints every run, each arm's median and range, and the ratios b/a and c/a of the runs made side by side.
+prints every run, each arm's median and range, and the ratios b/a, c/a and t/a of the runs made side by side.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -101,6 +104,24 @@ def run_plain(stage: StageConfig, store: Path, classes: list[str]) -> dict:
     return {"images_per_epoch": len(data["train"]["image"]) * 3, "epoch_ends": clock.ends, "wall": wall}
 
 
+def on_helper_thread(fn, *args):
+    """``fn(*args)`` on a new thread, waited for; its result, or its exception raised here."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["out"] = fn(*args)
+        except BaseException as err:  # handed to the caller as it is
+            box["error"] = err
+
+    worker = threading.Thread(target=target, name="bench-helper")
+    worker.start()
+    worker.join()
+    if "error" in box:
+        raise box["error"]
+    return box["out"]
+
+
 def run_ray(config: Config, store: Path, audit: Path) -> dict:
     """(b)/(c) train_stage with config.run.num_workers workers; epoch times from the ranks' audits."""
     from msbt.train.runner import train_stage
@@ -127,7 +148,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per Ray Train worker (a uses the driver's)")
     parser.add_argument("--mixed-precision", action="store_true", help="run.mixed_precision for b and c (GPUs)")
-    parser.add_argument("--runs", default="abc", help="which runs: any of a, b, c")
+    parser.add_argument("--runs", default="abc", help="which runs: any of a, b, c, t")
     parser.add_argument("--repeats", type=int, help="runs of each arm, taken in turns (default 3; smoke test 1)")
     parser.add_argument("--smoke-test", action="store_true", help="32 px, 8 lesions per class, 2 epochs, 1 run each")
     args = parser.parse_args(argv)
@@ -162,6 +183,9 @@ def main(argv=None) -> int:
             out = run_plain(stage, store, classes)
             images_per_epoch = out["images_per_epoch"]
             rows.append(("a", "a. plain fit_stage", repeat, out))
+        if "t" in args.runs:
+            rows.append(("t", "t. plain fit_stage on a helper thread", repeat,
+                         on_helper_thread(run_plain, stage, store, classes)))
         for key, workers, cpus in (("b", 1, 1.0), ("c", 2, args.cpus_per_worker)):
             if key not in args.runs:
                 continue
@@ -196,7 +220,7 @@ def main(argv=None) -> int:
     if "a" in steady:
         print()
         # Ratios of the runs made side by side (repeat i of b against repeat i of a), then their spread.
-        for key in ("b", "c"):
+        for key in ("b", "c", "t"):
             if key in steady:
                 for name, rates in (("steady", steady), ("end to end", e2e)):
                     pairs = [x / y for x, y in zip(rates[key], rates["a"])]
