@@ -35,7 +35,10 @@ pids = {me.pid} | {c.pid for c in me.children(recursive=True)}
 listening = sorted({(c.laddr.ip, c.laddr.port, c.pid) for c in psutil.net_connections(kind="tcp")
                     if c.status == psutil.CONN_LISTEN and c.pid in pids})
 names = {pid: psutil.Process(pid).name() for _, _, pid in listening}
-print(json.dumps({"gcs": ray.get_runtime_context().gcs_address, "driver": os.environ.get("RAY_ADDRESS"),
+keys = ("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "LOG_NAME_UPDATE_INTERVAL_S")
+monitors = [p for p in me.children(recursive=True) if "log_monitor.py" in " ".join(p.cmdline())]
+print(json.dumps({"log_monitor": [{k: p.environ().get(k) for k in keys} for p in monitors],
+                  "driver_env": {k: os.environ.get(k) for k in keys},"gcs": ray.get_runtime_context().gcs_address, "driver": os.environ.get("RAY_ADDRESS"),
                   "worker": seen_by_worker,
                   "listening": [[ip, port, names[pid]] for ip, port, pid in listening]}))
 """
@@ -47,9 +50,9 @@ def loopback(address: str) -> bool:
     return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
 
 
-def run_probe(home):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HOME": str(home)}
-    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+def run_probe(home, **extra_env):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HOME": str(home), **extra_env}
+    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD"):
         env.pop(key, None)
     done = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -57,7 +60,8 @@ def run_probe(home):
 
 
 def test_private_cluster_listens_on_loopback_only_and_its_token_is_private(tmp_path):
-    report = run_probe(tmp_path)
+    # LOG_NAME_UPDATE_INTERVAL_S stands for a setting of the user's own, which msbt keeps
+    report = run_probe(tmp_path, LOG_NAME_UPDATE_INTERVAL_S="0.3")
     # GCS, raylet, object manager, workers, dashboard, its agent, metrics: all on the loopback address
     assert len(report["listening"]) >= 5, report
     exposed = [row for row in report["listening"] if not loopback(row[0])]
@@ -66,6 +70,10 @@ def test_private_cluster_listens_on_loopback_only_and_its_token_is_private(tmp_p
     # every process of the cluster names its own cluster (item 10): the driver and a worker task
     assert report["gcs"].startswith("127.0.0.1:")
     assert report["worker"] == report["gcs"]
+    # the log monitor lists the log folder at most once per interval (raycluster._calm_log_monitor), the
+    # user's interval is kept, and the driver's own environment is as it was
+    assert report["log_monitor"] == [{"RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0", "LOG_NAME_UPDATE_INTERVAL_S": "0.3"}]
+    assert report["driver_env"] == {"RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": None, "LOG_NAME_UPDATE_INTERVAL_S": "0.3"}
     token = tmp_path / ".ray" / "auth_token"
     assert stat.S_IMODE(token.stat().st_mode) == 0o600
     assert re.fullmatch(r"[0-9a-f]{64}", token.read_text())
