@@ -18,6 +18,10 @@ train rows (val rows as Keras' validation data) and scored after its last epoch.
 intervals over the held-out site's lesion groups (msbt.eval.metrics.bootstrap_ci). The held-out site
 chooses nothing. The logistic regression is written here (scipy's L-BFGS on the penalised log loss):
 scikit-learn is not a dependency of msbt, and this is the only place that needs one.
+
+``--standardise site`` standardises every site's features with its own images' mean and spread instead (the
+held-out site's from all its images, no labels: a label-free adaptation a hospital could run on its own
+unlabelled images). A ``--layers`` entry ``a+b`` is one design on the two layers' features side by side.
 """
 
 from __future__ import annotations
@@ -75,7 +79,7 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, c: float):
 
 
 def probe(feats: dict, meta: dict, layers: list[str], cs: list[float], tta: bool, n_boot: int,
-          stage=None, refit: bool = True) -> list[dict]:
+          stage=None, refit: bool = True, standardise: str = "train") -> list[dict]:
     """One design (layers, TTA; or msbt's head of ``stage``) held out at every site; a row per held-out site."""
     from msbt.eval.metrics import bootstrap_ci, roc_auc
 
@@ -85,8 +89,15 @@ def probe(feats: dict, meta: dict, layers: list[str], cs: list[float], tta: bool
     rows = []
     for held in sorted(set(site)):
         train, val, test = (site != held) & (split == "train"), (site != held) & (split == "val"), site == held
-        mean, sd = plain[train].mean(0), plain[train].std(0) + 1e-6
-        a, b = (plain - mean) / sd, (flip - mean) / sd
+        if standardise == "site":
+            a, b = np.empty_like(plain), np.empty_like(flip)
+            for s in set(site):
+                rows_s = site == s
+                mean, sd = plain[rows_s].mean(0), plain[rows_s].std(0) + 1e-6
+                a[rows_s], b[rows_s] = (plain[rows_s] - mean) / sd, (flip[rows_s] - mean) / sd
+        else:
+            mean, sd = plain[train].mean(0), plain[train].std(0) + 1e-6
+            a, b = (plain - mean) / sd, (flip - mean) / sd
         if stage is not None:
             from msbt.tune.fast import fit_head
 
@@ -109,10 +120,13 @@ def probe(feats: dict, meta: dict, layers: list[str], cs: list[float], tta: bool
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("store", type=Path, help="a multi-site ultrasound store (runs/<name>/stores/ultrasound)")
-    parser.add_argument("--layers", nargs="+", default=list(LAYERS), help="Lite0 layers to probe, one design each")
+    parser.add_argument("--layers", nargs="+", default=list(LAYERS),
+                        help="Lite0 layers to probe, one design each; a+b: two layers' features side by side")
     parser.add_argument("--c", nargs="+", type=float, default=[0.001, 0.003, 0.01, 0.03, 0.1],
                         help="inverse penalty strengths; one is chosen per held-out site on the other sites' val rows")
     parser.add_argument("--n-boot", type=int, default=2000)
+    parser.add_argument("--standardise", choices=("train", "site"), default="train",
+                        help="linear heads' features: by the training rows' statistics, or each site by its own")
     parser.add_argument("--no-refit", action="store_true",
                         help="keep the linear head fitted on the train rows (default: refitted on train + val)")
     parser.add_argument("--msbt-head", type=Path, metavar="CONFIG",
@@ -139,17 +153,18 @@ def main(argv=None) -> int:
     if len(set(data["site"])) < 2:
         parser.error(f"{args.store} holds one site ({data['site'][0]}): leaving it out leaves nothing to train on")
     start = time.perf_counter()
-    feats = features(data["image"], args.layers)
-    print(f"{len(data['image'])} images at {data['image'].shape[1]} px, {len(args.layers)} layers, plain and "
+    designs_layers = [entry.split("+") for entry in args.layers]
+    feats = features(data["image"], sorted({name for names in designs_layers for name in names}))
+    print(f"{len(data['image'])} images at {data['image'].shape[1]} px, {len(feats) // 2} layers, plain and "
           f"mirrored: {time.perf_counter() - start:.0f} s\n")
     sites = sorted(set(data["site"]))
     designs = [("linear", False), ("linear", True)] + ([("msbt head", False)] if stage else [])
     print("| layer | head | TTA | " + " | ".join(f"{s} ({int((data['site'] == s).sum())})" for s in sites) + " | worst |")
     print("|---|---|---|" + "---|" * (len(sites) + 1))
-    for layer in args.layers:
+    for layer, names in zip(args.layers, designs_layers):
         for kind, tta in designs:
-            rows = probe(feats, data, [layer], args.c, tta, args.n_boot, stage if kind == "msbt head" else None,
-                         refit=not args.no_refit)
+            rows = probe(feats, data, names, args.c, tta, args.n_boot, stage if kind == "msbt head" else None,
+                         refit=not args.no_refit, standardise=args.standardise)
             cells = [f"{r['auc'][0]:.3f} [{r['auc'][1]:.3f}, {r['auc'][2]:.3f}]" + (f" (C {r['c']:g})" if r["c"] else "")
                      for r in rows]
             worst = min(r["auc"][0] for r in rows)
