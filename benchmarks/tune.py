@@ -7,6 +7,8 @@ second trials-per-hour figure.
 
     .venv/bin/python benchmarks/tune.py --config workflows/configs/cpu.yaml --trials 8   # the real measurement
     .venv/bin/python benchmarks/tune.py --smoke                                         # proves it runs
+    .venv/bin/python benchmarks/tune.py --config workflows/configs/cpu.yaml --fast-reuse 2  # fast mode only:
+        # trial processes reused (tune.reuse_processes) or not, alternated pairs; the trials' results compared
 
 Needs a quiet machine: other work on the CPUs changes both figures. Writes <run>/tune/benchmark.json.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -50,6 +53,36 @@ def _search(config, name: str, overrides: list[str], paths, base_overrides) -> d
             "trials_per_hour": round(3600 * len(seconds) / wall, 1)}
 
 
+def _final_metrics(experiment: Path, metric: str) -> list[float]:
+    """Each trial's last reported ``metric``, in trial order."""
+    out = []
+    for result in sorted(experiment.glob("trial_*/result.json")):
+        lines = [line for line in result.read_text().splitlines() if line.strip()]
+        out.append(json.loads(lines[-1])[metric])
+    return out
+
+
+def fast_reuse(config, paths, base, stamp: str, pairs: int) -> int:
+    """Fast-mode searches with ``tune.reuse_processes`` off and on, alternated; 1 if their trials differ."""
+    fast = ["tune.fast=true", "stage2.trainable_backbone=false"]
+    _search(config, f"bench-fast-cache-{stamp}", fast, paths, base)  # the feature cache, outside the timings
+    runs: dict[str, list[dict]] = {"false": [], "true": []}
+    for pair in range(pairs):
+        for reuse in runs:
+            row = _search(config, f"bench-reuse-{reuse}-{pair}-{stamp}", fast + [f"tune.reuse_processes={reuse}"],
+                          paths, base)
+            row["final"] = _final_metrics(Path(row["experiment"]), config.tune.metric)
+            runs[reuse].append(row)
+            print(f"pair {pair}, reuse_processes {reuse:5s}: {row['wall_s']:6.1f} s wall, {row['trials_per_hour']:7.1f} "
+                  f"trials/hour, mean trial {row['mean_trial_s']} s", flush=True)
+    same = all(r["final"] == runs["false"][0]["final"] for rows in runs.values() for r in rows)
+    off, on = ([r["wall_s"] for r in runs[k]] for k in ("false", "true"))
+    print(f"\nfast mode, {config.tune.num_samples} trials x {config.stage2.epochs} epochs: wall {off} s with a process per "
+          f"trial, {on} s reused (median ratio {statistics.median(off) / statistics.median(on):.2f}x); every trial's "
+          f"final {config.tune.metric} {'identical' if same else 'DIFFERS'} across all searches")
+    return 0 if same else 1
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--config", action="append", default=[], help="YAML overlay (repeatable)")
@@ -61,6 +94,9 @@ def main(argv=None) -> int:
                              "buys from what freezing the backbone buys")
     parser.add_argument("--smoke", action="store_true", help="smoke.yaml data, 32 px, 2 trials: proves it runs")
     parser.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS or a local one)")
+    parser.add_argument("--fast-reuse", type=int, default=0, metavar="PAIRS",
+                        help="instead: PAIRS fast-mode searches with trial processes started per trial and reused, "
+                             "alternated, features cached first; prints their wall times and compares the trials' results")
     args = parser.parse_args(argv)
 
     from msbt.config import load_config
@@ -79,6 +115,8 @@ def main(argv=None) -> int:
     stores = build_stores(config, prepare_data(config))  # shared by both searches, outside the timings
     stage1_checkpoint(config, stores["microscope"].path)
 
+    if args.fast_reuse:
+        return fast_reuse(config, paths, base, stamp, args.fast_reuse)
     full = _search(config, f"bench-full-{stamp}", [], paths, base)
     frozen = (_search(config, f"bench-frozen-{stamp}", ["stage2.trainable_backbone=false"], paths, base)
               if args.frozen_full else None)

@@ -223,6 +223,9 @@ class TuneConfig:
     # Fast mode (frozen backbone): heads train on cached backbone features (msbt.tune.fast).
     fast: bool = False
     feature_actors: int = 1  # Ray Data actors computing the features
+    # Fast mode: a trial's process runs the next trial too (Tune's reuse_actors), sparing a Python process
+    # and TensorFlow's import per trial. Full mode starts one per trial (its Train run has its own worker).
+    reuse_processes: bool = True
     space: SearchSpaceConfig = field(default_factory=SearchSpaceConfig)
 
 

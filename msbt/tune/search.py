@@ -287,6 +287,9 @@ def _new_tuner(config: Config, trainable, fast: bool):
             search_alg=BasicVariantGenerator(points_to_evaluate=[reference_point(config, fast)],
                                              max_concurrent=t.max_concurrent_trials, random_state=t.seed),
             trial_dirname_creator=trial_dirname,
+            # A fast trial is seconds of head training after a process start and TensorFlow's import
+            # (head_trial seeds every trial itself: a reused process gives the same results, docs/tune.md).
+            reuse_actors=fast and t.reuse_processes,
         ),
         run_config=tune.RunConfig(
             name=t.experiment,

@@ -275,6 +275,11 @@ def test_fast_mode_caches_features_once_and_trains_heads_on_them(prepared, capsy
         recorded.append(first[name])
     assert {t["trial"]: t["status"] for t in trials} == expected
     assert "stopped early" in expected.values() and "complete" in expected.values()
+    # tune.reuse_processes (default on): trials ran in fewer processes than there were trials (a fresh
+    # process per trial gives one pid per trial; that results do not change is benchmarks/tune.py --fast-reuse's check)
+    pids = {json.loads(line)["pid"] for t in trials
+            for line in (experiment / t["trial"] / "result.json").read_text().splitlines() if line.strip()}
+    assert asha.tune.reuse_processes and len(pids) < len(trials), pids
 
     # The head goes back on the backbone: the full model gives what the head gives on the cached features.
     stage = dataclasses.replace(frozen(config.stage2), epochs=1)
