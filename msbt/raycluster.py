@@ -146,7 +146,7 @@ def start_private(num_cpus: int | None = None, **options) -> str:
     protect_token()
     port = free_port()
     address = f"127.0.0.1:{port}"
-    # Both variables only while the cluster starts: its GCS, raylet and (through the raylet) its workers
+    # These variables only while the cluster starts: its GCS, raylet and (through the raylet) its workers
     # keep them; this process's later clusters, and processes it starts later, get the usual behaviour.
     with _environment(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_GCS_SERVER_PORT=str(port), **_calm_log_monitor()), \
             _loopback_node_ip():
@@ -187,10 +187,11 @@ def _calm_log_monitor() -> dict[str, str]:
     The log monitor (the process that sends workers' output to the driver) lists the session's log folder
     every 0.1 s while it holds fewer than 1000 files, and that folder gains files with every worker: a
     long-lived cluster paid for it all along (the test suite's two session clusters: 100 CPU-s of 2,320 in
-    a two-process run; an idle cluster 0.36 CPU-s per 30 s, 0.98 with 300 finished workers' files). With
-    the threshold at 0 it lists the folder once every ``LOG_NAME_UPDATE_INTERVAL_S`` (1 s here): 0.11 and
-    0.15 CPU-s (docs/architecture.md). It still reads the files it knows ten times a second; a new worker's
-    file is found up to a second later and read from its first line.
+    a two-process run). With the threshold at 0 it lists the folder once every ``LOG_NAME_UPDATE_INTERVAL_S``
+    (1 s here): over 30 s with 300 finished workers' files, 0.20 CPU-s instead of 1.06
+    (benchmarks/log_monitor.py, docs/architecture.md). It still reads the files it knows ten times a second;
+    a new worker's file is found up to a second later and read from its first line, or missed if the
+    cluster ends within that second (0.1 s with Ray's settings).
     """
     return {key: value for key, value in LOG_MONITOR_ENV.items() if key not in os.environ}
 

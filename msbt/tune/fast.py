@@ -301,6 +301,8 @@ def fit_head(stage: StageConfig, features: Mapping[str, np.ndarray], *, seed: in
 
 def head_trial(params: dict, *, config: Config, features: Mapping[str, np.ndarray]) -> None:
     """Fast-mode trainable: the trial's head on the cached features, one Tune report per epoch."""
+    import os
+
     import keras
     from ray import tune
 
@@ -310,4 +312,9 @@ def head_trial(params: dict, *, config: Config, features: Mapping[str, np.ndarra
         def on_epoch_end(self, epoch, logs=None):
             tune.report({**{k: float(v) for k, v in (logs or {}).items()}, "epoch": epoch + 1})
 
+    # With tune.reuse_processes this process runs the next trial once this one's thread has ended, and Tune
+    # marks that next trial as failed if the thread has not ended within TUNE_FUNCTION_THREAD_TIMEOUT_S (read
+    # at every reuse; Ray's default 2 s). A trial stopped by ASHA ends at its next report, which a loaded
+    # machine may delay: more time here, unless the user set it.
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")
     fit_head(trial_stage(config, params, fast=True), features, seed=training_seed(config), callbacks=[Report()])

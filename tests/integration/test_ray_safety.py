@@ -38,7 +38,8 @@ names = {pid: psutil.Process(pid).name() for _, _, pid in listening}
 keys = ("RAY_LOG_MONITOR_MANY_FILES_THRESHOLD", "LOG_NAME_UPDATE_INTERVAL_S")
 monitors = [p for p in me.children(recursive=True) if "log_monitor.py" in " ".join(p.cmdline())]
 print(json.dumps({"log_monitor": [{k: p.environ().get(k) for k in keys} for p in monitors],
-                  "driver_env": {k: os.environ.get(k) for k in keys},"gcs": ray.get_runtime_context().gcs_address, "driver": os.environ.get("RAY_ADDRESS"),
+                  "driver_env": {k: os.environ.get(k) for k in keys},
+                  "gcs": ray.get_runtime_context().gcs_address, "driver": os.environ.get("RAY_ADDRESS"),
                   "worker": seen_by_worker,
                   "listening": [[ip, port, names[pid]] for ip, port, pid in listening]}))
 """
