@@ -29,14 +29,19 @@ SMOKE = ["preprocess.image_size=32", "stage1.weights=none", "stage1.image_size=3
          "stage2.image_size=32", "stage2.epochs=2", "run.name=tune-bench-smoke"]
 
 
-def _trial_seconds(experiment: Path) -> list[float]:
-    """Tune's ``time_total_s`` of each trial's last result: the trial's own running time."""
+def _last_results(experiment: Path) -> list[dict]:
+    """Each trial's last reported result (Tune's ``result.json``), in trial order."""
     out = []
     for result in sorted(experiment.glob("trial_*/result.json")):
         lines = [line for line in result.read_text().splitlines() if line.strip()]
         if lines:
-            out.append(float(json.loads(lines[-1])["time_total_s"]))
+            out.append(json.loads(lines[-1]))
     return out
+
+
+def _trial_seconds(experiment: Path) -> list[float]:
+    """Tune's ``time_total_s`` of each trial's last result: the trial's own running time."""
+    return [float(r["time_total_s"]) for r in _last_results(experiment)]
 
 
 def _search(config, name: str, overrides: list[str], paths, base_overrides) -> dict:
@@ -53,15 +58,6 @@ def _search(config, name: str, overrides: list[str], paths, base_overrides) -> d
             "trials_per_hour": round(3600 * len(seconds) / wall, 1)}
 
 
-def _final_metrics(experiment: Path, metric: str) -> list[float]:
-    """Each trial's last reported ``metric``, in trial order."""
-    out = []
-    for result in sorted(experiment.glob("trial_*/result.json")):
-        lines = [line for line in result.read_text().splitlines() if line.strip()]
-        out.append(json.loads(lines[-1])[metric])
-    return out
-
-
 def fast_reuse(config, paths, base, stamp: str, pairs: int) -> int:
     """Fast-mode searches with ``tune.reuse_processes`` off and on, alternated; 1 if their trials differ."""
     fast = ["tune.fast=true", "stage2.trainable_backbone=false"]
@@ -71,7 +67,7 @@ def fast_reuse(config, paths, base, stamp: str, pairs: int) -> int:
         for reuse in runs:
             row = _search(config, f"bench-reuse-{reuse}-{pair}-{stamp}", fast + [f"tune.reuse_processes={reuse}"],
                           paths, base)
-            row["final"] = _final_metrics(Path(row["experiment"]), config.tune.metric)
+            row["final"] = [r[config.tune.metric] for r in _last_results(Path(row["experiment"]))]
             runs[reuse].append(row)
             print(f"pair {pair}, reuse_processes {reuse:5s}: {row['wall_s']:6.1f} s wall, {row['trials_per_hour']:7.1f} "
                   f"trials/hour, mean trial {row['mean_trial_s']} s", flush=True)

@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import time
 import zlib
 from pathlib import Path
@@ -301,8 +302,6 @@ def fit_head(stage: StageConfig, features: Mapping[str, np.ndarray], *, seed: in
 
 def head_trial(params: dict, *, config: Config, features: Mapping[str, np.ndarray]) -> None:
     """Fast-mode trainable: the trial's head on the cached features, one Tune report per epoch."""
-    import os
-
     import keras
     from ray import tune
 
