@@ -122,7 +122,7 @@ def dry_run() -> int:
 
     from msbt.config import load_config
     from msbt.model.models import build_model
-    from msbt.train.loop import compile_model
+    from msbt.model.compiled import compile_model
 
     stage = load_config(overrides=["stage2.weights=none", "stage2.image_size=32"]).stage2
     model = build_model(stage, 2)

@@ -5,7 +5,7 @@
     python benchmarks/train_step.py --smoke-test                     # seconds: 32 px, one timed step
 
 Each model is built by msbt.model.models.build_model with random weights (speed does not depend on them), the
-stage-1 head (GAP + Dense softmax over 4 classes) and compiled by msbt.train.loop.compile_model (the
+stage-1 head (GAP + Dense softmax over 4 classes) and compiled by msbt.model.compiled.compile_model (the
 paper's Adagrad, full fine-tuning), so a train step is exactly what fit_stage runs. The first step
 includes graph tracing and is reported apart; then `--warmup` untimed steps, then `--steps` timed ones.
 Inference is `predict_on_batch` on the same batch size. Prints a Markdown table.
@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 
 from msbt.config import StageConfig  # noqa: E402
 from msbt.model.models import BACKBONES, build_model  # noqa: E402
-from msbt.train.loop import compile_model  # noqa: E402
+from msbt.model.compiled import compile_model  # noqa: E402
 
 NUM_CLASSES = 4
 

@@ -3,7 +3,7 @@
 :func:`fit_stage_distributed` is :func:`msbt.train.loop.fit_stage` for ``run.num_workers > 1``. It takes
 the same arguments, runs the same phases (:func:`msbt.train.loop.plan_phases`), the same input pipeline
 (:func:`msbt.train.loop.train_batches` / :func:`msbt.train.loop.eval_batches`), the same compiled optimizer
-(:func:`msbt.train.loop.compile_model`), the same :class:`msbt.train.loop.BestModelSaver` and extra Keras
+(:func:`msbt.model.compiled.compile_model`), the same :class:`msbt.train.loop.BestModelSaver` and extra Keras
 callbacks (the Ray report callback of ``msbt.train.runner``), and the same setup and teardown
 (:func:`msbt.train.loop.start_stage`, :func:`msbt.train.loop.finish_stage`); only the loop that feeds
 batches to the model is its own.
@@ -65,6 +65,7 @@ import tensorflow as tf
 
 from msbt.train import loop
 from msbt.config import StageConfig
+from msbt.model import compiled
 from msbt.model.models import batchnorm_frozen, is_binary, set_backbone_trainable
 
 SUM = tf.distribute.ReduceOp.SUM
@@ -147,8 +148,8 @@ class _Loop:
         cls = keras.losses.BinaryCrossentropy if binary else keras.losses.CategoricalCrossentropy
         self.loss_fn = cls(reduction=None)
         # Outside the strategy's scope: plain variables, updated with the gathered global batch.
-        self.train_metrics = [keras.metrics.Mean(name="loss"), *loop.stage_metrics(num_classes)]
-        self.val_metrics = [keras.metrics.Mean(name="loss"), *loop.stage_metrics(num_classes)]
+        self.train_metrics = [keras.metrics.Mean(name="loss"), *compiled.stage_metrics(num_classes)]
+        self.val_metrics = [keras.metrics.Mean(name="loss"), *compiled.stage_metrics(num_classes)]
         self.train_step = tf.function(self._train_step, reduce_retracing=True)
         self.eval_step = tf.function(self._eval_step, reduce_retracing=True)
         self.sync = sync_non_trainable(strategy, model)
@@ -329,7 +330,7 @@ def _run_phase(strategy, state: loop.StageState, phase, local_stage, train_ds, v
     with strategy.scope():
         # compile_model builds the optimizer, here in the scope: built lazily inside the replica step it
         # would create its variables there.
-        loop.compile_model(model, stage, phase.learning_rate)
+        compiled.compile_model(model, stage, phase.learning_rate)
         state.resume_phase(phase)  # a resumed stage's optimizer state, on every replica
     steps = _Loop(strategy, model, num_classes)
     val = loop.eval_batches(val_ds, stage, num_classes=num_classes) if val_ds is not None else None

@@ -283,7 +283,7 @@ def fit_head(stage: StageConfig, features: Mapping[str, np.ndarray], *, seed: in
     import keras
 
     from msbt.model.augment import copies_per_epoch
-    from msbt.train.loop import compile_model
+    from msbt.model.compiled import compile_model
 
     keras.utils.set_random_seed(seed)
     copies = copies_per_epoch(stage.augment)

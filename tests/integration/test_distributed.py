@@ -78,7 +78,7 @@ def test_mixed_precision_policy_keeps_the_classifier_and_variables_float32(tmp_p
 
     from msbt.train.distributed import set_mixed_precision
     from msbt.model.models import build_model, load_model
-    from msbt.train.loop import compile_model
+    from msbt.model.compiled import compile_model
 
     try:
         set_mixed_precision(True)

@@ -155,7 +155,7 @@ def test_saved_model_reloads_and_predicts_the_same(tmp_path):
 
 def one_fit_step(model: keras.Model, num_classes: int = 4) -> None:
     """One optimizer step through Keras fit (training=True), all labels class 0 so every gradient is nonzero."""
-    from msbt.train.loop import compile_model
+    from msbt.model.compiled import compile_model
 
     compile_model(model, StageConfig())
     model.fit(pixels(8), np.eye(num_classes)[np.zeros(8, int)], batch_size=8, epochs=1, verbose=0)

@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from helpers import TINY_BACKBONE
-from msbt.model import augment
+from msbt.model import augment, compiled
 
 from msbt.train import loop as training
 from msbt.model.checkpoint import CheckpointError, lineage, read_manifest, verify
@@ -202,7 +202,7 @@ def test_plan_phases():
 
 
 def rate(name, num_classes, y_true, y_pred) -> float:
-    metric = training.ConfusionRate(name, num_classes)
+    metric = compiled.ConfusionRate(name, num_classes)
     metric.update_state(np.asarray(y_true, np.float32), np.asarray(y_pred, np.float32))
     return float(metric.result())
 

@@ -1,0 +1,272 @@
+"""Leave one site out, trained end to end on a GPU through Keras' JAX backend: larger images, longer training.
+
+    python benchmarks/gpu_loso.py pack runs/loso-ms-frozen224/stores/ultrasound gpu-loso   # here (TensorFlow)
+    python benchmarks/gpu_loso.py train gpu-loso --out results.json                          # GPU machine (JAX)
+    python benchmarks/gpu_loso.py report gpu-loso results.json                               # here: AUCs, CIs
+
+The question (issue #12, docs/evaluation.md): the CPU budget of the development machine allowed
+EfficientNet-Lite0 at 96 px for 8 epochs; 128 px was worse there, and "a stronger backbone trained on a
+GPU" was the lever left untested. The GPU machine lent to a session has JAX but no TensorFlow (docs/training.md,
+"On a GPU"), so msbt's tf.data pipeline cannot run there; this script trains msbt's own stage-2 model
+(``msbt.model.models.build_model`` with ``multisite.yaml``'s stage 2: Lite0 from its ImageNet weights, Dense
+256-128-64, dropout 0.5, Adam, batch 16, monitor val AUC) with Keras ``fit`` on the JAX backend.
+
+* ``pack`` reads a multi-site 224 px store (``msbt.data.store``; e.g. the one of ``loso-ms-frozen224``) and
+  writes ``data.npz`` (each image PNG-encoded, grey when its channels are equal, so the set fits in what
+  travels to the GPU machine) and ``lite0.weights.h5`` (the backbone's ImageNet weights, which the machine
+  cannot make: the Lite0 package is not there).
+* ``train`` runs each arm with every site held out in turn: stage 2 on the other sites' ``train`` rows
+  (each image three times per epoch, as ``augment.expansion: 3``), the epoch with the best exact AUC on
+  their ``val`` rows kept, then every image of the held-out site scored. Augmentation is Keras' random
+  layers for the config's flip, shift, rotation, zoom, contrast and brightness, on the GPU; msbt's speckle
+  and blur (TensorFlow ops) are left out. Arms, in this order: ``96`` (the CPU design: 96 px resized from
+  the 224 px images, 8 epochs; the control for this pipeline), ``224`` (224 px, 30 epochs, the config's Adam
+  1e-3), ``224-lr1e-4`` (224 px, 30 epochs, Adam 1e-4, the usual rate for fine-tuning a pretrained
+  backbone). Every epoch is printed with its time; a fold that would start with too little of ``--budget``
+  left is skipped, and one running when the budget ends stops after that epoch (its best epoch so far is
+  scored, and the report says how many epochs it ran).
+
+First try on an H200 (2026-12-04): the first fold of the ``224`` arm (then first in the order) did not finish
+in 385 s, with no per-epoch output to say why; on the CPU, Keras on JAX trained Lite0 at about 4 images/s at
+96 px. Time a Lite0 training step first (``benchmarks/gpu_keras.py``'s Lite0 run) before planning folds.
+* ``report`` computes the held-out AUCs with 95% group-bootstrap intervals over the held-out site's lesion
+  groups and each arm's paired difference to the ``96`` arm (``msbt.eval.metrics``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+CONFIG = Path(__file__).resolve().parents[1] / "workflows" / "configs" / "multisite.yaml"
+ARMS = {  # name: (image size, epochs, learning rate or None for the config's); the cheap control first
+    "96": (96, 8, None),
+    "224": (224, 30, None),
+    "224-lr1e-4": (224, 30, 1e-4),
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# pack (here) and the data both sides read
+
+
+def pack(store_path: Path, folder: Path) -> None:
+    import cv2
+
+    from msbt.data.store import Store
+    from msbt.model.models import build_backbone
+
+    data = Store.open(store_path).read(["image", "label_index", "site", "split", "group"])
+    images = data["image"]
+    blobs = []
+    for image in images:
+        grey = np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 0], image[..., 2])
+        ok, buf = cv2.imencode(".png", image[..., 0] if grey else image[..., ::-1])  # PNG stores BGR
+        assert ok
+        blobs.append(buf.ravel())
+    folder.mkdir(parents=True, exist_ok=True)
+    offsets = np.cumsum([0] + [len(b) for b in blobs])
+    np.savez(folder / "data.npz", png=np.concatenate(blobs), offsets=offsets, size=images.shape[1],
+             label=data["label_index"].astype(np.int8), site=data["site"].astype(str),
+             split=data["split"].astype(str), group=data["group"].astype(str))
+    build_backbone("efficientnet_lite0", images.shape[1], "imagenet").save_weights(folder / "lite0.weights.h5")
+    print(f"{len(images)} images -> {folder / 'data.npz'} ({offsets[-1] / 1e6:.1f} MB), "
+          f"{folder / 'lite0.weights.h5'} ({(folder / 'lite0.weights.h5').stat().st_size / 1e6:.1f} MB)")
+
+
+def load(folder: Path, with_images: bool = True) -> dict:
+    raw = np.load(folder / "data.npz")
+    data = {k: raw[k] for k in ("label", "site", "split", "group")}
+    data["row"] = np.arange(len(data["label"]))  # rows of the packed set, kept through a smoke subset
+    if with_images:
+        import cv2
+
+        png, off = raw["png"], raw["offsets"]
+        out = []
+        for a, b in zip(off[:-1], off[1:]):
+            image = cv2.imdecode(png[a:b], cv2.IMREAD_UNCHANGED)
+            out.append(np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image[..., ::-1])
+        data["image"] = np.stack(out)
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------
+# train (on the GPU machine)
+
+
+def train_one(data: dict, held: str, size: int, epochs: int, lr: float | None, weights: Path,
+              deadline: float = float("inf")) -> dict:
+    """One arm with one site held out; stops after the epoch that passes ``deadline`` (perf_counter)."""
+    import cv2
+    import keras
+    from keras import layers
+
+    from msbt.config import load_config
+    from msbt.eval.metrics import roc_auc
+    from msbt.model.compiled import OPTIMIZERS
+    from msbt.model.models import build_model
+
+    overrides = [f"stage2.weights={weights}", f"stage2.image_size={size}", f"stage2.epochs={epochs}"]
+    stage = load_config([CONFIG], overrides=overrides).stage2
+    images = data["image"]
+    if images.shape[1] != size:
+        images = np.stack([cv2.resize(x, (size, size), interpolation=cv2.INTER_AREA) for x in images])
+    site, split, y = data["site"], data["split"], data["label"].astype(np.float32)[:, None]
+    train, val, test = (site != held) & (split == "train"), (site != held) & (split == "val"), site == held
+    copies = stage.augment.expansion if stage.augment.enabled else 1
+    x_train, y_train = np.repeat(images[train], copies, axis=0), np.repeat(y[train], copies, axis=0)
+
+    keras.utils.set_random_seed(0)
+    model = build_model(stage, 2)
+    aug = stage.augment
+    augment = keras.Sequential([
+        layers.RandomFlip("horizontal"),
+        layers.RandomTranslation(aug.shift, aug.shift, fill_mode="constant"),
+        layers.RandomRotation(aug.rotation / 360.0, fill_mode="constant"),
+        layers.RandomZoom(aug.zoom, fill_mode="constant"),
+        layers.RandomContrast(aug.contrast, value_range=(0, 255)),
+        layers.RandomBrightness(aug.brightness, value_range=(0, 255)),
+    ], name="augment")
+    inputs = keras.Input((size, size, 3))
+    wrapped = keras.Model(inputs, model(augment(inputs)))
+    wrapped.compile(optimizer=OPTIMIZERS[stage.optimizer](learning_rate=lr or stage.learning_rate),
+                    loss="binary_crossentropy")
+    history, best = [], {"auc": -1.0}
+
+    class KeepBest(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            auc = roc_auc(y[val, 0], model.predict(images[val], batch_size=64, verbose=0)[:, 0])
+            history.append(auc)
+            # the first of equal epochs, as msbt's saver; NaN (one class, non-finite scores) never improves
+            if "weights" not in best or auc > best["auc"]:
+                best.update(auc=auc, epoch=epoch + 1, weights=[w.copy() for w in model.get_weights()])
+            print(f"  epoch {epoch + 1}/{epochs}: val AUC {auc:.3f}, {time.perf_counter() - began:.1f} s", flush=True)
+            if time.perf_counter() > deadline:
+                self.model.stop_training = True
+
+    began = time.perf_counter()
+    wrapped.fit(x_train, y_train, batch_size=stage.batch_size, epochs=epochs, shuffle=True, verbose=0,
+                callbacks=[KeepBest()])
+    model.set_weights(best["weights"])
+    p_test = model.predict(images[test], batch_size=64, verbose=0)[:, 0]
+    return {"held": held, "size": size, "epochs": epochs, "lr": lr or stage.learning_rate,
+            "train_images": int(train.sum()), "val_images": int(val.sum()), "best_epoch": best["epoch"],
+            "epochs_run": len(history),
+            "val_auc": history, "rows": [int(i) for i in data["row"][test]], "p_test": [float(p) for p in p_test], "seconds": time.perf_counter() - began}
+
+
+def train(folder: Path, out: Path, budget: float, arms: list[str], smoke: bool) -> int:
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", "/tmp/msbt-jax-cache")  # folds of one arm share graphs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    started = time.perf_counter()
+    data = load(folder)
+    if smoke:  # a few images per site and split, 32 px, 2 epochs: the code path on any machine
+        keep = np.zeros(len(data["label"]), bool)
+        for s in set(data["site"]):
+            for part in ("train", "val", "test"):
+                for label in (0, 1):
+                    rows = (data["site"] == s) & (data["split"] == part) & (data["label"] == label)
+                    keep[np.flatnonzero(rows)[:4]] = True
+        data = {k: v[keep] for k, v in data.items()}
+    print(f"{len(data['label'])} images, devices {jax.devices()}, {time.perf_counter() - started:.0f} s",
+          flush=True)
+    results, estimate = [], {}
+    for arm in arms:
+        size, epochs, lr = ARMS[arm]
+        size, epochs = (32, 2) if smoke else (size, epochs)
+        for held in sorted(set(data["site"])):
+            left = budget - (time.perf_counter() - started)
+            if left < estimate.get(arm, 30.0):
+                print(f"{arm} held-out {held}: skipped, {left:.0f} s left", flush=True)
+                continue
+            r = train_one(data, held, size, epochs, lr, folder / "lite0.weights.h5", deadline=started + budget)
+            estimate[arm] = r["seconds"] * 0.8  # later folds reuse the compiled graphs
+            results.append({"arm": arm, **r})
+            print(f"{arm} held-out {held}: {r['epochs_run']} epochs, best {r['best_epoch']}, "
+                  f"val AUC {max(r['val_auc']):.3f}, "
+                  f"{r['seconds']:.0f} s", flush=True)
+            out.write_text(json.dumps(results))  # after each fold: a stopped run keeps what it finished
+    print(f"total {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# report (here)
+
+
+def report(folder: Path, results_path: Path, n_boot: int) -> int:
+    import warnings
+
+    from msbt.eval.metrics import bootstrap_ci, paired_bootstrap_auc_diff
+
+    data = load(folder, with_images=False)
+    results = json.loads(results_path.read_text())
+    sites = sorted(set(data["site"]))
+    by = {(r["arm"], r["held"]): r for r in results}
+    print("| arm | px | epochs | lr | " + " | ".join(f"{s} ({int((data['site'] == s).sum())})" for s in sites) + " |")
+    print("|---|---|---|---|" + "---|" * len(sites))
+    for arm in dict.fromkeys(r["arm"] for r in results):
+        cells, first = [], next(r for r in results if r["arm"] == arm)
+        for s in sites:
+            r = by.get((arm, s))
+            if r is None:
+                cells.append("not run")
+                continue
+            test = np.asarray(r["rows"])
+            y, groups, p = data["label"][test].astype(float), data["group"][test], np.asarray(r["p_test"])
+            base = by.get(("96", s))
+            with warnings.catch_warnings():  # only AUCs are read; rates at 0.5 may be undefined
+                warnings.simplefilter("ignore", RuntimeWarning)
+                auc = bootstrap_ci(y, p, 0.5, groups=groups, n_boot=n_boot)["auc"]
+                cell = f"{auc[0]:.3f} [{auc[1]:.3f}, {auc[2]:.3f}]"
+                if arm != "96" and base is not None and base["rows"] == r["rows"]:
+                    d = paired_bootstrap_auc_diff(y, p, np.asarray(base["p_test"]), groups=groups, n_boot=n_boot)
+                    cell += f"<br>{d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] vs 96"
+                cell += f"<br>epoch {r['best_epoch']} of {r.get('epochs_run', r['epochs'])}, val {max(r['val_auc']):.3f}, "
+                cell += f"{r['seconds']:.0f} s"
+            cells.append(cell)
+        print(f"| {arm} | {first['size']} | {first['epochs']} | {first['lr']:g} | " + " | ".join(cells) + " |")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pack", help="a multi-site store -> data.npz + lite0.weights.h5 in FOLDER")
+    p.add_argument("store", type=Path)
+    p.add_argument("folder", type=Path)
+    t = sub.add_parser("train", help="every arm, every site held out (Keras on JAX)")
+    t.add_argument("folder", type=Path)
+    t.add_argument("--out", type=Path, required=True)
+    t.add_argument("--budget", type=float, default=330)
+    t.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    t.add_argument("--smoke", action="store_true")
+    r = sub.add_parser("report", help="held-out AUCs with group-bootstrap CIs")
+    r.add_argument("folder", type=Path)
+    r.add_argument("results", type=Path)
+    r.add_argument("--n-boot", type=int, default=2000)
+    args = parser.parse_args(argv)
+    if args.command == "pack":
+        pack(args.store, args.folder)
+        return 0
+    if args.command == "train":
+        if os.environ.get("KERAS_BACKEND", "jax") != "jax":
+            parser.error("train runs on Keras' JAX backend (KERAS_BACKEND=jax)")
+        os.environ["KERAS_BACKEND"] = "jax"
+        return train(args.folder, args.out, args.budget, args.arms, args.smoke)
+    return report(args.folder, args.results, args.n_boot)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
