@@ -13,14 +13,15 @@ on JAX or PyTorch, so this script times what can be timed there: **the paper's s
 ``fit`` at batch 16 on random images in the paper's number (525 training images per epoch after the
 tripling, 50 validation images per epoch), random weights (speed does not depend on them). What it
 does not time: msbt's input pipeline (tf.data decoding and augmentation), Ray Train, TensorFlow's own
-GPU kernels. The figures are the model's compute on that GPU, a lower bound for a TensorFlow stage.
+GPU kernels. The figures are the model's compute on that GPU through Keras on JAX or PyTorch.
 
 Each backend runs in its own process (Keras picks its backend once per process). Runs, in order of
-value, each skipped when it would overrun ``--budget``: training in float32, inference (batch 1
-latency p50/p99 and throughput at batch 64) of the stage-2 model, the same stage with
-EfficientNet-Lite0 at 224 px (3 epochs), training under ``mixed_bfloat16``
-and ``mixed_float16`` (msbt's ``run.mixed_precision`` uses the latter), and EfficientNet-Lite0 at
-224 px inference. The projected 30-epoch stage is first epoch + 29 x the median later epoch, beside
+value: training in float32, inference (batch 1 latency p50/p99 and throughput at batch 64) of the
+stage-2 model, training under ``mixed_bfloat16`` and ``mixed_float16`` (msbt's ``run.mixed_precision``
+uses the latter), EfficientNet-Lite0 at 224 px inference, and last the stage with EfficientNet-Lite0 at
+224 px (3 epochs; its training speed under XLA is the unknown, so it must not cost the others). A run
+is skipped when less of the backend's share of ``--budget`` is left than the longest training run so far
+took (60 s before any), and a training run stops after the epoch that passes the share's end. The projected 30-epoch stage is first epoch + 29 x the median later epoch, beside
 the paper's 400 s for stage 2 on two RTX 3090. ``--out FILE`` writes every result as JSON.
 """
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -76,7 +78,8 @@ def stage2_model(size: int, policy: str, backbone: str = "resnet50"):
     return model, stage
 
 
-def train_run(size: int, policy: str, epochs: int, n_train: int, n_val: int, backbone: str = "resnet50") -> dict:
+def train_run(size: int, policy: str, epochs: int, n_train: int, n_val: int, backbone: str = "resnet50",
+              deadline: float = float("inf")) -> dict:
     import keras
     import numpy as np
 
@@ -92,6 +95,8 @@ def train_run(size: int, policy: str, epochs: int, n_train: int, n_val: int, bac
     class EpochEnds(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             ends.append(time.perf_counter())
+            if ends[-1] > deadline and len(ends) >= 2:  # two epochs: the compile and one steady one
+                self.model.stop_training = True
 
     began = time.perf_counter()
     history = model.fit(x, y, batch_size=stage.batch_size, epochs=epochs, shuffle=True, verbose=0,
@@ -101,7 +106,7 @@ def train_run(size: int, policy: str, epochs: int, n_train: int, n_val: int, bac
     loss = history.history["loss"][-1]
     if not np.isfinite(loss):
         raise FloatingPointError(f"training loss is {loss}")
-    return {"first_epoch_s": times[0], "s_per_epoch": steady, "images_per_s": n_train / steady,
+    return {"first_epoch_s": times[0], "s_per_epoch": steady, "epochs_run": len(times), "images_per_s": n_train / steady,
             "projected_s": times[0] + (PAPER_EPOCHS - 1) * steady, "epochs_s": times,
             "batch": stage.batch_size, "train_images": n_train, "size": size, "last_loss": float(loss),
             "params": model.count_params()}
@@ -125,30 +130,35 @@ def infer_run(size: int, backbone: str, calls: int, big_batch: int) -> dict:
     for _ in range(reps):
         np.asarray(model.predict_on_batch(many))
     per_image = (time.perf_counter() - t) / (reps * big_batch)
-    latencies.sort()
-    p50, p99 = latencies[len(latencies) // 2], latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
+    latencies.sort()  # nearest-rank percentiles
+    p50, p99 = latencies[math.ceil(0.50 * calls) - 1], latencies[math.ceil(0.99 * calls) - 1]
     return {"p50_ms": 1e3 * p50, "p99_ms": 1e3 * p99, "fps_batch1": 1 / p50,
             "batch": big_batch, "images_per_s_batch": 1 / per_image}
 
 
-def worker(backend: str, smoke: bool, budget: float) -> int:
-    """Runs every measurement of one backend, printing one ``RESULT {json}`` line each."""
+def worker(backend: str, smoke: bool, budget: float, only: list[str], lite_size: int | None,
+           images: int | None) -> int:
+    """Runs the measurements of one backend (those named in ``only``, or all), one ``RESULT {json}`` line each."""
     started = time.perf_counter()
-    size, lite_size = (32, 32) if smoke else (200, 224)
+    size, lite_default = (32, 32) if smoke else (200, 224)
+    lite_size = lite_size or lite_default
     n_train, n_val, epochs = (40, 8, 2) if smoke else (TRAIN_IMAGES, VAL_IMAGES, 4)
+    n_train = images or n_train
     calls, big = (10, 8) if smoke else (200, 64)
     print(TAG + json.dumps({"backend": backend, "run": "device", "device": device_name(backend)}), flush=True)
+    end = started + budget
     plan = [
-        ("train float32", lambda: train_run(size, "float32", epochs, n_train, n_val)),
+        ("train float32", lambda: train_run(size, "float32", epochs, n_train, n_val, deadline=end)),
         ("infer resnet50 float32", lambda: infer_run(size, "resnet50", calls, big)),
+        ("train mixed_bfloat16", lambda: train_run(size, "mixed_bfloat16", epochs, n_train, n_val, deadline=end)),
+        ("train mixed_float16", lambda: train_run(size, "mixed_float16", epochs, n_train, n_val, deadline=end)),
+        ("infer efficientnet_lite0 float32", lambda: infer_run(lite_size, "efficientnet_lite0", calls, big)),
         # Lite0 (depthwise convolutions) is msbt's CPU and multi-site backbone; its training speed under
         # XLA is unknown (a leave-one-site-out run of it on the H200 did not finish one fold in 385 s)
         ("train float32 efficientnet_lite0", lambda: train_run(lite_size, "float32", 3, n_train, n_val,
-                                                               "efficientnet_lite0")),
-        ("train mixed_bfloat16", lambda: train_run(size, "mixed_bfloat16", epochs, n_train, n_val)),
-        ("train mixed_float16", lambda: train_run(size, "mixed_float16", epochs, n_train, n_val)),
-        ("infer efficientnet_lite0 float32", lambda: infer_run(lite_size, "efficientnet_lite0", calls, big)),
+                                                               "efficientnet_lite0", deadline=end)),
     ]
+    plan = [(name, run) for name, run in plan if not only or name in only]
     estimate = 60.0
     for name, run in plan:
         left = budget - (time.perf_counter() - started)
@@ -183,7 +193,8 @@ def table(results: list[dict]) -> str:
                          f"{r['s_per_epoch']:.2f} | {r['images_per_s']:.0f} | {r['projected_s']:.0f} | "
                          f"{PAPER_STAGE_SECONDS} (two RTX 3090) |")
     lines += ["", "inference, float32: batch 1 (to host) and a large batch",
-              "| backend | model | p50 ms | p99 ms | frames/s batch 1 | images/s at batch |", "|---|---|---|---|---|---|"]
+              "| backend | model | p50 ms | p99 ms | frames/s batch 1 (1/p50) | images/s at batch |",
+              "|---|---|---|---|---|---|"]
     for r in results:
         if r["run"].startswith("infer") and "p50_ms" in r:
             lines.append(f"| {r['backend']} | {r['run'].split()[1]} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
@@ -200,10 +211,14 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=400, help="seconds for all backends together")
     parser.add_argument("--smoke", action="store_true", help="32 px, few images: a plumbing check on any machine")
     parser.add_argument("--out", help="write every result as JSON here")
+    parser.add_argument("--only", action="append", default=[], metavar="RUN",
+                        help="run only this one (repeatable), e.g. 'train float32 efficientnet_lite0'")
+    parser.add_argument("--lite-size", type=int, help="EfficientNet-Lite0's image size (default 224)")
+    parser.add_argument("--images", type=int, help=f"training images per epoch (default {TRAIN_IMAGES})")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker, args.smoke, args.budget)
+        return worker(args.worker, args.smoke, args.budget, args.only, args.lite_size, args.images)
 
     started, results, failed = time.perf_counter(), [], False
     backends = [b for b in args.backends.split(",") if b]
@@ -212,15 +227,25 @@ def main() -> int:
         share = left / (len(backends) - i) if i < len(backends) - 1 else left
         # The first backend gets the larger share: JAX is the one Keras recommends for speed.
         share = max(share, 0.6 * left) if i == 0 and len(backends) > 1 else share
+        if share < 60:
+            results.append({"backend": backend, "run": "all", "skipped": f"{share:.0f} s of budget left"})
+            continue
         env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONUNBUFFERED": "1"}
         cmd = [sys.executable, __file__, "--worker", backend, "--budget", f"{share:.0f}"]
         cmd += ["--smoke"] if args.smoke else []
+        cmd += [f"--only={name}" for name in args.only]
+        cmd += [f"--lite-size={args.lite_size}"] if args.lite_size else []
+        cmd += [f"--images={args.images}"] if args.images else []
         print(f"== {backend}: {share:.0f} s of budget", flush=True)
         try:
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=share + 120)
-        except subprocess.TimeoutExpired as stopped:  # keep the runs it finished
-            text = stopped.stdout.decode() if isinstance(stopped.stdout, bytes) else (stopped.stdout or "")
-            done = subprocess.CompletedProcess(cmd, -9, text, "timed out: a run overran the backend's budget")
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, errors="replace", timeout=share + 120)
+        except subprocess.TimeoutExpired as stopped:  # keep the runs it finished, and what it said
+
+            def text(out) -> str:
+                return out.decode(errors="replace") if isinstance(out, bytes) else (out or "")
+
+            done = subprocess.CompletedProcess(cmd, -9, text(stopped.stdout),
+                                               text(stopped.stderr) + "\ntimed out: a run overran the backend's budget")
         if args.out:  # the backend's own messages (XLA, CUDA), for a run that needs explaining
             Path(args.out).with_suffix(f".{backend}.stderr.txt").write_text(done.stderr[-200_000:])
         for line in done.stdout.splitlines():

@@ -14,23 +14,29 @@ GPU" was the lever left untested. The GPU machine lent to a session has JAX but 
 * ``pack`` reads a multi-site 224 px store (``msbt.data.store``; e.g. the one of ``loso-ms-frozen224``) and
   writes ``data.npz`` (each image PNG-encoded, grey when its channels are equal, so the set fits in what
   travels to the GPU machine) and ``lite0.weights.h5`` (the backbone's ImageNet weights, which the machine
-  cannot make: the Lite0 package is not there).
+  cannot make: the Lite0 package is not there). It marks the held-out images that msbt's own
+  leave-one-site-out would exclude (near-duplicates of another site's train or val image,
+  ``msbt.jobs.experiments.cross_site_duplicates`` on the run's split folder); ``train`` never scores them.
 * ``train`` runs each arm with every site held out in turn: stage 2 on the other sites' ``train`` rows
   (each image three times per epoch, as ``augment.expansion: 3``), the epoch with the best exact AUC on
-  their ``val`` rows kept, then every image of the held-out site scored. Augmentation is Keras' random
-  layers for the config's flip, shift, rotation, zoom, contrast and brightness, on the GPU; msbt's speckle
-  and blur (TensorFlow ops) are left out. Arms, in this order: ``96`` (the CPU design: 96 px resized from
+  their ``val`` rows kept, then every image of the held-out site scored. One training seed (0), where
+  ``multisite.yaml`` averages three. Augmentation is Keras' random layers for the config's flip, shift,
+  rotation, zoom, contrast and brightness, on the GPU, filling with the nearest pixel as msbt does; it is not
+  msbt's: Keras' brightness adds up to +-20% of 255 where msbt multiplies by a gain, and msbt's speckle and blur
+  (TensorFlow ops) are left out, so the arms compare with each other here, not with docs/evaluation.md's
+  trained designs. Arms, in this order: ``96`` (the CPU design: 96 px resized from
   the 224 px images, 8 epochs; the control for this pipeline), ``224`` (224 px, 30 epochs, the config's Adam
   1e-3), ``224-lr1e-4`` (224 px, 30 epochs, Adam 1e-4, the usual rate for fine-tuning a pretrained
   backbone). Every epoch is printed with its time; a fold that would start with too little of ``--budget``
-  left is skipped, and one running when the budget ends stops after that epoch (its best epoch so far is
-  scored, and the report says how many epochs it ran).
-
-First try on an H200 (2026-12-04): the first fold of the ``224`` arm (then first in the order) did not finish
-in 385 s, with no per-epoch output to say why; on the CPU, Keras on JAX trained Lite0 at about 4 images/s at
-96 px. Time a Lite0 training step first (``benchmarks/gpu_keras.py``'s Lite0 run) before planning folds.
+  left is skipped, and one running when the budget ends stops at the end of the epoch it is in (its best
+  epoch so far is scored, and the report says how many epochs it ran): the budget can be overrun by one
+  epoch and one scoring.
 * ``report`` computes the held-out AUCs with 95% group-bootstrap intervals over the held-out site's lesion
   groups and each arm's paired difference to the ``96`` arm (``msbt.eval.metrics``).
+
+First try on an H200 (2026-12-04, the ``224`` arm then first in the order): its first fold did not finish in
+385 s, with no per-epoch output to say why. Time a Lite0 training stage first (``benchmarks/gpu_keras.py``'s
+Lite0 run) before planning folds.
 """
 
 from __future__ import annotations
@@ -59,13 +65,21 @@ ARMS = {  # name: (image size, epochs, learning rate or None for the config's); 
 # pack (here) and the data both sides read
 
 
-def pack(store_path: Path, folder: Path) -> None:
+def pack(store_path: Path, folder: Path, split_folder: Path) -> None:
     import cv2
 
     from msbt.data.store import Store
+    from msbt.jobs.experiments import cross_site_duplicates, read_split_rows
     from msbt.model.models import build_backbone
 
-    data = Store.open(store_path).read(["image", "label_index", "site", "split", "group"])
+    data = Store.open(store_path).read(["image", "label_index", "site", "split", "group", "source"])
+    rows = read_split_rows(split_folder)
+    excluded = set().union(*(cross_site_duplicates(split_folder, rows, s) for s in sorted(set(data["site"]))))
+    source = [str(x) for x in data["source"]]
+    unknown = sorted(set(source) - {r["relpath"] for r in rows})
+    if unknown:
+        raise SystemExit(f"{split_folder / 'split.csv'} does not list {len(unknown)} of the store's images "
+                         f"(e.g. {unknown[0]}): give the split folder of the run that made {store_path}")
     images = data["image"]
     blobs = []
     for image in images:
@@ -77,15 +91,17 @@ def pack(store_path: Path, folder: Path) -> None:
     offsets = np.cumsum([0] + [len(b) for b in blobs])
     np.savez(folder / "data.npz", png=np.concatenate(blobs), offsets=offsets, size=images.shape[1],
              label=data["label_index"].astype(np.int8), site=data["site"].astype(str),
-             split=data["split"].astype(str), group=data["group"].astype(str))
+             split=data["split"].astype(str), group=data["group"].astype(str),
+             excluded=np.array([x in excluded for x in source]))
     build_backbone("efficientnet_lite0", images.shape[1], "imagenet").save_weights(folder / "lite0.weights.h5")
-    print(f"{len(images)} images -> {folder / 'data.npz'} ({offsets[-1] / 1e6:.1f} MB), "
+    print(f"{len(images)} images ({len(excluded)} cross-site near-duplicates excluded when their site is "
+          f"held out) -> {folder / 'data.npz'} ({offsets[-1] / 1e6:.1f} MB), "
           f"{folder / 'lite0.weights.h5'} ({(folder / 'lite0.weights.h5').stat().st_size / 1e6:.1f} MB)")
 
 
 def load(folder: Path, with_images: bool = True) -> dict:
     raw = np.load(folder / "data.npz")
-    data = {k: raw[k] for k in ("label", "site", "split", "group")}
+    data = {k: raw[k] for k in ("label", "site", "split", "group", "excluded")}
     data["row"] = np.arange(len(data["label"]))  # rows of the packed set, kept through a smoke subset
     if with_images:
         import cv2
@@ -121,35 +137,40 @@ def train_one(data: dict, held: str, size: int, epochs: int, lr: float | None, w
     if images.shape[1] != size:
         images = np.stack([cv2.resize(x, (size, size), interpolation=cv2.INTER_AREA) for x in images])
     site, split, y = data["site"], data["split"], data["label"].astype(np.float32)[:, None]
-    train, val, test = (site != held) & (split == "train"), (site != held) & (split == "val"), site == held
+    train, val = (site != held) & (split == "train"), (site != held) & (split == "val")
+    test = (site == held) & ~data["excluded"]
     copies = stage.augment.expansion if stage.augment.enabled else 1
     x_train, y_train = np.repeat(images[train], copies, axis=0), np.repeat(y[train], copies, axis=0)
 
     keras.utils.set_random_seed(0)
     model = build_model(stage, 2)
     aug = stage.augment
-    augment = keras.Sequential([
-        layers.RandomFlip("horizontal"),
-        layers.RandomTranslation(aug.shift, aug.shift, fill_mode="constant"),
-        layers.RandomRotation(aug.rotation / 360.0, fill_mode="constant"),
-        layers.RandomZoom(aug.zoom, fill_mode="constant"),
-        layers.RandomContrast(aug.contrast, value_range=(0, 255)),
-        layers.RandomBrightness(aug.brightness, value_range=(0, 255)),
-    ], name="augment")
+    steps = [layers.RandomFlip("horizontal")] if aug.flip else []
+    steps += [layers.RandomTranslation(aug.shift, aug.shift, fill_mode="nearest"),
+              layers.RandomRotation(aug.rotation / 360.0, fill_mode="nearest"),
+              layers.RandomZoom(aug.zoom, fill_mode="nearest"),
+              layers.RandomContrast(aug.contrast, value_range=(0, 255)),
+              layers.RandomBrightness(aug.brightness, value_range=(0, 255))]
     inputs = keras.Input((size, size, 3))
-    wrapped = keras.Model(inputs, model(augment(inputs)))
+    augmented = keras.Sequential(steps, name="augment")(inputs) if aug.enabled else inputs
+    wrapped = keras.Model(inputs, model(augmented))
     wrapped.compile(optimizer=OPTIMIZERS[stage.optimizer](learning_rate=lr or stage.learning_rate),
                     loss="binary_crossentropy")
-    history, best = [], {"auc": -1.0}
+    history, best = [], {"auc": float("nan")}
 
     class KeepBest(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
-            auc = roc_auc(y[val, 0], model.predict(images[val], batch_size=64, verbose=0)[:, 0])
+            scores = model.predict(images[val], batch_size=64, verbose=0)[:, 0]
+            try:
+                auc = roc_auc(y[val, 0], scores)
+            except ValueError:  # non-finite scores: a diverged epoch
+                auc = float("nan")
             history.append(auc)
-            # the first of equal epochs, as msbt's saver; NaN (one class, non-finite scores) never improves
-            if "weights" not in best or auc > best["auc"]:
+            # the first of equal epochs, as msbt's saver; a NaN epoch never improves, and is beaten by any other
+            if "weights" not in best or auc > best["auc"] or (np.isnan(best["auc"]) and not np.isnan(auc)):
                 best.update(auc=auc, epoch=epoch + 1, weights=[w.copy() for w in model.get_weights()])
-            print(f"  epoch {epoch + 1}/{epochs}: val AUC {auc:.3f}, {time.perf_counter() - began:.1f} s", flush=True)
+            print(f"  epoch {epoch + 1}/{epochs}: val AUC {auc:.3f}, {time.perf_counter() - began:.1f} s",
+                  flush=True)
             if time.perf_counter() > deadline:
                 self.model.stop_training = True
 
@@ -161,7 +182,8 @@ def train_one(data: dict, held: str, size: int, epochs: int, lr: float | None, w
     return {"held": held, "size": size, "epochs": epochs, "lr": lr or stage.learning_rate,
             "train_images": int(train.sum()), "val_images": int(val.sum()), "best_epoch": best["epoch"],
             "epochs_run": len(history),
-            "val_auc": history, "rows": [int(i) for i in data["row"][test]], "p_test": [float(p) for p in p_test], "seconds": time.perf_counter() - began}
+            "val_auc": history, "rows": [int(i) for i in data["row"][test]], "p_test": [float(p) for p in p_test],
+            "seconds": time.perf_counter() - began}
 
 
 def train(folder: Path, out: Path, budget: float, arms: list[str], smoke: bool) -> int:
@@ -194,7 +216,7 @@ def train(folder: Path, out: Path, budget: float, arms: list[str], smoke: bool) 
             estimate[arm] = r["seconds"] * 0.8  # later folds reuse the compiled graphs
             results.append({"arm": arm, **r})
             print(f"{arm} held-out {held}: {r['epochs_run']} epochs, best {r['best_epoch']}, "
-                  f"val AUC {max(r['val_auc']):.3f}, "
+                  f"val AUC {np.nanmax(r['val_auc']):.3f}, "
                   f"{r['seconds']:.0f} s", flush=True)
             out.write_text(json.dumps(results))  # after each fold: a stopped run keeps what it finished
     print(f"total {time.perf_counter() - started:.0f} s")
@@ -233,7 +255,7 @@ def report(folder: Path, results_path: Path, n_boot: int) -> int:
                 if arm != "96" and base is not None and base["rows"] == r["rows"]:
                     d = paired_bootstrap_auc_diff(y, p, np.asarray(base["p_test"]), groups=groups, n_boot=n_boot)
                     cell += f"<br>{d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] vs 96"
-                cell += f"<br>epoch {r['best_epoch']} of {r.get('epochs_run', r['epochs'])}, val {max(r['val_auc']):.3f}, "
+                cell += f"<br>epoch {r['best_epoch']} of {r.get('epochs_run', r['epochs'])}, val {np.nanmax(r['val_auc']):.3f}, "
                 cell += f"{r['seconds']:.0f} s"
             cells.append(cell)
         print(f"| {arm} | {first['size']} | {first['epochs']} | {first['lr']:g} | " + " | ".join(cells) + " |")
@@ -246,6 +268,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("pack", help="a multi-site store -> data.npz + lite0.weights.h5 in FOLDER")
     p.add_argument("store", type=Path)
     p.add_argument("folder", type=Path)
+    p.add_argument("--split", type=Path, help="the run's ultrasound split folder (default: <run>/data/ultrasound "
+                   "for a store at <run>/stores/ultrasound)")
     t = sub.add_parser("train", help="every arm, every site held out (Keras on JAX)")
     t.add_argument("folder", type=Path)
     t.add_argument("--out", type=Path, required=True)
@@ -258,7 +282,7 @@ def main(argv=None) -> int:
     r.add_argument("--n-boot", type=int, default=2000)
     args = parser.parse_args(argv)
     if args.command == "pack":
-        pack(args.store, args.folder)
+        pack(args.store, args.folder, args.split or args.store.resolve().parents[1] / "data" / "ultrasound")
         return 0
     if args.command == "train":
         if os.environ.get("KERAS_BACKEND", "jax") != "jax":

@@ -111,7 +111,7 @@ class PreprocessConfig:
     # Ultrasound images: resized to image_size x image_size.
     image_size: int = 200
     aspect: Literal["pad", "stretch", "crop"] = "pad"  # pad keeps the lesion's shape (letterbox)
-    intensity: Literal["none", "minmax", "clahe"] = "none"
+    intensity: Literal["none", "minmax", "clahe", "equalize"] = "none"
     # Running over many files: a rerun into an existing store refuses, resumes (finished chunks are
     # kept) or overwrites; never mixes two runs silently.
     on_existing: Literal["refuse", "resume", "overwrite"] = "resume"

@@ -378,18 +378,23 @@ def normalize_intensity(rgb: np.ndarray, mode: str = "none") -> np.ndarray:
     which evens out gain differences between machines; "clahe" equalises contrast locally (OpenCV's
     contrast-limited adaptive histogram equalisation on the lightness channel, clip limit 2, tiles of
     1/8 of each side), which also evens out depth-dependent gain (time-gain compensation) that differs
-    between scanners and operators."""
+    between scanners and operators; "equalize" equalises the whole image's histogram (OpenCV's
+    ``equalizeHist`` on the lightness channel): every image's grey levels then spread evenly over 0..255,
+    whatever the scanner's gain and dynamic range, one global mapping per image (no local contrast change)."""
     if mode == "none":
         return rgb
-    if mode == "clahe":
-        clahe = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
+    if mode in ("clahe", "equalize"):
+        if mode == "clahe":
+            equalise = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply
+        else:
+            equalise = cv2.equalizeHist
         if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]):
-            return np.repeat(clahe.apply(np.ascontiguousarray(rgb[..., 0]))[..., None], 3, axis=2)
+            return np.repeat(equalise(np.ascontiguousarray(rgb[..., 0]))[..., None], 3, axis=2)
         lab = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2LAB)  # colour overlays keep their hue
-        lab[..., 0] = clahe.apply(lab[..., 0])
+        lab[..., 0] = equalise(np.ascontiguousarray(lab[..., 0]))
         return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
     if mode != "minmax":
-        raise ValueError(f"intensity must be 'none', 'minmax' or 'clahe', got {mode!r}")
+        raise ValueError(f"intensity must be 'none', 'minmax', 'clahe' or 'equalize', got {mode!r}")
     lo, hi = np.percentile(rgb, (1, 99))
     if hi <= lo:
         return rgb

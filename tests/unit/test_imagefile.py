@@ -108,3 +108,25 @@ def test_clahe_evens_out_a_depth_dependent_gain():
     before = abs(dim[96:].mean() - even[96:].mean())
     after = abs(b[96:].astype(float).mean() - a[96:].astype(float).mean())
     assert after < 0.7 * before, (before, after)  # 58 -> 37 grey levels with these numbers
+
+
+def test_equalize_removes_a_global_gain_and_contrast_difference():
+    """Histogram equalisation ("intensity: equalize") maps one frame and the same frame at another scanner's
+    gain and dynamic range (grey = 0.5 * grey + 20) to nearly the same image, since it depends on the grey
+    levels' order only; colour images keep their hue (only lightness changes)."""
+    from msbt.images.imagefile import normalize_intensity
+
+    rng = np.random.default_rng(0)
+    tissue = rng.uniform(30, 220, (128, 128)).astype(np.float32)
+    frame = np.dstack([tissue] * 3).astype(np.uint8)
+    other = np.dstack([0.5 * tissue + 20] * 3).astype(np.uint8)
+    a, b = normalize_intensity(frame, "equalize"), normalize_intensity(other, "equalize")
+    assert a.dtype == np.uint8 and np.array_equal(b[..., 0], b[..., 2])
+    before = np.abs(frame.astype(float) - other).mean()
+    after = np.abs(a.astype(float) - b).mean()
+    assert after < 0.1 * before, (before, after)
+    assert a.min() <= 2 and a.max() >= 253  # spread over the whole range
+    colour = frame.copy()
+    colour[..., 0] = np.clip(tissue + 30, 0, 255).astype(np.uint8)  # a reddish overlay
+    out = normalize_intensity(colour, "equalize")
+    assert out.shape == colour.shape and (out[..., 0].astype(int) - out[..., 2]).mean() > 10
