@@ -31,7 +31,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -40,8 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PAPER_STAGE_SECONDS = 400  # stage 2 on two RTX 3090 (the paper)
-PAPER_EPOCHS = 30
+from benchmarks.gpu_stage import PAPER_EPOCHS, PAPER_STAGE_SECONDS, projection  # noqa: E402
+
 TRAIN_IMAGES, VAL_IMAGES = 525, 50  # 175 training images tripled; 50 validation (7:2:1 of 250)
 TAG = "RESULT "
 
@@ -102,12 +101,10 @@ def train_run(size: int, policy: str, epochs: int, n_train: int, n_val: int, bac
     history = model.fit(x, y, batch_size=stage.batch_size, epochs=epochs, shuffle=True, verbose=0,
                         validation_data=(vx, vy), callbacks=[EpochEnds()])
     times = [b - a for a, b in zip([began, *ends], ends)]
-    steady = statistics.median(times[1:])
     loss = history.history["loss"][-1]
     if not np.isfinite(loss):
         raise FloatingPointError(f"training loss is {loss}")
-    return {"first_epoch_s": times[0], "s_per_epoch": steady, "epochs_run": len(times), "images_per_s": n_train / steady,
-            "projected_s": times[0] + (PAPER_EPOCHS - 1) * steady, "epochs_s": times,
+    return {**projection(times[0], times[1:], n_train), "epochs_run": len(times), "epochs_s": times,
             "batch": stage.batch_size, "train_images": n_train, "size": size, "last_loss": float(loss),
             "params": model.count_params()}
 

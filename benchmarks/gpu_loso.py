@@ -14,9 +14,10 @@ GPU" was the lever left untested. The GPU machine lent to a session has JAX but 
 * ``pack`` reads a multi-site 224 px store (``msbt.data.store``; e.g. the one of ``loso-ms-frozen224``) and
   writes ``data.npz`` (each image PNG-encoded, grey when its channels are equal, so the set fits in what
   travels to the GPU machine) and ``lite0.weights.h5`` (the backbone's ImageNet weights, which the machine
-  cannot make: the Lite0 package is not there). It marks the held-out images that msbt's own
-  leave-one-site-out would exclude (near-duplicates of another site's train or val image,
-  ``msbt.jobs.experiments.cross_site_duplicates`` on the run's split folder); ``train`` never scores them.
+  cannot make: the Lite0 package is not there). It records, for every site held out, each image's role as
+  msbt's own leave-one-site-out assigns it (``msbt.jobs.experiments.site_roles``: the other sites' train and
+  val rows, the held-out site's images minus their near-duplicates of another site's train or val image,
+  ``cross_site_duplicates`` on the run's split folder); ``train`` reads those roles and nothing else.
 * ``train`` runs each arm with every site held out in turn: stage 2 on the other sites' ``train`` rows
   (each image three times per epoch, as ``augment.expansion: 3``), the epoch with the best exact AUC on
   their ``val`` rows kept, then every image of the held-out site scored. One training seed (0), where
@@ -69,12 +70,11 @@ def pack(store_path: Path, folder: Path, split_folder: Path) -> None:
     import cv2
 
     from msbt.data.store import Store
-    from msbt.jobs.experiments import cross_site_duplicates, read_split_rows
+    from msbt.jobs.experiments import cross_site_duplicates, read_split_rows, site_roles
     from msbt.model.models import build_backbone
 
     data = Store.open(store_path).read(["image", "label_index", "site", "split", "group", "source"])
     rows = read_split_rows(split_folder)
-    excluded = set().union(*(cross_site_duplicates(split_folder, rows, s) for s in sorted(set(data["site"]))))
     source = [str(x) for x in data["source"]]
     unknown = sorted(set(source) - {r["relpath"] for r in rows})
     if unknown:
@@ -87,21 +87,26 @@ def pack(store_path: Path, folder: Path, split_folder: Path) -> None:
         ok, buf = cv2.imencode(".png", image[..., 0] if grey else image[..., ::-1])  # PNG stores BGR
         assert ok
         blobs.append(buf.ravel())
+    roles_by_site, excluded = {}, 0
+    for site in sorted(set(data["site"])):
+        duplicates = cross_site_duplicates(split_folder, rows, site)
+        roles_by_site[site], excluded = site_roles(rows, site, duplicates), excluded + len(duplicates)
     folder.mkdir(parents=True, exist_ok=True)
     offsets = np.cumsum([0] + [len(b) for b in blobs])
     np.savez(folder / "data.npz", png=np.concatenate(blobs), offsets=offsets, size=images.shape[1],
              label=data["label_index"].astype(np.int8), site=data["site"].astype(str),
              split=data["split"].astype(str), group=data["group"].astype(str),
-             excluded=np.array([x in excluded for x in source]))
+             **{f"role_{site}": np.array([roles.get(x, "") for x in source])
+                for site, roles in roles_by_site.items()})
     build_backbone("efficientnet_lite0", images.shape[1], "imagenet").save_weights(folder / "lite0.weights.h5")
-    print(f"{len(images)} images ({len(excluded)} cross-site near-duplicates excluded when their site is "
+    print(f"{len(images)} images ({excluded} cross-site near-duplicates excluded when their site is "
           f"held out) -> {folder / 'data.npz'} ({offsets[-1] / 1e6:.1f} MB), "
           f"{folder / 'lite0.weights.h5'} ({(folder / 'lite0.weights.h5').stat().st_size / 1e6:.1f} MB)")
 
 
 def load(folder: Path, with_images: bool = True) -> dict:
     raw = np.load(folder / "data.npz")
-    data = {k: raw[k] for k in ("label", "site", "split", "group", "excluded")}
+    data = {k: raw[k] for k in raw.files if k in ("label", "site", "split", "group") or k.startswith("role_")}
     data["row"] = np.arange(len(data["label"]))  # rows of the packed set, kept through a smoke subset
     if with_images:
         import cv2
@@ -136,9 +141,8 @@ def train_one(data: dict, held: str, size: int, epochs: int, lr: float | None, w
     images = data["image"]
     if images.shape[1] != size:
         images = np.stack([cv2.resize(x, (size, size), interpolation=cv2.INTER_AREA) for x in images])
-    site, split, y = data["site"], data["split"], data["label"].astype(np.float32)[:, None]
-    train, val = (site != held) & (split == "train"), (site != held) & (split == "val")
-    test = (site == held) & ~data["excluded"]
+    y, role = data["label"].astype(np.float32)[:, None], data[f"role_{held}"]
+    train, val, test = role == "train", role == "val", role == "test"
     copies = stage.augment.expansion if stage.augment.enabled else 1
     x_train, y_train = np.repeat(images[train], copies, axis=0), np.repeat(y[train], copies, axis=0)
 
