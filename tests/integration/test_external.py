@@ -10,6 +10,7 @@ import csv
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import keras
 import numpy as np
@@ -138,15 +139,27 @@ def test_leave_one_site_out_folds_hold_out_each_site_whole():
     assert len(seen_as_test) == 9
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_leave_one_site_out_on_two_built_in_sites(tmp_path, ray_local, capsys):
-    """The real thing, smallest: two built-in sites, 32 px, one epoch per stage; every site held out once,
-    its store holding all its images as test and the other site's test rows as 'internal'."""
+def _printed(call):
+    """Run ``call()`` and return (its result, what it printed): the module fixtures below have no capsys."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        result = call()
+    return result, out.getvalue()
+
+
+# Leave one site out, the real thing at its smallest: two built-in sites, 32 px, one epoch per stage. The steps
+# build on each other (the design, then compare's scratch arm, then a second seed, then both), one module fixture
+# each, so that each test's time limit covers only the stages it adds (about three; all of it in one test ran
+# past pytest-timeout's 600 s on the CI machine).
+@pytest.fixture(scope="module")
+def loso(tmp_path_factory, ray_local):
     from msbt.config import DataConfig, PreprocessConfig, RunConfig, SynthConfig
-    from msbt.data.store import read_store
     from msbt.jobs import experiments as X
 
+    tmp_path = tmp_path_factory.mktemp("loso")
     small = dict(**TINY_BACKBONE, image_size=32, batch_size=8, epochs=1)
     config = Config(
         synth=SynthConfig(out_dir=str(tmp_path / "synth"), fields_per_line=3, field_size=300, lesions_per_class=6,
@@ -158,6 +171,35 @@ def test_leave_one_site_out_on_two_built_in_sites(tmp_path, ray_local, capsys):
         run=RunConfig(name="loso", storage_path=str(tmp_path / "runs")),
     )
     report = X.leave_one_site_out(config, n_boot=100)
+    return SimpleNamespace(tmp=tmp_path, config=config, report=report)
+
+
+@pytest.fixture(scope="module")
+def loso_arms(loso):
+    """compare --by site: the multistage arm and a scratch arm, seed 0."""
+    from msbt.jobs import experiments as X
+
+    return _printed(lambda: X.leave_one_site_out(loso.config, arms=("multistage", "scratch"), n_boot=100))
+
+
+@pytest.fixture(scope="module")
+def loso_seeded(loso):
+    """--seeds 0 1: seed 1 trained beside the design's seed 0."""
+    from msbt.jobs import experiments as X
+
+    return _printed(lambda: X.leave_one_site_out(loso.config, seeds=(0, 1), n_boot=100))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_leave_one_site_out_on_two_built_in_sites(loso):
+    """Every site held out once, its store holding all its images as test and the other site's test rows as
+    'internal'."""
+    from msbt.data.store import read_store
+    from msbt.jobs import experiments as X
+    from msbt.model.checkpoint import lineage
+
+    tmp_path, report = loso.tmp, loso.report
     assert [r["site"] for r in report["rows"]] == ["site-a", "site-b"]
     rows = X.read_split_rows(tmp_path / "runs" / "loso" / "data" / "ultrasound")
     stage1s = set()
@@ -170,8 +212,6 @@ def test_leave_one_site_out_on_two_built_in_sites(tmp_path, ray_local, capsys):
         assert r["gap"] == pytest.approx(r["internal_auc"][0] - r["held_out_auc"][0])
         low, high = r["held_out_auc"][1:]
         assert low <= r["held_out_auc"][0] <= high
-        from msbt.model.checkpoint import lineage
-
         stage1s.add(lineage(r["checkpoint"])[1]["path"])
     assert len(stage1s) == 1  # both arms from one stage 1
     assert (tmp_path / "runs" / "loso" / "loso" / "loso.json").is_file()
@@ -180,11 +220,18 @@ def test_leave_one_site_out_on_two_built_in_sites(tmp_path, ray_local, capsys):
     assert summary["worst_held_out_auc"] == min(aucs.values(), key=lambda v: v[0]) == aucs[summary["worst_site"]]
     assert summary["mean_held_out_auc"] == pytest.approx(np.mean([v[0] for v in aucs.values()]))
     assert "at a site it never saw" in X.format_loso(report)
-    # compare --by site: the multistage arm is the design above (its folders reused, nothing retrained), the
-    # scratch arm trains per site; the two are paired on each held-out site's images
-    capsys.readouterr()
-    both = X.leave_one_site_out(config, arms=("multistage", "scratch"), n_boot=100)
-    printed = capsys.readouterr().out
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_leave_one_site_out_compares_arms_on_each_held_out_site(loso, loso_arms):
+    """compare --by site: the multistage arm is the design (its folders reused, nothing retrained), the scratch
+    arm trains per site; the two are paired on each held-out site's images."""
+    from msbt.eval.report import experiments_section
+    from msbt.model.checkpoint import lineage
+
+    tmp_path, report = loso.tmp, loso.report
+    both, printed = loso_arms
     assert "site-site-a: reusing" in printed and "site-site-b: reusing" in printed
     assert both["arms"]["multistage"]["rows"] == report["rows"]
     assert [r["site"] for r in both["arms"]["scratch"]["rows"]] == ["site-a", "site-b"]
@@ -197,16 +244,21 @@ def test_leave_one_site_out_on_two_built_in_sites(tmp_path, ray_local, capsys):
         held = {r["site"]: r["held_out_auc"][0] for r in report["rows"]}[site]
         assert test["paired_bootstrap"]["auc_a"] == pytest.approx(held)
     assert (tmp_path / "runs" / "loso" / "loso" / "compare.json").is_file()
-    from msbt.eval.report import experiments_section
-
     assert "Stage-2 starting points under leave one site out" in experiments_section(tmp_path / "runs" / "loso")
-    # --seeds: the config's own seed (0) reuses site-<s>/, seed 1 trains site-<s>-seed1/ on the same stores; the
-    # summary is the mean over seeds, with the seeds' spread and their averaged model
-    from msbt.model.checkpoint import read_manifest
 
-    capsys.readouterr()
-    seeded = X.leave_one_site_out(config, seeds=(0, 1), n_boot=100)
-    printed = capsys.readouterr().out
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_leave_one_site_out_over_two_training_seeds(loso, loso_arms, loso_seeded):
+    """--seeds: the config's own seed (0) reuses site-<s>/, seed 1 trains site-<s>-seed1/ on the same stores; the
+    summary is the mean over seeds, with the seeds' spread and their averaged model."""
+    from msbt.eval.report import experiments_section
+    from msbt.jobs import experiments as X
+    from msbt.model.checkpoint import lineage, read_manifest
+
+    tmp_path, report = loso.tmp, loso.report
+    seeded, printed = loso_seeded
+    stage1s = {lineage(r["checkpoint"])[1]["path"] for r in report["rows"]}
     assert "site-site-a: reusing" in printed and "held-out site-b seed 1: AUC" in printed
     assert seeded["seeds"] == [0, 1] and seeded["rows"] == report["rows"] == seeded["by_seed"]["0"]
     for r in seeded["by_seed"]["1"]:
@@ -226,8 +278,20 @@ def test_leave_one_site_out_on_two_built_in_sites(tmp_path, ray_local, capsys):
     assert "sd over seeds" in experiments_section(tmp_path / "runs" / "loso")
     diff = X.loso_diff([tmp_path / "runs" / "loso", f"{tmp_path / 'runs' / 'loso'}:scratch"], n_boot=100)
     assert [r["seeds"] for r in diff["rows"]] == [2, 2, 1, 1] and all(r["seed_term"] for r in diff["rows"][2:])
-    # compare --by site --seeds: every arm with every seed (the multistage arm is the design: its seed folders are
-    # reused; scratch trains seed 1), the arms compared on their means over the seeds, both spreads counted
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_leave_one_site_out_compares_arms_over_seeds(loso, loso_arms, loso_seeded, capsys):
+    """compare --by site --seeds: every arm with every seed (the multistage arm is the design: its seed folders are
+    reused; scratch trains seed 1), the arms compared on their means over the seeds, both spreads counted."""
+    from msbt.eval.report import experiments_section
+    from msbt.jobs import experiments as X
+    from msbt.model.checkpoint import read_manifest
+
+    tmp_path, config = loso.tmp, loso.config
+    both, _ = loso_arms
+    seeded, _ = loso_seeded
     capsys.readouterr()
     arms2 = X.leave_one_site_out(config, arms=("multistage", "scratch"), seeds=(0, 1), n_boot=100)
     printed = capsys.readouterr().out
@@ -260,13 +324,20 @@ def test_leave_one_site_out_on_two_built_in_sites(tmp_path, ray_local, capsys):
     assert "site-site-a-seed1: reusing" in printed and "site-site-b-seed1: reusing" in printed
     assert [r["checkpoint"] for r in one["rows"]] == [r["checkpoint"] for r in seeded["by_seed"]["1"]]
 
-    # msbt ensemble: site-a's two seeds averaged into one checkpoint, scored on their fold store (found from the
-    # checkpoint), which is the "averaged model" leave one site out reported
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ensemble_of_a_held_out_sites_seeds(loso, loso_seeded):
+    """msbt ensemble: site-a's two seeds averaged into one checkpoint, scored on their fold store (found from the
+    checkpoint), which is the "averaged model" leave one site out reported."""
     from msbt.eval.evaluate import read_predictions
     from msbt.jobs.ensemble import make_ensemble
     from msbt.model import gradcam
-    from msbt.model.checkpoint import CheckpointError, format_lineage, load_checkpoint
+    from msbt.model.checkpoint import CheckpointError, format_lineage, load_checkpoint, read_manifest
     from msbt.serve.predict import predict_logits
+
+    tmp_path = loso.tmp
+    seeded, _ = loso_seeded
 
     a0, a1 = (next(r["checkpoint"] for r in seeded["by_seed"][k] if r["site"] == "site-a") for k in "01")
     b0 = next(r["checkpoint"] for r in seeded["by_seed"]["0"] if r["site"] == "site-b")
