@@ -21,7 +21,9 @@ scikit-learn is not a dependency of msbt, and this is the only place that needs 
 
 ``--standardise site`` standardises every site's features with its own images' mean and spread instead (the
 held-out site's from all its images, no labels: a label-free adaptation a hospital could run on its own
-unlabelled images). A ``--layers`` entry ``a+b`` is one design on the two layers' features side by side.
+unlabelled images). ``--balance class`` weights the linear heads' loss so that both classes weigh the same;
+``--balance site-class`` so that every training site's benign and malignant images weigh the same (no site's
+prevalence can stand in for malignancy). A ``--layers`` entry ``a+b`` is one design on the two layers' features side by side.
 """
 
 from __future__ import annotations
@@ -62,24 +64,42 @@ def features(images: np.ndarray, layers: list[str], batch: int = 32) -> dict[str
     return out
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, c: float):
-    """L2 logistic regression (penalty ||w||^2 / (2 C n), bias not penalised); returns a logit function."""
+def fit_logistic(x: np.ndarray, y: np.ndarray, c: float, weight: np.ndarray | None = None):
+    """L2 logistic regression (penalty ||w||^2 / (2 C n), bias not penalised); returns a logit function.
+
+    ``weight``: per-row weights of the log loss (mean 1; None: all 1)."""
     from scipy.optimize import minimize
 
     n, d = x.shape
+    weight = np.ones(n) if weight is None else weight / weight.mean()
 
     def loss(w):
         z = x @ w[:-1] + w[-1]
         p = 0.5 * (1 + np.tanh(z / 2))  # the logistic function without overflow
-        value = np.mean(np.logaddexp(0, -z) * y + np.logaddexp(0, z) * (1 - y)) + w[:-1] @ w[:-1] / (2 * c * n)
-        return value, np.r_[x.T @ (p - y) / n + w[:-1] / (c * n), np.mean(p - y)]
+        value = np.mean(weight * (np.logaddexp(0, -z) * y + np.logaddexp(0, z) * (1 - y)))
+        residual = weight * (p - y)
+        value += w[:-1] @ w[:-1] / (2 * c * n)
+        return value, np.r_[x.T @ residual / n + w[:-1] / (c * n), np.mean(residual)]
 
     w = minimize(loss, np.zeros(d + 1), jac=True, method="L-BFGS-B", options={"maxiter": 1000}).x
     return lambda z: z @ w[:-1] + w[-1]
 
 
+def balance_weights(site: np.ndarray, y: np.ndarray, rows: np.ndarray, balance: str) -> np.ndarray | None:
+    """Row weights over ``rows`` (a mask) that give each class ("class") or each site's each class ("site-class")
+    the same total weight; None for "none". With "site-class" no site's share of malignant images can be learnt
+    as a sign of malignancy (the training sites' prevalences differ: 32%, 39% and 60% here)."""
+    if balance == "none":
+        return None
+    keys = y[rows].astype(int).astype(str)
+    if balance == "site-class":
+        keys = np.char.add(np.char.add(site[rows].astype(str), ":"), keys)
+    cells, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    return 1.0 / counts[inverse]
+
+
 def probe(feats: dict, meta: dict, layers: list[str], cs: list[float], tta: bool, n_boot: int,
-          stage=None, refit: bool = True, standardise: str = "train") -> list[dict]:
+          stage=None, refit: bool = True, standardise: str = "train", balance: str = "none") -> list[dict]:
     """One design (layers, TTA; or msbt's head of ``stage``) held out at every site; a row per held-out site."""
     from msbt.eval.metrics import bootstrap_ci, roc_auc
 
@@ -105,15 +125,17 @@ def probe(feats: dict, meta: dict, layers: list[str], cs: list[float], tta: bool
             head, _ = fit_head(stage, cached, seed=0)
             chosen, p = None, np.asarray(head(plain[test], training=False))[:, 0]
         else:
-            chosen = max(cs, key=lambda c: roc_auc(y[val], fit_logistic(a[train], y[train], c)(a[val])))
+            weights = balance_weights(site, y, train, balance)
+            chosen = max(cs, key=lambda c: roc_auc(y[val], fit_logistic(a[train], y[train], c, weights)(a[val])))
             fit = (train | val) if refit else train
-            head = fit_logistic(a[fit], y[fit], chosen)
+            head = fit_logistic(a[fit], y[fit], chosen, balance_weights(site, y, fit, balance))
             logit = (head(a[test]) + head(b[test])) / 2 if tta else head(a[test])
             p = 0.5 * (1 + np.tanh(logit / 2))
         with warnings.catch_warnings():  # only the AUC is read; rates at 0.5 (e.g. an undefined ppv) are not
             warnings.simplefilter("ignore", RuntimeWarning)
             auc = bootstrap_ci(y[test], p, 0.5, groups=meta["group"][test], n_boot=n_boot)["auc"]
-        rows.append({"site": held, "images": int(test.sum()), "c": chosen, "auc": auc})
+        rows.append({"site": held, "images": int(test.sum()), "c": chosen, "auc": auc, "p": p, "y": y[test],
+                     "groups": meta["group"][test]})
     return rows
 
 
@@ -129,6 +151,10 @@ def main(argv=None) -> int:
                         help="linear heads' features: by the training rows' statistics, or each site by its own")
     parser.add_argument("--no-refit", action="store_true",
                         help="keep the linear head fitted on the train rows (default: refitted on train + val)")
+    parser.add_argument("--balance", nargs="+", choices=("none", "class", "site-class"), default=["none"],
+                        help="linear heads' loss: rows as they come, each class the same weight, or each site's "
+                             "each class the same weight; several: each one a design, and every one after the "
+                             "first compared with the first, paired on the held-out images")
     parser.add_argument("--msbt-head", type=Path, metavar="CONFIG",
                         help="also train this config's stage-2 head on each layer's features (e.g. multisite.yaml)")
     args = parser.parse_args(argv)
@@ -161,15 +187,30 @@ def main(argv=None) -> int:
     designs = [("linear", False), ("linear", True)] + ([("msbt head", False)] if stage else [])
     print("| layer | head | TTA | " + " | ".join(f"{s} ({int((data['site'] == s).sum())})" for s in sites) + " | worst |")
     print("|---|---|---|" + "---|" * (len(sites) + 1))
+    from msbt.eval.metrics import paired_bootstrap_auc_diff, p_text
+
+    balances = [None] if len(args.balance) == 1 else args.balance  # one: the table as before, no balance column
     for layer, names in zip(args.layers, designs_layers):
         for kind, tta in designs:
-            rows = probe(feats, data, names, args.c, tta, args.n_boot, stage if kind == "msbt head" else None,
-                         refit=not args.no_refit, standardise=args.standardise)
-            cells = [f"{r['auc'][0]:.3f} [{r['auc'][1]:.3f}, {r['auc'][2]:.3f}]" + (f" (C {r['c']:g})" if r["c"] else "")
-                     for r in rows]
-            worst = min(r["auc"][0] for r in rows)
-            print(f"| {layer} | {kind} | {'flip' if tta else 'no'} | " + " | ".join(cells) + f" | {worst:.3f} |",
-                  flush=True)
+            first = None
+            for balance in balances if kind == "linear" else [None]:
+                rows = probe(feats, data, names, args.c, tta, args.n_boot, stage if kind == "msbt head" else None,
+                             refit=not args.no_refit, standardise=args.standardise, balance=balance or args.balance[0])
+                cells = [f"{r['auc'][0]:.3f} [{r['auc'][1]:.3f}, {r['auc'][2]:.3f}]" + (f" (C {r['c']:g})" if r["c"] else "")
+                         for r in rows]
+                worst = min(r["auc"][0] for r in rows)
+                label = kind if balance is None else f"{kind}, balance {balance}"
+                print(f"| {layer} | {label} | {'flip' if tta else 'no'} | " + " | ".join(cells) + f" | {worst:.3f} |",
+                      flush=True)
+                if first is None:
+                    first = rows
+                    continue
+                diffs = []
+                for a, b in zip(rows, first):  # the same held-out images in the same order
+                    d = paired_bootstrap_auc_diff(a["y"], a["p"], b["p"], groups=a["groups"], n_boot=args.n_boot)
+                    diffs.append(f"{d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] {p_text(d['p_value'])}")
+                print(f"| {layer} | {label} minus {balances[0]} | {'flip' if tta else 'no'} | " + " | ".join(diffs)
+                      + " | |", flush=True)
     return 0
 
 
