@@ -170,6 +170,11 @@ class StageConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     monitor: str = "val_loss"  # metric that picks the best checkpoint
+    # Weights of the training loss (msbt.data.balance): "none" counts every training image once; "class"
+    # gives each class the same total weight; "site_class" each site's each class (every site then weighs
+    # the same, and no site's share of malignant images can stand in for malignancy; docs/evaluation.md,
+    # "Balancing the training sites and classes"). Validation, thresholds and metrics are never weighted.
+    balance: Literal["none", "class", "site_class"] = field(default="none", metadata=ADDED_LATER)
 
 
 def _stage2_default() -> StageConfig:

@@ -148,14 +148,15 @@ def expand_epoch(ds: tf.data.Dataset, cfg: AugmentConfig, *, seed: int, epoch: i
     """One epoch of training examples: E shuffled passes, pass 0 original, the rest augmented.
 
     Args:
-        ds: Unbatched ``(image, label)`` with a static image shape; ``image`` 0..255.
+        ds: Unbatched ``(image, label)`` (or ``(image, label, weight)``) with a static image shape; ``image``
+            0..255.
         cfg: Augmentation settings (``copies_per_epoch(cfg)`` passes).
         seed: Run seed.
         epoch: Epoch number: new transforms and a new order every epoch.
         shuffle_buffer: tf.data shuffle buffer (the number of images for a full shuffle).
 
     Returns:
-        Unbatched dataset of ``(float32 image, label)``, ``E * len(ds)`` elements.
+        Unbatched dataset of ``(float32 image, label)`` (and the weight), ``E * len(ds)`` elements.
     """
     passes = None
     indexed = ds.enumerate()
@@ -163,11 +164,12 @@ def expand_epoch(ds: tf.data.Dataset, cfg: AugmentConfig, *, seed: int, epoch: i
         # A Python int: tf.data combines it with TF's global seed (fit_stage sets that to `seed`).
         order_seed = (seed * _EPOCH_STRIDE + epoch * 101 + copy) % (2**31 - 1)
         shuffled = indexed.shuffle(shuffle_buffer, seed=order_seed, reshuffle_each_iteration=False)
+        # xy[1:]: the label, and the row's loss weight when the dataset carries one (stage.balance)
         if copy == 0:
-            one = shuffled.map(lambda i, xy: (tf.cast(xy[0], tf.float32), xy[1]))
+            one = shuffled.map(lambda i, xy: (tf.cast(xy[0], tf.float32), *xy[1:]))
         else:
             one = shuffled.map(
-                lambda i, xy, c=copy: (augment_image(xy[0], image_key(seed, epoch, c, i), cfg), xy[1]),
+                lambda i, xy, c=copy: (augment_image(xy[0], image_key(seed, epoch, c, i), cfg), *xy[1:]),
                 num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=True,
             )

@@ -154,13 +154,16 @@ class _Loop:
         self.eval_step = tf.function(self._eval_step, reduce_retracing=True)
         self.sync = sync_non_trainable(strategy, model)
 
-    def _replica_step(self, x, y):
+    def _replica_step(self, x, y, *weight):
         ctx = tf.distribute.get_replica_context()
         rows = ctx.all_reduce(SUM, tf.cast(tf.shape(y)[0], tf.float32))
         variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
             pred = self.model(x, training=True)
-            data_loss = tf.reduce_sum(self.loss_fn(y, pred)) / rows
+            per_row = self.loss_fn(y, pred)
+            if weight:  # stage.balance: as Keras weighs a loss, summed with the weights, over the row count
+                per_row = per_row * tf.cast(weight[0], per_row.dtype)
+            data_loss = tf.reduce_sum(per_row) / rows
             penalty = tf.add_n(self.model.losses) if self.model.losses else tf.constant(0.0)
             loss = data_loss + penalty / ctx.num_replicas_in_sync
             scaled = self.optimizer.scale_loss(loss) if self.scaled else loss
@@ -179,8 +182,8 @@ class _Loop:
         poison = tf.where(ctx.all_reduce(SUM, local_bad) > 0, float("nan"), 0.0)
         return [None if g is None else g + tf.cast(poison, g.dtype) for g in grads]
 
-    def _train_step(self, x, y):
-        y, pred, data_loss, penalty, rows = self.strategy.run(self._replica_step, args=(x, y))
+    def _train_step(self, x, y, *weight):
+        y, pred, data_loss, penalty, rows = self.strategy.run(self._replica_step, args=(x, y, *weight))
         local = self.strategy.experimental_local_results
         y_all = self.strategy.gather(y, axis=0)
         pred_all = tf.cast(self.strategy.gather(pred, axis=0), tf.float32)
@@ -343,10 +346,10 @@ def _run_phase(strategy, state: loop.StageState, phase, local_stage, train_ds, v
         hooks.on_epoch_begin(epoch)
         for metric in steps.train_metrics:
             metric.reset_state()
-        for x, y in batches.take(count):
-            rows = steps.train_step(x, y)
+        for batch in batches.take(count):  # (x, y) or (x, y, loss weight)
+            rows = steps.train_step(*batch)
             if audit is not None:
-                audit.record_step(x, y, rows)
+                audit.record_step(batch[0], batch[1], rows)
         steps.sync()
         logs = {m.name: float(m.result()) for m in steps.train_metrics}
         if val is not None:

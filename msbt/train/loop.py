@@ -57,15 +57,18 @@ METRIC_NAMES = ("loss", "accuracy", "auc", "sensitivity", "specificity")
 # Input pipelines
 
 
-def dataset_from_arrays(images: np.ndarray, labels: Sequence[int]) -> tf.data.Dataset:
+def dataset_from_arrays(images: np.ndarray, labels: Sequence[int], weights: Sequence[float] | None = None
+                        ) -> tf.data.Dataset:
     """Unbatched ``(image, label)`` dataset from in-memory arrays, the form :func:`fit_stage` takes.
 
     Args:
         images: uint8 ``(N, H, W, 3)``; grayscale ``(N, H, W)`` or ``(N, H, W, 1)`` is made RGB later.
         labels: ``N`` integer class indices.
+        weights: ``N`` loss weights (``stage.balance``, msbt.data.balance); None: every row counts once.
 
     Returns:
-        A ``tf.data.Dataset`` of ``(uint8 image, int32 label)``.
+        A ``tf.data.Dataset`` of ``(uint8 image, int32 label)``, or ``(image, label, float32 weight)``:
+        Keras takes a third element as the row's sample weight.
     """
     images, labels = np.asarray(images), np.asarray(labels)
     if images.ndim == 3:  # grayscale: give it a channel axis, so an element is never mistaken for a batch
@@ -76,7 +79,12 @@ def dataset_from_arrays(images: np.ndarray, labels: Sequence[int]) -> tf.data.Da
         raise ValueError(f"{len(images)} images but labels of shape {labels.shape}")
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be integer class indices, got {labels.dtype}")
-    return tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int32)))
+    if weights is None:
+        return tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int32)))
+    weights = np.asarray(weights, np.float32)
+    if weights.shape != labels.shape or not np.all(np.isfinite(weights)) or np.any(weights < 0):
+        raise ValueError(f"weights must be {len(labels)} finite non-negative numbers, got shape {weights.shape}")
+    return tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int32), weights))
 
 
 def _standardize(ds: tf.data.Dataset, image_size: int) -> tf.data.Dataset:
@@ -84,7 +92,7 @@ def _standardize(ds: tf.data.Dataset, image_size: int) -> tf.data.Dataset:
     if ds.element_spec[0].shape.rank == 4:
         ds = ds.unbatch()
 
-    def fix(image, label):
+    def fix(image, label, *weight):
         if image.shape.rank == 2:
             image = image[..., tf.newaxis]
         if image.shape[-1] == 1:
@@ -92,7 +100,7 @@ def _standardize(ds: tf.data.Dataset, image_size: int) -> tf.data.Dataset:
         if tuple(image.shape[:2]) != (image_size, image_size):
             resized = tf.image.resize(image, (image_size, image_size))
             image = tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
-        return tf.ensure_shape(image, (image_size, image_size, 3)), label
+        return (tf.ensure_shape(image, (image_size, image_size, 3)), label, *weight)
 
     return ds.map(fix, num_parallel_calls=tf.data.AUTOTUNE)
 
@@ -100,8 +108,8 @@ def _standardize(ds: tf.data.Dataset, image_size: int) -> tf.data.Dataset:
 def _label_encoder(binary: bool, num_classes: int):
     """Integer label -> what the head's loss wants: [float] for one sigmoid unit, one-hot for softmax."""
     if binary:
-        return lambda x, y: (x, tf.cast(tf.reshape(y, [1]), tf.float32))
-    return lambda x, y: (x, tf.one_hot(tf.cast(y, tf.int32), num_classes))
+        return lambda x, y, *w: (x, tf.cast(tf.reshape(y, [1]), tf.float32), *w)
+    return lambda x, y, *w: (x, tf.one_hot(tf.cast(y, tf.int32), num_classes), *w)
 
 
 def _count(ds: tf.data.Dataset) -> int:
@@ -161,7 +169,7 @@ def train_batches(
 def eval_batches(ds: tf.data.Dataset, stage: StageConfig, *, num_classes: int) -> tf.data.Dataset:
     """Validation/test batches: no augmentation, float32 pixels, labels encoded for the head."""
     encode = _label_encoder(num_classes == 2, num_classes)
-    ds = _standardize(ds, stage.image_size).map(lambda x, y: encode(tf.cast(x, tf.float32), y))
+    ds = _standardize(ds, stage.image_size).map(lambda x, y, *w: encode(tf.cast(x, tf.float32), y, *w))
     return ds.batch(stage.batch_size).prefetch(tf.data.AUTOTUNE)
 
 

@@ -66,6 +66,7 @@ from msbt.train import tblog
 from msbt.model.checkpoint import MODEL_FILE, TRAIN_STATE_FILE, sha256_file, write_manifest
 from msbt.config import Config, RunConfig, StageConfig, training_seed
 from msbt.containment import check_run_name, check_storage_path, run_location
+from msbt.data.balance import cell_weights, describe, row_weights
 from msbt.data.store import Store, decode_images
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ TRAIN_POLL_S = "0.25"
 
 
 def shard_arrays(shard, shape: tuple[int, ...], batch_size: int = 512, *, ordered: bool = False,
-                 rank: int = 0, world: int = 1) -> tuple[np.ndarray, np.ndarray]:
+                 rank: int = 0, world: int = 1, sites: bool = False) -> tuple[np.ndarray, ...]:
     """Copy a dataset shard (columns ``image``, ``label_index``) into memory once.
 
     Args:
@@ -97,23 +98,27 @@ def shard_arrays(shard, shape: tuple[int, ...], batch_size: int = 512, *, ordere
             columns; its rows are sorted by them (Ray Data's block order may differ between runs) and
             this worker keeps rows ``rank, rank + world, ...``.
         rank, world: This worker's rank and the number of workers (``ordered`` only).
+        sites: Also each row's ``site`` (the shard must carry the column: ``split_dataset(sites=True)``).
 
     Returns:
-        ``(images uint8 (N, *shape), labels int64 (N,))``.
+        ``(images uint8 (N, *shape), labels int64 (N,))``, and ``sites (N,)`` strings with ``sites``.
     """
-    images, labels, keys = [], [], []
+    images, labels, keys, where = [], [], [], []
     for batch in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
         images.append(decode_images(batch["image"], shape))  # a view; concatenate copies it out
         labels.append(np.asarray(batch["label_index"].to_numpy(), np.int64))
         if ordered:
             keys.append(row_keys(batch))
+        if sites:
+            where.append(np.asarray(batch["site"].to_pylist(), dtype=object))
     if not images:
-        return np.zeros((0, *shape), np.uint8), np.zeros(0, np.int64)
-    images, labels = np.concatenate(images), np.concatenate(labels)
+        empty = (np.zeros((0, *shape), np.uint8), np.zeros(0, np.int64))
+        return (*empty, np.zeros(0, object)) if sites else empty
+    out = [np.concatenate(images), np.concatenate(labels)] + ([np.concatenate(where)] if sites else [])
     if ordered:
         order = np.argsort(np.concatenate(keys), kind="stable")[rank::world]
-        images, labels = images[order], labels[order]
-    return images, labels
+        out = [a[order] for a in out]
+    return tuple(out)
 
 
 def row_keys(batch) -> np.ndarray:
@@ -309,6 +314,9 @@ class LoopConfig:
     stage_number: int = 0  # named in the progress bar and recorded in the manifests (0: counted from the parent)
     progress: bool = False  # rank 0 draws a bar per epoch on the driver's console
     deterministic: bool = False  # run.deterministic: op determinism, rows in a fixed order (shard_arrays)
+    # stage.balance: (site, class index, weight) per cell of the whole training split (msbt.data.balance),
+    # computed once on the driver so every worker weighs its shard alike; () = unweighted
+    loss_weights: tuple[tuple[str, int, float], ...] = ()
 
 
 def _open(path: str | None):
@@ -347,7 +355,13 @@ def train_loop_per_worker(config: LoopConfig) -> None:
 
     stage, shape = config.stage, tuple(config.image_shape)
     order = dict(ordered=config.deterministic, rank=context.get_world_rank(), world=world)
-    train_ds = loop.dataset_from_arrays(*shard_arrays(ray.train.get_dataset_shard("train"), shape, **order))
+    if config.loss_weights:
+        cells = {(site, label): weight for site, label, weight in config.loss_weights}
+        by_site = any(site for site, _, _ in config.loss_weights)
+        images, labels, *sites = shard_arrays(ray.train.get_dataset_shard("train"), shape, sites=by_site, **order)
+        train_ds = loop.dataset_from_arrays(images, labels, row_weights(labels, sites[0] if sites else None, cells))
+    else:
+        train_ds = loop.dataset_from_arrays(*shard_arrays(ray.train.get_dataset_shard("train"), shape, **order))
     # every worker validates on the whole validation set
     val_ds = loop.dataset_from_arrays(*shard_arrays(ray.train.get_dataset_shard("val"), shape,
                                                     ordered=config.deterministic))
@@ -485,7 +499,7 @@ def history_path(run: RunConfig, stage_number: int) -> Path:
 DRIVER_READ_BYTES = 256 * 2**20
 
 
-def split_dataset(store_path: str | Path, split: str, *, keys: bool = False):
+def split_dataset(store_path: str | Path, split: str, *, keys: bool = False, sites: bool = False):
     """One split of a store as a materialised Ray Dataset with columns ``image``, ``label_index``.
 
     Materialised here, on the driver, so no read task waits for a CPU a Train worker holds. A store whose
@@ -495,6 +509,7 @@ def split_dataset(store_path: str | Path, split: str, *, keys: bool = False):
     Args:
         keys: Also the ``source`` (and a patch's ``box``) columns, which order the rows in deterministic
             mode (:func:`shard_arrays`).
+        sites: Also the ``site`` column (``stage.balance: site_class``).
     """
     import ray.data
     from ray.data.expressions import col
@@ -504,6 +519,7 @@ def split_dataset(store_path: str | Path, split: str, *, keys: bool = False):
     if not files:
         raise ValueError(f"{store_path}: no Parquet files (not a store, or an empty one)")
     extra = (["source"] + (["box"] if store.kind == "microscope" else [])) if keys else []
+    extra += ["site"] if sites else []
     if store.memory_bytes() <= DRIVER_READ_BYTES:
         tables = store.read_tables(["image", "label_index", *extra], split)
         ds = ray.data.from_arrow(tables) if tables else None
@@ -514,6 +530,22 @@ def split_dataset(store_path: str | Path, split: str, *, keys: bool = False):
     if ds is None or ds.count() == 0:
         raise ValueError(f"{store_path}: the store has no {split!r} rows")
     return ds
+
+
+def loss_weights(store_path: str | Path, balance: str) -> tuple[tuple[str, int, float], ...]:
+    """``stage.balance``'s weight per (site, class) cell of the store's training rows; () for "none".
+
+    A store without a ``site`` column (stage 1's microscope store, or one made before sites existed) is one
+    site: ``site_class`` then balances the classes alone.
+    """
+    if balance == "none":
+        return ()
+    store = Store.open(store_path)
+    by_site = balance == "site_class" and "site" in store.columns()
+    rows = store.read(["label_index", *(["site"] if by_site else [])], "train")
+    cells = cell_weights(rows["label_index"], rows["site"] if by_site else None, "site_class" if by_site else "class")
+    log.info("loss weights (balance %s) of %s: %s", balance, store_path, describe(cells, store_classes(store_path)))
+    return tuple((site, label, weight) for (site, label), weight in cells.items())
 
 
 def store_classes(store_path: str | Path) -> list[str]:
@@ -547,6 +579,7 @@ def loop_config(config: Config, stage_number: int, store_path: str | Path, paren
     store_path = Path(store_path).expanduser().resolve()
     fingerprint, split_id = store_identity(store_path)
     return LoopConfig(
+        loss_weights=loss_weights(store_path, stage.balance),
         stage=stage,
         image_shape=tuple(Store.open(store_path).image_shape),
         class_names=tuple(class_names or store_classes(store_path)),
@@ -635,7 +668,9 @@ def train_stage(
         backend_config=TFConfig(),  # TF_CONFIG for several workers; keeps TensorFlow out of the controller
         scaling_config=scaling,
         run_config=run_config(config.run, stage_number, stage.monitor, callbacks),
-        datasets={split: split_dataset(store_path, split, keys=config.run.deterministic) for split in ("train", "val")},
+        datasets={split: split_dataset(store_path, split, keys=config.run.deterministic,
+                                       sites=split == "train" and any(s for s, _, _ in worker_config.loss_weights))
+                  for split in ("train", "val")},
         # Only the training set is sharded: every worker validates on all of it (identical val_* on all ranks).
         # Deterministic mode deals the rows itself, by position after sorting (shard_arrays): Ray Data's
         # split follows block order, which may differ between runs. One worker takes the whole set

@@ -285,6 +285,8 @@ def fit_head(stage: StageConfig, features: Mapping[str, np.ndarray], *, seed: in
     from msbt.model.augment import copies_per_epoch
     from msbt.model.compiled import compile_model
 
+    if stage.balance != "none":  # no sites or weights in the cache: refused rather than silently unweighted
+        raise ValueError(f"balance {stage.balance!r}: fast mode trains heads unweighted (msbt.tune.search refuses it)")
     keras.utils.set_random_seed(seed)
     copies = copies_per_epoch(stage.augment)
     available = features["train_x"].shape[1]

@@ -210,6 +210,10 @@ def run_search(config: Config, *, resume: bool = False, sources: str = "tune.spa
     if fast and config.stage2.trainable_backbone:
         raise ConfigError("tune.fast needs a frozen backbone: set stage2.trainable_backbone: false "
                           "(workflows/tune.py --fast does)")
+    if fast and config.stage2.balance != "none":
+        # fast mode's heads train on cached features (msbt.tune.fast.fit_head), which carry no sites or weights
+        raise ConfigError(f"stage2.balance: {config.stage2.balance!r} is not applied in tune.fast: search with "
+                          "tune.fast: false, or with stage2.balance: none")
     if t.metric.startswith("test"):
         raise ConfigError(f"tune.metric {t.metric!r}: the test split is never used for selection")
     _scheduler(config)  # a bad grace period is refused before any data work

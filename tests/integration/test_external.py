@@ -167,7 +167,9 @@ def loso(tmp_path_factory, ray_local):
         data=DataConfig(split=(0.5, 0.25, 0.25), folds=3),
         preprocess=PreprocessConfig(max_patches_per_field=3, image_size=32),
         stage1=StageConfig(**small),
-        stage2=StageConfig(**{**small, "weights": "parent", "monitor": "val_auc", "head": HeadConfig((8,), 0.5)}),
+        # stage 2 weighs each site's each class alike (stage.balance): the Ray Train path of the site column
+        stage2=StageConfig(**{**small, "weights": "parent", "monitor": "val_auc", "head": HeadConfig((8,), 0.5),
+                              "balance": "site_class"}),
         run=RunConfig(name="loso", storage_path=str(tmp_path / "runs")),
     )
     report = X.leave_one_site_out(config, n_boot=100)
@@ -197,7 +199,7 @@ def test_leave_one_site_out_on_two_built_in_sites(loso):
     'internal'."""
     from msbt.data.store import read_store
     from msbt.jobs import experiments as X
-    from msbt.model.checkpoint import lineage
+    from msbt.model.checkpoint import lineage, read_manifest
 
     tmp_path, report = loso.tmp, loso.report
     assert [r["site"] for r in report["rows"]] == ["site-a", "site-b"]
@@ -213,6 +215,7 @@ def test_leave_one_site_out_on_two_built_in_sites(loso):
         low, high = r["held_out_auc"][1:]
         assert low <= r["held_out_auc"][0] <= high
         stage1s.add(lineage(r["checkpoint"])[1]["path"])
+        assert read_manifest(r["checkpoint"])["config"]["balance"] == "site_class"
     assert len(stage1s) == 1  # both arms from one stage 1
     assert (tmp_path / "runs" / "loso" / "loso" / "loso.json").is_file()
     aucs = {r["site"]: r["held_out_auc"] for r in report["rows"]}
