@@ -22,7 +22,7 @@ scikit-learn is not a dependency of msbt, and this is the only place that needs 
 ``--standardise site`` standardises every site's features with its own images' mean and spread instead (the
 held-out site's from all its images, no labels: a label-free adaptation a hospital could run on its own
 unlabelled images). ``--balance class`` weights the linear heads' loss so that both classes weigh the same;
-``--balance site-class`` so that every training site's benign and malignant images weigh the same (no site's
+``--balance site_class`` so that every training site's benign and malignant images weigh the same (no site's
 prevalence can stand in for malignancy). A ``--layers`` entry ``a+b`` is one design on the two layers' features side by side.
 """
 
@@ -86,16 +86,13 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, c: float, weight: np.ndarray | No
 
 
 def balance_weights(site: np.ndarray, y: np.ndarray, rows: np.ndarray, balance: str) -> np.ndarray | None:
-    """Row weights over ``rows`` (a mask) that give each class ("class") or each site's each class ("site-class")
-    the same total weight; None for "none". With "site-class" no site's share of malignant images can be learnt
-    as a sign of malignancy (the training sites' prevalences differ: 32%, 39% and 60% here)."""
+    """``stage.balance``'s row weights (msbt.data.balance) over ``rows`` (a mask); None for "none"."""
+    from msbt.data.balance import cell_weights, row_weights
+
     if balance == "none":
         return None
-    keys = y[rows].astype(int).astype(str)
-    if balance == "site-class":
-        keys = np.char.add(np.char.add(site[rows].astype(str), ":"), keys)
-    cells, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
-    return 1.0 / counts[inverse]
+    labels, sites = y[rows].astype(int), site[rows]
+    return row_weights(labels, sites, cell_weights(labels, sites, balance))
 
 
 def probe(feats: dict, meta: dict, layers: list[str], cs: list[float], tta: bool, n_boot: int,
@@ -151,7 +148,7 @@ def main(argv=None) -> int:
                         help="linear heads' features: by the training rows' statistics, or each site by its own")
     parser.add_argument("--no-refit", action="store_true",
                         help="keep the linear head fitted on the train rows (default: refitted on train + val)")
-    parser.add_argument("--balance", nargs="+", choices=("none", "class", "site-class"), default=["none"],
+    parser.add_argument("--balance", nargs="+", choices=("none", "class", "site_class"), default=["none"],
                         help="linear heads' loss: rows as they come, each class the same weight, or each site's "
                              "each class the same weight; several: each one a design, and every one after the "
                              "first compared with the first, paired on the held-out images")
