@@ -318,6 +318,11 @@ class LoopConfig:
     # computed once on the driver so every worker weighs its shard alike; () = unweighted
     loss_weights: tuple[tuple[str, int, float], ...] = ()
 
+    @property
+    def weighs_sites(self) -> bool:
+        """The weights differ by site: the training shard must carry its ``site`` column."""
+        return any(site for site, _, _ in self.loss_weights)
+
 
 def _open(path: str | None):
     """A worker-side checkpoint folder as a ``ray.train.Checkpoint`` (``as_directory`` then yields it)."""
@@ -355,13 +360,11 @@ def train_loop_per_worker(config: LoopConfig) -> None:
 
     stage, shape = config.stage, tuple(config.image_shape)
     order = dict(ordered=config.deterministic, rank=context.get_world_rank(), world=world)
-    if config.loss_weights:
-        cells = {(site, label): weight for site, label, weight in config.loss_weights}
-        by_site = any(site for site, _, _ in config.loss_weights)
-        images, labels, *sites = shard_arrays(ray.train.get_dataset_shard("train"), shape, sites=by_site, **order)
-        train_ds = loop.dataset_from_arrays(images, labels, row_weights(labels, sites[0] if sites else None, cells))
-    else:
-        train_ds = loop.dataset_from_arrays(*shard_arrays(ray.train.get_dataset_shard("train"), shape, **order))
+    images, labels, *sites = shard_arrays(ray.train.get_dataset_shard("train"), shape, sites=config.weighs_sites,
+                                          **order)
+    cells = {(site, label): weight for site, label, weight in config.loss_weights}
+    weights = row_weights(labels, sites[0] if sites else None, cells) if cells else None
+    train_ds = loop.dataset_from_arrays(images, labels, weights)
     # every worker validates on the whole validation set
     val_ds = loop.dataset_from_arrays(*shard_arrays(ray.train.get_dataset_shard("val"), shape,
                                                     ordered=config.deterministic))
@@ -669,7 +672,7 @@ def train_stage(
         scaling_config=scaling,
         run_config=run_config(config.run, stage_number, stage.monitor, callbacks),
         datasets={split: split_dataset(store_path, split, keys=config.run.deterministic,
-                                       sites=split == "train" and any(s for s, _, _ in worker_config.loss_weights))
+                                       sites=split == "train" and worker_config.weighs_sites)
                   for split in ("train", "val")},
         # Only the training set is sharded: every worker validates on all of it (identical val_* on all ranks).
         # Deterministic mode deals the rows itself, by position after sorting (shard_arrays): Ray Data's
