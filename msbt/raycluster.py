@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import secrets
+import shutil
 import socket
 import stat
 from pathlib import Path
@@ -141,6 +142,30 @@ def start_private(num_cpus: int | None = None, **options) -> str:
     And two for speed: no Ray Train preemption watcher in a cluster of one node (:func:`_no_preemption_watcher`),
     and a log monitor that lists the log folder once a second rather than ten times (:func:`_calm_log_monitor`).
     """
+    for attempt in range(1, START_ATTEMPTS + 1):
+        before = _children()
+        try:
+            with _dashboard_wait(attempt):
+                return _start_private_once(num_cpus, options)
+        except Exception as err:  # Ray raises bare Exceptions for both start-up timeouts
+            slow = _slow_start(err, before)
+            retry = slow is not None and attempt < START_ATTEMPTS
+            # Ray keeps no handle on a cluster whose start failed: its processes are stopped here, and its
+            # session folder removed when it is started again (else kept: Ray's error names its logs).
+            _stop_new_processes(before, remove_session=retry)
+            if not retry:
+                raise
+            log.warning("Ray's private cluster did not start in time (%s); its processes were stopped, starting "
+                        "it again (attempt %d of %d)", slow, attempt + 1, START_ATTEMPTS)
+    raise AssertionError("unreachable")
+
+
+# A private cluster is started at most this often: Ray gives the raylet a fixed 30 s to register with the GCS and
+# the dashboard RAY_DASHBOARD_STARTUP_TIMEOUT_S (60 s) to come up, which a busy small machine can miss.
+START_ATTEMPTS = 2
+
+
+def _start_private_once(num_cpus: int | None, options: dict) -> str:
     import ray
 
     protect_token()
@@ -162,6 +187,81 @@ def start_private(num_cpus: int | None = None, **options) -> str:
                  runtime_env={"env_vars": {"RAY_ADDRESS": address, **_no_preemption_watcher()}}, **options)
     protect_token()
     return address
+
+
+def _children() -> set[int]:
+    import psutil
+
+    return {child.pid for child in psutil.Process().children(recursive=True)}
+
+
+def _slow_start(err: Exception, before: set[int]) -> str | None:
+    """Why a private cluster failed to start, when a retry can help (it was slow, not broken); else None.
+
+    Two waits of Ray 2.60 end in a bare ``Exception``: the raylet's registration with the GCS ("The current
+    node timed out during startup", a fixed 30 s in ``ray/_private/node.py``) and the dashboard's start
+    (``ray/_private/services.py``: "Failed to start a dashboard", or the last lines of its log). A
+    dashboard that exited has failed for good (a broken install, a port taken): no retry then.
+    """
+    text = str(err)
+    if "timed out during startup" in text:
+        return "the raylet did not register within Ray's 30 s"
+    if "dashboard" not in text:
+        return None
+    import psutil
+
+    for child in _new_processes(before):
+        with contextlib.suppress(psutil.Error):
+            if child.is_running() and child.status() != psutil.STATUS_ZOMBIE and \
+                    any("dashboard/dashboard.py" in part for part in child.cmdline()):
+                from ray._private import ray_constants
+
+                return f"the dashboard was still starting after {ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S} s"
+    return None
+
+
+def _new_processes(before: set[int]) -> list:
+    import psutil
+
+    return [child for child in psutil.Process().children(recursive=True) if child.pid not in before]
+
+
+def _stop_new_processes(before: set[int], remove_session: bool) -> None:
+    """Stop what a failed start left: this process's children that were not there before it, and, with
+    ``remove_session``, their session folder (the half-started cluster's logs and sockets)."""
+    import psutil
+
+    new = _new_processes(before)
+    sessions = set()
+    for child in new:
+        with contextlib.suppress(psutil.Error):
+            for part in child.cmdline():
+                if part.startswith(("--log_dir=", "--log-dir=", "--logs-dir=")):
+                    folder = Path(part.split("=", 1)[1]).parent
+                    if folder.name.startswith("session_"):
+                        sessions.add(folder)
+    for child in new:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    psutil.wait_procs(new, timeout=10)
+    for folder in sessions if remove_session else ():
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _dashboard_wait(attempt: int):
+    """Ray's wait for the dashboard: on a retry twice what it was, and at least Ray's default 60 s (Ray reads
+    RAY_DASHBOARD_STARTUP_TIMEOUT_S into a module constant at import; ``services.py`` looks the constant up
+    on every start)."""
+    from ray._private import ray_constants
+
+    before = ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S
+    if attempt > 1:
+        ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S = max(60, 2 * before)
+    try:
+        yield
+    finally:
+        ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S = before
 
 
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"

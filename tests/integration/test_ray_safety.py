@@ -10,7 +10,9 @@ import os
 import re
 import stat
 import subprocess
+import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -90,3 +92,54 @@ def test_an_existing_world_readable_token_is_narrowed(tmp_path):
     assert stat.S_IMODE(token.stat().st_mode) == 0o600 and token.read_text() == "a" * 64
     fresh = protect_token(tmp_path / "sub" / "auth_token")
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o600 and len(fresh.read_text()) == 64
+
+
+RETRY_PROBE = r"""
+import json, logging, os
+import psutil, ray
+from ray._private import ray_constants
+from msbt.raycluster import start_private
+
+logging.basicConfig(level=logging.WARNING)
+start_private(num_cpus=1)
+log_dirs = set()
+for child in psutil.Process().children(recursive=True):
+    for part in child.cmdline():
+        if part.startswith(("--log_dir=", "--log-dir=", "--logs-dir=")):
+            log_dirs.add(os.path.dirname(part.split("=", 1)[1].rstrip("/")))
+print(json.dumps({"task": ray.get(ray.remote(lambda: 1).remote()), "session": ray._private.worker._global_node.get_session_dir_path(),
+                  "children_sessions": sorted(log_dirs), "wait_after": ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S}))
+"""
+
+
+def test_a_private_cluster_that_starts_too_slowly_is_stopped_and_started_again(tmp_path):
+    """Ray gives the dashboard RAY_DASHBOARD_STARTUP_TIMEOUT_S to come up (and the raylet a fixed 30 s to
+    register): a busy machine can miss it, and Ray then raises with the half-started cluster's processes
+    still running. With 0 s the first start fails every time, for real, with the dashboard still starting."""
+    import tempfile
+
+    from msbt.raycluster import _slow_start
+
+    ray_tmp = tempfile.mkdtemp(prefix="msbt-retry-", dir="/tmp")  # short: Unix socket paths
+    try:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "HOME": str(tmp_path), "RAY_TMPDIR": ray_tmp,
+               "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "0"}
+        env.pop("RAY_ADDRESS", None)
+        done = subprocess.run([sys.executable, "-c", RETRY_PROBE], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "did not start in time (the dashboard was still starting after 0 s)" in done.stderr
+        assert "attempt 2 of 2" in done.stderr
+        report = json.loads(done.stdout.strip().splitlines()[-1])
+        assert report["task"] == 1
+        # the first start's processes were stopped (they would still be this process's children) and its
+        # session folder removed: only the second cluster's is left
+        assert report["children_sessions"] == [report["session"]]
+        sessions = sorted(p.name for p in (Path(ray_tmp) / "ray").glob("session_2*"))
+        assert [Path(report["session"]).name] == sessions
+        assert report["wait_after"] == 0  # the longer wait was for the retry only
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    # a failure that is not slowness is raised at once, not retried
+    assert _slow_start(Exception("address already in use"), set()) is None
+    assert _slow_start(Exception("The current node timed out during startup. This could happen"), set())
