@@ -17,7 +17,6 @@ move the held-out AUC (the models already train with flips).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
+from loso_folds import fold_models, held_out_folds  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -33,29 +33,18 @@ def main(argv=None) -> int:
     parser.add_argument("run", type=Path, help="a run folder with loso/site-*/ (workflows/crossval.py --by site)")
     parser.add_argument("--out", type=Path, help="run folder to write (default: RUN-tta); must not exist")
     args = parser.parse_args(argv)
-    out = args.out or args.run.with_name(args.run.name + "-tta")
-    if out.exists():
-        parser.error(f"{out} exists; choose another --out")
-    folders = [f for f in sorted((args.run / "loso").glob("site-*")) if (f / "predictions.csv").is_file()
-               and (f / "metrics.json").is_file() and (f / "store").is_dir()]
-    if not folders:
-        parser.error(f"{args.run}: no held-out site with predictions.csv, metrics.json and store in loso/")
+    folders, out = held_out_folds(parser, args.run, args.out, "tta")
 
     from msbt.data.store import read_store
-    from msbt.eval.evaluate import load_stage2, predict_split, read_predictions, write_predictions
+    from msbt.eval.evaluate import write_predictions
     from msbt.train.loop import dataset_from_arrays, eval_batches
 
-    for folder in folders:
-        checkpoint = json.loads((folder / "metrics.json").read_text())["checkpoint"]
-        model, stage = load_stage2(checkpoint)
-        plain = predict_split(model, stage, folder / "store", "test")
+    for folder, model, stage, plain, drift in fold_models(folders):
         rows = read_store(folder / "store", columns=["image", "label_index"], split="test")
         # mirrored left to right, then the evaluation's own batching (it resizes to the stage's size)
         mirrored_rows = dataset_from_arrays(np.ascontiguousarray(rows["image"][:, :, ::-1]), rows["label_index"])
         batches = eval_batches(mirrored_rows, stage, num_classes=2)
         mirrored = np.asarray(model.predict(batches, verbose=0))
-        recorded = read_predictions(folder / "predictions.csv")["test"]
-        drift = float(np.abs(np.sort(plain["p"]) - np.sort(recorded["p"])).max())
         (out / "loso" / folder.name).mkdir(parents=True)
         write_predictions({"test": {**plain, "p": (plain["p"] + mirrored.reshape(-1)) / 2}},
                           out / "loso" / folder.name / "predictions.csv")
