@@ -237,6 +237,27 @@ def load_features(path: str | Path) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
+def train_weights(store: str | Path, features: Mapping[str, np.ndarray], balance: str) -> np.ndarray:
+    """Each cached training image's loss weight under ``balance``, in the cache's row order (``train_source``).
+
+    The table is the one a full stage-2 training uses (``msbt.train.runner.loss_weights``: per (site, class)
+    cell of the store's training rows); each image's site comes from the store by its source name, so the
+    cache itself needs no sites and a cache made before weights existed serves as it is.
+    """
+    from msbt.data.balance import describe, row_weights
+    from msbt.data.store import Store
+    from msbt.train.runner import loss_weights
+
+    cells = {(site, label): weight for site, label, weight in loss_weights(store, balance)}
+    opened = Store.open(store)
+    rows = opened.read(["source", *(["site"] if "site" in opened.columns() else [])], "train")
+    site_of = dict(zip(rows["source"].astype(str), rows["site"].astype(str))) if "site" in rows else {}
+    sites = [site_of.get(source, "") for source in features["train_source"].astype(str)]
+    weights = row_weights(features["train_y"], sites, cells)
+    print(f"fast mode: loss weights (balance {balance}): {describe(cells, opened.classes)}", flush=True)
+    return weights
+
+
 # ---------------------------------------------------------------------------------------------------
 # Heads
 
@@ -285,8 +306,8 @@ def fit_head(stage: StageConfig, features: Mapping[str, np.ndarray], *, seed: in
     from msbt.model.augment import copies_per_epoch
     from msbt.model.compiled import compile_model
 
-    if stage.balance != "none":  # no sites or weights in the cache: refused rather than silently unweighted
-        raise ValueError(f"balance {stage.balance!r}: fast mode trains heads unweighted (msbt.tune.search refuses it)")
+    if stage.balance != "none" and "train_weight" not in features:  # never silently unweighted
+        raise ValueError(f"balance {stage.balance!r}: the features carry no train_weight (msbt.tune.fast.train_weights)")
     keras.utils.set_random_seed(seed)
     copies = copies_per_epoch(stage.augment)
     available = features["train_x"].shape[1]
@@ -294,9 +315,12 @@ def fit_head(stage: StageConfig, features: Mapping[str, np.ndarray], *, seed: in
         raise ValueError(f"expansion {copies} needs {copies} cached copies; the cache has {available}")
     x = features["train_x"][:, :copies].reshape(-1, features["train_x"].shape[-1])
     y = np.repeat(features["train_y"], copies).astype(np.float32)[:, None]
+    # rows are image-major (each image's copies in turn), as y; validation stays unweighted, as in full training
+    weights = np.repeat(features["train_weight"], copies) if stage.balance != "none" else None
     head = head_model(stage, x.shape[1])
     compile_model(head, stage)
-    history = head.fit(x, y, batch_size=stage.batch_size, epochs=stage.epochs, shuffle=True, verbose=verbose,
+    history = head.fit(x, y, sample_weight=weights, batch_size=stage.batch_size, epochs=stage.epochs, shuffle=True,
+                       verbose=verbose,
                        validation_data=(features["val_x"], features["val_y"].astype(np.float32)[:, None]),
                        callbacks=list(callbacks))
     return head, history.history

@@ -210,10 +210,6 @@ def run_search(config: Config, *, resume: bool = False, sources: str = "tune.spa
     if fast and config.stage2.trainable_backbone:
         raise ConfigError("tune.fast needs a frozen backbone: set stage2.trainable_backbone: false "
                           "(workflows/tune.py --fast does)")
-    if fast and config.stage2.balance != "none":
-        # fast mode's heads train on cached features (msbt.tune.fast.fit_head), which carry no sites or weights
-        raise ConfigError(f"stage2.balance: {config.stage2.balance!r} is not applied in tune.fast: search with "
-                          "tune.fast: false, or with stage2.balance: none")
     if t.metric.startswith("test"):
         raise ConfigError(f"tune.metric {t.metric!r}: the test split is never used for selection")
     _scheduler(config)  # a bad grace period is refused before any data work
@@ -263,9 +259,12 @@ def _trainable(config: Config, store: str, parent: str | None, exp: str, feature
         fn = tune.with_parameters(train_trial, config=config, store=store, parent=parent, experiment=exp)
         # The Train worker holds the trial's CPUs; the trial function only waits for it.
         return tune.with_resources(fn, {"CPU": 0.01})
-    from msbt.tune.fast import head_trial, load_features
+    from msbt.tune.fast import head_trial, load_features, train_weights
 
-    fn = tune.with_parameters(head_trial, config=config, features=load_features(features))
+    arrays = load_features(features)
+    if config.stage2.balance != "none":  # counted once here, as full training counts them on the driver
+        arrays["train_weight"] = train_weights(store, arrays, config.stage2.balance)
+    fn = tune.with_parameters(head_trial, config=config, features=arrays)
     resources = {"CPU": config.tune.cpus_per_trial}
     if config.tune.gpus_per_trial:
         resources["GPU"] = config.tune.gpus_per_trial

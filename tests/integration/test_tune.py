@@ -229,7 +229,7 @@ def test_search_is_interrupted_restored_and_its_best_config_reruns(prepared, tmp
 def test_fast_mode_caches_features_once_and_trains_heads_on_them(prepared, capsys):
     import dataclasses
 
-    from msbt.tune.fast import attach_head, fit_head, frozen, load_features
+    from msbt.tune.fast import attach_head, fit_head, frozen, load_features, train_weights
     from msbt.data.store import read_store
     from msbt.tune.review import read_experiment
     from msbt.tune.search import run_search
@@ -280,6 +280,19 @@ def test_fast_mode_caches_features_once_and_trains_heads_on_them(prepared, capsy
     pids = {json.loads(line)["pid"] for t in trials
             for line in (experiment / t["trial"] / "result.json").read_text().splitlines() if line.strip()}
     assert asha.tune.reuse_processes and len(pids) < len(trials), pids
+
+    # stage2.balance: the heads train with the per-image weights a full training would use (counted once, on
+    # the same cached features); each class's images together weigh the same and the weights average 1
+    balanced = load_config([prepared["yaml"]], over + ["tune.experiment=fastbal", "tune.num_samples=1",
+                                                       "stage2.balance=class"])
+    run_search(balanced)
+    assert "fast mode: loss weights (balance class): benign" in capsys.readouterr().out
+    _, trials = read_experiment(cache[0].parents[2] / "fastbal")
+    assert [t["status"] for t in trials] == ["complete"] and trials[0]["epochs"] == 2
+    weights = train_weights(prepared["ultrasound"], features, "class")
+    assert weights.mean() == pytest.approx(1.0, rel=1e-5)
+    totals = [weights[features["train_y"] == label].sum() for label in (0, 1)]
+    assert totals[0] == pytest.approx(totals[1], rel=1e-5)
 
     # The head goes back on the backbone: the full model gives what the head gives on the cached features.
     stage = dataclasses.replace(frozen(config.stage2), epochs=1)

@@ -100,8 +100,20 @@ def test_the_weights_reach_the_multi_worker_step():
     assert expected != pytest.approx(float(tf.reduce_mean(per_row)), rel=1e-3)  # the weights changed it
 
 
-def test_fast_mode_refuses_a_balanced_head():
+def test_fast_mode_heads_take_the_weights_and_refuse_to_train_without_them():
+    """Tune's fast mode: a head on cached features, weighted to one class only, moves towards that class; a
+    balanced stage without weights in the features is refused rather than trained unweighted."""
     from msbt.tune.fast import fit_head
 
-    with pytest.raises(ValueError, match="fast mode trains heads unweighted"):
-        fit_head(stage(balance="class"), {"train_x": np.zeros((2, 1, 4)), "train_y": np.zeros(2)})
+    rng = np.random.default_rng(0)
+    y = np.arange(32) % 2
+    features = {"train_x": rng.normal(size=(32, 1, 8)).astype(np.float32), "train_y": y,
+                "val_x": rng.normal(size=(8, 8)).astype(np.float32), "val_y": np.arange(8) % 2}
+    s = stage(balance="class", epochs=5, learning_rate=0.05)
+    mean_p = {}
+    for name, weights in (("benign only", (y == 0) * 2.0), ("malignant only", (y == 1) * 2.0)):
+        head, _ = fit_head(s, {**features, "train_weight": weights.astype(np.float32)}, seed=0)
+        mean_p[name] = float(np.mean(head.predict(features["val_x"], verbose=0)))
+    assert mean_p["benign only"] + 0.2 < mean_p["malignant only"], mean_p
+    with pytest.raises(ValueError, match="carry no train_weight"):
+        fit_head(s, features)
