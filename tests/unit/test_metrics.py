@@ -534,6 +534,23 @@ def test_metrics_json_schema_from_fixed_predictions(tmp_path):
         E.read_predictions(tmp_path / "bad.csv")
 
 
+def test_a_runs_own_test_split_is_marked_internal_naming_its_sites():
+    """The run's test metrics come from the sites it trained on: said in metrics.json and in a note, so the
+    numbers are not read as what another hospital would see."""
+    from msbt.eval import evaluate as E
+
+    val = {"y": np.array([0, 0, 1, 1]), "p": np.array([0.2, 0.4, 0.6, 0.9]), "group": np.array(["v1", "v2", "v3", "v4"])}
+    test = {"y": Y8, "p": P8, "group": np.arange(8).astype(str)}
+    one = E.with_internal_scope(E.score(val, test, n_boot=50), test)
+    assert one["scope"] == {"kind": "internal", "sites": []}
+    assert one["notes"][-1].startswith("internal estimate: the test images come from the same site as the training")
+    assert "msbt external" in one["notes"][-1] and "crossval.py --by site" in one["notes"][-1]
+    sites = np.array(["busi", "breast"] * 4)
+    two = E.with_internal_scope(E.score(val, {**test, "site": sites}, n_boot=50), {**test, "site": sites})
+    assert two["scope"]["sites"] == ["breast", "busi"] and "same 2 sites (breast, busi)" in two["notes"][-1]
+    assert "internal estimate" in E.format_report(two)  # on the console as well
+
+
 def test_wilson_interval_matches_hand_computation_and_stays_wide_at_the_edges():
     from msbt.eval.metrics import wilson_interval
 
