@@ -13,7 +13,7 @@ every other lever is: paired on the same held-out images with a group bootstrap.
 
 The statistics come from one pass in training mode with batches of ``--batch`` images: each layer sees the
 layers before it already normalised by the current batch (as AdaBN adapts layer after layer), and its moving
-averages are set to the running mean of the batches' means and variances.
+averages are set to the image-weighted running mean of the batches' means and variances.
 """
 
 from __future__ import annotations
@@ -43,18 +43,19 @@ def batchnorm_layers(model) -> list:
 
 
 def adapt_batchnorm(model, batches) -> int:
-    """Set every BN layer's moving statistics to the mean of its batch statistics over ``batches``; returns
-    how many batches were seen."""
+    """Set every BN layer's moving statistics to the mean of its batch statistics over ``batches``, each batch
+    weighted by its images (a short last batch counts for what it holds); returns how many batches were seen."""
     layers = batchnorm_layers(model)
     kept = [(layer, layer.trainable, layer.momentum) for layer in layers]
-    seen = 0
+    seen, images = 0, 0
     try:
         for layer in layers:
             layer.trainable = True  # Keras 3 BN with trainable False runs in inference mode
         for x, *_ in batches:
-            seen += 1
+            seen, n = seen + 1, int(x.shape[0])
             for layer in layers:
-                layer.momentum = (seen - 1) / seen  # the running mean of the batches' statistics
+                layer.momentum = images / (images + n)  # the running, image-weighted mean of the batch statistics
+            images += n
             model(x, training=True)
     finally:
         for layer, trainable, momentum in kept:

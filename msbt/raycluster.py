@@ -141,6 +141,10 @@ def start_private(num_cpus: int | None = None, **options) -> str:
 
     And two for speed: no Ray Train preemption watcher in a cluster of one node (:func:`_no_preemption_watcher`),
     and a log monitor that lists the log folder once a second rather than ten times (:func:`_calm_log_monitor`).
+
+    A start that misses one of Ray's fixed waits (the raylet's 30 s to register, the dashboard's
+    RAY_DASHBOARD_STARTUP_TIMEOUT_S), as a busy small machine can, is stopped and made once more
+    (:data:`START_ATTEMPTS`), with the dashboard's wait doubled.
     """
     for attempt in range(1, START_ATTEMPTS + 1):
         before = _children()
@@ -148,6 +152,10 @@ def start_private(num_cpus: int | None = None, **options) -> str:
             with _dashboard_wait(attempt):
                 return _start_private_once(num_cpus, options)
         except Exception as err:  # Ray raises bare Exceptions for both start-up timeouts
+            import ray
+
+            if ray.is_initialized():  # the cluster is up (what failed came after): Ray owns it, nothing to stop
+                raise
             slow = _slow_start(err, before)
             retry = slow is not None and attempt < START_ATTEMPTS
             # Ray keeps no handle on a cluster whose start failed: its processes are stopped here, and its
@@ -166,6 +174,7 @@ START_ATTEMPTS = 2
 
 
 def _start_private_once(num_cpus: int | None, options: dict) -> str:
+    """One start of the private cluster (:func:`start_private` says how and why); returns its GCS address."""
     import ray
 
     protect_token()
@@ -190,6 +199,7 @@ def _start_private_once(num_cpus: int | None, options: dict) -> str:
 
 
 def _children() -> set[int]:
+    """The process ids of this process's children and their children."""
     import psutil
 
     return {child.pid for child in psutil.Process().children(recursive=True)}
@@ -200,52 +210,73 @@ def _slow_start(err: Exception, before: set[int]) -> str | None:
 
     Two waits of Ray 2.60 end in a bare ``Exception``: the raylet's registration with the GCS ("The current
     node timed out during startup", a fixed 30 s in ``ray/_private/node.py``) and the dashboard's start
-    (``ray/_private/services.py``: "Failed to start a dashboard", or the last lines of its log). A
-    dashboard that exited has failed for good (a broken install, a port taken): no retry then.
+    (``ray/_private/services.py``: "Failed to start a dashboard.", or the last lines of its log). Slow means
+    that the process waited for is still running; one that exited has failed for good (a broken install, a
+    port taken): no retry then.
     """
+    from ray._private import ray_constants
+
     text = str(err)
     if "timed out during startup" in text:
-        return "the raylet did not register within Ray's 30 s"
-    if "dashboard" not in text:
+        waited, reason = "/raylet", "the raylet did not register within Ray's 30 s"  # the raylet program
+    elif "dashboard" in text:
+        waited = "/dashboard/dashboard.py"
+        reason = f"the dashboard was still starting after {ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S} s"
+    else:
         return None
+    running = _running(_new_ray_processes(before))
+    return reason if any(part.endswith(waited) for cmdline in running for part in cmdline[:3]) else None
+
+
+def _running(processes: list) -> list[list[str]]:
+    """The command lines of those of ``processes`` still running (not exited, not zombies)."""
     import psutil
 
-    for child in _new_processes(before):
+    out = []
+    for process in processes:
         with contextlib.suppress(psutil.Error):
-            if child.is_running() and child.status() != psutil.STATUS_ZOMBIE and \
-                    any("dashboard/dashboard.py" in part for part in child.cmdline()):
-                from ray._private import ray_constants
-
-                return f"the dashboard was still starting after {ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S} s"
-    return None
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                out.append(process.cmdline())
+    return out
 
 
-def _new_processes(before: set[int]) -> list:
+def _new_ray_processes(before: set[int]) -> list:
+    """This process's children started since ``before`` that belong to a Ray cluster: their command line names
+    a Ray session folder or a program of the ``ray`` package (gcs_server, raylet, dashboard, monitors, agents)."""
     import psutil
+    import ray
 
-    return [child for child in psutil.Process().children(recursive=True) if child.pid not in before]
+    package = str(Path(ray.__file__).parent)
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        if child.pid in before:
+            continue
+        with contextlib.suppress(psutil.Error):
+            if any(package in part or "/session_" in part for part in child.cmdline()):
+                found.append(child)
+    return found
 
 
 def _stop_new_processes(before: set[int], remove_session: bool) -> None:
-    """Stop what a failed start left: this process's children that were not there before it, and, with
+    """Stop what a failed start left: the Ray processes this process started since ``before`` and, with
     ``remove_session``, their session folder (the half-started cluster's logs and sockets)."""
+    import re
+
     import psutil
 
-    new = _new_processes(before)
+    new = _new_ray_processes(before)
     sessions = set()
-    for child in new:
+    for cmdline in _running(new):
+        for part in cmdline:
+            if match := re.search(r"(/\S*?/session_[^/\s]+)", part):
+                sessions.add(Path(match.group(1)))
+    for process in new:
         with contextlib.suppress(psutil.Error):
-            for part in child.cmdline():
-                if part.startswith(("--log_dir=", "--log-dir=", "--logs-dir=")):
-                    folder = Path(part.split("=", 1)[1]).parent
-                    if folder.name.startswith("session_"):
-                        sessions.add(folder)
-    for child in new:
-        with contextlib.suppress(psutil.Error):
-            child.kill()
+            process.kill()
     psutil.wait_procs(new, timeout=10)
     for folder in sessions if remove_session else ():
-        shutil.rmtree(folder, ignore_errors=True)
+        if folder.name != "session_latest":
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -17,7 +17,6 @@ import csv
 import json
 import warnings
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
@@ -215,8 +214,8 @@ def evaluate(checkpoint: str | Path, store: str | Path, *, rule: str = "youden",
         seed: Bootstrap seed.
 
     Returns:
-        :class:`Evaluation`: the dict of :func:`score` plus ``checkpoint``, with the validation and test
-        predictions in its ``predictions`` attribute.
+        :class:`Evaluation`: the dict of :func:`score` plus ``checkpoint`` and ``scope`` (:func:`with_scope`),
+        with the validation and test predictions in its ``predictions`` attribute.
     """
     from msbt.model.checkpoint import read_manifest
 
@@ -224,22 +223,42 @@ def evaluate(checkpoint: str | Path, store: str | Path, *, rule: str = "youden",
     class_names = read_manifest(checkpoint)["class_names"]
     predictions = {split: predict_split(model, stage, store, split) for split in ("val", "test")}
     scored = score(predictions["val"], predictions["test"], rule=rule, n_boot=n_boot, seed=seed, class_names=class_names)
-    result = Evaluation(checkpoint=str(checkpoint), **with_internal_scope(scored, predictions["test"]))
+    train_sites = read_store(store, columns=["site"], split="train")["site"] if has_column(store, "site") else None
+    result = Evaluation(checkpoint=str(checkpoint), **with_scope(scored, predictions["test"].get("site", []),
+                                                                 train_sites))
     result.predictions = predictions
     return result
 
 
-def with_internal_scope(result: dict, test: Mapping[str, np.ndarray]) -> dict:
-    """``result`` with ``scope`` (``{"kind": "internal", "sites": [...]}``) and a note saying what a run's own
-    test split can and cannot tell: its images come from the sites the model trained on (the split deals lesion
-    groups, not sites), so its numbers are no estimate for another hospital."""
-    sites = sorted({str(site) for site in test.get("site", []) if str(site)})
-    where = f"{len(sites)} sites ({', '.join(sites)})" if len(sites) > 1 else "site"
-    note = (f"internal estimate: the test images come from the same {where} as the training images, so these "
-            "numbers do not say how the model does at another hospital (docs/evaluation.md: a model scoring AUC "
-            "0.94 on its own BUSI test split scored 0.73 and 0.39 at two sites it never saw); score another "
-            "site with `msbt external`, or hold each site out with `workflows/crossval.py --by site`")
-    return {**result, "scope": {"kind": "internal", "sites": sites}, "notes": [*result.get("notes", []), note]}
+def with_scope(result: dict, test_sites, train_sites) -> dict:
+    """``result`` with ``scope``: whether its test images come from sites the model trained on.
+
+    ``internal`` (every test site is a training site, or the store has no sites: a run's own test split, whose
+    split deals lesion groups, not sites) gets a note that these numbers are no estimate for another hospital;
+    ``held_out`` (no test site was trained on: a leave-one-site-out fold) needs none; ``mixed`` names the sites
+    never seen.
+
+    Args:
+        result: From :func:`score`.
+        test_sites: Every test image's site (``""`` or nothing for a store without sites).
+        train_sites: Every training image's site, or None for a store without sites.
+    """
+    tested = sorted({str(site) for site in test_sites if str(site)})
+    trained = {str(site) for site in train_sites} if train_sites is not None else set(tested)
+    unseen = [site for site in tested if site not in trained]
+    kind = "internal" if not unseen else "held_out" if len(unseen) == len(tested) else "mixed"
+    notes = list(result.get("notes", []))
+    if kind == "internal":
+        where = f"{len(tested)} sites ({', '.join(tested)})" if len(tested) > 1 else "site"
+        notes.append(f"internal estimate: the test images come from the same {where} as the training images, so these "
+                     "numbers do not say how the model does at another hospital (in msbt's own measurements, "
+                     "docs/evaluation.md, a model trained on BUSI scored AUC 0.94 on BUSI's test split and 0.73 and "
+                     "0.39 at two sites it never saw); score another site with `msbt external`, or hold each site "
+                     "out with `workflows/crossval.py --by site`")
+    elif kind == "mixed":
+        notes.append(f"the test split mixes sites seen in training with sites never seen ({', '.join(unseen)}): "
+                     "its numbers are neither an internal nor an external estimate; see the per-site rows")
+    return {**result, "scope": {"kind": kind, "sites": tested, "unseen_sites": unseen}, "notes": notes}
 
 
 def format_report(result: dict) -> str:

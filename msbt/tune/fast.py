@@ -15,6 +15,8 @@ the run folder, and each trial trains just the head on those vectors.
 * Cache: ``<run>/tune/features/<key>/features.npz`` + ``features.json``; the key hashes the stage-1
   model file, the store identity, the backbone settings, the augmentation and the seed, so a changed
   input makes a new cache and never reuses a stale one.
+* ``stage2.balance``: each training image's loss weight (its (site, class) cell, as full training counts them)
+  is computed on the driver from the store (:func:`train_weights`) and handed to every trial; not cached.
 * The head is built by the same code as the full model (``msbt.model.models``, same layer names), so
   :func:`attach_head` puts a trained head back on the backbone as a complete stage-2 model.
 """
@@ -244,18 +246,36 @@ def train_weights(store: str | Path, features: Mapping[str, np.ndarray], balance
     cell of the store's training rows); each image's site comes from the store by its source name, so the
     cache itself needs no sites and a cache made before weights existed serves as it is.
     """
-    from msbt.data.balance import describe, row_weights
+    from msbt.data.balance import describe
     from msbt.data.store import Store
     from msbt.train.runner import loss_weights
 
     cells = {(site, label): weight for site, label, weight in loss_weights(store, balance)}
     opened = Store.open(store)
     rows = opened.read(["source", *(["site"] if "site" in opened.columns() else [])], "train")
-    site_of = dict(zip(rows["source"].astype(str), rows["site"].astype(str))) if "site" in rows else {}
-    sites = [site_of.get(source, "") for source in features["train_source"].astype(str)]
-    weights = row_weights(features["train_y"], sites, cells)
+    weights = cache_weights(features["train_source"], features["train_y"], rows["source"], rows.get("site"), cells)
     print(f"fast mode: loss weights (balance {balance}): {describe(cells, opened.classes)}", flush=True)
     return weights
+
+
+def cache_weights(sources: Sequence[str], labels: Sequence[int], store_sources: Sequence[str],
+                  store_sites: Sequence[str] | None, cells: Mapping[tuple[str, int], float]) -> np.ndarray:
+    """The weight of each cached image (``sources``, ``labels``: the cache's order) from its (site, class) cell;
+    its site is the store row's of the same source (``store_sites`` None: a store without sites).
+
+    Raises:
+        KeyError: A cached image the store's training rows do not hold, named.
+    """
+    from msbt.data.balance import row_weights
+
+    site_of = dict(zip(np.asarray(store_sources).astype(str), np.asarray(store_sites).astype(str))) \
+        if store_sites is not None else {}
+    known = set(np.asarray(store_sources).astype(str))
+    missing = [source for source in np.asarray(sources).astype(str) if source not in known]
+    if missing:
+        raise KeyError(f"cached image {missing[0]!r} is not a training row of the store ({len(missing)} such)")
+    sites = [site_of.get(source, "") for source in np.asarray(sources).astype(str)]
+    return row_weights(labels, sites, dict(cells))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -307,7 +327,8 @@ def fit_head(stage: StageConfig, features: Mapping[str, np.ndarray], *, seed: in
     from msbt.model.compiled import compile_model
 
     if stage.balance != "none" and "train_weight" not in features:  # never silently unweighted
-        raise ValueError(f"balance {stage.balance!r}: the features carry no train_weight (msbt.tune.fast.train_weights)")
+        raise ValueError(f"balance {stage.balance!r}: the features carry no train_weight "
+                         "(msbt.tune.fast.train_weights)")
     keras.utils.set_random_seed(seed)
     copies = copies_per_epoch(stage.augment)
     available = features["train_x"].shape[1]
@@ -319,8 +340,8 @@ def fit_head(stage: StageConfig, features: Mapping[str, np.ndarray], *, seed: in
     weights = np.repeat(features["train_weight"], copies) if stage.balance != "none" else None
     head = head_model(stage, x.shape[1])
     compile_model(head, stage)
-    history = head.fit(x, y, sample_weight=weights, batch_size=stage.batch_size, epochs=stage.epochs, shuffle=True,
-                       verbose=verbose,
+    history = head.fit(x, y, sample_weight=weights, batch_size=stage.batch_size, epochs=stage.epochs,
+                       shuffle=True, verbose=verbose,
                        validation_data=(features["val_x"], features["val_y"].astype(np.float32)[:, None]),
                        callbacks=list(callbacks))
     return head, history.history

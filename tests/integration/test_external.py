@@ -216,6 +216,10 @@ def test_leave_one_site_out_on_two_built_in_sites(loso):
         assert low <= r["held_out_auc"][0] <= high
         stage1s.add(lineage(r["checkpoint"])[1]["path"])
         assert read_manifest(r["checkpoint"])["config"]["balance"] == "site_class"
+        # the fold's metrics are of a site the model never trained on: not called an internal estimate
+        fold = json.loads((tmp_path / "runs" / "loso" / "loso" / f"site-{r['site']}" / "metrics.json").read_text())
+        assert fold["scope"] == {"kind": "held_out", "sites": [r["site"]], "unseen_sites": [r["site"]]}
+        assert not any(note.startswith("internal estimate") for note in fold["notes"])
     assert len(stage1s) == 1  # both arms from one stage 1
     assert (tmp_path / "runs" / "loso" / "loso" / "loso.json").is_file()
     aucs = {r["site"]: r["held_out_auc"] for r in report["rows"]}

@@ -8,9 +8,9 @@ import ipaddress
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
-import shutil
 import sys
 from pathlib import Path
 
@@ -140,6 +140,7 @@ def test_a_private_cluster_that_starts_too_slowly_is_stopped_and_started_again(t
         assert report["wait_after"] == 0  # the longer wait was for the retry only
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    # a failure that is not slowness is raised at once, not retried
+    # a failure that is not slowness is raised at once, not retried: another error, or a wait for a raylet that
+    # is not running (this process started none)
     assert _slow_start(Exception("address already in use"), set()) is None
-    assert _slow_start(Exception("The current node timed out during startup. This could happen"), set())
+    assert _slow_start(Exception("The current node timed out during startup. This could happen"), set()) is None

@@ -117,3 +117,25 @@ def test_fast_mode_heads_take_the_weights_and_refuse_to_train_without_them():
     assert mean_p["benign only"] + 0.2 < mean_p["malignant only"], mean_p
     with pytest.raises(ValueError, match="carry no train_weight"):
         fit_head(s, features)
+
+
+def test_fast_mode_gives_each_cached_image_its_sites_weight():
+    """The cache orders images by source; the store gives each source's site: the weights follow the image,
+    whatever the order, and an image the store does not hold is named."""
+    from msbt.data.balance import cell_weights
+    from msbt.tune.fast import cache_weights
+
+    store_sources = np.array(["b/3.png", "a/1.png", "b/4.png", "a/2.png", "a/5.png"])
+    store_sites = np.array(["b", "a", "b", "a", "a"])
+    store_labels = np.array([1, 0, 0, 1, 1])
+    cells = cell_weights(store_labels, store_sites, "site_class")
+    order = np.argsort(store_sources)  # as the cache holds them
+    weights = cache_weights(store_sources[order], store_labels[order], store_sources, store_sites, cells)
+    expected = [cells[(site, label)] for site, label in zip(store_sites[order], store_labels[order])]
+    np.testing.assert_allclose(weights, expected)
+    assert len(set(expected)) > 1  # the cells differ: a wrong site would show
+    by_class = cache_weights(store_sources[order], store_labels[order], store_sources, None,
+                             cell_weights(store_labels, None, "class"))
+    assert by_class.sum() == pytest.approx(5.0)
+    with pytest.raises(KeyError, match="c/9.png"):
+        cache_weights(np.array(["c/9.png"]), np.array([0]), store_sources, store_sites, cells)

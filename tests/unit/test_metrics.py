@@ -534,21 +534,29 @@ def test_metrics_json_schema_from_fixed_predictions(tmp_path):
         E.read_predictions(tmp_path / "bad.csv")
 
 
-def test_a_runs_own_test_split_is_marked_internal_naming_its_sites():
-    """The run's test metrics come from the sites it trained on: said in metrics.json and in a note, so the
-    numbers are not read as what another hospital would see."""
+def test_a_runs_own_test_split_is_marked_internal_and_a_held_out_site_is_not():
+    """A run's own test metrics come from the sites it trained on: said in metrics.json and in a note, so the
+    numbers are not read as what another hospital would see. A site the model never trained on (a
+    leave-one-site-out fold) is marked held out, without that note."""
     from msbt.eval import evaluate as E
 
     val = {"y": np.array([0, 0, 1, 1]), "p": np.array([0.2, 0.4, 0.6, 0.9]), "group": np.array(["v1", "v2", "v3", "v4"])}
     test = {"y": Y8, "p": P8, "group": np.arange(8).astype(str)}
-    one = E.with_internal_scope(E.score(val, test, n_boot=50), test)
-    assert one["scope"] == {"kind": "internal", "sites": []}
+    scored = E.score(val, test, n_boot=50)
+    one = E.with_scope(scored, [], None)  # a store without sites
+    assert one["scope"] == {"kind": "internal", "sites": [], "unseen_sites": []}
     assert one["notes"][-1].startswith("internal estimate: the test images come from the same site as the training")
     assert "msbt external" in one["notes"][-1] and "crossval.py --by site" in one["notes"][-1]
     sites = np.array(["busi", "breast"] * 4)
-    two = E.with_internal_scope(E.score(val, {**test, "site": sites}, n_boot=50), {**test, "site": sites})
-    assert two["scope"]["sites"] == ["breast", "busi"] and "same 2 sites (breast, busi)" in two["notes"][-1]
+    two = E.with_scope(scored, sites, np.array(["breast", "busi", "busi"]))
+    assert two["scope"]["kind"] == "internal" and two["scope"]["sites"] == ["breast", "busi"]
+    assert "same 2 sites (breast, busi)" in two["notes"][-1]
     assert "internal estimate" in E.format_report(two)  # on the console as well
+    held = E.with_scope(scored, sites, np.array(["mendeley"] * 3))
+    assert held["scope"] == {"kind": "held_out", "sites": ["breast", "busi"], "unseen_sites": ["breast", "busi"]}
+    assert held["notes"] == scored["notes"]
+    mixed = E.with_scope(scored, sites, np.array(["busi"]))
+    assert mixed["scope"]["kind"] == "mixed" and "never seen (breast)" in mixed["notes"][-1]
 
 
 def test_wilson_interval_matches_hand_computation_and_stays_wide_at_the_edges():
