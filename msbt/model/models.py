@@ -264,6 +264,7 @@ def batchnorm_frozen(stage: StageConfig) -> bool:
     return stage.batchnorm_inference or not stage.trainable_backbone or stage.head_epochs > 0
 
 
+
 def build_model(stage: StageConfig, num_classes: int, parent: keras.Model | None = None) -> keras.Model:
     """Build one stage's model: preprocess, backbone, GAP and the stage's head.
 

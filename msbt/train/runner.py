@@ -64,7 +64,7 @@ import numpy as np
 from msbt.atomicio import write_text
 from msbt.train import tblog
 from msbt.model.checkpoint import MODEL_FILE, TRAIN_STATE_FILE, sha256_file, write_manifest
-from msbt.config import Config, RunConfig, StageConfig, training_seed
+from msbt.config import Config, RunConfig, StageConfig, batchnorm_warning, training_seed
 from msbt.containment import check_run_name, check_storage_path, run_location
 from msbt.data.balance import cell_weights, describe, row_weights
 from msbt.data.store import Store, decode_images
@@ -581,6 +581,8 @@ def loop_config(config: Config, stage_number: int, store_path: str | Path, paren
     stage = config.stage1 if stage_number == 1 else config.stage2
     store_path = Path(store_path).expanduser().resolve()
     fingerprint, split_id = store_identity(store_path)
+    if warning := batchnorm_warning(stage):
+        log.warning("stage %d: %s", stage_number, warning)
     return LoopConfig(
         loss_weights=loss_weights(store_path, stage.balance),
         stage=stage,

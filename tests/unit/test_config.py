@@ -140,3 +140,17 @@ def test_settings_added_later_leave_older_records_unchanged():
     assert from_dict(StageConfig, record) == StageConfig()
     assert to_dict(from_dict(StageConfig, to_dict(StageConfig(augment=AugmentConfig(speckle=0.1))))) == \
         to_dict(StageConfig(augment=AugmentConfig(speckle=0.1)))
+
+
+def test_a_backbone_trained_fast_behind_fixed_batchnorm_is_warned_about():
+    """batchnorm_inference with the whole backbone training at Adam 1e-3 collapsed it (docs/models.md): warned;
+    the paper's setting, a frozen backbone, a slow enough rate and a head-first schedule are not."""
+    from msbt.config import StageConfig, batchnorm_warning
+
+    warned = batchnorm_warning(StageConfig(batchnorm_inference=True, learning_rate=1e-3))
+    assert warned and "learning rate 0.001 behind fixed BatchNorm" in warned and "head_epochs" in warned
+    assert batchnorm_warning(StageConfig(learning_rate=1e-3)) is None  # BN trains (the paper)
+    assert batchnorm_warning(StageConfig(batchnorm_inference=True, trainable_backbone=False)) is None
+    assert batchnorm_warning(StageConfig(batchnorm_inference=True, learning_rate=1e-4)) is None
+    assert batchnorm_warning(StageConfig(head_epochs=2, epochs=8, learning_rate=1e-3)) is None  # then at 1e-4
+    assert batchnorm_warning(StageConfig(head_epochs=2, epochs=8, learning_rate=1e-2))  # then at 1e-3
