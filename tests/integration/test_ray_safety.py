@@ -118,7 +118,7 @@ def test_a_private_cluster_that_starts_too_slowly_is_stopped_and_started_again(t
     still running. With 0 s the first start fails every time, for real, with the dashboard still starting."""
     import tempfile
 
-    from msbt.raycluster import _slow_start
+    from msbt.raycluster import _children, _slow_start
 
     ray_tmp = tempfile.mkdtemp(prefix="msbt-retry-", dir="/tmp")  # short: Unix socket paths
     try:
@@ -141,6 +141,7 @@ def test_a_private_cluster_that_starts_too_slowly_is_stopped_and_started_again(t
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     # a failure that is not slowness is raised at once, not retried: another error, or a wait for a raylet that
-    # is not running (this process started none)
-    assert _slow_start(Exception("address already in use"), set()) is None
-    assert _slow_start(Exception("The current node timed out during startup. This could happen"), set()) is None
+    # is not running (none started since `now`; the session's cluster, when this process has one, is older)
+    now = _children()
+    assert _slow_start(Exception("address already in use"), now) is None
+    assert _slow_start(Exception("The current node timed out during startup. This could happen"), now) is None
