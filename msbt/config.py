@@ -439,6 +439,11 @@ def _deep_merge(into: dict, layer: Mapping) -> None:
             into[key] = dict(value) if isinstance(value, Mapping) else value
 
 
+def batchnorm_fixed(stage: StageConfig) -> bool:
+    """Whether the stage's backbone BatchNorm runs with fixed statistics (``msbt.model.models.batchnorm_frozen``
+    says how and why): asked for, a frozen backbone, or after head-only epochs."""
+    return stage.batchnorm_inference or not stage.trainable_backbone or stage.head_epochs > 0
+
 
 # Above this rate a backbone that trains behind fixed BatchNorm statistics lost its features within a few steps
 # (measured, docs/models.md "BatchNorm on small data"): Adam at 3e-4 shrank the spread of Lite0's pooled features
@@ -451,7 +456,7 @@ def batchnorm_warning(stage: StageConfig) -> str | None:
     after head-only epochs: ``msbt.model.models.batchnorm_frozen``) faster than :data:`BATCHNORM_FIXED_MAX_RATE`;
     else None. After head-only epochs the backbone trains at ``fine_tune_lr_scale`` times the rate, so that rate
     is the one checked."""
-    if not (stage.trainable_backbone and (stage.batchnorm_inference or stage.head_epochs > 0)):
+    if not (stage.trainable_backbone and batchnorm_fixed(stage)):
         return None
     rate = stage.learning_rate * (stage.fine_tune_lr_scale if stage.head_epochs > 0 else 1.0)
     if rate <= BATCHNORM_FIXED_MAX_RATE:

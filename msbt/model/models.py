@@ -28,7 +28,7 @@ import keras
 import numpy as np
 from keras import layers
 
-from msbt.config import HeadConfig, StageConfig
+from msbt.config import HeadConfig, StageConfig, batchnorm_fixed
 
 BACKBONES = ("resnet50", "efficientnetb2", "inceptionv3", "efficientnet_lite0", "tiny_cnn")
 
@@ -261,8 +261,7 @@ def batchnorm_frozen(stage: StageConfig) -> bool:
     Returns:
         True for BN in inference mode.
     """
-    return stage.batchnorm_inference or not stage.trainable_backbone or stage.head_epochs > 0
-
+    return batchnorm_fixed(stage)
 
 
 def build_model(stage: StageConfig, num_classes: int, parent: keras.Model | None = None) -> keras.Model:

@@ -268,14 +268,14 @@ def cache_weights(sources: Sequence[str], labels: Sequence[int], store_sources: 
     """
     from msbt.data.balance import row_weights
 
-    site_of = dict(zip(np.asarray(store_sources).astype(str), np.asarray(store_sites).astype(str))) \
-        if store_sites is not None else {}
-    known = set(np.asarray(store_sources).astype(str))
-    missing = [source for source in np.asarray(sources).astype(str) if source not in known]
+    store_sources = np.asarray(store_sources).astype(str)
+    site_of = dict(zip(store_sources, np.asarray(store_sites).astype(str) if store_sites is not None
+                       else [""] * len(store_sources)))
+    sources = np.asarray(sources).astype(str)
+    missing = [source for source in sources if source not in site_of]
     if missing:
         raise KeyError(f"cached image {missing[0]!r} is not a training row of the store ({len(missing)} such)")
-    sites = [site_of.get(source, "") for source in np.asarray(sources).astype(str)]
-    return row_weights(labels, sites, dict(cells))
+    return row_weights(labels, [site_of[source] for source in sources], dict(cells))
 
 
 # ---------------------------------------------------------------------------------------------------
