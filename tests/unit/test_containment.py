@@ -1,27 +1,23 @@
 """A run writes only into its own run folder, completely or not at all (issue #13, items 0 and 8).
 
 Run names with paths, a storage path inside Ray's copy of a submitted job, `msbt report` on a data
-folder, a full disk (a real, tiny tmpfs), a refused `--resume`, checkpoints beyond `checkpoints_to_keep`,
-and Ctrl-C during training.
+folder, a full disk (a real, tiny tmpfs), a refused `--resume`, checkpoints beyond `checkpoints_to_keep`.
+Ctrl-C and SIGTERM of a running workflow (real Ray): tests/workflows/test_interrupts.py.
 """
 
 import contextlib
 import errno
-import glob
 import os
 import shutil
-import signal
 import stat
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import cv2
 import pytest
 import yaml
 
-from helpers import ROOT, TINY_SETS, ctrl_c_as_at_a_terminal, frame_of, textured
+from helpers import ROOT, frame_of, textured
 from msbt.cli import main as msbt_main
 from msbt.config import ConfigError, dump_config, load_config
 from msbt.containment import check_storage_path, run_location
@@ -218,41 +214,6 @@ def test_prune_keeps_only_the_checkpoints_ray_kept(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Ctrl-C during training
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_ctrl_c_during_training_says_so_and_leaves_no_scratch(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    env.pop("RAY_ADDRESS", None)
-    before = set(glob.glob("/tmp/msbt-stage-*")) | set(glob.glob("/tmp/msbt-report-*"))
-    run = tmp_path / "smoke"
-    cmd = [sys.executable, "workflows/stage1.py", "--smoke-test", "--address", "local", *TINY_SETS,
-           "--set", "stage1.epochs=50", "--set", f"run.storage_path={tmp_path}"]
-    # a terminal's Ctrl-C goes to the whole foreground process group: a session of its own stands in
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, preexec_fn=ctrl_c_as_at_a_terminal)
-    try:
-        deadline = time.time() + 600
-        while time.time() < deadline and not list(run.glob("stage1/checkpoint_*")):
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            time.sleep(1)
-        assert list(run.glob("stage1/checkpoint_*")), "training never reported a checkpoint"
-        os.killpg(proc.pid, signal.SIGINT)
-        output, _ = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, output[-3000:]
-    assert "msbt: interrupted" in output and "--resume" in output
-    assert not (run / ".work").exists()
-    left = (set(glob.glob("/tmp/msbt-stage-*")) | set(glob.glob("/tmp/msbt-report-*"))) - before
-    assert not left, left
-
-
-# ---------------------------------------------------------------------------------------------------
 # Provenance: every result folder says what made it
 
 
@@ -319,33 +280,3 @@ def test_the_submitted_package_holds_every_module_of_msbt(tmp_path):
     modules = {str(p.relative_to(ROOT)) for p in (ROOT / "msbt").rglob("*.py") if "__pycache__" not in p.parts}
     assert modules and modules <= packaged, sorted(modules - packaged)
     assert "workflows/pipeline.py" in packaged and not any(n.startswith((".venv/", "runs/", ".git/")) for n in packaged)
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_sigterm_after_ray_started_says_so_and_exits_143(tmp_path):
-    """`ray job stop` sends the driver SIGTERM. `ray.init` installs its own SIGTERM handler (sys.exit, or a
-    private node's "kill everything, exit 1"); msbt puts its own back, so the line and exit 143 hold for
-    commands that run on Ray too."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    env.pop("RAY_ADDRESS", None)
-    log = tmp_path / "out.log"
-    cmd = [sys.executable, "workflows/preprocess.py", "--smoke-test", "--address", "local",
-           "--set", f"run.storage_path={tmp_path}", "--set", f"synth.out_dir={tmp_path / 'synth'}"]
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and "Ray: private local cluster" not in log.read_text():
-            assert proc.poll() is None, log.read_text()[-3000:]
-            time.sleep(0.5)
-        assert "Ray: private local cluster" in log.read_text(), "Ray never started"
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    output = log.read_text()
-    assert proc.returncode == 143, output[-3000:]
-    assert "msbt: stopped (SIGTERM); finished steps and checkpoints are kept" in output and "Traceback" not in output
