@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from helpers import ROOT, shared_data
+from helpers import ROOT, TINY_RUN_FIXTURES, shared_data
 
 
 @pytest.fixture
@@ -99,7 +99,6 @@ def tiny_run(tiny_stores):
 # whole file at a time, so that a file's module fixtures are made once, and the files built on the session's
 # tiny run as one unit, so that it is made once. (xdist's own "--dist loadgroup" would do the grouping, but
 # with pytest 9.2 it groups nothing: it renames the test ids through an attribute pytest no longer reads.)
-TINY_RUN_FIXTURES = {"tiny_stores", "tiny_run"}
 TINY_RUN_FILES = {"test_experiments.py", "test_train_ray.py", "test_tune.py"}
 
 
