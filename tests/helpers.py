@@ -26,14 +26,15 @@ def ctrl_c_as_at_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-# The backbone of tests whose subject is not the backbone: msbt's tiny_cnn, whose first short epoch (mostly
-# tracing) takes 1.6-1.9 s where Lite0's takes 8.1-8.8 s (docs/training.md, "The test backbone"). Lite0 is
-# still trained by the model and training unit tests, the serving and export tests, and `ray job submit` of
-# the real smoke pipeline (docs/architecture.md, "Tests").
 # The session fixtures of tests/conftest.py that build on the session's tiny run, and all of its fixtures that
 # start Ray (tests/unit/conftest.py fails a unit test that asks for one).
 TINY_RUN_FIXTURES = {"tiny_stores", "tiny_run"}
 RAY_FIXTURES = {"ray_local", *TINY_RUN_FIXTURES}
+
+# The backbone of tests whose subject is not the backbone: msbt's tiny_cnn, whose first short epoch (mostly
+# tracing) takes 1.6-1.9 s where Lite0's takes 8.1-8.8 s (docs/training.md, "The test backbone"). Lite0 is
+# still trained by the model and training unit tests, the serving and export tests, and `ray job submit` of
+# the real smoke pipeline (docs/architecture.md, "Tests").
 TINY_BACKBONE = {"backbone": "tiny_cnn", "weights": "none"}
 TINY_SETS = ["--set", "stage1.backbone=tiny_cnn", "--set", "stage1.weights=none", "--set", "stage2.backbone=tiny_cnn"]
 
