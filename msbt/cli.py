@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -711,6 +712,9 @@ class Stopped(KeyboardInterrupt):
     """SIGTERM (``ray job stop``, ``kill``, a scheduler's pre-emption), unwound like Ctrl-C."""
 
 
+SIGTERM_SEEN = threading.Event()  # set by the SIGTERM handler; cleared as each command starts (main)
+
+
 def _stop_on_sigterm():
     """Turn SIGTERM into :class:`Stopped`, saying so at once.
 
@@ -718,6 +722,11 @@ def _stop_on_sigterm():
     Python's default for SIGTERM is to die without a word or a ``finally``. The line is printed in the
     handler, before the clean-up that the exception then runs, so it reaches the job's log even when the
     SIGKILL comes first.
+
+    The handler also marks :data:`SIGTERM_SEEN`: an exception raised in a signal handler can reach ``main``
+    as another type. Ray's blocking ``ray.get`` on the main thread runs pending handlers itself and raises a
+    plain ``KeyboardInterrupt`` for whatever the handler raised (measured: SIGTERM during a stage gave
+    exit 130 and the Ctrl-C line after this one).
 
     Returns:
         The handler it replaced (``main`` puts it back when the command returns).
@@ -731,6 +740,7 @@ def _stop_on_sigterm():
         # os.write, not print: the main thread may be inside a write to stderr (a progress bar), and a
         # reentrant print would raise instead of saying this
         os.write(2, f"msbt: stopped (SIGTERM); {INTERRUPTED}\n".encode())
+        SIGTERM_SEEN.set()
         raise Stopped()
 
     return signal.signal(signal.SIGTERM, handler)
@@ -739,7 +749,6 @@ def _stop_on_sigterm():
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `msbt` console script."""
     import signal
-    import threading
 
     from msbt import console
 
@@ -752,6 +761,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Before anything imports TensorFlow or Ray: their notices go to the run's log file (see msbt.console).
     console.setup(verbose=args.verbose, debug=args.debug)
     main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers live
+    if main_thread:
+        SIGTERM_SEEN.clear()
     previous = _stop_on_sigterm() if main_thread else None
     try:
         code = args.func(args)
@@ -770,6 +781,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports
     except KeyboardInterrupt:
+        if SIGTERM_SEEN.is_set():  # Stopped, turned into a plain KeyboardInterrupt on its way (see above)
+            return 143
         # Ctrl-C (or `ray job stop` with RAY_JOB_STOP_SIGNAL=SIGINT): one line, not a traceback; what
         # finished is on disk
         print(f"msbt: interrupted; {INTERRUPTED}", file=sys.stderr)

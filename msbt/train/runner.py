@@ -726,54 +726,33 @@ def end_workers_then_remove_work(config: Config, stage_number: int, settle_s: fl
 
 
 def fit_interruptibly(trainer):
-    """``trainer.fit()`` in a helper thread, so that Ctrl-C is a ``KeyboardInterrupt`` in the caller.
+    """``trainer.fit()`` on the calling thread, with Ctrl-C (and msbt's SIGTERM) a ``KeyboardInterrupt`` there.
 
-    On the main thread, Ray Train 2.60's ``fit`` replaces the process's SIGINT handler with its own and
-    never puts Python's back (``DataParallelTrainer._register_sigint_handler``): a Ctrl-C asks the
-    controller to abort, and the handler may call ``sys.exit(0)`` (issue #13 item 8 measured exit code 1,
-    no message, scratch folders left behind); msbt's own "interrupted" line never ran. Off the main thread Ray installs no
-    handler (as under Tune), Python's own turns Ctrl-C into ``KeyboardInterrupt`` here, and the stage's
-    actors end with this driver (a private cluster dies with it; a joined cluster ends a job's actors when
-    its driver goes). On Ctrl-C the thread is waited for before the caller shuts Ray down (:func:`end_fit`).
+    On the main thread Ray Train 2.60's ``fit`` hands its controller to
+    ``DataParallelTrainer._register_sigint_handler``, which replaces the process's SIGINT handler with one of
+    its own and never puts Python's back (it may ``sys.exit(0)``: issue #13 item 8 measured exit code 1, no
+    message, scratch folders left behind). msbt shadows that method on this one trainer with a no-op, so
+    Python's handler stays and an interrupt reaches the blocking ``ray.get`` as ``KeyboardInterrupt``; the
+    caller then shuts Ray down (:func:`end_workers_then_remove_work`), which ends the run's actors with
+    this driver. Ray's handler first asks the controller to abort, which lets each worker take up to 5 s
+    to stop (7.7 s measured on a smoke stage): too slow for ``ray job stop``, whose SIGKILL follows SIGTERM
+    after 3 s, and it adds nothing that the shutdown does not do.
+
+    Until 2026-12-05 ``fit`` ran in a helper thread (where Ray installs no handler), and the driver shut Ray
+    down while that thread was still blocked in ``ray.get`` on the controller: a signal reaches the driver's
+    process group, not Ray's actors, so the run went on, and when the thread next touched Ray, Ray's core
+    worker ended the whole process ("The core worker has already been shutdown": exit code 1, no
+    "interrupted" line; the suite's Ctrl-C test, now and then). The wait for that thread never waited:
+    Python 3.11's ``Thread.join``, interrupted by ``KeyboardInterrupt``, releases the thread's state lock and
+    marks the live thread as stopped (thread dumps showed it still in ``ray.get`` 10 s later). Now no msbt
+    thread is inside Ray when Ray is shut down.
     """
-    import threading
-
-    outcome: dict = {}
-
-    def target():
-        try:
-            outcome["result"] = trainer.fit()
-        except BaseException as err:  # handed to the caller's thread as it is
-            outcome["error"] = err
-
-    thread = threading.Thread(target=target, name="msbt-trainer-fit", daemon=True)
-    thread.start()
-    try:
-        while thread.is_alive():
-            thread.join(timeout=0.5)  # short waits: the main thread must keep receiving signals
-    except KeyboardInterrupt:
-        end_fit(thread)
-        raise
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"]
-
-
-def end_fit(thread, wait_s: float = 10.0) -> None:
-    """After Ctrl-C (or SIGTERM): wait for the ``fit`` thread to leave Ray before the driver shuts Ray down.
-
-    The interrupt ends ``fit`` in the thread as well: Ray's ``ray.get`` there raises (measured: the thread had
-    already ended when the main thread saw the interrupt, with the signal sent to the process group as a
-    terminal does, and with it sent to the driver alone). A thread still inside Ray when Ray is shut down
-    makes Ray's core worker end the whole process as soon as it touches it again ("The core worker has
-    already been shutdown"): exit code 1 and no "interrupted" line, seen in the suite's Ctrl-C test under
-    load (once on 2026-12-02, once in a clean-clone CI run on 2026-12-03; not reproduced in 7 loaded runs
-    since). This thread is the one msbt starts inside Ray, so it is waited for, up to ``wait_s``; one still
-    in Ray after that is shut down under, as before.
-    """
-    thread.join(wait_s)
-    if thread.is_alive():
-        log.warning("the training thread did not end within %.0f s of the interrupt; shutting Ray down", wait_s)
+    if not callable(getattr(type(trainer), "_register_sigint_handler", None)):
+        # The hook below would then change nothing; say so rather than let Ray's handler take Ctrl-C silently.
+        log.warning("this Ray Train has no DataParallelTrainer._register_sigint_handler: Ctrl-C during training "
+                    "is handled by Ray (msbt expects Ray 2.60's)")
+    trainer._register_sigint_handler = lambda controller: None  # Ray calls it on the main thread only
+    return trainer.fit()
 
 
 def work_folder(config: Config, stage_number: int) -> Path:

@@ -147,6 +147,35 @@ def test_score_order_follows_the_saver():
     assert (score_order("val_loss"), score_order("val_auc"), score_order("loss")) == ("min", "max", "min")
 
 
+def test_fit_keeps_pythons_sigint_handler_and_ray_still_calls_the_hook_it_shadows():
+    """fit_interruptibly runs ``fit`` on the caller's thread and shadows the method through which Ray Train
+    installs its own SIGINT handler there (which never puts Python's back). A trainer whose ``fit`` does
+    what Ray 2.60's does on the main thread leaves Python's handler in place; and Ray's code still calls that
+    method, so an upgrade that stops doing so fails here (tests/workflows/test_interrupts.py: the effect)."""
+    import inspect
+    import signal
+
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    from msbt.train.runner import fit_interruptibly
+
+    assert "self._register_sigint_handler(controller)" in inspect.getsource(
+        DataParallelTrainer._initialize_and_run_controller)
+
+    class AsRayFits(DataParallelTrainer):
+        def fit(self):
+            self._register_sigint_handler(object())  # Ray's: installs its handler unless shadowed
+            return "result"
+
+    trainer = AsRayFits.__new__(AsRayFits)  # no __init__: nothing of Ray's is started
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    try:
+        assert fit_interruptibly(trainer) == "result"
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Real Ray Train runs
 
