@@ -712,7 +712,7 @@ class Stopped(KeyboardInterrupt):
     """SIGTERM (``ray job stop``, ``kill``, a scheduler's pre-emption), unwound like Ctrl-C."""
 
 
-SIGTERM_SEEN = threading.Event()  # set by the SIGTERM handler; cleared as each command starts (main)
+_sigterm = {"seen": False}  # set by the SIGTERM handler of the command running on the main thread (main)
 
 
 def _stop_on_sigterm():
@@ -723,9 +723,9 @@ def _stop_on_sigterm():
     handler, before the clean-up that the exception then runs, so it reaches the job's log even when the
     SIGKILL comes first.
 
-    The handler also marks :data:`SIGTERM_SEEN`: an exception raised in a signal handler can reach ``main``
-    as another type. Ray's blocking ``ray.get`` on the main thread runs pending handlers itself and raises a
-    plain ``KeyboardInterrupt`` for whatever the handler raised (measured: SIGTERM during a stage gave
+    The handler also records that it ran (``_sigterm``): an exception raised in a signal handler can reach
+    ``main`` as another type. Ray's blocking ``ray.get`` on the main thread runs pending handlers itself and
+    raises a plain ``KeyboardInterrupt`` for a ``KeyboardInterrupt`` of any kind (measured: SIGTERM during a stage gave
     exit 130 and the Ctrl-C line after this one).
 
     Returns:
@@ -740,7 +740,7 @@ def _stop_on_sigterm():
         # os.write, not print: the main thread may be inside a write to stderr (a progress bar), and a
         # reentrant print would raise instead of saying this
         os.write(2, f"msbt: stopped (SIGTERM); {INTERRUPTED}\n".encode())
-        SIGTERM_SEEN.set()
+        _sigterm["seen"] = True  # a plain assignment: no lock taken inside a signal handler
         raise Stopped()
 
     return signal.signal(signal.SIGTERM, handler)
@@ -762,8 +762,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     console.setup(verbose=args.verbose, debug=args.debug)
     main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers live
     if main_thread:
-        SIGTERM_SEEN.clear()
+        _sigterm["seen"] = False
     previous = _stop_on_sigterm() if main_thread else None
+
+    def stopped() -> bool:  # SIGTERM reached this command, whatever became of its exception on the way
+        return main_thread and _sigterm["seen"]
+
     try:
         code = args.func(args)
         sys.stdout.flush()  # here, not in the interpreter's exit, so that a reader gone away is seen below
@@ -781,7 +785,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports
     except KeyboardInterrupt:
-        if SIGTERM_SEEN.is_set():  # Stopped, turned into a plain KeyboardInterrupt on its way (see above)
+        if stopped():  # Stopped, turned into a plain KeyboardInterrupt on its way (see _stop_on_sigterm)
             return 143
         # Ctrl-C (or `ray job stop` with RAY_JOB_STOP_SIGNAL=SIGINT): one line, not a traceback; what
         # finished is on disk
@@ -790,12 +794,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # one clear line for users; --debug shows where it came from
         if args.debug:
             raise
+        if stopped():  # Stopped, wrapped by a library into an error of its own: the SIGTERM line was printed
+            return 143
         message = str(exc) if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
         print(f"msbt: error: {message}", file=sys.stderr)
         return 1
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+            _sigterm["seen"] = False
 
 
 def _stdout_gone() -> bool:

@@ -119,6 +119,17 @@ def pytest_collection_modifyitems(config, items):
         return -max(limits, default=0), not any(t.get_closest_marker("slow") for t in tests)
 
     items[:] = [test for path in sorted(files, key=longest_first) for test in files[path]]
+    # Ray blocks the main thread in C++ (ray.get, a Train stage's fit): pytest-timeout's default method, a
+    # SIGALRM handler that raises, fails the test there only once ray.get returns (measured 2026-12-05: a 20 s
+    # limit over a 60 s task failed after 61 s), so a hung stage would hang the suite. Outside tests/unit, which
+    # runs no Ray, the limits are kept by pytest-timeout's thread method instead: at the limit it prints every
+    # thread's stack and ends the test process (xdist reports the test failed and starts another process).
+    here = Path(__file__).parent
+    for item in items:
+        if item.path.relative_to(here).parts[0] != "unit":
+            mark = item.get_closest_marker("timeout")
+            limit = (mark.args[0] if mark.args else mark.kwargs.get("timeout")) if mark else None
+            item.add_marker(pytest.mark.timeout(limit, "thread"), append=False)  # the closest mark wins
 
 
 class FileScheduling:

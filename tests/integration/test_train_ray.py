@@ -168,12 +168,27 @@ def test_fit_keeps_pythons_sigint_handler_and_ray_still_calls_the_hook_it_shadow
             return "result"
 
     trainer = AsRayFits.__new__(AsRayFits)  # no __init__: nothing of Ray's is started
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    before = signal.getsignal(signal.SIGINT)  # Python's, or what an in-process Tune search left
     try:
         assert fit_interruptibly(trainer) == "result"
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGINT) is before
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, before)
+
+
+def test_time_limits_outside_the_unit_tier_use_a_thread_not_a_signal(request):
+    """A stage's ``fit`` blocks the main thread inside ray.get, where pytest-timeout's SIGALRM handler fails a test
+    only once ray.get returns (tests/conftest.py): every test outside tests/unit keeps its limit on a thread."""
+    mine = request.node.get_closest_marker("timeout")
+    assert mine.args == (None, "thread")  # no limit of its own: the configured one, on a thread
+    for item in request.session.items:
+        mark = item.get_closest_marker("timeout")
+        if "tests/unit/" in item.nodeid:
+            assert mark is None or "thread" not in mark.args, item.nodeid
+        else:
+            assert mark is not None and mark.args[1] == "thread", item.nodeid
+            kept = [m.args[0] for m in item.iter_markers("timeout") if m.args and m is not mark]
+            assert mark.args[0] == (kept[0] if kept else None), item.nodeid  # its own limit, kept
 
 
 # ---------------------------------------------------------------------------------------------------

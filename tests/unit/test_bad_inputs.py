@@ -271,32 +271,40 @@ def test_first_ctrl_c_or_sigterm_stops_a_scan(tmp_path, sig, code, line):
     assert stopped < 3.0, f"took {stopped:.1f} s after the first signal"
 
 
-def test_sigterm_is_named_even_when_a_library_turns_it_into_a_plain_interrupt(tmp_path, monkeypatch, capsys):
+def test_sigterm_is_named_even_when_a_library_turns_it_into_another_exception(tmp_path, monkeypatch, capfd):
     """Ray's blocking ``ray.get`` on the main thread runs pending signal handlers itself and raises a plain
-    KeyboardInterrupt for whatever the handler raised: a SIGTERM during a stage exited 130 with the Ctrl-C line
-    after the SIGTERM one. The command below does what Ray does; the CLI still exits 143 with one line."""
+    KeyboardInterrupt for msbt's ``Stopped``: a SIGTERM during a stage exited 130 with the Ctrl-C line after the
+    SIGTERM one. The commands below do what Ray does (and what a library that wraps errors would); the CLI still
+    exits 143 with the SIGTERM line alone, and the next command's Ctrl-C is Ctrl-C again."""
+    import threading
+
     from msbt import cli
 
-    def scan_as_ray_get_unwinds(args):
-        try:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(10)  # the handler raises here
-        except KeyboardInterrupt:
-            raise KeyboardInterrupt() from None
-        return 0
+    assert threading.current_thread() is threading.main_thread()  # else no handler, and SIGTERM ends pytest
 
-    monkeypatch.setattr(cli, "_cmd_scan", scan_as_ray_get_unwinds)
+    def sigterm_turned_into(kind):
+        def command(args):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(10)  # the handler raises here
+            except KeyboardInterrupt:
+                raise kind() from None
+            return 0
+        return command
+
     before = signal.getsignal(signal.SIGTERM)
-    assert main(["scan", str(tmp_path)]) == 143
-    err = capsys.readouterr().err
-    assert "interrupted" not in err and "Traceback" not in err, err
-    assert signal.getsignal(signal.SIGTERM) is before  # put back
+    for kind in (KeyboardInterrupt, RuntimeError):
+        monkeypatch.setattr(cli, "_cmd_scan", sigterm_turned_into(kind))
+        assert main(["scan", str(tmp_path)]) == 143, kind
+        err = capfd.readouterr().err
+        assert err.count("msbt: stopped (SIGTERM)") == 1 and "interrupted" not in err and "error" not in err, err
+        assert signal.getsignal(signal.SIGTERM) is before  # put back
 
     def ctrl_c(args):
         raise KeyboardInterrupt()
 
-    monkeypatch.setattr(cli, "_cmd_scan", ctrl_c)  # the next command in this process: Ctrl-C is Ctrl-C again
-    assert main(["scan", str(tmp_path)]) == 130 and "msbt: interrupted" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "_cmd_scan", ctrl_c)
+    assert main(["scan", str(tmp_path)]) == 130 and "msbt: interrupted" in capfd.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -128,7 +128,7 @@ def test_tune_report_writes_the_page_and_the_top_k_overlays(tmp_path, capsys):
 
 
 def test_hparams_files_read_back_with_tensorboards_own_parsers(tmp_path):
-    pytest.importorskip("tensorboard")  # the dev extra: viewing only
+    pytest.importorskip("tensorboard")  # in the test extra (pyproject.toml)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import metadata
 
