@@ -1,0 +1,245 @@
+"""Benchmark: which part of a Ray Train worker costs the steady training rate, one part per arm, in one run.
+
+    .venv/bin/python benchmarks/train_worker_arms.py                      # arms XTRPED, 3 runs each, 4 epochs
+    .venv/bin/python benchmarks/train_worker_arms.py --arms XRD --store /tmp/bench/store
+    .venv/bin/python benchmarks/train_worker_arms.py --smoke-test         # 32 px, 1 run of arms X and R
+
+``benchmarks/train_overhead.py`` measures Ray Train's one-worker stage (its arm b) against plain Keras (arm a):
+about 0.88 steady on the 2-core development CPU, where issue #17 asks 0.95. This one splits the gap. Every arm
+trains the same stage (``msbt.train.loop.fit_stage``: EfficientNet-Lite0 with random weights, binary head,
+augmentation x3) on the same store, in a 1-CPU Ray process, and differs from the others in one thing:
+
+* X: a bare 1-CPU actor, ``fit_stage`` on the actor's main thread, data read from the store;
+* T: as X, ``fit_stage`` on a helper thread (Ray Train runs the training function on one);
+* Y: as X, after importing ``ray.train``, ``ray.data`` and pandas first (what a Train worker has imported);
+* G: as X, the actor in a one-bundle placement group (as a Train worker is);
+* R: Ray Train (``DataParallelTrainer``, msbt's backend), a training function of this script's own: the Ray
+  Data shards copied in as ``msbt.train.runner.shard_arrays`` does, then ``fit_stage``; no report, no bar;
+* P: as R, with ``ray.train.report(metrics)`` every epoch (no checkpoint);
+* E: as R, with Ray's plain ``BackendConfig`` (no ``TF_CONFIG`` in the worker);
+* D: as R, with no datasets handed to Ray Train (the worker reads the store itself);
+* L: as R, with Ray Train's worker logging and print patch off (``RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING=0``,
+  ``RAY_TRAIN_ENABLE_PRINT_PATCH=0``);
+* M: as R, with Ray Train's metrics off (``RAY_TRAIN_METRICS_ENABLED=0``: no metrics callbacks in the worker);
+* Q: as R, with the controller polling the worker every 30 s instead of Ray's default 2 s
+  (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=30``; each poll is an actor call into the worker). The controller then
+  notices the end up to 30 s late: Q's tail and wall time are not comparable with the other arms', its steady
+  rate is.
+
+The arms run in turns (X, T, R, ..., X, T, R, ...), ``--repeats`` times each. Per run it prints the steady rate
+(training images per second over epochs 2..E, timed inside the training process), the seconds from the call to
+the training function's start and to Keras' train begin, the first epoch, and the tail from the last epoch's end
+to the caller's return; then each arm's median [min, max]. Results: docs/training.md ("Overhead: plain Keras vs
+Ray Train"). M's and Q's variables are set in this process's environment before their trainer is made (the driver
+reads the first, Ray Train passes the second to its controller), so another caller's values of them are replaced;
+L's reach the worker through Ray Train's ``worker_runtime_env``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import train_overhead  # noqa: E402  (this folder's: the synthetic store, steady_rate, spread)
+
+BARE = "XTYG"
+TRAIN = "RPEDLMQ"
+#: The worker's environment variables of an arm (Ray Train's ``worker_runtime_env``)
+WORKER_ENV = {"L": {"RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
+#: Variables of an arm read in the driver (M) or passed by Ray Train from the driver to its controller (Q)
+DRIVER_ENV = {"M": {"RAY_TRAIN_METRICS_ENABLED": "0"}, "Q": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "30"}}
+
+
+def fit(stage, store: Path, classes: list[str], source: str = "store", report: bool = False) -> dict:
+    """``fit_stage`` on ``store``'s train/val rows, in this process; returns its clock marks (``time.time()``)."""
+    import keras
+
+    from msbt.train import loop
+
+    marks = {"fn": time.time(), "ends": []}
+
+    class Clock(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            marks.setdefault("begin", time.time())
+
+        def on_epoch_end(self, epoch, logs=None):
+            if report:
+                import ray.train
+
+                ray.train.report({k: float(v) for k, v in (logs or {}).items()})
+            marks["ends"].append(time.time())
+
+    if source == "store":
+        from msbt.data.store import read_store
+
+        data = {s: read_store(store, ["image", "label_index"], split=s) for s in ("train", "val")}
+        train, val = (loop.dataset_from_arrays(data[s]["image"], data[s]["label_index"]) for s in ("train", "val"))
+    else:
+        import ray.train
+
+        from msbt.data.store import Store
+        from msbt.train.runner import shard_arrays
+
+        shape = Store.open(store).image_shape
+        train, val = (loop.dataset_from_arrays(*shard_arrays(ray.train.get_dataset_shard(s), shape))
+                      for s in ("train", "val"))
+    with tempfile.TemporaryDirectory() as out:
+        loop.fit_stage(stage, train, val, class_names=classes, out_dir=out, callbacks=[Clock()])
+    return marks
+
+
+def run_bare(arm: str, stage, store: Path, classes: list[str]) -> dict:
+    """Arms X, T, Y, G: ``fit`` in a bare 1-CPU actor."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    @ray.remote(num_cpus=1)
+    class Bare:
+        def run(self):
+            if arm == "Y":
+                import pandas  # noqa: F401
+                import ray.data  # noqa: F401
+                import ray.train  # noqa: F401
+            if arm != "T":
+                return fit(stage, store, classes)
+            box: dict = {}
+
+            def target():
+                try:
+                    box["out"] = fit(stage, store, classes)
+                except BaseException as err:  # raised again on the actor's thread, so Ray reports it
+                    box["error"] = err
+
+            helper = threading.Thread(target=target, name="arm-T-helper")
+            helper.start()
+            helper.join()
+            if "error" in box:
+                raise box["error"]
+            return box["out"]
+
+    group = None
+    if arm == "G":
+        group = placement_group([{"CPU": 1}])
+        ray.get(group.ready())
+        actor = Bare.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+            placement_group=group, placement_group_bundle_index=0)).remote()
+    else:
+        actor = Bare.remote()
+    try:
+        return ray.get(actor.run.remote())
+    finally:
+        ray.kill(actor)
+        if group is not None:
+            remove_placement_group(group)
+
+
+def run_train(arm: str, stage, store: Path, classes: list[str], work: Path, name: str) -> dict:
+    """Arms R, P, E, D, L, M, Q: ``fit`` as the training function of a one-worker Ray Train run."""
+    from ray.train import DataConfig, RunConfig, ScalingConfig
+    from ray.train.backend import BackendConfig
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    from msbt.train.runner import split_dataset
+    from msbt.train.tfbackend import TFConfig
+
+    marks_file = work / f"{name}.json"
+    source, report = ("store" if arm == "D" else "shard"), arm == "P"
+
+    def train_fn():
+        marks_file.write_text(json.dumps(fit(stage, store, classes, source, report)))
+
+    for key in {key for values in DRIVER_ENV.values() for key in values}:
+        os.environ.pop(key, None)
+    os.environ.update(DRIVER_ENV.get(arm, {}))
+    trainer = DataParallelTrainer(
+        train_fn,
+        backend_config=BackendConfig() if arm == "E" else TFConfig(),
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name=name, storage_path=str(work / "ray"),
+                             worker_runtime_env={"env_vars": WORKER_ENV.get(arm, {})}),
+        datasets=None if arm == "D" else {s: split_dataset(store, s) for s in ("train", "val")},
+        dataset_config=DataConfig(datasets_to_split=[]),
+    )
+    trainer.fit()
+    return json.loads(marks_file.read_text())
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arms", help=f"any of {BARE}{TRAIN} (see the module docstring; default XTRPED)")
+    parser.add_argument("--repeats", type=int, help="runs of each arm, taken in turns (default 3; smoke test 1)")
+    parser.add_argument("--store", type=Path, help="an ultrasound store (default: built-in synthetic data)")
+    parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("--lesions", type=int, default=100, help="synthetic lesions per class (1-3 frames each)")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--smoke-test", action="store_true",
+                        help="32 px, 8 lesions per class, 2 epochs, 1 run of each arm (arms XR unless --arms)")
+    args = parser.parse_args(argv)
+    if args.smoke_test:
+        args.image_size, args.lesions, args.epochs = 32, 8, 2
+    args.arms = args.arms or ("XR" if args.smoke_test else "XTRPED")
+    args.repeats = args.repeats if args.repeats is not None else (1 if args.smoke_test else 3)
+    unknown = "".join(sorted(set(args.arms) - set(BARE + TRAIN)))
+    if unknown:
+        parser.error(f"--arms: {unknown!r} is no arm; arms are letters of {BARE}{TRAIN}")
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    if args.epochs < 2:
+        parser.error("--epochs must be at least 2 (the steady rate starts after epoch 1)")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import ray
+
+    from msbt.config import AugmentConfig, StageConfig
+    from msbt.data.store import read_store
+    from msbt.train.runner import store_classes
+
+    # As msbt's private cluster: no preemption watcher (msbt.raycluster), so no arm pays for that process.
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}})
+    work = Path(tempfile.mkdtemp(prefix="msbt-arms-"))
+    store = (args.store or train_overhead.synth_store(work / "data", args.image_size, args.lesions)).resolve()
+    classes = store_classes(store)
+    stage = StageConfig(backbone="efficientnet_lite0", weights="none", image_size=args.image_size, batch_size=16,
+                        epochs=args.epochs, optimizer="adam", augment=AugmentConfig(expansion=3))
+    images = 3 * len(read_store(store, ["label_index"], split="train")["label_index"])
+    print(f"store {store}: {images} training images per epoch, {args.epochs} epochs, {os.cpu_count()} CPUs\n")
+    print("| arm | run | steady img/s | to function s | to train begin s | epoch 1 s | tail s | wall s |")
+    print("|---|---|---|---|---|---|---|---|", flush=True)
+    rates: dict[str, list[float]] = {}
+    for repeat in range(args.repeats):
+        for arm in args.arms:
+            started = time.time()
+            if arm in BARE:
+                marks = run_bare(arm, stage, store, classes)
+            else:
+                marks = run_train(arm, stage, store, classes, work, f"{arm}{repeat}")
+            done = time.time()
+            ends = marks["ends"]
+            rates.setdefault(arm, []).append(train_overhead.steady_rate(images, ends))
+            print(f"| {arm} | {repeat + 1} | {rates[arm][-1]:.1f} | {marks['fn'] - started:.1f} | "
+                  f"{marks['begin'] - started:.1f} | {ends[0] - marks['begin']:.1f} | {done - ends[-1]:.1f} | "
+                  f"{done - started:.1f} |", flush=True)
+    print("\n| arm | steady img/s median [min, max] |\n|---|---|")
+    for arm, values in rates.items():
+        print(f"| {arm} | {train_overhead.spread(values)} |")
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
