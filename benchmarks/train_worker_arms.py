@@ -42,11 +42,11 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = str(Path(__file__).resolve().parent)
+sys.path.insert(0, HERE)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -113,20 +113,10 @@ def run_bare(arm: str, stage, store: Path, classes: list[str]) -> dict:
                 import ray.train  # noqa: F401
             if arm != "T":
                 return fit(stage, store, classes)
-            box: dict = {}
+            sys.path.insert(0, HERE)  # this actor's process: the helper that hands a thread's error back
+            from train_overhead import on_helper_thread
 
-            def target():
-                try:
-                    box["out"] = fit(stage, store, classes)
-                except BaseException as err:  # raised again on the actor's thread, so Ray reports it
-                    box["error"] = err
-
-            helper = threading.Thread(target=target, name="arm-T-helper")
-            helper.start()
-            helper.join()
-            if "error" in box:
-                raise box["error"]
-            return box["out"]
+            return on_helper_thread(fit, stage, store, classes)
 
     group = None
     if arm == "G":
