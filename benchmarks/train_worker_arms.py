@@ -29,7 +29,7 @@ augmentation x3) on the same store, in a 1-CPU Ray process, and differs from the
 The arms run in turns (X, T, R, ..., X, T, R, ...), ``--repeats`` times each. Per run it prints the steady rate
 (training images per second over epochs 2..E, timed inside the training process), the seconds from the call to
 the training function's start and to Keras' train begin, the first epoch, and the tail from the last epoch's end
-to the caller's return; then each arm's median [min, max]. Results: docs/training.md ("Overhead: plain Keras vs
+to the caller's return (split into the rest of ``fit_stage``, removing its temporary folder, and the way back); then each arm's median [min, max]. Results: docs/training.md ("Overhead: plain Keras vs
 Ray Train"). M's and Q's variables are set in this process's environment before their trainer is made (the driver
 reads the first, Ray Train passes the second to its controller), so another caller's values of them are replaced;
 L's reach the worker through Ray Train's ``worker_runtime_env``.
@@ -95,6 +95,8 @@ def fit(stage, store: Path, classes: list[str], source: str = "store", report: b
                       for s in ("train", "val"))
     with tempfile.TemporaryDirectory() as out:
         loop.fit_stage(stage, train, val, class_names=classes, out_dir=out, callbacks=[Clock()])
+        marks["fit_returned"] = time.time()
+    marks["cleaned"] = time.time()
     return marks
 
 
@@ -208,7 +210,8 @@ def main(argv=None) -> int:
                         epochs=args.epochs, optimizer="adam", augment=AugmentConfig(expansion=3))
     images = 3 * len(read_store(store, ["label_index"], split="train")["label_index"])
     print(f"store {store}: {images} training images per epoch, {args.epochs} epochs, {os.cpu_count()} CPUs\n")
-    print("| arm | run | steady img/s | to function s | to train begin s | epoch 1 s | tail s | wall s |")
+    print("| arm | run | steady img/s | to function s | to train begin s | epoch 1 s | tail s (in fit_stage, "
+          "folder removal, return) | wall s |")
     print("|---|---|---|---|---|---|---|---|", flush=True)
     rates: dict[str, list[float]] = {}
     for repeat in range(args.repeats):
@@ -222,7 +225,9 @@ def main(argv=None) -> int:
             ends = marks["ends"]
             rates.setdefault(arm, []).append(train_overhead.steady_rate(images, ends))
             print(f"| {arm} | {repeat + 1} | {rates[arm][-1]:.1f} | {marks['fn'] - started:.1f} | "
-                  f"{marks['begin'] - started:.1f} | {ends[0] - marks['begin']:.1f} | {done - ends[-1]:.1f} | "
+                  f"{marks['begin'] - started:.1f} | {ends[0] - marks['begin']:.1f} | {done - ends[-1]:.1f} "
+                  f"({marks['fit_returned'] - ends[-1]:.1f}, {marks['cleaned'] - marks['fit_returned']:.1f}, "
+                  f"{done - marks['cleaned']:.1f}) | "
                   f"{done - started:.1f} |", flush=True)
     print("\n| arm | steady img/s median [min, max] |\n|---|---|")
     for arm, values in rates.items():
