@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -196,14 +197,31 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import ray
 
+    from msbt.raycluster import PREEMPTION_WATCHER_ENV
+
+    # As msbt's private cluster: no preemption watcher (msbt.raycluster), so no arm pays for that process.
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {PREEMPTION_WATCHER_ENV: "0"}})
+    work = Path(tempfile.mkdtemp(prefix="msbt-arms-"))
+    try:
+        return _measure(args, work)
+    finally:
+        ray.shutdown()
+        if args.store:
+            shutil.rmtree(work, ignore_errors=True)
+        else:  # the built-in store is kept for another run (--store); the runs' own files are not
+            for path in work.iterdir():
+                if path.name != "data":
+                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
+            print(f"\nthe built-in store stays for --store (remove {work} when done)")
+
+
+def _measure(args: argparse.Namespace, work: Path) -> int:
+    """The arms in turns, printed as they finish, then each arm's median; ``main`` sets up and cleans up."""
     from msbt.config import AugmentConfig, StageConfig
     from msbt.data.store import read_store
     from msbt.train.runner import store_classes
 
-    # As msbt's private cluster: no preemption watcher (msbt.raycluster), so no arm pays for that process.
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}})
-    work = Path(tempfile.mkdtemp(prefix="msbt-arms-"))
     store = (args.store or train_overhead.synth_store(work / "data", args.image_size, args.lesions)).resolve()
     classes = store_classes(store)
     stage = StageConfig(backbone="efficientnet_lite0", weights="none", image_size=args.image_size, batch_size=16,
@@ -232,7 +250,6 @@ def main(argv=None) -> int:
     print("\n| arm | steady img/s median [min, max] |\n|---|---|")
     for arm, values in rates.items():
         print(f"| {arm} | {train_overhead.spread(values)} |")
-    ray.shutdown()
     return 0
 
 
