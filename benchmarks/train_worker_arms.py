@@ -13,6 +13,8 @@ augmentation x3) on the same store, in a 1-CPU Ray process, and differs from the
 * T: as X, ``fit_stage`` on a helper thread (Ray Train runs the training function on one);
 * Y: as X, after importing ``ray.train``, ``ray.data`` and pandas first (what a Train worker has imported);
 * G: as X, the actor in a one-bundle placement group (as a Train worker is);
+* A: as X, with tf.data's autotuning thread on (``msbt.train.loop.without_autotune_thread`` bypassed: msbt's
+  pipelines before 2026-12-05), whose iterators can take tens of seconds to delete after the last epoch;
 * R: Ray Train (``DataParallelTrainer``, msbt's backend), a training function of this script's own: the Ray
   Data shards copied in as ``msbt.train.runner.shard_arrays`` does, then ``fit_stage``; no report, no bar;
 * P: as R, with ``ray.train.report(metrics)`` every epoch (no checkpoint);
@@ -29,8 +31,10 @@ augmentation x3) on the same store, in a 1-CPU Ray process, and differs from the
 The arms run in turns (X, T, R, ..., X, T, R, ...), ``--repeats`` times each. Per run it prints the steady rate
 (training images per second over epochs 2..E, timed inside the training process), the seconds from the call to
 the training function's start and to Keras' train begin, the first epoch, and the tail from the last epoch's end
-to the caller's return (split into the rest of ``fit_stage``, removing its temporary folder, and the way back); then each arm's median [min, max]. Results: docs/training.md ("Overhead: plain Keras vs
-Ray Train"). M's and Q's variables are set in this process's environment before their trainer is made (the driver
+to the caller's return (split into the rest of Keras' ``fit`` up to its train-end callbacks, the rest of
+``fit_stage``, removing its temporary folder, and the way back); then each arm's median [min, max]. ``--watch S``
+dumps every thread's Python stack each S seconds of a tail, to see where a long one waits. Results: docs/training.md
+("Overhead: plain Keras vs Ray Train"). M's and Q's variables are set in this process's environment before their trainer is made (the driver
 reads the first, Ray Train passes the second to its controller), so another caller's values of them are replaced;
 L's reach the worker through Ray Train's ``worker_runtime_env``.
 """
@@ -53,7 +57,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import train_overhead  # noqa: E402  (this folder's: the synthetic store, steady_rate, spread)
 
-BARE = "XTYG"
+BARE = "XTYGA"
 TRAIN = "RPEDLMQ"
 #: The worker's environment variables of an arm (Ray Train's ``worker_runtime_env``)
 WORKER_ENV = {"L": {"RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
@@ -61,8 +65,15 @@ WORKER_ENV = {"L": {"RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0", "RAY_TRAI
 DRIVER_ENV = {"M": {"RAY_TRAIN_METRICS_ENABLED": "0"}, "Q": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "30"}}
 
 
-def fit(stage, store: Path, classes: list[str], source: str = "store", report: bool = False) -> dict:
-    """``fit_stage`` on ``store``'s train/val rows, in this process; returns its clock marks (``time.time()``)."""
+def fit(stage, store: Path, classes: list[str], source: str = "store", report: bool = False,
+        watch: tuple[str, float] | None = None) -> dict:
+    """``fit_stage`` on ``store``'s train/val rows, in this process; returns its clock marks (``time.time()``).
+
+    ``watch`` = ``(file, seconds)``: from the last epoch's end until ``fit_stage`` returns, every thread's Python
+    stack is appended to ``file`` each ``seconds`` (``faulthandler``), so a long tail shows where it waits.
+    """
+    import faulthandler
+
     import keras
 
     from msbt.train import loop
@@ -79,6 +90,12 @@ def fit(stage, store: Path, classes: list[str], source: str = "store", report: b
 
                 ray.train.report({k: float(v) for k, v in (logs or {}).items()})
             marks["ends"].append(time.time())
+            if watch is not None and epoch + 1 == stage.epochs:
+                marks["stacks"] = open(watch[0], "a")  # noqa: SIM115 (closed after fit_stage returns)
+                faulthandler.dump_traceback_later(watch[1], repeat=True, file=marks["stacks"])
+
+        def on_train_end(self, logs=None):
+            marks["train_end"] = time.time()
 
     if source == "store":
         from msbt.data.store import read_store
@@ -97,12 +114,15 @@ def fit(stage, store: Path, classes: list[str], source: str = "store", report: b
     with tempfile.TemporaryDirectory() as out:
         loop.fit_stage(stage, train, val, class_names=classes, out_dir=out, callbacks=[Clock()])
         marks["fit_returned"] = time.time()
+        if "stacks" in marks:
+            faulthandler.cancel_dump_traceback_later()
+            marks.pop("stacks").close()
     marks["cleaned"] = time.time()
     return marks
 
 
-def run_bare(arm: str, stage, store: Path, classes: list[str]) -> dict:
-    """Arms X, T, Y, G: ``fit`` in a bare 1-CPU actor."""
+def run_bare(arm: str, stage, store: Path, classes: list[str], watch=None) -> dict:
+    """Arms X, T, Y, G, A: ``fit`` in a bare 1-CPU actor."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -110,16 +130,20 @@ def run_bare(arm: str, stage, store: Path, classes: list[str]) -> dict:
     @ray.remote(num_cpus=1)
     class Bare:
         def run(self):
+            if arm == "A":
+                from msbt.train import loop
+
+                loop.without_autotune_thread = lambda ds: ds
             if arm == "Y":
                 import pandas  # noqa: F401
                 import ray.data  # noqa: F401
                 import ray.train  # noqa: F401
             if arm != "T":
-                return fit(stage, store, classes)
+                return fit(stage, store, classes, watch=watch)
             sys.path.insert(0, HERE)  # this actor's process: the helper that hands a thread's error back
             from train_overhead import on_helper_thread
 
-            return on_helper_thread(fit, stage, store, classes)
+            return on_helper_thread(fit, stage, store, classes, "store", False, watch)
 
     group = None
     if arm == "G":
@@ -137,7 +161,7 @@ def run_bare(arm: str, stage, store: Path, classes: list[str]) -> dict:
             remove_placement_group(group)
 
 
-def run_train(arm: str, stage, store: Path, classes: list[str], work: Path, name: str) -> dict:
+def run_train(arm: str, stage, store: Path, classes: list[str], work: Path, name: str, watch=None) -> dict:
     """Arms R, P, E, D, L, M, Q: ``fit`` as the training function of a one-worker Ray Train run."""
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.backend import BackendConfig
@@ -150,7 +174,7 @@ def run_train(arm: str, stage, store: Path, classes: list[str], work: Path, name
     source, report = ("store" if arm == "D" else "shard"), arm == "P"
 
     def train_fn():
-        marks_file.write_text(json.dumps(fit(stage, store, classes, source, report)))
+        marks_file.write_text(json.dumps(fit(stage, store, classes, source, report, watch)))
 
     for key in {key for values in DRIVER_ENV.values() for key in values}:
         os.environ.pop(key, None)
@@ -176,6 +200,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--lesions", type=int, default=100, help="synthetic lesions per class (1-3 frames each)")
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--watch", type=float, metavar="SECONDS",
+                        help="dump every thread's Python stack each SECONDS from the last epoch's end until fit_stage "
+                             "returns, to a folder printed at the end (kept when any tail was that long)")
     parser.add_argument("--smoke-test", action="store_true",
                         help="32 px, 8 lesions per class, 2 epochs, 1 run of each arm (arms XR unless --arms)")
     args = parser.parse_args(argv)
@@ -228,28 +255,37 @@ def _measure(args: argparse.Namespace, work: Path) -> int:
                         epochs=args.epochs, optimizer="adam", augment=AugmentConfig(expansion=3))
     images = 3 * len(read_store(store, ["label_index"], split="train")["label_index"])
     print(f"store {store}: {images} training images per epoch, {args.epochs} epochs, {os.cpu_count()} CPUs\n")
-    print("| arm | run | steady img/s | to function s | to train begin s | epoch 1 s | tail s (in fit_stage, "
-          "folder removal, return) | wall s |")
+    print("| arm | run | steady img/s | to function s | to train begin s | epoch 1 s | tail s (to Keras' train "
+          "end, rest of fit_stage, folder removal, return) | wall s |")
     print("|---|---|---|---|---|---|---|---|", flush=True)
     rates: dict[str, list[float]] = {}
+    stacks = Path(tempfile.mkdtemp(prefix="msbt-arms-stacks-")) if args.watch else None
     for repeat in range(args.repeats):
         for arm in args.arms:
             started = time.time()
+            watch = (str(stacks / f"{arm}{repeat + 1}.txt"), args.watch) if stacks else None
             if arm in BARE:
-                marks = run_bare(arm, stage, store, classes)
+                marks = run_bare(arm, stage, store, classes, watch)
             else:
-                marks = run_train(arm, stage, store, classes, work, f"{arm}{repeat}")
+                marks = run_train(arm, stage, store, classes, work, f"{arm}{repeat}", watch)
             done = time.time()
             ends = marks["ends"]
             rates.setdefault(arm, []).append(train_overhead.steady_rate(images, ends))
             print(f"| {arm} | {repeat + 1} | {rates[arm][-1]:.1f} | {marks['fn'] - started:.1f} | "
                   f"{marks['begin'] - started:.1f} | {ends[0] - marks['begin']:.1f} | {done - ends[-1]:.1f} "
-                  f"({marks['fit_returned'] - ends[-1]:.1f}, {marks['cleaned'] - marks['fit_returned']:.1f}, "
+                  f"({marks['train_end'] - ends[-1]:.1f}, {marks['fit_returned'] - marks['train_end']:.1f}, "
+                  f"{marks['cleaned'] - marks['fit_returned']:.1f}, "
                   f"{done - marks['cleaned']:.1f}) | "
                   f"{done - started:.1f} |", flush=True)
     print("\n| arm | steady img/s median [min, max] |\n|---|---|")
     for arm, values in rates.items():
         print(f"| {arm} | {train_overhead.spread(values)} |")
+    if stacks is not None:
+        if any(path.stat().st_size for path in stacks.iterdir()):
+            print(f"\nstacks of the tails longer than {args.watch:g} s: {stacks}")
+        else:
+            shutil.rmtree(stacks)
+            print(f"\nno tail was longer than {args.watch:g} s")
     return 0
 
 

@@ -87,8 +87,25 @@ def dataset_from_arrays(images: np.ndarray, labels: Sequence[int], weights: Sequ
     return tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int32), weights))
 
 
+def without_autotune_thread(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """``ds`` with tf.data's autotuning model thread off (``options.autotune.enabled = False``).
+
+    Why: in TensorFlow 2.21 deleting an iterator whose autotuner is on can wait for the autotuner's next
+    scheduled pass, tens of seconds after training ends (measured: 0 to 75 s after the last epoch, at the
+    end of Keras ``fit`` and of every per-epoch iterator of the N-worker step; ``benchmarks/
+    train_worker_arms.py --watch`` shows it, docs/training.md). Off, ``AUTOTUNE`` map parallelism starts
+    (and stays) at TF's default, the CPUs TF sees, and ``prefetch(AUTOTUNE)`` keeps its own buffer tuning;
+    the steady training rate was measured equal.
+    """
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.with_options(options)
+
+
 def _standardize(ds: tf.data.Dataset, image_size: int) -> tf.data.Dataset:
-    """Unbatch if needed, make images RGB uint8 at ``image_size`` (resizing only when they differ)."""
+    """Unbatch if needed, make images RGB uint8 at ``image_size`` (resizing only when they differ); every
+    pipeline built on it runs without the autotuning thread (:func:`without_autotune_thread`)."""
+    ds = without_autotune_thread(ds)
     if ds.element_spec[0].shape.rank == 4:
         ds = ds.unbatch()
 

@@ -181,6 +181,14 @@ def test_inputs_are_standardised_and_binary_labels_are_floats():
     assert np.array_equal(x[..., 0], x[..., 2])
 
 
+def test_input_pipelines_run_without_the_autotuning_thread():
+    # Its iterators can take tens of seconds to delete after training (msbt.train.loop.without_autotune_thread).
+    ds = training.dataset_from_arrays(images(5), [0, 1, 2, 3, 0])
+    train, _ = training.train_batches(ds, lite0_stage(), num_classes=4, seed=0, first_epoch=0, last_epoch=2)
+    for pipeline in (train, training.eval_batches(ds, lite0_stage(), num_classes=4)):
+        assert pipeline.options().autotune.enabled is False
+
+
 def test_dataset_from_arrays_rejects_bad_input():
     with pytest.raises(ValueError, match="uint8"):
         training.dataset_from_arrays(images(2).astype(np.float32), [0, 1])
