@@ -95,7 +95,7 @@ def without_autotune_thread(ds: tf.data.Dataset) -> tf.data.Dataset:
     end of Keras ``fit`` and of every per-epoch iterator of the N-worker step; ``benchmarks/
     train_worker_arms.py --watch`` shows it, docs/training.md). Off, ``AUTOTUNE`` map parallelism starts
     (and stays) at TF's default, the CPUs TF sees, and ``prefetch(AUTOTUNE)`` keeps its own buffer tuning;
-    the steady training rate was measured equal.
+    the steady training rate measured 0.99 of the autotuned one (52.4 vs 53.1 img/s, medians of 3).
     """
     options = tf.data.Options()
     options.autotune.enabled = False
