@@ -112,11 +112,13 @@ def fit(stage, store: Path, classes: list[str], source: str = "store", report: b
         train, val = (loop.dataset_from_arrays(*shard_arrays(ray.train.get_dataset_shard(s), shape))
                       for s in ("train", "val"))
     with tempfile.TemporaryDirectory() as out:
-        loop.fit_stage(stage, train, val, class_names=classes, out_dir=out, callbacks=[Clock()])
-        marks["fit_returned"] = time.time()
-        if "stacks" in marks:
-            faulthandler.cancel_dump_traceback_later()
-            marks.pop("stacks").close()
+        try:
+            loop.fit_stage(stage, train, val, class_names=classes, out_dir=out, callbacks=[Clock()])
+            marks["fit_returned"] = time.time()
+        finally:
+            if "stacks" in marks:
+                faulthandler.cancel_dump_traceback_later()
+                marks.pop("stacks").close()
     marks["cleaned"] = time.time()
     return marks
 
