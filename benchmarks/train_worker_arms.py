@@ -18,6 +18,8 @@ augmentation x3) on the same store, in a 1-CPU Ray process, and differs from the
 * R: Ray Train (``DataParallelTrainer``, msbt's backend), a training function of this script's own: the Ray
   Data shards copied in as ``msbt.train.runner.shard_arrays`` does, then ``fit_stage``; no report, no bar;
 * P: as R, with ``ray.train.report(metrics)`` every epoch (no checkpoint);
+* C: as R, with msbt's own worker callbacks instead: ``msbt.train.runner.report_callback`` (a report every epoch, with
+  a checkpoint when the monitor improved) and ``msbt.train.tblog.tensorboard_callback``, as ``train_stage`` has them;
 * E: as R, with Ray's plain ``BackendConfig`` (no ``TF_CONFIG`` in the worker);
 * D: as R, with no datasets handed to Ray Train (the worker reads the store itself);
 * L: as R, with Ray Train's worker logging and print patch off (``RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING=0``,
@@ -58,7 +60,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import train_overhead  # noqa: E402  (this folder's: the synthetic store, steady_rate, spread)
 
 BARE = "XTYGA"
-TRAIN = "RPEDLMQ"
+TRAIN = "RPCEDLMQ"
 #: The worker's environment variables of an arm (Ray Train's ``worker_runtime_env``)
 WORKER_ENV = {"L": {"RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
 #: Variables of an arm read in the driver (M) or passed by Ray Train from the driver to its controller (Q)
@@ -66,7 +68,7 @@ DRIVER_ENV = {"M": {"RAY_TRAIN_METRICS_ENABLED": "0"}, "Q": {"RAY_TRAIN_HEALTH_C
 
 
 def fit(stage, store: Path, classes: list[str], source: str = "store", report: bool = False,
-        watch: tuple[str, float] | None = None) -> dict:
+        watch: tuple[str, float] | None = None, msbt_callbacks: bool = False) -> dict:
     """``fit_stage`` on ``store``'s train/val rows, in this process; returns its clock marks (``time.time()``).
 
     ``watch`` = ``(file, seconds)``: from the last epoch's end until ``fit_stage`` returns, every thread's Python
@@ -112,8 +114,15 @@ def fit(stage, store: Path, classes: list[str], source: str = "store", report: b
         train, val = (loop.dataset_from_arrays(*shard_arrays(ray.train.get_dataset_shard(s), shape))
                       for s in ("train", "val"))
     with tempfile.TemporaryDirectory() as out:
+        callbacks = [Clock()]
+        if msbt_callbacks:  # arm C: after fit_stage's saver, as train_stage puts them
+            from msbt.train import tblog
+            from msbt.train.runner import report_callback
+
+            callbacks = [report_callback(Path(out) / "stage", stage, classes),
+                         tblog.tensorboard_callback(Path(out) / "tensorboard"), *callbacks]
         try:
-            loop.fit_stage(stage, train, val, class_names=classes, out_dir=out, callbacks=[Clock()])
+            loop.fit_stage(stage, train, val, class_names=classes, out_dir=Path(out) / "stage", callbacks=callbacks)
             marks["fit_returned"] = time.time()
         finally:
             if "stacks" in marks:
@@ -164,7 +173,7 @@ def run_bare(arm: str, stage, store: Path, classes: list[str], watch=None) -> di
 
 
 def run_train(arm: str, stage, store: Path, classes: list[str], work: Path, name: str, watch=None) -> dict:
-    """Arms R, P, E, D, L, M, Q: ``fit`` as the training function of a one-worker Ray Train run."""
+    """Arms R, P, C, E, D, L, M, Q: ``fit`` as the training function of a one-worker Ray Train run."""
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.backend import BackendConfig
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
@@ -176,7 +185,7 @@ def run_train(arm: str, stage, store: Path, classes: list[str], work: Path, name
     source, report = ("store" if arm == "D" else "shard"), arm == "P"
 
     def train_fn():
-        marks_file.write_text(json.dumps(fit(stage, store, classes, source, report, watch)))
+        marks_file.write_text(json.dumps(fit(stage, store, classes, source, report, watch, arm == "C")))
 
     for key in {key for values in DRIVER_ENV.values() for key in values}:
         os.environ.pop(key, None)
