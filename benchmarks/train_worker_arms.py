@@ -44,6 +44,7 @@ L's reach the worker through Ray Train's ``worker_runtime_env``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -154,7 +155,7 @@ def run_bare(arm: str, stage, store: Path, classes: list[str], watch=None) -> di
             sys.path.insert(0, HERE)  # this actor's process: the helper that hands a thread's error back
             from train_overhead import on_helper_thread
 
-            return on_helper_thread(fit, stage, store, classes, "store", False, watch)
+            return on_helper_thread(functools.partial(fit, watch=watch), stage, store, classes)
 
     group = None
     if arm == "G":

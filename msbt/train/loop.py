@@ -91,12 +91,11 @@ def without_autotune_thread(ds: tf.data.Dataset) -> tf.data.Dataset:
     """``ds`` with tf.data's autotuning model thread off (``options.autotune.enabled = False``).
 
     Why: in TensorFlow 2.21 deleting an iterator whose autotuner is on can wait for the autotuner's next
-    scheduled pass, tens of seconds after training ends (measured: 0 to 75 s after the last epoch, at the
-    end of Keras ``fit``; the N-worker step makes a new iterator every epoch, each open to the same wait; ``benchmarks/
-    train_worker_arms.py --watch`` shows it, docs/training.md). Off, ``AUTOTUNE`` map parallelism starts
-    (and stays) at TF's initial value (``autotune.initial_parallelism``, 16, capped at the CPUs TF sees), and
-    ``prefetch(AUTOTUNE)`` keeps its own buffer tuning;
-    the steady training rate measured 0.99 of the autotuned one (52.4 vs 53.1 img/s, medians of 3).
+    scheduled pass: 0 to 75 s after a stage's last epoch here, at the end of Keras ``fit`` (the N-worker step
+    makes a new iterator every epoch, each open to the same wait); ``benchmarks/train_worker_arms.py --watch``
+    shows it, docs/training.md. Off, ``AUTOTUNE`` map parallelism starts (and stays) at TF's initial value
+    (``autotune.initial_parallelism``, 16, capped at the CPUs TF sees) and ``prefetch(AUTOTUNE)`` keeps its own
+    buffer tuning; the steady training rate measured 0.99 of the autotuned one (52.4 vs 53.1 img/s, medians of 3).
     """
     options = tf.data.Options()
     options.autotune.enabled = False
