@@ -11,6 +11,8 @@ the stage config's augmentation, i.e. every epoch feeds 3 copies of each trainin
 a. ``msbt.train.loop.fit_stage`` in this process (Keras ``model.fit``), data read from the store;
 b. ``msbt.train.runner.train_stage`` with 1 Ray Train worker (the same ``fit_stage`` inside the worker);
 c. ``train_stage`` with 2 workers (``msbt.train.distributed``: custom step, all-reduce, global batch split);
+n. (only when asked, ``--runs abn``) run b with its worker at nice 15, Ray's default for workers, instead of
+   msbt's ``run.worker_niceness`` (0);
 t. (only when asked, ``--runs at``) run a on a helper thread of this process, as Ray Train runs its training
    function in a worker: what the thread alone costs, without Ray.
 
@@ -148,7 +150,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per Ray Train worker (a uses the driver's)")
     parser.add_argument("--mixed-precision", action="store_true", help="run.mixed_precision for b and c (GPUs)")
-    parser.add_argument("--runs", default="abc", help="which runs: any of a, b, c, t")
+    parser.add_argument("--runs", default="abc", help="which runs: any of a, b, c, n, t")
     parser.add_argument("--repeats", type=int, help="runs of each arm, taken in turns (default 3; smoke test 1)")
     parser.add_argument("--smoke-test", action="store_true", help="32 px, 8 lesions per class, 2 epochs, 1 run each")
     args = parser.parse_args(argv)
@@ -186,12 +188,13 @@ def main(argv=None) -> int:
         if "t" in args.runs:
             rows.append(("t", "t. plain fit_stage on a helper thread", repeat,
                          on_helper_thread(run_plain, stage, store, classes)))
-        for key, workers, cpus in (("b", 1, 1.0), ("c", 2, args.cpus_per_worker)):
+        for key, workers, cpus, nice in (("b", 1, 1.0, base.run.worker_niceness), ("n", 1, 1.0, 15),
+                                         ("c", 2, args.cpus_per_worker, base.run.worker_niceness)):
             if key not in args.runs:
                 continue
-            run = dataclasses.replace(base.run, name=f"bench-{workers}w-{repeat}", num_workers=workers,
-                                      cpus_per_worker=cpus, use_gpu=args.use_gpu, mixed_precision=args.mixed_precision)
-            out = run_ray(dataclasses.replace(base, run=run), store, work / f"audit-{workers}w-{repeat}")
+            run = dataclasses.replace(base.run, name=f"bench-{key}-{repeat}", num_workers=workers, cpus_per_worker=cpus,
+                                      use_gpu=args.use_gpu, mixed_precision=args.mixed_precision, worker_niceness=nice)
+            out = run_ray(dataclasses.replace(base, run=run), store, work / f"audit-{key}-{repeat}")
             # Each rank feeds its own images; the 1-worker audit has no per-rank count, it feeds the whole set.
             fed = [r["examples"] // args.epochs for r in out["ranks"] if r.get("examples")]
             out["images_per_epoch"] = sum(fed) if fed else images_per_epoch
@@ -200,7 +203,8 @@ def main(argv=None) -> int:
 
                 out["images_per_epoch"] = 3 * len(read_store(store, ["label_index"], split="train")["label_index"])
             gpu = " + 1 GPU" if args.use_gpu else ""
-            rows.append((key, f"{key}. Ray Train, {workers} worker{'s' if workers > 1 else ''} x {cpus:g} CPU{gpu}",
+            niced = ", nice 15 (Ray's default)" if key == "n" else ""
+            rows.append((key, f"{key}. Ray Train, {workers} worker{'s' if workers > 1 else ''} x {cpus:g} CPU{gpu}{niced}",
                          repeat, out))
     print(f"\nstore {store}: {args.image_size} px, batch {args.batch}, {args.epochs} epochs, "
           f"{os.cpu_count()} CPUs, EfficientNet-Lite0, {args.repeats} runs of each arm, interleaved\n")
@@ -220,7 +224,7 @@ def main(argv=None) -> int:
     if "a" in steady:
         print()
         # Ratios of the runs made side by side (repeat i of b against repeat i of a), then their spread.
-        for key in ("b", "c", "t"):
+        for key in ("b", "n", "c", "t"):
             if key in steady:
                 for name, rates in (("steady", steady), ("end to end", e2e)):
                     pairs = [x / y for x, y in zip(rates[key], rates["a"])]

@@ -268,6 +268,11 @@ class RunConfig:
     # real data (docs/evaluation.md, "three training seeds per design"). Leave one site out repeats each
     # held-out site with the same seeds unless --seeds says otherwise.
     stage2_seeds: int = 1
+    # Scheduling priority (nice) of the Train workers. Ray starts its workers at nice 15 so that its own
+    # processes stay responsive; it runs a submitted job's driver at 0, and a stage's workers are a job's main
+    # work, as the driver is for plain Keras. At 15 a 1-worker stage trained 8-10% slower on a 2-core machine
+    # (the CPU idled more between TensorFlow's ops, docs/training.md); 15 gives the machine back to other work.
+    worker_niceness: int = field(default=0, metadata=ADDED_LATER)
 
 
 @dataclass(frozen=True)
@@ -686,6 +691,7 @@ _RANGES: dict[type, list[tuple[str, Any, str]]] = {
         ("max_failures", lambda v: v >= -1, ">= -1 (-1: retry without limit)"),
         ("checkpoints_to_keep", lambda v: v >= 1, ">= 1"),
         ("stage2_seeds", lambda v: 1 <= v <= 32, "in [1, 32]"),
+        ("worker_niceness", lambda v: 0 <= v <= 19, "in [0, 19] (a lower priority; raising one needs root)"),
     ],
 }
 

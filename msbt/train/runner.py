@@ -81,6 +81,7 @@ HISTORY_FILE = "history.json"
 # unless the user set the variable (kept for the process: set_train_poll).
 TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 TRAIN_POLL_S = "0.25"
+WORKER_NICENESS_ENV = "RAY_worker_niceness"  # read by the raylet from a worker's runtime environment
 
 # ---------------------------------------------------------------------------------------------------
 # Inside a worker
@@ -412,7 +413,8 @@ def train_loop_per_worker(config: LoopConfig) -> None:
                     stage, train_ds, val_ds, strategy=strategy, audit=audit if clock else None, **kwargs
                 )
             if clock is not None:
-                record = {**audit.as_dict(), "train_begin_time": clock.begin, "epoch_end_times": clock.ends}
+                record = {**audit.as_dict(), "train_begin_time": clock.begin, "epoch_end_times": clock.ends,
+                          "niceness": os.nice(0)}
                 _write_audit(config.audit_dir, audit.rank, record)
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)  # what matters was reported to Ray's storage
@@ -487,6 +489,9 @@ def run_config(run: RunConfig, stage_number: int, monitor: str, callbacks: Seque
         ),
         failure_config=FailureConfig(max_failures=run.max_failures),
         callbacks=list(callbacks) or None,
+        # the raylet starts the workers at this nice value (Ray's own way: its job manager gives a submitted
+        # driver RAY_worker_niceness=0); run.worker_niceness says why msbt does not keep Ray's 15
+        worker_runtime_env={"env_vars": {WORKER_NICENESS_ENV: str(run.worker_niceness)}},
     )
 
 

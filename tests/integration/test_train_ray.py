@@ -141,6 +141,14 @@ def test_a_parent_is_needed_exactly_for_weights_parent(tmp_path):
         train_stage(config, 3, tmp_path / "store")
 
 
+def test_the_workers_niceness_goes_to_ray_trains_worker_runtime_env():
+    from msbt.train.runner import WORKER_NICENESS_ENV, run_config
+
+    for nice in (0, 15):
+        ray_config = run_config(RunConfig(storage_path="/tmp/msbt-nice", worker_niceness=nice), 1, "val_loss")
+        assert ray_config.worker_runtime_env["env_vars"] == {WORKER_NICENESS_ENV: str(nice)}
+
+
 def test_score_order_follows_the_saver():
     from msbt.train.runner import score_order
 
@@ -201,6 +209,16 @@ def test_a_stage_gives_its_train_controller_msbts_poll_interval(stage1):
     from msbt.train.runner import TRAIN_POLL_S
 
     assert POLL_SEEN == [TRAIN_POLL_S]  # docs/training.md: 4 s less wind-down per stage than Ray's 2 s
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_stages_worker_runs_at_the_runs_niceness_not_rays_15(stage1):
+    """run.worker_niceness (default 0) reaches the Train worker through its runtime environment: Ray's own
+    default for workers is 15, so 0 read inside the worker shows the setting took effect."""
+    config, _ = stage1
+    audit = json.loads((Path(config.run.storage_path).parent / "audit" / "rank0.json").read_text())
+    assert config.run.worker_niceness == 0 and audit["niceness"] == 0
 
 
 @pytest.mark.ray

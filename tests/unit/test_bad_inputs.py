@@ -439,6 +439,8 @@ def test_class_folder_differing_in_case_fails_before_ray_starts(tmp_path):
     ("data.split=[0.5,0.2,0.1]", "data.split"),
     ("run.num_workers=0", "run.num_workers"),
     ("run.checkpoints_to_keep=0", "run.checkpoints_to_keep"),
+    ("run.worker_niceness=-5", "run.worker_niceness"),
+    ("run.worker_niceness=20", "run.worker_niceness"),
     ("tune.num_samples=0", "tune.num_samples"),
     ("preprocess.block_size=150", "preprocess.block_size"),
 ])
