@@ -204,8 +204,8 @@ def main(argv=None) -> int:
                 out["images_per_epoch"] = 3 * len(read_store(store, ["label_index"], split="train")["label_index"])
             gpu = " + 1 GPU" if args.use_gpu else ""
             niced = ", nice 15 (Ray's default)" if key == "n" else ""
-            rows.append((key, f"{key}. Ray Train, {workers} worker{'s' if workers > 1 else ''} x {cpus:g} CPU{gpu}{niced}",
-                         repeat, out))
+            label = f"{key}. Ray Train, {workers} worker{'s' if workers > 1 else ''} x {cpus:g} CPU{gpu}{niced}"
+            rows.append((key, label, repeat, out))
     print(f"\nstore {store}: {args.image_size} px, batch {args.batch}, {args.epochs} epochs, "
           f"{os.cpu_count()} CPUs, EfficientNet-Lite0, {args.repeats} runs of each arm, interleaved\n")
     print("| run | repeat | images/epoch | steady img/s (epochs 2..E) | end-to-end img/s | wall s |")

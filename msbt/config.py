@@ -268,11 +268,12 @@ class RunConfig:
     # real data (docs/evaluation.md, "three training seeds per design"). Leave one site out repeats each
     # held-out site with the same seeds unless --seeds says otherwise.
     stage2_seeds: int = 1
-    # Scheduling priority (nice) of the Train workers. Ray starts its workers at nice 15 so that its own
-    # processes stay responsive; it runs a submitted job's driver at 0, and a stage's workers are a job's main
-    # work, as the driver is for plain Keras. At 15 a 1-worker stage trained 8-10% slower on a 2-core machine
-    # (the CPU idled more between TensorFlow's ops, docs/training.md); 15 gives the machine back to other work.
-    worker_niceness: int = field(default=0, metadata=ADDED_LATER)
+    # Scheduling priority of the Train workers, as a nice increment over the cluster's own processes. Ray
+    # starts its workers at +15 so that its own processes stay responsive; it runs a submitted job's driver at
+    # +0, and a stage's workers are a job's main work, as the driver is for plain Keras. At +15 a 1-worker
+    # stage's steady epochs were about 9% slower on a 2-core machine (about 6% end to end; the CPU idled more
+    # between TensorFlow's ops, docs/training.md); 15 gives the machine back to other work.
+    worker_niceness: int = 0
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,7 @@ HISTORY_FILE = "history.json"
 # unless the user set the variable (kept for the process: set_train_poll).
 TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 TRAIN_POLL_S = "0.25"
-WORKER_NICENESS_ENV = "RAY_worker_niceness"  # read by the raylet from a worker's runtime environment
+WORKER_NICENESS_ENV = "RAY_worker_niceness"  # a Ray worker reads it at start and lowers its priority by that much
 
 # ---------------------------------------------------------------------------------------------------
 # Inside a worker
@@ -489,8 +489,8 @@ def run_config(run: RunConfig, stage_number: int, monitor: str, callbacks: Seque
         ),
         failure_config=FailureConfig(max_failures=run.max_failures),
         callbacks=list(callbacks) or None,
-        # the raylet starts the workers at this nice value (Ray's own way: its job manager gives a submitted
-        # driver RAY_worker_niceness=0); run.worker_niceness says why msbt does not keep Ray's 15
+        # each worker calls nice(n) on itself as it starts, relative to the cluster's own priority (Ray's own way:
+        # its job manager gives a submitted driver RAY_worker_niceness=0); run.worker_niceness says why not Ray's 15
         worker_runtime_env={"env_vars": {WORKER_NICENESS_ENV: str(run.worker_niceness)}},
     )
 
