@@ -244,9 +244,9 @@ def stage_inputs(config: Config, number: int, store_path: str | Path, parent: st
     Args:
         config: The resolved config; ``stage<number>``, the training seed (``run.train_seed``, else
             ``data.seed``), ``run.num_workers``, ``run.mixed_precision`` and ``run.deterministic`` (when
-            set) enter. ``run.name``, ``run.storage_path``, ``run.use_gpu``,
-            ``run.cpus_per_worker``, ``run.worker_niceness`` and the checkpoint/failure settings do not: they change where a
-            result goes or how fast it comes, not what it is.
+            set) enter. ``run.name``, ``run.storage_path``, ``run.use_gpu``, ``run.cpus_per_worker``,
+            ``run.worker_niceness`` and the checkpoint/failure settings do not: they change where a result goes
+            or how fast it comes, not what it is.
         number: 1 or 2.
         store_path: The stage's store; its identity (``store.json``: content and split) enters.
         parent: Stage 2's parent checkpoint folder (its model's sha256 enters).
