@@ -87,14 +87,18 @@ def test_fast_mode_holds_the_augmentation_ranges_at_the_reference():
 # Real Ray Tune runs
 
 
+TRIALS = 3  # the session run's search (tests/conftest.py)
+
+
 @pytest.fixture(scope="module")
 def prepared(tiny_run):
-    """The session's run (tests/conftest.py): its overlay (a 4-trial search of tiny_cnn at 32 px), stores and
+    """The session's run (tests/conftest.py): its overlay (a 3-trial search of tiny_cnn at 32 px), stores and
     stage-1 checkpoint. A search opens the recorded split and stores: the data folder has been moved away,
     so it must read no image."""
     from msbt.tune.search import stage1_checkpoint
 
     parent = stage1_checkpoint(tiny_run.config, tiny_run.data.microscope_store)  # the run's own, reused
+    assert tiny_run.config.tune.num_samples == TRIALS
     assert parent == str(tiny_run.stage1)
     return {"yaml": tiny_run.yaml, "config": tiny_run.config, "ultrasound": str(tiny_run.data.ultrasound_store),
             "parent": parent}
@@ -188,17 +192,17 @@ def test_search_is_interrupted_restored_and_its_best_config_reruns(prepared, tmp
     _, before = read_experiment(experiment)
     finished = {t["trial"]: (experiment / t["trial"] / "result.json").read_text()
                 for t in before if t["status"] in ("complete", "stopped early")}
-    assert 1 <= len(finished) < 4
+    assert 1 <= len(finished) < TRIALS
 
     with pytest.raises(ConfigError, match="--resume"):
         run_search(config)  # a second start without --resume is refused, not mixed in
     run_search(config, resume=True)
 
     search, trials = read_experiment(experiment)
-    assert len(trials) == 4 and {t["status"] for t in trials} <= {"complete", "stopped early"}
+    assert len(trials) == TRIALS and {t["status"] for t in trials} <= {"complete", "stopped early"}
     assert all(t["epochs"] >= 1 for t in trials)  # the trial cut off by the kill reran and reported
     # The workflow ran under ASHA (Tune's own start-up table, in the run's driver.log). Whether it cut one of
-    # these 4 trials depends on which reached epoch 1 first (2 at a time); its cuts are checked exactly on a
+    # these trials depends on which reached epoch 1 first (2 at a time); its cuts are checked exactly on a
     # serial search in the fast-mode test.
     assert "AsyncHyperBandScheduler" in (workers_log.parent / "driver.log").read_text()
     reference = [t for t in trials if t["reference"]]
@@ -210,7 +214,7 @@ def test_search_is_interrupted_restored_and_its_best_config_reruns(prepared, tmp
         folder = experiment / trial["trial"]
         assert (folder / "progress.csv").is_file()
         assert list((experiment / "hparams" / trial["trial"]).glob("events.out.tfevents.*"))
-    assert len(list((experiment / "train").glob("*/stage2/checkpoint_*/manifest.json"))) >= 4
+    assert len(list((experiment / "train").glob("*/stage2/checkpoint_*/manifest.json"))) >= TRIALS
 
     # tune-report: the ranked table and the overlay, which the CLI accepts and which trains
     best = write_best_overlay(experiment)
