@@ -1,11 +1,14 @@
-"""Benchmark: cell-patch preprocessing, plain single-process loop vs the Ray Data pipeline on 1 and 2 CPUs.
+"""Benchmark: cell-patch preprocessing, plain single-process loop vs the Ray Data pipeline on 1 and 2 CPUs,
+and the same step in the driver's threads (`preprocess.build: local`, what `auto` picks below
+`preprocess.build_ray_min_files` files).
 
     python benchmarks/preprocess.py                     # built-in synthetic 1000x1000 fields
     python benchmarks/preprocess.py --data /path/fields # real class-folder tree of microscope fields
 
 The plain loop runs the pure functions (read + msbt.images.patches.field_to_patches) with nothing else; the Ray
 runs do the whole step (read, cut, write zstd Parquet) through msbt.data.preprocess.build_microscope_store in
-a fresh local Ray instance each. Both use one OpenCV thread per process, so "1 CPU" means one core.
+a fresh local Ray instance each (`preprocess.build: ray`); the threads run it in this process, one thread
+per core, with no Ray. All use one OpenCV thread per thread of work, so "1 CPU" means one core.
 Prints a table; parallel efficiency = Ray 2-CPU throughput / (2 x plain loop throughput).
 """
 
@@ -59,6 +62,15 @@ def ray_run(items, cfg, cpus, out):
     return seconds, sum(sum(v.values()) for v in summary.rows.values())
 
 
+def threads_run(items, cfg, out):
+    """The whole step (read, cut, write Parquet) in this process's threads, no Ray: warmed as the Ray runs are."""
+    local = dataclasses.replace(cfg, build="local")
+    build_microscope_store(items[:4], out / "warm-local", dataclasses.replace(local, files_per_task=1))
+    start = time.perf_counter()
+    summary = build_microscope_store(items, out / "store-local", local)
+    return time.perf_counter() - start, sum(sum(v.values()) for v in summary.rows.values())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", help="class-folder tree of microscope fields (default: built-in synthetic)")
@@ -78,15 +90,16 @@ def main() -> int:
     discovery = discover(root)
     save_split(make_split(discovery, grouping="none"), work / "split")
     items = split_items(work / "split", discovery.root, discovery.classes, seed=0)
-    cfg = dataclasses.replace(PreprocessConfig(), on_existing="overwrite", files_per_chunk=len(items))
+    cfg = dataclasses.replace(PreprocessConfig(), on_existing="overwrite", files_per_chunk=len(items), build="ray")
     params = patch_params(cfg)
 
     plain_s, plain_p = plain_loop(items, params)
     runs = {cpus: ray_run(items, cfg, cpus, work) for cpus in (1, 2)}
+    threads_s, threads_p = threads_run(items, cfg, work)
     n = len(items)
     rows = [("plain loop, 1 process", plain_s, plain_p)] + [
         (f"Ray Data, {cpus} CPU{'s' if cpus > 1 else ''}", s, p) for cpus, (s, p) in runs.items()
-    ]
+    ] + [("driver threads", threads_s, threads_p)]
     print(f"{n} fields from {root}")
     print(f"{'run':<24}{'seconds':>9}{'fields/s':>10}{'patches/s':>11}{'patches':>9}")
     for name, seconds, patches in rows:
@@ -95,8 +108,9 @@ def main() -> int:
     efficiency = plain_s / (2 * runs[2][0])
     print(f"Ray 1 CPU / plain loop: {ratio1:.2f} (target >= 0.9)")
     print(f"parallel efficiency, Ray 2 CPUs / (2 x plain loop): {efficiency:.2f} (target >= 0.8)")
+    print(f"driver threads / Ray 2 CPUs (throughput): {runs[2][0] / threads_s:.2f}")
     print(json.dumps({"fields": n, "plain_s": plain_s, "ray1_s": runs[1][0], "ray2_s": runs[2][0],
-                      "ray1_ratio": ratio1, "efficiency": efficiency}))
+                      "threads_s": threads_s, "ray1_ratio": ratio1, "efficiency": efficiency}))
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -124,7 +124,7 @@ def run_one(manifest: Path, out: Path, cpus: int, compare_local: bool) -> dict:
     from msbt.data.splits import make_split, save_split
 
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-    cfg = dataclasses.replace(PreprocessConfig(), on_existing="overwrite")
+    cfg = dataclasses.replace(PreprocessConfig(), on_existing="overwrite", build="ray")  # Ray Data's scaling
     try:
         # Warm: start one worker per CPU and import the image libraries in it (scan and patches).
         warm = out / "warm.csv"

@@ -248,6 +248,9 @@ def _with_sites(items: list[dict], discovery: Discovery) -> None:
             item["path"], item["site"] = record.path, record.site or "site"
 
 
+WHERE = {"ray": " on Ray Data", "local": " in driver threads"}  # StoreSummary.where, as the store line says it
+
+
 def summarize_stores(stores: dict) -> str:
     lines = []
     for modality, s in stores.items():
@@ -257,7 +260,7 @@ def summarize_stores(stores: dict) -> str:
             for split in ("train", "val", "test")
         )
         lines.append(f"{modality} store: {sum(sum(v.values()) for v in s.rows.values())} {noun} from {s.files} "
-                     f"files in {s.seconds:.1f} s ({per_split}) -> {s.path}")
+                     f"files in {s.seconds:.1f} s{WHERE.get(s.where, '')} ({per_split}) -> {s.path}")
         if s.empty_sources:
             lines.append(f"  {len(s.empty_sources)} files gave no {noun} (no cells found, or unreadable): "
                          f"{', '.join(s.empty_sources[:5])}{' ...' if len(s.empty_sources) > 5 else ''}")

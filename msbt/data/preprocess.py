@@ -1,9 +1,11 @@
-"""Ray Data preprocessing: microscope fields -> cell patches, ultrasound images -> model-ready arrays.
+"""Preprocessing: microscope fields -> cell patches, ultrasound images -> model-ready arrays.
 
 The input is a saved split (`split.csv` from msbt.data.splits): one row per source file with its label and
 split. Ray Data streams those rows through a per-file function (pure image code from msbt.images.patches and
 msbt.images.imagefile) and the workers write Parquet directly, so no image passes through the driver and memory
-stays bounded by Ray Data's streaming executor. Every patch carries its source field, so the split made
+stays bounded by Ray Data's streaming executor. A collection below `preprocess.build_ray_min_files` files is
+prepared by the same functions in threads of the driver instead (`preprocess.build: auto`, chosen as the scan
+chooses; Ray Data's fixed costs would be most of its time). Every patch carries its source field, so the split made
 per field holds per patch: patches of one field never straddle train/val/test.
 
 The store's format, chunking, identity and reuse rules belong to msbt.data.store; this module supplies
@@ -22,6 +24,7 @@ import numpy as np
 
 from msbt.config import PreprocessConfig
 from msbt.data.discovery import fs_name
+from msbt.data.scan import choose_scan
 from msbt.data.store import META_COLUMNS, Store, StoreSummary, arrow_batch, write_store
 from msbt.images.imagefile import ImageError, fit_square, normalize_intensity, read_image
 
@@ -163,10 +166,13 @@ def build_ultrasound_store(items: list[dict], out: str | Path, cfg: PreprocessCo
 
 
 def _build(kind, items, out, fn, kwargs, shape, cfg: PreprocessConfig, classes) -> StoreSummary:
+    import ray
+
+    where = choose_scan(cfg.build, len(items), cfg.build_ray_min_files, ray.is_initialized(), key="preprocess.build")
     return write_store(kind, items, out, fn, kwargs, image_shape=shape,
                        classes=list(classes) if classes is not None else item_classes(items),
                        files_per_chunk=cfg.files_per_chunk, files_per_task=cfg.files_per_task,
-                       cpus_per_task=cfg.cpus_per_task, on_existing=cfg.on_existing)
+                       cpus_per_task=cfg.cpus_per_task, on_existing=cfg.on_existing, where=where)
 
 
 # ---------------------------------------------------------------------------------------------------

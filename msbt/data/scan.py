@@ -35,23 +35,26 @@ log = logging.getLogger(__name__)
 SCAN_MODES = ("auto", "local", "ray")
 
 
-def choose_scan(mode: str, files: int, min_files: int, ray_up: bool) -> str:
-    """Where a scan of `files` candidates runs: "local" (driver threads) or "ray" (Ray Data).
+def choose_scan(mode: str, files: int, min_files: int, ray_up: bool, key: str = "data.scan") -> str:
+    """Where per-file work over `files` files runs: "local" (driver threads) or "ray" (Ray Data).
+
+    The scan's choice, and the store's (`preprocess.build`, msbt.data.preprocess), made the same way.
 
     Args:
         mode: "auto", "local" or "ray" (`data.scan`).
         files: number of candidate files.
         min_files: `auto` uses Ray Data from this many files on (`data.scan_ray_min_files`).
         ray_up: whether Ray is initialised in this process.
+        key: the setting named in errors.
 
     Raises:
         ValueError: an unknown mode, or "ray" without an initialised Ray.
     """
     if mode not in SCAN_MODES:
-        raise ValueError(f"data.scan: unknown mode {mode!r} (expected one of {', '.join(SCAN_MODES)})")
+        raise ValueError(f"{key}: unknown mode {mode!r} (expected one of {', '.join(SCAN_MODES)})")
     if mode == "ray" and not ray_up:
-        raise ValueError("data.scan: ray needs an initialised Ray cluster (run it from a workflow, "
-                         "which joins or starts one), or use data.scan: auto|local")
+        raise ValueError(f"{key}: ray needs an initialised Ray cluster (run it from a workflow, "
+                         f"which joins or starts one), or use {key}: auto|local")
     if mode == "auto":
         return "ray" if ray_up and files >= min_files else "local"
     return mode

@@ -11,8 +11,10 @@ Columns: ``image`` (fixed-size binary: raw uint8 bytes of one ``image_shape`` ar
 ``label_index``, ``split``, ``source`` (the source file's path relative to its data root), and ``box``
 (microscope: the patch's window in its field) or ``group`` (ultrasound: the lesion group).
 
-Writing runs a per-file function over the split's rows with Ray Data, chunk by chunk; the workers write
-Parquet directly, so no image passes through the driver. A rerun with the same identity resumes
+Writing runs a per-file function over the split's rows, chunk by chunk, either with Ray Data (the workers
+write Parquet directly, so no image passes through the driver) or, for a collection too small to repay
+Ray's fixed costs, in threads of this process (``where="local"``, msbt.data.preprocess chooses); the files
+hold the same rows either way (tested). A rerun with the same identity resumes
 (finished chunks are kept) or reuses a complete store; a different identity is refused unless
 ``on_existing: overwrite``. Two runs are never mixed in one store.
 
@@ -25,8 +27,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -43,6 +47,11 @@ STORE_FILE = "store.json"
 SUMMARY_FILE = "summary.json"
 DONE_FILE = "_DONE.json"
 META_COLUMNS = ["label", "label_index", "split", "source"]
+# How a chunk's Parquet files are written, by Ray Data and by the in-process writer alike. lz4: a third of
+# the size of raw pixels at a few ms per field; no dictionary or statistics on the image column, which would
+# only cost time.
+PARQUET_OPTIONS = {"compression": "lz4", "use_dictionary": ["label", "split", "source"],
+                   "write_statistics": ["label", "split", "source"]}
 
 
 class StoreError(ValueError):
@@ -278,6 +287,7 @@ class StoreSummary:
     seconds: float
     reused_chunks: int
     reused: bool = False  # opened as it was, nothing run
+    where: str = ""  # "ray" (Ray Data) or "local" (driver threads) when chunks were written; "" for copies
 
     def as_dict(self) -> dict:
         return {
@@ -288,6 +298,7 @@ class StoreSummary:
             "empty_sources": self.empty_sources,
             "seconds": round(self.seconds, 2),
             "reused_chunks": self.reused_chunks,
+            **({"where": self.where} if self.where else {}),
         }
 
 
@@ -311,8 +322,8 @@ def identity(kind: str, items: Sequence[Mapping], settings: dict, files_per_chun
 
 def write_store(kind: str, items: list[dict], out: str | Path, fn: Callable, fn_kwargs: dict, *,
                 image_shape: tuple[int, ...], classes: Sequence[str], files_per_chunk: int,
-                files_per_task: int, cpus_per_task: float, on_existing: str) -> StoreSummary:
-    """Run ``fn`` over ``items`` with Ray Data, chunk by chunk, into a store at ``out`` (Ray initialised).
+                files_per_task: int, cpus_per_task: float, on_existing: str, where: str = "ray") -> StoreSummary:
+    """Run ``fn`` over ``items``, chunk by chunk, into a store at ``out``.
 
     Args:
         kind: "microscope" or "ultrasound" (recorded in the identity).
@@ -324,12 +335,14 @@ def write_store(kind: str, items: list[dict], out: str | Path, fn: Callable, fn_
         files_per_chunk, files_per_task, cpus_per_task: Chunking and Ray Data task sizing.
         on_existing: "resume" (default behaviour: reuse a complete store, finish an interrupted one),
             "overwrite" or "refuse".
+        where: "ray" (Ray Data tasks; Ray initialised) or "local" (threads of this process, one Parquet
+            file per ``files_per_task`` files).
 
     Returns:
         StoreSummary with rows per split and class, read back from the written Parquet.
     """
-    import ray
-
+    if where not in ("ray", "local"):
+        raise ValueError(f"where: expected 'ray' or 'local', got {where!r}")
     out = Path(out)
     started = time.perf_counter()
     ident = identity(kind, items, fn_kwargs, files_per_chunk, image_shape, classes)
@@ -344,25 +357,63 @@ def write_store(kind: str, items: list[dict], out: str | Path, fn: Callable, fn_
             bar.update(len(chunk))
             continue
         shutil.rmtree(folder, ignore_errors=True)  # a chunk interrupted mid-write is redone whole
-        # One task per `files_per_task` files: long enough (about 2 s for 1000 px fields) that
-        # Ray's per-task cost is small, short enough that the last tasks finish together.
-        blocks = max(1, -(-len(chunk) // files_per_task))
-        dataset = ray.data.from_items(chunk, override_num_blocks=blocks)
-        dataset = dataset.map_batches(fn, fn_kwargs=fn_kwargs, batch_size=1, num_cpus=cpus_per_task,
-                                      batch_format="numpy")
-        # lz4: a third of the size of raw pixels at a few ms per field; no dictionary or statistics
-        # on the image column, which would only cost time.
-        dataset.write_parquet(str(folder), compression="lz4", use_dictionary=["label", "split", "source"],
-                              write_statistics=["label", "split", "source"])
+        if where == "local":
+            _write_chunk_here(chunk, folder, fn, fn_kwargs, files_per_task, bar)
+        else:
+            _write_chunk_with_ray(chunk, folder, fn, fn_kwargs, files_per_task, cpus_per_task)
+            bar.update(len(chunk))
         folder.mkdir(parents=True, exist_ok=True)  # a chunk with no rows writes no files
         _write_json(folder / DONE_FILE, {"files": len(chunk)})
-        log.info("%s store: chunk %d/%d done (%d files)", kind, index + 1, len(chunks), len(chunk))
-        bar.update(len(chunk))
+        log.info("%s store: chunk %d/%d done (%d files, %s)", kind, index + 1, len(chunks), len(chunk),
+                 "Ray Data" if where == "ray" else "driver threads")
     bar.close()
     rows, empty = _count(out, items)
-    summary = StoreSummary(out, kind, len(items), rows, empty, time.perf_counter() - started, reused)
+    summary = StoreSummary(out, kind, len(items), rows, empty, time.perf_counter() - started, reused,
+                           where=where if reused < len(chunks) else "")
     _write_json(out / SUMMARY_FILE, summary.as_dict())
     return summary
+
+
+def _write_chunk_with_ray(chunk: list[dict], folder: Path, fn: Callable, fn_kwargs: dict, files_per_task: int,
+                          cpus_per_task: float) -> None:
+    import ray
+
+    # One task per `files_per_task` files: long enough (about 2 s for 1000 px fields) that Ray's per-task
+    # cost is small, short enough that the last tasks finish together.
+    blocks = max(1, -(-len(chunk) // files_per_task))
+    dataset = ray.data.from_items(chunk, override_num_blocks=blocks)
+    dataset = dataset.map_batches(fn, fn_kwargs=fn_kwargs, batch_size=1, num_cpus=cpus_per_task, batch_format="numpy")
+    dataset.write_parquet(str(folder), **PARQUET_OPTIONS)
+
+
+def _write_chunk_here(chunk: list[dict], folder: Path, fn: Callable, fn_kwargs: dict, files_per_task: int,
+                      bar) -> None:
+    """The chunk in this process: ``fn`` on one file at a time (the batch Ray Data would hand it), a thread per
+    core, each part of ``files_per_task`` files written as one Parquet file (so memory holds a few parts, not
+    the chunk). Most of the image work (OpenCV, numpy, much of scikit-image) runs without the GIL: two threads
+    reached 0.97 of two single-process loops (docs/preprocess.md, "Benchmark")."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True)
+    parts = [chunk[i : i + files_per_task] for i in range(0, len(chunk), files_per_task)]
+
+    def write(number: int) -> int:
+        tables = [fn({key: np.asarray([value]) for key, value in item.items()}, **fn_kwargs)
+                  for item in parts[number]]
+        table = pa.concat_tables(tables)
+        if table.num_rows:
+            pq.write_table(table, folder / f"part-{number:05d}.parquet", **PARQUET_OPTIONS)
+        return len(parts[number])
+
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+    try:
+        for done in pool.map(write, range(len(parts))):
+            bar.update(done)
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)  # Ctrl-C: drop the queued parts at once
+        raise
+    pool.shutdown()
 
 
 def matches(out: str | Path, kind: str, items: Sequence[Mapping], settings: dict, files_per_chunk: int,

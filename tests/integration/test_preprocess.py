@@ -1,4 +1,8 @@
-"""Ray Data preprocessing on a real local Ray cluster: counts, labels, field-level split, rejects, reruns."""
+"""Preprocessing on a real local Ray cluster: counts, labels, field-level split, rejects, reruns.
+
+The tests run Ray Data (`preprocess.build: ray`) unless they name the driver-thread path, which must write the
+rows Ray Data writes.
+"""
 
 import collections
 import dataclasses
@@ -25,7 +29,7 @@ from msbt.data.splits import make_split, save_split
 
 pytestmark = pytest.mark.ray
 
-CFG = PreprocessConfig(max_patches_per_field=6, files_per_chunk=4, on_existing="resume")
+CFG = PreprocessConfig(max_patches_per_field=6, files_per_chunk=4, on_existing="resume", build="ray")
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +80,49 @@ def test_patches_of_one_field_never_straddle_splits(ray_local, built_in, tmp_pat
     assert set().union(*splits_of.values()) == {"train", "val", "test"}
 
 
-def test_a_field_that_breaks_after_discovery_is_skipped_not_fatal(ray_local, built_in, tmp_path):
+@pytest.mark.parametrize("kind", ["microscope", "ultrasound"])
+def test_driver_threads_write_the_rows_ray_data_writes(ray_local, built_in, tmp_path, kind):
+    """`preprocess.build: local` (what `auto` picks for a small collection): the same store, row for row."""
+    import pyarrow.parquet as pq
+
+    from msbt.data.store import Store
+
+    _, items = prepared(built_in / kind, tmp_path)
+    build = build_microscope_store if kind == "microscope" else build_ultrasound_store
+    cfg = dataclasses.replace(CFG, image_size=64, files_per_task=3)  # several chunks, several parts per chunk
+    summaries = {where: build(items, tmp_path / where, dataclasses.replace(cfg, build=where))
+                 for where in ("ray", "local")}
+    assert summaries["ray"].where == "ray" and summaries["local"].where == "local"
+    assert summaries["ray"].rows == summaries["local"].rows and summaries["ray"].files == summaries["local"].files
+    assert summaries["ray"].empty_sources == summaries["local"].empty_sources
+    stores = {where: Store.open(tmp_path / where) for where in summaries}
+    assert stores["ray"].identity == stores["local"].identity  # either store is reused for the other
+    columns = ["source", "box" if kind == "microscope" else "group", "label", "label_index", "split", "image"]
+
+    def rows(store):
+        table = store.read()
+        return sorted(zip(*[[bytes(v) if c == "image" else str(v) for v in table[c]] for c in columns]))
+
+    assert rows(stores["ray"]) == rows(stores["local"]) and len(rows(stores["local"])) > len(items) // 2
+    schemas = {w: pq.read_schema(s.files()[0]).remove_metadata() for w, s in stores.items()}
+    assert schemas["ray"] == schemas["local"]
+    assert len(stores["local"].files()) > len(list((tmp_path / "local").glob("chunk-*")))
+
+
+def test_a_store_of_a_small_collection_is_written_in_driver_threads_under_auto(ray_local, built_in, tmp_path):
+    """`preprocess.build: auto`: below build_ray_min_files files the store is written on the driver, from that
+    many on with Ray Data (the same rows either way: the test above), and the summary says which."""
+    _, items = prepared(built_in / "ultrasound", tmp_path)
+    cfg = PreprocessConfig(image_size=32)
+    assert cfg.build == "auto" and len(items) < cfg.build_ray_min_files
+    small = build_ultrasound_store(items, tmp_path / "small", cfg)
+    large = build_ultrasound_store(items, tmp_path / "large", dataclasses.replace(cfg, build_ray_min_files=len(items)))
+    assert (small.where, large.where) == ("local", "ray")
+    assert json.loads((tmp_path / "small" / "summary.json").read_text())["where"] == "local"
+
+
+@pytest.mark.parametrize("where", ["ray", "local"])
+def test_a_field_that_breaks_after_discovery_is_skipped_not_fatal(ray_local, built_in, tmp_path, where):
     root = tmp_path / "data"
     for line in synth.CELL_LINES[:2]:
         (root / line).mkdir(parents=True)
@@ -87,7 +133,7 @@ def test_a_field_that_breaks_after_discovery_is_skipped_not_fatal(ray_local, bui
     broken = items[0]["path"]
     with open(broken, "r+b") as handle:  # the file is damaged between the scan and the preprocessing
         handle.truncate(200)
-    summary = build_microscope_store(items, tmp_path / "store", CFG)
+    summary = build_microscope_store(items, tmp_path / "store", dataclasses.replace(CFG, build=where))
     assert items[0]["source"] in summary.empty_sources
     assert len(set(read_store(tmp_path / "store", columns=["source"])["source"])) == len(items) - 1
 

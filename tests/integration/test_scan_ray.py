@@ -21,6 +21,10 @@ def test_choose_scan_follows_the_mode_the_size_and_the_cluster():
         choose_scan("ray", 1, 2000, ray_up=False)
     with pytest.raises(ValueError, match="unknown mode 'cluster'"):
         scan_inspector("cluster")
+    # the store's choice (preprocess.build) is made the same way and names its own key
+    with pytest.raises(ValueError, match="^preprocess.build: ray needs .* or use preprocess.build: auto"):
+        choose_scan("ray", 1, 512, ray_up=False, key="preprocess.build")
+
 
 
 def mixed_tree(root):

@@ -441,6 +441,8 @@ def test_class_folder_differing_in_case_fails_before_ray_starts(tmp_path):
     ("run.checkpoints_to_keep=0", "run.checkpoints_to_keep"),
     ("run.worker_niceness=-5", "run.worker_niceness"),
     ("run.worker_niceness=20", "run.worker_niceness"),
+    ("preprocess.build_ray_min_files=-1", "preprocess.build_ray_min_files"),
+    ("preprocess.build=cluster", "preprocess.build"),
     ("tune.num_samples=0", "tune.num_samples"),
     ("preprocess.block_size=150", "preprocess.block_size"),
 ])
