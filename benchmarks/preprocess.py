@@ -6,7 +6,7 @@ and the same step in the driver's threads (`preprocess.build: local`, what `auto
     python benchmarks/preprocess.py --data /path/fields # real class-folder tree of microscope fields
 
 The plain loop runs the pure functions (read + msbt.images.patches.field_to_patches) with nothing else; the Ray
-runs do the whole step (read, cut, write zstd Parquet) through msbt.data.preprocess.build_microscope_store in
+runs do the whole step (read, cut, write lz4 Parquet) through msbt.data.preprocess.build_microscope_store in
 a fresh local Ray instance each (`preprocess.build: ray`); the threads run it in this process, one thread
 per core, with no Ray. All use one OpenCV thread per thread of work, so "1 CPU" means one core.
 Prints a table; parallel efficiency = Ray 2-CPU throughput / (2 x plain loop throughput).

@@ -50,7 +50,8 @@ from msbt.config import AugmentConfig, Config, PreprocessConfig, RunConfig, Stag
 
 
 def synth_store(out: Path, image_size: int, lesions: int) -> Path:
-    """A built-in synthetic ultrasound store (Ray Data preprocessing; Ray must be running)."""
+    """A built-in synthetic ultrasound store, written by Ray Data (Ray must be running) as before
+    `preprocess.build` existed, so the cluster is warmed as in the documented runs."""
     from msbt.data import synth
     from msbt.data.discovery import discover
     from msbt.data.preprocess import build_ultrasound_store, split_items
@@ -61,7 +62,7 @@ def synth_store(out: Path, image_size: int, lesions: int) -> Path:
     found = discover(out / "synth" / "ultrasound")
     save_split(make_split(found, seed=0), out / "split")
     items = split_items(out / "split", found.root, found.classes, seed=0)
-    return build_ultrasound_store(items, out / "store", PreprocessConfig(image_size=image_size)).path
+    return build_ultrasound_store(items, out / "store", PreprocessConfig(image_size=image_size, build="ray")).path
 
 
 def steady_rate(images_per_epoch: int, epoch_ends: list[float]) -> float:

@@ -74,8 +74,8 @@ def tiny_stores(tmp_path_factory, ray_local):
         "stage2": {"backbone": "tiny_cnn", "image_size": 32, "epochs": 2, "batch_size": 8, "monitor": "val_auc",
                    "head": {"dense_units": [8], "dropout": 0.5}},
         # val_loss is continuous: ASHA's cut at the first rung is not decided by ties of a small-split AUC. Three
-        # trials, two at a time: a kill after the first has finished still leaves one running and one to start
-        # (tests/integration/test_tune.py), one Ray Train stage fewer than four.
+        # trials, two at a time: killed once one has finished, at least one trial is left for the restore to run
+        # (tests/integration/test_tune.py), with one Ray Train stage fewer than four.
         "tune": {"num_samples": 3, "grace_period": 1, "max_concurrent_trials": 2, "cpus_per_trial": 0.5,
                  "metric": "val_loss", "mode": "min", "experiment": "search",
                  "space": {"dense_units": [[256, 128, 64], [16, 16, 16]], "expansion": [1, 3]}},

@@ -165,7 +165,7 @@ def reference_links(hashes, thumbs, max_distance, min_similarity, digests):
 
 def split_and_store(root: Path, out: Path, build, cfg) -> Path:
     """Discover ``root``, save its split under ``out/split`` and build a store at ``out/store`` with ``build``
-    (msbt.data.preprocess.build_microscope_store or build_ultrasound_store; Ray must be running)."""
+    (msbt.data.preprocess.build_microscope_store or build_ultrasound_store)."""
     from msbt.data.discovery import discover
     from msbt.data.preprocess import split_items
     from msbt.data.splits import make_split, save_split

@@ -213,9 +213,10 @@ def summarize(prepared: dict[str, PreparedData]) -> str:
 
 
 def build_stores(config: Config, prepared: dict[str, PreparedData]) -> dict[str, StoreSummary]:
-    """Build (or resume, or reuse) the Parquet stores of the prepared modalities with Ray Data.
+    """Build (or resume, or reuse) the Parquet stores of the prepared modalities (Ray Data, or the driver's
+    threads for a small collection: `preprocess.build`).
 
-    Ray must be initialised. Microscope stores also get their contact sheets.
+    Ray Data needs Ray initialised. Microscope stores also get their contact sheets.
     """
     from msbt.data import preprocess as pp
 
@@ -305,7 +306,7 @@ def ensure_stores(config: Config, modalities: Sequence[str] = MODALITIES, *,
 
     Returns:
         Modality -> StoreSummary (``reused`` True for a store opened as it was). Prints what it did.
-        Ray must be initialised when a store has to be built.
+        Ray must be initialised when a store has to be built on Ray Data (`preprocess.build`).
     """
     found = {} if force_split else {m: s for m in modalities if (s := recorded_store(config, m)) is not None}
     for modality, summary in found.items():

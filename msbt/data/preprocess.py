@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import sys
 import zlib
 from pathlib import Path
 from typing import Sequence
@@ -36,7 +37,7 @@ _VALIDATED = {"max_pixels": None, "on_partial": "warn"}
 
 
 # ---------------------------------------------------------------------------------------------------
-# Per-file functions (run inside Ray Data tasks; plain numpy in, plain numpy out)
+# Per-file functions (run inside Ray Data tasks or the driver's threads; plain numpy in, plain numpy out)
 
 
 def field_patches(batch: dict[str, np.ndarray], *, params: dict, sixteen_bit: str = "scale") -> dict[str, np.ndarray]:
@@ -56,8 +57,10 @@ def field_patches(batch: dict[str, np.ndarray], *, params: dict, sixteen_bit: st
 
     from msbt.images.patches import field_to_patches
 
-    # Ray runs one task per CPU; OpenCV's own thread pool on top would oversubscribe the cores.
-    cv2.setNumThreads(1)
+    # Ray runs one task per CPU; OpenCV's own thread pool on top would oversubscribe the cores. (The driver's
+    # threads have set it already, process-wide, and restore it afterwards: msbt.data.store.)
+    if cv2.getNumThreads() != 1:
+        cv2.setNumThreads(1)
     size = params["patch_size"]
     out: dict[str, list] = {"image": [], "box": [], **{c: [] for c in META_COLUMNS}}
     for i in range(len(batch["path"])):
@@ -153,7 +156,7 @@ def item_classes(items: Sequence[dict]) -> list[str]:
 
 def build_microscope_store(items: list[dict], out: str | Path, cfg: PreprocessConfig,
                            sixteen_bit: str = "scale", classes: Sequence[str] | None = None) -> StoreSummary:
-    """Cut every field into patches with Ray Data and write them to a Parquet store."""
+    """Cut every field into patches (Ray Data or driver threads: `preprocess.build`) and write them to a store."""
     kwargs, shape = microscope_settings(cfg, sixteen_bit)
     return _build("microscope", items, out, field_patches, kwargs, shape, cfg, classes)
 
@@ -166,9 +169,9 @@ def build_ultrasound_store(items: list[dict], out: str | Path, cfg: PreprocessCo
 
 
 def _build(kind, items, out, fn, kwargs, shape, cfg: PreprocessConfig, classes) -> StoreSummary:
-    import ray
-
-    where = choose_scan(cfg.build, len(items), cfg.build_ray_min_files, ray.is_initialized(), key="preprocess.build")
+    ray = sys.modules.get("ray")  # Ray is up only if something imported and initialised it
+    ray_up = ray is not None and ray.is_initialized()
+    where = choose_scan(cfg.build, len(items), cfg.build_ray_min_files, ray_up, key="preprocess.build")
     return write_store(kind, items, out, fn, kwargs, image_shape=shape,
                        classes=list(classes) if classes is not None else item_classes(items),
                        files_per_chunk=cfg.files_per_chunk, files_per_task=cfg.files_per_task,

@@ -41,9 +41,10 @@ def choose_scan(mode: str, files: int, min_files: int, ray_up: bool, key: str = 
     The scan's choice, and the store's (`preprocess.build`, msbt.data.preprocess), made the same way.
 
     Args:
-        mode: "auto", "local" or "ray" (`data.scan`).
+        mode: "auto", "local" or "ray" (`data.scan`, `preprocess.build`).
         files: number of candidate files.
-        min_files: `auto` uses Ray Data from this many files on (`data.scan_ray_min_files`).
+        min_files: `auto` uses Ray Data from this many files on (`data.scan_ray_min_files`,
+            `preprocess.build_ray_min_files`).
         ray_up: whether Ray is initialised in this process.
         key: the setting named in errors.
 

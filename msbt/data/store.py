@@ -5,7 +5,8 @@ A store is a folder of model-ready images, one row each (a cell patch, or a prep
     store.json              identity: format, kind, image shape, class names, preparation settings,
                             files per chunk and a hash of the split rows it was made from
     chunk-00000/*.parquet   rows of `files_per_chunk` source files; `_DONE.json` once the chunk is whole
-    summary.json            rows per split and class, sources that gave no rows, seconds
+    summary.json            rows per split and class, sources that gave no rows, seconds, where the chunks
+                            were written (``where``: "ray", "local" or "local+ray"; each chunk's `_DONE.json`)
 
 Columns: ``image`` (fixed-size binary: raw uint8 bytes of one ``image_shape`` array, C order), ``label``,
 ``label_index``, ``split``, ``source`` (the source file's path relative to its data root), and ``box``
@@ -287,7 +288,8 @@ class StoreSummary:
     seconds: float
     reused_chunks: int
     reused: bool = False  # opened as it was, nothing run
-    where: str = ""  # "ray" (Ray Data) or "local" (driver threads) when chunks were written; "" for copies
+    where: str = ""  # "ray" (Ray Data), "local" (driver threads) or "local+ray", from the chunks' _DONE.json; "" for
+    # copies (write_resplit) and stores written before it was recorded
 
     def as_dict(self) -> dict:
         return {
@@ -363,15 +365,21 @@ def write_store(kind: str, items: list[dict], out: str | Path, fn: Callable, fn_
             _write_chunk_with_ray(chunk, folder, fn, fn_kwargs, files_per_task, cpus_per_task)
             bar.update(len(chunk))
         folder.mkdir(parents=True, exist_ok=True)  # a chunk with no rows writes no files
-        _write_json(folder / DONE_FILE, {"files": len(chunk)})
+        _write_json(folder / DONE_FILE, {"files": len(chunk), "where": where})
         log.info("%s store: chunk %d/%d done (%d files, %s)", kind, index + 1, len(chunks), len(chunk),
                  "Ray Data" if where == "ray" else "driver threads")
     bar.close()
     rows, empty = _count(out, items)
     summary = StoreSummary(out, kind, len(items), rows, empty, time.perf_counter() - started, reused,
-                           where=where if reused < len(chunks) else "")
+                           where=_written_where(out))
     _write_json(out / SUMMARY_FILE, summary.as_dict())
     return summary
+
+
+def _written_where(out: Path) -> str:
+    """Where the store's chunks were written, from their _DONE.json ("" where none recorded it)."""
+    found = {json.loads((chunk / DONE_FILE).read_text()).get("where") for chunk in out.glob("chunk-*")}
+    return "+".join(sorted(w for w in found if w))
 
 
 def _write_chunk_with_ray(chunk: list[dict], folder: Path, fn: Callable, fn_kwargs: dict, files_per_task: int,
@@ -388,15 +396,21 @@ def _write_chunk_with_ray(chunk: list[dict], folder: Path, fn: Callable, fn_kwar
 
 def _write_chunk_here(chunk: list[dict], folder: Path, fn: Callable, fn_kwargs: dict, files_per_task: int,
                       bar) -> None:
-    """The chunk in this process: ``fn`` on one file at a time (the batch Ray Data would hand it), a thread per
-    core, each part of ``files_per_task`` files written as one Parquet file (so memory holds a few parts, not
-    the chunk). Most of the image work (OpenCV, numpy, much of scikit-image) runs without the GIL: two threads
-    reached 0.97 of two single-process loops (docs/preprocess.md, "Benchmark")."""
+    """The chunk in this process: ``fn`` on one file at a time (the batch Ray Data would hand it) in a thread per
+    usable core, each part of at most ``files_per_task`` files written as one Parquet file (so memory holds a few
+    parts, not the chunk). Parts are cut so that every thread has one even for a chunk of a few files. Most of the
+    image work (OpenCV, numpy, much of scikit-image) runs without the GIL: two threads reached 0.97 of two
+    single-process loops (docs/preprocess.md, "Benchmark"). OpenCV's own pool is process-wide: held at one thread
+    while the threads run (as in a Ray task) and given back after."""
+    import cv2
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    folder.mkdir(parents=True)
-    parts = [chunk[i : i + files_per_task] for i in range(0, len(chunk), files_per_task)]
+    folder.mkdir(parents=True, exist_ok=True)
+    # The cores this process may use (its affinity; a container's CPU quota is not seen, as os.cpu_count's is not)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    size = max(1, min(files_per_task, -(-len(chunk) // cores)))
+    parts = [chunk[i : i + size] for i in range(0, len(chunk), size)]
 
     def write(number: int) -> int:
         tables = [fn({key: np.asarray([value]) for key, value in item.items()}, **fn_kwargs)
@@ -406,13 +420,19 @@ def _write_chunk_here(chunk: list[dict], folder: Path, fn: Callable, fn_kwargs: 
             pq.write_table(table, folder / f"part-{number:05d}.parquet", **PARQUET_OPTIONS)
         return len(parts[number])
 
-    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+    opencv_threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    pool = ThreadPoolExecutor(max_workers=min(cores, len(parts)))
     try:
         for done in pool.map(write, range(len(parts))):
             bar.update(done)
     except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)  # Ctrl-C: drop the queued parts at once
+        # Ctrl-C or an error: the queued parts are dropped at once; the running ones (one per thread) are waited
+        # for, so none writes into the chunk folder after this call has returned (a retry redoes the chunk whole).
+        pool.shutdown(wait=True, cancel_futures=True)
         raise
+    finally:
+        cv2.setNumThreads(opencv_threads)
     pool.shutdown()
 
 

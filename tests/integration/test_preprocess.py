@@ -138,18 +138,23 @@ def test_a_field_that_breaks_after_discovery_is_skipped_not_fatal(ray_local, bui
     assert len(set(read_store(tmp_path / "store", columns=["source"])["source"])) == len(items) - 1
 
 
-def test_rerun_resumes_reuses_or_refuses_never_mixes(ray_local, built_in, tmp_path):
+@pytest.mark.parametrize("where", ["ray", "local"])
+def test_rerun_resumes_reuses_or_refuses_never_mixes(ray_local, built_in, tmp_path, where):
     _, items = prepared(built_in / "microscope", tmp_path)
     out = tmp_path / "store"
-    first = build_microscope_store(items, out, CFG)
+    cfg = dataclasses.replace(CFG, build=where)
+    first = build_microscope_store(items, out, cfg)
+    assert first.where == where
     rows = len(read_store(out, columns=["source"])["source"])
     # an interrupted run: the last chunk never finished
     last = sorted(out.glob("chunk-*"))[-1]
     (last / "_DONE.json").unlink()
-    resumed = build_microscope_store(items, out, CFG)
+    # resumed the other way: the unfinished chunk redone whole, the store says both ways wrote it
+    resumed = build_microscope_store(items, out, dataclasses.replace(CFG, build={"ray": "local"}.get(where, "ray")))
     assert resumed.reused_chunks == len(list(out.glob("chunk-*"))) - 1
     assert len(read_store(out, columns=["source"])["source"]) == rows
-    assert resumed.rows == first.rows
+    assert resumed.rows == first.rows and resumed.where == "local+ray"
+    assert json.loads((out / "summary.json").read_text())["where"] == "local+ray"
     # other settings into the same store: refused, then overwritten on request
     other = dataclasses.replace(CFG, max_patches_per_field=2)
     with pytest.raises(StoreError, match="other settings"):

@@ -26,7 +26,6 @@ def test_choose_scan_follows_the_mode_the_size_and_the_cluster():
         choose_scan("ray", 1, 512, ray_up=False, key="preprocess.build")
 
 
-
 def mixed_tree(root):
     """Two classes with near-duplicate frames, an exact copy, masks, and every kind of bad file."""
     files = {}
