@@ -150,7 +150,8 @@ def test_rerun_resumes_reuses_or_refuses_never_mixes(ray_local, built_in, tmp_pa
     last = sorted(out.glob("chunk-*"))[-1]
     (last / "_DONE.json").unlink()
     # resumed the other way: the unfinished chunk redone whole, the store says both ways wrote it
-    resumed = build_microscope_store(items, out, dataclasses.replace(CFG, build={"ray": "local"}.get(where, "ray")))
+    other_way = "local" if where == "ray" else "ray"
+    resumed = build_microscope_store(items, out, dataclasses.replace(CFG, build=other_way))
     assert resumed.reused_chunks == len(list(out.glob("chunk-*"))) - 1
     assert len(read_store(out, columns=["source"])["source"]) == rows
     assert resumed.rows == first.rows and resumed.where == "local+ray"
