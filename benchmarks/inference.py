@@ -21,7 +21,9 @@ and then measures, side by side in this process:
   ``--clients`` concurrent clients posting PNG frames for ``--serve-seconds`` each to 127.0.0.1:
   requests/s, latency p50/p99, errors; once per ``--serve-streams`` value (``serve.streams``: batches the
   replica scores at once), each compared with the bare engine's images/s at the serve batch size, both
-  single-stream and with the same streams (as many threads each scoring batches).
+  single-stream and with the same streams (as many threads each scoring batches); and where each answered
+  request's CPU went (the replica, Serve's HTTP proxy, the cluster's other processes, this process's client
+  threads) against the bare engine's CPU per image.
 
 Prints a Markdown table and writes every figure as JSON (``--out``).
 """
@@ -125,13 +127,30 @@ def bench_concurrent(folder: Path, images: np.ndarray, batch: int, streams: int,
             engine.predict(x)
             counts[k] += batch
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     threads = [threading.Thread(target=work, args=(k,)) for k in range(streams)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return sum(counts) / (time.perf_counter() - start)
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {"img_s": sum(counts) / elapsed, "cpu_ms_per_img": 1e3 * cpu / max(1, sum(counts))}
+
+
+def cluster_cpu() -> dict[str, float]:
+    """CPU seconds so far of this process's Ray cluster (its descendants), by role: Serve's replica, its HTTP
+    proxy, the rest (GCS, raylet, agents, controller, idle workers)."""
+    import psutil
+
+    roles = {"replica": 0.0, "proxy": 0.0, "rest": 0.0}
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            name, times = " ".join(proc.cmdline()), proc.cpu_times()
+        except psutil.Error:  # ended between the listing and the read
+            continue
+        role = "replica" if "ServeReplica" in name else "proxy" if "ProxyActor" in name else "rest"
+        roles[role] += times.user + times.system
+    return roles
 
 
 def bench_serve(folder: Path, pngs: list[bytes], clients: int, seconds: float, batch: int, streams: int = 1) -> dict:
@@ -173,17 +192,21 @@ def bench_serve(folder: Path, pngs: list[bytes], clients: int, seconds: float, b
                     errors[0] += not ok
                 i += clients
 
-        start = time.perf_counter()
+        start, before, own = time.perf_counter(), cluster_cpu(), time.process_time()
         threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        elapsed = time.perf_counter() - start
+        elapsed, after, own = time.perf_counter() - start, cluster_cpu(), time.process_time() - own
         lat = np.array(times)
+        # CPU per answered request, by process: where a request's cost beyond the model goes on these cores
+        cpu_ms = {role: 1e3 * (after[role] - before[role]) / max(1, len(lat)) for role in after}
+        cpu_ms["clients"] = 1e3 * own / max(1, len(lat))  # this process: the client threads and Ray's driver
         return {"clients": clients, "seconds": elapsed, "requests": len(lat), "errors": errors[0],
                 "rps": len(lat) / elapsed, "p50_ms": 1e3 * np.percentile(lat, 50),
-                "p99_ms": 1e3 * np.percentile(lat, 99), "batch": batch, "cpus": cpus, "streams": streams}
+                "p99_ms": 1e3 * np.percentile(lat, 99), "batch": batch, "cpus": cpus, "streams": streams,
+                "cpu_ms_per_request": cpu_ms}
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -238,7 +261,9 @@ def run(args) -> dict:
                 try:                            # engine with as many streams scoring batches from as many threads
                     bare = bench_concurrent(folder, images, args.serve_batch, streams, args.seconds)
                     entry["serve"].append({**bench_serve(folder, pngs, args.clients, args.serve_seconds,
-                                                         args.serve_batch, streams), "bare_streams_img_s": bare})
+                                                         args.serve_batch, streams),
+                                           "bare_streams_img_s": bare["img_s"],
+                                           "bare_cpu_ms_per_img": bare["cpu_ms_per_img"]})
                 except Exception as err:  # keep the engine figures; the table says serve failed
                     entry["serve_error"] = f"streams {streams}: {type(err).__name__}: {err}"
         print(json.dumps({k: entry[k] for k in ("stream", "serve", "serve_error") if k in entry}), flush=True)
@@ -276,6 +301,14 @@ def table(results: dict, serve_batch: int) -> str:
                          f"| {v['rps'] / v['bare_streams_img_s']:.2f} |")
         if "serve_error" in entry:
             lines.append(f"| {key} | serve failed: {entry['serve_error']} |")
+    lines += ["", "CPU ms per answered request, by process, against the bare engine's CPU ms per image (same streams):",
+              "", "| model | replica streams | replica | HTTP proxy | rest of the cluster | clients + driver | all "
+              "| bare engine per image |", "|---|---|---|---|---|---|---|---|"]
+    for key, entry in results["models"].items():
+        for v in entry.get("serve", []):
+            c = v["cpu_ms_per_request"]
+            lines.append(f"| {key} | {v['streams']} | {c['replica']:.1f} | {c['proxy']:.1f} | {c['rest']:.1f} "
+                         f"| {c['clients']:.1f} | {sum(c.values()):.1f} | {v['bare_cpu_ms_per_img']:.1f} |")
     return "\n".join(lines)
 
 
