@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/stage_startup.py --runs 3 --image-size 64
     .venv/bin/python benchmarks/stage_startup.py --backbone efficientnet_lite0 tiny_cnn   # the test backbone
     .venv/bin/python benchmarks/stage_startup.py --backbone tiny_cnn --processes         # what Ray starts
+    .venv/bin/python benchmarks/stage_startup.py --backbone tiny_cnn --cleaner --processes   # and with the cleaner
 
 A short stage (a Tune trial, a smoke run, a test) is mostly fixed cost. Each run trains the same stage
 on the same built-in microscope store and is split at the times the training process itself records
@@ -22,7 +23,8 @@ was created inside the first trace). Ray is started here as msbt starts a privat
 Markdown table; ``--processes`` adds one of the Ray processes each Ray run started (Train's controller,
 workers and helper actors) with the CPU seconds each used, sampled every 0.1 s (the private cluster's
 processes only, which descend from this one; an idle Ray worker started before the run and then made an
-actor is not counted).
+actor is not counted). ``--cleaner`` adds, in turns, the same Ray run with Ray Train's placement-group cleaner,
+which msbt starts only for a Tune trial's stage (``msbt.train.runner.stage_trainer``).
 """
 
 from __future__ import annotations
@@ -134,14 +136,15 @@ class ProcessWatch:
         self._thread.join()
 
 
-def ray_run(stage: StageConfig, store: Path, out: Path, watch: ProcessWatch | None = None) -> dict:
+def ray_run(stage: StageConfig, store: Path, out: Path, watch: ProcessWatch | None = None,
+            cleaner: bool = False) -> dict:
     """``train_stage`` with one Ray Train worker; the worker's audit gives its clock."""
     from msbt.train.runner import train_stage
 
     config = Config(stage1=stage, run=RunConfig(name="startup", storage_path=str(out / "ray")))
     before = watch.snapshot() if watch else {}
     started = time.time()
-    train_stage(config, 1, store, audit_dir=out / "audit")
+    train_stage(config, 1, store, audit_dir=out / "audit", placement_group_cleaner=cleaner)
     returned = time.time()
     audit = json.loads((out / "audit" / "rank0.json").read_text())
     row = phases(started, audit["train_begin_time"], audit["epoch_end_times"], returned)
@@ -162,6 +165,8 @@ def main(argv=None) -> int:
                         help="backbones (random weights), each measured --runs times (default efficientnet_lite0)")
     parser.add_argument("--processes", action="store_true",
                         help="also list the processes each Ray run started and their CPU seconds")
+    parser.add_argument("--cleaner", action="store_true",
+                        help="also each Ray run with Ray Train's placement-group cleaner (a Tune trial's stage), in turns")
     args = parser.parse_args(argv)
 
     import ray
@@ -183,6 +188,9 @@ def main(argv=None) -> int:
                 rows.append((f"{backbone}, plain `fit_stage`", plain_run(stage, store, Path(tmp) / f"plain{i}{backbone}")))
                 rows.append((f"{backbone}, Ray Train, 1 worker",
                              ray_run(stage, store, Path(tmp) / f"ray{i}{backbone}", watch)))
+                if args.cleaner:
+                    rows.append((f"{backbone}, Ray Train, 1 worker, with Ray's placement-group cleaner",
+                                 ray_run(stage, store, Path(tmp) / f"rayc{i}{backbone}", watch, cleaner=True)))
     if watch:
         watch.close()
     ray.shutdown()

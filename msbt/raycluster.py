@@ -187,7 +187,8 @@ def _start_private_once(num_cpus: int | None, options: dict) -> str:
         # A private cluster lives and dies with this process: on Linux Ray starts its GCS and raylet with
         # PR_SET_PDEATHSIG (their workers follow the raylet), so even a driver killed with SIGKILL leaves
         # no cluster behind, and no address file: a rerun starts its own.
-        # With the dashboard: it serves the state API, which Ray Train's placement-group cleaner needs.
+        # With the dashboard: it serves the state API, which Ray Train's placement-group cleaner (started for
+        # a Tune trial's stage, msbt.train.runner.stage_trainer) needs.
         # Without it a Tune trial stopped early (ASHA) leaves its Train worker's placement group
         # reserved, and on a small machine the next trial's data read waits for that CPU forever
         # (measured: the suite's Tune test hung at "Pending Demands: {'CPU': 1.0}" with 1.0 CPU held

@@ -173,3 +173,22 @@ def split_and_store(root: Path, out: Path, build, cfg) -> Path:
     found = discover(root)
     save_split(make_split(found, seed=0), out / "split")
     return build(split_items(out / "split", found.root, found.classes, seed=0), out / "store", cfg).path
+
+
+def ray_actors() -> dict[str, str]:
+    """Every actor of this process's Ray cluster, alive or ended: id -> class name."""
+    import ray
+    from ray.util.state import list_actors
+
+    # This cluster's address: without one, Ray looks for "the" cluster among every raylet on the machine and
+    # refuses when it finds several (the other test process's, a subprocess's private one).
+    found = list_actors(address=ray.get_runtime_context().gcs_address, limit=10_000, raise_on_missing_output=False)
+    return {a.actor_id: a.class_name for a in found}
+
+
+def placement_groups_held(ignore=frozenset()) -> dict[str, str]:
+    """Placement groups of this process's Ray cluster that are not removed (id -> state), except ``ignore``."""
+    import ray
+
+    return {pg: entry["state"] for pg, entry in ray.util.placement_group_table().items()
+            if entry["state"] != "REMOVED" and pg not in ignore}

@@ -624,6 +624,7 @@ def train_stage(
     audit_dir: str | Path | None = None,
     callbacks: Sequence = (),
     progress: bool = True,
+    placement_group_cleaner: bool = False,
 ):
     """Train one stage with Ray Train (Ray must be initialised).
 
@@ -643,6 +644,9 @@ def train_stage(
         callbacks: Ray Train callbacks for the trainer's ``RunConfig`` (e.g. Tune's ``TuneReportCallback``,
             which forwards every epoch's report to a Tune trial).
         progress: A progress bar per epoch on the driver's console (rank 0 draws it through Ray).
+        placement_group_cleaner: Start Ray Train's placement-group cleaner for this run (see
+            :func:`stage_trainer`): True where the stage's controller can die while its job goes on, as in a
+            Tune trial that Tune ends early.
 
     Returns:
         The ``ray.train.Result``; its checkpoints are msbt checkpoint folders.
@@ -653,7 +657,6 @@ def train_stage(
         ray.train.TrainingFailedError: The worker failed more than ``run.max_failures`` times.
     """
     from ray.train import DataConfig
-    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     from msbt.train.tfbackend import TFConfig
 
@@ -671,7 +674,7 @@ def train_stage(
                                 progress=progress,
                                 class_names=class_names, verbose=verbose, audit_dir=audit_dir)
     remove_work(config, stage_number)  # what an interrupted earlier attempt left
-    trainer = DataParallelTrainer(
+    trainer = stage_trainer(placement_group_cleaner)(
         # Bound here rather than passed as train_loop_config: Ray Train V2 exports that to its state API as
         # a JSON dict, and a dataclass there would be turned into a string.
         functools.partial(train_loop_per_worker, worker_config),
@@ -697,6 +700,45 @@ def train_stage(
         raise
     finally:
         remove_work(config, stage_number)  # the workers' scratch is never a result
+
+
+def stage_trainer(placement_group_cleaner: bool):
+    """Ray Train's ``DataParallelTrainer``, without its placement-group cleaner unless asked for.
+
+    For every run, Ray Train 2.60 starts a detached ``PlacementGroupCleaner`` actor (a process of its own) that
+    asks the state API every second whether the run's controller is still alive, to remove the run's placement
+    group if the controller dies while its job goes on. A stage started by an msbt command or experiment has
+    its job end with it: the controller is the driver's actor, so a driver that ends, is interrupted or killed
+    takes the controller and its placement group with it (Ray removes a job's placement groups when the job
+    ends), and a controller that fails raises in the driver, which ends the command. The cleaner is then only
+    cost on the stage's critical path: the controller waits for it at the worker group's start (registering
+    the placement group) and at shutdown (stopping its poll), and it is one more process importing
+    ``ray.train`` (docs/training.md, "Start-up cost of a short stage"). A Tune trial's stage keeps it: Tune
+    ends a trial's actor while the search goes on, and without it that trial's placement group would hold its
+    CPUs until the search ends. Ray has no setting for this; the hook is the trainer's own list of default
+    callbacks (Ray 2.60, pinned in pyproject.toml; tests/integration/test_train_ray.py checks which actors a
+    stage starts).
+    """
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    if placement_group_cleaner:
+        return DataParallelTrainer
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:  # another Ray than the pinned one: its trainer as it is, and said
+        PlacementGroupCleanerCallback = None
+    if PlacementGroupCleanerCallback is None or not callable(getattr(DataParallelTrainer, "_create_default_callbacks",
+                                                                     None)):
+        log.warning("this Ray Train has no PlacementGroupCleanerCallback or _create_default_callbacks: each stage "
+                    "starts Ray's placement-group cleaner (msbt expects Ray 2.60's)")
+        return DataParallelTrainer
+
+    class StageTrainer(DataParallelTrainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    return StageTrainer
 
 
 def set_train_poll() -> None:

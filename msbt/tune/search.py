@@ -120,7 +120,10 @@ def train_trial(params: dict, *, config: Config, store: str, parent: str | None,
     cfg = trial_config(config, params, storage=Path(experiment) / "train", name=trial_id)
     # Ray's callback on the Train run forwards each epoch's report to this trial: one Tune result per epoch.
     # No epoch bars: the search draws one bar over its trials (trial_progress).
-    train_stage(cfg, 2, store, parent_checkpoint=parent, callbacks=[TuneReportCallback()], progress=False)
+    # The placement-group cleaner stays: Tune ends trials early (ASHA) while the search goes on, and a trial
+    # whose controller ends with it must not keep its CPUs (msbt.train.runner.stage_trainer).
+    train_stage(cfg, 2, store, parent_checkpoint=parent, callbacks=[TuneReportCallback()], progress=False,
+                placement_group_cleaner=True)
 
 
 def _set_aside(folder: Path) -> None:

@@ -175,6 +175,8 @@ def check_console(first: str, resumed: str, run) -> None:
     assert "Reporting training result" in workers and "RayTrainWorker" in workers
     # Two msbt clusters on one machine (issue #13, item 10; docs/reliability.md): the stages' Ray Train
     # placement-group cleaners once went looking for a cluster beside the job's own and could ask the other.
+    # The main job's stages start no cleaner now (msbt.train.runner.stage_trainer; a Tune trial's do, and
+    # tests/integration/test_tune.py checks them); nothing else of the job may go looking either.
     for out in (first, resumed, driver, workers):
         assert "Found multiple active Ray instances" not in out
         assert "Failed to query Ray Train Controller actor state" not in out

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TINY_BACKBONE
+from helpers import TINY_BACKBONE, placement_groups_held, ray_actors
 from msbt.data import synth
 from msbt.model.checkpoint import read_manifest, verify
 from msbt.config import Config, RunConfig, StageConfig
@@ -43,17 +43,7 @@ def stores(tiny_stores):
 
 POLL_SEEN = []  # the controller poll interval in the environment as the stage-1 fixture's trainer started
 STARTED = []  # the class names of the actors the stage-1 fixture's run started (Ray's state API)
-
-
-def actors() -> dict[str, str]:
-    """Every actor of the session's cluster, alive or ended: id -> class name."""
-    import ray
-    from ray.util.state import list_actors
-
-    # This cluster's address: without one, Ray looks for "the" cluster among every raylet on the machine and
-    # refuses when it finds several (the other test process's, a subprocess's private one).
-    found = list_actors(address=ray.get_runtime_context().gcs_address, limit=10_000, raise_on_missing_output=False)
-    return {a.actor_id: a.class_name for a in found}
+HELD = {}  # placement groups the stage-1 fixture's run left unremoved when it returned
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +63,10 @@ def stage1(stores, tmp_path_factory):
         patch.setenv(runner.TRAIN_POLL_ENV, "unset below")  # the session's value is put back after
         patch.delenv(runner.TRAIN_POLL_ENV)
         patch.setattr(runner, "fit_interruptibly", watched)
-        before = actors()
+        before, held = ray_actors(), placement_groups_held()
         result = runner.train_stage(config, 1, stores[0], audit_dir=folder / "audit")
-        STARTED.extend(name for actor, name in actors().items() if actor not in before)
+        STARTED.extend(name for actor, name in ray_actors().items() if actor not in before)
+        HELD.update(placement_groups_held(ignore=held))
         return config, result
 
 
@@ -224,13 +215,33 @@ def test_a_stages_worker_runs_at_the_runs_niceness_not_rays_15(stage1):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_one_worker_stage_starts_no_split_coordinator_and_no_preemption_watcher(stage1):
+def test_a_one_worker_stage_starts_no_split_coordinator_preemption_watcher_or_cleaner(stage1):
     """Each actor is a process of its own (about 1 s of start-up each, docs/training.md): one worker takes
-    its training set unsplit, and a private cluster (one node) has nothing a preemption watcher could see."""
+    its training set unsplit, a private cluster (one node) has nothing a preemption watcher could see, and a
+    stage whose job ends with it needs no placement-group cleaner (msbt.train.runner.stage_trainer): its own
+    placement group is removed by the time the stage returns."""
     assert "RayTrainWorker" in STARTED and "TrainController" in STARTED, STARTED  # the query sees this run
     assert "SplitCoordinator" not in STARTED, STARTED
+    assert "PlacementGroupCleaner" not in STARTED, STARTED
+    assert not HELD, HELD
     if "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ:  # the user's setting is kept
         assert "PreemptionWatcher" not in STARTED, STARTED
+
+
+def test_only_a_stage_that_asks_gets_the_placement_group_cleaner():
+    """Tune's trials ask (msbt.tune.search): Tune ends a trial while the search goes on."""
+    from ray.train import ScalingConfig
+
+    from msbt.train.runner import stage_trainer
+
+    def callbacks(keep):
+        trainer = stage_trainer(keep)(lambda: None, scaling_config=ScalingConfig(num_workers=1))
+        return [type(c).__name__ for c in trainer._create_default_callbacks()]
+
+    assert "PlacementGroupCleanerCallback" not in callbacks(False)
+    assert "PlacementGroupCleanerCallback" in callbacks(True)
+    # everything else Ray Train sets up is kept, in its order
+    assert [c for c in callbacks(True) if c != "PlacementGroupCleanerCallback"] == callbacks(False)
 
 
 @pytest.mark.ray

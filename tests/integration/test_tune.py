@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import placement_groups_held, ray_actors
 from msbt.config import ConfigError, Config, load_config, to_dict
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -196,7 +197,15 @@ def test_search_is_interrupted_restored_and_its_best_config_reruns(prepared, tmp
 
     with pytest.raises(ConfigError, match="--resume"):
         run_search(config)  # a second start without --resume is refused, not mixed in
+    actors_before, held_before = ray_actors(), placement_groups_held()
     run_search(config, resume=True)
+    # A trial's Train run keeps Ray's placement-group cleaner (msbt.train.runner.stage_trainer): Tune may end a
+    # trial while the search goes on, and no trial's placement group may keep its CPUs afterwards.
+    assert "PlacementGroupCleaner" in {name for actor, name in ray_actors().items() if actor not in actors_before}
+    deadline = time.monotonic() + 60  # a cleaner removes an ended trial's group after its next check (1 s)
+    while placement_groups_held(ignore=held_before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not placement_groups_held(ignore=held_before)
 
     search, trials = read_experiment(experiment)
     assert len(trials) == TRIALS and {t["status"] for t in trials} <= {"complete", "stopped early"}
