@@ -112,8 +112,9 @@ def bench_stream(folder: Path, cine: Path, out: Path) -> dict:
             "paced_dropped": paced.frames_dropped}
 
 
-def bench_concurrent(folder: Path, images: np.ndarray, batch: int, streams: int, seconds: float) -> float:
-    """Images/s of the OpenVINO f32 engine with ``streams`` streams, ``streams`` threads each scoring batches."""
+def bench_concurrent(folder: Path, images: np.ndarray, batch: int, streams: int, seconds: float) -> dict:
+    """The OpenVINO f32 engine with ``streams`` streams, ``streams`` threads each scoring batches: its images/s
+    (``img_s``) and this process's CPU ms per image (``cpu_ms_per_img``)."""
     from msbt.serve.engines import load_engine
 
     engine = load_engine(folder, "openvino", threads=len(os.sched_getaffinity(0)), streams=streams)
@@ -137,19 +138,28 @@ def bench_concurrent(folder: Path, images: np.ndarray, batch: int, streams: int,
     return {"img_s": sum(counts) / elapsed, "cpu_ms_per_img": 1e3 * cpu / max(1, sum(counts))}
 
 
-def cluster_cpu() -> dict[str, float]:
-    """CPU seconds so far of this process's Ray cluster (its descendants), by role: Serve's replica, its HTTP
-    proxy, the rest (GCS, raylet, agents, controller, idle workers)."""
+def cluster_cpu() -> dict[tuple[int, float], tuple[str, float]]:
+    """CPU seconds so far of each process of this process's Ray cluster (its descendants), keyed by pid and start
+    time, with its role: Serve's replica, its HTTP proxy, the rest (GCS, raylet, agents, controller, workers)."""
     import psutil
 
-    roles = {"replica": 0.0, "proxy": 0.0, "rest": 0.0}
+    found = {}
     for proc in psutil.Process().children(recursive=True):
         try:
-            name, times = " ".join(proc.cmdline()), proc.cpu_times()
+            name, times, started = " ".join(proc.cmdline()), proc.cpu_times(), proc.create_time()
         except psutil.Error:  # ended between the listing and the read
             continue
         role = "replica" if "ServeReplica" in name else "proxy" if "ProxyActor" in name else "rest"
-        roles[role] += times.user + times.system
+        found[(proc.pid, started)] = (role, times.user + times.system)
+    return found
+
+
+def cpu_by_role(before: dict, after: dict) -> dict[str, float]:
+    """CPU seconds each role used between two :func:`cluster_cpu` snapshots: a process started in between counts
+    whole, one that ended in between is left out (its last seconds unseen; never subtracted)."""
+    roles = {"replica": 0.0, "proxy": 0.0, "rest": 0.0}
+    for key, (role, cpu) in after.items():
+        roles[role] += cpu - before.get(key, (role, 0.0))[1]
     return roles
 
 
@@ -201,7 +211,7 @@ def bench_serve(folder: Path, pngs: list[bytes], clients: int, seconds: float, b
         elapsed, after, own = time.perf_counter() - start, cluster_cpu(), time.process_time() - own
         lat = np.array(times)
         # CPU per answered request, by process: where a request's cost beyond the model goes on these cores
-        cpu_ms = {role: 1e3 * (after[role] - before[role]) / max(1, len(lat)) for role in after}
+        cpu_ms = {role: 1e3 * cpu / max(1, len(lat)) for role, cpu in cpu_by_role(before, after).items()}
         cpu_ms["clients"] = 1e3 * own / max(1, len(lat))  # this process: the client threads and Ray's driver
         return {"clients": clients, "seconds": elapsed, "requests": len(lat), "errors": errors[0],
                 "rps": len(lat) / elapsed, "p50_ms": 1e3 * np.percentile(lat, 50),

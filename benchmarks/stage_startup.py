@@ -166,7 +166,8 @@ def main(argv=None) -> int:
     parser.add_argument("--processes", action="store_true",
                         help="also list the processes each Ray run started and their CPU seconds")
     parser.add_argument("--cleaner", action="store_true",
-                        help="also each Ray run with Ray Train's placement-group cleaner (a Tune trial's stage), in turns")
+                        help="also each Ray run with Ray Train's placement-group cleaner (a Tune trial's stage), "
+                             "in turns")
     args = parser.parse_args(argv)
 
     import ray

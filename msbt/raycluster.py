@@ -92,7 +92,8 @@ def _keep_sigterm_handler():
 def _own_address(target: str) -> dict:
     """``ray.init`` keywords that give every task and actor of this job the cluster's GCS address.
 
-    Ray Train's placement-group cleaner (an actor) finds its cluster through ``$RAY_ADDRESS``, else by
+    Ray Train's placement-group cleaner (an actor, started for a Tune trial's stage; any state-API client in
+    an actor does the same) finds its cluster through ``$RAY_ADDRESS``, else by
     looking for every ``gcs_server`` on the machine: on a `ray start` cluster beside another one (a
     private cluster of another msbt job, a test session) it logged "Found multiple active Ray instances"
     and could ask the wrong one. A job's driver has the variable (`ray job submit` sets it); the actors
@@ -130,10 +131,10 @@ def start_private(num_cpus: int | None = None, **options) -> str:
       address: reachable from the network, and the metrics ports answer without a token). With
       ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` Ray uses the loopback address as the node IP (what it does
       on macOS/Windows), and a private cluster needs no other node.
-    * Its own address everywhere. Ray Train's placement-group cleaner (an actor) finds "its" cluster
-      through the state API with no address, i.e. ``$RAY_ADDRESS`` or else every ``gcs_server`` on the
-      machine: with two msbt jobs it logged "Found multiple active Ray instances" and could query the
-      wrong cluster, so a Tune trial's placement group was never removed. The GCS port is chosen here
+    * Its own address everywhere. Ray Train's placement-group cleaner (an actor, a Tune trial's) finds
+      "its" cluster through the state API with no address, i.e. ``$RAY_ADDRESS`` or else every
+      ``gcs_server`` on the machine: with two msbt jobs it logged "Found multiple active Ray instances" and
+      could query the wrong cluster, so a Tune trial's placement group was never removed. The GCS port is chosen here
       (``RAY_GCS_SERVER_PORT``) so the address is known before the cluster starts and goes into the
       job's runtime environment (every task and actor). Not into this process's own environment: a
       process it starts later, after this cluster ended, would try to join the dead address.

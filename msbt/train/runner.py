@@ -624,7 +624,7 @@ def train_stage(
     audit_dir: str | Path | None = None,
     callbacks: Sequence = (),
     progress: bool = True,
-    placement_group_cleaner: bool = False,
+    placement_group_cleaner: bool | None = None,
 ):
     """Train one stage with Ray Train (Ray must be initialised).
 
@@ -645,8 +645,9 @@ def train_stage(
             which forwards every epoch's report to a Tune trial).
         progress: A progress bar per epoch on the driver's console (rank 0 draws it through Ray).
         placement_group_cleaner: Start Ray Train's placement-group cleaner for this run (see
-            :func:`stage_trainer`): True where the stage's controller can die while its job goes on, as in a
-            Tune trial that Tune ends early.
+            :func:`stage_trainer`): needed where the stage's controller can die while its job goes on, as in a
+            Tune trial that Tune ends early. Default (None): only when called from inside a Ray actor or task
+            (Tune's trials are), not from a driver.
 
     Returns:
         The ``ray.train.Result``; its checkpoints are msbt checkpoint folders.
@@ -674,7 +675,7 @@ def train_stage(
                                 progress=progress,
                                 class_names=class_names, verbose=verbose, audit_dir=audit_dir)
     remove_work(config, stage_number)  # what an interrupted earlier attempt left
-    trainer = stage_trainer(placement_group_cleaner)(
+    trainer = stage_trainer(needs_cleaner(placement_group_cleaner))(
         # Bound here rather than passed as train_loop_config: Ray Train V2 exports that to its state API as
         # a JSON dict, and a dataclass there would be turned into a string.
         functools.partial(train_loop_per_worker, worker_config),
@@ -702,6 +703,16 @@ def train_stage(
         remove_work(config, stage_number)  # the workers' scratch is never a result
 
 
+def needs_cleaner(placement_group_cleaner: bool | None) -> bool:
+    """``train_stage``'s ``placement_group_cleaner``, with None resolved: True inside a Ray actor or task (a Tune
+    trial, or a user's own actor), whose end need not end the job; False on a driver, whose job ends with it."""
+    if placement_group_cleaner is not None:
+        return bool(placement_group_cleaner)
+    import ray
+
+    return ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+
+
 def stage_trainer(placement_group_cleaner: bool):
     """Ray Train's ``DataParallelTrainer``, without its placement-group cleaner unless asked for.
 
@@ -715,7 +726,10 @@ def stage_trainer(placement_group_cleaner: bool):
     the placement group) and at shutdown (stopping its poll), and it is one more process importing
     ``ray.train`` (docs/training.md, "Start-up cost of a short stage"). A Tune trial's stage keeps it: Tune
     ends a trial's actor while the search goes on, and without it that trial's placement group would hold its
-    CPUs until the search ends. Ray has no setting for this; the hook is the trainer's own list of default
+    CPUs until the search ends; so does any stage started inside a Ray actor or task (:func:`needs_cleaner`).
+    What stays uncovered: a driver that lives on after its stage's controller died on its own (killed, out of
+    memory; a failing stage shuts its workers down and removes the group itself) keeps that group until it
+    ends. Ray has no setting for this; the hook is the trainer's own list of default
     callbacks (Ray 2.60, pinned in pyproject.toml; tests/integration/test_train_ray.py checks which actors a
     stage starts).
     """

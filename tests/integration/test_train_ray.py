@@ -132,6 +132,22 @@ def test_a_parent_is_needed_exactly_for_weights_parent(tmp_path):
         train_stage(config, 3, tmp_path / "store")
 
 
+def test_only_a_stage_that_asks_gets_the_placement_group_cleaner():
+    """Tune's trials ask (msbt.tune.search): Tune ends a trial while the search goes on."""
+    from ray.train import ScalingConfig
+
+    from msbt.train.runner import stage_trainer
+
+    def callbacks(keep):
+        trainer = stage_trainer(keep)(lambda: None, scaling_config=ScalingConfig(num_workers=1))
+        return [type(c).__name__ for c in trainer._create_default_callbacks()]
+
+    assert "PlacementGroupCleanerCallback" not in callbacks(False)
+    assert "PlacementGroupCleanerCallback" in callbacks(True)
+    # everything else Ray Train sets up is kept, in its order
+    assert [c for c in callbacks(True) if c != "PlacementGroupCleanerCallback"] == callbacks(False)
+
+
 def test_the_workers_niceness_goes_to_ray_trains_worker_runtime_env(tmp_path):
     from msbt.train.runner import WORKER_NICENESS_ENV, run_config
 
@@ -228,20 +244,18 @@ def test_a_one_worker_stage_starts_no_split_coordinator_preemption_watcher_or_cl
         assert "PreemptionWatcher" not in STARTED, STARTED
 
 
-def test_only_a_stage_that_asks_gets_the_placement_group_cleaner():
-    """Tune's trials ask (msbt.tune.search): Tune ends a trial while the search goes on."""
-    from ray.train import ScalingConfig
 
-    from msbt.train.runner import stage_trainer
+@pytest.mark.ray
+def test_by_default_only_a_stage_started_inside_a_ray_worker_keeps_the_cleaner(ray_local):
+    """A stage started from an actor or task (a Tune trial, a user's own actor) may end while its job goes on;
+    a driver's stage ends with its job (msbt.train.runner.needs_cleaner)."""
+    import ray
 
-    def callbacks(keep):
-        trainer = stage_trainer(keep)(lambda: None, scaling_config=ScalingConfig(num_workers=1))
-        return [type(c).__name__ for c in trainer._create_default_callbacks()]
+    from msbt.train.runner import needs_cleaner
 
-    assert "PlacementGroupCleanerCallback" not in callbacks(False)
-    assert "PlacementGroupCleanerCallback" in callbacks(True)
-    # everything else Ray Train sets up is kept, in its order
-    assert [c for c in callbacks(True) if c != "PlacementGroupCleanerCallback"] == callbacks(False)
+    assert needs_cleaner(None) is False  # this process is the session cluster's driver
+    assert ray.get(ray.remote(num_cpus=0)(needs_cleaner).remote(None)) is True
+    assert ray.get(ray.remote(num_cpus=0)(needs_cleaner).remote(False)) is False  # asked for explicitly
 
 
 @pytest.mark.ray

@@ -102,3 +102,16 @@ def test_parser_builds_without_importing_tensorflow_or_ray():
 
 
 # The README's `workflows/pipeline.py --smoke-test` end to end in a fresh process: tests/workflows/test_job_submit.py.
+
+
+def test_a_joined_clusters_address_goes_to_every_actor():
+    """A command that joins a cluster at host:port (a `ray job submit` job, `--address`) gives the address to the
+    job's runtime environment, which every task and actor of the job inherits: a state-API client in an actor
+    (Ray Train's placement-group cleaner of a Tune trial) then asks this cluster, not whichever it finds on the
+    machine (docs/reliability.md, item 10). A Ray Client address (ray://) is not a GCS address: nothing given."""
+    from msbt.raycluster import _own_address
+
+    assert _own_address("127.0.0.1:6379") == {"runtime_env": {"env_vars": {"RAY_ADDRESS": "127.0.0.1:6379"}}}
+    assert _own_address("head.example.org:6380")["runtime_env"]["env_vars"]["RAY_ADDRESS"] == "head.example.org:6380"
+    for other in ("ray://head:10001", "auto", "head", "head:port"):
+        assert _own_address(other) == {}, other
