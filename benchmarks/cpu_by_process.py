@@ -11,16 +11,18 @@ process of the machine every ``--interval`` seconds from ``/proc`` (Linux only, 
 it can wrap the CI script before any virtual environment exists) and adds each one's CPU time to a group
 named from its command line:
 
-* Ray workers by their process title, ``ray::TrainController.run`` -> ``ray::TrainController`` (a worker
-  is named by what it became: Ray renames a ``ray::IDLE`` worker when it takes a task or an actor; a
-  worker that never did stays ``ray::IDLE``);
+* Ray workers by their process title, ``ray::TrainController.run`` -> ``ray::TrainController``. Ray
+  retitles a worker when it takes a task or an actor and reuses task workers, so each sample's CPU goes to
+  the title seen at that sample; what a worker used while starting or ``ray::IDLE`` goes to the next title
+  it shows (its task or actor), or stays ``ray::IDLE`` if it was never seen running anything;
 * Ray's daemons (``raylet``, ``gcs_server``, the dashboard and its module processes, the log monitor,
   ...) by their program;
 * other Python processes by their script or module (``pytest``, ``workflows/pipeline.py``, ...).
 
-It prints a Markdown table, largest first, and the machine's busy CPU-seconds from ``/proc/stat`` over the
-same time: the difference is what the sampling missed (processes that ended between two samples lose
-at most one interval of CPU each) plus other users' work. The command's exit status is passed on.
+It prints a Markdown table, largest first, and the machine's busy CPU-seconds from ``/proc/stat`` (user,
+nice, system, irq, softirq) over the same time: the difference is what the sampling missed (a process that
+ended and was reaped between two samples loses at most one interval of CPU), this sampler's own CPU, which the
+table leaves out, and other users' work. The command's exit status is passed on (128 + N for signal N).
 """
 
 from __future__ import annotations
@@ -36,8 +38,12 @@ import time
 HZ = os.sysconf("SC_CLK_TCK")
 # names a process may still change: Ray retitles a worker when it takes a task or an actor
 PROVISIONAL = ("ray::IDLE", "ray worker (starting)", "multiprocessing child (starting)")
-RAY_DAEMONS = ("gcs_server", "raylet", "dashboard/dashboard.py", "dashboard/agent.py", "log_monitor.py",
-               "autoscaler/_private/monitor.py", "runtime_env/agent/main.py", "job_supervisor")
+# Ray's daemons, by the program that runs (a raylet's own command line names default_worker.py, so its arguments
+# must not decide): (the end of the executable or script path, label)
+RAY_DAEMONS = (("/gcs_server", "ray gcs_server"), ("/raylet", "ray raylet"), ("dashboard/dashboard.py", "ray dashboard"),
+               ("dashboard/agent.py", "ray dashboard agent"), ("_private/log_monitor.py", "ray log_monitor"),
+               ("autoscaler/_private/monitor.py", "ray autoscaler monitor"),
+               ("runtime_env/agent/main.py", "ray runtime_env agent"))
 
 
 def group(cmdline: str) -> str:
@@ -51,27 +57,30 @@ def group(cmdline: str) -> str:
         return title.split("(")[0][:60]
     if "ray-dashboard-" in cmdline:
         return "ray dashboard module"
-    if "from multiprocessing" in cmdline:  # the dashboard starts its modules so, then retitles them
-        return PROVISIONAL[2]
-    if "default_worker.py" in cmdline:
-        return PROVISIONAL[1]
-    for daemon in RAY_DAEMONS:
-        if daemon in cmdline:
-            return f"ray {daemon.rsplit('/', 1)[-1].removesuffix('.py')}"
     words = cmdline.split()
     if not words:
         return "(unnamed: ended or a kernel thread)"
-    if "python" in os.path.basename(words[0]):
-        rest = [w for w in words[1:] if not w.startswith("-") or w == "-m"]
-        if rest[:1] == ["-m"] and len(rest) > 1:
-            return f"python -m {rest[1]}"
+    # the program: the executable, or a Python interpreter's script (after its options, e.g. `python -u x.py`)
+    python = "python" in os.path.basename(words[0])
+    program = next((w for w in words[1:] if not w.startswith("-")), words[0]) if python else words[0]
+    for end, label in RAY_DAEMONS:
+        if program.endswith(end):
+            return label
+    if "from multiprocessing" in cmdline:  # the dashboard starts its modules so, then retitles them
+        return PROVISIONAL[2]
+    if program.endswith(("default_worker.py", "setup_worker.py")):  # the latter sets up a runtime env, then execs
+        return PROVISIONAL[1]
+    if python:
+        args = words[1:]
+        if "-m" in args and args.index("-m") + 1 < len(args):
+            return f"python -m {args[args.index('-m') + 1]}"
         if "execnet" in cmdline or cmdline.startswith(words[0] + " -u -c import sys;exec"):
             return "pytest-xdist worker"
-        for word in rest:
+        for word in args:
             if word.endswith("/bin/ray"):
                 return "ray (command line)"
             if word.endswith(".py"):
-                return "python " + re.sub(r"^.*?(workflows/|benchmarks/|scripts/|bin/)", r"\1", word)
+                return "python " + re.sub(r"^.*?site-packages/|^.*?(?=(workflows|benchmarks|scripts|bin)/)", "", word)
         return "python (other)"
     return os.path.basename(words[0])[:40]
 
@@ -94,10 +103,47 @@ def read_processes() -> dict[tuple[str, str], tuple[float, str]]:
 
 
 def machine_busy() -> float:
-    """Busy CPU-seconds of the whole machine since boot (all but idle and iowait)."""
+    """Busy CPU-seconds of the whole machine since boot: user, nice, system, irq, softirq (guest time is
+    already in user; steal is another machine's)."""
     with open("/proc/stat") as handle:
-        values = [int(v) for v in handle.readline().split()[1:]]
-    return (sum(values) - values[3] - values[4]) / HZ
+        user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in handle.readline().split()[1:8])
+    return (user + nice + system + irq + softirq) / HZ
+
+
+class Tally:
+    """CPU-seconds by group: each sample's increase of a process goes to the title it shows at that sample,
+    except while that title is provisional (a worker starting or idle): then it waits for the next real one."""
+
+    def __init__(self, before: dict[tuple[str, str], float], own_pid: int):
+        self.seen = dict(before)  # CPU time of each process at its last sample (processes older than the run)
+        self.own = str(own_pid)
+        self.pending: dict[tuple[str, str], tuple[float, str]] = {}  # CPU held for a provisional title
+        self.cpu: collections.Counter = collections.Counter()
+        self.members: dict[str, set] = collections.defaultdict(set)
+        self.names: dict[tuple[str, str], str] = {}  # the last title seen (an ended process shows none)
+
+    def add(self, processes: dict[tuple[str, str], tuple[float, str]]) -> None:
+        for key, (cpu, cmdline) in processes.items():
+            if key[0] == self.own:
+                continue
+            used = cpu - self.seen.get(key, 0.0)
+            self.seen[key] = cpu
+            held, _ = self.pending.pop(key, (0.0, ""))
+            title = group(cmdline) if cmdline else self.names.get(key, group(""))
+            self.names[key] = title
+            if title in PROVISIONAL:
+                self.pending[key] = (held + used, title)
+            elif held + used > 0:
+                self.cpu[title] += held + used
+                self.members[title].add(key)
+
+    def close(self) -> None:
+        """Processes that never left a provisional title keep it."""
+        for key, (held, title) in self.pending.items():
+            if held > 0:
+                self.cpu[title] += held
+                self.members[title].add(key)
+        self.pending.clear()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,46 +156,48 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("give the command to run after --")
+    if not 0.01 <= args.interval <= 60:
+        parser.error(f"--interval must be between 0.01 and 60 seconds, got {args.interval}")
 
-    before = {key: cpu for key, (cpu, _) in read_processes().items()}
-    latest: dict[tuple[str, str], float] = {}
-    names: dict[tuple[str, str], str] = {}
+    tally = Tally({key: cpu for key, (cpu, _) in read_processes().items()}, os.getpid())
     busy, started = machine_busy(), time.time()
-    child = subprocess.Popen(command)
+    try:
+        child = subprocess.Popen(command)
+    except OSError as exc:
+        parser.error(f"cannot run {command[0]!r}: {exc}")
 
-    def sample():
-        for key, (cpu, cmdline) in read_processes().items():
-            latest[key] = cpu
-            name = names.get(key)
-            # Ray renames a worker when it takes work; keep the latest name until it says what it became
-            if name is None or name in PROVISIONAL:
-                names[key] = group(cmdline) if cmdline else (name or group(""))
+    def exited() -> bool:
+        # WNOWAIT: the child stays a zombie, whose /proc entry still holds its CPU time, until sampled
+        return os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
 
     try:
-        while child.poll() is None:
-            sample()
+        while not exited():
+            tally.add(read_processes())
             time.sleep(args.interval)
-    except KeyboardInterrupt:
-        child.wait()
-    sample()
+    except KeyboardInterrupt:  # the child got it too (same terminal): let it end, then report
+        while True:
+            try:
+                os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)
+                break
+            except KeyboardInterrupt:
+                continue
+    tally.add(read_processes())
+    tally.close()
+    code = child.wait()
     wall, busy = time.time() - started, machine_busy() - busy
 
-    cpu, count = collections.Counter(), collections.Counter()
-    for key, seconds in latest.items():
-        used = seconds - before.get(key, 0.0)
-        if used > 0 and key[0] != str(os.getpid()):
-            cpu[names[key]] += used
-            count[names[key]] += 1
-    total = sum(cpu.values())
-    print(f"\n{' '.join(command)}: exit {child.returncode}, {wall:.1f} s wall; machine busy {busy:.1f} CPU-s, "
+    total = sum(tally.cpu.values())
+    print(f"\n{' '.join(command)}: exit {code}, {wall:.1f} s wall; machine busy {busy:.1f} CPU-s, "
           f"of which {total:.1f} seen in processes (sampled every {args.interval} s)\n")
     print("| CPU-s | share | processes | group |\n|---:|---:|---:|---|")
-    for name, seconds in cpu.most_common(args.top):
-        print(f"| {seconds:.1f} | {seconds / max(total, 1e-9):.1%} | {count[name]} | {name} |")
-    rest = cpu.most_common()[args.top:]
+    ranked = tally.cpu.most_common()
+    for name, seconds in ranked[:args.top]:
+        print(f"| {seconds:.1f} | {seconds / max(total, 1e-9):.1%} | {len(tally.members[name])} | {name} |")
+    rest = ranked[args.top:]
     if rest:
-        print(f"| {sum(s for _, s in rest):.1f} | | {sum(count[n] for n, _ in rest)} | {len(rest)} more groups |")
-    return child.returncode
+        print(f"| {sum(s for _, s in rest):.1f} | | {sum(len(tally.members[n]) for n, _ in rest)} | "
+              f"{len(rest)} more groups |")
+    return code if code >= 0 else 128 - code
 
 
 if __name__ == "__main__":

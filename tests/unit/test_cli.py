@@ -101,7 +101,8 @@ def test_parser_builds_without_importing_tensorflow_or_ray():
     assert out.split() == ["False", "False"]
 
 
-# The README's `workflows/pipeline.py --smoke-test` end to end in a fresh process: tests/workflows/test_job_submit.py.
+# The README's `workflows/pipeline.py --smoke-test` end to end in a fresh process (on the test backbone):
+# tests/workflows/test_job_submit.py.
 
 
 def test_a_joined_clusters_address_goes_to_every_actor():
