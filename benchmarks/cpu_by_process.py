@@ -12,9 +12,10 @@ it can wrap the CI script before any virtual environment exists) and adds each o
 named from its command line:
 
 * Ray workers by their process title, ``ray::TrainController.run`` -> ``ray::TrainController``. Ray
-  retitles a worker when it takes a task or an actor and reuses task workers, so each sample's CPU goes to
-  the title seen at that sample; what a worker used while starting or ``ray::IDLE`` goes to the next title
-  it shows (its task or actor), or stays ``ray::IDLE`` if it was never seen running anything;
+  retitles a worker when it takes a task or an actor and reuses task workers, so the CPU between two samples
+  goes to the title seen at the first; what a worker used while starting or ``ray::IDLE`` goes to the next
+  title it shows (its task or actor), or stays ``ray::IDLE`` if it was never seen running anything (a task
+  shorter than the interval can hide there);
 * Ray's daemons (``raylet``, ``gcs_server``, the dashboard and its module processes, the log monitor,
   ...) by their program;
 * other Python processes by their script or module (``pytest``, ``workflows/pipeline.py``, ...).
@@ -111,16 +112,22 @@ def machine_busy() -> float:
 
 
 class Tally:
-    """CPU-seconds by group: each sample's increase of a process goes to the title it shows at that sample,
-    except while that title is provisional (a worker starting or idle): then it waits for the next real one."""
+    """CPU-seconds by group. The CPU a process used between two samples goes to the title it showed at the
+    first of them (a task worker that ended its task by the second sample is ``ray::IDLE`` again); CPU used
+    under a provisional title (starting, idle) waits for the next real title the process shows."""
 
     def __init__(self, before: dict[tuple[str, str], float], own_pid: int):
         self.seen = dict(before)  # CPU time of each process at its last sample (processes older than the run)
         self.own = str(own_pid)
-        self.pending: dict[tuple[str, str], tuple[float, str]] = {}  # CPU held for a provisional title
+        self.pending: dict[tuple[str, str], float] = {}  # CPU held while the title was provisional
         self.cpu: collections.Counter = collections.Counter()
         self.members: dict[str, set] = collections.defaultdict(set)
         self.names: dict[tuple[str, str], str] = {}  # the last title seen (an ended process shows none)
+
+    def _credit(self, key, title: str, seconds: float) -> None:
+        if seconds > 0:
+            self.cpu[title] += seconds
+            self.members[title].add(key)
 
     def add(self, processes: dict[tuple[str, str], tuple[float, str]]) -> None:
         for key, (cpu, cmdline) in processes.items():
@@ -128,21 +135,20 @@ class Tally:
                 continue
             used = cpu - self.seen.get(key, 0.0)
             self.seen[key] = cpu
-            held, _ = self.pending.pop(key, (0.0, ""))
-            title = group(cmdline) if cmdline else self.names.get(key, group(""))
+            previous = self.names.get(key)
+            title = group(cmdline) if cmdline else (previous or group(""))
             self.names[key] = title
-            if title in PROVISIONAL:
-                self.pending[key] = (held + used, title)
-            elif held + used > 0:
-                self.cpu[title] += held + used
-                self.members[title].add(key)
+            if previous is not None and previous not in PROVISIONAL:
+                self._credit(key, previous, used)
+            elif title in PROVISIONAL:
+                self.pending[key] = self.pending.get(key, 0.0) + used
+            else:
+                self._credit(key, title, self.pending.pop(key, 0.0) + used)
 
     def close(self) -> None:
         """Processes that never left a provisional title keep it."""
-        for key, (held, title) in self.pending.items():
-            if held > 0:
-                self.cpu[title] += held
-                self.members[title].add(key)
+        for key, held in self.pending.items():
+            self._credit(key, self.names[key], held)
         self.pending.clear()
 
 

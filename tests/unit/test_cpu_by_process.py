@@ -67,3 +67,19 @@ def test_a_signal_is_passed_on_as_a_shell_would_and_bad_options_are_refused(cpu_
         with pytest.raises(SystemExit):
             cpu_by_process.main(argv)
         assert said in capsys.readouterr().err
+
+
+def test_a_reused_ray_worker_is_credited_to_what_it_ran(cpu_by_process):
+    """Idle, a task, idle again (the task ended between samples), an actor: each stretch to its title."""
+    tally = cpu_by_process.Tally({}, own_pid=-1)
+    worker = ("4242", "100")
+    for cpu, title in ((1.0, "ray::IDLE"), (3.0, "ray::execute._propagate_data_context"), (5.0, "ray::IDLE"),
+                       (6.0, "ray::TrainController.run"), (6.5, "")):
+        tally.add({worker: (cpu, title)})
+    tally.close()
+    assert dict(tally.cpu) == {"ray::execute._propagate_data_context": 5.0, "ray::TrainController": 1.5}
+    idle = cpu_by_process.Tally({}, own_pid=-1)
+    idle.add({worker: (0.8, "ray::IDLE")})
+    idle.add({worker: (0.9, "ray::IDLE")})
+    idle.close()
+    assert dict(idle.cpu) == {"ray::IDLE": 0.9}
