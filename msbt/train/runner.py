@@ -713,6 +713,7 @@ def needs_cleaner(placement_group_cleaner: bool | None) -> bool:
     return ray.get_runtime_context().worker.mode == ray.WORKER_MODE
 
 
+@functools.cache  # one class per choice, and the warning below once per process
 def stage_trainer(placement_group_cleaner: bool):
     """Ray Train's ``DataParallelTrainer``, without its placement-group cleaner unless asked for.
 

@@ -244,7 +244,6 @@ def test_a_one_worker_stage_starts_no_split_coordinator_preemption_watcher_or_cl
         assert "PreemptionWatcher" not in STARTED, STARTED
 
 
-
 @pytest.mark.ray
 def test_by_default_only_a_stage_started_inside_a_ray_worker_keeps_the_cleaner(ray_local):
     """A stage started from an actor or task (a Tune trial, a user's own actor) may end while its job goes on;
