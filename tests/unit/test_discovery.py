@@ -38,9 +38,9 @@ def test_mendeley_like_tree_of_gray_bmp(tmp_path):
 
 def test_busi_like_tree_skips_masks_and_can_drop_normal(tmp_path):
     spec = {}
-    for c in ["benign", "malignant", "normal"]:
-        for i in range(2):
-            spec[f"{c}/{c} ({i}).png"] = cv2.cvtColor(textured(hash((c, i)) % 1000, 40), cv2.COLOR_GRAY2BGR)
+    for k, c in enumerate(["benign", "malignant", "normal"]):
+        for i in range(2):  # distinct seeds: the same image under two classes would be rejected as a conflict
+            spec[f"{c}/{c} ({i}).png"] = cv2.cvtColor(textured(100 + 10 * k + i, 40), cv2.COLOR_GRAY2BGR)
             spec[f"{c}/{c} ({i})_mask.png"] = (textured(i, 40) > 128).astype(np.uint8) * 255
         spec[f"{c}/{c} (0)_mask_1.png"] = (textured(5, 40) > 128).astype(np.uint8) * 255
     root = tree(tmp_path, spec)
