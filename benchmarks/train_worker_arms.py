@@ -181,7 +181,9 @@ def run_train(arm: str, stage, store: Path, classes: list[str], work: Path, name
     from ray.train.backend import BackendConfig
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-    from msbt.train.runner import split_dataset
+    import ray.data
+
+    from msbt.train.runner import split_tables
     from msbt.train.tfbackend import TFConfig
 
     marks_file = work / f"{name}.json"
@@ -199,7 +201,9 @@ def run_train(arm: str, stage, store: Path, classes: list[str], work: Path, name
         scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name=name, storage_path=str(work / "ray"),
                              worker_runtime_env={"env_vars": WORKER_ENV.get(arm, {})}),
-        datasets=None if arm == "D" else {s: split_dataset(store, s) for s in ("train", "val")},
+        # the store's splits as Ray Datasets of its Arrow tables (how msbt handed a small store to Ray Train
+        # until 2026-12-06; it now passes the tables themselves, with no datasets: arm D's data path)
+        datasets=None if arm == "D" else {s: ray.data.from_arrow(split_tables(store, s)) for s in ("train", "val")},
         dataset_config=DataConfig(datasets_to_split=[]),
     )
     trainer.fit()

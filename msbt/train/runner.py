@@ -38,12 +38,16 @@ in the :class:`LoopConfig`). ``fit_stage(resume_from=<checkpoint folder>)`` cont
 epoch with the checkpoint's training state (``train_state.npz``: optimizer, seed generators), so a
 resumed stage continues as an uninterrupted one would (docs/training.md).
 
-Data. The store's Parquet files are read with Ray Data, filtered by split and materialised on the driver
-before the trainer starts: on 2 CPUs a Train worker holding a CPU starved streaming read tasks
-(STACK-NOTES). The training set is split into equal shards, one per worker; the validation set is given
-whole to every worker. Each worker then copies its shard into memory once (uint8; e.g. 10 000 patches of
-200x200x3 = 1.2 GB) rather than re-reading it every epoch; ``fit_stage``'s exact shuffle holds the whole
-training set in its buffer anyway.
+Data. A store whose rows fit in :data:`DRIVER_READ_BYTES` (every ultrasound collection named in the paper
+and data README, the built-in data, a test's) is read on the driver with pyarrow and put in Ray's object
+store once per split; the workers take its Arrow tables from there and Ray Train is given no Ray Datasets,
+so a stage starts no ``DatasetManager`` actor and runs no Ray Data task (:func:`stage_trainer`). A larger
+store is read with Ray Data, filtered by split and materialised on the driver before the trainer starts: on 2
+CPUs a Train worker holding a CPU starved streaming read tasks (STACK-NOTES). The training set is split into
+equal shards, one per worker (Ray Data's split, or for the tables rows ``rank, rank + W, ...``); the
+validation set is given whole to every worker. Each worker then copies its shard into memory once (uint8;
+e.g. 10 000 patches of 200x200x3 = 1.2 GB) rather than re-reading it every epoch; ``fit_stage``'s exact
+shuffle holds the whole training set in its buffer anyway.
 """
 
 from __future__ import annotations
@@ -92,20 +96,27 @@ def shard_arrays(shard, shape: tuple[int, ...], batch_size: int = 512, *, ordere
     """Copy a dataset shard (columns ``image``, ``label_index``) into memory once.
 
     Args:
-        shard: A ``ray.data.DataIterator`` (``ray.train.get_dataset_shard(...)``) or a ``ray.data.Dataset``.
+        shard: A ``ray.data.DataIterator`` (``ray.train.get_dataset_shard(...)``), a ``ray.data.Dataset``, or
+            a list of ``pyarrow.Table`` (a small store's split, :func:`split_tables`).
         shape: Every image's shape (``Store.open(path).image_shape``).
         batch_size: Rows per Arrow batch while copying.
-        ordered: ``run.deterministic``: the shard is the whole split with its ``source`` (and ``box``)
-            columns; its rows are sorted by them (Ray Data's block order may differ between runs) and
-            this worker keeps rows ``rank, rank + world, ...``.
-        rank, world: This worker's rank and the number of workers (``ordered`` only).
-        sites: Also each row's ``site`` (the shard must carry the column: ``split_dataset(sites=True)``).
+        ordered: ``run.deterministic``: the shard carries the ``source`` (and ``box``) columns and its rows
+            are sorted by them (Ray Data's block order may differ between runs).
+        rank, world: This worker keeps rows ``rank, rank + world, ...`` (after sorting, if ``ordered``;
+            otherwise of the first ``len - len % world`` rows, so that every worker has as many as Ray Data's
+            equal split would give it); ``world`` > 1 only for a shard that holds the whole split
+            (deterministic mode, or a small store's tables), not for one Ray Data already split.
+        sites: Also each row's ``site`` (the shard must carry the column).
 
     Returns:
         ``(images uint8 (N, *shape), labels int64 (N,))``, and ``sites (N,)`` strings with ``sites``.
     """
     images, labels, keys, where = [], [], [], []
-    for batch in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
+    if isinstance(shard, list):
+        batches = (b for table in shard for b in table.to_batches(max_chunksize=batch_size))
+    else:
+        batches = shard.iter_batches(batch_size=batch_size, batch_format="pyarrow")
+    for batch in batches:
         images.append(decode_images(batch["image"], shape))  # a view; concatenate copies it out
         labels.append(np.asarray(batch["label_index"].to_numpy(), np.int64))
         if ordered:
@@ -119,6 +130,8 @@ def shard_arrays(shard, shape: tuple[int, ...], batch_size: int = 512, *, ordere
     if ordered:
         order = np.argsort(np.concatenate(keys), kind="stable")[rank::world]
         out = [a[order] for a in out]
+    elif world > 1:  # equal shards, as Ray Data's split gives them: the last len % world rows sit out
+        out = [a[:len(a) - len(a) % world][rank::world] for a in out]
     return tuple(out)
 
 
@@ -332,11 +345,14 @@ def _open(path: str | None):
     return Checkpoint.from_directory(path) if path else None
 
 
-def train_loop_per_worker(config: LoopConfig) -> None:
+def train_loop_per_worker(config: LoopConfig, tables: dict | None = None) -> None:
     """One stage inside a Ray Train worker: ``fit_stage`` with one worker, the multi-worker loop with more.
 
     Args:
         config: The stage's :class:`LoopConfig` (bound by :func:`train_stage`).
+        tables: A small store's splits: ``{"train": ObjectRef, "val": ObjectRef}`` of lists of Arrow tables
+            (:func:`split_tables`, put in Ray's object store by :func:`train_stage`); None: the splits are the
+            trainer's Ray Datasets.
     """
     import ray.train
 
@@ -360,15 +376,20 @@ def train_loop_per_worker(config: LoopConfig) -> None:
     from msbt.train import loop
 
     stage, shape = config.stage, tuple(config.image_shape)
-    order = dict(ordered=config.deterministic, rank=context.get_world_rank(), world=world)
-    images, labels, *sites = shard_arrays(ray.train.get_dataset_shard("train"), shape, sites=config.weighs_sites,
-                                          **order)
+
+    def split(name):  # the rows of a split as this worker receives them
+        return ray.get(tables[name]) if tables else ray.train.get_dataset_shard(name)
+
+    # The tables and a deterministic run's datasets hold the whole training split: each worker deals itself
+    # its rows; otherwise Ray Data has split it already.
+    whole = bool(tables) or config.deterministic
+    order = dict(ordered=config.deterministic, rank=context.get_world_rank(), world=world if whole else 1)
+    images, labels, *sites = shard_arrays(split("train"), shape, sites=config.weighs_sites, **order)
     cells = {(site, label): weight for site, label, weight in config.loss_weights}
     weights = row_weights(labels, sites[0] if sites else None, cells) if cells else None
     train_ds = loop.dataset_from_arrays(images, labels, weights)
     # every worker validates on the whole validation set
-    val_ds = loop.dataset_from_arrays(*shard_arrays(ray.train.get_dataset_shard("val"), shape,
-                                                    ordered=config.deterministic))
+    val_ds = loop.dataset_from_arrays(*shard_arrays(split("val"), shape, ordered=config.deterministic))
     resume = ray.train.get_checkpoint() or _open(config.resume)
     parent = _open(config.parent)
     class_names = list(config.class_names)
@@ -500,42 +521,62 @@ def history_path(run: RunConfig, stage_number: int) -> Path:
     return check_storage_path(run.storage_path) / check_run_name(run.name) / f"stage{stage_number}" / HISTORY_FILE
 
 
-# A store whose rows take up to this much memory (uncompressed) is read on the driver with pyarrow and handed
-# to Ray as Arrow blocks (ray.data.from_arrow; the driver holds a split twice for a moment, its tables and
-# their copy in the object store): 0.06 s instead of about 1 s per split for a Ray Data read on a tiny store,
-# 2 s of every short stage and Tune trial (docs/training.md). Larger stores are read by Ray Data tasks.
+# A store whose rows take up to this much memory (uncompressed) is read on the driver with pyarrow and its
+# splits put in Ray's object store for the workers (split_tables; the driver holds a split twice for a
+# moment, its tables and their copy in the object store): no Ray Data read (about 1 s per split on a tiny
+# store) and no Ray Data actor per stage (docs/training.md). Larger stores are read by Ray Data tasks.
 DRIVER_READ_BYTES = 256 * 2**20
 
 
-def split_dataset(store_path: str | Path, split: str, *, keys: bool = False, sites: bool = False):
-    """One split of a store as a materialised Ray Dataset with columns ``image``, ``label_index``.
+def _columns(store: Store, keys: bool, sites: bool) -> list[str]:
+    extra = (["source"] + (["box"] if store.kind == "microscope" else [])) if keys else []
+    return ["image", "label_index", *extra, *(["site"] if sites else [])]
 
-    Materialised here, on the driver, so no read task waits for a CPU a Train worker holds. A store whose
-    rows take up to :data:`DRIVER_READ_BYTES` in memory is read here directly (one block per Parquet file,
-    in file order); a larger one by Ray Data's parallel read. Both give the same rows.
+
+def _opened(store_path: str | Path) -> Store:
+    store = Store.open(store_path)
+    if not store.files():
+        raise ValueError(f"{store_path}: no Parquet files (not a store, or an empty one)")
+    return store
+
+
+def split_tables(store_path: str | Path, split: str, *, keys: bool = False, sites: bool = False) -> list:
+    """One split of a small store, read here with pyarrow: one ``pyarrow.Table`` per Parquet file that has
+    rows of it, in file order, with columns ``image``, ``label_index`` (arguments as :func:`split_dataset`).
+
+    Raises:
+        ValueError: Not a store, or no rows of ``split``.
+    """
+    store = _opened(store_path)
+    tables = store.read_tables(_columns(store, keys, sites), split)
+    if not tables:
+        raise ValueError(f"{store_path}: the store has no {split!r} rows")
+    return tables
+
+
+def split_dataset(store_path: str | Path, split: str, *, keys: bool = False, sites: bool = False):
+    """One split of a store as a Ray Dataset with columns ``image``, ``label_index``, read by Ray Data's
+    parallel read (how :func:`train_stage` reads a store larger than :data:`DRIVER_READ_BYTES`).
+
+    Materialised here, on the driver, so no read task waits for a CPU a Train worker holds.
 
     Args:
         keys: Also the ``source`` (and a patch's ``box``) columns, which order the rows in deterministic
             mode (:func:`shard_arrays`).
         sites: Also the ``site`` column (``stage.balance: site_class``).
+
+    Raises:
+        ValueError: Not a store, or no rows of ``split``.
     """
     import ray.data
     from ray.data.expressions import col
 
-    store = Store.open(store_path)
-    files = store.files()
-    if not files:
-        raise ValueError(f"{store_path}: no Parquet files (not a store, or an empty one)")
-    extra = (["source"] + (["box"] if store.kind == "microscope" else [])) if keys else []
-    extra += ["site"] if sites else []
-    if store.memory_bytes() <= DRIVER_READ_BYTES:
-        tables = store.read_tables(["image", "label_index", *extra], split)
-        ds = ray.data.from_arrow(tables) if tables else None
-    else:
-        ds = ray.data.read_parquet(files, columns=["image", "label_index", "split", *extra])
-        # An expression filter runs on the Arrow table (read_parquet refuses a pyarrow `filter=` in 2.60).
-        ds = ds.filter(expr=col("split") == split).select_columns(["image", "label_index", *extra]).materialize()
-    if ds is None or ds.count() == 0:
+    store = _opened(store_path)
+    columns = _columns(store, keys, sites)
+    ds = ray.data.read_parquet(store.files(), columns=[*columns, "split"])
+    # An expression filter runs on the Arrow table (read_parquet refuses a pyarrow `filter=` in 2.60).
+    ds = ds.filter(expr=col("split") == split).select_columns(columns).materialize()
+    if ds.count() == 0:
         raise ValueError(f"{store_path}: the store has no {split!r} rows")
     return ds
 
@@ -675,16 +716,25 @@ def train_stage(
                                 progress=progress,
                                 class_names=class_names, verbose=verbose, audit_dir=audit_dir)
     remove_work(config, stage_number)  # what an interrupted earlier attempt left
+    with_sites = {"train": worker_config.weighs_sites, "val": False}  # the splits the workers read
+    tables, datasets = {}, {}
+    if Store.open(store_path).memory_bytes() <= DRIVER_READ_BYTES:
+        import ray
+
+        # Referenced by the bound train function, which Ray keeps until the stage ends.
+        tables = {split: ray.put(split_tables(store_path, split, keys=config.run.deterministic, sites=sites))
+                  for split, sites in with_sites.items()}
+    else:
+        datasets = {split: split_dataset(store_path, split, keys=config.run.deterministic, sites=sites)
+                    for split, sites in with_sites.items()}
     trainer = stage_trainer(needs_cleaner(placement_group_cleaner))(
         # Bound here rather than passed as train_loop_config: Ray Train V2 exports that to its state API as
         # a JSON dict, and a dataclass there would be turned into a string.
-        functools.partial(train_loop_per_worker, worker_config),
+        functools.partial(train_loop_per_worker, worker_config, tables or None),
         backend_config=TFConfig(),  # TF_CONFIG for several workers; keeps TensorFlow out of the controller
         scaling_config=scaling,
         run_config=run_config(config.run, stage_number, stage.monitor, callbacks),
-        datasets={split: split_dataset(store_path, split, keys=config.run.deterministic,
-                                       sites=split == "train" and worker_config.weighs_sites)
-                  for split in ("train", "val")},
+        datasets=datasets or None,
         # Only the training set is sharded: every worker validates on all of it (identical val_* on all ranks).
         # Deterministic mode deals the rows itself, by position after sorting (shard_arrays): Ray Data's
         # split follows block order, which may differ between runs. One worker takes the whole set
@@ -715,7 +765,8 @@ def needs_cleaner(placement_group_cleaner: bool | None) -> bool:
 
 @functools.cache  # one class per choice, and the warning below once per process
 def stage_trainer(placement_group_cleaner: bool):
-    """Ray Train's ``DataParallelTrainer``, without its placement-group cleaner unless asked for.
+    """Ray Train's ``DataParallelTrainer``, without its placement-group cleaner unless asked for, and without
+    its Ray Data set-up for a stage given no Ray Datasets.
 
     For every run, Ray Train 2.60 starts a detached ``PlacementGroupCleaner`` actor (a process of its own) that
     asks the state API every second whether the run's controller is still alive, to remove the run's placement
@@ -730,28 +781,36 @@ def stage_trainer(placement_group_cleaner: bool):
     CPUs until the search ends; so does any stage started inside a Ray actor or task (:func:`needs_cleaner`).
     What stays uncovered: a driver that lives on after its stage's controller died on its own (killed, out of
     memory; a failing stage shuts its workers down and removes the group itself) keeps that group until it
-    ends. Ray has no setting for this; the hook is the trainer's own list of default
+    ends.
+
+    Ray Train 2.60 also starts a ``DatasetManager`` actor for every run, with datasets or without (its
+    ``DatasetsCallback``), and has the workers take Ray Data's context from it. A stage of a small store hands
+    its workers Arrow tables through the object store instead (:func:`train_stage`): that actor would be one
+    more process importing ``ray.train`` per stage and trial with nothing to do, so it is left out there.
+
+    Ray has no setting for either; the hook is the trainer's own list of default
     callbacks (Ray 2.60, pinned in pyproject.toml; tests/integration/test_train_ray.py checks which actors a
     stage starts).
     """
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-    if placement_group_cleaner:
-        return DataParallelTrainer
     try:
+        from ray.train.v2._internal.callbacks import DatasetsCallback
         from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
     except ImportError:  # another Ray than the pinned one: its trainer as it is, and said
-        PlacementGroupCleanerCallback = None
+        DatasetsCallback = PlacementGroupCleanerCallback = None
     if PlacementGroupCleanerCallback is None or not callable(getattr(DataParallelTrainer, "_create_default_callbacks",
                                                                      None)):
-        log.warning("this Ray Train has no PlacementGroupCleanerCallback or _create_default_callbacks: each stage "
-                    "starts Ray's placement-group cleaner (msbt expects Ray 2.60's)")
+        log.warning("this Ray Train has no PlacementGroupCleanerCallback, DatasetsCallback or "
+                    "_create_default_callbacks: each stage starts Ray's placement-group cleaner and dataset manager "
+                    "(msbt expects Ray 2.60's)")
         return DataParallelTrainer
 
     class StageTrainer(DataParallelTrainer):
         def _create_default_callbacks(self):
-            callbacks = super()._create_default_callbacks()
-            return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
+            left_out = (() if placement_group_cleaner else (PlacementGroupCleanerCallback,)) + \
+                (() if self.datasets else (DatasetsCallback,))
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, left_out)]
 
     return StageTrainer
 

@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from helpers import TINY_BACKBONE, placement_groups_held, ray_actors
@@ -72,30 +73,58 @@ def stage1(stores, tmp_path_factory):
 
 @pytest.mark.ray
 @pytest.mark.parametrize("which", [0, 1], ids=["microscope", "ultrasound"])
-def test_a_small_store_read_on_the_driver_gives_ray_datas_rows(stores, which, monkeypatch):
-    """split_dataset reads a small store with pyarrow on the driver, a large one with Ray Data's parallel
-    read: the same rows either way (forced here by a threshold of 0 bytes)."""
+def test_a_small_store_read_on_the_driver_gives_ray_datas_rows(stores, which):
+    """A small store's split is read with pyarrow on the driver (split_tables, what train_stage hands the workers
+    for a store within DRIVER_READ_BYTES), a large one with Ray Data's parallel read (split_dataset): the same
+    rows and columns either way, and each worker's copy (shard_arrays) the same arrays."""
+    import pyarrow as pa
+
     from msbt.train import runner
 
-    def rows(ds):
-        batch = ds.to_pandas()
-        key = batch["source"] + (batch["box"].astype(str) if "box" in batch else "")
-        return sorted(zip(key, batch["label_index"], batch["image"].map(bytes)))
+    def rows(frame):
+        key = frame["source"] + (frame["box"].astype(str) if "box" in frame else "")
+        return sorted(zip(key, frame["label_index"], frame["image"].map(bytes)))
 
     store = runner.Store.open(stores[which])
     assert store.memory_bytes() <= runner.DRIVER_READ_BYTES
     counts = store.summary().rows
+    shape = tuple(store.image_shape)
     for split in ("train", "val"):
-        direct = runner.split_dataset(stores[which], split, keys=True)
-        with monkeypatch.context() as patch:
-            patch.setattr(runner, "DRIVER_READ_BYTES", 0)
-            parallel = runner.split_dataset(stores[which], split, keys=True)
-        assert direct.schema().names == parallel.schema().names and direct.schema().types == parallel.schema().types
-        assert rows(direct) == rows(parallel) and len(rows(direct)) == sum(counts[split].values()) > 0
-    for threshold in (runner.DRIVER_READ_BYTES, 0):
-        with monkeypatch.context() as patch, pytest.raises(ValueError, match="has no 'test2' rows"):
-            patch.setattr(runner, "DRIVER_READ_BYTES", threshold)
-            runner.split_dataset(stores[which], "test2")
+        direct = pa.concat_tables(runner.split_tables(stores[which], split, keys=True))
+        parallel = runner.split_dataset(stores[which], split, keys=True)
+        assert direct.schema.names == parallel.schema().names and direct.schema.types == parallel.schema().types
+        assert rows(direct.to_pandas()) == rows(parallel.to_pandas())
+        assert len(rows(direct.to_pandas())) == sum(counts[split].values()) > 0
+        # a worker's copy, rows in the same order (sorted by source and box, as in deterministic mode)
+        mine = runner.shard_arrays(runner.split_tables(stores[which], split, keys=True), shape, ordered=True)
+        theirs = runner.shard_arrays(parallel, shape, ordered=True)
+        assert all(np.array_equal(a, b) for a, b in zip(mine, theirs))
+    for read in (runner.split_tables, runner.split_dataset):
+        with pytest.raises(ValueError, match="has no 'test2' rows"):
+            read(stores[which], "test2")
+
+
+def test_workers_deal_themselves_the_rows_of_a_whole_split():
+    """Two workers given a small store's whole training split (Arrow tables, one per Parquet file) each keep
+    every other row: equal shards, the odd row out, as Ray Data's equal split; in deterministic mode sorted
+    by source first, and every row kept."""
+    import pyarrow as pa
+
+    from msbt.train.runner import shard_arrays
+
+    images = np.arange(5 * 4, dtype=np.uint8).reshape(5, 2, 2, 1)
+    table = pa.table({"image": pa.array([a.tobytes() for a in images], pa.binary(4)), "label_index": [0, 1, 0, 1, 1],
+                      "source": ["e", "d", "c", "b", "a"]})
+    tables = [table.slice(0, 2), table.slice(2)]  # two Parquet files' worth
+    shape = (2, 2, 1)
+    parts = [shard_arrays(tables, shape, rank=r, world=2, batch_size=2) for r in (0, 1)]
+    assert np.array_equal(parts[0][0], images[[0, 2]]) and np.array_equal(parts[1][0], images[[1, 3]])
+    assert list(parts[0][1]) == [0, 0] and list(parts[1][1]) == [1, 1]
+    parts = [shard_arrays(tables, shape, ordered=True, rank=r, world=2, batch_size=2) for r in (0, 1)]
+    assert np.array_equal(parts[0][0], images[[4, 2, 0]]) and np.array_equal(parts[1][0], images[[3, 1]])
+    whole, labels = shard_arrays(tables, shape, ordered=True)
+    assert np.array_equal(whole, images[::-1]) and list(labels) == [1, 1, 0, 1, 0]  # sorted by source
+    assert all(np.array_equal(a, b) for a, b in zip(shard_arrays(tables, shape), (images, [0, 1, 0, 1, 1])))
 
 
 def epochs_run(audit_dir) -> int:
@@ -233,11 +262,12 @@ def test_a_stages_worker_runs_at_the_runs_niceness_not_rays_15(stage1):
 @pytest.mark.slow
 def test_a_one_worker_stage_starts_no_split_coordinator_preemption_watcher_or_cleaner(stage1):
     """Each actor is a process of its own (about 1 s of start-up each, docs/training.md): one worker takes
-    its training set unsplit, a private cluster (one node) has nothing a preemption watcher could see, and a
+    its training set unsplit, a private cluster (one node) has nothing a preemption watcher could see, a
     stage whose job ends with it needs no placement-group cleaner (msbt.train.runner.stage_trainer): its own
-    placement group is removed by the time the stage returns."""
+    placement group is removed by the time the stage returns, and a small store's rows reach the worker as
+    Arrow tables, with no Ray Data actor."""
     assert "RayTrainWorker" in STARTED and "TrainController" in STARTED, STARTED  # the query sees this run
-    assert "SplitCoordinator" not in STARTED, STARTED
+    assert "SplitCoordinator" not in STARTED and "DatasetManager" not in STARTED, STARTED
     assert "PlacementGroupCleaner" not in STARTED, STARTED
     assert not HELD, HELD
     if "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ:  # the user's setting is kept
