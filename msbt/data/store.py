@@ -20,7 +20,8 @@ hold the same rows either way (tested). A rerun with the same identity resumes
 ``on_existing: overwrite``. Two runs are never mixed in one store.
 
 Everything else opens a store with :meth:`Store.open` (identity, shape and classes read once) and reads
-it with :meth:`Store.read`, :meth:`Store.sample` or Ray Data over :meth:`Store.files`.
+it with :meth:`Store.read`, :meth:`Store.read_tables`, :meth:`Store.sample` or with Ray Data
+(:meth:`Store.ray_dataset`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from msbt.console import progress
 log = logging.getLogger(__name__)
 
 STORE_FORMAT = 1
+FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"  # Store.ray_dataset
 STORE_FILE = "store.json"
 SUMMARY_FILE = "summary.json"
 DONE_FILE = "_DONE.json"
@@ -194,6 +196,21 @@ class Store:
             if table.num_rows:
                 tables.append(table)
         return tables
+
+    def ray_dataset(self, columns: list[str]):
+        """Some columns of every row as a (lazy) Ray Dataset: Ray Data's parallel Parquet read of the files.
+
+        Ray Data 2.60 reads the files' footers first, in ``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS`` actors per read,
+        32 by default, each a fresh process (about 1.5 CPU-s to start) that is ended after the read. A store
+        has one file per source chunk on one filesystem, and each such actor reads footers 128 at a time
+        (``RAY_DATA_PARQUET_FOOTER_IO_CONCURRENCY``), so msbt asks for one unless the variable is set
+        (process-wide: Ray Data reads it when it plans the read). Measured on 2 CPUs, three reads of a
+        small store's two splits (``benchmarks/read_store.py``): docs/training.md.
+        """
+        import ray.data
+
+        os.environ.setdefault(FOOTER_ACTORS_ENV, "1")
+        return ray.data.read_parquet(self.files(), columns=columns)
 
     def columns(self) -> list[str]:
         """The column names of the rows (from the first Parquet file's schema; none for an empty store)."""

@@ -568,12 +568,11 @@ def split_dataset(store_path: str | Path, split: str, *, keys: bool = False, sit
     Raises:
         ValueError: Not a store, or no rows of ``split``.
     """
-    import ray.data
     from ray.data.expressions import col
 
     store = _opened(store_path)
     columns = _columns(store, keys, sites)
-    ds = ray.data.read_parquet(store.files(), columns=[*columns, "split"])
+    ds = store.ray_dataset([*columns, "split"])
     # An expression filter runs on the Arrow table (read_parquet refuses a pyarrow `filter=` in 2.60).
     ds = ds.filter(expr=col("split") == split).select_columns(columns).materialize()
     if ds.count() == 0:

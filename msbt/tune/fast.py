@@ -148,16 +148,16 @@ def compute_features(store: str | Path, parent: str | Path | None, stage: StageC
 
     from msbt.data.store import Store
 
-    files = Store.open(store).files()
-    if not files:
+    opened = Store.open(store)
+    if not opened.files():
         raise ValueError(f"{store}: no Parquet files (not a store, or an empty one)")
-    ds = ray.data.read_parquet(files, columns=["image", "label_index", "split", "source"])
+    ds = opened.ray_dataset(["image", "label_index", "split", "source"])
     # Materialised before the actors start: on 2 CPUs an actor pool holding the CPUs starves read tasks.
     ds = ds.filter(expr=col("split").is_in(list(SPLITS))).materialize()
     ds = ds.map_batches(
         FeatureExtractor,
         fn_constructor_kwargs={"parent": str(parent) if parent else None, "stage": to_dict(stage), "copies": copies,
-                               "seed": seed, "shape": Store.open(store).image_shape},
+                               "seed": seed, "shape": opened.image_shape},
         compute=ray.data.ActorPoolStrategy(size=actors),
         batch_size=batch_size,
         batch_format="pyarrow",

@@ -104,6 +104,19 @@ def test_a_small_store_read_on_the_driver_gives_ray_datas_rows(stores, which):
             read(stores[which], "test2")
 
 
+@pytest.mark.ray
+def test_a_ray_data_read_of_a_store_asks_for_one_footer_reader_unless_the_user_chose(stores, monkeypatch):
+    """Ray Data 2.60 starts 32 footer-reader actors per Parquet read by default (benchmarks/read_store.py)."""
+    from msbt.data.store import FOOTER_ACTORS_ENV, Store
+
+    monkeypatch.delenv(FOOTER_ACTORS_ENV, raising=False)
+    assert Store.open(stores[1]).ray_dataset(["label_index"]).count() > 0
+    assert os.environ[FOOTER_ACTORS_ENV] == "1"
+    monkeypatch.setenv(FOOTER_ACTORS_ENV, "4")
+    Store.open(stores[1]).ray_dataset(["label_index"])
+    assert os.environ[FOOTER_ACTORS_ENV] == "4"
+
+
 def test_workers_deal_themselves_the_rows_of_a_whole_split():
     """Two workers given a small store's whole training split (Arrow tables, one per Parquet file) each keep
     every other row: equal shards, the odd row out, as Ray Data's equal split; in deterministic mode sorted
