@@ -131,7 +131,8 @@ def shard_arrays(shard, shape: tuple[int, ...], batch_size: int = 512, *, ordere
         order = np.argsort(np.concatenate(keys), kind="stable")[rank::world]
         out = [a[order] for a in out]
     elif world > 1:  # equal shards, as Ray Data's split gives them: the last len % world rows sit out
-        out = [a[:len(a) - len(a) % world][rank::world] for a in out]
+        # (a copy: a strided view would keep the whole split's arrays alive in every worker)
+        out = [np.ascontiguousarray(a[:len(a) - len(a) % world][rank::world]) for a in out]
     return tuple(out)
 
 
@@ -734,7 +735,8 @@ def train_stage(
         scaling_config=scaling,
         run_config=run_config(config.run, stage_number, stage.monitor, callbacks),
         datasets=datasets or None,
-        # Only the training set is sharded: every worker validates on all of it (identical val_* on all ranks).
+        # A large store only (a small one's workers deal themselves their rows, shard_arrays):
+        # only the training set is sharded: every worker validates on all of it (identical val_* on all ranks).
         # Deterministic mode deals the rows itself, by position after sorting (shard_arrays): Ray Data's
         # split follows block order, which may differ between runs. One worker takes the whole set
         # unsplit: a split into one shard gives the same rows but starts a SplitCoordinator actor, a
@@ -783,7 +785,7 @@ def stage_trainer(placement_group_cleaner: bool):
     ends.
 
     Ray Train 2.60 also starts a ``DatasetManager`` actor for every run, with datasets or without (its
-    ``DatasetsCallback``), and has the workers take Ray Data's context from it. A stage of a small store hands
+    ``DatasetsCallback``, which also sends every worker the driver's Ray Data context). A stage of a small store hands
     its workers Arrow tables through the object store instead (:func:`train_stage`): that actor would be one
     more process importing ``ray.train`` per stage and trial with nothing to do, so it is left out there.
 

@@ -109,7 +109,8 @@ def test_a_ray_data_read_of_a_store_asks_for_one_footer_reader_unless_the_user_c
     """Ray Data 2.60 starts 32 footer-reader actors per Parquet read by default (benchmarks/read_store.py)."""
     from msbt.data.store import FOOTER_ACTORS_ENV, Store
 
-    monkeypatch.delenv(FOOTER_ACTORS_ENV, raising=False)
+    monkeypatch.setenv(FOOTER_ACTORS_ENV, "recorded")  # so that the test's end puts back what was there
+    monkeypatch.delenv(FOOTER_ACTORS_ENV)
     assert Store.open(stores[1]).ray_dataset(["label_index"]).count() > 0
     assert os.environ[FOOTER_ACTORS_ENV] == "1"
     monkeypatch.setenv(FOOTER_ACTORS_ENV, "4")
