@@ -19,10 +19,11 @@ identical update on every worker.
 The arithmetic of one step. The global batch is ``stage.batch_size``; each of the ``W`` workers feeds
 ``stage.batch_size // W`` examples of its own shard (the training set is split into equal shards, by Ray
 Data or by the workers themselves, ``msbt.train.runner.shard_arrays``: each worker gets different rows).
-Replica ``r`` computes ``sum(per-example loss on its rows) / N`` where ``N`` is the number of rows in the whole step (an all-reduced count, so a short last batch is weighted exactly);
-the all-reduced sum of the replicas' gradients is then the gradient of the global-batch mean loss, the
-same quantity a single process computes on the whole batch. Regularisation penalties are the same on
-every replica, so each adds ``1/W`` of them.
+Replica ``r`` computes ``sum(per-example loss on its rows) / N`` where ``N`` is the number of rows in the
+whole step (an all-reduced count, so a short last batch is weighted exactly); the all-reduced sum of the
+replicas' gradients is then the gradient of the global-batch mean loss, the same quantity a single process
+computes on the whole batch. Regularisation penalties are the same on every replica, so each adds ``1/W``
+of them.
 
 Every worker must run the same number of steps, or the all-reduce of the longer one waits forever:
 each worker computes its shard's steps per epoch, the workers gather them and all use the smallest.
