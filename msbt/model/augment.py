@@ -19,6 +19,7 @@ training; the maths is in :func:`affine_vector`, small enough to read.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import keras
@@ -138,6 +139,24 @@ def gaussian_blur(image, sigma, radius: int):
     return tf.nn.depthwise_conv2d(out, ky, [1, 1, 1, 1], "VALID")[0]
 
 
+@functools.lru_cache(maxsize=16)
+def traced_augment(cfg: AugmentConfig, shape: tuple, dtype: tf.DType):
+    """:func:`augment_image` for images of one shape and dtype as one ``tf.function``, traced once.
+
+    A stage's pipeline has an augmented map per pass and epoch (``expand_epoch``); each tf.data map traces its
+    function anew, so calling :func:`augment_image` there traced (and autograph-converted) the whole transform
+    ``epochs * (expansion - 1)`` times: 60 times for the paper's 30 epochs, about 4 CPU-s of a stage's start-up
+    (docs/training.md). Called inside those maps, this function is traced once per (settings, shape, dtype) and
+    each map holds a call to it: the same ops with the same stateless keys, so the same pixels.
+    """
+
+    @tf.function(input_signature=[tf.TensorSpec(shape, dtype), tf.TensorSpec([2], tf.int64)], autograph=False)
+    def augment(image, key):
+        return augment_image(image, key, cfg)
+
+    return augment
+
+
 def image_key(seed: int, epoch, copy: int, index):
     """Stateless seed of one image in one pass of one epoch."""
     base = tf.stack([tf.cast(seed, tf.int64), tf.cast(epoch, tf.int64) * _EPOCH_STRIDE + copy])
@@ -168,8 +187,9 @@ def expand_epoch(ds: tf.data.Dataset, cfg: AugmentConfig, *, seed: int, epoch: i
         if copy == 0:
             one = shuffled.map(lambda i, xy: (tf.cast(xy[0], tf.float32), *xy[1:]))
         else:
+            augment = traced_augment(cfg, tuple(ds.element_spec[0].shape), ds.element_spec[0].dtype)
             one = shuffled.map(
-                lambda i, xy, c=copy: (augment_image(xy[0], image_key(seed, epoch, c, i), cfg), *xy[1:]),
+                lambda i, xy, c=copy: (augment(xy[0], image_key(seed, epoch, c, i)), *xy[1:]),
                 num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=True,
             )

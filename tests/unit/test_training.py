@@ -150,6 +150,33 @@ def test_expand_epoch_is_deterministic_for_a_seed_and_differs_otherwise():
         assert not any(np.array_equal(a, b) for a, b in zip(mine, theirs))
 
 
+def test_the_transform_is_traced_once_for_all_epochs_and_gives_each_keys_pixels(monkeypatch):
+    """Every epoch's and pass's map calls one traced transform (it was traced per map: 60 times for the paper's
+    30 epochs); each copy is still exactly the eager transform of its image under its (seed, epoch, pass,
+    index) key."""
+    cfg = AugmentConfig(rotation=20.0, contrast=0.1, speckle=0.05)
+    traced = []
+    original = augment.augment_image
+
+    def counted(image, key, config):  # the Python body runs only while TensorFlow traces it
+        traced.append(1)
+        return original(image, key, config)
+
+    monkeypatch.setattr(augment, "augment_image", counted)
+    augment.traced_augment.cache_clear()
+    stage = lite0_stage(augment=cfg)
+    ds = training.dataset_from_arrays(images(5), [0, 1, 2, 3, 0])
+    batches, _ = training.train_batches(ds, stage, num_classes=4, seed=3, first_epoch=0, last_epoch=4)
+    assert len(list(batches.as_numpy_iterator())) > 0 and len(traced) == 1
+    monkeypatch.setattr(augment, "augment_image", original)
+    x, y = epoch_of(seed=3, epoch=2, cfg=cfg)  # y: the image index here
+    for row in range(5, 15):  # passes 1 and 2
+        copy, index = 1 + (row - 5) // 5, int(y[row])
+        eager = original(images(5)[index], augment.image_key(3, 2, copy, index), cfg).numpy()
+        assert np.array_equal(x[row], eager)
+    augment.traced_augment.cache_clear()
+
+
 def test_augmentation_off_is_one_pass_of_originals():
     x, y = epoch_of(seed=0, epoch=0, cfg=AugmentConfig(enabled=False))
     assert len(x) == 5 and np.array_equal(x, images(5)[y].astype(np.float32))
