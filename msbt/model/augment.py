@@ -141,7 +141,8 @@ def gaussian_blur(image, sigma, radius: int):
 
 @functools.lru_cache(maxsize=16)
 def traced_augment(cfg: AugmentConfig, shape: tuple, dtype: tf.DType):
-    """:func:`augment_image` for images of one shape and dtype as one ``tf.function``, traced once.
+    """:func:`augment_image` of an image under its :func:`image_key`, for images of one shape and dtype, as one
+    ``tf.function`` traced once: ``augment(image, seed, epoch, copy, index)``.
 
     A stage's pipeline has an augmented map per pass and epoch (``expand_epoch``); each tf.data map traces its
     function anew, so calling :func:`augment_image` there traced (and autograph-converted) the whole transform
@@ -149,10 +150,11 @@ def traced_augment(cfg: AugmentConfig, shape: tuple, dtype: tf.DType):
     (docs/training.md). Called inside those maps, this function is traced once per (settings, shape, dtype) and
     each map holds a call to it: the same ops with the same stateless keys, so the same pixels.
     """
+    scalar = tf.TensorSpec([], tf.int64)
 
-    @tf.function(input_signature=[tf.TensorSpec(shape, dtype), tf.TensorSpec([2], tf.int64)], autograph=False)
-    def augment(image, key):
-        return augment_image(image, key, cfg)
+    @tf.function(input_signature=[tf.TensorSpec(shape, dtype), scalar, scalar, scalar, scalar], autograph=False)
+    def augment(image, seed, epoch, copy, index):
+        return augment_image(image, image_key(seed, epoch, copy, index), cfg)
 
     return augment
 
@@ -189,7 +191,7 @@ def expand_epoch(ds: tf.data.Dataset, cfg: AugmentConfig, *, seed: int, epoch: i
         else:
             augment = traced_augment(cfg, tuple(ds.element_spec[0].shape), ds.element_spec[0].dtype)
             one = shuffled.map(
-                lambda i, xy, c=copy: (augment(xy[0], image_key(seed, epoch, c, i)), *xy[1:]),
+                lambda i, xy, c=copy: (augment(xy[0], seed, epoch, c, i), *xy[1:]),
                 num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=True,
             )
