@@ -173,7 +173,11 @@ def test_the_transform_is_traced_once_for_all_epochs_and_gives_each_keys_pixels(
     for row in range(5, 15):  # passes 1 and 2
         copy, index = 1 + (row - 5) // 5, int(y[row])
         eager = original(images(5)[index], augment.image_key(3, 2, copy, index), cfg).numpy()
-        assert np.array_equal(x[row], eager)
+        # Eager and graph execution of the same ops may differ in float rounding (measured up to 5e-3 of a grey
+        # level at 96 px); another key's transform differs by whole grey levels.
+        np.testing.assert_allclose(x[row], eager, rtol=0, atol=0.05)
+        other = original(images(5)[index], augment.image_key(3, 2, 3 - copy, index), cfg).numpy()
+        assert np.abs(x[row] - other).max() > 1.0
     augment.traced_augment.cache_clear()
 
 
