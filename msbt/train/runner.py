@@ -735,8 +735,8 @@ def train_stage(
         scaling_config=scaling,
         run_config=run_config(config.run, stage_number, stage.monitor, callbacks),
         datasets=datasets or None,
-        # A large store only (a small one's workers deal themselves their rows, shard_arrays):
-        # only the training set is sharded: every worker validates on all of it (identical val_* on all ranks).
+        # For a large store's Ray Datasets (a small store's workers deal themselves their rows, shard_arrays).
+        # Only the training set is sharded: every worker validates on all of it (identical val_* on all ranks).
         # Deterministic mode deals the rows itself, by position after sorting (shard_arrays): Ray Data's
         # split follows block order, which may differ between runs. One worker takes the whole set
         # unsplit: a split into one shard gives the same rows but starts a SplitCoordinator actor, a

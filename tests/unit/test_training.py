@@ -152,8 +152,8 @@ def test_expand_epoch_is_deterministic_for_a_seed_and_differs_otherwise():
 
 def test_the_transform_is_traced_once_for_all_epochs_and_gives_each_keys_pixels(monkeypatch):
     """Every epoch's and pass's map calls one traced transform (it was traced per map: 60 times for the paper's
-    30 epochs); each copy is still exactly the eager transform of its image under its (seed, epoch, pass,
-    index) key."""
+    30 epochs); each copy is still the transform of its image under its (seed, epoch, pass, index) key, as the
+    eager transform gives it up to float rounding."""
     cfg = AugmentConfig(rotation=20.0, contrast=0.1, speckle=0.05)
     traced = []
     original = augment.augment_image
