@@ -25,9 +25,10 @@ Two rates per run, both in training images per second (images fed, all workers t
 * end to end: E epochs over the whole wall time as the caller sees it: (a) from reading the store to the
   end; (b), (c) the ``train_stage`` call (Ray data materialisation, worker start, everything).
 
-Ray is started here (``ray.init(num_cpus=os.cpu_count())``) unless ``--address`` is given. The 2-worker
-run gives each worker ``--cpus-per-worker`` CPUs (default (CPUs - 1) / 2, leaving one to Ray Data) and as
-many TensorFlow threads (at least one). Each arm runs ``--repeats`` times (default 3), the arms in turns;
+Ray is started here as msbt's jobs start it (``msbt.raycluster.start_private``, all CPUs, the dashboard
+on) unless ``--address`` is given; every arm runs with it up. The 2-worker run gives each worker
+``--cpus-per-worker`` CPUs (default (CPUs - 1) / 2, leaving one to Ray Data) and as many TensorFlow threads
+(at least one). Each arm runs ``--repeats`` times (default 3), the arms in turns;
 prints every run, each arm's median and range, and the ratios b/a, c/a and t/a of the runs made side by side.
 """
 
@@ -169,8 +170,12 @@ def main(argv=None) -> int:
 
     from msbt.train.runner import store_classes
 
-    ray.init(address=args.address, num_cpus=None if args.address else os.cpu_count(),
-             include_dashboard=False, log_to_driver=False)
+    if args.address:
+        ray.init(address=args.address, log_to_driver=False)
+    else:  # the cluster msbt's own jobs start (raycluster.start_private): its settings are part of what b costs
+        from msbt.raycluster import start_private
+
+        start_private(num_cpus=os.cpu_count(), log_to_driver=False)
     work = Path(tempfile.mkdtemp(prefix="msbt-bench-"))
     store = args.store or synth_store(work / "data", args.image_size, args.lesions)
     classes = store_classes(store)

@@ -1,8 +1,10 @@
 """Exported engines (parity with Keras), `msbt stream` and `msbt serve` on one tiny exported model.
 
 The model is a 32 px EfficientNet-Lite0 with ImageNet features and an untrained head, exported once for
-the module (Keras, SavedModel, ONNX, OpenVINO). Images are the built-in synthetic ultrasound: a cine
-loop written by ``msbt synth --cine`` and frames made by ``msbt.data.synth``.
+the module by ``msbt export --int8`` (Keras, SavedModel, ONNX, OpenVINO, and the int8 model calibrated on a
+small store of built-in synthetic ultrasound): one export serves the float engines' tests and the int8 test
+(a second full export cost about 13 s of CPU). Images are the built-in synthetic ultrasound: a cine loop
+written by ``msbt synth --cine`` and frames made by ``msbt.data.synth``.
 """
 
 import csv
@@ -33,8 +35,28 @@ STAGE = StageConfig(backbone="efficientnet_lite0", weights="imagenet", image_siz
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """An export folder of a tiny stage-2 checkpoint (threshold 0.5: no run around it)."""
+def ultrasound_store(tmp_path_factory):
+    """A real ultrasound store (built-in synthetic data) with train, val and test rows, 32 px: what ``--int8``
+    calibrates on (train) and checks the AUC on (test). Small enough for the driver's threads, so no Ray."""
+    from helpers import split_and_store
+    from msbt.config import PreprocessConfig
+    from msbt.data import synth
+    from msbt.data.preprocess import build_ultrasound_store
+
+    out = tmp_path_factory.mktemp("int8")
+    synth.generate(out / "synth", seed=5, fields_per_line=1, field_size=200, lesions_per_class=10,
+                   frames_per_lesion=(1, 2), ultrasound_size=64)
+    return split_and_store(out / "synth" / "ultrasound", out, build_ultrasound_store, PreprocessConfig(image_size=32))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, ultrasound_store):
+    """An export folder of a tiny stage-2 checkpoint (threshold 0.5: no run around it), made as a user makes one
+    with int8: ``msbt export CHECKPOINT OUT --int8 --int8-store STORE`` (a bound of 1: an untrained head's AUC
+    may move any way). What the command printed is kept for the int8 test."""
+    import contextlib
+    import io
+
     root = tmp_path_factory.mktemp("serve")
     checkpoint = root / "checkpoint"
     checkpoint.mkdir()
@@ -43,8 +65,13 @@ def exported(tmp_path_factory):
     model.save(checkpoint / MODEL_FILE)
     write_manifest(checkpoint, stage_config=STAGE, class_names=["benign", "malignant"],
                    metrics={"val_auc": 0.5}, best_epoch=1)
-    record = ex.export(checkpoint, root / "export")
-    return {"folder": root / "export", "record": record, "model": model, "root": root}
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # a module fixture has no capsys
+        code = main(["export", str(checkpoint), str(root / "export"), "--int8", "--int8-store", str(ultrasound_store),
+                     "--int8-max-auc-drop", "1"])
+    assert code == 0, printed.getvalue()
+    record = json.loads((root / "export" / "export.json").read_text())
+    return {"folder": root / "export", "record": record, "model": model, "root": root, "printed": printed.getvalue()}
 
 
 def ultrasound(n: int, size: int = 96, seed: int = 7) -> np.ndarray:
@@ -322,41 +349,26 @@ def test_serve_and_stream_commands_refuse_a_folder_that_is_not_an_export(tmp_pat
 # int8: calibrated on the train split, kept only within its test-AUC bound
 
 
-@pytest.fixture(scope="module")
-def ultrasound_store(tmp_path_factory, ray_local):
-    """A real ultrasound store (built-in synthetic data, Ray Data) with train, val and test rows, 32 px."""
-    from helpers import split_and_store
-    from msbt.config import PreprocessConfig
-    from msbt.data import synth
-    from msbt.data.preprocess import build_ultrasound_store
-
-    out = tmp_path_factory.mktemp("int8")
-    synth.generate(out / "synth", seed=5, fields_per_line=1, field_size=200, lesions_per_class=10,
-                   frames_per_lesion=(1, 2), ultrasound_size=64)
-    return split_and_store(out / "synth" / "ultrasound", out, build_ultrasound_store, PreprocessConfig(image_size=32))
-
-
-@pytest.mark.ray
-def test_int8_is_kept_only_within_its_test_auc_bound(exported, ultrasound_store, tmp_path, capsys):
+def test_int8_is_kept_only_within_its_test_auc_bound(exported, ultrasound_store, tmp_path):
+    """The module's export was made with ``--int8`` (the fixture): its int8 model kept, recorded and loadable;
+    then an impossible bound, and no store."""
     from msbt.data.store import Store
 
-    checkpoint = exported["root"] / "checkpoint"
-    assert main(["export", str(checkpoint), str(tmp_path / "kept"), "--int8", "--int8-store", str(ultrasound_store),
-                 "--int8-max-auc-drop", "1"]) == 0
-    assert "int8: test AUC" in capsys.readouterr().out
-    record = json.loads((tmp_path / "kept" / "export.json").read_text())["int8"]
+    checkpoint, kept = exported["root"] / "checkpoint", exported["folder"]
+    assert "int8: test AUC" in exported["printed"]
+    record = exported["record"]["int8"]
     test_rows = int((Store.open(ultrasound_store).read(columns=["split"])["split"] == "test").sum())
     assert record["accepted"] and record["file"] == "model_int8.onnx" and record["test_images"] == test_rows
     assert record["calibration"]["split"] == "train" and record["calibration"]["images"] > 0
     assert record["auc_change"] == pytest.approx(record["auc_int8"] - record["auc_f32"])
     assert record["threshold"] == 0.5 and 0 <= record["labels_changed"] <= record["test_images"]
     images = ultrasound(8)
-    reference = eng.load_engine(tmp_path / "kept", "onnx").predict(images)
+    reference = eng.load_engine(kept, "onnx").predict(images)
     for name in ("onnx", "openvino"):
-        p = eng.load_engine(tmp_path / "kept", name, precision="int8").predict(images)
+        p = eng.load_engine(kept, name, precision="int8").predict(images)
         assert p.shape == (8,) and np.all((p >= 0) & (p <= 1))
         assert 0 < np.abs(p - reference).max() < 0.1  # quantized: close, not equal
-    served = eng.load_served(tmp_path / "kept", "openvino", precision="int8")
+    served = eng.load_served(kept, "openvino", precision="int8")
     assert any(note.startswith("int8 engine: test AUC") for note in served.notes)  # its cost travels with it
 
     # An impossible bound: the int8 model is refused, recorded as such, and cannot be loaded.
@@ -371,7 +383,7 @@ def test_int8_is_kept_only_within_its_test_auc_bound(exported, ultrasound_store,
 
     with pytest.raises(eng.EngineError, match="precision int8 needs"):
         app.application(tmp_path / "refused", ServeConfig(engine="onnx", precision="int8"))
-    assert app.application(tmp_path / "kept", ServeConfig(precision="int8")) is not None
+    assert app.application(kept, ServeConfig(precision="int8")) is not None
     # No store to calibrate on: said before anything is written.
     with pytest.raises(ValueError, match="--int8 needs the run's ultrasound store"):
         ex.export(checkpoint, tmp_path / "nostore", int8=True)
