@@ -167,6 +167,17 @@ class Store:
     def files(self) -> list[str]:
         return store_files(self.path)
 
+    def data_files(self) -> list[str]:
+        """Its Parquet files, for a step that reads rows: a store with none is refused here.
+
+        Raises:
+            StoreError: No Parquet file (a ``store.json`` without rows: an emptied or hand-made folder).
+        """
+        files = self.files()
+        if not files:
+            raise StoreError(f"{self.path}: no Parquet files (not a store, or an empty one)")
+        return files
+
     def memory_bytes(self) -> int:
         """The size of its rows in memory, uncompressed (from the Parquet footers; pixels compress well)."""
         import pyarrow.parquet as pq
@@ -182,13 +193,14 @@ class Store:
         order and as stored (``image`` still encoded); files without such rows are left out.
 
         Raises:
-            StoreError: Two files disagree on the columns' types (names the file).
+            StoreError: No Parquet file (:meth:`data_files`), or two files disagree on the columns' types (names
+                the file).
         """
         import pyarrow.dataset as pads
 
         flt = pads.field("split") == split if split else None
         tables, schema = [], None
-        for f in self.files():
+        for f in self.data_files():
             table = pads.dataset(f, format="parquet").to_table(columns=columns, filter=flt)
             if schema is not None and not table.schema.equals(schema):
                 raise StoreError(f"{f}: its columns differ from the store's other files ({table.schema} vs {schema})")
@@ -206,11 +218,14 @@ class Store:
         (``RAY_DATA_PARQUET_FOOTER_IO_CONCURRENCY``), so msbt asks for one unless the variable is set
         (process-wide: Ray Data reads it when it plans the read). Measured on 2 CPUs, three reads of a
         small store's two splits (``benchmarks/read_store.py``): docs/training.md.
+
+        Raises:
+            StoreError: No Parquet file (:meth:`data_files`), said before Ray Data plans a read of nothing.
         """
         import ray.data
 
         os.environ.setdefault(FOOTER_ACTORS_ENV, "1")
-        return ray.data.read_parquet(self.files(), columns=columns)
+        return ray.data.read_parquet(self.data_files(), columns=columns)
 
     def columns(self) -> list[str]:
         """The column names of the rows (from the first Parquet file's schema; none for an empty store)."""
@@ -483,9 +498,7 @@ def write_resplit(store: str | Path, roles: Mapping[str, str], out: str | Path) 
     import pyarrow.parquet as pq
 
     source_store, out = Store.open(store), Path(out)
-    files = source_store.files()
-    if not files:
-        raise StoreError(f"{source_store.path}: no Parquet files (not a store, or an empty one)")
+    files = source_store.data_files()
     table = pads.dataset(files, format="parquet").to_table()
     sources = table["source"].to_pylist()
     keep = [s in roles for s in sources]

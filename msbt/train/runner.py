@@ -534,13 +534,6 @@ def _columns(store: Store, keys: bool, sites: bool) -> list[str]:
     return ["image", "label_index", *extra, *(["site"] if sites else [])]
 
 
-def _opened(store_path: str | Path) -> Store:
-    store = Store.open(store_path)
-    if not store.files():
-        raise ValueError(f"{store_path}: no Parquet files (not a store, or an empty one)")
-    return store
-
-
 def split_tables(store_path: str | Path, split: str, *, keys: bool = False, sites: bool = False) -> list:
     """One split of a small store, read here with pyarrow: one ``pyarrow.Table`` per Parquet file that has
     rows of it, in file order, with columns ``image``, ``label_index`` (arguments as :func:`split_dataset`).
@@ -548,7 +541,7 @@ def split_tables(store_path: str | Path, split: str, *, keys: bool = False, site
     Raises:
         ValueError: Not a store, or no rows of ``split``.
     """
-    store = _opened(store_path)
+    store = Store.open(store_path)
     tables = store.read_tables(_columns(store, keys, sites), split)
     if not tables:
         raise ValueError(f"{store_path}: the store has no {split!r} rows")
@@ -571,7 +564,7 @@ def split_dataset(store_path: str | Path, split: str, *, keys: bool = False, sit
     """
     from ray.data.expressions import col
 
-    store = _opened(store_path)
+    store = Store.open(store_path)
     columns = _columns(store, keys, sites)
     ds = store.ray_dataset([*columns, "split"])
     # An expression filter runs on the Arrow table (read_parquet refuses a pyarrow `filter=` in 2.60).

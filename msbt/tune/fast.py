@@ -149,8 +149,6 @@ def compute_features(store: str | Path, parent: str | Path | None, stage: StageC
     from msbt.data.store import Store
 
     opened = Store.open(store)
-    if not opened.files():
-        raise ValueError(f"{store}: no Parquet files (not a store, or an empty one)")
     ds = opened.ray_dataset(["image", "label_index", "split", "source"])
     # Materialised before the actors start: on 2 CPUs an actor pool holding the CPUs starves read tasks.
     ds = ds.filter(expr=col("split").is_in(list(SPLITS))).materialize()

@@ -532,3 +532,27 @@ def test_edited_export_threshold_is_detected(tmp_path, checkpoint, capsys):
     assert rc == 1 and predicted == {}
     assert f"{tmp_path / 'exp' / 'export.json'}: changed after export" in capsys.readouterr().err
     assert no_temp_files(tmp_path) == []
+
+
+def test_a_store_without_rows_is_refused_by_name_by_every_reader(tmp_path):
+    """A ``store.json`` with no Parquet file beside it (an emptied or hand-made folder): every step that reads
+    rows (a stage's small-store read, Ray Data's read for a large store or for fast mode, a fold's re-split) says
+    so, naming the folder, before any read is planned."""
+    import json
+
+    from msbt.data.store import STORE_FILE, Store, StoreError, write_resplit
+    from msbt.train.runner import split_tables
+
+    folder = tmp_path / "store"
+    folder.mkdir()
+    (folder / STORE_FILE).write_text(json.dumps({"kind": "ultrasound", "image_shape": [32, 32, 3],
+                                                 "classes": ["benign", "malignant"], "settings": {}}))
+    store = Store.open(folder)  # the identity alone opens
+    assert store.files() == [] and store.columns() == []
+    message = f"{folder.resolve()}: no Parquet files"
+    for read in (store.data_files, lambda: store.read_tables(["label_index"], "train"),
+                 lambda: store.ray_dataset(["label_index"]), lambda: split_tables(folder, "train"),
+                 lambda: write_resplit(folder, {}, tmp_path / "fold")):
+        with pytest.raises(StoreError, match=re.escape(message)):
+            read()
+    assert not (tmp_path / "fold").exists()
