@@ -337,13 +337,31 @@ def _scale(values: Sequence[Any]):
     return (lambda v: pos[json.dumps(v)]), [(p, str(json.loads(c))) for c, p in pos.items()], False
 
 
+def spaced_ticks(ticks: Sequence[tuple[float, str]], height: float, gap: float = 12.0) -> list[tuple[float, str]]:
+    """The tick labels of one axis that can be read: the two ends first, then each other value whose label
+    keeps ``gap`` px (about a line of 11 px text) from every label already kept; values closer than that
+    (two learning rates of 1.14e-4 and 1.17e-4) would print over each other, and are shown by the lines alone.
+    """
+    ordered = sorted(ticks)
+    if len(ordered) <= 2:
+        return ordered
+    kept = [ordered[0], ordered[-1]]
+    for tick in ordered[1:-1]:
+        if all(abs(tick[0] - k[0]) * height >= gap for k in kept):
+            kept.append(tick)
+    return sorted(kept)
+
+
 def parallel_coordinates(trials: Sequence[dict], keys: Sequence[str], metric: str, mode: str) -> str:
     """SVG: one vertical axis per varied setting and one for the metric; one line per trial."""
     scored = [t for t in trials if t["best"] is not None]
     axes = [*keys, metric]
-    width, top, plot_h = max(520, 150 * len(axes)), 40, 260
+    # The first axis's centred label and the last axis's tick labels need room inside the SVG (a label past
+    # its edge is cut off); a page narrower than the chart scrolls it sideways (.wide).
+    margin, top, plot_h = 90, 40, 260
+    width = max(520, 150 * (len(axes) - 1) + 2 * margin)
     height = top + plot_h + 70
-    x = {a: 60 + i * (width - 120) / max(1, len(axes) - 1) for i, a in enumerate(axes)}
+    x = {a: margin + i * (width - 2 * margin) / max(1, len(axes) - 1) for i, a in enumerate(axes)}
     values = {k: [flatten(t["params"]).get(k) for t in trials] for k in keys}
     values[metric] = [t["best"] for t in scored] or [0.0]
     scales = {a: _scale([v for v in values[a] if v is not None] or [0.0]) for a in axes}
@@ -374,7 +392,7 @@ def parallel_coordinates(trials: Sequence[dict], keys: Sequence[str], metric: st
         parts.append(f'<line x1="{x[a]:.1f}" y1="{top}" x2="{x[a]:.1f}" y2="{top + plot_h}" stroke="#333"/>')
         label = a + (" (log)" if scales[a][2] else "")
         parts.append(f'<text x="{x[a]:.1f}" y="{top - 18}" text-anchor="middle" class="ax">{_e(label)}</text>')
-        for pos, text in scales[a][1]:
+        for pos, text in spaced_ticks(scales[a][1], plot_h):
             y = top + plot_h - pos * plot_h
             parts.append(f'<text x="{x[a] + 5:.1f}" y="{y + 4:.1f}" class="tk">{_e(text)}</text>')
     ly = top + plot_h + 30
@@ -435,7 +453,7 @@ def _table(search: dict, trials: Sequence[dict], keys: Sequence[str]) -> str:
                  f"{t['epochs']}/{search['epochs']}", t["status"]]
         cls = ' class="ref"' if t["reference"] else ""
         rows.append(f"<tr{cls}>" + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>")
-    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+    return f"<div class=wide><table><tr>{head}</tr>{''.join(rows)}</table></div>"
 
 
 def _importance_section(rows: Sequence[dict]) -> str:
@@ -503,7 +521,8 @@ h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd
 table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 7px;text-align:left}
 tr.ref td{background:#fde8e8;font-weight:600}.ax{font-size:12px;font-weight:600}.tk{font-size:11px;fill:#444}
 .bar{display:inline-block;height:10px;background:#3b528b}.curves{display:flex;flex-wrap:wrap;gap:6px}
-pre{background:#f6f6f6;padding:6px;white-space:pre-wrap;word-break:break-all}.note{color:#555}"""
+pre{background:#f6f6f6;padding:6px;white-space:pre-wrap;word-break:break-all}.note{color:#555}
+.wide{overflow-x:auto;max-width:100%}"""
 
 
 def render(path: str | Path, top_k: int = 3) -> str:
@@ -543,7 +562,8 @@ def render(path: str | Path, top_k: int = 3) -> str:
         "<h2 id=ranking>Trials, best first</h2>", _table(search, trials, keys),
         "<h2 id=parallel>Settings of every trial</h2>",
         "<p class=note>One line per trial through the value of each varied setting and its best metric.</p>",
-        parallel_coordinates(trials, keys, metric, search["mode"]) if keys else "<p>No setting was varied.</p>",
+        f'<div class=wide>{parallel_coordinates(trials, keys, metric, search["mode"])}</div>' if keys
+        else "<p>No setting was varied.</p>",
         "<h2 id=curves>Validation curves</h2>", f"<p class=note>{_e(metric)} per epoch; {rung_text}.</p>",
         f'<div class="curves">{charts}</div>',
         "<h2 id=importance>Which settings mattered</h2>",

@@ -91,6 +91,23 @@ def test_review_page_holds_every_trial_and_the_numbers_behind_it(tmp_path):
     pc = next(t for t in trees if t.get("class") == "pc")
     assert len(list(pc.iter("{http://www.w3.org/2000/svg}polyline"))) == len(TRIALS)
     assert sum(t.get("class") == "curve" for t in trees) == len(TRIALS)
+    # Seen in headless Chromium on a 12-axis search: the first axis's centred label started left of the SVG and was
+    # cut off, and the chart and table ran past the page. Each axis label now fits inside its SVG (about 7 px a
+    # character at 12 px), and the wide chart and table sit in a box that scrolls sideways.
+    svg = "{http://www.w3.org/2000/svg}"
+    width = float(pc.get("width"))
+    for label in (t for t in pc.iter(f"{svg}text") if t.get("class") == "ax"):
+        half = 3.5 * len(label.text)
+        assert half <= float(label.get("x")) <= width - half, label.text
+    assert "<div class=wide><svg" in page and "<div class=wide><table>" in page and ".wide{overflow-x:auto" in page
+
+
+def test_tick_labels_that_would_print_over_each_other_are_left_out():
+    # an axis 260 px high: 0.0 and 1.0 always; 0.02 is 5 px from 0.0 (left out), 0.5 kept, 0.51 3 px from it
+    ticks = [(1.0, "hi"), (0.02, "close"), (0.5, "mid"), (0.0, "lo"), (0.51, "next")]
+    assert review.spaced_ticks(ticks, 260) == [(0.0, "lo"), (0.5, "mid"), (1.0, "hi")]
+    assert review.spaced_ticks(ticks, 2600) == sorted(ticks)  # ten times the height: every label fits
+    assert review.spaced_ticks([(0.5, "one")], 260) == [(0.5, "one")]
 
 
 def test_importance_uses_rank_correlation_for_numbers_and_eta_squared_for_categories():
