@@ -27,8 +27,8 @@ Two rates per run, both in training images per second (images fed, all workers t
 
 Ray is started here as msbt's jobs start it (``msbt.raycluster.start_private``, all CPUs, the dashboard
 on) unless ``--address`` is given; every arm runs with it up. The 2-worker run gives each worker
-``--cpus-per-worker`` CPUs (default (CPUs - 1) / 2, leaving one to Ray Data) and as many TensorFlow threads
-(at least one). Each arm runs ``--repeats`` times (default 3), the arms in turns;
+``--cpus-per-worker`` CPUs (default (CPUs - 1) / 2, leaving one to Ray Data) and as many TensorFlow
+threads (at least one). Each arm runs ``--repeats`` times (default 3), the arms in turns;
 prints every run, each arm's median and range, and the ratios b/a, c/a and t/a of the runs made side by side.
 """
 

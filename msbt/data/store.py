@@ -222,10 +222,11 @@ class Store:
         Raises:
             StoreError: No Parquet file (:meth:`data_files`), said before Ray Data plans a read of nothing.
         """
+        files = self.data_files()  # before Ray Data is imported or told anything
         import ray.data
 
         os.environ.setdefault(FOOTER_ACTORS_ENV, "1")
-        return ray.data.read_parquet(self.data_files(), columns=columns)
+        return ray.data.read_parquet(files, columns=columns)
 
     def columns(self) -> list[str]:
         """The column names of the rows (from the first Parquet file's schema; none for an empty store)."""

@@ -338,8 +338,8 @@ def _scale(values: Sequence[Any]):
 
 
 def spaced_ticks(ticks: Sequence[tuple[float, str]], height: float, gap: float = 12.0) -> list[tuple[float, str]]:
-    """The tick labels of one axis that can be read: the two ends first, then each other value whose label
-    keeps ``gap`` px (about a line of 11 px text) from every label already kept; values closer than that
+    """The tick labels of a number axis that can be read: the two ends first, then each other value whose
+    label keeps ``gap`` px (about a line of 11 px text) from every label already kept; values closer than that
     (two learning rates of 1.14e-4 and 1.17e-4) would print over each other, and are shown by the lines alone.
     """
     ordered = sorted(ticks)
@@ -392,7 +392,10 @@ def parallel_coordinates(trials: Sequence[dict], keys: Sequence[str], metric: st
         parts.append(f'<line x1="{x[a]:.1f}" y1="{top}" x2="{x[a]:.1f}" y2="{top + plot_h}" stroke="#333"/>')
         label = a + (" (log)" if scales[a][2] else "")
         parts.append(f'<text x="{x[a]:.1f}" y="{top - 18}" text-anchor="middle" class="ax">{_e(label)}</text>')
-        for pos, text in spaced_ticks(scales[a][1], plot_h):
+        # a number axis drops labels too close to read (the lines still place the value); a category's label is
+        # the only way to tell it, so a category axis keeps every one
+        numeric = all(_is_number(v) for v in values[a] if v is not None)
+        for pos, text in (spaced_ticks(scales[a][1], plot_h) if numeric else scales[a][1]):
             y = top + plot_h - pos * plot_h
             parts.append(f'<text x="{x[a] + 5:.1f}" y="{y + 4:.1f}" class="tk">{_e(text)}</text>')
     ly = top + plot_h + 30

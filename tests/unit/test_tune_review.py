@@ -110,6 +110,20 @@ def test_tick_labels_that_would_print_over_each_other_are_left_out():
     assert review.spaced_ticks([(0.5, "one")], 260) == [(0.5, "one")]
 
 
+def test_the_chart_leaves_out_close_number_labels_but_keeps_every_category():
+    """Two learning rates 1% apart print one label between them; categories whose labels crowd keep each one (a
+    category cannot be read off the line's height)."""
+    rates = [0.001, 0.00101, 0.1, 0.01]
+    cats = [f"opt{i}" for i in range(30)]  # 30 categories on 260 px: 9 px apart, closer than a label
+    trials = [{"trial": f"trial_{i:05d}", "params": {"lr": rates[i % 4], "opt": cats[i]}, "best": 0.5 + i / 100,
+               "reference": i == 0} for i in range(30)]
+    pc = ET.fromstring(review.parallel_coordinates(trials, ["lr", "opt"], METRIC, "max"))
+    labels = [t.text for t in pc.iter("{http://www.w3.org/2000/svg}text") if t.get("class") == "tk"]
+    assert ("0.001" in labels) != ("0.00101" in labels)  # one of the two, not both
+    assert "0.1" in labels and "0.01" in labels
+    assert all(c in labels for c in cats)
+
+
 def test_importance_uses_rank_correlation_for_numbers_and_eta_squared_for_categories():
     trials = [{"params": {"lr": lr, "opt": opt}, "best": best}
               for lr, opt, best in [(1, "a", 0.1), (2, "a", 0.2), (3, "b", 0.9), (4, "b", 0.8)]]
