@@ -320,8 +320,10 @@ def asha_rungs(search: dict) -> list[int]:
     return rungs
 
 
-def _scale(values: Sequence[Any]):
-    """A map value -> [0, 1] for one axis, and its tick labels ``[(position, text)]``."""
+def _scale(values: Sequence[Any], height: float):
+    """A map value -> [0, 1] for one axis ``height`` px high, and its tick labels ``[(position, text)]``: on a
+    number axis those that can be read (:func:`spaced_ticks`; the lines still place every value), on a category
+    axis every one (a category is told by its label alone)."""
     if all(_is_number(v) for v in values):
         lo, hi = min(values), max(values)
         log = lo > 0 and hi / lo >= 10
@@ -331,7 +333,8 @@ def _scale(values: Sequence[Any]):
         ticks = sorted(set(values))
         if len(ticks) > 6:
             ticks = [lo, hi]
-        return (lambda v: (f(v) - a) / span), [((f(t) - a) / span, f"{t:.3g}") for t in ticks], log
+        labels = spaced_ticks([((f(t) - a) / span, f"{t:.3g}") for t in ticks], height)
+        return (lambda v: (f(v) - a) / span), labels, log
     cats = sorted({json.dumps(v) for v in values})
     pos = {c: (i / (len(cats) - 1) if len(cats) > 1 else 0.5) for i, c in enumerate(cats)}
     return (lambda v: pos[json.dumps(v)]), [(p, str(json.loads(c))) for c, p in pos.items()], False
@@ -364,7 +367,7 @@ def parallel_coordinates(trials: Sequence[dict], keys: Sequence[str], metric: st
     x = {a: margin + i * (width - 2 * margin) / max(1, len(axes) - 1) for i, a in enumerate(axes)}
     values = {k: [flatten(t["params"]).get(k) for t in trials] for k in keys}
     values[metric] = [t["best"] for t in scored] or [0.0]
-    scales = {a: _scale([v for v in values[a] if v is not None] or [0.0]) for a in axes}
+    scales = {a: _scale([v for v in values[a] if v is not None] or [0.0], plot_h) for a in axes}
     lo, hi = min(values[metric]), max(values[metric])
 
     def level(t):  # colour: 1 = best
@@ -392,10 +395,7 @@ def parallel_coordinates(trials: Sequence[dict], keys: Sequence[str], metric: st
         parts.append(f'<line x1="{x[a]:.1f}" y1="{top}" x2="{x[a]:.1f}" y2="{top + plot_h}" stroke="#333"/>')
         label = a + (" (log)" if scales[a][2] else "")
         parts.append(f'<text x="{x[a]:.1f}" y="{top - 18}" text-anchor="middle" class="ax">{_e(label)}</text>')
-        # a number axis drops labels too close to read (the lines still place the value); a category's label is
-        # the only way to tell it, so a category axis keeps every one
-        numeric = all(_is_number(v) for v in values[a] if v is not None)
-        for pos, text in (spaced_ticks(scales[a][1], plot_h) if numeric else scales[a][1]):
+        for pos, text in scales[a][1]:
             y = top + plot_h - pos * plot_h
             parts.append(f'<text x="{x[a] + 5:.1f}" y="{y + 4:.1f}" class="tk">{_e(text)}</text>')
     ly = top + plot_h + 30
