@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from helpers import ROOT, TINY_RUN_FIXTURES, shared_data
+from helpers import ROOT, TINY_RUN_FIXTURES, file_scheduler, shared_data
 
 
 @pytest.fixture
@@ -139,16 +139,7 @@ class FileScheduling:
 
     @staticmethod
     def pytest_xdist_make_scheduler(config, log):
-        from xdist.scheduler import LoadScopeScheduling
-
-        config.option.loadscopereorder = False  # keep the order above (xdist would sort by number of tests)
-
-        class ByFile(LoadScopeScheduling):
-            def _split_scope(self, nodeid: str) -> str:
-                path = nodeid.split("::", 1)[0]
-                return "tiny-run" if path.rsplit("/", 1)[-1] in TINY_RUN_FILES else path
-
-        return ByFile(config, log)
+        return file_scheduler(config, log, TINY_RUN_FILES)
 
 
 def pytest_configure(config):

@@ -192,3 +192,38 @@ def placement_groups_held(ignore=frozenset()) -> dict[str, str]:
 
     return {pg: entry["state"] for pg, entry in ray.util.placement_group_table().items()
             if entry["state"] != "REMOVED" and pg not in ignore}
+
+
+def file_scheduler(config, log, together: set[str] = frozenset()):
+    """pytest-xdist's scope scheduler with a whole file as one unit of work (the files named in ``together``
+    as one unit between them), and a crash handled as xdist's plain load scheduler handles it.
+
+    xdist 3.8's ``LoadScopeScheduling`` puts a crashed test process's file back in the queue with the test
+    that crashed it still to run: the next process runs that test again and crashes too, and after that
+    nothing is handed out and the run waits forever (seen in a clean clone on 2026-12-06; reproduced by
+    tests/unit/test_suite_scheduler.py). Here the crashed test counts as done (xdist reports it failed,
+    naming the crash) and only the rest of its file goes back in the queue.
+    """
+    from xdist.scheduler import LoadScopeScheduling
+
+    config.option.loadscopereorder = False  # keep the collection's order (xdist would sort by number of tests)
+
+    class ByFile(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "together" if path.rsplit("/", 1)[-1] in together else path
+
+        def remove_node(self, node):
+            workload = self.assigned_work.pop(node)
+            pending = [(unit, nodeid) for unit, tests in workload.items()
+                       for nodeid, completed in tests.items() if not completed]
+            if not pending:
+                return None
+            unit, crashed = pending[0]  # a process runs its tests in order: the first not done crashed it
+            workload[unit][crashed] = True
+            self.workqueue.update((u, tests) for u, tests in workload.items() if not all(tests.values()))
+            for other in self.assigned_work:
+                self._reschedule(other)
+            return crashed
+
+    return ByFile(config, log)
