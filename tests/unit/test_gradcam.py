@@ -26,9 +26,12 @@ EXPECTED = {
     "efficientnetb2": "top_activation",
     "inceptionv3": "mixed10",
     "efficientnet_lite0": "top_relu6",
+    "efficientnet_lite1": "top_relu6",
+    "efficientnet_lite2": "top_relu6",
     "tiny_cnn": "top_relu",
 }
-SIZES = {"resnet50": 64, "efficientnetb2": 64, "inceptionv3": 107, "efficientnet_lite0": 64, "tiny_cnn": 64}
+SIZES = {"resnet50": 64, "efficientnetb2": 64, "inceptionv3": 107, "efficientnet_lite0": 64, "efficientnet_lite1": 64,
+         "efficientnet_lite2": 64, "tiny_cnn": 64}
 
 
 def random_images(n, size, seed=0) -> np.ndarray:
