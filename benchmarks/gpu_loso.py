@@ -13,8 +13,8 @@ GPU" was the lever left untested. The GPU machine lent to a session has JAX but 
 
 * ``pack`` reads a multi-site 224 px store (``msbt.data.store``; e.g. the one of ``loso-ms-frozen224``) and
   writes ``data.npz`` (each image PNG-encoded, grey when its channels are equal, so the set fits in what
-  travels to the GPU machine) and ``lite0.weights.h5`` (the backbone's ImageNet weights, which the machine
-  cannot make: the Lite0 package is not there). It records, for every site held out, each image's role as
+  travels to the GPU machine) and ``lite0.weights.h5`` / ``lite2.weights.h5`` (the backbones' ImageNet
+  weights, which the machine cannot make: the weights packages are not there). It records, for every site held out, each image's role as
   msbt's own leave-one-site-out assigns it (``msbt.jobs.experiments.site_roles``: the other sites' train and
   val rows, the held-out site's images minus their near-duplicates of another site's train or val image,
   ``cross_site_duplicates`` on the run's split folder); ``train`` reads those roles and nothing else.
@@ -28,7 +28,7 @@ GPU" was the lever left untested. The GPU machine lent to a session has JAX but 
   trained designs. Arms, in this order: ``96`` (the CPU design: 96 px resized from
   the 224 px images, 8 epochs; the control for this pipeline), ``224`` (224 px, 30 epochs, the config's Adam
   1e-3), ``224-lr1e-4`` (224 px, 30 epochs, Adam 1e-4, the usual rate for fine-tuning a pretrained
-  backbone). Every epoch is printed with its time; a fold that would start with too little of ``--budget``
+  backbone), ``lite2-224-lr1e-4`` (the same with EfficientNet-Lite2, msbt's largest offline ImageNet backbone). Every epoch is printed with its time; a fold that would start with too little of ``--budget``
   left is skipped, and one running when the budget ends stops at the end of the epoch it is in (its best
   epoch so far is scored, and the report says how many epochs it ran): the budget can be overrun by one
   epoch and one scoring.
@@ -55,10 +55,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "workflows" / "configs" / "multisite.yaml"
-ARMS = {  # name: (image size, epochs, learning rate or None for the config's); the cheap control first
-    "96": (96, 8, None),
-    "224": (224, 30, None),
-    "224-lr1e-4": (224, 30, 1e-4),
+ARMS = {  # name: (image size, epochs, learning rate or None for the config's, backbone); the cheap control first
+    "96": (96, 8, None, "lite0"),
+    "224": (224, 30, None, "lite0"),
+    "224-lr1e-4": (224, 30, 1e-4, "lite0"),
+    "lite2-224-lr1e-4": (224, 30, 1e-4, "lite2"),
 }
 
 
@@ -98,10 +99,12 @@ def pack(store_path: Path, folder: Path, split_folder: Path) -> None:
              split=data["split"].astype(str), group=data["group"].astype(str),
              **{f"role_{site}": np.array([roles.get(x, "") for x in source])
                 for site, roles in roles_by_site.items()})
-    build_backbone("efficientnet_lite0", images.shape[1], "imagenet").save_weights(folder / "lite0.weights.h5")
+    for variant in sorted({arm[3] for arm in ARMS.values()}):
+        build_backbone(f"efficientnet_{variant}", images.shape[1], "imagenet").save_weights(
+            folder / f"{variant}.weights.h5")
+    weights = ", ".join(f"{f.name} {f.stat().st_size / 1e6:.1f} MB" for f in sorted(folder.glob("*.weights.h5")))
     print(f"{len(images)} images ({excluded} cross-site near-duplicates excluded when their site is "
-          f"held out) -> {folder / 'data.npz'} ({offsets[-1] / 1e6:.1f} MB), "
-          f"{folder / 'lite0.weights.h5'} ({(folder / 'lite0.weights.h5').stat().st_size / 1e6:.1f} MB)")
+          f"held out) -> {folder / 'data.npz'} ({offsets[-1] / 1e6:.1f} MB), {weights}")
 
 
 def load(folder: Path, with_images: bool = True) -> dict:
@@ -125,7 +128,7 @@ def load(folder: Path, with_images: bool = True) -> dict:
 
 
 def train_one(data: dict, held: str, size: int, epochs: int, lr: float | None, weights: Path,
-              deadline: float = float("inf")) -> dict:
+              deadline: float = float("inf"), backbone: str = "lite0") -> dict:
     """One arm with one site held out; stops after the epoch that passes ``deadline`` (perf_counter)."""
     import cv2
     import keras
@@ -136,7 +139,8 @@ def train_one(data: dict, held: str, size: int, epochs: int, lr: float | None, w
     from msbt.model.compiled import OPTIMIZERS
     from msbt.model.models import build_model
 
-    overrides = [f"stage2.weights={weights}", f"stage2.image_size={size}", f"stage2.epochs={epochs}"]
+    overrides = [f"stage2.weights={weights}", f"stage2.image_size={size}", f"stage2.epochs={epochs}",
+                 f"stage2.backbone=efficientnet_{backbone}"]
     stage = load_config([CONFIG], overrides=overrides).stage2
     images = data["image"]
     if images.shape[1] != size:
@@ -183,7 +187,7 @@ def train_one(data: dict, held: str, size: int, epochs: int, lr: float | None, w
                 callbacks=[KeepBest()])
     model.set_weights(best["weights"])
     p_test = model.predict(images[test], batch_size=64, verbose=0)[:, 0]
-    return {"held": held, "size": size, "epochs": epochs, "lr": lr or stage.learning_rate,
+    return {"held": held, "size": size, "epochs": epochs, "lr": lr or stage.learning_rate, "backbone": backbone,
             "train_images": int(train.sum()), "val_images": int(val.sum()), "best_epoch": best["epoch"],
             "epochs_run": len(history),
             "val_auc": history, "rows": [int(i) for i in data["row"][test]], "p_test": [float(p) for p in p_test],
@@ -209,14 +213,15 @@ def train(folder: Path, out: Path, budget: float, arms: list[str], smoke: bool) 
           flush=True)
     results, estimate = [], {}
     for arm in arms:
-        size, epochs, lr = ARMS[arm]
+        size, epochs, lr, backbone = ARMS[arm]
         size, epochs = (32, 2) if smoke else (size, epochs)
         for held in sorted(set(data["site"])):
             left = budget - (time.perf_counter() - started)
             if left < estimate.get(arm, 30.0):
                 print(f"{arm} held-out {held}: skipped, {left:.0f} s left", flush=True)
                 continue
-            r = train_one(data, held, size, epochs, lr, folder / "lite0.weights.h5", deadline=started + budget)
+            r = train_one(data, held, size, epochs, lr, folder / f"{backbone}.weights.h5", deadline=started + budget,
+                          backbone=backbone)
             estimate[arm] = r["seconds"] * 0.8  # later folds reuse the compiled graphs
             results.append({"arm": arm, **r})
             print(f"{arm} held-out {held}: {r['epochs_run']} epochs, best {r['best_epoch']}, "
@@ -269,7 +274,7 @@ def report(folder: Path, results_path: Path, n_boot: int) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("pack", help="a multi-site store -> data.npz + lite0.weights.h5 in FOLDER")
+    p = sub.add_parser("pack", help="a multi-site store -> data.npz + the arms' backbone weights in FOLDER")
     p.add_argument("store", type=Path)
     p.add_argument("folder", type=Path)
     p.add_argument("--split", type=Path, help="the run's ultrasound split folder (default: <run>/data/ultrasound "
