@@ -13,27 +13,30 @@ GPU" was the lever left untested. The GPU machine lent to a session has JAX but 
 
 * ``pack`` reads a multi-site 224 px store (``msbt.data.store``; e.g. the one of ``loso-ms-frozen224``) and
   writes ``data.npz`` (each image PNG-encoded, grey when its channels are equal, so the set fits in what
-  travels to the GPU machine) and ``lite0.weights.h5`` / ``lite2.weights.h5`` (the backbones' ImageNet
-  weights, which the machine cannot make: the weights packages are not there). It records, for every site held out, each image's role as
+  travels to the GPU machine: 38 MB) and the ImageNet weights of the backbones of ``--arms`` (the machine
+  cannot make them: the weights packages are not there): ``lite0.weights.h5`` (14 MB) by default,
+  ``lite2.weights.h5`` (20 MB) for the Lite2 arm. Both with the data are more than the 64 MiB a device call
+  carries, so the Lite2 arm is packed on its own (``--arms lite2-224-lr1e-4``, in another folder) and
+  ``report`` reads both runs' results. It records, for every site held out, each image's role as
   msbt's own leave-one-site-out assigns it (``msbt.jobs.experiments.site_roles``: the other sites' train and
   val rows, the held-out site's images minus their near-duplicates of another site's train or val image,
   ``cross_site_duplicates`` on the run's split folder); ``train`` reads those roles and nothing else.
-* ``train`` runs each arm with every site held out in turn: stage 2 on the other sites' ``train`` rows
-  (each image three times per epoch, as ``augment.expansion: 3``), the epoch with the best exact AUC on
-  their ``val`` rows kept, then every image of the held-out site scored. One training seed (0), where
-  ``multisite.yaml`` averages three. Augmentation is Keras' random layers for the config's flip, shift,
-  rotation, zoom, contrast and brightness, on the GPU, filling with the nearest pixel as msbt does; it is not
-  msbt's: Keras' brightness adds up to +-20% of 255 where msbt multiplies by a gain, and msbt's speckle and blur
-  (TensorFlow ops) are left out, so the arms compare with each other here, not with docs/evaluation.md's
-  trained designs. Arms, in this order: ``96`` (the CPU design: 96 px resized from
-  the 224 px images, 8 epochs; the control for this pipeline), ``224`` (224 px, 30 epochs, the config's Adam
-  1e-3), ``224-lr1e-4`` (224 px, 30 epochs, Adam 1e-4, the usual rate for fine-tuning a pretrained
-  backbone), ``lite2-224-lr1e-4`` (the same with EfficientNet-Lite2, msbt's largest offline ImageNet backbone). Every epoch is printed with its time; a fold that would start with too little of ``--budget``
-  left is skipped, and one running when the budget ends stops at the end of the epoch it is in (its best
-  epoch so far is scored, and the report says how many epochs it ran): the budget can be overrun by one
-  epoch and one scoring.
-* ``report`` computes the held-out AUCs with 95% group-bootstrap intervals over the held-out site's lesion
-  groups and each arm's paired difference to the ``96`` arm (``msbt.eval.metrics``).
+* ``train`` runs each arm with every site held out in turn: stage 2 on the other sites' ``train`` rows (each
+  image three times per epoch, as ``augment.expansion: 3``), the epoch with the best exact AUC on their ``val``
+  rows kept, then every image of the held-out site scored. One training seed (0), where ``multisite.yaml``
+  averages three. Augmentation is Keras' random layers for the config's flip, shift, rotation, zoom, contrast and
+  brightness, on the GPU, filling with the nearest pixel as msbt does; it is not msbt's: Keras' brightness adds
+  up to +-20% of 255 where msbt multiplies by a gain, and msbt's speckle and blur (TensorFlow ops) are left out,
+  so the arms compare with each other here, not with docs/evaluation.md's trained designs. Arms, in this order:
+  ``96`` (the CPU design: 96 px resized from the 224 px images, 8 epochs; the control for this pipeline), ``224``
+  (224 px, 30 epochs, the config's Adam 1e-3), ``224-lr1e-4`` (224 px, 30 epochs, Adam 1e-4, the usual rate for
+  fine-tuning a pretrained backbone), ``lite2-224-lr1e-4`` (the same with EfficientNet-Lite2, msbt's largest
+  offline ImageNet backbone; trained only where its weights were packed). Every epoch is printed with its time; a
+  fold that would start with too little of ``--budget`` left is skipped, and one running when the budget ends
+  stops at the end of the epoch it is in (its best epoch so far is scored, and the report says how many epochs it
+  ran): the budget can be overrun by one epoch and one scoring.
+* ``report`` computes the held-out AUCs with 95% group-bootstrap intervals over the held-out site's lesion groups
+  and each arm's paired difference to the ``96`` arm (``msbt.eval.metrics``).
 
 First try on an H200 (2026-12-04, the ``224`` arm then first in the order): its first fold did not finish in
 385 s, with no per-epoch output to say why. Time a Lite0 training stage first (``benchmarks/gpu_keras.py``'s
@@ -67,7 +70,7 @@ ARMS = {  # name: (image size, epochs, learning rate or None for the config's, b
 # pack (here) and the data both sides read
 
 
-def pack(store_path: Path, folder: Path, split_folder: Path) -> None:
+def pack(store_path: Path, folder: Path, split_folder: Path, arms: list[str]) -> None:
     import cv2
 
     from msbt.data.store import Store
@@ -99,7 +102,7 @@ def pack(store_path: Path, folder: Path, split_folder: Path) -> None:
              split=data["split"].astype(str), group=data["group"].astype(str),
              **{f"role_{site}": np.array([roles.get(x, "") for x in source])
                 for site, roles in roles_by_site.items()})
-    for variant in sorted({arm[3] for arm in ARMS.values()}):
+    for variant in sorted({ARMS[arm][3] for arm in arms}):
         build_backbone(f"efficientnet_{variant}", images.shape[1], "imagenet").save_weights(
             folder / f"{variant}.weights.h5")
     weights = ", ".join(f"{f.name} {f.stat().st_size / 1e6:.1f} MB" for f in sorted(folder.glob("*.weights.h5")))
@@ -220,8 +223,11 @@ def train(folder: Path, out: Path, budget: float, arms: list[str], smoke: bool) 
             if left < estimate.get(arm, 30.0):
                 print(f"{arm} held-out {held}: skipped, {left:.0f} s left", flush=True)
                 continue
-            r = train_one(data, held, size, epochs, lr, folder / f"{backbone}.weights.h5", deadline=started + budget,
-                          backbone=backbone)
+            weights = folder / f"{backbone}.weights.h5"
+            if not weights.is_file():
+                print(f"{arm}: skipped, {weights} not packed (pack --arms {arm})", flush=True)
+                break
+            r = train_one(data, held, size, epochs, lr, weights, deadline=started + budget, backbone=backbone)
             estimate[arm] = r["seconds"] * 0.8  # later folds reuse the compiled graphs
             results.append({"arm": arm, **r})
             print(f"{arm} held-out {held}: {r['epochs_run']} epochs, best {r['best_epoch']}, "
@@ -236,13 +242,14 @@ def train(folder: Path, out: Path, budget: float, arms: list[str], smoke: bool) 
 # report (here)
 
 
-def report(folder: Path, results_path: Path, n_boot: int) -> int:
+def report(folder: Path, results_paths: list[Path], n_boot: int) -> int:
     import warnings
 
     from msbt.eval.metrics import bootstrap_ci, paired_bootstrap_auc_diff
 
     data = load(folder, with_images=False)
-    results = json.loads(results_path.read_text())
+    # several files: arms trained from separate packs of the same store (the rows must agree to be paired)
+    results = [r for path in results_paths for r in json.loads(path.read_text())]
     sites = sorted(set(data["site"]))
     by = {(r["arm"], r["held"]): r for r in results}
     print("| arm | px | epochs | lr | " + " | ".join(f"{s} ({int((data['site'] == s).sum())})" for s in sites) + " |")
@@ -277,6 +284,9 @@ def main(argv=None) -> int:
     p = sub.add_parser("pack", help="a multi-site store -> data.npz + the arms' backbone weights in FOLDER")
     p.add_argument("store", type=Path)
     p.add_argument("folder", type=Path)
+    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=["96", "224", "224-lr1e-4"],
+                   help="the arms whose backbone weights to pack (default: the Lite0 ones; Lite0's and Lite2's "
+                        "weights together with the data are more than a device call carries)")
     p.add_argument("--split", type=Path, help="the run's ultrasound split folder (default: <run>/data/ultrasound "
                    "for a store at <run>/stores/ultrasound)")
     t = sub.add_parser("train", help="every arm, every site held out (Keras on JAX)")
@@ -287,11 +297,11 @@ def main(argv=None) -> int:
     t.add_argument("--smoke", action="store_true")
     r = sub.add_parser("report", help="held-out AUCs with group-bootstrap CIs")
     r.add_argument("folder", type=Path)
-    r.add_argument("results", type=Path)
+    r.add_argument("results", type=Path, nargs="+", help="train's --out files (several: arms of separate packs)")
     r.add_argument("--n-boot", type=int, default=2000)
     args = parser.parse_args(argv)
     if args.command == "pack":
-        pack(args.store, args.folder, args.split or args.store.resolve().parents[1] / "data" / "ultrasound")
+        pack(args.store, args.folder, args.split or args.store.resolve().parents[1] / "data" / "ultrasound", args.arms)
         return 0
     if args.command == "train":
         if os.environ.get("KERAS_BACKEND", "jax") != "jax":

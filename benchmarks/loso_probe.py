@@ -6,7 +6,8 @@ A quick way to ask whether a lever of the input or of the features can reach a h
 trained designs of docs/evaluation.md do not: no training of the backbone, so one pass over the images
 (plain and mirrored) gives every design below in seconds. The store must hold several sites (``site``
 column; the store of any ``workflows/crossval.py --by site`` run). EfficientNet-Lite0 with its ImageNet
-weights (msbt.model.lite0; ``--backbone lite1|lite2`` for the larger sizes) at the store's image size; each named block's output is averaged over space.
+weights (msbt.model.lite0; ``--backbone lite1|lite2``: the larger sizes) at the store's image size; each
+named block's output is averaged over space.
 
 For every held-out site: the features are standardised with the training rows' mean and spread; an L2
 logistic regression is fitted on the other sites' ``train`` rows for each C of ``--c``, the C with the
@@ -40,7 +41,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-LAYERS = ("block4c_add", "block5c_add", "block6d_add", "block7a_project_bn", "top_relu6")
+
+
+def default_layers(variant: str = "lite0") -> list[str]:
+    """The last block of stages 4-6, stage 7's projection and the head: Lite0's block4c_add, block5c_add,
+    block6d_add, block7a_project_bn, top_relu6 (Lite1 and Lite2 have more blocks per stage: block4d ... block6e)."""
+    import string
+
+    from msbt.model.lite0 import stages
+
+    plan = stages(variant)
+    last = [f"block{i + 1}{string.ascii_lowercase[plan[i].repeats - 1]}_add" for i in (3, 4, 5)]
+    return [*last, "block7a_project_bn", "top_relu6"]
 
 
 def features(images: np.ndarray, layers: list[str], batch: int = 32, variant: str = "lite0") -> dict[str, np.ndarray]:
@@ -54,7 +66,7 @@ def features(images: np.ndarray, layers: list[str], batch: int = 32, variant: st
     unknown = sorted(set(layers) - {layer.name for layer in backbone.layers})
     if unknown:
         raise SystemExit(f"--layers: {', '.join(unknown)} not a layer of EfficientNet-{variant.capitalize()} "
-                         f"(e.g. {', '.join(LAYERS)})")
+                         f"(e.g. {', '.join(default_layers(variant))})")
     model = keras.Model(backbone.input,
                         [keras.layers.GlobalAveragePooling2D()(backbone.get_layer(n).output) for n in layers])
     out = {}
@@ -140,8 +152,9 @@ def probe(feats: dict, meta: dict, layers: list[str], cs: list[float], tta: bool
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("store", type=Path, help="a multi-site ultrasound store (runs/<name>/stores/ultrasound)")
-    parser.add_argument("--layers", nargs="+", default=list(LAYERS),
-                        help="Lite0 layers to probe, one design each; a+b: two layers' features side by side")
+    parser.add_argument("--layers", nargs="+",
+                        help="the backbone's layers to probe (default: the last block of stages 4-6, "
+                             "block7a_project_bn, top_relu6), one design each; a+b: two layers' features side by side")
     parser.add_argument("--backbone", choices=("lite0", "lite1", "lite2"), default="lite0",
                         help="which EfficientNet-Lite's ImageNet features (msbt.model.lite0.VARIANTS)")
     parser.add_argument("--c", nargs="+", type=float, default=[0.001, 0.003, 0.01, 0.03, 0.1],
@@ -158,6 +171,7 @@ def main(argv=None) -> int:
     parser.add_argument("--msbt-head", type=Path, metavar="CONFIG",
                         help="also train this config's stage-2 head on each layer's features (e.g. multisite.yaml)")
     args = parser.parse_args(argv)
+    args.layers = args.layers or default_layers(args.backbone)
     if min(args.c) <= 0:
         parser.error(f"--c: every inverse penalty strength must be positive, got {min(args.c):g}")
 

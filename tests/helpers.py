@@ -194,15 +194,17 @@ def placement_groups_held(ignore=frozenset()) -> dict[str, str]:
             if entry["state"] != "REMOVED" and pg not in ignore}
 
 
-def file_scheduler(config, log, together: set[str] = frozenset()):
+def file_scheduler(config, log, together: frozenset[str] | set[str] = frozenset()):
     """pytest-xdist's scope scheduler with a whole file as one unit of work (the files named in ``together``
     as one unit between them), and a crash handled as xdist's plain load scheduler handles it.
 
     xdist 3.8's ``LoadScopeScheduling`` puts a crashed test process's file back in the queue with the test
     that crashed it still to run: the next process runs that test again and crashes too, and after that
     nothing is handed out and the run waits forever (seen in a clean clone on 2026-12-06; reproduced by
-    tests/unit/test_suite_scheduler.py). Here the crashed test counts as done (xdist reports it failed,
-    naming the crash) and only the rest of its file goes back in the queue.
+    tests/unit/test_suite_scheduler.py). xdist also put back the dead process's files that were already
+    finished: a new process handed one gets nothing to run, never reports a test done, and so is never given
+    more, which is what stalls the run. Here the crashed test counts as done (xdist reports it failed, naming
+    the crash) and only files with tests still to run go back in the queue.
     """
     from xdist.scheduler import LoadScopeScheduling
 
@@ -221,6 +223,8 @@ def file_scheduler(config, log, together: set[str] = frozenset()):
                 return None
             unit, crashed = pending[0]  # a process runs its tests in order: the first not done crashed it
             workload[unit][crashed] = True
+            # only files with tests left: a finished one handed out is an empty batch, after which that
+            # process is never scheduled again (the stall)
             self.workqueue.update((u, tests) for u, tests in workload.items() if not all(tests.values()))
             for other in self.assigned_work:
                 self._reschedule(other)

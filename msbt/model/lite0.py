@@ -82,7 +82,7 @@ class _Stage:
     repeats: int
 
 
-# EfficientNet-Lite0's stages; the larger variants scale these (see :func:`_stages`).
+# EfficientNet-Lite0's stages; the larger variants scale these (see :func:`stages`).
 _LITE0_STAGES = (
     _Stage(1, 3, 1, 16, 1),
     _Stage(6, 3, 2, 24, 2),
@@ -137,7 +137,7 @@ def _round_filters(filters: int, width: float, divisor: int = 8) -> int:
     return rounded + divisor if rounded < 0.9 * scaled else rounded
 
 
-def _stages(variant: str = "lite0") -> tuple[_Stage, ...]:
+def stages(variant: str = "lite0") -> tuple[_Stage, ...]:
     """The variant's stages: ``width`` times Lite0's channels (rounded to multiples of 8) and
     ``ceil(depth * repeats)`` blocks, except that Lite keeps the first and last stages' block counts (as it
     keeps the stem's and head's widths: upstream fixed them for mobile inference)."""
@@ -164,7 +164,7 @@ def _block_names(variant: str = "lite0") -> list[str]:
     """
     return [
         f"block{s + 1}{string.ascii_lowercase[r]}"
-        for s, stage in enumerate(_stages(variant))
+        for s, stage in enumerate(stages(variant))
         for r in range(stage.repeats)
     ]
 
@@ -252,7 +252,8 @@ def build_lite0(
             ``top_relu6``, the last 1280-channel feature map.
         classifier_activation: Activation of ``predictions``; None gives
             logits, ``"softmax"`` probabilities.
-        dropout_rate: Dropout before the classifier (upstream: 0.2).
+        dropout_rate: Dropout before the classifier (upstream: 0.2 for Lite0
+            and Lite1, 0.3 for Lite2; only with ``include_top``).
         drop_connect_rate: Maximum stochastic-depth rate, growing linearly
             over the blocks as upstream (0 disables it).
         variant: A key of :data:`VARIANTS`.
@@ -261,7 +262,7 @@ def build_lite0(
         A ``keras.Model`` named ``efficientnet_<variant>`` that takes raw
         0..255 RGB pixels.
     """
-    stages = _stages(variant)
+    plan = stages(variant)
     inputs = keras.Input(shape=input_shape, name="image")
     # (x - mean) / std folded into one affine op; part of the model so a
     # saved model is fed raw pixels.
@@ -269,9 +270,9 @@ def build_lite0(
     x = _conv_bn(x, STEM_FILTERS, 3, 2, "stem")
 
     names = iter(_block_names(variant))
-    n_blocks = sum(stage.repeats for stage in stages)
+    n_blocks = sum(stage.repeats for stage in plan)
     index = 0
-    for stage in stages:
+    for stage in plan:
         for repeat in range(stage.repeats):
             stride = stage.stride if repeat == 0 else 1
             drop = drop_connect_rate * index / n_blocks
@@ -589,7 +590,7 @@ def lite0_weights_path(cache_dir=None, variant: str = "lite0") -> Path:
     arrays = state_dict_to_keras(read_torch_state_dict(source), variant)
     flat = {f"{layer}.{i}": a for layer, ws in arrays.items() for i, a in enumerate(ws)}
     cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".lite0-", suffix=".npz")
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{variant}-", suffix=".npz")
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **flat)

@@ -170,8 +170,8 @@ def _imagenet_backbone(name: str, shape: tuple[int, int, int]) -> keras.Model:
         raise WeightsError(
             f"could not get keras' ImageNet weights for {name} ({err}). They are downloaded on first "
             f"use and cached in ~/.keras/models; offline, set `weights` to a local copy of the file "
-            f"(e.g. keras' *_notop.h5), or use backbone efficientnet_lite0, whose ImageNet weights ship "
-            f"in a Python package."
+            f"(e.g. keras' *_notop.h5), or use backbone efficientnet_lite0 (or lite1, lite2), whose "
+            f"ImageNet weights ship in Python packages."
         ) from err
 
 

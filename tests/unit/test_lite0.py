@@ -106,10 +106,10 @@ def test_larger_variants_classify_bundled_photos_and_use_every_weight(variant, c
 
 def test_variant_stages_scale_lite0_as_upstream():
     # Lite2 (width 1.1, depth 1.2): channels rounded to multiples of 8, first and last stages one block each.
-    stages = lite0._stages("lite2")
+    stages = lite0.stages("lite2")
     assert [s.filters for s in stages] == [16, 24, 48, 88, 120, 208, 352]
     assert [s.repeats for s in stages] == [1, 3, 3, 4, 4, 5, 1]
-    assert lite0._stages("lite0") == lite0._LITE0_STAGES
+    assert lite0.stages("lite0") == lite0._LITE0_STAGES
     with pytest.raises(ValueError, match="unknown EfficientNet-Lite variant 'lite7'"):
         lite0.build_lite0((32, 32, 3), variant="lite7")
 
