@@ -201,10 +201,12 @@ def file_scheduler(config, log, together: frozenset[str] | set[str] = frozenset(
     xdist 3.8's ``LoadScopeScheduling`` puts a crashed test process's file back in the queue with the test
     that crashed it still to run: the next process runs that test again and crashes too, and after that
     nothing is handed out and the run waits forever (seen in a clean clone on 2026-12-06; reproduced by
-    tests/unit/test_suite_scheduler.py). xdist also put back the dead process's files that were already
-    finished: a new process handed one gets nothing to run, never reports a test done, and so is never given
-    more, which is what stalls the run. Here the crashed test counts as done (xdist reports it failed, naming
-    the crash) and only files with tests still to run go back in the queue.
+    tests/unit/test_suite_scheduler.py). What stalls is this: a test process holds its last test until it is
+    sent another or told to stop, and after a crash xdist hands the new process one file at a time, then waits
+    for a test to finish before handing out more; a file with one test left to run (or none: xdist also requeues
+    the dead process's finished files) never finishes one. Here the crashed test counts as done (xdist reports
+    it failed, naming the crash), only files with tests still to run go back in the queue, and a process is
+    handed files until it has two tests to run or the queue is empty (then xdist tells it to stop).
     """
     from xdist.scheduler import LoadScopeScheduling
 
@@ -215,6 +217,12 @@ def file_scheduler(config, log, together: frozenset[str] | set[str] = frozenset(
             path = nodeid.split("::", 1)[0]
             return "together" if path.rsplit("/", 1)[-1] in together else path
 
+        def _reschedule(self, node):
+            super()._reschedule(node)
+            # at least two tests, or the process waits for a next one that is never sent (see above)
+            while self.workqueue and not node.shutting_down and self._pending_of(self.assigned_work[node]) < 2:
+                self._assign_work_unit(node)
+
         def remove_node(self, node):
             workload = self.assigned_work.pop(node)
             pending = [(unit, nodeid) for unit, tests in workload.items()
@@ -223,8 +231,7 @@ def file_scheduler(config, log, together: frozenset[str] | set[str] = frozenset(
                 return None
             unit, crashed = pending[0]  # a process runs its tests in order: the first not done crashed it
             workload[unit][crashed] = True
-            # only files with tests left: a finished one handed out is an empty batch, after which that
-            # process is never scheduled again (the stall)
+            # only files with tests left: a finished one would be handed out as an empty batch
             self.workqueue.update((u, tests) for u, tests in workload.items() if not all(tests.values()))
             for other in self.assigned_work:
                 self._reschedule(other)

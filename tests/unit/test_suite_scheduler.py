@@ -9,9 +9,12 @@ from helpers import ROOT
 
 
 def test_a_crashed_test_process_fails_its_test_and_the_run_goes_on(tmp_path):
-    # Two test processes; one test kills its own process (SIGTERM, as a signal handler gone wrong would).
-    # xdist 3.8's scope scheduler ran that test again in the next process and then hung the run; with the
-    # suite's scheduler the test fails once, naming the crash, and every other test runs.
+    # Two test processes. The first is handed test_1crash.py and test_3more.py, the second test_2.py and
+    # test_4.py, which it finishes and leaves; then test_crash sends its own process SIGTERM (as a signal
+    # handler gone wrong would). xdist 3.8's scope scheduler ran test_crash again in the next process, and
+    # handed the new process one file with one test left, which a process holds until it is sent another:
+    # the run hung with test_3more.py still queued. With the suite's scheduler test_crash fails once, naming the
+    # crash, and every other test runs.
     (tmp_path / "conftest.py").write_text(textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(ROOT / "tests")!r})
@@ -20,32 +23,30 @@ def test_a_crashed_test_process_fails_its_test_and_the_run_goes_on(tmp_path):
         class Scheduling:
             @staticmethod
             def pytest_xdist_make_scheduler(config, log):
-                return file_scheduler(config, log, {{"test_b.py", "test_c.py"}})
+                return file_scheduler(config, log)
 
         def pytest_configure(config):
             config.pluginmanager.register(Scheduling(), "toy-scheduling")
     """))
-    for name in ("a", "b", "c", "d"):
-        (tmp_path / f"test_{name}.py").write_text("def test_one():\n    pass\n\ndef test_two():\n    pass\n")
-    (tmp_path / "test_crash.py").write_text(textwrap.dedent("""
+    (tmp_path / "test_1crash.py").write_text(textwrap.dedent("""
         import os, signal, time
 
-        def test_before():
-            pass
-
         def test_crash():
+            time.sleep(2)  # the other process has finished its files by then
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(30)
 
         def test_after():
             pass
     """))
+    for name in ("2", "3more", "4"):
+        (tmp_path / f"test_{name}.py").write_text("def test_one():\n    pass\n\ndef test_two():\n    pass\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "COV_"))}
     run = subprocess.run([sys.executable, "-m", "pytest", "-n", "2", "-p", "no:cacheprovider", "-rA", "-q",
                           "-o", "addopts=", str(tmp_path)],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     out = run.stdout + run.stderr
     assert run.returncode == 1, out
-    assert "1 failed, 10 passed" in out, out
-    assert "crashed while running 'test_crash.py::test_crash'" in out, out
-    assert "PASSED test_crash.py::test_after" in out, out
+    assert "1 failed, 7 passed" in out, out
+    assert "crashed while running 'test_1crash.py::test_crash'" in out, out
+    assert "PASSED test_1crash.py::test_after" in out and "PASSED test_3more.py::test_two" in out, out
