@@ -42,7 +42,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 
-
 def default_layers(variant: str = "lite0") -> list[str]:
     """The last block of stages 4-6, stage 7's projection and the head: Lite0's block4c_add, block5c_add,
     block6d_add, block7a_project_bn, top_relu6 (Lite1 and Lite2 have more blocks per stage: block4d ... block6e)."""
