@@ -735,8 +735,11 @@ def _stop_on_sigterm():
 
     import os
 
+    from msbt import console
+
     def handler(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process
+        console.hide_worker_output(drop_bars=False)  # a plain assignment too: no new worker line below this one
         # os.write, not print: the main thread may be inside a write to stderr (a progress bar), and a
         # reentrant print would raise instead of saying this
         os.write(2, f"msbt: stopped (SIGTERM); {INTERRUPTED}\n".encode())
@@ -788,8 +791,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if stopped():  # Stopped, turned into a plain KeyboardInterrupt on its way (see _stop_on_sigterm)
             return 143
         # Ctrl-C (or `ray job stop` with RAY_JOB_STOP_SIGNAL=SIGINT): one line, not a traceback; what
-        # finished is on disk
-        print(f"msbt: interrupted; {INTERRUPTED}", file=sys.stderr)
+        # finished is on disk. It stays the last line: no worker's bar is drawn below it.
+        console.hide_worker_output()
+        sys.stderr.write(f"msbt: interrupted; {INTERRUPTED}\n")  # not print(): Ray patches it to redraw the bars
         return 130
     except Exception as exc:  # one clear line for users; --debug shows where it came from
         if args.debug:

@@ -59,7 +59,7 @@ KNOWN_NOTICES = (
 ERROR_LINE = re.compile(r"^(Traceback \(most recent call last\)|[\w.]*[A-Z]\w*(Error|Exception)\b.*)")
 
 _state: dict = {"verbose": True, "console": None, "buffer": None, "file": None, "folder": None,
-                "workers": None}
+                "workers": None, "workers_hidden": False}
 
 
 def has_gpu() -> bool:
@@ -127,7 +127,8 @@ def setup(verbose: bool = False, debug: bool = False) -> None:
     root.addHandler(console)
     root.addHandler(buffer)
     logging.captureWarnings(True)
-    _state.update(verbose=verbose, console=console, buffer=buffer, file=None, folder=None, workers=None)
+    _state.update(verbose=verbose, console=console, buffer=buffer, file=None, folder=None, workers=None,
+                  workers_hidden=False)
 
 
 def attach_run(run_folder: str | Path) -> Path:
@@ -241,6 +242,8 @@ def route_worker_output() -> bool:
             logged = False
         if _state["verbose"] or not logged:
             shown = lines
+        elif _state["workers_hidden"]:  # the command is ending (hide_worker_output); workers.log has the lines
+            shown = []
         else:
             # The autoscaler's own warnings (e.g. a resource request that cannot be met) stay visible.
             alert = data.get("pid") == "autoscaler"
@@ -253,6 +256,40 @@ def route_worker_output() -> bool:
     dispatcher.add_handler("ray_print_logs", handle)
     _state["workers"] = handle
     return True
+
+
+def hide_worker_output(*, drop_bars: bool = True) -> None:
+    """Show nothing more of what Ray workers print, for the rest of the command (``workers.log`` still gets it).
+
+    For a command's last line after Ctrl-C or SIGTERM: the workers go on printing until Ray shuts down at the
+    process's exit, and a progress bar redrawn after "msbt: interrupted ..." read as if training went on
+    (seen on the smoke run: a bar of the next epoch below the line in most runs). With ``verbose`` the workers'
+    lines go on showing; the bars on the screen are dropped either way.
+
+    Args:
+        drop_bars: Also take the workers' bars now on the screen off it. False inside a signal handler, where
+            only the flag is set (no lock taken, nothing written).
+    """
+    _state["workers_hidden"] = True
+    if not drop_bars:
+        return
+    # The bars Ray's bar manager draws here for the workers are taken off the screen and dropped: it redraws them
+    # below every print() (it patches print to hide, print, unhide) and draws each once more when it closes it,
+    # and no update of theirs reaches it any more. Ray 2.60's private structures (tqdm_ray._manager, the same
+    # kind of hook as route_worker_output's); another layout leaves the bars as they are.
+    tqdm_ray = sys.modules.get("ray.experimental.tqdm_ray")
+    manager = getattr(tqdm_ray, "_manager", None)  # None: no bar was ever drawn in this process
+    if manager is None:
+        return
+    try:
+        with manager.lock:
+            for group in manager.bar_groups.values():
+                for bar in group.bars_by_uuid.values():
+                    bar.bar.leave = False  # closing clears its line instead of printing it once more
+                    bar.bar.close()
+                group.bars_by_uuid.clear()
+    except AttributeError:
+        pass
 
 
 @contextlib.contextmanager

@@ -41,6 +41,9 @@ def test_ctrl_c_during_training_says_so_and_leaves_no_scratch(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, output[-3000:]
     assert "msbt: interrupted" in output and "--resume" in output
+    # the line is the last one: no worker's progress bar drawn below it (Ray's bar manager redraws its bars after
+    # every print and once more when it closes them; msbt.console.hide_worker_output; text mode turns \r into \n)
+    assert [ln for ln in output.splitlines() if ln.strip()][-1].startswith("msbt: interrupted"), output[-1500:]
     assert not (run / ".work").exists()
     left = (set(glob.glob("/tmp/msbt-stage-*")) | set(glob.glob("/tmp/msbt-report-*"))) - before
     assert not left, left
