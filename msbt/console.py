@@ -26,7 +26,8 @@ and pid), both appended to by every command run on the same run folder.
 
 Progress bars: :func:`progress` in this process and :func:`worker_progress` inside Ray workers. Once Ray
 is connected both are Ray's own ``tqdm_ray`` bars, drawn by this process, so a bar of a Train worker and
-one of the driver never overwrite each other.
+one of the driver never overwrite each other. Where stderr is not a terminal (output to a file or a pipe,
+`ray job logs`, CI) nothing is redrawn: each step and each epoch is one plain line when it ends.
 """
 
 from __future__ import annotations
@@ -240,6 +241,15 @@ def route_worker_output() -> bool:
             logged = True
         except (OSError, TypeError):  # the folder is gone: show everything rather than lose it
             logged = False
+        if not _on_terminal():
+            # A log, a pipe, `ray job logs`: a bar's redraws would be kilobytes of \r per epoch there; each
+            # worker bar becomes one plain line when it closes, and Ray's bar manager never sees it.
+            bars = [ln for ln in lines if RAY_TQDM_MAGIC in ln]
+            lines = [ln for ln in lines if RAY_TQDM_MAGIC not in ln]
+            if not _state["workers_hidden"]:
+                for text in filter(None, map(closed_bar_line, bars)):
+                    sys.stderr.write(text + "\n")
+                sys.stderr.flush()
         if _state["verbose"] or not logged:
             shown = lines
         elif _state["workers_hidden"]:  # the command is ending (hide_worker_output); workers.log has the lines
@@ -256,6 +266,78 @@ def route_worker_output() -> bool:
     dispatcher.add_handler("ray_print_logs", handle)
     _state["workers"] = handle
     return True
+
+
+def _on_terminal() -> bool:
+    """Whether progress is drawn as bars (stderr is a terminal) or written as plain lines (a log, a pipe)."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def closed_bar_line(state_json: str) -> str | None:
+    """The plain line of a Ray worker's bar (one ``tqdm_ray`` state update), or None until the bar closes.
+
+    The line is the bar's description (for an epoch bar it carries the epoch's metrics), with its count when
+    the bar closed short of its total (an interrupted epoch).
+    """
+    import json
+
+    try:
+        state = json.loads(state_json)
+    except ValueError:
+        return None
+    if not isinstance(state, dict) or not state.get("closed"):
+        return None
+    desc, done, total = str(state.get("desc") or "").rstrip(": "), state.get("x"), state.get("total")
+    if isinstance(done, int) and isinstance(total, int) and done < total:
+        return f"{desc} ({done}/{total} {state.get('unit') or ''})".replace(" )", ")")
+    return desc
+
+
+class LineProgress:
+    """:func:`progress` where stderr is not a terminal: one line when the step ends, none while it runs.
+
+    Supports what msbt's steps use of a ``tqdm`` bar: ``update``, ``n``, ``set_description``, ``close``,
+    iteration and ``with``.
+    """
+
+    def __init__(self, iterable: Iterable | None = None, *, total: int | None = None, desc: str = "",
+                 unit: str = "it"):
+        self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit
+        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+            self.total = len(iterable)
+        self.n, self.closed = 0, False
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def set_description(self, desc: str, refresh: bool = True) -> None:
+        self.desc = desc
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        count = f"{self.n}/{self.total}" if self.total is not None else f"{self.n}"
+        sys.stderr.write(f"{self.desc}: {count} {self.unit}\n")
+        sys.stderr.flush()
+
+    def __iter__(self):
+        try:
+            for item in self.iterable:
+                yield item
+                self.n += 1
+        finally:
+            self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
 
 
 def hide_worker_output(*, drop_bars: bool = True) -> None:
@@ -388,10 +470,13 @@ def _in_ray_worker() -> bool:
 def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", unit: str = "it"):
     """A progress bar for a long step of this process (an iterable wrapper, or ``update(n)`` by hand).
 
-    With Ray connected it is a ``tqdm_ray`` bar, so it shares the screen with the bars of Ray workers;
-    before that a plain ``tqdm`` bar on stderr (refreshed every 5 s when stderr is not a terminal, so
-    a log of it stays short). Close it (or use it as a context manager) when the step ends.
+    On a terminal: with Ray connected a ``tqdm_ray`` bar, so it shares the screen with the bars of Ray
+    workers; before that a plain ``tqdm`` bar on stderr. Where stderr is not a terminal (a log file, a pipe,
+    `ray job logs`), a :class:`LineProgress`: one line when the step ends. Close it (or use it as a context
+    manager) when the step ends.
     """
+    if not _on_terminal():
+        return LineProgress(iterable, total=total, desc=desc, unit=unit)
     if "ray" in sys.modules:
         import ray
 
@@ -401,9 +486,7 @@ def progress(iterable: Iterable | None = None, *, total: int | None = None, desc
             return _Closing(ray_tqdm(iterable, desc=desc, total=total, unit=unit))
     from tqdm import tqdm
 
-    interactive = sys.stderr.isatty()
-    return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=interactive,
-                mininterval=0.2 if interactive else 5.0)
+    return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, mininterval=0.2)
 
 
 def worker_progress(*, total: int | None = None, desc: str = "", unit: str = "it"):

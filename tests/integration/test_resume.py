@@ -199,7 +199,10 @@ def test_a_killed_workflow_resumes_without_retraining_finished_stages(tmp_path, 
                 raise AssertionError(f"the first run ended by itself ({first.returncode}) before the kill: "
                                      + (tmp_path / "first.log").read_text()[-3000:])
             stages = run / "stages.json"
-            return stages.exists() and "1" in json.loads(stages.read_text()) and registered_epochs(run / "stage2")
+            # and the epoch's line written (off a terminal an epoch is one line when it ends, msbt.console; the
+            # worker reports the checkpoint first, so the line may reach the driver after the registration)
+            return (stages.exists() and "1" in json.loads(stages.read_text()) and registered_epochs(run / "stage2")
+                    and f"stage 2 epoch 1/{EPOCHS2}" in (tmp_path / "first.log").read_text(errors="replace"))
 
         wait_for(stage1_done_stage2_started, 900, "stage 1 recorded and a stage-2 checkpoint", poll=0.5)
     finally:

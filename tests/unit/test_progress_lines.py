@@ -1,0 +1,93 @@
+"""Progress off a terminal (msbt.console): a log, a pipe or `ray job logs` gets one plain line per step and per
+epoch, never a bar's redraws. No Ray: the worker bars' state updates are the JSON lines Ray forwards."""
+
+import io
+import json
+import sys
+
+import pytest
+
+from msbt import console
+
+
+def bar_state(desc, x, total, closed, unit="batch"):
+    return json.dumps({"__magic_token__": "__ray_tqdm_magic_token__", "desc": desc, "x": x, "total": total,
+                       "unit": unit, "closed": closed, "uuid": "u", "pid": 7, "ip": "127.0.0.1", "pos": 0})
+
+
+def test_a_worker_bar_is_one_line_when_it_closes():
+    assert console.closed_bar_line(bar_state("stage 1 epoch 1/3", 1, 3, closed=False)) is None
+    done = bar_state("stage 1 epoch 1/3: loss 0.5000 val_loss 0.6000", 3, 3, closed=True)
+    assert console.closed_bar_line(done) == "stage 1 epoch 1/3: loss 0.5000 val_loss 0.6000"
+    # closed short of its total (an interrupted epoch): the count says so
+    assert console.closed_bar_line(bar_state("stage 2 epoch 4/8", 1, 3, closed=True)) == "stage 2 epoch 4/8 (1/3 batch)"
+    assert console.closed_bar_line("not json") is None and console.closed_bar_line("[1, 2]") is None
+
+
+class Piped(io.StringIO):
+    def isatty(self):
+        return False
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_off_a_terminal_a_step_is_one_line_at_its_end(monkeypatch):
+    err = Piped()
+    monkeypatch.setattr(sys, "stderr", err)
+    bar = console.progress(total=4, desc="scan", unit="file")
+    assert isinstance(bar, console.LineProgress)
+    bar.update(2)
+    assert err.getvalue() == ""  # nothing while it runs
+    bar.update(2)
+    bar.set_description("scan (4 found)")
+    bar.close()
+    bar.close()  # once
+    assert err.getvalue() == "scan (4 found): 4/4 file\n"
+    assert list(console.progress(iter(range(3)), desc="store", unit="image")) == [0, 1, 2]
+    with console.progress(total=None, desc="trials", unit="trial") as trials:
+        trials.update()
+    assert err.getvalue().splitlines()[1:] == ["store: 3 image", "trials: 1 trial"]  # no total known: the count
+    assert "\r" not in err.getvalue()
+
+
+def test_on_a_terminal_a_step_is_a_bar(monkeypatch):
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    bar = console.progress(total=2, desc="scan", unit="file")
+    assert not isinstance(bar, console.LineProgress)
+    bar.update(2)
+    bar.close()
+    assert "\r" in term.getvalue() and "scan" in term.getvalue()
+
+
+@pytest.mark.parametrize("hidden", [False, True])
+def test_worker_bars_reach_a_log_as_lines_and_stop_after_ctrl_c(tmp_path, monkeypatch, hidden):
+    """The handler route_worker_output installs, fed what Ray's dispatcher hands it (no cluster needed)."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    err, out = Piped(), Piped()
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.setattr(sys, "stdout", out)
+    saved = dict(dispatcher.handlers)
+    monkeypatch.setitem(console._state, "folder", tmp_path)
+    monkeypatch.setitem(console._state, "verbose", False)
+    monkeypatch.setitem(console._state, "workers", None)
+    monkeypatch.setitem(console._state, "workers_hidden", hidden)
+    dispatcher.add_handler("ray_print_logs", lambda data: None)  # as ray.init registers it
+    try:
+        assert console.route_worker_output()
+        handle = dict(dispatcher.handlers)["ray_print_logs"]
+        handle({"pid": 7, "is_err": False, "lines": [
+            bar_state("stage 1 epoch 1/2", 1, 3, closed=False),
+            bar_state("stage 1 epoch 1/2: loss 0.5000", 3, 3, closed=True),
+            "an INFO line of the worker"]})
+    finally:
+        dispatcher.remove_handler("ray_print_logs")
+        if "ray_print_logs" in saved:  # this process's own Ray, if it had one
+            dispatcher.add_handler("ray_print_logs", saved["ray_print_logs"])
+    assert err.getvalue() == ("" if hidden else "stage 1 epoch 1/2: loss 0.5000\n")
+    assert out.getvalue() == ""  # the INFO line: only in workers.log
+    assert (tmp_path / console.WORKERS_LOG).read_text() == "(pid=7) an INFO line of the worker\n"
