@@ -297,38 +297,50 @@ def closed_bar_line(state_json: str) -> str | None:
 
 
 class LineProgress:
-    """:func:`progress` where stderr is not a terminal: one line when the step ends, none while it runs.
+    """:func:`progress` where stderr is not a terminal: one line when the step ends, and one every
+    ``LINE_EVERY_S`` while a long step runs (a log being followed still moves).
 
     Supports what msbt's steps use of a ``tqdm`` bar: ``update``, ``n``, ``set_description``, ``close``,
     iteration and ``with``.
     """
 
+    LINE_EVERY_S = 60.0
+
     def __init__(self, iterable: Iterable | None = None, *, total: int | None = None, desc: str = "",
                  unit: str = "it"):
+        import time
+
         self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             self.total = len(iterable)
-        self.n, self.closed = 0, False
+        self.n, self.closed, self.last_line = 0, False, time.monotonic()
+
+    def _write(self, suffix: str = "") -> None:
+        count = f"{self.n}/{self.total}" if self.total is not None else f"{self.n}"
+        sys.stderr.write(f"{self.desc}: {count} {self.unit}{suffix}\n")
+        sys.stderr.flush()
 
     def update(self, n: int = 1) -> None:
+        import time
+
         self.n += n
+        if time.monotonic() - self.last_line >= self.LINE_EVERY_S and not self.closed:
+            self.last_line = time.monotonic()
+            self._write(" ...")
 
     def set_description(self, desc: str, refresh: bool = True) -> None:
         self.desc = desc
 
     def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        count = f"{self.n}/{self.total}" if self.total is not None else f"{self.n}"
-        sys.stderr.write(f"{self.desc}: {count} {self.unit}\n")
-        sys.stderr.flush()
+        if not self.closed:
+            self.closed = True
+            self._write()
 
     def __iter__(self):
         try:
             for item in self.iterable:
                 yield item
-                self.n += 1
+                self.update()
         finally:
             self.close()
 

@@ -53,6 +53,17 @@ def test_off_a_terminal_a_step_is_one_line_at_its_end(monkeypatch):
     assert "\r" not in err.getvalue()
 
 
+def test_a_long_step_off_a_terminal_says_how_far_it_is_now_and_then(monkeypatch):
+    err = Piped()
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.setattr(console.LineProgress, "LINE_EVERY_S", 0.0)  # every update is "a minute later"
+    bar = console.progress(total=3, desc="scan", unit="file")
+    bar.update()
+    bar.update()
+    bar.close()
+    assert err.getvalue().splitlines() == ["scan: 1/3 file ...", "scan: 2/3 file ...", "scan: 2/3 file"]
+
+
 def test_on_a_terminal_a_step_is_a_bar(monkeypatch):
     term = Terminal()
     monkeypatch.setattr(sys, "stderr", term)
