@@ -776,6 +776,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # here, not in the interpreter's exit, so that a reader gone away is seen below
         return code
     except Stopped:
+        console.hide_worker_output()  # outside the handler: the bars on the screen dropped too
         return 143  # 128 + SIGTERM, what a shell reports; the line was printed by the handler
     except BrokenPipeError as exc:
         if not _stdout_gone() or args.debug:  # another pipe or socket broke: an error like any other
@@ -789,6 +790,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141  # 128 + SIGPIPE, what a shell reports
     except KeyboardInterrupt:
         if stopped():  # Stopped, turned into a plain KeyboardInterrupt on its way (see _stop_on_sigterm)
+            console.hide_worker_output()
             return 143
         # Ctrl-C (or `ray job stop` with RAY_JOB_STOP_SIGNAL=SIGINT): one line, not a traceback; what
         # finished is on disk. It stays the last line: no worker's bar is drawn below it.
@@ -799,6 +801,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         if stopped():  # Stopped, wrapped by a library into an error of its own: the SIGTERM line was printed
+            console.hide_worker_output()
             return 143
         message = str(exc) if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
         print(f"msbt: error: {message}", file=sys.stderr)

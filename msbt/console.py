@@ -27,7 +27,8 @@ and pid), both appended to by every command run on the same run folder.
 Progress bars: :func:`progress` in this process and :func:`worker_progress` inside Ray workers. Once Ray
 is connected both are Ray's own ``tqdm_ray`` bars, drawn by this process, so a bar of a Train worker and
 one of the driver never overwrite each other. Where stderr is not a terminal (output to a file or a pipe,
-`ray job logs`, CI) nothing is redrawn: each step and each epoch is one plain line when it ends.
+`ray job logs`, CI) nothing is redrawn: each step and each epoch is one plain line when it ends, and a long step
+of this process one more a minute (workers' bars only where their output is routed: a command with a run folder).
 """
 
 from __future__ import annotations
@@ -241,15 +242,21 @@ def route_worker_output() -> bool:
             logged = True
         except (OSError, TypeError):  # the folder is gone: show everything rather than lose it
             logged = False
-        if not _on_terminal():
+        if _state["workers_hidden"]:
+            # The command is ending (hide_worker_output): no bar goes back to Ray's manager, which would draw
+            # one it no longer knows as new, below the last line, verbose or not.
+            lines = [ln for ln in lines if RAY_TQDM_MAGIC not in ln]
+        elif not _on_terminal():
             # A log, a pipe, `ray job logs`: a bar's redraws would be kilobytes of \r per epoch there; each
             # worker bar becomes one plain line when it closes, and Ray's bar manager never sees it.
             bars = [ln for ln in lines if RAY_TQDM_MAGIC in ln]
             lines = [ln for ln in lines if RAY_TQDM_MAGIC not in ln]
-            if not _state["workers_hidden"]:
+            try:  # on Ray's log thread: an error here would end it, and workers.log with it
                 for text in filter(None, map(closed_bar_line, bars)):
                     sys.stderr.write(text + "\n")
                 sys.stderr.flush()
+            except (OSError, ValueError):  # the reader went away (`| head`), or stderr is closed at exit
+                pass
         if _state["verbose"] or not logged:
             shown = lines
         elif _state["workers_hidden"]:  # the command is ending (hide_worker_output); workers.log has the lines
@@ -292,7 +299,8 @@ def closed_bar_line(state_json: str) -> str | None:
         return None
     desc, done, total = str(state.get("desc") or "").rstrip(": "), state.get("x"), state.get("total")
     if isinstance(done, int) and isinstance(total, int) and done < total:
-        return f"{desc} ({done}/{total} {state.get('unit') or ''})".replace(" )", ")")
+        unit = state.get("unit")
+        return f"{desc} ({done}/{total}{f' {unit}' if unit else ''})"
     return desc
 
 
@@ -382,7 +390,7 @@ def hide_worker_output(*, drop_bars: bool = True) -> None:
                     bar.bar.leave = False  # closing clears its line instead of printing it once more
                     bar.bar.close()
                 group.bars_by_uuid.clear()
-    except AttributeError:
+    except Exception:  # best effort (another Ray layout, a terminal gone away): never instead of the line
         pass
 
 
@@ -484,8 +492,8 @@ def progress(iterable: Iterable | None = None, *, total: int | None = None, desc
 
     On a terminal: with Ray connected a ``tqdm_ray`` bar, so it shares the screen with the bars of Ray
     workers; before that a plain ``tqdm`` bar on stderr. Where stderr is not a terminal (a log file, a pipe,
-    `ray job logs`), a :class:`LineProgress`: one line when the step ends. Close it (or use it as a context
-    manager) when the step ends.
+    `ray job logs`), a :class:`LineProgress`: one line when the step ends, and one a minute while it runs.
+    Close it (or use it as a context manager) when the step ends.
     """
     if not _on_terminal():
         return LineProgress(iterable, total=total, desc=desc, unit=unit)

@@ -74,17 +74,45 @@ def test_on_a_terminal_a_step_is_a_bar(monkeypatch):
     assert "\r" in term.getvalue() and "scan" in term.getvalue()
 
 
-@pytest.mark.parametrize("hidden", [False, True])
-def test_worker_bars_reach_a_log_as_lines_and_stop_after_ctrl_c(tmp_path, monkeypatch, hidden):
+def test_ctrl_c_takes_the_workers_bars_off_a_terminal(monkeypatch):
+    """Ray's bar manager (this process draws the workers' bars) keeps no bar to redraw below the last line."""
+    import builtins
+
+    from ray.experimental import tqdm_ray
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    monkeypatch.setattr(tqdm_ray, "_manager", None)
+    monkeypatch.setattr(builtins, "print", builtins.print)  # instance() patches print; put back afterwards
+    monkeypatch.setitem(console._state, "workers_hidden", False)
+    manager = tqdm_ray.instance()
+    manager.process_state_update(json.loads(bar_state("stage 1 epoch 2/3", 1, 3, closed=False)))
+    assert sum(len(g.bars_by_uuid) for g in manager.bar_groups.values()) == 1
+    assert "stage 1 epoch 2/3" in term.getvalue()
+    console.hide_worker_output()
+    assert console._state["workers_hidden"]
+    assert sum(len(g.bars_by_uuid) for g in manager.bar_groups.values()) == 0
+    drawn = len(term.getvalue())
+    tqdm_ray.safe_print("msbt: interrupted", file=sys.stderr)  # Ray's print: hide the bars, print, redraw them
+    assert term.getvalue()[drawn:] == "msbt: interrupted\n"
+
+
+@pytest.mark.parametrize("hidden, verbose", [(False, False), (True, False), (True, True)])
+def test_worker_bars_reach_a_log_as_lines_and_stop_after_ctrl_c(tmp_path, monkeypatch, hidden, verbose):
     """The handler route_worker_output installs, fed what Ray's dispatcher hands it (no cluster needed)."""
+    import builtins
+
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    from ray.experimental import tqdm_ray
 
     err, out = Piped(), Piped()
     monkeypatch.setattr(sys, "stderr", err)
     monkeypatch.setattr(sys, "stdout", out)
     saved = dict(dispatcher.handlers)
     monkeypatch.setitem(console._state, "folder", tmp_path)
-    monkeypatch.setitem(console._state, "verbose", False)
+    monkeypatch.setitem(console._state, "verbose", verbose)
+    monkeypatch.setattr(tqdm_ray, "_manager", None)  # Ray's bar manager, made when Ray is handed a line
+    monkeypatch.setattr(builtins, "print", builtins.print)  # which patches print; put back afterwards
     monkeypatch.setitem(console._state, "workers", None)
     monkeypatch.setitem(console._state, "workers_hidden", hidden)
     dispatcher.add_handler("ray_print_logs", lambda data: None)  # as ray.init registers it
@@ -100,5 +128,8 @@ def test_worker_bars_reach_a_log_as_lines_and_stop_after_ctrl_c(tmp_path, monkey
         if "ray_print_logs" in saved:  # this process's own Ray, if it had one
             dispatcher.add_handler("ray_print_logs", saved["ray_print_logs"])
     assert err.getvalue() == ("" if hidden else "stage 1 epoch 1/2: loss 0.5000\n")
-    assert out.getvalue() == ""  # the INFO line: only in workers.log
+    # no bar went to Ray, whose manager would draw one it does not know (printing a line makes the manager)
+    manager = tqdm_ray._manager
+    assert manager is None or not any(g.bars_by_uuid for g in manager.bar_groups.values())
+    assert ("an INFO line" in out.getvalue()) == verbose  # --verbose shows it; else only in workers.log
     assert (tmp_path / console.WORKERS_LOG).read_text() == "(pid=7) an INFO line of the worker\n"

@@ -123,7 +123,8 @@ def test_smoke_pipeline_job_succeeds(head_node, tmp_path, ray_local):
     # epoch is one plain line when it ends (msbt.console.LineProgress, closed_bar_line). Before, every redraw came
     # back from `ray job logs` as a line of its own (85 lines for this job with Lite0, against 40 on a terminal).
     raw = subprocess.run([str(ray_cli), "job", "logs", job_id], env=env, capture_output=True, timeout=60).stdout
-    assert raw.count(b"\n") < 60 and b"\r" not in raw, [ln for ln in raw.split(b"\n") if b"\r" in ln]
+    assert raw.count(b"\n") < 60, raw[-3000:].decode("utf-8", "replace")
+    assert b"\r" not in raw, [ln for ln in raw.split(b"\n") if b"\r" in ln]
     assert "stage 1 epoch 1/1:" in logs and "microscope store: 12/12 field" in logs
     assert "Execution plan" not in logs and "TrainingReport" not in logs and "cuInit" not in logs
     workers = (tmp_path / "smoke" / "logs" / "workers.log").read_text()
