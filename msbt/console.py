@@ -439,7 +439,10 @@ def printed_to_log():
         yield
         return
     sys.stdout.flush()
-    with open(folder / DRIVER_LOG, "a", encoding="utf-8") as log_file, \
+    # Line-buffered: a search killed hard (SIGKILL, an out-of-memory kill) keeps every line it printed; with a
+    # block buffer the lines waited for the next flush (Ray's printing of a worker line flushed stdout, but off a
+    # terminal worker bars are written as plain lines, and Tune's start-up line was lost with a killed search).
+    with open(folder / DRIVER_LOG, "a", encoding="utf-8", buffering=1) as log_file, \
             contextlib.redirect_stdout(_ThisThreadTo(log_file, sys.stdout)):
         yield
 
