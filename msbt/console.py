@@ -44,6 +44,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Iterable
 
@@ -316,8 +317,6 @@ class LineProgress:
 
     def __init__(self, iterable: Iterable | None = None, *, total: int | None = None, desc: str = "",
                  unit: str = "it"):
-        import time
-
         self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             self.total = len(iterable)
@@ -329,8 +328,6 @@ class LineProgress:
         sys.stderr.flush()
 
     def update(self, n: int = 1) -> None:
-        import time
-
         self.n += n
         if time.monotonic() - self.last_line >= self.LINE_EVERY_S and not self.closed:
             self.last_line = time.monotonic()

@@ -7,11 +7,14 @@ import sys
 
 import pytest
 
+from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
+
 from msbt import console
 
 
 def bar_state(desc, x, total, closed, unit="batch"):
-    return json.dumps({"__magic_token__": "__ray_tqdm_magic_token__", "desc": desc, "x": x, "total": total,
+    """One state update of a Ray worker's bar, as Ray forwards it (a JSON line carrying Ray's magic key)."""
+    return json.dumps({"__magic_token__": RAY_TQDM_MAGIC, "desc": desc, "x": x, "total": total,
                        "unit": unit, "closed": closed, "uuid": "u", "pid": 7, "ip": "127.0.0.1", "pos": 0})
 
 
@@ -24,9 +27,7 @@ def test_a_worker_bar_is_one_line_when_it_closes():
     assert console.closed_bar_line("not json") is None and console.closed_bar_line("[1, 2]") is None
 
 
-class Piped(io.StringIO):
-    def isatty(self):
-        return False
+Piped = io.StringIO  # isatty() is False: what a log file or a pipe answers
 
 
 class Terminal(io.StringIO):
