@@ -560,7 +560,10 @@ def _cmd_config(args) -> int:
 
 
 def _experiment_parsers(sub) -> None:
-    """`crossval`, `ablation`, `compare` (msbt.jobs.experiments) and `report` (msbt.eval.report); see docs/evaluation.md."""
+    """`crossval`, `ablation`, `compare` (msbt.jobs.experiments) and `report` (msbt.eval.report).
+
+    See docs/evaluation.md.
+    """
     for name, text in (("crossval", "k-fold cross-validation of stage 2 over the saved group-aware folds"),
                        ("ablation", "the paper's Table 1: four stage-2 settings from one stage 1"),
                        ("compare", "multistage vs ImageNet-only vs from scratch, and naive vs group-aware split")):
@@ -739,7 +742,9 @@ def _stop_on_sigterm():
 
     def handler(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process
-        console.hide_worker_output(drop_bars=False)  # a plain assignment too: no new worker line below this one
+        # the flag only (a worker line being written is finished first, waited for at most 1 s): no new worker
+        # line below this one
+        console.hide_worker_output(drop_bars=False)
         # os.write, not print: the main thread may be inside a write to stderr (a progress bar), and a
         # reentrant print would raise instead of saying this
         os.write(2, f"msbt: stopped (SIGTERM); {INTERRUPTED}\n".encode())

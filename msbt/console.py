@@ -63,6 +63,11 @@ ERROR_LINE = re.compile(r"^(Traceback \(most recent call last\)|[\w.]*[A-Z]\w*(E
 
 _state: dict = {"verbose": True, "console": None, "buffer": None, "file": None, "folder": None,
                 "workers": None, "workers_hidden": False}
+# Held by route_worker_output's handler (on Ray's log thread) while it decides what to show and shows it, and
+# taken by hide_worker_output to set its flag: a worker line being written when a command ends is written in
+# full before the command's last line, and none starts after it.
+_output_lock = threading.Lock()
+OUTPUT_LOCK_WAIT_S = 1.0  # the longest hide_worker_output waits for it (a reader that stopped reading a pipe)
 
 
 def has_gpu() -> bool:
@@ -243,32 +248,33 @@ def route_worker_output() -> bool:
             logged = True
         except (OSError, TypeError):  # the folder is gone: show everything rather than lose it
             logged = False
-        if _state["workers_hidden"]:
-            # The command is ending (hide_worker_output): no bar goes back to Ray's manager, which would draw
-            # one it no longer knows as new, below the last line, verbose or not.
-            lines = [ln for ln in lines if RAY_TQDM_MAGIC not in ln]
-        elif not _on_terminal():
-            # A log, a pipe, `ray job logs`: a bar's redraws would be kilobytes of \r per epoch there; each
-            # worker bar becomes one plain line when it closes, and Ray's bar manager never sees it.
-            bars = [ln for ln in lines if RAY_TQDM_MAGIC in ln]
-            lines = [ln for ln in lines if RAY_TQDM_MAGIC not in ln]
-            try:  # on Ray's log thread: an error here would end it, and workers.log with it
-                for text in filter(None, map(closed_bar_line, bars)):
-                    sys.stderr.write(text + "\n")
-                sys.stderr.flush()
-            except (OSError, ValueError):  # the reader went away (`| head`), or stderr is closed at exit
-                pass
-        if _state["verbose"] or not logged:
-            shown = lines
-        elif _state["workers_hidden"]:  # the command is ending (hide_worker_output); workers.log has the lines
-            shown = []
-        else:
-            # The autoscaler's own warnings (e.g. a resource request that cannot be met) stay visible.
-            alert = data.get("pid") == "autoscaler"
-            shown = [ln for ln in lines if RAY_TQDM_MAGIC in ln or ERROR_LINE.match(ln)
-                     or alert and ("Warning:" in ln or "Error:" in ln)]
-        if shown:
-            show({**data, "lines": shown})
+        with _output_lock:  # hide_worker_output waits for this: no worker line starts after the last line
+            if _state["workers_hidden"]:
+                # The command is ending (hide_worker_output): no bar goes back to Ray's manager, which would draw
+                # one it no longer knows as new, below the last line, verbose or not.
+                lines = [ln for ln in lines if RAY_TQDM_MAGIC not in ln]
+            elif not _on_terminal():
+                # A log, a pipe, `ray job logs`: a bar's redraws would be kilobytes of \r per epoch there; each
+                # worker bar becomes one plain line when it closes, and Ray's bar manager never sees it.
+                bars = [ln for ln in lines if RAY_TQDM_MAGIC in ln]
+                lines = [ln for ln in lines if RAY_TQDM_MAGIC not in ln]
+                try:  # on Ray's log thread: an error here would end it, and workers.log with it
+                    for text in filter(None, map(closed_bar_line, bars)):
+                        sys.stderr.write(text + "\n")
+                    sys.stderr.flush()
+                except (OSError, ValueError):  # the reader went away (`| head`), or stderr is closed at exit
+                    pass
+            if _state["verbose"] or not logged:
+                shown = lines
+            elif _state["workers_hidden"]:  # the command is ending (hide_worker_output); workers.log has the lines
+                shown = []
+            else:
+                # The autoscaler's own warnings (e.g. a resource request that cannot be met) stay visible.
+                alert = data.get("pid") == "autoscaler"
+                shown = [ln for ln in lines if RAY_TQDM_MAGIC in ln or ERROR_LINE.match(ln)
+                         or alert and ("Warning:" in ln or "Error:" in ln)]
+            if shown:
+                show({**data, "lines": shown})
 
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("ray_print_logs", handle)
@@ -367,9 +373,15 @@ def hide_worker_output(*, drop_bars: bool = True) -> None:
 
     Args:
         drop_bars: Also take the workers' bars now on the screen off it. False inside a signal handler, where
-            only the flag is set (no lock taken, nothing written).
+            only the flag is set (nothing written; Ray's bar manager's lock not taken).
     """
+    # Under the handler's lock (route_worker_output): a worker line being written is finished first, and the
+    # handler reads the flag before it writes anything more. Ray's log thread holds the lock, never the main
+    # thread; the wait is bounded all the same (a pipe whose reader stopped reading blocks that thread's write).
+    locked = _output_lock.acquire(timeout=OUTPUT_LOCK_WAIT_S)
     _state["workers_hidden"] = True
+    if locked:
+        _output_lock.release()
     if not drop_bars:
         return
     # The bars Ray's bar manager draws here for the workers are taken off the screen and dropped: it redraws them

@@ -134,3 +134,58 @@ def test_worker_bars_reach_a_log_as_lines_and_stop_after_ctrl_c(tmp_path, monkey
     assert manager is None or not any(g.bars_by_uuid for g in manager.bar_groups.values())
     assert ("an INFO line" in out.getvalue()) == verbose  # --verbose shows it; else only in workers.log
     assert (tmp_path / console.WORKERS_LOG).read_text() == "(pid=7) an INFO line of the worker\n"
+
+
+def test_a_worker_line_being_written_when_a_command_ends_comes_before_its_last_line(tmp_path, monkeypatch):
+    """Ray's log thread may be writing a worker's epoch line at the moment Ctrl-C ends the command:
+    hide_worker_output waits for that write, so the command's own line comes after it, and no worker line after."""
+    import threading
+
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    writing, release = threading.Event(), threading.Event()
+
+    class SlowPipe(Piped):  # a pipe whose reader is slow: the first worker line's write takes a while
+        def write(self, text):
+            if "epoch" in text and not release.is_set():
+                writing.set()
+                release.wait(10)
+            return super().write(text)
+
+    err = SlowPipe()
+    monkeypatch.setattr(sys, "stderr", err)
+    saved = dict(dispatcher.handlers)
+    monkeypatch.setitem(console._state, "folder", tmp_path)
+    monkeypatch.setitem(console._state, "verbose", False)
+    monkeypatch.setitem(console._state, "workers", None)
+    monkeypatch.setitem(console._state, "workers_hidden", False)
+    dispatcher.add_handler("ray_print_logs", lambda data: None)  # as ray.init registers it
+    try:
+        assert console.route_worker_output()
+        handle = dict(dispatcher.handlers)["ray_print_logs"]
+
+        def worker_line(desc):
+            return {"pid": 7, "is_err": False, "lines": [bar_state(desc, 3, 3, closed=True)]}
+
+        log_thread = threading.Thread(target=handle, args=(worker_line("stage 1 epoch 1/2: loss 0.5"),))
+        log_thread.start()
+        assert writing.wait(10)
+
+        def command_ends():  # what msbt.cli.main does on Ctrl-C
+            console.hide_worker_output(drop_bars=False)
+            sys.stderr.write("msbt: interrupted\n")
+
+        main = threading.Thread(target=command_ends)
+        main.start()
+        main.join(0.3)
+        assert main.is_alive() and err.getvalue() == "", "the last line did not wait for the line being written"
+        release.set()
+        log_thread.join(10)
+        main.join(10)
+        handle(worker_line("stage 1 epoch 2/2: loss 0.4"))  # the workers go on until Ray shuts down
+    finally:
+        release.set()
+        dispatcher.remove_handler("ray_print_logs")
+        if "ray_print_logs" in saved:
+            dispatcher.add_handler("ray_print_logs", saved["ray_print_logs"])
+    assert err.getvalue() == "stage 1 epoch 1/2: loss 0.5\nmsbt: interrupted\n"
