@@ -1,6 +1,7 @@
 """Progress off a terminal (msbt.console): a log, a pipe or `ray job logs` gets one plain line per step and per
 epoch, never a bar's redraws. No Ray: the worker bars' state updates are the JSON lines Ray forwards."""
 
+import contextlib
 import io
 import json
 import sys
@@ -28,6 +29,27 @@ def test_a_worker_bar_is_one_line_when_it_closes():
 
 
 Piped = io.StringIO  # isatty() is False: what a log file or a pipe answers
+
+
+@contextlib.contextmanager
+def worker_output_handler(monkeypatch, folder, *, verbose=False, hidden=False):
+    """The handler route_worker_output installs, to be fed what Ray's dispatcher hands it (no cluster needed);
+    the dispatcher's handlers are put back afterwards."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    saved = dict(dispatcher.handlers)
+    monkeypatch.setitem(console._state, "folder", folder)
+    monkeypatch.setitem(console._state, "verbose", verbose)
+    monkeypatch.setitem(console._state, "workers", None)
+    monkeypatch.setitem(console._state, "workers_hidden", hidden)
+    dispatcher.add_handler("ray_print_logs", lambda data: None)  # as ray.init registers it
+    try:
+        assert console.route_worker_output()
+        yield dict(dispatcher.handlers)["ray_print_logs"]
+    finally:
+        dispatcher.remove_handler("ray_print_logs")
+        if "ray_print_logs" in saved:  # this process's own Ray, if it had one
+            dispatcher.add_handler("ray_print_logs", saved["ray_print_logs"])
 
 
 class Terminal(io.StringIO):
@@ -103,31 +125,18 @@ def test_worker_bars_reach_a_log_as_lines_and_stop_after_ctrl_c(tmp_path, monkey
     """The handler route_worker_output installs, fed what Ray's dispatcher hands it (no cluster needed)."""
     import builtins
 
-    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
     from ray.experimental import tqdm_ray
 
     err, out = Piped(), Piped()
     monkeypatch.setattr(sys, "stderr", err)
     monkeypatch.setattr(sys, "stdout", out)
-    saved = dict(dispatcher.handlers)
-    monkeypatch.setitem(console._state, "folder", tmp_path)
-    monkeypatch.setitem(console._state, "verbose", verbose)
     monkeypatch.setattr(tqdm_ray, "_manager", None)  # Ray's bar manager, made when Ray is handed a line
     monkeypatch.setattr(builtins, "print", builtins.print)  # which patches print; put back afterwards
-    monkeypatch.setitem(console._state, "workers", None)
-    monkeypatch.setitem(console._state, "workers_hidden", hidden)
-    dispatcher.add_handler("ray_print_logs", lambda data: None)  # as ray.init registers it
-    try:
-        assert console.route_worker_output()
-        handle = dict(dispatcher.handlers)["ray_print_logs"]
+    with worker_output_handler(monkeypatch, tmp_path, verbose=verbose, hidden=hidden) as handle:
         handle({"pid": 7, "is_err": False, "lines": [
             bar_state("stage 1 epoch 1/2", 1, 3, closed=False),
             bar_state("stage 1 epoch 1/2: loss 0.5000", 3, 3, closed=True),
             "an INFO line of the worker"]})
-    finally:
-        dispatcher.remove_handler("ray_print_logs")
-        if "ray_print_logs" in saved:  # this process's own Ray, if it had one
-            dispatcher.add_handler("ray_print_logs", saved["ray_print_logs"])
     assert err.getvalue() == ("" if hidden else "stage 1 epoch 1/2: loss 0.5000\n")
     # no bar went to Ray, whose manager would draw one it does not know (printing a line makes the manager)
     manager = tqdm_ray._manager
@@ -141,8 +150,6 @@ def test_a_worker_line_being_written_when_a_command_ends_comes_before_its_last_l
     hide_worker_output waits for that write, so the command's own line comes after it, and no worker line after."""
     import threading
 
-    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-
     writing, release = threading.Event(), threading.Event()
 
     class SlowPipe(Piped):  # a pipe whose reader is slow: the first worker line's write takes a while
@@ -154,38 +161,26 @@ def test_a_worker_line_being_written_when_a_command_ends_comes_before_its_last_l
 
     err = SlowPipe()
     monkeypatch.setattr(sys, "stderr", err)
-    saved = dict(dispatcher.handlers)
-    monkeypatch.setitem(console._state, "folder", tmp_path)
-    monkeypatch.setitem(console._state, "verbose", False)
-    monkeypatch.setitem(console._state, "workers", None)
-    monkeypatch.setitem(console._state, "workers_hidden", False)
-    dispatcher.add_handler("ray_print_logs", lambda data: None)  # as ray.init registers it
-    try:
-        assert console.route_worker_output()
-        handle = dict(dispatcher.handlers)["ray_print_logs"]
 
-        def worker_line(desc):
-            return {"pid": 7, "is_err": False, "lines": [bar_state(desc, 3, 3, closed=True)]}
+    def worker_line(desc):
+        return {"pid": 7, "is_err": False, "lines": [bar_state(desc, 3, 3, closed=True)]}
 
+    def command_ends():  # what msbt.cli.main does on Ctrl-C
+        console.hide_worker_output(drop_bars=False)
+        sys.stderr.write("msbt: interrupted\n")
+
+    with worker_output_handler(monkeypatch, tmp_path) as handle:
         log_thread = threading.Thread(target=handle, args=(worker_line("stage 1 epoch 1/2: loss 0.5"),))
         log_thread.start()
-        assert writing.wait(10)
-
-        def command_ends():  # what msbt.cli.main does on Ctrl-C
-            console.hide_worker_output(drop_bars=False)
-            sys.stderr.write("msbt: interrupted\n")
-
-        main = threading.Thread(target=command_ends)
-        main.start()
-        main.join(0.3)
-        assert main.is_alive() and err.getvalue() == "", "the last line did not wait for the line being written"
-        release.set()
+        try:
+            assert writing.wait(10)
+            main = threading.Thread(target=command_ends)
+            main.start()
+            main.join(0.3)
+            assert main.is_alive() and err.getvalue() == "", "the last line did not wait for the line being written"
+        finally:
+            release.set()
         log_thread.join(10)
         main.join(10)
         handle(worker_line("stage 1 epoch 2/2: loss 0.4"))  # the workers go on until Ray shuts down
-    finally:
-        release.set()
-        dispatcher.remove_handler("ray_print_logs")
-        if "ray_print_logs" in saved:
-            dispatcher.add_handler("ray_print_logs", saved["ray_print_logs"])
     assert err.getvalue() == "stage 1 epoch 1/2: loss 0.5\nmsbt: interrupted\n"
