@@ -134,6 +134,7 @@ def find_threshold(checkpoint: str | Path, override: float | None = None) -> tup
     exported = _read_export(folder)
     if exported and exported.get("threshold", {}).get("value") is not None:
         t = exported["threshold"]
+        _check_threshold(t["value"], folder / EXPORT_FILE)
         return Threshold(float(t["value"]), t.get("source", str(folder / EXPORT_FILE))), []
     notes = []
     for candidate in _ancestors(folder)[1:]:
@@ -142,22 +143,34 @@ def find_threshold(checkpoint: str | Path, override: float | None = None) -> tup
             continue
         try:
             result = json.loads(file.read_text())
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{file}: not valid JSON ({err})") from None
+        if not isinstance(result, dict):
+            raise ValueError(f"{file}: not a run's metrics (a JSON object was expected, found {type(result).__name__})")
         recorded = result.get("checkpoint")
-        if isinstance(result.get("threshold"), (int, float)) and _same_checkpoint(recorded, folder, candidate):
-            rule = result.get("threshold_rule", "?")
-            split = result.get("threshold_chosen_on", "?")
-            return Threshold(float(result["threshold"]), f"{file} ({rule} on {split})"), []
-        notes.append(f"{file} was computed for another checkpoint ({recorded}); its threshold is not used")
+        if not _same_checkpoint(recorded, folder, candidate):
+            notes.append(f"{file} was computed for another checkpoint ({recorded}); its threshold is not used")
+            continue
+        _check_threshold(result.get("threshold"), file)
+        rule = result.get("threshold_rule", "?")
+        split = result.get("threshold_chosen_on", "?")
+        return Threshold(float(result["threshold"]), f"{file} ({rule} on {split})"), []
     notes.append(f"no metrics.json of the run beside {folder}: threshold {DEFAULT_THRESHOLD} (not chosen on "
                  "validation data; pass --threshold to set one)")
     return Threshold(DEFAULT_THRESHOLD, "default (no validation threshold found)"), notes
 
 
+def _check_threshold(value, file: Path) -> None:
+    """Refuse a recorded threshold that is not a probability: NaN labels every image benign, a negative one every
+    image malignant, and an export would seal it in."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{file}: threshold {value!r} is not a probability in [0, 1] (the file is damaged or was "
+                         "edited); pass --threshold to choose one")
+
+
 def _same_checkpoint(recorded, folder: Path, metrics_folder: Path) -> bool:
     """Whether metrics.json's ``checkpoint`` is ``folder``, also after the run folder was moved."""
-    if not recorded:
+    if not recorded or not isinstance(recorded, str):
         return False
     recorded = Path(recorded)
     if recorded.exists() and recorded.resolve() == folder.resolve():
@@ -255,8 +268,11 @@ def _read_export(folder: Path) -> dict | None:
         return None
     try:
         record = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{file}: not valid JSON ({err})") from None
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{file}: not an export record (a JSON object was expected, found "
+                              f"{type(record).__name__})")
     # Threshold and preparation come from here: an edit would silently change every prediction.
     recorded = record.get(EXPORT_DIGEST_KEY)
     if recorded is not None and recorded != json_digest(record, skip=EXPORT_DIGEST_KEY):

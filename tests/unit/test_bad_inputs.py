@@ -571,3 +571,25 @@ def test_a_store_without_rows_is_refused_by_name_by_every_reader(tmp_path):
         with pytest.raises(StoreError, match=re.escape(message)):
             read()
     assert not (tmp_path / "fold").exists()
+
+
+@pytest.mark.parametrize("value", [float("nan"), -3, 1.5, "abc", None, True])
+def test_a_damaged_run_threshold_is_refused_naming_the_file(tmp_path, value):
+    """The run's metrics.json gives predict, export, stream, serve and external their threshold: a NaN there
+    labelled every image benign (exit 0), and an export sealed it into export.json."""
+    import json
+
+    from msbt.serve.predict import find_threshold
+
+    checkpoint = tmp_path / "run" / "stage2" / "checkpoint_000001"
+    checkpoint.mkdir(parents=True)
+    metrics = tmp_path / "run" / "metrics.json"
+    metrics.write_text(json.dumps({"checkpoint": str(checkpoint), "threshold": value}))
+    with pytest.raises(ValueError, match=re.escape(f"{metrics}: threshold {value!r} is not a probability")):
+        find_threshold(checkpoint)
+    assert find_threshold(checkpoint, 0.4)[0].value == 0.4  # --threshold still chooses one
+    metrics.write_text(json.dumps({"checkpoint": str(checkpoint), "threshold": 0.3}))
+    assert find_threshold(checkpoint)[0].value == 0.3
+    metrics.write_text(json.dumps([str(checkpoint), 0.3]))
+    with pytest.raises(ValueError, match=re.escape(f"{metrics}: not a run's metrics")):
+        find_threshold(checkpoint)
