@@ -35,7 +35,7 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import cv2
 import numpy as np
@@ -52,9 +52,16 @@ class SourceError(ValueError):
     """A stream source cannot be opened; the message names it and why."""
 
 
+class Unreadable(NamedTuple):
+    """What a folder source yields for a frame file it cannot read: the stream goes on without it."""
+
+    reason: str
+
+
 @dataclass(frozen=True)
 class Source:
-    """An opened frame source: its kind, frame rate, and a generator of RGB uint8 frames."""
+    """An opened frame source: its kind, frame rate, and a generator of RGB uint8 frames (a folder's may
+    yield :class:`Unreadable` for a file it cannot read)."""
 
     name: str
     kind: str  # "video" | "folder" | "device" | "dicom"
@@ -111,6 +118,7 @@ class StreamSummary:
     frames_read: int = 0
     frames_scored: int = 0
     frames_dropped: int = 0
+    frames_unreadable: int = 0  # a folder's frame files that could not be read (row status "unreadable")
     heatmaps_written: int = 0
     heatmaps_skipped: int = 0
     seconds: float = 0.0
@@ -203,7 +211,10 @@ def _folder(path: Path, fps: float, sixteen_bit: str) -> Source:
 
     def frames():
         for file in files:
-            yield read_image(file, sixteen_bit)  # a bad frame stops the stream with its name (ImageError)
+            try:
+                yield read_image(file, sixteen_bit)
+            except (ImageError, OSError) as err:  # one bad file of many: skipped and counted, named in the notes
+                yield Unreadable(f"{file}: {err}")
 
     return Source(str(path), "folder", fps, frames(), live=False)
 
@@ -241,6 +252,7 @@ class _Slot:
         self.drop = drop
         self.lock = threading.Lock()
         self.dropped: list[tuple[int, float]] = []  # (frame, time) not yet written to the CSV
+        self.unreadable: list[tuple[int, float, str]] = []  # (frame, time, reason), the same
 
     def put(self, item) -> None:
         if not self.drop:
@@ -266,6 +278,17 @@ class _Slot:
             taken, self.dropped = self.dropped, []
         return taken
 
+    def skip(self, index: int, due: float, reason: str) -> None:
+        with self.lock:
+            self.unreadable.append((index, due, reason))
+
+    def take_unreadable(self, before: int | None = None) -> list[tuple[int, float, str]]:
+        """The unreadable frames so far (those before frame ``before``: the reader may be ahead of the scorer)."""
+        with self.lock:
+            taken = [u for u in self.unreadable if before is None or u[0] < before]
+            self.unreadable = self.unreadable[len(taken):]  # in frame order: the taken ones are the first
+        return taken
+
 
 def _read(source: Source, slot: _Slot, pace: bool, counts: dict, errors: list, stop: threading.Event) -> None:
     start = time.perf_counter()
@@ -279,6 +302,9 @@ def _read(source: Source, slot: _Slot, pace: bool, counts: dict, errors: list, s
                 if wait > 0:
                     time.sleep(wait)
             counts["read"] = i + 1
+            if isinstance(frame, Unreadable):
+                slot.skip(i, due, frame.reason)
+                continue
             slot.put((i, due, frame))
     except (ImageError, OSError, ValueError) as err:
         errors.append(err)
@@ -398,6 +424,7 @@ def stream(engine: Engine, source: Source, preparation: Preparation, threshold: 
         folder = Path(heatmap_dir) if heatmap_dir else out_csv.with_name(out_csv.stem + "-gradcam")
         heatmaps, summary.heatmaps = _Heatmaps(Path(model_folder), folder, engine.image_size), str(folder)
     slot, counts, errors, stop = _Slot(drop=pace), {"read": 0}, [], threading.Event()
+    reasons: list[str] = []  # why the unreadable frames could not be read
     reader = threading.Thread(target=_read, args=(source, slot, pace, counts, errors, stop), name="msbt-reader",
                               daemon=True)
     tmp = out_csv.with_name(f".{out_csv.name}.tmp")
@@ -412,9 +439,7 @@ def stream(engine: Engine, source: Source, preparation: Preparation, threshold: 
             try:
                 while (item := slot.queue.get()) is not _END:
                     index, due, frame = item
-                    for d_index, d_due in slot.take_dropped():
-                        rows.writerow([d_index, f"{d_due:.4f}", "dropped", "", "", "", "", ""])
-                        summary.frames_dropped += 1
+                    _write_skipped(rows, slot, summary, reasons, before=index)
                     image = model_inputs(prepare_rgb(frame, preparation)[None], engine.image_size)
                     p = float(engine.predict(image)[0])
                     s = smoother.update(p)
@@ -432,9 +457,7 @@ def stream(engine: Engine, source: Source, preparation: Preparation, threshold: 
                 stop.set()
                 _drain(slot.queue)
                 summary.notes.append("stopped by Ctrl-C")
-            for d_index, d_due in slot.take_dropped():  # dropped after the last scored frame (none, by close())
-                rows.writerow([d_index, f"{d_due:.4f}", "dropped", "", "", "", "", ""])
-                summary.frames_dropped += 1
+            _write_skipped(rows, slot, summary, reasons)  # after the last scored frame (none dropped, by close())
         summary.seconds = time.perf_counter() - start  # the stream's own time, not the heatmaps' wind-down
         os.replace(tmp, out_csv)
     finally:
@@ -452,10 +475,27 @@ def stream(engine: Engine, source: Source, preparation: Preparation, threshold: 
     if heatmaps:
         summary.heatmaps_written, summary.heatmaps_skipped = heatmaps.written, heatmaps.skipped
         summary.notes += [f"heatmap failed: {e}" for e in heatmaps.errors[:3]]
+    if reasons:
+        summary.notes.append(f"{len(reasons)} frame file(s) unreadable, not scored (rows 'unreadable' in the CSV): "
+                             + "; ".join(reasons[:3]) + ("; ..." if len(reasons) > 3 else ""))
     if errors:
         summary.notes.append(f"stream stopped early at frame {counts['read']}: {errors[0]}")
     _write_json(summary, out_csv.with_suffix(out_csv.suffix + ".json"))
     return summary
+
+
+def _write_skipped(rows, slot: _Slot, summary: StreamSummary, reasons: list[str], before: int | None = None) -> None:
+    """The CSV rows of the frames dropped or unreadable since the last scored frame (up to frame ``before``),
+    counted."""
+    skipped = [(index, due, "dropped", "") for index, due in slot.take_dropped()]
+    skipped += [(index, due, "unreadable", reason) for index, due, reason in slot.take_unreadable(before)]
+    for index, due, status, reason in sorted(skipped):  # in frame order
+        rows.writerow([index, f"{due:.4f}", status, "", "", "", "", ""])
+        if reason:
+            summary.frames_unreadable += 1
+            reasons.append(reason)
+        else:
+            summary.frames_dropped += 1
 
 
 def _drain(q: queue.Queue) -> None:
@@ -512,7 +552,8 @@ def format_summary(summary: StreamSummary) -> str:
     s = summary
     final = f"{s.final_smoothed:.4f} ({s.final_label})" if s.final_smoothed is not None else "none"
     lines = [f"{s.source} ({s.kind}, {s.source_fps:g} fps) with {s.engine}: {s.frames_read} frames read, "
-             f"{s.frames_scored} scored, {s.frames_dropped} dropped in {s.seconds:.2f} s "
+             f"{s.frames_scored} scored, {s.frames_dropped} dropped"
+             + (f", {s.frames_unreadable} unreadable" if s.frames_unreadable else "") + f" in {s.seconds:.2f} s "
              f"({s.scored_fps:.1f} scored frames/s); lesion-level score at the end {final}, threshold "
              f"{s.threshold:.4g} from {s.threshold_source}",
              f"per-frame CSV: {s.csv}"]

@@ -170,14 +170,18 @@ def test_stream_of_a_folder_scores_every_frame_like_the_engine(exported, tmp_pat
     frames = ultrasound(6)
     folder = tmp_path / "frames"
     folder.mkdir()
-    for i, frame in enumerate(frames):
+    for i, frame in zip((0, 1, 3, 4, 5, 6), frames):
         cv2.imwrite(str(folder / f"f{i:03d}.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    # one damaged frame file among them: skipped and counted, the frames after it still scored
+    (folder / "f002.png").write_bytes((folder / "f001.png").read_bytes()[:200])
     out = tmp_path / "out" / "frames.csv"
     code = main(["stream", str(exported["folder"]), str(folder), "--out", str(out), "--engine", "onnx",
                  "--all-frames", "--smooth", "window", "--window", "3"])
     assert code == 0
     rows = list(csv.DictReader(out.open()))
-    assert [int(r["frame"]) for r in rows] == list(range(6)) and {r["status"] for r in rows} == {"scored"}
+    assert [int(r["frame"]) for r in rows] == list(range(7))
+    assert [r["status"] for r in rows] == ["scored"] * 2 + ["unreadable"] + ["scored"] * 4
+    rows = [r for r in rows if r["status"] == "scored"]
     expected = exported["model"].predict(frames.astype(np.float32), verbose=0).reshape(-1)
     p = np.array([float(r["probability"]) for r in rows])
     np.testing.assert_allclose(p, expected, atol=1e-6)
@@ -185,8 +189,10 @@ def test_stream_of_a_folder_scores_every_frame_like_the_engine(exported, tmp_pat
     for r in rows:
         assert r["label"] == ("malignant" if float(r["probability"]) >= 0.5 else "benign")
     summary = json.loads(out.with_suffix(".csv.json").read_text())
-    assert (summary["frames_read"], summary["frames_scored"], summary["frames_dropped"]) == (6, 6, 0)
-    assert "6 scored, 0 dropped" in capsys.readouterr().out
+    assert (summary["frames_read"], summary["frames_scored"], summary["frames_dropped"],
+            summary["frames_unreadable"]) == (7, 6, 0, 1)
+    assert any(f"{folder / 'f002.png'}: truncated PNG" in note for note in summary["notes"]), summary["notes"]
+    assert "6 scored, 0 dropped, 1 unreadable" in capsys.readouterr().out
 
 
 def test_stream_drops_frames_a_slow_engine_cannot_keep_up_with(exported, tmp_path):
