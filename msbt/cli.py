@@ -304,8 +304,10 @@ def _scan(args, config):
 
 
 def _cmd_scan(args) -> int:
-    from msbt.data.discovery import write_rejects
+    from msbt.data.discovery import refuse_output_in_inputs, write_rejects
 
+    if args.rejects:
+        refuse_output_in_inputs(args.rejects, [args.source], "--rejects")
     discovery = _scan(args, _load(args))
     counts = ", ".join(f"{c} {n}" for c, n in discovery.counts().items())
     print(f"{len(discovery.records)} usable images ({counts}); {len(discovery.rejects)} rejected")
@@ -321,9 +323,10 @@ def _cmd_scan(args) -> int:
 
 
 def _cmd_split(args) -> int:
-    from msbt.data.discovery import write_rejects
+    from msbt.data.discovery import refuse_output_in_inputs, write_rejects
     from msbt.data.splits import make_split, previous_rows, save_split
 
+    refuse_output_in_inputs(args.out, [args.source], "--out")
     out = Path(args.out)
     if (out / "split.json").exists() and not args.force:
         raise ConfigError(f"{out}: a split is already saved there (use --force to replace it)")
@@ -403,8 +406,12 @@ def _quiet_tensorflow() -> None:
 
 
 def _cmd_predict(args) -> int:
+    from msbt.data.discovery import refuse_output_in_inputs
     from msbt.serve.predict import format_lines, predict, write_csv
 
+    for option, out in (("--out", args.out), ("--heatmaps", args.heatmaps)):
+        if out:
+            refuse_output_in_inputs(out, args.images, option)
     _quiet_tensorflow()
     run = predict(args.model, args.images, threshold=args.threshold, heatmaps=args.heatmaps)
     print("\n".join(format_lines(run)))
@@ -461,11 +468,16 @@ def _external_parser(sub) -> None:
 
 
 def _cmd_external(args) -> int:
+    from msbt.data.discovery import refuse_output_in_inputs
     from msbt.eval.external import format_site
-    from msbt.eval.report import write_report
+    from msbt.eval.report import RUN_MARKERS, write_report
     from msbt.serve.external import external
     from msbt.serve.predict import find_run_dir
 
+    if args.n_boot < 1:
+        raise ValueError(f"--n-boot must be at least 1, got {args.n_boot}")
+    if args.out:
+        refuse_output_in_inputs(args.out, args.sources, "--out")
     _quiet_tensorflow()
     results = external(args.checkpoint, args.sources, out=args.out, threshold=args.threshold,
                        keep_duplicates=args.keep_duplicates, n_boot=args.n_boot)
@@ -474,7 +486,11 @@ def _cmd_external(args) -> int:
     for note in next(iter(results.values()), {}).get("run_notes", []):
         print(f"note: {note}")
     folder = Path(args.out) if args.out else find_run_dir(args.checkpoint)
-    print(f"results in {folder}/external/; report: {write_report(folder)}")
+    if any((folder / name).is_file() for name in RUN_MARKERS):
+        print(f"results in {folder}/external/; report: {write_report(folder)}")
+    else:  # --out is any folder: the results are complete without a report, which belongs to a run folder
+        print(f"results in {folder}/external/ (not a run folder, so no report.html; `msbt report RUN` makes one "
+              "for a run folder)")
     return 0
 
 

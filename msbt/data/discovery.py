@@ -549,6 +549,25 @@ def manifest_paths(manifest: str | Path) -> tuple[list[Path], list[Reject]]:
     return [c[0] for c in candidates], rejects
 
 
+def refuse_output_in_inputs(out: str | Path, inputs: Sequence[str | Path], option: str) -> None:
+    """Refuse an output path of a command that lies inside a folder it reads, or is a file it reads, or names an
+    image file: msbt never writes into a data folder (a CSV there replaced a scan it had just read; heatmap PNGs
+    there were scored as images by the next predict; split files in a class folder became its rejects).
+
+    Raises:
+        DataError: naming the option, the path and the input it falls in.
+    """
+    # realpath, not resolve(): an input may be a symbolic link loop (rejected by the scan; resolve() raises)
+    target = Path(os.path.realpath(Path(out).expanduser()))
+    for source in inputs:
+        folder = Path(os.path.realpath(Path(source).expanduser()))
+        if target == folder or (folder.is_dir() and folder in target.parents):
+            raise DataError(f"{option} {out}: inside the data being read ({source}); msbt never writes into a data "
+                            "folder: choose a path outside it")
+    if target.is_file() and target.suffix.lower() in IMAGE_EXTENSIONS | {".dcm"}:
+        raise DataError(f"{option} {out}: an image file is there; choose another path")
+
+
 def write_rejects(rejects: Sequence[Reject], path: str | Path) -> Path:
     """Write the rejects manifest (`path,reason`) so nothing is lost silently; atomically (temp + rename).
 

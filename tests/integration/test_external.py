@@ -112,6 +112,23 @@ def test_external_metrics_transfer_calibration_depth_and_report(run):
     assert 'id="external"' in html and "site-c" in html and "optimistic" in html
 
 
+def test_external_into_a_folder_that_is_not_a_run_and_bad_options(run, tmp_path, capsys):
+    """--out takes any folder: the results are written whole and no report is attempted (it failed after the
+    first site's results, naming `msbt report`). Options are checked before any image is read."""
+    from msbt.cli import main
+
+    site = run["sites"]["site-c"]
+    out = tmp_path / "elsewhere"
+    assert main(["external", str(run["checkpoint"]), site, "--n-boot", "50", "--out", str(out)]) == 0
+    assert (out / "external" / "site-c" / "metrics.json").is_file() and not (out / "report.html").exists()
+    assert "not a run folder, so no report.html" in capsys.readouterr().out
+    assert main(["external", str(run["checkpoint"]), site, "--n-boot", "0"]) == 1
+    assert "--n-boot must be at least 1, got 0" in capsys.readouterr().err
+    inside = Path(site.split("=", 1)[-1]) / "results"
+    assert main(["external", str(run["checkpoint"]), site, "--out", str(inside)]) == 1
+    assert "inside the data being read" in capsys.readouterr().err and not inside.exists()
+
+
 def test_score_site_at_a_fixed_threshold_by_hand():
     y = np.array([0, 0, 0, 1, 1, 1])
     p = np.array([0.1, 0.2, 0.7, 0.6, 0.8, 0.9])

@@ -593,3 +593,29 @@ def test_a_damaged_run_threshold_is_refused_naming_the_file(tmp_path, value):
     metrics.write_text(json.dumps([str(checkpoint), 0.3]))
     with pytest.raises(ValueError, match=re.escape(f"{metrics}: not a run's metrics")):
         find_threshold(checkpoint)
+
+
+def test_no_command_writes_into_the_data_it_reads(tmp_path, checkpoint, capsys):
+    """An output path inside a folder being read (or onto one of its images) is refused before anything is read
+    or written: a CSV replaced a scanned image, heatmap PNGs were scored as images by the next predict, and a
+    split in a class folder became that class's rejects."""
+    root = tree(tmp_path / "data", 2)
+    image = root / "benign" / "b0.png"
+    before = image.read_bytes()
+    cases = [
+        (["scan", str(root), "--rejects", str(image)], "--rejects", image),
+        (["split", str(root), "--out", str(root / "benign" / "sub")], "--out", root / "benign" / "sub"),
+        (["predict", str(checkpoint), str(root / "benign"), "--out", str(image)], "--out", image),
+        (["predict", str(checkpoint), str(root), "--heatmaps", str(root / "maps")], "--heatmaps", root / "maps"),
+    ]
+    for argv, option, out in cases:
+        assert main(argv) == 1, argv
+        assert f"msbt: error: {option} {out}: inside the data being read" in capsys.readouterr().err, argv
+    assert image.read_bytes() == before
+    assert not (root / "benign" / "sub").exists() and not (root / "maps").exists()
+    # onto an image file elsewhere: refused too; next to the data, not inside it: written
+    other = png(tmp_path / "other.png", 5)
+    assert main(["scan", str(root), "--rejects", str(other)]) == 1
+    assert f"--rejects {other}: an image file is there" in capsys.readouterr().err
+    assert main(["scan", str(root), "--rejects", str(tmp_path / "rejects.csv")]) == 0
+    assert (tmp_path / "rejects.csv").is_file()
