@@ -297,6 +297,8 @@ def _scan(args, config):
     from msbt.data.discovery import discover
 
     classes = tuple(args.classes) if args.classes else ()
+    if len(set(classes)) != len(classes):
+        raise ConfigError(f"--classes names a class twice: {' '.join(classes)}")
     d = config.data
     return discover(args.source, classes, strict=args.strict or d.strict, mask_suffixes=d.mask_suffixes,
                     sixteen_bit=d.sixteen_bit, max_pixels=d.max_pixels, on_partial=d.on_partial,

@@ -631,6 +631,21 @@ def _positive(v) -> bool:
     return _finite(v) and v > 0
 
 
+# What a stage logs each epoch (msbt.model.compiled.stage_metrics and the loss), on the training rows and as
+# val_* on the validation rows: the names a stage's `monitor` may take.
+METRIC_NAMES = ("loss", "accuracy", "auc", "sensitivity", "specificity")
+MONITORS = tuple(f"{prefix}{name}" for prefix in ("val_", "") for name in METRIC_NAMES)
+_MAX_SEED = 2**31 - 1  # Keras takes seeds below 2**32; this leaves room for the seeds derived from one
+
+
+def _seed(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= _MAX_SEED
+
+
+def _distinct_names(v) -> bool:
+    return all(isinstance(x, str) and x.strip() for x in v) and len(set(v)) == len(v)
+
+
 _MAX_FOLDS = 100  # beyond this a fold is a handful of images: a typo, not a design
 _RANGES: dict[type, list[tuple[str, Any, str]]] = {
     SynthConfig: [
@@ -641,6 +656,11 @@ _RANGES: dict[type, list[tuple[str, Any, str]]] = {
         ("ultrasound_size", lambda v: v >= 32, ">= 32"),
     ],
     DataConfig: [
+        ("seed", _seed, f"an integer in [0, {_MAX_SEED}]"),
+        ("ultrasound_classes", lambda v: len(v) == 2 and _distinct_names(v),
+         "two different class names, the negative one first (e.g. [benign, malignant]): stage 2 is binary"),
+        ("microscope_classes", lambda v: len(v) != 1 and _distinct_names(v),
+         "[] (every class folder found) or two or more different class names"),
         ("split", lambda v: all(_positive(x) for x in v) and abs(sum(v) - 1.0) < 1e-6,
          "three shares, each > 0, summing to 1 (e.g. [0.7, 0.2, 0.1])"),
         ("folds", lambda v: 2 <= v <= _MAX_FOLDS, f"between 2 and {_MAX_FOLDS}"),
@@ -677,6 +697,7 @@ _RANGES: dict[type, list[tuple[str, Any, str]]] = {
         ("l2", lambda v: _finite(v) and v >= 0.0, "a finite number >= 0"),
     ],
     StageConfig: [
+        ("monitor", lambda v: v in MONITORS, f"one of {', '.join(MONITORS)}"),
         ("image_size", lambda v: v >= 32, ">= 32"),
         ("learning_rate", _positive, "a finite number > 0"),
         ("batch_size", lambda v: v >= 1, ">= 1"),
@@ -686,6 +707,7 @@ _RANGES: dict[type, list[tuple[str, Any, str]]] = {
         ("fine_tune_lr_scale", _positive, "a finite number > 0"),
     ],
     TuneConfig: [
+        ("seed", _seed, f"an integer in [0, {_MAX_SEED}]"),
         ("num_samples", lambda v: v >= 1, ">= 1"),
         ("max_concurrent_trials", lambda v: v >= 1, ">= 1"),
         ("grace_period", lambda v: v >= 1, ">= 1"),
@@ -700,6 +722,7 @@ _RANGES: dict[type, list[tuple[str, Any, str]]] = {
         ("max_failures", lambda v: v >= -1, ">= -1 (-1: retry without limit)"),
         ("checkpoints_to_keep", lambda v: v >= 1, ">= 1"),
         ("stage2_seeds", lambda v: 1 <= v <= 32, "in [1, 32]"),
+        ("train_seed", lambda v: v is None or _seed(v), f"null (data.seed) or an integer in [0, {_MAX_SEED}]"),
         ("worker_niceness", lambda v: 0 <= v <= 19, "in [0, 19] (a lower priority; raising one needs root)"),
     ],
 }

@@ -50,7 +50,6 @@ from msbt.model.compiled import compile_model
 from msbt.model.models import batchnorm_frozen, build_model, is_binary, set_backbone_trainable
 
 log = logging.getLogger(__name__)
-METRIC_NAMES = ("loss", "accuracy", "auc", "sensitivity", "specificity")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -460,6 +460,16 @@ def test_class_folder_differing_in_case_fails_before_ray_starts(tmp_path):
     ("preprocess.build=cluster", "preprocess.build"),
     ("tune.num_samples=0", "tune.num_samples"),
     ("preprocess.block_size=150", "preprocess.block_size"),
+    # each of these failed only inside training, after Ray had started (a helper's bad-input probe)
+    ("stage1.monitor=val_foo", "stage1.monitor"),
+    ("run.train_seed=-1", "run.train_seed"),
+    ("data.seed=-1", "data.seed"),
+    ("data.seed=4294967296", "data.seed"),
+    ("tune.seed=-3", "tune.seed"),
+    ("data.ultrasound_classes=[benign]", "data.ultrasound_classes"),
+    ("data.ultrasound_classes=[benign,malignant,normal]", "data.ultrasound_classes"),
+    ("data.ultrasound_classes=[benign,benign]", "data.ultrasound_classes"),
+    ("data.microscope_classes=[hela]", "data.microscope_classes"),
 ])
 def test_config_ranges_are_checked_when_read(override, key, capsys):
     with pytest.raises(ConfigError, match=f"--set {re.escape(override)}.*`{re.escape(key)}` must be"):
@@ -619,3 +629,10 @@ def test_no_command_writes_into_the_data_it_reads(tmp_path, checkpoint, capsys):
     assert f"--rejects {other}: an image file is there" in capsys.readouterr().err
     assert main(["scan", str(root), "--rejects", str(tmp_path / "rejects.csv")]) == 0
     assert (tmp_path / "rejects.csv").is_file()
+
+
+def test_a_class_named_twice_on_the_command_line_is_refused(tmp_path, capsys):
+    root = tree(tmp_path / "data", 2)
+    assert main(["split", str(root), "--out", str(tmp_path / "split"), "--classes", "benign", "benign"]) == 1
+    assert "--classes names a class twice: benign benign" in capsys.readouterr().err
+    assert not (tmp_path / "split").exists()
