@@ -13,7 +13,7 @@ from typing import Sequence
 import yaml
 
 from msbt import __version__
-from msbt.config import ConfigError, load_config, to_dict
+from msbt.config import ConfigError, check_ranges, load_config, to_dict
 
 # The smallest real run, for `--smoke-test`: shipped beside the workflow scripts, not in the package.
 CONFIGS = Path(__file__).resolve().parents[1] / "workflows" / "configs"
@@ -560,11 +560,14 @@ def _cmd_stream(args) -> int:
 def _cmd_serve(args) -> int:
     import dataclasses
 
+    config = _load(args).serve
+    config = dataclasses.replace(config, **{k: v for k, v in (("host", args.host), ("port", args.port))
+                                            if v is not None})
+    check_ranges(config, "command line (--host, --port)", "serve.")
+
     from msbt.raycluster import init_ray
     from msbt.serve import app
 
-    config = _load(args).serve
-    config = dataclasses.replace(config, **{k: v for k, v in (("host", args.host), ("port", args.port)) if v})
     app.application(args.model, config)  # a wrong folder or config fails before Ray starts
     init_ray(args.address)
     print(f"serving {args.model} at http://{config.host}:{config.port}/predict (GET /healthz); Ctrl-C stops it")

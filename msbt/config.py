@@ -716,6 +716,18 @@ _RANGES: dict[type, list[tuple[str, Any, str]]] = {
         ("gpus_per_trial", lambda v: _finite(v) and v >= 0, ">= 0"),
         ("feature_actors", lambda v: v >= 1, ">= 1"),
     ],
+    ServeConfig: [
+        ("host", lambda v: isinstance(v, str) and v.strip() == v and v != "", "a host name or address "
+         "(127.0.0.1: this machine only; 0.0.0.0: every interface)"),
+        ("port", lambda v: 1 <= v <= 65535, "a TCP port in [1, 65535]"),
+        ("replicas", lambda v: v >= 1, ">= 1"),
+        ("cpus_per_replica", _positive, "> 0"),
+        ("gpus_per_replica", lambda v: _finite(v) and v >= 0, ">= 0"),
+        ("max_batch_size", lambda v: v >= 1, ">= 1"),
+        ("batch_wait_timeout_s", lambda v: _finite(v) and v >= 0, "a finite number of seconds >= 0"),
+        ("max_request_mb", _positive, "a finite number > 0"),
+        ("streams", lambda v: v >= 1, ">= 1"),
+    ],
     RunConfig: [
         ("num_workers", lambda v: v >= 1, ">= 1"),
         ("cpus_per_worker", _positive, "> 0"),

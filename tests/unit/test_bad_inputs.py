@@ -470,6 +470,11 @@ def test_class_folder_differing_in_case_fails_before_ray_starts(tmp_path):
     ("data.ultrasound_classes=[benign,malignant,normal]", "data.ultrasound_classes"),
     ("data.ultrasound_classes=[benign,benign]", "data.ultrasound_classes"),
     ("data.microscope_classes=[hela]", "data.microscope_classes"),
+    ("serve.port=70000", "serve.port"),
+    ("serve.port=-1", "serve.port"),
+    ("serve.host=", "serve.host"),
+    ("serve.max_request_mb=0", "serve.max_request_mb"),
+    ("serve.batch_wait_timeout_s=-1", "serve.batch_wait_timeout_s"),
 ])
 def test_config_ranges_are_checked_when_read(override, key, capsys):
     with pytest.raises(ConfigError, match=f"--set {re.escape(override)}.*`{re.escape(key)}` must be"):
@@ -636,3 +641,12 @@ def test_a_class_named_twice_on_the_command_line_is_refused(tmp_path, capsys):
     assert main(["split", str(root), "--out", str(tmp_path / "split"), "--classes", "benign", "benign"]) == 1
     assert "--classes names a class twice: benign benign" in capsys.readouterr().err
     assert not (tmp_path / "split").exists()
+
+
+def test_serve_options_are_checked_before_ray_starts(tmp_path, capsys):
+    """--port 70000 started Ray, printed the address, then failed with 70 lines of Ray's tracebacks; 0 was
+    silently ignored."""
+    for port in ("70000", "0"):
+        assert main(["serve", str(tmp_path), "--port", port]) == 1
+        err = capsys.readouterr().err
+        assert f"command line (--host, --port): `serve.port` must be a TCP port in [1, 65535], got {port}" in err
