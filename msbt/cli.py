@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import threading
 from pathlib import Path
@@ -365,7 +366,13 @@ def _cmd_lineage(args) -> int:
 
     if not Path(args.path).exists():
         raise ConfigError(f"{args.path}: no such checkpoint")
-    print(format_lineage(args.path))
+    text = format_lineage(args.path)
+    print(text)
+    # A broken chain is a failure a script must see: a checkpoint missing, or a model changed since it was
+    # recorded (the flags in brackets that msbt.model.checkpoint.format_lineage writes).
+    if re.search(r"MISSING checkpoint |\[[^\]]*CHANGED[^\]]*\]", text):
+        print("msbt: error: the lineage is broken (MISSING or CHANGED above)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -167,3 +167,10 @@ def test_msbt_lineage_command(chain, capsys):
     out = capsys.readouterr().out
     assert out.startswith("stage 2") and "<- stage 1" in out
     assert main(["lineage", str(chain[1].parent / "nowhere")]) == 1
+    # a broken chain is a failure, not a report that exits 0: a folder that is no checkpoint, a changed model
+    capsys.readouterr()
+    assert main(["lineage", str(chain[1].parent)]) == 1
+    assert "MISSING checkpoint" in capsys.readouterr().out
+    (chain[0] / MODEL_FILE).write_bytes(b"retrained later")
+    assert main(["lineage", str(chain[1])]) == 1
+    assert "MODEL CHANGED" in capsys.readouterr().out
