@@ -551,6 +551,9 @@ def _cmd_stream(args) -> int:
     smoothing = Smoothing(args.smooth, args.alpha, args.window)  # bad values fail before anything loads
     if args.heatmaps < 0:
         raise ConfigError(f"--heatmaps must be >= 0, got {args.heatmaps}")
+    for option, value in (("--threads", args.threads), ("--max-frames", args.max_frames)):
+        if value is not None and value < 1:  # TensorFlow aborted on --threads -2; --max-frames 0 scored nothing
+            raise ConfigError(f"{option} must be >= 1, got {value}")
     if args.engine in ("keras", "savedmodel") or args.heatmaps:  # TensorFlow runs them (ONNX, OpenVINO: not)
         _quiet_tensorflow()
     served = load_served(args.model, args.engine, precision=args.precision, threads=args.threads,

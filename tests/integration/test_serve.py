@@ -350,6 +350,11 @@ def test_serve_and_stream_commands_refuse_a_folder_that_is_not_an_export(tmp_pat
     assert "not an `msbt export` folder" in capsys.readouterr().err
     assert main(["stream", str(tmp_path), "0", "--alpha", "2"]) == 1
     assert "--alpha must be in (0, 1]" in capsys.readouterr().err
+    # TensorFlow aborted the process on --threads -2 (exit 134); --max-frames 0 scored nothing, said nothing
+    for option, value in (("--threads", "-2"), ("--threads", "0"), ("--max-frames", "0")):
+        assert main(["stream", str(tmp_path), "0", option, value]) == 1
+        assert f"{option} must be >= 1, got {value}" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.csv*"))
 
 
 # ---------------------------------------------------------------------------------------------------
