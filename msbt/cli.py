@@ -399,7 +399,7 @@ def _predict_parsers(sub) -> None:
                    "on the run's training split, kept only if its test-split AUC holds (--int8-max-auc-drop)")
     p.add_argument("--int8-store", metavar="STORE", help="the run's ultrasound store (default: <run>/stores/ultrasound "
                    "beside the checkpoint's stage2/)")
-    p.add_argument("--int8-max-auc-drop", type=float, default=0.01, metavar="D",
+    p.add_argument("--int8-max-auc-drop", type=float, metavar="D",
                    help="largest accepted test AUC drop of int8 against float32 (default 0.01)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     p.set_defaults(func=_cmd_export)
@@ -433,11 +433,18 @@ def _cmd_predict(args) -> int:
 
 
 def _cmd_export(args) -> int:
+    import math
+
     from msbt.serve.export import export
 
+    if (args.int8_store or args.int8_max_auc_drop is not None) and not args.int8:
+        raise ConfigError("--int8-store and --int8-max-auc-drop apply to --int8 only: add --int8, or leave them out")
+    drop = 0.01 if args.int8_max_auc_drop is None else args.int8_max_auc_drop
+    if not (math.isfinite(drop) and 0.0 <= drop <= 1.0):  # NaN or < 0 always refused int8, inf never checked
+        raise ConfigError(f"--int8-max-auc-drop must be an AUC difference in [0, 1], got {drop}")
     _quiet_tensorflow()
     record = export(args.checkpoint, args.out_dir, threshold=args.threshold, int8=args.int8,
-                    int8_store=args.int8_store, int8_max_auc_drop=args.int8_max_auc_drop)
+                    int8_store=args.int8_store, int8_max_auc_drop=drop)
     print(f"exported {args.checkpoint} -> {args.out_dir} (model.keras, manifest.json, saved_model/, model.onnx, "
           f"openvino/, export.json); threshold {record['threshold']['value']:.4g} from "
           f"{record['threshold']['source']}; model id {record['model_id']}")

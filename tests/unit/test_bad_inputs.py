@@ -650,3 +650,15 @@ def test_serve_options_are_checked_before_ray_starts(tmp_path, capsys):
         assert main(["serve", str(tmp_path), "--port", port]) == 1
         err = capsys.readouterr().err
         assert f"command line (--host, --port): `serve.port` must be a TCP port in [1, 65535], got {port}" in err
+
+
+def test_export_int8_options_are_checked_before_anything_loads(tmp_path, checkpoint, capsys):
+    out = tmp_path / "exp"
+    for argv, message in [
+        (["--int8-max-auc-drop", "-1"], "--int8-store and --int8-max-auc-drop apply to --int8 only"),
+        (["--int8", "--int8-max-auc-drop", "nan"], "--int8-max-auc-drop must be an AUC difference in [0, 1], got nan"),
+        (["--int8", "--int8-max-auc-drop", "inf"], "--int8-max-auc-drop must be an AUC difference in [0, 1], got inf"),
+    ]:
+        assert main(["export", str(checkpoint), str(out), *argv]) == 1, argv
+        assert message in capsys.readouterr().err, argv
+        assert not out.exists()
