@@ -414,7 +414,8 @@ def _from_manifest(manifest: Path, classes: Sequence[str]):
     candidates: list[Candidate] = []
     rejects: list[Reject] = []
     skipped: dict[str, int] = {}
-    seen: set[str] = set()
+    seen: dict[str, tuple[int, str, int]] = {}  # real path -> (its index in candidates, label, line)
+    conflicting: set[str] = set()  # listed with two labels: used under neither
     found: list[str] = []
     for line, row in enumerate(rows, start=2):  # line 1 is the header
         where = f"{manifest}:{line}"
@@ -431,14 +432,25 @@ def _from_manifest(manifest: Path, classes: Sequence[str]):
         if classes and label not in classes:
             key = f"class {label!r} not selected"
             skipped[key] = skipped.get(key, 0) + 1
+        elif real in seen and (seen[real][1] != label or real in conflicting):
+            # Which label is right cannot be told: the file is used under neither (the first row taken back).
+            index, first_label, first_line = seen[real]
+            if real in conflicting:
+                rejects.append(Reject(str(path), f"listed again at line {line}, already with two labels; used under "
+                                                 "neither"))
+                continue
+            conflicting.add(real)
+            candidates[index] = None
+            rejects.append(Reject(str(path), f"listed with two labels: {first_label!r} at line {first_line} and "
+                                             f"{label!r} at line {line}; used under neither"))
         elif real in seen:
             rejects.append(Reject(str(path), f"listed twice in the manifest (again at line {line})"))
         elif not os.path.lexists(path):
             rejects.append(Reject(str(path), f"listed in the manifest (line {line}) but does not exist"))
         else:
-            seen.add(real)
+            seen[real] = (len(candidates), label, line)
             candidates.append((path, row["path"], label, row.get("group", "")))
-    return candidates, rejects, skipped, found
+    return [c for c in candidates if c is not None], rejects, skipped, found
 
 
 def _read_manifest_rows(manifest: Path) -> tuple[list[str], list[dict]]:

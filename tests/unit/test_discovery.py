@@ -127,6 +127,21 @@ def test_manifest_with_groups_relative_and_absolute_paths(tmp_path):
     assert any("without a path" in r for r in reasons)
 
 
+def test_a_file_listed_with_two_labels_is_used_under_neither(tmp_path):
+    """The first label was kept (a helper's probe: trained as benign, the malignant row a plain 'listed twice')."""
+    root = tree(tmp_path / "imgs", {"p1.png": textured(1), "p2.png": textured(2), "p3.png": textured(3),
+                                    "p4.png": textured(4)})
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\nimgs/p1.png,benign\nimgs/p2.png,malignant\nimgs/p3.png,benign\n"
+                        "imgs/p1.png,malignant\nimgs/p1.png,benign\nimgs/p4.png,malignant\n")
+    d = discover(manifest, ("benign", "malignant"))
+    assert [(r.relpath, r.label) for r in d.records] == [("imgs/p3.png", "benign"), ("imgs/p2.png", "malignant"),
+                                                         ("imgs/p4.png", "malignant")]
+    assert [r.reason for r in d.rejects] == [
+        "listed with two labels: 'benign' at line 2 and 'malignant' at line 5; used under neither",
+        "listed again at line 6, already with two labels; used under neither"]
+
+
 def test_manifest_without_required_columns(tmp_path):
     manifest = tmp_path / "m.csv"
     manifest.write_text("file,class\na.png,benign\n")
