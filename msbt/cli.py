@@ -307,11 +307,16 @@ def _scan(args, config):
 
 
 def _cmd_scan(args) -> int:
-    from msbt.data.discovery import refuse_output_in_inputs, write_rejects
+    from msbt.data.discovery import DataError, refuse_output_in_inputs, write_rejects
 
     if args.rejects:
         refuse_output_in_inputs(args.rejects, [args.source], "--rejects")
-    discovery = _scan(args, _load(args))
+    try:
+        discovery = _scan(args, _load(args))
+    except DataError as err:  # the scan gave up (no usable image, a class without one): its rejects still say why
+        if args.rejects and err.rejects:
+            print(f"rejects manifest: {write_rejects(err.rejects, args.rejects)}")
+        raise
     counts = ", ".join(f"{c} {n}" for c, n in discovery.counts().items())
     print(f"{len(discovery.records)} usable images ({counts}); {len(discovery.rejects)} rejected")
     for reason, n in sorted(discovery.skipped.items()):

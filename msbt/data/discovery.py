@@ -46,7 +46,14 @@ _SYSTEM_FILES = {"thumbs.db", "desktop.ini", ".ds_store"}
 
 
 class DataError(ValueError):
-    """The data set as a whole cannot be used (missing folder, bad manifest, strict-mode reject)."""
+    """The data set as a whole cannot be used (missing folder, bad manifest, strict-mode reject).
+
+    ``rejects``: the files rejected before the scan gave up, when it got that far (``msbt scan --rejects`` still
+    writes them)."""
+
+    def __init__(self, message: str, rejects: Sequence["Reject"] = ()):
+        super().__init__(message)
+        self.rejects = list(rejects)
 
 
 @dataclass(frozen=True)
@@ -169,7 +176,9 @@ def discover(
     order = sorted((i for i in range(len(records)) if i not in conflicting),
                    key=lambda i: (keep.index(records[i].label), records[i].relpath))
     if not order:
-        raise DataError(f"{source}: no usable images ({len(rejects)} rejected)")
+        examples = "; ".join(f"{r.path}: {r.reason}" for r in sorted(rejects, key=lambda r: r.path)[:3])
+        raise DataError(f"{source}: no usable images ({len(rejects)} rejected" + (f"; e.g. {examples}" if examples
+                        else "") + ")", rejects)
     _require_every_class(source, keep, [records[i].label for i in order], rejects, candidates)
     return Discovery(
         root=str(root),
@@ -243,15 +252,20 @@ def check_classes(source: str | Path, keep: Sequence[str], found: Sequence[str])
 def _require_every_class(source: Path, keep: Sequence[str], labels: Sequence[str], rejects: list[Reject],
                          candidates: list) -> None:
     """A kept class without a single usable image would train a model that never sees it: stop."""
+    label_of = {text_name(str(cand[0])): cand[2] for cand in candidates}
     for c in keep:
         if c in labels:
             continue
-        tried = sum(1 for cand in candidates if cand[2] == c)
         where = source / c if source.is_dir() else source
-        reason = f"all {tried} of its files were rejected (see the rejects)" if tried else "it holds no image files"
-        first = next((r for r in rejects if _in_class(r.path, where)), None)
-        detail = f"; e.g. {first.path}: {first.reason}" if first else ""
-        raise DataError(f"{where}: class {c!r} has no usable image: {reason}{detail}")
+        # a file that was tried, or a manifest row of the class rejected before (it names its label)
+        own = [r for r in rejects if label_of.get(r.path) == c or _in_class(r.path, where) and source.is_dir()
+               or f"label {c!r})" in r.reason]
+        if own:
+            reason = f"all {len(own)} of its {'files' if source.is_dir() else 'rows'} were rejected"
+        else:
+            reason = "it holds no image files" if source.is_dir() else "the manifest has no row of it"
+        detail = f"; e.g. {own[0].path}: {own[0].reason}" if own else ""
+        raise DataError(f"{where}: class {c!r} has no usable image: {reason}{detail}", rejects)
 
 
 def _in_class(path: str, where: Path) -> bool:
@@ -446,7 +460,8 @@ def _from_manifest(manifest: Path, classes: Sequence[str]):
         elif real in seen:
             rejects.append(Reject(str(path), f"listed twice in the manifest (again at line {line})"))
         elif not os.path.lexists(path):
-            rejects.append(Reject(str(path), f"listed in the manifest (line {line}) but does not exist"))
+            rejects.append(Reject(str(path), f"listed in the manifest (line {line}, label {label!r}) but does not "
+                                             "exist"))
         else:
             seen[real] = (len(candidates), label, line)
             candidates.append((path, row["path"], label, row.get("group", "")))

@@ -662,3 +662,24 @@ def test_export_int8_options_are_checked_before_anything_loads(tmp_path, checkpo
         assert main(["export", str(checkpoint), str(out), *argv]) == 1, argv
         assert message in capsys.readouterr().err, argv
         assert not out.exists()
+
+
+def test_a_manifest_whose_rows_all_fail_says_why(tmp_path, capsys):
+    """Paths relative to the wrong folder: 'no usable images (2 rejected)' and nothing more, no --rejects
+    written; a class whose only row named a missing file was said to hold no image files."""
+    root = tree(tmp_path / "data", 2)
+    wrong = tmp_path / "lists" / "m.csv"
+    wrong.parent.mkdir()
+    wrong.write_text("path,label\nbenign/b0.png,benign\nmalignant/m0.png,malignant\n")  # relative to data/
+    rejects = tmp_path / "rejects.csv"
+    assert main(["scan", str(wrong), "--rejects", str(rejects)]) == 1
+    err = capsys.readouterr().err
+    assert f"{wrong}: no usable images (2 rejected; e.g. {wrong.parent / 'benign' / 'b0.png'}: listed in the " \
+           "manifest (line 2, label 'benign') but does not exist" in err
+    assert len(rejects.read_text().splitlines()) == 3  # header and both rows
+    half = tmp_path / "half.csv"
+    half.write_text(f"path,label\n{root / 'benign' / 'b0.png'},benign\n{tmp_path / 'gone.png'},malignant\n")
+    assert main(["scan", str(half)]) == 1
+    assert (f"{half}: class 'malignant' has no usable image: all 1 of its rows were rejected; e.g. "
+            f"{tmp_path / 'gone.png'}: listed in the manifest (line 3, label 'malignant') but does not exist"
+            in capsys.readouterr().err)
