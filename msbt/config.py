@@ -374,6 +374,24 @@ def with_overlay(base: Any, data: Mapping, source: str = "<overlay>") -> Any:
     return result
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (the loader keeps the last one silently,
+    so a setting written twice in an overlay took whichever came later)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                            key_node.start_mark)
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base loader says what is wrong with it
+                break
+        return super().construct_mapping(node, deep)
+
+
 def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> list[tuple[Path, dict]]:
     path = path.expanduser()
     if not path.is_file():
@@ -382,9 +400,12 @@ def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> list[tuple[Path, 
     if resolved in chain:
         raise ConfigError(f"{path}: `extends` cycle ({' -> '.join(p.name for p in chain + (resolved,))})")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); save "
+                          "the file as UTF-8") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     parents = data.pop("extends", [])

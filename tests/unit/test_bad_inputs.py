@@ -683,3 +683,14 @@ def test_a_manifest_whose_rows_all_fail_says_why(tmp_path, capsys):
     assert (f"{half}: class 'malignant' has no usable image: all 1 of its rows were rejected; e.g. "
             f"{tmp_path / 'gone.png'}: listed in the manifest (line 3, label 'malignant') but does not exist"
             in capsys.readouterr().err)
+
+
+def test_an_overlay_with_a_key_twice_or_not_utf8_is_refused_naming_the_file(tmp_path):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("stage1:\n  epochs: 3\n  epochs: 5\n")  # YAML's loader kept the last value silently
+    with pytest.raises(ConfigError, match=re.escape(f"{twice}: not valid YAML (key 'epochs' is given twice")):
+        load_config([twice])
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("run:\n  name: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=re.escape(f"{latin}: not UTF-8 (byte 0xe9")):
+        load_config([latin])
