@@ -57,6 +57,29 @@ PARQUET_OPTIONS = {"compression": "lz4", "use_dictionary": ["label", "split", "s
                    "write_statistics": ["label", "split", "source"]}
 
 
+
+def _identity_problem(identity) -> str | None:
+    """What is wrong with a ``store.json``'s content, or None. Each entry is read when a step needs it (the
+    properties below say so if one is missing); one that is there must make sense (a negative image size
+    reached OpenCV's resize)."""
+    if not isinstance(identity, dict):
+        return f"not a store identity (a JSON object was expected, found {type(identity).__name__})"
+
+    def size(n) -> bool:
+        return isinstance(n, int) and not isinstance(n, bool) and n > 0
+
+    shape, classes, settings = (identity.get("image_shape", [1, 1, 1]), identity.get("classes", []),
+                                identity.get("settings", {}))
+    checks = [
+        ("kind", isinstance(identity.get("kind"), str)),
+        ("image_shape", isinstance(shape, list) and len(shape) == 3 and all(map(size, shape))),
+        ("classes", isinstance(classes, list) and all(isinstance(c, str) for c in classes)),
+        ("settings", isinstance(settings, dict) and size(settings.get("image_size", 1))),
+    ]
+    bad = [name for name, ok in checks if not ok]
+    return f"missing or invalid {', '.join(bad)}" if bad else None
+
+
 class StoreError(ValueError):
     """A store cannot be opened, reused or resumed; the message says why and what to do."""
 
@@ -136,9 +159,12 @@ class Store:
             identity = json.loads(marker.read_text())
         except FileNotFoundError:
             raise StoreError(f"{path}: not a store (no {STORE_FILE}); build it with `msbt preprocess`") from None
-        except (OSError, json.JSONDecodeError) as err:
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
             raise StoreError(f"{marker}: unreadable ({err}); rebuild the store "
                              "(preprocess.on_existing: overwrite)") from None
+        problem = _identity_problem(identity)
+        if problem:
+            raise StoreError(f"{marker}: {problem}; rebuild the store (preprocess.on_existing: overwrite)")
         return cls(path, identity)
 
     @property
@@ -147,17 +173,23 @@ class Store:
 
     @property
     def image_shape(self) -> tuple[int, ...]:
-        return tuple(self.identity["image_shape"])
+        return tuple(self._recorded("image_shape"))
 
     @property
     def classes(self) -> list[str]:
         """Class names in label-index order (recorded when the store was written)."""
-        return list(self.identity["classes"])
+        return list(self._recorded("classes"))
 
     @property
     def settings(self) -> dict:
         """The preparation settings the rows were made with (the per-file function's arguments)."""
-        return dict(self.identity["settings"])
+        return dict(self._recorded("settings"))
+
+    def _recorded(self, key: str):
+        if key not in self.identity:
+            raise StoreError(f"{self.path / STORE_FILE}: no {key!r} recorded; rebuild the store "
+                             "(preprocess.on_existing: overwrite)")
+        return self.identity[key]
 
     def fingerprint(self) -> tuple[str, str]:
         """``(data_fingerprint, split_id)`` for checkpoint manifests: hashes of the identity and rows."""

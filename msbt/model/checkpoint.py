@@ -168,9 +168,13 @@ def read_manifest(path: str | Path) -> dict:
     if not file.is_file():
         raise CheckpointError(f"{directory}: not a checkpoint (no {MANIFEST_FILE})")
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as err:
+        manifest = json.loads(file.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{file}: not valid JSON ({err})") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{file}: not a checkpoint manifest (a JSON object was expected, found "
+                              f"{type(manifest).__name__})")
+    return manifest
 
 
 def _folder(path: str | Path) -> Path:

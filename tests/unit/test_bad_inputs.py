@@ -694,3 +694,23 @@ def test_an_overlay_with_a_key_twice_or_not_utf8_is_refused_naming_the_file(tmp_
     latin.write_bytes("run:\n  name: caf\u00e9\n".encode("latin-1"))
     with pytest.raises(ConfigError, match=re.escape(f"{latin}: not UTF-8 (byte 0xe9")):
         load_config([latin])
+
+
+@pytest.mark.parametrize("identity, problem", [
+    ([1, 2], "not a store identity (a JSON object was expected, found list)"),
+    ({"kind": "ultrasound", "image_shape": [-4, 32, 3]}, "missing or invalid image_shape"),
+    ({"kind": "ultrasound", "settings": {"image_size": -4}}, "missing or invalid settings"),
+    ({"image_shape": [32, 32, 3], "settings": []}, "missing or invalid kind, settings"),
+])
+def test_a_damaged_store_identity_is_refused_naming_the_file(tmp_path, identity, problem):
+    """A store.json without settings raised a KeyError; a negative image size reached OpenCV's resize."""
+    import json
+
+    from msbt.data.store import STORE_FILE, Store, StoreError
+
+    (tmp_path / STORE_FILE).write_text(json.dumps(identity))
+    with pytest.raises(StoreError, match=re.escape(f"{tmp_path / STORE_FILE}: {problem}")):
+        Store.open(tmp_path)
+    (tmp_path / STORE_FILE).write_text(json.dumps({"kind": "ultrasound", "image_shape": [32, 32, 3]}))
+    with pytest.raises(StoreError, match=re.escape(f"{tmp_path / STORE_FILE}: no 'settings' recorded")):
+        Store.open(tmp_path).settings

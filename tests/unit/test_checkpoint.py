@@ -1,6 +1,7 @@
 """Checkpoint manifests, verification, parent refusal and lineage, with stand-in model files (no TF)."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -157,6 +158,13 @@ def test_manifest_is_json_and_read_errors_name_the_file(chain, tmp_path):
     json.loads((s1 / MANIFEST_FILE).read_text())
     (s1 / MANIFEST_FILE).write_text("{not json")
     with pytest.raises(CheckpointError, match=str(s1 / MANIFEST_FILE)):
+        read_manifest(s1)
+    # a JSON list, or bytes that are not UTF-8: named too (an AttributeError and a bare codec error before)
+    (s1 / MANIFEST_FILE).write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=re.escape(f"{s1 / MANIFEST_FILE}: not a checkpoint manifest")):
+        read_manifest(s1)
+    (s1 / MANIFEST_FILE).write_bytes(b'{"stage": "caf\xe9"}')
+    with pytest.raises(CheckpointError, match=re.escape(f"{s1 / MANIFEST_FILE}: not valid JSON")):
         read_manifest(s1)
 
 
