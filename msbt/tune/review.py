@@ -58,14 +58,14 @@ def read_experiment(path: str | Path) -> tuple[dict, list[dict]]:
     path = Path(path).expanduser()
     if not (path / SEARCH_FILE).is_file():
         raise FileNotFoundError(f"{path}: not a msbt tune experiment (no {SEARCH_FILE})")
-    search = json.loads((path / SEARCH_FILE).read_text())
+    search = _json_object(path / SEARCH_FILE, ("metric", "mode", "epochs", "reference_point", "fast"))
     statuses = _trial_statuses(path)
     metric, sign = search["metric"], (1 if search["mode"] == "max" else -1)
     trials = []
     for folder in sorted(path.glob("trial_*")):
         if not (folder / "params.json").is_file():
             continue
-        params = json.loads((folder / "params.json").read_text())
+        params = _json_object(folder / "params.json")
         results = _results(folder / "result.json")
         values = [(r[metric], r.get("training_iteration", i + 1)) for i, r in enumerate(results)
                   if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
@@ -81,6 +81,21 @@ def read_experiment(path: str | Path) -> tuple[dict, list[dict]]:
         })
     trials.sort(key=lambda r: (r["best"] is None, -sign * (r["best"] or 0.0)))
     return search, trials
+
+
+def _json_object(file: Path, keys: tuple[str, ...] = ()) -> dict:
+    """A JSON object written by msbt tune, with ``keys``; else a ValueError naming the file (a damaged file gave
+    a bare JSON error or a KeyError such as 'metric')."""
+    try:
+        value = json.loads(file.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file}: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{file}: a JSON object was expected, found {type(value).__name__}")
+    missing = [k for k in keys if k not in value]
+    if missing:
+        raise ValueError(f"{file}: no {', '.join(missing)} recorded (not written by this msbt, or edited)")
+    return value
 
 
 def _results(file: Path) -> list[dict]:

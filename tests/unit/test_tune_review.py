@@ -187,3 +187,18 @@ def test_hparams_files_read_back_with_tensorboards_own_parsers(tmp_path):
         assert run.Scalars(f"best_{METRIC}")[0].value == pytest.approx(max(curve))
     review.write_hparams(exp)  # rewritten whole, not appended
     assert len(list((out / "trial_00001").iterdir())) == 1
+
+
+def test_tune_report_on_damaged_files_names_them(tmp_path, capsys):
+    """A broken search.json or params.json gave a bare JSON error, KeyError: 'metric' or KeyError: 'fast'."""
+    exp = make_experiment(tmp_path)
+    search = json.loads((exp / "search.json").read_text())
+    del search["metric"]
+    (exp / "search.json").write_text(json.dumps(search))
+    assert main(["tune-report", str(exp)]) == 1
+    assert f"{exp / 'search.json'}: no metric recorded" in capsys.readouterr().err
+    exp = make_experiment(tmp_path / "again")
+    params = sorted(exp.glob("trial_*/params.json"))[0]
+    params.write_text("{cut")
+    assert main(["tune-report", str(exp)]) == 1
+    assert f"{params}: not valid JSON" in capsys.readouterr().err
