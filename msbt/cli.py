@@ -98,9 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: the cache folder keyed by the synth settings)")
     p.add_argument("--cine", metavar="VIDEO", help="instead: write a synthetic cine loop (one lesion swept under "
                    "the probe) to this .avi/.mp4/.mkv file, the demo source of `msbt stream`")
-    p.add_argument("--cine-frames", type=int, default=90, help="frames in the cine loop (default 90)")
-    p.add_argument("--cine-fps", type=float, default=30.0, help="its frame rate (default 30)")
-    p.add_argument("--cine-class", choices=("benign", "malignant"), default="malignant", help="its lesion's class")
+    p.add_argument("--cine-frames", type=int, help="frames in the cine loop (default 90)")
+    p.add_argument("--cine-fps", type=float, help="its frame rate (default 30)")
+    p.add_argument("--cine-class", choices=("benign", "malignant"), help="its lesion's class (default malignant)")
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("scan", help="scan and validate a class-folder tree or CSV manifest; report rejects")
@@ -280,13 +280,24 @@ def _cmd_synth(args) -> int:
 
     from msbt.data.prepare import ensure_synth
 
+    import math
+
     config = _load(args)
+    given = [o for o, v in (("--cine-frames", args.cine_frames), ("--cine-fps", args.cine_fps),
+                            ("--cine-class", args.cine_class)) if v is not None]
+    if given and not args.cine:  # they were ignored, and the data set was made instead
+        raise ConfigError(f"{', '.join(given)}: for a cine loop only; add --cine VIDEO")
     if args.cine:
         from msbt.data.synth import write_cine
 
-        path = write_cine(args.cine, seed=config.synth.seed, label=args.cine_class, frames=args.cine_frames,
-                          fps=args.cine_fps, size=config.synth.ultrasound_size)
-        print(f"cine loop: {path} ({args.cine_frames} frames at {args.cine_fps:g} fps, {args.cine_class} lesion)")
+        frames = 90 if args.cine_frames is None else args.cine_frames
+        fps = 30.0 if args.cine_fps is None else args.cine_fps
+        label = args.cine_class or "malignant"
+        if frames < 1 or not (math.isfinite(fps) and fps > 0):
+            raise ConfigError(f"--cine-frames must be >= 1 and --cine-fps a finite number > 0, got {frames} and {fps}")
+        path = write_cine(args.cine, seed=config.synth.seed, label=label, frames=frames, fps=fps,
+                          size=config.synth.ultrasound_size)
+        print(f"cine loop: {path} ({frames} frames at {fps:g} fps, {label} lesion)")
         return 0
     if args.out:
         config = dataclasses.replace(config, synth=dataclasses.replace(config.synth, out_dir=args.out))

@@ -714,3 +714,13 @@ def test_a_damaged_store_identity_is_refused_naming_the_file(tmp_path, identity,
     (tmp_path / STORE_FILE).write_text(json.dumps({"kind": "ultrasound", "image_shape": [32, 32, 3]}))
     with pytest.raises(StoreError, match=re.escape(f"{tmp_path / STORE_FILE}: no 'settings' recorded")):
         Store.open(tmp_path).settings
+
+
+def test_synth_cine_options_are_checked(tmp_path, capsys):
+    """--cine-frames without --cine was ignored (the data set was made instead); --cine-fps nan reached OpenCV."""
+    assert main(["synth", "--cine-frames", "5"]) == 1
+    assert "--cine-frames: for a cine loop only; add --cine VIDEO" in capsys.readouterr().err
+    for option, value in (("--cine-fps", "nan"), ("--cine-fps", "0"), ("--cine-frames", "0")):
+        assert main(["synth", "--cine", str(tmp_path / "loop.avi"), option, value]) == 1
+        assert "--cine-frames must be >= 1 and --cine-fps a finite number > 0" in capsys.readouterr().err
+        assert not (tmp_path / "loop.avi").exists()
