@@ -188,6 +188,23 @@ def _scheduler(config: Config):
                          reduction_factor=t.reduction_factor)
 
 
+def check_search(config: Config, sources: str = "tune.space") -> None:
+    """The search's own settings, checked before Ray starts or any data is touched (``msbt tune`` calls it
+    first; :func:`run_search` again).
+
+    Raises:
+        ConfigError: a bad search space, fast mode on a trainable backbone, a test metric, a bad scheduler.
+    """
+    t = config.tune
+    check_space(t.space, sources)
+    if t.fast and config.stage2.trainable_backbone:
+        raise ConfigError("tune.fast needs a frozen backbone: set stage2.trainable_backbone: false "
+                          "(workflows/tune.py --fast does)")
+    if t.metric.startswith("test"):
+        raise ConfigError(f"tune.metric {t.metric!r}: the test split is never used for selection")
+    _scheduler(config)  # a bad grace period
+
+
 def run_search(config: Config, *, resume: bool = False, sources: str = "tune.space"):
     """Prepare the data, get stage 1, then run (or continue) the stage-2 search. Ray must be initialised.
 
@@ -209,13 +226,7 @@ def run_search(config: Config, *, resume: bool = False, sources: str = "tune.spa
     from msbt.data.prepare import ensure_stores
 
     t, fast = config.tune, config.tune.fast
-    check_space(t.space, sources)
-    if fast and config.stage2.trainable_backbone:
-        raise ConfigError("tune.fast needs a frozen backbone: set stage2.trainable_backbone: false "
-                          "(workflows/tune.py --fast does)")
-    if t.metric.startswith("test"):
-        raise ConfigError(f"tune.metric {t.metric!r}: the test split is never used for selection")
-    _scheduler(config)  # a bad grace period is refused before any data work
+    check_search(config, sources)
     exp = experiment_dir(config)
     restorable = exp.is_dir() and tune.Tuner.can_restore(str(exp))
     if restorable and not resume:

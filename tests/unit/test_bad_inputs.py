@@ -724,3 +724,13 @@ def test_synth_cine_options_are_checked(tmp_path, capsys):
         assert main(["synth", "--cine", str(tmp_path / "loop.avi"), option, value]) == 1
         assert "--cine-frames must be >= 1 and --cine-fps a finite number > 0" in capsys.readouterr().err
         assert not (tmp_path / "loop.avi").exists()
+
+
+def test_a_bad_search_space_is_refused_before_ray_starts(tmp_path, capsys):
+    """A reversed range was accepted by msbt config and refused only inside the search, after Ray's start-up."""
+    import sys
+
+    ray_before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    assert main(["tune", "--set", f"run.storage_path={tmp_path}", "--set", "tune.space.dropout=[0.6,0.2]"]) == 1
+    assert "--set: `tune.space.dropout` must be a range [low, high] with low <= high" in capsys.readouterr().err
+    assert ("ray" in sys.modules and sys.modules["ray"].is_initialized()) == ray_before
