@@ -277,10 +277,9 @@ def _cmd_preprocess(args) -> int:
 
 def _cmd_synth(args) -> int:
     import dataclasses
+    import math
 
     from msbt.data.prepare import ensure_synth
-
-    import math
 
     config = _load(args)
     given = [o for o, v in (("--cine-frames", args.cine_frames), ("--cine-fps", args.cine_fps),
