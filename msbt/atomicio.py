@@ -102,3 +102,23 @@ def read_json(path: str | Path):
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+
+
+def read_json_object(path: str | Path, what: str, error: type[Exception] = ValueError) -> dict:
+    """The JSON object in ``path`` (a record msbt wrote and now relies on); ``error`` naming the file when it is
+    not JSON, not UTF-8, or not an object (a damaged or hand-edited file gave an AttributeError or a bare codec
+    error where it was read).
+
+    Args:
+        what: What the file should be, for the message (e.g. "a checkpoint manifest").
+        error: The exception type to raise (the caller's own, e.g. ``CheckpointError``).
+    """
+    import json
+
+    try:
+        value = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: not {what} (a JSON object was expected, found {type(value).__name__})")
+    return value

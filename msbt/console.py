@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import glob
+import json
 import logging
 import logging.handlers
 import os
@@ -296,8 +297,6 @@ def closed_bar_line(state_json: str) -> str | None:
     The line is the bar's description (for an epoch bar it carries the epoch's metrics), with its count when
     the bar closed short of its total (an interrupted epoch).
     """
-    import json
-
     try:
         state = json.loads(state_json)
     except ValueError:

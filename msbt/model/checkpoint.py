@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from msbt.atomicio import write_text
+from msbt.atomicio import read_json_object, write_text
 from msbt import __version__
 from msbt.config import StageConfig, to_dict
 
@@ -167,14 +167,7 @@ def read_manifest(path: str | Path) -> dict:
     file = directory / MANIFEST_FILE
     if not file.is_file():
         raise CheckpointError(f"{directory}: not a checkpoint (no {MANIFEST_FILE})")
-    try:
-        manifest = json.loads(file.read_bytes().decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{file}: not valid JSON ({err})") from None
-    if not isinstance(manifest, dict):
-        raise CheckpointError(f"{file}: not a checkpoint manifest (a JSON object was expected, found "
-                              f"{type(manifest).__name__})")
-    return manifest
+    return read_json_object(file, "a checkpoint manifest", CheckpointError)
 
 
 def _folder(path: str | Path) -> Path:

@@ -32,7 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
-from msbt.atomicio import atomic_open
+from msbt.atomicio import atomic_open, read_json_object
 from msbt.model.checkpoint import DIGEST_KEY, MODEL_FILE, CheckpointError, json_digest, read_manifest
 from msbt.config import PreprocessConfig, load_config
 from msbt.console import progress
@@ -141,12 +141,7 @@ def find_threshold(checkpoint: str | Path, override: float | None = None) -> tup
         file = candidate / "metrics.json"
         if not file.is_file():
             continue
-        try:
-            result = json.loads(file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{file}: not valid JSON ({err})") from None
-        if not isinstance(result, dict):
-            raise ValueError(f"{file}: not a run's metrics (a JSON object was expected, found {type(result).__name__})")
+        result = read_json_object(file, "a run's metrics")
         recorded = result.get("checkpoint")
         if not _same_checkpoint(recorded, folder, candidate):
             notes.append(f"{file} was computed for another checkpoint ({recorded}); its threshold is not used")
@@ -266,13 +261,7 @@ def _read_export(folder: Path) -> dict | None:
     file = folder / EXPORT_FILE
     if not file.is_file():
         return None
-    try:
-        record = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{file}: not valid JSON ({err})") from None
-    if not isinstance(record, dict):
-        raise CheckpointError(f"{file}: not an export record (a JSON object was expected, found "
-                              f"{type(record).__name__})")
+    record = read_json_object(file, "an export record", CheckpointError)
     # Threshold and preparation come from here: an edit would silently change every prediction.
     recorded = record.get(EXPORT_DIGEST_KEY)
     if recorded is not None and recorded != json_digest(record, skip=EXPORT_DIGEST_KEY):

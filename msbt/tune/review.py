@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from msbt.atomicio import write_text
+from msbt.atomicio import read_json_object, write_text
 from msbt.tune.space import decode, flatten, merge_overlays
 
 REVIEW_FILE = "review.html"
@@ -86,12 +86,7 @@ def read_experiment(path: str | Path) -> tuple[dict, list[dict]]:
 def _json_object(file: Path, keys: tuple[str, ...] = ()) -> dict:
     """A JSON object written by msbt tune, with ``keys``; else a ValueError naming the file (a damaged file gave
     a bare JSON error or a KeyError such as 'metric')."""
-    try:
-        value = json.loads(file.read_bytes().decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{file}: not valid JSON ({err})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{file}: a JSON object was expected, found {type(value).__name__}")
+    value = read_json_object(file, "a record of msbt tune")
     missing = [k for k in keys if k not in value]
     if missing:
         raise ValueError(f"{file}: no {', '.join(missing)} recorded (not written by this msbt, or edited)")
