@@ -383,9 +383,9 @@ def _cmd_lineage(args) -> int:
         raise ConfigError(f"{args.path}: no such checkpoint")
     text = format_lineage(args.path)
     print(text)
-    # A broken chain is a failure a script must see: a checkpoint missing, or a model changed since it was
-    # recorded (the flags in brackets that msbt.model.checkpoint.format_lineage writes).
-    if re.search(r"MISSING checkpoint |\[[^\]]*CHANGED[^\]]*\]", text):
+    # A broken chain is a failure a script must see: a checkpoint missing, or a model missing or changed since it
+    # was recorded (the flags in brackets that msbt.model.checkpoint.format_lineage writes).
+    if re.search(r"MISSING checkpoint |\[[^\]]*(CHANGED|MISSING)[^\]]*\]", text):
         print("msbt: error: the lineage is broken (MISSING or CHANGED above)", file=sys.stderr)
         return 1
     return 0

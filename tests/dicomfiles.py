@@ -1,4 +1,5 @@
-"""Generated DICOM files for tests: uncompressed, with fake patient-identifying elements to hunt for."""
+"""Generated DICOM files for tests: uncompressed (or RLE, one frame damaged), with fake patient-identifying
+elements to hunt for."""
 
 from __future__ import annotations
 
@@ -62,6 +63,26 @@ def write_dicom(path: str | Path, frames: np.ndarray, photometric: str = "MONOCH
     ds.PixelData = np.ascontiguousarray(pixels).tobytes()
     ds.save_as(str(path), enforce_file_format=True)
     return Path(path)
+
+
+def write_rle_dicom_with_a_damaged_frame(path: str | Path, frames: np.ndarray, damaged: int) -> Path:
+    """A multi-frame RLE Lossless DICOM (pydicom's own encoder) whose frame ``damaged`` no decoder can read: its
+    RLE header claims 99 segments (the standard allows at most 15). The other frames decode as written."""
+    import pydicom
+    from pydicom.encaps import get_frame
+    from pydicom.uid import RLELossless
+
+    path = Path(path)
+    ds = pydicom.dcmread(write_dicom(path, frames))
+    ds.compress(RLELossless)
+    ds.save_as(str(path), enforce_file_format=True)
+    data = bytearray(path.read_bytes())
+    fragment = get_frame(pydicom.dcmread(path).PixelData, damaged, number_of_frames=len(frames))
+    at = data.find(fragment)
+    assert at > 0 and data.find(fragment, at + 1) < 0
+    data[at:at + 4] = (99).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    return path
 
 
 def _rgb_to_ybr_full(rgb: np.ndarray) -> np.ndarray:

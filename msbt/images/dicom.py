@@ -201,8 +201,12 @@ def read_dicom_frame(path: str | Path, index: int, sixteen_bit: str = "scale", *
 
 
 def _decode_failure(exc: Exception, header: DicomHeader) -> str:
-    text = str(exc)
-    if "plugin" in text.lower() or "missing required dependencies" in text.lower():
+    text = str(exc).lower()
+    # pydicom says "exceptions were raised by all available plugins" when a decoder is installed and failed on
+    # the data, and names missing plugins or dependencies when none can run: a damaged frame is not a missing decoder.
+    if "raised by all available plugins" in text:
+        return f"damaged compressed pixel data (its decoder failed on it; transfer syntax {header.transfer_syntax})"
+    if "plugin" in text or "missing required dependencies" in text:
         return f"compressed DICOM this installation cannot decode (transfer syntax {header.transfer_syntax})"
     return f"DICOM pixel data cannot be decoded ({type(exc).__name__})"
 

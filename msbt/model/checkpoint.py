@@ -178,11 +178,30 @@ def _folder(path: str | Path) -> Path:
 def verify(path: str | Path) -> bool:
     """True when the checkpoint's model file exists, its sha256 matches the manifest, and the manifest
     itself is unchanged (its digest, where it has one)."""
-    try:
-        check_integrity(path)
-    except CheckpointError:
-        return False
-    return True
+    return integrity_status(path) == "ok"
+
+
+def integrity_status(path: str | Path) -> str:
+    """``"ok"``, or which of :func:`check_integrity`'s checks fails, as ``msbt lineage`` shows it:
+    ``"MANIFEST CHANGED"``, ``"MODEL MISSING"`` or ``"MODEL CHANGED"``."""
+    directory = _folder(path)
+    problem = _integrity_problem(directory, read_manifest(directory))
+    return problem[0] if problem else "ok"
+
+
+def _integrity_problem(directory: Path, manifest: Mapping) -> tuple[str, str] | None:
+    """The first check of the checkpoint that fails, as (short status, message naming the file), or None."""
+    recorded = manifest.get(DIGEST_KEY)
+    # Manifests written before the digest existed (format 1 without it) are checked by the model hash only.
+    if recorded is not None and recorded != json_digest(manifest):
+        return "MANIFEST CHANGED", (f"{directory / MANIFEST_FILE}: changed after it was written (its {DIGEST_KEY} "
+                                    "does not match its content: class names, config or hashes were edited)")
+    model = directory / manifest.get("model_file", MODEL_FILE)
+    if not model.is_file():
+        return "MODEL MISSING", f"{model}: the checkpoint's model file is missing"
+    if sha256_file(model) != manifest.get("model_sha256"):
+        return "MODEL CHANGED", f"{directory}: {MODEL_FILE} does not match the sha256 in {MANIFEST_FILE}"
+    return None
 
 
 def check_integrity(path: str | Path) -> dict:
@@ -197,16 +216,9 @@ def check_integrity(path: str | Path) -> dict:
     """
     directory = _folder(path)
     manifest = read_manifest(directory)
-    recorded = manifest.get(DIGEST_KEY)
-    # Manifests written before the digest existed (format 1 without it) are checked by the model hash only.
-    if recorded is not None and recorded != json_digest(manifest):
-        raise CheckpointError(f"{directory / MANIFEST_FILE}: changed after it was written (its {DIGEST_KEY} does "
-                              "not match its content: class names, config or hashes were edited)")
-    model = directory / manifest.get("model_file", MODEL_FILE)
-    if not model.is_file():
-        raise CheckpointError(f"{model}: the checkpoint's model file is missing")
-    if sha256_file(model) != manifest.get("model_sha256"):
-        raise CheckpointError(f"{directory}: {MODEL_FILE} does not match the sha256 in {MANIFEST_FILE}")
+    problem = _integrity_problem(directory, manifest)
+    if problem:
+        raise CheckpointError(problem[1])
     return manifest
 
 
@@ -277,8 +289,9 @@ def lineage(path: str | Path) -> list[dict]:
 
     Returns:
         One dict per checkpoint, child first: ``path``, ``manifest`` (None if the parent is missing),
-        ``verified`` (its model matches its manifest) and ``link_ok`` (for all but the last: the parent
-        found has the model hash the child recorded).
+        ``verified`` (its model matches its manifest), ``status`` (where a manifest was found:
+        :func:`integrity_status`) and ``link_ok`` (for all but the last: the parent found has the model hash
+        the child recorded).
     """
     chain: list[dict] = []
     directory: Path | None = _folder(path).resolve()
@@ -289,7 +302,9 @@ def lineage(path: str | Path) -> list[dict]:
             chain.append({"path": str(directory), "manifest": None, "verified": False, "link_ok": None})
             break
         manifest = read_manifest(directory)
-        entry = {"path": str(directory), "manifest": manifest, "verified": verify(directory), "link_ok": None}
+        status = integrity_status(directory)
+        entry = {"path": str(directory), "manifest": manifest, "verified": status == "ok", "status": status,
+                 "link_ok": None}
         chain.append(entry)
         record = manifest.get("parent")
         if not record:
@@ -327,7 +342,7 @@ def format_lineage(path: str | Path) -> str:
     chain = lineage(path)
     members = (chain[0]["manifest"] or {}).get("members")
     if members:  # an ensemble (msbt.model.ensemble): its own line, then each member's chain, checked by hash
-        status = "ok" if chain[0]["verified"] else "MODEL CHANGED"
+        status = chain[0]["status"]
         lines.append(f"ensemble of {len(members)}  stage 2  classes={','.join(chain[0]['manifest']['class_names'])}  "
                      f"mean of the members' probabilities  [{status}]  {chain[0]['path']}")
         for i, record in enumerate(members):
@@ -358,7 +373,7 @@ def _describe(entry: Mapping) -> str:
     monitor = m.get("monitor", "")
     score = m.get("metrics", {}).get(monitor)
     score_text = f"{monitor}={score:.4f} @ epoch {m.get('best_epoch')}" if score is not None else "no metrics"
-    status = "ok" if entry["verified"] else "MODEL CHANGED"
+    status = entry["status"]
     if entry["link_ok"] is False:
         status += ", PARENT CHANGED"
     return (

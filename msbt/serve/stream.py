@@ -46,6 +46,7 @@ from msbt.serve.predict import Preparation, Threshold, model_inputs, prepare_rgb
 
 CSV_COLUMNS = ("frame", "time_s", "status", "probability", "label", "smoothed", "smoothed_label", "threshold")
 DEFAULT_FPS = 30.0  # folders of frames and DICOM loops without a frame rate
+VIDEO_MAX_MISSES = 30  # undecodable video frames in a row after which a stream ends short of the container's count
 
 
 class SourceError(ValueError):
@@ -53,15 +54,16 @@ class SourceError(ValueError):
 
 
 class Unreadable(NamedTuple):
-    """What a folder source yields for a frame file it cannot read: the stream goes on without it."""
+    """What a source yields for a frame it cannot read or decode (a folder's file, a video's or DICOM loop's
+    frame): the stream goes on without it."""
 
     reason: str
 
 
 @dataclass(frozen=True)
 class Source:
-    """An opened frame source: its kind, frame rate, and a generator of RGB uint8 frames (a folder's may
-    yield :class:`Unreadable` for a file it cannot read)."""
+    """An opened frame source: its kind, frame rate, and a generator of RGB uint8 frames (or :class:`Unreadable`
+    for a frame that cannot be read or decoded)."""
 
     name: str
     kind: str  # "video" | "folder" | "device" | "dicom"
@@ -118,7 +120,7 @@ class StreamSummary:
     frames_read: int = 0
     frames_scored: int = 0
     frames_dropped: int = 0
-    frames_unreadable: int = 0  # a folder's frame files that could not be read (row status "unreadable")
+    frames_unreadable: int = 0  # frames that could not be read or decoded (row status "unreadable")
     heatmaps_written: int = 0
     heatmaps_skipped: int = 0
     seconds: float = 0.0
@@ -169,15 +171,27 @@ def _video(path: Path, fps: float | None) -> Source:
         capture.release()
         raise SourceError(f"{path}: OpenCV cannot read a video frame from it (not a video, or a codec it lacks)")
     rate = fps or capture.get(cv2.CAP_PROP_FPS) or DEFAULT_FPS
+    total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)  # the container's count; 0 when it gives none
 
     def frames():
+        # OpenCV's read() is False both at the end and for one frame it cannot decode, and reads on after
+        # such a frame (measured on an MJPG AVI with one frame's bytes zeroed: frames 0-4, a miss, frames 6-9).
+        # A miss before the container's frame count is that frame, skipped and counted (a row 'unreadable'); a
+        # miss at or past the count is the end (a count that is short loses no frame), as is a long run of misses.
         try:
             yield to_rgb8(first, path)
+            index, misses = 1, 0
             while True:
                 ok, frame = capture.read()
-                if not ok:
-                    return
-                yield to_rgb8(frame, path)
+                if ok:
+                    misses = 0
+                    yield to_rgb8(frame, path)
+                else:
+                    if index >= total or misses >= VIDEO_MAX_MISSES:
+                        return
+                    misses += 1
+                    yield Unreadable(f"{path}: frame {index} of the {total} its container gives cannot be decoded")
+                index += 1
         finally:
             capture.release()
 
@@ -229,10 +243,20 @@ def _dicom(path: Path, fps: float, sixteen_bit: str) -> Source:
     if header.frames < 1:
         raise SourceError(f"{path}: the DICOM file holds no frame")
 
+    try:  # the first frame here: a file no frame of which decodes (a transfer syntax without its decoder) is refused
+        first = read_dicom_frame(path, 0, sixteen_bit, header=header)  # uint8 RGB already
+    except ValueError as err:
+        raise SourceError(str(err)) from None
+
     def frames():
-        # One frame decoded at a time: a long cine loop never sits in memory whole.
-        for i in range(header.frames):
-            yield read_dicom_frame(path, i, sixteen_bit, header=header)  # uint8 RGB already
+        # One frame decoded at a time: a long cine loop never sits in memory whole. A frame that does not decode
+        # (a damaged fragment of a compressed loop) is skipped and counted; the loop goes on.
+        yield first
+        for i in range(1, header.frames):
+            try:
+                yield read_dicom_frame(path, i, sixteen_bit, header=header)
+            except ValueError as err:
+                yield Unreadable(f"frame {i} of {header.frames}: {err}")
 
     return Source(str(path), "dicom", fps, frames(), live=False)
 
@@ -476,7 +500,7 @@ def stream(engine: Engine, source: Source, preparation: Preparation, threshold: 
         summary.heatmaps_written, summary.heatmaps_skipped = heatmaps.written, heatmaps.skipped
         summary.notes += [f"heatmap failed: {e}" for e in heatmaps.errors[:3]]
     if reasons:
-        summary.notes.append(f"{len(reasons)} frame file(s) unreadable, not scored (rows 'unreadable' in the CSV): "
+        summary.notes.append(f"{len(reasons)} frame(s) unreadable, not scored (rows 'unreadable' in the CSV): "
                              + "; ".join(reasons[:3]) + ("; ..." if len(reasons) > 3 else ""))
     if errors:
         summary.notes.append(f"stream stopped early at frame {counts['read']}: {errors[0]}")

@@ -236,6 +236,50 @@ def test_stream_heatmaps_on_a_side_process(exported, tmp_path):
     assert cv2.imread(str(Path(summary.heatmaps) / pictures[0])).shape == (32, 64, 3)
 
 
+def test_a_video_frame_that_does_not_decode_is_skipped_and_the_frames_after_it_are_read(tmp_path):
+    """OpenCV's read() fails for one undecodable frame and reads on: the stream used to end there (exit 0)."""
+    video = tmp_path / "loop.avi"
+    frames = np.random.default_rng(0).integers(0, 256, (8, 48, 64, 3), dtype=np.uint8)
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+    data = bytearray(video.read_bytes())
+    starts = [i for i in range(len(data) - 1) if data[i:i + 2] == b"\xff\xd8"]  # each frame's JPEG
+    assert len(starts) == 8
+    damaged = data[:]
+    damaged[starts[3]:starts[3] + 600] = bytes(600)  # frame 3's JPEG gone
+    video.write_bytes(bytes(damaged))
+    read = list(st.open_source(video).frames)
+    assert [isinstance(f, st.Unreadable) for f in read] == [False] * 3 + [True] + [False] * 4
+    assert "frame 3 of the 8 its container gives cannot be decoded" in read[3].reason
+    # cut short inside frame 5: frames 6 and 7, which the container still counts, are the unreadable rows
+    video.write_bytes(bytes(data[:starts[5] + 300]))
+    read = list(st.open_source(video).frames)
+    assert len(read) == 8 and [i for i, f in enumerate(read) if isinstance(f, st.Unreadable)] == [6, 7]
+
+
+def test_a_dicom_frame_that_does_not_decode_is_skipped_and_named(exported, tmp_path):
+    from dicomfiles import write_rle_dicom_with_a_damaged_frame
+
+    frames = ultrasound(4)
+    loop = write_rle_dicom_with_a_damaged_frame(tmp_path / "cine.dcm", frames[..., 0], damaged=2)
+    served = eng.load_served(exported["folder"], "onnx")
+    out = tmp_path / "dicom.csv"
+    summary = st.stream(served.engine, st.open_source(loop), served.preparation, served.threshold,
+                        served.class_names, out, pace=False)
+    rows = list(csv.DictReader(out.open()))
+    assert [r["status"] for r in rows] == ["scored", "scored", "unreadable", "scored"]
+    assert (summary.frames_read, summary.frames_scored, summary.frames_unreadable) == (4, 3, 1)
+    (note,) = [n for n in summary.notes if "unreadable" in n]
+    assert "frame 2 of 4" in note and "damaged compressed pixel data" in note
+    assert not any("stopped early" in n for n in summary.notes)
+    # the first frame is read when the source opens: a loop that no frame of decodes is refused there
+    first_bad = write_rle_dicom_with_a_damaged_frame(tmp_path / "first.dcm", frames[..., 0], damaged=0)
+    with pytest.raises(st.SourceError, match="damaged compressed pixel data"):
+        st.open_source(first_bad)
+
+
 def test_stream_sources_that_cannot_be_opened(tmp_path):
     with pytest.raises(st.SourceError, match="no such file"):
         st.open_source(tmp_path / "missing.avi")

@@ -182,3 +182,13 @@ def test_msbt_lineage_command(chain, capsys):
     (chain[0] / MODEL_FILE).write_bytes(b"retrained later")
     assert main(["lineage", str(chain[1])]) == 1
     assert "MODEL CHANGED" in capsys.readouterr().out
+    # each failing check says itself: a model deleted is missing, not changed; an edited manifest is the manifest
+    (chain[1] / MODEL_FILE).rename(chain[1] / "moved.keras")
+    assert main(["lineage", str(chain[1])]) == 1
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "[MODEL MISSING, PARENT CHANGED]" in first  # (its parent's model was overwritten above)
+    (chain[1] / "moved.keras").rename(chain[1] / MODEL_FILE)
+    manifest = json.loads((chain[1] / MANIFEST_FILE).read_text())
+    (chain[1] / MANIFEST_FILE).write_text(json.dumps({**manifest, "class_names": ["a", "b"]}))
+    assert main(["lineage", str(chain[1])]) == 1
+    assert "[MANIFEST CHANGED, PARENT CHANGED]" in capsys.readouterr().out.splitlines()[0]
