@@ -216,7 +216,7 @@ def check_source(source: str | Path, classes: Sequence[str] = ()) -> None:
         columns, rows = _read_manifest_rows(source)
         if "path" not in columns or "label" not in columns:
             raise DataError(f"{source}: manifest needs a header with columns path,label[,group]; got {columns}")
-        found = sorted({r.get("label", "") for r in rows} - {""})
+        found = sorted({r.get("label", "") for r in rows if not _too_many_fields(r, columns)} - {""})
         check_classes(source, tuple(classes) or found, found)
         return
     try:
@@ -433,6 +433,9 @@ def _from_manifest(manifest: Path, classes: Sequence[str]):
     found: list[str] = []
     for line, row in enumerate(rows, start=2):  # line 1 is the header
         where = f"{manifest}:{line}"
+        if reason := _too_many_fields(row, columns):
+            rejects.append(Reject(where, reason))
+            continue
         if not row.get("path") or not row.get("label"):
             rejects.append(Reject(where, "manifest row without a path or a label"))
             continue
@@ -486,8 +489,20 @@ def _read_manifest_rows(manifest: Path) -> tuple[list[str], list[dict]]:
                         "UTF-8 (e.g. 'CSV UTF-8' in a spreadsheet, or iconv -f latin1 -t utf-8)") from None
     reader = csv.DictReader(io.StringIO(text, newline=""))
     columns = [c.strip() for c in (reader.fieldnames or [])]
-    rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    # A row with more fields than the header keeps them under the key None (csv's own restkey): such a row's
+    # path and label are shifted (an unquoted comma in a file name), and the caller rejects it, naming its line.
+    rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} | ({None: row[None]} if row.get(None) else {})
+            for row in reader]
     return columns, rows
+
+
+def _too_many_fields(row: dict, columns: list[str]) -> str | None:
+    """Why a manifest row cannot be trusted when it has more fields than the header, else None."""
+    extra = row.get(None)
+    if not extra:
+        return None
+    return (f"manifest row with {len(columns) + len(extra)} fields where the header has {len(columns)} (a path or "
+            "label with a comma must be in double quotes); not used")
 
 
 def inspect_in_threads(candidates: list[Candidate], options: dict, workers: int | None = None) -> list[tuple[Candidate, object]]:

@@ -142,6 +142,26 @@ def test_a_file_listed_with_two_labels_is_used_under_neither(tmp_path):
         "listed again at line 6, already with two labels; used under neither"]
 
 
+def test_a_manifest_row_with_more_fields_than_the_header_is_named_not_read_shifted(tmp_path):
+    """An unquoted comma in a file name shifts the row: its path was 'imgs/a', its label 'b.png' and the real
+    label dropped, so the row failed as a missing file of a class 'b.png' (or, with no classes configured, made
+    'b.png' a class)."""
+    from msbt.data.discovery import check_source
+
+    tree(tmp_path / "imgs", {"p1.png": textured(1), "a,b.png": textured(2), "p3.png": textured(3)})
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\nimgs/p1.png,benign\nimgs/a,b.png,malignant\nimgs/p3.png,benign\n")
+    check_source(manifest)  # the shifted row's 'label' is no class
+    d = discover(manifest)
+    assert tuple(d.classes) == ("benign",) and [r.relpath for r in d.records] == ["imgs/p1.png", "imgs/p3.png"]
+    (reject,) = d.rejects
+    assert reject.path == f"{manifest}:3"
+    assert reject.reason.startswith("manifest row with 3 fields where the header has 2") and "double quotes" in reject.reason
+    manifest.write_text('path,label\nimgs/p1.png,benign\n"imgs/a,b.png",malignant\nimgs/p3.png,benign\n')
+    d = discover(manifest)  # quoted, as a spreadsheet writes it: read
+    assert not d.rejects and ("imgs/a,b.png", "malignant") in [(r.relpath, r.label) for r in d.records]
+
+
 def test_manifest_without_required_columns(tmp_path):
     manifest = tmp_path / "m.csv"
     manifest.write_text("file,class\na.png,benign\n")
