@@ -648,6 +648,23 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
+def _host(value) -> bool:
+    """An IP address (v4 or v6) or a host name as RFC 1123 spells one; checked by form only (no DNS lookup here:
+    the value is checked before anything starts, and a lookup can wait for a network)."""
+    import ipaddress
+    import re
+
+    if not isinstance(value, str):
+        return False
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        pass
+    label = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+    return len(value) <= 253 and re.fullmatch(rf"{label}(\.{label})*", value) is not None
+
+
 def _positive(v) -> bool:
     return _finite(v) and v > 0
 
@@ -738,8 +755,7 @@ _RANGES: dict[type, list[tuple[str, Any, str]]] = {
         ("feature_actors", lambda v: v >= 1, ">= 1"),
     ],
     ServeConfig: [
-        ("host", lambda v: isinstance(v, str) and v.strip() == v and v != "", "a host name or address "
-         "(127.0.0.1: this machine only; 0.0.0.0: every interface)"),
+        ("host", _host, "an IP address or a host name (127.0.0.1: this machine only; 0.0.0.0: every interface)"),
         ("port", lambda v: 1 <= v <= 65535, "a TCP port in [1, 65535]"),
         ("replicas", lambda v: v >= 1, ">= 1"),
         ("cpus_per_replica", _positive, "> 0"),

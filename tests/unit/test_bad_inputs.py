@@ -473,6 +473,9 @@ def test_class_folder_differing_in_case_fails_before_ray_starts(tmp_path):
     ("serve.port=70000", "serve.port"),
     ("serve.port=-1", "serve.port"),
     ("serve.host=", "serve.host"),
+    ("serve.host=http://127.0.0.1", "serve.host"),  # a URL, not a host: Ray Serve failed on it after starting
+    ("serve.host=127.0.0.1:8000", "serve.host"),
+    ("serve.host=my host", "serve.host"),
     ("serve.max_request_mb=0", "serve.max_request_mb"),
     ("serve.batch_wait_timeout_s=-1", "serve.batch_wait_timeout_s"),
 ])
@@ -481,6 +484,12 @@ def test_config_ranges_are_checked_when_read(override, key, capsys):
         load_config([], [override])
     assert main(["config", "--set", override]) == 1
     assert f"`{key}` must be" in capsys.readouterr().err
+
+
+def test_serve_hosts_of_every_usual_form_are_accepted():
+    for host in ("127.0.0.1", "0.0.0.0", "::1", "localhost", "gpu-node-3.hospital.example"):
+        assert load_config([], [f"serve.host={host}"]).serve.host == host
+    assert load_config([], ["serve.host='::'"]).serve.host == "::"  # YAML reads a bare :: as a mapping
 
 
 def test_config_numbers_and_broken_values_from_the_command_line(capsys):
