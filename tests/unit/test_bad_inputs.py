@@ -473,7 +473,7 @@ def test_class_folder_differing_in_case_fails_before_ray_starts(tmp_path):
     ("serve.port=70000", "serve.port"),
     ("serve.port=-1", "serve.port"),
     ("serve.host=", "serve.host"),
-    ("serve.host=http://127.0.0.1", "serve.host"),  # a URL, not a host: Ray Serve failed on it after starting
+    ("serve.host=http://127.0.0.1", "serve.host"),  # a URL, not a host: first used by Ray Serve, after Ray started
     ("serve.host=127.0.0.1:8000", "serve.host"),
     ("serve.host=my host", "serve.host"),
     ("serve.max_request_mb=0", "serve.max_request_mb"),
