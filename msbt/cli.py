@@ -674,6 +674,9 @@ def _cmd_experiment(args) -> int:
     # compare's arms may start from stage 1 whatever the config says; the other experiments train its stage 2
     _preflight(config, MODALITIES if args.experiment == "compare" else run_modalities(config))
     _start_ray(args, config)
+    from msbt.train.runner import check_workers_fit
+
+    check_workers_fit(config.run, "the experiment's Ray Train workers")  # before its data step and first stage
     common = {"fresh": args.fresh, "n_boot": args.n_boot}
     if args.experiment == "crossval" and args.by == "site":
         experiments.leave_one_site_out(config, seeds=args.seeds, **common)

@@ -106,6 +106,56 @@ def _own_address(target: str) -> dict:
     return {"runtime_env": {"env_vars": {"RAY_ADDRESS": target}}}
 
 
+# The GCS address of the private cluster this process started (start_private), or None: a joined cluster may
+# grow (an autoscaler adds nodes), a private one never does.
+_private_address: str | None = None
+
+
+def unplaceable(bundles: list[dict[str, float]], nodes: list[dict[str, float]]) -> str | None:
+    """Why Ray could never place ``bundles`` (one resource request each, all at once) on ``nodes`` as they are
+    (each node's total resources), or None when it can. Each bundle must fit on one node, and together they must
+    fit in the nodes' sum (a necessary condition, not a packing: Ray's own scheduler decides the rest)."""
+    for resource in sorted({key for bundle in bundles for key in bundle if bundle[key] > 0}):
+        largest = max((node.get(resource, 0.0) for node in nodes), default=0.0)
+        each = max(bundle.get(resource, 0.0) for bundle in bundles)
+        total = sum(node.get(resource, 0.0) for node in nodes)
+        asked = sum(bundle.get(resource, 0.0) for bundle in bundles)
+        if each > largest:
+            return (f"each needs {each:g} {resource}, and the largest node has {largest:g}" if largest
+                    else f"the cluster has no {resource}")
+        if asked > total + 1e-9:
+            return f"together they need {asked:g} {resource}, and the cluster has {total:g}"
+    return None
+
+
+def check_fits(what: str, bundles: list[dict[str, float]], settings: str) -> None:
+    """Refuse, or say, a resource request the cluster as it is could never meet, before Ray is asked for it.
+
+    Ray waits for resources it cannot place: Ray Train retries its worker group every 60 s for ever, with a
+    traceback each time (measured: ``run.num_workers=3`` on a 2-CPU machine), and Tune and Serve wait as well.
+    On msbt's private cluster no node will ever join, so the request is refused (ConfigError naming the
+    settings); on a joined cluster an autoscaler may add nodes, so a warning says what is waited for.
+
+    Args:
+        what: what asks, e.g. "stage 2's Ray Train workers (2)".
+        bundles: one resource request per worker, replica or trial, e.g. ``[{"CPU": 1.0}] * 2``.
+        settings: the config keys that set them, named in the message.
+    """
+    import ray
+
+    from msbt.config import ConfigError
+
+    nodes = [dict(node.get("Resources", {})) for node in ray.nodes() if node.get("Alive")]
+    problem = unplaceable(bundles, nodes)
+    if problem is None:
+        return
+    if _private_address is not None and ray.get_runtime_context().gcs_address == _private_address:
+        raise ConfigError(f"{what}: {problem} ({settings}); this private local cluster gets no more, so Ray "
+                          "would wait for ever: lower the settings, or run on a larger cluster (--address)")
+    log.warning("%s: %s (%s); Ray waits until nodes join (an autoscaler), and otherwise for ever: Ctrl-C stops it",
+                what, problem, settings)
+
+
 def describe_cluster(address: str | None, resources: dict, dashboard: str | None) -> str:
     """One line about the cluster a command runs on: which one, its CPUs/GPUs, its dashboard."""
     where = f"cluster at {address}" if address else "private local cluster"
@@ -197,6 +247,8 @@ def _start_private_once(num_cpus: int | None, options: dict) -> str:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  runtime_env={"env_vars": {"RAY_ADDRESS": address, **_no_preemption_watcher()}}, **options)
     protect_token()
+    global _private_address
+    _private_address = address
     return address
 
 
@@ -330,10 +382,20 @@ def _calm_log_monitor() -> dict[str, str]:
 
 
 def free_port() -> int:
-    """A TCP port free on loopback now (the OS picks it; the cluster binds it a moment later)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free on loopback now (the OS picks it; the cluster binds it a moment later), and none of the
+    fixed ports Ray gives its other components by default: Ray refuses a GCS port equal to one of them
+    ("dashboard_agent_http is trying to use a port number 52365 that is used by other components", seen once
+    in the suite: the OS had picked 52365, inside Linux's range of ports it picks from)."""
+    from ray._private import ray_constants
+
+    taken = {ray_constants.DEFAULT_PORT, ray_constants.DEFAULT_DASHBOARD_PORT,
+             ray_constants.DEFAULT_DASHBOARD_AGENT_LISTEN_PORT, 10001}  # 10001: Ray Client's server
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in taken:
+            return port
 
 
 def protect_token(path: str | Path | None = None) -> Path:

@@ -148,6 +148,9 @@ def start_ray(config: Config, address: str | None = None) -> None:
     console.attach_run(run_dir(config))
     console.import_tensorflow()
     init_ray(address)
+    from msbt.train.runner import check_workers_fit
+
+    check_workers_fit(config.run, "the stages' Ray Train workers")  # before the data step, not after it
 
 
 def check_rerun(config: Config, numbers: Sequence[int] = (1, 2), *, resume: bool = False) -> None:

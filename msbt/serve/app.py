@@ -35,6 +35,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from msbt.config import ServeConfig, from_dict
+from msbt.raycluster import check_fits
 
 api = FastAPI(title="msbt", description="Breast ultrasound malignancy probability of one image per request")
 
@@ -174,6 +175,12 @@ def run(model: str | Path, config: ServeConfig, *, threshold: float | None = Non
         The URL of the application (when ``blocking``, only after Ctrl-C: it serves until then).
     """
     app = application(model, config, threshold=threshold)
+    replica = {"CPU": float(config.cpus_per_replica)}
+    if config.gpus_per_replica:
+        replica["GPU"] = float(config.gpus_per_replica)
+    # Serve would wait for ever for replicas no node can hold (msbt.raycluster.check_fits)
+    check_fits(f"msbt serve's replicas ({config.replicas})", [replica] * config.replicas,
+               "serve.replicas, serve.cpus_per_replica, serve.gpus_per_replica")
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(app, name="msbt", route_prefix="/", blocking=blocking)
     return f"http://{config.host}:{config.port}"

@@ -490,6 +490,25 @@ def scaling_config(run: RunConfig):
     return ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu, resources_per_worker=resources)
 
 
+def worker_bundles(run: RunConfig) -> list[dict[str, float]]:
+    """What a stage's Ray Train workers ask Ray for, one request per worker (as :func:`scaling_config` asks)."""
+    bundle = {"CPU": float(run.cpus_per_worker)}
+    if run.use_gpu:
+        bundle["GPU"] = float(run.gpus_per_worker)
+    return [bundle] * run.num_workers
+
+
+WORKER_SETTINGS = "run.num_workers, run.cpus_per_worker, run.use_gpu, run.gpus_per_worker"
+
+
+def check_workers_fit(run: RunConfig, what: str = "a stage's Ray Train workers") -> None:
+    """Refuse (msbt's private cluster) or say (a joined one) a worker group the cluster could never place
+    (msbt.raycluster.check_fits): Ray Train would retry it every minute for ever."""
+    from msbt.raycluster import check_fits
+
+    check_fits(f"{what} ({run.num_workers})", worker_bundles(run), WORKER_SETTINGS)
+
+
 def score_order(monitor: str) -> str:
     """``"min"`` for a ``*loss`` monitor, else ``"max"`` (the rule of ``BestModelSaver``)."""
     return "min" if monitor.endswith("loss") else "max"
@@ -704,6 +723,8 @@ def train_stage(
             f"when weights is 'parent' (got parent_checkpoint={parent_checkpoint!r})"
         )
     scaling = scaling_config(config.run)  # refuses a bad worker count before any data is read
+    if not needs_cleaner(None):  # on a driver; a Tune trial's stage was checked before the search started
+        check_workers_fit(config.run, f"stage {stage_number}'s Ray Train workers")
     store_path = Path(store_path).expanduser().resolve()
     worker_config = loop_config(config, stage_number, store_path, parent_checkpoint, resume_from=resume_from,
                                 progress=progress,

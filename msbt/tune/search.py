@@ -205,6 +205,24 @@ def check_search(config: Config, sources: str = "tune.space") -> None:
     _scheduler(config)  # a bad grace period
 
 
+def check_trials_fit(config: Config) -> None:
+    """A trial the cluster could never place is refused on msbt's private cluster, and said on a joined one,
+    before any work (msbt.raycluster.check_fits): Tune and Ray Train would wait for it for ever. A trial of the
+    full mode is its stage's Ray Train workers (its own actor asks for 0.01 CPU); of the fast mode, its
+    ``tune.cpus_per_trial`` and ``tune.gpus_per_trial``."""
+    from msbt.raycluster import check_fits
+    from msbt.train.runner import check_workers_fit
+
+    t = config.tune
+    if not t.fast:
+        check_workers_fit(config.run, "a Tune trial's Ray Train workers")
+        return
+    trial = {"CPU": float(t.cpus_per_trial)}
+    if t.gpus_per_trial:
+        trial["GPU"] = float(t.gpus_per_trial)
+    check_fits("a Tune trial (fast mode)", [trial], "tune.cpus_per_trial, tune.gpus_per_trial")
+
+
 def run_search(config: Config, *, resume: bool = False, sources: str = "tune.space"):
     """Prepare the data, get stage 1, then run (or continue) the stage-2 search. Ray must be initialised.
 
@@ -232,6 +250,7 @@ def run_search(config: Config, *, resume: bool = False, sources: str = "tune.spa
     if restorable and not resume:
         raise ConfigError(f"{exp}: an experiment already exists; continue it with --resume, or set "
                           "tune.experiment to start another")
+    check_trials_fit(config)  # before the data step and stage 1, which may take long on real data
     stores = ensure_stores(config, run_modalities(config))
     # Every trial starts from the one stage-1 checkpoint, or (stage2.weights other than parent) from none.
     parent = stage1_checkpoint(config, stores["microscope"].path) if 1 in run_stages(config) else None
