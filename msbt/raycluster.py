@@ -145,6 +145,8 @@ def check_fits(what: str, bundles: list[dict[str, float]], settings: str) -> Non
 
     from msbt.config import ConfigError
 
+    if not ray.is_initialized():  # a library caller without a cluster: Ray starts one later, as it sees fit
+        return
     nodes = [dict(node.get("Resources", {})) for node in ray.nodes() if node.get("Alive")]
     problem = unplaceable(bundles, nodes)
     if problem is None:

@@ -723,7 +723,7 @@ def train_stage(
             f"when weights is 'parent' (got parent_checkpoint={parent_checkpoint!r})"
         )
     scaling = scaling_config(config.run)  # refuses a bad worker count before any data is read
-    if not needs_cleaner(None):  # on a driver; a Tune trial's stage was checked before the search started
+    if not _inside_ray_worker():  # on a driver; a Tune trial's stage was checked before the search started
         check_workers_fit(config.run, f"stage {stage_number}'s Ray Train workers")
     store_path = Path(store_path).expanduser().resolve()
     worker_config = loop_config(config, stage_number, store_path, parent_checkpoint, resume_from=resume_from,
@@ -773,9 +773,14 @@ def needs_cleaner(placement_group_cleaner: bool | None) -> bool:
     trial, or a user's own actor), whose end need not end the job; False on a driver, whose job ends with it."""
     if placement_group_cleaner is not None:
         return bool(placement_group_cleaner)
+    return _inside_ray_worker()
+
+
+def _inside_ray_worker() -> bool:
+    """True inside a Ray actor or task; False on a driver, or where Ray is not started."""
     import ray
 
-    return ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+    return ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
 
 
 @functools.cache  # one class per choice, and the warning below once per process

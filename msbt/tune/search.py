@@ -208,14 +208,20 @@ def check_search(config: Config, sources: str = "tune.space") -> None:
 def check_trials_fit(config: Config) -> None:
     """A trial the cluster could never place is refused on msbt's private cluster, and said on a joined one,
     before any work (msbt.raycluster.check_fits): Tune and Ray Train would wait for it for ever. A trial of the
-    full mode is its stage's Ray Train workers (its own actor asks for 0.01 CPU); of the fast mode, its
-    ``tune.cpus_per_trial`` and ``tune.gpus_per_trial``."""
+    full mode is its stage's Ray Train workers with ``tune.cpus_per_trial`` CPUs each (msbt.tune.space.trial_config;
+    its own actor asks for 0.01 CPU); of the fast mode, its ``tune.cpus_per_trial`` and ``tune.gpus_per_trial``.
+    A stage 1 the search trains first has the run's own workers."""
+    import dataclasses
+
     from msbt.raycluster import check_fits
     from msbt.train.runner import check_workers_fit
 
     t = config.tune
+    if 1 in run_stages(config):
+        check_workers_fit(config.run, "stage 1's Ray Train workers")
     if not t.fast:
-        check_workers_fit(config.run, "a Tune trial's Ray Train workers")
+        check_workers_fit(dataclasses.replace(config.run, cpus_per_worker=t.cpus_per_trial),
+                          "a Tune trial's Ray Train workers")
         return
     trial = {"CPU": float(t.cpus_per_trial)}
     if t.gpus_per_trial:

@@ -40,8 +40,11 @@ def test_a_request_the_private_cluster_cannot_meet_is_refused_naming_the_setting
     check_workers_fit(load_config([], ["run.num_workers=2"]).run)  # what fits passes
     with pytest.raises(ConfigError, match="the cluster has no GPU"):
         check_workers_fit(load_config([], ["run.use_gpu=true"]).run)
-    with pytest.raises(ConfigError, match=r"a Tune trial's Ray Train workers \(1\): each needs 4 CPU"):
-        check_trials_fit(load_config([], ["run.cpus_per_worker=4"]))
+    with pytest.raises(ConfigError, match=r"stage 1's Ray Train workers \(1\): each needs 4 CPU"):
+        check_trials_fit(load_config([], ["run.cpus_per_worker=4"]))  # the stage 1 a search trains first
+    with pytest.raises(ConfigError, match=r"a Tune trial's Ray Train workers \(1\): each needs 3 CPU"):
+        check_trials_fit(load_config([], ["tune.cpus_per_trial=3"]))  # a full-mode trial's worker has these
+    check_trials_fit(load_config([], ["run.cpus_per_worker=4", "stage2.weights=imagenet"]))  # no stage 1 to train
     with pytest.raises(ConfigError, match=r"a Tune trial \(fast mode\).*tune.cpus_per_trial"):
         check_trials_fit(load_config([], ["tune.fast=true", "tune.cpus_per_trial=3"]))
 
