@@ -210,7 +210,8 @@ def check_trials_fit(config: Config) -> None:
     before any work (msbt.raycluster.check_fits): Tune and Ray Train would wait for it for ever. A trial of the
     full mode is its stage's Ray Train workers with ``tune.cpus_per_trial`` CPUs each (msbt.tune.space.trial_config;
     its own actor asks for 0.01 CPU); of the fast mode, its ``tune.cpus_per_trial`` and ``tune.gpus_per_trial``.
-    A stage 1 the search trains first has the run's own workers."""
+    A stage 1 the search trains first has the run's own workers. (More ``tune.feature_actors`` than CPUs is not
+    refused: Ray Data starts what fits and goes on; measured, 3 on 2 CPUs finished in 44 s.)"""
     import dataclasses
 
     from msbt.raycluster import check_fits

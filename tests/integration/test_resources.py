@@ -47,6 +47,7 @@ def test_a_request_the_private_cluster_cannot_meet_is_refused_naming_the_setting
     check_trials_fit(load_config([], ["run.cpus_per_worker=4", "stage2.weights=imagenet"]))  # no stage 1 to train
     with pytest.raises(ConfigError, match=r"a Tune trial \(fast mode\).*tune.cpus_per_trial"):
         check_trials_fit(load_config([], ["tune.fast=true", "tune.cpus_per_trial=3"]))
+    check_trials_fit(load_config([], ["tune.fast=true", "tune.feature_actors=3"]))  # Ray Data starts what fits
 
 
 @pytest.mark.ray
