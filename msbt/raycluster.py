@@ -30,13 +30,23 @@ def started_cluster() -> str | None:
             address = f.read().strip()
     except OSError:
         return None
+    if _no_answer(address) is None:
+        return address
+    log.warning("ignoring a stale Ray address %r (no cluster answers there; `ray stop` cleans it)", address)
+    return None
+
+
+def _no_answer(address: str, timeout: float = 2.0) -> str | None:
+    """Why nothing answers at a ``host:port`` Ray address (a TCP connect, ``timeout`` seconds), or None when
+    something does. Other forms (``ray://``, ``auto``) are left to Ray (None)."""
     host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=2):
-            return address
-    except (OSError, ValueError):
-        log.warning("ignoring a stale Ray address %r (no cluster answers there; `ray stop` cleans it)", address)
+    if "://" in address or not host or not port.isdigit():
         return None
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return None
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -56,6 +66,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     console.tame_ray()  # Ray's start-up lines go to the run's log (unless --verbose)
     target = address or os.environ.get("RAY_ADDRESS") or started_cluster()
+    if target and target != "local" and (why := _no_answer(target)):
+        # ray.init would retry a dead address for ever (measured: --address 127.0.0.1:1 still retrying after 200 s)
+        from msbt.config import ConfigError
+
+        given = "--address" if address else "$RAY_ADDRESS"
+        raise ConfigError(f"{given} {target}: no Ray cluster answers there ({why}); start one with `ray start "
+                          "--head`, or use --address local for a private cluster of this command")
     dashboard = None
     with _keep_sigterm_handler():
         if target and target != "local":

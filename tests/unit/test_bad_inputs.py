@@ -743,3 +743,24 @@ def test_a_bad_search_space_is_refused_before_ray_starts(tmp_path, capsys):
     assert main(["tune", "--set", f"run.storage_path={tmp_path}", "--set", "tune.space.dropout=[0.6,0.2]"]) == 1
     assert "--set: `tune.space.dropout` must be a range [low, high] with low <= high" in capsys.readouterr().err
     assert ("ray" in sys.modules and sys.modules["ray"].is_initialized()) == ray_before
+
+
+def test_an_address_where_no_cluster_answers_is_refused_before_ray_is_asked(tmp_path, monkeypatch, capsys):
+    """ray.init retries a dead address for ever: `workflows/stage1.py --smoke-test --address 127.0.0.1:1` was still
+    retrying after 200 s (2026-12-06); it now ends at once, naming the address and where it came from."""
+    import socket
+
+    from msbt.raycluster import init_ray
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = ["stage1", "--smoke-test", "--set", f"run.storage_path={tmp_path}", "--set",
+            f"synth.out_dir={tmp_path / 'synth'}", "--address", f"127.0.0.1:{port}"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"--address 127.0.0.1:{port}: no Ray cluster answers there (Connection refused)" in err
+    assert not (tmp_path / "synth").exists()
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")  # a stale one in the environment
+    with pytest.raises(ConfigError, match=rf"\$RAY_ADDRESS 127.0.0.1:{port}: no Ray cluster answers there"):
+        init_ray()
