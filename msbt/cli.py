@@ -602,7 +602,7 @@ def _cmd_serve(args) -> int:
 
     app.application(args.model, config)  # a wrong folder or config fails before Ray starts
     init_ray(args.address)
-    print(f"serving {args.model} at http://{config.host}:{config.port}/predict (GET /healthz); Ctrl-C stops it")
+    print(f"serving {args.model} at {app.url(config)}/predict (GET /healthz); Ctrl-C stops it")
     app.run(args.model, config, threshold=args.threshold, blocking=True)
     return 0
 

@@ -12,8 +12,10 @@ wrong type is reported with the file and the dotted key, not later and deep insi
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -648,12 +650,14 @@ def _finite(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
-def _host(value) -> bool:
-    """An IP address (v4 or v6) or a host name as RFC 1123 spells one; checked by form only (no DNS lookup here:
-    the value is checked before anything starts, and a lookup can wait for a network)."""
-    import ipaddress
-    import re
+_HOST_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+_HOST_NAME = re.compile(rf"{_HOST_LABEL}(\.{_HOST_LABEL})*\.?")
 
+
+def _host(value) -> bool:
+    """An IP address (v4 or v6) or a host name as RFC 1123 spells one (its last label not all digits, so that
+    999.1.1.1 is no name); checked by form only (no DNS lookup: the value is checked before anything starts,
+    and a lookup can wait for a network)."""
     if not isinstance(value, str):
         return False
     try:
@@ -661,8 +665,8 @@ def _host(value) -> bool:
         return True
     except ValueError:
         pass
-    label = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
-    return len(value) <= 253 and re.fullmatch(rf"{label}(\.{label})*", value) is not None
+    return (len(value.rstrip(".")) <= 253 and _HOST_NAME.fullmatch(value) is not None
+            and not value.rstrip(".").rpartition(".")[2].isdigit())
 
 
 def _positive(v) -> bool:

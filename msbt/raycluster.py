@@ -124,8 +124,9 @@ def _own_address(target: str) -> dict:
 
 
 # The GCS address of the private cluster this process started (start_private), or None: a joined cluster may
-# grow (an autoscaler adds nodes), a private one never does.
+# grow (an autoscaler adds nodes), a private one never does. (A cluster of a plain `ray.init()` counts as joined.)
 _private_address: str | None = None
+_warned: set[tuple[str, str]] = set()  # check_placeable's warnings already given
 
 
 def unplaceable(bundles: list[dict[str, float]], nodes: list[dict[str, float]]) -> str | None:
@@ -145,7 +146,7 @@ def unplaceable(bundles: list[dict[str, float]], nodes: list[dict[str, float]]) 
     return None
 
 
-def check_fits(what: str, bundles: list[dict[str, float]], settings: str) -> None:
+def check_placeable(what: str, bundles: list[dict[str, float]], settings: str) -> None:
     """Refuse, or say, a resource request the cluster as it is could never meet, before Ray is asked for it.
 
     Ray waits for resources it cannot place: Ray Train retries its worker group every 60 s for ever, with a
@@ -171,8 +172,10 @@ def check_fits(what: str, bundles: list[dict[str, float]], settings: str) -> Non
     if _private_address is not None and ray.get_runtime_context().gcs_address == _private_address:
         raise ConfigError(f"{what}: {problem} ({settings}); this private local cluster gets no more, so Ray "
                           "would wait for ever: lower the settings, or run on a larger cluster (--address)")
-    log.warning("%s: %s (%s); Ray waits until nodes join (an autoscaler), and otherwise for ever: Ctrl-C stops it",
-                what, problem, settings)
+    if (what, problem) not in _warned:  # once per process, not once per stage or fold
+        _warned.add((what, problem))
+        log.warning("%s: %s (%s); Ray waits until nodes join (an autoscaler), and otherwise for ever: Ctrl-C stops it",
+                    what, problem, settings)
 
 
 def describe_cluster(address: str | None, resources: dict, dashboard: str | None) -> str:
@@ -245,6 +248,7 @@ START_ATTEMPTS = 2
 
 def _start_private_once(num_cpus: int | None, options: dict) -> str:
     """One start of the private cluster (:func:`start_private` says how and why); returns its GCS address."""
+    global _private_address
     import ray
 
     protect_token()
@@ -266,7 +270,6 @@ def _start_private_once(num_cpus: int | None, options: dict) -> str:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  runtime_env={"env_vars": {"RAY_ADDRESS": address, **_no_preemption_watcher()}}, **options)
     protect_token()
-    global _private_address
     _private_address = address
     return address
 
@@ -407,8 +410,9 @@ def free_port() -> int:
     in the suite: the OS had picked 52365, inside Linux's range of ports it picks from)."""
     from ray._private import ray_constants
 
+    # 52365 lies in Linux's range; the others (6379, 8265, 10001: Ray Client's server) only where it is widened
     taken = {ray_constants.DEFAULT_PORT, ray_constants.DEFAULT_DASHBOARD_PORT,
-             ray_constants.DEFAULT_DASHBOARD_AGENT_LISTEN_PORT, 10001}  # 10001: Ray Client's server
+             ray_constants.DEFAULT_DASHBOARD_AGENT_LISTEN_PORT, 10001}
     while True:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

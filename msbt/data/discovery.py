@@ -491,8 +491,11 @@ def _read_manifest_rows(manifest: Path) -> tuple[list[str], list[dict]]:
     columns = [c.strip() for c in (reader.fieldnames or [])]
     # A row with more fields than the header keeps them under the key None (csv's own restkey): such a row's
     # path and label are shifted (an unquoted comma in a file name), and the caller rejects it, naming its line.
-    rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} | ({None: row[None]} if row.get(None) else {})
-            for row in reader]
+    # Empty extra fields (a trailing comma, as some exports write) are no sign of a shift and are dropped.
+    rows = []
+    for row in reader:
+        extra = [field for field in row.get(None) or [] if field.strip()]
+        rows.append({k.strip(): (v or "").strip() for k, v in row.items() if k} | ({None: extra} if extra else {}))
     return columns, rows
 
 

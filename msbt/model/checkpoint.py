@@ -177,13 +177,21 @@ def _folder(path: str | Path) -> Path:
 
 def verify(path: str | Path) -> bool:
     """True when the checkpoint's model file exists, its sha256 matches the manifest, and the manifest
-    itself is unchanged (its digest, where it has one)."""
-    return integrity_status(path) == "ok"
+    itself is unchanged (its digest, where it has one); False also for a folder whose manifest is missing or
+    unreadable."""
+    try:
+        return integrity_status(path) == "ok"
+    except CheckpointError:
+        return False
 
 
 def integrity_status(path: str | Path) -> str:
     """``"ok"``, or which of :func:`check_integrity`'s checks fails, as ``msbt lineage`` shows it:
-    ``"MANIFEST CHANGED"``, ``"MODEL MISSING"`` or ``"MODEL CHANGED"``."""
+    ``"MANIFEST CHANGED"``, ``"MODEL MISSING"`` or ``"MODEL CHANGED"``.
+
+    Raises:
+        CheckpointError: no readable manifest (not a checkpoint).
+    """
     directory = _folder(path)
     problem = _integrity_problem(directory, read_manifest(directory))
     return problem[0] if problem else "ok"
@@ -302,7 +310,8 @@ def lineage(path: str | Path) -> list[dict]:
             chain.append({"path": str(directory), "manifest": None, "verified": False, "link_ok": None})
             break
         manifest = read_manifest(directory)
-        status = integrity_status(directory)
+        problem = _integrity_problem(directory, manifest)
+        status = problem[0] if problem else "ok"
         entry = {"path": str(directory), "manifest": manifest, "verified": status == "ok", "status": status,
                  "link_ok": None}
         chain.append(entry)

@@ -35,7 +35,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from msbt.config import ServeConfig, from_dict
-from msbt.raycluster import check_fits
+from msbt.raycluster import check_placeable
 
 api = FastAPI(title="msbt", description="Breast ultrasound malignancy probability of one image per request")
 
@@ -138,9 +138,8 @@ def application(model: str | Path, config: ServeConfig = ServeConfig(), *, thres
     if config.precision == "int8" and (config.engine not in ("onnx", "openvino") or not (folder / INT8_FILE).is_file()):
         raise EngineError(f"{folder}: serve.precision int8 needs engine onnx or openvino and {INT8_FILE}, which "
                           "`msbt export --int8` writes only when the test AUC held (see export.json's int8)")
-    options = {"num_cpus": config.cpus_per_replica}
-    if config.gpus_per_replica:
-        options["num_gpus"] = config.gpus_per_replica
+    resources = replica_resources(config)
+    options = {"num_cpus": resources["CPU"], **({"num_gpus": resources["GPU"]} if "GPU" in resources else {})}
     # Serve's default of 5 requests in flight per replica would cap every batch at 5.
     deployment = Classifier.options(num_replicas=config.replicas, ray_actor_options=options,
                                     max_ongoing_requests=max(5, 2 * config.max_batch_size * config.streams))
@@ -175,12 +174,21 @@ def run(model: str | Path, config: ServeConfig, *, threshold: float | None = Non
         The URL of the application (when ``blocking``, only after Ctrl-C: it serves until then).
     """
     app = application(model, config, threshold=threshold)
-    replica = {"CPU": float(config.cpus_per_replica)}
-    if config.gpus_per_replica:
-        replica["GPU"] = float(config.gpus_per_replica)
-    # Serve would wait for ever for replicas no node can hold (msbt.raycluster.check_fits)
-    check_fits(f"msbt serve's replicas ({config.replicas})", [replica] * config.replicas,
-               "serve.replicas, serve.cpus_per_replica, serve.gpus_per_replica")
+    # Serve would wait for ever for replicas no node can hold (msbt.raycluster.check_placeable)
+    check_placeable(f"msbt serve's replicas ({config.replicas})", [replica_resources(config)] * config.replicas,
+                    "serve.replicas, serve.cpus_per_replica, serve.gpus_per_replica")
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(app, name="msbt", route_prefix="/", blocking=blocking)
-    return f"http://{config.host}:{config.port}"
+    return url(config)
+
+
+def replica_resources(config: ServeConfig) -> dict[str, float]:
+    """What one replica asks Ray for: ``serve.cpus_per_replica`` CPUs and ``serve.gpus_per_replica`` GPUs."""
+    return {"CPU": float(config.cpus_per_replica),
+            **({"GPU": float(config.gpus_per_replica)} if config.gpus_per_replica else {})}
+
+
+def url(config: ServeConfig) -> str:
+    """The application's base URL (an IPv6 host in brackets, as URLs write one)."""
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    return f"http://{host}:{config.port}"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import queue
 import threading
@@ -171,27 +172,34 @@ def _video(path: Path, fps: float | None) -> Source:
         capture.release()
         raise SourceError(f"{path}: OpenCV cannot read a video frame from it (not a video, or a codec it lacks)")
     rate = fps or capture.get(cv2.CAP_PROP_FPS) or DEFAULT_FPS
-    total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)  # the container's count; 0 when it gives none
+    count = capture.get(cv2.CAP_PROP_FRAME_COUNT)  # the container's count (an estimate in some formats); 0 if none
+    total = int(count) if math.isfinite(count) and count > 0 else 0
 
     def frames():
         # OpenCV's read() is False both at the end and for one frame it cannot decode, and reads on after
-        # such a frame (measured on an MJPG AVI with one frame's bytes zeroed: frames 0-4, a miss, frames 6-9).
-        # A miss before the container's frame count is that frame, skipped and counted (a row 'unreadable'); a
-        # miss at or past the count is the end (a count that is short loses no frame), as is a long run of misses.
+        # such a frame (measured on an MJPG AVI with one frame's bytes zeroed: frames 0-2, a miss, frames 4-7).
+        # Misses are held until a frame decodes after them (then each is an 'unreadable' row); misses with no
+        # frame after them are one row saying how many the container announced but no decode gave (a file cut
+        # short, or a count the container overstates: some formats estimate it from the duration). The end is a
+        # miss at or past the count, or VIDEO_MAX_MISSES misses in a row.
         try:
             yield to_rgb8(first, path)
-            index, misses = 1, 0
+            index, missed = 1, []
             while True:
                 ok, frame = capture.read()
                 if ok:
-                    misses = 0
+                    yield from (Unreadable(f"{path}: frame {i} of the {total} its container gives cannot be decoded")
+                                for i in missed)
+                    missed = []
                     yield to_rgb8(frame, path)
+                elif index >= total or len(missed) >= VIDEO_MAX_MISSES:
+                    break
                 else:
-                    if index >= total or misses >= VIDEO_MAX_MISSES:
-                        return
-                    misses += 1
-                    yield Unreadable(f"{path}: frame {index} of the {total} its container gives cannot be decoded")
+                    missed.append(index)
                 index += 1
+            if missed:
+                yield Unreadable(f"{path}: frames {missed[0]}-{total - 1} of the {total} its container gives: none "
+                                 "decoded (a file cut short, or a frame count the container overstates)")
         finally:
             capture.release()
 
@@ -234,7 +242,7 @@ def _folder(path: Path, fps: float, sixteen_bit: str) -> Source:
 
 
 def _dicom(path: Path, fps: float, sixteen_bit: str) -> Source:
-    from msbt.images.dicom import read_dicom_frame, read_header
+    from msbt.images.dicom import DicomError, read_dicom_frame, read_header
 
     try:
         header = read_header(path)  # the image pixel module only: no patient data is read
@@ -243,20 +251,28 @@ def _dicom(path: Path, fps: float, sixteen_bit: str) -> Source:
     if header.frames < 1:
         raise SourceError(f"{path}: the DICOM file holds no frame")
 
-    try:  # the first frame here: a file no frame of which decodes (a transfer syntax without its decoder) is refused
-        first = read_dicom_frame(path, 0, sixteen_bit, header=header)  # uint8 RGB already
-    except ValueError as err:
-        raise SourceError(str(err)) from None
+    def frame(i: int) -> np.ndarray | Unreadable:
+        try:
+            return read_dicom_frame(path, i, sixteen_bit, header=header)  # uint8 RGB already
+        except DicomError as err:  # a damaged fragment of a compressed loop: that frame only
+            return Unreadable(f"{path}: frame {i} of {header.frames}: {err.reason}")
+
+    # Frames up to the first that decodes are read here: a file no frame of which decodes (a transfer syntax
+    # without its decoder) is refused when it opens, and a damaged first frame is only that frame.
+    opening: list[np.ndarray | Unreadable] = []
+    for i in range(header.frames):
+        opening.append(frame(i))
+        if not isinstance(opening[-1], Unreadable):
+            break
+    else:
+        raise SourceError(f"no frame of the {header.frames} decodes; the first: {opening[0].reason}")
 
     def frames():
         # One frame decoded at a time: a long cine loop never sits in memory whole. A frame that does not decode
-        # (a damaged fragment of a compressed loop) is skipped and counted; the loop goes on.
-        yield first
-        for i in range(1, header.frames):
-            try:
-                yield read_dicom_frame(path, i, sixteen_bit, header=header)
-            except ValueError as err:
-                yield Unreadable(f"frame {i} of {header.frames}: {err}")
+        # is skipped and counted; the loop goes on.
+        yield from opening
+        for i in range(len(opening), header.frames):
+            yield frame(i)
 
     return Source(str(path), "dicom", fps, frames(), live=False)
 

@@ -503,10 +503,10 @@ WORKER_SETTINGS = "run.num_workers, run.cpus_per_worker, run.use_gpu, run.gpus_p
 
 def check_workers_fit(run: RunConfig, what: str = "a stage's Ray Train workers") -> None:
     """Refuse (msbt's private cluster) or say (a joined one) a worker group the cluster could never place
-    (msbt.raycluster.check_fits): Ray Train would retry it every minute for ever."""
-    from msbt.raycluster import check_fits
+    (msbt.raycluster.check_placeable): Ray Train would retry it every minute for ever."""
+    from msbt.raycluster import check_placeable
 
-    check_fits(f"{what} ({run.num_workers})", worker_bundles(run), WORKER_SETTINGS)
+    check_placeable(f"{what} ({run.num_workers})", worker_bundles(run), WORKER_SETTINGS)
 
 
 def score_order(monitor: str) -> str:

@@ -205,29 +205,34 @@ def check_search(config: Config, sources: str = "tune.space") -> None:
     _scheduler(config)  # a bad grace period
 
 
+TRIAL_CPU = 0.01  # a full-mode trial's own actor (0 is refused by Tune); its Train workers hold the trial's CPUs
+
+
 def check_trials_fit(config: Config) -> None:
     """A trial the cluster could never place is refused on msbt's private cluster, and said on a joined one,
-    before any work (msbt.raycluster.check_fits): Tune and Ray Train would wait for it for ever. A trial of the
+    before any work (msbt.raycluster.check_placeable): Tune and Ray Train would wait for it for ever. A trial of the
     full mode is its stage's Ray Train workers with ``tune.cpus_per_trial`` CPUs each (msbt.tune.space.trial_config;
     its own actor asks for 0.01 CPU); of the fast mode, its ``tune.cpus_per_trial`` and ``tune.gpus_per_trial``.
     A stage 1 the search trains first has the run's own workers. (More ``tune.feature_actors`` than CPUs is not
     refused: Ray Data starts what fits and goes on; measured, 3 on 2 CPUs finished in 44 s.)"""
     import dataclasses
 
-    from msbt.raycluster import check_fits
-    from msbt.train.runner import check_workers_fit
+    from msbt.raycluster import check_placeable
+    from msbt.train.runner import check_workers_fit, worker_bundles
 
     t = config.tune
     if 1 in run_stages(config):
         check_workers_fit(config.run, "stage 1's Ray Train workers")
     if not t.fast:
-        check_workers_fit(dataclasses.replace(config.run, cpus_per_worker=t.cpus_per_trial),
-                          "a Tune trial's Ray Train workers")
+        run = dataclasses.replace(config.run, cpus_per_worker=t.cpus_per_trial)
+        check_placeable(f"a Tune trial's Ray Train workers ({run.num_workers}) and its own actor",
+                        worker_bundles(run) + [{"CPU": TRIAL_CPU}],
+                        "run.num_workers, tune.cpus_per_trial, run.use_gpu, run.gpus_per_worker")
         return
     trial = {"CPU": float(t.cpus_per_trial)}
     if t.gpus_per_trial:
         trial["GPU"] = float(t.gpus_per_trial)
-    check_fits("a Tune trial (fast mode)", [trial], "tune.cpus_per_trial, tune.gpus_per_trial")
+    check_placeable("a Tune trial (fast mode)", [trial], "tune.cpus_per_trial, tune.gpus_per_trial")
 
 
 def run_search(config: Config, *, resume: bool = False, sources: str = "tune.space"):
@@ -298,7 +303,7 @@ def _trainable(config: Config, store: str, parent: str | None, exp: str, feature
     if features is None:
         fn = tune.with_parameters(train_trial, config=config, store=store, parent=parent, experiment=exp)
         # The Train worker holds the trial's CPUs; the trial function only waits for it.
-        return tune.with_resources(fn, {"CPU": 0.01})
+        return tune.with_resources(fn, {"CPU": TRIAL_CPU})
     from msbt.tune.fast import head_trial, load_features, train_weights
 
     arrays = load_features(features)

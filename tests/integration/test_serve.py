@@ -253,10 +253,11 @@ def test_a_video_frame_that_does_not_decode_is_skipped_and_the_frames_after_it_a
     read = list(st.open_source(video).frames)
     assert [isinstance(f, st.Unreadable) for f in read] == [False] * 3 + [True] + [False] * 4
     assert "frame 3 of the 8 its container gives cannot be decoded" in read[3].reason
-    # cut short inside frame 5: frames 6 and 7, which the container still counts, are the unreadable rows
+    # cut short inside frame 5: the frames the container still counts and no decode gave are one row, said so
     video.write_bytes(bytes(data[:starts[5] + 300]))
     read = list(st.open_source(video).frames)
-    assert len(read) == 8 and [i for i, f in enumerate(read) if isinstance(f, st.Unreadable)] == [6, 7]
+    assert [isinstance(f, st.Unreadable) for f in read] == [False] * 6 + [True]
+    assert "frames 6-7 of the 8 its container gives: none decoded (a file cut short" in read[6].reason
 
 
 def test_a_dicom_frame_that_does_not_decode_is_skipped_and_named(exported, tmp_path):
@@ -272,12 +273,15 @@ def test_a_dicom_frame_that_does_not_decode_is_skipped_and_named(exported, tmp_p
     assert [r["status"] for r in rows] == ["scored", "scored", "unreadable", "scored"]
     assert (summary.frames_read, summary.frames_scored, summary.frames_unreadable) == (4, 3, 1)
     (note,) = [n for n in summary.notes if "unreadable" in n]
-    assert "frame 2 of 4" in note and "damaged compressed pixel data" in note
+    assert f"{loop}: frame 2 of 4: damaged compressed pixel data" in note
     assert not any("stopped early" in n for n in summary.notes)
-    # the first frame is read when the source opens: a loop that no frame of decodes is refused there
+    # a damaged first frame is that frame only; a loop no frame of which decodes is refused when it opens
     first_bad = write_rle_dicom_with_a_damaged_frame(tmp_path / "first.dcm", frames[..., 0], damaged=0)
-    with pytest.raises(st.SourceError, match="damaged compressed pixel data"):
-        st.open_source(first_bad)
+    read = list(st.open_source(first_bad).frames)
+    assert [isinstance(f, st.Unreadable) for f in read] == [True, False, False, False]
+    one = write_rle_dicom_with_a_damaged_frame(tmp_path / "one.dcm", frames[:1, ..., 0], damaged=0)
+    with pytest.raises(st.SourceError, match=r"no frame of the 1 decodes; the first: .*frame 0 of 1: damaged"):
+        st.open_source(one)
 
 
 def test_stream_sources_that_cannot_be_opened(tmp_path):

@@ -476,6 +476,7 @@ def test_class_folder_differing_in_case_fails_before_ray_starts(tmp_path):
     ("serve.host=http://127.0.0.1", "serve.host"),  # a URL, not a host: first used by Ray Serve, after Ray started
     ("serve.host=127.0.0.1:8000", "serve.host"),
     ("serve.host=my host", "serve.host"),
+    ("serve.host=999.1.1.1", "serve.host"),  # no IP address, and a name's last label is never all digits
     ("serve.max_request_mb=0", "serve.max_request_mb"),
     ("serve.batch_wait_timeout_s=-1", "serve.batch_wait_timeout_s"),
 ])
@@ -487,7 +488,7 @@ def test_config_ranges_are_checked_when_read(override, key, capsys):
 
 
 def test_serve_hosts_of_every_usual_form_are_accepted():
-    for host in ("127.0.0.1", "0.0.0.0", "::1", "localhost", "gpu-node-3.hospital.example"):
+    for host in ("127.0.0.1", "0.0.0.0", "::1", "localhost", "gpu-node-3.hospital.example", "node7.example."):
         assert load_config([], [f"serve.host={host}"]).serve.host == host
     assert load_config([], ["serve.host='::'"]).serve.host == "::"  # YAML reads a bare :: as a mapping
 
@@ -745,22 +746,29 @@ def test_a_bad_search_space_is_refused_before_ray_starts(tmp_path, capsys):
     assert ("ray" in sys.modules and sys.modules["ray"].is_initialized()) == ray_before
 
 
-def test_an_address_where_no_cluster_answers_is_refused_before_ray_is_asked(tmp_path, monkeypatch, capsys):
+def test_an_address_where_no_cluster_answers_is_refused_before_ray_is_asked(tmp_path):
     """ray.init retries a dead address for ever: `workflows/stage1.py --smoke-test --address 127.0.0.1:1` was still
-    retrying after 200 s (2026-12-06); it now ends at once, naming the address and where it came from."""
+    retrying after 200 s (2026-12-06); it now ends at once, naming the address and where it came from. In a child
+    process: this one may hold the session's cluster already (xdist), and init_ray joins nothing then."""
     import socket
 
-    from msbt.raycluster import init_ray
+    from msbt.raycluster import _no_answer
 
     with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    argv = ["stage1", "--smoke-test", "--set", f"run.storage_path={tmp_path}", "--set",
-            f"synth.out_dir={tmp_path / 'synth'}", "--address", f"127.0.0.1:{port}"]
-    assert main(argv) == 1
-    err = capsys.readouterr().err
-    assert f"--address 127.0.0.1:{port}: no Ray cluster answers there (Connection refused)" in err
+    assert _no_answer(f"127.0.0.1:{port}") == "Connection refused"
+    with socket.socket() as s:  # a listener answers; other forms are left to Ray
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        assert _no_answer(f"127.0.0.1:{s.getsockname()[1]}") is None
+        assert _no_answer(f"[::1]:{port}") is not None  # brackets taken off (refused or no IPv6: not None)
+    assert [_no_answer(a) for a in ("auto", "ray://127.0.0.1:1", "local")] == [None, None, None]
+    base = ["preprocess", "--smoke-test", "--set", f"run.storage_path={tmp_path}", "--set",
+            f"synth.out_dir={tmp_path / 'synth'}"]
+    done = run_cli(*base, "--address", f"127.0.0.1:{port}", timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert f"--address 127.0.0.1:{port}: no Ray cluster answers there (Connection refused)" in done.stderr
+    done = run_cli(*base, timeout=300, env={"RAY_ADDRESS": f"127.0.0.1:{port}"})  # a stale one in the environment
+    assert done.returncode == 1 and f"$RAY_ADDRESS 127.0.0.1:{port}: no Ray cluster answers there" in done.stderr
     assert not (tmp_path / "synth").exists()
-    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")  # a stale one in the environment
-    with pytest.raises(ConfigError, match=rf"\$RAY_ADDRESS 127.0.0.1:{port}: no Ray cluster answers there"):
-        init_ray()

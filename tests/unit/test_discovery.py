@@ -150,9 +150,10 @@ def test_a_manifest_row_with_more_fields_than_the_header_is_named_not_read_shift
 
     tree(tmp_path / "imgs", {"p1.png": textured(1), "a,b.png": textured(2), "p3.png": textured(3)})
     manifest = tmp_path / "m.csv"
-    manifest.write_text("path,label\nimgs/p1.png,benign\nimgs/a,b.png,malignant\nimgs/p3.png,benign\n")
-    check_source(manifest)  # the shifted row's 'label' is no class
-    d = discover(manifest)
+    manifest.write_text("path,label\nimgs/p1.png,benign\nimgs/a,b.png,malignant\nimgs/p3.png,benign,\n")
+    with pytest.raises(DataError, match="class 'b.png' not found"):  # the shifted row's 'label' is no class
+        check_source(manifest, ("benign", "b.png"))
+    d = discover(manifest)  # (the trailing comma of the last row is an empty field, not a shift: read)
     assert tuple(d.classes) == ("benign",) and [r.relpath for r in d.records] == ["imgs/p1.png", "imgs/p3.png"]
     (reject,) = d.rejects
     assert reject.path == f"{manifest}:3"
