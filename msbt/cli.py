@@ -601,6 +601,8 @@ def _cmd_serve(args) -> int:
     from msbt.serve import app
 
     app.application(args.model, config)  # a wrong folder or config fails before Ray starts
+    if args.address in (None, "local") and not os.environ.get("RAY_ADDRESS"):  # the proxy will run on this machine
+        app.check_port_free(config)
     init_ray(args.address)
     print(f"serving {args.model} at {app.url(config)}/predict (GET /healthz); Ctrl-C stops it")
     app.run(args.model, config, threshold=args.threshold, blocking=True)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from msbt.cli import main
-from msbt.config import HeadConfig, ServeConfig, StageConfig
+from msbt.config import ConfigError, HeadConfig, ServeConfig, StageConfig
 from msbt.data.synth import cine_frames, lesion_images
 from msbt.images.imagefile import fit_square
 from msbt.model.checkpoint import MODEL_FILE, write_manifest
@@ -403,6 +403,28 @@ def test_serve_and_stream_commands_refuse_a_folder_that_is_not_an_export(tmp_pat
         assert main(["stream", str(tmp_path), "0", option, value]) == 1
         assert f"{option} must be >= 1, got {value}" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.csv*"))
+
+
+def test_serve_refuses_a_port_in_use_before_ray_starts(exported, capsys, monkeypatch):
+    """Serve's HTTP proxy failed on a taken port only once the cluster was up (Ray's traceback of
+    ProxyActor.ready()); the command now says so before Ray starts."""
+    from msbt import raycluster
+    from msbt.serve import app
+
+    def started(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(raycluster, "init_ray", started)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", str(exported["folder"]), "--port", str(port)]) == 1
+        assert f"serve.port {port}: already in use on 127.0.0.1" in capsys.readouterr().err
+    app.check_port_free(ServeConfig(port=port))  # free again: passes
+    with pytest.raises(ConfigError, match="serve.host 192.0.2.77: cannot listen there"):
+        app.check_port_free(ServeConfig(host="192.0.2.77", port=port))  # an address of no interface here
 
 
 # ---------------------------------------------------------------------------------------------------
