@@ -140,17 +140,23 @@ def evaluate_checkpoint(config: Config, checkpoint: str | Path, store: str | Pat
     return result
 
 
-def start_ray(config: Config, address: str | None = None) -> None:
+def start_ray(config: Config, address: str | None = None, stages: Sequence[int] | None = None) -> None:
     """After a job's checks: the run's log file (``runs/<name>/logs/``), TensorFlow imported with its
-    start-up notices in that log, then Ray joined or started (msbt.console, msbt.raycluster.init_ray).
+    start-up notices in that log, then Ray joined or started (msbt.console, msbt.raycluster.init_ray), and the
+    run's Ray Train workers checked against the cluster for ``stages`` (default: every stage the run trains) that
+    are not recorded finished (msbt.train.runner.check_workers_fit).
 
     Called only once the run folder may be written: a refused rerun leaves it as it was."""
     console.attach_run(run_dir(config))
     console.import_tensorflow()
     init_ray(address)
     from msbt.train.runner import check_workers_fit
+    from msbt.train.stages import read_stages
 
-    check_workers_fit(config.run, "the stages' Ray Train workers")  # before the data step, not after it
+    # before the data step, not after it; not for a --resume whose stages are all recorded finished (train_stage
+    # checks again before any stage that does train: a seed of stage2_seeds, say)
+    if not {str(n) for n in (run_stages(config) if stages is None else stages)} <= set(read_stages(config)):
+        check_workers_fit(config.run, "the stages' Ray Train workers")
 
 
 def check_rerun(config: Config, numbers: Sequence[int] = (1, 2), *, resume: bool = False) -> None:
@@ -244,7 +250,7 @@ def stage1_job(config: Config, *, force_split: bool = False, resume: bool = Fals
     from msbt.train.stages import run_stage
 
     check_rerun(config, [1], resume=resume)
-    start_ray(config, address)
+    start_ray(config, address, [1])
     store = _data(config, "microscope", force_split)
     return run_stage(config, 1, store.path, resume=resume)
 
@@ -272,7 +278,7 @@ def stage2_job(config: Config, *, parent: str | Path | None = None, force_split:
         raise ConfigError(f"{parent}: no such checkpoint folder (--parent)")
     if 1 in run_stages(config):
         parent = str(Path(parent or recorded_checkpoint(config, 1)).expanduser().resolve())  # said before Ray starts
-    start_ray(config, address)
+    start_ray(config, address, [2])
     store = _data(config, "ultrasound", force_split)
     return train_stage2(config, store.path, parent, resume=resume)
 

@@ -108,3 +108,22 @@ def test_a_private_clusters_port_is_never_one_of_rays_fixed_ports(monkeypatch):
 
     monkeypatch.setattr(raycluster.socket, "socket", Socket)
     assert raycluster.free_port() == 40123
+
+
+@pytest.mark.ray
+def test_a_resume_whose_stages_are_all_finished_is_not_refused_for_its_workers(ray_local, tmp_path, capsys):
+    """Nothing will train: the settings are not held against the cluster before the data step (a stage that does
+    train is checked again by train_stage)."""
+    import json
+
+    from msbt.cli import main
+
+    run = tmp_path / "smoke"
+    run.mkdir()
+    (run / "stages.json").write_text(json.dumps({"1": {"checkpoint": str(tmp_path / "gone")}}))
+    argv = ["stage1", "--config", str(ROOT / "workflows" / "configs" / "smoke.yaml"), *TINY_SETS,
+            "--set", f"run.storage_path={tmp_path}", "--set", f"synth.out_dir={tmp_path / 'synth'}",
+            "--set", "run.num_workers=3", "--resume"]
+    main(argv)  # it goes on to the data step and to the recorded stage 1, which is a made-up entry here
+    err = capsys.readouterr().err
+    assert "together they need 3 CPU" not in err and (tmp_path / "synth").exists(), err[-2000:]
