@@ -252,11 +252,14 @@ def _cmd_stage2(args) -> int:
 def _cmd_evaluate(args) -> int:
     from msbt.jobs.pipeline import evaluate_job, run_model
 
+    from msbt.model.checkpoint import check_integrity
+
     config = _load_run(args)
     if args.checkpoint and not Path(args.checkpoint).is_dir():
         raise ConfigError(f"{args.checkpoint}: no such checkpoint folder (--checkpoint)")
-    if not args.checkpoint:
-        run_model(config)  # said before Ray starts
+    # said before Ray starts: no model recorded, or the recorded or given one deleted or changed since (it was
+    # named only after Ray's start and the data step, about 10 s in)
+    check_integrity(args.checkpoint or run_model(config))
     _preflight(config, ["ultrasound"])
     _start_ray(args, config)
     evaluate_job(config, checkpoint=args.checkpoint)

@@ -56,6 +56,7 @@ def test_a_request_the_private_cluster_cannot_meet_is_refused_naming_the_setting
 
 
 @pytest.mark.ray
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Serve's own, at import (as in test_serve.py)
 def test_serve_refuses_replicas_no_node_can_hold_before_serve_starts(ray_local, tmp_path, monkeypatch):
     from msbt.serve import app
 

@@ -772,3 +772,19 @@ def test_an_address_where_no_cluster_answers_is_refused_before_ray_is_asked(tmp_
     done = run_cli(*base, timeout=300, env={"RAY_ADDRESS": f"127.0.0.1:{port}"})  # a stale one in the environment
     assert done.returncode == 1 and f"$RAY_ADDRESS 127.0.0.1:{port}: no Ray cluster answers there" in done.stderr
     assert not (tmp_path / "synth").exists()
+
+
+def test_evaluate_names_a_deleted_or_changed_model_before_ray_starts(tmp_path, capsys):
+    """The run's recorded stage-2 checkpoint deleted (or its model changed): evaluate said so only after Ray had
+    started and the data step had run (about 10 s); here, a unit test, Ray must not start at all."""
+    import json
+
+    run = tmp_path / "smoke"
+    run.mkdir()
+    gone = run / "stage2" / "checkpoint_2026-12-06_00-00-00.000000"
+    (run / "stages.json").write_text(json.dumps({"2": {"checkpoint": str(gone)}}))
+    argv = ["evaluate", "--smoke-test", "--set", f"run.storage_path={tmp_path}", "--set",
+            f"synth.out_dir={tmp_path / 'synth'}"]
+    assert main(argv) == 1
+    assert f"{gone}: not a checkpoint (no manifest.json)" in capsys.readouterr().err
+    assert not (tmp_path / "synth").exists()
