@@ -251,7 +251,6 @@ def _cmd_stage2(args) -> int:
 
 def _cmd_evaluate(args) -> int:
     from msbt.jobs.pipeline import evaluate_job, run_model
-
     from msbt.model.checkpoint import check_integrity
 
     config = _load_run(args)

@@ -57,7 +57,6 @@ PARQUET_OPTIONS = {"compression": "lz4", "use_dictionary": ["label", "split", "s
                    "write_statistics": ["label", "split", "source"]}
 
 
-
 def _identity_problem(identity) -> str | None:
     """What is wrong with a ``store.json``'s content, or None. Each entry is read when a step needs it (the
     properties below say so if one is missing); one that is there must make sense (a negative image size

@@ -49,6 +49,7 @@ from msbt.tune.space import (
     searched,
     space_values,
     trial_config,
+    trial_run,
 )
 from msbt.provenance import write_environment
 from msbt import console
@@ -211,12 +212,10 @@ TRIAL_CPU = 0.01  # a full-mode trial's own actor (0 is refused by Tune); its Tr
 def check_trials_fit(config: Config) -> None:
     """A trial the cluster could never place is refused on msbt's private cluster, and said on a joined one,
     before any work (msbt.raycluster.check_placeable): Tune and Ray Train would wait for it for ever. A trial of the
-    full mode is its stage's Ray Train workers with ``tune.cpus_per_trial`` CPUs each (msbt.tune.space.trial_config;
+    full mode is its stage's Ray Train workers with ``tune.cpus_per_trial`` CPUs each (msbt.tune.space.trial_run;
     its own actor asks for 0.01 CPU); of the fast mode, its ``tune.cpus_per_trial`` and ``tune.gpus_per_trial``.
     A stage 1 the search trains first has the run's own workers. (More ``tune.feature_actors`` than CPUs is not
     refused: Ray Data starts what fits and goes on; measured, 3 on 2 CPUs finished in 44 s.)"""
-    import dataclasses
-
     from msbt.raycluster import check_placeable
     from msbt.train.runner import check_workers_fit, worker_bundles
 
@@ -224,7 +223,7 @@ def check_trials_fit(config: Config) -> None:
     if 1 in run_stages(config):
         check_workers_fit(config.run, "stage 1's Ray Train workers")
     if not t.fast:
-        run = dataclasses.replace(config.run, cpus_per_worker=t.cpus_per_trial)
+        run = trial_run(config)
         check_placeable(f"a Tune trial's Ray Train workers ({run.num_workers}) and its own actor",
                         worker_bundles(run) + [{"CPU": TRIAL_CPU}],
                         "run.num_workers, tune.cpus_per_trial, run.use_gpu, run.gpus_per_worker")

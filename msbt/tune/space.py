@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-from msbt.config import Config, ConfigError, SearchSpaceConfig, StageConfig, with_overlay
+from msbt.config import Config, ConfigError, RunConfig, SearchSpaceConfig, StageConfig, with_overlay
 
 # tune.space key -> (stage-2 key path, kind). Ranges are [low, high]; the rest are choices.
 DIMENSIONS = {
@@ -162,9 +162,14 @@ def trial_config(config: Config, params: Mapping, *, storage: str | Path, name: 
     Each trial's Train run gets its own ``run.storage_path``/``run.name``, so concurrent trials never
     write into one ``stage2`` folder; its worker has ``tune.cpus_per_trial`` CPUs.
     """
-    run = dataclasses.replace(config.run, storage_path=str(storage), name=name,
-                              cpus_per_worker=config.tune.cpus_per_trial)
+    run = dataclasses.replace(trial_run(config), storage_path=str(storage), name=name)
     return dataclasses.replace(config, stage2=trial_stage(config, params, fast), run=run)
+
+
+def trial_run(config: Config) -> RunConfig:
+    """The run settings of a full-mode trial's Ray Train stage: the run's, its workers with ``tune.cpus_per_trial``
+    CPUs each."""
+    return dataclasses.replace(config.run, cpus_per_worker=config.tune.cpus_per_trial)
 
 
 def merge_overlays(base: Mapping, top: Mapping) -> dict:
