@@ -214,6 +214,8 @@ def start_private(num_cpus: int | None = None, **options) -> str:
 
     And two for speed: no Ray Train preemption watcher in a cluster of one node (:func:`_no_preemption_watcher`),
     and a log monitor that lists the log folder once a second rather than ten times (:func:`_calm_log_monitor`).
+    And one for a busy machine: Serve's HTTP proxy has longer to start before Serve replaces it
+    (:func:`_patient_serve_proxy`).
 
     A start that misses one of Ray's fixed waits (the raylet's 30 s to register, the dashboard's
     RAY_DASHBOARD_STARTUP_TIMEOUT_S), as a busy small machine can, is stopped and made once more
@@ -256,7 +258,8 @@ def _start_private_once(num_cpus: int | None, options: dict) -> str:
     address = f"127.0.0.1:{port}"
     # These variables only while the cluster starts: its GCS, raylet and (through the raylet) its workers
     # keep them; this process's later clusters, and processes it starts later, get the usual behaviour.
-    with _environment(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_GCS_SERVER_PORT=str(port), **_calm_log_monitor()), \
+    with _environment(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_GCS_SERVER_PORT=str(port), **_calm_log_monitor(),
+                      **_patient_serve_proxy()), \
             _loopback_node_ip():
         # A private cluster lives and dies with this process: on Linux Ray starts its GCS and raylet with
         # PR_SET_PDEATHSIG (their workers follow the raylet), so even a driver killed with SIGKILL leaves
@@ -400,7 +403,28 @@ def _calm_log_monitor() -> dict[str, str]:
     a new worker's file is found up to a second later and read from its first line, or missed if the
     cluster ends within that second (0.1 s with Ray's settings).
     """
-    return {key: value for key, value in LOG_MONITOR_ENV.items() if key not in os.environ}
+    return _unless_set(LOG_MONITOR_ENV)
+
+
+# Ray Serve 2.60's controller reads this when it starts (ray/serve/_private/constants.py); its default is 5 s.
+SERVE_PROXY_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "20"}
+
+
+def _patient_serve_proxy() -> dict[str, str]:
+    """Give Serve's HTTP proxy 20 s, not 5, to answer each readiness check, unless the user set the variable.
+
+    Serve's controller marks a proxy that misses three readiness checks in a row unhealthy and kills it, and
+    ``serve.start`` waits on the first proxy only: on a busy two-core machine (the CI's, with a training test
+    beside it) that proxy's worker process had not started within those three 5 s checks, was killed before it
+    ran, and ``msbt serve`` failed with ``ActorDiedError: ... ProxyActor ... killed by ray.kill``. Three 20 s
+    checks are the 60 s that ``serve.start`` itself waits for the proxy (HTTP_PROXY_TIMEOUT).
+    """
+    return _unless_set(SERVE_PROXY_ENV)
+
+
+def _unless_set(values: dict[str, str]) -> dict[str, str]:
+    """Those of ``values`` whose variable this process's environment does not set already (the user's wins)."""
+    return {key: value for key, value in values.items() if key not in os.environ}
 
 
 def free_port() -> int:

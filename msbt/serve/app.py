@@ -27,6 +27,8 @@ config file (``serve run workflows/serve.yaml``, ``serve deploy workflows/serve.
 
 
 import asyncio
+import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,7 @@ from ray import serve
 from msbt.config import ConfigError, ServeConfig, from_dict
 from msbt.raycluster import check_placeable
 
+log = logging.getLogger(__name__)
 api = FastAPI(title="msbt", description="Breast ultrasound malignancy probability of one image per request")
 
 
@@ -177,9 +180,48 @@ def run(model: str | Path, config: ServeConfig, *, threshold: float | None = Non
     # Serve would wait for ever for replicas no node can hold (msbt.raycluster.check_placeable)
     check_placeable(f"msbt serve's replicas ({config.replicas})", [replica_resources(config)] * config.replicas,
                     "serve.replicas, serve.cpus_per_replica, serve.gpus_per_replica")
-    serve.start(http_options={"host": config.host, "port": config.port})
+    _start_serve(config)
     serve.run(app, name="msbt", route_prefix="/", blocking=blocking)
     return url(config)
+
+
+# How long msbt waits for the HTTP proxies that replaced one Serve killed while it started (serve.start's own wait)
+PROXY_WAIT_S = 60.0
+
+
+def _start_serve(config: ServeConfig, wait_s: float = PROXY_WAIT_S) -> None:
+    """``serve.start`` at ``serve.host:serve.port``, surviving a proxy that Serve replaced while it started.
+
+    Serve's controller kills an HTTP proxy that misses three readiness checks in a row and starts another, but
+    ``serve.start`` waits on the first one only, and failed with ``ActorDiedError`` (``ProxyActor ... killed by
+    ray.kill``: seen once in CI, on a busy two-core machine). msbt's private cluster gives the proxy longer
+    (``msbt.raycluster._patient_serve_proxy``); on any cluster, the controller that did start is joined and its
+    proxies are waited for (``wait_s``), then named if still not healthy.
+    """
+    import ray
+
+    options = {"host": config.host, "port": config.port}
+    try:
+        serve.start(http_options=options)
+        return
+    except ray.exceptions.RayActorError as err:
+        if "ProxyActor" not in str(err):
+            raise
+        log.warning("Serve replaced its HTTP proxy while starting (it missed Serve's readiness checks, as on a busy "
+                    "machine); waiting up to %.0f s for the new one", wait_s)
+    serve.start(http_options=options)  # the controller is up now: this joins it
+    deadline = time.monotonic() + wait_s
+    while True:
+        proxies = serve.status().proxies  # node id: STARTING, HEALTHY, UNHEALTHY, DRAINING (a node with no replica)
+        waiting = {node[:12]: str(status) for node, status in proxies.items() if status in ("STARTING", "UNHEALTHY")}
+        if proxies and not waiting:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"Ray Serve's HTTP proxies were not healthy {wait_s:.0f} s after a restart ({waiting}); its controller "
+                "log (serve/controller_*.log in the Ray session's logs) says why. On a busy machine, give them longer "
+                "with RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S (seconds per readiness check) where the cluster starts")
+        time.sleep(0.5)
 
 
 def check_port_free(config: ServeConfig) -> None:

@@ -10,6 +10,7 @@ loop written by ``msbt synth --cine`` and frames made by ``msbt.data.synth``.
 
 import csv
 import json
+import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -345,6 +346,51 @@ def test_serve_answers_images_and_refuses_bad_bytes(exported, ray_local, tmp_pat
             answer = requests.post(f"{url}/predict", data=body, timeout=30)
             assert answer.status_code == 400 and reason in answer.json()["error"], (body[:20], answer.text)
         assert requests.get(f"{url}/nothing-here", timeout=30).status_code == 404
+    finally:
+        serve.shutdown()
+
+
+@pytest.mark.ray
+def test_serve_waits_for_a_proxy_that_serve_replaced_while_starting(exported, ray_local, caplog):
+    """Serve's controller kills an HTTP proxy that misses its readiness checks and starts another, while
+    ``serve.start`` waits on the first: CI once failed with ``ActorDiedError ... ProxyActor ... killed by ray.kill``
+    (a busy two-core machine). Here the first proxy is killed as soon as it exists, as Serve killed it there."""
+    import threading
+
+    import ray
+    import requests
+    from ray import serve
+
+    from msbt.serve import app
+
+    killed = []
+
+    def kill_the_first_proxy():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            names = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                     if a["name"].startswith("SERVE_PROXY_ACTOR")]
+            if names:
+                ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=True)
+                killed.append(names[0]["name"])
+                return
+            time.sleep(0.01)
+
+    @ray.remote(num_cpus=0)
+    def proxy_wait():
+        return os.environ.get("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S")
+
+    # msbt's private cluster gives the proxy 20 s per readiness check, not 5 (msbt.raycluster._patient_serve_proxy)
+    assert ray.get(proxy_wait.remote()) == os.environ.get("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "20")
+    killer = threading.Thread(target=kill_the_first_proxy, daemon=True)
+    killer.start()
+    config = ServeConfig(port=_free_port(), engine="onnx", cpus_per_replica=0.5)
+    try:
+        url = app.run(exported["folder"], config, blocking=False)
+        killer.join(timeout=5)
+        assert killed and "Serve replaced its HTTP proxy while starting" in caplog.text
+        health = requests.get(f"{url}/healthz", timeout=30)
+        assert health.status_code == 200 and health.json()["model_id"] == exported["record"]["model_id"]
     finally:
         serve.shutdown()
 
