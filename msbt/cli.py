@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the ensemble's folder (<out>/checkpoint for predict, external, "
                    "export and serve); inside the members' run folder, predict finds the run's preparation")
     p.add_argument("--store", help="their ultrasound store (default: found at or above the first checkpoint)")
-    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    _add_n_boot(p)
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     p.set_defaults(func=_cmd_ensemble)
 
@@ -495,7 +495,7 @@ def _external_parser(sub) -> None:
     p.add_argument("--threshold", type=float, help="decision threshold (default: the run's validation threshold)")
     p.add_argument("--keep-duplicates", action="store_true", help="also score near-duplicates of the run's "
                    "train/val images (default: excluded and counted)")
-    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    _add_n_boot(p)
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     p.set_defaults(func=_cmd_external)
 
@@ -507,8 +507,6 @@ def _cmd_external(args) -> int:
     from msbt.serve.external import external
     from msbt.serve.predict import find_run_dir
 
-    if args.n_boot < 1:
-        raise ValueError(f"--n-boot must be at least 1, got {args.n_boot}")
     if args.out:
         refuse_output_in_inputs(args.out, args.sources, "--out")
     _quiet_tensorflow()
@@ -629,7 +627,7 @@ def _experiment_parsers(sub) -> None:
         p.add_argument("--address", help="Ray cluster to join (default: as for `run`)")
         p.add_argument("--fresh", action="store_true", help="delete this experiment's earlier results first "
                        "(default: arms with a metrics.json are reused)")
-        p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
+        _add_n_boot(p)
         if name == "crossval":
             p.add_argument("--scope", choices=("trainval", "all"), default="trainval",
                            help="trainval: folds over the train+val images, test split untouched (default); "
@@ -656,7 +654,7 @@ def _experiment_parsers(sub) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (runs/<run.name>) with loso/loso.json, "
                    "or RUN_DIR:ARM for an arm of `compare --by site` (loso/compare.json), or A+B: their probabilities "
                    "averaged (an ensemble); the first is the baseline")
-    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    _add_n_boot(p)
     p.add_argument("--out", help="also write the table as JSON here")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     p.set_defaults(func=_cmd_loso_diff)
@@ -814,6 +812,22 @@ def _stop_on_sigterm():
         raise Stopped()
 
     return signal.signal(signal.SIGTERM, handler)
+
+
+def _add_n_boot(p: argparse.ArgumentParser) -> None:
+    """The bootstrap's ``--n-boot``, refused at parsing when below 1: a command that trains first failed only
+    at its first interval, after the training."""
+    p.add_argument("--n-boot", type=_resamples, default=2000, help="bootstrap resamples (default 2000)")
+
+
+def _resamples(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

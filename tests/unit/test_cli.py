@@ -116,3 +116,13 @@ def test_a_joined_clusters_address_goes_to_every_actor():
     assert _own_address("head.example.org:6380")["runtime_env"]["env_vars"]["RAY_ADDRESS"] == "head.example.org:6380"
     for other in ("ray://head:10001", "auto", "head", "head:port"):
         assert _own_address(other) == {}, other
+
+
+@pytest.mark.parametrize("command", [["ensemble", "a", "--out", "b"], ["external", "a", "b"], ["crossval"],
+                                     ["compare"], ["ablation"], ["loso-diff", "a", "b"]])
+def test_every_bootstrap_refuses_fewer_than_one_resample_before_it_starts(command, capsys):
+    """`--n-boot 0` was checked by `external` alone; the experiments failed at their first interval, after training."""
+    for value, reason in (("0", "must be at least 1, got 0"), ("many", "expected a whole number, got 'many'")):
+        with pytest.raises(SystemExit) as info:
+            main([*command, "--n-boot", value])
+        assert info.value.code == 2 and f"argument --n-boot: {reason}" in capsys.readouterr().err
