@@ -5,6 +5,7 @@ A store is a folder of model-ready images, one row each (a cell patch, or a prep
     store.json              identity: format, kind, image shape, class names, preparation settings,
                             files per chunk and a hash of the split rows it was made from
     chunk-00000/*.parquet   rows of `files_per_chunk` source files; `_DONE.json` once the chunk is whole
+                            (its source files, where it was written, its Parquet files and their rows)
     summary.json            rows per split and class, sources that gave no rows, seconds, where the chunks
                             were written (``where``: "ray", "local" or "local+ray"; each chunk's `_DONE.json`)
 
@@ -202,12 +203,27 @@ class Store:
         """Its Parquet files, for a step that reads rows: a store with none is refused here.
 
         Raises:
-            StoreError: No Parquet file (a ``store.json`` without rows: an emptied or hand-made folder).
+            StoreError: No Parquet file (a ``store.json`` without rows: an emptied or hand-made folder), or a file
+                missing or added since the store was written (:meth:`damage`; existence only, no footer read).
         """
-        files = self.files()
+        files = self.intact_files()
         if not files:
             raise StoreError(f"{self.path}: no Parquet files (not a store, or an empty one)")
         return files
+
+    def intact_files(self) -> list[str]:
+        """Its Parquet files (none for an empty store), for every reader of rows.
+
+        Raises:
+            StoreError: A file missing or added since the store was written (:meth:`damage`, existence only).
+        """
+        lost = self.damage()
+        if lost:
+            more = f" (and {len(lost) - 3} more)" if len(lost) > 3 else ""
+            raise StoreError(f"{self.path}: not as it was written: {'; '.join(lost[:3])}{more}. The run's next step "
+                             "(run, stage1, stage2, evaluate, ...) writes those chunks again from the source images; "
+                             "or rebuild the store (preprocess.on_existing: overwrite)")
+        return self.files()
 
     def memory_bytes(self) -> int:
         """The size of its rows in memory, uncompressed (from the Parquet footers; pixels compress well)."""
@@ -267,9 +283,35 @@ class Store:
         return list(pq.read_schema(files[0]).names) if files else []
 
     def is_complete(self) -> bool:
-        """Every chunk written whole (the summary is written after the last chunk)."""
+        """Every chunk written whole (the summary is written after the last chunk), and nothing lost since
+        (:meth:`damage`, row counts included)."""
         return (self.path / SUMMARY_FILE).is_file() and all(
-            (chunk / DONE_FILE).is_file() for chunk in self.path.glob("chunk-*"))
+            _read_done(chunk) is not None for chunk in self.path.glob("chunk-*")) and not self.damage(rows=True)
+
+    def damage(self, rows: bool = False) -> list[str]:
+        """What the store has lost or gained since it was written, one line each; empty when it is as written.
+
+        Each finished chunk's ``_DONE.json`` lists its Parquet files and their rows: a file listed and not there
+        (deleted, or lost in a copy of the run folder) or there and not listed is named, and with ``rows`` a file
+        whose footer counts other rows (replaced, or truncated: unreadable). A whole chunk folder missing shows
+        as fewer source files in the chunks than ``summary.json`` counts. Chunks written before they listed their
+        files (2026-12-06) are checked, with ``rows``, by the store's total rows against ``summary.json``.
+        Without these checks a run trained and was scored on whatever rows were left, and said nothing.
+        """
+        problems, files_in_chunks = [], 0
+        for chunk in sorted(self.path.glob("chunk-*")):
+            done = _read_done(chunk)
+            if done is None:
+                continue  # unfinished: is_complete's matter (a resumed write redoes it)
+            files_in_chunks += int(done.get("files", 0))
+            problems += _chunk_damage(chunk, done, rows)
+        summarised = _read_summary(self.path).get("files")
+        if isinstance(summarised, int) and files_in_chunks < summarised:
+            problems.append(f"its chunks hold {files_in_chunks} of the {summarised} source files {SUMMARY_FILE} "
+                            "counts (a chunk folder missing)")
+        if rows and not problems and (unlisted := _unlisted_rows_problem(self.path)):
+            problems.append(unlisted)
+        return problems
 
     def summary(self) -> "StoreSummary":
         """The summary written with the store (rows per split and class), as a StoreSummary."""
@@ -285,7 +327,7 @@ class Store:
         """
         import pyarrow.dataset as pads
 
-        files = self.files()
+        files = self.intact_files()
         if not files:
             return {c: np.zeros(0) for c in (columns or [])}
         flt = pads.field("split") == split if split else None
@@ -305,7 +347,7 @@ class Store:
         evenly over the classes as the split allows; only the chosen rows' images are decoded."""
         import pyarrow.dataset as pads
 
-        files = self.files()
+        files = self.intact_files()
         if not files:
             return np.zeros((0, *self.image_shape), np.uint8), np.zeros(0, np.int64)
         table = pads.dataset(files, format="parquet").to_table(columns=["image", "label_index"],
@@ -325,7 +367,7 @@ class Store:
         """Up to ``n`` images of one class, reading only the rows needed."""
         import pyarrow.dataset as pads
 
-        files = self.files()
+        files = self.intact_files()
         if not files:
             return np.zeros((0, *self.image_shape), np.uint8)
         table = pads.dataset(files, format="parquet").head(n, columns=["image"],
@@ -415,13 +457,22 @@ def write_store(kind: str, items: list[dict], out: str | Path, fn: Callable, fn_
     _prepare_folder(out, ident, on_existing)
     chunks = [items[i : i + files_per_chunk] for i in range(0, len(items), files_per_chunk)]
     reused = 0
+    # a store written before chunks listed their files, that lost rows since: which chunk is not known, so all
+    # of its unlisted chunks are written again
+    unlisted_lost = _unlisted_rows_problem(out) if (out / SUMMARY_FILE).is_file() else None
     bar = progress(total=len(items), desc=f"{kind} store", unit="field" if kind == "microscope" else "image")
     for index, chunk in enumerate(chunks):
         folder = out / f"chunk-{index:05d}"
-        if (folder / DONE_FILE).exists():
-            reused += 1
-            bar.update(len(chunk))
-            continue
+        done = _read_done(folder)
+        if done is not None:
+            lost = _chunk_damage(folder, done, rows=True)
+            if unlisted_lost and not isinstance(done.get("parquet"), dict):
+                lost = [unlisted_lost]
+            if not lost:
+                reused += 1
+                bar.update(len(chunk))
+                continue
+            log.warning("%s store: %s; writing chunk %d/%d again", kind, "; ".join(lost), index + 1, len(chunks))
         shutil.rmtree(folder, ignore_errors=True)  # a chunk interrupted mid-write is redone whole
         if where == "local":
             _write_chunk_here(chunk, folder, fn, fn_kwargs, files_per_task, bar)
@@ -429,7 +480,7 @@ def write_store(kind: str, items: list[dict], out: str | Path, fn: Callable, fn_
             _write_chunk_with_ray(chunk, folder, fn, fn_kwargs, files_per_task, cpus_per_task)
             bar.update(len(chunk))
         folder.mkdir(parents=True, exist_ok=True)  # a chunk with no rows writes no files
-        _write_json(folder / DONE_FILE, {"files": len(chunk), "where": where})
+        _write_json(folder / DONE_FILE, {"files": len(chunk), "where": where, "parquet": _listing(folder)})
         log.info("%s store: chunk %d/%d done (%d files, %s)", kind, index + 1, len(chunks), len(chunk),
                  "Ray Data" if where == "ray" else "driver threads")
     bar.close()
@@ -541,7 +592,7 @@ def write_resplit(store: str | Path, roles: Mapping[str, str], out: str | Path) 
         shutil.rmtree(out)
     (out / "chunk-00000").mkdir(parents=True)
     pq.write_table(table, out / "chunk-00000" / "part-00000.parquet", compression="lz4")
-    _write_json(out / "chunk-00000" / DONE_FILE, {"files": len(table)})
+    _write_json(out / "chunk-00000" / DONE_FILE, {"files": len(roles), "parquet": _listing(out / "chunk-00000")})
     listing = hashlib.sha1(json.dumps(sorted(roles.items())).encode()).hexdigest()
     ident = {**source_store.identity, "items": listing,
              "derived_from": {"store": str(source_store.path), "items": source_store.identity.get("items")}}
@@ -549,6 +600,72 @@ def write_resplit(store: str | Path, roles: Mapping[str, str], out: str | Path) 
     rows, _ = _count(out, [])
     _write_json(out / SUMMARY_FILE, StoreSummary(out, source_store.kind, len(set(roles)), rows, [], 0.0, 0).as_dict())
     return out
+
+
+def _listing(chunk: Path) -> dict[str, int]:
+    """A finished chunk's Parquet files and their rows (footers only), as its ``_DONE.json`` records them."""
+    import pyarrow.parquet as pq
+
+    return {f.name: pq.read_metadata(f).num_rows for f in sorted(chunk.glob("*.parquet"))}
+
+
+def _read_done(chunk: Path) -> dict | None:
+    """A chunk's ``_DONE.json``; None when it has none (unfinished) or one that is not a JSON object (redone)."""
+    try:
+        done = json.loads((chunk / DONE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return done if isinstance(done, dict) else None
+
+
+def _read_summary(path: Path) -> dict:
+    """A store's ``summary.json`` as a dict; empty when missing or unreadable."""
+    try:
+        summary = json.loads((path / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
+def _unlisted_rows_problem(path: Path) -> str | None:
+    """For a store with chunks written before chunks listed their files: its Parquet files' rows (footers)
+    against the rows ``summary.json`` counts, when they differ; else None (also when every chunk lists its files)."""
+    import pyarrow.parquet as pq
+
+    chunks = [done for chunk in path.glob("chunk-*") if (done := _read_done(chunk)) is not None]
+    counted = _read_summary(path).get("rows")
+    if not isinstance(counted, dict) or all(isinstance(done.get("parquet"), dict) for done in chunks):
+        return None
+    try:
+        held = sum(pq.read_metadata(f).num_rows for f in store_files(path))
+    except Exception as err:  # a truncated or foreign file
+        return f"a Parquet file is unreadable ({err})"
+    total = sum(sum(per_class.values()) for per_class in counted.values())
+    if held == total:
+        return None
+    return (f"its Parquet files hold {held} rows, {SUMMARY_FILE} counts {total} (a file lost or changed; its chunks "
+            "were written before they listed their files, so which one is not known)")
+
+
+def _chunk_damage(chunk: Path, done: dict, rows: bool) -> list[str]:
+    """What a finished chunk lost or gained since its ``_DONE.json`` listed its files (Store.damage)."""
+    import pyarrow.parquet as pq
+
+    listed = done.get("parquet")
+    if not isinstance(listed, dict):
+        return []  # written before chunks listed their files
+    present = {f.name for f in chunk.glob("*.parquet")}
+    problems = [f"{chunk.name}/{name} is missing" for name in sorted(set(listed) - present)]
+    problems += [f"{chunk.name}/{name} was not written with the store" for name in sorted(present - set(listed))]
+    for name in sorted(set(listed) & present) if rows else ():
+        try:
+            found = pq.read_metadata(chunk / name).num_rows
+        except Exception as err:  # pyarrow's ArrowInvalid/OSError for a truncated or foreign file
+            problems.append(f"{chunk.name}/{name} is unreadable ({err})")
+            continue
+        if found != listed[name]:
+            problems.append(f"{chunk.name}/{name} holds {found} rows, written with {listed[name]}")
+    return problems
 
 
 def _write_json(path: Path, data) -> None:

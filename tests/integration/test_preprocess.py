@@ -167,6 +167,55 @@ def test_rerun_resumes_reuses_or_refuses_never_mixes(ray_local, built_in, tmp_pa
     assert json.loads((out / "store.json").read_text())["settings"]["params"]["max_patches"] == 2
 
 
+def test_a_store_that_lost_files_is_refused_by_readers_and_its_chunks_written_again(built_in, tmp_path):
+    """A Parquet file deleted, truncated, or a chunk folder lost in a copy of the run, after the store was written:
+    the store had looked complete, and training and scoring used whatever rows were left, silently."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from msbt.data.store import Store
+
+    _, items = prepared(built_in / "microscope", tmp_path)
+    out = tmp_path / "store"
+    cfg = dataclasses.replace(CFG, build="local")
+    first = build_microscope_store(items, out, cfg)
+    rows = len(read_store(out, columns=["source"])["source"])
+    chunks = sorted(out.glob("chunk-*"))
+    assert len(chunks) >= 3 and Store.open(out).is_complete() and Store.open(out).damage(rows=True) == []
+    lost = sorted(chunks[1].glob("*.parquet"))[0]
+    lost_rows = pq.read_metadata(lost).num_rows
+    lost.unlink()
+    gone = json.loads((chunks[2] / "_DONE.json").read_text())["files"]
+    shutil.rmtree(chunks[2])
+    truncated = sorted(chunks[0].glob("*.parquet"))[0]
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    store = Store.open(out)
+    assert not store.is_complete()
+    assert store.damage() == [f"{chunks[1].name}/{lost.name} is missing",
+                              f"its chunks hold {len(items) - gone} of the {len(items)} source files summary.json "
+                              "counts (a chunk folder missing)"]  # existence only: no footer read
+    assert f"{chunks[0].name}/{truncated.name} is unreadable" in store.damage(rows=True)[0]
+    with pytest.raises(StoreError, match=f"not as it was written: {chunks[1].name}/{lost.name} is missing.*next step"):
+        read_store(out, columns=["source"])
+    # the data step again, same settings: only the three damaged chunks are written, every row is back
+    again = build_microscope_store(items, out, cfg)
+    assert again.reused_chunks == len(chunks) - 3
+    assert again.rows == first.rows and len(read_store(out, columns=["source"])["source"]) == rows
+    assert Store.open(out).is_complete()
+    # a store written before chunks listed their files, that lost one: its rows do not add up; all its chunks redone
+    for chunk in chunks:
+        done = json.loads((chunk / "_DONE.json").read_text())
+        (chunk / "_DONE.json").write_text(json.dumps({k: v for k, v in done.items() if k != "parquet"}))
+    assert Store.open(out).is_complete()
+    lost.unlink()
+    store = Store.open(out)
+    assert store.damage() == [] and not store.is_complete()
+    assert store.damage(rows=True)[0].startswith(f"its Parquet files hold {rows - lost_rows} rows, ")
+    legacy = build_microscope_store(items, out, cfg)
+    assert legacy.reused_chunks == 0 and legacy.rows == first.rows and Store.open(out).is_complete()
+
+
 def test_ultrasound_store_is_model_ready(ray_local, built_in, tmp_path):
     d, items = prepared(built_in / "ultrasound", tmp_path)
     cfg = dataclasses.replace(CFG, image_size=64)
