@@ -160,6 +160,10 @@ def compute_features(store: str | Path, parent: str | Path | None, stage: StageC
         batch_size=batch_size,
         batch_format="pyarrow",
         num_cpus=1,
+        # Ray Data 2.60 gives pool actors restarts, and Ray core then logs an error line to the console for every
+        # actor whose constructor arguments sit in the object store, as Ray Data's own do (ray-project/ray#57733):
+        # it reached the terminal on every fast-mode search. A crashed extractor now fails the step, naming it.
+        max_restarts=0,
     )
     rows = {k: [] for k in ("feature", "label_index", "split", "source", "copy")}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
