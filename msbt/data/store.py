@@ -220,9 +220,11 @@ class Store:
         lost = self.damage()
         if lost:
             more = f" (and {len(lost) - 3} more)" if len(lost) > 3 else ""
-            raise StoreError(f"{self.path}: not as it was written: {'; '.join(lost[:3])}{more}. The run's next step "
-                             "(run, stage1, stage2, evaluate, ...) writes those chunks again from the source images; "
-                             "or rebuild the store (preprocess.on_existing: overwrite)")
+            remedy = ("Rerun the experiment that made it (crossval, compare, ...), which writes it again from its run's "
+                      "store" if "derived_from" in self.identity else
+                      "The run's next step (run, stage1, stage2, evaluate, ...) writes those chunks again from the "
+                      "source images; or rebuild the store (preprocess.on_existing: overwrite)")
+            raise StoreError(f"{self.path}: not as it was written: {'; '.join(lost[:3])}{more}. {remedy}")
         return self.files()
 
     def memory_bytes(self) -> int:
@@ -230,8 +232,11 @@ class Store:
         import pyarrow.parquet as pq
 
         total = 0
-        for f in self.files():
-            meta = pq.read_metadata(f)
+        for f in self.intact_files():
+            try:
+                meta = pq.read_metadata(f)
+            except Exception as err:  # pyarrow's ArrowInvalid/OSError for a truncated or foreign file
+                raise StoreError(f"{f}: unreadable ({err}); the run's next step writes its chunk again") from None
             total += sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
         return total
 
@@ -298,17 +303,21 @@ class Store:
         files (2026-12-06) are checked, with ``rows``, by the store's total rows against ``summary.json``.
         Without these checks a run trained and was scored on whatever rows were left, and said nothing.
         """
-        problems, files_in_chunks = [], 0
+        problems, files_in_chunks, unlisted = [], 0, False
         for chunk in sorted(self.path.glob("chunk-*")):
             done = _read_done(chunk)
             if done is None:
                 continue  # unfinished: is_complete's matter (a resumed write redoes it)
-            files_in_chunks += int(done.get("files", 0))
+            files = done.get("files")
+            files_in_chunks += files if isinstance(files, int) else 0
+            unlisted = unlisted or not isinstance(done.get("parquet"), dict)
             problems += _chunk_damage(chunk, done, rows)
         summarised = _read_summary(self.path).get("files")
-        if isinstance(summarised, int) and files_in_chunks < summarised:
+        # (a fold store written before chunks listed their files counted rows there, not source files)
+        if isinstance(summarised, int) and files_in_chunks < summarised and not (
+                unlisted and "derived_from" in self.identity):
             problems.append(f"its chunks hold {files_in_chunks} of the {summarised} source files {SUMMARY_FILE} "
-                            "counts (a chunk folder missing)")
+                            "counts (a chunk folder missing, or unfinished)")
         if rows and not problems and (unlisted := _unlisted_rows_problem(self.path)):
             problems.append(unlisted)
         return problems
@@ -634,7 +643,8 @@ def _unlisted_rows_problem(path: Path) -> str | None:
 
     chunks = [done for chunk in path.glob("chunk-*") if (done := _read_done(chunk)) is not None]
     counted = _read_summary(path).get("rows")
-    if not isinstance(counted, dict) or all(isinstance(done.get("parquet"), dict) for done in chunks):
+    if not isinstance(counted, dict) or not all(isinstance(per_class, dict) for per_class in counted.values()) or \
+            all(isinstance(done.get("parquet"), dict) for done in chunks):
         return None
     try:
         held = sum(pq.read_metadata(f).num_rows for f in store_files(path))

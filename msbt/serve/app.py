@@ -190,38 +190,40 @@ PROXY_WAIT_S = 60.0
 
 
 def _start_serve(config: ServeConfig, wait_s: float = PROXY_WAIT_S) -> None:
-    """``serve.start`` at ``serve.host:serve.port``, surviving a proxy that Serve replaced while it started.
+    """``serve.start`` at ``serve.host:serve.port``; returns once Serve's HTTP proxies are healthy.
 
     Serve's controller kills an HTTP proxy that misses three readiness checks in a row and starts another, but
     ``serve.start`` waits on the first one only, and failed with ``ActorDiedError`` (``ProxyActor ... killed by
     ray.kill``: seen once in CI, on a busy two-core machine). msbt's private cluster gives the proxy longer
-    (``msbt.raycluster._patient_serve_proxy``); on any cluster, the controller that did start is joined and its
-    proxies are waited for (``wait_s``), then named if still not healthy.
+    (``msbt.raycluster._patient_serve_proxy``); on any cluster, the controller that did start is joined. And
+    ``serve.start`` waits on no proxy at all when its controller has not started one yet (it does so in its
+    control loop), so the proxies are waited for here in every case (``wait_s``), and named if not healthy.
     """
     import ray
 
     options = {"host": config.host, "port": config.port}
     try:
         serve.start(http_options=options)
-        return
     except ray.exceptions.RayActorError as err:
         if "ProxyActor" not in str(err):
             raise
         log.warning("Serve replaced its HTTP proxy while starting (it missed Serve's readiness checks, as on a busy "
                     "machine); waiting up to %.0f s for the new one", wait_s)
-    serve.start(http_options=options)  # the controller is up now: this joins it
+        serve.start(http_options=options)  # the controller is up: this joins it
     deadline = time.monotonic() + wait_s
     while True:
         proxies = serve.status().proxies  # node id: STARTING, HEALTHY, UNHEALTHY, DRAINING (a node with no replica)
-        waiting = {node[:12]: str(status) for node, status in proxies.items() if status in ("STARTING", "UNHEALTHY")}
+        waiting = {node[:12]: status.value for node, status in proxies.items() if status in ("STARTING", "UNHEALTHY")}
         if proxies and not waiting:
             return
         if time.monotonic() > deadline:
+            found = ", ".join(f"node {node}: {status}" for node, status in waiting.items()) or "none started"
             raise RuntimeError(
-                f"Ray Serve's HTTP proxies were not healthy {wait_s:.0f} s after a restart ({waiting}); its controller "
-                "log (serve/controller_*.log in the Ray session's logs) says why. On a busy machine, give them longer "
-                "with RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S (seconds per readiness check) where the cluster starts")
-        time.sleep(0.5)
+                f"Ray Serve's HTTP proxies were not healthy {wait_s:.0f} s after serve.start ({found}); its "
+                "controller log (serve/controller_*.log in the Ray session's logs) says why. On a busy machine, give "
+                "them longer with RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S (seconds per readiness check) where the "
+                "cluster starts")
+        time.sleep(0.2)
 
 
 def check_port_free(config: ServeConfig) -> None:

@@ -111,8 +111,10 @@ def _int8_store(checkpoint: Path, store: str | Path | None) -> Path:
 
     try:
         path = Path(store).expanduser() if store else checkpoint.resolve().parents[1] / "stores" / "ultrasound"
-        if not Store.open(path).is_complete():
-            raise StoreError(f"{path}: the store is incomplete")
+        opened = Store.open(path)
+        if not opened.is_complete():
+            lost = opened.damage(rows=True)
+            raise StoreError(f"{path}: the store is incomplete" + (f" ({'; '.join(lost[:3])})" if lost else ""))
     except (StoreError, OSError, ValueError, IndexError) as err:
         raise ValueError(f"--int8 needs the run's ultrasound store (train split to calibrate, test split to check "
                          f"the AUC): {err}; give it with --int8-store") from None

@@ -194,7 +194,7 @@ def test_a_store_that_lost_files_is_refused_by_readers_and_its_chunks_written_ag
     assert not store.is_complete()
     assert store.damage() == [f"{chunks[1].name}/{lost.name} is missing",
                               f"its chunks hold {len(items) - gone} of the {len(items)} source files summary.json "
-                              "counts (a chunk folder missing)"]  # existence only: no footer read
+                              "counts (a chunk folder missing, or unfinished)"]  # existence only: no footer read
     assert f"{chunks[0].name}/{truncated.name} is unreadable" in store.damage(rows=True)[0]
     with pytest.raises(StoreError, match=f"not as it was written: {chunks[1].name}/{lost.name} is missing.*next step"):
         read_store(out, columns=["source"])

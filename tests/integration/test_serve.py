@@ -351,30 +351,17 @@ def test_serve_answers_images_and_refuses_bad_bytes(exported, ray_local, tmp_pat
 
 
 @pytest.mark.ray
-def test_serve_waits_for_a_proxy_that_serve_replaced_while_starting(exported, ray_local, caplog):
+def test_serve_waits_for_a_proxy_that_serve_replaced_while_starting(exported, ray_local, caplog, monkeypatch):
     """Serve's controller kills an HTTP proxy that misses its readiness checks and starts another, while
     ``serve.start`` waits on the first: CI once failed with ``ActorDiedError ... ProxyActor ... killed by ray.kill``
-    (a busy two-core machine). Here the first proxy is killed as soon as it exists, as Serve killed it there."""
-    import threading
-
+    (a busy two-core machine). Here Serve's own start is wrapped to kill its first proxies before it waits on them,
+    as Serve's controller killed them there; everything else is the real Serve."""
     import ray
     import requests
     from ray import serve
+    from ray.serve._private import api as serve_api
 
     from msbt.serve import app
-
-    killed = []
-
-    def kill_the_first_proxy():
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            names = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                     if a["name"].startswith("SERVE_PROXY_ACTOR")]
-            if names:
-                ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=True)
-                killed.append(names[0]["name"])
-                return
-            time.sleep(0.01)
 
     @ray.remote(num_cpus=0)
     def proxy_wait():
@@ -382,12 +369,22 @@ def test_serve_waits_for_a_proxy_that_serve_replaced_while_starting(exported, ra
 
     # msbt's private cluster gives the proxy 20 s per readiness check, not 5 (msbt.raycluster._patient_serve_proxy)
     assert ray.get(proxy_wait.remote()) == os.environ.get("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "20")
-    killer = threading.Thread(target=kill_the_first_proxy, daemon=True)
-    killer.start()
+    start, killed = serve_api._create_controller_and_proxy_refs, []
+
+    def start_then_kill_the_proxies(*args, **kwargs):
+        controller, _ = start(*args, **kwargs)
+        deadline = time.monotonic() + 30
+        while not (proxies := ray.get(controller.get_proxies.remote())) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the controller starts its proxies in its control loop
+        for proxy in proxies.values():
+            ray.kill(proxy, no_restart=True)
+            killed.append(proxy)
+        return controller, [proxy.ready.remote() for proxy in proxies.values()]
+
+    monkeypatch.setattr(serve_api, "_create_controller_and_proxy_refs", start_then_kill_the_proxies)
     config = ServeConfig(port=_free_port(), engine="onnx", cpus_per_replica=0.5)
     try:
         url = app.run(exported["folder"], config, blocking=False)
-        killer.join(timeout=5)
         assert killed and "Serve replaced its HTTP proxy while starting" in caplog.text
         health = requests.get(f"{url}/healthz", timeout=30)
         assert health.status_code == 200 and health.json()["model_id"] == exported["record"]["model_id"]
