@@ -44,9 +44,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         # results on shared storage stay readable by whoever could read them before
         os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(err, OSError) and err.errno is not None and err.filename is None:
+            # a failed write names no file ("[Errno 28] No space left on device" was all a full disk printed)
+            raise type(err)(err.errno, err.strerror, str(path)) from err
         raise
 
 

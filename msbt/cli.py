@@ -885,6 +885,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             console.hide_worker_output()
             return 143
         message = str(exc) if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {exc}"
+        # The last line, as after Ctrl-C: a failed worker's traceback, forwarded by Ray after the driver has its
+        # error, had been printed below it (workers.log keeps it)
+        console.hide_worker_output()
         print(f"msbt: error: {message}", file=sys.stderr)
         return 1
     finally:

@@ -708,8 +708,10 @@ def train_stage(
     Raises:
         ValueError: ``run.num_workers < 1``, a stage number other than 1 or 2, a parent given to a stage
             that does not start from one (or missing for one that does), or a store without train/val rows.
-        ray.train.TrainingFailedError: The worker failed more than ``run.max_failures`` times.
+        ray.train.TrainingFailedError: The worker failed more than ``run.max_failures`` times; when it failed
+            with an exception of its own, that exception instead (:func:`worker_error`).
     """
+    import ray.train
     from ray.train import DataConfig
 
     from msbt.train.tfbackend import TFConfig
@@ -764,8 +766,34 @@ def train_stage(
     except KeyboardInterrupt:
         end_workers_then_remove_work(config, stage_number)
         raise
+    except ray.train.TrainingFailedError as err:
+        raise worker_error(err, stage_number) from err
     finally:
         remove_work(config, stage_number)  # the workers' scratch is never a result
+
+
+def worker_error(err: Exception, stage_number: int) -> Exception:
+    """The exception a stage's worker raised, for the driver to raise in place of Ray Train's wrapper.
+
+    Ray Train reports a worker's error as ``WorkerGroupError: Training failed due to worker errors:`` followed by
+    the worker's traceback, which ``msbt`` printed as its one error line (a full disk during a checkpoint's save: 7
+    lines of traceback before ``OSError: [Errno 28] No space left on device: '<run>/.work/stage1/.../model.keras'``).
+    The worker's own exception (lowest rank first) says the same in one line; the stage and rank are added as a
+    note (shown with ``--debug``), and Ray Train's error stays its ``__cause__``. Ray's own errors (a worker
+    process that died, a lost actor) and anything else are left as Ray Train raised them.
+    """
+    import ray
+
+    failures = getattr(err, "worker_failures", None)
+    if not isinstance(failures, dict) or not failures:
+        return err
+    rank, failure = min(failures.items(), key=lambda item: item[0])
+    cause = failure.cause if isinstance(failure, ray.exceptions.RayTaskError) and failure.cause else failure
+    if not isinstance(cause, Exception) or isinstance(cause, ray.exceptions.RayError):
+        return err
+    others = f" (and {len(failures) - 1} other worker(s))" if len(failures) > 1 else ""
+    cause.add_note(f"raised in stage {stage_number}'s Ray Train worker of rank {rank}{others}")
+    return cause
 
 
 def needs_cleaner(placement_group_cleaner: bool | None) -> bool:

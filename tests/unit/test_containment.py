@@ -128,6 +128,8 @@ def test_a_full_disk_leaves_no_empty_or_temporary_files_and_a_rerun_succeeds(tmp
                 prepare_data(config)
             except OSError as err:
                 assert err.errno == errno.ENOSPC, err
+                # and names the file it could not write ("[Errno 28] No space left on device" was all it said)
+                assert str(disk / "runs" / "full") in str(err), err
                 failures += 1
                 assert debris(disk / "runs") == [], (free_kib, debris(disk / "runs"))
             filler.unlink()

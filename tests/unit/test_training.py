@@ -489,3 +489,26 @@ def test_a_resumed_stage_ends_as_an_uninterrupted_one_in_deterministic_mode(tmp_
     assert resumed["loss"] == whole["loss"] and resumed["best_epoch"] == whole["best_epoch"]
     assert resumed["digest"] == whole["digest"]
     assert restarted["loss"][1:] != whole["loss"][1:]  # without the state the later epochs differ
+
+
+def test_a_stage_workers_own_error_replaces_ray_trains_wrapper():
+    """A full disk during a checkpoint's save printed `msbt: error: WorkerGroupError: Training failed due to worker
+    errors:` and the worker's traceback; the worker's own exception now ends the command, in one line. Ray's real
+    exception types, as Ray Train 2.60 raises them; no Ray started."""
+    from ray.exceptions import ActorDiedError, RayTaskError
+    from ray.train import TrainingFailedError
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from msbt.train.runner import worker_error
+
+    full = OSError(28, "No space left on device", "/run/.work/stage1/rank0/model.keras")
+    got = worker_error(WorkerGroupError("Traceback ...", {1: ValueError("rank 1"), 0: full}), 1)
+    assert got is full and str(got) == "[Errno 28] No space left on device: '/run/.work/stage1/rank0/model.keras'"
+    assert got.__notes__ == ["raised in stage 1's Ray Train worker of rank 0 (and 1 other worker(s))"]
+    wrapped = RayTaskError("train_fn", "Traceback ...", KeyError("image"))
+    assert isinstance(worker_error(WorkerGroupError("Traceback ...", {0: wrapped}), 2), KeyError)
+    # Ray's own failures (a worker process that died) and a failure with no worker's error stay Ray Train's
+    died = WorkerGroupError("Traceback ...", {0: ActorDiedError()})
+    assert worker_error(died, 1) is died
+    bare = TrainingFailedError("the controller failed")
+    assert worker_error(bare, 1) is bare
