@@ -140,6 +140,29 @@ def setup(verbose: bool = False, debug: bool = False) -> None:
                   workers_hidden=False)
 
 
+class RunLogHandler(logging.FileHandler):
+    """The run's ``driver.log``. When a write fails (a full disk) it says so once on stderr and keeps nothing more.
+
+    Python's logging prints ``--- Logging error ---`` with two tracebacks to stderr for every record a handler
+    fails to write: on a full disk during a Ray Data step, 682 lines ended the command where 16 say what happened.
+    """
+
+    failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if self.failed:
+            return
+        self.failed = True
+        err = sys.exc_info()[1]
+        with contextlib.suppress(Exception):  # stderr closed, or itself on the full disk (captured_stderr)
+            sys.stderr.write(f"msbt: note: {self.baseFilename} can no longer be written ({err}); "
+                             "this run's log lines from here on are not kept\n")
+
+
 def attach_run(run_folder: str | Path) -> Path:
     """Write this process's logs to ``<run folder>/logs/driver.log`` from now on (and what came before).
 
@@ -155,7 +178,7 @@ def attach_run(run_folder: str | Path) -> Path:
         for old in (_state["file"], _state["buffer"]):
             if old is not None:
                 logging.getLogger(name).removeHandler(old)
-    handler = logging.FileHandler(folder / DRIVER_LOG, encoding="utf-8")
+    handler = RunLogHandler(folder / DRIVER_LOG, encoding="utf-8")
     handler.setFormatter(logging.Formatter(FORMAT))
     handler.setLevel(root.level)  # Ray Data's logger passes DEBUG records; INFO unless --debug
     if _state["file"] is not None:

@@ -26,6 +26,25 @@ def real_data():
     return get
 
 
+@pytest.fixture
+def restore_logging():
+    """Put the logging set-up back as it was after a test that ran msbt.console.setup/attach_run."""
+    import logging
+
+    from msbt import console
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(level)
+    logging.captureWarnings(False)
+    console._state.update(verbose=True, console=None, buffer=None, file=None, folder=None, workers=None)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray cluster for the session (2 CPUs), shut down at the end.

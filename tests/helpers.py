@@ -1,14 +1,17 @@
 """Helpers shared by the test tiers (imported as `helpers`; fixtures are in tests/conftest.py)."""
 
+import contextlib
 import json
 import os
 import signal
+import subprocess
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("metrics", "training", "data", "gradcam", "lineage", "config")
@@ -238,3 +241,26 @@ def file_scheduler(config, log, together: frozenset[str] | set[str] = frozenset(
             return crashed
 
     return ByFile(config, log)
+
+
+@contextlib.contextmanager
+def tiny_tmpfs(where: Path, size: str = "256k"):
+    """A real tmpfs of ``size`` mounted at ``where`` for the block (a disk to fill); skipped without root."""
+    where.mkdir(parents=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def leave_free(mount: Path, free_bytes: int) -> Path:
+    """Fill the tmpfs with one file so that about ``free_bytes`` stay free."""
+    filler = mount / "filler"
+    stats = os.statvfs(mount)
+    take = max(0, stats.f_bavail * stats.f_frsize - free_bytes)
+    with open(filler, "wb") as handle:
+        handle.write(b"\0" * take)
+    return filler

@@ -220,8 +220,8 @@ class Store:
         lost = self.damage()
         if lost:
             more = f" (and {len(lost) - 3} more)" if len(lost) > 3 else ""
-            remedy = ("Rerun the experiment that made it (crossval, compare, ...), which writes it again from its run's "
-                      "store" if "derived_from" in self.identity else
+            remedy = ("Rerun the experiment that made it (crossval, compare, ...), which writes it again from its "
+                      "run's store" if "derived_from" in self.identity else
                       "The run's next step (run, stage1, stage2, evaluate, ...) writes those chunks again from the "
                       "source images; or rebuild the store (preprocess.on_existing: overwrite)")
             raise StoreError(f"{self.path}: not as it was written: {'; '.join(lost[:3])}{more}. {remedy}")
@@ -515,7 +515,15 @@ def _write_chunk_with_ray(chunk: list[dict], folder: Path, fn: Callable, fn_kwar
     blocks = max(1, -(-len(chunk) // files_per_task))
     dataset = ray.data.from_items(chunk, override_num_blocks=blocks)
     dataset = dataset.map_batches(fn, fn_kwargs=fn_kwargs, batch_size=1, num_cpus=cpus_per_task, batch_format="numpy")
-    dataset.write_parquet(str(folder), **PARQUET_OPTIONS)
+    try:
+        dataset.write_parquet(str(folder), **PARQUET_OPTIONS)
+    except ray.exceptions.RayTaskError as err:
+        # A task that could not write (a full disk) reached the command as "ray::MapBatches(...)->Write() (pid=...)"
+        # and pyarrow's "[Errno 28] Error writing bytes to file", naming no folder: the folder and the reason instead
+        cause = err.cause
+        if isinstance(cause, OSError) and cause.errno:
+            raise OSError(cause.errno, os.strerror(cause.errno), str(folder)) from err
+        raise
 
 
 def _write_chunk_here(chunk: list[dict], folder: Path, fn: Callable, fn_kwargs: dict, files_per_task: int,

@@ -216,6 +216,29 @@ def test_a_store_that_lost_files_is_refused_by_readers_and_its_chunks_written_ag
     assert legacy.reused_chunks == 0 and legacy.rows == first.rows and Store.open(out).is_complete()
 
 
+def test_a_full_disk_under_ray_data_names_the_chunk_folder(ray_local, built_in, tmp_path):
+    """A Ray Data task that could not write its Parquet file ended the command with Ray's task header and pyarrow's
+    "[Errno 28] Error writing bytes to file", naming no folder; then the store is written whole on a rerun."""
+    import errno
+    import re
+
+    from helpers import leave_free, tiny_tmpfs
+
+    _, items = prepared(built_in / "microscope", tmp_path)
+    cfg = dataclasses.replace(CFG, build="ray")
+    with tiny_tmpfs(tmp_path / "disk", size="8m") as disk:
+        filler = leave_free(disk, 8 * 1024)  # room for store.json, not for all the chunks' rows
+        with pytest.raises(OSError) as info:
+            build_microscope_store(items, disk / "store", cfg)
+        assert info.value.errno == errno.ENOSPC
+        assert re.fullmatch(rf"\[Errno 28\] No space left on device: '{re.escape(str(disk))}/store/chunk-\d{{5}}'",
+                            str(info.value)), str(info.value)
+        filler.unlink()
+        again = build_microscope_store(items, disk / "store", cfg)  # finishes what the full disk stopped
+        whole = build_microscope_store(items, tmp_path / "whole", dataclasses.replace(CFG, build="local"))
+        assert again.rows == whole.rows
+
+
 def test_ultrasound_store_is_model_ready(ray_local, built_in, tmp_path):
     d, items = prepared(built_in / "ultrasound", tmp_path)
     cfg = dataclasses.replace(CFG, image_size=64)

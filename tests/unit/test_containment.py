@@ -5,7 +5,6 @@ folder, a full disk (a real, tiny tmpfs), a refused `--resume`, checkpoints beyo
 Ctrl-C and SIGTERM of a running workflow (real Ray): tests/workflows/test_interrupts.py.
 """
 
-import contextlib
 import errno
 import os
 import shutil
@@ -17,7 +16,7 @@ import cv2
 import pytest
 import yaml
 
-from helpers import ROOT, frame_of, textured
+from helpers import ROOT, frame_of, leave_free, textured, tiny_tmpfs
 from msbt.cli import main as msbt_main
 from msbt.config import ConfigError, dump_config, load_config
 from msbt.containment import check_storage_path, run_location
@@ -82,28 +81,6 @@ def small_collection(root: Path) -> None:
                 base = textured(100 * c + lesion + (50 if modality == "micro" else 0), 48)
                 for k in range(2):
                     cv2.imwrite(str(root / modality / label / f"{lesion}_{k}.png"), frame_of(base, lesion * 3 + k))
-
-
-@contextlib.contextmanager
-def tiny_tmpfs(where: Path, size: str = "256k"):
-    where.mkdir(parents=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
-
-def leave_free(mount: Path, free_bytes: int) -> Path:
-    """Fill the tmpfs with one file so that about ``free_bytes`` stay free."""
-    filler = mount / "filler"
-    stats = os.statvfs(mount)
-    take = max(0, stats.f_bavail * stats.f_frsize - free_bytes)
-    with open(filler, "wb") as handle:
-        handle.write(b"\0" * take)
-    return filler
 
 
 def debris(folder: Path) -> list[str]:
@@ -282,3 +259,23 @@ def test_the_submitted_package_holds_every_module_of_msbt(tmp_path):
     modules = {str(p.relative_to(ROOT)) for p in (ROOT / "msbt").rglob("*.py") if "__pycache__" not in p.parts}
     assert modules and modules <= packaged, sorted(modules - packaged)
     assert "workflows/pipeline.py" in packaged and not any(n.startswith((".venv/", "runs/", ".git/")) for n in packaged)
+
+
+def test_a_run_log_on_a_full_disk_says_so_once_and_the_command_goes_on(tmp_path, capsys, restore_logging):
+    """Python's logging printed `--- Logging error ---` and two tracebacks for every record driver.log could not take:
+    on a full disk during a Ray Data step, 682 lines of them ended the command."""
+    import logging
+
+    from msbt import console
+
+    with tiny_tmpfs(tmp_path / "disk", size="64k") as disk:
+        console.setup(verbose=False)
+        folder = console.attach_run(disk / "run")
+        leave_free(disk, 0)
+        for i in range(20):
+            logging.getLogger("msbt.test").info("a line the full disk cannot take %d %s", i, "x" * 4096)
+        err = capsys.readouterr().err
+        assert "Logging error" not in err and "Traceback" not in err, err[:2000]
+        assert err.count("can no longer be written") == 1 and str(folder / "driver.log") in err
+        logging.getLogger("msbt.test").warning("still shown on the terminal")
+        assert "still shown on the terminal" in capsys.readouterr().err

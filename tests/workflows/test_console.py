@@ -26,20 +26,6 @@ PY = sys.executable
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-@pytest.fixture
-def restore_logging():
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    root.setLevel(level)
-    logging.captureWarnings(False)
-    console._state.update(verbose=True, console=None, buffer=None, file=None, folder=None, workers=None)
-
-
 def test_quiet_environment_keeps_what_the_user_set_and_never_hides_a_gpu(monkeypatch):
     monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
