@@ -49,7 +49,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
         if isinstance(err, OSError) and err.errno is not None and err.filename is None:
             # a failed write names no file ("[Errno 28] No space left on device" was all a full disk printed)
-            raise type(err)(err.errno, err.strerror, str(path)) from err
+            err.filename = str(path)
         raise
 
 

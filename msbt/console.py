@@ -141,7 +141,8 @@ def setup(verbose: bool = False, debug: bool = False) -> None:
 
 
 class RunLogHandler(logging.FileHandler):
-    """The run's ``driver.log``. When a write fails (a full disk) it says so once on stderr and keeps nothing more.
+    """The run's ``driver.log``. When a write fails for the disk (a full one: ``OSError``) it says so once on stderr
+    and keeps nothing more; any other failure (a bad format string) is logging's usual report, and logging goes on.
 
     Python's logging prints ``--- Logging error ---`` with two tracebacks to stderr for every record a handler
     fails to write: on a full disk during a Ray Data step, 682 lines ended the command where 16 say what happened.
@@ -154,13 +155,25 @@ class RunLogHandler(logging.FileHandler):
             super().emit(record)
 
     def handleError(self, record: logging.LogRecord) -> None:
+        err = sys.exc_info()[1]
+        if not isinstance(err, OSError):
+            super().handleError(record)
+            return
         if self.failed:
             return
         self.failed = True
-        err = sys.exc_info()[1]
         with contextlib.suppress(Exception):  # stderr closed, or itself on the full disk (captured_stderr)
             sys.stderr.write(f"msbt: note: {self.baseFilename} can no longer be written ({err}); "
                              "this run's log lines from here on are not kept\n")
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError, ValueError) if self.failed else contextlib.nullcontext():
+            super().flush()
+
+    def close(self) -> None:
+        # the unwritten bytes stay in the file's buffer, and closing flushes them once more
+        with contextlib.suppress(OSError, ValueError) if self.failed else contextlib.nullcontext():
+            super().close()
 
 
 def attach_run(run_folder: str | Path) -> Path:
@@ -178,7 +191,7 @@ def attach_run(run_folder: str | Path) -> Path:
         for old in (_state["file"], _state["buffer"]):
             if old is not None:
                 logging.getLogger(name).removeHandler(old)
-    handler = RunLogHandler(folder / DRIVER_LOG, encoding="utf-8")
+    handler = RunLogHandler(folder / DRIVER_LOG, encoding="utf-8", errors="backslashreplace")
     handler.setFormatter(logging.Formatter(FORMAT))
     handler.setLevel(root.level)  # Ray Data's logger passes DEBUG records; INFO unless --debug
     if _state["file"] is not None:

@@ -778,20 +778,26 @@ def worker_error(err: Exception, stage_number: int) -> Exception:
     Ray Train reports a worker's error as ``WorkerGroupError: Training failed due to worker errors:`` followed by
     the worker's traceback, which ``msbt`` printed as its one error line (a full disk during a checkpoint's save: 7
     lines of traceback before ``OSError: [Errno 28] No space left on device: '<run>/.work/stage1/.../model.keras'``).
-    The worker's own exception (lowest rank first) says the same in one line; the stage and rank are added as a
-    note (shown with ``--debug``), and Ray Train's error stays its ``__cause__``. Ray's own errors (a worker
-    process that died, a lost actor) and anything else are left as Ray Train raised them.
+    The worker's own exception says the same in one line; the stage and rank are added as a note (shown with
+    ``--debug``), and Ray Train's error stays its ``__cause__``. Left as Ray Train raised it: a worker that died or
+    stopped answering (Ray's and Ray Train's own errors, e.g. ``WorkerHealthCheckFailedError``), and workers that
+    failed with different errors (with several workers, one rank's error and the others' consequences).
     """
     import ray
+    from ray.train.v2._internal.exceptions import RayTrainError
 
     failures = getattr(err, "worker_failures", None)
     if not isinstance(failures, dict) or not failures:
         return err
-    rank, failure = min(failures.items(), key=lambda item: item[0])
-    cause = failure.cause if isinstance(failure, ray.exceptions.RayTaskError) and failure.cause else failure
-    if not isinstance(cause, Exception) or isinstance(cause, ray.exceptions.RayError):
-        return err
-    others = f" (and {len(failures) - 1} other worker(s))" if len(failures) > 1 else ""
+    causes = {rank: failure.cause if isinstance(failure, ray.exceptions.RayTaskError) and failure.cause else failure
+              for rank, failure in sorted(failures.items())}
+    rank, cause = next(iter(causes.items()))
+    if not all(isinstance(c, Exception) and not isinstance(c, (ray.exceptions.RayError, RayTrainError))
+               for c in causes.values()):
+        return err  # a worker that died or stopped answering (Ray Train's health checks): Ray's account of it
+    if len({(type(c), str(c)) for c in causes.values()}) > 1:
+        return err  # the workers failed differently (one rank's error, the others' consequences): every rank's
+    others = f" (and {len(failures) - 1} other worker(s), the same)" if len(failures) > 1 else ""
     cause.add_note(f"raised in stage {stage_number}'s Ray Train worker of rank {rank}{others}")
     return cause
 

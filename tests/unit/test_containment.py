@@ -279,3 +279,11 @@ def test_a_run_log_on_a_full_disk_says_so_once_and_the_command_goes_on(tmp_path,
         assert err.count("can no longer be written") == 1 and str(folder / "driver.log") in err
         logging.getLogger("msbt.test").warning("still shown on the terminal")
         assert "still shown on the terminal" in capsys.readouterr().err
+        console._state["file"].close()  # on the full disk: its unwritten bytes are flushed once more, and dropped
+        # a record that cannot be formatted is logging's usual one-off report, and the log goes on
+        other = console.RunLogHandler(tmp_path / "other.log", encoding="utf-8", errors="backslashreplace")
+        other.emit(logging.LogRecord("msbt.test", logging.INFO, __file__, 1, "%d", ("x",), None))
+        other.emit(logging.LogRecord("msbt.test", logging.INFO, __file__, 1, "name \udcff ok", (), None))
+        other.close()
+        assert not other.failed and "Logging error" in capsys.readouterr().err
+        assert (tmp_path / "other.log").read_text() == "name \\udcff ok\n"

@@ -497,18 +497,25 @@ def test_a_stage_workers_own_error_replaces_ray_trains_wrapper():
     exception types, as Ray Train 2.60 raises them; no Ray started."""
     from ray.exceptions import ActorDiedError, RayTaskError
     from ray.train import TrainingFailedError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
     from ray.train.v2.api.exceptions import WorkerGroupError
 
     from msbt.train.runner import worker_error
 
-    full = OSError(28, "No space left on device", "/run/.work/stage1/rank0/model.keras")
-    got = worker_error(WorkerGroupError("Traceback ...", {1: ValueError("rank 1"), 0: full}), 1)
-    assert got is full and str(got) == "[Errno 28] No space left on device: '/run/.work/stage1/rank0/model.keras'"
-    assert got.__notes__ == ["raised in stage 1's Ray Train worker of rank 0 (and 1 other worker(s))"]
+    def full():
+        return OSError(28, "No space left on device", "/run/.work/stage1/rank0/model.keras")
+
+    first, second = full(), full()
+    got = worker_error(WorkerGroupError("Traceback ...", {1: second, 0: first}), 1)
+    assert got is first and str(got) == "[Errno 28] No space left on device: '/run/.work/stage1/rank0/model.keras'"
+    assert got.__notes__ == ["raised in stage 1's Ray Train worker of rank 0 (and 1 other worker(s), the same)"]
     wrapped = RayTaskError("train_fn", "Traceback ...", KeyError("image"))
     assert isinstance(worker_error(WorkerGroupError("Traceback ...", {0: wrapped}), 2), KeyError)
-    # Ray's own failures (a worker process that died) and a failure with no worker's error stay Ray Train's
-    died = WorkerGroupError("Traceback ...", {0: ActorDiedError()})
+    # Left as Ray Train raised them: workers that failed differently (one rank's error, the others' consequences),
+    # a worker that died (as Ray Train reports one: its health check failed), a failure with no worker's error
+    mixed = WorkerGroupError("Traceback ...", {0: full(), 1: ValueError("a consequence")})
+    assert worker_error(mixed, 1) is mixed
+    died = WorkerGroupError("Traceback ...", {0: WorkerHealthCheckFailedError("worker 0 died", ActorDiedError())})
     assert worker_error(died, 1) is died
     bare = TrainingFailedError("the controller failed")
     assert worker_error(bare, 1) is bare
