@@ -301,10 +301,12 @@ def route_worker_output() -> bool:
                     sys.stderr.flush()
                 except (OSError, ValueError):  # the reader went away (`| head`), or stderr is closed at exit
                     pass
-            if _state["verbose"] or not logged:
-                shown = lines
-            elif _state["workers_hidden"]:  # the command is ending (hide_worker_output); workers.log has the lines
+            if _state["workers_hidden"] and not _state["verbose"]:
+                # the command is ending (hide_worker_output): its line stays the last, even when workers.log could
+                # not take these (a full disk: seen as a worker's traceback below the error line)
                 shown = []
+            elif _state["verbose"] or not logged:
+                shown = lines
             else:
                 # The autoscaler's own warnings (e.g. a resource request that cannot be met) stay visible.
                 alert = data.get("pid") == "autoscaler"

@@ -520,8 +520,9 @@ def _write_chunk_with_ray(chunk: list[dict], folder: Path, fn: Callable, fn_kwar
     except ray.exceptions.RayTaskError as err:
         # A task that could not write (a full disk) reached the command as "ray::MapBatches(...)->Write() (pid=...)"
         # and pyarrow's "[Errno 28] Error writing bytes to file", naming no folder: the folder and the reason instead
+        # (the cause's own filename, where set, is Ray Data's retry notice, not a file)
         cause = err.cause
-        if isinstance(cause, OSError) and cause.errno and cause.filename is None:
+        if isinstance(cause, OSError) and cause.errno:
             raise OSError(cause.errno, os.strerror(cause.errno), str(folder)) from err
         raise
 
