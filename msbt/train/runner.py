@@ -767,7 +767,10 @@ def train_stage(
         end_workers_then_remove_work(config, stage_number)
         raise
     except ray.train.TrainingFailedError as err:
-        raise worker_error(err, stage_number) from err
+        own = worker_error(err, stage_number)
+        if own is err:
+            raise
+        raise own from err
     finally:
         remove_work(config, stage_number)  # the workers' scratch is never a result
 
