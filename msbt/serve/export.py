@@ -270,7 +270,8 @@ def write_onnx(model, path: str | Path) -> Path:
         return {"probability": tf.reshape(model(tf.cast(image, tf.float32), training=False), [-1])}
 
     path = Path(path)
-    tf2onnx.convert.from_function(probability, input_signature=spec, opset=ONNX_OPSET, output_path=str(path))
+    with atomic_path(path) as tmp:  # a failed write (a full disk) names the file; tf2onnx's own error named none
+        tf2onnx.convert.from_function(probability, input_signature=spec, opset=ONNX_OPSET, output_path=str(tmp))
     return path
 
 
