@@ -318,8 +318,8 @@ class Store:
                 unlisted and "derived_from" in self.identity):
             problems.append(f"its chunks hold {files_in_chunks} of the {summarised} source files {SUMMARY_FILE} "
                             "counts (a chunk folder missing, or unfinished)")
-        if rows and not problems and (unlisted := _unlisted_rows_problem(self.path)):
-            problems.append(unlisted)
+        if rows and unlisted and not problems and (legacy := _unlisted_rows_problem(self.path)):
+            problems.append(legacy)
         return problems
 
     def summary(self) -> "StoreSummary":
