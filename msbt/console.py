@@ -7,7 +7,8 @@ from every worker. By default (``verbose=False``):
 
 * msbt's own step lines (``print``) and warnings reach the terminal; its INFO logs go to the log file;
 * the ``ray`` and ``ray.data`` loggers of this process write to the log file, and only their warnings
-  reach the terminal (a few known notices, such as Ray's "token authentication is enabled", not even those);
+  reach the terminal (a few known notices, such as Ray's "token authentication is enabled", not even those),
+  each as one line: a traceback or the further lines of a message stay in the log file;
 * what Ray workers print (Train workers and controller, Ray Data's coordinators, TensorFlow inside them)
   is forwarded to this process by Ray as usual, but written to ``logs/workers.log``; the terminal gets
   only their progress bars (``ray.experimental.tqdm_ray``) and lines that name a Python exception;
@@ -53,6 +54,7 @@ LOG_DIR = "logs"
 DRIVER_LOG = "driver.log"
 WORKERS_LOG = "workers.log"
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+QUIET_FORMAT = "%(levelname)s %(name)s: %(message)s"  # the terminal's, without --verbose
 
 # Warnings that Ray prints on every run of a default setup; the README explains them, the log keeps them.
 KNOWN_NOTICES = (
@@ -63,7 +65,7 @@ KNOWN_NOTICES = (
 ERROR_LINE = re.compile(r"^(Traceback \(most recent call last\)|[\w.]*[A-Z]\w*(Error|Exception)\b.*)")
 
 _state: dict = {"verbose": True, "console": None, "buffer": None, "file": None, "folder": None,
-                "workers": None, "workers_hidden": False}
+                "workers": None, "workers_hidden": False, "held_back": (), "console_format": None}
 # Held by route_worker_output's handler (on Ray's log thread) while it decides what to show and shows it, and
 # taken by hide_worker_output to set its flag: a worker line being written when a command ends is written in
 # full before the command's last line, and none starts after it.
@@ -100,13 +102,60 @@ def quiet_environment(verbose: bool = False) -> dict[str, str]:
 
 
 class _NoticeFilter(logging.Filter):
-    """Keeps known, harmless notices and Python's warnings module off the terminal."""
+    """Keeps known, harmless notices, Python's warnings module and what Ray Data marks for its log file only off
+    the terminal."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name == "py.warnings":
+        # Ray Data's own terminal handler drops records with ``hide`` set (its "Full stack trace:" of a failed task,
+        # kept for ray-data.log); this handler replaces that one, so it drops them too (driver.log keeps them).
+        if record.name == "py.warnings" or getattr(record, "hide", False):
             return False
         message = record.getMessage()
-        return not any(notice in message for notice in KNOWN_NOTICES)
+        return not any(notice in message for notice in (*KNOWN_NOTICES, *_state["held_back"]))
+
+
+class _QuietFormatter(logging.Formatter):
+    """The terminal's format without ``--verbose``. A record of Ray's loggers that carries a traceback (Tune's
+    "Trial task failed", a Ray Data task's error) or a message of several lines (Ray's "Unhandled error" with the
+    error's text) is shown as its first line and, for an exception, the exception's own last line; the rest is in
+    the run's ``driver.log``, whose handler formats the record whole."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not record.name.startswith("ray"):
+            return super().format(record)
+        message = record.getMessage()
+        if not (record.exc_info or record.stack_info or "\n" in message.strip()):
+            return super().format(record)
+        brief = logging.makeLogRecord(record.__dict__)  # a copy: Formatter caches exc_text on the record
+        brief.msg, brief.args = message.strip().splitlines()[0] if message.strip() else "", None
+        brief.exc_info = brief.exc_text = brief.stack_info = None
+        text = super().format(brief)
+        if record.exc_info and record.exc_info[1] is not None:
+            text = f"{text.rstrip(':')}: {last_line(record.exc_info[1])}"
+        folder, log_file = _state["folder"], _state["file"]
+        if folder is None or log_file is None or getattr(log_file, "failed", False):  # none, or a full disk
+            return text + " (--verbose shows the rest)"
+        return text + f" (the rest in {folder / DRIVER_LOG})"
+
+
+def last_line(error: BaseException) -> str:
+    """``Type: message`` of the exception a chain of Ray errors started from, first line of the message only.
+
+    Ray wraps a worker's exception (``RayTaskError(OSError)``, Train's ``WorkerGroupError``, Tune's trial error)
+    in text that repeats its traceback; the original is ``.cause`` (Ray) or ``__cause__`` (``raise ... from``).
+    """
+    seen: set[int] = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        cause = getattr(error, "cause", None)
+        if isinstance(cause, BaseException):
+            error = cause
+        elif error.__cause__ is not None:
+            error = error.__cause__
+        else:
+            break
+    lines = [ln for ln in str(error).splitlines() if ln.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 def setup(verbose: bool = False, debug: bool = False) -> None:
@@ -128,7 +177,8 @@ def setup(verbose: bool = False, debug: bool = False) -> None:
             handler.close()
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
-    console.setFormatter(logging.Formatter(FORMAT if verbose or debug else "%(levelname)s %(name)s: %(message)s"))
+    console_format = logging.Formatter(FORMAT) if verbose or debug else _QuietFormatter(QUIET_FORMAT)
+    console.setFormatter(console_format)
     if not verbose:
         console.addFilter(_NoticeFilter())
     buffer = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)
@@ -137,7 +187,7 @@ def setup(verbose: bool = False, debug: bool = False) -> None:
     root.addHandler(buffer)
     logging.captureWarnings(True)
     _state.update(verbose=verbose, console=console, buffer=buffer, file=None, folder=None, workers=None,
-                  workers_hidden=False)
+                  workers_hidden=False, held_back=(), console_format=console_format)
 
 
 class RunLogHandler(logging.FileHandler):
@@ -240,10 +290,24 @@ def tame_ray() -> None:
         for handler in ours:
             if handler not in logger.handlers:
                 logger.addHandler(handler)
+    keep_own_formats()
     if quiet:
         # Ray Data's own bars would draw one per operator of every small read; msbt draws one per step.
         ray.data.DataContext.get_current().enable_progress_bars = False
     route_worker_output()
+
+
+def keep_own_formats() -> None:
+    """Give the terminal's and the log file's handlers their own formats back.
+
+    ``ray.init`` sets Ray's format on every handler of the ``ray`` logger (``ray._private.ray_logging.setup_logger``),
+    these included once :func:`tame_ray` has put them there: the terminal then showed Ray's records (a failed Tune
+    trial's, with its tracebacks) in Ray's format instead of the quiet one, and driver.log lost the logger's name.
+    """
+    if _state["console"] is not None and _state["console_format"] is not None:
+        _state["console"].setFormatter(_state["console_format"])
+    if _state["file"] is not None:
+        _state["file"].setFormatter(logging.Formatter(FORMAT))
 
 
 def route_worker_output() -> bool:
@@ -400,6 +464,25 @@ class LineProgress:
         return False
 
 
+def hold_back(*fragments: str) -> None:
+    """Keep log records whose message contains one of ``fragments`` off the terminal from now on, for the rest of
+    the command (the log file keeps them): for a library's notice that msbt has replaced with a line of its own."""
+    _state["held_back"] = (*_state["held_back"], *fragments)
+
+
+def _drop_repeated_lines() -> None:
+    """Forget the worker lines Ray holds back as repeats ("[repeated 3x across cluster]"), which it prints at
+    ``ray.shutdown``, after the command's last line, straight to the terminal (not through route_worker_output's
+    handler). workers.log has them already. Ray 2.60's private deduplicators; another layout keeps Ray's way."""
+    try:
+        from ray._private.ray_logging import stderr_deduplicator, stdout_deduplicator
+    except ImportError:
+        return
+    for deduplicator in (stdout_deduplicator, stderr_deduplicator):
+        with contextlib.suppress(Exception):
+            deduplicator.flush()
+
+
 def hide_worker_output(*, drop_bars: bool = True) -> None:
     """Show nothing more of what Ray workers print, for the rest of the command (``workers.log`` still gets it).
 
@@ -418,6 +501,8 @@ def hide_worker_output(*, drop_bars: bool = True) -> None:
     locked = _output_lock.acquire(timeout=OUTPUT_LOCK_WAIT_S)
     _state["workers_hidden"] = True
     if locked:
+        if not _state["verbose"]:
+            _drop_repeated_lines()
         _output_lock.release()
     if not drop_bars:
         return

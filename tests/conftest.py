@@ -42,7 +42,8 @@ def restore_logging():
             handler.close()
     root.setLevel(level)
     logging.captureWarnings(False)
-    console._state.update(verbose=True, console=None, buffer=None, file=None, folder=None, workers=None)
+    console._state.update(verbose=True, console=None, buffer=None, file=None, folder=None, workers=None,
+                          workers_hidden=False, held_back=(), console_format=None)
 
 
 @pytest.fixture(scope="session")

@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import yaml
 
 from msbt.atomicio import read_json_object, write_text
+from msbt.console import ERROR_LINE
 from msbt.tune.space import decode, flatten, merge_overlays
 
 REVIEW_FILE = "review.html"
@@ -165,6 +166,16 @@ def format_ranking(search: dict, trials: list[dict]) -> str:
     return "\n".join([title, *lines])
 
 
+def error_line(error_file: Path) -> str:
+    """The last ``Type: message`` line of a trial's ``error.txt`` (Tune's record of its exception)."""
+    try:
+        lines = error_file.read_text(errors="replace").splitlines()
+    except OSError as err:
+        return f"its error could not be read ({err})"
+    found = [ln.strip() for ln in lines if ERROR_LINE.match(ln.strip()) and not ln.startswith("Traceback")]
+    return found[-1] if found else "no error recorded"
+
+
 def best_overlay(search: dict, trials: list[dict]) -> dict:
     """The best trial's stage-2 values as a config overlay (``trainable_backbone: false`` in fast mode)."""
     scored = [t for t in trials if t["best"] is not None]
@@ -182,6 +193,10 @@ def write_best_overlay(path: str | Path, out: str | Path | None = None) -> Path:
     from msbt.config import load_config
 
     search, trials = read_experiment(path)
+    if trials and all(t["status"] == "error" for t in trials):
+        first = Path(path) / trials[0]["trial"] / "error.txt"
+        raise ValueError(f"every trial of the search failed ({len(trials)}), so there is no configuration to choose; "
+                         f"{trials[0]['trial']}: {error_line(first)} (its traceback: {first})")
     overlay = best_overlay(search, trials)
     best = next(t for t in trials if t["best"] is not None)
     out = Path(out) if out else Path(path) / "best.yaml"

@@ -249,10 +249,12 @@ def run_search(config: Config, *, resume: bool = False, sources: str = "tune.spa
     Raises:
         ConfigError: A bad search space, an experiment that exists (without ``resume``) or that was
             started with other settings.
+        SearchStopped: A trial found the run's disk full and the search stopped (``msbt.tune.failures``).
     """
     from ray import tune
 
     from msbt.data.prepare import ensure_stores
+    from msbt.tune import failures
 
     t, fast = config.tune, config.tune.fast
     check_search(config, sources)
@@ -287,8 +289,10 @@ def run_search(config: Config, *, resume: bool = False, sources: str = "tune.spa
         write_text(record_path, json.dumps(record, indent=2) + "\n")
         write_environment(exp)
         tuner = _new_tuner(config, trainable, fast)
+    failures.reset()
     with console.printed_to_log():  # Tune's own prints (its status tables are --verbose only)
         results = tuner.fit()
+    failures.check_stopped(exp)  # a full disk stopped it: nothing more is written
     from msbt.tune.review import write_hparams
 
     print(f"tune results in {exp}; HParams for TensorBoard in {write_hparams(exp)}; review: msbt tune-report "
@@ -320,6 +324,8 @@ def _new_tuner(config: Config, trainable, fast: bool):
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    from msbt.tune.failures import TrialFailures
+
     t = config.tune
     return tune.Tuner(
         trainable,
@@ -343,7 +349,8 @@ def _new_tuner(config: Config, trainable, fast: bool):
             storage_path=str(tune_dir(config)),
             # Tune's status table every few seconds is --verbose only; by default one bar over the trials.
             verbose=1 if console.is_verbose() else 0,
-            callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), trial_progress(t.num_samples, t.metric, t.mode)],
+            callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), trial_progress(t.num_samples, t.metric, t.mode),
+                       TrialFailures()],
         ),
     )
 

@@ -91,6 +91,53 @@ def test_fast_mode_holds_the_augmentation_ranges_at_the_reference():
 TRIALS = 3  # the session run's search (tests/conftest.py)
 
 
+@pytest.mark.ray
+def test_a_trial_that_finds_the_disk_full_stops_the_search_and_resume_finishes_it(ray_local, tmp_path, capfd):
+    """A full disk under run.storage_path failed every trial of a search in turn, each after its first epoch, and the
+    command ended with `no trial reported the metric yet` (325 lines on the smoke search, docs/reliability.md). Real
+    Tune with a trainable that stands for a trial's checkpoint save: the first full-disk error stops the search as
+    Ctrl-C does, the later trials do not start, and a restore with room again runs every trial."""
+    import errno
+
+    from ray import tune
+
+    from msbt.tune import failures
+
+    disk_full = tmp_path / "disk-full"  # while it exists, trial 1's save finds the disk full
+    disk_full.touch()
+    target = str(tmp_path / "model.keras")
+
+    def trainable(params):
+        if params["i"] == 1 and os.path.exists(disk_full):
+            raise OSError(errno.ENOSPC, "No space left on device", target)
+        tune.report({"score": params["i"]})
+
+    failures.reset()
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"CPU": 0.5}),
+        param_space={"i": tune.grid_search([0, 1, 2, 3])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=1, trial_dirname_creator=lambda t: f"trial_{t.trial_id[-5:]}"),
+        run_config=tune.RunConfig(name="exp", storage_path=str(tmp_path), verbose=0,
+                                  callbacks=[failures.TrialFailures()]),
+    )
+    scores = [r.metrics.get("score") for r in tuner.fit()]
+    assert sorted(s for s in scores if s is not None) == [0], scores  # trials 2 and 3 never ran
+    trial, error = failures.stopped()
+    assert trial == "trial_00001" and error.errno == errno.ENOSPC and error.filename == target
+    with pytest.raises(failures.SearchStopped) as stopped:
+        failures.check_stopped(tmp_path / "exp")
+    assert str(stopped.value).startswith(f"[Errno 28] No space left on device: '{target}' (trial_00001); the search "
+                                         "stopped") and "--resume" in str(stopped.value)
+    assert (f"tune: trial_00001 failed: OSError: [Errno 28] No space left on device: '{target}' (traceback in "
+            f"{tmp_path / 'exp' / 'trial_00001' / 'error.txt'})") in capfd.readouterr().err
+    disk_full.unlink()  # room again
+    failures.reset()
+    restored = tune.Tuner.restore(str(tmp_path / "exp"), trainable=tune.with_resources(trainable, {"CPU": 0.5}),
+                                  resume_unfinished=True, resume_errored=True)
+    assert sorted(r.metrics.get("score") for r in restored.fit()) == [0, 1, 2, 3]
+    assert failures.stopped() is None
+
+
 @pytest.fixture(scope="module")
 def prepared(tiny_run):
     """The session's run (tests/conftest.py): its overlay (a 3-trial search of tiny_cnn at 32 px), stores and

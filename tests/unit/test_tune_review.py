@@ -202,3 +202,31 @@ def test_tune_report_on_damaged_files_names_them(tmp_path, capsys):
     params.write_text("{cut")
     assert main(["tune-report", str(exp)]) == 1
     assert f"{params}: not valid JSON" in capsys.readouterr().err
+
+
+def test_a_search_whose_every_trial_failed_says_why_instead_of_nothing_to_choose(tmp_path, capsys):
+    """The error was `no trial reported the metric yet; nothing to choose from`, also when every trial had failed for
+    the same reason (a full disk: each trial's error.txt named the file)."""
+    exp = make_experiment(tmp_path)
+    state = [[json.dumps({"trial_id": f"abc_{name[-5:]}", "status": "ERROR"}), "{}"] for name in TRIALS]
+    (exp / "experiment_state-2026-12-02_03-00-00.json").write_text(json.dumps({"trial_data": state}))
+    for name in TRIALS:
+        (exp / name / "result.json").write_text("")
+        (exp / name / "error.txt").write_text(
+            "Failure # 1 (occurred at 2026-12-07_00-48-21)\n"
+            "ray::ImplicitFunc.train() (pid=1, ip=127.0.0.1, repr=train_trial)\n"
+            "ray.train.WorkerGroupError: Training failed due to worker errors:\n"
+            "Traceback (most recent call last):\n  File \"msbt/train/loop.py\", line 280, in _save\n"
+            f"OSError: [Errno 28] No space left on device: '/run/{name}/model.keras'\n"
+            "raised in stage 2's Ray Train worker of rank 0\n")
+    with pytest.raises(ValueError) as err:
+        review.write_best_overlay(exp)
+    assert str(err.value) == (
+        "every trial of the search failed (4), so there is no configuration to choose; trial_00000: OSError: "
+        f"[Errno 28] No space left on device: '/run/trial_00000/model.keras' (its traceback: "
+        f"{exp / 'trial_00000' / 'error.txt'})")
+    (exp / "trial_00003" / "error.txt").unlink()  # one trial that did not fail but reported nothing: as before
+    state[-1][0] = json.dumps({"trial_id": "abc_00003", "status": "TERMINATED"})
+    (exp / "experiment_state-2026-12-02_03-00-00.json").write_text(json.dumps({"trial_data": state}))
+    with pytest.raises(ValueError, match="no trial reported the metric yet"):
+        review.write_best_overlay(exp)

@@ -168,3 +168,65 @@ def test_printed_to_log_takes_this_threads_prints_only(tmp_path, capsys, restore
     out = capsys.readouterr().out
     assert "ValueError: from a worker" in out and "View detailed results" not in out
     assert "View detailed results here" in (tmp_path / "logs" / console.DRIVER_LOG).read_text()
+
+
+def test_a_ray_record_with_a_traceback_is_one_line_on_the_terminal_and_whole_in_the_log(tmp_path, capsys,
+                                                                                         restore_logging):
+    """Tune's "Trial task failed" record carried Ray's nested tracebacks (about 60 lines a failed trial) and Ray
+    Data's "Full stack trace:" record, which Ray Data keeps off its own terminal handler, reached msbt's."""
+    console.setup(verbose=False)
+    folder = console.attach_run(tmp_path / "run")
+    terminal, log_file = console._state["console"], console._state["file"]
+    try:
+        try:
+            raise OSError(28, "No space left on device", "/run/model.keras")
+        except OSError as err:
+            raise RuntimeError("Training failed due to worker errors:\n  File ...") from err
+    except RuntimeError as err:
+        failed = logging.LogRecord("ray.tune.execution.tune_controller", logging.ERROR, __file__, 1,
+                                   "Trial task failed for trial %s", ("t_00000",), (type(err), err, err.__traceback__))
+    shown = terminal.format(failed)
+    assert shown == ("ERROR ray.tune.execution.tune_controller: Trial task failed for trial t_00000: OSError: "
+                     f"[Errno 28] No space left on device: '/run/model.keras' (the rest in {folder / 'driver.log'})")
+    whole = log_file.format(failed)
+    assert "Traceback (most recent call last)" in whole and "Training failed due to worker errors" in whole
+    several = logging.LogRecord("ray._private.worker", logging.ERROR, __file__, 1, "Unhandled error: x\n  y\n  z", (),
+                                None)
+    assert terminal.format(several).startswith("ERROR ray._private.worker: Unhandled error: x (the rest in ")
+    ours = logging.LogRecord("msbt.step", logging.ERROR, __file__, 1, "two\nlines", (), None)
+    assert terminal.format(ours).endswith("two\nlines")  # msbt's own records are shown as they are
+    hidden = logging.LogRecord("ray.data._internal", logging.ERROR, __file__, 1, "Full stack trace:\n...", (), None)
+    hidden.hide = True  # what Ray Data sets for its log file only
+    assert not terminal.filter(hidden) and log_file.filter(hidden)
+    console.hold_back("Trial task failed for trial")
+    assert not terminal.filter(failed) and log_file.filter(failed)
+    # ray.init puts Ray's format on every handler of the "ray" logger, and tame_ray gives each its own back
+    ray_logging = pytest.importorskip("ray._private.ray_logging")
+    ray_logger = logging.getLogger("ray")
+    ray_logger.addHandler(terminal)
+    try:
+        ray_logging.setup_logger(ray_logger.level or logging.INFO, "%(asctime)s\t%(levelname)s %(filename)s -- %(message)s")
+        assert "\t" in terminal.format(several)
+        console.keep_own_formats()
+        assert terminal.format(several).startswith("ERROR ray._private.worker: Unhandled error: x")
+    finally:
+        ray_logger.removeHandler(terminal)
+    capsys.readouterr()
+
+
+def test_repeated_worker_lines_ray_holds_back_are_dropped_when_the_command_ends(tmp_path, restore_logging):
+    """Ray prints the worker lines it held back as repeats at ray.shutdown, after the command's error line and
+    straight to the terminal; workers.log has them already."""
+    ray_logging = pytest.importorskip("ray._private.ray_logging")
+    if not ray_logging.RAY_DEDUP_LOGS:
+        pytest.skip("Ray's log deduplication is off (RAY_DEDUP_LOGS=0)")
+    console.setup(verbose=False)
+    console.attach_run(tmp_path / "run")
+    dedup = ray_logging.stderr_deduplicator
+    line = "OSError: [Errno 28] No space left on device: '/run/model.keras'"
+    for pid in (101, 102, 103, 104):
+        dedup.deduplicate({"ip": "127.0.0.1", "pid": pid, "actor_name": "RayTrainWorker", "task_name": "",
+                           "is_err": True, "lines": [line]})
+    assert dedup.recent  # held back: [repeated 3x across cluster], printed at ray.shutdown
+    console.hide_worker_output(drop_bars=False)
+    assert dedup.flush() == []
