@@ -40,7 +40,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from msbt.atomicio import write_text
+from msbt.atomicio import read_json_object, write_text
 from msbt.console import progress
 
 log = logging.getLogger(__name__)
@@ -323,8 +323,20 @@ class Store:
         return problems
 
     def summary(self) -> "StoreSummary":
-        """The summary written with the store (rows per split and class), as a StoreSummary."""
-        data = json.loads((self.path / SUMMARY_FILE).read_text())
+        """The summary written with the store (rows per split and class), as a StoreSummary.
+
+        Raises:
+            StoreError: ``summary.json`` missing, not a JSON object, or without one of its keys (naming the file).
+        """
+        file = self.path / SUMMARY_FILE
+        try:
+            data = read_json_object(file, "a store summary", StoreError)
+        except OSError as err:
+            raise StoreError(f"{file}: unreadable ({err}); rebuild the store (preprocess.on_existing: overwrite)") from None
+        missing = [k for k in ("kind", "files", "rows", "empty_sources") if k not in data]
+        if missing or not isinstance(data["rows"], dict):
+            raise StoreError(f"{file}: no {missing[0] if missing else 'rows per split'!r} recorded (the file is damaged "
+                             "or was edited); rebuild the store (preprocess.on_existing: overwrite)")
         return StoreSummary(self.path, data["kind"], data["files"], data["rows"], data["empty_sources"],
                             0.0, data.get("reused_chunks", 0), reused=True)
 

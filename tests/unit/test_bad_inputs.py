@@ -726,6 +726,27 @@ def test_a_damaged_store_identity_is_refused_naming_the_file(tmp_path, identity,
         Store.open(tmp_path).settings
 
 
+@pytest.mark.parametrize("text, problem", [
+    ("{cut", "not valid JSON"),
+    ("[]", "not a store summary (a JSON object was expected, found list)"),
+    ('{"kind": "ultrasound", "files": 2, "empty_sources": []}', "no 'rows' recorded"),
+    (None, "unreadable ([Errno 2]"),
+])
+def test_a_damaged_store_summary_is_refused_naming_the_file(tmp_path, text, problem):
+    """Every later step opens the recorded store's summary.json: a damaged one gave a bare JSONDecodeError or
+    KeyError: 'rows'."""
+    import json
+
+    from msbt.data.store import STORE_FILE, SUMMARY_FILE, Store, StoreError
+
+    (tmp_path / STORE_FILE).write_text(json.dumps({"kind": "ultrasound", "image_shape": [32, 32, 3], "settings": {},
+                                                   "classes": ["benign", "malignant"]}))
+    if text is not None:
+        (tmp_path / SUMMARY_FILE).write_text(text)
+    with pytest.raises(StoreError, match=re.escape(f"{tmp_path / SUMMARY_FILE}: {problem}")):
+        Store.open(tmp_path).summary()
+
+
 def test_synth_cine_options_are_checked(tmp_path, capsys):
     """--cine-frames without --cine was ignored (the data set was made instead); --cine-fps nan reached OpenCV."""
     assert main(["synth", "--cine-frames", "5"]) == 1
