@@ -126,12 +126,17 @@ class _QuietFormatter(logging.Formatter):
         message = record.getMessage()
         if not (record.exc_info or record.stack_info or "\n" in message.strip()):
             return super().format(record)
+        lines = message.strip().splitlines()
         brief = logging.makeLogRecord(record.__dict__)  # a copy: Formatter caches exc_text on the record
-        brief.msg, brief.args = message.strip().splitlines()[0] if message.strip() else "", None
+        brief.msg, brief.args = lines[0] if lines else "", None
         brief.exc_info = brief.exc_text = brief.stack_info = None
         text = super().format(brief)
         if record.exc_info and record.exc_info[1] is not None:
             text = f"{text.rstrip(':')}: {last_line(record.exc_info[1])}"
+        else:  # the error a message of several lines carries (Ray's "Unhandled error ...: <task header> ... OSError: ...")
+            named = [ln.strip() for ln in lines[1:] if ERROR_LINE.match(ln.strip()) and not ln.strip().startswith("Traceback")]
+            if named:
+                text += f": {named[-1]}"
         folder, log_file = _state["folder"], _state["file"]
         if folder is None or log_file is None or getattr(log_file, "failed", False):  # none, or a full disk
             return text + " (--verbose shows the rest)"
@@ -154,7 +159,10 @@ def last_line(error: BaseException) -> str:
             error = error.__cause__
         else:
             break
-    lines = [ln for ln in str(error).splitlines() if ln.strip()]
+    try:
+        lines = [ln for ln in str(error).splitlines() if ln.strip()]
+    except Exception:  # an exception whose __str__ fails
+        lines = []
     return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 

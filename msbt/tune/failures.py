@@ -42,8 +42,8 @@ class SearchStopped(OSError):
         self.trial, self.experiment = trial, experiment
 
     def __str__(self) -> str:
-        return (f"{super().__str__()} ({self.trial}); the search stopped there and its state is kept: free space "
-                f"on that disk, then run the same command with --resume to continue {self.experiment}")
+        return (f"{super().__str__()} ({self.trial}); the search stopped there: free space on that disk, then run "
+                f"the same command with --resume to continue {self.experiment}")
 
 
 def disk_error(error: BaseException | None) -> OSError | None:
@@ -62,6 +62,12 @@ def trial_name(trial) -> str:
     """The trial's folder name (``trial_00000``, msbt's ``trial_dirname``), else Tune's name for it."""
     path = getattr(trial, "path", None)
     return Path(path).name if path else str(trial)
+
+
+def error_file(trial) -> Path | None:
+    """Where the trial's ``error.txt`` is for the user: in the run's storage (the experiment folder). Tune writes it to
+    a local folder in Ray's session directory first (gone with the session) and copies it there after this callback."""
+    return Path(trial.path) / "error.txt" if getattr(trial, "path", None) else None
 
 
 def trial_error(trial) -> BaseException | None:
@@ -101,7 +107,8 @@ class TrialFailures(tune.Callback):
     def _failed(self, trial) -> None:
         error = trial_error(trial)
         name = trial_name(trial)
-        where = f"traceback in {Path(trial.path) / 'error.txt'}" if getattr(trial, "path", None) else ""
+        where = error_file(trial)
+        where = f"traceback in {where}" if where else ""
         text = console.last_line(error) if error is not None else "its error could not be kept"
         # stderr: the search sends this process's stdout to driver.log (console.printed_to_log); print(), which Ray
         # patches to redraw its bars around the line
@@ -109,9 +116,11 @@ class TrialFailures(tune.Callback):
         full = disk_error(error)
         if full is None or TrialFailures._stopped is not None:
             return
-        TrialFailures._stopped = (name, full)
-        log.info("%s found the disk full (%s): stopping the search as Ctrl-C would", name, full)
-        stop_search()
+        if stop_search():
+            TrialFailures._stopped = (name, full)
+            log.info("%s found the disk full (%s): stopping the search as Ctrl-C would", name, full)
+        else:
+            log.warning("%s found the disk full (%s); the search could not be stopped here and goes on", name, full)
 
 
 def stop_search() -> bool:
@@ -121,8 +130,8 @@ def stop_search() -> bool:
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGUSR1"):
         return False
     handler = signal.getsignal(signal.SIGUSR1)
-    if "tune" not in getattr(handler, "__module__", "") or not callable(handler):
-        return False  # the default action of SIGUSR1 would end the process
+    if not callable(handler) or (getattr(handler, "__module__", None) or "") != "ray.tune.tune":
+        return False  # not Tune's: the default action of SIGUSR1 would end the process
     console.hold_back(*TUNE_STOP_NOTICES)
     signal.raise_signal(signal.SIGUSR1)
     return True

@@ -193,7 +193,7 @@ def write_best_overlay(path: str | Path, out: str | Path | None = None) -> Path:
     from msbt.config import load_config
 
     search, trials = read_experiment(path)
-    if trials and all(t["status"] == "error" for t in trials):
+    if trials and all(t["status"] == "error" and t["best"] is None for t in trials):
         first = Path(path) / trials[0]["trial"] / "error.txt"
         raise ValueError(f"every trial of the search failed ({len(trials)}), so there is no configuration to choose; "
                          f"{trials[0]['trial']}: {error_line(first)} (its traceback: {first})")

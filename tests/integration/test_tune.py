@@ -92,7 +92,7 @@ TRIALS = 3  # the session run's search (tests/conftest.py)
 
 
 @pytest.mark.ray
-def test_a_trial_that_finds_the_disk_full_stops_the_search_and_resume_finishes_it(ray_local, tmp_path, capfd):
+def test_a_trial_that_finds_the_disk_full_stops_the_search_and_resume_finishes_it(ray_local, tmp_path, capfd, request):
     """A full disk under run.storage_path failed every trial of a search in turn, each after its first epoch, and the
     command ended with `no trial reported the metric yet` (325 lines on the smoke search, docs/reliability.md). Real
     Tune with a trainable that stands for a trial's checkpoint save: the first full-disk error stops the search as
@@ -101,6 +101,7 @@ def test_a_trial_that_finds_the_disk_full_stops_the_search_and_resume_finishes_i
 
     from ray import tune
 
+    from msbt import console
     from msbt.tune import failures
 
     disk_full = tmp_path / "disk-full"  # while it exists, trial 1's save finds the disk full
@@ -113,6 +114,8 @@ def test_a_trial_that_finds_the_disk_full_stops_the_search_and_resume_finishes_i
         tune.report({"score": params["i"]})
 
     failures.reset()
+    held_back = console._state["held_back"]  # TrialFailures holds Tune's "Trial task failed" back: put back after
+    request.addfinalizer(lambda: console._state.update(held_back=held_back))
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"CPU": 0.5}),
         param_space={"i": tune.grid_search([0, 1, 2, 3])},
@@ -135,7 +138,6 @@ def test_a_trial_that_finds_the_disk_full_stops_the_search_and_resume_finishes_i
     restored = tune.Tuner.restore(str(tmp_path / "exp"), trainable=tune.with_resources(trainable, {"CPU": 0.5}),
                                   resume_unfinished=True, resume_errored=True)
     assert sorted(r.metrics.get("score") for r in restored.fit()) == [0, 1, 2, 3]
-    assert failures.stopped() is None
 
 
 @pytest.fixture(scope="module")

@@ -193,6 +193,13 @@ def test_a_ray_record_with_a_traceback_is_one_line_on_the_terminal_and_whole_in_
     several = logging.LogRecord("ray._private.worker", logging.ERROR, __file__, 1, "Unhandled error: x\n  y\n  z", (),
                                 None)
     assert terminal.format(several).startswith("ERROR ray._private.worker: Unhandled error: x (the rest in ")
+    unhandled = logging.LogRecord(  # the exception a message of several lines names is shown beside its first line
+        "ray._private.worker", logging.ERROR, __file__, 1, "Unhandled error (suppress with ...): ray::train() (pid=7)\n"
+        "ray.train.WorkerGroupError: Training failed\nTraceback (most recent call last):\n  File \"x.py\"\n"
+        "OSError: [Errno 28] No space left on device: '/run/m.keras'\n", (), None)
+    assert terminal.format(unhandled) == (
+        "ERROR ray._private.worker: Unhandled error (suppress with ...): ray::train() (pid=7): OSError: [Errno 28] No "
+        f"space left on device: '/run/m.keras' (the rest in {folder / 'driver.log'})")
     ours = logging.LogRecord("msbt.step", logging.ERROR, __file__, 1, "two\nlines", (), None)
     assert terminal.format(ours).endswith("two\nlines")  # msbt's own records are shown as they are
     hidden = logging.LogRecord("ray.data._internal", logging.ERROR, __file__, 1, "Full stack trace:\n...", (), None)
@@ -203,14 +210,18 @@ def test_a_ray_record_with_a_traceback_is_one_line_on_the_terminal_and_whole_in_
     # ray.init puts Ray's format on every handler of the "ray" logger, and tame_ray gives each its own back
     ray_logging = pytest.importorskip("ray._private.ray_logging")
     ray_logger = logging.getLogger("ray")
+    level, formats = ray_logger.level, {h: h.formatter for h in ray_logger.handlers}  # this process's, put back after
     ray_logger.addHandler(terminal)
     try:
-        ray_logging.setup_logger(ray_logger.level or logging.INFO, "%(asctime)s\t%(levelname)s %(filename)s -- %(message)s")
+        ray_logging.setup_logger(level or logging.INFO, "%(asctime)s\t%(levelname)s %(filename)s -- %(message)s")
         assert "\t" in terminal.format(several)
         console.keep_own_formats()
         assert terminal.format(several).startswith("ERROR ray._private.worker: Unhandled error: x")
     finally:
         ray_logger.removeHandler(terminal)
+        ray_logger.setLevel(level)
+        for handler, formatter in formats.items():
+            handler.setFormatter(formatter)
     capsys.readouterr()
 
 
