@@ -11,7 +11,8 @@ from every worker. By default (``verbose=False``):
   each as one line: a traceback or the further lines of a message stay in the log file;
 * what Ray workers print (Train workers and controller, Ray Data's coordinators, TensorFlow inside them)
   is forwarded to this process by Ray as usual, but written to ``logs/workers.log``; the terminal gets
-  only their progress bars (``ray.experimental.tqdm_ray``) and lines that name a Python exception;
+  only their progress bars (``ray.experimental.tqdm_ray``) and lines that name a Python exception; of what the
+  raylet sends the driver, its notice about many worker processes starting at once goes there too;
 * TensorFlow's C++ logging is set to warnings and up (``TF_CPP_MIN_LOG_LEVEL=2``) before it is imported,
   the CUDA probe is skipped where there is no NVIDIA device (``CUDA_VISIBLE_DEVICES=""``; never where one
   exists) and the lines TensorFlow prints before its logging is set up are captured into the log file
@@ -340,6 +341,7 @@ def route_worker_output() -> bool:
         return False
     if registered["ray_print_logs"] is _state["workers"]:
         return True
+    _route_raylet_notices(ray_worker)
     show = functools.partial(ray_worker.print_to_stdstream, ignore_prefix=False)
 
     def handle(data: dict) -> None:
@@ -391,6 +393,43 @@ def route_worker_output() -> bool:
     dispatcher.add_handler("ray_print_logs", handle)
     _state["workers"] = handle
     return True
+
+
+# What the raylet sends every driver on a busy small machine (a Tune search starts trial, controller and worker
+# processes at once): harmless there, and read as a fault.
+RAYLET_NOTICES = ("PYTHON worker processes have been started on node",)
+
+
+def _route_raylet_notices(ray_worker) -> None:
+    """Send the raylet's known notices (``RAYLET_NOTICES``) to ``workers.log`` instead of the terminal.
+
+    Ray prints the raylet's messages to this driver (``listen_error_messages``) with ``print_to_stdstream`` directly,
+    not through the dispatcher :func:`route_worker_output` hooks, so this wraps that function of Ray 2.60's private
+    module, once per process. Every other raylet message (a worker killed for memory, one that died) is shown as
+    before, and with ``verbose`` all of them.
+    """
+    original = ray_worker.print_to_stdstream
+    if getattr(original, "__wrapped_by_msbt__", False):
+        return
+
+    def print_to_stdstream(data, ignore_prefix):
+        folder = _state["folder"]
+        if data.get("pid") == "raylet" and not _state["verbose"] and folder is not None:
+            lines = data.get("lines", [])
+            known = [ln for ln in lines if any(notice in ln for notice in RAYLET_NOTICES)]
+            if known:
+                try:
+                    with (folder / WORKERS_LOG).open("a", encoding="utf-8") as out:
+                        out.writelines(f"(raylet) {line}\n" for line in known)
+                    data = {**data, "lines": [ln for ln in lines if ln not in known]}
+                except OSError:  # the folder is gone or the disk full: shown rather than lost
+                    pass
+                if not data["lines"]:
+                    return None
+        return original(data, ignore_prefix)
+
+    print_to_stdstream.__wrapped_by_msbt__ = True
+    ray_worker.print_to_stdstream = print_to_stdstream
 
 
 def _on_terminal() -> bool:

@@ -241,3 +241,20 @@ def test_repeated_worker_lines_ray_holds_back_are_dropped_when_the_command_ends(
     assert dedup.recent  # held back: [repeated 3x across cluster], printed at ray.shutdown
     console.hide_worker_output(drop_bars=False)
     assert dedup.flush() == []
+
+
+def test_the_raylets_worker_start_up_notice_goes_to_the_workers_log(tmp_path, capfd, restore_logging):
+    """"WARNING: 8 PYTHON worker processes have been started on node: ... 4x the maximum expected startup concurrency"
+    reached the terminal of every Tune search on a 2-core machine; Ray prints the raylet's messages itself."""
+    ray_worker = pytest.importorskip("ray._private.worker")
+    console.setup(verbose=False)
+    folder = console.attach_run(tmp_path / "run")
+    console._route_raylet_notices(ray_worker)
+    notice = ("WARNING: 8 PYTHON worker processes have been started on node: 7f04 with address: 127.0.0.1, which is 4x "
+              "the maximum expected startup concurrency (2).")
+    killed = "Task was killed due to the node running low on memory."
+    ray_worker.print_to_stdstream({"lines": [notice, killed], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    ray_worker.print_to_stdstream({"lines": [notice], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    shown = capfd.readouterr()
+    assert killed in shown.out + shown.err and "PYTHON worker processes" not in shown.out + shown.err
+    assert (folder / console.WORKERS_LOG).read_text().count("PYTHON worker processes have been started") == 2
