@@ -366,6 +366,17 @@ def trial_progress(trials: int, metric: str, mode: str):
 
         def setup(self, **info):
             self.bar = console.progress(total=trials, desc="tune: trials", unit="trial")
+            self.counted = False
+
+        def on_step_begin(self, iteration, trials, **info):
+            # A resumed search: the trials that finished before count from the start (the bar said 1/4 at the end
+            # of a resume that ran one trial), with their best value.
+            if getattr(self, "counted", True):
+                return
+            self.counted = True
+            for trial in trials:
+                if trial.status in ("TERMINATED", "ERROR"):
+                    self._finished(trial)
 
         def _finished(self, trial):
             value = (trial.last_result or {}).get(metric)

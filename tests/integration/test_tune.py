@@ -194,7 +194,7 @@ def _kill_session(proc: subprocess.Popen, ray_tmp: str) -> None:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_search_is_interrupted_restored_and_its_best_config_reruns(prepared, tmp_path):
+def test_search_is_interrupted_restored_and_its_best_config_reruns(prepared, tmp_path, capfd):
     from msbt.cli import main as msbt_main
     from msbt.train.runner import best_checkpoint, train_stage
     from msbt.tune.review import read_experiment, write_best_overlay
@@ -247,7 +247,10 @@ def test_search_is_interrupted_restored_and_its_best_config_reruns(prepared, tmp
     with pytest.raises(ConfigError, match="--resume"):
         run_search(config)  # a second start without --resume is refused, not mixed in
     actors_before, held_before = ray_actors(), placement_groups_held()
+    capfd.readouterr()
     run_search(config, resume=True)
+    # the trials' bar counts the ones that finished before the interruption too (it ended at 1/3 or 2/3 before)
+    assert f"{TRIALS}/{TRIALS} trial" in capfd.readouterr().err
     # A trial's Train run keeps Ray's placement-group cleaner (msbt.train.runner.stage_trainer): Tune may end a
     # trial while the search goes on, and no trial's placement group may keep its CPUs afterwards.
     assert "PlacementGroupCleaner" in {name for actor, name in ray_actors().items() if actor not in actors_before}
