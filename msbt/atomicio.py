@@ -119,9 +119,28 @@ def read_json_object(path: str | Path, what: str, error: type[Exception] = Value
     import json
 
     try:
-        value = json.loads(Path(path).read_bytes().decode("utf-8"))
+        data = Path(path).read_bytes()
+        value = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise error(f"{path}: not valid JSON ({err})") from None
+        raise error(f"{path}: not valid JSON ({err}){_full_disk_hint(Path(path), data)}") from None
     if not isinstance(value, dict):
         raise error(f"{path}: not {what} (a JSON object was expected, found {type(value).__name__})")
     return value
+
+
+FULL_DISK_BYTES = 1 << 20  # less free space than this under a file cut short reads as the reason
+
+
+def _full_disk_hint(path: Path, data: bytes) -> str:
+    """Why a JSON file may be cut short: empty, or ending mid-object, on a disk that is full. Files msbt writes
+    itself are atomic (never half-written); a library's (Tune's ``params.json``) may not be."""
+    if data.strip() and data.rstrip().endswith((b"}", b"]")):
+        return ""
+    try:
+        free = os.statvfs(path.parent).f_bavail * os.statvfs(path.parent).f_frsize
+    except OSError:
+        return ""
+    if free >= FULL_DISK_BYTES:
+        return ""
+    return f"; it is cut short and its disk is full ({free} bytes free): free space, then run the step again"
+

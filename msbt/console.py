@@ -620,26 +620,48 @@ def printed_to_log():
     # Line-buffered: a search killed hard (SIGKILL, an out-of-memory kill) keeps every line it printed; with a
     # block buffer the lines waited for the next flush (Ray's printing of a worker line flushed stdout, but off a
     # terminal worker bars are written as plain lines, and Tune's start-up line was lost with a killed search).
-    with open(folder / DRIVER_LOG, "a", encoding="utf-8", buffering=1) as log_file, \
-            contextlib.redirect_stdout(_ThisThreadTo(log_file, sys.stdout)):
+    try:
+        log_file = open(folder / DRIVER_LOG, "a", encoding="utf-8", buffering=1)
+    except OSError:  # the folder is gone: the prints stay where they were
         yield
+        return
+    try:
+        with contextlib.redirect_stdout(_ThisThreadTo(log_file, sys.stdout)):
+            yield
+    finally:
+        with contextlib.suppress(OSError, ValueError):  # a full disk: the unwritten rest is dropped, as below
+            log_file.close()
 
 
 class _ThisThreadTo:
     """A stdout that sends what the thread that made it writes to ``log``, and every other thread's writes (Ray's
-    thread that prints forwarded worker lines, which the console already filters) to ``terminal`` as before."""
+    thread that prints forwarded worker lines, which the console already filters) to ``terminal`` as before.
+
+    A write the log file refuses (a full disk) drops that text and the rest of it, rather than failing the print: the
+    prints are a library's notices, and Tune's at the end of a search had ended the command with a bare
+    ``[Errno 28] No space left on device`` (the log's own handler says once that the file can no longer be written).
+    """
 
     def __init__(self, log, terminal):
         self._log, self._terminal, self._thread = log, terminal, threading.get_ident()
-
-    def _target(self):
-        return self._log if threading.get_ident() == self._thread else self._terminal
+        self._log_failed = False
 
     def write(self, text: str) -> int:
-        return self._target().write(text)
+        if threading.get_ident() != self._thread:
+            return self._terminal.write(text)
+        if not self._log_failed:
+            try:
+                return self._log.write(text)
+            except (OSError, ValueError):
+                self._log_failed = True
+        return len(text)
 
     def flush(self) -> None:
-        self._log.flush()
+        if not self._log_failed:
+            try:
+                self._log.flush()
+            except (OSError, ValueError):
+                self._log_failed = True
         self._terminal.flush()
 
     def __getattr__(self, name):  # fileno, isatty, encoding...: the terminal's

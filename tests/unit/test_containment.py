@@ -287,3 +287,31 @@ def test_a_run_log_on_a_full_disk_says_so_once_and_the_command_goes_on(tmp_path,
         other.close()
         assert not other.failed and "Logging error" in capsys.readouterr().err
         assert (tmp_path / "other.log").read_text() == "name \\udcff ok\n"
+
+
+def test_a_librarys_prints_on_a_full_disk_are_dropped_and_a_file_it_left_short_says_why(tmp_path, capsys,
+                                                                                      restore_logging):
+    """A fast Tune search on a full disk ended with a bare `[Errno 28] No space left on device` (Tune's end-of-search
+    print into driver.log failed inside Tune), then, once that was fixed, with `params.json: not valid JSON`: Tune had
+    left the file empty on the full disk."""
+    from msbt import console
+    from msbt.atomicio import read_json_object
+
+    with tiny_tmpfs(tmp_path / "disk", size="64k") as disk:
+        console.setup(verbose=False)
+        console.attach_run(disk / "run")
+        (disk / "params.json").write_text("")  # what Tune left
+        leave_free(disk, 0)
+        with console.printed_to_log():
+            for i in range(50):  # more than a 4 KB page can take
+                print("Tune's notice", i, "x" * 400)
+        print("after the search")
+        assert "after the search" in capsys.readouterr().out
+        with pytest.raises(ValueError) as err:
+            read_json_object(disk / "params.json", "a record")
+        assert str(err.value).startswith(f"{disk / 'params.json'}: not valid JSON (")
+        assert "it is cut short and its disk is full (0 bytes free): free space, then run the step again" in str(err.value)
+    (tmp_path / "cut.json").write_text('{"a": 1')
+    with pytest.raises(ValueError) as err:  # a disk with room: a damaged file, nothing about the disk
+        read_json_object(tmp_path / "cut.json", "a record")
+    assert "disk is full" not in str(err.value)
