@@ -10,6 +10,7 @@ file is removed and the target keeps what it held, so a rerun never meets a 0-by
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import stat
 import tempfile
@@ -99,8 +100,6 @@ def _fsync(path: Path) -> None:
 
 def read_json(path: str | Path):
     """The JSON in ``path``, or None when it is missing or unreadable (a record that may not exist yet)."""
-    import json
-
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
@@ -116,13 +115,11 @@ def read_json_object(path: str | Path, what: str, error: type[Exception] = Value
         what: What the file should be, for the message (e.g. "a checkpoint manifest").
         error: The exception type to raise (the caller's own, e.g. ``CheckpointError``).
     """
-    import json
-
     try:
         data = Path(path).read_bytes()
         value = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise error(f"{path}: not valid JSON ({err}){_full_disk_hint(Path(path), data)}") from None
+        raise error(f"{path}: not valid JSON ({err}){_full_disk_hint(Path(path), data, err)}") from None
     if not isinstance(value, dict):
         raise error(f"{path}: not {what} (a JSON object was expected, found {type(value).__name__})")
     return value
@@ -131,16 +128,20 @@ def read_json_object(path: str | Path, what: str, error: type[Exception] = Value
 FULL_DISK_BYTES = 1 << 20  # less free space than this under a file cut short reads as the reason
 
 
-def _full_disk_hint(path: Path, data: bytes) -> str:
-    """Why a JSON file may be cut short: empty, or ending mid-object, on a disk that is full. Files msbt writes
-    itself are atomic (never half-written); a library's (Tune's ``params.json``) may not be."""
-    if data.strip() and data.rstrip().endswith((b"}", b"]")):
+def _full_disk_hint(path: Path, data: bytes, err: ValueError) -> str:
+    """Why a JSON file may be cut short: it ends where its parse failed (empty, or mid-object) and it is on a full disk.
+    Files msbt writes itself are atomic (never half-written); a library's (Tune's ``params.json``) may not be."""
+    if isinstance(err, json.JSONDecodeError):
+        at_end = err.pos >= len(err.doc.rstrip())
+    else:  # UnicodeDecodeError: a multi-byte character cut at the end
+        at_end = err.end >= len(data)
+    if not at_end:
         return ""
     try:
-        free = os.statvfs(path.parent).f_bavail * os.statvfs(path.parent).f_frsize
+        stats = os.statvfs(path.parent)
     except OSError:
         return ""
+    free = stats.f_bavail * stats.f_frsize
     if free >= FULL_DISK_BYTES:
         return ""
     return f"; it is cut short and its disk is full ({free} bytes free): free space, then run the step again"
-

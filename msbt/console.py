@@ -623,6 +623,8 @@ def printed_to_log():
     try:
         log_file = open(folder / DRIVER_LOG, "a", encoding="utf-8", buffering=1)
     except OSError:  # the folder is gone: the prints stay where they were
+        log_file = None
+    if log_file is None:  # outside the handler: an error of the body is not chained to this one
         yield
         return
     try:

@@ -34,12 +34,16 @@ def restore_logging():
     from msbt import console
 
     root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
+    level = root.level
+    # console.tame_ray (called by attach_run once Ray is imported in this process) adds them to Ray's loggers too
+    loggers = [logging.getLogger(name) for name in ("", "ray", "ray.data")]
+    before = {logger.name: list(logger.handlers) for logger in loggers}
     yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
+    for logger in loggers:
+        for handler in list(logger.handlers):
+            if handler not in before[logger.name]:
+                logger.removeHandler(handler)
+                handler.close()
     root.setLevel(level)
     logging.captureWarnings(False)
     console._state.update(verbose=True, console=None, buffer=None, file=None, folder=None, workers=None,

@@ -114,12 +114,13 @@ class TrialFailures(tune.Callback):
         # patches to redraw its bars around the line
         print(f"tune: {name} failed: {text}" + (f" ({where})" if where else ""), file=sys.stderr, flush=True)
         full = disk_error(error)
-        if full is None or TrialFailures._stopped is not None:
+        if full is None or TrialFailures._stopped is not None or getattr(self, "_could_not_stop", False):
             return
         if stop_search():
             TrialFailures._stopped = (name, full)
             log.info("%s found the disk full (%s): stopping the search as Ctrl-C would", name, full)
         else:
+            self._could_not_stop = True  # said once
             log.warning("%s found the disk full (%s); the search could not be stopped here and goes on", name, full)
 
 

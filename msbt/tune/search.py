@@ -368,7 +368,7 @@ def trial_progress(trials: int, metric: str, mode: str):
             self.bar = console.progress(total=trials, desc="tune: trials", unit="trial")
             self.counted = False
 
-        def on_step_begin(self, iteration, trials, **info):
+        def _count_earlier(self, trials) -> None:
             # A resumed search: the trials that finished before count from the start (the bar said 1/4 at the end
             # of a resume that ran one trial), with their best value.
             if getattr(self, "counted", True):
@@ -377,6 +377,9 @@ def trial_progress(trials: int, metric: str, mode: str):
             for trial in trials:
                 if trial.status in ("TERMINATED", "ERROR"):
                     self._finished(trial)
+
+        def on_step_begin(self, iteration, trials, **info):
+            self._count_earlier(trials)
 
         def _finished(self, trial):
             value = (trial.last_result or {}).get(metric)
@@ -394,6 +397,7 @@ def trial_progress(trials: int, metric: str, mode: str):
             self._finished(trial)
 
         def on_experiment_end(self, trials, **info):
+            self._count_earlier(trials)  # a resume of a finished search runs no step
             if self.bar is not None:
                 self.bar.close()
 

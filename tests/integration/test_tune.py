@@ -138,6 +138,7 @@ def test_a_trial_that_finds_the_disk_full_stops_the_search_and_resume_finishes_i
     restored = tune.Tuner.restore(str(tmp_path / "exp"), trainable=tune.with_resources(trainable, {"CPU": 0.5}),
                                   resume_unfinished=True, resume_errored=True)
     assert sorted(r.metrics.get("score") for r in restored.fit()) == [0, 1, 2, 3]
+    assert failures.stopped() is None  # the restored search (Tune's copy of the callback) did not stop
 
 
 @pytest.fixture(scope="module")

@@ -301,6 +301,7 @@ def test_a_librarys_prints_on_a_full_disk_are_dropped_and_a_file_it_left_short_s
         console.setup(verbose=False)
         console.attach_run(disk / "run")
         (disk / "params.json").write_text("")  # what Tune left
+        (disk / "edited.json").write_text('{"a": 1} # a comment')  # broken in its middle: not cut short
         leave_free(disk, 0)
         with console.printed_to_log():
             for i in range(50):  # more than a 4 KB page can take
@@ -311,7 +312,16 @@ def test_a_librarys_prints_on_a_full_disk_are_dropped_and_a_file_it_left_short_s
             read_json_object(disk / "params.json", "a record")
         assert str(err.value).startswith(f"{disk / 'params.json'}: not valid JSON (")
         assert "it is cut short and its disk is full (0 bytes free): free space, then run the step again" in str(err.value)
-    (tmp_path / "cut.json").write_text('{"a": 1')
-    with pytest.raises(ValueError) as err:  # a disk with room: a damaged file, nothing about the disk
-        read_json_object(tmp_path / "cut.json", "a record")
-    assert "disk is full" not in str(err.value)
+        with pytest.raises(ValueError) as err:
+            read_json_object(disk / "edited.json", "a record")
+        assert "disk is full" not in str(err.value)
+
+
+def test_a_json_file_cut_short_on_a_disk_with_room_is_only_named(tmp_path):
+    from msbt.atomicio import read_json_object
+
+    for text in ('{"a": 1', "", '{"a": {"b": 1}'):
+        (tmp_path / "cut.json").write_text(text)
+        with pytest.raises(ValueError) as err:
+            read_json_object(tmp_path / "cut.json", "a record")
+        assert str(err.value).startswith(f"{tmp_path / 'cut.json'}: not valid JSON (") and "disk" not in str(err.value)

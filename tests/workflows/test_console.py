@@ -243,12 +243,13 @@ def test_repeated_worker_lines_ray_holds_back_are_dropped_when_the_command_ends(
     assert dedup.flush() == []
 
 
-def test_the_raylets_worker_start_up_notice_goes_to_the_workers_log(tmp_path, capfd, restore_logging):
+def test_the_raylets_worker_start_up_notice_goes_to_the_workers_log(tmp_path, capfd, restore_logging, monkeypatch):
     """"WARNING: 8 PYTHON worker processes have been started on node: ... 4x the maximum expected startup concurrency"
     reached the terminal of every Tune search on a 2-core machine; Ray prints the raylet's messages itself."""
     ray_worker = pytest.importorskip("ray._private.worker")
     console.setup(verbose=False)
     folder = console.attach_run(tmp_path / "run")
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream)  # Ray's own, put back after
     console._route_raylet_notices(ray_worker)
     notice = ("WARNING: 8 PYTHON worker processes have been started on node: 7f04 with address: 127.0.0.1, which is 4x "
               "the maximum expected startup concurrency (2).")
