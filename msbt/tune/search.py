@@ -273,6 +273,8 @@ def run_search(config: Config, *, resume: bool = False, sources: str = "tune.spa
         from msbt.tune.fast import ensure_features
 
         features = str(ensure_features(config, store, parent, reference_stage(config)))
+    if not fast and parent is not None:
+        check_room(config, parent, exp)
     record = _search_record(config, fast, parent, features)
     record_path = exp / SEARCH_FILE
     if restorable:
@@ -298,6 +300,44 @@ def run_search(config: Config, *, resume: bool = False, sources: str = "tune.spa
     print(f"tune results in {exp}; HParams for TensorBoard in {write_hparams(exp)}; review: msbt tune-report "
           f"{exp}", flush=True)
     return results
+
+
+def check_room(config: Config, parent: str | Path, exp: Path) -> str | None:
+    """Say before the trials start when the disk under the experiment looks too small for their checkpoints.
+
+    Each trial of a full search keeps ``run.checkpoints_to_keep`` checkpoints of stage 2, and each trial saving
+    writes one more beside them first; a stage-2 checkpoint is at least about the size of the stage-1 one the
+    trials start from (the same backbone; the smoke search's: stage 1 27 MB, stage 2 30-42 MB). A warning, not a
+    refusal: ASHA stops trials early and the estimate is rough; a full disk met anyway stops the search
+    (``msbt.tune.failures``).
+
+    Returns:
+        The warning printed, or None.
+    """
+    import shutil
+
+    size = sum(f.stat().st_size for f in Path(parent).rglob("*") if f.is_file())
+    t = config.tune
+    copies = t.num_samples * config.run.checkpoints_to_keep + min(t.max_concurrent_trials, t.num_samples)
+    where = next((d for d in (exp, *exp.parents) if d.exists()), exp)
+    free = shutil.disk_usage(where).free
+    if size * copies <= free:
+        return None
+    message = (f"the trials' checkpoints may need about {_size(size * copies)} ({t.num_samples} trials x "
+               f"{config.run.checkpoints_to_keep} kept (run.checkpoints_to_keep), and one being saved per running "
+               f"trial, of at least {_size(size)} each, the stage-1 checkpoint's size) and {where} has {_size(free)} "
+               "free: free space, or lower tune.num_samples or run.checkpoints_to_keep; a search that meets a full "
+               "disk stops and --resume continues it")
+    log.warning(message)
+    return message
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
 
 
 def _trainable(config: Config, store: str, parent: str | None, exp: str, features: str | None):

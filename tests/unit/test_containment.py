@@ -325,3 +325,25 @@ def test_a_json_file_cut_short_on_a_disk_with_room_is_only_named(tmp_path):
         with pytest.raises(ValueError) as err:
             read_json_object(tmp_path / "cut.json", "a record")
         assert str(err.value).startswith(f"{tmp_path / 'cut.json'}: not valid JSON (") and "disk" not in str(err.value)
+
+
+def test_a_search_says_before_its_trials_when_their_checkpoints_may_not_fit(tmp_path, caplog):
+    """A full search on a disk too small for its trials' checkpoints ran until the first trial met the full disk."""
+    import logging
+
+    from msbt.config import load_config
+    from msbt.tune.search import check_room
+
+    parent = tmp_path / "stage1"
+    parent.mkdir()
+    (parent / "model.keras").write_bytes(b"\0" * 20_000)
+    config = load_config([], ["tune.num_samples=4", "run.checkpoints_to_keep=2", "tune.max_concurrent_trials=2"])
+    with caplog.at_level(logging.WARNING, logger="msbt.tune.search"):
+        assert check_room(config, parent, tmp_path / "run" / "tune" / "search") is None  # a disk with room
+    with tiny_tmpfs(tmp_path / "disk", size="128k") as disk:  # 10 copies of 20 KB do not fit
+        with caplog.at_level(logging.WARNING, logger="msbt.tune.search"):
+            message = check_room(config, parent, disk / "run" / "tune" / "search")
+    assert message and message.startswith("the trials' checkpoints may need about 195.3 KB (4 trials x 2 kept "
+                                          "(run.checkpoints_to_keep), and one being saved per running trial, of at "
+                                          f"least 19.5 KB each, the stage-1 checkpoint's size) and {disk} has ")
+    assert message in caplog.text
