@@ -49,7 +49,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 LOG_DIR = "logs"
 DRIVER_LOG = "driver.log"
@@ -134,37 +134,43 @@ class _QuietFormatter(logging.Formatter):
         text = super().format(brief)
         if record.exc_info and record.exc_info[1] is not None:
             text = f"{text.rstrip(':')}: {last_line(record.exc_info[1])}"
-        else:  # the error a message of several lines carries (Ray's "Unhandled error ...: <task header> ... OSError: ...")
-            named = [ln.strip() for ln in lines[1:] if ERROR_LINE.match(ln.strip()) and not ln.strip().startswith("Traceback")]
-            if named:
-                text += f": {named[-1]}"
+        elif named := named_error(lines[1:]):  # the error a message of several lines carries (Ray's "Unhandled
+            text += f": {named}"  # error ...: <task header> ... OSError: ...")
         folder, log_file = _state["folder"], _state["file"]
         if folder is None or log_file is None or getattr(log_file, "failed", False):  # none, or a full disk
             return text + " (--verbose shows the rest)"
         return text + f" (the rest in {folder / DRIVER_LOG})"
 
 
+def causes(error: BaseException | None) -> Iterator[BaseException]:
+    """``error`` and the exceptions it was raised from, outermost first: a Ray error's original (``.cause``, which
+    Ray sets on ``RayTaskError`` and keeps across processes) or Python's ``__cause__`` (``raise ... from``)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        cause = getattr(error, "cause", None)
+        error = cause if isinstance(cause, BaseException) else error.__cause__
+
+
 def last_line(error: BaseException) -> str:
     """``Type: message`` of the exception a chain of Ray errors started from, first line of the message only.
 
     Ray wraps a worker's exception (``RayTaskError(OSError)``, Train's ``WorkerGroupError``, Tune's trial error)
-    in text that repeats its traceback; the original is ``.cause`` (Ray) or ``__cause__`` (``raise ... from``).
+    in text that repeats its traceback; :func:`causes` leads to the original.
     """
-    seen: set[int] = set()
-    while id(error) not in seen:
-        seen.add(id(error))
-        cause = getattr(error, "cause", None)
-        if isinstance(cause, BaseException):
-            error = cause
-        elif error.__cause__ is not None:
-            error = error.__cause__
-        else:
-            break
+    *_, error = causes(error)
     try:
         lines = [ln for ln in str(error).splitlines() if ln.strip()]
     except Exception:  # an exception whose __str__ fails
         lines = []
     return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def named_error(lines: Iterable[str]) -> str | None:
+    """The last line of a printed traceback or error text that names an exception (``OSError: ...``), if any."""
+    named = [ln.strip() for ln in lines if ERROR_LINE.match(ln.strip()) and not ln.strip().startswith("Traceback")]
+    return named[-1] if named else None
 
 
 def setup(verbose: bool = False, debug: bool = False) -> None:

@@ -48,14 +48,7 @@ class SearchStopped(OSError):
 
 def disk_error(error: BaseException | None) -> OSError | None:
     """The full-disk ``OSError`` a chain of (Ray-wrapped) errors started from, if it did."""
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in DISK_FULL:
-            return error
-        cause = getattr(error, "cause", None)  # a RayTaskError's original exception
-        error = cause if isinstance(cause, BaseException) else error.__cause__
-    return None
+    return next((e for e in console.causes(error) if isinstance(e, OSError) and e.errno in DISK_FULL), None)
 
 
 def trial_name(trial) -> str:

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import yaml
 
 from msbt.atomicio import read_json_object, write_text
-from msbt.console import ERROR_LINE
+from msbt.console import named_error
 from msbt.tune.space import decode, flatten, merge_overlays
 
 REVIEW_FILE = "review.html"
@@ -172,8 +172,7 @@ def error_line(error_file: Path) -> str:
         lines = error_file.read_text(errors="replace").splitlines()
     except OSError as err:
         return f"its error could not be read ({err})"
-    found = [ln.strip() for ln in lines if ERROR_LINE.match(ln.strip()) and not ln.startswith("Traceback")]
-    return found[-1] if found else "no error recorded"
+    return named_error(lines) or "no error recorded"
 
 
 def best_overlay(search: dict, trials: list[dict]) -> dict:

@@ -316,6 +316,11 @@ def check_room(config: Config, parent: str | Path, exp: Path) -> str | None:
     """
     import shutil
 
+    from tqdm import tqdm
+
+    def _size(n: float) -> str:
+        return tqdm.format_sizeof(n, "B", 1024)
+
     size = sum(f.stat().st_size for f in Path(parent).rglob("*") if f.is_file())
     t = config.tune
     copies = t.num_samples * config.run.checkpoints_to_keep + min(t.max_concurrent_trials, t.num_samples)
@@ -330,14 +335,6 @@ def check_room(config: Config, parent: str | Path, exp: Path) -> str | None:
                "disk stops and --resume continues it")
     log.warning(message)
     return message
-
-
-def _size(n: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
 
 
 def _trainable(config: Config, store: str, parent: str | None, exp: str, features: str | None):

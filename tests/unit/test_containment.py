@@ -343,7 +343,7 @@ def test_a_search_says_before_its_trials_when_their_checkpoints_may_not_fit(tmp_
     with tiny_tmpfs(tmp_path / "disk", size="128k") as disk:  # 10 copies of 20 KB do not fit
         with caplog.at_level(logging.WARNING, logger="msbt.tune.search"):
             message = check_room(config, parent, disk / "run" / "tune" / "search")
-    assert message and message.startswith("the trials' checkpoints may need about 195.3 KB (4 trials x 2 kept "
+    assert message and message.startswith("the trials' checkpoints may need about 195kB (4 trials x 2 kept "
                                           "(run.checkpoints_to_keep), and one being saved per running trial, of at "
-                                          f"least 19.5 KB each, the stage-1 checkpoint's size) and {disk} has ")
+                                          f"least 19.5kB each, the stage-1 checkpoint's size) and {disk} has ")
     assert message in caplog.text
