@@ -124,6 +124,7 @@ def check_run_report(run, backbone: str) -> None:
     acc = metrics["test_ci95"]["accuracy"]
     assert f"{acc[0]:.3f} [{acc[1]:.3f}, {acc[2]:.3f}]" in text
     assert f"{metrics['threshold']:.4f}" in text
+    assert "accuracy: Wilson 95% over lesion groups" in text  # test_ci95_wilson_groups, beside the bootstrap's
     # data summary, lineage and config
     split = json.loads((run / "data" / "ultrasound" / "split.json").read_text())
     assert f"{split['images']} images from" in text and "naive" in text

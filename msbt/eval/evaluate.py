@@ -4,9 +4,10 @@ The validation split picks the decision threshold (Youden's J by default); the t
 scored, once, with that threshold. Confidence intervals resample lesion groups, not images, because
 frames of one lesion are not independent (msbt.eval.metrics.bootstrap_ci).
 
-``metrics.json`` (schema version 2, see ``docs/evaluation.md``) keeps the keys of version 1 (``threshold``,
-``test``, ``test_ci95``, ...) and adds the curves a report draws (ROC points, calibration bins, the
-confusion matrix), the test loss and a description of the intervals. Per-image probabilities of the
+``metrics.json`` (schema version 3, see ``docs/evaluation.md``) keeps the keys of version 1 (``threshold``,
+``test``, ``test_ci95``, ...; version 3 renamed ``val_auc`` to ``val_auc_exact``) and adds the curves a
+report draws (ROC points, calibration bins, the confusion matrix), the test loss and a description of the
+intervals. Per-image probabilities of the
 validation and test splits go to ``predictions.csv`` beside it, so a report or a paired comparison of two
 models never has to load a model again.
 """
@@ -30,7 +31,6 @@ PREDICTIONS_FILE = "predictions.csv"
 PREDICTION_COLUMNS = ("split", "source", "group", "y", "p", "site")
 _OLD_PREDICTION_COLUMNS = PREDICTION_COLUMNS[:5]  # files written before sites existed
 CALIBRATION_BINS = 10
-FEW_GROUPS = 20  # fewer test lesion groups than this: bootstrap intervals are flagged in the notes
 
 
 class Evaluation(dict):
@@ -96,7 +96,7 @@ def score(val: dict, test: dict, *, rule: str = "youden", n_boot: int = 2000, se
         class_names: Label order (index 0 negative), recorded for the confusion matrix.
 
     Returns:
-        A JSON-able dict with the keys documented in docs/evaluation.md (schema version 2).
+        A JSON-able dict with the keys documented in docs/evaluation.md (schema version 3).
     """
     y, p, groups = np.asarray(test["y"]), np.asarray(test["p"]), np.asarray(test["group"])
     threshold = metrics.choose_threshold(val["y"], val["p"], rule)
@@ -109,14 +109,11 @@ def score(val: dict, test: dict, *, rule: str = "youden", n_boot: int = 2000, se
     notes = [str(w.message) for w in caught]  # e.g. resamples without a malignant case (small test sets)
     flags = threshold_flags(val["p"], threshold)
     notes += flags
-    wilson = _wilson_by_groups(point, y, groups)
-    n_groups = len(set(groups.tolist()))
-    if n_groups < FEW_GROUPS:
-        notes.append(
-            f"only {n_groups} lesion groups in the test split: a bootstrap over so few groups understates "
-            f"the uncertainty (a rate that is right on every group gets a zero-width interval); see "
-            f"test_ci95_wilson_groups, and cross-validate (workflows/crossval.py) to use every lesion"
-        )
+    wilson = metrics.wilson_by_groups(point, y, groups)
+    few = metrics.few_groups_note(len(set(groups.tolist())), "the test split",
+                                  " (test_ci95_wilson_groups), and cross-validate (workflows/crossval.py) to use "
+                                  "every lesion")
+    notes += [few] if few else []
     mean_p, observed, counts = metrics.calibration_curve(y, p, bins=CALIBRATION_BINS, strategy="uniform")
     filled = counts > 0  # empty bins have no observed rate; leaving them out keeps the JSON free of NaN
     return {
@@ -161,7 +158,10 @@ def score(val: dict, test: dict, *, rule: str = "youden", n_boot: int = 2000, se
 
 def site_metrics(test: dict, threshold: float, *, n_boot: int = 2000, seed: int = 0) -> dict:
     """Per-site test metrics (AUC, sensitivity, specificity with 95% group-bootstrap intervals) at one
-    threshold, for a test split that holds several sites; a site without both classes gets counts only."""
+    threshold, for a test split that holds several sites; a site without both classes gets counts only.
+
+    Each site with both classes also gets ``wilson_groups`` (Wilson intervals of its rates over its lesion
+    groups) and ``notes`` (resamples left out of an interval, and a note when it has few groups)."""
     out = {}
     sites = np.asarray(test["site"])
     for site in sorted(set(sites.tolist())):
@@ -169,28 +169,15 @@ def site_metrics(test: dict, threshold: float, *, n_boot: int = 2000, seed: int 
         y, p, g = np.asarray(test["y"])[keep], np.asarray(test["p"])[keep], np.asarray(test["group"])[keep]
         row = {"images": int(keep.sum()), "groups": int(len(set(g.tolist()))), "malignant": int(y.sum())}
         if 0 < y.sum() < len(y):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", RuntimeWarning)
                 ci = metrics.bootstrap_ci(y, p, threshold, groups=g, n_boot=n_boot, seed=seed)
             row.update({k: [float(x) for x in ci[k]] for k in ("auc", "sensitivity", "specificity", "accuracy")})
+            # A small site's bootstrap collapses as the pooled split's would: the same guards as score()'s.
+            row["wilson_groups"] = metrics.wilson_by_groups(metrics.binary_metrics(y, p, threshold), y, g)
+            few = metrics.few_groups_note(row["groups"], f"site {site}'s test images")
+            row["notes"] = sorted({str(w.message) for w in caught}) + ([few] if few else [])
         out[site] = row
-    return out
-
-
-def _wilson_by_groups(point: dict, y: np.ndarray, groups: np.ndarray) -> dict[str, list[float]]:
-    """``{rate: [value, low, high]}``: Wilson 95% intervals of accuracy, sensitivity and specificity with
-    the number of lesion groups behind each rate as its sample size (all groups; groups with a malignant
-    test image; groups with a benign one)."""
-    denominators = {
-        "accuracy": len(set(groups.tolist())),
-        "sensitivity": len(set(groups[y == 1].tolist())),
-        "specificity": len(set(groups[y == 0].tolist())),
-    }
-    out = {}
-    for name, n in denominators.items():
-        value = float(point.get(name, float("nan")))
-        low, high = metrics.wilson_interval(value, n)
-        out[name] = [value, low, high]
     return out
 
 

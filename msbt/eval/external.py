@@ -71,8 +71,9 @@ def score_site(y, p, groups, threshold: float, *, n_boot: int = 2000, seed: int 
         threshold: the run's validation threshold.
 
     Returns:
-        JSON-able dict: ``at_run_threshold`` ({metric: [value, low, high]}), ``threshold_transfer``,
-        ``calibration``, counts and notes.
+        JSON-able dict: ``at_run_threshold`` ({metric: [value, low, high]}), ``wilson_groups`` (Wilson
+        intervals of accuracy, sensitivity and specificity over the site's lesion groups), ``ci`` (how the
+        intervals were made), ``threshold_transfer``, ``calibration``, counts and notes.
     """
     y, p, groups = np.asarray(y, int), np.asarray(p, float), np.asarray(groups)
     out: dict = {"images": int(len(y)), "groups": int(len(set(groups.tolist()))), "malignant": int(y.sum()),
@@ -85,6 +86,12 @@ def score_site(y, p, groups, threshold: float, *, n_boot: int = 2000, seed: int 
         ci = metrics.bootstrap_ci(y, p, threshold, groups=groups, n_boot=n_boot, seed=seed)
     out["notes"] += sorted({str(w.message) for w in caught})
     out["at_run_threshold"] = {k: [float(x) for x in v] for k, v in ci.items()}
+    out["ci"] = {"level": 0.95, "method": "percentile bootstrap", "resamples": int(n_boot), "seed": int(seed),
+                 "unit": "group"}
+    # Where the bootstrap collapses (few groups, a rate of 0 or 1 at this site) these stay honest.
+    out["wilson_groups"] = metrics.wilson_by_groups(metrics.binary_metrics(y, p, threshold), y, groups)
+    few = metrics.few_groups_note(out["groups"], "this site", " (wilson_groups)")
+    out["notes"] += [few] if few else []
     own = metrics.choose_threshold(y, p, "youden")
     at_own = metrics.binary_metrics(y, p, own)
     out["threshold_transfer"] = {
@@ -109,7 +116,10 @@ def score_site(y, p, groups, threshold: float, *, n_boot: int = 2000, seed: int 
     out["called_malignant"] = float(np.mean(p >= threshold))
     saturated = float(np.mean((p <= SATURATION) | (p >= 1 - SATURATION)))
     out["saturated_share"] = saturated
-    out["notes"] += [f for f in threshold_flags(p, threshold) if "saturated" in f and "validation" not in f]
+    # The run's threshold on a saturated score says nothing at this site either (the share of saturated scores
+    # has its own note below; the tie flag concerns a threshold chosen on these scores, which this one is not).
+    out["notes"] += [f for f in threshold_flags(p, threshold, what="site's") if f.startswith("threshold ")
+                     and "saturated" in f]
     if saturated > 0.2:
         out["notes"].append(f"{saturated:.0%} of this site's scores are saturated (0 or 1): the model is "
                             "overconfident here; look at the logits in predictions.csv")
@@ -154,6 +164,10 @@ def format_site(site: str, result: Mapping) -> list[str]:
         lines.append("  at the run's threshold {:.4g}: ".format(result["threshold"]) + ", ".join(
             f"{k} {v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for k, v in at.items()
             if k in ("auc", "sensitivity", "specificity", "accuracy")))
+        wilson = result.get("wilson_groups") or {}
+        if wilson:
+            lines.append("  Wilson 95% over lesion groups: " + ", ".join(
+                f"{k} [{v[1]:.3f}, {v[2]:.3f}]" for k, v in wilson.items()))
         t = result["threshold_transfer"]
         lines.append(f"  threshold transfer: sensitivity/specificity {t['run']['sensitivity']:.3f}/"
                      f"{t['run']['specificity']:.3f} at the run's threshold vs "

@@ -786,3 +786,35 @@ def wilson_interval(rate: float, n: float, z: float = 1.959963984540054) -> tupl
     centre = (rate + z2 / (2 * n)) / (1 + z2 / n)
     half = z / (1 + z2 / n) * math.sqrt(rate * (1 - rate) / n + z2 / (4 * n * n))
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def wilson_by_groups(point: Mapping[str, float], y, groups) -> dict[str, list[float]]:
+    """``{rate: [value, low, high]}``: Wilson 95% intervals of accuracy, sensitivity and specificity with
+    the number of lesion groups behind each rate as its sample size (all groups; groups with a malignant
+    image; groups with a benign one). ``point`` holds the rates (from :func:`binary_metrics`)."""
+    y, groups = np.asarray(y), np.asarray(groups)
+    denominators = {
+        "accuracy": len(set(groups.tolist())),
+        "sensitivity": len(set(groups[y == 1].tolist())),
+        "specificity": len(set(groups[y == 0].tolist())),
+    }
+    out = {}
+    for name, n in denominators.items():
+        value = float(point.get(name, float("nan")))
+        low, high = wilson_interval(value, n)
+        out[name] = [value, low, high]
+    return out
+
+
+FEW_GROUPS = 20  # fewer lesion groups than this behind a set of metrics: their bootstrap intervals are flagged
+
+
+def few_groups_note(n_groups: int, where: str, more: str = "") -> str | None:
+    """The note for metrics resting on fewer than :data:`FEW_GROUPS` lesion groups (None otherwise): a
+    bootstrap over so few groups understates the uncertainty, and a rate that is right on every group gets a
+    zero-width interval, so the Wilson intervals over groups are the ones to read."""
+    if n_groups >= FEW_GROUPS:
+        return None
+    return (f"only {n_groups} lesion groups in {where}: a bootstrap over so few groups understates the uncertainty "
+            f"(a rate that is right on every group gets a zero-width interval); read the Wilson intervals over "
+            f"lesion groups{more}")

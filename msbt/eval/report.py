@@ -205,19 +205,33 @@ METRIC_LABELS = {
 }
 
 
+def _wilson_rows(wilson: dict | None) -> list[tuple[str, str]]:
+    """Table rows for Wilson intervals over lesion groups (``test_ci95_wilson_groups``, a site's
+    ``wilson_groups``): the rates' intervals that stay wide where the bootstrap collapses."""
+    return [(f"{METRIC_LABELS.get(k, k)}: Wilson 95% over lesion groups", f"[{_fmt(v[1])}, {_fmt(v[2])}]")
+            for k, v in (wilson or {}).items()]
+
+
+def _wilson_text(wilson: dict | None, key: str) -> str:
+    v = (wilson or {}).get(key)
+    return f"[{_fmt(v[1])}, {_fmt(v[2])}]" if v else ""
+
+
 def metrics_section(result: dict | None) -> str:
     if not result:
         return _section("Test metrics", "<p class=missing>No metrics.json in this run yet (the stage-2 model "
                         "has not been evaluated).</p>", "metrics")
     ci = result.get("test_ci95", {})
     rows = [(METRIC_LABELS.get(k, k), _ci_text(ci[k])) for k in METRIC_LABELS if k in ci]
+    rows += _wilson_rows(result.get("test_ci95_wilson_groups"))
     intro = (f"<p>Held-out test split: {result.get('test_images')} images in {result.get('test_groups')} lesion "
              f"groups. Threshold {_fmt(result.get('threshold'), 4)} chosen on the validation split "
              f"({result.get('val_images', '?')} images) by {_e(result.get('threshold_rule'))}; validation AUC (exact) "
              f"{_fmt(result.get('val_auc_exact', result.get('val_auc')))}. Intervals: 95% percentile bootstrap, "
              f"{_e(result.get('ci', {}).get('resamples', '?'))} resamples; unit resampled: "
              f"{_e(result.get('ci', {}).get('unit', 'group'))}.</p>")
-    notes = "".join(f"<li>{_e(n)}</li>" for n in result.get("notes", []))
+    site_notes = [f"site {site}: {n}" for site, r in (result.get("sites") or {}).items() for n in r.get("notes", [])]
+    notes = "".join(f"<li>{_e(n)}</li>" for n in [*result.get("notes", []), *site_notes])
     charts = []
     roc = result.get("roc_curve") or {}
     if roc.get("fpr"):
@@ -237,11 +251,14 @@ def metrics_section(result: dict | None) -> str:
     if cm:
         charts.append(confusion_svg(cm["matrix"], cm["labels"]))
     per_site = [(site, r["images"], r["groups"], *[_ci_text(r[k]) if k in r else "" for k in
-                                                   ("auc", "sensitivity", "specificity")])
+                                                   ("auc", "sensitivity", "specificity")],
+                 *[_wilson_text(r.get("wilson_groups"), k) for k in ("sensitivity", "specificity")])
                 for site, r in (result.get("sites") or {}).items()]
     if per_site:
-        intro += "<p>Per site, at the same threshold:</p>" + _table(
-            ("site", "images", "groups", "AUC", "sensitivity", "specificity"), per_site)
+        intro += "<p>Per site, at the same threshold (bootstrap intervals; Wilson intervals over the site's lesion " \
+                 "groups beside them):</p>" + _table(
+            ("site", "images", "groups", "AUC", "sensitivity", "specificity", "sensitivity, Wilson",
+             "specificity, Wilson"), per_site)
     spread = result.get("threshold_ci95")
     if spread and all(isinstance(v, (int, float)) for v in spread):
         intro += (f"<p>Threshold {_fmt(spread[0], 4)}: 95% range over bootstrap resamples of the validation "
@@ -567,6 +584,7 @@ def external_section(run: Path) -> str:
         at = r.get("at_run_threshold")
         if at:
             rows = [(METRIC_LABELS.get(k, k), _ci_text(v)) for k, v in at.items() if k in METRIC_LABELS]
+            rows += _wilson_rows(r.get("wilson_groups"))
             t = r["threshold_transfer"]
             transfer = _table(("threshold", "value", "sensitivity", "specificity"), [
                 ("run's validation threshold", t["run_threshold"], t["run"]["sensitivity"], t["run"]["specificity"]),

@@ -62,8 +62,8 @@ def run_reference(run: Path | None) -> tuple[dict | None, dict, list[str]]:
 
 
 def external(checkpoint: str | Path, sources: str | Sequence[str], *, out: str | Path | None = None,
-             threshold: float | None = None, keep_duplicates: bool = False, n_boot: int = 2000, seed: int = 0,
-             batch_size: int = 32) -> dict[str, dict]:
+             threshold: float | None = None, keep_duplicates: bool = False, n_boot: int = 2000,
+             seed: int | None = None, batch_size: int = 32) -> dict[str, dict]:
     """Score a stage-2 checkpoint on each external source; write ``<out>/external/<site>/``.
 
     Args:
@@ -72,7 +72,7 @@ def external(checkpoint: str | Path, sources: str | Sequence[str], *, out: str |
         out: folder that receives ``external/<site>/``; default the checkpoint's run folder.
         threshold: overrides the run's validation threshold.
         keep_duplicates: score near-duplicates of the run's train/val images too (default: excluded).
-        n_boot, seed: bootstrap resamples and seed.
+        n_boot, seed: bootstrap resamples and seed (default the run's ``data.seed``, as its own test metrics).
 
     Returns:
         {site: its metrics.json content}.
@@ -89,6 +89,8 @@ def external(checkpoint: str | Path, sources: str | Sequence[str], *, out: str |
     out = Path(out) if out else run
     if out is None:
         raise ValueError(f"{checkpoint}: not inside a run folder; give --out")
+    if seed is None:
+        seed = load_config([run / "config.yaml"]).data.seed if run and (run / "config.yaml").is_file() else 0
     model, stage = load_stage2(checkpoint)
     class_names = list(read_manifest(checkpoint)["class_names"])
     preparation, more = find_preparation(checkpoint, stage.image_size)

@@ -7,6 +7,7 @@ training would only cost time, and the checks are about what is compared and wri
 """
 
 import csv
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -38,6 +39,8 @@ def run(tmp_path_factory):
     sites = generate_sites(root / "sites", sites=3, seed=0, lesions_per_class=6, frames_per_lesion=(1, 2), size=48)["sites"]
     run = root / "runs" / "a"
     config = Config()
+    # a seed of its own: `msbt external` bootstraps with the run's data.seed, as the run's own test metrics do
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, seed=7))
     dump_config(config, run / "config.yaml")
     d = discover_sites(sites["site-a"], CLASSES)
     split = make_split(d, folds=3)
@@ -99,6 +102,8 @@ def test_external_metrics_transfer_calibration_depth_and_report(run):
     assert set(r["at_run_threshold"]) >= {"auc", "sensitivity", "specificity"} and r["threshold"] == 0.5
     auc, low, high = r["at_run_threshold"]["auc"]
     assert low <= auc <= high
+    assert r["ci"] == {"level": 0.95, "method": "percentile bootstrap", "resamples": 100, "seed": 7, "unit": "group"}
+    assert set(r["wilson_groups"]) == {"accuracy", "sensitivity", "specificity"}
     t = r["threshold_transfer"]
     assert "optimistic" in t["note"] and t["run_threshold"] == 0.5
     # Youden on the site itself can only do as well or better in J than the run's threshold.
@@ -110,6 +115,7 @@ def test_external_metrics_transfer_calibration_depth_and_report(run):
     assert any("tied scores" in n for n in r["run_notes"])
     html = (run["run"] / "report.html").read_text()
     assert 'id="external"' in html and "site-c" in html and "optimistic" in html
+    assert "Wilson 95% over lesion groups" in html
 
 
 def test_external_into_a_folder_that_is_not_a_run_and_bad_options(run, tmp_path, capsys):

@@ -916,3 +916,22 @@ def test_an_arm_trained_with_another_seed_is_trained_again_from_a_clean_folder(t
     (folder / "metrics.json").write_text(json.dumps({"checkpoint": str(checkpoint)}))
     (folder / "predictions.csv").write_text("split,source,group,y,p,site\ntest,a.png,g,1,0.9,a\n")
     assert X.run_arm(config, tmp_path / "store", None, folder)["checkpoint"] == str(checkpoint)
+
+
+def test_an_external_site_of_few_lesions_gets_wilson_intervals_a_note_and_its_seed():
+    from msbt.eval import external as ext
+
+    y = np.array([1] * 5 + [0] * 10)
+    p = np.where(y == 1, 0.95, 0.05)  # every lesion right: the bootstrap collapses to a point
+    r = ext.score_site(y, p, [f"g{i}" for i in range(15)], 0.5, n_boot=500, seed=3)
+    assert r["at_run_threshold"]["sensitivity"] == [1.0, 1.0, 1.0]
+    value, low, high = r["wilson_groups"]["sensitivity"]
+    assert value == 1.0 and low == pytest.approx(0.5655, abs=1e-4) and high == 1.0  # 5 of 5 malignant lesions
+    assert r["wilson_groups"]["specificity"][1] == pytest.approx(M.wilson_interval(1.0, 10)[0])
+    assert any("only 15 lesion groups in this site" in n for n in r["notes"])
+    assert r["ci"]["seed"] == 3 and r["ci"]["resamples"] == 500
+    assert any("Wilson 95% over lesion groups: accuracy" in line for line in ext.format_site("x", r))
+    # The run's threshold on a saturated score is flagged for the site (it was filtered out before)
+    sat = ext.score_site(y, np.where(y == 1, 1.0, 0.0), [f"g{i}" for i in range(15)], 1.0, n_boot=50)
+    assert any(n.startswith("threshold 1 lies on a saturated score") and "the site's scores" in n
+               for n in sat["notes"])

@@ -146,3 +146,26 @@ def test_metrics_and_predictions_name_the_site(tmp_path):
     E.write_predictions({"test": test}, tmp_path / "predictions.csv")
     back = E.read_predictions(tmp_path / "predictions.csv")
     assert back["test"]["site"].tolist() == test["site"].tolist()
+
+
+def test_a_small_site_gets_wilson_intervals_and_a_note_where_its_bootstrap_collapses():
+    """A site of 8 lesions with one malignant: about a third of the resamples hold no malignant case and the
+    rest agree, so the bootstrap gives a point for an interval; the Wilson interval over its groups and the
+    notes say what the pooled split's would (msbt.eval.evaluate.score does the same for the whole split)."""
+    from msbt.eval import evaluate as E
+    from msbt.eval.report import metrics_section
+
+    y = np.array([0, 1] * 30 + [1] + [0] * 7)
+    p = np.where(y == 1, 0.9, 0.1)
+    test = {"y": y, "p": p, "group": np.array([f"g{i}" for i in range(68)]),
+            "site": np.array(["a"] * 60 + ["b"] * 8)}
+    r = E.score(test, test, n_boot=1000)
+    b = r["sites"]["b"]
+    assert b["sensitivity"] == [1.0, 1.0, 1.0]  # what the bootstrap alone said
+    value, low, high = b["wilson_groups"]["sensitivity"]
+    assert value == 1.0 and high == 1.0 and low == pytest.approx(0.2065, abs=1e-3)  # 1 of 1 malignant lesion
+    assert any("undefined in" in n and "of 1000" in n for n in b["notes"])  # the resamples left out are counted
+    assert any("only 8 lesion groups in site b" in n for n in b["notes"])
+    assert not any("lesion groups" in n for n in r["sites"]["a"]["notes"])  # 60 groups: no note
+    html = metrics_section(r)
+    assert "site b: only 8 lesion groups" in html and "Wilson 95% over lesion groups" in html
