@@ -197,7 +197,9 @@ def summarize(prepared: dict[str, PreparedData]) -> str:
             f"from {p.source}; {s['rejects']} rejected (see {p.folder / 'rejects.csv'})",
             f"  split ({'reused' if p.reused else 'new'}, seed {s['seed']}): {counts}",
             f"  groups: {g['count']} ({g['multi_image']} with several images, largest {g['largest']}, "
-            f"{len(g['mixed_label'])} mixing classes)",
+            f"{len(g['mixed_label'])} mixing classes"
+            + (f"; {g['identical_joined']} of the given groups merged into others because they share a "
+               "byte-identical file" if g.get("identical_joined") else "") + ")",
             f"  a naive random split would leak {s['leakage']['naive_random']['val']} val and "
             f"{s['leakage']['naive_random']['test']} test images; this split leaks "
             f"{s['leakage']['group_aware']['val'] + s['leakage']['group_aware']['test']}",
