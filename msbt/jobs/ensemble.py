@@ -24,34 +24,9 @@ import numpy as np
 from msbt.atomicio import write_text
 from msbt.eval import metrics
 from msbt.eval.metrics import p_text
+from msbt.serve.predict import find_store
 
 CHECKPOINT_FOLDER = "checkpoint"
-
-
-def find_store(checkpoint: str | Path) -> Path:
-    """The store a checkpoint was trained on: the first store at or above its folder (``store/``,
-    ``stores/ultrasound/``, or a leave-one-site-out fold's ``loso/site-*/store``) whose identity is the
-    manifest's ``data_fingerprint`` and ``split_id``.
-
-    Raises:
-        ValueError: None found (pass the store explicitly).
-    """
-    from msbt.data.store import Store, StoreError
-    from msbt.model.checkpoint import read_manifest
-
-    folder = Path(checkpoint).expanduser().resolve()
-    manifest = read_manifest(folder)
-    wanted = (manifest.get("data_fingerprint"), manifest.get("split_id"))
-    for above in [folder, *folder.parents][:8]:
-        for candidate in [above / "store", above / "stores" / "ultrasound", *sorted(above.glob("loso/site-*/store"))]:
-            if not (candidate / "store.json").is_file():
-                continue
-            try:
-                if Store.open(candidate).fingerprint() == wanted:
-                    return candidate
-            except StoreError:
-                continue
-    raise ValueError(f"{folder}: no store with its data and split found at or above it; pass --store")
 
 
 def make_ensemble(checkpoints: Sequence[str | Path], out: str | Path, *, store: str | Path | None = None,

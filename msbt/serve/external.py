@@ -23,17 +23,42 @@ from msbt.data.discovery import Discovery
 from msbt.data.profile import check_inputs, image_features, out_of_range
 from msbt.data.sites import Site, discover_sites, parse_sources
 from msbt.data.splits import load_fingerprints
+from msbt.data.store import StoreError, read_store
 from msbt.eval import external as ext
 from msbt.images.imagefile import ImageError
-from msbt.serve.predict import (find_preparation, find_profile, find_run_dir, find_threshold, model_inputs,
-                                predict_logits, prepare_sized, threshold_warnings)
+from msbt.model.checkpoint import CheckpointError
+from msbt.serve.predict import (find_preparation, find_profile, find_run_dir, find_store, find_threshold,
+                                model_inputs, predict_logits, prepare_sized, threshold_warnings)
 
 log = logging.getLogger(__name__)
 _CHUNK = 256
 
 
-def run_reference(run: Path | None) -> tuple[dict | None, dict, list[str]]:
-    """The run's train/val fingerprints (relpath, hashes, thumbs, digests), its grouping thresholds and notes.
+def trained_on(checkpoint: str | Path, run: Path) -> tuple[set[str], Path]:
+    """The relpaths of the images ``checkpoint`` trained and chose its epoch on (train and val rows), and
+    the store or split file they were read from.
+
+    A fold of cross-validation or of leave-one-site-out trains on a re-split copy of the run's store
+    (``loso/site-<s>/store``, ``crossval/fold-<k>/store``), not on the run's split: a held-out site's images
+    sit in the run's train/val rows but were never seen by its fold's model, and comparing with the run's
+    split would exclude them as contamination. The store whose identity the checkpoint records says which
+    rows it trained on; without one (an export, a hand-made folder) the run's split does.
+    """
+    try:
+        store = find_store(checkpoint)
+    except (ValueError, CheckpointError, StoreError, OSError):
+        store = None
+    if store is not None:
+        table = read_store(store, columns=["source", "split"])
+        return {s for s, split in zip(table["source"], table["split"]) if split in ("train", "val")}, store
+    split = run / "data" / "ultrasound" / "split.csv"
+    with split.open(newline="") as handle:
+        return {r["relpath"] for r in csv.DictReader(handle) if r["split"] in ("train", "val")}, split
+
+
+def run_reference(run: Path | None, checkpoint: str | Path) -> tuple[dict | None, dict, list[str]]:
+    """The fingerprints (relpath, hashes, thumbs, digests) of the images ``checkpoint`` trained on
+    (:func:`trained_on`), the run's grouping thresholds, and notes.
 
     Returns (None, thresholds, notes) when the run folder or its split cannot be found: then no
     contamination check is possible and a note says so.
@@ -44,10 +69,12 @@ def run_reference(run: Path | None) -> tuple[dict | None, dict, list[str]]:
     folder = run / "data" / "ultrasound"
     summary = json.loads((folder / "split.json").read_text())
     thresholds = summary.get("thresholds", thresholds)
-    with (folder / "split.csv").open(newline="") as handle:
-        keep = {r["relpath"] for r in csv.DictReader(handle) if r["split"] in ("train", "val")}
-    saved = load_fingerprints(folder)
+    keep, source = trained_on(checkpoint, run)
     notes = []
+    if source.name != "split.csv" and source.resolve() != (run / "stores" / "ultrasound").resolve():
+        notes.append(f"contamination checked against the {len(keep)} train/val images of the store this "
+                     f"checkpoint trained on ({source}), not the run's split")
+    saved = load_fingerprints(folder)
     if saved is None:  # a run made before fingerprints were saved: scan its data again
         config = load_config([run / "config.yaml"])
         if not config.data.ultrasound:
@@ -95,7 +122,7 @@ def external(checkpoint: str | Path, sources: str | Sequence[str], *, out: str |
     class_names = list(read_manifest(checkpoint)["class_names"])
     preparation, more = find_preparation(checkpoint, stage.image_size)
     profile, more2 = find_profile(checkpoint)
-    reference, thresholds, more3 = run_reference(run)
+    reference, thresholds, more3 = run_reference(run, checkpoint)
     notes += more + more2 + more3 + threshold_warnings(checkpoint, chosen)
     results = {}
     for site in sites:

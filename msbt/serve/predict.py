@@ -37,7 +37,7 @@ from msbt.model.checkpoint import DIGEST_KEY, MODEL_FILE, CheckpointError, json_
 from msbt.config import PreprocessConfig, load_config
 from msbt.console import progress
 from msbt.data.discovery import Reject, is_folder, is_system_file, manifest_paths, mask_pattern, text_name, walk_files
-from msbt.data.store import STORE_FILE, Store
+from msbt.data.store import STORE_FILE, Store, StoreError
 from msbt.images.imagefile import ImageError, fit_square, image_refs, normalize_intensity, read_image
 from msbt.data.profile import check_inputs, image_features, out_of_range
 
@@ -181,6 +181,30 @@ def find_run_dir(checkpoint: str | Path) -> Path | None:
         if (run / "config.yaml").is_file() and ((run / "stores").is_dir() or (run / "data").is_dir()):
             return run
     return None
+
+
+def find_store(checkpoint: str | Path) -> Path:
+    """The store a checkpoint was trained on: the first store at or above its folder (``store/``, as a
+    cross-validation or leave-one-site-out fold keeps its re-split copy; ``stores/ultrasound/``; or a
+    leave-one-site-out fold's ``loso/site-*/store``) whose identity is the manifest's ``data_fingerprint``
+    and ``split_id``.
+
+    Raises:
+        ValueError: None found (pass the store explicitly).
+    """
+    folder = Path(checkpoint).expanduser().resolve()
+    manifest = read_manifest(folder)
+    wanted = (manifest.get("data_fingerprint"), manifest.get("split_id"))
+    for above in [folder, *folder.parents][:8]:
+        for candidate in [above / "store", above / "stores" / "ultrasound", *sorted(above.glob("loso/site-*/store"))]:
+            if not (candidate / "store.json").is_file():
+                continue
+            try:
+                if Store.open(candidate).fingerprint() == wanted:
+                    return candidate
+            except StoreError:
+                continue
+    raise ValueError(f"{folder}: no store with its data and split found at or above it; pass --store")
 
 
 def find_profile(checkpoint: str | Path) -> tuple[dict | None, list[str]]:

@@ -252,6 +252,31 @@ def test_leave_one_site_out_on_two_built_in_sites(loso):
 
 @pytest.mark.ray
 @pytest.mark.slow
+def test_external_on_a_fold_checks_contamination_against_what_the_fold_trained_on(loso):
+    """A leave-one-site-out fold's model never saw its held-out site, although that site's images are train/val
+    rows of the run's split: `msbt external` of the site with the fold's checkpoint must score every image of it
+    (it excluded the site's train/val images as "near-duplicates of the run's train/val images"), and the other
+    site, which the fold trained on, is found contaminated by exactly the fold store's train/val rows of it."""
+    from msbt.data.store import read_store
+    from msbt.serve.external import external
+
+    run = loso.tmp / "runs" / "loso"
+    (row,) = [r for r in loso.report["rows"] if r["site"] == "site-a"]
+    folders = {p.name: p for p in (loso.tmp / "synth").rglob("site-*") if p.is_dir() and (p / "benign").is_dir()}
+    assert set(folders) == {"site-a", "site-b"}
+    out = loso.tmp / "external-of-fold"
+    results = external(row["checkpoint"], [f"{name}={path}" for name, path in sorted(folders.items())], out=out,
+                       n_boot=50)
+    held = results["site-a"]
+    assert held["contamination"]["found"] == 0 and held["images"] == row["test_images"]
+    fold = read_store(run / "loso" / "site-site-a" / "store", columns=["source", "split"])
+    seen_b = sum(1 for s, split in zip(fold["source"], fold["split"]) if split in ("train", "val") and "site-b" in s)
+    assert results["site-b"]["contamination"]["found"] == seen_b > 0
+    assert any("the store this checkpoint trained on" in n for n in held["run_notes"])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_leave_one_site_out_compares_arms_on_each_held_out_site(loso, loso_arms):
     """compare --by site: the multistage arm is the design (its folders reused, nothing retrained), the scratch
     arm trains per site; the two are paired on each held-out site's images."""
