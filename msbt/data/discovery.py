@@ -171,7 +171,7 @@ def discover(
         records.append(ImageRecord(str(path), relpath, label, group, width, height, digest))
         hashes.append(phash)
         thumbs.append(thumb)
-    conflicting = _conflicts(records, on_conflict)
+    conflicting = label_conflicts(records, on_conflict)
     rejects += [Reject(text_name(records[i].path), reason) for i, reason in conflicting.items()]
     order = sorted((i for i in range(len(records)) if i not in conflicting),
                    key=lambda i: (keep.index(records[i].label), records[i].relpath))
@@ -202,20 +202,28 @@ def _source_path(source: str | Path) -> Path:
     return source
 
 
-def check_source(source: str | Path, classes: Sequence[str] = ()) -> None:
+def check_source(source: str | Path, classes: Sequence[str] = (), *, group_column: bool = False) -> None:
     """The cheap checks of `discover`, without reading any image: the folder or manifest exists and is
     readable, the classes to keep are there (a case-only difference is named), each class folder can be
     listed and a manifest is UTF-8 with path and label columns. Meant to run before Ray starts, so such
     mistakes cost seconds, not a cluster start-up.
 
+    Args:
+        group_column: the source must be a manifest with a ``group`` column (``data.grouping: manifest``).
+
     Raises:
         DataError: naming the folder, manifest or class and the reason.
     """
     source = _source_path(source)
+    if group_column and not source.is_file():
+        raise DataError(f"{source}: data.grouping: manifest needs a CSV manifest with a group column; this is a "
+                        "folder (use data.grouping: auto for it)")
     if source.is_file():
         columns, rows = _read_manifest_rows(source)
         if "path" not in columns or "label" not in columns:
             raise DataError(f"{source}: manifest needs a header with columns path,label[,group]; got {columns}")
+        if group_column and "group" not in columns:
+            raise DataError(f"{source}: data.grouping: manifest needs a group column in the manifest; got {columns}")
         found = sorted({r.get("label", "") for r in rows if not _too_many_fields(r, columns)} - {""})
         check_classes(source, tuple(classes) or found, found)
         return
@@ -236,13 +244,22 @@ def check_source(source: str | Path, classes: Sequence[str] = ()) -> None:
 
 
 def check_classes(source: str | Path, keep: Sequence[str], found: Sequence[str]) -> None:
-    """Every class to keep was found; a name that differs only in case is named as the likely mistake.
+    """Every class to keep was found, and no other class differs from one only in case or spaces (a name that
+    differs only in case is named as the likely mistake).
 
     Raises:
         DataError: naming the source, the missing class and what was found.
     """
     missing = [c for c in keep if c not in found]
     if not missing:
+        # A class folder or label that differs from a kept class only in case or spaces ("Malignant" beside
+        # "malignant") would be skipped as "not selected": images the user meant to use, lost without a word.
+        kept = {c.strip().lower(): c for c in keep}
+        twins = [f for f in found if f not in keep and f.strip().lower() in kept]
+        if twins:
+            raise DataError(f"{source}: class {twins[0]!r} differs from class {kept[twins[0].strip().lower()]!r} only "
+                            "in case or spaces, so its images would be left out (class names are case-sensitive); "
+                            "rename or merge it")
         return
     near = [f for f in found if f.lower() == missing[0].lower()]
     hint = f"; {near[0]!r} differs only in case (class names are case-sensitive)" if near else ""
@@ -272,7 +289,7 @@ def _in_class(path: str, where: Path) -> bool:
     return path.startswith(text_name(str(where)) + os.sep) or path == text_name(str(where))
 
 
-def _conflicts(records: list[ImageRecord], on_conflict: str) -> dict[int, str]:
+def label_conflicts(records: list[ImageRecord], on_conflict: str) -> dict[int, str]:
     """Indices of records whose exact content also appears under another label, with the reason.
 
     Raises:

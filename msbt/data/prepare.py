@@ -113,7 +113,8 @@ def check_data(config: Config, modalities: Sequence[str] = MODALITIES, *, always
             check_source(source, config.data.microscope_classes)
             continue
         for site in parse_sources(source):  # one source or several named sites (msbt.data.sites)
-            check_source(site.path, config.data.ultrasound_classes)
+            check_source(site.path, config.data.ultrasound_classes,
+                         group_column=config.data.grouping == "manifest")
 
 
 def prepare_data(config: Config, *, force_split: bool = False,
@@ -159,6 +160,13 @@ def _prepare_one(config: Config, modality: str, source: str, classes, folder: Pa
         log.warning("used in part %s: %s (data.on_partial: warn)", warning.path, warning.reason)
     # Microscope fields are cut into patches later; the split is by field, and auto-grouping still
     # catches a field saved twice.
+    grouping = d.grouping
+    if grouping == "manifest" and modality == "microscope" and not Path(source).is_file():
+        # data.grouping is meant for the user's (ultrasound) manifest; a microscope folder, such as the built-in
+        # cell images, has no group column to follow, and it once stopped every run that set it
+        log.info("microscope: %s is a folder, not a manifest: grouped by near-duplicates (data.grouping: manifest "
+                 "applies to manifests)", source)
+        grouping = "auto"
     if (folder / "split.json").exists() and not force:
         split, reused = load_split(folder, discovery), True
     else:
@@ -167,7 +175,7 @@ def _prepare_one(config: Config, modality: str, source: str, classes, folder: Pa
             ratios=d.split,
             folds=d.folds,
             seed=d.seed,
-            grouping=d.grouping,
+            grouping=grouping,
             max_distance=d.hash_max_distance,
             min_similarity=d.min_similarity,
             tolerance=d.split_tolerance,
@@ -199,11 +207,15 @@ def summarize(prepared: dict[str, PreparedData]) -> str:
             f"  groups: {g['count']} ({g['multi_image']} with several images, largest {g['largest']}, "
             f"{len(g['mixed_label'])} mixing classes"
             + (f"; {g['identical_joined']} of the given groups merged into others because they share a "
-               "byte-identical file" if g.get("identical_joined") else "") + ")",
+               "byte-identical file" if g.get("identical_joined") else "")
+            + (f"; {g['manifest_joined']} merged by the manifest's group column" if g.get("manifest_joined") else "")
+            + ")",
             f"  a naive random split would leak {s['leakage']['naive_random']['val']} val and "
             f"{s['leakage']['naive_random']['test']} test images; this split leaks "
             f"{s['leakage']['group_aware']['val'] + s['leakage']['group_aware']['test']}",
         ]
+        if s.get("skipped"):  # on purpose (a class not selected, masks), but the user should see how many
+            lines.append("  left out: " + ", ".join(f"{n} ({reason})" for reason, n in sorted(s["skipped"].items())))
         if len(s.get("sites", {})) > 1:
             for site, per in s["sites"].items():
                 lines.append(f"  site {site}: " + ", ".join(

@@ -12,6 +12,7 @@ absolute path of every file stays on its record (the sites have different roots)
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from msbt.data.discovery import DataError, Discovery, discover
+from msbt.data.discovery import DataError, Discovery, Reject, discover, label_conflicts, text_name
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -50,8 +51,16 @@ def parse_sources(value: str | Sequence[str]) -> list[Site]:
                             "'.' or '-', starting with a letter or digit")
         if any(s.name == name for s in sites):
             raise DataError(f"data.ultrasound: two sources named {name!r}; name them NAME=PATH")
+        same = [s for s in sites if _real(s.path) == _real(path)]
+        if same:  # every image twice, once per site: two "sites" that are one
+            raise DataError(f"data.ultrasound: sites {same[0].name!r} and {name!r} are the same source ({path})")
         sites.append(Site(name, path))
     return sites
+
+
+def _real(path: str) -> str:
+    # realpath, not Path.resolve: no error on a symbolic-link loop (discovery reports those)
+    return os.path.realpath(Path(path).expanduser())
 
 
 def default_name(path: str | Path) -> str:
@@ -94,10 +103,34 @@ def discover_sites(sources: str | Sequence[str] | Sequence[Site], classes: Seque
         rejects += d.rejects
         for reason, n in d.skipped.items():
             skipped[f"{site.name}: {reason}"] = n
+    _refuse_shared_files(records)
+    # The same content under two labels at two sites: each site's scan could not see it (discovery applies
+    # data.on_conflict within a source); the joined set must not train on both labels.
+    conflicting = label_conflicts(records, kwargs.get("on_conflict", "reject"))
+    rejects += [Reject(text_name(records[i].path), f"site {records[i].site!r}: {reason}")
+                for i, reason in conflicting.items()]
+    kept = [i for i in range(len(records)) if i not in conflicting]
     roots = {site.name: d.root for site, d in zip(sites, found)}
     common = str(Path(*_common_parts([Path(r).parts for r in roots.values()])))
-    return Discovery(root=common, classes=keep, records=records, rejects=sorted(rejects, key=lambda r: r.path),
-                     hashes=np.concatenate(hashes), thumbs=np.concatenate(thumbs), skipped=skipped, sites=roots)
+    return Discovery(root=common, classes=keep, records=[records[i] for i in kept],
+                     rejects=sorted(rejects, key=lambda r: r.path), hashes=np.concatenate(hashes)[kept],
+                     thumbs=np.concatenate(thumbs)[kept], skipped=skipped, sites=roots)
+
+
+def _refuse_shared_files(records) -> None:
+    """One file listed by two sites (two manifests naming it, or a site folder inside another) would be two
+    images of two sites: a curation mistake to fix, not something to guess about.
+
+    Raises:
+        DataError: naming the file and both sites.
+    """
+    first: dict[str, str] = {}
+    for r in records:
+        real = _real(r.path.split("#frame=")[0])  # the frames of one DICOM file are one file's
+        other = first.setdefault(real, r.site)
+        if other != r.site:
+            raise DataError(f"{text_name(r.path)} is listed by two sites, {other!r} and {r.site!r}: a file belongs "
+                            "to one site (list it in one manifest, or keep the sites' folders apart)")
 
 
 def _common_parts(parts: list[tuple[str, ...]]) -> tuple[str, ...]:

@@ -262,11 +262,16 @@ def make_split(
     else:
         groups, links = _groups(discovery, grouping, max_distance, min_similarity)
     groups = join_frames([r.relpath for r in records], groups)  # the frames of one DICOM cine loop: one group
-    identical = 0
+    identical = by_manifest = 0
     # The user's groups; a file copied under two of them is still one image. (`none` stays naive on purpose: it is
     # the paper's own procedure, a random split of images, reproduced to show what it leaks.)
     if grouping == "manifest":
-        groups, identical = join_identical([f"{r.site}\0{r.digest}" for r in records], groups)  # within a site
+        groups, identical = join_by([f"{r.site}\0{r.digest}" for r in records], groups)  # within a site
+    elif grouping == "auto" and any(r.group for r in records):
+        # A manifest's group column (a patient, a lesion) joins its rows as well: two views of one patient's lesion
+        # need not look alike, so near-duplicate links alone would let them straddle the split.
+        groups, by_manifest = join_by([f"{r.site}\0{r.group}" if r.group else f"\0{i}"
+                                       for i, r in enumerate(records)], groups)
     # Stratify by site and class: the stratum of a group is "<site>/<label>" (one site: just the label).
     strata = [f"{s}/{label}" for s, label in zip(sites, labels)] if several else labels
     relpaths = [r.relpath for r in records]
@@ -301,7 +306,9 @@ def make_split(
         "rejects": len(discovery.rejects),
         "empty_folds": [k for k in range(folds) if folds > 1 and not np.any(fold_index == k)],
         "counts": _counts(labels, split_index),
-        "groups": {**_group_stats(labels, groups, links), "identical_joined": identical},
+        "groups": {**_group_stats(labels, groups, links), "identical_joined": identical,
+                   "manifest_joined": by_manifest},
+        "skipped": dict(discovery.skipped),  # left out on purpose: classes not selected, masks, loose files
         "leakage": {
             "group_aware": leaked_images(split_index, groups),
             "naive_random": leaked_images(naive, groups),
@@ -398,17 +405,16 @@ def check_nonempty(split_index: np.ndarray, fold_index: np.ndarray, groups: Sequ
         )
 
 
-def join_identical(keys: Sequence[str], groups: Sequence[str]) -> tuple[list[str], int]:
-    """Put byte-identical files in one group, whatever groups they were given.
+def join_by(keys: Sequence[str], groups: Sequence[str]) -> tuple[list[str], int]:
+    """Merge the groups of records that share a key (union-find); the earliest member's group names each result.
 
-    Under ``grouping: manifest`` the groups are the user's; a file copied under two patient ids (and two
-    names) would otherwise land in train and test as two images: the same image on both sides.
-    Identical bytes are the same image in every grouping mode (``auto`` links them too). Groups holding a
-    copy of one file are merged (union-find), keeping the first name. ``keys`` identify the content (the
-    file's digest, with its site: groups never span sites).
+    Used for byte-identical files under ``grouping: manifest`` (key: the site and the file's digest; the
+    manifest's groups are the user's, but a file copied under two patient ids, and two names, would otherwise
+    land in train and test at once: identical bytes are the same image in every mode, and ``auto`` links them
+    itself), and for a manifest's group column under ``grouping: auto`` (key: the site and the group).
 
     Returns:
-        The groups, and how many of the given groups were merged into another one (0: no copies across groups).
+        The groups, and how many of the given groups were merged into another one (0: nothing joined).
     """
     parent = list(range(len(groups)))
 

@@ -5,6 +5,7 @@ Tiny generated data only: three built-in sites at 48 px; no Ray, no TensorFlow.
 
 import csv
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -169,3 +170,93 @@ def test_a_small_site_gets_wilson_intervals_and_a_note_where_its_bootstrap_colla
     assert not any("lesion groups" in n for n in r["sites"]["a"]["notes"])  # 60 groups: no note
     html = metrics_section(r)
     assert "site b: only 8 lesion groups" in html and "Wilson 95% over lesion groups" in html
+
+
+def test_one_source_named_twice_a_file_of_two_sites_and_labels_that_disagree_across_sites(three_sites, tmp_path):
+    """Each site's scan sees only its own files, so what two sites disagree about was let through: the same
+    folder as two sites (every image used twice), one file listed by two sites' manifests, and one image with
+    opposite labels at two sites (trained under both labels)."""
+    import shutil
+
+    a = Path(three_sites["site-a"])
+    with pytest.raises(DataError, match="sites 'x' and 'y' are the same source"):
+        parse_sources([f"x={a}", f"y={a}/"])
+    files = sorted((a / "benign").glob("*.png"))[:3]
+    one, two = tmp_path / "one.csv", tmp_path / "two.csv"
+    one.write_text("path,label\n" + "".join(f"{p},benign\n" for p in files) + f"{sorted((a / 'malignant').glob('*.png'))[0]},malignant\n")
+    two.write_text("path,label\n" + f"{files[0]},benign\n" + f"{sorted((a / 'malignant').glob('*.png'))[1]},malignant\n")
+    with pytest.raises(DataError, match=f"{files[0]} is listed by two sites, 'one' and 'two'"):
+        discover_sites([str(one), str(two)], CLASSES)
+    # the same content (a copy) labelled benign at one site and malignant at another
+    other = tmp_path / "other"
+    shutil.copytree(three_sites["site-b"], other)
+    shutil.copy(files[0], other / "malignant" / "copy.png")
+    with pytest.raises(DataError, match="same file content under two classes"):
+        discover_sites([f"a={a}", f"b={other}"], CLASSES, on_conflict="error")
+    d = discover_sites([f"a={a}", f"b={other}"], CLASSES)  # on_conflict: reject (the default): neither copy used
+    used = {r.relpath for r in d.records}
+    assert f"a/benign/{files[0].name}" not in used and "b/malignant/copy.png" not in used
+    assert len(d.records) == len(d.hashes) == len(d.thumbs)
+    assert {r.reason.split(":")[0] for r in d.rejects if "contradictory labels" in r.reason} == {"site 'a'", "site 'b'"}
+
+
+def test_a_class_that_differs_from_a_kept_one_only_in_case_is_refused_not_left_out(three_sites, tmp_path):
+    import shutil
+
+    from msbt.data.discovery import check_source, discover
+
+    data = tmp_path / "data"
+    shutil.copytree(three_sites["site-a"], data)
+    (data / "Malignant").mkdir()
+    shutil.copy(next((data / "malignant").glob("*.png")), data / "Malignant" / "x.png")
+    for check in (check_source, discover):  # before Ray starts, and in the scan itself
+        with pytest.raises(DataError, match="class 'Malignant' differs from class 'malignant' only in case"):
+            check(data, CLASSES)
+    rows = [f"{p},{'benign' if p.parent.name == 'benign' else 'malignant'}" for p in sorted(data.glob("[bm]*/*.png"))]
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("path,label\n" + "\n".join(rows + [f"{data / 'Malignant' / 'x.png'},BENIGN "]) + "\n")
+    with pytest.raises(DataError, match="class 'BENIGN' differs from class 'benign'"):
+        check_source(manifest, CLASSES)
+
+
+def test_a_manifests_patients_join_groups_under_auto_grouping_and_skips_are_reported(three_sites, tmp_path):
+    """Two images of one patient need not look alike: under the default grouping the manifest's group column
+    joins them as well as near-duplicate links, and what the scan left out on purpose reaches split.json."""
+    from msbt.data.discovery import discover
+
+    a = Path(three_sites["site-a"])
+    files = sorted(a.glob("*/*.png"))
+    rows = [f"{p},{p.parent.name},patient{i // 2}" for i, p in enumerate(files)] + [f"{files[0]},normal,"]
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("path,label,group\n" + "\n".join(rows) + "\n")
+    d = discover(manifest, CLASSES)
+    for seed in range(5):
+        result = make_split(d, seed=seed)
+        split_of = {}
+        for row, record in zip(result.table, d.records):
+            split_of.setdefault(record.group, set()).add(row["split"])
+        assert all(len(v) == 1 for v in split_of.values())  # no patient straddles the split
+        assert result.summary["groups"]["manifest_joined"] > 0
+    assert result.summary["skipped"] == {"class 'normal' not selected": 1}
+
+
+def test_grouping_manifest_follows_the_ultrasound_manifest_and_leaves_the_built_in_cells_alone(three_sites, tmp_path):
+    """data.grouping: manifest once stopped every run at the microscope step (the built-in cell images are a
+    folder, with no group column), after Ray had started; a site that is a folder is now named before Ray."""
+    from helpers import ROOT
+    from msbt.data.prepare import check_data, prepare_data
+
+    a = Path(three_sites["site-a"])
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("path,label,group\n" + "".join(f"{p},{p.parent.name},patient{i // 2}\n"
+                                                       for i, p in enumerate(sorted(a.glob("*/*.png")))))
+    smoke = [str(ROOT / "workflows" / "configs" / "smoke.yaml")]
+    common = ["data.grouping=manifest", f"run.storage_path={tmp_path}", f"synth.out_dir={tmp_path / 'synth'}"]
+    config = load_config(smoke, [f"data.ultrasound={manifest}", *common])
+    check_data(config)
+    prepared = prepare_data(config)
+    assert prepared["microscope"].split.summary["grouping"] == "auto"
+    assert prepared["ultrasound"].split.summary["grouping"] == "manifest"
+    folder = load_config(smoke, [f"data.ultrasound=[list={manifest}, b={three_sites['site-b']}]", *common])
+    with pytest.raises(DataError, match="data.grouping: manifest needs a CSV manifest with a group column; this is"):
+        check_data(folder, ["ultrasound"])
