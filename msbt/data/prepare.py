@@ -12,6 +12,7 @@ Two ways in:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -241,8 +242,11 @@ def build_stores(config: Config, prepared: dict[str, PreparedData]) -> dict[str,
         if modality == "ultrasound":
             _with_sites(items, d)
         build = pp.build_microscope_store if modality == "microscope" else pp.build_ultrasound_store
-        summary = build(items, store_dir(config, modality), config.preprocess, config.data.sixteen_bit,
-                        classes=d.classes)
+        settings = config.preprocess
+        if not data.reused and settings.on_existing == "resume":
+            # a split made in this step (--force-split): a store of the run's old split is stale, not to be mixed in
+            settings = dataclasses.replace(settings, on_existing="replace")
+        summary = build(items, store_dir(config, modality), settings, config.data.sixteen_bit, classes=d.classes)
         if modality == "microscope":
             pp.write_contact_sheets(summary.path, items, d.classes, pp.patch_params(config.preprocess))
         else:

@@ -463,7 +463,8 @@ def write_store(kind: str, items: list[dict], out: str | Path, fn: Callable, fn_
         image_shape, classes: Recorded in ``store.json`` for readers.
         files_per_chunk, files_per_task, cpus_per_task: Chunking and Ray Data task sizing.
         on_existing: "resume" (default behaviour: reuse a complete store, finish an interrupted one),
-            "overwrite" or "refuse".
+            "overwrite", "refuse", or "replace" (as "resume", but a store of other settings or another split is
+            rebuilt, not refused: for a split the run has just made anew).
         where: "ray" (Ray Data tasks; Ray initialised) or "local" (threads of this process, one Parquet
             file per ``files_per_task`` files).
 
@@ -713,7 +714,12 @@ def _prepare_folder(out: Path, ident: dict, on_existing: str) -> None:
         raise StoreError(f"{out}: a store already exists here (preprocess.on_existing: resume or overwrite)")
     elif exists:
         found = json.loads(marker.read_text()) if marker.exists() else None
-        if found != json.loads(json.dumps(ident)):
+        if found != json.loads(json.dumps(ident)) and on_existing == "replace":
+            # The run's split was just made anew (--force-split): the store of its old split matches nothing the
+            # run folder records any more, so it is rebuilt rather than refused.
+            log.warning("%s: made from the run's previous split or settings; rebuilt for the new split", out)
+            shutil.rmtree(out)
+        elif found != json.loads(json.dumps(ident)):
             raise StoreError(
                 f"{out}: the store here was made from other settings or another split; refusing to mix "
                 "them (set preprocess.on_existing: overwrite, or use another run name)"

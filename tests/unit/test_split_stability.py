@@ -156,3 +156,24 @@ def test_group_size_does_not_decide_the_split():
             members = [g for g, k in zip(groups, bins) if k == b]
             share = sum(size[g] > 1 for g in members) / len(members)
             assert 0.3 < share < 0.7, (seed, b, share)  # half the images, give or take
+
+
+def test_force_split_after_the_data_grew_rebuilds_the_store_of_the_old_split(tmp_path):
+    """`--force-split` made the new split, then the store of the old one refused the step ("made from other
+    settings or another split") and left the run folder with a new split beside a stale store."""
+    from msbt.config import load_config
+    from msbt.data.prepare import ensure_stores
+    from msbt.data.store import read_store
+
+    data = tmp_path / "data"
+    lesion_folder(data, lesions=10, frames=2)
+    config = load_config([], [f"data.ultrasound={data}", f"run.storage_path={tmp_path}", "run.name=grow",
+                              "preprocess.image_size=32", "preprocess.build=local"])
+    first = ensure_stores(config, ["ultrasound"])["ultrasound"]
+    assert len(read_store(first.path, columns=["source"])["source"]) == 20
+    cv2.imwrite(str(data / "benign" / "new_lesion.png"), textured(99999, 48))
+    second = ensure_stores(config, ["ultrasound"], force_split=True)["ultrasound"]
+    assert second.path == first.path
+    assert "new_lesion.png" in " ".join(read_store(second.path, columns=["source"])["source"])
+    again = ensure_stores(config, ["ultrasound"], force_split=True)["ultrasound"]  # same data: nothing rewritten
+    assert again.path == first.path and again.reused_chunks == 1
