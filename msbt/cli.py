@@ -576,6 +576,15 @@ def _cmd_stream(args) -> int:
     for option, value in (("--threads", args.threads), ("--max-frames", args.max_frames)):
         if value is not None and value < 1:  # TensorFlow aborted on --threads -2; --max-frames 0 scored nothing
             raise ConfigError(f"{option} must be >= 1, got {value}")
+    if not str(args.source).isdigit():  # a capture device index reads no folder
+        from msbt.data.discovery import refuse_output_in_inputs
+
+        out_csv = Path(args.out or "stream.csv")
+        outputs = [("--out", out_csv), ("--video", args.video)]
+        outputs += [("--heatmaps", out_csv.with_name(out_csv.stem + "-gradcam"))] if args.heatmaps else []
+        for option, path in outputs:
+            if path:  # frames written as PNGs into the folder being streamed would be read as frames next time
+                refuse_output_in_inputs(path, [args.source], option)
     if args.engine in ("keras", "savedmodel") or args.heatmaps:  # TensorFlow runs them (ONNX, OpenVINO: not)
         _quiet_tensorflow()
     served = load_served(args.model, args.engine, precision=args.precision, threads=args.threads,

@@ -626,8 +626,24 @@ def refuse_output_in_inputs(out: str | Path, inputs: Sequence[str | Path], optio
         if target == folder or (folder.is_dir() and folder in target.parents):
             raise DataError(f"{option} {out}: inside the data being read ({source}); msbt never writes into a data "
                             "folder: choose a path outside it")
+        for images in _manifest_folders(folder):  # a manifest's images live in folders of their own
+            if target == images or images in target.parents:
+                raise DataError(f"{option} {out}: inside {images}, a folder of images that {source} lists; msbt "
+                                "never writes into a data folder: choose a path outside it")
     if target.is_file() and target.suffix.lower() in IMAGE_EXTENSIONS | {".dcm"}:
         raise DataError(f"{option} {out}: an image file is there; choose another path")
+
+
+def _manifest_folders(source: Path) -> set[Path]:
+    """The folders holding the images a CSV manifest lists (none for anything else, or a manifest that cannot be
+    read: the scan reports that)."""
+    if not (source.suffix.lower() == ".csv" and source.is_file()):
+        return set()
+    try:
+        candidates = _from_manifest(source, ())[0]
+    except (DataError, OSError):
+        return set()
+    return {Path(os.path.realpath(c[0])).parent for c in candidates}
 
 
 def write_rejects(rejects: Sequence[Reject], path: str | Path) -> Path:

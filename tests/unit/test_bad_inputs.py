@@ -638,6 +638,22 @@ def test_no_command_writes_into_the_data_it_reads(tmp_path, checkpoint, capsys):
         assert f"msbt: error: {option} {out}: inside the data being read" in capsys.readouterr().err, argv
     assert image.read_bytes() == before
     assert not (root / "benign" / "sub").exists() and not (root / "maps").exists()
+    # `msbt stream` of a folder of frames: its CSV, video and heatmap folder (its frames would be read next time)
+    import shutil
+
+    shutil.copytree(root / "benign", tmp_path / "x-gradcam")  # e.g. the heatmaps of an earlier stream, streamed
+    for source, extra, option in ((root / "benign", ["--out", str(root / "benign" / "s.csv")], "--out"),
+                                  (root / "benign", ["--video", str(root / "benign" / "s.mp4")], "--video"),
+                                  (tmp_path / "x-gradcam", ["--out", str(tmp_path / "x.csv"), "--heatmaps", "5"],
+                                   "--heatmaps")):
+        assert main(["stream", str(checkpoint), str(source), *extra]) == 1, extra
+        assert f"msbt: error: {option} " in capsys.readouterr().err, extra
+    assert not list(root.rglob("s.*")) and not (tmp_path / "x.csv").exists()
+    # a manifest's images live in their own folders: an output there is refused as well, naming the manifest
+    manifest = tmp_path / "list.csv"
+    manifest.write_text(f"path,label\n{image},benign\n")
+    assert main(["predict", str(checkpoint), str(manifest), "--out", str(root / "benign" / "p.csv")]) == 1
+    assert f"inside {root / 'benign'}, a folder of images that {manifest} lists" in capsys.readouterr().err
     # onto an image file elsewhere: refused too; next to the data, not inside it: written
     other = png(tmp_path / "other.png", 5)
     assert main(["scan", str(root), "--rejects", str(other)]) == 1
