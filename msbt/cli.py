@@ -780,6 +780,21 @@ def _cmd_tune_report(args) -> int:
 INTERRUPTED = ("finished steps and checkpoints are kept: rerun the same command with --resume to continue")
 
 
+# Steps without --resume that keep what they finished and go on from there when run again (store chunks,
+# finished folds and arms).
+_CONTINUES = {"_cmd_preprocess", "_cmd_experiment"}
+
+
+def _stop_line(args, how: str) -> str:
+    """The line a stopped command ends with; what to do next only where there is something to continue
+    (serve, stream, predict or scan have nothing to resume, and no --resume)."""
+    if hasattr(args, "resume"):
+        return f"msbt: {how}; {INTERRUPTED}"
+    if getattr(args.func, "__name__", "") in _CONTINUES:
+        return f"msbt: {how}; finished steps are kept: rerun the same command to continue"
+    return f"msbt: {how}"
+
+
 class Stopped(KeyboardInterrupt):
     """SIGTERM (``ray job stop``, ``kill``, a scheduler's pre-emption), unwound like Ctrl-C."""
 
@@ -787,7 +802,7 @@ class Stopped(KeyboardInterrupt):
 _sigterm = {"seen": False}  # set by the SIGTERM handler of the command running on the main thread (main)
 
 
-def _stop_on_sigterm():
+def _stop_on_sigterm(line: str = f"msbt: stopped (SIGTERM); {INTERRUPTED}"):
     """Turn SIGTERM into :class:`Stopped`, saying so at once.
 
     ``ray job stop`` sends the job's driver SIGTERM and SIGKILL 3 s later (``RAY_JOB_STOP_WAIT_TIME_S``);
@@ -816,7 +831,7 @@ def _stop_on_sigterm():
         console.hide_worker_output(drop_bars=False)
         # os.write, not print: the main thread may be inside a write to stderr (a progress bar), and a
         # reentrant print would raise instead of saying this
-        os.write(2, f"msbt: stopped (SIGTERM); {INTERRUPTED}\n".encode())
+        os.write(2, f"{line}\n".encode())
         _sigterm["seen"] = True  # a plain assignment: no lock taken inside a signal handler
         raise Stopped()
 
@@ -856,7 +871,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers live
     if main_thread:
         _sigterm["seen"] = False
-    previous = _stop_on_sigterm() if main_thread else None
+    previous = _stop_on_sigterm(_stop_line(args, "stopped (SIGTERM)")) if main_thread else None
 
     def stopped() -> bool:  # SIGTERM reached this command, whatever became of its exception on the way
         return main_thread and _sigterm["seen"]
@@ -885,7 +900,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Ctrl-C (or `ray job stop` with RAY_JOB_STOP_SIGNAL=SIGINT): one line, not a traceback; what
         # finished is on disk. It stays the last line: no worker's bar is drawn below it.
         console.hide_worker_output()
-        sys.stderr.write(f"msbt: interrupted; {INTERRUPTED}\n")  # not print(): Ray patches it to redraw the bars
+        sys.stderr.write(_stop_line(args, "interrupted") + "\n")  # not print(): Ray patches it to redraw the bars
         return 130
     except Exception as exc:  # one clear line for users; --debug shows where it came from
         if args.debug:

@@ -248,8 +248,10 @@ def test_link_loops_fifos_and_devices_are_rejected_never_followed_or_opened(tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig, code, line", [(signal.SIGINT, 130, "msbt: interrupted; finished steps"),
-                                             (signal.SIGTERM, 143, "msbt: stopped (SIGTERM); finished steps")])
+# a scan has nothing to resume: the line says no more than what happened (it once told to rerun with --resume,
+# an option scan does not have)
+@pytest.mark.parametrize("sig, code, line", [(signal.SIGINT, 130, "msbt: interrupted\n"),
+                                             (signal.SIGTERM, 143, "msbt: stopped (SIGTERM)\n")])
 def test_first_ctrl_c_or_sigterm_stops_a_scan(tmp_path, sig, code, line):
     """One large image linked 400 times: a scan of several seconds, stopped by one SIGINT (Ctrl-C) or
     SIGTERM (what `ray job stop` sends a job's driver, SIGKILL following 3 s later)."""
@@ -269,6 +271,18 @@ def test_first_ctrl_c_or_sigterm_stops_a_scan(tmp_path, sig, code, line):
     stopped = time.monotonic() - sent
     assert proc.returncode == code and line in err and "Traceback" not in err, err
     assert stopped < 3.0, f"took {stopped:.1f} s after the first signal"
+
+
+def test_a_stopped_command_says_what_to_do_next_only_where_there_is_something_to_continue():
+    from msbt.cli import _stop_line, build_parser
+
+    parse = build_parser().parse_args
+    assert _stop_line(parse(["stage2"]), "interrupted") == (
+        "msbt: interrupted; finished steps and checkpoints are kept: rerun the same command with --resume to continue")
+    assert _stop_line(parse(["preprocess"]), "stopped (SIGTERM)") == (
+        "msbt: stopped (SIGTERM); finished steps are kept: rerun the same command to continue")
+    for argv in (["serve", "m"], ["stream", "m", "s"], ["predict", "m", "x.png"], ["scan", "d"]):
+        assert _stop_line(parse(argv), "stopped (SIGTERM)") == "msbt: stopped (SIGTERM)", argv
 
 
 # Run in a child process: a SIGTERM that finds no msbt handler in pytest's own process ends the test process,
