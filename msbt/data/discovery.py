@@ -478,7 +478,9 @@ def _from_manifest(manifest: Path, classes: Sequence[str]):
             rejects.append(Reject(str(path), f"listed with two labels: {first_label!r} at line {first_line} and "
                                              f"{label!r} at line {line}; used under neither"))
         elif real in seen:
-            rejects.append(Reject(str(path), f"listed twice in the manifest (again at line {line})"))
+            # the repeated row is what is rejected: the file itself is used once, from its first row
+            rejects.append(Reject(str(path), f"listed twice in the manifest (again at line {line}); used once, as "
+                                             f"listed at line {seen[real][2]}"))
         elif not os.path.lexists(path):
             rejects.append(Reject(str(path), f"listed in the manifest (line {line}, label {label!r}) but does not "
                                              "exist"))

@@ -236,7 +236,8 @@ def _folder(path: Path, fps: float, sixteen_bit: str) -> Source:
             try:
                 yield read_image(file, sixteen_bit)
             except (ImageError, OSError) as err:  # one bad file of many: skipped and counted, named in the notes
-                yield Unreadable(f"{file}: {err}")
+                # an ImageError's text already starts with the file's path
+                yield Unreadable(str(err) if isinstance(err, ImageError) else f"{file}: {err}")
 
     return Source(str(path), "folder", fps, frames(), live=False)
 

@@ -193,6 +193,7 @@ def test_stream_of_a_folder_scores_every_frame_like_the_engine(exported, tmp_pat
     assert (summary["frames_read"], summary["frames_scored"], summary["frames_dropped"],
             summary["frames_unreadable"]) == (7, 6, 0, 1)
     assert any(f"{folder / 'f002.png'}: truncated PNG" in note for note in summary["notes"]), summary["notes"]
+    assert not any(f"{folder / 'f002.png'}: {folder / 'f002.png'}" in note for note in summary["notes"])  # once
     assert "6 scored, 0 dropped, 1 unreadable" in capsys.readouterr().out
 
 

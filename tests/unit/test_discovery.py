@@ -125,6 +125,8 @@ def test_manifest_with_groups_relative_and_absolute_paths(tmp_path):
     assert len(reasons) == 3
     assert any("does not exist" in r for r in reasons) and any("listed twice" in r for r in reasons)
     assert any("without a path" in r for r in reasons)
+    # the repeated row is what was rejected: the file is used, once (it read as if the file were left out)
+    assert any(r.endswith("used once, as listed at line 2") for r in reasons), reasons
 
 
 def test_a_file_listed_with_two_labels_is_used_under_neither(tmp_path):
