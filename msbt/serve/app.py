@@ -115,6 +115,9 @@ class Classifier:
         from msbt.serve.predict import model_inputs, prepare_rgb
 
         prep = self.model.preparation
+        if body[128:132] == b"DICM":  # a DICOM file's preamble: said as such, not "corrupt header"
+            raise ImageError("request body", "a DICOM file: msbt serve takes PNG, JPEG, BMP or TIFF bytes (msbt "
+                                             "predict and msbt stream read DICOM files)")
         try:
             rgb = decode_image(body, "request body", prep.sixteen_bit)  # type: ignore[arg-type]
         except cv2.error as err:  # e.g. an image above OpenCV's pixel limit asserts instead of failing

@@ -342,7 +342,8 @@ def test_serve_answers_images_and_refuses_bad_bytes(exported, ray_local, tmp_pat
             0.5, exported["record"]["model_id"], exported["record"]["lineage_sha256"])
         # Bad bytes: 400 with the reason, never a 500.
         bad = {b"": "empty", b"this is not an image": "cannot be decoded", files[0][: len(files[0]) // 2]: "truncated",
-               np.zeros(4, np.uint8).tobytes(): "cannot be decoded"}
+               np.zeros(4, np.uint8).tobytes(): "cannot be decoded",
+               bytes(128) + b"DICM" + bytes(64): "a DICOM file: msbt serve takes PNG"}  # said as such, not "corrupt"
         for body, reason in bad.items():
             answer = requests.post(f"{url}/predict", data=body, timeout=30)
             assert answer.status_code == 400 and reason in answer.json()["error"], (body[:20], answer.text)
