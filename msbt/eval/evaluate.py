@@ -248,10 +248,17 @@ def with_scope(result: dict, test_sites, train_sites) -> dict:
     return {**result, "scope": {"kind": kind, "sites": tested, "unseen_sites": unseen}, "notes": notes}
 
 
+# Why a rate has no value (metrics.json keeps NaN; the terminal says why rather than "nan [nan, nan]")
+UNDEFINED = {"ppv": "no test image called malignant", "npv": "no test image called benign",
+             "sensitivity": "no malignant test image", "specificity": "no benign test image",
+             "auc": "the test split lacks a class", "f1": "no malignant image, and none called malignant"}
+
+
 def format_report(result: dict) -> str:
     """Lines for the job log: each test metric with its 95% interval."""
     ci = result["test_ci95"]
-    parts = [f"{k} {ci[k][0]:.3f} [{ci[k][1]:.3f}, {ci[k][2]:.3f}]"
+    parts = [f"{k} {ci[k][0]:.3f} [{ci[k][1]:.3f}, {ci[k][2]:.3f}]" if np.isfinite(ci[k][0])
+             else f"{k} undefined ({UNDEFINED.get(k, 'a zero denominator')})"
              for k in ("accuracy", "auc", "sensitivity", "specificity", "ppv", "npv", "f1", "brier", "loss")
              if k in ci]
     lines = [f"test split ({result['test_images']} images, {result['test_groups']} lesion groups; threshold "

@@ -935,3 +935,15 @@ def test_an_external_site_of_few_lesions_gets_wilson_intervals_a_note_and_its_se
     sat = ext.score_site(y, np.where(y == 1, 1.0, 0.0), [f"g{i}" for i in range(15)], 1.0, n_boot=50)
     assert any(n.startswith("threshold 1 lies on a saturated score") and "the site's scores" in n
                for n in sat["notes"])
+
+
+def test_a_rate_without_a_value_says_why_on_the_terminal():
+    from msbt.eval.evaluate import format_report, score
+
+    y = np.array([0, 1] * 10)
+    groups = np.array([f"g{i}" for i in range(20)])
+    val = {"y": y, "p": np.where(y == 1, 0.9, 0.1), "group": groups}
+    result = score(val, {"y": y, "p": np.full(20, 0.05), "group": groups}, n_boot=50)  # nothing called malignant
+    assert np.isnan(result["test"]["ppv"])  # metrics.json keeps NaN
+    text = format_report(result)
+    assert "ppv undefined (no test image called malignant)" in text and " nan" not in text
