@@ -6,12 +6,12 @@ other image (msbt.images.imagefile) and says why when it cannot.
 
 Patient data: only the image pixel module (group 0x0028: rows, columns, bits, photometric
 interpretation, frames, palette) and the transfer syntax are ever read into memory. The header is read
-with ``specific_tags`` and pixels through ``pydicom.pixels.pixel_array(path, ds_out=...)``, which copies
-only group 0x0028 and the file meta, so PatientName, PatientID, dates, institution and every other
-identifying element are skipped by the parser and cannot reach a message, a log line or a result. A frame
-is referred to by the file's path and its index (``frame_ref``). pydicom's own warnings (which may quote
-element values) are silenced while a file is read. Text burned into the pixels by the scanner is not
-detected or removed (docs/data.md).
+with ``specific_tags`` (stopping before the pixel data, which is located, not read) and pixels through
+``pydicom.pixels.pixel_array(path, ds_out=...)``, which copies only group 0x0028 and the file meta, so
+PatientName, PatientID, dates, institution and every other identifying element are skipped by the parser
+and cannot reach a message, a log line or a result. A frame is referred to by the file's path and its index
+(``frame_ref``). pydicom's own warnings (which may quote element values) are silenced while a file is read.
+Text burned into the pixels by the scanner is not detected or removed (docs/data.md).
 
 No Ray, no TensorFlow.
 """
@@ -36,6 +36,8 @@ _HEADER_TAGS = [
     "SamplesPerPixel", "PhotometricInterpretation", "PlanarConfiguration", "Rows", "Columns",
     "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "NumberOfFrames",
 ]
+# Pixel Data, Float Pixel Data, Double Float Pixel Data: the elements pydicom decodes pixels from.
+_PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 
 
 class DicomError(ValueError):
@@ -62,10 +64,14 @@ class DicomHeader:
 
 
 def is_dicom(path: str | Path) -> bool:
-    """True for a DICOM Part 10 file: the ``DICM`` magic after the 128-byte preamble.
+    """True for a DICOM file: a Part 10 file (the ``DICM`` magic after the 128-byte preamble), whatever its
+    name, or a bare data set (no preamble, no magic) named as DICOM that pydicom reads as an image.
 
-    Files from PACS exports often have no extension (or a number as one), so the bytes decide, not the
-    name. A FIFO, device or unreadable file is not DICOM (nothing is opened that could block).
+    Files from PACS exports often have no extension (or a number as one), so for Part 10 files the bytes
+    decide, not the name. Older and hand-made exports write the data set alone; such a file has no magic,
+    and pydicom reads almost anything with ``force=True``, so it counts only with a DICOM extension and
+    when it parses to rows, columns and a pixel data element (a text file named ``x.dcm`` does not).
+    A FIFO, device or unreadable file is not DICOM (nothing is opened that could block).
     """
     import os
     import stat
@@ -77,7 +83,19 @@ def is_dicom(path: str | Path) -> bool:
             head = handle.read(132)
     except OSError:
         return False
-    return len(head) == 132 and head[128:132] == b"DICM"
+    if len(head) == 132 and head[128:132] == b"DICM":
+        return True
+    return Path(path).suffix.lower() in DICOM_EXTENSIONS and _is_bare_image(path)
+
+
+def _is_bare_image(path: str | Path) -> bool:
+    """True when pydicom, forced, reads a data set with rows, columns and pixel data from ``path``."""
+    _quiet()
+    try:
+        ds, pixels = _read_module(path, force=True)
+    except Exception:  # pydicom raises many types for what is not DICOM
+        return False
+    return pixels is not None and "Rows" in ds and "Columns" in ds
 
 
 def frame_ref(path: str | Path, index: int) -> str:
@@ -101,15 +119,19 @@ def read_header(path: str | Path) -> DicomHeader:
     """The image pixel module of a DICOM file, read without its pixel data.
 
     Raises:
-        DicomError: not DICOM, no image, or a pixel module that does not describe an image.
+        DicomError: not DICOM, no pixel data, no image, or a pixel module that does not describe an image.
     """
-    import pydicom
+    from pydicom.pixels.utils import get_expected_length
 
     _quiet()
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        # A bare data set (no preamble) is read only once is_dicom has accepted it: forced on any file,
+        # pydicom would find a "data set" in a text file.
+        ds, pixels = _read_module(path, force=is_dicom(path))
     except Exception as exc:  # pydicom raises many types for a damaged file
         raise DicomError(path, f"not a readable DICOM file ({type(exc).__name__})") from None
+    if pixels is None:
+        raise DicomError(path, "DICOM without pixel data (a report, a structured document or a header only)")
     try:
         header = DicomHeader(
             rows=int(ds.Rows),
@@ -119,29 +141,75 @@ def read_header(path: str | Path) -> DicomHeader:
             photometric=str(ds.PhotometricInterpretation).strip().upper(),
             bits_stored=int(ds.get("BitsStored", ds.get("BitsAllocated", 8))),
             signed=int(ds.get("PixelRepresentation", 0)) == 1,
-            transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")),
+            transfer_syntax=_transfer_syntax(ds),
         )
+        # pydicom's own count, so the check agrees with its decoder: YBR_FULL_422 holds 2 bytes a pixel
+        # (Y Y Cb Cr for 2 pixels), not SamplesPerPixel; 1-bit data is packed 8 pixels a byte.
+        needed = get_expected_length(ds)
     except (AttributeError, TypeError, ValueError):
-        raise DicomError(path, "DICOM file without an image (no rows, columns or photometric interpretation)") from None
+        raise DicomError(path, "DICOM file without an image (no rows, columns, samples per pixel, bits allocated "
+                               "or photometric interpretation)") from None
     if header.rows <= 0 or header.columns <= 0 or header.frames <= 0:
         raise DicomError(path, f"DICOM image of {header.columns}x{header.rows} px and {header.frames} frame(s)")
-    _check_length(path, header, int(ds.get("BitsAllocated", 8)))
+    _check_length(path, header, needed, pixels)
     return header
 
 
-def _check_length(path: str | Path, header: DicomHeader, bits_allocated: int) -> None:
-    """Refuse an uncompressed file too short for its frames: pydicom would decode the first frames of a
-    cut-off cine loop and fail (or pad) later ones, so the whole file is refused up front."""
+def _read_module(path: str | Path, force: bool) -> tuple[object, tuple[int, int] | None]:
+    """The image pixel module of a file and where its pixel data lies, without reading the pixels.
+
+    Returns:
+        ``(data set, pixels)``: the data set holds only _HEADER_TAGS and the file meta (no patient data);
+        ``pixels`` is ``(offset of the value in the file, declared length)`` of the pixel data element,
+        or None when the data set has none.
+    """
+    from pydicom.filereader import read_partial
+    from pydicom.tag import Tag
+
+    found = []
+    with open(path, "rb") as fp:
+        def at_pixel_data(tag: int, vr: str | None, length: int) -> bool:
+            # Called just past each top-level element's header, so fp.tell() is where its value starts.
+            if tag in _PIXEL_TAGS:
+                found.append((fp.tell(), length))
+                return True
+            return False
+
+        ds = read_partial(fp, at_pixel_data, force=force, specific_tags=[Tag(t) for t in _HEADER_TAGS])
+    return ds, (found[0] if found else None)
+
+
+def _transfer_syntax(ds) -> str:
+    """The file meta's transfer syntax; for a bare data set (no file meta), the encoding pydicom found."""
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    syntax = (getattr(ds, "file_meta", None) or {}).get("TransferSyntaxUID")
+    if syntax:
+        return str(syntax)
+    implicit, little = ds.original_encoding
+    return str(ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+
+
+def _check_length(path: str | Path, header: DicomHeader, needed: int, pixels: tuple[int, int]) -> None:
+    """Refuse an uncompressed file whose pixel data is shorter than its frames need (``needed`` bytes):
+    pydicom would decode the first frames of a cut-off cine loop and fail (or pad) later ones, so the
+    whole file is refused up front. The bytes counted are those the element declares and the file holds
+    after its start, not the file's size: a loop cut by less than its header's size is still cut."""
     import os
 
     from pydicom.uid import UID
 
-    if not header.transfer_syntax or UID(header.transfer_syntax).is_compressed:
+    syntax = UID(header.transfer_syntax)
+    # An unknown UID (not a transfer syntax) says nothing of the length; decoding names the problem.
+    if not syntax.is_transfer_syntax or syntax.is_compressed:
         return
-    needed = header.rows * header.columns * header.samples * header.frames * max(bits_allocated, 8) // 8
-    size = os.path.getsize(path)
-    if size < needed:
-        raise DicomError(path, f"truncated DICOM ({size} bytes; its {header.frames} frame(s) need {needed})")
+    offset, declared = pixels
+    have = declared
+    if not syntax.is_deflated:  # a deflated data set is inflated in memory: file offsets do not apply
+        have = min(declared, os.path.getsize(path) - offset)
+    if have < needed:
+        raise DicomError(path, f"truncated DICOM (its pixel data holds {max(have, 0)} bytes; "
+                               f"its {header.frames} frame(s) need {needed})")
 
 
 def read_dicom_frames(path: str | Path, sixteen_bit: str = "scale", max_pixels: int | None = None) -> list[np.ndarray]:
@@ -193,8 +261,9 @@ def read_dicom_frame(path: str | Path, index: int, sixteen_bit: str = "scale", *
     module = Dataset()  # receives group 0x0028 and the file meta only: no patient data
     _quiet()
     try:
-        # YBR_FULL/YBR_FULL_422 are converted to RGB by pydicom (raw=False).
-        array = pixel_array(str(path), ds_out=module, index=index)
+        # YBR_FULL/YBR_FULL_422 are converted to RGB by pydicom (raw=False). The transfer syntax is passed
+        # because a bare data set has no file meta to name it (for a Part 10 file it is the meta's own).
+        array = pixel_array(str(path), ds_out=module, index=index, transfer_syntax_uid=header.transfer_syntax)
     except Exception as exc:
         raise DicomError(path, _decode_failure(exc, header)) from None
     return _to_rgb8(array, header, sixteen_bit, path)

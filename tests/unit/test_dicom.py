@@ -56,6 +56,118 @@ def test_dicom_is_found_by_its_magic_whatever_its_name(tmp_path):
         read_image(tmp_path / "fake.dcm")
 
 
+def write_ybr_full_422(path, rgb):
+    """An uncompressed YBR_FULL_422 file of ``rgb`` (H, W, 3), W even: each pixel pair stored as Y Y Cb Cr
+    (PS3.3 C.7.6.3.1.2), so the pixel data is 2 bytes a pixel though SamplesPerPixel is 3."""
+    import pydicom
+    from pydicom.pixels import convert_color_space
+
+    ds = pydicom.dcmread(write_dicom(path, rgb[None], "RGB"))
+    ybr = convert_color_space(rgb, "RGB", "YBR_FULL")
+    # One Cb and one Cr per pair: the first pixel's (the callers make colour constant over pairs).
+    pairs = np.stack([ybr[:, 0::2, 0], ybr[:, 1::2, 0], ybr[:, 0::2, 1], ybr[:, 0::2, 2]], -1)
+    ds.PhotometricInterpretation = "YBR_FULL_422"
+    ds.PixelData = np.ascontiguousarray(pairs, np.uint8).tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+    return path
+
+
+def write_bare_dataset(path, frames):
+    """``frames`` as a bare data set: no preamble, no DICM magic, no file meta (implicit VR little
+    endian), as older and hand-made exports write DICOM; pydicom reads it with force=True."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+
+    ds = pydicom.dcmread(write_dicom(path, frames))
+    ds.preamble, ds.file_meta = None, FileMetaDataset()
+    ds.save_as(str(path), implicit_vr=True, little_endian=True, enforce_file_format=False)
+    return path
+
+
+def discover_one(root, name):
+    """Discovery of ``root/benign/name`` (the file moved there) beside one good still."""
+    (root / "benign").mkdir(exist_ok=True)
+    (root / name).rename(root / "benign" / name)
+    write_dicom(root / "benign" / "IM0001", cine(9, 1))
+    return discover(root, ("benign",))
+
+
+def test_ybr_full_422_is_read_as_rgb(tmp_path):
+    """4:2:2 data holds 2 bytes a pixel; a length check counting 3 (SamplesPerPixel) called it truncated."""
+    import pydicom
+
+    # Colour constant over each horizontal pixel pair, so subsampling loses nothing but rounding.
+    rgb = np.repeat(np.stack([textured(5), textured(6), textured(7)], -1)[:, ::2], 2, axis=1)
+    path = write_ybr_full_422(tmp_path / "ybr422.dcm", rgb)
+    image = read_image(path)
+    assert (image == pydicom.dcmread(path).pixel_array).all()  # pydicom's own YBR -> RGB, unchanged
+    assert np.abs(image.astype(int) - rgb).max() <= 1
+
+
+def test_dicom_without_pixel_data_says_so(tmp_path):
+    """A header without Pixel Data (a report, a cut-off export) is not a 'truncated' image."""
+    import pydicom
+
+    ds = pydicom.dcmread(write_dicom(tmp_path / "src.dcm", cine(1, 1)))
+    del ds.PixelData
+    ds.save_as(str(tmp_path / "report.dcm"), enforce_file_format=True)
+    with pytest.raises(ImageError, match="report.dcm: DICOM without pixel data"):
+        read_image(tmp_path / "report.dcm")
+    d = discover_one(tmp_path, "report.dcm")
+    assert d.rejects[0].reason.startswith("DICOM without pixel data")
+
+
+def test_pixel_data_cut_by_fewer_bytes_than_the_header_is_refused_whole(tmp_path):
+    """The bytes the pixel data holds are counted, not the file's size (which includes the header)."""
+    data = write_dicom(tmp_path / "loop.dcm", cine(2, 3)).read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(data[:-100])
+    assert image_refs(tmp_path / "cut.dcm") == [str(tmp_path / "cut.dcm")]  # not 2 good frames and a bad one
+    with pytest.raises(ImageError, match=r"cut.dcm: truncated DICOM \(its pixel data holds 12188 bytes; "
+                                         r"its 3 frame\(s\) need 12288\)"):
+        read_image(tmp_path / "cut.dcm")
+
+
+def test_unknown_transfer_syntax_is_a_reject_not_a_crash(tmp_path):
+    """A file meta naming a UID that is no transfer syntax: pydicom's ValueError from the length check
+    escaped as a bare ValueError, which discovery does not catch."""
+    import pydicom
+
+    path = write_dicom(tmp_path / "odd.dcm", cine(3, 1))
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = "1.2.3.4"
+    ds.save_as(str(path))
+    with pytest.raises(ImageError, match="odd.dcm: DICOM pixel data cannot be decoded"):
+        read_image(path)
+
+
+def test_bare_dataset_named_dcm_is_read_and_other_dcm_files_are_not(tmp_path):
+    """No preamble and no DICM magic: read when named as DICOM and pydicom finds an image in it."""
+    import pydicom
+
+    frames = cine(4, 2)
+    path = write_bare_dataset(tmp_path / "bare.dcm", frames)
+    assert path.read_bytes()[:2] == b"\x08\x00" and b"DICM" not in path.read_bytes()[:200]
+    assert dicom.is_dicom(path)
+    refs = image_refs(path)
+    assert [(read_image(ref)[:, :, 0] == frames[i]).all() for i, ref in enumerate(refs)] == [True, True]
+    # The name is what admits a file without magic: the same bytes under another name are no DICOM.
+    (tmp_path / "bare.bin").write_bytes(path.read_bytes())
+    assert not dicom.is_dicom(tmp_path / "bare.bin")
+    # Text, zeros and a bare data set without an image, named .dcm, stay rejected (pydicom, forced, reads
+    # almost anything as a "data set").
+    (tmp_path / "text.dcm").write_text("hello, this is not DICOM\n" * 10)
+    (tmp_path / "zeros.dcm").write_bytes(b"\0" * 600)
+    ds = pydicom.dcmread(path, force=True)
+    del ds.PixelData, ds.Rows
+    ds.save_as(str(tmp_path / "noimage.dcm"), implicit_vr=True, little_endian=True, enforce_file_format=False)
+    for name in ("text.dcm", "zeros.dcm", "noimage.dcm"):
+        assert not dicom.is_dicom(tmp_path / name)
+        with pytest.raises(ImageError, match=f"{name}: not an image file"):
+            read_image(tmp_path / name)
+    # Discovery takes the same decision (its frames are images, as for a Part 10 loop).
+    assert discover_one(tmp_path, "bare.dcm").counts() == {"benign": 3}
+
+
 def test_multiframe_frames_are_images_and_need_an_index(tmp_path):
     frames = cine(3, 4)
     write_dicom(tmp_path / "loop.dcm", frames)
