@@ -157,6 +157,10 @@ def open_source(source: str | int, *, fps: float | None = None, sixteen_bit: str
     if path.is_dir():
         return _folder(path, fps or DEFAULT_FPS, sixteen_bit)
     if not path.is_file():
+        if os.path.lexists(path):  # a FIFO, a socket, a device, a dangling link: there, but nothing to play
+            kind = "a dangling symbolic link" if not path.exists() else "not a regular file or a folder"
+            raise SourceError(f"{path}: {kind}; a stream reads a video or DICOM file, a folder of frames, or a "
+                              "capture device index")
         raise SourceError(f"{path}: no such file, folder or capture device")
     from msbt.images.dicom import is_dicom
 

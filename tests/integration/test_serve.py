@@ -297,6 +297,14 @@ def test_stream_sources_that_cannot_be_opened(tmp_path):
         st.open_source(tmp_path / "empty")
     with pytest.raises(st.SourceError, match="capture device 97"):
         st.open_source("97")
+    import os
+
+    os.mkfifo(tmp_path / "pipe.avi")  # there, but nothing to play: said as such, not "no such file"
+    with pytest.raises(st.SourceError, match="pipe.avi: not a regular file or a folder"):
+        st.open_source(tmp_path / "pipe.avi")
+    (tmp_path / "gone.avi").symlink_to(tmp_path / "nowhere.avi")
+    with pytest.raises(st.SourceError, match="gone.avi: a dangling symbolic link"):
+        st.open_source(tmp_path / "gone.avi")
 
 
 # ---------------------------------------------------------------------------------------------------
