@@ -604,6 +604,8 @@ def _cmd_serve(args) -> int:
     config = _load(args).serve
     config = dataclasses.replace(config, **{k: v for k, v in (("host", args.host), ("port", args.port))
                                             if v is not None})
+    if getattr(args, "verbose", False) and config.log_level not in ("DEBUG", "INFO"):
+        config = dataclasses.replace(config, log_level="INFO")  # --verbose shows Serve's own lines too
     check_ranges(config, "command line (--host, --port)", "serve.")
 
     from msbt.raycluster import init_ray

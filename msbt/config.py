@@ -305,6 +305,10 @@ class ServeConfig:
     # streams; ONNX Runtime threads split between calls). 1: a batch uses every thread (lowest latency when
     # idle); 2 on a 2-CPU replica served 16% more requests under load (docs/predict.md).
     streams: int = field(default=1, metadata=ADDED_LATER)
+    # Ray Serve's own records (its start-up, and an access-log line per request): WARNING keeps the console to
+    # msbt's lines and problems; INFO (or `msbt serve --verbose`) shows them, as Serve's files under the Ray
+    # session's logs/serve/ do.
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = field(default="WARNING", metadata=ADDED_LATER)
 
 
 @dataclass(frozen=True)

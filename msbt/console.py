@@ -93,7 +93,9 @@ def quiet_environment(verbose: bool = False) -> dict[str, str]:
     """
     if verbose:
         return {}
-    wanted = {"TF_CPP_MIN_LOG_LEVEL": "2"}
+    # gRPC's INFO lines (e.g. "Other threads are currently calling into gRPC, skipping fork() handlers", from a
+    # Serve replica) are C++ log lines no Python logger catches
+    wanted = {"TF_CPP_MIN_LOG_LEVEL": "2", "GRPC_VERBOSITY": "ERROR"}
     if not has_gpu():
         # No device, so nothing is hidden; TensorFlow's own probe would only print a CUDA error.
         wanted["CUDA_VISIBLE_DEVICES"] = ""

@@ -183,9 +183,22 @@ def run(model: str | Path, config: ServeConfig, *, threshold: float | None = Non
     # Serve would wait for ever for replicas no node can hold (msbt.raycluster.check_placeable)
     check_placeable(f"msbt serve's replicas ({config.replicas})", [replica_resources(config)] * config.replicas,
                     "serve.replicas, serve.cpus_per_replica, serve.gpus_per_replica")
+    # Serve's controller, proxies and replicas log at serve.log_level, and so does its logger in this process
+    # (its "Started Serve", "Application is ready" lines)
+    serve_log = logging.getLogger("ray.serve")
+    serve_log.setLevel(config.log_level)
+    if not any(isinstance(f, _SaidByMsbt) for f in serve_log.filters):
+        serve_log.addFilter(_SaidByMsbt())
     _start_serve(config)
-    serve.run(app, name="msbt", route_prefix="/", blocking=blocking)
+    serve.run(app, name="msbt", route_prefix="/", blocking=blocking, logging_config={"log_level": config.log_level})
     return url(config)
+
+
+class _SaidByMsbt(logging.Filter):
+    """Drops Serve's "Got KeyboardInterrupt, exiting..." (a WARNING): msbt's own last line says it stopped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Got KeyboardInterrupt")
 
 
 # How long msbt waits for the HTTP proxies that replaced one Serve killed while it started (serve.start's own wait)
@@ -205,14 +218,15 @@ def _start_serve(config: ServeConfig, wait_s: float = PROXY_WAIT_S) -> None:
     import ray
 
     options = {"host": config.host, "port": config.port}
+    logging_config = {"log_level": config.log_level}
     try:
-        serve.start(http_options=options)
+        serve.start(http_options=options, logging_config=logging_config)
     except ray.exceptions.RayActorError as err:
         if "ProxyActor" not in str(err):
             raise
         log.warning("Serve replaced its HTTP proxy while starting (it missed Serve's readiness checks, as on a busy "
                     "machine); waiting up to %.0f s for the new one", wait_s)
-        serve.start(http_options=options)  # the controller is up: this joins it
+        serve.start(http_options=options, logging_config=logging_config)  # the controller is up: this joins it
     deadline = time.monotonic() + wait_s
     while True:
         proxies = serve.status().proxies  # node id: STARTING, HEALTHY, UNHEALTHY, DRAINING (a node with no replica)

@@ -29,10 +29,11 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 def test_quiet_environment_keeps_what_the_user_set_and_never_hides_a_gpu(monkeypatch):
     monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("GRPC_VERBOSITY", raising=False)
     assert console.quiet_environment(verbose=True) == {}
     assert "TF_CPP_MIN_LOG_LEVEL" not in os.environ
     changed = console.quiet_environment()
-    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "2"
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "2" and os.environ["GRPC_VERBOSITY"] == "ERROR"
     assert ("CUDA_VISIBLE_DEVICES" in changed) == (not console.has_gpu())
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
