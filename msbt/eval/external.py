@@ -24,11 +24,13 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from msbt.data.discovery import Reject, write_rejects
 from msbt.eval import metrics
 from msbt.eval.threshold import SATURATION, threshold_flags
 from msbt.images.grouping import connected_groups, find_links
 
 EXTERNAL_DIR = "external"
+REJECTS_FILE = "rejects.csv"  # path,reason: the data step's rejects.csv, written by the same function
 SCHEMA = 1
 PREDICTION_COLUMNS = ("path", "relpath", "site", "group", "y", "p", "logit", "predicted", "out_of_range",
                       "excluded")
@@ -126,17 +128,22 @@ def score_site(y, p, groups, threshold: float, *, n_boot: int = 2000, seed: int 
     return out
 
 
-def write_site(folder: str | Path, result: Mapping, rows: Sequence[Mapping]) -> Path:
-    """Write ``metrics.json`` and ``predictions.csv`` of one site atomically into ``folder``."""
+def write_site(folder: str | Path, result: Mapping, rows: Sequence[Mapping], rejects: Sequence[Reject] = ()) -> Path:
+    """Write ``predictions.csv``, ``rejects.csv`` and ``metrics.json`` of one site atomically into ``folder``.
+
+    ``rejects.csv`` is written even when empty, so that a list left by an earlier run never passes for this
+    one's. ``metrics.json`` comes last: :func:`read_sites` takes a folder that has it as complete.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic(folder / "metrics.json", json.dumps(result, indent=2, default=float) + "\n")
     tmp = folder / ".predictions.csv.tmp"
     with tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(PREDICTION_COLUMNS), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, folder / "predictions.csv")
+    write_rejects(rejects, folder / REJECTS_FILE)
+    _atomic(folder / "metrics.json", json.dumps(result, indent=2, default=float) + "\n")
     return folder / "metrics.json"
 
 
@@ -159,6 +166,10 @@ def format_site(site: str, result: Mapping) -> list[str]:
                else f"{found} found and {'excluded' if c.get('excluded') else 'kept (--keep-duplicates)'}")
     lines = [f"site {site}: {result.get('images')} images scored ({result.get('groups')} groups, "
              f"{result.get('malignant')} malignant); near-duplicates of the run's train/val images: {verdict}"]
+    rejected = result.get("rejects", 0)
+    if rejected:
+        lines.append(f"  {rejected} file{'s' if rejected != 1 else ''} rejected (not readable or not usable as "
+                     f"images), listed with the reasons in {result.get('rejects_file', REJECTS_FILE)}")
     at = result.get("at_run_threshold")
     if at:
         lines.append("  at the run's threshold {:.4g}: ".format(result["threshold"]) + ", ".join(

@@ -6,6 +6,12 @@ validation threshold, and the run's train/val images are compared with each site
 with the fingerprints the split saved (`data/ultrasound/fingerprints.npz`; for runs made before it
 existed, the run's own data are scanned again). It lives in serve, not eval, because it loads and runs a
 model (serve sits above eval; eval never imports serve).
+
+Every source is scanned before the model loads and before any site is scored, and the sites' results are
+written only once all are scored: a bad source (a wrong manifest header, an empty folder, a class folder
+given for a data root, a missing path) fails the command naming itself, with no other site's results left
+behind. The scans hold fingerprints (a hash and a 32x32 thumbnail per image), not images, so keeping every
+site's at once costs little.
 """
 
 from __future__ import annotations
@@ -18,8 +24,8 @@ from typing import Sequence
 
 import numpy as np
 
-from msbt.config import load_config
-from msbt.data.discovery import Discovery
+from msbt.config import StageConfig, from_dict, load_config
+from msbt.data.discovery import DataError, Discovery, Reject
 from msbt.data.profile import check_inputs, image_features, out_of_range
 from msbt.data.sites import Site, discover_sites, parse_sources
 from msbt.data.splits import load_fingerprints
@@ -105,12 +111,14 @@ def external(checkpoint: str | Path, sources: str | Sequence[str], *, out: str |
         {site: its metrics.json content}.
 
     Raises:
-        ValueError: no output folder (and no run folder), a bad source (named), a bad threshold.
+        ValueError: no output folder (and no run folder), not a binary checkpoint, a bad threshold.
+        DataError: a source that cannot be used (each one named, with the reason), found before the model
+            loads; nothing is written then.
     """
     from msbt.eval.evaluate import load_stage2
     from msbt.model.checkpoint import read_manifest
 
-    sites = parse_sources(sources)  # bad names fail before the model loads
+    sites = parse_sources(sources)  # bad names fail before anything is read
     chosen, notes = find_threshold(checkpoint, threshold)
     run = find_run_dir(checkpoint)
     out = Path(out) if out else run
@@ -118,23 +126,67 @@ def external(checkpoint: str | Path, sources: str | Sequence[str], *, out: str |
         raise ValueError(f"{checkpoint}: not inside a run folder; give --out")
     if seed is None:
         seed = load_config([run / "config.yaml"]).data.seed if run and (run / "config.yaml").is_file() else 0
+    manifest = read_manifest(checkpoint)
+    class_names = list(manifest["class_names"])
+    # Checked here as load_stage2 checks it, before the scans: a stage-1 checkpoint's classes would otherwise
+    # fail every site's scan with a misleading "class ... not found".
+    if len(class_names) != 2:
+        raise ValueError(f"{checkpoint}: not a binary (stage-2) checkpoint: classes {class_names}")
+    # The manifest's image size is only the fallback of find_preparation: the model need not load for it.
+    size = from_dict(StageConfig, manifest["config"], source=f"{checkpoint}/manifest.json").image_size
+    preparation, more = find_preparation(checkpoint, size)
+    discoveries = discover_all(sites, class_names, preparation)
     model, stage = load_stage2(checkpoint)
-    class_names = list(read_manifest(checkpoint)["class_names"])
-    preparation, more = find_preparation(checkpoint, stage.image_size)
     profile, more2 = find_profile(checkpoint)
     reference, thresholds, more3 = run_reference(run, checkpoint)
     notes += more + more2 + more3 + threshold_warnings(checkpoint, chosen)
-    results = {}
-    for site in sites:
-        d = discover_sites([site], class_names, mask_suffixes=preparation.mask_suffixes,
-                           sixteen_bit=preparation.sixteen_bit)
-        result, rows = _score_site(model, stage, site, d, chosen.value, preparation, profile, reference, thresholds,
-                                   keep_duplicates=keep_duplicates, n_boot=n_boot, seed=seed, batch_size=batch_size)
+    scored = []
+    for site, d in zip(sites, discoveries):
+        result, rows, rejects = _score_site(model, stage, site, d, chosen.value, preparation, profile, reference,
+                                            thresholds, keep_duplicates=keep_duplicates, n_boot=n_boot, seed=seed,
+                                            batch_size=batch_size)
         result.update({"checkpoint": str(checkpoint), "threshold_source": chosen.source,
                        "preparation": preparation.as_dict(), "run_notes": notes})
-        ext.write_site(out / ext.EXTERNAL_DIR / site.name, result, rows)
+        scored.append((site, result, rows, rejects))
+    # Written only once every site is scored, so that a failure on a later site leaves no earlier site's
+    # results behind (the rows are a few hundred bytes per image: holding all sites' is cheap).
+    results = {}
+    for site, result, rows, rejects in scored:
+        folder = out / ext.EXTERNAL_DIR / site.name
+        result["rejects_file"] = str(folder / ext.REJECTS_FILE)
+        ext.write_site(folder, result, rows, rejects)
         results[site.name] = result
     return results
+
+
+def discover_all(sites: Sequence[Site], class_names: Sequence[str], preparation) -> list[Discovery]:
+    """Scan every site (:func:`msbt.data.sites.discover_sites`, one site at a time) before any is scored.
+
+    Args:
+        sites: the parsed sources.
+        class_names: the checkpoint's classes, in label order.
+        preparation: the run's preparation (its mask suffixes and 16-bit policy decide what a scan reads).
+
+    Returns:
+        One Discovery per site, in the sites' order.
+
+    Raises:
+        DataError: naming every source that cannot be used and why; all are scanned first, so that one
+            attempt names every bad source rather than one per attempt.
+    """
+    found, problems = [], []
+    for site in sites:
+        try:
+            found.append(discover_sites([site], class_names, mask_suffixes=preparation.mask_suffixes,
+                                        sixteen_bit=preparation.sixteen_bit))
+        except DataError as err:  # its message names the site and the source
+            problems.append(str(err))
+    if len(problems) == 1:
+        raise DataError(f"{problems[0]} (no site was scored and nothing was written)")
+    if problems:
+        raise DataError(f"{len(problems)} of {len(sites)} sources cannot be used (no site was scored and nothing "
+                        "was written): " + "; ".join(problems))
+    return found
 
 
 def _score_site(model, stage, site: Site, d: Discovery, threshold: float, preparation, profile, reference,
@@ -147,15 +199,15 @@ def _score_site(model, stage, site: Site, d: Discovery, threshold: float, prepar
     else:
         groups = ext.site_groups(d.hashes, d.thumbs, digests, **thresholds)
     rows, features, y, p, g = [], [], [], [], []
-    rejects = list(d.rejects)
+    rejects: list[Reject] = list(d.rejects)
     records = list(enumerate(d.records))
     for start in range(0, len(records), _CHUNK):
         images, kept, sizes = [], [], []
         for index, record in records[start : start + _CHUNK]:
             try:
                 image, size = prepare_sized(record.path, preparation)
-            except ImageError as err:
-                rejects.append(err)
+            except ImageError as err:  # read by the scan, but not by the run's preparation
+                rejects.append(Reject(err.path, err.reason))
                 continue
             images.append(image)
             sizes.append(size)
@@ -187,4 +239,4 @@ def _score_site(model, stage, site: Site, d: Discovery, threshold: float, prepar
     }
     result["out_of_depth"] = check_inputs(profile, features) if profile else []
     result["rejects"] = len(rejects)
-    return result, rows
+    return result, rows, rejects

@@ -457,3 +457,66 @@ def test_predict_takes_the_manifests_training_takes(tmp_path):
     files, rejects, _ = collect_files([tmp_path / "list.csv"])
     assert [f.name for f in files] == ["a.png", "b.png"]
     assert len(rejects) == 1 and "gone.png" in rejects[0].path and "does not exist" in rejects[0].reason
+
+
+@pytest.mark.parametrize("bad", ["wrong-header", "empty-dir", "class-dir", "missing"])
+def test_a_bad_later_source_fails_before_any_site_is_scored_or_written(run, tmp_path, capsys, monkeypatch, bad):
+    """Every source is scanned before the model loads: a bad one after a good one fails the command naming it, and
+    the good site's external/<site>/ is not written (it was scored and written first, then the command exited 1)."""
+    from msbt.cli import main
+
+    if bad == "wrong-header":
+        source = tmp_path / "wrong.csv"
+        source.write_text("file,class\nx.png,benign\n")
+    elif bad == "empty-dir":
+        source = tmp_path / "empty"
+        source.mkdir()
+    elif bad == "class-dir":
+        source = Path(run["sites"]["site-b"]) / "benign"
+    else:
+        source = tmp_path / "missing"
+
+    capsys.readouterr()
+    assert main(["external", str(run["checkpoint"]), f"first={run['sites']['site-c']}", f"bad={source}",
+                 "--n-boot", "50"]) == 1
+    assert not (run["run"] / "external" / "first").exists() and not (run["run"] / "external" / "bad").exists()
+    err = capsys.readouterr().err
+    assert "site 'bad'" in err and str(source) in err and "nothing was written" in err
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before every source was scanned")
+
+    # two bad sources: one attempt names both, and the model is never loaded
+    monkeypatch.setattr("msbt.eval.evaluate.load_stage2", no_model)
+    assert main(["external", str(run["checkpoint"]), f"gone={tmp_path / 'gone'}", f"first={run['sites']['site-c']}",
+                 f"bad={source}", "--n-boot", "50"]) == 1
+    err = capsys.readouterr().err
+    assert "2 of 3 sources" in err and "site 'gone'" in err and "site 'bad'" in err
+    assert not (run["run"] / "external" / "first").exists()
+
+
+def test_a_sites_rejects_are_written_beside_its_predictions_and_named(run, tmp_path, capsys):
+    """metrics.json counted a site's rejects without naming them: rejects.csv (path,reason, as the data step's)
+    lists them, and the command prints how many and where; a site without rejects gets an empty list, no line."""
+    from msbt.cli import main
+
+    site = tmp_path / "broken-site"
+    shutil.copytree(run["sites"]["site-c"], site)
+    (site / "benign" / "broken.png").write_text("not an image")
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["external", str(run["checkpoint"]), str(site), run["sites"]["site-c"], "--n-boot", "50",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    folder = out / "external" / "broken-site"
+    with (folder / "rejects.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(Path(r["path"]).name, bool(r["reason"])) for r in rows] == [("broken.png", True)]
+    assert list(rows[0]) == ["path", "reason"]
+    result = json.loads((folder / "metrics.json").read_text())
+    assert result["rejects"] == 1 and result["rejects_file"] == str(folder / "rejects.csv")
+    assert f"1 file rejected (not readable or not usable as images), listed with the reasons in {folder / 'rejects.csv'}" \
+        in printed
+    clean = out / "external" / "site-c"
+    assert (clean / "rejects.csv").read_text().splitlines() == ["path,reason"]
+    assert printed.count(" rejected (") == 1
