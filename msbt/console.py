@@ -61,6 +61,9 @@ QUIET_FORMAT = "%(levelname)s %(name)s: %(message)s"  # the terminal's, without 
 KNOWN_NOTICES = (
     "Token authentication is enabled for this Ray cluster",
     "Progress bars disabled",
+    # TensorFlow's warning when one process scores several models in turn (each fold's or seed's model: each
+    # is traced once, as it must be); it advises on code that retraces one function, which this is not
+    "triggered tf.function retracing",
 )
 # A forwarded worker line that names a Python exception ("ValueError: ...", "Traceback (most recent ...").
 ERROR_LINE = re.compile(r"^(Traceback \(most recent call last\)|[\w.]*[A-Z]\w*(Error|Exception)\b.*)")
