@@ -437,23 +437,10 @@ def join_frames(relpaths: Sequence[str], groups: Sequence[str]) -> list[str]:
     """Put the frames of one multi-frame file (``cine.dcm#frame=NNNN``, msbt.images.dicom) in one group.
 
     A cine loop is one lesion seen many times: its frames must never straddle splits, whatever the
-    grouping mode. Groups that hold frames of one file are merged (union-find), keeping the first name.
+    grouping mode. Groups that hold frames of one file are merged (:func:`join_by`).
     """
-    parent = list(range(len(groups)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    first: dict[tuple[str, str], int] = {}
-    for i, (relpath, group) in enumerate(zip(relpaths, groups)):
-        file, frame = _frame_of(relpath)
-        for key in (("group", group), ("file", file)) if frame is not None else (("group", group),):
-            j = first.setdefault(key, i)
-            parent[root(i)] = root(j)
-    return [groups[root(i)] for i in range(len(groups))]
+    files = [_frame_of(relpath) for relpath in relpaths]
+    return join_by([file if frame is not None else f"\0{i}" for i, (file, frame) in enumerate(files)], groups)[0]
 
 
 def _frame_of(relpath: str) -> tuple[str, int | None]:
