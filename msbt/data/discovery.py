@@ -115,6 +115,7 @@ def discover(
     on_partial: str = "reject",
     on_conflict: str = "reject",
     inspect_all: Callable[[list, str], list] | None = None,
+    every_class: bool = True,
 ) -> Discovery:
     """Scan a class-per-folder tree or a CSV manifest and validate every image in it.
 
@@ -135,6 +136,8 @@ def discover(
         inspect_all: runs `inspect_file` over every candidate and returns the (candidate, outcome) pairs
             in candidate order, given (candidates, options); None -> threads in this process
             (`inspect_in_threads`). `msbt.data.scan` passes one that runs on Ray Data.
+        every_class: every class in ``classes`` must have usable images (training); False accepts a source
+            with some of them only (an external site of malignant cases alone: ``msbt external``).
 
     Returns:
         Discovery with records sorted by (class order, relpath).
@@ -153,7 +156,7 @@ def discover(
     if strict and rejects:
         raise DataError(f"{rejects[0].path}: {rejects[0].reason} (strict mode)")
     keep = tuple(classes) if classes else tuple(sorted(found))
-    check_classes(source, keep, found)
+    check_classes(source, keep, found, every=every_class)
 
     options = {"sixteen_bit": sixteen_bit, "max_pixels": max_pixels, "on_partial": on_partial}
     records, hashes, thumbs, warnings = [], [], [], []
@@ -179,7 +182,8 @@ def discover(
         examples = "; ".join(f"{r.path}: {r.reason}" for r in sorted(rejects, key=lambda r: r.path)[:3])
         raise DataError(f"{source}: no usable images ({len(rejects)} rejected" + (f"; e.g. {examples}" if examples
                         else "") + ")", rejects)
-    _require_every_class(source, keep, [records[i].label for i in order], rejects, candidates)
+    if every_class:
+        _require_every_class(source, keep, [records[i].label for i in order], rejects, candidates)
     return Discovery(
         root=str(root),
         classes=keep,
@@ -243,27 +247,26 @@ def check_source(source: str | Path, classes: Sequence[str] = (), *, group_colum
             raise DataError(f"{source / c}: class folder cannot be read ({exc.strerror or exc})") from None
 
 
-def check_classes(source: str | Path, keep: Sequence[str], found: Sequence[str]) -> None:
-    """Every class to keep was found, and no other class differs from one only in case or spaces (a name that
-    differs only in case is named as the likely mistake).
+def check_classes(source: str | Path, keep: Sequence[str], found: Sequence[str], *, every: bool = True) -> None:
+    """Every class to keep was found (with ``every`` False: at least one), and no other class differs from one
+    only in case or spaces (a name that differs only in case is named as the likely mistake).
 
     Raises:
         DataError: naming the source, the missing class and what was found.
     """
     missing = [c for c in keep if c not in found]
-    if not missing:
-        # A class folder or label that differs from a kept class only in case or spaces ("Malignant" beside
-        # "malignant") would be skipped as "not selected": images the user meant to use, lost without a word.
-        kept = {c.strip().lower(): c for c in keep}
-        twins = [f for f in found if f not in keep and f.strip().lower() in kept]
-        if twins:
-            raise DataError(f"{source}: class {twins[0]!r} differs from class {kept[twins[0].strip().lower()]!r} only "
-                            "in case or spaces, so its images would be left out (class names are case-sensitive); "
-                            "rename or merge it")
-        return
-    near = [f for f in found if f.lower() == missing[0].lower()]
-    hint = f"; {near[0]!r} differs only in case (class names are case-sensitive)" if near else ""
-    raise DataError(f"{source}: class {missing[0]!r} not found (found: {', '.join(sorted(found)) or 'none'}){hint}")
+    if missing and (every or len(missing) == len(keep)):
+        near = [f for f in found if f.lower() == missing[0].lower()]
+        hint = f"; {near[0]!r} differs only in case (class names are case-sensitive)" if near else ""
+        raise DataError(f"{source}: class {missing[0]!r} not found (found: {', '.join(sorted(found)) or 'none'}){hint}")
+    # A class folder or label that differs from a kept class only in case or spaces ("Malignant" beside
+    # "malignant") would be skipped as "not selected": images the user meant to use, lost without a word.
+    kept = {c.strip().lower(): c for c in keep}
+    twins = [f for f in found if f not in keep and f.strip().lower() in kept]
+    if twins:
+        raise DataError(f"{source}: class {twins[0]!r} differs from class {kept[twins[0].strip().lower()]!r} only "
+                        "in case or spaces, so its images would be left out (class names are case-sensitive); "
+                        "rename or merge it")
 
 
 def _require_every_class(source: Path, keep: Sequence[str], labels: Sequence[str], rejects: list[Reject],

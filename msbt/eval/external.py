@@ -80,8 +80,21 @@ def score_site(y, p, groups, threshold: float, *, n_boot: int = 2000, seed: int 
     y, p, groups = np.asarray(y, int), np.asarray(p, float), np.asarray(groups)
     out: dict = {"images": int(len(y)), "groups": int(len(set(groups.tolist()))), "malignant": int(y.sum()),
                  "threshold": float(threshold), "notes": []}
-    if len(y) == 0 or y.min() == y.max():
-        out["notes"].append("the site needs both classes for AUC, sensitivity and specificity; counts only")
+    if len(y) == 0:
+        out["notes"].append("no image of the site was scored; counts only")
+        return out
+    if y.min() == y.max():
+        # One class only (a series of biopsy-proven cancers, say): its one rate at the run's threshold still
+        # says something, with a Wilson interval over the site's lesion groups; AUC and the other rate cannot.
+        name, hit = ("sensitivity", p >= threshold) if y[0] == 1 else ("specificity", p < threshold)
+        value = float(np.mean(hit))
+        out["one_class"] = {name: [value, *metrics.wilson_interval(value, out["groups"])]}
+        out["called_malignant"] = float(np.mean(p >= threshold))
+        out["notes"].append(f"only {'malignant' if y[0] == 1 else 'benign'} images: {name} at the run's threshold "
+                            f"with a Wilson interval over the site's {out['groups']} lesion groups; AUC and "
+                            f"{'specificity' if y[0] == 1 else 'sensitivity'} need both classes")
+        few = metrics.few_groups_note(out["groups"], "this site")
+        out["notes"] += [few] if few else []
         return out
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
@@ -170,6 +183,9 @@ def format_site(site: str, result: Mapping) -> list[str]:
     if rejected:
         lines.append(f"  {rejected} file{'s' if rejected != 1 else ''} rejected (not readable or not usable as "
                      f"images), listed with the reasons in {result.get('rejects_file', REJECTS_FILE)}")
+    for name, (value, low, high) in (result.get("one_class") or {}).items():
+        lines.append(f"  at the run's threshold {result['threshold']:.4g}: {name} {value:.3f} [{low:.3f}, {high:.3f}] "
+                     "(Wilson 95% over lesion groups)")
     at = result.get("at_run_threshold")
     if at:
         lines.append("  at the run's threshold {:.4g}: ".format(result["threshold"]) + ", ".join(

@@ -580,7 +580,9 @@ def external_section(run: Path) -> str:
         head = (f"<h3>{_e(site)}</h3><p>{_e(r.get('source'))}: {r.get('images')} images scored "
                 f"({r.get('groups')} lesion groups, {r.get('malignant')} malignant); contamination check "
                 f"(near-duplicates of the run's train/val images): {_e(_contamination_text(c))}.</p>")
-        body = ""
+        body = "".join(f"<p>{_e(METRIC_LABELS.get(k, k))} at the run's threshold: {_fmt(v[0])} [{_fmt(v[1])}, "
+                       f"{_fmt(v[2])}] (Wilson 95% over lesion groups; the site has one class)</p>"
+                       for k, v in (r.get("one_class") or {}).items())
         at = r.get("at_run_threshold")
         if at:
             rows = [(METRIC_LABELS.get(k, k), _ci_text(v)) for k, v in at.items() if k in METRIC_LABELS]

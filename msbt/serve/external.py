@@ -177,8 +177,9 @@ def discover_all(sites: Sequence[Site], class_names: Sequence[str], preparation)
     found, problems = [], []
     for site in sites:
         try:
+            # a site of one class (a series of biopsy-proven cancers) is scored too: sensitivity alone
             found.append(discover_sites([site], class_names, mask_suffixes=preparation.mask_suffixes,
-                                        sixteen_bit=preparation.sixteen_bit))
+                                        sixteen_bit=preparation.sixteen_bit, every_class=False))
         except DataError as err:  # its message names the site and the source
             problems.append(str(err))
     if len(problems) == 1:

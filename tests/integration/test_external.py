@@ -520,3 +520,18 @@ def test_a_sites_rejects_are_written_beside_its_predictions_and_named(run, tmp_p
     clean = out / "external" / "site-c"
     assert (clean / "rejects.csv").read_text().splitlines() == ["path,reason"]
     assert printed.count(" rejected (") == 1
+
+
+def test_a_site_of_malignant_cases_alone_is_scored_for_sensitivity(run, tmp_path, capsys):
+    """A hospital's series of biopsy-proven cancers has no benign image: it was refused ("class 'benign' not
+    found"); its sensitivity at the run's threshold is what it can say, with a Wilson interval."""
+    from msbt.cli import main
+
+    only = tmp_path / "biopsies"
+    shutil.copytree(Path(run["sites"]["site-c"]) / "malignant", only / "malignant")
+    assert main(["external", str(run["checkpoint"]), f"biopsies={only}", "--n-boot", "50",
+                 "--out", str(tmp_path / "out")]) == 0
+    r = json.loads((tmp_path / "out" / "external" / "biopsies" / "metrics.json").read_text())
+    value, low, high = r["one_class"]["sensitivity"]
+    assert r["malignant"] == r["images"] == len(list((only / "malignant").iterdir())) and low <= value <= high
+    assert "sensitivity" in capsys.readouterr().out

@@ -196,3 +196,19 @@ def test_fingerprint_changes_with_content_not_with_scan_order(tmp_path):
     assert discover(root, ("b", "a")).fingerprint() == first
     cv2.imwrite(str(root / "a/x.png"), textured(9))
     assert discover(root).fingerprint() != first
+
+
+def test_a_source_of_one_class_is_refused_for_training_and_taken_for_scoring(tmp_path):
+    """Training needs every class; `msbt external` scores a site of malignant cases alone (every_class=False),
+    still refusing a source with none of the classes and a class differing only in case."""
+    root = tree(tmp_path / "data", {"malignant/a.png": textured(1), "malignant/b.png": textured(2)})
+    with pytest.raises(DataError, match="class 'benign' not found"):
+        discover(root, ("benign", "malignant"))
+    d = discover(root, ("benign", "malignant"), every_class=False)
+    assert d.classes == ("benign", "malignant") and {r.label for r in d.records} == {"malignant"}
+    other = tree(tmp_path / "other", {"normal/a.png": textured(3)})
+    with pytest.raises(DataError, match="class 'benign' not found"):
+        discover(other, ("benign", "malignant"), every_class=False)
+    (root / "Benign").mkdir()
+    with pytest.raises(DataError, match="'Benign' differs from class 'benign' only in case"):
+        discover(root, ("benign", "malignant"), every_class=False)

@@ -947,3 +947,17 @@ def test_a_rate_without_a_value_says_why_on_the_terminal():
     assert np.isnan(result["test"]["ppv"])  # metrics.json keeps NaN
     text = format_report(result)
     assert "ppv undefined (no test image called malignant)" in text and " nan" not in text
+
+
+def test_an_external_site_of_one_class_gets_its_one_rate_with_a_wilson_interval():
+    from msbt.eval import external as ext
+
+    r = ext.score_site([1, 1, 1, 1], [0.9, 0.9, 0.2, 0.8], ["a", "b", "c", "d"], 0.5, n_boot=50)
+    value, low, high = r["one_class"]["sensitivity"]
+    assert value == 0.75 and (low, high) == pytest.approx(M.wilson_interval(0.75, 4))
+    assert "at_run_threshold" not in r and any("only malignant images" in n for n in r["notes"])
+    assert any("sensitivity 0.750 [" in line for line in ext.format_site("biopsies", r))
+    benign = ext.score_site([0, 0, 0], [0.1, 0.7, 0.2], ["a", "b", "b"], 0.5, n_boot=50)
+    assert benign["one_class"]["specificity"][0] == pytest.approx(2 / 3)
+    assert (benign["one_class"]["specificity"][1], benign["one_class"]["specificity"][2]) == pytest.approx(
+        M.wilson_interval(2 / 3, 2))  # two lesion groups behind it
