@@ -507,8 +507,10 @@ def _cmd_external(args) -> int:
     from msbt.serve.external import external
     from msbt.serve.predict import find_run_dir
 
-    if args.out:
-        refuse_output_in_inputs(args.out, args.sources, "--out")
+    if args.out:  # the sources' paths: a NAME=PATH item is no path itself
+        from msbt.data.sites import parse_sources
+
+        refuse_output_in_inputs(args.out, [site.path for site in parse_sources(args.sources)], "--out")
     _quiet_tensorflow()
     results = external(args.checkpoint, args.sources, out=args.out, threshold=args.threshold,
                        keep_duplicates=args.keep_duplicates, n_boot=args.n_boot)

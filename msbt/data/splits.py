@@ -270,7 +270,8 @@ def make_split(
     elif grouping == "auto" and any(r.group for r in records):
         # A manifest's group column (a patient, a lesion) joins its rows as well: two views of one patient's lesion
         # need not look alike, so near-duplicate links alone would let them straddle the split.
-        groups, by_manifest = join_by([f"{r.site}\0{r.group}" if r.group else f"\0{i}"
+        # two kinds of key kept apart: a row without a group never meets a patient whose id is its index
+        groups, by_manifest = join_by([f"group\0{r.site}\0{r.group}" if r.group else f"row\0{i}"
                                        for i, r in enumerate(records)], groups)
     # Stratify by site and class: the stratum of a group is "<site>/<label>" (one site: just the label).
     strata = [f"{s}/{label}" for s, label in zip(sites, labels)] if several else labels
@@ -440,7 +441,8 @@ def join_frames(relpaths: Sequence[str], groups: Sequence[str]) -> list[str]:
     grouping mode. Groups that hold frames of one file are merged (:func:`join_by`).
     """
     files = [_frame_of(relpath) for relpath in relpaths]
-    return join_by([file if frame is not None else f"\0{i}" for i, (file, frame) in enumerate(files)], groups)[0]
+    return join_by([f"file\0{file}" if frame is not None else f"row\0{i}" for i, (file, frame) in enumerate(files)],
+                   groups)[0]
 
 
 def _frame_of(relpath: str) -> tuple[str, int | None]:
@@ -567,10 +569,15 @@ def load_split(folder: str | Path, discovery: Discovery) -> SplitResult:
     folder = Path(folder)
     summary = json.loads((folder / "split.json").read_text())
     if summary["data_fingerprint"] != discovery.fingerprint():
+        # A file msbt has since begun to refuse (one image labelled differently at two sites, 2026-12-07) changes
+        # the data as much as an edit does: say so, or the user looks for an edit that never happened.
+        refused = (f"; or msbt now rejects files it once used ({len(discovery.rejects)} rejected in this scan, with "
+                   "the reasons in the data step's rejects.csv)") if discovery.rejects else ""
         raise DataError(
             f"{folder / 'split.json'}: the saved split was made for different data "
-            f"(files, labels or contents changed under {discovery.root}); use a new run name, or --force-split to "
-            "re-split (groups of the old split keep their split and fold; split.json's `changes` says what moved)"
+            f"(files, labels or contents changed under {discovery.root}{refused}); use a new run name, or "
+            "--force-split to re-split (groups of the old split keep their split and fold; split.json's `changes` "
+            "says what moved)"
         )
     return SplitResult(read_table(folder / "split.csv"), summary)
 

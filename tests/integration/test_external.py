@@ -131,6 +131,9 @@ def test_external_into_a_folder_that_is_not_a_run_and_bad_options(run, tmp_path,
     inside = Path(site.split("=", 1)[-1]) / "results"
     assert main(["external", str(run["checkpoint"]), site, "--out", str(inside)]) == 1
     assert "inside the data being read" in capsys.readouterr().err and not inside.exists()
+    # a named source (NAME=PATH) is checked by its path (the item as a whole is no path, and passed unchecked)
+    assert main(["external", str(run["checkpoint"]), f"named={site.split('=', 1)[-1]}", "--out", str(inside)]) == 1
+    assert "inside the data being read" in capsys.readouterr().err and not inside.exists()
 
 
 def test_score_site_at_a_fixed_threshold_by_hand():

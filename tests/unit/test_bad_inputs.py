@@ -668,6 +668,12 @@ def test_no_command_writes_into_the_data_it_reads(tmp_path, checkpoint, capsys):
     manifest.write_text(f"path,label\n{image},benign\n")
     assert main(["predict", str(checkpoint), str(manifest), "--out", str(root / "benign" / "p.csv")]) == 1
     assert f"inside {root / 'benign'}, a folder of images that {manifest} lists" in capsys.readouterr().err
+    # a link to a manifest elsewhere: its relative rows are read from the link's folder, as the scan reads them
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "rel.csv").write_text("path,label\ndata/benign/b0.png,benign\n")
+    (tmp_path / "rel.csv").symlink_to(tmp_path / "lists" / "rel.csv")
+    assert main(["predict", str(checkpoint), str(tmp_path / "rel.csv"), "--out", str(root / "benign" / "q.csv")]) == 1
+    assert "a folder of images that" in capsys.readouterr().err and not (root / "benign" / "q.csv").exists()
     # onto an image file elsewhere: refused too; next to the data, not inside it: written
     other = png(tmp_path / "other.png", 5)
     assert main(["scan", str(root), "--rejects", str(other)]) == 1

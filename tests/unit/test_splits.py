@@ -253,3 +253,20 @@ def test_multi_image_lesions_reach_test_in_proportion():
             members = [g for g, k in zip(groups, bins) if k == b]
             share = sum(size[g] > 1 for g in members) / len(members)
             assert 0.2 < share < 0.8, (seed, b, share)  # about half the images, not none
+
+
+def test_rows_without_a_patient_never_join_a_patient_whose_id_is_their_row_number(tmp_path):
+    """Under `auto`, a manifest's rows without a group had the key of their row number, which met the key of a
+    patient with that number for an id: unrelated images were forced into patients' groups."""
+    (tmp_path / "img").mkdir()
+    rows = ["path,label,group"]
+    for i in range(40):
+        cv2.imwrite(str(tmp_path / "img" / f"{i}.png"), textured(500 + i))
+        rows.append(f"img/{i}.png,{'benign' if i % 2 else 'malignant'},{'' if i < 20 else (i - 20) // 2}")
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    result = make_split(discover(tmp_path / "list.csv"))
+    members = collections.defaultdict(list)
+    for row in result.table:
+        members[row["group"]].append(int(row["relpath"].split("/")[1].split(".")[0]))
+    assert result.summary["groups"]["manifest_joined"] == 10  # 20 patient rows, two each
+    assert all(len(m) == 1 for m in members.values() if min(m) < 20)  # every row without a patient stays alone
