@@ -170,6 +170,11 @@ def _prepare_one(config: Config, modality: str, source: str, classes, folder: Pa
         grouping = "auto"
     if (folder / "split.json").exists() and not force:
         split, reused = load_split(folder, discovery), True
+        if grouping == "auto" and "manifest_joined" not in split.summary.get("groups", {}) and any(
+                r.group for r in discovery.records):
+            log.warning("%s: this split was made before msbt joined a manifest's group column under data.grouping: "
+                        "auto (2026-12-07), so its groups ignore the column; --force-split re-splits with it (groups "
+                        "of the old split keep their place)", folder / "split.json")
     else:
         split = make_split(
             discovery,

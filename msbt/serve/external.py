@@ -52,10 +52,10 @@ def trained_on(checkpoint: str | Path, run: Path) -> tuple[set[str], Path]:
     """
     try:
         store = find_store(checkpoint)
-    except (ValueError, CheckpointError, StoreError, OSError):
+        table = read_store(store, columns=["source", "split"])
+    except (ValueError, CheckpointError, StoreError, OSError):  # none found, or a damaged one: the run's split
         store = None
     if store is not None:
-        table = read_store(store, columns=["source", "split"])
         return {s for s, split in zip(table["source"], table["split"]) if split in ("train", "val")}, store
     split = run / "data" / "ultrasound" / "split.csv"
     with split.open(newline="") as handle:

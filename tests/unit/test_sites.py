@@ -260,3 +260,22 @@ def test_grouping_manifest_follows_the_ultrasound_manifest_and_leaves_the_built_
     folder = load_config(smoke, [f"data.ultrasound=[list={manifest}, b={three_sites['site-b']}]", *common])
     with pytest.raises(DataError, match="data.grouping: manifest needs a CSV manifest with a group column; this is"):
         check_data(folder, ["ultrasound"])
+
+
+def test_a_split_made_before_manifest_groups_counted_under_auto_says_so_when_reused(three_sites, tmp_path, caplog):
+    import logging
+
+    from msbt.data.prepare import prepare_data
+
+    a = Path(three_sites["site-a"])
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("path,label,group\n" + "".join(f"{p},{p.parent.name},patient{i // 2}\n"
+                                                       for i, p in enumerate(sorted(a.glob("*/*.png")))))
+    config = load_config([], [f"data.ultrasound={manifest}", f"run.storage_path={tmp_path}", "run.name=old"])
+    folder = prepare_data(config, modalities=("ultrasound",))["ultrasound"].folder
+    summary = json.loads((folder / "split.json").read_text())
+    del summary["groups"]["manifest_joined"]  # as a split saved before 2026-12-07 reads
+    (folder / "split.json").write_text(json.dumps(summary))
+    with caplog.at_level(logging.WARNING, logger="msbt.data.prepare"):
+        prepare_data(config, modalities=("ultrasound",))
+    assert "made before msbt joined a manifest's group column" in caplog.text
