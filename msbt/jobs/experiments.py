@@ -206,17 +206,16 @@ def run_arm(config: Config, store: Path, stage1: Path | None, folder: Path, *, n
     if done.is_file() and (folder / "predictions.csv").is_file():
         result = Evaluation(json.loads(done.read_text()))
         try:
-            recorded = read_manifest(result["checkpoint"]).get("seed")
+            manifest = read_manifest(result["checkpoint"])
         except CheckpointError:  # the checkpoint folder is gone or damaged: train again
-            recorded = None
-            result = None
-        if result is not None and (recorded is None or recorded == training_seed(config)):
+            why = "its checkpoint is missing or damaged"
+        else:
+            why = _not_this_arm(result, manifest, config, store)
+        if why is None:
             result.predictions = read_predictions(folder / "predictions.csv")
             print(f"{folder.name}: reusing {done}")
             return result
-        print(f"{folder.name}: " + ("its checkpoint is missing or damaged" if result is None else
-                                    f"its checkpoint was trained with seed {recorded}, not {training_seed(config)}")
-              + ": training again")
+        print(f"{folder.name}: {why}: training again")
         # the old results and Ray run folder go first: Ray Train would restore the old run it found there
         for name in ("stage2", "metrics.json", "predictions.csv", "internal.json"):
             target = folder / name
@@ -228,6 +227,26 @@ def run_arm(config: Config, store: Path, stage1: Path | None, folder: Path, *, n
     folder.mkdir(parents=True, exist_ok=True)
     write_metrics(result, done)
     return result
+
+
+def _not_this_arm(result: dict, manifest: dict, config: Config, store: Path) -> str | None:
+    """Why an arm's earlier result is not this arm's (None: it is). An experiment rerun with another seed, other
+    stage-2 settings or another scope (``crossval --scope all`` after the default) reused the old folds as they
+    were, and pooled them with new ones: numbers of one design labelled as another's, or folds trained on the test
+    split reported as "test split untouched"."""
+    from msbt.data.store import Store
+
+    recorded = manifest.get("seed")
+    if recorded is not None and recorded != training_seed(config):
+        return f"its checkpoint was trained with seed {recorded}, not {training_seed(config)}"
+    if (manifest.get("data_fingerprint"), manifest.get("split_id")) != Store.open(store).fingerprint():
+        return "it was trained on other images or another split of them (another --scope, or changed data)"
+    before = (result.get("arm_config") or {}).get("stage2")
+    now = json.loads(json.dumps(to_dict(config.stage2)))
+    if before is not None and before != now:
+        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        return f"it was trained with other stage-2 settings ({', '.join(f'stage2.{k}' for k in changed)})"
+    return None
 
 
 def _arm_stage2(config: Config, store: Path, parent: Path | None, folder: Path, index: Path | None,

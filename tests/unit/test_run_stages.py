@@ -60,3 +60,34 @@ def test_stage2_seeds_are_run_folders_of_their_own_and_a_rerun_checks_each(tmp_p
     check_rerun(config, [1])  # stage 1 alone is not concerned
     with pytest.raises(ConfigError, match="run.stage2_seeds"):
         load_config(overrides=["run.stage2_seeds=0"])
+
+
+def test_an_experiment_arm_is_reused_only_for_the_same_seed_settings_and_split(tmp_path):
+    """An experiment rerun with other stage-2 settings or another --scope reused its old folds as they were (a
+    tester's crossval after `--scope all` said "test split untouched" of folds trained on the test split)."""
+    import dataclasses
+
+    import cv2
+
+    from helpers import textured
+    from msbt.config import load_config, to_dict, training_seed
+    from msbt.data.prepare import ensure_stores
+    from msbt.data.store import Store, read_store, write_resplit
+    from msbt.jobs.experiments import _not_this_arm
+
+    for i in range(12):
+        (tmp_path / "data" / ("benign", "malignant")[i % 2]).mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(tmp_path / "data" / ("benign", "malignant")[i % 2] / f"{i}.png"), textured(300 + i, 48))
+    config = load_config([], [f"data.ultrasound={tmp_path / 'data'}", f"run.storage_path={tmp_path}",
+                              "preprocess.image_size=32", "preprocess.build=local"])
+    store = ensure_stores(config, ["ultrasound"])["ultrasound"].path
+    fingerprint, split_id = Store.open(store).fingerprint()
+    manifest = {"seed": training_seed(config), "data_fingerprint": fingerprint, "split_id": split_id}
+    result = {"arm_config": {"stage2": json.loads(json.dumps(to_dict(config.stage2)))}}
+    assert _not_this_arm(result, manifest, config, store) is None
+    faster = dataclasses.replace(config, stage2=dataclasses.replace(config.stage2, learning_rate=0.01))
+    assert "other stage-2 settings (stage2.learning_rate)" in _not_this_arm(result, manifest, faster, store)
+    rows = read_store(store, columns=["source"])
+    other = write_resplit(store, {s: "train" for s in rows["source"]}, tmp_path / "fold")  # another scope
+    assert "other images or another split" in _not_this_arm(result, manifest, config, other)
+    assert "seed" in _not_this_arm(result, {**manifest, "seed": 99}, config, store)
