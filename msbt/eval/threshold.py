@@ -49,8 +49,11 @@ def threshold_flags(p_val, threshold: float, what: str = "validation") -> list[s
     if threshold <= SATURATION or threshold >= 1 - SATURATION:
         flags.append(f"threshold {threshold:.6g} lies on a saturated score (within {SATURATION:g} of 0 or 1): "
                      f"the {what} scores do not separate there, so the threshold is arbitrary")
-    tied = float(np.mean(np.abs(p - threshold) <= 1e-12)) if len(p) else 0.0
-    if tied > TIED_SHARE:
+    at = int(np.sum(np.abs(p - threshold) <= 1e-12)) if len(p) else 0
+    tied = at / len(p) if len(p) else 0.0
+    # A threshold chosen among the scores always equals one of them: ties need two images at least (one image
+    # of 14 is 7%, and the flag fired on every small validation split)
+    if at >= 2 and tied > TIED_SHARE:
         flags.append(f"threshold chosen among tied scores: {tied:.0%} of {what} images score exactly "
                      f"{threshold:.6g}")
     saturated = float(np.mean((p <= SATURATION) | (p >= 1 - SATURATION))) if len(p) else 0.0

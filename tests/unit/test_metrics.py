@@ -961,3 +961,14 @@ def test_an_external_site_of_one_class_gets_its_one_rate_with_a_wilson_interval(
     assert benign["one_class"]["specificity"][0] == pytest.approx(2 / 3)
     assert (benign["one_class"]["specificity"][1], benign["one_class"]["specificity"][2]) == pytest.approx(
         M.wilson_interval(2 / 3, 2))  # two lesion groups behind it
+
+
+def test_a_threshold_on_one_images_score_is_not_called_tied():
+    """A Youden threshold always equals one validation score: with fewer than 20 images that one was over 5% and
+    every small run was warned of 'tied scores'."""
+    from msbt.eval.threshold import threshold_flags
+
+    p = np.linspace(0.1, 0.9, 14)
+    assert threshold_flags(p, p[5]) == []
+    tied = np.r_[p, [p[5]] * 3]
+    assert any("chosen among tied scores: 24%" in f for f in threshold_flags(tied, p[5]))
