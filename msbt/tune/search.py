@@ -292,14 +292,38 @@ def run_search(config: Config, *, resume: bool = False, sources: str = "tune.spa
         write_environment(exp)
         tuner = _new_tuner(config, trainable, fast)
     failures.reset()
-    with console.printed_to_log():  # Tune's own prints (its status tables are --verbose only)
-        results = tuner.fit()
+    stop = StopSignalSeen()
+    tune_log = logging.getLogger("ray.tune.tune")
+    tune_log.addFilter(stop)
+    try:
+        with console.printed_to_log():  # Tune's own prints (its status tables are --verbose only)
+            results = tuner.fit()
+    finally:
+        tune_log.removeFilter(stop)
     failures.check_stopped(exp)  # a full disk stopped it: nothing more is written
+    if stop.seen:
+        # Ctrl-C: Tune's own handler ended the search gracefully and saved its state, and fit() returned as if it
+        # had finished; a ranking and best.yaml of the trials done so far would read as the search's result.
+        raise KeyboardInterrupt
     from msbt.tune.review import write_hparams
 
     print(f"tune results in {exp}; HParams for TensorBoard in {write_hparams(exp)}; review: msbt tune-report "
           f"{exp}", flush=True)
     return results
+
+
+class StopSignalSeen(logging.Filter):
+    """Notes Tune's "Stop signal received" record (its SIGINT handler's; a full disk's stop is told apart by
+    ``msbt.tune.failures``). Tune keeps the flag it sets to itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("Stop signal received"):
+            self.seen = True
+        return True
 
 
 def check_room(config: Config, parent: str | Path, exp: Path) -> str | None:

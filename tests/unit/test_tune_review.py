@@ -230,3 +230,18 @@ def test_a_search_whose_every_trial_failed_says_why_instead_of_nothing_to_choose
     (exp / "experiment_state-2026-12-02_03-00-00.json").write_text(json.dumps({"trial_data": state}))
     with pytest.raises(ValueError, match="no trial reported the metric yet"):
         review.write_best_overlay(exp)
+
+
+def test_tunes_stop_record_is_noticed_and_passed_on():
+    """What tells an interrupted search from a finished one (msbt.tune.search.run_search): Tune's SIGINT handler
+    logs "Stop signal received" and fit() returns normally."""
+    import logging
+
+    from msbt.tune.search import StopSignalSeen
+
+    seen = StopSignalSeen()
+    record = logging.LogRecord("ray.tune.tune", logging.WARNING, __file__, 1, "Stop signal received (e.g. via "
+                               "SIGINT/Ctrl+C), ending Ray Tune run.", None, None)
+    other = logging.LogRecord("ray.tune.tune", logging.INFO, __file__, 1, "Total run time: 3 s", None, None)
+    assert seen.filter(other) and not seen.seen
+    assert seen.filter(record) and seen.seen  # the record still reaches the handlers
