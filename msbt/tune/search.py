@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -300,6 +301,11 @@ def run_search(config: Config, *, resume: bool = False, sources: str = "tune.spa
             results = tuner.fit()
     finally:
         tune_log.removeFilter(stop)
+        # The trials' Train workers' scratch (autograph files; a stopped trial's model and state): a trial's stage
+        # removes it when fit returns, but Tune ends a trial's actor at its last report or an ASHA stop, before
+        # that. A trial resumed later starts without it (train_stage clears what an earlier attempt left).
+        for scratch in (exp / "train").glob("*/.work"):
+            shutil.rmtree(scratch, ignore_errors=True)
     failures.check_stopped(exp)  # a full disk stopped it: nothing more is written
     if stop.seen:
         # Ctrl-C: Tune's own handler ended the search gracefully and saved its state, and fit() returned as if it

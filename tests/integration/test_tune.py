@@ -277,6 +277,7 @@ def test_search_is_interrupted_restored_and_its_best_config_reruns(prepared, tmp
         assert (folder / "progress.csv").is_file()
         assert list((experiment / "hparams" / trial["trial"]).glob("events.out.tfevents.*"))
     assert len(list((experiment / "train").glob("*/stage2/checkpoint_*/manifest.json"))) >= TRIALS
+    assert not list((experiment / "train").glob("*/.work"))  # the trials' scratch (Tune ends a trial before its stage)
 
     # tune-report: the ranked table and the overlay, which the CLI accepts and which trains
     best = write_best_overlay(experiment)
