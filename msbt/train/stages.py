@@ -353,6 +353,11 @@ def find_identical(root: str | Path, inputs: dict) -> dict | None:
     entry = read_index(root).get(stage_key(inputs))
     if entry is None:
         return None
+    if isinstance(entry, dict) and entry.get("inputs") == inputs and entry.get("checkpoint") \
+            and not Path(entry["checkpoint"]).exists():
+        # deleted since (an experiment's --fresh, a user's clean-up): nothing to warn about, it trains again
+        log.info("%s: %s is gone; the stage trains again", Path(root) / INDEX_FILE, entry["checkpoint"])
+        return None
     problem = _entry_problem(entry, inputs)
     if problem:
         log.warning("%s: not reusing %s (%s)", Path(root) / INDEX_FILE, entry.get("checkpoint"), problem)

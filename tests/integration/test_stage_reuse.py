@@ -10,6 +10,7 @@ the same inputs reuses it without training.
 import dataclasses
 import functools
 import json
+import logging
 import pickle
 
 import pytest
@@ -81,7 +82,7 @@ def test_stage2_is_keyed_by_its_parents_model(tmp_path):
 # The index
 
 
-def test_the_index_returns_a_remembered_stage_and_ignores_stale_or_altered_entries(tmp_path):
+def test_the_index_returns_a_remembered_stage_and_ignores_stale_or_altered_entries(tmp_path, caplog):
     store = fake_store(tmp_path / "s")
     config = config_for(tmp_path)
     root, inputs = S.index_root(config), S.stage_inputs(config, 1, store)
@@ -115,8 +116,12 @@ def test_the_index_returns_a_remembered_stage_and_ignores_stale_or_altered_entri
     S.remember_stage(root, inputs, checkpoint, run_dir(config))
     import shutil
 
-    shutil.rmtree(checkpoint)  # gone
-    assert S.find_identical(root, inputs) is None
+    shutil.rmtree(checkpoint)  # gone (an experiment's --fresh deletes its arms' checkpoints): said at INFO only
+    caplog.clear()  # the altered entries above were warned about, rightly
+    with caplog.at_level(logging.INFO, logger=S.__name__):
+        assert S.find_identical(root, inputs) is None
+    assert "is gone; the stage trains again" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     index.write_text("{not json")  # an unreadable index is ignored, not trusted and not fatal
     assert S.read_index(root) == {} and S.find_identical(root, inputs) is None
 
