@@ -383,6 +383,10 @@ def _cmd_lineage(args) -> int:
 
     if not Path(args.path).exists():
         raise ConfigError(f"{args.path}: no such checkpoint")
+    if Path(args.path).is_dir() and not (Path(args.path) / "manifest.json").is_file():
+        found = sorted(p.name for p in Path(args.path).glob("checkpoint_*/manifest.json"))
+        hint = f" (it holds checkpoints: {Path(args.path) / Path(found[-1]).parent.name}, ...)" if found else ""
+        raise ConfigError(f"{args.path}: not a checkpoint folder (no manifest.json){hint}")
     text = format_lineage(args.path)
     print(text)
     # A broken chain is a failure a script must see: a checkpoint missing, or a model missing or changed since it
@@ -438,6 +442,8 @@ def _cmd_predict(args) -> int:
     for option, out in (("--out", args.out), ("--heatmaps", args.heatmaps)):
         if out:
             refuse_output_in_inputs(out, args.images, option)
+    if args.heatmaps and Path(args.heatmaps).exists() and not Path(args.heatmaps).is_dir():  # before the model loads
+        raise ConfigError(f"--heatmaps {args.heatmaps}: a file is there; --heatmaps names a folder for the PNGs")
     _quiet_tensorflow()
     run = predict(args.model, args.images, threshold=args.threshold, heatmaps=args.heatmaps)
     print("\n".join(format_lines(run)))

@@ -674,6 +674,11 @@ def test_no_command_writes_into_the_data_it_reads(tmp_path, checkpoint, capsys):
     (tmp_path / "rel.csv").symlink_to(tmp_path / "lists" / "rel.csv")
     assert main(["predict", str(checkpoint), str(tmp_path / "rel.csv"), "--out", str(root / "benign" / "q.csv")]) == 1
     assert "a folder of images that" in capsys.readouterr().err and not (root / "benign" / "q.csv").exists()
+    # --heatmaps onto an existing file: named before the model loads (it was a bare "[Errno 17] File exists")
+    (tmp_path / "taken.csv").write_text("x")
+    assert main(["predict", str(checkpoint), str(image), "--heatmaps", str(tmp_path / "taken.csv")]) == 1
+    assert f"--heatmaps {tmp_path / 'taken.csv'}: a file is there" in capsys.readouterr().err
+    assert (tmp_path / "taken.csv").read_text() == "x"
     # onto an image file elsewhere: refused too; next to the data, not inside it: written
     other = png(tmp_path / "other.png", 5)
     assert main(["scan", str(root), "--rejects", str(other)]) == 1
