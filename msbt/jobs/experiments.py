@@ -239,7 +239,8 @@ def _not_this_arm(result: dict, manifest: dict, config: Config, store: Path) -> 
     recorded = manifest.get("seed")
     if recorded is not None and recorded != training_seed(config):
         return f"its checkpoint was trained with seed {recorded}, not {training_seed(config)}"
-    if (manifest.get("data_fingerprint"), manifest.get("split_id")) != Store.open(store).fingerprint():
+    recorded_store = (manifest.get("data_fingerprint"), manifest.get("split_id"))
+    if recorded_store[0] is not None and recorded_store != Store.open(store).fingerprint():  # None: not recorded
         return "it was trained on other images or another split of them (another --scope, or changed data)"
     before = (result.get("arm_config") or {}).get("stage2")
     now = json.loads(json.dumps(to_dict(config.stage2)))
