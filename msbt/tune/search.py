@@ -344,8 +344,6 @@ def check_room(config: Config, parent: str | Path, exp: Path) -> str | None:
     Returns:
         The warning printed, or None.
     """
-    import shutil
-
     from tqdm import tqdm
 
     def _size(n: float) -> str:
