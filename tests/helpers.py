@@ -179,6 +179,21 @@ def split_and_store(root: Path, out: Path, build, cfg) -> Path:
     return build(split_items(out / "split", found.root, found.classes, seed=0), out / "store", cfg).path
 
 
+def tiny_ultrasound_run(tmp_path: Path, *overrides: str):
+    """A config over 12 textured 48 px images (6 a class) and its ultrasound store at 32 px, built locally
+    (no Ray): ``(config, store path)``."""
+    from msbt.config import load_config
+    from msbt.data.prepare import ensure_stores
+
+    for i in range(12):
+        folder = tmp_path / "data" / ("benign", "malignant")[i % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(folder / f"{i}.png"), textured(300 + i, 48))
+    config = load_config([], [f"data.ultrasound={tmp_path / 'data'}", f"run.storage_path={tmp_path}",
+                              "preprocess.image_size=32", "preprocess.build=local", *overrides])
+    return config, ensure_stores(config, ["ultrasound"])["ultrasound"].path
+
+
 def ray_actors() -> dict[str, str]:
     """Every actor of this process's Ray cluster, alive or ended: id -> class name."""
     import ray

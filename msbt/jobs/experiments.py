@@ -203,6 +203,7 @@ def run_arm(config: Config, store: Path, stage1: Path | None, folder: Path, *, n
     from msbt.model.checkpoint import CheckpointError, read_manifest
 
     done = folder / "metrics.json"
+    parent = stage1 if config.stage2.weights == "parent" else None
     if done.is_file() and (folder / "predictions.csv").is_file():
         result = Evaluation(json.loads(done.read_text()))
         try:
@@ -210,7 +211,7 @@ def run_arm(config: Config, store: Path, stage1: Path | None, folder: Path, *, n
         except CheckpointError:  # the checkpoint folder is gone or damaged: train again
             why = "its checkpoint is missing or damaged"
         else:
-            why = _not_this_arm(result, manifest, config, store)
+            why = _not_this_arm(result, manifest, config, store, parent)
         if why is None:
             result.predictions = read_predictions(folder / "predictions.csv")
             print(f"{folder.name}: reusing {done}")
@@ -220,7 +221,6 @@ def run_arm(config: Config, store: Path, stage1: Path | None, folder: Path, *, n
         for name in ("stage2", "metrics.json", "predictions.csv", "internal.json"):
             target = folder / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    parent = stage1 if config.stage2.weights == "parent" else None
     best = _arm_stage2(config, store, parent, folder, index, verbose)
     result = evaluate(best, store, n_boot=n_boot, seed=config.data.seed)
     result["arm_config"] = {"stage2": to_dict(config.stage2)}
@@ -229,19 +229,17 @@ def run_arm(config: Config, store: Path, stage1: Path | None, folder: Path, *, n
     return result
 
 
-def _not_this_arm(result: dict, manifest: dict, config: Config, store: Path) -> str | None:
+def _not_this_arm(result: dict, manifest: dict, config: Config, store: Path, parent: Path | None = None) -> str | None:
     """Why an arm's earlier result is not this arm's (None: it is). An experiment rerun with another seed, other
-    stage-2 settings or another scope (``crossval --scope all`` after the default) reused the old folds as they
-    were, and pooled them with new ones: numbers of one design labelled as another's, or folds trained on the test
-    split reported as "test split untouched"."""
-    from msbt.data.store import Store
+    stage-2 settings, another scope (``crossval --scope all`` after the default) or a stage 1 trained again since
+    reused the old folds as they were, and pooled them with new ones: numbers of one design labelled as
+    another's, or folds trained on the test split reported as "test split untouched"."""
+    from msbt.train.stages import manifest_problem, stage_inputs
 
-    recorded = manifest.get("seed")
-    if recorded is not None and recorded != training_seed(config):
-        return f"its checkpoint was trained with seed {recorded}, not {training_seed(config)}"
-    recorded_store = (manifest.get("data_fingerprint"), manifest.get("split_id"))
-    if recorded_store[0] is not None and recorded_store != Store.open(store).fingerprint():  # None: not recorded
-        return "it was trained on other images or another split of them (another --scope, or changed data)"
+    problem = manifest_problem(manifest, stage_inputs(config, 2, store, parent))
+    if problem is not None:
+        return problem
+    # an arm scored from a checkpoint whose manifest records no settings: the arm's own record of them
     before = (result.get("arm_config") or {}).get("stage2")
     now = json.loads(json.dumps(to_dict(config.stage2)))
     if before is not None and before != now:

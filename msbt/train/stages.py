@@ -379,14 +379,41 @@ def _entry_problem(entry: dict, inputs: dict) -> str | None:
         return "its model no longer matches its manifest's sha256"
     if manifest.get("model_sha256") != entry.get("model_sha256"):
         return "the checkpoint holds another model than the one recorded"
-    if manifest.get("config") != inputs["config"] or manifest.get("data_fingerprint") != inputs["data_fingerprint"]:
-        return "its manifest records other stage settings or another store"
-    if manifest.get("stage") != inputs["stage"]:  # a stage 2 without a parent written before 2026-12-03 says 1
-        return f"its manifest records stage {manifest.get('stage')}, not {inputs['stage']}"
-    link = manifest.get("parent") or {}
-    if inputs["parent"].startswith("sha256:") and inputs["config"].get("weights") == "parent" \
-            and "sha256:" + str(link.get("model_sha256")) != inputs["parent"]:
-        return "its manifest records another parent"
+    if manifest.get("config") is None or manifest.get("data_fingerprint") is None:
+        return "its manifest records no stage settings or no store"  # every indexed checkpoint records both
+    return manifest_problem(manifest, inputs)
+
+
+def manifest_problem(manifest: dict, inputs: dict) -> str | None:
+    """Why a checkpoint is not the result of a stage with these inputs (None: nothing says it is not).
+
+    The one comparison of a checkpoint's manifest with :func:`stage_inputs`, for the stage index and for an
+    experiment arm's earlier result alike. What a manifest does not record (checkpoints written before it
+    did) is not held against it.
+
+    Args:
+        manifest: The checkpoint's ``manifest.json`` content.
+        inputs: :func:`stage_inputs` of the stage it should stand for.
+    """
+    number = inputs["stage"]
+    if manifest.get("stage") is not None and manifest["stage"] != number:
+        # a stage 2 without a parent written before 2026-12-03 says 1
+        return f"its manifest records stage {manifest['stage']}, not {number}"
+    if manifest.get("seed") is not None and manifest["seed"] != inputs["seed"]:
+        return f"its checkpoint was trained with seed {manifest['seed']}, not {inputs['seed']}"
+    recorded = manifest.get("data_fingerprint"), manifest.get("split_id")
+    if recorded[0] is not None and (recorded[0] != inputs["data_fingerprint"]
+                                    or (recorded[1] is not None and recorded[1] != inputs["split_id"])):
+        return "it was trained on other images or another split of them (another --scope, or changed data)"
+    theirs, ours = manifest.get("config"), inputs["config"]
+    if theirs is not None and theirs != ours:
+        changed = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        return f"it was trained with other stage-{number} settings ({', '.join(f'stage{number}.{k}' for k in changed)})"
+    if inputs["parent"].startswith("sha256:") and ours.get("weights") == "parent":
+        link = manifest.get("parent") or {}
+        if "sha256:" + str(link.get("model_sha256")) != inputs["parent"]:
+            return (f"it descends from another stage 1 ({link.get('path') or 'none recorded'}; the stage 1 "
+                    "given now was trained since or elsewhere)")
     return None
 
 

@@ -888,9 +888,10 @@ def test_fresh_compare_by_site_with_seeds_keeps_every_seed_of_the_shared_design(
 def test_an_arm_trained_with_another_seed_is_trained_again_from_a_clean_folder(tmp_path, monkeypatch):
     """run_arm reuses a folder's result only when its checkpoint records the arm's training seed; otherwise the
     old results and Ray run folder are removed first (Ray Train would restore the old run it found there)."""
-    from msbt.config import load_config
+    from helpers import tiny_ultrasound_run
     from msbt.jobs import experiments as X
 
+    config, store = tiny_ultrasound_run(tmp_path, "run.train_seed=1")
     folder = tmp_path / "site-a-seed1"
     checkpoint = folder / "stage2" / "checkpoint_0"
     checkpoint.mkdir(parents=True)
@@ -907,15 +908,14 @@ def test_an_arm_trained_with_another_seed_is_trained_again_from_a_clean_folder(t
         raise Trained
 
     monkeypatch.setattr(X, "_arm_stage2", train)
-    config = load_config(overrides=["run.train_seed=1"])
     with pytest.raises(Trained):
-        X.run_arm(config, tmp_path / "store", None, folder)
+        X.run_arm(config, store, None, folder)
     # the recorded seed is the arm's: reused, nothing trained
     checkpoint.mkdir(parents=True)
     (checkpoint / "manifest.json").write_text(json.dumps({"seed": 1}))
     (folder / "metrics.json").write_text(json.dumps({"checkpoint": str(checkpoint)}))
     (folder / "predictions.csv").write_text("split,source,group,y,p,site\ntest,a.png,g,1,0.9,a\n")
-    assert X.run_arm(config, tmp_path / "store", None, folder)["checkpoint"] == str(checkpoint)
+    assert X.run_arm(config, store, None, folder)["checkpoint"] == str(checkpoint)
 
 
 def test_an_external_site_of_few_lesions_gets_wilson_intervals_a_note_and_its_seed():

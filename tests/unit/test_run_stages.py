@@ -67,20 +67,12 @@ def test_an_experiment_arm_is_reused_only_for_the_same_seed_settings_and_split(t
     tester's crossval after `--scope all` said "test split untouched" of folds trained on the test split)."""
     import dataclasses
 
-    import cv2
-
-    from helpers import textured
-    from msbt.config import load_config, to_dict, training_seed
-    from msbt.data.prepare import ensure_stores
+    from helpers import tiny_ultrasound_run
+    from msbt.config import to_dict, training_seed
     from msbt.data.store import Store, read_store, write_resplit
     from msbt.jobs.experiments import _not_this_arm
 
-    for i in range(12):
-        (tmp_path / "data" / ("benign", "malignant")[i % 2]).mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(tmp_path / "data" / ("benign", "malignant")[i % 2] / f"{i}.png"), textured(300 + i, 48))
-    config = load_config([], [f"data.ultrasound={tmp_path / 'data'}", f"run.storage_path={tmp_path}",
-                              "preprocess.image_size=32", "preprocess.build=local"])
-    store = ensure_stores(config, ["ultrasound"])["ultrasound"].path
+    config, store = tiny_ultrasound_run(tmp_path)
     fingerprint, split_id = Store.open(store).fingerprint()
     manifest = {"seed": training_seed(config), "data_fingerprint": fingerprint, "split_id": split_id}
     result = {"arm_config": {"stage2": json.loads(json.dumps(to_dict(config.stage2)))}}
@@ -91,3 +83,12 @@ def test_an_experiment_arm_is_reused_only_for_the_same_seed_settings_and_split(t
     other = write_resplit(store, {s: "train" for s in rows["source"]}, tmp_path / "fold")  # another scope
     assert "other images or another split" in _not_this_arm(result, manifest, config, other)
     assert "seed" in _not_this_arm(result, {**manifest, "seed": 99}, config, store)
+    # a stage 1 trained again since: the arm's result descends from the old one (it was reused as it was)
+    parent = tmp_path / "stage1"
+    parent.mkdir()
+    (parent / "model.keras").write_bytes(b"the stage 1 of today")
+    old = {**manifest, "parent": {"path": "/runs/r/stage1/old", "model_sha256": "0" * 64}}
+    assert "descends from another stage 1 (/runs/r/stage1/old" in _not_this_arm(result, old, config, store, parent)
+    from msbt.model.checkpoint import sha256_file
+    same = {**manifest, "parent": {"path": str(parent), "model_sha256": sha256_file(parent / "model.keras")}}
+    assert _not_this_arm(result, same, config, store, parent) is None
