@@ -444,13 +444,14 @@ def _cmd_predict(args) -> int:
             refuse_output_in_inputs(out, args.images, option)
     if args.heatmaps and Path(args.heatmaps).exists() and not Path(args.heatmaps).is_dir():  # before the model loads
         raise ConfigError(f"--heatmaps {args.heatmaps}: a file is there; --heatmaps names a folder for the PNGs")
-    _quiet_tensorflow()
     run = predict(args.model, args.images, threshold=args.threshold, heatmaps=args.heatmaps)
     print("\n".join(format_lines(run)))
     if args.out:
         print(f"predictions: {write_csv(run, args.out)}")
     if not run.predictions:
-        print("msbt: error: no image could be predicted", file=sys.stderr)
+        found = "every image file was rejected" if run.rejects else \
+            f"no image file in {', '.join(str(i) for i in args.images)}"
+        print(f"msbt: error: no image could be predicted: {found}", file=sys.stderr)
         return 1
     return 0
 

@@ -35,7 +35,7 @@ import numpy as np
 from msbt.atomicio import atomic_open, read_json_object
 from msbt.model.checkpoint import DIGEST_KEY, MODEL_FILE, CheckpointError, json_digest, read_manifest
 from msbt.config import PreprocessConfig, load_config
-from msbt.console import progress
+from msbt.console import import_tensorflow, progress
 from msbt.data.discovery import Reject, is_folder, is_system_file, manifest_paths, mask_pattern, text_name, walk_files
 from msbt.data.store import STORE_FILE, Store, StoreError
 from msbt.images.imagefile import ImageError, fit_square, image_refs, normalize_intensity, read_image
@@ -458,16 +458,20 @@ def predict(
 
     folder = _folder(checkpoint)
     chosen, notes = find_threshold(folder, threshold)  # a bad --threshold fails before the model loads
-    model, stage = load_stage2(folder)
-    preparation, more = find_preparation(folder, stage.image_size)
-    run = PredictionRun(str(folder), list(read_manifest(folder)["class_names"]), chosen, preparation,
-                        notes=notes + more)
-    if preparation.image_size != stage.image_size:
+    manifest = read_manifest(folder)
+    model_size = int(manifest["config"]["image_size"])
+    preparation, more = find_preparation(folder, model_size)
+    run = PredictionRun(str(folder), list(manifest["class_names"]), chosen, preparation, notes=notes + more)
+    if preparation.image_size != model_size:
         run.notes.append(f"images are fitted to {preparation.image_size} px as the store holds them, then resized "
-                         f"to the model's {stage.image_size} px as in training")
+                         f"to the model's {model_size} px as in training")
     files, run.rejects, run.skipped = collect_files(inputs, preparation.mask_suffixes)
     # A multi-frame DICOM (a cine loop) is predicted frame by frame, each as `file#frame=NNNN`.
     files = [ref for file in files for ref in image_refs(file)]
+    if not files:  # nothing to score (an empty folder, a typo'd glob): said without loading the model
+        return run
+    import_tensorflow()  # TensorFlow's start-up notices held back (msbt.console), shown only if it fails
+    model, stage = load_stage2(folder)
     profile, more = find_profile(folder)
     run.notes += more
     run.warnings += threshold_warnings(folder, chosen)

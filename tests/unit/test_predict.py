@@ -202,6 +202,15 @@ def test_cli_predict_writes_csv_and_exit_codes(run, tmp_path, capsys):
     assert "rejected" in captured.out and "no image could be predicted" in captured.err
     assert main(["predict", str(tmp_path), str(images)]) == 1  # not a checkpoint: one clear line
     assert "not a checkpoint" in capsys.readouterr().err
+    # An empty folder is said before the model loads (a damaged model file is never read), the CSV still written.
+    damaged, empty = tmp_path / "damaged", tmp_path / "empty"
+    damaged.mkdir(), empty.mkdir()
+    (damaged / MANIFEST_FILE).write_bytes((run["checkpoint"] / MANIFEST_FILE).read_bytes())
+    (damaged / MODEL_FILE).write_bytes(b"not a model")
+    assert main(["predict", str(damaged), str(empty), "--out", str(tmp_path / "none.csv")]) == 1
+    captured = capsys.readouterr()
+    assert f"no image could be predicted: no image file in {empty}" in captured.err and "Traceback" not in captured.err
+    assert (tmp_path / "none.csv").read_text().count("\n") == 1  # the header
 
 
 @pytest.mark.slow
