@@ -24,6 +24,7 @@ import html
 import json
 import math
 import os
+import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -163,7 +164,32 @@ def format_ranking(search: dict, trials: list[dict]) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
     mode = "fast (heads on cached features, backbone frozen)" if search["fast"] else "full training"
     title = f"{len(trials)} trials, {mode}, ranked by best {metric} ({search['mode']}) on the validation split"
-    return "\n".join([title, *lines])
+    tie = tie_note(search, trials)
+    return "\n".join([title, *lines, *([f"note: {tie}"] if tie else [])])
+
+
+def tied_with_best(trials: Sequence[dict]) -> list[dict]:
+    """The ranked trials whose best value equals the first's as printed (4 decimals): the ranking cannot tell
+    them apart, and the first of them is first only by trial order."""
+    scored = [t for t in trials if t["best"] is not None]
+    if not scored:
+        return []
+    top = f"{scored[0]['best']:.4f}"
+    return [t for t in scored if f"{t['best']:.4f}" == top]
+
+
+def tie_note(search: dict, trials: Sequence[dict]) -> str | None:
+    """What to say when the best value is shared (None: one trial is best)."""
+    tied = tied_with_best(trials)
+    if len(tied) < 2:
+        return None
+    metric, value = search["metric"], tied[0]["best"]
+    names = ", ".join(t["trial"] for t in tied[:4]) + (f" and {len(tied) - 4} more" if len(tied) > 4 else "")
+    every = f"all {len(tied)} trials" if len(tied) == len(trials) else f"{len(tied)} of {len(trials)} trials"
+    why = (" (an AUC of 0.5 everywhere: no trial's scores separate the classes of the validation split; "
+           "more epochs or more validation images)") if metric.endswith("auc") and round(value, 4) == 0.5 else ""
+    return (f"{every} tie at the best {metric} {value:.4f}{why}: {names}. The validation split does not tell "
+            f"them apart; best.yaml takes {tied[0]['trial']} only because it comes first in trial order")
 
 
 def error_line(error_file: Path) -> str:
@@ -201,6 +227,7 @@ def write_best_overlay(path: str | Path, out: str | Path | None = None) -> Path:
     out = Path(out) if out else Path(path) / "best.yaml"
     comment = (f"# Best stage-2 configuration of {Path(path).resolve()}: {best['trial']}, best "
                f"{search['metric']} {best['best']:.4f} at epoch {best['best_epoch']} (validation split).\n"
+               + "".join(f"# {line}\n" for line in textwrap.wrap(tie_note(search, trials) or "", 110)) +
                f"# Use on top of the configs the search ran with, e.g.\n"
                f"#   python workflows/pipeline.py --config workflows/configs/cpu.yaml --config {out}\n")
     write_text(out, comment + yaml.safe_dump(overlay, sort_keys=False))
@@ -549,7 +576,7 @@ table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:
 tr.ref td{background:#fde8e8;font-weight:600}.ax{font-size:12px;font-weight:600}.tk{font-size:11px;fill:#444}
 .bar{display:inline-block;height:10px;background:#3b528b}.curves{display:flex;flex-wrap:wrap;gap:6px}
 pre{background:#f6f6f6;padding:6px;white-space:pre-wrap;word-break:break-all}.note{color:#555}
-.wide{overflow-x:auto;max-width:100%}"""
+.wide{overflow-x:auto;max-width:100%}.warn{background:#fff4e5;border-left:4px solid #e69500;padding:6px 10px}"""
 
 
 def render(path: str | Path, top_k: int = 3) -> str:
@@ -584,6 +611,7 @@ def render(path: str | Path, top_k: int = 3) -> str:
         f"<p class=note>{len(trials)} trials, {mode}, ranked by best {_e(metric)} ({search['mode']}) over "
         f"{search['epochs']} epochs on the validation split (the test split is never read). {ref_text} "
         f"Best overlay: <code>{_e(path / 'best.yaml')}</code>.</p>",
+        *([f"<p class=warn>{_e(tie)}.</p>"] if (tie := tie_note(search, trials)) else []),
         "<h2 id=optimism>How optimistic is the winner?</h2>",
         _optimism_section(search, optimism(search, trials, path), crossval_commands(path, top)),
         "<h2 id=ranking>Trials, best first</h2>", _table(search, trials, keys),

@@ -245,3 +245,25 @@ def test_tunes_stop_record_is_noticed_and_passed_on():
     other = logging.LogRecord("ray.tune.tune", logging.INFO, __file__, 1, "Total run time: 3 s", None, None)
     assert seen.filter(other) and not seen.seen
     assert seen.filter(record) and seen.seen  # the record still reaches the handlers
+
+
+def test_a_best_value_shared_by_several_trials_is_called_a_tie(tmp_path, capsys):
+    """A fast-mode search on the built-in data ranked four trials of val_auc 0.5000 and wrote the first as "best"
+    without a word: the ranking was trial order."""
+    exp = make_experiment(tmp_path)
+    assert review.tie_note(*review.read_experiment(exp)) is None  # one best trial (0.80): nothing to say
+    for name in TRIALS:
+        (exp / name / "result.json").write_text(json.dumps({METRIC: 0.5, "training_iteration": 1}) + "\n")
+    assert main(["tune-report", str(exp), "--top-k", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert ("note: all 4 trials tie at the best val_auc 0.5000 (an AUC of 0.5 everywhere: no trial's scores "
+            "separate the classes") in printed
+    assert "best.yaml takes trial_00000 only because it comes first in trial order" in printed
+    comment = (exp / "best.yaml").read_text()
+    assert "# all 4 trials tie at the best val_auc 0.5000" in comment
+    assert "<p class=warn>all 4 trials tie at the best val_auc 0.5000" in review.render(exp)
+    (exp / "trial_00001" / "result.json").write_text(json.dumps({METRIC: 0.64, "training_iteration": 1}) + "\n")
+    (exp / "trial_00003" / "result.json").write_text(json.dumps({METRIC: 0.64004, "training_iteration": 1}) + "\n")
+    note = review.tie_note(*review.read_experiment(exp))
+    assert note.startswith("2 of 4 trials tie at the best val_auc 0.6400: trial_00003, trial_00001.") \
+        and "AUC of 0.5" not in note
