@@ -289,6 +289,31 @@ def evaluate_job(config: Config, *, checkpoint: str | Path | None = None) -> dic
     Raises:
         RunStateError: No checkpoint given and no finished stage 2 (with all its seeds) in this run folder.
     """
+    if checkpoint is not None:
+        replacing_own_results(config, checkpoint)
     checkpoint = checkpoint or run_model(config)
     store = _data(config, "ultrasound", force_split=False)
     return evaluate_checkpoint(config, checkpoint, store.path)
+
+
+def replacing_own_results(config: Config, checkpoint: str | Path) -> str | None:
+    """Say (and return) when scoring ``checkpoint`` replaces the results of the run's own model.
+
+    metrics.json and report.html are the run's: the model the scoring commands find beside them takes its
+    threshold from there, and a metrics.json of another checkpoint leaves it at 0.5 (msbt.serve.predict)."""
+    from msbt.atomicio import read_json
+    from msbt.train.stages import RunStateError
+
+    try:
+        own = Path(run_model(config)).resolve()
+    except RunStateError:  # the run has no model of its own: nothing of it is replaced
+        return None
+    scored = read_json(run_dir(config) / "metrics.json")
+    scored = scored if isinstance(scored, dict) else {}
+    if Path(checkpoint).expanduser().resolve() == own or Path(str(scored.get("checkpoint", ""))).resolve() != own:
+        return None
+    note = (f"note: {run_dir(config) / 'metrics.json'} and report.html held the test metrics of the run's own model "
+            f"({own}); they now hold those of {checkpoint}, and until `msbt evaluate` without --checkpoint scores "
+            "the run's model again, predict, export, stream, serve and external give it no validation threshold (0.5)")
+    print(note, flush=True)
+    return note

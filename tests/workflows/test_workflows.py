@@ -88,8 +88,14 @@ def test_steps_chain_through_the_recorded_stages(tmp_path, ray_local, capsys):
     assert main(["stage2", *other, "--parent", stage1["checkpoint"]]) == 0
     other_stage2 = json.loads((tmp_path / "other" / "stages.json").read_text())["2"]
     assert read_manifest(other_stage2["checkpoint"])["config"]["head"]["dropout"] == 0.25
+    capsys.readouterr()
     assert main(["evaluate", *common, "--checkpoint", other_stage2["checkpoint"]]) == 0
     assert json.loads((run / "metrics.json").read_text())["checkpoint"] == other_stage2["checkpoint"]
+    # the run's own results replaced: said, with what it costs (said once: they are another model's now)
+    assert f"held the test metrics of the run's own model ({stage2['checkpoint']}); they now hold those of " \
+        f"{other_stage2['checkpoint']}" in capsys.readouterr().out
+    assert main(["evaluate", *common, "--checkpoint", other_stage2["checkpoint"]]) == 0
+    assert "held the test metrics" not in capsys.readouterr().out
 
     # --resume refuses a recorded stage that the config no longer describes
     assert main(["stage2", *common, "--resume", "--set", "stage2.head.dropout=0.25"]) == 1
