@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_split)
 
     p = sub.add_parser("lineage", help="print a stage checkpoint's chain of parents (stage 2 -> stage 1 -> weights)")
-    p.add_argument("path", help="a stage checkpoint folder (model.keras + manifest.json)")
+    p.add_argument("path", help="a stage checkpoint folder (model.keras + manifest.json), or a run folder (its model)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     p.set_defaults(func=_cmd_lineage)
 
@@ -378,11 +378,31 @@ def _cmd_ensemble(args) -> int:
     return 0
 
 
+def _run_model(given: str) -> str:
+    """A run folder given where a stage-2 checkpoint is expected stands for the run's model (stage 2's
+    recorded best checkpoint, or its average of seeds: msbt.jobs.pipeline.run_model), said on the terminal;
+    anything else is returned as given. The checkpoints' own folder names (``checkpoint_2026-12-...``) need not
+    be looked up, and a glob of them (several checkpoints) is not passed where one is meant."""
+    folder = Path(given).expanduser()
+    if not folder.is_dir() or (folder / "manifest.json").is_file() or not (folder / "config.yaml").is_file() \
+            or not any((folder / name).exists() for name in ("stages.json", "stores")):
+        return given
+    from msbt.jobs.pipeline import run_model
+
+    resolved = folder.resolve()
+    config = load_config([resolved / "config.yaml"],
+                         [f"run.storage_path={resolved.parent}", f"run.name={resolved.name}"])
+    model = run_model(config)
+    print(f"model: {model} (the model of run folder {given})", flush=True)
+    return model
+
+
 def _cmd_lineage(args) -> int:
     from msbt.model.checkpoint import format_lineage
 
     if not Path(args.path).exists():
         raise ConfigError(f"{args.path}: no such checkpoint")
+    args.path = _run_model(args.path)
     if Path(args.path).is_dir() and not (Path(args.path) / "manifest.json").is_file():
         found = sorted(p.name for p in Path(args.path).glob("checkpoint_*/manifest.json"))
         hint = f" (it holds checkpoints: {Path(args.path) / Path(found[-1]).parent.name}, ...)" if found else ""
@@ -401,7 +421,8 @@ def _predict_parsers(sub) -> None:
     """`predict` and `export` (msbt.serve.predict, msbt.serve.export); see docs/predict.md."""
     p = sub.add_parser("predict", help="label new ultrasound images with a stage-2 model (probability, threshold, "
                        "optional Grad-CAM)")
-    p.add_argument("model", help="stage-2 checkpoint folder (model.keras + manifest.json) or an `msbt export` folder")
+    p.add_argument("model", help="stage-2 checkpoint folder (model.keras + manifest.json), a run folder (its "
+                   "model), or an `msbt export` folder")
     p.add_argument("images", nargs="+", help="image files and folders (searched recursively; masks skipped)")
     p.add_argument("--out", metavar="CSV", help="write one row per file (predictions and rejects) here")
     p.add_argument("--heatmaps", metavar="DIR", help="write a Grad-CAM overlay PNG per image here")
@@ -412,7 +433,8 @@ def _predict_parsers(sub) -> None:
 
     p = sub.add_parser("export", help="write a stage-2 checkpoint as Keras model, TensorFlow SavedModel, ONNX and "
                        "OpenVINO IR for serving, each checked against Keras")
-    p.add_argument("checkpoint", help="stage-2 checkpoint folder (model.keras + manifest.json)")
+    p.add_argument("checkpoint", help="stage-2 checkpoint folder (model.keras + manifest.json), or a run folder "
+                   "(its model)")
     p.add_argument("out_dir", help="new or empty folder for model.keras, manifest.json, saved_model/, model.onnx, "
                    "openvino/, export.json")
     p.add_argument("--threshold", type=float, help="threshold to record (default: the run's validation threshold)")
@@ -444,7 +466,7 @@ def _cmd_predict(args) -> int:
             refuse_output_in_inputs(out, args.images, option)
     if args.heatmaps and Path(args.heatmaps).exists() and not Path(args.heatmaps).is_dir():  # before the model loads
         raise ConfigError(f"--heatmaps {args.heatmaps}: a file is there; --heatmaps names a folder for the PNGs")
-    run = predict(args.model, args.images, threshold=args.threshold, heatmaps=args.heatmaps)
+    run = predict(_run_model(args.model), args.images, threshold=args.threshold, heatmaps=args.heatmaps)
     print("\n".join(format_lines(run)))
     if args.out:
         print(f"predictions: {write_csv(run, args.out)}")
@@ -466,6 +488,7 @@ def _cmd_export(args) -> int:
     drop = 0.01 if args.int8_max_auc_drop is None else args.int8_max_auc_drop
     if not (math.isfinite(drop) and 0.0 <= drop <= 1.0):  # NaN or < 0 always refused int8, inf never checked
         raise ConfigError(f"--int8-max-auc-drop must be an AUC difference in [0, 1], got {drop}")
+    args.checkpoint = _run_model(args.checkpoint)
     _quiet_tensorflow()
     record = export(args.checkpoint, args.out_dir, threshold=args.threshold, int8=args.int8,
                     int8_store=args.int8_store, int8_max_auc_drop=drop)
@@ -495,7 +518,7 @@ def _external_parser(sub) -> None:
     """`external` (msbt.serve.external, msbt.eval.external); see docs/evaluation.md."""
     p = sub.add_parser("external", help="score a trained run on other sites: metrics with CIs at the run's "
                        "threshold, threshold transfer, calibration, contamination check")
-    p.add_argument("checkpoint", help="stage-2 checkpoint folder of a run")
+    p.add_argument("checkpoint", help="stage-2 checkpoint folder of a run, or the run folder (its model)")
     p.add_argument("sources", nargs="+", help="folders of class folders or CSV manifests, one site each "
                    "(NAME=PATH, or PATH: named after its folder)")
     p.add_argument("--out", help="folder that receives external/<site>/ (default: the checkpoint's run folder)")
@@ -518,6 +541,7 @@ def _cmd_external(args) -> int:
         from msbt.data.sites import parse_sources
 
         refuse_output_in_inputs(args.out, [site.path for site in parse_sources(args.sources)], "--out")
+    args.checkpoint = _run_model(args.checkpoint)
     _quiet_tensorflow()
     results = external(args.checkpoint, args.sources, out=args.out, threshold=args.threshold,
                        keep_duplicates=args.keep_duplicates, n_boot=args.n_boot)

@@ -126,3 +126,14 @@ def test_every_bootstrap_refuses_fewer_than_one_resample_before_it_starts(comman
         with pytest.raises(SystemExit) as info:
             main([*command, "--n-boot", value])
         assert info.value.code == 2 and f"argument --n-boot: {reason}" in capsys.readouterr().err
+
+
+def test_a_run_folder_without_a_model_given_as_the_model_says_which_step_is_missing(tmp_path, capsys):
+    """A run folder stands for its model where a checkpoint is expected (predict, export, external, lineage); one
+    that has none yet says so instead of `not a checkpoint`."""
+    run = tmp_path / "runs" / "r"
+    (run / "stores").mkdir(parents=True)
+    (run / "config.yaml").write_text("run:\n  name: elsewhere\n  storage_path: /nowhere\n")  # as moved or copied
+    for command in (["predict", str(run), str(tmp_path)], ["lineage", str(run)]):
+        assert main(command) == 1
+        assert f"{run / 'stages.json'}: no finished stage 2 in run 'r'" in capsys.readouterr().err

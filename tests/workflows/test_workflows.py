@@ -74,6 +74,9 @@ def test_steps_chain_through_the_recorded_stages(tmp_path, ray_local, capsys):
     assert [entry["manifest"]["stage"] for entry in chain] == [2, 1]
     assert chain[0]["link_ok"] is True and all(entry["verified"] for entry in chain)
     assert chain[1]["path"] == stage1["checkpoint"]
+    capsys.readouterr()
+    assert main(["lineage", str(run)]) == 0  # a run folder stands for its model
+    assert capsys.readouterr().out.startswith(f"model: {stage2['checkpoint']} (the model of run folder {run})\n")
 
     assert main(["evaluate", *common]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
