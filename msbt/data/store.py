@@ -338,7 +338,7 @@ class Store:
             raise StoreError(f"{file}: no {missing[0] if missing else 'rows per split'!r} recorded (the file is damaged "
                              "or was edited); rebuild the store (preprocess.on_existing: overwrite)")
         return StoreSummary(self.path, data["kind"], data["files"], data["rows"], data["empty_sources"],
-                            0.0, data.get("reused_chunks", 0), reused=True)
+                            0.0, data.get("reused_chunks", 0), reused=True, source_files=data.get("source_files"))
 
     def read(self, columns: list[str] | None = None, split: str | None = None) -> dict[str, np.ndarray]:
         """Read the store (or some columns, one split) into numpy arrays; for small stores and tests.
@@ -417,6 +417,8 @@ class StoreSummary:
     reused: bool = False  # opened as it was, nothing run
     where: str = ""  # "ray" (Ray Data), "local" (driver threads) or "local+ray", from the chunks' _DONE.json; "" for
     # copies (write_resplit) and stores written before it was recorded
+    source_files: int | None = None  # distinct files, where frames of multi-frame files (cine loops) made
+    # ``files`` (one a frame) larger; None: each item is a file of its own
 
     def as_dict(self) -> dict:
         return {
@@ -428,7 +430,18 @@ class StoreSummary:
             "seconds": round(self.seconds, 2),
             "reused_chunks": self.reused_chunks,
             **({"where": self.where} if self.where else {}),
+            **({"source_files": self.source_files} if self.source_files is not None else {}),
         }
+
+
+def _multi_frame_files(items: Sequence[Mapping]) -> int | None:
+    """How many files the items come from, when some are frames of one multi-frame file (else None)."""
+    from msbt.images.dicom import split_ref
+
+    if not any("#frame=" in str(item["source"]) for item in items):
+        return None
+    files = {split_ref(item["source"])[0] if "#frame=" in str(item["source"]) else item["source"] for item in items}
+    return len(files) if len(files) != len(items) else None
 
 
 def identity(kind: str, items: Sequence[Mapping], settings: dict, files_per_chunk: int,
@@ -508,7 +521,7 @@ def write_store(kind: str, items: list[dict], out: str | Path, fn: Callable, fn_
     bar.close()
     rows, empty = _count(out, items)
     summary = StoreSummary(out, kind, len(items), rows, empty, time.perf_counter() - started, reused,
-                           where=_written_where(out))
+                           where=_written_where(out), source_files=_multi_frame_files(items))
     _write_json(out / SUMMARY_FILE, summary.as_dict())
     return summary
 

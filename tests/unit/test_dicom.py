@@ -5,6 +5,7 @@ Every file is generated here with pydicom (uncompressed) and carries fake identi
 """
 
 import csv
+import dataclasses
 
 import cv2
 import numpy as np
@@ -258,6 +259,13 @@ def test_pipeline_data_step_and_store_rows_hold_no_patient_data(tmp_path, caplog
     pq.write_table(ultrasound_arrays(batch, image_size=32, aspect="pad", intensity="none"),
                    tmp_path / "runs" / "dcm" / "rows.parquet", compression="none")  # greppable
     assert len(items) == 32 and (prepared.folder / "rejects.csv").read_text().count("broken.dcm") == 1
+    # the store's line counts files as files: 8 cine loops of 3 frames and 8 stills (it said "from 32 files")
+    from msbt.data.prepare import build_stores, summarize_stores
+
+    local = dataclasses.replace(config, preprocess=dataclasses.replace(config.preprocess, build="local",
+                                                                        image_size=32))
+    line = summarize_stores(build_stores(local, {"ultrasound": prepared}))
+    assert "ultrasound store: 32 images from 16 files (a cine loop gives one image a frame)" in line
     assert phi_found(tmp_path / "runs") == []
     assert not [v for v in FAKE_PHI.values() if v in caplog.text or v.split("^")[0] in caplog.text]
 
