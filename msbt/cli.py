@@ -826,6 +826,8 @@ def _stop_line(args, how: str) -> str:
     if hasattr(args, "resume"):
         return f"msbt: {how}; {INTERRUPTED}"
     if getattr(args.func, "__name__", "") in _CONTINUES:
+        if getattr(args, "fresh", False):  # the same command would delete what this one finished
+            return f"msbt: {how}; finished steps are kept: rerun the command without --fresh to continue"
         return f"msbt: {how}; finished steps are kept: rerun the same command to continue"
     return f"msbt: {how}"
 

@@ -281,6 +281,9 @@ def test_a_stopped_command_says_what_to_do_next_only_where_there_is_something_to
         "msbt: interrupted; finished steps and checkpoints are kept: rerun the same command with --resume to continue")
     assert _stop_line(parse(["preprocess"]), "stopped (SIGTERM)") == (
         "msbt: stopped (SIGTERM); finished steps are kept: rerun the same command to continue")
+    assert _stop_line(parse(["crossval", "--fresh"]), "interrupted") == (  # the same command deletes them again
+        "msbt: interrupted; finished steps are kept: rerun the command without --fresh to continue")
+    assert _stop_line(parse(["crossval"]), "interrupted").endswith("rerun the same command to continue")
     for argv in (["serve", "m"], ["stream", "m", "s"], ["predict", "m", "x.png"], ["scan", "d"]):
         assert _stop_line(parse(argv), "stopped (SIGTERM)") == "msbt: stopped (SIGTERM)", argv
 
