@@ -211,7 +211,13 @@ def _video(path: Path, fps: float | None) -> Source:
 
 
 def _device(index: int, fps: float | None) -> Source:
-    capture = cv2.VideoCapture(index)
+    # OpenCV warns once per capture back end it tries (V4L2, FFmpeg) on the terminal; the error below says it
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    try:
+        capture = cv2.VideoCapture(index)
+    finally:
+        cv2.utils.logging.setLogLevel(level)
     if not capture.isOpened():
         raise SourceError(f"capture device {index}: cannot be opened (no such device, or no permission)")
     rate = fps or capture.get(cv2.CAP_PROP_FPS) or DEFAULT_FPS
