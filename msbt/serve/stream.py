@@ -379,8 +379,10 @@ class _Heatmaps:
         out.mkdir(parents=True, exist_ok=True)
         self.jobs = ctx.Queue(maxsize=1)
         self.results = ctx.Queue()
+        from msbt.console import is_verbose
+
         self.process = ctx.Process(target=_gradcam_worker, args=(str(model_folder), str(out), image_size,
-                                                                  self.jobs, self.results), daemon=True)
+                                                                  self.jobs, self.results, is_verbose()), daemon=True)
         self.process.start()
         ready = self.results.get()  # loaded and traced before the stream starts
         if ready != "ready":
@@ -403,9 +405,16 @@ class _Heatmaps:
         self.written, self.errors = written, errors
 
 
-def _gradcam_worker(model_folder: str, out: str, image_size: int, jobs, results) -> None:
-    """The child process: load the model, trace Grad-CAM once, then write one PNG per frame received."""
+def _gradcam_worker(model_folder: str, out: str, image_size: int, jobs, results, verbose: bool = True) -> None:
+    """The child process: load the model, trace Grad-CAM once, then write one PNG per frame received.
+
+    ``verbose``: the parent's console setting; without it TensorFlow's start-up lines are held back here too
+    (a spawned process starts with logging as Python sets it, not as the command did)."""
     try:
+        from msbt import console
+
+        console.setup(verbose=verbose)
+        console.import_tensorflow()
         import tensorflow as tf
 
         tf.config.threading.set_intra_op_parallelism_threads(1)

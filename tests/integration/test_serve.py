@@ -167,7 +167,7 @@ def test_smoothing_ema_and_window():
         st.Smoothing("ema", alpha=0.0)
 
 
-def test_stream_of_a_folder_scores_every_frame_like_the_engine(exported, tmp_path, capsys):
+def test_stream_of_a_folder_scores_every_frame_like_the_engine(exported, tmp_path, capfd):
     frames = ultrasound(6)
     folder = tmp_path / "frames"
     folder.mkdir()
@@ -177,8 +177,10 @@ def test_stream_of_a_folder_scores_every_frame_like_the_engine(exported, tmp_pat
     (folder / "f002.png").write_bytes((folder / "f001.png").read_bytes()[:200])
     out = tmp_path / "out" / "frames.csv"
     code = main(["stream", str(exported["folder"]), str(folder), "--out", str(out), "--engine", "onnx",
-                 "--all-frames", "--smooth", "window", "--window", "3"])
+                 "--all-frames", "--smooth", "window", "--window", "3", "--heatmaps", "3"])
     assert code == 0
+    printed = capfd.readouterr()  # the Grad-CAM process's TensorFlow start-up lines are held back as the parent's
+    assert "absl" not in printed.err and "cuInit" not in printed.err and "heatmaps: " in printed.out, printed.err
     rows = list(csv.DictReader(out.open()))
     assert [int(r["frame"]) for r in rows] == list(range(7))
     assert [r["status"] for r in rows] == ["scored"] * 2 + ["unreadable"] + ["scored"] * 4
@@ -194,7 +196,7 @@ def test_stream_of_a_folder_scores_every_frame_like_the_engine(exported, tmp_pat
             summary["frames_unreadable"]) == (7, 6, 0, 1)
     assert any(f"{folder / 'f002.png'}: truncated PNG" in note for note in summary["notes"]), summary["notes"]
     assert not any(f"{folder / 'f002.png'}: {folder / 'f002.png'}" in note for note in summary["notes"])  # once
-    assert "6 scored, 0 dropped, 1 unreadable" in capsys.readouterr().out
+    assert "6 scored, 0 dropped, 1 unreadable" in printed.out
 
 
 def test_stream_drops_frames_a_slow_engine_cannot_keep_up_with(exported, tmp_path):
