@@ -447,7 +447,10 @@ def trial_progress(trials: int, metric: str, mode: str):
             self._count_earlier(trials)
 
         def _finished(self, trial):
-            value = (trial.last_result or {}).get(metric)
+            # the best over the trial's epochs, as the ranking and best.yaml take it (its last epoch said 0.9088 of a
+            # trial whose best was 0.9754); Tune keeps each metric's max and min per trial, across a restore too
+            seen = (getattr(trial, "metric_analysis", None) or {}).get(metric) or {}
+            value = seen.get("max" if mode == "max" else "min", (trial.last_result or {}).get(metric))
             if value is not None and (self.best is None or (value > self.best if mode == "max" else value < self.best)):
                 self.best = float(value)
             if self.bar is not None:

@@ -267,3 +267,30 @@ def test_a_best_value_shared_by_several_trials_is_called_a_tie(tmp_path, capsys)
     note = review.tie_note(*review.read_experiment(exp))
     assert note.startswith("2 of 4 trials tie at the best val_auc 0.6400: trial_00003, trial_00001.") \
         and "AUC of 0.5" not in note
+
+
+def test_the_trials_bar_shows_the_best_value_over_epochs_as_the_ranking_does():
+    """The bar said `best val_auc 0.9088` (a trial's last epoch) where the ranking and best.yaml gave 0.9754 (its
+    best epoch)."""
+    from ray.tune.experiment import Trial
+
+    from msbt.tune.search import trial_progress
+
+    trials = []
+    for curve in ([0.60, 0.9754, 0.9088], [0.70, 0.80]):
+        trial = Trial("__fake", stub=True)  # Tune's own record of a trial, fed results as Tune feeds them
+        for epoch, value in enumerate(curve, start=1):
+            trial.update_last_result({METRIC: value, "training_iteration": epoch})
+        trials.append(trial)
+    bar = trial_progress(len(trials), METRIC, "max")
+    bar.setup()
+    for trial in trials:
+        bar.on_trial_complete(0, trials, trial)
+    assert bar.best == 0.9754
+    lowest = trial_progress(len(trials), "val_loss", "min")
+    lowest.setup()
+    trial = Trial("__fake", stub=True)
+    for epoch, value in enumerate((0.9, 0.3, 0.5), start=1):
+        trial.update_last_result({"val_loss": value, "training_iteration": epoch})
+    lowest.on_trial_complete(0, [trial], trial)
+    assert lowest.best == 0.3
