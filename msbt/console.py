@@ -339,10 +339,14 @@ def route_worker_output() -> bool:
     draws what is shown (progress bars, de-duplication). Returns False where that hook is missing (another
     Ray version, or Ray not connected), leaving Ray's default.
     """
+    try:
+        from ray._private import worker as ray_worker
+    except ImportError:
+        return False
+    _route_raylet_notices(ray_worker)  # also for a command without a run folder (msbt serve)
     if _state["folder"] is None:
         return False
     try:
-        from ray._private import worker as ray_worker
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
         from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
     except ImportError:
@@ -352,7 +356,6 @@ def route_worker_output() -> bool:
         return False
     if registered["ray_print_logs"] is _state["workers"]:
         return True
-    _route_raylet_notices(ray_worker)
     show = functools.partial(ray_worker.print_to_stdstream, ignore_prefix=False)
 
     def handle(data: dict) -> None:
@@ -408,11 +411,14 @@ def route_worker_output() -> bool:
 
 # What the raylet sends every driver on a busy small machine (a Tune search starts trial, controller and worker
 # processes at once): harmless there, and read as a fault.
-RAYLET_NOTICES = ("PYTHON worker processes have been started on node",)
+RAYLET_NOTICES = ("PYTHON worker processes have been started on node",
+                  # serve.shutdown: Serve's controller ends itself inside its own graceful_shutdown task
+                  "Task ServeController.graceful_shutdown failed")
 
 
 def _route_raylet_notices(ray_worker) -> None:
-    """Send the raylet's known notices (``RAYLET_NOTICES``) to ``workers.log`` instead of the terminal.
+    """Send the raylet's known notices (``RAYLET_NOTICES``) to ``workers.log`` instead of the terminal (a command
+    without a run folder drops them).
 
     Ray prints the raylet's messages to this driver (``listen_error_messages``) with ``print_to_stdstream`` directly,
     not through the dispatcher :func:`route_worker_output` hooks, so this wraps that function of Ray 2.60's private
@@ -425,13 +431,14 @@ def _route_raylet_notices(ray_worker) -> None:
 
     def print_to_stdstream(data, ignore_prefix):
         folder = _state["folder"]
-        if data.get("pid") == "raylet" and not _state["verbose"] and folder is not None:
+        if data.get("pid") == "raylet" and not _state["verbose"]:
             lines = data.get("lines", [])
             known = [ln for ln in lines if any(notice in ln for notice in RAYLET_NOTICES)]
             if known:
                 try:
-                    with (folder / WORKERS_LOG).open("a", encoding="utf-8") as out:
-                        out.writelines(f"(raylet) {line}\n" for line in known)
+                    if folder is not None:  # a command without a run folder (msbt serve) has no log to keep them
+                        with (folder / WORKERS_LOG).open("a", encoding="utf-8") as out:
+                            out.writelines(f"(raylet) {line}\n" for line in known)
                     data = {**data, "lines": [ln for ln in lines if ln not in known]}
                 except OSError:  # the folder is gone or the disk full: shown rather than lost
                     pass

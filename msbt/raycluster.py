@@ -129,6 +129,17 @@ _private_address: str | None = None
 _warned: set[tuple[str, str]] = set()  # check_placeable's warnings already given
 
 
+def private_cluster() -> str | None:
+    """The address of the private cluster this process started (it ends with the process), or None: the
+    process joined a cluster that outlives it, or none."""
+    import ray
+
+    if _private_address is not None and ray.is_initialized() \
+            and ray.get_runtime_context().gcs_address == _private_address:
+        return _private_address
+    return None
+
+
 def unplaceable(bundles: list[dict[str, float]], nodes: list[dict[str, float]]) -> str | None:
     """Why Ray could never place ``bundles`` (one resource request each, all at once) on ``nodes`` as they are
     (each node's total resources), or None when it can. Each bundle must fit on one node, and together they must

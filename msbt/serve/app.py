@@ -37,9 +37,10 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from msbt.config import ConfigError, ServeConfig, from_dict
-from msbt.raycluster import check_placeable
+from msbt.raycluster import check_placeable, private_cluster
 
 log = logging.getLogger(__name__)
+APP_NAME = "msbt"  # the Serve application's name on the cluster
 api = FastAPI(title="msbt", description="Breast ultrasound malignancy probability of one image per request")
 
 
@@ -87,6 +88,9 @@ class Classifier:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.max_bytes:
             return self.error(413, f"request body of {int(declared)} bytes is larger than {self.max_bytes} bytes")
+        if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):  # curl -F file=@x
+            return self.error(400, "a multipart form: send the image's bytes as the request body "
+                                   "(curl --data-binary @scan.png URL/predict)")
         body = await request.body()
         if len(body) > self.max_bytes:
             return self.error(413, f"request body of {len(body)} bytes is larger than {self.max_bytes} bytes")
@@ -146,6 +150,11 @@ def application(model: str | Path, config: ServeConfig = ServeConfig(), *, thres
                           "`msbt export --int8` writes only when the test AUC held (see export.json's int8)")
     resources = replica_resources(config)
     options = {"num_cpus": resources["CPU"], **({"num_gpus": resources["GPU"]} if "GPU" in resources else {})}
+    if config.log_level not in ("DEBUG", "INFO"):
+        # gRPC's C++ INFO line in every new replica ("Other threads are currently calling into gRPC, skipping fork()
+        # handlers"), which no logger catches: a private cluster's processes inherit msbt's setting
+        # (msbt.console.quiet_environment), a `ray start` cluster's do not
+        options["runtime_env"] = {"env_vars": {"GRPC_VERBOSITY": "ERROR"}}
     # Serve's default of 5 requests in flight per replica would cap every batch at 5.
     deployment = Classifier.options(num_replicas=config.replicas, ray_actor_options=options,
                                     max_ongoing_requests=max(5, 2 * config.max_batch_size * config.streams))
@@ -190,8 +199,32 @@ def run(model: str | Path, config: ServeConfig, *, threshold: float | None = Non
     if not any(isinstance(f, _SaidByMsbt) for f in serve_log.filters):
         serve_log.addFilter(_SaidByMsbt())
     _start_serve(config)
-    serve.run(app, name="msbt", route_prefix="/", blocking=blocking, logging_config={"log_level": config.log_level})
+    try:
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=blocking,
+                  logging_config={"log_level": config.log_level})
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (msbt.cli's Stopped)
+        if blocking and not private_cluster():
+            take_down()
+        raise
     return url(config)
+
+
+def take_down() -> str:
+    """Remove msbt's application from the cluster, and Serve itself when no other application is left (its
+    HTTP proxy then frees the port); returns what was done.
+
+    On a cluster that outlives ``msbt serve`` (one started with ``ray start``) Ctrl-C ended the command and left
+    the application answering, its port taken, so a second ``msbt serve`` was refused as "already in use". A
+    private cluster ends with the command, and everything of it."""
+    serve.delete(APP_NAME)
+    others = [name for name in serve.status().applications if name != APP_NAME]
+    if others:
+        done = f"application {APP_NAME!r} removed from the cluster (Serve keeps running for {', '.join(others)})"
+    else:
+        serve.shutdown()
+        done = f"application {APP_NAME!r} removed and Serve shut down on the cluster"
+    print(f"msbt serve: {done}", flush=True)
+    return done
 
 
 class _SaidByMsbt(logging.Filter):

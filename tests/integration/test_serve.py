@@ -360,8 +360,47 @@ def test_serve_answers_images_and_refuses_bad_bytes(exported, ray_local, tmp_pat
             answer = requests.post(f"{url}/predict", data=body, timeout=30)
             assert answer.status_code == 400 and reason in answer.json()["error"], (body[:20], answer.text)
         assert requests.get(f"{url}/nothing-here", timeout=30).status_code == 404
+        form = requests.post(f"{url}/predict", files={"file": ("scan.png", files[0])}, timeout=30)  # curl -F
+        assert form.status_code == 400 and "a multipart form: send the image's bytes" in form.json()["error"]
     finally:
         serve.shutdown()
+
+
+def test_ctrl_c_of_serve_on_a_cluster_that_outlives_it_takes_the_application_down(exported, ray_local, capsys,
+                                                                                   monkeypatch):
+    """On a `ray start` cluster Ctrl-C ended `msbt serve` and left its application answering, the port taken (a
+    second `msbt serve` was refused: "already in use")."""
+    import signal
+    import threading
+
+    import requests
+
+    from msbt.serve import app
+
+    port = _free_port()
+    config = ServeConfig(port=port, engine="onnx", cpus_per_replica=0.5)
+    monkeypatch.setattr(app, "private_cluster", lambda: None)  # the session's cluster, as one that outlives msbt
+
+    def ctrl_c_once_up():
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).ok:
+                    break
+            except requests.RequestException:
+                time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal, however pytest started
+    threading.Thread(target=ctrl_c_once_up, daemon=True).start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            app.run(exported["folder"], config, blocking=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert "msbt serve: application 'msbt' removed and Serve shut down on the cluster" in capsys.readouterr().out
+    with pytest.raises(requests.ConnectionError):  # nothing answers there any more: the port is free again
+        requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
 
 
 @pytest.mark.ray

@@ -263,3 +263,18 @@ def test_the_raylets_worker_start_up_notice_goes_to_the_workers_log(tmp_path, ca
     shown = capfd.readouterr()
     assert killed in shown.out + shown.err and "PYTHON worker processes" not in shown.out + shown.err
     assert (folder / console.WORKERS_LOG).read_text().count("PYTHON worker processes have been started") == 2
+
+
+def test_serve_shutdowns_raylet_notice_stays_off_a_command_without_a_run_folder(capfd, restore_logging, monkeypatch):
+    """`msbt serve` on a `ray start` cluster ended its Ctrl-C with "(raylet) Task ServeController.graceful_shutdown
+    failed ... killed by `ray.kill`" (Serve's controller ends itself in that task); it has no log to send it to."""
+    ray_worker = pytest.importorskip("ray._private.worker")
+    console.setup(verbose=False)
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream)  # Ray's own, put back after
+    console._route_raylet_notices(ray_worker)
+    notice = ("Task ServeController.graceful_shutdown failed. There are infinite retries remaining, so the task will "
+              "be retried. Error: The actor is dead because it was killed by `ray.kill`.")
+    died = "A worker died or was killed while executing a task by an unexpected system error."
+    ray_worker.print_to_stdstream({"lines": [notice, died], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    shown = capfd.readouterr()
+    assert died in shown.out + shown.err and "graceful_shutdown" not in shown.out + shown.err
