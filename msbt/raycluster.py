@@ -79,6 +79,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             dashboard = getattr(ray.init(address=target, **_own_address(target)), "dashboard_url", None)
         else:
             start_private(num_cpus)
+            dashboard = _private_dashboard
     console.tame_ray()  # now that Ray is connected: what its workers print goes to the log too
     print(describe_cluster(target if target and target != "local" else None, ray.cluster_resources(), dashboard),
           flush=True)
@@ -126,6 +127,7 @@ def _own_address(target: str) -> dict:
 # The GCS address of the private cluster this process started (start_private), or None: a joined cluster may
 # grow (an autoscaler adds nodes), a private one never does. (A cluster of a plain `ray.init()` counts as joined.)
 _private_address: str | None = None
+_private_dashboard: str | None = None  # its dashboard's host:port
 _warned: set[tuple[str, str]] = set()  # check_placeable's warnings already given
 
 
@@ -261,7 +263,7 @@ START_ATTEMPTS = 2
 
 def _start_private_once(num_cpus: int | None, options: dict) -> str:
     """One start of the private cluster (:func:`start_private` says how and why); returns its GCS address."""
-    global _private_address
+    global _private_address, _private_dashboard
     import ray
 
     protect_token()
@@ -280,11 +282,15 @@ def _start_private_once(num_cpus: int | None, options: dict) -> str:
         # Without it a Tune trial stopped early (ASHA) leaves its Train worker's placement group
         # reserved, and on a small machine the next trial's data read waits for that CPU forever
         # (measured: the suite's Tune test hung at "Pending Demands: {'CPU': 1.0}" with 1.0 CPU held
-        # by a dead trial). It also lets the user watch the run (port 8265, or the next free one).
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 runtime_env={"env_vars": {"RAY_ADDRESS": address, **_no_preemption_watcher()}}, **options)
+        # by a dead trial). It also lets the user watch the run, at the address the "Ray:" line prints: a free
+        # port, not Ray's 8265, which a cluster the user starts later with `ray start` would then find taken (its
+        # dashboard and job server did not start, and `ray job submit` to :8265 reached this private cluster).
+        context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                           dashboard_port=free_port(),
+                           runtime_env={"env_vars": {"RAY_ADDRESS": address, **_no_preemption_watcher()}}, **options)
     protect_token()
     _private_address = address
+    _private_dashboard = getattr(context, "dashboard_url", None) or None
     return address
 
 

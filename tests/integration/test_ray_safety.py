@@ -59,7 +59,8 @@ def run_probe(home, **extra_env):
         env.pop(key, None)
     done = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    *printed, report = done.stdout.strip().splitlines()
+    return {**json.loads(report), "printed": printed}
 
 
 def test_private_cluster_listens_on_loopback_only_and_its_token_is_private(tmp_path):
@@ -70,6 +71,10 @@ def test_private_cluster_listens_on_loopback_only_and_its_token_is_private(tmp_p
     exposed = [row for row in report["listening"] if not loopback(row[0])]
     assert exposed == [], exposed
     assert {"gcs_server", "raylet"} <= {name for _, _, name in report["listening"]}
+    # its dashboard is named on the Ray line, on a free port: Ray's 8265 is left to a cluster of `ray start`
+    line = next(text for text in report["printed"] if text.startswith("Ray: private local cluster"))
+    dashboard = int(re.search(r"; dashboard http://127\.0\.0\.1:(\d+)$", line)[1])
+    assert dashboard != 8265 and dashboard in {port for _, port, _ in report["listening"]}, (line, report)
     # every process of the cluster names its own cluster (item 10): the driver and a worker task
     assert report["gcs"].startswith("127.0.0.1:")
     assert report["worker"] == report["gcs"]
