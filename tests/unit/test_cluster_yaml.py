@@ -40,3 +40,20 @@ def test_the_schema_check_can_fail():
     config["max_wrokers"] = config.pop("max_workers")
     with pytest.raises(Exception):
         validate_config(prepare_config(config))
+
+
+def test_the_install_command_names_the_project_folder_once_a_shell_has_expanded_it(tmp_path):
+    """`pip install -e "~/msbt[gpu]"`: the quotes kept `~` from expanding and pip refused it ("not a valid editable
+    requirement"), so `ray up` would have failed at set-up. Run here through bash as the launcher runs it, with
+    `printf` standing in for pip."""
+    import subprocess
+
+    install = next(c for c in load()["setup_commands"] if "install -e" in c)
+    echoed = install.replace("python3 -m pip install", "printf '%s\\n'")
+    done = subprocess.run(["bash", "-c", echoed], env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines() == ["-e", f"{tmp_path}/msbt[gpu]"]
+    mounts = load()["file_mounts"]
+    assert mounts["~/msbt"] == "." and "~/.ray/auth_token" in mounts  # the code, and the one token of the cluster
+    starts = load()["head_start_ray_commands"] + load()["worker_start_ray_commands"]
+    assert all(c.startswith("RAY_AUTH_MODE=token ray start") for c in starts if "ray start" in c)

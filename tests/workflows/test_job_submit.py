@@ -89,7 +89,7 @@ def test_smoke_pipeline_job_succeeds(head_node, tmp_path, ray_local):
     ray_cli, address, env = head_node
     # The CLI must send the cluster's token (written by `ray start`).
     env = {**env, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": address}
-    submit = [str(ray_cli), "job", "submit", "--working-dir", ".",
+    submit = [str(ray_cli), "job", "submit",  # the README's command: runtime_env.yaml names the working dir
               "--runtime-env", "workflows/runtime_env.yaml", "--",
               "python", "workflows/pipeline.py", "--smoke-test",
               "--set", f"run.storage_path={tmp_path}", "--set", f"synth.out_dir={tmp_path / 'synth'}", *TINY_SETS]
@@ -114,6 +114,7 @@ def test_smoke_pipeline_job_succeeds(head_node, tmp_path, ray_local):
     assert "stage 2: best val_auc" in logs and "test split (" in logs
     # the job ran on the submitted cluster, not on a private one it started itself
     assert "Started a local Ray instance" not in output
+    assert "Overriding runtime_env working_dir" not in output  # the README's command gives it once
     # the runtime env's variables reached the job: TF_CPP_MIN_LOG_LEVEL=2 hides this INFO line
     assert "cpu_feature_guard" not in logs
     # the quiet console (msbt.console): step lines and bars in `ray job logs`, Ray's and the workers'
@@ -168,7 +169,7 @@ def test_a_submitted_job_with_a_relative_storage_path_is_refused(head_node, tmp_
     """The default `run.storage_path: runs` would resolve inside Ray's unpacked package: refused by name."""
     ray_cli, address, env = head_node
     env = {**env, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": address}
-    submit = [str(ray_cli), "job", "submit", "--working-dir", ".", "--runtime-env", "workflows/runtime_env.yaml",
+    submit = [str(ray_cli), "job", "submit", "--runtime-env", "workflows/runtime_env.yaml",
               "--", "python", "workflows/preprocess.py", "--smoke-test", "--set", f"synth.out_dir={tmp_path / 'synth'}"]
     for _ in range(12):
         done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
