@@ -76,6 +76,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     dashboard = None
     with _keep_sigterm_handler():
         if target and target != "local":
+            _send_token_if_any()
             dashboard = getattr(ray.init(address=target, **_own_address(target)), "dashboard_url", None)
         else:
             start_private(num_cpus)
@@ -84,6 +85,25 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     print(describe_cluster(target if target and target != "local" else None, ray.cluster_resources(), dashboard),
           flush=True)
     log.info("Ray: %s", ray.cluster_resources())
+
+
+def _send_token_if_any() -> None:
+    """Before joining a cluster: send this account's Ray token when there is one and ``RAY_AUTH_MODE`` is unset.
+
+    A cluster of ``ray start`` with token authentication refused a client without ``RAY_AUTH_MODE=token``: 20
+    lines of "InvalidAuthToken" from Ray's GCS client over about 20 s, then "Failed to connect to Ray cluster",
+    which does not name the variable. Ray turns token mode on by itself only for a cluster it finds without an
+    address; msbt always passes one (``started_cluster``, ``--address``, ``$RAY_ADDRESS``), so this does what Ray
+    does there, with Ray's own function (which refreshes Ray's cached config; setting the variable alone came too
+    late). A cluster without authentication accepts a client that sends the token (measured with Ray 2.60), so it
+    costs nothing there; ``RAY_AUTH_MODE`` set by the user is kept."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # another Ray: its own behaviour
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 @contextlib.contextmanager

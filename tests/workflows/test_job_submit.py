@@ -38,8 +38,10 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def head_node():
-    """A head node started with `ray start` (token authentication on, as Ray 2.60 defaults), for both
-    tests: each submits its own job, as users submit several jobs to one cluster."""
+    """A head node started with `ray start` as the README says (the account's token generated first: Ray 2.60
+    turns token authentication on only where one exists), for the tests below: each submits its own job, as
+    users submit several jobs to one cluster. Yields the `ray` command, the dashboard's URL, the environment
+    and the GCS address."""
     ray_cli = Path(sys.executable).with_name("ray")
     if not ray_cli.exists():
         pytest.skip("the `ray` command is not installed beside this Python")
@@ -53,10 +55,12 @@ def head_node():
              # fixed by default (52365, 10001): another cluster on this machine would hold them, and the
              # job server then answers "No available agent to submit job"
              f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}"]
+    subprocess.run([str(ray_cli), "get-auth-token", "--generate"], env=env, capture_output=True, timeout=60,
+                   check=True)
     done = subprocess.run(start, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     try:
-        yield ray_cli, f"http://127.0.0.1:{dashboard}", env
+        yield ray_cli, f"http://127.0.0.1:{dashboard}", env, f"127.0.0.1:{port}"
     finally:
         stop_cluster(temp)
         shutil.rmtree(temp, ignore_errors=True)
@@ -86,7 +90,7 @@ def stop_cluster(temp: Path) -> None:
 
 def test_smoke_pipeline_job_succeeds(head_node, tmp_path, ray_local):
     """``ray_local``: the session's private cluster runs beside the `ray start` one, as another job's might."""
-    ray_cli, address, env = head_node
+    ray_cli, address, env, _ = head_node
     # The CLI must send the cluster's token (written by `ray start`).
     env = {**env, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": address}
     submit = [str(ray_cli), "job", "submit",  # the README's command: runtime_env.yaml names the working dir
@@ -167,7 +171,7 @@ def test_smoke_pipeline_job_succeeds(head_node, tmp_path, ray_local):
 
 def test_a_submitted_job_with_a_relative_storage_path_is_refused(head_node, tmp_path):
     """The default `run.storage_path: runs` would resolve inside Ray's unpacked package: refused by name."""
-    ray_cli, address, env = head_node
+    ray_cli, address, env, _ = head_node
     env = {**env, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": address}
     submit = [str(ray_cli), "job", "submit", "--runtime-env", "workflows/runtime_env.yaml",
               "--", "python", "workflows/preprocess.py", "--smoke-test", "--set", f"synth.out_dir={tmp_path / 'synth'}"]
@@ -181,3 +185,22 @@ def test_a_submitted_job_with_a_relative_storage_path_is_refused(head_node, tmp_
     assert "run.storage_path 'runs' resolves to" in output and "_ray_pkg_" in output
     assert "--set run.storage_path=$PWD/runs" in output
     assert "microscope store:" not in output  # refused before any work
+
+
+def test_a_script_run_on_the_head_node_joins_without_ray_auth_mode(head_node):
+    """`python workflows/pipeline.py` on the head node, RAY_AUTH_MODE unset: Ray's client sent no token and gave 20
+    lines of "InvalidAuthToken" over 20 s, then "Failed to connect to Ray cluster" (msbt.raycluster now sends the
+    account's token when there is one, as Ray does for a cluster it finds without an address)."""
+    import urllib.error
+    import urllib.request
+
+    _, dashboard, env, gcs = head_node
+    with pytest.raises(urllib.error.HTTPError) as refused:  # the cluster does require the token
+        urllib.request.urlopen(f"{dashboard}/api/jobs/", timeout=30)
+    assert refused.value.code == 401
+    env = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
+    probe = "from msbt.raycluster import init_ray; init_ray({!r}); import ray; print(ray.cluster_resources()['CPU'])"
+    done = subprocess.run([sys.executable, "-c", probe.format(gcs)], env={**env, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0 and f"Ray: cluster at {gcs} (2 CPUs)" in done.stdout, done.stderr[-2000:]
+    assert "InvalidAuthToken" not in done.stderr
