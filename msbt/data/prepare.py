@@ -285,8 +285,9 @@ def summarize_stores(stores: dict) -> str:
         )
         files = f"{s.files} files" if s.source_files is None else \
             f"{s.source_files} files (a cine loop gives one image a frame)"
-        lines.append(f"{modality} store: {sum(sum(v.values()) for v in s.rows.values())} {noun} from {files} "
-                     f"in {s.seconds:.1f} s{WHERE.get(s.where, '')} ({per_split}) -> {s.path}")
+        how = ", reused (every chunk complete)" if s.reused else f" in {s.seconds:.1f} s{WHERE.get(s.where, '')}"
+        lines.append(f"{modality} store: {sum(sum(v.values()) for v in s.rows.values())} {noun} from {files}"
+                     f"{how} ({per_split}) -> {s.path}")
         if s.empty_sources:
             lines.append(f"  {len(s.empty_sources)} files gave no {noun} (no cells found, or unreadable): "
                          f"{', '.join(s.empty_sources[:5])}{' ...' if len(s.empty_sources) > 5 else ''}")

@@ -521,6 +521,7 @@ def write_store(kind: str, items: list[dict], out: str | Path, fn: Callable, fn_
     bar.close()
     rows, empty = _count(out, items)
     summary = StoreSummary(out, kind, len(items), rows, empty, time.perf_counter() - started, reused,
+                           reused=bool(chunks) and reused == len(chunks),  # every chunk complete: nothing written
                            where=_written_where(out), source_files=_multi_frame_files(items))
     _write_json(out / SUMMARY_FILE, summary.as_dict())
     return summary

@@ -177,3 +177,7 @@ def test_force_split_after_the_data_grew_rebuilds_the_store_of_the_old_split(tmp
     assert "new_lesion.png" in " ".join(read_store(second.path, columns=["source"])["source"])
     again = ensure_stores(config, ["ultrasound"], force_split=True)["ultrasound"]  # same data: nothing rewritten
     assert again.path == first.path and again.reused_chunks == 1
+    from msbt.data.prepare import summarize_stores  # and the store line says so (it said "in 0.0 s")
+
+    assert ", reused (every chunk complete) (train " in summarize_stores({"ultrasound": again})
+    assert not second.reused and ", reused" not in summarize_stores({"ultrasound": second})
