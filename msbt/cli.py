@@ -387,12 +387,22 @@ def _run_model(given: str) -> str:
     if not folder.is_dir() or (folder / "manifest.json").is_file() or not (folder / "config.yaml").is_file() \
             or not any((folder / name).exists() for name in ("stages.json", "stores")):
         return given
+    import dataclasses
+
     from msbt.jobs.pipeline import run_model
+    from msbt.train.stages import RunStateError
 
     resolved = folder.resolve()
-    config = load_config([resolved / "config.yaml"],
-                         [f"run.storage_path={resolved.parent}", f"run.name={resolved.name}"])
-    model = run_model(config)
+    config = load_config([resolved / "config.yaml"])
+    # where the folder is now (moved or copied since), set as values: a `--set` string would be read as YAML
+    # (a run named 2026-12-01 became a date, a path with " #" lost its tail)
+    config = dataclasses.replace(config, run=dataclasses.replace(config.run, storage_path=str(resolved.parent),
+                                                                  name=resolved.name))
+    try:
+        model = run_model(config)
+    except RunStateError as err:  # its advice names the workflows' --checkpoint, which these commands lack
+        raise RunStateError(f"{given}: a run folder without a model of its own yet ({str(err).split('; ')[0]}); "
+                            "finish its stage 2 first, or name a stage-2 checkpoint folder instead") from None
     print(f"model: {model} (the model of run folder {given})", flush=True)
     return model
 

@@ -76,7 +76,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     dashboard = None
     with _keep_sigterm_handler():
         if target and target != "local":
-            _send_token_if_any()
+            if _on_this_machine(target, started_by_ray_start=not address and not os.environ.get("RAY_ADDRESS")):
+                _send_token_if_any()
             dashboard = getattr(ray.init(address=target, **_own_address(target)), "dashboard_url", None)
         else:
             start_private(num_cpus)
@@ -87,16 +88,31 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     log.info("Ray: %s", ray.cluster_resources())
 
 
+def _on_this_machine(target: str, started_by_ray_start: bool) -> bool:
+    """Whether a cluster address is this machine's: the cluster ``ray start`` recorded here, or a loopback one."""
+    import ipaddress
+
+    if started_by_ray_start:
+        return True
+    host = target.rsplit(":", 1)[0].strip("[]")
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _send_token_if_any() -> None:
-    """Before joining a cluster: send this account's Ray token when there is one and ``RAY_AUTH_MODE`` is unset.
+    """Before joining a cluster of this machine (:func:`_on_this_machine`): send this account's Ray token when
+    there is one and ``RAY_AUTH_MODE`` is unset.
 
     A cluster of ``ray start`` with token authentication refused a client without ``RAY_AUTH_MODE=token``: 20
     lines of "InvalidAuthToken" from Ray's GCS client over about 20 s, then "Failed to connect to Ray cluster",
     which does not name the variable. Ray turns token mode on by itself only for a cluster it finds without an
-    address; msbt always passes one (``started_cluster``, ``--address``, ``$RAY_ADDRESS``), so this does what Ray
-    does there, with Ray's own function (which refreshes Ray's cached config; setting the variable alone came too
-    late). A cluster without authentication accepts a client that sends the token (measured with Ray 2.60), so it
-    costs nothing there; ``RAY_AUTH_MODE`` set by the user is kept."""
+    address, a local one; msbt passes the address of the one ``ray start`` recorded here (``started_cluster``), so
+    this does what Ray does for that one, with Ray's own function (which refreshes Ray's cached config; setting the
+    variable alone came too late), and for a loopback address as well. An address of another machine never gets
+    the token unasked (it would go to whoever runs that cluster). A cluster without authentication accepts a
+    client that sends the token (measured with Ray 2.60); ``RAY_AUTH_MODE`` set by the user is kept."""
     try:
         from ray._private.authentication.authentication_token_setup import (
             maybe_enable_token_auth_if_token_available,

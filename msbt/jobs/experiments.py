@@ -236,7 +236,7 @@ def _not_this_arm(result: dict, manifest: dict, config: Config, store: Path, par
     another's, or folds trained on the test split reported as "test split untouched"."""
     from msbt.train.stages import manifest_problem, stage_inputs
 
-    problem = manifest_problem(manifest, stage_inputs(config, 2, store, parent))
+    problem = manifest_problem(manifest, stage_inputs(config, 2, store, parent), old_stage_number=True)
     if problem is not None:
         return problem
     # an arm scored from a checkpoint whose manifest records no settings: the arm's own record of them

@@ -154,12 +154,24 @@ def application(model: str | Path, config: ServeConfig = ServeConfig(), *, thres
         # gRPC's C++ INFO line in every new replica ("Other threads are currently calling into gRPC, skipping fork()
         # handlers"), which no logger catches: a private cluster's processes inherit msbt's setting
         # (msbt.console.quiet_environment), a `ray start` cluster's do not
-        options["runtime_env"] = {"env_vars": {"GRPC_VERBOSITY": "ERROR"}}
+        options["runtime_env"] = _replica_env()
     # Serve's default of 5 requests in flight per replica would cap every batch at 5.
     deployment = Classifier.options(num_replicas=config.replicas, ray_actor_options=options,
                                     max_ongoing_requests=max(5, 2 * config.max_batch_size * config.streams))
     return deployment.bind(str(folder), config.engine, threshold, config.max_batch_size,
                            config.batch_wait_timeout_s, config.max_request_mb, config.precision, config.streams)
+
+
+def _replica_env() -> dict:
+    """The replicas' runtime environment: the job's own, with ``GRPC_VERBOSITY=ERROR`` added to its variables.
+
+    Serve gives replicas the job's runtime environment only when a deployment names none; one that names its own
+    gets just the job's ``working_dir`` added (ray.serve's build_app, Ray 2.60), so the job's variables and
+    packages are carried over here."""
+    import ray
+
+    job = dict(ray.get_runtime_context().runtime_env or {}) if ray.is_initialized() else {}
+    return {**job, "env_vars": {**(job.get("env_vars") or {}), "GRPC_VERBOSITY": "ERROR"}}
 
 
 def build_app(args: dict):
@@ -198,31 +210,58 @@ def run(model: str | Path, config: ServeConfig, *, threshold: float | None = Non
     serve_log.setLevel(config.log_level)
     if not any(isinstance(f, _SaidByMsbt) for f in serve_log.filters):
         serve_log.addFilter(_SaidByMsbt())
-    _start_serve(config)
+    joined = private_cluster() is None  # a cluster that outlives this command (`ray start`, a submitted job's)
+    ours = joined and not serve_running()  # Serve started by this command, so this command may stop it
+    if joined and not ours and APP_NAME in serve.status().applications:
+        log.warning("an application %r already runs on this cluster (`serve deploy`, or another msbt serve): this "
+                    "one replaces it", APP_NAME)
     try:
+        _start_serve(config)
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=blocking,
                   logging_config={"log_level": config.log_level})
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (msbt.cli's Stopped)
-        if blocking and not private_cluster():
-            take_down()
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (msbt.cli's Stopped); also while Serve was starting
+        if blocking and joined:
+            take_down(stop_serve=ours)
         raise
     return url(config)
 
 
-def take_down() -> str:
-    """Remove msbt's application from the cluster, and Serve itself when no other application is left (its
-    HTTP proxy then frees the port); returns what was done.
+def serve_running() -> bool:
+    """Whether Serve runs on the connected cluster (its controller exists); starts nothing."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return False
+    return True
+
+
+def take_down(stop_serve: bool) -> str | None:
+    """Remove msbt's application from the cluster, and Serve itself when this command started it and no other
+    application runs there (its HTTP proxy then frees the port); returns what was done, None if it failed.
 
     On a cluster that outlives ``msbt serve`` (one started with ``ray start``) Ctrl-C ended the command and left
     the application answering, its port taken, so a second ``msbt serve`` was refused as "already in use". A
-    private cluster ends with the command, and everything of it."""
-    serve.delete(APP_NAME)
-    others = [name for name in serve.status().applications if name != APP_NAME]
-    if others:
-        done = f"application {APP_NAME!r} removed from the cluster (Serve keeps running for {', '.join(others)})"
-    else:
-        serve.shutdown()
-        done = f"application {APP_NAME!r} removed and Serve shut down on the cluster"
+    private cluster ends with the command, and everything of it. A failure here is a warning: the command's
+    stop line and exit status stay those of the Ctrl-C or SIGTERM."""
+    try:
+        if serve_running():
+            serve.delete(APP_NAME)
+        if not serve_running():
+            return None  # stopped while Serve was starting, before any of it ran: nothing to take down
+        others = [name for name in serve.status().applications if name != APP_NAME]
+        if stop_serve and not others:
+            serve.shutdown()
+            done = f"application {APP_NAME!r} removed and Serve shut down on the cluster"
+        else:
+            why = f"for {', '.join(others)}" if others else "as it did before this command"
+            done = f"application {APP_NAME!r} removed from the cluster (Serve keeps running {why})"
+    except Exception as err:  # the cluster may be going away at the same time
+        log.warning("msbt serve: its application could not be removed from the cluster (%s: %s); `serve shutdown` "
+                    "removes it", type(err).__name__, err)
+        return None
     print(f"msbt serve: {done}", flush=True)
     return done
 

@@ -384,7 +384,7 @@ def _entry_problem(entry: dict, inputs: dict) -> str | None:
     return manifest_problem(manifest, inputs)
 
 
-def manifest_problem(manifest: dict, inputs: dict) -> str | None:
+def manifest_problem(manifest: dict, inputs: dict, *, old_stage_number: bool = False) -> str | None:
     """Why a checkpoint is not the result of a stage with these inputs (None: nothing says it is not).
 
     The one comparison of a checkpoint's manifest with :func:`stage_inputs`, for the stage index and for an
@@ -394,10 +394,14 @@ def manifest_problem(manifest: dict, inputs: dict) -> str | None:
     Args:
         manifest: The checkpoint's ``manifest.json`` content.
         inputs: :func:`stage_inputs` of the stage it should stand for.
+        old_stage_number: A stage 2 without a parent (weights imagenet or none) written before 2026-12-03 says 1
+            in its manifest: accept it (an experiment arm's result), or not (the stage index, which would record
+            it in a stages.json as stage 2).
     """
     number = inputs["stage"]
-    if manifest.get("stage") is not None and manifest["stage"] != number:
-        # a stage 2 without a parent written before 2026-12-03 says 1
+    legacy = old_stage_number and number == 2 and manifest.get("stage") == 1 and not manifest.get("parent") \
+        and inputs["config"].get("weights") != "parent"
+    if manifest.get("stage") is not None and manifest["stage"] != number and not legacy:
         return f"its manifest records stage {manifest['stage']}, not {number}"
     if manifest.get("seed") is not None and manifest["seed"] != inputs["seed"]:
         return f"its checkpoint was trained with seed {manifest['seed']}, not {inputs['seed']}"

@@ -169,8 +169,8 @@ def format_ranking(search: dict, trials: list[dict]) -> str:
 
 
 def tied_with_best(trials: Sequence[dict]) -> list[dict]:
-    """The ranked trials whose best value equals the first's as printed (4 decimals): the ranking cannot tell
-    them apart, and the first of them is first only by trial order."""
+    """The ranked trials whose best value prints as the first's does (4 decimals): the ranking cannot show them
+    apart, and the validation split cannot tell them apart either."""
     scored = [t for t in trials if t["best"] is not None]
     if not scored:
         return []
@@ -186,6 +186,9 @@ def tie_note(search: dict, trials: Sequence[dict]) -> str | None:
     metric, value = search["metric"], tied[0]["best"]
     names = ", ".join(t["trial"] for t in tied[:4]) + (f" and {len(tied) - 4} more" if len(tied) > 4 else "")
     every = f"all {len(tied)} trials" if len(tied) == len(trials) else f"{len(tied)} of {len(trials)} trials"
+    if any(t["best"] != value for t in tied):  # equal as printed, not exactly: the first is ahead by a hair
+        return (f"{every} reach the best {metric} {value:.4f} as printed: {names}. {tied[0]['trial']} is first "
+                f"by less than 0.0001, far less than the validation split can tell apart; best.yaml takes it")
     why = (" (an AUC of 0.5 everywhere: no trial's scores separate the classes of the validation split; "
            "more epochs or more validation images)") if metric.endswith("auc") and round(value, 4) == 0.5 else ""
     return (f"{every} tie at the best {metric} {value:.4f}{why}: {names}. The validation split does not tell "

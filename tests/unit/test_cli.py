@@ -136,4 +136,14 @@ def test_a_run_folder_without_a_model_given_as_the_model_says_which_step_is_miss
     (run / "config.yaml").write_text("run:\n  name: elsewhere\n  storage_path: /nowhere\n")  # as moved or copied
     for command in (["predict", str(run), str(tmp_path)], ["lineage", str(run)]):
         assert main(command) == 1
-        assert f"{run / 'stages.json'}: no finished stage 2 in run 'r'" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert f"{run}: a run folder without a model of its own yet ({run / 'stages.json'}: no finished stage 2 in " \
+            "run 'r'); finish its stage 2 first, or name a stage-2 checkpoint folder instead" in err, err
+        assert "--checkpoint" not in err
+    # a folder name YAML would read as a date, and a path with " #": taken as they are
+    for name in ("2026-12-01", "my runs #2/cpu"):
+        odd = tmp_path / "odd" / name
+        (odd / "stores").mkdir(parents=True)
+        (odd / "config.yaml").write_text("run:\n  name: x\n")
+        assert main(["lineage", str(odd)]) == 1
+        assert f"({odd / 'stages.json'}: no finished stage 2 in run '{odd.name}')" in capsys.readouterr().err

@@ -92,3 +92,8 @@ def test_an_experiment_arm_is_reused_only_for_the_same_seed_settings_and_split(t
     from msbt.model.checkpoint import sha256_file
     same = {**manifest, "parent": {"path": str(parent), "model_sha256": sha256_file(parent / "model.keras")}}
     assert _not_this_arm(result, same, config, store, parent) is None
+    # an ImageNet arm's checkpoint written before 2026-12-03 says stage 1: still this arm's (not retrained)
+    imagenet = dataclasses.replace(config, stage2=dataclasses.replace(config.stage2, weights="imagenet"))
+    before = {"arm_config": {"stage2": json.loads(json.dumps(to_dict(imagenet.stage2)))}}
+    assert _not_this_arm(before, {**manifest, "stage": 1}, imagenet, store) is None
+    assert "records stage 1, not 2" in _not_this_arm(result, {**same, "stage": 1}, config, store, parent)
