@@ -378,15 +378,19 @@ def _cmd_ensemble(args) -> int:
     return 0
 
 
-def _run_model(given: str) -> str:
+def _run_model(given: str) -> tuple[str, Path | None]:
     """A run folder given where a stage-2 checkpoint is expected stands for the run's model (stage 2's
     recorded best checkpoint, or its average of seeds: msbt.jobs.pipeline.run_model), said on the terminal;
     anything else is returned as given. The checkpoints' own folder names (``checkpoint_2026-12-...``) need not
-    be looked up, and a glob of them (several checkpoints) is not passed where one is meant."""
+    be looked up, and a glob of them (several checkpoints) is not passed where one is meant.
+
+    Returns:
+        ``(model, run folder)``: the run folder when one was named (its metrics.json holds the model's threshold,
+        also for a stage reused from another run's folder), else None."""
     folder = Path(given).expanduser()
     if not folder.is_dir() or (folder / "manifest.json").is_file() or not (folder / "config.yaml").is_file() \
             or not any((folder / name).exists() for name in ("stages.json", "stores")):
-        return given
+        return given, None
     import dataclasses
 
     from msbt.jobs.pipeline import run_model
@@ -404,7 +408,7 @@ def _run_model(given: str) -> str:
         raise RunStateError(f"{given}: a run folder without a model of its own yet ({str(err).split('; ')[0]}); "
                             "finish its stage 2 first, or name a stage-2 checkpoint folder instead") from None
     print(f"model: {model} (the model of run folder {given})", flush=True)
-    return model
+    return model, resolved
 
 
 def _cmd_lineage(args) -> int:
@@ -412,7 +416,7 @@ def _cmd_lineage(args) -> int:
 
     if not Path(args.path).exists():
         raise ConfigError(f"{args.path}: no such checkpoint")
-    args.path = _run_model(args.path)
+    args.path = _run_model(args.path)[0]
     if Path(args.path).is_dir() and not (Path(args.path) / "manifest.json").is_file():
         found = sorted(p.name for p in Path(args.path).glob("checkpoint_*/manifest.json"))
         hint = f" (it holds checkpoints: {Path(args.path) / Path(found[-1]).parent.name}, ...)" if found else ""
@@ -476,7 +480,8 @@ def _cmd_predict(args) -> int:
             refuse_output_in_inputs(out, args.images, option)
     if args.heatmaps and Path(args.heatmaps).exists() and not Path(args.heatmaps).is_dir():  # before the model loads
         raise ConfigError(f"--heatmaps {args.heatmaps}: a file is there; --heatmaps names a folder for the PNGs")
-    run = predict(_run_model(args.model), args.images, threshold=args.threshold, heatmaps=args.heatmaps)
+    model, run_folder = _run_model(args.model)
+    run = predict(model, args.images, threshold=args.threshold, heatmaps=args.heatmaps, run_folder=run_folder)
     print("\n".join(format_lines(run)))
     if args.out:
         print(f"predictions: {write_csv(run, args.out)}")
@@ -498,10 +503,10 @@ def _cmd_export(args) -> int:
     drop = 0.01 if args.int8_max_auc_drop is None else args.int8_max_auc_drop
     if not (math.isfinite(drop) and 0.0 <= drop <= 1.0):  # NaN or < 0 always refused int8, inf never checked
         raise ConfigError(f"--int8-max-auc-drop must be an AUC difference in [0, 1], got {drop}")
-    args.checkpoint = _run_model(args.checkpoint)
+    args.checkpoint, run_folder = _run_model(args.checkpoint)
     _quiet_tensorflow()
     record = export(args.checkpoint, args.out_dir, threshold=args.threshold, int8=args.int8,
-                    int8_store=args.int8_store, int8_max_auc_drop=drop)
+                    int8_store=args.int8_store, int8_max_auc_drop=drop, run_folder=run_folder)
     print(f"exported {args.checkpoint} -> {args.out_dir} (model.keras, manifest.json, saved_model/, model.onnx, "
           f"openvino/, export.json); threshold {record['threshold']['value']:.4g} from "
           f"{record['threshold']['source']}; model id {record['model_id']}")
@@ -551,15 +556,15 @@ def _cmd_external(args) -> int:
         from msbt.data.sites import parse_sources
 
         refuse_output_in_inputs(args.out, [site.path for site in parse_sources(args.sources)], "--out")
-    args.checkpoint = _run_model(args.checkpoint)
+    args.checkpoint, run_folder = _run_model(args.checkpoint)
     _quiet_tensorflow()
     results = external(args.checkpoint, args.sources, out=args.out, threshold=args.threshold,
-                       keep_duplicates=args.keep_duplicates, n_boot=args.n_boot)
+                       keep_duplicates=args.keep_duplicates, n_boot=args.n_boot, run_folder=run_folder)
     for site, result in results.items():
         print("\n".join(format_site(site, result)))
     for note in next(iter(results.values()), {}).get("run_notes", []):
         print(f"note: {note}")
-    folder = Path(args.out) if args.out else find_run_dir(args.checkpoint)
+    folder = Path(args.out) if args.out else run_folder or find_run_dir(args.checkpoint)
     if any((folder / name).is_file() for name in RUN_MARKERS):
         print(f"results in {folder}/external/; report: {write_report(folder)}")
     else:  # --out is any folder: the results are complete without a report, which belongs to a run folder

@@ -52,7 +52,8 @@ PARITY_FRAMES = 16  # built-in synthetic ultrasound frames (8 per class) each en
 
 def export(checkpoint: str | Path, out_dir: str | Path, *, threshold: float | None = None,
            formats: tuple[str, ...] = ("onnx", "openvino"), int8: bool = False,
-           int8_store: str | Path | None = None, int8_max_auc_drop: float = 0.01) -> dict:
+           int8_store: str | Path | None = None, int8_max_auc_drop: float = 0.01,
+           run_folder: str | Path | None = None) -> dict:
     """Write a stage-2 checkpoint as Keras model, SavedModel, ONNX, OpenVINO IR and ``export.json``.
 
     Args:
@@ -66,6 +67,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, threshold: float | No
             the outcome is ``export.json``'s ``int8`` record either way.
         int8_store: The ultrasound store of the checkpoint's run (default: ``<run>/stores/ultrasound``
             for a checkpoint at ``<run>/stage2/checkpoint_*``).
+        run_folder: The run folder named for the model, if one was (msbt.serve.predict.find_threshold).
 
     Returns:
         The ``export.json`` content.
@@ -90,7 +92,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, threshold: float | No
     if len(manifest["class_names"]) != 2:
         raise ValueError(f"{src}: not a binary (stage-2) checkpoint: classes {manifest['class_names']}")
     size = int(model.input_shape[1])
-    chosen, threshold_notes = find_threshold(src, threshold)
+    chosen, threshold_notes = find_threshold(src, threshold, run_folder)
     preparation, preparation_notes = find_preparation(src, size)
     profile, _ = find_profile(src)  # the training-input profile travels with the model (out-of-depth check)
 

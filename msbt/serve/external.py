@@ -96,7 +96,8 @@ def run_reference(run: Path | None, checkpoint: str | Path) -> tuple[dict | None
 
 def external(checkpoint: str | Path, sources: str | Sequence[str], *, out: str | Path | None = None,
              threshold: float | None = None, keep_duplicates: bool = False, n_boot: int = 2000,
-             seed: int | None = None, batch_size: int = 32) -> dict[str, dict]:
+             seed: int | None = None, batch_size: int = 32,
+             run_folder: str | Path | None = None) -> dict[str, dict]:
     """Score a stage-2 checkpoint on each external source; write ``<out>/external/<site>/``.
 
     Args:
@@ -106,6 +107,8 @@ def external(checkpoint: str | Path, sources: str | Sequence[str], *, out: str |
         threshold: overrides the run's validation threshold.
         keep_duplicates: score near-duplicates of the run's train/val images too (default: excluded).
         n_boot, seed: bootstrap resamples and seed (default the run's ``data.seed``, as its own test metrics).
+        run_folder: the run folder named for the model, if one was: its threshold is read first
+            (msbt.serve.predict.find_threshold) and results go there unless ``out`` says otherwise.
 
     Returns:
         {site: its metrics.json content}.
@@ -119,9 +122,9 @@ def external(checkpoint: str | Path, sources: str | Sequence[str], *, out: str |
     from msbt.model.checkpoint import read_manifest
 
     sites = parse_sources(sources)  # bad names fail before anything is read
-    chosen, notes = find_threshold(checkpoint, threshold)
+    chosen, notes = find_threshold(checkpoint, threshold, run_folder)
     run = find_run_dir(checkpoint)
-    out = Path(out) if out else run
+    out = Path(out) if out else Path(run_folder) if run_folder else run
     if out is None:
         raise ValueError(f"{checkpoint}: not inside a run folder; give --out")
     if seed is None:

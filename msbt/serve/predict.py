@@ -115,12 +115,15 @@ def _ancestors(checkpoint: Path) -> list[Path]:
     return [folder, *list(folder.parents)[:_RUN_LEVELS]]
 
 
-def find_threshold(checkpoint: str | Path, override: float | None = None) -> tuple[Threshold, list[str]]:
+def find_threshold(checkpoint: str | Path, override: float | None = None,
+                   run_folder: str | Path | None = None) -> tuple[Threshold, list[str]]:
     """The decision threshold for a checkpoint, and notes on how it was found.
 
     Args:
         checkpoint: A stage-2 checkpoint folder (or an export folder).
         override: A threshold given by the user; wins over everything.
+        run_folder: The run folder the user named for this model (msbt.cli): its ``metrics.json`` is read first. A
+            stage reused from another run (the stage index) lives in that run's folder, not under this one.
 
     Returns:
         ``(Threshold, notes)``: the threshold from the export's ``export.json``, else from the first
@@ -137,7 +140,7 @@ def find_threshold(checkpoint: str | Path, override: float | None = None) -> tup
         _check_threshold(t["value"], folder / EXPORT_FILE)
         return Threshold(float(t["value"]), t.get("source", str(folder / EXPORT_FILE))), []
     notes = []
-    for candidate in _ancestors(folder)[1:]:
+    for candidate in ([Path(run_folder)] if run_folder is not None else []) + _ancestors(folder)[1:]:
         file = candidate / "metrics.json"
         if not file.is_file():
             continue
@@ -170,7 +173,10 @@ def _same_checkpoint(recorded, folder: Path, metrics_folder: Path) -> bool:
     recorded = Path(recorded)
     if recorded.exists() and recorded.resolve() == folder.resolve():
         return True
-    relative = folder.resolve().relative_to(metrics_folder.resolve())  # e.g. stage2/checkpoint_...
+    try:
+        relative = folder.resolve().relative_to(metrics_folder.resolve())  # e.g. stage2/checkpoint_...
+    except ValueError:  # a run folder named for a model stored elsewhere: only the path itself says it
+        return False
     return recorded.parts[-len(relative.parts):] == relative.parts
 
 
@@ -437,6 +443,7 @@ def predict(
     threshold: float | None = None,
     heatmaps: str | Path | None = None,
     batch_size: int = 32,
+    run_folder: str | Path | None = None,
 ) -> PredictionRun:
     """Malignancy probability and label for each usable image among ``inputs``.
 
@@ -446,6 +453,7 @@ def predict(
         threshold: Overrides the run's validation threshold.
         heatmaps: Folder for one Grad-CAM PNG per image (the prepared image beside its overlay).
         batch_size: Images per model call.
+        run_folder: The run folder named for the model, if one was (:func:`find_threshold`).
 
     Returns:
         A :class:`PredictionRun`; rejected files are in ``rejects``, nothing raises for a bad image.
@@ -457,7 +465,7 @@ def predict(
     from msbt.eval.evaluate import load_stage2
 
     folder = _folder(checkpoint)
-    chosen, notes = find_threshold(folder, threshold)  # a bad --threshold fails before the model loads
+    chosen, notes = find_threshold(folder, threshold, run_folder)  # a bad --threshold fails before the model loads
     manifest = read_manifest(folder)
     model_size = int(manifest["config"]["image_size"])
     preparation, more = find_preparation(folder, model_size)

@@ -169,6 +169,13 @@ def test_threshold_sources(run, tmp_path):
             pr.find_threshold(checkpoint, 1.5)
     finally:
         (folder / "metrics.json").unlink()
+    # A run folder named for a model it reused from another run (the stage index): its own metrics.json, which
+    # scored that model, holds the threshold (it came out 0.5, looked for beside the model only).
+    other = tmp_path / "runs" / "reusing"
+    other.mkdir(parents=True)
+    write_metrics(other, checkpoint, 0.35)
+    t, notes = pr.find_threshold(checkpoint, run_folder=other)
+    assert (t.value, notes) == (0.35, []) and t.source.startswith(str(other / "metrics.json"))
 
 
 def test_without_a_run_folder_defaults_are_used_and_said(run, tmp_path):
