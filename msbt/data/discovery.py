@@ -207,7 +207,8 @@ def _source_path(source: str | Path) -> Path:
     return source
 
 
-def check_source(source: str | Path, classes: Sequence[str] = (), *, group_column: bool = False) -> None:
+def check_source(source: str | Path, classes: Sequence[str] = (), *, group_column: bool = False,
+                 min_classes: int = 1) -> None:
     """The cheap checks of `discover`, without reading any image: the folder or manifest exists and is
     readable, the classes to keep are there (a case-only difference is named), each class folder can be
     listed and a manifest is UTF-8 with path and label columns. Meant to run before Ray starts, so such
@@ -215,6 +216,7 @@ def check_source(source: str | Path, classes: Sequence[str] = (), *, group_colum
 
     Args:
         group_column: the source must be a manifest with a ``group`` column (``data.grouping: manifest``).
+        min_classes: classes the source must hold (2 for training a classifier; an external site may hold one).
 
     Raises:
         DataError: naming the folder, manifest or class and the reason.
@@ -231,6 +233,7 @@ def check_source(source: str | Path, classes: Sequence[str] = (), *, group_colum
             raise DataError(f"{source}: data.grouping: manifest needs a group column in the manifest; got {columns}")
         found = sorted({r.get("label", "") for r in rows if not _too_many_fields(r, columns)} - {""})
         check_classes(source, tuple(classes) or found, found)
+        _check_enough(source, tuple(classes) or tuple(found), min_classes, "label")
         return
     try:
         found = [p.name for p in source.iterdir() if is_folder(p) and not p.name.startswith(".")]
@@ -240,12 +243,31 @@ def check_source(source: str | Path, classes: Sequence[str] = (), *, group_colum
         raise DataError(f"{source}: no class folders inside (expected e.g. {source}/benign/, {source}/malignant/)")
     keep = tuple(classes) or tuple(sorted(found))
     check_classes(source, keep, found)
+    _check_enough(source, keep, min_classes, "class folder")
     for c in keep:
         try:
             with os.scandir(source / c) as listing:
                 next(listing, None)
         except OSError as exc:
             raise DataError(f"{source / c}: class folder cannot be read ({exc.strerror or exc})") from None
+
+
+def _check_enough(source: Path, keep: Sequence[str], min_classes: int, what: str) -> None:
+    """Refuse a source with fewer classes than a classifier needs, naming a one-folder-too-high root (a collection
+    at ``ROOT/cells/{HeLa,...}`` given as ``ROOT`` became one class, refused only inside a Ray Train worker)."""
+    if len(keep) >= min_classes:
+        return
+    hint = ""
+    if len(keep) == 1 and source.is_dir():
+        try:
+            inner = sorted(p.name for p in (source / keep[0]).iterdir() if is_folder(p) and not p.name.startswith("."))
+        except OSError:
+            inner = []
+        if inner:
+            hint = (f"; {source / keep[0]} holds the folders {', '.join(inner[:4])}{' ...' if len(inner) > 4 else ''}: "
+                    "if those are the classes, give that folder instead")
+    raise DataError(f"{source}: {len(keep)} {what}{'s' if len(keep) != 1 else ''} "
+                    f"({', '.join(map(repr, keep)) or 'none'}); training needs at least {min_classes}{hint}")
 
 
 def check_classes(source: str | Path, keep: Sequence[str], found: Sequence[str], *, every: bool = True) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from msbt.config import Config, dump_config, to_dict
+from msbt.config import Config, ConfigError, dump_config, to_dict
 from msbt.data import synth
 from msbt.data.discovery import Discovery, check_source, discover, write_rejects
 from msbt.data.scan import scan_inspector
@@ -108,10 +108,15 @@ def check_data(config: Config, modalities: Sequence[str] = MODALITIES, *, always
     """
     for modality in modalities:
         source = config.data.microscope if modality == "microscope" else config.data.ultrasound
+        if not source and modality == "ultrasound" and config.data.grouping == "manifest":
+            # the built-in ultrasound data is a folder: refused here, not after Ray's start and the microscope scan
+            raise ConfigError("data.grouping: manifest needs data.ultrasound to be a CSV manifest with a group column "
+                              "(the built-in ultrasound data is a folder); data.grouping: auto also joins the groups "
+                              "of a manifest's group column")
         if not source or (not always and recorded_store(config, modality) is not None):
             continue
         if modality == "microscope":
-            check_source(source, config.data.microscope_classes)
+            check_source(source, config.data.microscope_classes, min_classes=2)
             continue
         for site in parse_sources(source):  # one source or several named sites (msbt.data.sites)
             check_source(site.path, config.data.ultrasound_classes,

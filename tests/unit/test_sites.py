@@ -260,6 +260,24 @@ def test_grouping_manifest_follows_the_ultrasound_manifest_and_leaves_the_built_
     folder = load_config(smoke, [f"data.ultrasound=[list={manifest}, b={three_sites['site-b']}]", *common])
     with pytest.raises(DataError, match="data.grouping: manifest needs a CSV manifest with a group column; this is"):
         check_data(folder, ["ultrasound"])
+    # the built-in ultrasound data (a folder) too: said before Ray, not after it and the microscope scan
+    built_in = load_config(smoke, common)
+    with pytest.raises(ConfigError, match=r"needs data.ultrasound to be a CSV manifest .* built-in ultrasound"):
+        check_data(built_in, ["microscope", "ultrasound"])
+    check_data(built_in, ["microscope"])  # stage 1 alone needs no ultrasound data
+
+
+def test_a_collection_one_folder_too_high_is_named_before_ray(tmp_path):
+    """`ROOT/cells/{HeLa,...}` given as ROOT was one class 'cells', refused only by the Ray Train worker (`need at
+    least 2 classes, got 1`, after Ray's start, the store and TensorFlow's)."""
+    from msbt.data.prepare import check_data
+
+    for line in ("HeLa", "MCF-7"):
+        (tmp_path / "root" / "cells" / line).mkdir(parents=True)
+    config = load_config([], [f"data.microscope={tmp_path / 'root'}", f"run.storage_path={tmp_path}"])
+    with pytest.raises(DataError, match=r"root: 1 class folder \('cells'\); training needs at least 2; .*cells holds "
+                                        r"the folders HeLa, MCF-7: if those are the classes, give that folder"):
+        check_data(config, ["microscope"])
 
 
 def test_a_split_made_before_manifest_groups_counted_under_auto_says_so_when_reused(three_sites, tmp_path, caplog):
