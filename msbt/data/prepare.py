@@ -27,7 +27,7 @@ from msbt.data.scan import scan_inspector
 from msbt.data.profile import profile_from_store, write_profile
 from msbt.data.sites import discover_sites, parse_sources
 from msbt.data.splits import SplitResult, load_split, make_split, previous_rows, save_fingerprints, save_split
-from msbt.data.store import Store, StoreSummary, matches
+from msbt.data.store import Store, StoreError, StoreSummary, matches
 from msbt.provenance import write_environment
 from msbt.runfolder import CONFIG_FILE, MODALITIES, data_dir, run_dir, store_dir
 
@@ -296,7 +296,20 @@ def summarize_stores(stores: dict) -> str:
         if s.empty_sources:
             lines.append(f"  {len(s.empty_sources)} files gave no {noun} (no cells found, or unreadable): "
                          f"{', '.join(s.empty_sources[:5])}{' ...' if len(s.empty_sources) > 5 else ''}")
+        # a class the split gave files to that ended with no rows there: its metrics or training would lack it
+        gaps = [f"{split} {', '.join(empty)}" for split in ("train", "val", "test")
+                if (empty := [c for c in _store_classes(s) if not s.rows.get(split, {}).get(c)])]
+        if gaps:
+            lines.append(f"  warning: no {noun} of {'; '.join(gaps)} (their files there gave none); a class "
+                         "without training rows stops its stage")
     return "\n".join(lines)
+
+
+def _store_classes(summary: StoreSummary) -> list[str]:
+    try:
+        return Store.open(summary.path).classes
+    except (StoreError, OSError):  # a line of the summary is not worth failing the step
+        return sorted({c for per_class in summary.rows.values() for c in per_class})
 
 
 def recorded_store(config: Config, modality: str) -> StoreSummary | None:

@@ -180,6 +180,12 @@ class Store:
         """Class names in label-index order (recorded when the store was written)."""
         return list(self._recorded("classes"))
 
+    def classes_without_rows(self, split: str) -> list[str]:
+        """The store's classes with no row in ``split`` (from ``summary.json``): fields that gave no patches (no
+        cells found: an empty or confluent field) can leave a class without any, while its files were split."""
+        rows = self.summary().rows.get(split, {})
+        return [c for c in self.classes if not rows.get(c)]
+
     @property
     def settings(self) -> dict:
         """The preparation settings the rows were made with (the per-file function's arguments)."""

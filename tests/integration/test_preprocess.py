@@ -24,7 +24,7 @@ from msbt.data.preprocess import (
     split_items,
     write_contact_sheets,
 )
-from msbt.data.store import StoreError, read_store
+from msbt.data.store import Store, StoreError, read_store
 from msbt.data.splits import make_split, save_split
 
 pytestmark = pytest.mark.ray
@@ -261,3 +261,29 @@ def test_contact_sheets_are_written(ray_local, built_in, tmp_path):
     for path in paths:
         sheet = cv2.imread(str(path))
         assert sheet is not None and sheet.shape[0] > 100 and sheet.std() > 5
+
+
+def test_a_class_whose_fields_give_no_patches_is_named_and_stops_its_stage(built_in, tmp_path):
+    """Fields where no cell is found (blank, or confluent past the automatic threshold) left a class with no
+    patches: stage 1 then trained a 3-class model with one class never seen, and said nothing."""
+    from msbt.config import load_config
+    from msbt.data.prepare import summarize_stores
+    from msbt.train.runner import train_stage
+
+    root = tmp_path / "data"
+    for line in synth.CELL_LINES[:3]:
+        (root / line).mkdir(parents=True)
+        for i, f in enumerate(sorted((built_in / "microscope" / line).iterdir())[:3]):
+            if line == synth.CELL_LINES[2]:  # noise only: no cell to find
+                noise = np.random.default_rng(i).normal(128, 4, (400, 400)).clip(0, 255).astype(np.uint8)
+                cv2.imwrite(str(root / line / f.name), noise)
+            else:
+                (root / line / f.name).write_bytes(f.read_bytes())
+    _, items = prepared(root, tmp_path)
+    summary = build_microscope_store(items, tmp_path / "store", dataclasses.replace(CFG, build="local"))
+    blank = synth.CELL_LINES[2]
+    assert Store.open(summary.path).classes_without_rows("train") == [blank]
+    assert f"warning: no patches of train {blank}; val {blank}; test {blank}" in summarize_stores({"microscope": summary})
+    config = load_config([], [f"run.storage_path={tmp_path}", "run.name=blank"])
+    with pytest.raises(ValueError, match=rf"class {blank} has no training rows: .* stage 1 cannot learn it"):
+        train_stage(config, 1, summary.path)  # before any Ray Train worker starts
