@@ -294,8 +294,10 @@ def summarize_stores(stores: dict) -> str:
         lines.append(f"{modality} store: {sum(sum(v.values()) for v in s.rows.values())} {noun} from {files}"
                      f"{how} ({per_split}) -> {s.path}")
         if s.empty_sources:
-            lines.append(f"  {len(s.empty_sources)} files gave no {noun} (no cells found, or unreadable): "
-                         f"{', '.join(s.empty_sources[:5])}{' ...' if len(s.empty_sources) > 5 else ''}")
+            lines.append(f"  {len(s.empty_sources)} file{'s' if len(s.empty_sources) != 1 else ''} gave no {noun} "
+                         "(no cells found, or unreadable): "
+                         f"{', '.join(s.empty_sources[:5])}"
+                         f"{f' ... (all in {s.path}/summary.json)' if len(s.empty_sources) > 5 else ''}")
         # a class the split gave files to that ended with no rows there: its metrics or training would lack it
         gaps = [f"{split} {', '.join(empty)}" for split in ("train", "val", "test")
                 if (empty := [c for c in _store_classes(s) if not s.rows.get(split, {}).get(c)])]
