@@ -247,34 +247,37 @@ def test_repeated_worker_lines_ray_holds_back_are_dropped_when_the_command_ends(
     assert dedup.flush() == []
 
 
-def test_the_raylets_worker_start_up_notice_goes_to_the_workers_log(tmp_path, capfd, restore_logging, monkeypatch):
-    """"WARNING: 8 PYTHON worker processes have been started on node: ... 4x the maximum expected startup concurrency"
-    reached the terminal of every Tune search on a 2-core machine; Ray prints the raylet's messages itself."""
+@pytest.fixture
+def raylet_says(restore_logging, monkeypatch):
+    """Lines as the raylet sends them to a quiet command's driver (Ray prints them itself, msbt wraps that)."""
     ray_worker = pytest.importorskip("ray._private.worker")
     console.setup(verbose=False)
-    folder = console.attach_run(tmp_path / "run")
     monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream)  # Ray's own, put back after
     console._route_raylet_notices(ray_worker)
+    return lambda *lines: ray_worker.print_to_stdstream({"lines": list(lines), "pid": "raylet", "is_err": False},
+                                                         ignore_prefix=False)
+
+
+def test_the_raylets_worker_start_up_notice_goes_to_the_workers_log(tmp_path, capfd, raylet_says):
+    """"WARNING: 8 PYTHON worker processes have been started on node: ... 4x the maximum expected startup concurrency"
+    reached the terminal of every Tune search on a 2-core machine; Ray prints the raylet's messages itself."""
+    folder = console.attach_run(tmp_path / "run")
     notice = ("WARNING: 8 PYTHON worker processes have been started on node: 7f04 with address: 127.0.0.1, which is 4x "
               "the maximum expected startup concurrency (2).")
     killed = "Task was killed due to the node running low on memory."
-    ray_worker.print_to_stdstream({"lines": [notice, killed], "pid": "raylet", "is_err": False}, ignore_prefix=False)
-    ray_worker.print_to_stdstream({"lines": [notice], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    raylet_says(notice, killed)
+    raylet_says(notice)
     shown = capfd.readouterr()
     assert killed in shown.out + shown.err and "PYTHON worker processes" not in shown.out + shown.err
     assert (folder / console.WORKERS_LOG).read_text().count("PYTHON worker processes have been started") == 2
 
 
-def test_serve_shutdowns_raylet_notice_stays_off_a_command_without_a_run_folder(capfd, restore_logging, monkeypatch):
+def test_serve_shutdowns_raylet_notice_stays_off_a_command_without_a_run_folder(capfd, raylet_says):
     """`msbt serve` on a `ray start` cluster ended its Ctrl-C with "(raylet) Task ServeController.graceful_shutdown
     failed ... killed by `ray.kill`" (Serve's controller ends itself in that task); it has no log to send it to."""
-    ray_worker = pytest.importorskip("ray._private.worker")
-    console.setup(verbose=False)
-    monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream)  # Ray's own, put back after
-    console._route_raylet_notices(ray_worker)
     notice = ("Task ServeController.graceful_shutdown failed. There are infinite retries remaining, so the task will "
               "be retried. Error: The actor is dead because it was killed by `ray.kill`.")
     died = "A worker died or was killed while executing a task by an unexpected system error."
-    ray_worker.print_to_stdstream({"lines": [notice, died], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    raylet_says(notice, died)
     shown = capfd.readouterr()
     assert died in shown.out + shown.err and "graceful_shutdown" not in shown.out + shown.err
