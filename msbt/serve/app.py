@@ -171,6 +171,7 @@ def _replica_env() -> dict:
     import ray
 
     job = dict(ray.get_runtime_context().runtime_env or {}) if ray.is_initialized() else {}
+    job.pop("excludes", None)  # the upload's filter: its working_dir is a package URI by now
     return {**job, "env_vars": {**(job.get("env_vars") or {}), "GRPC_VERBOSITY": "ERROR"}}
 
 
