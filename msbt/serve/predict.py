@@ -467,6 +467,8 @@ def predict(
     folder = _folder(checkpoint)
     chosen, notes = find_threshold(folder, threshold, run_folder)  # a bad --threshold fails before the model loads
     manifest = read_manifest(folder)
+    if len(manifest["class_names"]) != 2:  # said first, also when there is nothing to score
+        raise ValueError(f"{folder}: not a binary (stage-2) checkpoint: classes {manifest['class_names']}")
     model_size = int(manifest["config"]["image_size"])
     preparation, more = find_preparation(folder, model_size)
     run = PredictionRun(str(folder), list(manifest["class_names"]), chosen, preparation, notes=notes + more)

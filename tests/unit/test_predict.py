@@ -218,6 +218,14 @@ def test_cli_predict_writes_csv_and_exit_codes(run, tmp_path, capsys):
     captured = capsys.readouterr()
     assert f"no image could be predicted: no image file in {empty}" in captured.err and "Traceback" not in captured.err
     assert (tmp_path / "none.csv").read_text().count("\n") == 1  # the header
+    # a stage-1 (four-class) checkpoint is named as such first, with images or without
+    stage1 = tmp_path / "stage1"
+    stage1.mkdir()
+    (stage1 / MODEL_FILE).write_bytes(b"not a model")
+    write_manifest(stage1, stage_config=STAGE, class_names=["HeLa", "Huh-7", "MCF-7", "NCI-H1299"],
+                   metrics={}, best_epoch=1)
+    assert main(["predict", str(stage1), str(empty)]) == 1
+    assert "not a binary (stage-2) checkpoint: classes ['HeLa'" in capsys.readouterr().err
 
 
 @pytest.mark.slow
