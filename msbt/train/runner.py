@@ -725,6 +725,8 @@ def train_stage(
             f"when weights is 'parent' (got parent_checkpoint={parent_checkpoint!r})"
         )
     scaling = scaling_config(config.run)  # refuses a bad worker count before any data is read
+    if not _inside_ray_worker():  # on a driver; a Tune trial's stage was checked before the search started
+        check_workers_fit(config.run, f"stage {stage_number}'s Ray Train workers")
     missing = Store.open(store_path).classes_without_rows("train")
     if missing:  # the model would train an output for each of them on no example, and say nothing
         raise ValueError(f"{Path(store_path).expanduser().resolve()}: class{'es' if len(missing) > 1 else ''} "
@@ -732,8 +734,6 @@ def train_stage(
                          "train-split files gave none (for microscope fields: no cells found, see the data step's "
                          "'gave no patches' line and contact_fields.png; preprocess.offset sets the threshold by "
                          "hand); stage " f"{stage_number} cannot learn {'them' if len(missing) > 1 else 'it'}")
-    if not _inside_ray_worker():  # on a driver; a Tune trial's stage was checked before the search started
-        check_workers_fit(config.run, f"stage {stage_number}'s Ray Train workers")
     store_path = Path(store_path).expanduser().resolve()
     worker_config = loop_config(config, stage_number, store_path, parent_checkpoint, resume_from=resume_from,
                                 progress=progress,

@@ -263,7 +263,7 @@ def test_contact_sheets_are_written(ray_local, built_in, tmp_path):
         assert sheet is not None and sheet.shape[0] > 100 and sheet.std() > 5
 
 
-def test_a_class_whose_fields_give_no_patches_is_named_and_stops_its_stage(built_in, tmp_path):
+def test_a_class_whose_fields_give_no_patches_is_named_and_stops_its_stage(ray_local, built_in, tmp_path):
     """Fields where no cell is found (blank, or confluent past the automatic threshold) left a class with no
     patches: stage 1 then trained a 3-class model with one class never seen, and said nothing."""
     from msbt.config import load_config
