@@ -218,7 +218,7 @@ def check_placeable(what: str, bundles: list[dict[str, float]], settings: str) -
     problem = unplaceable(bundles, nodes)
     if problem is None:
         return
-    if _private_address is not None and ray.get_runtime_context().gcs_address == _private_address:
+    if private_cluster() is not None:
         raise ConfigError(f"{what}: {problem} ({settings}); this private local cluster gets no more, so Ray "
                           "would wait for ever: lower the settings, or run on a larger cluster (--address)")
     if (what, problem) not in _warned:  # once per process, not once per stage or fold

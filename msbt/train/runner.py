@@ -727,21 +727,22 @@ def train_stage(
     scaling = scaling_config(config.run)  # refuses a bad worker count before any data is read
     if not _inside_ray_worker():  # on a driver; a Tune trial's stage was checked before the search started
         check_workers_fit(config.run, f"stage {stage_number}'s Ray Train workers")
-    missing = Store.open(store_path).classes_without_rows("train")
+    store_path = Path(store_path).expanduser().resolve()
+    store = Store.open(store_path)
+    missing = store.classes_without_rows("train")
     if missing:  # the model would train an output for each of them on no example, and say nothing
-        raise ValueError(f"{Path(store_path).expanduser().resolve()}: class{'es' if len(missing) > 1 else ''} "
+        raise ValueError(f"{store_path}: class{'es' if len(missing) > 1 else ''} "
                          f"{', '.join(missing)} {'have' if len(missing) > 1 else 'has'} no training rows: their "
                          "train-split files gave none (for microscope fields: no cells found, see the data step's "
                          "'gave no patches' line and contact_fields.png; preprocess.offset sets the threshold by "
-                         "hand); stage " f"{stage_number} cannot learn {'them' if len(missing) > 1 else 'it'}")
-    store_path = Path(store_path).expanduser().resolve()
+                         f"hand); stage {stage_number} cannot learn {'them' if len(missing) > 1 else 'it'}")
     worker_config = loop_config(config, stage_number, store_path, parent_checkpoint, resume_from=resume_from,
                                 progress=progress,
                                 class_names=class_names, verbose=verbose, audit_dir=audit_dir)
     remove_work(config, stage_number)  # what an interrupted earlier attempt left
     with_sites = {"train": worker_config.weighs_sites, "val": False}  # the splits the workers read
     tables, datasets = {}, {}
-    if Store.open(store_path).memory_bytes() <= DRIVER_READ_BYTES:
+    if store.memory_bytes() <= DRIVER_READ_BYTES:
         import ray
 
         # Referenced by the bound train function, which Ray keeps until the stage ends.
