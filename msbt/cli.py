@@ -319,12 +319,13 @@ def _scan(args, config):
 
 
 def _cmd_scan(args) -> int:
-    from msbt.data.discovery import DataError, refuse_output_in_inputs, write_rejects
+    from msbt.data.discovery import DataError, dim_sixteen_bit, refuse_output_in_inputs, write_rejects
 
     if args.rejects:
         refuse_output_in_inputs(args.rejects, [args.source], "--rejects")
+    config = _load(args)
     try:
-        discovery = _scan(args, _load(args))
+        discovery = _scan(args, config)
     except DataError as err:  # the scan gave up (no usable image, a class without one): its rejects still say why
         if args.rejects and err.rejects:
             print(f"rejects manifest: {write_rejects(err.rejects, args.rejects)}")
@@ -337,6 +338,8 @@ def _cmd_scan(args) -> int:
         print(f"rejected {reject.path}: {reject.reason}")
     for warning in discovery.warnings:
         print(f"warning {warning.path}: {warning.reason} (used; data.on_partial: warn)")
+    if dim := dim_sixteen_bit(discovery, config.data.sixteen_bit):
+        print(f"warning: {dim}")
     if args.rejects:
         print(f"rejects manifest: {write_rejects(discovery.rejects, args.rejects)}")
     return 0

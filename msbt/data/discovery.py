@@ -34,6 +34,7 @@ from msbt.images.grouping import fingerprint
 from msbt.images.dicom import frame_ref, is_dicom
 from msbt.images.imagefile import (
     DEFAULT_MAX_PIXELS,
+    DIM_SIXTEEN_BIT,
     IMAGE_EXTENSIONS,
     ImageError,
     decode_image,
@@ -88,6 +89,8 @@ class Discovery:
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count (masks, excluded classes)
     warnings: list[Reject] = field(default_factory=list)  # used, but only in part (data.on_partial: warn)
     sites: dict[str, str] = field(default_factory=dict)  # site name -> its root (msbt.data.sites)
+    # path -> brightest sample, for every usable 16-bit PNG/TIFF (what `dim_sixteen_bit` warns about)
+    sixteen_bit_peaks: dict[str, int] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         """Number of usable images per class, in class order."""
@@ -160,7 +163,7 @@ def discover(
     check_classes(source, keep, found, every=every_class)
 
     options = {"sixteen_bit": sixteen_bit, "max_pixels": max_pixels, "on_partial": on_partial}
-    records, hashes, thumbs, warnings = [], [], [], []
+    records, hashes, thumbs, warnings, peaks = [], [], [], [], []
     pairs = (inspect_all(candidates, options) if inspect_all is not None
              else inspect_in_threads(candidates, options, workers))
     for (path, relpath, label, group), outcome in pairs:
@@ -169,10 +172,11 @@ def discover(
                 raise DataError(f"{outcome.path}: {outcome.reason} (strict mode)")
             rejects.append(outcome)
             continue
-        (height, width), digest, (phash, thumb), notes = outcome
+        (height, width), digest, (phash, thumb), notes, peak = outcome
         if notes:
             warnings.append(Reject(text_name(str(path)), "; ".join(notes)))
         records.append(ImageRecord(str(path), relpath, label, group, width, height, digest))
+        peaks.append(peak)
         hashes.append(phash)
         thumbs.append(thumb)
     conflicting = label_conflicts(records, on_conflict)
@@ -194,7 +198,30 @@ def discover(
         thumbs=np.stack([thumbs[i] for i in order]),
         skipped=skipped,
         warnings=sorted(warnings, key=lambda r: r.path),
+        sixteen_bit_peaks={text_name(records[i].path): peaks[i] for i in order if peaks[i] is not None},
     )
+
+
+def dim_sixteen_bit(discovery: Discovery, sixteen_bit: str) -> str | None:
+    """A warning naming how many 16-bit files hold 12- or 14-bit data that ``sixteen_bit`` leaves nearly black.
+
+    Under ``scale`` the full 0..65535 range becomes 0..255, so a file whose brightest sample is below
+    `msbt.images.imagefile.DIM_SIXTEEN_BIT` (16384: at most 14 bits used) ends at most 64 of 255 bright, a 12-bit
+    one at 16: patches and images nearly black, and nothing else says so. From the peaks the scan's single decode
+    recorded (`Discovery.sixteen_bit_peaks`); None when there are none such, or ``sixteen_bit`` is ``minmax``.
+    """
+    if sixteen_bit != "scale":
+        return None
+    peaks = discovery.sixteen_bit_peaks
+    dim = sorted(path for path, peak in peaks.items() if peak < DIM_SIXTEEN_BIT)
+    if not dim:
+        return None
+    brightest = max(peaks[path] for path in dim)
+    bits = max(brightest.bit_length(), 1)
+    return (f"{len(dim)} of {len(peaks)} 16-bit files use only a small part of the 16-bit range (brightest sample "
+            f"{brightest} of 65535, at most {bits} bits: 12- or 14-bit camera data stored in 16 bits; e.g. {dim[0]}): "
+            f"data.sixteen_bit: scale maps them to at most {round(brightest / 257)} of 255, nearly black; set "
+            "--set data.sixteen_bit=minmax to stretch each image's own range")
 
 
 def _source_path(source: str | Path) -> Path:
@@ -577,9 +604,10 @@ def inspect_file(candidate: Candidate, options: dict) -> list[tuple[Candidate, o
 
     Returns:
         ``(candidate, outcome)`` pairs: one for an image file, one per frame of a multi-frame DICOM. An
-        outcome is a `Reject`, or ``((height, width), sha1 digest, (hash, thumb), notes)`` with the
-        perceptual hash and thumbnail of `msbt.images.grouping.fingerprint` and the reasons the file was
-        used only in part (``data.on_partial: warn``).
+        outcome is a `Reject`, or ``((height, width), sha1 digest, (hash, thumb), notes, peak)`` with the
+        perceptual hash and thumbnail of `msbt.images.grouping.fingerprint`, the reasons the file was
+        used only in part (``data.on_partial: warn``) and the brightest sample of a 16-bit PNG/TIFF (None
+        for other files: DICOM scales by the bits it declares).
     """
     path = candidate[0]
     name = text_name(str(path))
@@ -588,13 +616,15 @@ def inspect_file(candidate: Candidate, options: dict) -> list[tuple[Candidate, o
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
         return [(candidate, Reject(name, f"not an image file (extension '{path.suffix or 'none'}')"))]
     notes: list[str] = []
+    facts: dict = {}
     try:
         data = read_file_bytes(path)
         rgb = decode_image(data, path, options["sixteen_bit"], max_pixels=options["max_pixels"],  # type: ignore[arg-type]
-                           on_partial=options["on_partial"], warnings=notes)
+                           on_partial=options["on_partial"], warnings=notes, facts=facts)
     except ImageError as exc:
         return [(candidate, Reject(name, exc.reason))]
-    return [(candidate, (rgb.shape[:2], hashlib.sha1(data).hexdigest(), fingerprint(rgb), notes))]
+    return [(candidate, (rgb.shape[:2], hashlib.sha1(data).hexdigest(), fingerprint(rgb), notes,
+                         facts.get("sixteen_bit_peak")))]
 
 
 def _decode_dicom(candidate: Candidate, options: dict) -> list[tuple[Candidate, object]]:
@@ -617,7 +647,7 @@ def _decode_dicom(candidate: Candidate, options: dict) -> list[tuple[Candidate, 
         except ImageError as exc:
             out.append((frame_candidate, Reject(text_name(str(frame_candidate[0])), exc.reason)))
             continue
-        out.append((frame_candidate, (rgb.shape[:2], digest, fingerprint(rgb), [])))
+        out.append((frame_candidate, (rgb.shape[:2], digest, fingerprint(rgb), [], None)))
     return out
 
 

@@ -22,7 +22,7 @@ from typing import Sequence
 
 from msbt.config import Config, ConfigError, dump_config, to_dict
 from msbt.data import synth
-from msbt.data.discovery import Discovery, check_source, discover, write_rejects
+from msbt.data.discovery import Discovery, check_source, dim_sixteen_bit, discover, write_rejects
 from msbt.data.scan import scan_inspector
 from msbt.data.profile import profile_from_store, write_profile
 from msbt.data.sites import discover_sites, parse_sources
@@ -164,6 +164,8 @@ def _prepare_one(config: Config, modality: str, source: str, classes, folder: Pa
         log.warning("rejected %s: %s", reject.path, reject.reason)
     for warning in discovery.warnings:
         log.warning("used in part %s: %s (data.on_partial: warn)", warning.path, warning.reason)
+    if dim := dim_sixteen_bit(discovery, d.sixteen_bit):
+        log.warning("%s: %s", modality, dim)
     # Microscope fields are cut into patches later; the split is by field, and auto-grouping still
     # catches a field saved twice.
     grouping = d.grouping

@@ -4,9 +4,10 @@
 (`discovery.inspect_file`: extension, read, decode, sha1, perceptual hash and thumbnail) is what grows
 with the collection. Here it runs as Ray Data tasks streaming over the file list, so every node of a
 cluster decodes and no image passes through the driver. The driver receives only each file's small
-record: index, reason (rejects), height, width, digest, 64-bit hash and the 32x32 thumbnail (4 KiB)
-that grouping needs to confirm a near-duplicate exactly as the in-process scan does. The result is the
-same `Discovery`, record for record, as the threaded scan (tested).
+record: index, reason (rejects), height, width, digest, 64-bit hash, a 16-bit file's brightest sample (for
+the warning about 12- and 14-bit data) and the 32x32 thumbnail (4 KiB) that grouping needs to confirm a
+near-duplicate exactly as the in-process scan does. The result is the same `Discovery`, record for record,
+as the threaded scan (tested).
 
 When to use it (`data.scan`):
 - `local`: threads in the driver process (the default path of `discover`).
@@ -70,8 +71,9 @@ def inspect_batch(batch: dict[str, np.ndarray], *, options: dict) -> dict[str, n
 
     Returns:
         Columns `index`, `reason` ("" for a usable file), `notes` (reasons it is used only in part,
-        joined by newlines), `height`, `width`, `digest`, `hash` (uint64) and `thumb` ((n, 1024)
-        float32); a rejected file has zeros there.
+        joined by newlines), `height`, `width`, `digest`, `hash` (uint64), `thumb` ((n, 1024)
+        float32) and `peak` (a 16-bit file's brightest sample, -1 for other files); a rejected file has
+        zeros there.
     """
     import cv2
 
@@ -87,6 +89,7 @@ def inspect_batch(batch: dict[str, np.ndarray], *, options: dict) -> dict[str, n
         "digest": np.full(n, "", dtype=object),
         "hash": np.zeros(n, np.uint64),
         "thumb": np.zeros((n, THUMB * THUMB), np.float32),
+        "peak": np.full(n, -1, np.int64),
     }
     for k, path in enumerate(batch["path"]):
         # Not a DICOM (those stay in the driver, see inspect_with_ray): exactly one outcome.
@@ -94,8 +97,9 @@ def inspect_batch(batch: dict[str, np.ndarray], *, options: dict) -> dict[str, n
         if isinstance(outcome, Reject):
             out["reason"][k] = outcome.reason
             continue
-        (out["height"][k], out["width"][k]), out["digest"][k], (out["hash"][k], out["thumb"][k]), notes = outcome
+        (out["height"][k], out["width"][k]), out["digest"][k], (out["hash"][k], out["thumb"][k]), notes, peak = outcome
         out["notes"][k] = "\n".join(notes)
+        out["peak"][k] = -1 if peak is None else peak
     return out
 
 
@@ -135,8 +139,9 @@ def inspect_with_ray(candidates: list, options: dict, files_per_task: int = 64) 
                     outcome = Reject(text_name(str(c[0])), str(batch["reason"][j]))
                 else:
                     notes = [s for s in str(batch["notes"][j]).split("\n") if s]
+                    peak = int(batch["peak"][j])
                     outcome = ((int(batch["height"][j]), int(batch["width"][j])), str(batch["digest"][j]),
-                               (batch["hash"][j], np.array(batch["thumb"][j])), notes)
+                               (batch["hash"][j], np.array(batch["thumb"][j])), notes, None if peak < 0 else peak)
                 outcomes[int(i)] = [(c, outcome)]
     missing = [i for i in remote if i not in outcomes]
     if missing:  # a lost row would silently drop a file from the data set

@@ -112,9 +112,11 @@ def discover_sites(sources: str | Sequence[str] | Sequence[Site], classes: Seque
     kept = [i for i in range(len(records)) if i not in conflicting]
     roots = {site.name: d.root for site, d in zip(sites, found)}
     common = str(Path(*_common_parts([Path(r).parts for r in roots.values()])))
+    used = {text_name(records[i].path) for i in kept}
+    peaks = {path: peak for d in found for path, peak in d.sixteen_bit_peaks.items() if path in used}
     return Discovery(root=common, classes=keep, records=[records[i] for i in kept],
                      rejects=sorted(rejects, key=lambda r: r.path), hashes=np.concatenate(hashes)[kept],
-                     thumbs=np.concatenate(thumbs)[kept], skipped=skipped, sites=roots)
+                     thumbs=np.concatenate(thumbs)[kept], skipped=skipped, sites=roots, sixteen_bit_peaks=peaks)
 
 
 def _refuse_shared_files(records) -> None:

@@ -30,6 +30,10 @@ _FORMAT_OF = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".t
 # otherwise take 3.6 GB to decode. OpenCV's own limit (CV_IO_MAX_IMAGE_PIXELS, 2**30) is an assertion.
 DEFAULT_MAX_PIXELS = 64_000_000
 PARTIAL_POLICIES = ("reject", "warn")
+# A 16-bit file whose brightest sample is below this uses at most 14 of its 16 bits: 12- and 14-bit cameras store
+# their data so. `data.sixteen_bit: scale` maps 0..65535 onto 0..255, so such a file becomes at most 64 of 255
+# (12-bit: 16 of 255), nearly black; the scan counts these files and names `minmax` (msbt.data.discovery).
+DIM_SIXTEEN_BIT = 1 << 14
 
 
 
@@ -146,11 +150,13 @@ def image_refs(path: str | Path) -> list[str]:
 
 def decode_image(data: bytes, path: str | Path, sixteen_bit: Literal["scale", "minmax"] = "scale", *,
                  max_pixels: int | None = DEFAULT_MAX_PIXELS, on_partial: str = "reject",
-                 warnings: list[str] | None = None) -> np.ndarray:
+                 warnings: list[str] | None = None, facts: dict | None = None) -> np.ndarray:
     """Decode encoded image bytes (as read from `path`, used in messages) to uint8 RGB.
 
     The header is read first (`check_header`): size limit, format against extension, pages; then OpenCV
-    decodes. Arguments after `sixteen_bit` as for `read_image`.
+    decodes. Arguments after `sixteen_bit` as for `read_image`; ``facts``, when given, receives what the
+    decode saw that the 8-bit result no longer shows: ``sixteen_bit_peak``, the brightest sample of a 16-bit
+    file (`sixteen_bit_peak`), for the scan's warning about 12- and 14-bit data.
     """
     if not data:
         raise ImageError(path, "empty file (0 bytes)")
@@ -169,7 +175,19 @@ def decode_image(data: bytes, path: str | Path, sixteen_bit: Literal["scale", "m
     if grey:
         notes.append(grey)
     _apply_partial_policy(notes, path, on_partial, warnings)
+    if facts is not None and (peak := sixteen_bit_peak(array)) is not None:
+        facts["sixteen_bit_peak"] = peak
     return to_rgb8(array, path, sixteen_bit)
+
+
+def sixteen_bit_peak(array: np.ndarray) -> int | None:
+    """The brightest sample of a decoded 16-bit array (colour channels only, not alpha); None for other depths.
+
+    Below `DIM_SIXTEEN_BIT` the file holds 12- or 14-bit data that ``sixteen_bit: scale`` leaves nearly black."""
+    if array.dtype != np.uint16:
+        return None
+    colour = array[..., :3] if array.ndim == 3 else array
+    return int(colour.max())
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,20 @@ def test_scan_reports_rejects_and_writes_the_manifest(tmp_path, capsys):
     assert main(["scan", str(root), "--strict"]) == 1
 
 
+def test_scan_warns_of_twelve_bit_data_that_scale_leaves_nearly_black(tmp_path, capsys):
+    import numpy as np
+
+    root = make_tree(tmp_path / "data")
+    twelve = (textured(7).astype(np.uint16) * 16)  # 0..4080: a 12-bit camera's range in a 16-bit file
+    assert cv2.imwrite(str(root / "benign" / "twelve.png"), twelve)
+    assert main(["scan", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "warning: 1 of 1 16-bit files use only a small part of the 16-bit range" in out
+    assert "--set data.sixteen_bit=minmax" in out
+    assert main(["scan", str(root), "--set", "data.sixteen_bit=minmax"]) == 0
+    assert "16-bit" not in capsys.readouterr().out
+
+
 def test_split_writes_files_and_will_not_overwrite(tmp_path, capsys):
     root = make_tree(tmp_path / "data")
     out = tmp_path / "split"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from helpers import textured
-from msbt.data.discovery import DataError, discover, write_rejects
+from msbt.data.discovery import DataError, dim_sixteen_bit, discover, write_rejects
 
 
 def tree(root, spec):
@@ -212,3 +212,46 @@ def test_a_source_of_one_class_is_refused_for_training_and_taken_for_scoring(tmp
     (root / "Benign").mkdir()
     with pytest.raises(DataError, match="'Benign' differs from class 'benign' only in case"):
         discover(root, ("benign", "malignant"), every_class=False)
+
+
+def sixteen_bit_field(seed, peak, size=48):
+    """A textured 16-bit field whose brightest sample is ``peak`` (4095: a 12-bit camera; 65535: the full range)."""
+    img = textured(seed, size).astype(np.float64) / 255.0
+    img = (img - img.min()) / (img.max() - img.min())
+    return np.round(img * peak).astype(np.uint16)
+
+
+def test_twelve_and_fourteen_bit_data_in_sixteen_bit_files_are_counted_and_minmax_named(tmp_path):
+    import tifffile
+
+    root = tmp_path / "data"
+    for c, k in (("HeLa", 0), ("MCF-7", 10)):
+        (root / c).mkdir(parents=True)
+        tifffile.imwrite(root / c / "twelve.tif", sixteen_bit_field(1 + k, 4095))  # a 12-bit camera's TIFF
+        assert cv2.imwrite(str(root / c / "fourteen.png"), sixteen_bit_field(2 + k, 16383))  # 14-bit, as PNG
+        tifffile.imwrite(root / c / "full.tif", sixteen_bit_field(3 + k, 65535))
+        assert cv2.imwrite(str(root / c / "eight.png"), textured(4 + k))
+    d = discover(root)
+    assert len(d.sixteen_bit_peaks) == 6  # the 8-bit files have none
+    assert d.sixteen_bit_peaks[str(root / "HeLa" / "twelve.tif")] == 4095
+    warning = dim_sixteen_bit(d, "scale")
+    assert warning.startswith("4 of 6 16-bit files use only a small part of the 16-bit range")
+    assert "brightest sample 16383 of 65535, at most 14 bits" in warning and "at most 64 of 255" in warning
+    assert "--set data.sixteen_bit=minmax" in warning
+    assert dim_sixteen_bit(d, "minmax") is None  # already stretched per image
+    for c in ("HeLa", "MCF-7"):
+        (root / c / "twelve.tif").unlink()
+        (root / c / "fourteen.png").unlink()
+    assert dim_sixteen_bit(discover(root), "scale") is None  # full-range 16-bit and 8-bit data: nothing to say
+
+
+def test_the_ray_data_scan_batch_carries_the_sixteen_bit_peak(tmp_path):
+    # inspect_batch is the per-task function of msbt.data.scan; called here without Ray, as a task calls it
+    from msbt.data.scan import inspect_batch
+
+    assert cv2.imwrite(str(tmp_path / "twelve.png"), sixteen_bit_field(1, 4095))
+    assert cv2.imwrite(str(tmp_path / "eight.png"), textured(2))
+    batch = inspect_batch({"index": np.array([0, 1]), "path": np.array([str(tmp_path / "twelve.png"),
+                                                                           str(tmp_path / "eight.png")])},
+                          options={"sixteen_bit": "scale", "max_pixels": None, "on_partial": "reject"})
+    assert batch["peak"].tolist() == [4095, -1]
