@@ -272,8 +272,8 @@ def _cmd_preprocess(args) -> int:
     _preflight(config, always=True)
     _start_ray(args, config, tensorflow=False)
     prepared = prepare_data(config, force_split=args.force_split)
-    print(summarize(prepared))
-    print(summarize_stores(build_stores(config, prepared)))
+    print(summarize(prepared, config))
+    print(summarize_stores(build_stores(config, prepared), config))
     return 0
 
 
@@ -320,6 +320,7 @@ def _scan(args, config):
 
 def _cmd_scan(args) -> int:
     from msbt.data.discovery import DataError, dim_sixteen_bit, refuse_output_in_inputs, write_rejects
+    from msbt.data.prepare import minority_warning
 
     if args.rejects:
         refuse_output_in_inputs(args.rejects, [args.source], "--rejects")
@@ -340,6 +341,8 @@ def _cmd_scan(args) -> int:
         print(f"warning {warning.path}: {warning.reason} (used; data.on_partial: warn)")
     if dim := dim_sixteen_bit(discovery, config.data.sixteen_bit):
         print(f"warning: {dim}")
+    if minority := minority_warning(discovery.counts(), "usable images"):
+        print(minority)
     if args.rejects:
         print(f"rejects manifest: {write_rejects(discovery.rejects, args.rejects)}")
     return 0
@@ -672,7 +675,8 @@ def _cmd_serve(args) -> int:
 
 
 def _cmd_config(args) -> int:
-    print(yaml.safe_dump(to_dict(_load(args)), sort_keys=False), end="")
+    # every setting, also those the run's records leave out while at their default (config.ADDED_LATER)
+    print(yaml.safe_dump(to_dict(_load(args), every_field=True), sort_keys=False), end="")
     return 0
 
 

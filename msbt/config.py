@@ -616,24 +616,26 @@ def _is_float_tuple(hint: Any) -> bool:
 # Writing
 
 
-def to_dict(config: Any) -> dict:
+def to_dict(config: Any, *, every_field: bool = False) -> dict:
     """Plain dict (lists, not tuples) of a config, suitable for YAML/JSON.
 
     A field marked :data:`ADDED_LATER` is left out while it has its default: records written before it
     existed (checkpoint manifests, stage-index keys, saved config.yaml files) compare equal to a record of
-    the same settings today; reading such a record fills the default back in.
+    the same settings today; reading such a record fills the default back in. ``every_field`` keeps such
+    fields too: for showing a config to a person (``msbt config``), who could not otherwise find them
+    (``stage1.balance`` was missing from its output), never for a record.
     """
-    return json.loads(json.dumps(_record(config)))
+    return json.loads(json.dumps(_record(config, every_field)))
 
 
-def _record(value: Any) -> Any:
+def _record(value: Any, every_field: bool = False) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _record(getattr(value, f.name)) for f in dataclasses.fields(value)
-                if not (f.metadata.get("added_later") and getattr(value, f.name) == f.default)}
+        return {f.name: _record(getattr(value, f.name), every_field) for f in dataclasses.fields(value)
+                if every_field or not (f.metadata.get("added_later") and getattr(value, f.name) == f.default)}
     if isinstance(value, (list, tuple)):
-        return [_record(v) for v in value]
+        return [_record(v, every_field) for v in value]
     if isinstance(value, dict):
-        return {k: _record(v) for k, v in value.items()}
+        return {k: _record(v, every_field) for k, v in value.items()}
     return value
 
 

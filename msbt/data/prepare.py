@@ -22,6 +22,7 @@ from typing import Sequence
 
 from msbt.config import Config, ConfigError, dump_config, to_dict
 from msbt.data import synth
+from msbt.data.balance import MINORITY_RATIO, minority_classes
 from msbt.data.discovery import Discovery, check_source, dim_sixteen_bit, discover, write_rejects
 from msbt.data.scan import scan_inspector
 from msbt.data.profile import profile_from_store, write_profile
@@ -203,8 +204,47 @@ def _prepare_one(config: Config, modality: str, source: str, classes, folder: Pa
     return PreparedData(modality, str(source), folder, discovery, split, reused)
 
 
-def summarize(prepared: dict[str, PreparedData]) -> str:
-    """A short human-readable account of the prepared data, for the job log."""
+STAGE_OF = {"microscope": 1, "ultrasound": 2}  # the stage that trains on a modality
+
+
+def minority_warning(counts: dict[str, int], noun: str, stage: int | None = None, balance: str | None = None) -> str | None:
+    """A warning line for classes with a quarter or less of the largest class's ``noun`` (`MINORITY_RATIO`), naming
+    ``stage<stage>.balance: class``; None when no class is that small.
+
+    Args:
+        counts: Class -> files or patches.
+        noun: What is counted ("source files", "training patches").
+        stage: The stage that trains on them (None: either, as for ``msbt scan``).
+        balance: That stage's ``balance`` setting, when known: a set one is said instead of suggested.
+    """
+    small = minority_classes(counts)
+    if not small:
+        return None
+    largest = max(counts, key=lambda c: counts[c])
+    few = ", ".join(f"{c} ({counts[c]})" for c in small)
+    key = f"stage{stage}.balance" if stage else "stage1.balance (microscope) or stage2.balance (ultrasound)"
+    if balance and balance != "none":
+        advice = f"{key} is {balance}: each class weighs alike in the training loss"
+    else:
+        advice = (f"set --set {key}=class so that each class weighs alike in the training loss (docs/models.md); "
+                  "more images of the class help more")
+    return (f"warning: few {noun} of {few} against {counts[largest]} of {largest} (1:{MINORITY_RATIO} or fewer): an "
+            f"unweighted loss lets {largest} decide; {advice}")
+
+
+def _balance(config: Config | None, modality: str) -> str | None:
+    if config is None:
+        return None
+    return (config.stage1 if STAGE_OF[modality] == 1 else config.stage2).balance
+
+
+def summarize(prepared: dict[str, PreparedData], config: Config | None = None) -> str:
+    """A short human-readable account of the prepared data, for the job log.
+
+    Args:
+        prepared: What :func:`prepare_data` returned.
+        config: The run's config, to say a stage's ``balance`` where a class is a small minority.
+    """
     lines = []
     for p in prepared.values():
         s = p.split.summary
@@ -227,6 +267,10 @@ def summarize(prepared: dict[str, PreparedData]) -> str:
             f"{s['leakage']['naive_random']['test']} test images; this split leaks "
             f"{s['leakage']['group_aware']['val'] + s['leakage']['group_aware']['test']}",
         ]
+        files = {c: sum(s["counts"][split].get(c, 0) for split in ("train", "val", "test")) for c in s["classes"]}
+        if minority := minority_warning(files, "source files" if p.modality == "microscope" else "images",
+                                        STAGE_OF[p.modality], _balance(config, p.modality)):
+            lines.append("  " + minority)
         if s.get("skipped"):  # on purpose (a class not selected, masks), but the user should see how many
             lines.append("  left out: " + ", ".join(f"{n} ({reason})" for reason, n in sorted(s["skipped"].items())))
         if len(s.get("sites", {})) > 1:
@@ -282,7 +326,13 @@ def _with_sites(items: list[dict], discovery: Discovery) -> None:
 WHERE = {"ray": " on Ray Data", "local": " in driver threads"}  # StoreSummary.where, as the store line says it
 
 
-def summarize_stores(stores: dict) -> str:
+def summarize_stores(stores: dict, config: Config | None = None) -> str:
+    """One line per store (rows per split and class, where it was made), with what is missing or lopsided in it.
+
+    Args:
+        stores: Modality -> StoreSummary.
+        config: The run's config, to say stage 1's ``balance`` where a cell line has few training patches.
+    """
     lines = []
     for modality, s in stores.items():
         noun = "patches" if modality == "microscope" else "images"
@@ -306,6 +356,10 @@ def summarize_stores(stores: dict) -> str:
         if gaps:
             lines.append(f"  warning: no {noun} of {'; '.join(gaps)} (their files there gave none); a class "
                          "without training rows stops its stage")
+        # patches per class follow the cells found, not the fields: a cell line can be a minority here alone
+        if modality == "microscope" and (minority := minority_warning(
+                s.rows.get("train", {}), "training patches", 1, _balance(config, modality))):
+            lines.append("  " + minority)
     return "\n".join(lines)
 
 
@@ -360,13 +414,13 @@ def ensure_stores(config: Config, modalities: Sequence[str] = MODALITIES, *,
     for modality, summary in found.items():
         print(f"{modality}: split and store reused from {summary.path.parent.parent} (no image read)", flush=True)
     if found:
-        print(summarize_stores(found), flush=True)
+        print(summarize_stores(found, config), flush=True)
     todo = [m for m in modalities if m not in found]
     if todo:
         prepared = prepare_data(config, force_split=force_split, modalities=todo)
-        print(summarize(prepared), flush=True)
+        print(summarize(prepared, config), flush=True)
         built = build_stores(config, prepared)
-        print(summarize_stores(built), flush=True)
+        print(summarize_stores(built, config), flush=True)
         found.update(built)
     return {m: found[m] for m in modalities}
 

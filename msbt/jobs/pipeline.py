@@ -197,9 +197,9 @@ def main_job(config: Config, *, force_split: bool = False, resume: bool = False,
     start_ray(config, address)
     # The data step: every file is scanned again, so changed data is refused rather than mixed in.
     prepared = prepare_data(config, force_split=force_split, modalities=run_modalities(config))
-    print(summarize(prepared), flush=True)
+    print(summarize(prepared, config), flush=True)
     stores = build_stores(config, prepared)
-    print(summarize_stores(stores), flush=True)
+    print(summarize_stores(stores, config), flush=True)
     result = {
         "run_dir": str(run_dir(config)),
         "data": {m: p.split.summary for m, p in prepared.items()},

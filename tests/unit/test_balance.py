@@ -139,3 +139,13 @@ def test_fast_mode_gives_each_cached_image_its_sites_weight():
     assert by_class.sum() == pytest.approx(5.0)
     with pytest.raises(KeyError, match="c/9.png"):
         cache_weights(np.array(["c/9.png"]), np.array([0]), store_sources, store_sites, cells)
+
+
+def test_minority_classes_are_those_with_a_quarter_or_less_of_the_largest():
+    from msbt.data.balance import MINORITY_RATIO, minority_classes
+
+    assert MINORITY_RATIO == 4
+    assert minority_classes({"HeLa": 12, "MCF-7": 2, "Huh-7": 3, "NCI-H1299": 4}) == ["MCF-7", "Huh-7"]
+    assert minority_classes({"benign": 437, "malignant": 210}) == []  # BUSI: about 1:2
+    assert minority_classes({"a": 12, "b": 0}) == []  # a class with none is a missing class, said apart
+    assert minority_classes({"a": 5}) == []

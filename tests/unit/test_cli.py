@@ -87,6 +87,29 @@ def test_scan_warns_of_twelve_bit_data_that_scale_leaves_nearly_black(tmp_path, 
     assert "16-bit" not in capsys.readouterr().out
 
 
+def test_scan_warns_of_a_class_with_a_quarter_or_fewer_of_the_images(tmp_path, capsys):
+    root = make_tree(tmp_path / "data")
+    for i in range(4, 16):
+        cv2.imwrite(str(root / "benign" / f"{i}.png"), textured(100 + i))
+    assert main(["scan", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "warning: few usable images of malignant (4) against 16 of benign" in out
+    assert "stage1.balance (microscope) or stage2.balance (ultrasound)" in out
+
+
+def test_config_shows_the_settings_records_leave_out_at_their_default(capsys):
+    """stage1.balance is left out of run records while 'none' (config.ADDED_LATER); msbt config shows it."""
+    import yaml
+
+    from msbt.config import StageConfig, to_dict
+
+    assert main(["config"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["stage1"]["balance"] == "none" and shown["stage2"]["balance"] == "none"
+    assert shown["stage1"]["augment"]["speckle"] == 0.0
+    assert "balance" not in to_dict(StageConfig())  # records stay as before
+
+
 def test_split_writes_files_and_will_not_overwrite(tmp_path, capsys):
     root = make_tree(tmp_path / "data")
     out = tmp_path / "split"
