@@ -323,7 +323,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.ray
-def test_serve_answers_images_and_refuses_bad_bytes(exported, ray_local, tmp_path):
+def test_serve_answers_images_and_refuses_bad_bytes(exported, ray_local, tmp_path, capsys):
     import requests
     from ray import serve
 
@@ -363,6 +363,14 @@ def test_serve_answers_images_and_refuses_bad_bytes(exported, ray_local, tmp_pat
         assert requests.get(f"{url}/nothing-here", timeout=30).status_code == 404
         form = requests.post(f"{url}/predict", files={"file": ("scan.png", files[0])}, timeout=30)  # curl -F
         assert form.status_code == 400 and "a multipart form: send the image's bytes" in form.json()["error"]
+        # What `msbt serve` does on Ctrl-C or SIGTERM (msbt.serve.app.run) when it started Serve itself: the
+        # application and Serve both go, and the port is free again (with Serve started before it: the next test)
+        assert app.take_down(stop_serve=True) == "application 'msbt' removed and Serve shut down on the cluster"
+        assert "msbt serve: application 'msbt' removed and Serve shut down" in capsys.readouterr().out
+        assert not app.serve_running()
+        with pytest.raises(requests.ConnectionError):  # nothing answers there any more
+            requests.get(f"{url}/healthz", timeout=10)
+        assert app.take_down(stop_serve=True) is None  # nothing left to take down: said by nothing, no error
     finally:
         serve.shutdown()
 
@@ -372,7 +380,8 @@ def test_ctrl_c_of_serve_on_a_cluster_that_outlives_it_takes_the_application_dow
     second `msbt serve` was refused: "already in use"). What `msbt.serve.app.run` does on that Ctrl-C or SIGTERM,
     here without the signal (signals sent to pytest's own process ended it now and then: docs/reliability.md;
     the signal itself was checked on a real `ray start` cluster, docs/predict.md): the application goes, and Serve
-    too when the command started it."""
+    stays when it ran before the command (Serve started by the command goes with it: checked at the end of
+    test_serve_answers_images_and_refuses_bad_bytes, which started it)."""
     import requests
     from ray import serve
 
@@ -387,19 +396,10 @@ def test_ctrl_c_of_serve_on_a_cluster_that_outlives_it_takes_the_application_dow
         assert requests.get(f"{url}/healthz", timeout=60).ok
         assert app.take_down(stop_serve=False) == (
             "application 'msbt' removed from the cluster (Serve keeps running as it did before this command)")
+        assert "msbt serve: application 'msbt' removed from the cluster" in capsys.readouterr().out
         assert app.serve_running() and "msbt" not in serve.status().applications
     finally:
         serve.shutdown()
-    # Serve started by msbt serve: both go, and the port is free again
-    port = _free_port()
-    url = app.run(exported["folder"], dataclasses.replace(config, port=port), blocking=False)
-    assert requests.get(f"{url}/healthz", timeout=60).ok
-    assert app.take_down(stop_serve=True) == "application 'msbt' removed and Serve shut down on the cluster"
-    assert "msbt serve: application 'msbt' removed and Serve shut down" in capsys.readouterr().out
-    assert not app.serve_running()
-    with pytest.raises(requests.ConnectionError):  # nothing answers there any more
-        requests.get(f"{url}/healthz", timeout=10)
-    assert app.take_down(stop_serve=True) is None  # nothing left to take down: said by nothing, no error
 
 
 def test_stream_of_a_dicom_cine_loop(exported, tmp_path):
