@@ -346,10 +346,7 @@ def summarize_stores(stores: dict, config: Config | None = None) -> str:
         lines.append(f"{modality} store: {sum(sum(v.values()) for v in s.rows.values())} {noun} from {files}"
                      f"{how} ({per_split}) -> {s.path}")
         if s.empty_sources:
-            lines.append(f"  {len(s.empty_sources)} file{'s' if len(s.empty_sources) != 1 else ''} gave no {noun} "
-                         "(no cells found, or unreadable): "
-                         f"{', '.join(s.empty_sources[:5])}"
-                         f"{f' ... (all in {s.path}/summary.json)' if len(s.empty_sources) > 5 else ''}")
+            lines += _empty_lines(s, noun)
         # a class the split gave files to that ended with no rows there: its metrics or training would lack it
         gaps = [f"{split} {', '.join(empty)}" for split in ("train", "val", "test")
                 if (empty := [c for c in _store_classes(s) if not s.rows.get(split, {}).get(c)])]
@@ -361,6 +358,31 @@ def summarize_stores(stores: dict, config: Config | None = None) -> str:
                 s.rows.get("train", {}), "training patches", 1, _balance(config, modality))):
             lines.append("  " + minority)
     return "\n".join(lines)
+
+
+def _empty_lines(summary: StoreSummary, noun: str) -> list[str]:
+    """The store line's account of the files that gave no rows: those that could not be read, with why, apart from
+    those that read and gave none (a field without cells); one list for a store that did not record which."""
+    empty, n = summary.empty_sources, len(summary.empty_sources)
+    head = f"  {n} file{'s' if n != 1 else ''} gave no {noun}"
+    if not summary.empty_files:  # written before the store recorded why (2026-12-07)
+        return [f"{head} (no cells found, or unreadable): {_some(empty, summary.path)}"]
+    unreadable = summary.unreadable()
+    readable = [source for source in empty if source not in unreadable]
+    lines = [f"{head}:"]
+    if readable:
+        what = ("no cells found (see contact_fields.png; preprocess.offset sets the threshold by hand)"
+                if summary.kind == "microscope" else "read without error when checked after the build (see logs/)")
+        lines.append(f"    {what}, {len(readable)}: {_some(readable, summary.path)}")
+    if unreadable:
+        lines.append(f"    unreadable when the store was written (changed since the scan), {len(unreadable)}: "
+                     + _some([f"{source} ({reason})" for source, reason in unreadable.items()], summary.path))
+    return lines
+
+
+def _some(names: list[str], path: Path, limit: int = 5) -> str:
+    """At most ``limit`` names, and where the whole list is."""
+    return ", ".join(names[:limit]) + (f" ... (all in {path}/summary.json)" if len(names) > limit else "")
 
 
 def _store_classes(summary: StoreSummary) -> list[str]:

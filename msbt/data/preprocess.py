@@ -97,6 +97,20 @@ def ultrasound_arrays(batch: dict[str, np.ndarray], *, image_size: int, aspect: 
     return arrow_batch(out, (image_size, image_size, 3))
 
 
+def unreadable_reason(item: dict, sixteen_bit: str = "scale") -> str:
+    """Why a split row's file cannot be read now, as the per-file functions read it; "" when it reads.
+
+    Asked by the store (`write_store`'s ``why_empty``) for the few files that gave no rows, so that the data step
+    can tell a field without cells from a file that broke after the scan: under Ray Data the task's own warning
+    reaches only ``logs/workers.log``, and neither leaves a row behind.
+    """
+    try:
+        read_image(str(item["path"]), sixteen_bit, **_VALIDATED)  # type: ignore[arg-type]
+    except ImageError as exc:
+        return exc.reason
+    return ""
+
+
 def split_items(split_folder: str | Path, root: str | Path, classes: tuple[str, ...], seed: int) -> list[dict]:
     """Rows of a saved split as pipeline input: absolute path, label index and a per-file seed."""
     with (Path(split_folder) / "split.csv").open(newline="", encoding="utf-8") as handle:
@@ -175,7 +189,8 @@ def _build(kind, items, out, fn, kwargs, shape, cfg: PreprocessConfig, classes) 
     return write_store(kind, items, out, fn, kwargs, image_shape=shape,
                        classes=list(classes) if classes is not None else item_classes(items),
                        files_per_chunk=cfg.files_per_chunk, files_per_task=cfg.files_per_task,
-                       cpus_per_task=cfg.cpus_per_task, on_existing=cfg.on_existing, where=where)
+                       cpus_per_task=cfg.cpus_per_task, on_existing=cfg.on_existing, where=where,
+                       why_empty=lambda item: unreadable_reason(item, kwargs["sixteen_bit"]))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -193,8 +208,14 @@ def write_contact_sheets(store: str | Path, items: list[dict], classes: tuple[st
     field_rows = []
     for c in classes:
         shown = []
-        for item in [i for i in items if i["label"] == c][:fields_per_class]:
-            rgb = read_image(item["path"])
+        for item in [i for i in items if i["label"] == c]:
+            if len(shown) == fields_per_class:
+                break
+            try:
+                rgb = read_image(item["path"], **_VALIDATED)
+            except ImageError as exc:  # broken since the scan: the store line names it; the sheet takes the next
+                log.warning("contact sheet: skipped field %s: %s", item["path"], exc.reason)
+                continue
             _, boxes, mask = field_to_patches(rgb, seed=int(item["seed"]), **params)
             shown.append(overlay(rgb, mask, boxes))
         field_rows.append((f"{c}: mask (red) and patch windows (green)", shown))

@@ -6,8 +6,9 @@ A store is a folder of model-ready images, one row each (a cell patch, or a prep
                             files per chunk and a hash of the split rows it was made from
     chunk-00000/*.parquet   rows of `files_per_chunk` source files; `_DONE.json` once the chunk is whole
                             (its source files, where it was written, its Parquet files and their rows)
-    summary.json            rows per split and class, sources that gave no rows, seconds, where the chunks
-                            were written (``where``: "ray", "local" or "local+ray"; each chunk's `_DONE.json`)
+    summary.json            rows per split and class, sources that gave no rows (``empty_files``: each one's
+                            class, split and, when reading it failed, why), seconds, where the chunks were
+                            written (``where``: "ray", "local" or "local+ray"; each chunk's `_DONE.json`)
 
 Columns: ``image`` (fixed-size binary: raw uint8 bytes of one ``image_shape`` array, C order), ``label``,
 ``label_index``, ``split``, ``source`` (the source file's path relative to its data root), and ``box``
@@ -34,7 +35,7 @@ import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -344,7 +345,8 @@ class Store:
             raise StoreError(f"{file}: no {missing[0] if missing else 'rows per split'!r} recorded (the file is damaged "
                              "or was edited); rebuild the store (preprocess.on_existing: overwrite)")
         return StoreSummary(self.path, data["kind"], data["files"], data["rows"], data["empty_sources"],
-                            0.0, data.get("reused_chunks", 0), reused=True, source_files=data.get("source_files"))
+                            0.0, data.get("reused_chunks", 0), reused=True, source_files=data.get("source_files"),
+                            empty_files=data.get("empty_files") or {})
 
     def read(self, columns: list[str] | None = None, split: str | None = None) -> dict[str, np.ndarray]:
         """Read the store (or some columns, one split) into numpy arrays; for small stores and tests.
@@ -425,6 +427,10 @@ class StoreSummary:
     # copies (write_resplit) and stores written before it was recorded
     source_files: int | None = None  # distinct files, where frames of multi-frame files (cine loops) made
     # ``files`` (one a frame) larger; None: each item is a file of its own
+    # source -> {"label", "split", "unreadable"} for each of ``empty_sources``: "unreadable" is why reading the file
+    # failed when the store was written ("" when it read: it gave no rows of itself, a field without cells); empty
+    # for stores written before it was recorded (2026-12-07) and for re-split copies
+    empty_files: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {
@@ -437,7 +443,20 @@ class StoreSummary:
             "reused_chunks": self.reused_chunks,
             **({"where": self.where} if self.where else {}),
             **({"source_files": self.source_files} if self.source_files is not None else {}),
+            **({"empty_files": self.empty_files} if self.empty_files else {}),
         }
+
+    def unreadable(self) -> dict[str, str]:
+        """The sources that gave no rows because they could not be read, with the reason (from ``empty_files``)."""
+        return {source: e["unreadable"] for source, e in self.empty_files.items() if e.get("unreadable")}
+
+    def empty_in(self, split: str, classes: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+        """The files of ``classes`` in ``split`` that gave no rows: ``(read but gave none, {unreadable: why})``.
+
+        Both empty for a store that did not record ``empty_files``."""
+        mine = {s: e for s, e in self.empty_files.items() if e.get("split") == split and e.get("label") in classes}
+        return ([s for s, e in mine.items() if not e.get("unreadable")],
+                {s: e["unreadable"] for s, e in mine.items() if e.get("unreadable")})
 
 
 def _multi_frame_files(items: Sequence[Mapping]) -> int | None:
@@ -470,7 +489,8 @@ def identity(kind: str, items: Sequence[Mapping], settings: dict, files_per_chun
 
 def write_store(kind: str, items: list[dict], out: str | Path, fn: Callable, fn_kwargs: dict, *,
                 image_shape: tuple[int, ...], classes: Sequence[str], files_per_chunk: int,
-                files_per_task: int, cpus_per_task: float, on_existing: str, where: str = "ray") -> StoreSummary:
+                files_per_task: int, cpus_per_task: float, on_existing: str, where: str = "ray",
+                why_empty: Callable[[Mapping], str] | None = None) -> StoreSummary:
     """Run ``fn`` over ``items``, chunk by chunk, into a store at ``out``.
 
     Args:
@@ -486,6 +506,9 @@ def write_store(kind: str, items: list[dict], out: str | Path, fn: Callable, fn_
             rebuilt, not refused: for a split the run has just made anew).
         where: "ray" (Ray Data tasks; Ray initialised) or "local" (threads of this process, one Parquet
             file per ``files_per_task`` files).
+        why_empty: Given a split row whose file gave no rows, why reading it fails ("" when it reads); asked in
+            this process for those rows only, and recorded as ``empty_files`` (a Ray task's skip reaches only the
+            workers' log, and an empty field and an unreadable one look alike in the rows).
 
     Returns:
         StoreSummary with rows per split and class, read back from the written Parquet.
@@ -528,9 +551,19 @@ def write_store(kind: str, items: list[dict], out: str | Path, fn: Callable, fn_
     rows, empty = _count(out, items)
     summary = StoreSummary(out, kind, len(items), rows, empty, time.perf_counter() - started, reused,
                            reused=bool(chunks) and reused == len(chunks),  # every chunk complete: nothing written
-                           where=_written_where(out), source_files=_multi_frame_files(items))
+                           where=_written_where(out), source_files=_multi_frame_files(items),
+                           empty_files=_empty_files(items, empty, why_empty))
     _write_json(out / SUMMARY_FILE, summary.as_dict())
     return summary
+
+
+def _empty_files(items: Sequence[Mapping], empty: list, why_empty: Callable[[Mapping], str] | None) -> dict:
+    """``StoreSummary.empty_files`` of the sources that gave no rows; {} without ``why_empty``."""
+    if why_empty is None or not empty:
+        return {}
+    by_source = {item["source"]: item for item in items}
+    return {source: {"label": str(by_source[source]["label"]), "split": str(by_source[source]["split"]),
+                     "unreadable": why_empty(by_source[source])} for source in empty}
 
 
 def _written_where(out: Path) -> str:

@@ -665,6 +665,26 @@ def loop_config(config: Config, stage_number: int, store_path: str | Path, paren
     )
 
 
+def _why_no_rows(store: Store, classes: list[str]) -> str:
+    """Why ``classes``' train-split files gave no rows: those that could not be read (and why) apart from those that
+    read and gave none (fields without cells), as the store recorded it; one phrase for both where it did not."""
+    hint = ("see the data step's 'gave no patches' line and contact_fields.png; preprocess.offset sets the threshold "
+            "by hand")
+    summary = store.summary()
+    readable, unreadable = summary.empty_in("train", classes)
+    if not readable and not unreadable:  # a store written before it recorded which (2026-12-07)
+        return f"their train-split files gave none (for microscope fields: no cells found, or unreadable; {hint})"
+    parts = []
+    if unreadable:
+        shown = "; ".join(f"{source}: {reason}" for source, reason in list(unreadable.items())[:3])
+        parts.append(f"{len(unreadable)} could not be read when the store was written ({shown}"
+                     f"{'; ...' if len(unreadable) > 3 else ''}; changed since the scan)")
+    if readable:
+        what = f"no cells found ({hint})" if summary.kind == "microscope" else "read, but gave no rows"
+        parts.append(f"{len(readable)} gave none, {what}: {', '.join(readable[:3])}{' ...' if len(readable) > 3 else ''}")
+    return "of the train-split files, " + " and ".join(parts)
+
+
 def train_stage(
     config: Config,
     stage_number: int,
@@ -732,10 +752,9 @@ def train_stage(
     missing = store.classes_without_rows("train")
     if missing:  # the model would train an output for each of them on no example, and say nothing
         raise ValueError(f"{store_path}: class{'es' if len(missing) > 1 else ''} "
-                         f"{', '.join(missing)} {'have' if len(missing) > 1 else 'has'} no training rows: their "
-                         "train-split files gave none (for microscope fields: no cells found, see the data step's "
-                         "'gave no patches' line and contact_fields.png; preprocess.offset sets the threshold by "
-                         f"hand); stage {stage_number} cannot learn {'them' if len(missing) > 1 else 'it'}")
+                         f"{', '.join(missing)} {'have' if len(missing) > 1 else 'has'} no training rows: "
+                         f"{_why_no_rows(store, missing)}; stage {stage_number} cannot learn "
+                         f"{'them' if len(missing) > 1 else 'it'}")
     worker_config = loop_config(config, stage_number, store_path, parent_checkpoint, resume_from=resume_from,
                                 progress=progress,
                                 class_names=class_names, verbose=verbose, audit_dir=audit_dir)

@@ -50,3 +50,42 @@ def test_a_cell_line_with_a_quarter_or_fewer_of_the_fields_is_warned_about_namin
 def test_classes_of_similar_size_give_no_minority_warning(tmp_path):
     config, prepared = data_step(tmp_path, fields(tmp_path / "micro", {"HeLa": 4, "MCF-7": 3}))
     assert "few source files" not in summarize(prepared, config)
+
+
+def test_fields_without_cells_and_files_unreadable_since_the_scan_are_named_apart(tmp_path):
+    """The store line and stage 1's refusal said "no cells found, or unreadable" for both; now each file is named
+    under what happened to it, with the reason a file could not be read."""
+    import csv
+
+    from msbt.train.runner import train_stage
+
+    micro = fields(tmp_path / "micro", {"HeLa": 6})
+    (micro / "MCF-7").mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(4):  # fields of even background: the scan takes them, the threshold finds no cell
+        noise = (120 + rng.normal(0, 3, (300, 300))).clip(0, 255).astype(np.uint8)
+        assert cv2.imwrite(str(micro / "MCF-7" / f"field{i}.png"), noise)
+    config, prepared = data_step(tmp_path, micro)
+    for i in (1, 3):  # broken after the scan, before the store (a copy still running, a disk error)
+        path = micro / "MCF-7" / f"field{i}.png"
+        path.write_bytes(path.read_bytes()[:200])
+    stores = build_stores(config, prepared)
+    text = summarize_stores(stores, config)
+    assert "(no cells found, or unreadable)" not in text
+    assert "no cells found (see contact_fields.png; preprocess.offset sets the threshold by hand), 2: " \
+           "MCF-7/field0.png, MCF-7/field2.png" in text
+    assert "unreadable when the store was written (changed since the scan), 2: MCF-7/field1.png (truncated PNG " \
+           "(no IEND chunk at the end)), MCF-7/field3.png (truncated PNG" in text
+
+    with (prepared["microscope"].folder / "split.csv").open(newline="") as handle:
+        train = {row["relpath"] for row in csv.DictReader(handle) if row["label"] == "MCF-7" and row["split"] == "train"}
+    assert train  # the split gives MCF-7 training files, all of which gave no patches
+    with pytest.raises(ValueError, match="class MCF-7 has no training rows: of the train-split files") as refused:
+        train_stage(config, 1, stores["microscope"].path)
+    message = str(refused.value)
+    broken = sorted(train & {"MCF-7/field1.png", "MCF-7/field3.png"})
+    empty = sorted(train - set(broken))
+    assert (f"{len(broken)} could not be read when the store was written ({broken[0]}: truncated PNG" in message) \
+        == bool(broken)
+    assert (f"{len(empty)} gave none, no cells found" in message) == bool(empty)
+    assert all(name in message for name in train)
