@@ -3,7 +3,7 @@
 On the session's tiny run (tests/conftest.py: built-in data, the tiny_cnn backbone at 32 px, stage 2 for
 2 epochs), ASHA with a grace period of 1 epoch. One search is started as a subprocess (the real workflow,
 on a private cluster), killed with SIGKILL once a trial has finished, and restored in this process; its
-best configuration is then loaded as an overlay and trained. Fast mode runs head trials on features
+best configuration, loaded as an overlay, must give exactly the stage 2 the winning trial trained. Fast mode runs head trials on features
 cached once and reused.
 """
 
@@ -195,11 +195,12 @@ def _kill_session(proc: subprocess.Popen, ray_tmp: str) -> None:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_search_is_interrupted_restored_and_its_best_config_reruns(prepared, tmp_path, capfd):
+def test_search_is_interrupted_restored_and_its_best_config_is_the_winners_stage(prepared, tmp_path, capfd):
     from msbt.cli import main as msbt_main
-    from msbt.train.runner import best_checkpoint, train_stage
+    from msbt.model.checkpoint import read_manifest
     from msbt.tune.review import read_experiment, write_best_overlay
     from msbt.tune.search import experiment_dir, run_search
+    from msbt.tune.space import trial_stage
 
     import ray
 
@@ -279,16 +280,23 @@ def test_search_is_interrupted_restored_and_its_best_config_reruns(prepared, tmp
     assert len(list((experiment / "train").glob("*/stage2/checkpoint_*/manifest.json"))) >= TRIALS
     assert not list((experiment / "train").glob("*/.work"))  # the trials' scratch (Tune ends a trial before its stage)
 
-    # tune-report: the ranked table and the overlay, which the CLI accepts and which trains
+    # tune-report: the ranked table and the overlay, which the CLI accepts and which gives the winning trial's
+    # stage 2 exactly: the stage that trial trained, from the same stage-1 checkpoint, in this search (so it is
+    # not trained a second time here: one Ray Train stage less in the suite)
     best = write_best_overlay(experiment)
     assert msbt_main(["tune-report", str(experiment)]) == 0
     assert msbt_main(["config", "--config", str(prepared["yaml"]), "--config", str(best)]) == 0
-    rerun = load_config([prepared["yaml"], best], [f"run.storage_path={tmp_path}", "stage2.epochs=1"])
+    rerun = load_config([prepared["yaml"], best], [f"run.storage_path={tmp_path}"])
     winner = trials[0]
+    assert winner["best"] is not None  # it trained and reported in this search
     assert rerun.stage2.optimizer == winner["params"]["optimizer"]
     assert rerun.stage2.learning_rate == pytest.approx(winner["params"]["learning_rate"])
-    result = train_stage(rerun, 2, prepared["ultrasound"], parent_checkpoint=prepared["parent"])
-    assert best_checkpoint(result, rerun.stage2.monitor) is not None
+    point = json.loads((experiment / winner["trial"] / "params.json").read_text())
+    assert rerun.stage2 == trial_stage(config, point)
+    suffix = winner["trial"].rsplit("_", 1)[-1]  # its Ray Train run: train/<Tune's trial id>/stage2
+    manifests = [read_manifest(m.parent) for m in experiment.glob(f"train/*_{suffix}/stage2/checkpoint_*/manifest.json")]
+    assert manifests and all(m["config"] == to_dict(rerun.stage2) and m["parent"]["path"] == prepared["parent"]
+                             for m in manifests)
 
 
 @pytest.mark.ray
@@ -327,10 +335,15 @@ def test_fast_mode_caches_features_once_and_trains_heads_on_them(prepared, capfd
     # max_t = 2) after trials 0..k-1, and ASHA must stop it there iff its val_loss is worse than the
     # (1 - 1/reduction_factor) quantile of theirs (Tune records -val_loss for mode "min").
     # (A second search of the same stage 2 on the same store: it reuses the cached features.)
+    # stage2.balance (here, not in a search of its own: one Tune start less): the heads train with the per-image
+    # weights a full training would use, counted once on the same cached features (checked below)
     asha = load_config([prepared["yaml"]], over[:2] + ["tune.experiment=asha", "tune.num_samples=8",
-                                                       "tune.max_concurrent_trials=1", "tune.scheduler=asha"])
+                                                       "tune.max_concurrent_trials=1", "tune.scheduler=asha",
+                                                       "stage2.balance=class"])
     run_search(asha)
-    assert "fast mode: reusing cached features" in capfd.readouterr().out
+    printed = capfd.readouterr().out
+    assert "fast mode: reusing cached features" in printed
+    assert "fast mode: loss weights (balance class): benign" in printed
     assert json.loads(cache[0].read_text()) == info
     experiment = cache[0].parents[2] / "asha"
     _, trials = read_experiment(experiment)
@@ -351,14 +364,9 @@ def test_fast_mode_caches_features_once_and_trains_heads_on_them(prepared, capfd
             for line in (experiment / t["trial"] / "result.json").read_text().splitlines() if line.strip()}
     assert asha.tune.reuse_processes and len(pids) < len(trials), pids
 
-    # stage2.balance: the heads train with the per-image weights a full training would use (counted once, on
-    # the same cached features); each class's images together weigh the same and the weights average 1
-    balanced = load_config([prepared["yaml"]], over + ["tune.experiment=fastbal", "tune.num_samples=1",
-                                                       "stage2.balance=class"])
-    run_search(balanced)
-    assert "fast mode: loss weights (balance class): benign" in capfd.readouterr().out
-    _, trials = read_experiment(cache[0].parents[2] / "fastbal")
-    assert [t["status"] for t in trials] == ["complete"] and trials[0]["epochs"] == 2
+    # the weighted heads of the ASHA search: those ASHA let run trained every epoch; each class's images together
+    # weigh the same and the weights average 1
+    assert all(t["epochs"] == 2 for t in trials if t["status"] == "complete")
     weights = train_weights(prepared["ultrasound"], features, "class")
     assert weights.mean() == pytest.approx(1.0, rel=1e-5)
     totals = [weights[features["train_y"] == label].sum() for label in (0, 1)]
