@@ -45,6 +45,10 @@ from msbt.images.imagefile import (
 
 # Files operating systems and viewers leave in folders; never data, never worth a reject line.
 _SYSTEM_FILES = {"thumbs.db", "desktop.ini", ".ds_store"}
+# Hidden (dot) files and folders inside a data folder are left out, and counted in the scan's `skipped` under these
+# reasons (a `.hidden_field.png` was used while a hidden folder was left out without a word).
+HIDDEN_FILE = "hidden file (name starts with '.')"
+HIDDEN_FOLDER = "hidden folder (name starts with '.'), not searched"
 
 
 class DataError(ValueError):
@@ -403,7 +407,10 @@ def _from_tree(root: Path, classes: Sequence[str], mask_suffixes: Sequence[str])
     candidates: list[Candidate] = []
     rejects: list[Reject] = []
     skipped: dict[str, int] = {}
-    loose = [p for p in entries if not is_folder(p) and not is_system_file(p)]
+    for p in entries:
+        if p.name.startswith(".") and not is_system_file(p):
+            _count_skip(skipped, HIDDEN_FOLDER if is_folder(p) else HIDDEN_FILE)
+    loose = [p for p in entries if not is_folder(p) and not is_system_file(p) and not p.name.startswith(".")]
     if loose:
         skipped["file outside any class folder"] = len(loose)
     found = [d.name for d in class_dirs]
@@ -413,7 +420,7 @@ def _from_tree(root: Path, classes: Sequence[str], mask_suffixes: Sequence[str])
             skipped[key] = skipped.get(key, 0) + sum(1 for p in walk_files(class_dir, []) if not is_system_file(p))
             continue
         problems: list[Reject] = []
-        files = sorted(p for p in walk_files(class_dir, problems) if not is_system_file(p))
+        files = sorted(p for p in walk_files(class_dir, problems, skipped) if not is_system_file(p))
         if problems and problems[0].path == text_name(str(class_dir)):
             # The class folder itself: every image of the class would be lost, so never go on without it.
             raise DataError(f"{class_dir}: class folder {problems[0].reason}")
@@ -434,8 +441,10 @@ def is_folder(path: Path) -> bool:
         return False
 
 
-def walk_files(folder: str | Path, problems: list[Reject]) -> Iterator[Path]:
-    """Every file under `folder`, recursively; hidden folders are left out.
+def walk_files(folder: str | Path, problems: list[Reject], skipped: dict[str, int] | None = None) -> Iterator[Path]:
+    """Every file under `folder`, recursively; hidden files and folders (a name starting with '.') are left out,
+    and counted in ``skipped`` when given (`HIDDEN_FILE`, `HIDDEN_FOLDER`; a hidden folder is not entered, so its
+    files are not counted). Operating-system litter (`is_system_file`: ``.DS_Store``, ``._*``) is left out uncounted.
 
     Symbolic links to folders are followed (collections are often assembled from links), each real
     folder once: a link back to a folder already walked (a loop) is recorded in `problems` and not
@@ -462,12 +471,19 @@ def walk_files(folder: str | Path, problems: list[Reject]) -> Iterator[Path]:
             continue
         folders = []
         for entry in entries:
-            if _entry_is_dir(entry):
-                if not entry.name.startswith("."):
-                    folders.append(Path(entry.path))
+            is_dir = _entry_is_dir(entry)
+            if entry.name.startswith("."):
+                if skipped is not None and not is_system_file(Path(entry.path)):
+                    _count_skip(skipped, HIDDEN_FOLDER if is_dir else HIDDEN_FILE)
+            elif is_dir:
+                folders.append(Path(entry.path))
             else:
                 yield Path(entry.path)
         stack.extend(reversed(folders))
+
+
+def _count_skip(skipped: dict[str, int], reason: str) -> None:
+    skipped[reason] = skipped.get(reason, 0) + 1
 
 
 def _entry_is_dir(entry: os.DirEntry) -> bool:

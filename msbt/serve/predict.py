@@ -15,8 +15,9 @@ used only if it was computed for this very checkpoint), else 0.5 with a note; ``
 both. Every result says where its threshold came from.
 
 Files are taken as discovery takes them (msbt.data.discovery): folders are searched recursively, hidden
-folders and system files are ignored, segmentation masks (``*_mask.png``, ``*_mask_1.png``) are skipped
-and counted, and a file that is not a usable image is rejected with its reason, never a crash.
+files and folders are skipped and counted, system files ignored, segmentation masks (``*_mask.png``,
+``*_mask_1.png``) skipped and counted, and a file that is not a usable image is rejected with its reason,
+never a crash.
 """
 
 from __future__ import annotations
@@ -312,7 +313,8 @@ def collect_files(inputs: Sequence[str | Path], mask_suffixes: Sequence[str] = (
     """The image candidates among files and folders, as discovery would take them.
 
     Args:
-        inputs: Files and folders (folders are searched recursively; hidden folders are not).
+        inputs: Files and folders (folders are searched recursively; hidden files and folders are not, and are
+            counted in ``skipped``).
         mask_suffixes: Stems ending in one of these (optionally ``_<n>``) are masks and are skipped.
 
     Returns:
@@ -328,7 +330,7 @@ def collect_files(inputs: Sequence[str | Path], mask_suffixes: Sequence[str] = (
         path = Path(item).expanduser()
         if is_folder(path):
             problems: list[Reject] = []
-            found = sorted(p for p in walk_files(path, problems) if not is_system_file(p))
+            found = sorted(p for p in walk_files(path, problems, skipped) if not is_system_file(p))
             rejects += problems
         elif path.is_file() and path.suffix.lower() == ".csv":
             # The manifests training takes (path,label[,group]); labels are not needed here.

@@ -110,6 +110,18 @@ def test_config_shows_the_settings_records_leave_out_at_their_default(capsys):
     assert "balance" not in to_dict(StageConfig())  # records stay as before
 
 
+def test_scan_counts_hidden_files_and_folders_as_skipped(tmp_path, capsys):
+    root = make_tree(tmp_path / "data")
+    cv2.imwrite(str(root / "benign" / ".hidden_field.png"), textured(50))
+    (root / "benign" / ".cache").mkdir()
+    cv2.imwrite(str(root / "benign" / ".cache" / "x.png"), textured(51))
+    assert main(["scan", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "8 usable images (benign 4, malignant 4)" in out
+    assert "skipped 1: hidden file (name starts with '.')" in out
+    assert "skipped 1: hidden folder (name starts with '.'), not searched" in out
+
+
 def test_split_writes_files_and_will_not_overwrite(tmp_path, capsys):
     root = make_tree(tmp_path / "data")
     out = tmp_path / "split"

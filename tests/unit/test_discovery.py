@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from helpers import textured
-from msbt.data.discovery import DataError, dim_sixteen_bit, discover, write_rejects
+from msbt.data.discovery import HIDDEN_FILE, HIDDEN_FOLDER, DataError, dim_sixteen_bit, discover, write_rejects
 
 
 def tree(root, spec):
@@ -255,3 +255,17 @@ def test_the_ray_data_scan_batch_carries_the_sixteen_bit_peak(tmp_path):
                                                                            str(tmp_path / "eight.png")])},
                           options={"sixteen_bit": "scale", "max_pixels": None, "on_partial": "reject"})
     assert batch["peak"].tolist() == [4095, -1]
+
+
+def test_hidden_files_are_left_out_and_counted_like_hidden_folders(tmp_path):
+    """A `.hidden_field.png` in a class folder was used while a hidden folder was left out without a word."""
+    root = tree(tmp_path / "data", {
+        "HeLa/a.png": textured(1), "HeLa/.hidden_field.png": textured(2), "HeLa/.ipynb_checkpoints/b.png": textured(3),
+        "HeLa/sub/.c.png": textured(4), "MCF-7/d.png": textured(5), "MCF-7/._d.png": b"\x00",
+        "MCF-7/.DS_Store": b"\x00", ".notes.png": textured(6),
+    })
+    d = discover(root)
+    assert [r.relpath for r in d.records] == ["HeLa/a.png", "MCF-7/d.png"]
+    # AppleDouble (._*) and .DS_Store stay operating-system litter: left out, not counted
+    assert d.skipped == {HIDDEN_FILE: 3, HIDDEN_FOLDER: 1}
+    assert not d.rejects

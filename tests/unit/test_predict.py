@@ -21,6 +21,7 @@ import tensorflow as tf
 from msbt.serve import predict as pr
 from msbt.model.checkpoint import MANIFEST_FILE, MODEL_FILE, write_manifest
 from msbt.cli import main
+from msbt.data.discovery import HIDDEN_FILE, HIDDEN_FOLDER
 from msbt.config import Config, HeadConfig, StageConfig, dump_config
 from msbt.images.imagefile import fit_square, normalize_intensity
 from msbt.model.models import build_model, load_model
@@ -69,6 +70,7 @@ def run(tmp_path_factory):
     cv2.imwrite(str(images / "g16.png"), (gray(5).astype(np.uint16) * 250))  # 16-bit grayscale
     cv2.imwrite(str(images / "a_mask.png"), (gray(1) > 128).astype(np.uint8) * 255)  # BUSI mask: skipped
     cv2.imwrite(str(images / ".hidden" / "x.png"), gray(6))  # hidden folder: ignored as discovery does
+    cv2.imwrite(str(images / ".hidden_scan.png"), gray(7))  # hidden file: the same, counted like the folder
     good = (images / "a.png").read_bytes()
     (images / "corrupt.png").write_bytes(good[: len(good) // 2])
     (images / "notes.txt").write_text("not an image")
@@ -114,7 +116,7 @@ def test_predicts_good_files_rejects_bad_ones_with_reasons(run, tmp_path):
     rows = {Path(x.path).relative_to(images).as_posix(): x for x in result.predictions}
     assert sorted(rows) == GOOD  # a.png named twice is predicted once
     assert {Path(r.path).name: r.reason for r in result.rejects} == {**REJECTED, "missing.png": "does not exist"}
-    assert result.skipped == {"segmentation mask": 1}
+    assert result.skipped == {"segmentation mask": 1, HIDDEN_FILE: 1, HIDDEN_FOLDER: 1}
     # The run's settings: the store's (40 px, crop, minmax), not config.yaml's; threshold from metrics.json.
     assert result.preparation.source.endswith("stores/ultrasound/store.json")
     prep = result.preparation
@@ -193,7 +195,7 @@ def test_cli_predict_writes_csv_and_exit_codes(run, tmp_path, capsys):
     assert main(["predict", str(run["checkpoint"]), str(images), "--out", str(out), "--threshold", "0.4"]) == 0
     printed = capsys.readouterr().out
     assert "threshold 0.4 from --threshold" in printed and "rejected" in printed
-    assert "skipped 1: segmentation mask" in printed
+    assert "skipped 1: segmentation mask" in printed and f"skipped 1: {HIDDEN_FILE}" in printed
     with out.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert tuple(rows[0]) == pr.CSV_COLUMNS and len(rows) == len(GOOD) + len(REJECTED)
