@@ -65,6 +65,23 @@ def site_groups(hashes: np.ndarray, thumbs: np.ndarray, digests: Sequence[str], 
     return np.array([f"g{c:05d}" for c in connected_groups(len(hashes), links.pairs)])
 
 
+def lesion_groups(manifest_groups: Sequence[str | None], hashes: np.ndarray, thumbs: np.ndarray,
+                  digests: Sequence[str], *, max_distance: int = 10, min_similarity: float = 0.8) -> np.ndarray:
+    """The lesion group of each scored image of an external site: what its intervals resample.
+
+    A row that a manifest gives a group (a patient, a lesion) keeps it. Every other row (a folder's images, or
+    the rows of a manifest whose group column is left empty for some) is grouped as :func:`site_groups` groups
+    a site: near-duplicates linked within the site, which always holds the frames of one DICOM cine loop
+    together (they share the file's digest). Until 2026-12-07 such a row was a group of its own, so a cine
+    loop listed in a manifest without a group counted each frame as an independent lesion and its intervals
+    came out too narrow.
+    """
+    linked = site_groups(hashes, thumbs, digests, max_distance=max_distance, min_similarity=min_similarity)
+    # "~" keeps the two kinds apart (as the row's own "~relpath" did before): a patient called g00001 is not
+    # the near-duplicate group g00001; a manifest's group is written to predictions.csv as it was given
+    return np.array([g if g else f"~{link}" for g, link in zip(manifest_groups, linked)])
+
+
 def score_site(y, p, groups, threshold: float, *, n_boot: int = 2000, seed: int = 0) -> dict:
     """Metrics of one external site at the run's threshold, threshold transfer and calibration.
 

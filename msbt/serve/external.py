@@ -198,10 +198,7 @@ def _score_site(model, stage, site: Site, d: Discovery, threshold: float, prepar
     digests = [r.digest for r in d.records]
     dupes = {} if reference is None else ext.contamination(
         reference["hashes"], reference["thumbs"], reference["digests"], d.hashes, d.thumbs, digests, **thresholds)
-    if any(r.group for r in d.records):  # the manifest's groups (patients) when it has them
-        groups = np.array([r.group or f"~{r.relpath}" for r in d.records])
-    else:
-        groups = ext.site_groups(d.hashes, d.thumbs, digests, **thresholds)
+    groups = ext.lesion_groups([r.group for r in d.records], d.hashes, d.thumbs, digests, **thresholds)
     rows, features, y, p, g = [], [], [], [], []
     rejects: list[Reject] = list(d.rejects)
     records = list(enumerate(d.records))
