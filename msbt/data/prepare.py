@@ -304,7 +304,8 @@ def build_stores(config: Config, prepared: dict[str, PreparedData]) -> dict[str,
             settings = dataclasses.replace(settings, on_existing="replace")
         summary = build(items, store_dir(config, modality), settings, config.data.sixteen_bit, classes=d.classes)
         if modality == "microscope":
-            pp.write_contact_sheets(summary.path, items, d.classes, pp.patch_params(config.preprocess))
+            pp.write_contact_sheets(summary.path, items, d.classes, pp.patch_params(config.preprocess),
+                                    sixteen_bit=config.data.sixteen_bit)
         else:
             # What the training images look like, for the out-of-depth warnings of predict/external.
             sizes = {r.relpath: (r.width, r.height) for r in d.records}

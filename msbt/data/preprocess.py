@@ -198,8 +198,11 @@ def _build(kind, items, out, fn, kwargs, shape, cfg: PreprocessConfig, classes) 
 
 
 def write_contact_sheets(store: str | Path, items: list[dict], classes: tuple[str, ...], params: dict,
-                         per_class: int = 8, fields_per_class: int = 2) -> list[Path]:
-    """PNG sheets next to a microscope store: sample patches per class, and masks + boxes on fields."""
+                         per_class: int = 8, fields_per_class: int = 2, sixteen_bit: str = "scale") -> list[Path]:
+    """PNG sheets next to a microscope store: sample patches per class, and masks + boxes on fields.
+
+    ``sixteen_bit`` must be the store's (`data.sixteen_bit`): the fields are shown, thresholded and cut as the store
+    cut them (under the default, 12-bit fields of a ``minmax`` store were drawn black with other masks)."""
     from msbt.images.patches import field_to_patches, overlay
     from msbt.images.sheets import contact_sheet, write_png
 
@@ -212,7 +215,7 @@ def write_contact_sheets(store: str | Path, items: list[dict], classes: tuple[st
             if len(shown) == fields_per_class:
                 break
             try:
-                rgb = read_image(item["path"], **_VALIDATED)
+                rgb = read_image(item["path"], sixteen_bit, **_VALIDATED)  # type: ignore[arg-type]
             except ImageError as exc:  # broken since the scan: the store line names it; the sheet takes the next
                 log.warning("contact sheet: skipped field %s: %s", item["path"], exc.reason)
                 continue

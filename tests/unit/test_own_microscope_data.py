@@ -89,3 +89,22 @@ def test_fields_without_cells_and_files_unreadable_since_the_scan_are_named_apar
         == bool(broken)
     assert (f"{len(empty)} gave none, no cells found" in message) == bool(empty)
     assert all(name in message for name in train)
+
+
+def test_the_contact_sheet_shows_fields_as_the_store_read_them_under_minmax(tmp_path):
+    """12-bit fields under data.sixteen_bit: minmax: the store stretched them, the sheet read them under 'scale'
+    (nearly black, with the masks of that black image), so it showed nothing of what was cut."""
+    import tifffile
+
+    micro = tmp_path / "micro"
+    for c in ("HeLa", "MCF-7"):
+        (micro / c).mkdir(parents=True)
+        for i in range(3):
+            grey = synth.field_image(0, c, i, 300).astype(np.uint16) * 16
+            tifffile.imwrite(micro / c / f"field{i}.tif", grey)  # a 12-bit camera's range
+    config, prepared = data_step(tmp_path, micro, "data.sixteen_bit=minmax")
+    store = build_stores(config, prepared)["microscope"]
+    sheet = cv2.imread(str(store.path / "contact_fields.png"), cv2.IMREAD_GRAYSCALE)
+    patches = cv2.imread(str(store.path / "contact_patches.png"), cv2.IMREAD_GRAYSCALE)
+    # the fields' tiles as bright as the store's patches (each sheet's brightest tenth of pixels)
+    assert np.percentile(sheet, 90) > 0.5 * np.percentile(patches, 90) > 40
