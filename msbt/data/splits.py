@@ -289,7 +289,8 @@ def make_split(
     # The naive split: the same procedure with every image its own group.
     naive = assign_groups(strata, relpaths, ratios, seed, tolerance=tolerance)
     table = [
-        {"relpath": r.relpath, "label": r.label, "group": g, "split": SPLITS[s], "fold": int(f), "site": r.site}
+        {"relpath": r.relpath, "label": r.label, "group": g, "split": SPLITS[s], "fold": int(f), "site": r.site,
+         "manifest_group": r.group}
         for r, g, s, f in zip(records, groups, split_index, fold_index)
     ]
     summary = {
@@ -507,8 +508,11 @@ def save_split(result: SplitResult, folder: str | Path) -> Path:
     previous = read_table(folder / "split.csv") if (folder / "split.csv").is_file() else None
     summary = {**result.summary, "changes": split_changes(previous, result.table)}
     with atomic_open(folder / "split.csv", "w", newline="", encoding="utf-8") as handle:
-        # `site` last: readers of the five older columns keep working.
-        writer = csv.DictWriter(handle, fieldnames=["relpath", "label", "group", "split", "fold", "site"],
+        # Newer columns last, so readers of the older ones keep working: `site`, then `manifest_group` (the
+        # manifest's own group value, a patient or dish id, beside msbt's `group` id, which joins it with
+        # near-duplicates and cine frames: what a user checks their patients against; empty without one).
+        writer = csv.DictWriter(handle, fieldnames=["relpath", "label", "group", "split", "fold", "site",
+                                                    "manifest_group"],
                                 extrasaction="ignore", restval="")
         writer.writeheader()
         writer.writerows(result.table)

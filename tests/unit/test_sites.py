@@ -238,6 +238,17 @@ def test_a_manifests_patients_join_groups_under_auto_grouping_and_skips_are_repo
         assert all(len(v) == 1 for v in split_of.values())  # no patient straddles the split
         assert result.summary["groups"]["manifest_joined"] > 0
     assert result.summary["skipped"] == {"class 'normal' not selected": 1}
+    # split.csv names each row's patient as the manifest gave it (beside msbt's own group id), so that a user can
+    # check their patients against it without joining tables
+    save_split(result, tmp_path / "split")
+    with (tmp_path / "split" / "split.csv").open(newline="") as handle:
+        saved = list(csv.DictReader(handle))
+    assert [r["manifest_group"] for r in saved] == [f"patient{i // 2}" for i in range(len(files))]
+    split_of_patient = {}
+    for r in saved:
+        split_of_patient.setdefault(r["manifest_group"], set()).add(r["split"])
+        assert r["group"].startswith("g")  # msbt's id, which may join several patients' near-duplicates
+    assert all(len(v) == 1 for v in split_of_patient.values())
 
 
 def test_grouping_manifest_follows_the_ultrasound_manifest_and_leaves_the_built_in_cells_alone(three_sites, tmp_path):
