@@ -39,6 +39,20 @@ def _fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
+def threshold_text(value) -> str:
+    """A threshold as the page prints it: 4 decimals, more where it lies within 0.001 of 0 or 1.
+
+    A saturated model's threshold is often 0.0004 or 0.99987; at 3 or 4 decimals it read "0.000" or "1.000",
+    which a reader takes for "every case malignant" or "none". Two significant digits of its distance to the
+    nearer end are kept instead.
+    """
+    if not _finite(value):
+        return "n/a"
+    gap = min(value, 1 - value)
+    digits = 4 if gap >= 1e-3 or gap <= 0 else min(12, 1 - math.floor(math.log10(gap)))
+    return f"{value:.{digits}f}"
+
+
 def _read_json(path: Path):
     try:
         return json.loads(path.read_text())
@@ -225,7 +239,7 @@ def metrics_section(result: dict | None) -> str:
     rows = [(METRIC_LABELS.get(k, k), _ci_text(ci[k])) for k in METRIC_LABELS if k in ci]
     rows += _wilson_rows(result.get("test_ci95_wilson_groups"))
     intro = (f"<p>Held-out test split: {result.get('test_images')} images in {result.get('test_groups')} lesion "
-             f"groups. Threshold {_fmt(result.get('threshold'), 4)} chosen on the validation split "
+             f"groups. Threshold {threshold_text(result.get('threshold'))} chosen on the validation split "
              f"({result.get('val_images', '?')} images) by {_e(result.get('threshold_rule'))}; validation AUC (exact) "
              f"{_fmt(result.get('val_auc_exact', result.get('val_auc')))}. Intervals: 95% percentile bootstrap, "
              f"{_e(result.get('ci', {}).get('resamples', '?'))} resamples; unit resampled: "
@@ -261,8 +275,8 @@ def metrics_section(result: dict | None) -> str:
              "specificity, Wilson"), per_site)
     spread = result.get("threshold_ci95")
     if spread and all(isinstance(v, (int, float)) for v in spread):
-        intro += (f"<p>Threshold {_fmt(spread[0], 4)}: 95% range over bootstrap resamples of the validation "
-                  f"groups [{_fmt(spread[1], 4)}, {_fmt(spread[2], 4)}].</p>")
+        intro += (f"<p>Threshold {threshold_text(spread[0])}: 95% range over bootstrap resamples of the validation "
+                  f"groups [{threshold_text(spread[1])}, {threshold_text(spread[2])}].</p>")
     body = (intro + _table(("metric", "value [95% CI]"), rows) + _members_text(result.get("checkpoint"))
             + (f"<ul class=notes>{notes}</ul>" if notes else "") + f'<div class="charts">{"".join(charts)}</div>')
     return _section("Test metrics", body, "metrics")
@@ -589,8 +603,10 @@ def external_section(run: Path) -> str:
             rows += _wilson_rows(r.get("wilson_groups"))
             t = r["threshold_transfer"]
             transfer = _table(("threshold", "value", "sensitivity", "specificity"), [
-                ("run's validation threshold", t["run_threshold"], t["run"]["sensitivity"], t["run"]["specificity"]),
-                ("site's own best (optimistic)", t["site_best_threshold"], t["site_best_optimistic"]["sensitivity"],
+                ("run's validation threshold", threshold_text(t["run_threshold"]), t["run"]["sensitivity"],
+                 t["run"]["specificity"]),
+                ("site's own best (optimistic)", threshold_text(t["site_best_threshold"]),
+                 t["site_best_optimistic"]["sensitivity"],
                  t["site_best_optimistic"]["specificity"])])
             cal = r["calibration"]
             chart = line_chart([{"label": "bins (area ~ images)", "x": cal["mean_predicted"], "y": cal["observed"],

@@ -7,6 +7,7 @@ the tiny_cnn backbone, one epoch per stage, a local Ray cluster): its evaluation
 import json
 import xml.etree.ElementTree as ET
 
+import numpy as np
 import pytest
 
 from helpers import SECTIONS, check_self_contained, svgs  # noqa: F401
@@ -101,3 +102,22 @@ def test_crossval_and_site_comparison_sections_render_from_their_json(tmp_path):
     assert "out-of-fold threshold 0.4200 [0.3000, 0.6000]" in text and "range 0.2000-0.7000" in text
     assert "0.900/0.800 at the out-of-fold threshold" in text
     assert "Stage-2 starting points under leave one site out" in text and "multistage − imagenet" in text
+
+
+def test_a_threshold_near_0_or_1_is_not_printed_as_0_or_1(tmp_path):
+    """A saturated model's thresholds: the external section's transfer table printed the run's 0.000448 as
+    "0.000" and the site's own 0.99987 as "1.000", which read as "every case malignant" and "none"."""
+    from msbt.eval import external as ext
+
+    assert [R.threshold_text(t) for t in (0.5, 0.0123, 0.000448, 0.99987, 3e-7, 0.0, 1.0)] == [
+        "0.5000", "0.0123", "0.00045", "0.99987", "0.00000030", "0.0000", "1.0000"]
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    p = np.array([1e-6, 2e-4, 0.99, 0.999, 0.9998, 0.99987, 0.99995, 0.99999])
+    result = {"source": "site", **ext.score_site(y, p, np.arange(8).astype(str), 0.000448, n_boot=50)}
+    assert result["threshold_transfer"]["site_best_threshold"] == pytest.approx(0.9998)
+    ext.write_site(tmp_path / "external" / "b", result, [])
+    (tmp_path / "metrics.json").write_text(json.dumps({"threshold": 0.000448, "threshold_ci95": [0.000448, 0.0003, 1.0]}))
+    text = R.render(tmp_path)
+    assert ("<td>run&#x27;s validation threshold</td><td>0.00045</td><td>1.000</td><td>0.500</td>" in text
+            and "<td>site&#x27;s own best (optimistic)</td><td>0.99980</td><td>1.000</td><td>1.000</td>" in text)
+    assert "Threshold 0.00045: 95% range over bootstrap resamples of the validation groups [0.00030, 1.0000]" in text
