@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "stores with Ray Data")
     _config_options(p)
     p.add_argument("--force-split", action="store_true", help="make a new split even if the run has one")
+    p.add_argument("--only", choices=("microscope", "ultrasound"),
+                   help="prepare this modality alone (default: those the main job uses: both, or only ultrasound "
+                        "when stage 2 does not start from stage 1)")
     p.add_argument("--address", help="Ray cluster to join (default: as for `run`)")
     p.set_defaults(func=_cmd_preprocess)
 
@@ -268,10 +271,15 @@ def _cmd_evaluate(args) -> int:
 def _cmd_preprocess(args) -> int:
     from msbt.data.prepare import build_stores, prepare_data, summarize, summarize_stores
 
+    from msbt.runfolder import run_modalities
+
     config = _load_run(args)
-    _preflight(config, always=True)
+    # A lab with only a microscope collection (or only ultrasound) prepares that alone: the other modality's data
+    # (the built-in one when none is given) is neither generated nor scanned.
+    modalities = (args.only,) if args.only else run_modalities(config)
+    _preflight(config, modalities, always=True)
     _start_ray(args, config, tensorflow=False)
-    prepared = prepare_data(config, force_split=args.force_split)
+    prepared = prepare_data(config, force_split=args.force_split, modalities=modalities)
     print(summarize(prepared, config))
     print(summarize_stores(build_stores(config, prepared), config))
     return 0

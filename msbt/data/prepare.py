@@ -82,19 +82,28 @@ class PreparedData:
     reused: bool
 
 
-def data_sources(config: Config) -> dict[str, tuple[str, tuple[str, ...]]]:
-    """Modality -> (data source, classes to keep), with the built-in data filling what the user left empty."""
-    micro, ultra = config.data.microscope, config.data.ultrasound
-    if not micro or not ultra:
-        built_in = ensure_synth(config)
-        micro = micro or str(built_in / "microscope")
-        if not ultra and config.synth.sites >= 2:
-            ultra = tuple(ensure_synth_sites(config))
-        ultra = ultra or str(built_in / "ultrasound")
-    return {
-        "microscope": (micro, tuple(config.data.microscope_classes)),
-        "ultrasound": (ultra, tuple(config.data.ultrasound_classes)),
-    }
+def data_sources(config: Config, modalities: Sequence[str] = MODALITIES) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Modality -> (data source, classes to keep) for ``modalities``, the built-in data filling what the user left
+    empty. The built-in data are generated only for a modality asked for: a lab that prepares its own microscope
+    collection alone (``msbt preprocess --only microscope``) gets no synthetic ultrasound made beside it."""
+    built_in: list[Path] = []
+
+    def synth_root() -> Path:  # generated once, when first needed
+        if not built_in:
+            built_in.append(ensure_synth(config))
+        return built_in[0]
+
+    out = {}
+    if "microscope" in modalities:
+        out["microscope"] = (config.data.microscope or str(synth_root() / "microscope"),
+                             tuple(config.data.microscope_classes))
+    if "ultrasound" in modalities:
+        ultra = config.data.ultrasound
+        if not ultra:
+            ultra = (tuple(ensure_synth_sites(config)) if config.synth.sites >= 2
+                     else str(synth_root() / "ultrasound"))
+        out["ultrasound"] = (ultra, tuple(config.data.ultrasound_classes))
+    return out
 
 
 def check_data(config: Config, modalities: Sequence[str] = MODALITIES, *, always: bool = False) -> None:
@@ -139,10 +148,8 @@ def prepare_data(config: Config, *, force_split: bool = False,
     out = run_dir(config)
     out.mkdir(parents=True, exist_ok=True)
     prepared = {}
-    for modality, (source, classes) in data_sources(config).items():
-        if modality in modalities:
-            prepared[modality] = _prepare_one(config, modality, source, classes, data_dir(config, modality),
-                                              force_split)
+    for modality, (source, classes) in data_sources(config, modalities).items():
+        prepared[modality] = _prepare_one(config, modality, source, classes, data_dir(config, modality), force_split)
     # after the data were accepted: a refused rerun (changed data) leaves the run's config.yaml as it was
     dump_config(config, out / CONFIG_FILE)
     write_environment(out)

@@ -287,3 +287,26 @@ def test_a_class_whose_fields_give_no_patches_is_named_and_stops_its_stage(ray_l
     config = load_config([], [f"run.storage_path={tmp_path}", "run.name=blank"])
     with pytest.raises(ValueError, match=rf"class {blank} has no training rows: .* stage 1 cannot learn it"):
         train_stage(config, 1, summary.path)  # before any Ray Train worker starts
+
+
+def test_the_data_step_prepares_only_what_is_asked_or_what_the_run_uses(ray_local, built_in, tmp_path, capsys):
+    """A lab with a microscope collection alone: `msbt preprocess --only microscope` scans and stores it, and neither
+    generates nor scans the built-in ultrasound (it made and scanned both before). A run whose stage 2 does not
+    start from stage 1 (`stage2.weights` other than parent) prepares only ultrasound by default, as its main job."""
+    from msbt.cli import main
+
+    base = ["preprocess", "--smoke-test", "--set", f"run.storage_path={tmp_path}",
+            "--set", f"synth.out_dir={tmp_path / 'built-in'}"]
+    assert main([*base, "--set", f"data.microscope={built_in / 'microscope'}", "--only", "microscope"]) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "smoke"
+    assert "microscope store:" in out and "ultrasound" not in out
+    assert (run / "stores" / "microscope" / "store.json").is_file()
+    assert not (run / "data" / "ultrasound").exists() and not (run / "stores" / "ultrasound").exists()
+    assert not (tmp_path / "built-in").exists()  # no synthetic data made for the modality not asked for
+
+    assert main([*base, "--set", "run.name=imagenet-start", "--set", "stage2.weights=none"]) == 0
+    out = capsys.readouterr().out
+    other = tmp_path / "imagenet-start"
+    assert "ultrasound store:" in out and "microscope" not in out
+    assert (other / "stores" / "ultrasound" / "store.json").is_file() and not (other / "data" / "microscope").exists()
