@@ -231,6 +231,79 @@ def _wilson_text(wilson: dict | None, key: str) -> str:
     return f"[{_fmt(v[1])}, {_fmt(v[2])}]" if v else ""
 
 
+def overview_section(run: Path, result: dict | None) -> str:
+    """What a reader must know before any number: what each stage learned from (the built-in data are
+    synthetic: drawn by msbt, no patient's), how many lesions the test numbers rest on, what sensitivity and
+    specificity mean at the run's threshold, and where the numbers hold."""
+    import yaml
+
+    try:
+        config = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        config = {}
+    data = config.get("data") or {}
+    items = []
+    if config and not data.get("ultrasound"):
+        items.append("<b>Synthetic data.</b> Every ultrasound image of this run (training, validation and test) is "
+                     "msbt's built-in synthetic data: B-mode-like pictures of simulated lesions drawn by a program, "
+                     "not images of patients. The numbers below say that the software works, not how the model "
+                     "would do on real breast ultrasound; it is not for clinical use.")
+    stage1 = (config.get("stage2") or {}).get("weights", "parent") == "parent"
+    micro = _read_json(run / "data" / "microscope" / "split.json")
+    if config and stage1:
+        kind = ("built-in <b>synthetic</b> microscope fields of " if not data.get("microscope")
+                else "microscope images of ")
+        size = f" ({micro['images']} fields)" if micro else ""
+        classes = ", ".join(micro["classes"]) if micro else "four cell lines"
+        items.append(f"Stage 1 (the middle stage) learned to tell cell lines apart from {kind}{_e(classes)}{size}, "
+                     "starting from ImageNet weights (photographs); stage 2 starts from it.")
+    us = _read_json(run / "data" / "ultrasound" / "split.json")
+    if us:
+        origin = "built-in synthetic images" if config and not data.get("ultrasound") else f"<code>{_e(us['root'])}</code>"
+        counts = ", ".join(f"{split} {sum(us['counts'][split].values())}" for split in ("train", "val", "test"))
+        items.append(f"Stage 2 (benign vs malignant) learned from {origin}: {us['images']} images of "
+                     f"{us['groups']['count']} lesion groups ({counts} images; several images of one lesion are "
+                     "kept in one split).")
+    if result and result.get("test"):
+        items.append(_reading_text(run, result))
+    scope = (result or {}).get("scope", {}).get("kind")
+    if scope == "internal":
+        items.append("<b>Where these numbers hold.</b> The test images come from the same source as the training "
+                     "images (an internal estimate). They do not say how the model does at another hospital, "
+                     "whose scanners, settings and patients differ; that is measured by scoring the other site's "
+                     "images (<code>msbt external</code>, the External sites section when it is there).")
+    if not items:
+        return ""
+    return _section("Read this first", "<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>", "overview")
+
+
+def _reading_text(run: Path, result: dict) -> str:
+    """Sensitivity and specificity in words, with the images and lesions behind each."""
+    t = result["test"]
+    lesions = {}
+    try:
+        with (run / "predictions.csv").open(newline="") as handle:
+            for row in csv.DictReader(handle):
+                if row["split"] == "test":
+                    lesions.setdefault(int(row["y"]), set()).add((row.get("site", ""), row["group"]))
+    except (OSError, KeyError, ValueError):
+        lesions = {}
+    wilson = result.get("test_ci95_wilson_groups") or {}
+
+    def rate(name, hit, total, cls):
+        value = f"{hit} of {total} images" + (f" ({len(lesions[cls])} lesions)" if cls in lesions else "")
+        w = wilson.get(name)
+        return value + (f", 95% interval over lesions {_fmt(w[1])} to {_fmt(w[2])}" if w else "")
+
+    return (f"<b>Reading the test numbers.</b> The model gives each image a probability of malignancy; an image is "
+            f"called malignant when it is at least the threshold {threshold_text(result.get('threshold'))}, chosen "
+            "on the validation split, never on the test images. <i>Sensitivity</i> is the share of malignant test "
+            f"images called malignant: {rate('sensitivity', t['tp'], t['tp'] + t['fn'], 1)}. <i>Specificity</i> is "
+            f"the share of benign test images called benign: {rate('specificity', t['tn'], t['tn'] + t['fp'], 0)}."
+            + (" With this few lesions the intervals are wide: a rate of 1.000 here is compatible with a much lower "
+               "true rate." if (result.get("test_groups") or 0) < 20 else ""))
+
+
 def metrics_section(result: dict | None) -> str:
     if not result:
         return _section("Test metrics", "<p class=missing>No metrics.json in this run yet (the stage-2 model "
@@ -668,12 +741,12 @@ def render(run: str | Path, *, gradcam_samples: int = 4) -> str:
     run = Path(run)
     result = _read_json(run / "metrics.json")
     checkpoint = result.get("checkpoint") if result else None
-    sections = [_safe(metrics_section, result), _safe(training_section, checkpoint), _safe(data_section, run),
+    sections = [_safe(overview_section, run, result), _safe(metrics_section, result), _safe(training_section, checkpoint), _safe(data_section, run),
                 _safe(gradcam_section, run, result, gradcam_samples), _safe(external_section, run),
                 _safe(experiments_section, run),
                 _safe(lineage_section, checkpoint), _safe(config_section, run)]
     nav = " ".join(f'<a href="#{a}">{t}</a>' for a, t in (
-        ("metrics", "metrics"), ("training", "training"), ("data", "data"), ("gradcam", "Grad-CAM"),
+        ("overview", "read this first"), ("metrics", "metrics"), ("training", "training"), ("data", "data"), ("gradcam", "Grad-CAM"),
         ("external", "external sites"), ("experiments", "experiments"), ("lineage", "lineage"),
         ("config", "config")))
     stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -121,3 +121,44 @@ def test_a_threshold_near_0_or_1_is_not_printed_as_0_or_1(tmp_path):
     assert ("<td>run&#x27;s validation threshold</td><td>0.00045</td><td>1.000</td><td>0.500</td>" in text
             and "<td>site&#x27;s own best (optimistic)</td><td>0.99980</td><td>1.000</td><td>1.000</td>" in text)
     assert "Threshold 0.00045: 95% range over bootstrap resamples of the validation groups [0.00030, 1.0000]" in text
+
+
+def small_run(folder, ultrasound):
+    """A run folder as the main job leaves it, reduced to what the report's first section reads."""
+    folder.mkdir()
+    (folder / "config.yaml").write_text(f"data:\n  microscope: ''\n  ultrasound: '{ultrasound}'\nstage2:\n  weights: parent\n")
+    for modality, classes, counts in (("ultrasound", ["benign", "malignant"], [59, 54, 15, 19, 8, 6]),
+                                      ("microscope", ["HeLa", "MCF-7"], [4, 4, 1, 1, 1, 1])):
+        (folder / "data" / modality).mkdir(parents=True)
+        (folder / "data" / modality / "split.json").write_text(json.dumps({
+            "root": ultrasound or "/cache/synth", "classes": classes, "images": sum(counts),
+            "groups": {"count": 81}, "counts": {s: dict(zip(classes, counts[2 * i:2 * i + 2]))
+                                                for i, s in enumerate(("train", "val", "test"))}}))
+    (folder / "metrics.json").write_text(json.dumps({
+        "threshold": 0.000448, "test_groups": 7, "scope": {"kind": "internal"},
+        "test": {"tp": 6, "fn": 0, "tn": 7, "fp": 1}, "test_ci95_wilson_groups": {
+            "sensitivity": [1.0, 0.439, 1.0], "specificity": [0.875, 0.396, 0.987]}}))
+    rows = [("test", f"m{i}", f"g{i // 2}", 1) for i in range(6)] + [("test", f"b{i}", f"h{i // 2}", 0) for i in range(8)]
+    (folder / "predictions.csv").write_text("split,source,group,y,p\n" + "".join(
+        f"{s},{src},{g},{y},0.5\n" for s, src, g, y in rows))
+    return folder
+
+
+def test_the_first_section_says_the_data_are_synthetic_and_what_the_rates_rest_on(tmp_path):
+    """A clinician opening the main job's report met 'ROC AUC 1.000 [1.000, 1.000]' first; that every image was
+    msbt's own synthetic data was said nowhere (only a cache path in the Data section), nor on how many lesions
+    a sensitivity rested, nor that the stage-1 cells were synthetic too."""
+    text = R.render(small_run(tmp_path / "builtin", ""))
+    first = text[text.index('<section id="overview">'):text.index('<section id="metrics">')]
+    assert "<b>Synthetic data.</b>" in first and "not images of patients" in first and "not for clinical use" in first
+    assert "built-in <b>synthetic</b> microscope fields of HeLa, MCF-7 (12 fields)" in first
+    assert "161 images of 81 lesion groups (train 113, val 34, test 14 images" in first
+    assert "called malignant when it is at least the threshold 0.00045" in first
+    assert ("malignant test images called malignant: 6 of 6 images (3 lesions), 95% interval over lesions 0.439 to "
+            "1.000") in first and "benign: 7 of 8 images (4 lesions)" in first and "intervals are wide" in first
+    assert "internal estimate" in first and "another hospital" in first
+    check_self_contained(text)
+    # the user's own data: no synthetic warning, the folder named
+    text = R.render(small_run(tmp_path / "own", "/data/busi"))
+    first = text[text.index('<section id="overview">'):text.index('<section id="metrics">')]
+    assert "Synthetic" not in first and "<code>/data/busi</code>: 161 images" in first
