@@ -114,9 +114,13 @@ def discover_sites(sources: str | Sequence[str] | Sequence[Site], classes: Seque
     common = str(Path(*_common_parts([Path(r).parts for r in roots.values()])))
     used = {text_name(records[i].path) for i in kept}
     peaks = {path: peak for d in found for path, peak in d.sixteen_bit_peaks.items() if path in used}
+    # files used only in part (data.on_partial: warn) are said for the joined set as for one site (they were
+    # dropped here until 2026-12-07, so several sites' scans used such files without a word)
+    warnings = sorted((w for d in found for w in d.warnings if w.path in used), key=lambda w: w.path)
     return Discovery(root=common, classes=keep, records=[records[i] for i in kept],
                      rejects=sorted(rejects, key=lambda r: r.path), hashes=np.concatenate(hashes)[kept],
-                     thumbs=np.concatenate(thumbs)[kept], skipped=skipped, sites=roots, sixteen_bit_peaks=peaks)
+                     thumbs=np.concatenate(thumbs)[kept], skipped=skipped, warnings=warnings, sites=roots,
+                     sixteen_bit_peaks=peaks)
 
 
 def _refuse_shared_files(records) -> None:

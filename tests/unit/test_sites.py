@@ -308,3 +308,24 @@ def test_a_split_made_before_manifest_groups_counted_under_auto_says_so_when_reu
     with caplog.at_level(logging.WARNING, logger="msbt.data.prepare"):
         prepare_data(config, modalities=("ultrasound",))
     assert "made before msbt joined a manifest's group column" in caplog.text
+
+
+def test_a_file_used_in_part_is_said_when_several_sites_are_scanned_together(three_sites, tmp_path):
+    """data.on_partial: warn uses a multi-page TIFF's first page and says so; a scan of several sites dropped what
+    each site's scan had said, so such files were used without a word."""
+    import shutil
+
+    from PIL import Image
+
+    sites = {name: tmp_path / name for name in ("site-a", "site-b")}
+    for name, folder in sites.items():
+        shutil.copytree(three_sites[name], folder)
+    first = sorted(sites["site-b"].glob("benign/*.png"))[0]
+    pages = [Image.open(first).convert("L"), Image.open(first).convert("L").rotate(90)]
+    pages[0].save(sites["site-b"] / "benign" / "stack.tif", "TIFF", save_all=True, append_images=pages[1:])
+    d = discover_sites([f"{name}={folder}" for name, folder in sites.items()], CLASSES, on_partial="warn")
+    assert [(Path(w.path).name, w.reason) for w in d.warnings] == [
+        ("stack.tif", "TIFF with 2 pages/frames: only the first would be used")]
+    assert any(r.relpath == "site-b/benign/stack.tif" for r in d.records)  # used, and said
+    refused = discover_sites([f"{name}={folder}" for name, folder in sites.items()], CLASSES)
+    assert not refused.warnings and "stack.tif" in {Path(r.path).name for r in refused.rejects}
