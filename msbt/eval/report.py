@@ -134,9 +134,13 @@ def line_chart(series: Sequence[dict], *, title: str, xlabel: str, ylabel: str, 
         parts.append(f'<line x1="{px(lo):.1f}" y1="{py(lo):.1f}" x2="{px(hi):.1f}" y2="{py(hi):.1f}" '
                      'stroke="#aaa" stroke-dasharray="4 3"/>')
     for mark in marks:
+        # A label centred on a mark at the last (or first) epoch ran past the chart's edge and was cut
+        # ("kept (epo"); near an edge it ends (or starts) at the mark instead. ~6 px a character at 10 px.
+        half = 3 * len(str(mark["label"]))
+        anchor = ("end" if px(mark["x"]) + half > width else "start" if px(mark["x"]) - half < 0 else "middle")
         parts.append(f'<line x1="{px(mark["x"]):.1f}" y1="{top}" x2="{px(mark["x"]):.1f}" y2="{top + ph}" '
                      f'stroke="#888" stroke-dasharray="2 2"/><text x="{px(mark["x"]):.1f}" y="{top - 4}" '
-                     f'class="k" text-anchor="middle">{_e(mark["label"])}</text>')
+                     f'class="k" text-anchor="{anchor}">{_e(mark["label"])}</text>')
     for i, s in enumerate(series):
         color = COLORS[i % len(COLORS)]
         pts = [(px(x), py(y)) for x, y in zip(s["x"], s["y"]) if _finite(x) and _finite(y)]

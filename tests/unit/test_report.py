@@ -162,3 +162,16 @@ def test_the_first_section_says_the_data_are_synthetic_and_what_the_rates_rest_o
     text = R.render(small_run(tmp_path / "own", "/data/busi"))
     first = text[text.index('<section id="overview">'):text.index('<section id="metrics">')]
     assert "Synthetic" not in first and "<code>/data/busi</code>: 161 images" in first
+
+
+def test_the_kept_epoch_label_stays_inside_its_chart_at_the_last_epoch():
+    """Stage 1 of the main job keeps its last epoch: the label centred on that mark was cut at the chart's
+    right edge ('kept (epo' in the browser)."""
+    for kept in (1, 2, 3):
+        chart = R.line_chart([{"label": "loss", "x": [1, 2, 3], "y": [1.2, 1.0, 0.8]}], title="t", xlabel="epoch",
+                             ylabel="loss", marks=[{"x": kept, "label": f"kept (epoch {kept})"}])
+        root = ET.fromstring(chart)
+        label = next(t for t in root.iter("{http://www.w3.org/2000/svg}text") if t.text.startswith("kept"))
+        x, size = float(label.get("x")), 6 * len(label.text)  # generous: 10 px sans-serif is ~5.5 px a character
+        low = {"start": x, "middle": x - size / 2, "end": x - size}[label.get("text-anchor")]
+        assert 0 <= low and low + size <= float(root.get("width")), (kept, label.attrib)
