@@ -239,6 +239,25 @@ def minority_warning(counts: dict[str, int], noun: str, stage: int | None = None
             f"unweighted loss lets {largest} decide; {advice}")
 
 
+def small_fields_warning(discovery: Discovery, patch_size: int) -> str | None:
+    """A warning line for microscope fields narrower or lower than ``preprocess.patch_size``; None when none is.
+
+    A patch is cut at ``patch_size`` around a cell and the part outside the field is mirror padding
+    (msbt.images.patches), so a field smaller than a patch gives patches made mostly of its own reflections:
+    patterns no microscope shows, for stage 1 to learn. (Fields below 8 px are rejected by the scan.)
+    """
+    small = sorted((r for r in discovery.records if min(r.width, r.height) < patch_size),
+                   key=lambda r: (min(r.width, r.height), r.relpath))
+    if not small:
+        return None
+    first = small[0]
+    side = max(min(first.width, first.height), 16)  # preprocess.patch_size takes >= 16
+    return (f"warning: {len(small)} of {len(discovery.records)} microscope fields are smaller than the "
+            f"{patch_size} px patches (preprocess.patch_size) in width or height (smallest {first.width}x"
+            f"{first.height} px, {first.relpath}): their patches are mostly mirror padding of the field; set --set "
+            f"preprocess.patch_size={side} (or less) for such fields, or bring the whole fields")
+
+
 def _balance(config: Config | None, modality: str) -> str | None:
     if config is None:
         return None
@@ -278,6 +297,9 @@ def summarize(prepared: dict[str, PreparedData], config: Config | None = None) -
         if minority := minority_warning(files, "source files" if p.modality == "microscope" else "images",
                                         STAGE_OF[p.modality], _balance(config, p.modality)):
             lines.append("  " + minority)
+        if p.modality == "microscope" and config is not None and (
+                small := small_fields_warning(p.discovery, config.preprocess.patch_size)):
+            lines.append("  " + small)
         if s.get("skipped"):  # on purpose (a class not selected, masks), but the user should see how many
             lines.append("  left out: " + ", ".join(f"{n} ({reason})" for reason, n in sorted(s["skipped"].items())))
         if len(s.get("sites", {})) > 1:

@@ -108,3 +108,19 @@ def test_the_contact_sheet_shows_fields_as_the_store_read_them_under_minmax(tmp_
     patches = cv2.imread(str(store.path / "contact_patches.png"), cv2.IMREAD_GRAYSCALE)
     # the fields' tiles as bright as the store's patches (each sheet's brightest tenth of pixels)
     assert np.percentile(sheet, 90) > 0.5 * np.percentile(patches, 90) > 40
+
+
+def test_fields_smaller_than_a_patch_are_warned_about_with_a_patch_size_that_fits(tmp_path):
+    """A small crop among the fields (150x120 px against the smoke config's 200 px patches): each of its patches
+    would be mostly the field's mirror image, which no microscope shows; the data step says so and what to set."""
+    micro = fields(tmp_path / "micro", {"HeLa": 3, "MCF-7": 3}, size=300)
+    small = cv2.imread(str(micro / "HeLa" / "field00.png"))[:120, :150]
+    assert cv2.imwrite(str(micro / "HeLa" / "crop.png"), small)
+    config, prepared = data_step(tmp_path, micro)
+    assert config.preprocess.patch_size == 200
+    text = summarize(prepared, config)
+    assert ("warning: 1 of 7 microscope fields are smaller than the 200 px patches (preprocess.patch_size) in width "
+            "or height (smallest 150x120 px, HeLa/crop.png)") in text
+    assert "--set preprocess.patch_size=120 (or less)" in text
+    config, prepared = data_step(tmp_path, micro, "preprocess.patch_size=100")
+    assert "smaller than the" not in summarize(prepared, config)  # patches that fit the fields: nothing to say
