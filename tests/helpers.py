@@ -12,9 +12,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("metrics", "training", "data", "gradcam", "lineage", "config")
+SECTIONS = ("overview", "metrics", "training", "data", "gradcam", "lineage", "config")
 
 
 def ctrl_c_as_at_a_terminal() -> None:
@@ -108,6 +109,8 @@ def check_run_report(run, backbone: str) -> None:
     """The report a finished run wrote (evaluation writes it): complete, self-contained, and showing the
     run's own numbers and ``backbone``. Called on a real run by tests/workflows/test_workflows.py, which
     trains one."""
+    from msbt.eval.report import threshold_text
+
     text = (run / "report.html").read_text()
     page = check_self_contained(text)
     assert set(SECTIONS) <= set(page.ids)
@@ -123,7 +126,11 @@ def check_run_report(run, backbone: str) -> None:
     # the numbers shown are metrics.json's
     acc = metrics["test_ci95"]["accuracy"]
     assert f"{acc[0]:.3f} [{acc[1]:.3f}, {acc[2]:.3f}]" in text
-    assert f"{metrics['threshold']:.4f}" in text
+    assert threshold_text(metrics["threshold"]) in text  # as the page prints it (more digits near 0 or 1)
+    # the first section: built-in data said to be synthetic, and where stage 1 started (the run's own setting)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    start = {"imagenet": "ImageNet weights", "none": "random weights"}[config["stage1"]["weights"]]
+    assert "<b>Synthetic data.</b>" in text and f"starting from {start}" in text
     assert "accuracy: Wilson 95% over lesion groups" in text  # test_ci95_wilson_groups, beside the bootstrap's
     # data summary, lineage and config
     split = json.loads((run / "data" / "ultrasound" / "split.json").read_text())

@@ -259,8 +259,11 @@ def overview_section(run: Path, result: dict | None) -> str:
                 else "microscope images of ")
         size = f" ({micro['images']} fields)" if micro else ""
         classes = ", ".join(micro["classes"]) if micro else "four cell lines"
+        weights = (config.get("stage1") or {}).get("weights", "imagenet")
+        start = {"imagenet": "ImageNet weights (photographs)", "none": "random weights"}.get(
+            weights, f"the weights file <code>{_e(weights)}</code>")
         items.append(f"Stage 1 (the middle stage) learned to tell cell lines apart from {kind}{_e(classes)}{size}, "
-                     "starting from ImageNet weights (photographs); stage 2 starts from it.")
+                     f"starting from {start}; stage 2 starts from it.")
     us = _read_json(run / "data" / "ultrasound" / "split.json")
     if us:
         origin = "built-in synthetic images" if config and not data.get("ultrasound") else f"<code>{_e(us['root'])}</code>"
