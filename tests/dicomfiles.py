@@ -65,9 +65,9 @@ def write_dicom(path: str | Path, frames: np.ndarray, photometric: str = "MONOCH
     return Path(path)
 
 
-def write_rle_dicom_with_a_damaged_frame(path: str | Path, frames: np.ndarray, damaged: int) -> Path:
-    """A multi-frame RLE Lossless DICOM (pydicom's own encoder) whose frame ``damaged`` no decoder can read: its
-    RLE header claims 99 segments (the standard allows at most 15). The other frames decode as written."""
+def write_rle_dicom_with_a_damaged_frame(path: str | Path, frames: np.ndarray, damaged: int | tuple[int, ...]) -> Path:
+    """A multi-frame RLE Lossless DICOM (pydicom's own encoder) whose frame ``damaged`` (or frames) no decoder can
+    read: its RLE header claims 99 segments (the standard allows at most 15). The other frames decode as written."""
     import pydicom
     from pydicom.encaps import get_frame
     from pydicom.uid import RLELossless
@@ -77,10 +77,12 @@ def write_rle_dicom_with_a_damaged_frame(path: str | Path, frames: np.ndarray, d
     ds.compress(RLELossless)
     ds.save_as(str(path), enforce_file_format=True)
     data = bytearray(path.read_bytes())
-    fragment = get_frame(pydicom.dcmread(path).PixelData, damaged, number_of_frames=len(frames))
-    at = data.find(fragment)
-    assert at > 0 and data.find(fragment, at + 1) < 0
-    data[at:at + 4] = (99).to_bytes(4, "little")
+    pixel_data = pydicom.dcmread(path).PixelData
+    for index in (damaged,) if isinstance(damaged, int) else damaged:
+        fragment = get_frame(pixel_data, index, number_of_frames=len(frames))
+        at = data.find(fragment)
+        assert at > 0 and data.find(fragment, at + 1) < 0
+        data[at:at + 4] = (99).to_bytes(4, "little")
     path.write_bytes(bytes(data))
     return path
 

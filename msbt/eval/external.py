@@ -197,9 +197,13 @@ def format_site(site: str, result: Mapping) -> list[str]:
     lines = [f"site {site}: {result.get('images')} images scored ({result.get('groups')} groups, "
              f"{result.get('malignant')} malignant); near-duplicates of the run's train/val images: {verdict}"]
     rejected = result.get("rejects", 0)
+    files = result.get("rejected_files", rejected)  # results written before 2026-12-07 count images only
     if rejected:
-        lines.append(f"  {rejected} file{'s' if rejected != 1 else ''} rejected (not readable or not usable as "
-                     f"images), listed with the reasons in {result.get('rejects_file', REJECTS_FILE)}")
+        what = (f"{rejected} file{'s' if rejected != 1 else ''} rejected (not readable or not usable as images)"
+                if files == rejected else
+                f"{rejected} images rejected from {files} file{'s' if files != 1 else ''} (not readable or not usable "
+                "as images; a cine loop's frames count one by one)")
+        lines.append(f"  {what}, listed with the reasons in {result.get('rejects_file', REJECTS_FILE)}")
     for name, (value, low, high) in (result.get("one_class") or {}).items():
         lines.append(f"  at the run's threshold {result['threshold']:.4g}: {name} {value:.3f} [{low:.3f}, {high:.3f}] "
                      "(Wilson 95% over lesion groups)")

@@ -31,6 +31,7 @@ from msbt.data.sites import Site, discover_sites, parse_sources
 from msbt.data.splits import load_fingerprints
 from msbt.data.store import StoreError, read_store
 from msbt.eval import external as ext
+from msbt.images.dicom import split_ref
 from msbt.images.imagefile import ImageError
 from msbt.model.checkpoint import CheckpointError
 from msbt.serve.predict import (find_preparation, find_profile, find_run_dir, find_store, find_threshold,
@@ -239,5 +240,6 @@ def _score_site(model, stage, site: Site, d: Discovery, threshold: float, prepar
         "examples": [[d.records[j].relpath, str(reference["relpath"][i])] for j, i in list(dupes.items())[:20]],
     }
     result["out_of_depth"] = check_inputs(profile, features) if profile else []
-    result["rejects"] = len(rejects)
+    result["rejects"] = len(rejects)  # images: a cine loop's frames are rejected (and scored) one by one
+    result["rejected_files"] = len({split_ref(r.path)[0] for r in rejects})
     return result, rows, rejects

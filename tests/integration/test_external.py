@@ -503,9 +503,14 @@ def test_a_sites_rejects_are_written_beside_its_predictions_and_named(run, tmp_p
     lists them, and the command prints how many and where; a site without rejects gets an empty list, no line."""
     from msbt.cli import main
 
+    from dicomfiles import write_rle_dicom_with_a_damaged_frame
+
     site = tmp_path / "broken-site"
     shutil.copytree(run["sites"]["site-c"], site)
     (site / "benign" / "broken.png").write_text("not an image")
+    # a cine loop two of whose three frames no decoder reads: two rejected images of one file (frame 1 is scored)
+    loop = np.random.default_rng(3).integers(0, 255, (3, 48, 48), dtype=np.uint8)
+    write_rle_dicom_with_a_damaged_frame(site / "malignant" / "loop.dcm", loop, (0, 2))
     out = tmp_path / "out"
     capsys.readouterr()
     assert main(["external", str(run["checkpoint"]), str(site), run["sites"]["site-c"], "--n-boot", "50",
@@ -514,15 +519,18 @@ def test_a_sites_rejects_are_written_beside_its_predictions_and_named(run, tmp_p
     folder = out / "external" / "broken-site"
     with (folder / "rejects.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert [(Path(r["path"]).name, bool(r["reason"])) for r in rows] == [("broken.png", True)]
+    assert sorted((Path(r["path"]).name, bool(r["reason"])) for r in rows) == [
+        ("broken.png", True), ("loop.dcm#frame=0000", True), ("loop.dcm#frame=0002", True)]
     assert list(rows[0]) == ["path", "reason"]
     result = json.loads((folder / "metrics.json").read_text())
-    assert result["rejects"] == 1 and result["rejects_file"] == str(folder / "rejects.csv")
-    assert f"1 file rejected (not readable or not usable as images), listed with the reasons in {folder / 'rejects.csv'}" \
-        in printed
+    assert result["rejects"] == 3 and result["rejected_files"] == 2
+    assert result["rejects_file"] == str(folder / "rejects.csv")
+    # images and files told apart: it said "3 files rejected" of two files
+    assert ("3 images rejected from 2 files (not readable or not usable as images; a cine loop's frames count one "
+            f"by one), listed with the reasons in {folder / 'rejects.csv'}") in printed
     clean = out / "external" / "site-c"
     assert (clean / "rejects.csv").read_text().splitlines() == ["path,reason"]
-    assert printed.count(" rejected (") == 1
+    assert printed.count(" rejected") == 1  # the clean site gets no line
 
 
 def test_a_site_of_malignant_cases_alone_is_scored_for_sensitivity(run, tmp_path, capsys):
