@@ -64,19 +64,23 @@ def _read_json(path: Path):
 # Inline SVG charts
 
 
-def _ticks(low: float, high: float, count: int = 5) -> list[float]:
-    """About ``count`` round tick values covering [low, high]."""
+def _ticks(low: float, high: float, count: int = 5, integer: bool = False) -> list[float]:
+    """About ``count`` round tick values covering [low, high]; whole numbers only where ``integer`` (epochs,
+    folds: a three-epoch chart was labelled 1, 1.5, 2, 2.5, 3)."""
     if high <= low:
         return [low]
     raw = (high - low) / count
     step = 10 ** math.floor(math.log10(raw))
     step *= next(m for m in (1, 2, 2.5, 5, 10) if m * step >= raw)
+    if integer:
+        step = max(1, round(step))
     first = math.ceil(low / step - 1e-9) * step
     return [first + i * step for i in range(int((high - first) / step + 1e-9) + 1)]
 
 
 def line_chart(series: Sequence[dict], *, title: str, xlabel: str, ylabel: str, xlim=None, ylim=None,
-               diagonal: bool = False, square: bool = False, marks: Sequence[dict] = ()) -> str:
+               diagonal: bool = False, square: bool = False, marks: Sequence[dict] = (),
+               integer_x: bool = False) -> str:
     """An SVG line chart.
 
     Args:
@@ -87,6 +91,7 @@ def line_chart(series: Sequence[dict], *, title: str, xlabel: str, ylabel: str, 
         diagonal: Draw the y = x reference line (ROC, calibration).
         square: Plot area square (ROC, calibration).
         marks: Vertical markers ``{"x", "label"}`` (e.g. the best epoch).
+        integer_x: x ticks at whole numbers only (epochs, folds).
 
     Returns:
         ``<svg>`` markup.
@@ -120,7 +125,7 @@ def line_chart(series: Sequence[dict], *, title: str, xlabel: str, ylabel: str, 
              f'viewBox="0 0 {width} {height}" role="img" aria-label="{_e(title)}">',
              f'<text x="{left}" y="16" class="t">{_e(title)}</text>',
              f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="#fff" stroke="#999"/>']
-    for tx in _ticks(x0, x1):
+    for tx in _ticks(x0, x1, integer=integer_x):
         parts.append(f'<line x1="{px(tx):.1f}" y1="{top + ph}" x2="{px(tx):.1f}" y2="{top + ph + 4}" stroke="#999"/>'
                      f'<text x="{px(tx):.1f}" y="{top + ph + 15}" class="k" text-anchor="middle">{_tick(tx)}</text>')
     for ty in _ticks(y0, y1):
@@ -431,7 +436,7 @@ def _stage_charts(entry: dict, tag: str, charts: list, notes: list) -> None:
                   for name in (metric, f"val_{metric}") if name in history]
         if series:
             charts.append(line_chart(series, title=f"Stage {stage} ({manifest['backbone']}{tag}): {metric}",
-                                     xlabel="epoch", ylabel=metric, marks=marks))
+                                     xlabel="epoch", ylabel=metric, marks=marks, integer_x=True))
     configured = manifest.get("config", {}).get("epochs")
     if configured and len(epochs) < configured:
         notes.append(f"stage {stage}{tag}: epochs 1-{len(epochs)} of {configured} recorded (no history.json in "
@@ -561,7 +566,8 @@ def experiments_section(run: Path) -> str:
         rows.append(("mean ± sd", "", *[f"{_fmt(cv['summary'][k][0])} ± {_fmt(cv['summary'][k][1])}" for k in keys]))
         charts = line_chart([{"label": k, "x": [r["fold"] for r in cv["rows"]], "y": [r[k] for r in cv["rows"]],
                               "points": True} for k in ("accuracy", "auc")],
-                            title="Per-fold held-out accuracy and AUC", xlabel="fold", ylabel="value", ylim=(0, 1))
+                            title="Per-fold held-out accuracy and AUC", xlabel="fold", ylabel="value", ylim=(0, 1),
+                            integer_x=True)
         oof = cv.get("oof_threshold")
         oof_text = ""
         if oof:

@@ -175,3 +175,17 @@ def test_the_kept_epoch_label_stays_inside_its_chart_at_the_last_epoch():
         x, size = float(label.get("x")), 6 * len(label.text)  # generous: 10 px sans-serif is ~5.5 px a character
         low = {"start": x, "middle": x - size / 2, "end": x - size}[label.get("text-anchor")]
         assert 0 <= low and low + size <= float(root.get("width")), (kept, label.attrib)
+
+
+def test_epoch_and_fold_axes_are_labelled_with_whole_numbers_only():
+    """A three-epoch stage's curves were labelled 1, 1.5, 2, 2.5, 3 on the epoch axis."""
+    def x_labels(chart):
+        root = ET.fromstring(chart)
+        return [t.text for t in root.iter("{http://www.w3.org/2000/svg}text") if t.get("class") == "k"
+                and t.get("text-anchor") == "middle"]
+
+    series = [{"label": "loss", "x": [1, 2, 3], "y": [1.2, 1.0, 0.8]}]
+    assert x_labels(R.line_chart(series, title="t", xlabel="epoch", ylabel="loss", integer_x=True)) == ["1", "2", "3"]
+    assert "1.5" in x_labels(R.line_chart(series, title="t", xlabel="x", ylabel="loss"))  # a continuous axis keeps them
+    long = [{"label": "loss", "x": list(range(1, 31)), "y": [1.0] * 30}]
+    assert x_labels(R.line_chart(long, title="t", xlabel="epoch", ylabel="loss", integer_x=True)) == ["10", "20", "30"]
