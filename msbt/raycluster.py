@@ -452,7 +452,7 @@ def _calm_log_monitor() -> dict[str, str]:
     long-lived cluster paid for it all along (the test suite's two session clusters: 100 CPU-s of 2,320 in
     a two-process run). With the threshold at 0 it lists the folder once every ``LOG_NAME_UPDATE_INTERVAL_S``
     (1 s here): over 30 s with 300 finished workers' files, 0.20 CPU-s instead of 1.06
-    (benchmarks/log_monitor.py, docs/architecture.md). It still reads the files it knows ten times a second;
+    (benchmarks/log_monitor.py, docs/suite-time.md). It still reads the files it knows ten times a second;
     a new worker's file is found up to a second later and read from its first line, or missed if the
     cluster ends within that second (0.1 s with Ray's settings).
     """
