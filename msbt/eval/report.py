@@ -500,7 +500,8 @@ def lineage_section(checkpoint: str | None) -> str:
 
     if not checkpoint or not Path(checkpoint).is_dir():
         return _section("Lineage", "<p class=missing>No evaluated checkpoint recorded.</p>", "lineage")
-    return _section("Lineage", f"<pre>{_e(format_lineage(checkpoint))}</pre>", "lineage")
+    # long checkpoint paths wrap rather than hide behind a scroll bar (what a reader checks is their ends)
+    return _section("Lineage", f"<pre class=wrap>{_e(format_lineage(checkpoint))}</pre>", "lineage")
 
 
 def gradcam_section(run: Path, result: dict | None, samples: int = 4) -> str:
@@ -731,7 +732,7 @@ body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;
 color:#222;padding:0 16px}
 h1{font-size:22px;margin-bottom:4px}h2{font-size:18px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:28px}
 h3{font-size:15px}table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;
-text-align:left}th{background:#f4f4f4}pre{background:#f7f7f7;padding:8px;overflow-x:auto;font-size:12px}
+text-align:left}th{background:#f4f4f4}pre{background:#f7f7f7;padding:8px;overflow-x:auto;font-size:12px}pre.wrap{white-space:pre-wrap;overflow-wrap:anywhere}
 .charts,.cams{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}.missing{color:#a33}.note{color:#555}
 svg text.t{font-size:13px;font-weight:600}svg text.k{font-size:10px;fill:#444}svg text.a{font-size:11px}
 svg text.n{font-size:18px}figure{margin:0;width:180px}figure img{width:180px;image-rendering:pixelated}
