@@ -245,6 +245,12 @@ def load_served(folder: str | Path, name: str = "openvino", *, precision: str = 
         more.append(f"int8 engine: test AUC {int8['auc_f32']:.4f} (float32) -> {int8['auc_int8']:.4f} (int8) on "
                     f"{int8['test_images']} test images, {int8.get('labels_changed', '?')} labels changed at the "
                     "threshold (export.json)")
+    bf16 = (record.get("engines") or {}).get("openvino_bf16") or {}
+    if precision == "bf16":  # said, as int8's cost is: nothing bounds it (until 2026-12-07 it ran without a word)
+        measured = (f"its max |p - p_keras| was {bf16['max_abs_diff']:.2e} on {bf16.get('frames', '?')} synthetic "
+                    "frames at export" if "max_abs_diff" in bf16 else "export measured no difference for it")
+        more.append(f"bf16 engine: reduced precision, not held to the float engines' {FLOAT_PARITY:.0e} bound and "
+                    f"with no AUC change measured ({measured}); use f32 (or an accepted int8) for decisions")
     return ServedModel(engine, str(folder), chosen, preparation, list(record["class_names"]),
                        record.get("model_id", ""), record.get("lineage_sha256", ""), notes + more)
 

@@ -109,6 +109,13 @@ def test_every_float_engine_matches_keras_on_ultrasound_frames(exported):
     if eng.openvino_has_bf16():
         assert "reduced precision" in bf16["note"] and "max_abs_diff" in bf16
         assert eng.load_engine(folder, "openvino", precision="bf16").predict(images).shape == (12,)
+        # said as such where it is printed and where it is used (stream and serve load it through load_served)
+        assert "(bf16): max |p - p_keras| = " in exported["printed"]
+        assert "reduced precision, for information: no parity bound and no AUC check" in exported["printed"]
+        served = eng.load_served(folder, "openvino", precision="bf16")
+        assert any(n.startswith("bf16 engine: reduced precision") and f"{bf16['max_abs_diff']:.2e}" in n
+                   for n in served.notes), served.notes
+        assert not any("bf16" in n for n in eng.load_served(folder, "openvino").notes)
     else:
         assert bf16["available"] is False and "no bfloat16" in bf16["note"] and "max_abs_diff" not in bf16
         assert bf16["openvino_default_precision"] == "f32"
@@ -332,16 +339,18 @@ def test_serve_answers_images_and_refuses_bad_bytes(exported, ray_local, tmp_pat
     port = _free_port()
     # two batches at once (serve.streams): each answer must still be its own image's
     config = ServeConfig(port=port, engine="onnx", cpus_per_replica=0.5, max_batch_size=4, streams=2)
-    url = app.run(exported["folder"], config, blocking=False)
+    frames = ultrasound(8)
+    files = [cv2.imencode(".png", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))[1].tobytes() for frame in frames]
+    # `msbt serve` says it serves when on_ready is called: a request sent then must be answered (it met a refused
+    # port or Serve's 404 "Path '/predict' not found" for some seconds after the line)
+    first = []
+    url = app.run(exported["folder"], config, blocking=False, on_ready=lambda: first.append(
+        requests.post(f"http://127.0.0.1:{port}/predict", data=files[0], timeout=60, allow_redirects=False)))
     assert url == f"http://127.0.0.1:{port}"
     try:
+        assert [a.status_code for a in first] == [200], [a.text[:300] for a in first]
         health = requests.get(f"{url}/healthz", timeout=30).json()
         assert health["status"] == "ok" and health["model_id"] == exported["record"]["model_id"]
-        frames = ultrasound(8)
-        files = []
-        for i, frame in enumerate(frames):
-            ok, png = cv2.imencode(".png", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-            files.append(png.tobytes())
         # Eight at once: @serve.batch groups them; each answer is its own image's.
         with ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(lambda b: requests.post(f"{url}/predict", data=b, timeout=60), files))
