@@ -289,7 +289,7 @@ def _cmd_synth(args) -> int:
     import dataclasses
     import math
 
-    from msbt.data.prepare import ensure_synth
+    from msbt.data.prepare import ensure_synth, ensure_synth_sites
 
     config = _load(args)
     given = [o for o, v in (("--cine-frames", args.cine_frames), ("--cine-fps", args.cine_fps),
@@ -311,6 +311,10 @@ def _cmd_synth(args) -> int:
     if args.out:
         config = dataclasses.replace(config, synth=dataclasses.replace(config.synth, out_dir=args.out))
     print(ensure_synth(config))
+    if config.synth.sites >= 2:  # the multi-site set too (it was left out: synth.sites had no effect here)
+        for source in ensure_synth_sites(config):
+            name, path = source.split("=", 1)
+            print(f"site {name}: {path}  (e.g. msbt external RUN {source})")
     return 0
 
 
