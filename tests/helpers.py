@@ -97,6 +97,8 @@ def check_self_contained(text: str) -> Page:
     page.feed(text)
     assert "script" not in page.tags and "link" not in page.tags and "iframe" not in page.tags
     assert all(u.startswith(("data:image/png;base64,", "#")) for u in page.urls), page.urls
+    # every link within the page leads somewhere (the nav linked sections a run without them leaves out)
+    assert all(u[1:] in page.ids for u in page.urls if u.startswith("#")), (page.urls, page.ids)
     # The only http(s) text allowed is the SVG namespace name (an identifier, never fetched).
     assert text.replace('xmlns="http://www.w3.org/2000/svg"', "").count("http") == 0
     assert "url(" not in text and "@import" not in text

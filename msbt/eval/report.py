@@ -759,15 +759,18 @@ def render(run: str | Path, *, gradcam_samples: int = 4) -> str:
                 _safe(gradcam_section, run, result, gradcam_samples), _safe(external_section, run),
                 _safe(experiments_section, run),
                 _safe(lineage_section, checkpoint), _safe(config_section, run)]
+    # links only to the sections the page has (external sites and experiments are left out while there are none:
+    # their links led nowhere)
+    body = "".join(sections)
     nav = " ".join(f'<a href="#{a}">{t}</a>' for a, t in (
         ("overview", "read this first"), ("metrics", "metrics"), ("training", "training"), ("data", "data"), ("gradcam", "Grad-CAM"),
         ("external", "external sites"), ("experiments", "experiments"), ("lineage", "lineage"),
-        ("config", "config")))
+        ("config", "config")) if f'<section id="{a}">' in body)
     stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
             f"<title>msbt report: {_e(run.name)}</title><style>{_STYLE}</style></head><body>"
             f"<h1>msbt report: {_e(run.name)}</h1><p class=note>Run folder <code>{_e(run.resolve())}</code>; written "
-            f"{stamp} by msbt {__version__}.</p><nav>{nav}</nav>" + "".join(sections) + "</body></html>\n")
+            f"{stamp} by msbt {__version__}.</p><nav>{nav}</nav>" + body + "</body></html>\n")
 
 
 RUN_MARKERS = ("config.yaml", "stages.json")  # every run folder holds one of these; a data folder neither
