@@ -22,11 +22,16 @@ SMOKE_CONFIG = CONFIGS / "smoke.yaml"
 SMOKE_CONFIGS = {"tune": CONFIGS / "tune-smoke.yaml"}  # a command whose smallest run needs more settings
 
 
-def _config_options(parser: argparse.ArgumentParser) -> None:
-    # Accepted after the subcommand too (`msbt run --debug`); SUPPRESS keeps the top-level value.
+def _output_options(parser: argparse.ArgumentParser) -> None:
+    """--debug and --verbose, accepted after every subcommand too (`msbt predict --verbose`; only some took
+    --verbose there); SUPPRESS keeps the top-level value."""
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     parser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="show Ray's and TensorFlow's own output on the terminal (always in runs/<name>/logs/)")
+
+
+def _config_options(parser: argparse.ArgumentParser) -> None:
+    _output_options(parser)
     parser.add_argument(
         "--config", action="append", default=[], metavar="YAML",
         help="config overlay on the paper's settings; repeat to stack (later wins)",
@@ -125,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("lineage", help="print a stage checkpoint's chain of parents (stage 2 -> stage 1 -> weights)")
     p.add_argument("path", help="a stage checkpoint folder (model.keras + manifest.json), or a run folder (its model)")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    _output_options(p)
     p.set_defaults(func=_cmd_lineage)
 
     p = sub.add_parser("ensemble", help="average several stage-2 checkpoints of one split into one model, and "
@@ -136,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "export and serve); inside the members' run folder, predict finds the run's preparation")
     p.add_argument("--store", help="their ultrasound store (default: found at or above the first checkpoint)")
     _add_n_boot(p)
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    _output_options(p)
     p.set_defaults(func=_cmd_ensemble)
 
     _predict_parsers(sub)
@@ -157,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="where the overlay goes (default: PATH/best.yaml)")
     p.add_argument("--top-k", type=int, default=0, metavar="K", help="also write rank1.yaml ... rankK.yaml, the K "
                    "best trials' overlays, for re-scoring under cross-validation before one is adopted")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    _output_options(p)
     p.set_defaults(func=_cmd_tune_report)
 
     p = sub.add_parser("config", help="print the resolved config (paper settings + overlays) as YAML")
@@ -460,7 +465,7 @@ def _predict_parsers(sub) -> None:
     p.add_argument("--heatmaps", metavar="DIR", help="write a Grad-CAM overlay PNG per image here")
     p.add_argument("--threshold", type=float, help="decision threshold (default: the one the run chose on "
                    "validation, from its metrics.json; else 0.5)")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    _output_options(p)
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("export", help="write a stage-2 checkpoint as Keras model, TensorFlow SavedModel, ONNX and "
@@ -476,7 +481,7 @@ def _predict_parsers(sub) -> None:
                    "beside the checkpoint's stage2/)")
     p.add_argument("--int8-max-auc-drop", type=float, metavar="D",
                    help="largest accepted test AUC drop of int8 against float32 (default 0.01)")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    _output_options(p)
     p.set_defaults(func=_cmd_export)
 
 
@@ -561,7 +566,7 @@ def _external_parser(sub) -> None:
     p.add_argument("--keep-duplicates", action="store_true", help="also score near-duplicates of the run's "
                    "train/val images (default: excluded and counted)")
     _add_n_boot(p)
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    _output_options(p)
     p.set_defaults(func=_cmd_external)
 
 
@@ -620,7 +625,7 @@ def _serve_parsers(sub) -> None:
     p.add_argument("--heatmaps", type=int, default=0, metavar="N", help="Grad-CAM of every N-th scored frame, on "
                    "a side thread (skipped while busy)")
     p.add_argument("--max-frames", type=int, help="stop after this many frames (a device never ends)")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    _output_options(p)
     p.set_defaults(func=_cmd_stream)
 
     d = ServeConfig()
@@ -737,11 +742,11 @@ def _experiment_parsers(sub) -> None:
                    "averaged (an ensemble); the first is the baseline")
     _add_n_boot(p)
     p.add_argument("--out", help="also write the table as JSON here")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    _output_options(p)
     p.set_defaults(func=_cmd_loso_diff)
     p = sub.add_parser("report", help="(re)write a run folder's report.html")
     p.add_argument("run_dir", help="a run folder (runs/<run.name>)")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    _output_options(p)
     p.set_defaults(func=_cmd_report)
 
 

@@ -30,6 +30,18 @@ def test_each_subcommand_has_help(name, capsys):
     assert info.value.code == 0 and "usage: msbt " + name in capsys.readouterr().out
 
 
+def test_every_subcommand_takes_debug_and_verbose_after_its_name():
+    """`msbt predict --verbose ...` was refused ("unrecognized arguments") while `msbt run --verbose` worked."""
+    import argparse
+
+    from msbt.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    lacking = {name: {"--debug", "--verbose"} - {o for a in p._actions for o in a.option_strings}
+               for name, p in sub.choices.items()}
+    assert len(sub.choices) >= 20 and not any(lacking.values()), lacking
+
+
 def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("stage1: {epochs: many}\n")
