@@ -814,13 +814,14 @@ def _cmd_report(args) -> int:
 def _cmd_tune(args) -> int:
     from msbt.runfolder import run_dir, run_modalities
     from msbt.tune.review import format_ranking, read_experiment, write_best_overlay
-    from msbt.tune.search import check_search, experiment_dir, run_search
+    from msbt.tune.search import check_search, check_start, experiment_dir, run_search
 
     extra = ["tune.fast=true", "stage2.trainable_backbone=false"] if args.fast else []
     config = load_config(_configs(args), args.overrides + extra)
     sources = ", ".join([*args.config, *(["--set"] if args.overrides else [])]) or "the default config"
     run_dir(config)  # run.name and run.storage_path checked before Ray starts
     check_search(config, sources)  # and the search space (a reversed range failed after Ray's start-up)
+    check_start(config, args.resume)  # an existing experiment without --resume
     _preflight(config, run_modalities(config))
     _start_ray(args, config)
     run_search(config, resume=args.resume, sources=sources)

@@ -207,6 +207,24 @@ def check_search(config: Config, sources: str = "tune.space") -> None:
     _scheduler(config)  # a bad grace period
 
 
+def check_start(config: Config, resume: bool) -> bool:
+    """Whether the search's experiment folder holds a search Tune can restore; refused without ``resume``.
+
+    Needs no cluster (``msbt tune`` asks before Ray starts: the refusal came after a cluster's start, 10 s).
+
+    Raises:
+        ConfigError: An experiment exists and ``resume`` is False.
+    """
+    from ray import tune
+
+    exp = experiment_dir(config)
+    restorable = exp.is_dir() and tune.Tuner.can_restore(str(exp))
+    if restorable and not resume:
+        raise ConfigError(f"{exp}: an experiment already exists; continue it with --resume, or set "
+                          "tune.experiment to start another")
+    return restorable
+
+
 TRIAL_CPU = 0.01  # a full-mode trial's own actor (0 is refused by Tune); its Train workers hold the trial's CPUs
 
 
@@ -260,10 +278,7 @@ def run_search(config: Config, *, resume: bool = False, sources: str = "tune.spa
     t, fast = config.tune, config.tune.fast
     check_search(config, sources)
     exp = experiment_dir(config)
-    restorable = exp.is_dir() and tune.Tuner.can_restore(str(exp))
-    if restorable and not resume:
-        raise ConfigError(f"{exp}: an experiment already exists; continue it with --resume, or set "
-                          "tune.experiment to start another")
+    restorable = check_start(config, resume)
     check_trials_fit(config)  # before the data step and stage 1, which may take long on real data
     stores = ensure_stores(config, run_modalities(config))
     # Every trial starts from the one stage-1 checkpoint, or (stage2.weights other than parent) from none.

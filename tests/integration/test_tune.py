@@ -248,6 +248,17 @@ def test_search_is_interrupted_restored_and_its_best_config_is_the_winners_stage
 
     with pytest.raises(ConfigError, match="--resume"):
         run_search(config)  # a second start without --resume is refused, not mixed in
+    # ... and by `msbt tune` before it starts or joins Ray (it was said after a cluster's start, about 10 s)
+    import msbt.cli
+
+    def no_ray(*_args, **_kw):
+        raise AssertionError("msbt tune went on to start Ray")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(msbt.cli, "_start_ray", no_ray)
+        capfd.readouterr()
+        assert msbt_main(["tune", "--config", str(prepared["yaml"])]) == 1
+        assert "an experiment already exists; continue it with --resume" in capfd.readouterr().err
     actors_before, held_before = ray_actors(), placement_groups_held()
     capfd.readouterr()
     run_search(config, resume=True)
