@@ -231,8 +231,12 @@ def write_best_overlay(path: str | Path, out: str | Path | None = None) -> Path:
     comment = (f"# Best stage-2 configuration of {Path(path).resolve()}: {best['trial']}, best "
                f"{search['metric']} {best['best']:.4f} at epoch {best['best_epoch']} (validation split).\n"
                + "".join(f"# {line}\n" for line in textwrap.wrap(tie_note(search, trials) or "", 110)) +
-               f"# Use on top of the configs the search ran with, e.g.\n"
-               f"#   python workflows/pipeline.py --config workflows/configs/cpu.yaml --config {out}\n")
+               f"# Use on top of the configs the search ran with, under a new run name (the searched run's own\n"
+               f"# stages were trained with other settings), e.g.\n"
+               f"#   python workflows/pipeline.py --config workflows/configs/cpu.yaml --config {out} "
+               f"--set run.name=tuned\n"
+               + ("# (a fast-mode search: stage2.trainable_backbone is false here, so that run trains the head on a "
+                  "frozen backbone)\n" if search.get("fast") else ""))
     write_text(out, comment + yaml.safe_dump(overlay, sort_keys=False))
     load_config([out])  # an overlay the pipeline cannot read is an error here, not later
     return out

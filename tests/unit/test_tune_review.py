@@ -156,6 +156,14 @@ def test_tune_report_writes_the_page_and_the_top_k_overlays(tmp_path, capsys):
     assert (exp / "rank1.yaml").is_file() and (exp / "rank2.yaml").is_file() and not (exp / "rank3.yaml").exists()
     assert "trial_00001" in (exp / "rank1.yaml").read_text()
     assert "crossval.py" in out and "rank2.yaml" in out
+    # best.yaml's own command trains under a new run name: the searched run's name is taken by its stages, and
+    # the command as it was written was refused ("stage 1 of run 'cpu' is already finished")
+    comment = (exp / "best.yaml").read_text()
+    assert f"--config {exp / 'best.yaml'} --set run.name=tuned" in comment and "frozen backbone" not in comment
+    search = json.loads((exp / "search.json").read_text())
+    (exp / "search.json").write_text(json.dumps({**search, "fast": True}))
+    review.write_best_overlay(exp)
+    assert "a fast-mode search: stage2.trainable_backbone is false here" in (exp / "best.yaml").read_text()
 
 
 def test_hparams_files_read_back_with_tensorboards_own_parsers(tmp_path):
