@@ -519,7 +519,8 @@ def gradcam_section(run: Path, result: dict | None, samples: int = 4) -> str:
     except Exception as err:  # a report must still be written when explanations fail
         return _section(title, f"<p class=missing>Grad-CAM failed: {_e(type(err).__name__)}: {_e(err)}</p>", "gradcam")
     return _section(title, "<p>Test images with the heatmap of the malignant output over them (red = more "
-                    "influence). Caption: true class, predicted probability of malignancy.</p>"
+                    "influence). Caption: true class, predicted probability of malignancy (as many digits as it "
+                    "takes to tell it from the threshold) and the call at the run's threshold.</p>"
                     f'<div class="cams">{"".join(figures)}</div>', "gradcam")
 
 
@@ -544,15 +545,18 @@ def _gradcam_figures(gradcam, run: Path, result: dict, samples: int) -> list[str
     images = np.stack([cv2.resize(data["image"][i], (size, size), interpolation=cv2.INTER_AREA) for i in order])
     heat = gradcam.gradcam(model, images)
     probs = np.asarray(model.predict(images.astype("float32"), verbose=0)).reshape(-1)
+    threshold = result.get("threshold")
     figures = []
     for k, i in enumerate(order):
+        # "p=0.00" beside a threshold of 0.00045 did not say which side the image fell on
+        call = "" if not _finite(threshold) else f", called {_e(names[int(probs[k] >= threshold)])}"
         shown = gradcam.overlay(images[k], heat[k], alpha=0.4)
         ok, png = cv2.imencode(".png", cv2.cvtColor(shown, cv2.COLOR_RGB2BGR))
         if not ok:
             continue
         src = base64.b64encode(png.tobytes()).decode("ascii")
         figures.append(f'<figure><img alt="Grad-CAM {_e(data["source"][i])}" src="data:image/png;base64,{src}">'
-                       f"<figcaption>{_e(names[int(data['label_index'][i])])}, p={probs[k]:.2f}<br>"
+                       f"<figcaption>{_e(names[int(data['label_index'][i])])}, p={threshold_text(float(probs[k]))}{call}<br>"
                        f"<small>{_e(data['source'][i])}</small></figcaption></figure>")
     return figures
 
