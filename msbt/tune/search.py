@@ -328,8 +328,8 @@ def run_search(config: Config, *, resume: bool = False, sources: str = "tune.spa
         raise KeyboardInterrupt
     from msbt.tune.review import write_hparams
 
-    print(f"tune results in {exp}; HParams for TensorBoard in {write_hparams(exp)}; review: msbt tune-report "
-          f"{exp}", flush=True)
+    # the review page itself is the next line of `msbt tune` (or `msbt tune-report`), not a second "review:" here
+    print(f"tune results in {exp}; HParams for TensorBoard in {write_hparams(exp)}", flush=True)
     return results
 
 
