@@ -524,7 +524,9 @@ def write_store(kind: str, items: list[dict], out: str | Path, fn: Callable, fn_
     # a store written before chunks listed their files, that lost rows since: which chunk is not known, so all
     # of its unlisted chunks are written again
     unlisted_lost = _unlisted_rows_problem(out) if (out / SUMMARY_FILE).is_file() else None
-    bar = progress(total=len(items), desc=f"{kind} store", unit="field" if kind == "microscope" else "image")
+    # The bar starts with the first chunk to write: a store whose every chunk is complete draws none (its reuse is
+    # the store line's, and a bar racing to 24/24 said the store was being written again)
+    bar, reused_files = None, 0
     for index, chunk in enumerate(chunks):
         folder = out / f"chunk-{index:05d}"
         done = _read_done(folder)
@@ -534,9 +536,14 @@ def write_store(kind: str, items: list[dict], out: str | Path, fn: Callable, fn_
                 lost = [unlisted_lost]
             if not lost:
                 reused += 1
-                bar.update(len(chunk))
+                reused_files += len(chunk)
+                if bar is not None:
+                    bar.update(len(chunk))
                 continue
             log.warning("%s store: %s; writing chunk %d/%d again", kind, "; ".join(lost), index + 1, len(chunks))
+        if bar is None:
+            bar = progress(total=len(items), desc=f"{kind} store", unit="field" if kind == "microscope" else "image")
+            bar.update(reused_files)
         shutil.rmtree(folder, ignore_errors=True)  # a chunk interrupted mid-write is redone whole
         if where == "local":
             _write_chunk_here(chunk, folder, fn, fn_kwargs, files_per_task, bar)
@@ -547,7 +554,8 @@ def write_store(kind: str, items: list[dict], out: str | Path, fn: Callable, fn_
         _write_json(folder / DONE_FILE, {"files": len(chunk), "where": where, "parquet": _listing(folder)})
         log.info("%s store: chunk %d/%d done (%d files, %s)", kind, index + 1, len(chunks), len(chunk),
                  "Ray Data" if where == "ray" else "driver threads")
-    bar.close()
+    if bar is not None:
+        bar.close()
     rows, empty = _count(out, items)
     summary = StoreSummary(out, kind, len(items), rows, empty, time.perf_counter() - started, reused,
                            reused=bool(chunks) and reused == len(chunks),  # every chunk complete: nothing written

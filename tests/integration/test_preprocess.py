@@ -139,12 +139,17 @@ def test_a_field_that_breaks_after_discovery_is_skipped_not_fatal(ray_local, bui
 
 
 @pytest.mark.parametrize("where", ["ray", "local"])
-def test_rerun_resumes_reuses_or_refuses_never_mixes(ray_local, built_in, tmp_path, where):
+def test_rerun_resumes_reuses_or_refuses_never_mixes(ray_local, built_in, tmp_path, where, capfd):
     _, items = prepared(built_in / "microscope", tmp_path)
     out = tmp_path / "store"
     cfg = dataclasses.replace(CFG, build=where)
     first = build_microscope_store(items, out, cfg)
     assert first.where == where
+    # a complete store is reused whole, with no progress bar of a store being written (off a terminal: its line)
+    capfd.readouterr()
+    again = build_microscope_store(items, out, cfg)
+    assert again.reused and again.rows == first.rows
+    assert "microscope store:" not in "".join(capfd.readouterr())
     rows = len(read_store(out, columns=["source"])["source"])
     # an interrupted run: the last chunk never finished
     last = sorted(out.glob("chunk-*"))[-1]
