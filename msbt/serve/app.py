@@ -206,7 +206,8 @@ def run(model: str | Path, config: ServeConfig, *, threshold: float | None = Non
     Args:
         on_ready: Called once the application answers (:func:`wait_until_answering`), before blocking: where
             ``msbt serve`` says it serves. Said earlier, a user's first request met a refused port or Serve's
-            404 for a few seconds (measured: the line at 5.2 s, answers from 9.9 s).
+            404 for a few seconds (2026-12-07, `msbt serve exports/cpu-v1` of the README's main job on the
+            2-core machine: the line at 5.2 s, answers from 9.9 s).
 
     Returns:
         The URL of the application (when ``blocking``, only after Ctrl-C: it serves until then).
@@ -233,7 +234,8 @@ def run(model: str | Path, config: ServeConfig, *, threshold: float | None = Non
             on_ready()
         while blocking:  # as serve.run(blocking=True) waits: until Ctrl-C (or SIGTERM, msbt.cli's Stopped)
             time.sleep(3600)
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (msbt.cli's Stopped); also while Serve was starting
+    except BaseException:  # Ctrl-C, SIGTERM (msbt.cli's Stopped), or any failure: also while Serve was starting
+        # a cluster that outlives this command must not keep serving (and holding the port) after it ends
         if blocking and joined:
             take_down(stop_serve=ours)
         raise
@@ -242,25 +244,28 @@ def run(model: str | Path, config: ServeConfig, *, threshold: float | None = Non
 
 def wait_until_answering(config: ServeConfig, wait_s: float = PROXY_WAIT_S) -> bool:
     """Wait until ``GET /healthz`` answers 200 through the HTTP proxy of this process's node; False if it did not
-    within ``wait_s`` (said as a warning), or if this node runs no proxy (a cluster joined from another machine,
-    whose proxies this machine may not reach: nothing to wait for here).
+    within ``wait_s`` (said as a warning), or if this process is on no node with a proxy (a Ray Client
+    connection, ``ray://``, whose node is the server's; a node without one): nothing to wait for here.
 
     ``serve.run`` returns once the application's replicas run, but Serve's proxies learn its route a moment
-    later: until then a request is refused or gets Serve's 404 ("Path '/predict' not found").
+    later: until then a request is refused or gets Serve's 404 ("Path '/predict' not found"). The probe goes
+    straight to the proxy, never through an ``http_proxy`` of the environment (a hospital's would not reach it).
     """
     import urllib.error
     import urllib.request
 
     import ray
+    from ray.util.client import ray as client_ray
 
-    if ray.get_runtime_context().get_node_id() not in serve.status().proxies:
+    if client_ray.is_connected() or ray.get_runtime_context().get_node_id() not in serve.status().proxies:
         return False
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(config.host, config.host)
     probe = url(dataclasses.replace(config, host=host)) + "/healthz"
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(probe, timeout=5) as answer:
+            with direct.open(probe, timeout=5) as answer:
                 if answer.status == 200:
                     return True
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):

@@ -384,28 +384,46 @@ def test_serve_answers_images_and_refuses_bad_bytes(exported, ray_local, tmp_pat
         serve.shutdown()
 
 
-def test_ctrl_c_of_serve_on_a_cluster_that_outlives_it_takes_the_application_down(exported, ray_local, capsys):
+def test_ctrl_c_of_serve_on_a_cluster_that_outlives_it_takes_the_application_down(exported, ray_local, capsys,
+                                                                                   monkeypatch):
     """On a `ray start` cluster Ctrl-C ended `msbt serve` and left its application answering, the port taken (a
-    second `msbt serve` was refused: "already in use"). What `msbt.serve.app.run` does on that Ctrl-C or SIGTERM,
-    here without the signal (signals sent to pytest's own process ended it now and then: docs/reliability.md;
-    the signal itself was checked on a real `ray start` cluster, docs/predict.md): the application goes, and Serve
-    stays when it ran before the command (Serve started by the command goes with it: checked at the end of
-    test_serve_answers_images_and_refuses_bad_bytes, which started it)."""
-    import requests
+    second `msbt serve` was refused: "already in use"). `msbt.serve.app.run` as `msbt serve` calls it (blocking),
+    on a cluster it treats as one that outlives the command (msbt's own `private_cluster` says none is private,
+    as on a `ray start` cluster), with Ctrl-C arriving once it serves (signals sent to pytest's own process ended
+    it now and then: docs/reliability.md; the signal itself was checked on a real `ray start` cluster,
+    docs/predict.md): the application goes, and Serve stays when it ran before the command (Serve started by the
+    command goes with it: test_serve_answers_images_and_refuses_bad_bytes)."""
     from ray import serve
 
     from msbt.serve import app
 
-    config = ServeConfig(engine="onnx", cpus_per_replica=0.5)
-    # Serve already running (another user's, or `serve deploy`'s): msbt's application goes, Serve stays
     port = _free_port()
+    config = ServeConfig(engine="onnx", cpus_per_replica=0.5, port=port)
+    monkeypatch.setattr(app, "private_cluster", lambda: None)
+    answered = []
+
+    def ready_then_ctrl_c():
+        # once it serves, the readiness probe goes straight to Serve's proxy, never through an http_proxy of the
+        # environment (a hospital's would not reach it: the wait ran out its 60 s)
+        import urllib.request
+
+        with pytest.MonkeyPatch.context() as env:
+            env.setattr(urllib.request, "_opener", None)  # urlopen's opener reads the environment when first built
+            env.setenv("http_proxy", "http://10.255.255.1:3128")
+            env.setenv("HTTP_PROXY", "http://10.255.255.1:3128")
+            env.delenv("no_proxy", raising=False)
+            env.delenv("NO_PROXY", raising=False)
+            answered.append(app.wait_until_answering(config, wait_s=10))
+        raise KeyboardInterrupt
+
+    # Serve already running (another user's, or `serve deploy`'s): msbt's application goes, Serve stays
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        url = app.run(exported["folder"], dataclasses.replace(config, port=port), blocking=False)
-        assert requests.get(f"{url}/healthz", timeout=60).ok
-        assert app.take_down(stop_serve=False) == (
-            "application 'msbt' removed from the cluster (Serve keeps running as it did before this command)")
-        assert "msbt serve: application 'msbt' removed from the cluster" in capsys.readouterr().out
+        with pytest.raises(KeyboardInterrupt):
+            app.run(exported["folder"], config, blocking=True, on_ready=ready_then_ctrl_c)
+        assert answered == [True]
+        assert ("msbt serve: application 'msbt' removed from the cluster (Serve keeps running as it did before this "
+                "command)") in capsys.readouterr().out
         assert app.serve_running() and "msbt" not in serve.status().applications
     finally:
         serve.shutdown()
