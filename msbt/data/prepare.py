@@ -230,10 +230,12 @@ def minority_warning(counts: dict[str, int], noun: str, stage: int | None = None
     largest = max(counts, key=lambda c: counts[c])
     few = ", ".join(f"{c} ({counts[c]})" for c in small)
     key = f"stage{stage}.balance" if stage else "stage1.balance (microscope) or stage2.balance (ultrasound)"
+    setting = (f"--set {key}=class" if stage else
+               "--set stage1.balance=class (microscope) or --set stage2.balance=class (ultrasound)")
     if balance and balance != "none":
         advice = f"{key} is {balance}: each class weighs alike in the training loss"
     else:
-        advice = (f"set --set {key}=class so that each class weighs alike in the training loss (docs/models.md); "
+        advice = (f"set {setting} so that each class weighs alike in the training loss (docs/models.md); "
                   "more images of the class help more")
     return (f"warning: few {noun} of {few} against {counts[largest]} of {largest} (1:{MINORITY_RATIO} or fewer): an "
             f"unweighted loss lets {largest} decide; {advice}")

@@ -577,6 +577,13 @@ def load_split(folder: str | Path, discovery: Discovery) -> SplitResult:
         # the data as much as an edit does: say so, or the user looks for an edit that never happened.
         refused = (f"; or msbt now rejects files it once used ({len(discovery.rejects)} rejected in this scan, with "
                    "the reasons in the data step's rejects.csv)") if discovery.rejects else ""
+        # Likewise a hidden file (a name starting with '.') inside a class folder: used until 2026-12-07, left out
+        # and counted since (msbt.data.discovery)
+        hidden = [r["relpath"] for r in read_table(folder / "split.csv")
+                  if any(part.startswith(".") for part in Path(r["relpath"]).parts)]
+        if hidden:
+            refused += (f"; or it holds {len(hidden)} hidden files (names starting with '.', e.g. {hidden[0]}) that "
+                        "msbt used until 2026-12-07 and now leaves out")
         raise DataError(
             f"{folder / 'split.json'}: the saved split was made for different data "
             f"(files, labels or contents changed under {discovery.root}{refused}); use a new run name, or "

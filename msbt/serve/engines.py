@@ -248,7 +248,8 @@ def load_served(folder: str | Path, name: str = "openvino", *, precision: str = 
     bf16 = (record.get("engines") or {}).get("openvino_bf16") or {}
     if precision == "bf16":  # said, as int8's cost is: nothing bounds it (until 2026-12-07 it ran without a word)
         measured = (f"its max |p - p_keras| was {bf16['max_abs_diff']:.2e} on {bf16.get('frames', '?')} synthetic "
-                    "frames at export" if "max_abs_diff" in bf16 else "export measured no difference for it")
+                    "frames at export" if "max_abs_diff" in bf16 else
+                    "export did not measure it: no bfloat16 on the exporting CPU, or an export made before 2026-12-07")
         more.append(f"bf16 engine: reduced precision, not held to the float engines' {FLOAT_PARITY:.0e} bound and "
                     f"with no AUC change measured ({measured}); use f32 (or an accepted int8) for decisions")
     return ServedModel(engine, str(folder), chosen, preparation, list(record["class_names"]),

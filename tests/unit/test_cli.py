@@ -107,7 +107,8 @@ def test_scan_warns_of_a_class_with_a_quarter_or_fewer_of_the_images(tmp_path, c
     assert main(["scan", str(root)]) == 0
     out = capsys.readouterr().out
     assert "warning: few usable images of malignant (4) against 16 of benign" in out
-    assert "stage1.balance (microscope) or stage2.balance (ultrasound)" in out
+    # a command that parses (it read "--set stage1.balance (microscope) or stage2.balance (ultrasound)=class")
+    assert "set --set stage1.balance=class (microscope) or --set stage2.balance=class (ultrasound) so that" in out
 
 
 def test_config_shows_the_settings_records_leave_out_at_their_default(capsys):

@@ -269,3 +269,26 @@ def test_hidden_files_are_left_out_and_counted_like_hidden_folders(tmp_path):
     # AppleDouble (._*) and .DS_Store stay operating-system litter: left out, not counted
     assert d.skipped == {HIDDEN_FILE: 3, HIDDEN_FOLDER: 1}
     assert not d.rejects
+
+
+def test_a_split_saved_with_hidden_files_is_refused_naming_them(tmp_path):
+    """A run made before hidden files were left out holds them in its split: its data no longer match, which was
+    said as if files had been edited ("files, labels or contents changed"), and the user looked for an edit."""
+    import csv
+    import json
+
+    from msbt.data.splits import load_split
+
+    root = tree(tmp_path / "data", {"benign/a.png": textured(1), "benign/.scan7.png": textured(2),
+                                    "malignant/b.png": textured(3)})
+    folder = tmp_path / "split"
+    folder.mkdir()
+    (folder / "split.json").write_text(json.dumps({"data_fingerprint": "made when .scan7.png was used"}))
+    with (folder / "split.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerows([["relpath", "label", "group", "split", "fold"], ["benign/a.png", "benign", "g0", "train", 0],
+                          ["benign/.scan7.png", "benign", "g1", "test", 0], ["malignant/b.png", "malignant", "g2",
+                                                                            "train", 0]])
+    with pytest.raises(DataError, match=r"holds 1 hidden files \(names starting with '\.', e\.g\. benign/\.scan7\.png\) "
+                                        r"that msbt used until 2026-12-07 and now leaves out"):
+        load_split(folder, discover(root))
