@@ -47,6 +47,28 @@ _CHUNK_CELLS = 4_000_000
 # Inputs and small helpers
 # ---------------------------------------------------------------------------------------------------
 
+def threshold_text(value) -> str:
+    """A probability or threshold as msbt prints it for a reader: 4 decimals, more where it lies within 0.001 of 0
+    or 1, and a power of ten where even 12 decimals would round it to 0 or 1.
+
+    A saturated model's threshold is often 0.0004 or 0.99987; at 3 or 4 decimals it read "0.000" or "1.000",
+    which a reader takes for "every case malignant" or "none". Two significant digits of its distance to the
+    nearer end are kept instead ("0.00045", "0.99987", "1.3e-13", "1 - 2.0e-13").
+    """
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return "n/a"
+    if not math.isfinite(value):
+        return "n/a"
+    gap = min(value, 1 - value)
+    if gap >= 1e-3 or gap <= 0:
+        return f"{value:.4f}"
+    if gap < 1e-10:  # 12 decimals would show 0.000000000000 or 1.000000000000
+        return f"{value:.1e}" if value < 0.5 else f"1 - {gap:.1e}"
+    return f"{value:.{1 - math.floor(math.log10(gap))}f}"
+
+
 
 def _check_inputs(y, p, *, probabilities: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Return (y as int 0/1, p as float) after checking shape and values; raise ValueError otherwise."""

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 from msbt.atomicio import write_text
+from msbt.eval.metrics import threshold_text
 from msbt import __version__
 
 REPORT_FILE = "report.html"
@@ -37,20 +38,6 @@ def _fmt(value, digits: int = 3) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
-
-
-def threshold_text(value) -> str:
-    """A threshold as the page prints it: 4 decimals, more where it lies within 0.001 of 0 or 1.
-
-    A saturated model's threshold is often 0.0004 or 0.99987; at 3 or 4 decimals it read "0.000" or "1.000",
-    which a reader takes for "every case malignant" or "none". Two significant digits of its distance to the
-    nearer end are kept instead.
-    """
-    if not _finite(value):
-        return "n/a"
-    gap = min(value, 1 - value)
-    digits = 4 if gap >= 1e-3 or gap <= 0 else min(12, 1 - math.floor(math.log10(gap)))
-    return f"{value:.{digits}f}"
 
 
 def _read_json(path: Path):
@@ -519,8 +506,8 @@ def gradcam_section(run: Path, result: dict | None, samples: int = 4) -> str:
     except Exception as err:  # a report must still be written when explanations fail
         return _section(title, f"<p class=missing>Grad-CAM failed: {_e(type(err).__name__)}: {_e(err)}</p>", "gradcam")
     return _section(title, "<p>Test images with the heatmap of the malignant output over them (red = more "
-                    "influence). Caption: true class, predicted probability of malignancy (as many digits as it "
-                    "takes to tell it from the threshold) and the call at the run's threshold.</p>"
+                    "influence). Caption: true class, predicted probability of malignancy (with more digits near 0 "
+                    "and 1) and the call at the run's threshold.</p>"
                     f'<div class="cams">{"".join(figures)}</div>', "gradcam")
 
 

@@ -41,6 +41,7 @@ from typing import Iterator, NamedTuple
 import cv2
 import numpy as np
 
+from msbt.eval.metrics import threshold_text
 from msbt.images.imagefile import IMAGE_EXTENSIONS, ImageError, read_image, to_rgb8
 from msbt.serve.engines import Engine
 from msbt.serve.predict import Preparation, Threshold, model_inputs, prepare_rgb
@@ -592,8 +593,9 @@ def _annotate(frame: np.ndarray, p: float, label: str, s: float, s_label: str, t
     bgr = cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)
     scale = max(0.35, frame.shape[1] / 640)
     red, green = (40, 40, 230), (60, 200, 60)
-    lines = [(f"frame p={p:.3f} {label}", red if p >= threshold else green),
-             (f"lesion {s:.3f} {s_label} (t={threshold:.3f})", red if s >= threshold else green)]
+    # digits as the report gives them: a saturated model's threshold 0.00045 read "t=0.000"
+    lines = [(f"frame p={threshold_text(p)} {label}", red if p >= threshold else green),
+             (f"lesion {threshold_text(s)} {s_label} (t={threshold_text(threshold)})", red if s >= threshold else green)]
     for n, (text, colour) in enumerate(lines):
         y = int((n + 1) * 22 * scale) + 4
         cv2.putText(bgr, text, (6, y), cv2.FONT_HERSHEY_SIMPLEX, 0.6 * scale, (0, 0, 0), 3, cv2.LINE_AA)

@@ -111,6 +111,9 @@ def test_a_threshold_near_0_or_1_is_not_printed_as_0_or_1(tmp_path):
 
     assert [R.threshold_text(t) for t in (0.5, 0.0123, 0.000448, 0.99987, 3e-7, 0.0, 1.0)] == [
         "0.5000", "0.0123", "0.00045", "0.99987", "0.00000030", "0.0000", "1.0000"]
+    # beyond 12 decimals a power of ten, never a string of zeros read as 0 or 1
+    assert [R.threshold_text(t) for t in (1.3e-13, 1 - 2e-13, float("nan"), None)] == [
+        "1.3e-13", "1 - 2.0e-13", "n/a", "n/a"]
     y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     p = np.array([1e-6, 2e-4, 0.99, 0.999, 0.9998, 0.99987, 0.99995, 0.99999])
     result = {"source": "site", **ext.score_site(y, p, np.arange(8).astype(str), 0.000448, n_boot=50)}
