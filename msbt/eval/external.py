@@ -69,17 +69,25 @@ def lesion_groups(manifest_groups: Sequence[str | None], hashes: np.ndarray, thu
                   digests: Sequence[str], *, max_distance: int = 10, min_similarity: float = 0.8) -> np.ndarray:
     """The lesion group of each scored image of an external site: what its intervals resample.
 
-    A row that a manifest gives a group (a patient, a lesion) keeps it. Every other row (a folder's images, or
-    the rows of a manifest whose group column is left empty for some) is grouped as :func:`site_groups` groups
-    a site: near-duplicates linked within the site, which always holds the frames of one DICOM cine loop
-    together (they share the file's digest). Until 2026-12-07 such a row was a group of its own, so a cine
-    loop listed in a manifest without a group counted each frame as an independent lesion and its intervals
-    came out too narrow.
+    As the run's own split groups under ``data.grouping: auto``: near-duplicates linked within the site (which
+    always holds the frames of one DICOM cine loop together: they share the file's digest), joined with the
+    manifest's group column where it names one (a patient, a lesion), so that neither two views of one patient
+    nor one image under two patients' rows count as independent. A group is named by the first manifest group
+    among its members in the scan's order (written to predictions.csv as given), else ``~`` and its near-duplicate id (``~g00001``:
+    never to be taken for a patient called ``g00001``). Until 2026-12-07 a row without a manifest group was a
+    group of its own, so a cine loop listed in a manifest without a group counted each frame as an independent
+    lesion and its intervals came out too narrow (`tests/unit/test_external_groups.py`).
     """
+    from msbt.data.splits import join_by
+
     linked = site_groups(hashes, thumbs, digests, max_distance=max_distance, min_similarity=min_similarity)
-    # "~" keeps the two kinds apart (as the row's own "~relpath" did before): a patient called g00001 is not
-    # the near-duplicate group g00001; a manifest's group is written to predictions.csv as it was given
-    return np.array([g if g else f"~{link}" for g, link in zip(manifest_groups, linked)])
+    keys = [f"group\0{g}" if g else f"row\0{i}" for i, g in enumerate(manifest_groups)]
+    joined, _ = join_by(keys, [str(g) for g in linked])
+    name: dict[str, str] = {}
+    for given, group in zip(manifest_groups, joined):
+        if given and group not in name:
+            name[group] = str(given)
+    return np.array([name.get(group, f"~{group}") for group in joined])
 
 
 def score_site(y, p, groups, threshold: float, *, n_boot: int = 2000, seed: int = 0) -> dict:
