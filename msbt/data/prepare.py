@@ -253,11 +253,14 @@ def small_fields_warning(discovery: Discovery, patch_size: int) -> str | None:
     if not small:
         return None
     first = small[0]
-    side = max(min(first.width, first.height), 16)  # preprocess.patch_size takes >= 16
+    side = min(first.width, first.height)
+    advice = (f"set --set preprocess.patch_size={side} (or less) for such fields, or bring the whole fields"
+              if side >= 16 else  # preprocess.patch_size takes >= 16
+              "fields under 16 px are too small for any patch size msbt takes (>= 16): bring the whole fields, or "
+              "leave those out")
     return (f"warning: {len(small)} of {len(discovery.records)} microscope fields are smaller than the "
             f"{patch_size} px patches (preprocess.patch_size) in width or height (smallest {first.width}x"
-            f"{first.height} px, {first.relpath}): their patches are mostly mirror padding of the field; set --set "
-            f"preprocess.patch_size={side} (or less) for such fields, or bring the whole fields")
+            f"{first.height} px, {first.relpath}): their patches are mostly mirror padding of the field; {advice}")
 
 
 def _balance(config: Config | None, modality: str) -> str | None:
