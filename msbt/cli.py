@@ -317,9 +317,12 @@ def _cmd_synth(args) -> int:
         config = dataclasses.replace(config, synth=dataclasses.replace(config.synth, out_dir=args.out))
     print(ensure_synth(config))
     if config.synth.sites >= 2:  # the multi-site set too (it was left out: synth.sites had no effect here)
+        import shlex
+
         for source in ensure_synth_sites(config):
             name, path = source.split("=", 1)
-            print(f"site {name}: {path}  (e.g. msbt external RUN {source})")
+            # as data.ultrasound takes a site (or msbt external, for a run that did not train on it)
+            print(f"site {name}: {path}  (as a source: {shlex.quote(source)})")
     return 0
 
 

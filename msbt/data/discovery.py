@@ -223,7 +223,8 @@ def dim_sixteen_bit(discovery: Discovery, sixteen_bit: str) -> str | None:
     brightest = max(peaks[path] for path in dim)
     bits = max(brightest.bit_length(), 1)
     return (f"{len(dim)} of {len(peaks)} 16-bit files use only a small part of the 16-bit range (brightest sample "
-            f"{brightest} of 65535, at most {bits} bits: 12- or 14-bit camera data stored in 16 bits; e.g. {dim[0]}): "
+            f"{brightest} of 65535, at most {bits} bits: data of fewer bits stored in 16, as a 12- or 14-bit camera's "
+            f"or an 8-bit image saved as 16-bit; e.g. {dim[0]}): "
             f"data.sixteen_bit: scale maps them to at most {round(brightest / 257)} of 255, nearly black; set "
             "--set data.sixteen_bit=minmax to stretch each image's own range")
 

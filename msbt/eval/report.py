@@ -258,11 +258,12 @@ def overview_section(run: Path, result: dict | None) -> str:
                      f"starting from {start}; stage 2 starts from it.")
     us = _read_json(run / "data" / "ultrasound" / "split.json")
     if us:
-        origin = "built-in synthetic images" if config and not data.get("ultrasound") else f"<code>{_e(us['root'])}</code>"
-        counts = ", ".join(f"{split} {sum(us['counts'][split].values())}" for split in ("train", "val", "test"))
-        items.append(f"Stage 2 (benign vs malignant) learned from {origin}: {us['images']} images of "
-                     f"{us['groups']['count']} lesion groups ({counts} images; several images of one lesion are "
-                     "kept in one split).")
+        origin = "the built-in synthetic set" if config and not data.get("ultrasound") else f"<code>{_e(us['root'])}</code>"
+        n = {split: sum(us["counts"][split].values()) for split in ("train", "val", "test")}
+        items.append(f"Stage 2 (benign vs malignant) was trained on {n['train']} images from {origin}; {n['val']} "
+                     f"more chose its epoch and threshold (validation) and {n['test']} were held out for the numbers "
+                     f"below (test): {us['images']} images of {us['groups']['count']} lesion groups in all, several "
+                     "images of one lesion always in one split.")
     if result and result.get("test"):
         items.append(_reading_text(run, result))
     scope = (result or {}).get("scope", {}).get("kind")
@@ -288,6 +289,7 @@ def _reading_text(run: Path, result: dict) -> str:
     except (OSError, KeyError, ValueError):
         lesions = {}
     wilson = result.get("test_ci95_wilson_groups") or {}
+    perfect = (t["tp"] > 0 and t["fn"] == 0) or (t["tn"] > 0 and t["fp"] == 0)  # a rate of 1.000 to explain
 
     def rate(name, hit, total, cls):
         value = f"{hit} of {total} images" + (f" ({len(lesions[cls])} lesions)" if cls in lesions else "")
@@ -299,8 +301,9 @@ def _reading_text(run: Path, result: dict) -> str:
             "on the validation split, never on the test images. <i>Sensitivity</i> is the share of malignant test "
             f"images called malignant: {rate('sensitivity', t['tp'], t['tp'] + t['fn'], 1)}. <i>Specificity</i> is "
             f"the share of benign test images called benign: {rate('specificity', t['tn'], t['tn'] + t['fp'], 0)}."
-            + (" With this few lesions the intervals are wide: a rate of 1.000 here is compatible with a much lower "
-               "true rate." if (result.get("test_groups") or 0) < 20 else ""))
+            + (f" With {result.get('test_groups')} lesion groups the intervals are wide"
+               + (": a rate of 1.000 here is compatible with a much lower true rate" if perfect else "") + "."
+               if (result.get("test_groups") or 0) < 20 else ""))
 
 
 def metrics_section(result: dict | None) -> str:

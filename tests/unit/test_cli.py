@@ -156,12 +156,12 @@ def test_synth_into_a_chosen_folder(tmp_path, capsys):
     assert len(list((out / "microscope").rglob("*.png"))) == 4
     assert (out / "ultrasound_truth.csv").exists()
     # synth.sites (workflows/configs/sites-demo.yaml): the multi-site set is made as well, each site named with
-    # the source `msbt external` takes (it was left out without a word)
+    # the source data.ultrasound and `msbt external` take (it was left out without a word)
     assert main(["synth", "--out", str(out), *overrides, "--set", "synth.sites=2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [ln.split(":")[0] for ln in lines[1:]] == ["site site-a", "site site-b"]
     for line in lines[1:]:
-        source = line.split("e.g. msbt external RUN ")[1].rstrip(")")
+        source = line.split("(as a source: ")[1].rstrip(")")
         name, path = source.split("=", 1)
         assert Path(path).is_dir() and len(list(Path(path).rglob("*.png"))) >= 4 and line.startswith(f"site {name}:")
 
