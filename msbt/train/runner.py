@@ -672,8 +672,9 @@ def _why_no_rows(store: Store, classes: list[str]) -> str:
             "by hand")
     summary = store.summary()
     readable, unreadable = summary.empty_in("train", classes)
-    if not readable and not unreadable:  # a store written before it recorded which (2026-12-07)
-        return f"their train-split files gave none (for microscope fields: no cells found, or unreadable; {hint})"
+    if not readable and not unreadable:  # no file recorded as empty: none in train, or a store from before 2026-12-07
+        return (f"the split put none of their files in train (too few files or lesions of the class), or those files "
+                f"gave none (for microscope fields: no cells found, or unreadable; {hint})")
     parts = []
     if unreadable:
         shown = "; ".join(f"{source}: {reason}" for source, reason in list(unreadable.items())[:3])
