@@ -124,6 +124,7 @@ def discover(
     on_conflict: str = "reject",
     inspect_all: Callable[[list, str], list] | None = None,
     every_class: bool = True,
+    progress_label: str = "scan",
 ) -> Discovery:
     """Scan a class-per-folder tree or a CSV manifest and validate every image in it.
 
@@ -146,6 +147,7 @@ def discover(
             (`inspect_in_threads`). `msbt.data.scan` passes one that runs on Ray Data.
         every_class: every class in ``classes`` must have usable images (training); False accepts a source
             with some of them only (an external site of malignant cases alone: ``msbt external``).
+        progress_label: the scan's progress bar (``scan <site>`` for one of several sites: they were all "scan").
 
     Returns:
         Discovery with records sorted by (class order, relpath).
@@ -166,7 +168,8 @@ def discover(
     keep = tuple(classes) if classes else tuple(sorted(found))
     check_classes(source, keep, found, every=every_class)
 
-    options = {"sixteen_bit": sixteen_bit, "max_pixels": max_pixels, "on_partial": on_partial}
+    options = {"sixteen_bit": sixteen_bit, "max_pixels": max_pixels, "on_partial": on_partial,
+               "progress_label": progress_label}
     records, hashes, thumbs, warnings, peaks = [], [], [], [], []
     pairs = (inspect_all(candidates, options) if inspect_all is not None
              else inspect_in_threads(candidates, options, workers))
@@ -602,7 +605,7 @@ def inspect_in_threads(candidates: list[Candidate], options: dict, workers: int 
     pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
     try:
         results = list(progress(pool.map(lambda c: inspect_file(c, options), candidates),
-                                total=len(candidates), desc="scan", unit="file"))
+                                total=len(candidates), desc=options.get("progress_label", "scan"), unit="file"))
     except BaseException:
         # Ctrl-C (or any error): drop the queued files at once instead of decoding them all first,
         # so the first Ctrl-C stops the scan.

@@ -85,8 +85,8 @@ def discover_sites(sources: str | Sequence[str] | Sequence[Site], classes: Seque
     sites = sources if sources and isinstance(list(sources)[0], Site) else parse_sources(sources)  # type: ignore
     found = []
     for site in sites:
-        try:
-            found.append(discover(site.path, classes, **kwargs))
+        try:  # each site's progress bar named (several sites' scans were all "scan")
+            found.append(discover(site.path, classes, progress_label=f"scan {site.name}", **kwargs))
         except DataError as err:
             raise DataError(f"site {site.name!r}: {err}") from None
     if len(sites) == 1:

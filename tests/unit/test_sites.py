@@ -329,3 +329,10 @@ def test_a_file_used_in_part_is_said_when_several_sites_are_scanned_together(thr
     assert any(r.relpath == "site-b/benign/stack.tif" for r in d.records)  # used, and said
     refused = discover_sites([f"{name}={folder}" for name, folder in sites.items()], CLASSES)
     assert not refused.warnings and "stack.tif" in {Path(r.path).name for r in refused.rejects}
+
+
+def test_each_sites_scan_is_named_on_its_progress_line(three_sites, capfd):
+    """Scans of several sites (a multi-site run, `msbt external` of several) printed one "scan" line each."""
+    discover_sites([f"{name}={path}" for name, path in sorted(three_sites.items())[:2]], CLASSES)
+    printed = "".join(capfd.readouterr())
+    assert "scan site-a: " in printed and "scan site-b: " in printed
