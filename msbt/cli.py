@@ -370,6 +370,7 @@ def _cmd_scan(args) -> int:
 
 def _cmd_split(args) -> int:
     from msbt.data.discovery import refuse_output_in_inputs, write_rejects
+    from msbt.data.prepare import minority_warning, split_detail_lines, split_lines
     from msbt.data.splits import make_split, previous_rows, save_split
 
     refuse_output_in_inputs(args.out, [args.source], "--out")
@@ -385,9 +386,11 @@ def _cmd_split(args) -> int:
                         previous=previous_rows(out, seed=d.seed, ratios=d.split, folds=d.folds))
     save_split(result, out)
     write_rejects(discovery.rejects, out / "rejects.csv")
-    s = result.summary
-    print(json.dumps({k: s[k] for k in ("images", "rejects", "counts", "groups", "leakage")}, indent=2))
-    print(f"split saved to {out / 'split.csv'}")
+    # as the data step says it (this printed the summary's raw JSON); split.json holds all of it
+    minority = minority_warning(discovery.counts(), "usable images")
+    print("\n".join(split_lines(result.summary, "data", args.source, out, reused=False) +
+                    (["  " + minority] if minority else []) + split_detail_lines(result.summary)))
+    print(f"split saved to {out / 'split.csv'} (the whole summary: {out / 'split.json'})")
     return 0
 
 

@@ -269,6 +269,45 @@ def _balance(config: Config | None, modality: str) -> str | None:
     return (config.stage1 if STAGE_OF[modality] == 1 else config.stage2).balance
 
 
+def split_lines(summary: dict, name: str, source: str, folder: Path, reused: bool) -> list[str]:
+    """The data step's account of one saved split (``split.json``'s summary): images, split counts, groups and
+    leakage. The data step and ``msbt split`` print it (``msbt split`` printed the summary's raw JSON)."""
+    s, g = summary, summary["groups"]
+    counts = ", ".join(
+        f"{split} " + "/".join(str(s["counts"][split].get(c, 0)) for c in s["classes"])
+        for split in ("train", "val", "test")
+    )
+    return [
+        f"{name}: {s['images']} images in {len(s['classes'])} classes ({', '.join(s['classes'])}) "
+        f"from {source}; {s['rejects']} rejected (see {folder / 'rejects.csv'})",
+        f"  split ({'reused' if reused else 'new'}, seed {s['seed']}): {counts}",
+        f"  groups: {g['count']} ({g['multi_image']} with several images, largest {g['largest']}, "
+        f"{len(g['mixed_label'])} mixing classes"
+        + (f"; {g['identical_joined']} of the given groups merged into others because they share a "
+           "byte-identical file" if g.get("identical_joined") else "")
+        + (f"; {g['manifest_joined']} merged by the manifest's group column" if g.get("manifest_joined") else "")
+        + ")",
+        f"  a naive random split would leak {s['leakage']['naive_random']['val']} val and "
+        f"{s['leakage']['naive_random']['test']} test images; this split leaks "
+        f"{s['leakage']['group_aware']['val'] + s['leakage']['group_aware']['test']}",
+    ]
+
+
+def split_detail_lines(summary: dict) -> list[str]:
+    """What a split's account adds after any warnings: files left out on purpose, and per-site counts."""
+    s, lines = summary, []
+    if s.get("skipped"):  # on purpose (a class not selected, masks), but the user should see how many
+        lines.append("  left out: " + ", ".join(f"{n} ({reason})" for reason, n in sorted(s["skipped"].items())))
+    if len(s.get("sites", {})) > 1:
+        for site, per in s["sites"].items():
+            lines.append(f"  site {site}: " + ", ".join(
+                f"{split} " + "/".join(str(per[split].get(c, 0)) for c in s["classes"]) for split in per))
+        cross = s.get("cross_site_duplicates", {})
+        lines.append(f"  near-duplicates across sites: {cross.get('pairs', 0)} pairs ({cross.get('images', 0)} "
+                     "images), reported in split.json, not merged into groups")
+    return lines
+
+
 def summarize(prepared: dict[str, PreparedData], config: Config | None = None) -> str:
     """A short human-readable account of the prepared data, for the job log.
 
@@ -279,25 +318,7 @@ def summarize(prepared: dict[str, PreparedData], config: Config | None = None) -
     lines = []
     for p in prepared.values():
         s = p.split.summary
-        g = s["groups"]
-        counts = ", ".join(
-            f"{split} " + "/".join(str(s["counts"][split].get(c, 0)) for c in s["classes"])
-            for split in ("train", "val", "test")
-        )
-        lines += [
-            f"{p.modality}: {s['images']} images in {len(s['classes'])} classes ({', '.join(s['classes'])}) "
-            f"from {p.source}; {s['rejects']} rejected (see {p.folder / 'rejects.csv'})",
-            f"  split ({'reused' if p.reused else 'new'}, seed {s['seed']}): {counts}",
-            f"  groups: {g['count']} ({g['multi_image']} with several images, largest {g['largest']}, "
-            f"{len(g['mixed_label'])} mixing classes"
-            + (f"; {g['identical_joined']} of the given groups merged into others because they share a "
-               "byte-identical file" if g.get("identical_joined") else "")
-            + (f"; {g['manifest_joined']} merged by the manifest's group column" if g.get("manifest_joined") else "")
-            + ")",
-            f"  a naive random split would leak {s['leakage']['naive_random']['val']} val and "
-            f"{s['leakage']['naive_random']['test']} test images; this split leaks "
-            f"{s['leakage']['group_aware']['val'] + s['leakage']['group_aware']['test']}",
-        ]
+        lines += split_lines(s, p.modality, p.source, p.folder, p.reused)
         files = {c: sum(s["counts"][split].get(c, 0) for split in ("train", "val", "test")) for c in s["classes"]}
         if minority := minority_warning(files, "source files" if p.modality == "microscope" else "images",
                                         STAGE_OF[p.modality], _balance(config, p.modality)):
@@ -305,15 +326,7 @@ def summarize(prepared: dict[str, PreparedData], config: Config | None = None) -
         if p.modality == "microscope" and config is not None and (
                 small := small_fields_warning(p.discovery, config.preprocess.patch_size)):
             lines.append("  " + small)
-        if s.get("skipped"):  # on purpose (a class not selected, masks), but the user should see how many
-            lines.append("  left out: " + ", ".join(f"{n} ({reason})" for reason, n in sorted(s["skipped"].items())))
-        if len(s.get("sites", {})) > 1:
-            for site, per in s["sites"].items():
-                lines.append(f"  site {site}: " + ", ".join(
-                    f"{split} " + "/".join(str(per[split].get(c, 0)) for c in s["classes"]) for split in per))
-            cross = s.get("cross_site_duplicates", {})
-            lines.append(f"  near-duplicates across sites: {cross.get('pairs', 0)} pairs ({cross.get('images', 0)} "
-                         "images), reported in split.json, not merged into groups")
+        lines += split_detail_lines(s)
     return "\n".join(lines)
 
 

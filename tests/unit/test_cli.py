@@ -142,6 +142,11 @@ def test_split_writes_files_and_will_not_overwrite(tmp_path, capsys):
     assert main(["split", str(root), "--out", str(out)]) == 0
     summary = json.loads((out / "split.json").read_text())
     assert summary["images"] == 8 and (out / "split.csv").exists() and (out / "rejects.csv").exists()
+    # said as the data step says it (it printed about 40 lines of the summary's JSON)
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"data: 8 images in 2 classes (benign, malignant) from {root}; ")
+    assert "  split (new, seed 0): train " in printed and "a naive random split would leak" in printed
+    assert "{" not in printed and f"(the whole summary: {out / 'split.json'})" in printed
     assert main(["split", str(root), "--out", str(out)]) == 1
     assert "already saved" in capsys.readouterr().err
     assert main(["split", str(root), "--out", str(out), "--force", "--set", "data.seed=5"]) == 0
