@@ -511,7 +511,7 @@ def _cmd_predict(args) -> int:
         raise ConfigError(f"--heatmaps {args.heatmaps}: a file is there; --heatmaps names a folder for the PNGs")
     model, run_folder = _run_model(args.model)
     run = predict(model, args.images, threshold=args.threshold, heatmaps=args.heatmaps, run_folder=run_folder)
-    print("\n".join(format_lines(run)))
+    print("\n".join(format_lines(run, model_said=run_folder is not None)))  # _run_model named it
     if args.out:
         print(f"predictions: {write_csv(run, args.out)}")
     if not run.predictions:

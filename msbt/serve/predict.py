@@ -549,10 +549,13 @@ def _write_heatmaps(model, batch: np.ndarray, paths: list[Path], folder: str | P
 # Reporting
 
 
-def format_lines(run: PredictionRun) -> list[str]:
-    """What ``msbt predict`` prints: a header, one line per image, rejects, skips and notes."""
+def format_lines(run: PredictionRun, *, model_said: bool = False) -> list[str]:
+    """What ``msbt predict`` prints: a header, one line per image, rejects, skips and notes.
+
+    ``model_said``: the line before named the model (a run folder given for it): the header does not again."""
     prep = run.preparation
-    lines = [f"model {run.checkpoint}; threshold {run.threshold.value:.4g} from {run.threshold.source}; images "
+    model = "" if model_said else f"model {run.checkpoint}; "
+    lines = [f"{model}threshold {run.threshold.value:.4g} from {run.threshold.source}; images "
              f"fitted to {prep.image_size} px (aspect {prep.aspect}, intensity {prep.intensity}, 16-bit "
              f"{prep.sixteen_bit}) as in training, from {prep.source}"]
     lines += [f"{p.path}\t{p.label}\tp={p.probability:.4f}\tlogit={p.logit:.3f}\tthreshold={p.threshold:.4g}"

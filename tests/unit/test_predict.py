@@ -194,7 +194,7 @@ def test_cli_predict_writes_csv_and_exit_codes(run, tmp_path, capsys):
     images, out = run["images"], tmp_path / "pred.csv"
     assert main(["predict", str(run["checkpoint"]), str(images), "--out", str(out), "--threshold", "0.4"]) == 0
     printed = capsys.readouterr().out
-    assert "threshold 0.4 from --threshold" in printed and "rejected" in printed
+    assert printed.startswith(f"model {run['checkpoint']}; threshold 0.4 from --threshold") and "rejected" in printed
     assert "skipped 1: segmentation mask" in printed and f"skipped 1: {HIDDEN_FILE}" in printed
     with out.open(newline="") as handle:
         rows = list(csv.DictReader(handle))

@@ -85,6 +85,12 @@ def test_steps_chain_through_the_recorded_stages(tmp_path, ray_local, capsys):
     check_run_report(run, "tiny_cnn")  # the evaluation step wrote report.html (tests/unit/test_report.py)
     assert not (tmp_path / "synth").exists()  # nothing regenerated the built-in data either
     away.rename(tmp_path / "synth")  # a new run name below needs its own split, so its own scan
+    # predict of the run folder names its model once (the run-folder line and predict's own header both did)
+    image = next((tmp_path / "synth" / "ultrasound").rglob("*.png"))
+    capsys.readouterr()
+    assert main(["predict", str(run), str(image)]) == 0
+    out = capsys.readouterr().out
+    assert out.count(stage2["checkpoint"]) == 1 and out.splitlines()[1].startswith("threshold "), out
 
     # explicit links: a changed stage-2 setting under a new name, from stage 1 by --parent
     other = [*common, "--set", "run.name=other", "--set", "stage2.head.dropout=0.25"]
