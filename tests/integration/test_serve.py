@@ -200,6 +200,7 @@ def test_stream_of_a_folder_scores_every_frame_like_the_engine(exported, tmp_pat
     for r in rows:
         assert r["label"] == ("malignant" if float(r["probability"]) >= 0.5 else "benign")
     summary = json.loads(out.with_suffix(".csv.json").read_text())
+    assert f"per-frame CSV: {out} (this summary as JSON: {out}.json)" in printed.out  # the JSON named where it is
     assert (summary["frames_read"], summary["frames_scored"], summary["frames_dropped"],
             summary["frames_unreadable"]) == (7, 6, 0, 1)
     assert any(f"{folder / 'f002.png'}: truncated PNG" in note for note in summary["notes"]), summary["notes"]
