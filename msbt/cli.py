@@ -765,6 +765,11 @@ def _cmd_experiment(args) -> int:
     if getattr(args, "seeds", None) and args.by != "site":
         raise ConfigError("--seeds repeats leave one site out (--by site); k-fold crossval and compare on the run's "
                           "split over seeds are not built")
+    if args.experiment == "compare" and len(set(args.arms)) + (args.by == "split" and not args.no_naive) < 2:
+        # one arm compares nothing, and its compare.json replaced the comparison of an earlier run in the same
+        # folder (its arms are reused when asked for again)
+        raise ConfigError(f"--arms {' '.join(args.arms)}: compare needs two arms or more (e.g. --arms multistage "
+                          "imagenet); finished arms of an earlier comparison are reused, not trained again")
     # compare's arms may start from stage 1 whatever the config says; the other experiments train its stage 2
     _preflight(config, MODALITIES if args.experiment == "compare" else run_modalities(config))
     _start_ray(args, config)

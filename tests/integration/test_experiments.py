@@ -76,6 +76,19 @@ def test_experiment_subcommands_have_help(name, capsys):
     assert info.value.code == 0 and "usage: msbt " + name in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("by, extra", [("site", []), ("split", ["--no-naive"])])
+def test_compare_with_one_arm_is_refused_before_any_work(tmp_path, capsys, by, extra):
+    """`compare --by site --arms imagenet` compared nothing and rewrote loso/compare.json, so an earlier two-arm
+    comparison (its paired differences) was gone, exit 0."""
+    from msbt.cli import main
+
+    argv = ["compare", "--smoke-test", "--by", by, "--arms", "imagenet", *extra, "--set", f"run.storage_path={tmp_path}",
+            "--set", f"synth.out_dir={tmp_path / 'synth'}"]
+    assert main(argv) == 1
+    assert "--arms imagenet: compare needs two arms or more" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before the data step: nothing written
+
+
 def test_an_arm_the_backbone_cannot_run_is_refused_before_any_work(tmp_path):
     """tiny_cnn has no ImageNet weights: compare's imagenet arm (and leave-one-site-out's) is refused when
     the experiment starts, naming the arm and the key, not after stage 1 and the first arms have trained."""
