@@ -41,6 +41,7 @@ from msbt.data.store import write_resplit
 from msbt.provenance import write_environment
 from msbt.atomicio import atomic_open, read_json, write_text
 from msbt.eval import metrics
+from msbt.eval.report import ablation_test_text
 from msbt.config import Config, ConfigError, check_ranges, stage2_seed_list, to_dict, training_seed
 from msbt.runfolder import run_stages
 from msbt.train.stages import index_root
@@ -468,6 +469,7 @@ def ablation(config: Config, *, rows: Sequence[str] = tuple(ABLATION_ROWS), fres
             "row": name, "label": ABLATION_LABELS[name], "overrides": ABLATION_ROWS[name],
             "loss": _ci(result, "loss"), "accuracy": _ci(result, "accuracy"), "auc": _ci(result, "auc"),
             "threshold": result["threshold"], "test_images": result["test_images"],
+            "test_groups": result.get("test_groups"), "scope": (result.get("scope") or {}).get("kind"),
             "paper_accuracy": PAPER_TABLE1_ACCURACY[name], "checkpoint": result["checkpoint"],
         })
     report = {"experiment": "ablation", "stage1": str(stage1) if stage1 else None, "rows": table,
@@ -484,7 +486,8 @@ def _with_ci(value: Sequence[float]) -> str:
 
 def format_ablation(report: dict) -> str:
     head = f"{'setting':<34} {'loss [95% CI]':>22} {'accuracy [95% CI]':>22} {'AUC [95% CI]':>22} {'paper acc.':>10}"
-    lines = ["Table 1 (stage 2 settings; ours on the held-out test split, the paper's test accuracy beside):", head]
+    lines = [f"Table 1 (stage 2 settings; ours on {ablation_test_text(report)}; the paper's test accuracy beside):",
+             head]
     for row in report["rows"]:
         lines.append(f"{row['label']:<34} {_with_ci(row['loss']):>22} {_with_ci(row['accuracy']):>22} "
                      f"{_with_ci(row['auc']):>22} {row['paper_accuracy']:>10.2f}")

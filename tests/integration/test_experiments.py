@@ -333,6 +333,9 @@ def test_ablation_row_uses_its_overlay_and_the_shared_stage1(tiny, capsys):
     assert len(row["accuracy"]) == 3 and row["accuracy"][1] <= row["accuracy"][0] <= row["accuracy"][2]
     printed = capsys.readouterr().out
     assert "Augmentation + L2 regularization" in printed and "0.92" in printed
+    # what the numbers were measured on, with its size (it said "the held-out test split", leave one site out's words)
+    assert (f"ours on the run's own test split: {row['test_images']} images of {row['test_groups']} lesion groups, an "
+            "internal estimate") in printed and "held-out" not in printed
     # A rerun reuses the finished row instead of training again.
     again = X.ablation(config, rows=("augmentation_l2",), n_boot=100)
     assert again["rows"][0]["checkpoint"] == row["checkpoint"]
