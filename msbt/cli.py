@@ -802,6 +802,9 @@ def _cmd_loso_diff(args) -> int:
         for part in run.split("+"):
             folder, _, arm = part.rpartition(":")
             if not folder or arm not in experiments.COMPARE_ARMS:  # no ":ARM" suffix
+                if folder and Path(folder).is_dir() and not Path(part).exists():  # RUN:ARM with an unknown arm
+                    raise ConfigError(f"{part}: unknown arm {arm!r} (an arm of `compare --by site`: "
+                                      f"{', '.join(experiments.COMPARE_ARMS)})")
                 folder = part
             if not Path(folder).is_dir():
                 raise ConfigError(f"{folder}: no such run folder")

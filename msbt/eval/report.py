@@ -271,10 +271,11 @@ def overview_section(run: Path, result: dict | None) -> str:
     if us:
         origin = "the built-in synthetic set" if config and not data.get("ultrasound") else f"<code>{_e(us['root'])}</code>"
         n = {split: sum(us["counts"][split].values()) for split in ("train", "val", "test")}
+        below = "for the test metrics below" if result else "for the test metrics (not measured in this run yet)"
         items.append(f"Stage 2 (benign vs malignant) was trained on {n['train']} images from {origin}; {n['val']} "
-                     f"more chose its epoch and threshold (validation) and {n['test']} were held out for the numbers "
-                     f"below (test): {us['images']} images of {us['groups']['count']} lesion groups in all, several "
-                     "images of one lesion always in one split.")
+                     f"more chose its epoch and threshold (validation) and {n['test']} were held out {below} (test): "
+                     f"{us['images']} images of {us['groups']['count']} lesion groups in all, several images of one "
+                     "lesion always in one split.")
     if result and result.get("test"):
         items.append(_reading_text(run, result))
     scope = (result or {}).get("scope", {}).get("kind")

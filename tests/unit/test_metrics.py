@@ -650,6 +650,9 @@ def test_loso_diff_pairs_two_runs_on_the_held_out_images(tmp_path, capsys):
         loso_diff([tmp_path / "base", tmp_path / "base"])
     assert main(["loso-diff", str(tmp_path / "base"), str(tmp_path / "nowhere")]) == 1
     assert "nowhere: no such run folder" in capsys.readouterr().err
+    # an existing run with an arm misspelt: the arm named, not the run called missing
+    assert main(["loso-diff", str(tmp_path / "base"), f"{tmp_path / 'lever'}:imagnet"]) == 1
+    assert "lever:imagnet: unknown arm 'imagnet' (an arm of `compare --by site`: " in capsys.readouterr().err
     # a run stopped before its summary counts with the sites it finished
     (tmp_path / "base" / "loso" / "loso.json").unlink()
     partial = loso_diff([f"{tmp_path / 'lever'}:imagenet", tmp_path / "base"], n_boot=100)

@@ -157,7 +157,7 @@ def test_the_first_section_says_the_data_are_synthetic_and_what_the_rates_rest_o
     assert "built-in <b>synthetic</b> microscope fields of HeLa, MCF-7 (12 fields)" in first
     # trained on the train split only: the validation and test images are said for what they did
     assert ("was trained on 113 images from the built-in synthetic set; 34 more chose its epoch and threshold (validation) "
-            "and 14 were held out for the numbers below (test): 161 images of 81 lesion groups in all") in first
+            "and 14 were held out for the test metrics below (test): 161 images of 81 lesion groups in all") in first
     assert "called malignant when it is at least the threshold 0.00045" in first
     assert ("malignant test images called malignant: 6 of 6 images (3 lesions), 95% interval over lesions 0.439 to "
             "1.000") in first and "benign: 7 of 8 images (4 lesions)" in first
