@@ -251,6 +251,12 @@ def test_leave_one_site_out_on_two_built_in_sites(loso):
     assert summary["worst_held_out_auc"] == min(aucs.values(), key=lambda v: v[0]) == aucs[summary["worst_site"]]
     assert summary["mean_held_out_auc"] == pytest.approx(np.mean([v[0] for v in aucs.values()]))
     assert "at a site it never saw" in X.format_loso(report)
+    # the report gives the same number to quote (the terminal did; the page had the table only)
+    from msbt.eval.report import experiments_section
+
+    worst = summary["worst_held_out_auc"]
+    assert (f"<b>The number to quote</b>: at a site it never saw, AUC {worst[0]:.3f} [{worst[1]:.3f}, {worst[2]:.3f}] "
+            f"at the worst ({summary['worst_site']})") in experiments_section(tmp_path / "runs" / "loso")
 
 
 @pytest.mark.ray
