@@ -586,7 +586,8 @@ def experiments_section(run: Path) -> str:
                      + f'<div class="charts">{charts}</div>')
     loso = _read_json(run / "loso" / "loso.json")
     if loso:
-        rows = [(r["site"], r["test_images"], _ci_text(r["held_out_auc"]), _ci_text(r["internal_auc"]) if r.get(
+        rows = [(r["site"], r["test_images"], _ci_text(r["held_out_auc"]), (_ci_text(r["internal_auc"]) + (
+            f" ({r['internal_images']} images)" if r.get("internal_images") is not None else "")) if r.get(
             "internal_auc") else "", _fmt(r.get("gap")), r.get("contamination_excluded", 0)) for r in loso["rows"]]
         seeds = loso.get("seeds") or []
         parts.append(f"<h3>Leave one site out</h3><p>{_e(loso['design'])}"

@@ -717,7 +717,8 @@ def _internal(result: dict, store: Path, folder: Path, n_boot: int, seed: int) -
     model, stage = load_stage2(result["checkpoint"])
     internal = predict_split(model, stage, store, "internal")
     scored = score(result.predictions["val"], internal, n_boot=n_boot, seed=seed)
-    out = {"checkpoint": result["checkpoint"], "images": scored["test_images"], "auc": _ci(scored, "auc")}
+    out = {"checkpoint": result["checkpoint"], "images": scored["test_images"], "groups": scored.get("test_groups"),
+           "auc": _ci(scored, "auc")}
     (folder / "internal.json").write_text(json.dumps(out, indent=2) + "\n")
     return out
 
@@ -815,6 +816,8 @@ def leave_one_site_out(config: Config, *, arms: Sequence[str] | None = None, see
                     "contamination_excluded": len(excluded[s]), "threshold": result["threshold"],
                     "held_out_auc": held, "sensitivity": _ci(result, "sensitivity"),
                     "specificity": _ci(result, "specificity"), "internal_auc": internal["auc"] if internal else None,
+                    # how many images that internal AUC rests on (4 gave "0.000 [0.000, 0.000]" and a gap of -0.93)
+                    "internal_images": internal["images"] if internal else None,
                     "gap": internal["auc"][0] - held[0] if internal else None, "checkpoint": result["checkpoint"],
                     "folder": name, "seed": seed,
                 }
@@ -1077,11 +1080,14 @@ def format_loso(report: dict) -> str:
     for arm, part in parts.items():
         if arm:
             lines.append(f"arm {arm}:")
-        lines.append(f"{'held-out site':<20} {'images':>6}  {'held-out AUC [95% CI]':<26} {'internal AUC [95% CI]':<26} gap")
+        lines.append(f"{'held-out site':<20} {'images':>6}  {'held-out AUC [95% CI]':<26} "
+                     f"{'internal AUC [95% CI] (images)':<34} gap")
         for r in part["rows"]:
             internal = _with_ci(r["internal_auc"]) if r["internal_auc"] else "-"
+            if r["internal_auc"] and r.get("internal_images") is not None:
+                internal += f" ({r['internal_images']})"
             gap = f"{r['gap']:+.3f}" if r["gap"] is not None else "-"
-            lines.append(f"{r['site']:<20} {r['test_images']:>6}  {_with_ci(r['held_out_auc']):<26} {internal:<26} {gap}")
+            lines.append(f"{r['site']:<20} {r['test_images']:>6}  {_with_ci(r['held_out_auc']):<26} {internal:<34} {gap}")
         summary = part.get("summary")
         if part.get("across_seeds"):
             lines += _format_seeds(part, report["seeds"], arm)

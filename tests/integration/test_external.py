@@ -235,6 +235,9 @@ def test_leave_one_site_out_on_two_built_in_sites(loso):
         held = {s for s, role in zip(store["source"], store["split"]) if role == "test"}
         assert held == {x["relpath"] for x in rows if x["site"] == r["site"]} and set(store["site"]) == {"site-a", "site-b"}
         assert r["test_images"] == len(held) and r["internal_auc"] is not None
+        # the internal AUC's images said beside it (4 images gave "0.000 [0.000, 0.000]" and a gap of -0.93)
+        assert r["internal_images"] == sum(1 for role in store["split"] if role == "internal")
+        assert f"{r['internal_auc'][2]:.3f}] ({r['internal_images']})" in X.format_loso(report)
         assert r["gap"] == pytest.approx(r["internal_auc"][0] - r["held_out_auc"][0])
         low, high = r["held_out_auc"][1:]
         assert low <= r["held_out_auc"][0] <= high
