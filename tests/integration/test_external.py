@@ -298,6 +298,8 @@ def test_leave_one_site_out_compares_arms_on_each_held_out_site(loso, loso_arms)
     tmp_path, report = loso.tmp, loso.report
     both, printed = loso_arms
     assert "site-site-a: reusing" in printed and "site-site-b: reusing" in printed
+    # one seed per arm: said, as loso-diff says it (the intervals leave the training seed's spread out)
+    assert "(one training seed per arm: the intervals and p cover the held-out images only" in printed
     assert both["arms"]["multistage"]["rows"] == report["rows"]
     assert [r["site"] for r in both["arms"]["scratch"]["rows"]] == ["site-a", "site-b"]
     for r in both["arms"]["scratch"]["rows"]:
