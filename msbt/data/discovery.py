@@ -122,7 +122,7 @@ def discover(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     on_partial: str = "reject",
     on_conflict: str = "reject",
-    inspect_all: Callable[[list, str], list] | None = None,
+    inspect_all: Callable[..., list] | None = None,
     every_class: bool = True,
     progress_label: str = "scan",
 ) -> Discovery:
@@ -143,7 +143,7 @@ def discover(
         on_conflict: the same file content under two classes: "error" stops the scan naming both
             files, "reject" rejects every copy.
         inspect_all: runs `inspect_file` over every candidate and returns the (candidate, outcome) pairs
-            in candidate order, given (candidates, options); None -> threads in this process
+            in candidate order, given (candidates, options, desc=progress_label); None -> threads in this process
             (`inspect_in_threads`). `msbt.data.scan` passes one that runs on Ray Data.
         every_class: every class in ``classes`` must have usable images (training); False accepts a source
             with some of them only (an external site of malignant cases alone: ``msbt external``).
@@ -168,11 +168,10 @@ def discover(
     keep = tuple(classes) if classes else tuple(sorted(found))
     check_classes(source, keep, found, every=every_class)
 
-    options = {"sixteen_bit": sixteen_bit, "max_pixels": max_pixels, "on_partial": on_partial,
-               "progress_label": progress_label}
+    options = {"sixteen_bit": sixteen_bit, "max_pixels": max_pixels, "on_partial": on_partial}
     records, hashes, thumbs, warnings, peaks = [], [], [], [], []
-    pairs = (inspect_all(candidates, options) if inspect_all is not None
-             else inspect_in_threads(candidates, options, workers))
+    pairs = (inspect_all(candidates, options, desc=progress_label) if inspect_all is not None
+             else inspect_in_threads(candidates, options, workers, desc=progress_label))
     for (path, relpath, label, group), outcome in pairs:
         if isinstance(outcome, Reject):
             if strict:
@@ -600,12 +599,14 @@ def _too_many_fields(row: dict, columns: list[str]) -> str | None:
             "label with a comma must be in double quotes); not used")
 
 
-def inspect_in_threads(candidates: list[Candidate], options: dict, workers: int | None = None) -> list[tuple[Candidate, object]]:
-    """`inspect_file` over every candidate with a thread pool in this process, pairs in candidate order."""
+def inspect_in_threads(candidates: list[Candidate], options: dict, workers: int | None = None, *,
+                       desc: str = "scan") -> list[tuple[Candidate, object]]:
+    """`inspect_file` over every candidate with a thread pool in this process, pairs in candidate order (``desc``
+    names the progress bar)."""
     pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
     try:
         results = list(progress(pool.map(lambda c: inspect_file(c, options), candidates),
-                                total=len(candidates), desc=options.get("progress_label", "scan"), unit="file"))
+                                total=len(candidates), desc=desc, unit="file"))
     except BaseException:
         # Ctrl-C (or any error): drop the queued files at once instead of decoding them all first,
         # so the first Ctrl-C stops the scan.

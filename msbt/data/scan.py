@@ -152,23 +152,23 @@ def inspect_with_ray(candidates: list, options: dict, files_per_task: int = 64) 
     return [pair for i in range(n) for pair in outcomes[i]]
 
 
-def scan_inspector(mode: str = "auto", min_files: int = 2000, files_per_task: int = 64) -> Callable[[list, dict], list]:
+def scan_inspector(mode: str = "auto", min_files: int = 2000, files_per_task: int = 64) -> Callable[..., list]:
     """The `inspect_all` argument of `discover` for a scan mode (see the module docstring).
 
     Returns:
-        A function (candidates, options) -> (candidate, outcome) pairs that picks driver threads or Ray
+        A function (candidates, options, desc) -> (candidate, outcome) pairs that picks driver threads or Ray
         Data with `choose_scan` once the number of candidates is known.
     """
     choose_scan(mode, 0, min_files, ray_up=True)  # an unknown mode fails before any file is listed
 
-    def inspect_all(candidates: list, options: dict) -> list:
+    def inspect_all(candidates: list, options: dict, desc: str = "scan") -> list:
         import ray
 
         where = choose_scan(mode, len(candidates), min_files, ray.is_initialized())
         log.info("scanning %d files with %s", len(candidates), "Ray Data" if where == "ray" else "driver threads")
         if where == "ray":
             return inspect_with_ray(candidates, options, files_per_task)
-        return inspect_in_threads(candidates, options)
+        return inspect_in_threads(candidates, options, desc=desc)
 
     return inspect_all
 
