@@ -242,34 +242,33 @@ def overview_section(run: Path, result: dict | None) -> str:
     """What a reader must know before any number: what each stage learned from (the built-in data are
     synthetic: drawn by msbt, no patient's), how many lesions the test numbers rest on, what sensitivity and
     specificity mean at the run's threshold, and where the numbers hold."""
-    import yaml
+    from msbt.config import ConfigError, load_config
+    from msbt.runfolder import run_stages
 
-    try:
-        config = yaml.safe_load((run / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        config = {}
-    data = config.get("data") or {}
+    try:  # the run's own settings, with the defaults of its time filled in as every step reads them
+        config = load_config([run / "config.yaml"]) if (run / "config.yaml").is_file() else None
+    except ConfigError:
+        config = None
     items = []
-    if config and not data.get("ultrasound"):
+    if config and not config.data.ultrasound:
         items.append("<b>Synthetic data.</b> Every ultrasound image of this run (training, validation and test) is "
                      "msbt's built-in synthetic data: B-mode-like pictures of simulated lesions drawn by a program, "
                      "not images of patients. The numbers below say that the software works, not how the model "
                      "would do on real breast ultrasound; it is not for clinical use.")
-    stage1 = (config.get("stage2") or {}).get("weights", "parent") == "parent"
     micro = _read_json(run / "data" / "microscope" / "split.json")
-    if config and stage1:
-        kind = ("built-in <b>synthetic</b> microscope fields of " if not data.get("microscope")
+    if config and 1 in run_stages(config):
+        kind = ("built-in <b>synthetic</b> microscope fields of " if not config.data.microscope
                 else "microscope images of ")
         size = f" ({micro['images']} fields)" if micro else ""
         classes = ", ".join(micro["classes"]) if micro else "four cell lines"
-        weights = (config.get("stage1") or {}).get("weights", "imagenet")
+        weights = config.stage1.weights
         start = {"imagenet": "ImageNet weights (photographs)", "none": "random weights"}.get(
             weights, f"the weights file <code>{_e(weights)}</code>")
         items.append(f"Stage 1 (the middle stage) learned to tell cell lines apart from {kind}{_e(classes)}{size}, "
                      f"starting from {start}; stage 2 starts from it.")
     us = _read_json(run / "data" / "ultrasound" / "split.json")
     if us:
-        origin = "the built-in synthetic set" if config and not data.get("ultrasound") else f"<code>{_e(us['root'])}</code>"
+        origin = "the built-in synthetic set" if config and not config.data.ultrasound else f"<code>{_e(us['root'])}</code>"
         n = {split: sum(us["counts"][split].values()) for split in ("train", "val", "test")}
         below = "for the test metrics below" if result else "for the test metrics (not measured in this run yet)"
         items.append(f"Stage 2 (benign vs malignant) was trained on {n['train']} images from {origin}; {n['val']} "
