@@ -73,10 +73,10 @@ def lesion_groups(manifest_groups: Sequence[str | None], hashes: np.ndarray, thu
     always holds the frames of one DICOM cine loop together: they share the file's digest), joined with the
     manifest's group column where it names one (a patient, a lesion), so that neither two views of one patient
     nor one image under two patients' rows count as independent. A group is named by the first manifest group
-    among its members in the scan's order (written to predictions.csv as given), else ``~`` and its near-duplicate id (``~g00001``:
-    never to be taken for a patient called ``g00001``). Until 2026-12-07 a row without a manifest group was a
-    group of its own, so a cine loop listed in a manifest without a group counted each frame as an independent
-    lesion and its intervals came out too narrow (`tests/unit/test_external_groups.py`).
+    among its members in the scan's order (written to predictions.csv as given), else ``~`` and its
+    near-duplicate id (``~g00001``: never to be taken for a patient called ``g00001``). Until 2026-12-07 a row
+    without a manifest group was a group of its own, so a cine loop listed in a manifest without a group counted
+    each frame as an independent lesion and its intervals came out too narrow (`tests/unit/test_external_groups.py`).
     """
     from msbt.data.splits import join_by
 
