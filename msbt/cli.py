@@ -770,6 +770,8 @@ def _cmd_experiment(args) -> int:
         # folder (its arms are reused when asked for again)
         raise ConfigError(f"--arms {' '.join(args.arms)}: compare needs two arms or more (e.g. --arms multistage "
                           "imagenet); finished arms of an earlier comparison are reused, not trained again")
+    if args.by == "site":
+        experiments.check_several_sites(config)
     # compare's arms may start from stage 1 whatever the config says; the other experiments train its stage 2
     _preflight(config, MODALITIES if args.experiment == "compare" else run_modalities(config))
     _start_ray(args, config)

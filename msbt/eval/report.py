@@ -51,6 +51,24 @@ def ablation_test_text(report: Mapping) -> str:
     return f"the run's own test split{size}{internal}"
 
 
+def stage1_origin_text(origin: Mapping) -> str:
+    """What the multistage arms' stage 1 learned from, beside the tables that compare starting points: a gain or
+    a loss of the middle stage means something else when its cells were msbt's synthetic ones."""
+    weights = {"imagenet": "ImageNet weights", "none": "random weights"}.get(
+        origin.get("weights"), f"the weights file {origin.get('weights')}")
+    fields = f"{origin['fields']} fields of " if origin.get("fields") else ""
+    text = (f"stage 1 (where the multistage arms start): {origin.get('backbone')} from {weights}, trained on "
+            f"{fields}{', '.join(origin.get('classes') or ())}")
+    if origin.get("synthetic"):
+        return (text + ", msbt's built-in synthetic microscope fields, not real cells: what the multistage arm gains "
+                "or loses here is that of synthetic cells, not a test of the paper's microscope stage")
+    return text + f" from {origin.get('microscope')}"
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
 def _read_json(path: Path):
     try:
         return json.loads(path.read_text())
@@ -568,20 +586,30 @@ def experiments_section(run: Path) -> str:
     cv = _read_json(run / "crossval" / "crossval.json")
     if cv:
         keys = ("accuracy", "auc", "sensitivity", "specificity", "f1", "loss")
-        rows = [(r["fold"], r["test_images"], *[r[k] for k in keys]) for r in cv["rows"]]
+        rows = [(r["fold"], r["test_images"], *[_ci_text([r[k], r["auc_low"], r["auc_high"]]) if k == "auc" and
+                                                 "auc_low" in r else r[k] for k in keys]) for r in cv["rows"]]
         rows.append(("mean ± sd", "", *[f"{_fmt(cv['summary'][k][0])} ± {_fmt(cv['summary'][k][1])}" for k in keys]))
         charts = line_chart([{"label": k, "x": [r["fold"] for r in cv["rows"]], "y": [r[k] for r in cv["rows"]],
                               "points": True} for k in ("accuracy", "auc")],
                             title="Per-fold held-out accuracy and AUC", xlabel="fold", ylabel="value", ylim=(0, 1),
-                            integer_x=True)
+                            # half a fold of room each side: fold 0's and the last fold's markers sat on the frame
+                            xlim=(-0.5, len(cv["rows"]) - 0.5), integer_x=True)
         oof = cv.get("oof_threshold")
         oof_text = ""
         if oof:
             from msbt.eval.threshold import format_oof
 
             oof_text = "<p>" + "<br>".join(_e(line) for line in format_oof(oof).splitlines()) + "</p>"
+        pooled = cv.get("pooled")
+        pooled_text = ""
+        if pooled:
+            from msbt.eval.evaluate import pooled_lines
+
+            first, *notes = pooled_lines(pooled)
+            pooled_text = (f"<p><b>The number to quote</b>: {_e(first)}.</p>"
+                           + "".join(f'<p class="note">{_e(n.strip())}</p>' for n in notes))
         parts.append(f"<h3>{cv['folds']}-fold cross-validation</h3><p>{_e(cv['design'])}.</p>"
-                     + _table(("fold", "held-out images", *keys), rows) + oof_text
+                     + _table(("fold", "held-out images", *keys), rows) + pooled_text + oof_text
                      + f'<div class="charts">{charts}</div>')
     loso = _read_json(run / "loso" / "loso.json")
     if loso:
@@ -637,6 +665,8 @@ def experiments_section(run: Path) -> str:
                       _ci_text([t["paired_bootstrap"]["diff"], *t["paired_bootstrap"]["ci"]]),
                       _fmt(t["paired_bootstrap"]["p_value"])) for site, ts in lc["paired"].items() for t in ts
                      if "error" not in t["paired_bootstrap"]]
+        if lc.get("stage1_origin"):
+            intro += f" {_e(_sentence(stage1_origin_text(lc['stage1_origin'])))}."
         parts.append(f"<h3>Stage-2 starting points under leave one site out</h3><p>{intro}</p>" + _table(header, rows)
                      + _table(("held-out site", "arms", "AUC difference [95% CI]", "p"), tests))
     ab = _read_json(run / "ablation" / "ablation.json")
@@ -673,7 +703,9 @@ def experiments_section(run: Path) -> str:
                      f"{nv['inflation']['auc']:+.3f}. {leak['leaked_images']} of "
                      f"{leak['leaked_images'] + leak['clean_images']} naive test images had a frame of their lesion "
                      "in naive train/val.</p>")
-        parts.append("<h3>Does the middle stage help?</h3>" + body)
+        origin = f"<p>{_e(_sentence(stage1_origin_text(cmp_['stage1_origin'])))}.</p>" if cmp_.get(
+            "stage1_origin") else ""
+        parts.append("<h3>Does the middle stage help?</h3>" + origin + body)
     if not parts:
         return ""
     return _section("Experiments", "".join(parts), "experiments")

@@ -41,7 +41,7 @@ from msbt.data.store import write_resplit
 from msbt.provenance import write_environment
 from msbt.atomicio import atomic_open, read_json, write_text
 from msbt.eval import metrics
-from msbt.eval.report import ablation_test_text
+from msbt.eval.report import ablation_test_text, stage1_origin_text
 from msbt.config import Config, ConfigError, check_ranges, stage2_seed_list, to_dict, training_seed
 from msbt.runfolder import run_stages
 from msbt.train.stages import index_root
@@ -348,6 +348,8 @@ def crossval(config: Config, *, scope: str = "trainval", fresh: bool = False, n_
         The content of ``crossval.json`` (also written, with ``folds.csv``, to ``runs/<name>/crossval``):
         per-fold rows and ``summary`` = {metric: [mean, sd]} over folds.
     """
+    from msbt.eval.evaluate import pooled_folds
+
     one_seed_note(config, "crossval")
     needs_stage1 = 1 in run_stages(config)
     data = prepare_run(config, stage1=needs_stage1)
@@ -358,19 +360,21 @@ def crossval(config: Config, *, scope: str = "trainval", fresh: bool = False, n_
     counts = [_check_roles(plan, labels, f"fold {i}") for i, plan in enumerate(plans)]  # fail before training
     out = _fresh(data.run_dir / "crossval", fresh)
     stage1 = shared_stage1(data, verbose=verbose) if needs_stage1 else None
-    fold_rows, held_out = [], []
+    fold_rows, held_out, scopes = [], [], []
     for i, plan in enumerate(plans):
         folder = out / f"fold-{i}"
         store = write_resplit(data.ultrasound_store, plan, folder / "store")
         result = run_arm(arm_config(config, out, f"fold-{i}"), store, stage1, folder, n_boot=n_boot, verbose=verbose,
                          index=index_root(config))
         held_out.append(result.predictions["test"])
+        scopes.append(result.get("scope") or {})
+        low, high = result["test_ci95"]["auc"][1:]
         fold_rows.append({
             "fold": i, "val_fold": (i + 1) % k,
             "train_images": sum(counts[i]["train"].values()), "val_images": result["val_images"],
             "test_images": result["test_images"], "test_groups": result["test_groups"],
             "threshold": result["threshold"], **{key: result["test"][key] for key in SUMMARY_KEYS},
-            "checkpoint": result["checkpoint"],
+            "auc_low": low, "auc_high": high, "checkpoint": result["checkpoint"],
         })
         print(f"fold {i}: " + ", ".join(f"{key} {result['test'][key]:.3f}" for key in ("accuracy", "auc", "loss")))
     summary = metrics.summarize_folds([{key: row[key] for key in SUMMARY_KEYS} for row in fold_rows])
@@ -378,6 +382,8 @@ def crossval(config: Config, *, scope: str = "trainval", fresh: bool = False, n_
         "experiment": "crossval", "folds": k, "scope": scope, "stage1": str(stage1) if stage1 else None,
         "design": _CV_DESIGN[scope].format(k=k),
         "rows": fold_rows, "summary": {key: list(value) for key, value in summary.items()},
+        "pooled": pooled_scope(pooled_folds(held_out, [r["threshold"] for r in fold_rows], n_boot=n_boot,
+                                            seed=config.data.seed), held_out, scopes),
     }
     if scope == "trainval":  # with scope "all" the pooled predictions include the test split: not for choosing
         report["oof_threshold"] = oof_threshold(held_out, [r["threshold"] for r in fold_rows], data.run_dir,
@@ -386,6 +392,16 @@ def crossval(config: Config, *, scope: str = "trainval", fresh: bool = False, n_
     write_text(out / "crossval.json", json.dumps(report, indent=2, default=float) + "\n")
     print(format_crossval(report))
     return report
+
+
+def pooled_scope(pooled: dict, held_out: Sequence[dict], scopes: Sequence[Mapping]) -> dict:
+    """``pooled`` (msbt.eval.evaluate.pooled_folds) with the scope of its images: internal unless some fold
+    held out a site its model never trained on. k-fold folds deal lesion groups, never whole sites."""
+    from msbt.eval.evaluate import with_scope
+
+    tested = {str(s) for fold in held_out for s in np.asarray(fold.get("site", [])).tolist() if str(s)}
+    unseen = {site for scope in scopes for site in scope.get("unseen_sites", ())}
+    return with_scope(pooled, sorted(tested), sorted(tested - unseen) if tested else None)
 
 
 def oof_threshold(held_out: Sequence[dict], fold_thresholds: Sequence[float], run: Path, *, seed: int = 0) -> dict:
@@ -421,6 +437,11 @@ def format_crossval(report: dict) -> str:
         lines.append(f"{row['fold']:>4}  {row['test_images']:>6}  " + "  ".join(f"{row[k]:>11.3f}" for k in keys))
     lines.append("mean ± sd     " + "  ".join(
         f"{_pm(*report['summary'][k]):>11}" for k in keys))
+    pooled = report.get("pooled")
+    if pooled:
+        from msbt.eval.evaluate import pooled_lines
+
+        lines += pooled_lines(pooled)
     oof = report.get("oof_threshold")
     if oof:
         from msbt.eval.threshold import format_oof
@@ -614,6 +635,7 @@ def compare(config: Config, *, arms: Sequence[str] = tuple(COMPARE_ARMS), naive:
                                out / arm, n_boot=n_boot, verbose=verbose, index=index_root(config))
     report: dict[str, Any] = {
         "experiment": "compare", "stage1": str(stage1) if stage1 else None,
+        "stage1_origin": stage1_origin(config, stage1) if stage1 and "multistage" in arms else None,
         "arms": {arm: _arm_summary(r) for arm, r in results.items()},
         "paired": paired_tests(results, n_boot=n_boot, seed=config.data.seed) if len(results) > 1 else [],
     }
@@ -636,6 +658,21 @@ def compare(config: Config, *, arms: Sequence[str] = tuple(COMPARE_ARMS), naive:
     return report
 
 
+def stage1_origin(config: Config, stage1: Path) -> dict:
+    """What the shared stage 1 learned from (its manifest and the run's microscope split), for the tables that
+    compare the multistage arm with the others."""
+    from msbt.model.checkpoint import read_manifest
+    from msbt.runfolder import data_dir
+
+    manifest = read_manifest(stage1)
+    split = read_json(data_dir(config, "microscope") / "split.json") or {}
+    return {"checkpoint": str(stage1), "backbone": manifest.get("backbone"),
+            "weights": (manifest.get("weights") or {}).get("source"), "synthetic": not config.data.microscope,
+            "microscope": config.data.microscope or split.get("root"), "fields": split.get("images"),
+            "classes": list(manifest.get("class_names") or split.get("classes") or ()),
+            "best_epoch": manifest.get("best_epoch")}
+
+
 def _arm_summary(result: dict) -> dict:
     return {"test": {k: result["test"][k] for k in SUMMARY_KEYS},
             "ci95": {k: _ci(result, k) for k in SUMMARY_KEYS},
@@ -644,8 +681,10 @@ def _arm_summary(result: dict) -> dict:
 
 
 def format_compare(report: dict) -> str:
-    lines = ["Stage-2 starting points on the same split and budget (held-out test split, 95% CIs by lesion):",
-             f"{'arm':<12} {'accuracy [95% CI]':>22} {'AUC [95% CI]':>22} {'loss':>8}"]
+    lines = ["Stage-2 starting points on the same split and budget (the run's own test split, 95% CIs by lesion):"]
+    if report.get("stage1_origin"):
+        lines.append(stage1_origin_text(report["stage1_origin"]))
+    lines.append(f"{'arm':<12} {'accuracy [95% CI]':>22} {'AUC [95% CI]':>22} {'loss':>8}")
     for arm, s in report["arms"].items():
         lines.append(f"{arm:<12} {_with_ci(s['ci95']['accuracy']):>22} {_with_ci(s['ci95']['auc']):>22} "
                      f"{s['test']['loss']:>8.3f}")
@@ -723,6 +762,20 @@ def _internal(result: dict, store: Path, folder: Path, n_boot: int, seed: int) -
     return out
 
 
+def check_several_sites(config: Config) -> None:
+    """Refuse leave one site out on a config of one site before Ray starts or any image is read (the refusal
+    came after the data step, which on a real collection is minutes of scanning). The sites are those of
+    ``data.ultrasound``'s items, or ``synth.sites`` for the built-in data."""
+    from msbt.data.sites import parse_sources
+
+    sites = ([s.name for s in parse_sources(config.data.ultrasound)] if config.data.ultrasound
+             else [f"site-{i}" for i in range(config.synth.sites)] if config.synth.sites >= 2 else ["built-in"])
+    if len(sites) < 2:
+        raise ConfigError(f"data.ultrasound: leave one site out (--by site) needs at least two sites, and this config "
+                          f"names one ({sites[0]}); give a list of NAME=PATH (e.g. --set 'data.ultrasound=[a=/data/a, "
+                          "b=/data/b]') or use the built-in sites (--set synth.sites=3)")
+
+
 def leave_one_site_out(config: Config, *, arms: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
                        fresh: bool = False, n_boot: int = 2000, verbose: int = 0) -> dict:
     """Train on every site but one and score the held-out one, for every site; all from one stage 1.
@@ -754,6 +807,7 @@ def leave_one_site_out(config: Config, *, arms: Sequence[str] | None = None, see
     unknown = [a for a in arms or () if a not in COMPARE_ARMS]
     if unknown:
         raise ValueError(f"unknown arms {unknown}; known: {list(COMPARE_ARMS)}")
+    check_several_sites(config)
     own_seed = training_seed(config)
     seeds = list(dict.fromkeys(int(k) for k in (stage2_seed_list(config) if seeds is None else seeds)))
     if not seeds:
@@ -842,7 +896,8 @@ def leave_one_site_out(config: Config, *, arms: Sequence[str] | None = None, see
     report = {"experiment": "loso", "sites": sites, "stage1": str(stage1) if stage1 else None,
               "design": _LOSO_DESIGN, "seeds": seeds, **parts[first]}
     if arms is not None:
-        report.update(experiment="loso-compare", arms=parts, paired=paired)
+        report.update(experiment="loso-compare", arms=parts, paired=paired,
+                      stage1_origin=stage1_origin(config, stage1) if stage1 and "multistage" in arms else None)
     _write_table(out / ("sites.csv" if arms is None else "compare-sites.csv"),
                  [{**({} if arms is None else {"arm": a}), **{k: (json.dumps(v) if isinstance(v, list) else v)
                                                             for k, v in r.items()}}
@@ -1076,6 +1131,8 @@ _LOSO_DESIGN = ("each site held out in turn: stage 2 trains on the other sites' 
 def format_loso(report: dict) -> str:
     """The leave-one-site-out summary table for the job log (one per arm for compare --by site)."""
     lines = ["leave one site out (" + report["design"] + "):"]
+    if report.get("stage1_origin"):
+        lines.append(stage1_origin_text(report["stage1_origin"]))
     parts = report.get("arms") or {None: report}
     for arm, part in parts.items():
         if arm:

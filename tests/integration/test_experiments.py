@@ -268,12 +268,22 @@ def test_crossval_three_folds_from_one_stage1(tiny):
     from msbt.eval.metrics import choose_threshold
 
     oof = report["oof_threshold"]
-    pooled = [read_predictions(out / f"fold-{row['fold']}" / "predictions.csv")["test"] for row in report["rows"]]
-    assert oof["images"] == len(held_out) == sum(len(f["y"]) for f in pooled)
-    assert oof["threshold"] == pytest.approx(choose_threshold(np.concatenate([f["y"] for f in pooled]),
-                                                              np.concatenate([f["p"] for f in pooled])))
+    pooled_preds = [read_predictions(out / f"fold-{row['fold']}" / "predictions.csv")["test"]
+                    for row in report["rows"]]
+    assert oof["images"] == len(held_out) == sum(len(f["y"]) for f in pooled_preds)
+    assert oof["threshold"] == pytest.approx(choose_threshold(np.concatenate([f["y"] for f in pooled_preds]),
+                                                              np.concatenate([f["p"] for f in pooled_preds])))
     assert oof["fold_thresholds"] == [row["threshold"] for row in report["rows"]]
     assert "out-of-fold threshold" in X.format_crossval(report)
+    # the number to quote: every held-out image once, at its own fold's threshold, intervals over lesions
+    from msbt.eval.metrics import roc_auc
+
+    pooled = report["pooled"]
+    assert pooled["images"] == len(held_out) and pooled["scope"]["kind"] == "internal"
+    assert pooled["auc"][0] == pytest.approx(roc_auc(np.concatenate([f["y"] for f in pooled_preds]),
+                                                     np.concatenate([f["p"] for f in pooled_preds])))
+    assert all(row["auc_low"] <= row["auc"] <= row["auc_high"] for row in report["rows"])
+    assert "pooled out-of-fold" in X.format_crossval(report) and "internal estimate" in X.format_crossval(report)
 
 
 @pytest.mark.ray
@@ -315,6 +325,11 @@ def test_compare_pairs_arms_on_the_same_test_images(tiny):
         assert pair[test]["auc_b"] == pytest.approx(saved["arms"]["scratch"]["test"]["auc"])
     assert saved["arms"]["multistage"]["test_images"] == saved["arms"]["scratch"]["test_images"]
     assert "AUC multistage - scratch" in X.format_compare(report)
+    # what the multistage arm's start learned from stands beside the table (here msbt's synthetic cells)
+    origin = saved["stage1_origin"]
+    assert origin["checkpoint"] == str(stage1) and origin["synthetic"] is True and len(origin["classes"]) == 4
+    assert origin["fields"] == json.loads((data.run_dir / "data" / "microscope" / "split.json").read_text())["images"]
+    assert "synthetic microscope fields, not real cells" in X.format_compare(report)
     with pytest.raises(ValueError, match="needs the multistage arm"):
         X.compare(config, arms=("scratch",), naive=True)
 

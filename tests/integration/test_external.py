@@ -311,7 +311,11 @@ def test_leave_one_site_out_compares_arms_on_each_held_out_site(loso, loso_arms)
         held = {r["site"]: r["held_out_auc"][0] for r in report["rows"]}[site]
         assert test["paired_bootstrap"]["auc_a"] == pytest.approx(held)
     assert (tmp_path / "runs" / "loso" / "loso" / "compare.json").is_file()
-    assert "Stage-2 starting points under leave one site out" in experiments_section(tmp_path / "runs" / "loso")
+    section = experiments_section(tmp_path / "runs" / "loso")
+    assert "Stage-2 starting points under leave one site out" in section
+    # the multistage arm's start, said beside both tables: built-in synthetic cells
+    assert both["stage1_origin"]["synthetic"] and both["stage1_origin"]["checkpoint"] == report["stage1"]
+    assert "synthetic microscope fields, not real cells" in printed and "not real cells" in section
 
 
 @pytest.mark.ray

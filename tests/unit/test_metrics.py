@@ -610,6 +610,50 @@ def test_out_of_fold_threshold_pools_the_folds_and_reports_their_spread():
     assert (at["sensitivity"], at["specificity"]) == (m["sensitivity"], m["specificity"])
 
 
+def test_pooled_folds_calls_each_fold_at_its_own_threshold_and_resamples_lesions_over_all_folds():
+    """k-fold's number to quote: one AUC and rates over every held-out image with intervals over lesion groups,
+    each image called at its own fold model's threshold (a pooled threshold would be a choice no fold made)."""
+    from msbt.eval.evaluate import pooled_folds, pooled_lines
+    from msbt.jobs.experiments import pooled_scope
+
+    rng = np.random.default_rng(1)
+    folds, thresholds = [], [0.3, 0.5, 0.7]
+    for k, t in enumerate(thresholds):
+        y = np.repeat(rng.integers(0, 2, 20), 3)  # three views of each lesion: one label, close scores
+        p = np.repeat(np.clip(0.35 * y[::3] + rng.uniform(0, 0.65, 20), 0, 1), 3) + rng.uniform(0, 1e-3, 60)
+        folds.append({"y": y, "p": np.clip(p, 0, 1), "group": np.asarray([f"f{k}g{i // 3}" for i in range(60)]),
+                      "site": np.asarray(["a", "b"] * 30)})
+    out = pooled_folds(folds, thresholds, n_boot=300, seed=0)
+    y = np.concatenate([f["y"] for f in folds])
+    p = np.concatenate([f["p"] for f in folds])
+    calls = np.concatenate([f["p"] >= t for f, t in zip(folds, thresholds)])
+    assert out["images"] == 180 and out["groups"] == 60 and out["malignant"] == int(y.sum())
+    assert out["auc"][0] == pytest.approx(brute_auc(y, p))
+    assert out["sensitivity"][0] == pytest.approx(calls[y == 1].mean())
+    assert out["specificity"][0] == pytest.approx(1 - calls[y == 0].mean())
+    assert out["accuracy"][0] == pytest.approx((calls == y).mean())
+    for key in ("auc", "sensitivity", "specificity", "accuracy"):
+        assert out[key][1] < out[key][0] < out[key][2]
+    # the interval is over lesions: resampling images (each its own group) gives a narrower one
+    images = pooled_folds([{**f, "group": np.arange(60) + 100 * k} for k, f in enumerate(folds)], thresholds,
+                          n_boot=300, seed=0)
+    assert out["auc"][2] - out["auc"][1] > images["auc"][2] - images["auc"][1]
+    assert out["wilson_groups"]["sensitivity"][0] == out["sensitivity"][0]
+    with pytest.raises(ValueError, match="3 folds but 2 thresholds"):
+        pooled_folds(folds, thresholds[:2])
+    # its scope: k-fold deals lesions, not sites, so the pooled images come from sites every fold trained on
+    internal = pooled_scope(out, folds, [{"kind": "internal", "sites": ["a", "b"], "unseen_sites": []}] * 3)
+    assert internal["scope"] == {"kind": "internal", "sites": ["a", "b"], "unseen_sites": []}
+    text = "\n".join(pooled_lines(internal))
+    assert f"180 images / 60 lesion groups" in text and "auc " in text and "note: internal estimate" in text
+    # a small site dealt into one fold only, never trained on by that fold's model: mixed, named
+    mixed = pooled_scope(out, folds, [{"sites": ["a", "b"], "unseen_sites": ["b"]}, {}, {}])
+    assert mixed["scope"]["kind"] == "mixed" and mixed["scope"]["unseen_sites"] == ["b"]
+    # a store without sites: internal, of one collection
+    bare = pooled_scope(out, [{k: v for k, v in f.items() if k != "site"} for f in folds], [{}] * 3)
+    assert bare["scope"]["kind"] == "internal" and "same site as the training" in bare["notes"][-1]
+
+
 def test_loso_diff_pairs_two_runs_on_the_held_out_images(tmp_path, capsys):
     """`msbt loso-diff`: each run's held-out predictions against the first run's, on the same images."""
     import csv
@@ -861,6 +905,20 @@ def test_crossval_seeds_are_refused_without_by_site_before_ray_starts(tmp_path, 
     assert main(["crossval", "--seeds", "0", "1", "--set", f"run.storage_path={tmp_path}"]) == 1
     assert "--seeds repeats leave one site out (--by site)" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing started, nothing written
+
+
+def test_leave_one_site_out_of_one_site_is_refused_before_ray_or_the_data_step(tmp_path, capsys):
+    """It was refused after the data step (minutes of scanning on a real collection), naming split.csv."""
+    from msbt.cli import main
+
+    one = tmp_path / "us"
+    for label in ("benign", "malignant"):
+        (one / label).mkdir(parents=True)
+    for argv in (["crossval", "--by", "site"], ["compare", "--by", "site", "--set", f"data.ultrasound={one}"]):
+        assert main([*argv, "--set", f"run.storage_path={tmp_path / 'runs'}"]) == 1
+        err = capsys.readouterr().err
+        assert "leave one site out (--by site) needs at least two sites" in err and "synth.sites=3" in err
+    assert "names one (us)" in err and not (tmp_path / "runs").exists()  # nothing started, nothing written
 
 
 def test_fresh_leave_one_site_out_removes_every_seeds_folders_of_its_sites_and_nothing_else(tmp_path):

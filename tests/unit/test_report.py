@@ -60,6 +60,8 @@ def test_experiment_tables_render_from_their_json(tmp_path):
 
     test = {"diff": 0.1, "ci": [-0.05, 0.25], "p_value": 0.2, "auc_a": 0.8, "auc_b": 0.7, "se": 0.07, "z": 1.3}
     report = {"experiment": "compare", "stage1": "/s1",
+              "stage1_origin": {"checkpoint": "/s1", "backbone": "resnet50", "weights": "imagenet", "synthetic": False,
+                                "microscope": "/lab/cells", "fields": 812, "classes": ["HeLa", "MCF-7"]},
               "arms": {"multistage": arm(0.8, 0.85), "scratch": arm(0.7, 0.75)},
               "paired": [{"a": "multistage", "b": "scratch", "delong": test,
                           "paired_bootstrap": {"error": "too few cases"}}],
@@ -75,6 +77,10 @@ def test_experiment_tables_render_from_their_json(tmp_path):
     assert "accuracy +0.150, AUC +0.120. 9 of 12 naive test images" in text
     printed = format_compare(report)
     assert "naive - group: accuracy +0.150, AUC +0.120; 9 of 12" in printed and "paired_bootstrap too few" in printed
+    origin = "resnet50 from ImageNet weights, trained on 812 fields of HeLa, MCF-7 from /lab/cells"
+    assert origin in printed and origin in text and "synthetic" not in printed
+    report["stage1_origin"].update(synthetic=True, microscope="/cache/synth")
+    assert "built-in synthetic microscope fields, not real cells" in format_compare(report)
 
 
 def test_crossval_and_site_comparison_sections_render_from_their_json(tmp_path):
@@ -88,7 +94,11 @@ def test_crossval_and_site_comparison_sections_render_from_their_json(tmp_path):
                             "main_run_test": {"run_threshold": {"threshold": 0.2, "sensitivity": 1.0,
                                                                 "specificity": 0.5},
                                               "oof_threshold": {"threshold": 0.42, "sensitivity": 0.9,
-                                                                "specificity": 0.8}}}}
+                                                                "specificity": 0.8}}},
+          "pooled": {"images": 20, "groups": 18, "auc": [0.81, 0.7, 0.9], "sensitivity": [0.8, 0.6, 0.95],
+                     "specificity": [0.75, 0.5, 0.9], "accuracy": [0.78, 0.6, 0.9],
+                     "notes": ["internal estimate: the test images come from the same site"]}}
+    cv["rows"][0].update(auc_low=0.6, auc_high=0.95)  # rows written before 2026-12-07 have no interval
     (tmp_path / "crossval").mkdir()
     (tmp_path / "crossval" / "crossval.json").write_text(json.dumps(cv))
     row = {"site": "a", "test_images": 30, "held_out_auc": [0.7, 0.6, 0.8], "internal_auc": [0.9, 0.8, 1.0]}
@@ -101,6 +111,10 @@ def test_crossval_and_site_comparison_sections_render_from_their_json(tmp_path):
     check_self_contained(text)
     assert "out-of-fold threshold 0.4200 [0.3000, 0.6000]" in text and "range 0.2000-0.7000" in text
     assert "0.900/0.800 at the out-of-fold threshold" in text
+    assert ("<b>The number to quote</b>: pooled out-of-fold (20 images / 18 lesion groups" in text
+            and "auc 0.810 [0.700, 0.900], sensitivity 0.800 [0.600, 0.950]" in text
+            and "note: internal estimate: the test images come from the same site" in text)
+    assert "<td>0.800 [0.600, 0.950]</td>" in text and "<td>0.800</td>" in text  # fold 0's AUC with its interval
     assert "Stage-2 starting points under leave one site out" in text and "multistage − imagenet" in text
 
 
