@@ -407,7 +407,7 @@ def _cmd_ensemble(args) -> int:
     return 0
 
 
-def _run_model(given: str) -> tuple[str, Path | None]:
+def _run_model(given: str, *, say: bool = True) -> tuple[str, Path | None]:
     """A run folder given where a stage-2 checkpoint is expected stands for the run's model (stage 2's
     recorded best checkpoint, or its average of seeds: msbt.jobs.pipeline.run_model), said on the terminal;
     anything else is returned as given. The checkpoints' own folder names (``checkpoint_2026-12-...``) need not
@@ -436,7 +436,8 @@ def _run_model(given: str) -> tuple[str, Path | None]:
     except RunStateError as err:  # its advice names the workflows' --checkpoint, which these commands lack
         raise RunStateError(f"{given}: a run folder without a model of its own yet ({str(err).split('; ')[0]}); "
                             "finish its stage 2 first, or name a stage-2 checkpoint folder instead") from None
-    print(f"model: {model} (the model of run folder {given})", flush=True)
+    if say:  # `say=False`: the command's own output names the model (export's line, lineage's chain)
+        print(f"model: {model} (the model of run folder {given})", flush=True)
     return model, resolved
 
 
@@ -445,7 +446,7 @@ def _cmd_lineage(args) -> int:
 
     if not Path(args.path).exists():
         raise ConfigError(f"{args.path}: no such checkpoint")
-    args.path = _run_model(args.path)[0]
+    args.path = _run_model(args.path, say=False)[0]  # the chain printed below starts with it
     if Path(args.path).is_dir() and not (Path(args.path) / "manifest.json").is_file():
         found = sorted(p.name for p in Path(args.path).glob("checkpoint_*/manifest.json"))
         hint = f" (it holds checkpoints: {Path(args.path) / Path(found[-1]).parent.name}, ...)" if found else ""
@@ -482,11 +483,12 @@ def _predict_parsers(sub) -> None:
                    "openvino/, export.json")
     p.add_argument("--threshold", type=float, help="threshold to record (default: the run's validation threshold)")
     p.add_argument("--int8", action="store_true", help="also an int8 model (ONNX Runtime and OpenVINO), calibrated "
-                   "on the run's training split, kept only if its test-split AUC holds (--int8-max-auc-drop)")
+                   "on the run's training split, kept only if its test-split AUC holds (--int8-max-auc-change)")
     p.add_argument("--int8-store", metavar="STORE", help="the run's ultrasound store (default: <run>/stores/ultrasound "
                    "beside the checkpoint's stage2/)")
-    p.add_argument("--int8-max-auc-drop", type=float, metavar="D",
-                   help="largest accepted test AUC drop of int8 against float32 (default 0.01)")
+    # --int8-max-auc-drop: its name until the bound became two-sided (2026-12-07); scripts that use it still run
+    p.add_argument("--int8-max-auc-change", "--int8-max-auc-drop", type=float, metavar="D", dest="int8_max_auc_change",
+                   help="largest accepted change of the test AUC, int8 against float32, either way (default 0.01)")
     _output_options(p)
     p.set_defaults(func=_cmd_export)
 
@@ -527,16 +529,18 @@ def _cmd_export(args) -> int:
 
     from msbt.serve.export import export
 
-    if (args.int8_store or args.int8_max_auc_drop is not None) and not args.int8:
-        raise ConfigError("--int8-store and --int8-max-auc-drop apply to --int8 only: add --int8, or leave them out")
-    drop = 0.01 if args.int8_max_auc_drop is None else args.int8_max_auc_drop
-    if not (math.isfinite(drop) and 0.0 <= drop <= 1.0):  # NaN or < 0 always refused int8, inf never checked
-        raise ConfigError(f"--int8-max-auc-drop must be an AUC difference in [0, 1], got {drop}")
-    args.checkpoint, run_folder = _run_model(args.checkpoint)
+    if (args.int8_store or args.int8_max_auc_change is not None) and not args.int8:
+        raise ConfigError("--int8-store and --int8-max-auc-change apply to --int8 only: add --int8, or leave them out")
+    bound = 0.01 if args.int8_max_auc_change is None else args.int8_max_auc_change
+    if not (math.isfinite(bound) and 0.0 <= bound <= 1.0):  # NaN or < 0 always refused int8, inf never checked
+        raise ConfigError(f"--int8-max-auc-change must be an AUC difference in [0, 1], got {bound}")
+    given = args.checkpoint
+    args.checkpoint, run_folder = _run_model(args.checkpoint, say=False)
     _quiet_tensorflow()
     record = export(args.checkpoint, args.out_dir, threshold=args.threshold, int8=args.int8,
-                    int8_store=args.int8_store, int8_max_auc_drop=drop, run_folder=run_folder)
-    print(f"exported {args.checkpoint} -> {args.out_dir} (model.keras, manifest.json, saved_model/, model.onnx, "
+                    int8_store=args.int8_store, int8_max_auc_change=bound, run_folder=run_folder)
+    of_run = f" (the model of run folder {given})" if run_folder else ""
+    print(f"exported {args.checkpoint}{of_run} -> {args.out_dir} (model.keras, manifest.json, saved_model/, model.onnx, "
           f"openvino/, export.json); threshold {record['threshold']['value']:.4g} from "
           f"{record['threshold']['source']}; model id {record['model_id']}")
     for name, e in record["engines"].items():
@@ -550,7 +554,7 @@ def _cmd_export(args) -> int:
     int8 = record.get("int8")
     if int8:
         verdict = (f"kept: {int8['file']}, engines onnx and openvino with --precision int8" if int8["accepted"]
-                   else f"refused (drop above {int8['max_auc_drop']:g}): no int8 model written")
+                   else f"refused (AUC change beyond ±{int8['max_auc_change']:g}): no int8 model written")
         print(f"int8: test AUC {int8['auc_f32']:.4f} (float32) -> {int8['auc_int8']:.4f} (int8), change "
               f"{int8['auc_change']:+.4f} on {int8['test_images']} test images ({int8['labels_changed']} labels "
               f"change at threshold {int8['threshold']:.4g}; max |p_int8 - p_f32| {int8['max_abs_diff']:.3f}), "

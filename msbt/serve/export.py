@@ -52,7 +52,7 @@ PARITY_FRAMES = 16  # built-in synthetic ultrasound frames (8 per class) each en
 
 def export(checkpoint: str | Path, out_dir: str | Path, *, threshold: float | None = None,
            formats: tuple[str, ...] = ("onnx", "openvino"), int8: bool = False,
-           int8_store: str | Path | None = None, int8_max_auc_drop: float = 0.01,
+           int8_store: str | Path | None = None, int8_max_auc_change: float = 0.01,
            run_folder: str | Path | None = None) -> dict:
     """Write a stage-2 checkpoint as Keras model, SavedModel, ONNX, OpenVINO IR and ``export.json``.
 
@@ -63,7 +63,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, threshold: float | No
         formats: Which of ``onnx`` and ``openvino`` to add (OpenVINO IR is converted from the ONNX model,
             so it needs ``onnx``).
         int8: Also an int8 model (:mod:`msbt.serve.quantize`), calibrated on the run's training split and
-            kept only if its test-split AUC is at most ``int8_max_auc_drop`` below the float model's;
+            kept only if its test-split AUC is within ``int8_max_auc_change`` of the float model's (either way);
             the outcome is ``export.json``'s ``int8`` record either way.
         int8_store: The ultrasound store of the checkpoint's run (default: ``<run>/stores/ultrasound``
             for a checkpoint at ``<run>/stage2/checkpoint_*``).
@@ -100,7 +100,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, *, threshold: float | No
     out.mkdir(parents=True, exist_ok=True)
     try:
         record = _write_all(model, manifest, src, out, chosen, preparation, threshold_notes + preparation_notes,
-                            formats, profile, int8_store=store, int8_max_auc_drop=int8_max_auc_drop)
+                            formats, profile, int8_store=store, int8_max_auc_change=int8_max_auc_change)
     except BaseException:
         _clear(out, remove=created)  # nothing half-written stays behind: the folder was new or empty
         raise
@@ -133,7 +133,7 @@ def _clear(out: Path, *, remove: bool) -> None:
 
 def _write_all(model, manifest, src: Path, out: Path, chosen, preparation: Preparation, notes: list[str],
                formats, profile: dict | None, *, int8_store: Path | None = None,
-               int8_max_auc_drop: float = 0.01) -> dict:
+               int8_max_auc_change: float = 0.01) -> dict:
     import tensorflow as tf
 
     size = int(model.input_shape[1])
@@ -153,7 +153,7 @@ def _write_all(model, manifest, src: Path, out: Path, chosen, preparation: Prepa
     if int8_store is not None:
         from msbt.serve.quantize import add_int8
 
-        int8 = add_int8(out, int8_store, max_auc_drop=int8_max_auc_drop, threshold=chosen.value,
+        int8 = add_int8(out, int8_store, max_auc_change=int8_max_auc_change, threshold=chosen.value,
                         data_fingerprint=manifest.get("data_fingerprint", ""), class_names=manifest["class_names"])
     record = {
         "format": EXPORT_FORMAT,

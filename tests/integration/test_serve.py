@@ -71,7 +71,7 @@ def exported(tmp_path_factory, ultrasound_store):
     printed, errors = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(errors):  # a module fixture has no capsys
         code = main(["export", str(checkpoint), str(root / "export"), "--int8", "--int8-store", str(ultrasound_store),
-                     "--int8-max-auc-drop", "1"])
+                     "--int8-max-auc-change", "1"])
     assert code == 0, printed.getvalue() + errors.getvalue()
     record = json.loads((root / "export" / "export.json").read_text())
     return {"folder": root / "export", "record": record, "model": model, "root": root, "printed": printed.getvalue()}
@@ -537,7 +537,7 @@ def test_int8_is_kept_only_within_its_test_auc_bound(exported, ultrasound_store,
 
     # An impossible bound: the int8 model is refused, recorded as such, and cannot be loaded.
     ex.export(checkpoint, tmp_path / "refused", formats=("onnx",), int8=True, int8_store=ultrasound_store,
-              int8_max_auc_drop=-1.0)
+              int8_max_auc_change=-1.0)
     record = json.loads((tmp_path / "refused" / "export.json").read_text())["int8"]
     assert not record["accepted"] and record["file"] is None
     assert not (tmp_path / "refused" / "model_int8.onnx").exists()

@@ -709,9 +709,11 @@ def test_serve_options_are_checked_before_ray_starts(tmp_path, capsys):
 def test_export_int8_options_are_checked_before_anything_loads(tmp_path, checkpoint, capsys):
     out = tmp_path / "exp"
     for argv, message in [
-        (["--int8-max-auc-drop", "-1"], "--int8-store and --int8-max-auc-drop apply to --int8 only"),
-        (["--int8", "--int8-max-auc-drop", "nan"], "--int8-max-auc-drop must be an AUC difference in [0, 1], got nan"),
-        (["--int8", "--int8-max-auc-drop", "inf"], "--int8-max-auc-drop must be an AUC difference in [0, 1], got inf"),
+        (["--int8-max-auc-change", "-1"], "--int8-store and --int8-max-auc-change apply to --int8 only"),
+        (["--int8", "--int8-max-auc-change", "nan"], "--int8-max-auc-change must be an AUC difference in [0, 1], got nan"),
+        (["--int8", "--int8-max-auc-change", "inf"], "--int8-max-auc-change must be an AUC difference in [0, 1], got inf"),
+        # its name until the bound became two-sided still reaches the same check
+        (["--int8", "--int8-max-auc-drop", "-0.5"], "--int8-max-auc-change must be an AUC difference in [0, 1], got -0.5"),
     ]:
         assert main(["export", str(checkpoint), str(out), *argv]) == 1, argv
         assert message in capsys.readouterr().err, argv

@@ -75,8 +75,10 @@ def test_steps_chain_through_the_recorded_stages(tmp_path, ray_local, capsys):
     assert chain[0]["link_ok"] is True and all(entry["verified"] for entry in chain)
     assert chain[1]["path"] == stage1["checkpoint"]
     capsys.readouterr()
-    assert main(["lineage", str(run)]) == 0  # a run folder stands for its model
-    assert capsys.readouterr().out.startswith(f"model: {stage2['checkpoint']} (the model of run folder {run})\n")
+    assert main(["lineage", str(run)]) == 0  # a run folder stands for its model, named once: the chain's first line
+    out = capsys.readouterr().out
+    assert out.startswith("stage 2 ") and out.splitlines()[0].endswith(stage2["checkpoint"]), out
+    assert out.count(stage2["checkpoint"]) == 1, out
 
     assert main(["evaluate", *common]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
