@@ -95,17 +95,21 @@ class Classifier:
         if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):  # curl -F file=@x
             return self.error(400, "a multipart form: send the image's bytes as the request body "
                                    "(curl --data-binary @scan.png URL/predict)")
+        frame = request.query_params.get("frame")  # one frame of a DICOM cine loop
+        if frame is not None and not frame.isdigit():
+            return self.error(400, f"?frame={frame[:20]}: a frame index, 0 or more")
         body = await request.body()
         if len(body) > self.max_bytes:
             return self.error(413, f"request body of {len(body)} bytes is larger than {self.max_bytes} bytes")
         try:
-            image = await asyncio.to_thread(self._prepare, body)
-        except ValueError as err:  # ImageError is a ValueError: its message names the problem
+            image = await asyncio.to_thread(self._prepare, body, None if frame is None else int(frame))
+        except ValueError as err:  # ImageError and DicomError are ValueErrors: their reason names the problem
             return self.error(400, getattr(err, "reason", None) or str(err))
         p = await self.score(image)
         m = self.model
         return {"probability": p, "label": m.class_names[int(p >= m.threshold.value)],
-                "threshold": m.threshold.value, "threshold_source": m.threshold.source, **self._identity()}
+                "threshold": m.threshold.value, "threshold_source": m.threshold.source,
+                **({} if frame is None else {"frame": int(frame)}), **self._identity()}
 
     @staticmethod
     def error(status: int, reason: str) -> JSONResponse:
@@ -115,22 +119,49 @@ class Classifier:
 
         return JSONResponse({"error": reason}, status_code=status)
 
-    def _prepare(self, body: bytes) -> np.ndarray:
-        """Request bytes -> the model input, as ``msbt predict`` prepares a file."""
+    def _prepare(self, body: bytes, frame: int | None = None) -> np.ndarray:
+        """Request bytes -> the model input, as ``msbt predict`` prepares a file (a DICOM file: ``frame`` of it)."""
         import cv2
 
         from msbt.images.imagefile import ImageError, decode_image
         from msbt.serve.predict import model_inputs, prepare_rgb
 
         prep = self.model.preparation
-        if body[128:132] == b"DICM":  # a DICOM file's preamble: said as such, not "corrupt header"
-            raise ImageError("request body", "a DICOM file: msbt serve takes PNG, JPEG, BMP or TIFF bytes (msbt "
-                                             "predict and msbt stream read DICOM files)")
-        try:
-            rgb = decode_image(body, "request body", prep.sixteen_bit)  # type: ignore[arg-type]
-        except cv2.error as err:  # e.g. an image above OpenCV's pixel limit asserts instead of failing
-            raise ImageError("request body", f"cannot be decoded ({err.err or err})") from None
+        if body[128:132] == b"DICM":  # a DICOM Part 10 file (the magic after its 128-byte preamble)
+            rgb = self._dicom_frame(body, frame, prep.sixteen_bit)
+        elif frame is not None:
+            raise ImageError("request body", "?frame= picks a frame of a DICOM cine loop; this body is no DICOM file")
+        else:
+            try:
+                rgb = decode_image(body, "request body", prep.sixteen_bit)  # type: ignore[arg-type]
+            except cv2.error as err:  # e.g. an image above OpenCV's pixel limit asserts instead of failing
+                raise ImageError("request body", f"cannot be decoded ({err.err or err})") from None
         return model_inputs(prepare_rgb(rgb, prep)[None], self.model.engine.image_size)[0]
+
+    @staticmethod
+    def _dicom_frame(body: bytes, frame: int | None, sixteen_bit: str) -> np.ndarray:
+        """One frame of a DICOM file sent as the request body, as uint8 RGB, read by msbt.images.dicom (the
+        pixel module only: no patient data is read, and none reaches an answer or a log line).
+
+        pydicom reads files, so the body is written to a temporary file of this process's user only (in memory,
+        /dev/shm, where the machine has it), removed as soon as the frame is decoded. A cine loop needs
+        ``?frame=N``: one request is one image, and the threshold was chosen on single images."""
+        import os
+        import tempfile
+
+        from msbt.images.dicom import read_dicom_frame, read_header
+        from msbt.images.imagefile import DEFAULT_MAX_PIXELS, ImageError
+
+        memory = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        with tempfile.NamedTemporaryFile(prefix="msbt-request-", suffix=".dcm", dir=memory) as handle:
+            handle.write(body)
+            handle.flush()
+            header = read_header(handle.name)
+            if frame is None and header.frames > 1:
+                raise ImageError("request body", f"a DICOM cine loop of {header.frames} frames: ask for one frame "
+                                                 f"with ?frame=N (0 to {header.frames - 1}), or score the whole "
+                                                 "loop with msbt stream")
+            return read_dicom_frame(handle.name, frame or 0, sixteen_bit, header=header, max_pixels=DEFAULT_MAX_PIXELS)
 
 
 def application(model: str | Path, config: ServeConfig = ServeConfig(), *, threshold: float | None = None):

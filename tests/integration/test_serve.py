@@ -363,13 +363,32 @@ def test_serve_answers_images_and_refuses_bad_bytes(exported, ray_local, tmp_pat
         assert first["label"] == ("malignant" if first["probability"] >= 0.5 else "benign")
         assert (first["threshold"], first["model_id"], first["lineage_sha256"]) == (
             0.5, exported["record"]["model_id"], exported["record"]["lineage_sha256"])
+        # DICOM as a PACS router sends it: a still is one image; a cine loop one frame of it (?frame=N)
+        from dicomfiles import FAKE_PHI, write_dicom
+
+        still = write_dicom(tmp_path / "still.dcm", frames[2:3], photometric="RGB").read_bytes()
+        loop = write_dicom(tmp_path / "loop.dcm", frames[3:6], photometric="RGB").read_bytes()
+        answer = requests.post(f"{url}/predict", data=still, timeout=30)
+        assert answer.status_code == 200 and answer.json()["probability"] == pytest.approx(expected[2], abs=1e-6)
+        answer = requests.post(f"{url}/predict", params={"frame": 1}, data=loop, timeout=30)
+        assert answer.status_code == 200 and answer.json()["frame"] == 1
+        assert answer.json()["probability"] == pytest.approx(expected[4], abs=1e-6)
         # Bad bytes: 400 with the reason, never a 500.
         bad = {b"": "empty", b"this is not an image": "cannot be decoded", files[0][: len(files[0]) // 2]: "truncated",
                np.zeros(4, np.uint8).tobytes(): "cannot be decoded",
-               bytes(128) + b"DICM" + bytes(64): "a DICOM file: msbt serve takes PNG"}  # said as such, not "corrupt"
+               bytes(128) + b"DICM" + bytes(64): "DICOM without pixel data",
+               loop: "a DICOM cine loop of 3 frames: ask for one frame with ?frame=N (0 to 2)",
+               loop[: len(loop) - 500]: "truncated DICOM"}
         for body, reason in bad.items():
             answer = requests.post(f"{url}/predict", data=body, timeout=30)
             assert answer.status_code == 400 and reason in answer.json()["error"], (body[:20], answer.text)
+            assert not any(value in answer.text for value in FAKE_PHI.values())  # patient data never answered
+        for frame, body, reason in (("3", loop, "no frame 3 (the file has 3)"), ("-1", loop, "a frame index"),
+                                    ("0", files[0], "this body is no DICOM file")):
+            answer = requests.post(f"{url}/predict", params={"frame": frame}, data=body, timeout=30)
+            assert answer.status_code == 400 and reason in answer.json()["error"], (frame, answer.text)
+        if Path("/dev/shm").is_dir():  # the request's temporary file is gone once it is read, answered or refused
+            assert not list(Path("/dev/shm").glob("msbt-request-*"))
         assert requests.get(f"{url}/nothing-here", timeout=30).status_code == 404
         form = requests.post(f"{url}/predict", files={"file": ("scan.png", files[0])}, timeout=30)  # curl -F
         assert form.status_code == 400 and "a multipart form: send the image's bytes" in form.json()["error"]
