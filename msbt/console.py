@@ -458,6 +458,14 @@ def _on_terminal() -> bool:
         return False
 
 
+def counted(unit: str, count: int | None) -> str:
+    """``unit`` as a count of it reads in a line: ``3 files``, ``1 file``, ``2 batches`` (tqdm's bars show the
+    unit per second, where the singular is right; a plain line said "24/24 file"). tqdm's "it" stays as is."""
+    if not unit or unit == "it" or count == 1:
+        return unit
+    return unit + ("es" if unit.endswith(("s", "x", "ch", "sh")) else "s")
+
+
 def closed_bar_line(state_json: str) -> str | None:
     """The plain line of a Ray worker's bar (one ``tqdm_ray`` state update), or None until the bar closes.
 
@@ -473,7 +481,7 @@ def closed_bar_line(state_json: str) -> str | None:
     desc, done, total = str(state.get("desc") or "").rstrip(": "), state.get("x"), state.get("total")
     if isinstance(done, int) and isinstance(total, int) and done < total:
         unit = state.get("unit")
-        return f"{desc} ({done}/{total}{f' {unit}' if unit else ''})"
+        return f"{desc} ({done}/{total}{f' {counted(unit, total)}' if unit else ''})"
     return desc
 
 
@@ -496,7 +504,8 @@ class LineProgress:
 
     def _write(self, suffix: str = "") -> None:
         count = f"{self.n}/{self.total}" if self.total is not None else f"{self.n}"
-        sys.stderr.write(f"{self.desc}: {count} {self.unit}{suffix}\n")
+        sys.stderr.write(f"{self.desc}: {count} {counted(self.unit, self.n if self.total is None else self.total)}"
+                         f"{suffix}\n")
         sys.stderr.flush()
 
     def update(self, n: int = 1) -> None:

@@ -24,7 +24,7 @@ def test_a_worker_bar_is_one_line_when_it_closes():
     done = bar_state("stage 1 epoch 1/3: loss 0.5000 val_loss 0.6000", 3, 3, closed=True)
     assert console.closed_bar_line(done) == "stage 1 epoch 1/3: loss 0.5000 val_loss 0.6000"
     # closed short of its total (an interrupted epoch): the count says so
-    assert console.closed_bar_line(bar_state("stage 2 epoch 4/8", 1, 3, closed=True)) == "stage 2 epoch 4/8 (1/3 batch)"
+    assert console.closed_bar_line(bar_state("stage 2 epoch 4/8", 1, 3, closed=True)) == "stage 2 epoch 4/8 (1/3 batches)"
     assert console.closed_bar_line("not json") is None and console.closed_bar_line("[1, 2]") is None
 
 
@@ -68,11 +68,16 @@ def test_off_a_terminal_a_step_is_one_line_at_its_end(monkeypatch):
     bar.set_description("scan (4 found)")
     bar.close()
     bar.close()  # once
-    assert err.getvalue() == "scan (4 found): 4/4 file\n"
+    assert err.getvalue() == "scan (4 found): 4/4 files\n"
     assert list(console.progress(iter(range(3)), desc="store", unit="image")) == [0, 1, 2]
     with console.progress(total=None, desc="trials", unit="trial") as trials:
         trials.update()
-    assert err.getvalue().splitlines()[1:] == ["store: 3 image", "trials: 1 trial"]  # no total known: the count
+    assert err.getvalue().splitlines()[1:] == ["store: 3 images", "trials: 1 trial"]  # no total known: the count
+    # counts read as counts ("24/24 file" before); one stays singular, tqdm's "it" as it is
+    with console.progress(total=1, desc="predict", unit="image") as one:
+        one.update()
+    assert err.getvalue().splitlines()[-1] == "predict: 1/1 image"
+    assert [console.counted(u, 2) for u in ("batch", "field", "it", "")] == ["batches", "fields", "it", ""]
     assert "\r" not in err.getvalue()
 
 
@@ -84,7 +89,7 @@ def test_a_long_step_off_a_terminal_says_how_far_it_is_now_and_then(monkeypatch)
     bar.update()
     bar.update()
     bar.close()
-    assert err.getvalue().splitlines() == ["scan: 1/3 file ...", "scan: 2/3 file ...", "scan: 2/3 file"]
+    assert err.getvalue().splitlines() == ["scan: 1/3 files ...", "scan: 2/3 files ...", "scan: 2/3 files"]
 
 
 def test_on_a_terminal_a_step_is_a_bar(monkeypatch):

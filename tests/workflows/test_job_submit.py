@@ -130,7 +130,7 @@ def test_smoke_pipeline_job_succeeds(head_node, tmp_path, ray_local):
     raw = subprocess.run([str(ray_cli), "job", "logs", job_id], env=env, capture_output=True, timeout=60).stdout
     assert raw.count(b"\n") < 60, raw[-3000:].decode("utf-8", "replace")
     assert b"\r" not in raw, [ln for ln in raw.split(b"\n") if b"\r" in ln]
-    assert "stage 1 epoch 1/1:" in logs and "microscope store: 12/12 field" in logs
+    assert "stage 1 epoch 1/1:" in logs and "microscope store: 12/12 fields" in logs
     assert "Execution plan" not in logs and "TrainingReport" not in logs and "cuInit" not in logs
     workers = (tmp_path / "smoke" / "logs" / "workers.log").read_text()
     assert "Reporting training result" in workers
