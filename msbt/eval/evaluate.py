@@ -216,7 +216,11 @@ def pooled_folds(folds, fold_thresholds, *, n_boot: int = 2000, seed: int = 0) -
            **{key: [float(x) for x in called[key]] for key in ("accuracy", "sensitivity", "specificity")}}
     out["wilson_groups"] = metrics.wilson_by_groups(metrics.binary_metrics(y, calls, 0.5), y, groups)
     few = metrics.few_groups_note(out["groups"], "the pooled held-out folds")
-    out["notes"] = sorted({str(w.message) for w in caught}) + ([few] if few else [])
+    # only the reported rates' notes (a resample without a malignant case...): PPV's, or those of the ranking
+    # call at its unused 0.5 threshold, are about numbers nobody is shown
+    shown = ("auc", "accuracy", "sensitivity", "specificity")
+    out["notes"] = sorted({str(w.message) for w in caught if str(w.message).split(":", 1)[0] in shown}) + (
+        [few] if few else [])
     return out
 
 
@@ -229,6 +233,11 @@ def pooled_lines(pooled: dict) -> list[str]:
     lines = [f"pooled out-of-fold ({pooled['images']} images / {pooled['groups']} lesion groups, each scored by the "
              f"fold model that did not train on it, called at that fold's validation threshold; 95% intervals over "
              f"lesion groups): {ci('auc')}, {ci('sensitivity')}, {ci('specificity')}, {ci('accuracy')}"]
+    wilson = pooled.get("wilson_groups")
+    if wilson:  # they stay honest where the bootstrap over few groups collapses
+        lines.append("  Wilson 95% intervals with the lesion groups as sample size: " + ", ".join(
+            f"{key} [{wilson[key][1]:.3f}, {wilson[key][2]:.3f}]" for key in ("sensitivity", "specificity", "accuracy")
+            if key in wilson and np.isfinite(wilson[key][0])))
     return lines + [f"  note: {note}" for note in pooled.get("notes", ())]
 
 

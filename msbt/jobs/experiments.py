@@ -401,7 +401,10 @@ def pooled_scope(pooled: dict, held_out: Sequence[dict], scopes: Sequence[Mappin
 
     tested = {str(s) for fold in held_out for s in np.asarray(fold.get("site", [])).tolist() if str(s)}
     unseen = {site for scope in scopes for site in scope.get("unseen_sites", ())}
-    return with_scope(pooled, sorted(tested), sorted(tested - unseen) if tested else None)
+    scoped = with_scope(pooled, sorted(tested), sorted(tested - unseen) if tested else None)
+    # with_scope speaks of a test split; here the images are the folds' held-out ones (the test split is untouched)
+    return {**scoped, "notes": [note.replace("the test images come from", "the held-out images come from")
+                                for note in scoped["notes"]]}
 
 
 def oof_threshold(held_out: Sequence[dict], fold_thresholds: Sequence[float], run: Path, *, seed: int = 0) -> dict:

@@ -645,7 +645,12 @@ def test_pooled_folds_calls_each_fold_at_its_own_threshold_and_resamples_lesions
     internal = pooled_scope(out, folds, [{"kind": "internal", "sites": ["a", "b"], "unseen_sites": []}] * 3)
     assert internal["scope"] == {"kind": "internal", "sites": ["a", "b"], "unseen_sites": []}
     text = "\n".join(pooled_lines(internal))
-    assert f"180 images / 60 lesion groups" in text and "auc " in text and "note: internal estimate" in text
+    assert f"180 images / 60 lesion groups" in text and "auc " in text and "note: internal estimate: the held-out" in text
+    low, high = out["wilson_groups"]["sensitivity"][1:]
+    assert f"Wilson 95% intervals with the lesion groups as sample size: sensitivity [{low:.3f}, {high:.3f}]" in text
+    # notes only of the numbers shown: a PPV undefined in some resamples is nobody's concern here
+    few = pooled_folds([{k: v[:6] for k, v in f.items()} for f in folds], thresholds, n_boot=300, seed=0)
+    assert few["notes"] and not any(note.startswith(("ppv", "npv", "f1")) for note in few["notes"])
     # a small site dealt into one fold only, never trained on by that fold's model: mixed, named
     mixed = pooled_scope(out, folds, [{"sites": ["a", "b"], "unseen_sites": ["b"]}, {}, {}])
     assert mixed["scope"]["kind"] == "mixed" and mixed["scope"]["unseen_sites"] == ["b"]
