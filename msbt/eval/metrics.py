@@ -564,6 +564,48 @@ def paired_bootstrap_auc_diff(
     return _comparison(roc_auc(y, p_a), roc_auc(y, p_b), se, (low, high), n_boot=n_boot)
 
 
+def site_mean_auc_diff(parts, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> dict[str, object]:
+    """The mean over sites of AUC_a - AUC_b, each site's two AUCs on its own images, with a bootstrap that
+    resamples lesion groups within every site (stratified by site).
+
+    For "does model a beat model b at sites it never saw" over several held-out sites: every site weighs alike,
+    and no site's scores are ranked against another's (under leave one site out each site was scored by a model
+    of its own, whose scores need not share a scale with the others').
+
+    Args:
+        parts: One ``(y, p_a, p_b, groups)`` per site, both models scored on the same images of that site.
+        n_boot, alpha, seed: as in :func:`paired_bootstrap_auc_diff`.
+
+    Returns:
+        The keys of :func:`delong_test` (``auc_a``/``auc_b`` the means over sites of each model's AUC) and
+        ``sites``, the number of sites.
+
+    Raises:
+        ValueError: no site, or a site without both classes (its AUC has no value).
+    """
+    if not parts:
+        raise ValueError("no site to compare on")
+    if n_boot < 2 or not 0 < alpha < 1:
+        raise ValueError(f"need n_boot >= 2 and 0 < alpha < 1, got {n_boot}, {alpha}")
+    aucs, reps = [], []
+    for k, (y, p_a, p_b, groups) in enumerate(parts):
+        y, p_a = _check_inputs(y, p_a, probabilities=False)
+        _, p_b = _check_inputs(y, p_b, probabilities=False)
+        if len(set(y.tolist())) < 2:
+            raise ValueError(f"site {k + 1} of {len(parts)} holds one class only: its AUC has no value")
+        plan_a, plan_b = _AucPlan(y, p_a), _AucPlan(y, p_b)
+        # each site resampled on its own stream: independent within-site bootstraps
+        reps.append(_bootstrap_replicates(y, groups, n_boot, seed + k,
+                                          lambda w, a=plan_a, b=plan_b: {"diff": a(w) - b(w)})["diff"])
+        aucs.append((roc_auc(y, p_a), roc_auc(y, p_b)))
+    diffs = np.mean(np.stack(reps), axis=0)  # a resample where a site's AUC has no value counts as undefined
+    low, high = _percentile_interval("mean AUC difference over sites", diffs, alpha)
+    defined = diffs[~np.isnan(diffs)]
+    se = float(np.std(defined, ddof=1)) if defined.size >= 2 else float("nan")
+    mean_a, mean_b = (float(np.mean([a[i] for a in aucs])) for i in (0, 1))
+    return {**_comparison(mean_a, mean_b, se, (low, high), n_boot=n_boot), "sites": len(parts)}
+
+
 def p_text(p: float) -> str:
     """A p-value as printed: three decimals, and "p < 0.001" rather than a p of zero."""
     return "p < 0.001" if p < 0.0005 else f"p = {p:.3f}"

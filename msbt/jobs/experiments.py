@@ -535,12 +535,16 @@ def naive_roles(rows: Sequence[Mapping], ratios: Sequence[float], seed: int) -> 
 
 def _aligned(results: Mapping[str, dict]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """(y, groups, {arm: p}) on the test images in one order (by source); refuses mismatched test sets."""
-    first = next(iter(results.values())).predictions["test"]
+    return _aligned_tests({arm: result.predictions["test"] for arm, result in results.items()})
+
+
+def _aligned_tests(tests: Mapping[str, dict]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """:func:`_aligned` of the arms' test predictions themselves."""
+    first = next(iter(tests.values()))
     order = np.argsort(first["source"], kind="stable")
     sources = first["source"][order]
     scores = {}
-    for arm, result in results.items():
-        test = result.predictions["test"]
+    for arm, test in tests.items():
         idx = np.argsort(test["source"], kind="stable")
         if not np.array_equal(test["source"][idx], sources):
             raise ValueError(f"arm {arm} was scored on other test images than the first arm")
@@ -564,6 +568,31 @@ def paired_tests(results: Mapping[str, dict], *, n_boot: int = 2000, seed: int =
                 except ValueError as err:  # e.g. fewer than 2 cases of a class for DeLong
                     entry[name] = {"error": str(err)}
             out.append(entry)
+    return out
+
+
+def site_pairs(preds: Mapping[str, Mapping[str, dict]], *, n_boot: int = 2000, seed: int = 0) -> list[dict]:
+    """Every pair of arms over all the held-out sites at once (``{arm: {site: test predictions}}``, one training
+    seed): the mean over sites of each site's AUC difference, lesion groups resampled within each site
+    (:func:`msbt.eval.metrics.site_mean_auc_diff`). The per-site pairs answer "here"; this answers "at a site
+    it never saw", every held-out site weighing alike."""
+    arms = list(preds)
+    out = []
+    for i, a in enumerate(arms):
+        for b in arms[i + 1:]:
+            sites = list(preds[a])
+            parts = []
+            for site in sites:
+                y, groups, scores = _aligned_tests({a: preds[a][site], b: preds[b][site]})
+                parts.append((y, scores[a], scores[b], groups))
+            try:
+                test = metrics.site_mean_auc_diff(parts, n_boot=n_boot, seed=seed)
+            except ValueError as err:  # e.g. a held-out site of one class
+                out.append({"a": a, "b": b, "sites": sites, "error": str(err)})
+                continue
+            test.pop("sites")
+            out.append({"a": a, "b": b, "sites": sites,
+                        **{k: (list(v) if isinstance(v, tuple) else v) for k, v in test.items()}})
     return out
 
 
@@ -899,7 +928,10 @@ def leave_one_site_out(config: Config, *, arms: Sequence[str] | None = None, see
     report = {"experiment": "loso", "sites": sites, "stage1": str(stage1) if stage1 else None,
               "design": _LOSO_DESIGN, "seeds": seeds, **parts[first]}
     if arms is not None:
+        across = site_pairs({a: {s: held_preds[a][s][seeds[0]] for s in sites} for a in configs}, n_boot=n_boot,
+                            seed=config.data.seed) if len(configs) > 1 else []
         report.update(experiment="loso-compare", arms=parts, paired=paired,
+                      across_sites={"seed": seeds[0], "pairs": across},
                       stage1_origin=stage1_origin(config, stage1) if stage1 and "multistage" in arms else None)
     _write_table(out / ("sites.csv" if arms is None else "compare-sites.csv"),
                  [{**({} if arms is None else {"arm": a}), **{k: (json.dumps(v) if isinstance(v, list) else v)
@@ -1168,6 +1200,15 @@ def format_loso(report: dict) -> str:
                 lines.append(f"held-out {site}: AUC {t['a']} - {t['b']} {_with_ci([boot['diff'], *boot['ci']])} "
                              f"(paired group bootstrap on the held-out images, {metrics.p_text(boot['p_value'])})")
                 one_seed = True
+    across = report.get("across_sites") or {}
+    for t in across.get("pairs", ()):
+        if "error" in t:
+            lines.append(f"across the held-out sites: AUC {t['a']} - {t['b']}: {t['error']}")
+            continue
+        seed_note = f"training seed {across['seed']}; " if len(report.get("seeds") or ()) > 1 else ""
+        lines.append(f"across the {len(t['sites'])} held-out sites: mean AUC {t['a']} - {t['b']} "
+                     f"{_with_ci([t['diff'], *t['ci']])} ({seed_note}each site's own difference, every site alike, "
+                     f"lesion groups resampled within each site, {metrics.p_text(t['p_value'])})")
     if one_seed:  # as loso-diff says it: these intervals leave the training seed's spread out
         lines.append("(one training seed per arm: the intervals and p cover the held-out images only, not the seed, "
                      "which moved held-out AUC by 0.05-0.07 on real sites; --seeds 0 1 2 measures it)")

@@ -316,6 +316,13 @@ def test_leave_one_site_out_compares_arms_on_each_held_out_site(loso, loso_arms)
     # the multistage arm's start, said beside both tables: built-in synthetic cells
     assert both["stage1_origin"]["synthetic"] and both["stage1_origin"]["checkpoint"] == report["stage1"]
     assert "synthetic microscope fields, not real cells" in printed and "not real cells" in section
+    # at a site it never saw: the two sites' own paired differences averaged, one interval over both
+    (pair,) = both["across_sites"]["pairs"]
+    assert (pair["a"], pair["b"], pair["sites"]) == ("multistage", "scratch", ["site-a", "site-b"])
+    per_site = [both["paired"][site][0]["paired_bootstrap"]["diff"] for site in ("site-a", "site-b")]
+    assert pair["diff"] == pytest.approx(np.mean(per_site)) and pair["ci"][0] <= pair["diff"] <= pair["ci"][1]
+    assert "across the 2 held-out sites: mean AUC multistage - scratch" in printed
+    assert "At a site it never saw</b>: each held-out site" in section
 
 
 @pytest.mark.ray

@@ -417,6 +417,34 @@ def test_paired_bootstrap_agrees_with_delong_and_respects_groups():
     assert grouped["se"] > 1.6 * naive["se"]
 
 
+def test_site_mean_auc_diff_averages_each_sites_own_difference_and_resamples_within_sites():
+    """compare --by site's answer over all held-out sites: each site's AUC difference on its own images (its
+    own model's scores), averaged; with one site it is that site's paired group bootstrap, resample for resample."""
+    rng = np.random.default_rng(3)
+    parts = []
+    for shift in (0.0, 3.0):  # the second site's scores sit on another scale altogether
+        y = rng.integers(0, 2, 80)
+        p_a = rng.normal(1.2 * y, 1.0) + shift
+        p_b = rng.normal(0.6 * y, 1.0) + shift
+        parts.append((y, p_a, p_b, np.arange(80) // 2))  # two images per lesion
+    one = M.site_mean_auc_diff(parts[:1], n_boot=400, seed=5)
+    paired = M.paired_bootstrap_auc_diff(*parts[0][:3], groups=parts[0][3], n_boot=400, seed=5)
+    assert (one["diff"], one["ci"], one["sites"]) == (pytest.approx(paired["diff"]), paired["ci"], 1)
+    both = M.site_mean_auc_diff(parts, n_boot=400, seed=5)
+    per_site = [M.roc_auc(y, a) - M.roc_auc(y, b) for y, a, b, _ in parts]
+    assert both["diff"] == pytest.approx(np.mean(per_site)) and both["sites"] == 2
+    assert both["auc_a"] == pytest.approx(np.mean([M.roc_auc(y, a) for y, a, _, _ in parts]))
+    assert both["ci"][0] < both["diff"] < both["ci"][1] and 0 <= both["p_value"] <= 1
+    # pooling the two sites' images instead ranks one site's scores against the other's: another number
+    pooled = M.roc_auc(np.r_[parts[0][0], parts[1][0]], np.r_[parts[0][1], parts[1][1]]) - M.roc_auc(
+        np.r_[parts[0][0], parts[1][0]], np.r_[parts[0][2], parts[1][2]])
+    assert abs(pooled - both["diff"]) > 0.01
+    with pytest.raises(ValueError, match="site 2 of 2 holds one class only"):
+        M.site_mean_auc_diff([parts[0], (np.zeros(4, int), np.arange(4.0), np.arange(4.0), np.arange(4))])
+    with pytest.raises(ValueError, match="no site"):
+        M.site_mean_auc_diff([])
+
+
 def test_delong_refuses_too_few_cases():
     with pytest.raises(ValueError, match="at least 2"):
         M.delong_test([1, 0, 0], [0.9, 0.1, 0.2], [0.8, 0.2, 0.1])

@@ -104,7 +104,9 @@ def test_crossval_and_site_comparison_sections_render_from_their_json(tmp_path):
     row = {"site": "a", "test_images": 30, "held_out_auc": [0.7, 0.6, 0.8], "internal_auc": [0.9, 0.8, 1.0]}
     test = {"diff": -0.05, "ci": [-0.1, 0.02], "p_value": 0.3}
     loso = {"arms": {"multistage": {"rows": [row]}, "imagenet": {"rows": [{**row, "held_out_auc": [0.75, 0.65, 0.85]}]}},
-            "paired": {"a": [{"a": "multistage", "b": "imagenet", "paired_bootstrap": test}]}}
+            "paired": {"a": [{"a": "multistage", "b": "imagenet", "paired_bootstrap": test}]},
+            "across_sites": {"seed": 0, "pairs": [{"a": "multistage", "b": "imagenet", "sites": ["a", "b"],
+                                                   "diff": -0.04, "ci": [-0.09, 0.01], "p_value": 0.12}]}}
     (tmp_path / "loso").mkdir()
     (tmp_path / "loso" / "compare.json").write_text(json.dumps(loso))
     text = R.render(tmp_path)
@@ -116,6 +118,7 @@ def test_crossval_and_site_comparison_sections_render_from_their_json(tmp_path):
             and "note: internal estimate: the test images come from the same site" in text)
     assert "<td>0.800 [0.600, 0.950]</td>" in text and "<td>0.800</td>" in text  # fold 0's AUC with its interval
     assert "Stage-2 starting points under leave one site out" in text and "multistage − imagenet" in text
+    assert "<td>multistage − imagenet</td><td>-0.040 [-0.090, 0.010]</td><td>0.120</td>" in text
 
 
 def test_a_threshold_near_0_or_1_is_not_printed_as_0_or_1(tmp_path):
