@@ -839,7 +839,6 @@ def leave_one_site_out(config: Config, *, arms: Sequence[str] | None = None, see
     unknown = [a for a in arms or () if a not in COMPARE_ARMS]
     if unknown:
         raise ValueError(f"unknown arms {unknown}; known: {list(COMPARE_ARMS)}")
-    check_several_sites(config)
     own_seed = training_seed(config)
     seeds = list(dict.fromkeys(int(k) for k in (stage2_seed_list(config) if seeds is None else seeds)))
     if not seeds:
@@ -847,6 +846,7 @@ def leave_one_site_out(config: Config, *, arms: Sequence[str] | None = None, see
     overlays = {"config": {}} if arms is None else {a: COMPARE_ARMS[a] for a in arms}
     # every arm's config is checked before any work, as compare's are
     configs = {a: with_overrides(config, ov, f"leave-one-site-out arm {a}") for a, ov in overlays.items()}
+    check_several_sites(config)
     needs_stage1 = any(1 in run_stages(c) for c in configs.values())
     data = prepare_run(config, stage1=needs_stage1)
     rows = read_split_rows(data.ultrasound_split)
