@@ -321,8 +321,10 @@ def format_report(result: dict) -> str:
              else f"{k} undefined ({UNDEFINED.get(k, 'a zero denominator')})"
              for k in ("accuracy", "auc", "sensitivity", "specificity", "ppv", "npv", "f1", "brier", "loss")
              if k in ci]
+    # threshold_text: ".3g" printed a saturated model's 0.9996 as "threshold 1", as if nothing below 1 were called
     lines = [f"test split ({result['test_images']} images, {result['test_groups']} lesion groups; threshold "
-             f"{result['threshold']:.3g} chosen on val by {result['threshold_rule']}; 95% CIs resample "
+             f"{metrics.threshold_text(result['threshold'])} chosen on val by {result['threshold_rule']}; "
+             "95% CIs resample "
              f"{result.get('ci', {}).get('unit', 'group')}s):"]
     lines += [f"  {p}" for p in parts]
     if "val_auc_exact" in result:

@@ -213,11 +213,11 @@ def format_site(site: str, result: Mapping) -> list[str]:
                 "as images; a cine loop's frames count one by one)")
         lines.append(f"  {what}, listed with the reasons in {result.get('rejects_file', REJECTS_FILE)}")
     for name, (value, low, high) in (result.get("one_class") or {}).items():
-        lines.append(f"  at the run's threshold {result['threshold']:.4g}: {name} {value:.3f} [{low:.3f}, {high:.3f}] "
-                     "(Wilson 95% over lesion groups)")
+        lines.append(f"  at the run's threshold {metrics.threshold_text(result['threshold'])}: {name} {value:.3f} "
+                     f"[{low:.3f}, {high:.3f}] (Wilson 95% over lesion groups)")
     at = result.get("at_run_threshold")
     if at:
-        lines.append("  at the run's threshold {:.4g}: ".format(result["threshold"]) + ", ".join(
+        lines.append(f"  at the run's threshold {metrics.threshold_text(result['threshold'])}: " + ", ".join(
             f"{k} {v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for k, v in at.items()
             if k in ("auc", "sensitivity", "specificity", "accuracy")))
         wilson = result.get("wilson_groups") or {}
@@ -228,7 +228,7 @@ def format_site(site: str, result: Mapping) -> list[str]:
         lines.append(f"  threshold transfer: sensitivity/specificity {t['run']['sensitivity']:.3f}/"
                      f"{t['run']['specificity']:.3f} at the run's threshold vs "
                      f"{t['site_best_optimistic']['sensitivity']:.3f}/{t['site_best_optimistic']['specificity']:.3f} "
-                     f"at the site's own best {t['site_best_threshold']:.4g} (optimistic)")
+                     f"at the site's own best {metrics.threshold_text(t['site_best_threshold'])} (optimistic)")
         cal = result["calibration"]
         lines.append(f"  calibration: mean p - malignant share {cal['in_the_large']:+.3f}, Brier {cal['brier']:.3f}; "
                      f"{result['called_malignant']:.0%} called malignant")

@@ -107,14 +107,15 @@ def at_threshold(y, p, threshold: float) -> dict:
 
 def format_oof(oof: dict) -> str:
     """The out-of-fold threshold, its spread, and (when the main job ran) the test split at both thresholds."""
-    lo, hi = oof["fold_range"]
-    text = (f"out-of-fold threshold {oof['threshold']:.4f} [{oof['ci95'][1]:.4f}, {oof['ci95'][2]:.4f}] "
+    lo, hi = (metrics.threshold_text(t) for t in oof["fold_range"])
+    low, high = (metrics.threshold_text(t) for t in oof["ci95"][1:])
+    text = (f"out-of-fold threshold {metrics.threshold_text(oof['threshold'])} [{low}, {high}] "
             f"({oof['rule']}, {oof['images']} images / {oof['groups']} groups, each scored by the fold model that "
-            f"did not train on it); the folds' own validation thresholds range {lo:.4f}-{hi:.4f}")
+            f"did not train on it); the folds' own validation thresholds range {lo}-{hi}")
     main = oof.get("main_run_test")
     if main:
         a, b = main["run_threshold"], main["oof_threshold"]
         text += (f"\nmain run's test split: sensitivity/specificity {a['sensitivity']:.3f}/{a['specificity']:.3f} at "
-                 f"its validation threshold {a['threshold']:.4f}, {b['sensitivity']:.3f}/{b['specificity']:.3f} at "
-                 "the out-of-fold threshold")
+                 f"its validation threshold {metrics.threshold_text(a['threshold'])}, "
+                 f"{b['sensitivity']:.3f}/{b['specificity']:.3f} at the out-of-fold threshold")
     return text + "".join(f"\n  note: {flag}" for flag in oof.get("flags", ()))

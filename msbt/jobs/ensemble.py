@@ -124,8 +124,8 @@ def format_ensemble(report: dict) -> str:
         seed = "" if m["seed"] is None else f" (seed {m['seed']})"
         lines.append(f"  member {i}{seed}: AUC {ci(m['test_auc'])}  {m['path']}")
     v = report["vs_members"]
-    lines.append(f"  ensemble: AUC {ci(report['test_auc'])}, threshold {report['threshold']:.4g} (chosen on the "
-                 "members' shared validation rows)")
+    lines.append(f"  ensemble: AUC {ci(report['test_auc'])}, threshold {metrics.threshold_text(report['threshold'])} "
+                 "(chosen on the members' shared validation rows)")
     lines.append(f"  ensemble - members' mean AUC: {v['diff']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}], "
                  f"{p_text(v['p_value'])} (paired on the test images, given these members)")
     return "\n".join(lines)

@@ -1066,3 +1066,29 @@ def test_a_threshold_on_one_images_score_is_not_called_tied():
     assert threshold_flags(p, p[5]) == []
     tied = np.r_[p, [p[5]] * 3]
     assert any("chosen among tied scores: 24%" in f for f in threshold_flags(tied, p[5]))
+
+
+def test_the_terminal_never_rounds_a_threshold_to_1_that_calls_cases_below_1():
+    """The main job printed a saturated model's validation threshold 0.99962 as "threshold 1" (".3g"), and
+    external, ensemble and cross-validation lines did so with ".4g"/".4f" from 0.99995 on: read as "only a score of
+    1 is called malignant". Every line prints it as the report does (msbt.eval.metrics.threshold_text)."""
+    from msbt.eval.evaluate import format_report, score
+    from msbt.eval import external as ext
+    from msbt.eval.threshold import format_oof
+
+    y = np.array([0, 1] * 10)
+    groups = np.array([f"g{i}" for i in range(20)])
+    val = {"y": y, "p": np.where(y == 1, 0.99996, 0.9991), "group": groups}  # Youden picks 0.99996
+    result = score(val, {"y": y, "p": np.where(y == 1, 0.99999, 0.999), "group": groups}, n_boot=50)
+    first = format_report(result).splitlines()[0]
+    assert "threshold 0.999960 chosen on val" in first and "threshold 1 " not in first
+    site = ext.score_site(y, np.where(y == 1, 0.99999, 0.9993), groups, 0.99996, n_boot=50)
+    lines = "\n".join(ext.format_site("b", site))
+    assert "at the run's threshold 0.999960:" in lines and "threshold 1:" not in lines
+    oof = {"threshold": 0.99962, "ci95": [0.99962, 0.9991, 0.99999], "images": 40, "groups": 30, "rule": "youden",
+           "fold_thresholds": [0.99, 0.99997], "fold_range": [0.99, 0.99997], "flags": [],
+           "main_run_test": {"run_threshold": {"threshold": 0.99996, "sensitivity": 1.0, "specificity": 0.5},
+                             "oof_threshold": {"threshold": 0.99962, "sensitivity": 1.0, "specificity": 0.4}}}
+    text = format_oof(oof)
+    assert "out-of-fold threshold 0.99962 [0.99910, 0.9999900]" in text and "range 0.9900-0.999970" in text
+    assert "validation threshold 0.999960," in text and "1.0000" not in text
