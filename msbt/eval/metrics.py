@@ -606,6 +606,47 @@ def site_mean_auc_diff(parts, n_boot: int = 2000, alpha: float = 0.05, seed: int
     return {**_comparison(mean_a, mean_b, se, (low, high), n_boot=n_boot), "sites": len(parts)}
 
 
+def bootstrap_diff_two_sets(a: Mapping, b: Mapping, keys: Sequence[str] = ("accuracy", "auc"), n_boot: int = 2000,
+                            alpha: float = 0.05, seed: int = 0) -> dict[str, list[float]]:
+    """Percentile intervals of metric(a) - metric(b) for two models scored on two test sets drawn from one
+    collection (e.g. a naive split's test images and a group-aware split's): neither paired (other images) nor
+    independent (the sets can share lesions, even images).
+
+    Whole lesion groups are resampled from the union of both sets' groups; every image of a drawn group counts in
+    whichever set holds it, so a lesion in both sets moves both metrics together in a resample. The interval
+    covers the sampling of test lesions only, not the training of the two models.
+
+    Args:
+        a, b: ``{"y", "p", "group", "threshold"}``: labels, probabilities, lesion groups (one namespace for
+            both sets) and the threshold each model is called at.
+        keys: Metrics of :data:`INTERVAL_KEYS` to compare.
+        n_boot, alpha, seed: As in :func:`bootstrap_ci`.
+
+    Returns:
+        ``{metric: [a - b, low, high]}``; resamples where a metric is undefined on either side are left out of
+        its interval with a RuntimeWarning, as in :func:`bootstrap_ci`.
+    """
+    ya, pa = _check_inputs(a["y"], a["p"])
+    yb, pb = _check_inputs(b["y"], b["p"])
+    ga, gb = (np.asarray(x["group"]).astype(str) for x in (a, b))
+    if ga.shape != ya.shape or gb.shape != yb.shape:
+        raise ValueError("every image needs a group")
+    ta, tb, na = float(a["threshold"]), float(b["threshold"]), ya.size
+    plan_a, plan_b = _AucPlan(ya, pa), _AucPlan(yb, pb)
+
+    def evaluate(w):
+        ma = _weighted_metrics(ya, pa, ta, w[:, :na], plan_a)
+        mb = _weighted_metrics(yb, pb, tb, w[:, na:], plan_b)
+        return {k: ma[k] - mb[k] for k in keys}
+
+    reps = _bootstrap_replicates(np.r_[ya, yb], np.r_[ga, gb], n_boot, seed, evaluate)
+    point_a, point_b = binary_metrics(ya, pa, ta), binary_metrics(yb, pb, tb)
+    out = {}
+    for key in keys:
+        out[key] = [float(point_a[key] - point_b[key]), *_percentile_interval(f"{key} difference", reps[key], alpha)]
+    return out
+
+
 def p_text(p: float) -> str:
     """A p-value as printed: three decimals, and "p < 0.001" rather than a p of zero."""
     return "p < 0.001" if p < 0.0005 else f"p = {p:.3f}"

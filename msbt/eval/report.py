@@ -51,6 +51,21 @@ def ablation_test_text(report: Mapping) -> str:
     return f"the run's own test split{size}{internal}"
 
 
+def inflation_text(nv: Mapping) -> str:
+    """Naive minus group-aware accuracy and AUC, with the interval over both test sets' lesions where there is one
+    (compare.json files written before it have the differences alone)."""
+    ci = nv.get("inflation_ci95") or {}
+
+    def one(key: str, label: str) -> str:
+        if key in ci and all(math.isfinite(x) for x in ci[key]):
+            d, low, high = ci[key]
+            return f"{label} {d:+.3f} [{low:+.3f}, {high:+.3f}]"
+        return f"{label} {nv['inflation'][key]:+.3f}"
+
+    text = f"{one('accuracy', 'accuracy')}, {one('auc', 'AUC')}"
+    return text + (" (95% CI over the lesions of both test sets, not over the training)" if ci else "")
+
+
 def stage1_origin_text(origin: Mapping) -> str:
     """What the multistage arms' stage 1 learned from, beside the tables that compare starting points: a gain or
     a loss of the middle stage means something else when its cells were msbt's synthetic ones."""
@@ -709,8 +724,7 @@ def experiments_section(run: Path) -> str:
                      "sets):</p>" + _table(("split", "accuracy", "AUC", "test images"), [
                          (name, _ci_text(nv[name]["ci95"]["accuracy"]), _ci_text(nv[name]["ci95"]["auc"]),
                           nv[name]["test_images"]) for name in ("group_aware", "naive")])
-                     + f"<p>Naive minus group-aware: accuracy {nv['inflation']['accuracy']:+.3f}, AUC "
-                     f"{nv['inflation']['auc']:+.3f}. {leak['leaked_images']} of "
+                     + f"<p>Naive minus group-aware: {_e(inflation_text(nv))}. {leak['leaked_images']} of "
                      f"{leak['leaked_images'] + leak['clean_images']} naive test images had a frame of their lesion "
                      "in naive train/val.</p>")
         origin = f"<p>{_e(_sentence(stage1_origin_text(cmp_['stage1_origin'])))}.</p>" if cmp_.get(

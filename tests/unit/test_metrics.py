@@ -1092,3 +1092,44 @@ def test_the_terminal_never_rounds_a_threshold_to_1_that_calls_cases_below_1():
     text = format_oof(oof)
     assert "out-of-fold threshold 0.99962 [0.99910, 0.9999900]" in text and "range 0.9900-0.999970" in text
     assert "validation threshold 0.999960," in text and "1.0000" not in text
+
+
+def test_naive_minus_group_aware_gets_an_interval_over_the_lesions_of_both_test_sets():
+    """compare.json's naive - group-aware accuracy and AUC (how much leakage flatters a number) were printed bare,
+    "+0.150": a difference of two numbers whose own intervals are each +-0.1 or more. Its interval resamples the
+    lesion groups of both test sets at once: the same images give exactly 0, two sets without a shared lesion the
+    spread of two independent bootstraps, and a lesion in both sets moves both sides of a resample together."""
+    from msbt.eval.report import inflation_text
+    from msbt.jobs import experiments as X
+
+    rng = np.random.default_rng(5)
+    g = np.repeat(np.arange(80), 2)
+    y = np.repeat(rng.integers(0, 2, 80), 2)
+    p = np.clip(0.5 + 0.25 * (2 * y - 1) + rng.normal(0, 0.25, y.size), 0, 1)
+    side = lambda idx, t=0.5: {"y": y[idx], "p": p[idx], "group": g[idx], "threshold": t}  # noqa: E731
+    first, second = np.arange(80), np.arange(80, 160)  # lesions 0-39 and 40-79: nothing shared
+    same = M.bootstrap_diff_two_sets(side(first), side(first), n_boot=300)
+    assert same == {"accuracy": [0.0, 0.0, 0.0], "auc": [0.0, 0.0, 0.0]}
+    diff = M.bootstrap_diff_two_sets(side(first), side(second), n_boot=2000, seed=1)
+    a, b = (M.bootstrap_ci(y[i], p[i], 0.5, groups=g[i], n_boot=2000, seed=2) for i in (first, second))
+    for key in ("accuracy", "auc"):
+        point, low, high = diff[key]
+        assert point == pytest.approx(a[key][0] - b[key][0])
+        independent = math.hypot(a[key][2] - a[key][1], b[key][2] - b[key][1])
+        assert high - low == pytest.approx(independent, rel=0.25)
+    # compare's use: two fake arms' test predictions, the printed line carries the interval
+    Result = type("Result", (dict,), {})
+    naive, group = Result(threshold=0.5), Result(threshold=0.5)
+    naive.predictions, group.predictions = {"test": side(first)}, {"test": side(second)}
+    ci = X.naive_inflation(naive, group, n_boot=300)
+    assert ci["auc"][0] == pytest.approx(diff["auc"][0]) and ci["auc"][1] < ci["auc"][0] < ci["auc"][2]
+    nv = {"inflation": {k: ci[k][0] for k in ci}, "inflation_ci95": ci}
+    assert f"AUC {ci['auc'][0]:+.3f} [{ci['auc'][1]:+.3f}, {ci['auc'][2]:+.3f}]" in inflation_text(nv)
+    # the naive model on its leaked and clean test images: each part with its interval over lesion groups
+    naive.predictions["test"]["source"] = np.array([f"s{i}" for i in first])
+    rows = [{"relpath": f"s{i}", "group": g[i]} for i in first]
+    roles = {f"s{i}": "train" for i in first[:4]}  # lesions 0 and 1 were trained on
+    leak = X.leakage_breakdown(naive, roles, rows, n_boot=300)
+    assert (leak["leaked_images"], leak["clean_images"]) == (4, 76)
+    low, high = leak["clean_ci95"]["accuracy"][1:]
+    assert leak["clean_ci95"]["accuracy"][0] == leak["clean_accuracy"] and low < leak["clean_accuracy"] < high
