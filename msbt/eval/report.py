@@ -66,6 +66,18 @@ def inflation_text(nv: Mapping) -> str:
     return text + (" (95% CI over the lesions of both test sets, not over the training)" if ci else "")
 
 
+def delong_caveat(report: Mapping) -> str:
+    """What to say beside compare's DeLong column when the arms' test images are fewer lesions than images ('' when
+    every lesion has one image): DeLong counts images as independent cases, so frames of one lesion shrink its
+    interval and p-value; the paired bootstrap resamples lesions."""
+    arm = next(iter((report.get("arms") or {}).values()), {})
+    images, groups = arm.get("test_images"), arm.get("test_groups")
+    if not report.get("paired") or not images or not groups or groups >= images:
+        return ""
+    return (f"DeLong counts the {images} test images as independent, but they are {groups} lesion groups: its "
+            "interval and p-value are too narrow; the paired bootstrap by lesion is the one to read")
+
+
 def stage1_origin_text(origin: Mapping) -> str:
     """What the multistage arms' stage 1 learned from, beside the tables that compare starting points: a gain or
     a loss of the middle stage means something else when its cells were msbt's synthetic ones."""
@@ -715,8 +727,10 @@ def experiments_section(run: Path) -> str:
                              f"{t['diff']:+.3f} [{t['ci'][0]:+.3f}, {t['ci'][1]:+.3f}], p = {t['p_value']:.3g}")
             tests.append(cells)
         if tests:
-            body += "<p>AUC differences on the same test images:</p>" + _table(
-                ("pair", "DeLong", "paired bootstrap by lesion"), tests)
+            caveat = delong_caveat(cmp_)
+            body += ("<p>AUC differences on the same test images (paired):</p>"
+                     + _table(("pair", "DeLong (images as independent)", "paired bootstrap by lesion"), tests)
+                     + (f"<p class=note>{_e(_sentence(caveat))}.</p>" if caveat else ""))
         nv = cmp_.get("naive_vs_group")
         if nv:
             leak = nv["naive_test_leakage"]

@@ -41,7 +41,7 @@ from msbt.data.store import write_resplit
 from msbt.provenance import write_environment
 from msbt.atomicio import atomic_open, read_json, write_text
 from msbt.eval import metrics
-from msbt.eval.report import ablation_test_text, inflation_text, stage1_origin_text
+from msbt.eval.report import ablation_test_text, delong_caveat, inflation_text, stage1_origin_text
 from msbt.config import Config, ConfigError, check_ranges, stage2_seed_list, to_dict, training_seed
 from msbt.runfolder import run_stages
 from msbt.train.stages import index_root
@@ -748,7 +748,10 @@ def format_compare(report: dict) -> str:
             t = pair[name]
             parts.append(f"{name} {t['error']}" if "error" in t else
                          f"{name} diff {t['diff']:+.3f} [{t['ci'][0]:+.3f}, {t['ci'][1]:+.3f}] p={t['p_value']:.3g}")
-        lines.append(f"AUC {pair['a']} - {pair['b']}: " + "; ".join(parts))
+        lines.append(f"AUC {pair['a']} - {pair['b']} (paired on the same test images): " + "; ".join(parts))
+    caveat = delong_caveat(report)
+    if caveat:
+        lines.append(f"  note: {caveat}")
     nv = report.get("naive_vs_group")
     if nv:
         lines.append("Naive random split vs group-aware split (multistage, same data and budget):")

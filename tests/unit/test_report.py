@@ -212,3 +212,26 @@ def test_epoch_and_fold_axes_are_labelled_with_whole_numbers_only():
     assert "1.5" in x_labels(R.line_chart(series, title="t", xlabel="x", ylabel="loss"))  # a continuous axis keeps them
     long = [{"label": "loss", "x": list(range(1, 31)), "y": [1.0] * 30}]
     assert x_labels(R.line_chart(long, title="t", xlabel="epoch", ylabel="loss", integer_x=True)) == ["10", "20", "30"]
+
+
+def test_compare_says_delong_counts_frames_as_independent_when_lesions_have_several(tmp_path):
+    """compare printed DeLong's p first and unqualified beside the paired bootstrap by lesion. On 40 lesions of 4
+    near-identical frames each, DeLong gave +0.118 [0.033, 0.203], p = 0.006 where the lesion bootstrap gives
+    [-0.044, 0.296], p = 0.18: a reader took the first p. Where the test images are fewer lesions, both outputs say
+    which one to read; with one image per lesion they say nothing more."""
+    from msbt.jobs.experiments import format_compare
+
+    test = {"diff": 0.118, "ci": [0.033, 0.203], "p_value": 0.006}
+    report = {"experiment": "compare", "arms": {"multistage": arm(0.8, 0.85, n=160), "imagenet": arm(0.7, 0.75, n=160)},
+              "paired": [{"a": "multistage", "b": "imagenet", "delong": test,
+                          "paired_bootstrap": {**test, "ci": [-0.044, 0.296], "p_value": 0.18}}]}
+    for a in report["arms"].values():
+        a["test_groups"] = 40
+    (tmp_path / "compare").mkdir()
+    (tmp_path / "compare" / "compare.json").write_text(json.dumps(report))
+    caveat = "DeLong counts the 160 test images as independent, but they are 40 lesion groups"
+    assert caveat in format_compare(report) and caveat in R.render(tmp_path)
+    for a in report["arms"].values():
+        a["test_groups"] = 160
+    (tmp_path / "compare" / "compare.json").write_text(json.dumps(report))
+    assert "counts the" not in format_compare(report) and "counts the" not in R.render(tmp_path)
