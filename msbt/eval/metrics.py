@@ -647,6 +647,32 @@ def bootstrap_diff_two_sets(a: Mapping, b: Mapping, keys: Sequence[str] = ("accu
     return out
 
 
+def mean_auc_over_sets(sets: Sequence[Mapping], n_boot: int = 2000, alpha: float = 0.05,
+                       seed: int = 0) -> list[float]:
+    """The mean of several test sets' AUCs (e.g. every held-out site's) with a 95% percentile interval: each set's
+    lesion groups are resampled on their own (a stratified bootstrap, the sets held fixed), and the mean is taken
+    over the sets in every resample. The interval covers the sampling of lesions within these sets, not the
+    choice of the sets themselves (a few sites are no sample of hospitals).
+
+    Args:
+        sets: ``{"y", "p", "group"}`` per set, each with both classes.
+        n_boot, alpha, seed: As in :func:`bootstrap_ci`; set i is resampled with seed ``seed + i``.
+
+    Returns:
+        ``[mean, low, high]``; resamples where some set's AUC is undefined are left out (RuntimeWarning).
+    """
+    if not sets:
+        raise ValueError("no sets to average")
+    means, points = 0.0, []
+    for i, s in enumerate(sets):
+        y, p = _check_inputs(s["y"], s["p"], probabilities=False)
+        plan = _AucPlan(y, p)
+        reps = _bootstrap_replicates(y, s.get("group"), n_boot, seed + i, lambda w: {"auc": plan(w)})["auc"]
+        means = means + reps / len(sets)
+        points.append(roc_auc(y, p))
+    return [float(np.mean(points)), *_percentile_interval("mean auc", means, alpha)]
+
+
 def p_text(p: float) -> str:
     """A p-value as printed: three decimals, and "p < 0.001" rather than a p of zero."""
     return "p < 0.001" if p < 0.0005 else f"p = {p:.3f}"

@@ -651,10 +651,13 @@ def experiments_section(run: Path) -> str:
         summary = loso.get("summary") or {}
         if summary.get("worst_held_out_auc"):  # the line the terminal gives, and the docs say to quote
             over = f" (mean of {len(seeds)} training seeds)" if loso.get("across_seeds") else ""
+            ci, sites = summary.get("mean_held_out_auc_ci95"), len(loso["rows"])
+            mean_text = (f"{_ci_text(ci)} on average over these {sites} sites (interval over their lesions; the sites "
+                         "themselves are not a sample of hospitals)" if ci and all(_finite(x) for x in ci) else
+                         f"{_fmt(summary['mean_held_out_auc'])} on average over the {sites} sites")
             parts.append(f"<p><b>The number to quote</b>{over}: at a site it never saw, AUC "
                          f"{_ci_text(summary['worst_held_out_auc'])} at the worst ({_e(summary['worst_site'])}), "
-                         f"{_fmt(summary['mean_held_out_auc'])} on average over the {len(loso['rows'])} sites; not "
-                         "the internal AUC.</p>")
+                         f"{_e(mean_text)}; not the internal AUC.</p>")
         if loso.get("across_seeds"):
             rows = [(r["site"], r["images"], _ci_text([r["held_out_auc_mean"], *r["ci"]]) if r.get("ci") else
                      _fmt(r["held_out_auc_mean"]), _ci_text([r["held_out_auc_mean"], *r["ci_cases"]]), _fmt(r["seed_sd"]),

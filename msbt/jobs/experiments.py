@@ -943,7 +943,8 @@ def leave_one_site_out(config: Config, *, arms: Sequence[str] | None = None, see
                          seeded_pairs(s, {a: held_preds[a][s] for a in configs}, n_boot=n_boot, seed=config.data.seed))
     parts = {}
     for a, t in tables.items():
-        parts[a] = {"rows": t, "summary": _loso_summary(t)}
+        first_preds = [held_preds[a][r["site"]][seeds[0]] for r in t]
+        parts[a] = {"rows": t, "summary": _loso_summary(t, first_preds, n_boot=n_boot, seed=config.data.seed)}
         if len(seeds) > 1:
             across = [_across_seeds(s, held_preds[a][s], by_seed[a], n_boot=n_boot, seed=config.data.seed)
                       for s in sites]
@@ -987,11 +988,33 @@ def remove_loso_results(out: Path, folders: set[str], sites: Sequence[str], *, c
             target.unlink()
 
 
-def _loso_summary(table: Sequence[Mapping]) -> dict:
-    """The number to quote: the worst held-out site's AUC with its interval, and the mean over sites."""
+def _loso_summary(table: Sequence[Mapping], preds: Sequence[Mapping] | None = None, *, n_boot: int = 2000,
+                  seed: int = 0) -> dict:
+    """The number to quote: the worst held-out site's AUC with its interval, and the mean over sites; with every
+    site's held-out predictions (``preds``, in the order of ``table``) the mean gets its 95% interval over the sites'
+    lesions (``mean_held_out_auc_ci95``, msbt.eval.metrics.mean_auc_over_sets)."""
+    import warnings
+
     worst = min(table, key=lambda r: r["held_out_auc"][0])
-    return {"mean_held_out_auc": float(np.mean([r["held_out_auc"][0] for r in table])),
-            "worst_site": worst["site"], "worst_held_out_auc": worst["held_out_auc"]}
+    out = {"mean_held_out_auc": float(np.mean([r["held_out_auc"][0] for r in table])),
+           "worst_site": worst["site"], "worst_held_out_auc": worst["held_out_auc"]}
+    if preds is not None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                out["mean_held_out_auc_ci95"] = metrics.mean_auc_over_sets(preds, n_boot=n_boot, seed=seed)
+        except ValueError:  # e.g. a held-out site of one class: no AUC to average, the mean stays as it is
+            pass
+    return out
+
+
+def mean_over_sites_text(summary: Mapping, sites: int) -> str:
+    """The mean held-out AUC over the sites, with its interval when there is one (see :func:`_loso_summary`)."""
+    ci = summary.get("mean_held_out_auc_ci95")
+    if ci and all(math.isfinite(x) for x in ci):
+        return (f"{_with_ci(ci)} on average over these {sites} sites (interval over their lesions; the sites "
+                "themselves are not a sample of hospitals)")
+    return f"{summary['mean_held_out_auc']:.3f} on average over the {sites} sites"
 
 
 def _aligned_seeds(site: str, preds: Mapping[int, dict]) -> tuple[dict, np.ndarray]:
@@ -1211,7 +1234,7 @@ def format_loso(report: dict) -> str:
         elif summary:
             lines.append(f"at a site it never saw{f' ({arm})' if arm else ''}: AUC "
                          f"{_with_ci(summary['worst_held_out_auc'])} at the worst ({summary['worst_site']}), "
-                         f"{summary['mean_held_out_auc']:.3f} on average over the {len(part['rows'])} sites; quote "
+                         f"{mean_over_sites_text(summary, len(part['rows']))}; quote "
                          "these, not the internal AUC")
     one_seed = False
     for site, tests in report.get("paired", {}).items():

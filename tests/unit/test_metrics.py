@@ -1133,3 +1133,29 @@ def test_naive_minus_group_aware_gets_an_interval_over_the_lesions_of_both_test_
     assert (leak["leaked_images"], leak["clean_images"]) == (4, 76)
     low, high = leak["clean_ci95"]["accuracy"][1:]
     assert leak["clean_ci95"]["accuracy"][0] == leak["clean_accuracy"] and low < leak["clean_accuracy"] < high
+
+
+def test_the_mean_held_out_auc_over_sites_carries_an_interval_over_their_lesions():
+    """Leave one site out ended with "0.675 on average over the 3 sites; quote these": the one number told to quote
+    without an interval. Each site's lesions are resampled on their own and the mean taken per resample: for two
+    sites the width is about that of the two sites' intervals combined, halved."""
+    from msbt.jobs import experiments as X
+
+    rng = np.random.default_rng(11)
+    sets = []
+    for n, d in ((120, 1.0), (60, 0.5)):
+        g = np.repeat(np.arange(n // 2), 2)
+        y = np.repeat(rng.integers(0, 2, n // 2), 2)
+        sets.append({"y": y, "p": 1 / (1 + np.exp(-rng.normal(d * y, 1.0))), "group": g.astype(str)})
+    mean, low, high = M.mean_auc_over_sets(sets, n_boot=2000, seed=0)
+    each = [M.bootstrap_ci(s["y"], s["p"], 0.5, groups=s["group"], n_boot=2000, seed=4)["auc"] for s in sets]
+    assert mean == pytest.approx(np.mean([e[0] for e in each])) and low < mean < high
+    assert high - low == pytest.approx(math.hypot(*[e[2] - e[1] for e in each]) / 2, rel=0.2)
+    rows = [{"site": s, "test_images": len(x["y"]), "held_out_auc": list(e), "internal_auc": None, "gap": None}
+            for s, x, e in zip(("a", "b"), sets, each)]
+    summary = X._loso_summary(rows, sets, n_boot=500)
+    assert summary["mean_held_out_auc"] == pytest.approx(mean)
+    c = summary["mean_held_out_auc_ci95"]
+    text = X.format_loso({"design": "d", "rows": rows, "summary": summary})
+    assert f"{c[0]:.3f} [{c[1]:.3f}, {c[2]:.3f}] on average over these 2 sites" in text
+    assert "not a sample of hospitals" in text
