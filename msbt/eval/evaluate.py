@@ -214,7 +214,9 @@ def pooled_folds(folds, fold_thresholds, *, n_boot: int = 2000, seed: int = 0) -
     out = {"images": int(len(y)), "groups": int(len(set(groups.tolist()))), "malignant": int(y.sum()),
            "auc": [float(x) for x in ranked["auc"]],
            **{key: [float(x) for x in called[key]] for key in ("accuracy", "sensitivity", "specificity")}}
-    out["wilson_groups"] = metrics.wilson_by_groups(metrics.binary_metrics(y, calls, 0.5), y, groups)
+    # the calls' rates, and the AUC of the scores (the calls' own "AUC" is not the one reported)
+    out["wilson_groups"] = metrics.wilson_by_groups({**metrics.binary_metrics(y, calls, 0.5), "auc": out["auc"][0]},
+                                                    y, groups)
     few = metrics.few_groups_note(out["groups"], "the pooled held-out folds")
     # only the reported rates' notes (a resample without a malignant case...): PPV's, or those of the ranking
     # call at its unused 0.5 threshold, are about numbers nobody is shown
@@ -236,7 +238,7 @@ def pooled_lines(pooled: dict) -> list[str]:
     wilson = pooled.get("wilson_groups")
     if wilson:  # they stay honest where the bootstrap over few groups collapses
         lines.append("  Wilson 95% intervals with the lesion groups as sample size: " + ", ".join(
-            f"{key} [{wilson[key][1]:.3f}, {wilson[key][2]:.3f}]" for key in ("sensitivity", "specificity", "accuracy")
+            f"{key} [{wilson[key][1]:.3f}, {wilson[key][2]:.3f}]" for key in ("auc", "sensitivity", "specificity", "accuracy")
             if key in wilson and np.isfinite(wilson[key][0])))
     return lines + [f"  note: {note}" for note in pooled.get("notes", ())]
 

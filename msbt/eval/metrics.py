@@ -922,13 +922,19 @@ def wilson_interval(rate: float, n: float, z: float = 1.959963984540054) -> tupl
 def wilson_by_groups(point: Mapping[str, float], y, groups) -> dict[str, list[float]]:
     """``{rate: [value, low, high]}``: Wilson 95% intervals of accuracy, sensitivity and specificity with
     the number of lesion groups behind each rate as its sample size (all groups; groups with a malignant
-    image; groups with a benign one). ``point`` holds the rates (from :func:`binary_metrics`)."""
+    image; groups with a benign one), and of the AUC when ``point`` has one (the smaller class's groups: see
+    below). ``point`` holds the rates (from :func:`binary_metrics`)."""
     y, groups = np.asarray(y), np.asarray(groups)
     denominators = {
         "accuracy": len(set(groups.tolist())),
         "sensitivity": len(set(groups[y == 1].tolist())),
         "specificity": len(set(groups[y == 0].tolist())),
     }
+    if "auc" in point:
+        # AUC's variance is at most AUC(1 - AUC) / min(malignant, benign) (Birnbaum & Klose, Ann. Math. Statist.
+        # 28:933, 1957), a proportion's over that many units: the Wilson interval with the smaller class's lesion
+        # groups as n, conservative, and wide where the bootstrap of few groups gives AUC 1.000 [1.000, 1.000]
+        denominators["auc"] = min(denominators["sensitivity"], denominators["specificity"])
     out = {}
     for name, n in denominators.items():
         value = float(point.get(name, float("nan")))

@@ -616,6 +616,12 @@ def test_score_flags_a_test_split_of_few_groups_and_gives_group_wilson_intervals
     value, low, high = result["test_ci95_wilson_groups"]["accuracy"]
     assert value == 1.0 and low == pytest.approx(0.5655, abs=1e-4) and high == 1.0  # n = 5 groups
     assert any("only 5 lesion groups" in n for n in result["notes"])
+    # the AUC too: its bootstrap gives 1.000 [1.000, 1.000]; its bound (Birnbaum-Klose) takes the smaller class's
+    # lesion groups as n, so it stays wide, and the note's "read the Wilson intervals" covers it
+    assert result["test_ci95"]["auc"][1:] == [1.0, 1.0]
+    n = min(len(set(groups[y == 1])), len(set(groups[y == 0])))
+    assert result["test_ci95_wilson_groups"]["auc"] == pytest.approx([1.0, *M.wilson_interval(1.0, n)])
+    assert result["test_ci95_wilson_groups"]["auc"][1] < 0.7
 
 
 def test_out_of_fold_threshold_pools_the_folds_and_reports_their_spread():
@@ -675,7 +681,9 @@ def test_pooled_folds_calls_each_fold_at_its_own_threshold_and_resamples_lesions
     text = "\n".join(pooled_lines(internal))
     assert f"180 images / 60 lesion groups" in text and "auc " in text and "note: internal estimate: the held-out" in text
     low, high = out["wilson_groups"]["sensitivity"][1:]
-    assert f"Wilson 95% intervals with the lesion groups as sample size: sensitivity [{low:.3f}, {high:.3f}]" in text
+    assert f"sample size: auc [{out['wilson_groups']['auc'][1]:.3f}, {out['wilson_groups']['auc'][2]:.3f}], " \
+        f"sensitivity [{low:.3f}, {high:.3f}]" in text  # the AUC's from the scores, not the calls
+    assert out["wilson_groups"]["auc"][0] == out["auc"][0]
     # notes only of the numbers shown: a PPV undefined in some resamples is nobody's concern here
     few = pooled_folds([{k: v[:6] for k, v in f.items()} for f in folds], thresholds, n_boot=300, seed=0)
     assert few["notes"] and not any(note.startswith(("ppv", "npv", "f1")) for note in few["notes"])
