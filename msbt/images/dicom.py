@@ -160,6 +160,9 @@ def read_header(path: str | Path) -> DicomHeader:
     except (AttributeError, TypeError, ValueError):
         raise DicomError(path, "DICOM file without an image (no rows, columns, samples per pixel, bits allocated "
                                "or photometric interpretation)") from None
+    except Exception as exc:  # elements are converted only when read: a damaged one raises what pydicom raises
+        # (NotImplementedError for an unknown value representation): a reject like any other, never a crash
+        raise DicomError(path, f"damaged DICOM image pixel module ({type(exc).__name__})") from None
     if header.rows <= 0 or header.columns <= 0 or header.frames <= 0:
         raise DicomError(path, f"DICOM image of {header.columns}x{header.rows} px and {header.frames} frame(s)")
     _check_length(path, header, needed, pixels)

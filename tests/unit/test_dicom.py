@@ -303,3 +303,18 @@ def test_predict_reads_cine_frames_and_writes_no_patient_data(tmp_path, capsys):
     assert len(list((out / "heat").glob("*.png"))) == 4
     assert phi_found(out) == [] and phi_found(checkpoint) == []
     assert not [v for v in FAKE_PHI.values() if v in captured.out + captured.err]
+
+
+def test_a_damaged_element_of_the_pixel_module_is_a_reject_not_a_crash(tmp_path):
+    """An unknown value representation in group 0x0028 (here Rows' 'US' made 'JS'): pydicom raises NotImplementedError
+    when the element is first read, which escaped read_header and ended `msbt scan`, `predict` and `stream` (and
+    was a 500 of `msbt serve`)."""
+    data = bytearray(write_dicom(tmp_path / "good.dcm", cine(4, 1)).read_bytes())
+    at = data.find(bytes.fromhex("28001000") + b"US")  # (0028,0010) Rows, explicit VR little endian
+    data[at + 4:at + 6] = b"JS"
+    (tmp_path / "odd.dcm").write_bytes(bytes(data))
+    with pytest.raises(ImageError, match=r"odd.dcm: damaged DICOM image pixel module \(NotImplementedError\)"):
+        read_image(tmp_path / "odd.dcm")
+    assert image_refs(tmp_path / "odd.dcm") == [str(tmp_path / "odd.dcm")]
+    d = discover_one(tmp_path, "odd.dcm")
+    assert [r.reason for r in d.rejects] == ["damaged DICOM image pixel module (NotImplementedError)"]
