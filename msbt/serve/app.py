@@ -150,7 +150,7 @@ class Classifier:
         import tempfile
 
         from msbt.images.dicom import read_dicom_frame, read_header
-        from msbt.images.imagefile import DEFAULT_MAX_PIXELS, ImageError
+        from msbt.images.imagefile import DEFAULT_MAX_PIXELS, ImageError, to_rgb8
 
         memory = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
         with tempfile.NamedTemporaryFile(prefix="msbt-request-", suffix=".dcm", dir=memory) as handle:
@@ -161,7 +161,10 @@ class Classifier:
                 raise ImageError("request body", f"a DICOM cine loop of {header.frames} frames: ask for one frame "
                                                  f"with ?frame=N (0 to {header.frames - 1}), or score the whole "
                                                  "loop with msbt stream")
-            return read_dicom_frame(handle.name, frame or 0, sixteen_bit, header=header, max_pixels=DEFAULT_MAX_PIXELS)
+            rgb = read_dicom_frame(handle.name, frame or 0, sixteen_bit, header=header, max_pixels=DEFAULT_MAX_PIXELS)
+        # Through the checks every image passes (too small, blank), as `msbt predict` reads a DICOM file
+        # (msbt.images.imagefile.read_dicom_image): an all-black still was answered "malignant"; RGB -> BGR for to_rgb8.
+        return to_rgb8(rgb[:, :, ::-1], "request body", sixteen_bit)
 
 
 def application(model: str | Path, config: ServeConfig = ServeConfig(), *, threshold: float | None = None):

@@ -265,8 +265,10 @@ def _dicom(path: Path, fps: float, sixteen_bit: str) -> Source:
 
     def frame(i: int) -> np.ndarray | Unreadable:
         try:
-            return read_dicom_frame(path, i, sixteen_bit, header=header)  # uint8 RGB already
-        except DicomError as err:  # a damaged fragment of a compressed loop: that frame only
+            rgb = read_dicom_frame(path, i, sixteen_bit, header=header)  # uint8 RGB already
+            # the checks of every other source's frames (too small, blank): RGB -> the BGR order to_rgb8 expects
+            return to_rgb8(rgb[:, :, ::-1], path, sixteen_bit)
+        except (DicomError, ImageError) as err:  # a damaged fragment of a compressed loop: that frame only
             return Unreadable(f"{path}: frame {i} of {header.frames}: {err.reason}")
 
     # Frames up to the first that decodes are read here: a file no frame of which decodes (a transfer syntax

@@ -468,6 +468,33 @@ def test_stream_of_a_dicom_cine_loop(exported, tmp_path):
     assert all(hit.startswith(f"{loop}:") for hit in phi_found(tmp_path)), phi_found(tmp_path)
 
 
+def test_a_blank_or_tiny_dicom_is_refused_by_serve_and_skipped_by_stream_as_predict_rejects_it(exported, tmp_path):
+    """`msbt predict` rejects a DICOM still that is all one value or under 8 px (as any image); `msbt serve` answered
+    it ("malignant" for an all-black still of the smoke run's model) and `msbt stream` scored such frames. The
+    request's preparation is called here as the replica calls it (no Ray)."""
+    from dicomfiles import write_dicom
+    from msbt.images.imagefile import ImageError, read_image
+    from msbt.serve.app import Classifier
+
+    replica = Classifier.func_or_class.__new__(Classifier.func_or_class)
+    replica.model = eng.load_served(exported["folder"], "onnx")
+    frames = ultrasound(2)
+    blank = write_dicom(tmp_path / "blank.dcm", np.zeros((1, 64, 64), np.uint8))
+    tiny = write_dicom(tmp_path / "tiny.dcm", (np.arange(4, dtype=np.uint8) * 60).reshape(1, 2, 2))
+    for path, reason in ((blank, "blank image (every pixel is 0)"), (tiny, "image too small (2x2 px)")):
+        with pytest.raises(ImageError, match=reason.replace("(", r"\(").replace(")", r"\)")):
+            read_image(path)  # msbt predict
+        with pytest.raises(ImageError, match=reason.replace("(", r"\(").replace(")", r"\)")):
+            replica._prepare(path.read_bytes())  # msbt serve: HTTP 400 with this reason
+    good = write_dicom(tmp_path / "still.dcm", frames[:1], photometric="RGB")
+    np.testing.assert_array_equal(replica._prepare(good.read_bytes()), frames[0])
+    loop = write_dicom(tmp_path / "loop.dcm", np.stack([frames[0, ..., 0], np.zeros((32, 32), np.uint8),
+                                                        frames[1, ..., 0]]))
+    read = list(st.open_source(loop).frames)
+    assert [isinstance(f, st.Unreadable) for f in read] == [False, True, False]
+    assert read[1].reason == f"{loop}: frame 1 of 3: blank image (every pixel is 0)"
+
+
 def test_shipped_serve_config_is_a_valid_serve_deploy_config(exported):
     import yaml
     from ray.serve.schema import ServeDeploySchema
