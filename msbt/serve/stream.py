@@ -27,6 +27,7 @@ capture device index (``0``), or a multi-frame DICOM cine loop (recognised by it
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import os
@@ -188,7 +189,7 @@ def _video(path: Path, fps: float | None) -> Source:
         # short, or a count the container overstates: some formats estimate it from the duration). The end is a
         # miss at or past the count, or VIDEO_MAX_MISSES misses in a row.
         try:
-            yield to_rgb8(first, path)
+            yield _checked(first, path, 0)
             index, missed = 1, []
             while True:
                 ok, frame = capture.read()
@@ -196,7 +197,7 @@ def _video(path: Path, fps: float | None) -> Source:
                     yield from (Unreadable(f"{path}: frame {i} of the {total} its container gives cannot be decoded")
                                 for i in missed)
                     missed = []
-                    yield to_rgb8(frame, path)
+                    yield _checked(frame, path, index)
                 elif index >= total or len(missed) >= VIDEO_MAX_MISSES:
                     break
                 else:
@@ -225,15 +226,25 @@ def _device(index: int, fps: float | None) -> Source:
 
     def frames():
         try:
-            while True:
+            for i in itertools.count():
                 ok, frame = capture.read()
                 if not ok:
                     return
-                yield to_rgb8(frame, f"device {index}")
+                yield _checked(frame, f"device {index}", i)
         finally:
             capture.release()
 
     return Source(f"device {index}", "device", float(rate), frames(), live=True)
+
+
+def _checked(frame: np.ndarray, where: str | Path, index: int) -> np.ndarray | Unreadable:
+    """A decoded video or device frame as uint8 RGB, or Unreadable when it fails the checks of every image (blank:
+    a black feed, as at the start of a capture or while the probe is lifted): that frame is skipped and
+    named, and the stream goes on (it ended at the first black frame, its later frames never scored)."""
+    try:
+        return to_rgb8(frame, where)
+    except ImageError as err:
+        return Unreadable(f"{where}: frame {index}: {err.reason}")
 
 
 def _folder(path: Path, fps: float, sixteen_bit: str) -> Source:

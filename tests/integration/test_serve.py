@@ -273,6 +273,28 @@ def test_a_video_frame_that_does_not_decode_is_skipped_and_the_frames_after_it_a
     assert "frames 6-7 of the 8 its container gives: none decoded (a file cut short" in read[6].reason
 
 
+def test_a_black_video_frame_is_skipped_and_the_stream_goes_on(exported, tmp_path):
+    """A black (one-value) frame, as a scanner feed gives at its start or while the probe is lifted: the
+    whole stream ended there ('stream stopped early at frame 0: ... blank image'), no later frame scored."""
+    video = tmp_path / "feed.avi"
+    frames = ultrasound(6, size=64)
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 30, (32, 32))
+    for i, frame in enumerate(frames):
+        writer.write(np.zeros_like(frame) if i in (0, 3) else cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    writer.release()
+    read = list(st.open_source(video).frames)
+    assert [isinstance(f, st.Unreadable) for f in read] == [True, False, False, True, False, False]
+    assert read[0].reason == f"{video}: frame 0: blank image (every pixel is 0)"
+    served = eng.load_served(exported["folder"], "onnx")
+    out = tmp_path / "feed.csv"
+    summary = st.stream(served.engine, st.open_source(video), served.preparation, served.threshold,
+                        served.class_names, out, pace=False)
+    assert [r["status"] for r in csv.DictReader(out.open())] == ["unreadable", "scored", "scored", "unreadable",
+                                                                "scored", "scored"]
+    assert (summary.frames_read, summary.frames_scored, summary.frames_unreadable) == (6, 4, 2)
+    assert not any("stopped early" in n for n in summary.notes)
+
+
 def test_a_dicom_frame_that_does_not_decode_is_skipped_and_named(exported, tmp_path):
     from dicomfiles import write_rle_dicom_with_a_damaged_frame
 
