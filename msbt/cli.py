@@ -694,7 +694,7 @@ def _cmd_serve(args) -> int:
     from msbt.raycluster import init_ray
     from msbt.serve import app
 
-    app.application(args.model, config)  # a wrong folder or config fails before Ray starts
+    app.application(args.model, config, threshold=args.threshold)  # folder, config, threshold: refused before Ray
     if args.address in (None, "local") and not os.environ.get("RAY_ADDRESS"):  # the proxy will run on this machine
         app.check_port_free(config)
     init_ray(args.address)

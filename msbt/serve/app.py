@@ -173,9 +173,10 @@ def application(model: str | Path, config: ServeConfig = ServeConfig(), *, thres
     Raises:
         EngineError: ``model`` is not an ``msbt export`` folder with the configured engine's files
             (checked here, before any replica starts).
+        ValueError: ``threshold`` (or the export's) is not a probability in [0, 1].
     """
-    from msbt.serve.engines import ENGINES, INT8_FILE, EngineError
-    from msbt.serve.predict import EXPORT_FILE
+    from msbt.serve.engines import ENGINES, INT8_FILE, EngineError, _need, engine_file
+    from msbt.serve.predict import EXPORT_FILE, find_threshold
 
     folder = Path(model).expanduser().resolve()
     if not (folder / EXPORT_FILE).is_file():
@@ -186,6 +187,11 @@ def application(model: str | Path, config: ServeConfig = ServeConfig(), *, thres
     if config.precision == "int8" and (config.engine not in ("onnx", "openvino") or not (folder / INT8_FILE).is_file()):
         raise EngineError(f"{folder}: serve.precision int8 needs engine onnx or openvino and {INT8_FILE}, which "
                           "`msbt export --int8` writes only when the test AUC held (see export.json's int8)")
+    # What each replica would fail on when it loads, checked here: a replica that fails is retried by Serve, and
+    # `msbt serve --threshold 7` or an export copied without openvino/ printed three Ray tracebacks of the
+    # replica (about 140 lines) and ended with "Deploying application msbt failed", after Ray had started.
+    _need(engine_file(folder, config.engine, config.precision), f"{config.engine} ({config.precision})")
+    find_threshold(folder, threshold)
     resources = replica_resources(config)
     options = {"num_cpus": resources["CPU"], **({"num_gpus": resources["GPU"]} if "GPU" in resources else {})}
     if config.log_level not in ("DEBUG", "INFO"):

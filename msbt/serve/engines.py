@@ -109,6 +109,15 @@ def load_engine(folder: str | Path, name: str = "openvino", *, precision: str = 
     return loader(folder, precision, threads, streams)
 
 
+def engine_file(folder: str | Path, name: str, precision: str = "f32") -> Path:
+    """The file (or folder) of an export that engine ``name`` loads at ``precision``."""
+    folder = Path(folder)
+    if precision == "int8":
+        return folder / INT8_FILE
+    return {"keras": folder / "model.keras", "savedmodel": folder / "saved_model", "onnx": folder / ONNX_FILE,
+            "openvino": folder / OPENVINO_DIR / OPENVINO_FILE}[name]
+
+
 def _need(path: Path, what: str) -> Path:
     if not path.exists():
         how = "`msbt export --int8` (kept only when the test AUC holds)" if "int8" in what else "`msbt export`"

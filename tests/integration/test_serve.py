@@ -554,6 +554,37 @@ def test_serve_and_stream_commands_refuse_a_folder_that_is_not_an_export(tmp_pat
     assert not list(tmp_path.glob("*.csv*"))
 
 
+def test_serve_refuses_a_bad_threshold_or_missing_engine_files_before_ray_starts(exported, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """`msbt serve --threshold 7`, or an export copied without its openvino/ folder: Ray started, Serve retried the
+    failing replica three times (about 140 lines of Ray tracebacks) and the command ended with "Deploying
+    application msbt failed: Failed to update the deployments ['Classifier']"."""
+    import shutil
+
+    from msbt import raycluster
+    from msbt.serve.app import build_app
+
+    def started(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(raycluster, "init_ray", started)
+    port = str(_free_port())
+    for threshold in ("7", "-0.1", "nan"):
+        assert main(["serve", str(exported["folder"]), "--threshold", threshold, "--port", port]) == 1
+        assert "--threshold must be in [0, 1]" in capsys.readouterr().err
+    copy = tmp_path / "export"
+    shutil.copytree(exported["folder"], copy, ignore=shutil.ignore_patterns("openvino"))
+    assert main(["serve", str(copy), "--port", port]) == 1
+    assert "openvino/model.xml: missing, so the openvino (f32) engine cannot run" in capsys.readouterr().err
+    from msbt.serve import app
+
+    assert app.application(copy, ServeConfig(engine="onnx")) is not None  # its model.onnx is there
+    with pytest.raises(ValueError, match=r"--threshold must be in \[0, 1\]"):  # a Serve config file's args too
+        build_app({"model": str(exported["folder"]), "threshold": "7"})
+    with pytest.raises(eng.EngineError, match="missing, so the openvino"):
+        build_app({"model": str(copy)})
+
+
 def test_serve_refuses_a_port_in_use_before_ray_starts(exported, capsys, monkeypatch):
     """Serve's HTTP proxy failed on a taken port only once the cluster was up (Ray's traceback of
     ProxyActor.ready()); the command now says so before Ray starts."""
