@@ -95,8 +95,12 @@ class Classifier:
         if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):  # curl -F file=@x
             return self.error(400, "a multipart form: send the image's bytes as the request body "
                                    "(curl --data-binary @scan.png URL/predict)")
-        frame = request.query_params.get("frame")  # one frame of a DICOM cine loop
-        if frame is not None and not frame.isdigit():
+        frames = request.query_params.getlist("frame")  # one frame of a DICOM cine loop
+        if len(frames) > 1:  # the last was scored, the others ignored without a word
+            return self.error(400, f"?frame= given {len(frames)} times: one frame per request")
+        frame = frames[0] if frames else None
+        # ASCII digits only: str.isdigit() also takes '²' (then int() failed with Python's own message) and '１'
+        if frame is not None and not (frame.isascii() and frame.isdigit()):
             return self.error(400, f"?frame={frame[:20]}: a frame index, 0 or more")
         body = await request.body()
         if len(body) > self.max_bytes:
@@ -104,7 +108,14 @@ class Classifier:
         try:
             image = await asyncio.to_thread(self._prepare, body, None if frame is None else int(frame))
         except ValueError as err:  # ImageError and DicomError are ValueErrors: their reason names the problem
-            return self.error(400, getattr(err, "reason", None) or str(err))
+            reason = getattr(err, "reason", None) or str(err)
+            form = request.headers.get("content-type", "").lower().startswith("application/x-www-form-urlencoded")
+            if form and len(body) > 512 and b"\n" not in body and b"\r" not in body:
+                # curl's -d drops a file's line breaks (every PNG's signature has both); a form's content type alone
+                # says little (Python's urllib sends it with any body), a binary file of no line break says more
+                reason += (" (the body came as a form, as `curl -d @file` sends it, which strips line breaks from the "
+                           "file: send the bytes with curl --data-binary @scan.png)")
+            return self.error(400, reason)
         p = await self.score(image)
         m = self.model
         return {"probability": p, "label": m.class_names[int(p >= m.threshold.value)],

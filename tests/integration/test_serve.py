@@ -406,9 +406,20 @@ def test_serve_answers_images_and_refuses_bad_bytes(exported, ray_local, tmp_pat
             assert answer.status_code == 400 and reason in answer.json()["error"], (body[:20], answer.text)
             assert not any(value in answer.text for value in FAKE_PHI.values())  # patient data never answered
         for frame, body, reason in (("3", loop, "no frame 3 (the file has 3)"), ("-1", loop, "a frame index"),
-                                    ("0", files[0], "this body is no DICOM file")):
+                                    ("0", files[0], "this body is no DICOM file"),
+                                    ("\u00b2", loop, "a frame index, 0 or more"),  # isdigit(): int() failed
+                                    ("\uff11", loop, "a frame index, 0 or more"),  # a full-width 1 was frame 1
+                                    (["1", "2"], loop, "?frame= given 2 times")):  # frame 2 was scored
             answer = requests.post(f"{url}/predict", params={"frame": frame}, data=body, timeout=30)
             assert answer.status_code == 400 and reason in answer.json()["error"], (frame, answer.text)
+        # `curl -d @scan.png` (a form; it strips the file's line breaks): the answer says how to send the bytes
+        mangled = files[0].replace(b"\r", b"").replace(b"\n", b"")
+        answer = requests.post(f"{url}/predict", data=mangled, timeout=30,
+                               headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert answer.status_code == 400 and "send the bytes with curl --data-binary" in answer.json()["error"]
+        answer = requests.post(f"{url}/predict", data=files[0][: len(files[0]) // 2], timeout=30,
+                               headers={"Content-Type": "application/x-www-form-urlencoded"})  # as urllib sends any
+        assert answer.status_code == 400 and "curl" not in answer.json()["error"]
         if Path("/dev/shm").is_dir():  # the request's temporary file is gone once it is read, answered or refused
             assert not list(Path("/dev/shm").glob("msbt-request-*"))
         assert requests.get(f"{url}/nothing-here", timeout=30).status_code == 404
