@@ -186,7 +186,7 @@ def application(model: str | Path, config: ServeConfig = ServeConfig(), *, thres
             (checked here, before any replica starts).
         ValueError: ``threshold`` (or the export's) is not a probability in [0, 1].
     """
-    from msbt.serve.engines import ENGINES, INT8_FILE, EngineError, _need, engine_file
+    from msbt.serve.engines import ENGINES, INT8_FILE, EngineError, check_engine_files
     from msbt.serve.predict import EXPORT_FILE, find_threshold
 
     folder = Path(model).expanduser().resolve()
@@ -201,7 +201,7 @@ def application(model: str | Path, config: ServeConfig = ServeConfig(), *, thres
     # What each replica would fail on when it loads, checked here: a replica that fails is retried by Serve, and
     # `msbt serve --threshold 7` or an export copied without openvino/ printed three Ray tracebacks of the
     # replica (about 140 lines) and ended with "Deploying application msbt failed", after Ray had started.
-    _need(engine_file(folder, config.engine, config.precision), f"{config.engine} ({config.precision})")
+    check_engine_files(folder, config.engine, config.precision)
     find_threshold(folder, threshold)
     resources = replica_resources(config)
     options = {"num_cpus": resources["CPU"], **({"num_gpus": resources["GPU"]} if "GPU" in resources else {})}

@@ -118,6 +118,13 @@ def engine_file(folder: str | Path, name: str, precision: str = "f32") -> Path:
             "openvino": folder / OPENVINO_DIR / OPENVINO_FILE}[name]
 
 
+def check_engine_files(folder: str | Path, name: str, precision: str = "f32") -> Path:
+    """The file engine ``name`` loads at ``precision`` from an export folder, or EngineError naming it and the
+    command that writes it (what the engine's loader would fail on, checked without loading anything)."""
+    what = f"int8 {name}" if precision == "int8" else name
+    return _need(engine_file(folder, name, precision), what)
+
+
 def _need(path: Path, what: str) -> Path:
     if not path.exists():
         how = "`msbt export --int8` (kept only when the test AUC holds)" if "int8" in what else "`msbt export`"
