@@ -527,6 +527,7 @@ def _cmd_predict(args) -> int:
 def _cmd_export(args) -> int:
     import math
 
+    from msbt.eval.metrics import threshold_text
     from msbt.serve.export import export
 
     if (args.int8_store or args.int8_max_auc_change is not None) and not args.int8:
@@ -541,7 +542,7 @@ def _cmd_export(args) -> int:
                     int8_store=args.int8_store, int8_max_auc_change=bound, run_folder=run_folder)
     of_run = f" (the model of run folder {given})" if run_folder else ""
     print(f"exported {args.checkpoint}{of_run} -> {args.out_dir} (model.keras, manifest.json, saved_model/, model.onnx, "
-          f"openvino/, export.json); threshold {record['threshold']['value']:.4g} from "
+          f"openvino/, export.json); threshold {threshold_text(record['threshold']['value'])} from "
           f"{record['threshold']['source']}; model id {record['model_id']}")
     for name, e in record["engines"].items():
         if "max_abs_diff" not in e:  # e.g. bf16 on a CPU without it
@@ -557,7 +558,7 @@ def _cmd_export(args) -> int:
                    else f"refused (AUC change beyond ±{int8['max_auc_change']:g}): no int8 model written")
         print(f"int8: test AUC {int8['auc_f32']:.4f} (float32) -> {int8['auc_int8']:.4f} (int8), change "
               f"{int8['auc_change']:+.4f} on {int8['test_images']} test images ({int8['labels_changed']} labels "
-              f"change at threshold {int8['threshold']:.4g}; max |p_int8 - p_f32| {int8['max_abs_diff']:.3f}), "
+              f"change at threshold {threshold_text(int8['threshold'])}; max |p_int8 - p_f32| {int8['max_abs_diff']:.3f}), "
               f"calibrated on {int8['calibration']['images']} training images; {verdict}")
     for note in record["notes"]:
         print(f"note: {note}")

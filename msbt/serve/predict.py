@@ -36,6 +36,7 @@ import numpy as np
 from msbt.atomicio import atomic_open, read_json_object
 from msbt.model.checkpoint import DIGEST_KEY, MODEL_FILE, CheckpointError, json_digest, read_manifest
 from msbt.config import PreprocessConfig, load_config
+from msbt.eval.metrics import threshold_text
 from msbt.console import import_tensorflow, progress
 from msbt.data.discovery import Reject, is_folder, is_system_file, manifest_paths, mask_pattern, text_name, walk_files
 from msbt.data.store import STORE_FILE, Store, StoreError
@@ -241,8 +242,8 @@ def threshold_warnings(checkpoint: str | Path, chosen: "Threshold") -> list[str]
     out = [f"threshold: {flag}" for flag in result.get("threshold_flags", [])]
     spread = result.get("threshold_ci95")
     if spread and all(isinstance(v, (int, float)) for v in spread):
-        out.append(f"threshold {spread[0]:.4g}: 95% bootstrap range over validation resamples "
-                   f"[{spread[1]:.4g}, {spread[2]:.4g}]")
+        out.append(f"threshold {threshold_text(spread[0])}: 95% bootstrap range over validation resamples "
+                   f"[{threshold_text(spread[1])}, {threshold_text(spread[2])}]")
     return out
 
 
@@ -555,10 +556,10 @@ def format_lines(run: PredictionRun, *, model_said: bool = False) -> list[str]:
     ``model_said``: the line before named the model (a run folder given for it): the header does not again."""
     prep = run.preparation
     model = "" if model_said else f"model {run.checkpoint}; "
-    lines = [f"{model}threshold {run.threshold.value:.4g} from {run.threshold.source}; images "
+    lines = [f"{model}threshold {threshold_text(run.threshold.value)} from {run.threshold.source}; images "
              f"fitted to {prep.image_size} px (aspect {prep.aspect}, intensity {prep.intensity}, 16-bit "
              f"{prep.sixteen_bit}) as in training, from {prep.source}"]
-    lines += [f"{p.path}\t{p.label}\tp={p.probability:.4f}\tlogit={p.logit:.3f}\tthreshold={p.threshold:.4g}"
+    lines += [f"{p.path}\t{p.label}\tp={p.probability:.4f}\tlogit={p.logit:.3f}\tthreshold={threshold_text(p.threshold)}"
               + (f"\theatmap={p.heatmap}" if p.heatmap else "")
               + (f"\tout_of_range={p.out_of_range}" if p.out_of_range else "") for p in run.predictions]
     lines += [f"rejected {r.path}: {r.reason}" for r in run.rejects]

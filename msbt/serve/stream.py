@@ -630,7 +630,7 @@ def format_summary(summary: StreamSummary) -> str:
              f"{s.frames_scored} scored, {s.frames_dropped} dropped"
              + (f", {s.frames_unreadable} unreadable" if s.frames_unreadable else "") + f" in {s.seconds:.2f} s "
              f"({s.scored_fps:.1f} scored frames/s); lesion-level score at the end {final}, threshold "
-             f"{s.threshold:.4g} from {s.threshold_source}",
+             f"{threshold_text(s.threshold)} from {s.threshold_source}",
              f"per-frame CSV: {s.csv} (this summary as JSON: {s.csv}.json)"]
     if s.video:
         lines.append(f"annotated video: {s.video}")

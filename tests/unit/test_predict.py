@@ -194,7 +194,7 @@ def test_cli_predict_writes_csv_and_exit_codes(run, tmp_path, capsys):
     images, out = run["images"], tmp_path / "pred.csv"
     assert main(["predict", str(run["checkpoint"]), str(images), "--out", str(out), "--threshold", "0.4"]) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith(f"model {run['checkpoint']}; threshold 0.4 from --threshold") and "rejected" in printed
+    assert printed.startswith(f"model {run['checkpoint']}; threshold 0.4000 from --threshold") and "rejected" in printed
     assert "skipped 1: segmentation mask" in printed and f"skipped 1: {HIDDEN_FILE}" in printed
     with out.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -238,7 +238,7 @@ def test_export_keras_and_saved_model_agree(run, tmp_path, capsys):
         assert main(["export", str(checkpoint), str(out)]) == 0
     finally:
         (run["run"] / "metrics.json").unlink()
-    assert "threshold 0.42 from" in capsys.readouterr().out
+    assert "threshold 0.4200 from" in capsys.readouterr().out
     record = json.loads((out / "export.json").read_text())
     assert record["threshold"]["value"] == 0.42 and record["preparation"]["aspect"] == "crop"
     assert record["input"]["shape"] == [None, 32, 32, 3]
