@@ -117,5 +117,6 @@ def format_oof(oof: dict) -> str:
         a, b = main["run_threshold"], main["oof_threshold"]
         text += (f"\nmain run's test split: sensitivity/specificity {a['sensitivity']:.3f}/{a['specificity']:.3f} at "
                  f"its validation threshold {metrics.threshold_text(a['threshold'])}, "
-                 f"{b['sensitivity']:.3f}/{b['specificity']:.3f} at the out-of-fold threshold")
+                 f"{b['sensitivity']:.3f}/{b['specificity']:.3f} at the out-of-fold threshold (to see the effect "
+                 "only: choosing between the two by these test numbers would make the test split a validation split)")
     return text + "".join(f"\n  note: {flag}" for flag in oof.get("flags", ()))
