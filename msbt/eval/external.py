@@ -231,7 +231,7 @@ def format_site(site: str, result: Mapping) -> list[str]:
                      f"at the site's own best {metrics.threshold_text(t['site_best_threshold'])} (optimistic)")
         cal = result["calibration"]
         lines.append(f"  calibration: mean p - malignant share {cal['in_the_large']:+.3f}, Brier {cal['brier']:.3f}; "
-                     f"{result['called_malignant']:.0%} called malignant")
+                     f"{metrics.share_text(result['called_malignant'])} called malignant")
     lines += [f"  warning: {w}" for w in result.get("out_of_depth", [])]
     lines += [f"  note: {n}" for n in result.get("notes", [])]
     return lines

@@ -70,6 +70,17 @@ def threshold_text(value) -> str:
 
 
 
+def share_text(value: float) -> str:
+    """A share as a percentage that reads 0% or 100% only when it is: 0.996 of images called malignant is
+    "99.6%", not "100%" (which says every image was)."""
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    digits = 0
+    while digits < 4 and 0 < value < 1 and round(100 * value, digits) in (0, 100):
+        digits += 1
+    return f"{100 * value:.{digits}f}%"
+
+
 def _check_inputs(y, p, *, probabilities: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Return (y as int 0/1, p as float) after checking shape and values; raise ValueError otherwise."""
     y_arr, p_arr = np.asarray(y), np.asarray(p, dtype=float)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from msbt.atomicio import write_text
-from msbt.eval.metrics import threshold_text
+from msbt.eval.metrics import share_text, threshold_text
 from msbt import __version__
 
 REPORT_FILE = "report.html"
@@ -369,7 +369,9 @@ def metrics_section(result: dict | None) -> str:
     ci = result.get("test_ci95", {})
     rows = [(METRIC_LABELS.get(k, k), _ci_text(ci[k])) for k in METRIC_LABELS if k in ci]
     rows += _wilson_rows(result.get("test_ci95_wilson_groups"))
-    intro = (f"<p>Held-out test split: {result.get('test_images')} images in {result.get('test_groups')} lesion "
+    # "held-out" is the word leave one site out uses for a site never seen; a run's own split is internal
+    own = "the run's own test split (internal)" if (result.get("scope") or {}).get("kind") == "internal" else "test split"
+    intro = (f"<p>{_sentence(own)}: {result.get('test_images')} images in {result.get('test_groups')} lesion "
              f"groups. Threshold {threshold_text(result.get('threshold'))} chosen on the validation split "
              f"({result.get('val_images', '?')} images) by {_e(result.get('threshold_rule'))}; validation AUC (exact) "
              f"{_fmt(result.get('val_auc_exact', result.get('val_auc')))}. Intervals: 95% percentile bootstrap, "
@@ -788,7 +790,7 @@ def external_section(run: Path) -> str:
                                ylim=(0, 1), diagonal=True, square=True)
             body = (_table(("metric at the run's threshold", "value [95% CI]"), rows) + "<p>Threshold transfer:</p>"
                     + transfer + f"<p>Calibration-in-the-large (mean p minus malignant share) "
-                    f"{cal['in_the_large']:+.3f}; Brier {_fmt(cal['brier'])}; {r['called_malignant']:.0%} called "
+                    f"{cal['in_the_large']:+.3f}; Brier {_fmt(cal['brier'])}; {share_text(r['called_malignant'])} called "
                     f"malignant.</p><div class=charts>{chart}</div>")
         warn = "".join(f"<li>{_e(w)}</li>" for w in [*r.get("out_of_depth", []), *r.get("notes", [])])
         parts.append(head + body + (f"<ul class=notes>{warn}</ul>" if warn else ""))

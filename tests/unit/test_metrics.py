@@ -587,6 +587,12 @@ def test_a_runs_own_test_split_is_marked_internal_and_a_held_out_site_is_not():
     assert mixed["scope"]["kind"] == "mixed" and "never seen (breast)" in mixed["notes"][-1]
 
 
+def test_a_share_reads_0_or_100_percent_only_when_it_is():
+    """External sites' "called malignant": 0.996 printed as "100%" read as every image called malignant."""
+    assert [M.share_text(v) for v in (0.996, 0.9999, 1.0, 0.0, 0.004, 0.5, 0.123, float("nan"))] == [
+        "99.6%", "99.99%", "100%", "0%", "0.4%", "50%", "12%", "n/a"]
+
+
 def test_wilson_interval_matches_hand_computation_and_stays_wide_at_the_edges():
     from msbt.eval.metrics import wilson_interval
 
