@@ -121,6 +121,7 @@ def check_run_report(run, backbone: str) -> None:
     assert metrics["schema_version"] == 3 and metrics["predictions_file"] == "predictions.csv"
     # the run's own test split is said to be an internal estimate, in metrics.json and on the page
     assert metrics["scope"]["kind"] == "internal" and "internal estimate: the test images come from" in text
+    assert "<p>The run&#x27;s own test split (internal): " in text  # not "held-out", leave one site out's word
     # charts: ROC, calibration, confusion matrix, and loss + AUC/accuracy curves for both stages
     titles = [ET.fromstring(s).get("aria-label") for s in svgs(text)]
     assert "ROC, test split" in titles and "confusion matrix" in titles

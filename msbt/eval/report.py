@@ -371,7 +371,7 @@ def metrics_section(result: dict | None) -> str:
     rows += _wilson_rows(result.get("test_ci95_wilson_groups"))
     # "held-out" is the word leave one site out uses for a site never seen; a run's own split is internal
     own = "the run's own test split (internal)" if (result.get("scope") or {}).get("kind") == "internal" else "test split"
-    intro = (f"<p>{_sentence(own)}: {result.get('test_images')} images in {result.get('test_groups')} lesion "
+    intro = (f"<p>{_e(_sentence(own))}: {result.get('test_images')} images in {result.get('test_groups')} lesion "
              f"groups. Threshold {threshold_text(result.get('threshold'))} chosen on the validation split "
              f"({result.get('val_images', '?')} images) by {_e(result.get('threshold_rule'))}; validation AUC (exact) "
              f"{_fmt(result.get('val_auc_exact', result.get('val_auc')))}. Intervals: 95% percentile bootstrap, "
