@@ -66,6 +66,9 @@ class Classifier:
         self.model = load_served(model, engine, precision=precision, threads=max(1, int(cpus)), threshold=threshold,
                                  streams=streams)
         self.max_bytes = int(max_request_mb * (1 << 20))
+        from msbt.serve.predict import find_profile
+
+        self.profile = find_profile(model)[0]  # the training images' profile (export.json), None if not recorded
 
         # Dynamic batching: up to max_batch_size requests per batch, `streams` batches at once (each on its
         # own engine stream). Made here, not as a decorated method: Serve fixes a batch's concurrency when
@@ -106,7 +109,7 @@ class Classifier:
         if len(body) > self.max_bytes:
             return self.error(413, f"request body of {len(body)} bytes is larger than {self.max_bytes} bytes")
         try:
-            image = await asyncio.to_thread(self._prepare, body, None if frame is None else int(frame))
+            image, outside = await asyncio.to_thread(self._prepare_checked, body, None if frame is None else int(frame))
         except ValueError as err:  # ImageError and DicomError are ValueErrors: their reason names the problem
             reason = getattr(err, "reason", None) or str(err)
             form = request.headers.get("content-type", "").lower().startswith("application/x-www-form-urlencoded")
@@ -120,6 +123,9 @@ class Classifier:
         m = self.model
         return {"probability": p, "label": m.class_names[int(p >= m.threshold.value)],
                 "threshold": m.threshold.value, "threshold_source": m.threshold.source,
+                # as msbt predict's column: features of this image outside the training images' range (size, aspect,
+                # brightness, contrast, dark share; msbt.data.profile), [] when none, None when the export has no profile
+                "out_of_range": outside,
                 **({} if frame is None else {"frame": int(frame)}), **self._identity()}
 
     @staticmethod
@@ -132,8 +138,13 @@ class Classifier:
 
     def _prepare(self, body: bytes, frame: int | None = None) -> np.ndarray:
         """Request bytes -> the model input, as ``msbt predict`` prepares a file (a DICOM file: ``frame`` of it)."""
+        return self._prepare_checked(body, frame)[0]
+
+    def _prepare_checked(self, body: bytes, frame: int | None = None) -> tuple[np.ndarray, list[str] | None]:
+        """:meth:`_prepare`, and the profile features of the image outside the training range (None: no profile)."""
         import cv2
 
+        from msbt.data.profile import image_features, out_of_range
         from msbt.images.imagefile import ImageError, decode_image
         from msbt.serve.predict import model_inputs, prepare_rgb
 
@@ -147,7 +158,11 @@ class Classifier:
                 rgb = decode_image(body, "request body", prep.sixteen_bit)  # type: ignore[arg-type]
             except cv2.error as err:  # e.g. an image above OpenCV's pixel limit asserts instead of failing
                 raise ImageError("request body", f"cannot be decoded ({err.err or err})") from None
-        return model_inputs(prepare_rgb(rgb, prep)[None], self.model.engine.image_size)[0]
+        prepared = prepare_rgb(rgb, prep)
+        profile = getattr(self, "profile", None)
+        outside = (out_of_range(profile, image_features(int(rgb.shape[1]), int(rgb.shape[0]), prepared))
+                   if profile else None)
+        return model_inputs(prepared[None], self.model.engine.image_size)[0], outside
 
     @staticmethod
     def _dicom_frame(body: bytes, frame: int | None, sixteen_bit: str) -> np.ndarray:

@@ -385,6 +385,7 @@ def test_serve_answers_images_and_refuses_bad_bytes(exported, ray_local, tmp_pat
         assert first["label"] == ("malignant" if first["probability"] >= 0.5 else "benign")
         assert (first["threshold"], first["model_id"], first["lineage_sha256"]) == (
             0.5, exported["record"]["model_id"], exported["record"]["lineage_sha256"])
+        assert first["out_of_range"] is None  # this export (a bare checkpoint, no run) has no training profile
         # DICOM as a PACS router sends it: a still is one image; a cine loop one frame of it (?frame=N)
         from dicomfiles import FAKE_PHI, write_dicom
 
@@ -526,6 +527,29 @@ def test_a_blank_or_tiny_dicom_is_refused_by_serve_and_skipped_by_stream_as_pred
     read = list(st.open_source(loop).frames)
     assert [isinstance(f, st.Unreadable) for f in read] == [False, True, False]
     assert read[1].reason == f"{loop}: frame 1 of 3: blank image (every pixel is 0)"
+
+
+def test_serve_answers_say_which_features_of_an_image_are_outside_the_training_range(exported):
+    """`msbt predict` names an input unlike the training images (out_of_range, msbt.data.profile); `msbt serve`
+    answered such an image with a probability and no word. The request's preparation as the replica calls it
+    (no Ray), with a profile of the kind export.json carries."""
+    from msbt.data.profile import build_profile, image_features
+    from msbt.serve.app import Classifier
+
+    replica = Classifier.func_or_class.__new__(Classifier.func_or_class)
+    replica.model = eng.load_served(exported["folder"], "onnx")
+    frames = ultrasound(8)
+    png = [cv2.imencode(".png", cv2.cvtColor(f, cv2.COLOR_RGB2BGR))[1].tobytes() for f in frames]
+    replica.profile = None  # an export without a profile: nothing to say either way
+    assert replica._prepare_checked(png[0])[1] is None
+    replica.profile = build_profile([image_features(32, 32, f) for f in frames])
+    image, outside = replica._prepare_checked(png[0])
+    assert outside == [] and np.array_equal(image, replica._prepare(png[0]))
+    # four times the training images' size and nearly white: named, as msbt predict names them
+    bright = np.clip(cv2.resize(frames[0], (128, 128)).astype(int) + 180, 0, 255).astype(np.uint8)
+    body = cv2.imencode(".png", cv2.cvtColor(bright, cv2.COLOR_RGB2BGR))[1].tobytes()
+    _, outside = replica._prepare_checked(body)
+    assert {"long_side", "mean"} <= set(outside), outside
 
 
 def test_shipped_serve_config_is_a_valid_serve_deploy_config(exported):
