@@ -720,7 +720,8 @@ def experiments_section(run: Path) -> str:
                      + _table(("setting", "loss", "accuracy", "AUC", "paper accuracy"), rows))
     cmp_ = _read_json(run / "compare" / "compare.json")
     if cmp_:
-        rows = [(arm, _ci_text(s["ci95"]["accuracy"]), _ci_text(s["ci95"]["auc"]), s["test"]["loss"])
+        rows = [(arm, _ci_text(s["ci95"]["accuracy"]), _ci_text(s["ci95"]["auc"]),
+                 _ci_text(s["ci95"]["loss"]) if "loss" in s["ci95"] else s["test"]["loss"])
                 for arm, s in cmp_["arms"].items()]
         body = _table(("stage-2 start", "accuracy", "AUC", "loss"), rows)
         tests = []

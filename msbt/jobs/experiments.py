@@ -738,10 +738,10 @@ def format_compare(report: dict) -> str:
     lines = ["Stage-2 starting points on the same split and budget (the run's own test split, 95% CIs by lesion):"]
     if report.get("stage1_origin"):
         lines.append(stage1_origin_text(report["stage1_origin"]))
-    lines.append(f"{'arm':<12} {'accuracy [95% CI]':>22} {'AUC [95% CI]':>22} {'loss':>8}")
+    lines.append(f"{'arm':<12} {'accuracy [95% CI]':>22} {'AUC [95% CI]':>22} {'loss [95% CI]':>22}")
     for arm, s in report["arms"].items():
-        lines.append(f"{arm:<12} {_with_ci(s['ci95']['accuracy']):>22} {_with_ci(s['ci95']['auc']):>22} "
-                     f"{s['test']['loss']:>8.3f}")
+        loss = _with_ci(s["ci95"]["loss"]) if "loss" in s.get("ci95", {}) else f"{s['test']['loss']:.3f}"
+        lines.append(f"{arm:<12} {_with_ci(s['ci95']['accuracy']):>22} {_with_ci(s['ci95']['auc']):>22} {loss:>22}")
     for pair in report["paired"]:
         parts = []
         for name in ("delong", "paired_bootstrap"):

@@ -77,6 +77,8 @@ def test_experiment_tables_render_from_their_json(tmp_path):
     assert "accuracy +0.150, AUC +0.120. 9 of 12 naive test images" in text
     printed = format_compare(report)
     assert "naive - group: accuracy +0.150, AUC +0.120; 9 of 12" in printed and "paired_bootstrap too few" in printed
+    assert "0.500 [0.400, 0.600]" in printed.splitlines()[3]  # the loss with its interval, as the other columns
+    assert "<td>0.500 [0.400, 0.600]</td></tr>" in text
     origin = "resnet50 from ImageNet weights, trained on 812 fields of HeLa, MCF-7 from /lab/cells"
     assert origin in printed and origin in text and "synthetic" not in printed
     report["stage1_origin"].update(synthetic=True, microscope="/cache/synth")
