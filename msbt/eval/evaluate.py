@@ -237,7 +237,8 @@ def pooled_lines(pooled: dict) -> list[str]:
              f"lesion groups): {ci('auc')}, {ci('sensitivity')}, {ci('specificity')}, {ci('accuracy')}"]
     wilson = pooled.get("wilson_groups")
     if wilson:  # they stay honest where the bootstrap over few groups collapses
-        lines.append("  Wilson 95% intervals with the lesion groups as sample size: " + ", ".join(
+        lines.append("  Wilson 95% intervals over lesion groups (the effective number behind each; the AUC's, the "
+                     "smaller class's): " + ", ".join(
             f"{key} [{wilson[key][1]:.3f}, {wilson[key][2]:.3f}]" for key in ("auc", "sensitivity", "specificity", "accuracy")
             if key in wilson and np.isfinite(wilson[key][0])))
     return lines + [f"  note: {note}" for note in pooled.get("notes", ())]

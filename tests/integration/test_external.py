@@ -103,7 +103,7 @@ def test_external_metrics_transfer_calibration_depth_and_report(run):
     auc, low, high = r["at_run_threshold"]["auc"]
     assert low <= auc <= high
     assert r["ci"] == {"level": 0.95, "method": "percentile bootstrap", "resamples": 100, "seed": 7, "unit": "group"}
-    assert set(r["wilson_groups"]) == {"accuracy", "sensitivity", "specificity"}
+    assert set(r["wilson_groups"]) == {"accuracy", "sensitivity", "specificity", "auc"}
     t = r["threshold_transfer"]
     assert "optimistic" in t["note"] and t["run_threshold"] == 0.5
     # Youden on the site itself can only do as well or better in J than the run's threshold.
