@@ -280,7 +280,7 @@ def evaluate(checkpoint: str | Path, store: str | Path, *, rule: str = "youden",
     return result
 
 
-def with_scope(result: dict, test_sites, train_sites) -> dict:
+def with_scope(result: dict, test_sites, train_sites, *, images: str = "test images") -> dict:
     """``result`` with ``scope``: whether its test images come from sites the model trained on.
 
     ``internal`` (every test site is a training site, or the store has no sites: a run's own test split, whose
@@ -292,6 +292,7 @@ def with_scope(result: dict, test_sites, train_sites) -> dict:
         result: From :func:`score`.
         test_sites: Every test image's site (``""`` or nothing for a store without sites).
         train_sites: Every training image's site, or None for a store without sites.
+        images: What the scored images are, in the notes ("held-out images" for cross-validation's pooled folds).
     """
     tested = sorted({str(site) for site in test_sites if str(site)})
     trained = {str(site) for site in train_sites} if train_sites is not None else set(tested)
@@ -300,14 +301,15 @@ def with_scope(result: dict, test_sites, train_sites) -> dict:
     notes = list(result.get("notes", []))
     if kind == "internal":
         where = f"{len(tested)} sites ({', '.join(tested)})" if len(tested) > 1 else "site"
-        notes.append(f"internal estimate: the test images come from the same {where} as the training images, so these "
+        notes.append(f"internal estimate: the {images} come from the same {where} as the training images, so these "
                      "numbers do not say how the model does at another hospital (in msbt's own measurements, "
                      "docs/evaluation.md, a model trained on BUSI scored AUC 0.94 on BUSI's test split and 0.73 and "
                      "0.39 at two sites it never saw); score another site with `msbt external`, or hold each site "
                      "out with `workflows/crossval.py --by site`")
     elif kind == "mixed":
-        notes.append(f"the test split mixes sites seen in training with sites never seen ({', '.join(unseen)}): "
-                     "its numbers are neither an internal nor an external estimate; see the per-site rows")
+        rows = "; see the per-site rows" if images == "test images" else ""
+        notes.append(f"the {images} mix sites seen in training with sites never seen ({', '.join(unseen)}): "
+                     f"their numbers are neither an internal nor an external estimate{rows}")
     return {**result, "scope": {"kind": kind, "sites": tested, "unseen_sites": unseen}, "notes": notes}
 
 

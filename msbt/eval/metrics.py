@@ -76,8 +76,10 @@ def share_text(value: float) -> str:
     if value is None or not math.isfinite(value):
         return "n/a"
     digits = 0
-    while digits < 4 and 0 < value < 1 and round(100 * value, digits) in (0, 100):
+    while digits < 2 and 0 < value < 1 and round(100 * value, digits) in (0, 100):
         digits += 1
+    if 0 < value < 1 and round(100 * value, digits) in (0, 100):  # closer than 0.005% to either end
+        return "<0.01%" if value < 0.5 else ">99.99%"
     return f"{100 * value:.{digits}f}%"
 
 
@@ -575,48 +577,6 @@ def paired_bootstrap_auc_diff(
     return _comparison(roc_auc(y, p_a), roc_auc(y, p_b), se, (low, high), n_boot=n_boot)
 
 
-def site_mean_auc_diff(parts, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> dict[str, object]:
-    """The mean over sites of AUC_a - AUC_b, each site's two AUCs on its own images, with a bootstrap that
-    resamples lesion groups within every site (stratified by site).
-
-    For "does model a beat model b at sites it never saw" over several held-out sites: every site weighs alike,
-    and no site's scores are ranked against another's (under leave one site out each site was scored by a model
-    of its own, whose scores need not share a scale with the others').
-
-    Args:
-        parts: One ``(y, p_a, p_b, groups)`` per site, both models scored on the same images of that site.
-        n_boot, alpha, seed: as in :func:`paired_bootstrap_auc_diff`.
-
-    Returns:
-        The keys of :func:`delong_test` (``auc_a``/``auc_b`` the means over sites of each model's AUC) and
-        ``sites``, the number of sites.
-
-    Raises:
-        ValueError: no site, or a site without both classes (its AUC has no value).
-    """
-    if not parts:
-        raise ValueError("no site to compare on")
-    if n_boot < 2 or not 0 < alpha < 1:
-        raise ValueError(f"need n_boot >= 2 and 0 < alpha < 1, got {n_boot}, {alpha}")
-    aucs, reps = [], []
-    for k, (y, p_a, p_b, groups) in enumerate(parts):
-        y, p_a = _check_inputs(y, p_a, probabilities=False)
-        _, p_b = _check_inputs(y, p_b, probabilities=False)
-        if len(set(y.tolist())) < 2:
-            raise ValueError(f"site {k + 1} of {len(parts)} holds one class only: its AUC has no value")
-        plan_a, plan_b = _AucPlan(y, p_a), _AucPlan(y, p_b)
-        # each site resampled on its own stream: independent within-site bootstraps
-        reps.append(_bootstrap_replicates(y, groups, n_boot, seed + k,
-                                          lambda w, a=plan_a, b=plan_b: {"diff": a(w) - b(w)})["diff"])
-        aucs.append((roc_auc(y, p_a), roc_auc(y, p_b)))
-    diffs = np.mean(np.stack(reps), axis=0)  # a resample where a site's AUC has no value counts as undefined
-    low, high = _percentile_interval("mean AUC difference over sites", diffs, alpha)
-    defined = diffs[~np.isnan(diffs)]
-    se = float(np.std(defined, ddof=1)) if defined.size >= 2 else float("nan")
-    mean_a, mean_b = (float(np.mean([a[i] for a in aucs])) for i in (0, 1))
-    return {**_comparison(mean_a, mean_b, se, (low, high), n_boot=n_boot), "sites": len(parts)}
-
-
 def bootstrap_diff_two_sets(a: Mapping, b: Mapping, keys: Sequence[str] = ("accuracy", "auc"), n_boot: int = 2000,
                             alpha: float = 0.05, seed: int = 0) -> dict[str, list[float]]:
     """Percentile intervals of metric(a) - metric(b) for two models scored on two test sets drawn from one
@@ -658,7 +618,37 @@ def bootstrap_diff_two_sets(a: Mapping, b: Mapping, keys: Sequence[str] = ("accu
     return out
 
 
-def mean_auc_over_sets(sets: Sequence[Mapping], n_boot: int = 2000, alpha: float = 0.05,
+def _stratified_aucs(sets: Mapping[str, Sequence], n_boot: int, alpha: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each named set's AUCs of one or more score vectors, and their bootstrap replicates, the set's lesion groups
+    resampled on their own (set i with seed ``seed + i``: a stratified bootstrap, the sets held fixed).
+
+    Args:
+        sets: ``{name: (y, groups, p_1, ..., p_k)}``, the k score vectors on the same images of that set.
+
+    Returns:
+        ``(points (S, k), replicates (S, k, n_boot))``.
+
+    Raises:
+        ValueError: no set, a bad ``n_boot``/``alpha``, or a set (named) without both classes.
+    """
+    if not sets:
+        raise ValueError("no set to average over")
+    if n_boot < 2 or not 0 < alpha < 1:
+        raise ValueError(f"need n_boot >= 2 and 0 < alpha < 1, got {n_boot}, {alpha}")
+    points, reps = [], []
+    for i, (name, (y, groups, *scores)) in enumerate(sets.items()):
+        y, _ = _check_inputs(y, scores[0], probabilities=False)
+        scores = [_check_inputs(y, p, probabilities=False)[1] for p in scores]
+        if len(set(y.tolist())) < 2:
+            raise ValueError(f"{name} holds one class only: its AUC has no value")
+        plans = [_AucPlan(y, p) for p in scores]
+        r = _bootstrap_replicates(y, groups, n_boot, seed + i, lambda w: {str(j): plan(w) for j, plan in enumerate(plans)})
+        reps.append(np.stack([r[str(j)] for j in range(len(plans))]))
+        points.append([roc_auc(y, p) for p in scores])
+    return np.asarray(points), np.stack(reps)
+
+
+def mean_auc_over_sets(sets: Mapping[str, Mapping], n_boot: int = 2000, alpha: float = 0.05,
                        seed: int = 0) -> list[float]:
     """The mean of several test sets' AUCs (e.g. every held-out site's) with a 95% percentile interval: each set's
     lesion groups are resampled on their own (a stratified bootstrap, the sets held fixed), and the mean is taken
@@ -666,22 +656,45 @@ def mean_auc_over_sets(sets: Sequence[Mapping], n_boot: int = 2000, alpha: float
     choice of the sets themselves (a few sites are no sample of hospitals).
 
     Args:
-        sets: ``{"y", "p", "group"}`` per set, each with both classes.
+        sets: ``{name: {"y", "p", "group"}}``, each with both classes (else ValueError naming it).
         n_boot, alpha, seed: As in :func:`bootstrap_ci`; set i is resampled with seed ``seed + i``.
 
     Returns:
         ``[mean, low, high]``; resamples where some set's AUC is undefined are left out (RuntimeWarning).
     """
-    if not sets:
-        raise ValueError("no sets to average")
-    means, points = 0.0, []
-    for i, s in enumerate(sets):
-        y, p = _check_inputs(s["y"], s["p"], probabilities=False)
-        plan = _AucPlan(y, p)
-        reps = _bootstrap_replicates(y, s.get("group"), n_boot, seed + i, lambda w: {"auc": plan(w)})["auc"]
-        means = means + reps / len(sets)
-        points.append(roc_auc(y, p))
-    return [float(np.mean(points)), *_percentile_interval("mean auc", means, alpha)]
+    points, reps = _stratified_aucs({name: (s["y"], s.get("group"), s["p"]) for name, s in sets.items()},
+                                    n_boot, alpha, seed)
+    return [float(points[:, 0].mean()), *_percentile_interval("mean auc", reps[:, 0].mean(axis=0), alpha)]
+
+
+def site_mean_auc_diff(sites: Mapping[str, Sequence], n_boot: int = 2000, alpha: float = 0.05,
+                       seed: int = 0) -> dict[str, object]:
+    """The mean over sites of AUC_a - AUC_b, each site's two AUCs on its own images, with the stratified bootstrap
+    of :func:`mean_auc_over_sets` (both models on the same resample of a site's lesion groups).
+
+    For "does model a beat model b at sites it never saw" over several held-out sites: every site weighs alike,
+    and no site's scores are ranked against another's (under leave one site out each site was scored by a model
+    of its own, whose scores need not share a scale with the others').
+
+    Args:
+        sites: ``{name: (y, p_a, p_b, groups)}``, both models scored on the same images of that site.
+        n_boot, alpha, seed: as in :func:`paired_bootstrap_auc_diff`.
+
+    Returns:
+        The keys of :func:`delong_test` (``auc_a``/``auc_b`` the means over sites of each model's AUC) and
+        ``sites``, the number of sites.
+
+    Raises:
+        ValueError: no site, or a site (named) without both classes.
+    """
+    points, reps = _stratified_aucs({name: (y, g, p_a, p_b) for name, (y, p_a, p_b, g) in sites.items()},
+                                    n_boot, alpha, seed)
+    diffs = (reps[:, 0] - reps[:, 1]).mean(axis=0)  # a resample where a site's AUC has no value counts as undefined
+    low, high = _percentile_interval("mean AUC difference over sites", diffs, alpha)
+    defined = diffs[~np.isnan(diffs)]
+    se = float(np.std(defined, ddof=1)) if defined.size >= 2 else float("nan")
+    mean_a, mean_b = (float(v) for v in points.mean(axis=0))
+    return {**_comparison(mean_a, mean_b, se, (low, high), n_boot=n_boot), "sites": len(sites)}
 
 
 def p_text(p: float) -> str:

@@ -62,8 +62,9 @@ def inflation_text(nv: Mapping) -> str:
             return f"{label} {d:+.3f} [{low:+.3f}, {high:+.3f}]"
         return f"{label} {nv['inflation'][key]:+.3f}"
 
+    shown = [key for key in ("accuracy", "auc") if key in ci and all(math.isfinite(x) for x in ci[key])]
     text = f"{one('accuracy', 'accuracy')}, {one('auc', 'AUC')}"
-    return text + (" (95% CI over the lesions of both test sets, not over the training)" if ci else "")
+    return text + (" (95% CI over the lesions of both test sets, not over the training)" if shown else "")
 
 
 def delong_caveat(report: Mapping) -> str:
@@ -76,6 +77,16 @@ def delong_caveat(report: Mapping) -> str:
         return ""
     return (f"DeLong counts the {images} test images as independent, but they are {groups} lesion groups: its "
             "interval and p-value are too narrow; the paired bootstrap by lesion is the one to read")
+
+
+def mean_over_sites_text(summary: Mapping, sites: int) -> str:
+    """Leave one site out's mean held-out AUC over the sites, with its interval over their lesions where the
+    summary has one (``mean_held_out_auc_ci95``), for the job log and the report alike."""
+    ci = summary.get("mean_held_out_auc_ci95")
+    if ci and all(_finite(x) for x in ci):
+        return (f"{_ci_text(ci)} on average over these {sites} sites (interval over their lesions; the sites "
+                "themselves are not a sample of hospitals)")
+    return f"{_fmt(summary['mean_held_out_auc'])} on average over the {sites} sites"
 
 
 def stage1_origin_text(origin: Mapping) -> str:
@@ -653,10 +664,7 @@ def experiments_section(run: Path) -> str:
         summary = loso.get("summary") or {}
         if summary.get("worst_held_out_auc"):  # the line the terminal gives, and the docs say to quote
             over = f" (mean of {len(seeds)} training seeds)" if loso.get("across_seeds") else ""
-            ci, sites = summary.get("mean_held_out_auc_ci95"), len(loso["rows"])
-            mean_text = (f"{_ci_text(ci)} on average over these {sites} sites (interval over their lesions; the sites "
-                         "themselves are not a sample of hospitals)" if ci and all(_finite(x) for x in ci) else
-                         f"{_fmt(summary['mean_held_out_auc'])} on average over the {sites} sites")
+            mean_text = mean_over_sites_text(summary, len(loso["rows"]))
             parts.append(f"<p><b>The number to quote</b>{over}: at a site it never saw, AUC "
                          f"{_ci_text(summary['worst_held_out_auc'])} at the worst ({_e(summary['worst_site'])}), "
                          f"{_e(mean_text)}; not the internal AUC.</p>")

@@ -41,7 +41,8 @@ from msbt.data.store import write_resplit
 from msbt.provenance import write_environment
 from msbt.atomicio import atomic_open, read_json, write_text
 from msbt.eval import metrics
-from msbt.eval.report import ablation_test_text, delong_caveat, inflation_text, stage1_origin_text
+from msbt.eval.report import (ablation_test_text, delong_caveat, inflation_text, mean_over_sites_text,
+                              stage1_origin_text)
 from msbt.config import Config, ConfigError, check_ranges, stage2_seed_list, to_dict, training_seed
 from msbt.runfolder import run_stages
 from msbt.train.stages import index_root
@@ -401,10 +402,8 @@ def pooled_scope(pooled: dict, held_out: Sequence[dict], scopes: Sequence[Mappin
 
     tested = {str(s) for fold in held_out for s in np.asarray(fold.get("site", [])).tolist() if str(s)}
     unseen = {site for scope in scopes for site in scope.get("unseen_sites", ())}
-    scoped = with_scope(pooled, sorted(tested), sorted(tested - unseen) if tested else None)
-    # with_scope speaks of a test split; here the images are the folds' held-out ones (the test split is untouched)
-    return {**scoped, "notes": [note.replace("the test images come from", "the held-out images come from")
-                                for note in scoped["notes"]]}
+    # the folds' held-out images, not a test split (the test split is untouched)
+    return with_scope(pooled, sorted(tested), sorted(tested - unseen) if tested else None, images="held-out images")
 
 
 def oof_threshold(held_out: Sequence[dict], fold_thresholds: Sequence[float], run: Path, *, seed: int = 0) -> dict:
@@ -581,10 +580,10 @@ def site_pairs(preds: Mapping[str, Mapping[str, dict]], *, n_boot: int = 2000, s
     for i, a in enumerate(arms):
         for b in arms[i + 1:]:
             sites = list(preds[a])
-            parts = []
+            parts = {}
             for site in sites:
                 y, groups, scores = _aligned_tests({a: preds[a][site], b: preds[b][site]})
-                parts.append((y, scores[a], scores[b], groups))
+                parts[f"held-out site {site}"] = (y, scores[a], scores[b], groups)
             try:
                 test = metrics.site_mean_auc_diff(parts, n_boot=n_boot, seed=seed)
             except ValueError as err:  # e.g. a held-out site of one class
@@ -943,7 +942,8 @@ def leave_one_site_out(config: Config, *, arms: Sequence[str] | None = None, see
                          seeded_pairs(s, {a: held_preds[a][s] for a in configs}, n_boot=n_boot, seed=config.data.seed))
     parts = {}
     for a, t in tables.items():
-        first_preds = [held_preds[a][r["site"]][seeds[0]] for r in t]
+        # with several seeds the summary is of the means over seeds (_seeds_summary): no interval of one seed's mean
+        first_preds = {r["site"]: held_preds[a][r["site"]][seeds[0]] for r in t} if len(seeds) == 1 else None
         parts[a] = {"rows": t, "summary": _loso_summary(t, first_preds, n_boot=n_boot, seed=config.data.seed)}
         if len(seeds) > 1:
             across = [_across_seeds(s, held_preds[a][s], by_seed[a], n_boot=n_boot, seed=config.data.seed)
@@ -988,10 +988,10 @@ def remove_loso_results(out: Path, folders: set[str], sites: Sequence[str], *, c
             target.unlink()
 
 
-def _loso_summary(table: Sequence[Mapping], preds: Sequence[Mapping] | None = None, *, n_boot: int = 2000,
+def _loso_summary(table: Sequence[Mapping], preds: Mapping[str, Mapping] | None = None, *, n_boot: int = 2000,
                   seed: int = 0) -> dict:
     """The number to quote: the worst held-out site's AUC with its interval, and the mean over sites; with every
-    site's held-out predictions (``preds``, in the order of ``table``) the mean gets its 95% interval over the sites'
+    site's held-out predictions (``preds``: site -> predictions) the mean gets its 95% interval over the sites'
     lesions (``mean_held_out_auc_ci95``, msbt.eval.metrics.mean_auc_over_sets)."""
     import warnings
 
@@ -1006,15 +1006,6 @@ def _loso_summary(table: Sequence[Mapping], preds: Sequence[Mapping] | None = No
         except ValueError:  # e.g. a held-out site of one class: no AUC to average, the mean stays as it is
             pass
     return out
-
-
-def mean_over_sites_text(summary: Mapping, sites: int) -> str:
-    """The mean held-out AUC over the sites, with its interval when there is one (see :func:`_loso_summary`)."""
-    ci = summary.get("mean_held_out_auc_ci95")
-    if ci and all(math.isfinite(x) for x in ci):
-        return (f"{_with_ci(ci)} on average over these {sites} sites (interval over their lesions; the sites "
-                "themselves are not a sample of hospitals)")
-    return f"{summary['mean_held_out_auc']:.3f} on average over the {sites} sites"
 
 
 def _aligned_seeds(site: str, preds: Mapping[int, dict]) -> tuple[dict, np.ndarray]:

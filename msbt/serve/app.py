@@ -103,7 +103,8 @@ class Classifier:
             return self.error(400, f"?frame= given {len(frames)} times: one frame per request")
         frame = frames[0] if frames else None
         # ASCII digits only: str.isdigit() also takes '²' (then int() failed with Python's own message) and '１'
-        if frame is not None and not (frame.isascii() and frame.isdigit()):
+        # at most 9 digits: int() of thousands of digits refused with Python's own message
+        if frame is not None and not (frame.isascii() and frame.isdigit() and len(frame) <= 9):
             return self.error(400, f"?frame={frame[:20]}: a frame index, 0 or more")
         body = await request.body()
         if len(body) > self.max_bytes:
@@ -175,8 +176,8 @@ class Classifier:
         import os
         import tempfile
 
-        from msbt.images.dicom import read_dicom_frame, read_header
-        from msbt.images.imagefile import DEFAULT_MAX_PIXELS, ImageError, to_rgb8
+        from msbt.images.dicom import read_header
+        from msbt.images.imagefile import DEFAULT_MAX_PIXELS, ImageError, read_dicom_image
 
         memory = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
         with tempfile.NamedTemporaryFile(prefix="msbt-request-", suffix=".dcm", dir=memory) as handle:
@@ -187,10 +188,9 @@ class Classifier:
                 raise ImageError("request body", f"a DICOM cine loop of {header.frames} frames: ask for one frame "
                                                  f"with ?frame=N (0 to {header.frames - 1}), or score the whole "
                                                  "loop with msbt stream")
-            rgb = read_dicom_frame(handle.name, frame or 0, sixteen_bit, header=header, max_pixels=DEFAULT_MAX_PIXELS)
-        # Through the checks every image passes (too small, blank), as `msbt predict` reads a DICOM file
-        # (msbt.images.imagefile.read_dicom_image): an all-black still was answered "malignant"; RGB -> BGR for to_rgb8.
-        return to_rgb8(rgb[:, :, ::-1], "request body", sixteen_bit)
+            # as `msbt predict` reads a DICOM file: through the checks every image passes (too small, blank; an
+            # all-black still was answered "malignant")
+            return read_dicom_image(handle.name, frame or 0, sixteen_bit, max_pixels=DEFAULT_MAX_PIXELS)
 
 
 def application(model: str | Path, config: ServeConfig = ServeConfig(), *, threshold: float | None = None):

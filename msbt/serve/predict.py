@@ -559,7 +559,7 @@ def format_lines(run: PredictionRun, *, model_said: bool = False) -> list[str]:
     lines = [f"{model}threshold {threshold_text(run.threshold.value)} from {run.threshold.source}; images "
              f"fitted to {prep.image_size} px (aspect {prep.aspect}, intensity {prep.intensity}, 16-bit "
              f"{prep.sixteen_bit}) as in training, from {prep.source}"]
-    lines += [f"{p.path}\t{p.label}\tp={p.probability:.4f}\tlogit={p.logit:.3f}\tthreshold={threshold_text(p.threshold)}"
+    lines += [f"{p.path}\t{p.label}\tp={threshold_text(p.probability)}\tlogit={p.logit:.3f}\tthreshold={threshold_text(p.threshold)}"
               + (f"\theatmap={p.heatmap}" if p.heatmap else "")
               + (f"\tout_of_range={p.out_of_range}" if p.out_of_range else "") for p in run.predictions]
     lines += [f"rejected {r.path}: {r.reason}" for r in run.rejects]

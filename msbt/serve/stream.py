@@ -290,7 +290,7 @@ def _dicom(path: Path, fps: float, sixteen_bit: str) -> Source:
         if not isinstance(opening[-1], Unreadable):
             break
     else:
-        raise SourceError(f"no frame of the {header.frames} decodes; the first: {opening[0].reason}")
+        raise SourceError(f"no frame of the {header.frames} is usable; the first: {opening[0].reason}")
 
     def frames():
         # One frame decoded at a time: a long cine loop never sits in memory whole. A frame that does not decode

@@ -315,7 +315,7 @@ def test_a_dicom_frame_that_does_not_decode_is_skipped_and_named(exported, tmp_p
     read = list(st.open_source(first_bad).frames)
     assert [isinstance(f, st.Unreadable) for f in read] == [True, False, False, False]
     one = write_rle_dicom_with_a_damaged_frame(tmp_path / "one.dcm", frames[:1, ..., 0], damaged=0)
-    with pytest.raises(st.SourceError, match=r"no frame of the 1 decodes; the first: .*frame 0 of 1: damaged"):
+    with pytest.raises(st.SourceError, match=r"no frame of the 1 is usable; the first: .*frame 0 of 1: damaged"):
         st.open_source(one)
 
 
@@ -407,6 +407,7 @@ def test_serve_answers_images_and_refuses_bad_bytes(exported, ray_local, tmp_pat
             assert answer.status_code == 400 and reason in answer.json()["error"], (body[:20], answer.text)
             assert not any(value in answer.text for value in FAKE_PHI.values())  # patient data never answered
         for frame, body, reason in (("3", loop, "no frame 3 (the file has 3)"), ("-1", loop, "a frame index"),
+                                    ("9" * 5000, loop, "a frame index"),  # int() of 5000 digits: Python's message
                                     ("0", files[0], "this body is no DICOM file"),
                                     ("\u00b2", loop, "a frame index, 0 or more"),  # isdigit(): int() failed
                                     ("\uff11", loop, "a frame index, 0 or more"),  # a full-width 1 was frame 1

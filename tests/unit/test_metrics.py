@@ -427,10 +427,10 @@ def test_site_mean_auc_diff_averages_each_sites_own_difference_and_resamples_wit
         p_a = rng.normal(1.2 * y, 1.0) + shift
         p_b = rng.normal(0.6 * y, 1.0) + shift
         parts.append((y, p_a, p_b, np.arange(80) // 2))  # two images per lesion
-    one = M.site_mean_auc_diff(parts[:1], n_boot=400, seed=5)
+    one = M.site_mean_auc_diff({"a": parts[0]}, n_boot=400, seed=5)
     paired = M.paired_bootstrap_auc_diff(*parts[0][:3], groups=parts[0][3], n_boot=400, seed=5)
     assert (one["diff"], one["ci"], one["sites"]) == (pytest.approx(paired["diff"]), paired["ci"], 1)
-    both = M.site_mean_auc_diff(parts, n_boot=400, seed=5)
+    both = M.site_mean_auc_diff(dict(zip("ab", parts)), n_boot=400, seed=5)
     per_site = [M.roc_auc(y, a) - M.roc_auc(y, b) for y, a, b, _ in parts]
     assert both["diff"] == pytest.approx(np.mean(per_site)) and both["sites"] == 2
     assert both["auc_a"] == pytest.approx(np.mean([M.roc_auc(y, a) for y, a, _, _ in parts]))
@@ -439,10 +439,17 @@ def test_site_mean_auc_diff_averages_each_sites_own_difference_and_resamples_wit
     pooled = M.roc_auc(np.r_[parts[0][0], parts[1][0]], np.r_[parts[0][1], parts[1][1]]) - M.roc_auc(
         np.r_[parts[0][0], parts[1][0]], np.r_[parts[0][2], parts[1][2]])
     assert abs(pooled - both["diff"]) > 0.01
-    with pytest.raises(ValueError, match="site 2 of 2 holds one class only"):
-        M.site_mean_auc_diff([parts[0], (np.zeros(4, int), np.arange(4.0), np.arange(4.0), np.arange(4))])
-    with pytest.raises(ValueError, match="no site"):
-        M.site_mean_auc_diff([])
+    with pytest.raises(ValueError, match="held-out site b holds one class only"):  # named, not "site 2 of 2"
+        M.site_mean_auc_diff({"held-out site a": parts[0], "held-out site b": (np.zeros(4, int), np.arange(4.0),
+                                                                                  np.arange(4.0), np.arange(4))})
+    with pytest.raises(ValueError, match="no set"):
+        M.site_mean_auc_diff({})
+    with pytest.raises(ValueError, match="n_boot >= 2"):  # it was an IndexError in mean_auc_over_sets
+        M.mean_auc_over_sets({"a": {"y": parts[0][0], "p": parts[0][1], "group": parts[0][3]}}, n_boot=0)
+    # the mean AUC over sites is the same stratified bootstrap (one function under both)
+    mean = M.mean_auc_over_sets({k: {"y": y, "p": a, "group": g} for k, (y, a, _, g) in zip("ab", parts)},
+                                n_boot=400, seed=5)
+    assert mean[0] == pytest.approx(both["auc_a"])
 
 
 def test_delong_refuses_too_few_cases():
@@ -614,8 +621,8 @@ def test_the_auc_interval_over_lesion_groups_covers_when_one_lesion_has_most_fra
 
 def test_a_share_reads_0_or_100_percent_only_when_it_is():
     """External sites' "called malignant": 0.996 printed as "100%" read as every image called malignant."""
-    assert [M.share_text(v) for v in (0.996, 0.9999, 1.0, 0.0, 0.004, 0.5, 0.123, float("nan"))] == [
-        "99.6%", "99.99%", "100%", "0%", "0.4%", "50%", "12%", "n/a"]
+    assert [M.share_text(v) for v in (0.996, 0.9999, 1.0, 0.0, 0.004, 0.5, 0.123, float("nan"), 0.9999999, 1e-7)] == [
+        "99.6%", "99.99%", "100%", "0%", "0.4%", "50%", "12%", "n/a", ">99.99%", "<0.01%"]
 
 
 def test_wilson_interval_matches_hand_computation_and_stays_wide_at_the_edges():
@@ -724,6 +731,8 @@ def test_pooled_folds_calls_each_fold_at_its_own_threshold_and_resamples_lesions
     # a small site dealt into one fold only, never trained on by that fold's model: mixed, named
     mixed = pooled_scope(out, folds, [{"sites": ["a", "b"], "unseen_sites": ["b"]}, {}, {}])
     assert mixed["scope"]["kind"] == "mixed" and mixed["scope"]["unseen_sites"] == ["b"]
+    assert "the held-out images mix sites seen in training with sites never seen (b)" in mixed["notes"][-1]
+    assert "per-site rows" not in mixed["notes"][-1]  # crossval has none
     # a store without sites: internal, of one collection
     bare = pooled_scope(out, [{k: v for k, v in f.items() if k != "site"} for f in folds], [{}] * 3)
     assert bare["scope"]["kind"] == "internal" and "same site as the training" in bare["notes"][-1]
@@ -1189,13 +1198,13 @@ def test_the_mean_held_out_auc_over_sites_carries_an_interval_over_their_lesions
         g = np.repeat(np.arange(n // 2), 2)
         y = np.repeat(rng.integers(0, 2, n // 2), 2)
         sets.append({"y": y, "p": 1 / (1 + np.exp(-rng.normal(d * y, 1.0))), "group": g.astype(str)})
-    mean, low, high = M.mean_auc_over_sets(sets, n_boot=2000, seed=0)
+    mean, low, high = M.mean_auc_over_sets(dict(zip("ab", sets)), n_boot=2000, seed=0)
     each = [M.bootstrap_ci(s["y"], s["p"], 0.5, groups=s["group"], n_boot=2000, seed=4)["auc"] for s in sets]
     assert mean == pytest.approx(np.mean([e[0] for e in each])) and low < mean < high
     assert high - low == pytest.approx(math.hypot(*[e[2] - e[1] for e in each]) / 2, rel=0.2)
     rows = [{"site": s, "test_images": len(x["y"]), "held_out_auc": list(e), "internal_auc": None, "gap": None}
             for s, x, e in zip(("a", "b"), sets, each)]
-    summary = X._loso_summary(rows, sets, n_boot=500)
+    summary = X._loso_summary(rows, dict(zip("ab", sets)), n_boot=500)
     assert summary["mean_held_out_auc"] == pytest.approx(mean)
     c = summary["mean_held_out_auc_ci95"]
     text = X.format_loso({"design": "d", "rows": rows, "summary": summary})

@@ -79,6 +79,9 @@ def test_experiment_tables_render_from_their_json(tmp_path):
     assert "naive - group: accuracy +0.150, AUC +0.120; 9 of 12" in printed and "paired_bootstrap too few" in printed
     assert "0.500 [0.400, 0.600]" in printed.splitlines()[3]  # the loss with its interval, as the other columns
     assert "<td>0.500 [0.400, 0.600]</td></tr>" in text
+    nan = float("nan")  # no interval printed: none claimed
+    assert R.inflation_text({"inflation": {"accuracy": 0.15, "auc": 0.12},
+                             "inflation_ci95": {"accuracy": [nan] * 3, "auc": [nan] * 3}}) == "accuracy +0.150, AUC +0.120"
     origin = "resnet50 from ImageNet weights, trained on 812 fields of HeLa, MCF-7 from /lab/cells"
     assert origin in printed and origin in text and "synthetic" not in printed
     report["stage1_origin"].update(synthetic=True, microscope="/cache/synth")
@@ -118,7 +121,9 @@ def test_crossval_and_site_comparison_sections_render_from_their_json(tmp_path):
     assert ("<b>The number to quote</b>: pooled out-of-fold (20 images / 18 lesion groups" in text
             and "auc 0.810 [0.700, 0.900], sensitivity 0.800 [0.600, 0.950]" in text
             and "note: internal estimate: the test images come from the same site" in text)
-    assert "<td>0.800 [0.600, 0.950]</td>" in text and "<td>0.800</td>" in text  # fold 0's AUC with its interval
+    # fold 0's AUC with its interval; fold 1, a row written before intervals, its value alone
+    assert ("<tr><td>0</td><td>10</td><td>0.800</td><td>0.800 [0.600, 0.950]</td><td>0.800</td>" in text
+            and "<tr><td>1</td><td>10</td><td>0.800</td><td>0.800</td><td>0.800</td>" in text)
     assert "Stage-2 starting points under leave one site out" in text and "multistage − imagenet" in text
     assert "<td>multistage − imagenet</td><td>-0.040 [-0.090, 0.010]</td><td>0.120</td>" in text
 
