@@ -697,6 +697,27 @@ def site_mean_auc_diff(sites: Mapping[str, Sequence], n_boot: int = 2000, alpha:
     return {**_comparison(mean_a, mean_b, se, (low, high), n_boot=n_boot), "sites": len(sites)}
 
 
+def independent_difference(a: Sequence[float], b: Sequence[float], *intervals_a_b: Sequence[float] | None,
+                           z: float = 1.959963984540054) -> list[float]:
+    """``[a - b, low, high]`` for two estimates on independent images (e.g. one model's AUC on the other sites'
+    test rows and on the held-out site), each given as ``[value, low, high]``: a normal approximation whose
+    standard errors come from the widest 95% interval given for each (``intervals_a_b``: further intervals of a,
+    then of b, e.g. their Wilson intervals over lesion groups, which stay wide where a bootstrap over few groups
+    collapses). NaN where a value is undefined."""
+    extra_a, extra_b = (list(intervals_a_b) + [None, None])[:2]
+
+    def se(main, other) -> float:
+        widths = [main[2] - main[1]] + ([other[2] - other[1]] if other is not None and all(map(math.isfinite, other))
+                                        else [])
+        return max(widths) / (2 * z)
+
+    diff = float(a[0] - b[0])
+    if not all(math.isfinite(x) for x in (*a, *b)):
+        return [diff, float("nan"), float("nan")]
+    half = z * math.hypot(se(a, extra_a), se(b, extra_b))
+    return [diff, diff - half, diff + half]
+
+
 def p_text(p: float) -> str:
     """A p-value as printed: three decimals, and "p < 0.001" rather than a p of zero."""
     return "p < 0.001" if p < 0.0005 else f"p = {p:.3f}"

@@ -655,11 +655,13 @@ def experiments_section(run: Path) -> str:
     if loso:
         rows = [(r["site"], r["test_images"], _ci_text(r["held_out_auc"]), (_ci_text(r["internal_auc"]) + (
             f" ({r['internal_images']} images)" if r.get("internal_images") is not None else "")) if r.get(
-            "internal_auc") else "", _fmt(r.get("gap")), r.get("contamination_excluded", 0)) for r in loso["rows"]]
+            "internal_auc") else "", _ci_text(r["gap_ci95"]) if r.get("gap_ci95") and all(_finite(x) for x in r["gap_ci95"])
+            else _fmt(r.get("gap")), r.get("contamination_excluded", 0)) for r in loso["rows"]]
         seeds = loso.get("seeds") or []
         parts.append(f"<h3>Leave one site out</h3><p>{_e(loso['design'])}"
                      + (f"; training seed {seeds[0]} of {len(seeds)}" if len(seeds) > 1 else "") + ".</p>" + _table(
-            ("held-out site", "images", "held-out AUC", "internal AUC (other sites' test)", "gap", "near-dupes excluded"),
+            ("held-out site", "images", "held-out AUC", "internal AUC (other sites' test)", "gap [95% CI]",
+             "near-dupes excluded"),
             rows))
         summary = loso.get("summary") or {}
         if summary.get("worst_held_out_auc"):  # the line the terminal gives, and the docs say to quote

@@ -813,7 +813,7 @@ def _internal(result: dict, store: Path, folder: Path, n_boot: int, seed: int) -
     internal = predict_split(model, stage, store, "internal")
     scored = score(result.predictions["val"], internal, n_boot=n_boot, seed=seed)
     out = {"checkpoint": result["checkpoint"], "images": scored["test_images"], "groups": scored.get("test_groups"),
-           "auc": _ci(scored, "auc")}
+           "auc": _ci(scored, "auc"), "auc_wilson": (scored.get("test_ci95_wilson_groups") or {}).get("auc")}
     (folder / "internal.json").write_text(json.dumps(out, indent=2) + "\n")
     return out
 
@@ -929,6 +929,11 @@ def leave_one_site_out(config: Config, *, arms: Sequence[str] | None = None, see
                     # how many images that internal AUC rests on (4 gave "0.000 [0.000, 0.000]" and a gap of -0.93)
                     "internal_images": internal["images"] if internal else None,
                     "gap": internal["auc"][0] - held[0] if internal else None, "checkpoint": result["checkpoint"],
+                    # the gap's 95% interval: the two AUCs rest on independent images (a normal approximation from
+                    # the wider of each one's bootstrap and Wilson-over-groups intervals)
+                    "gap_ci95": metrics.independent_difference(
+                        internal["auc"], held, internal.get("auc_wilson"),
+                        (result.get("test_ci95_wilson_groups") or {}).get("auc")) if internal else None,
                     "folder": name, "seed": seed,
                 }
                 by_seed[arm][seed].append(row)
@@ -1212,12 +1217,14 @@ def format_loso(report: dict) -> str:
         if arm:
             lines.append(f"arm {arm}:")
         lines.append(f"{'held-out site':<20} {'images':>6}  {'held-out AUC [95% CI]':<26} "
-                     f"{'internal AUC [95% CI] (images)':<34} gap")
+                     f"{'internal AUC [95% CI] (images)':<34} gap [95% CI]")
         for r in part["rows"]:
             internal = _with_ci(r["internal_auc"]) if r["internal_auc"] else "-"
             if r["internal_auc"] and r.get("internal_images") is not None:
                 internal += f" ({r['internal_images']})"
             gap = f"{r['gap']:+.3f}" if r["gap"] is not None else "-"
+            if r.get("gap_ci95") and all(math.isfinite(x) for x in r["gap_ci95"]):
+                gap += f" [{r['gap_ci95'][1]:+.3f}, {r['gap_ci95'][2]:+.3f}]"
             lines.append(f"{r['site']:<20} {r['test_images']:>6}  {_with_ci(r['held_out_auc']):<26} {internal:<34} {gap}")
         summary = part.get("summary")
         if part.get("across_seeds"):

@@ -238,6 +238,10 @@ def test_leave_one_site_out_on_two_built_in_sites(loso):
         # the internal AUC's images said beside it (4 images gave "0.000 [0.000, 0.000]" and a gap of -0.93)
         assert r["internal_images"] == sum(1 for role in store["split"] if role == "internal")
         assert f"{r['internal_auc'][2]:.3f}] ({r['internal_images']})" in X.format_loso(report)
+        # the gap with its interval (the two AUCs rest on independent images)
+        gap, low, high = r["gap_ci95"]
+        assert gap == pytest.approx(r["gap"]) and low < gap < high
+        assert f"{gap:+.3f} [{low:+.3f}, {high:+.3f}]" in X.format_loso(report)
         assert r["gap"] == pytest.approx(r["internal_auc"][0] - r["held_out_auc"][0])
         low, high = r["held_out_auc"][1:]
         assert low <= r["held_out_auc"][0] <= high

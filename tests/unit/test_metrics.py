@@ -619,6 +619,18 @@ def test_the_auc_interval_over_lesion_groups_covers_when_one_lesion_has_most_fra
     assert covered / 400 >= 0.95
 
 
+def test_the_gap_of_two_aucs_on_independent_images_takes_the_wider_interval_of_each():
+    """Leave one site out printed "gap -0.818" beside an internal AUC of 2 images: now with an interval whose
+    standard errors come from the wider of each AUC's bootstrap and Wilson-over-groups intervals."""
+    z = 1.959963984540054
+    diff, low, high = M.independent_difference([0.9, 0.8, 1.0], [0.7, 0.6, 0.8])
+    assert diff == pytest.approx(0.2) and high - low == pytest.approx(2 * math.hypot(0.2, 0.2) / 2)
+    # a collapsed bootstrap interval (few groups) is widened by its Wilson interval
+    collapsed = M.independent_difference([1.0, 1.0, 1.0], [0.7, 0.6, 0.8], [1.0, 0.4, 1.0], None)
+    assert collapsed[2] - collapsed[1] == pytest.approx(2 * z * math.hypot(0.6 / (2 * z), 0.2 / (2 * z)))
+    assert all(math.isnan(x) for x in M.independent_difference([float("nan")] * 3, [0.7, 0.6, 0.8])[1:])
+
+
 def test_a_share_reads_0_or_100_percent_only_when_it_is():
     """External sites' "called malignant": 0.996 printed as "100%" read as every image called malignant."""
     assert [M.share_text(v) for v in (0.996, 0.9999, 1.0, 0.0, 0.004, 0.5, 0.123, float("nan"), 0.9999999, 1e-7)] == [
