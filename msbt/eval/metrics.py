@@ -718,6 +718,31 @@ def independent_difference(a: Sequence[float], b: Sequence[float], *intervals_a_
     return [diff, diff - half, diff + half]
 
 
+def mean_of_independent(values: Sequence[float], ses: Sequence[float], dfs: Sequence[float] | None = None,
+                        alpha: float = 0.05) -> list[float]:
+    """``[mean, low, high]`` of estimates from independent samples (e.g. each held-out site's mean AUC over seeds,
+    each with its standard error and t degrees of freedom from :func:`repeated_auc`): the mean's variance is
+    sum(se^2) / S^2, and its degrees of freedom Welch-Satterthwaite's over the parts (normal without ``dfs``).
+    NaN bounds where a standard error is missing or not finite."""
+    values, n = [float(v) for v in values], len(values)
+    if not n:
+        raise ValueError("no estimates to average")
+    mean = float(np.mean(values))
+    if any(se is None or not math.isfinite(se) for se in ses):
+        return [mean, float("nan"), float("nan")]
+    var = sum(se * se for se in ses) / n ** 2
+    if var == 0:
+        return [mean, mean, mean]
+    if dfs is None or any(d is None for d in dfs):
+        q = float(stats.norm.ppf(1 - alpha / 2))
+    else:
+        df = (n ** 2 * var) ** 2 / sum((se * se) ** 2 / d for se, d in zip(ses, dfs) if d and math.isfinite(d)) \
+            if all(d and math.isfinite(d) for d in dfs) else math.inf
+        q = float(stats.t.ppf(1 - alpha / 2, df)) if math.isfinite(df) else float(stats.norm.ppf(1 - alpha / 2))
+    half = q * math.sqrt(var)
+    return [mean, mean - half, mean + half]
+
+
 def p_text(p: float) -> str:
     """A p-value as printed: three decimals, and "p < 0.001" rather than a p of zero."""
     return "p < 0.001" if p < 0.0005 else f"p = {p:.3f}"

@@ -84,7 +84,8 @@ def mean_over_sites_text(summary: Mapping, sites: int) -> str:
     summary has one (``mean_held_out_auc_ci95``), for the job log and the report alike."""
     ci = summary.get("mean_held_out_auc_ci95")
     if ci and all(_finite(x) for x in ci):
-        return (f"{_ci_text(ci)} on average over these {sites} sites (interval over their lesions; the sites "
+        covers = summary.get("mean_ci_covers", "their lesions")  # over several seeds: the lesions and the seeds
+        return (f"{_ci_text(ci)} on average over these {sites} sites (interval over {covers}; the sites "
                 "themselves are not a sample of hospitals)")
     return f"{_fmt(summary['mean_held_out_auc'])} on average over the {sites} sites"
 

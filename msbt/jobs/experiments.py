@@ -1049,7 +1049,12 @@ def _seeds_summary(across: Sequence[Mapping]) -> dict:
     held-out cases and the seeds together (and over the cases alone), the range one seed gave, the mean over
     sites, and the seeds' averaged model at the same site."""
     worst = min(across, key=lambda r: r["held_out_auc_mean"])
+    # the mean over sites with an interval over their lesions and the seeds: the sites' models are trained apart,
+    # so their means over seeds are independent estimates (each with its se and t df, metrics.repeated_auc)
+    mean_ci = metrics.mean_of_independent([r["held_out_auc_mean"] for r in across], [r.get("se") for r in across],
+                                          [r.get("df") for r in across])
     return {"mean_held_out_auc": float(np.mean([r["held_out_auc_mean"] for r in across])),
+            "mean_held_out_auc_ci95": mean_ci, "mean_ci_covers": "their lesions and the training seeds",
             "worst_site": worst["site"], "worst_held_out_auc": [worst["held_out_auc_mean"], *worst["ci"]],
             "worst_ci_cases": worst["ci_cases"],
             "worst_seed_range": worst["seed_range"], "worst_seed_sd": worst["seed_sd"], "seeds": worst["seeds"],
@@ -1280,7 +1285,7 @@ def _format_seeds(part: dict, seeds: Sequence[int], arm: str | None = None) -> l
                  f"at the worst ({summary['worst_site']}; mean of {n} seeds, the interval over its held-out images "
                  "and the seeds; "
                  f"one seed gave {summary['worst_seed_range'][0]:.3f} to {summary['worst_seed_range'][1]:.3f}), "
-                 f"{summary['mean_held_out_auc']:.3f} on average over the {len(across)} sites; the {n} seeds' "
+                 f"{mean_over_sites_text(summary, len(across))}; the {n} seeds' "
                  f"averaged model: {_with_ci(summary['worst_site_ensemble_auc'])} at {summary['worst_site']}, "
                  f"{summary['mean_ensemble_auc']:.3f} on average (msbt ensemble makes it one checkpoint). Quote these, "
                  "not the internal AUC or one seed")

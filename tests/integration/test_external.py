@@ -357,6 +357,11 @@ def test_leave_one_site_out_over_two_training_seeds(loso, loso_arms, loso_seeded
     assert seeded["summary"]["worst_site"] == worst["site"]
     assert seeded["summary"]["worst_held_out_auc"][0] == pytest.approx(worst["held_out_auc_mean"])
     assert "over 2 training seeds" in X.format_loso(seeded) and "averaged model" in X.format_loso(seeded)
+    # the mean over sites with an interval over their lesions and the seeds (the sites' means are independent)
+    mean, low, high = seeded["summary"]["mean_held_out_auc_ci95"]
+    assert mean == pytest.approx(np.mean([r["held_out_auc_mean"] for r in seeded["across_seeds"]])) and low < mean < high
+    assert f"{mean:.3f} [{low:.3f}, {high:.3f}] on average over these 2 sites (interval over their lesions and the " \
+        "training seeds" in X.format_loso(seeded)
     assert "sd over seeds" in experiments_section(tmp_path / "runs" / "loso")
     diff = X.loso_diff([tmp_path / "runs" / "loso", f"{tmp_path / 'runs' / 'loso'}:scratch"], n_boot=100)
     assert [r["seeds"] for r in diff["rows"]] == [2, 2, 1, 1] and all(r["seed_term"] for r in diff["rows"][2:])

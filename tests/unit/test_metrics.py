@@ -631,6 +631,20 @@ def test_the_gap_of_two_aucs_on_independent_images_takes_the_wider_interval_of_e
     assert all(math.isnan(x) for x in M.independent_difference([float("nan")] * 3, [0.7, 0.6, 0.8])[1:])
 
 
+def test_the_mean_of_independent_estimates_adds_their_variances_over_the_count_squared():
+    """Leave one site out over several seeds: the mean over sites of each site's mean over seeds, whose interval
+    (cases and seeds) each site has; the sites' models are trained apart, so their means are independent."""
+    z = stats.norm.ppf(0.975)
+    mean, low, high = M.mean_of_independent([0.7, 0.8], [0.03, 0.04])
+    assert mean == pytest.approx(0.75) and high - mean == pytest.approx(z * math.hypot(0.03, 0.04) / 2)
+    # with t degrees of freedom (few seeds): Welch-Satterthwaite over the parts, wider than the normal interval
+    t_mean, t_low, t_high = M.mean_of_independent([0.7, 0.8], [0.03, 0.04], [2.0, 2.0])
+    df = (0.03 ** 2 + 0.04 ** 2) ** 2 / (0.03 ** 4 / 2 + 0.04 ** 4 / 2)
+    assert t_high - t_mean == pytest.approx(stats.t.ppf(0.975, df) * math.hypot(0.03, 0.04) / 2)
+    assert t_high > high
+    assert all(math.isnan(x) for x in M.mean_of_independent([0.7, 0.8], [0.03, None])[1:])
+
+
 def test_a_share_reads_0_or_100_percent_only_when_it_is():
     """External sites' "called malignant": 0.996 printed as "100%" read as every image called malignant."""
     assert [M.share_text(v) for v in (0.996, 0.9999, 1.0, 0.0, 0.004, 0.5, 0.123, float("nan"), 0.9999999, 1e-7)] == [
