@@ -26,7 +26,6 @@ import warnings
 from typing import Mapping, Sequence
 
 import numpy as np
-from scipy import stats
 
 # Stable names: the same keys in every result, report and test.
 METRIC_KEYS = (
@@ -46,6 +45,14 @@ _CHUNK_CELLS = 4_000_000
 # ---------------------------------------------------------------------------------------------------
 # Inputs and small helpers
 # ---------------------------------------------------------------------------------------------------
+
+def _stats():
+    """scipy.stats, imported when a function here first needs it: it costs about 0.45 s, and msbt predict, stream,
+    serve and the report import this module for its text helpers (threshold_text, share_text) alone."""
+    from scipy import stats
+
+    return stats
+
 
 def threshold_text(value) -> str:
     """A probability or threshold as msbt prints it for a reader: 4 decimals, more where it lies within 0.001 of 0
@@ -145,7 +152,7 @@ def roc_auc(y, p) -> float:
     # Midranks give each tied block its average rank, so a malignant case tied with a benign one
     # contributes exactly 1/2 pair. Sum of malignant midranks minus the m(m+1)/2 they would have among
     # themselves = number of correctly ordered pairs (Mann-Whitney U).
-    ranks = stats.rankdata(p, method="average")
+    ranks = _stats().rankdata(p, method="average")
     u = ranks[y == 1].sum() - m * (m + 1) / 2.0
     return float(u / (m * n))
 
@@ -463,9 +470,9 @@ def _placements(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     pos, neg = p[y == 1], p[y == 0]
     m, n = pos.size, neg.size
-    ranks_all = stats.rankdata(p, method="average")
-    v10 = (ranks_all[y == 1] - stats.rankdata(pos, method="average")) / n
-    v01 = 1.0 - (ranks_all[y == 0] - stats.rankdata(neg, method="average")) / m
+    ranks_all = _stats().rankdata(p, method="average")
+    v10 = (ranks_all[y == 1] - _stats().rankdata(pos, method="average")) / n
+    v01 = 1.0 - (ranks_all[y == 0] - _stats().rankdata(neg, method="average")) / m
     return v10, v01
 
 
@@ -534,7 +541,7 @@ def delong_test(y, p_a, p_b, alpha: float = 0.05) -> dict[str, object]:
     var = cov[0, 0] + cov[1, 1] - 2.0 * cov[0, 1]
     se = float(math.sqrt(max(var, 0.0)))  # max(): rounding can make an exact 0 slightly negative
     auc_a, auc_b = float(v10_a.mean()), float(v10_b.mean())
-    half = float(stats.norm.ppf(1 - alpha / 2)) * se
+    half = float(_stats().norm.ppf(1 - alpha / 2)) * se
     diff = auc_a - auc_b
     return _comparison(auc_a, auc_b, se, (diff - half, diff + half))
 
@@ -734,11 +741,11 @@ def mean_of_independent(values: Sequence[float], ses: Sequence[float], dfs: Sequ
     if var == 0:
         return [mean, mean, mean]
     if dfs is None or any(d is None for d in dfs):
-        q = float(stats.norm.ppf(1 - alpha / 2))
+        q = float(_stats().norm.ppf(1 - alpha / 2))
     else:
         df = (n ** 2 * var) ** 2 / sum((se * se) ** 2 / d for se, d in zip(ses, dfs) if d and math.isfinite(d)) \
             if all(d and math.isfinite(d) for d in dfs) else math.inf
-        q = float(stats.t.ppf(1 - alpha / 2, df)) if math.isfinite(df) else float(stats.norm.ppf(1 - alpha / 2))
+        q = float(_stats().t.ppf(1 - alpha / 2, df)) if math.isfinite(df) else float(_stats().norm.ppf(1 - alpha / 2))
     half = q * math.sqrt(var)
     return [mean, mean - half, mean + half]
 
@@ -811,7 +818,7 @@ def repeated_auc(y, p_runs, p_base=None, groups=None, n_boot: int = 2000, alpha:
     def t_interval(centre: float, se: float, df: float, low: float, high: float) -> tuple[float, float]:
         # cut to what the quantity can take: with two seeds (df near 1) t is 12.7 and an AUC's interval would
         # otherwise run far outside [0, 1]
-        half = float(stats.t.ppf(1 - alpha / 2, df)) * se
+        half = float(_stats().t.ppf(1 - alpha / 2, df)) * se
         return float(np.clip(centre - half, low, high)), float(np.clip(centre + half, low, high))  # NaN stays NaN
 
     per_seed, seed_sd = spread(runs)
@@ -844,7 +851,7 @@ def repeated_auc(y, p_runs, p_base=None, groups=None, n_boot: int = 2000, alpha:
     if math.isnan(se) or math.isnan(diff):
         p_value = float("nan")
     elif se > 0:
-        p_value = float(2 * stats.t.sf(abs(diff / se), df))
+        p_value = float(2 * _stats().t.sf(abs(diff / se), df))
     else:  # no resample and no seed moved the difference
         p_value = _no_spread_p(diff, n_boot)
     out.update(diff=diff, diff_ci_cases=ci_cases, se_cases_diff=se_cases, se_seed_diff=se_seed, se_diff=se,
