@@ -111,7 +111,7 @@ def _file_kind(mode: int) -> str:
 
 
 def read_dicom_image(path: str | Path, frame: int | None, sixteen_bit: str = "scale", *,
-                     max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+                     max_pixels: int | None = DEFAULT_MAX_PIXELS, header: dicom.DicomHeader | None = None) -> np.ndarray:
     """One frame of a DICOM file (msbt.images.dicom) as uint8 RGB, checked like any other image.
 
     Args:
@@ -119,9 +119,10 @@ def read_dicom_image(path: str | Path, frame: int | None, sixteen_bit: str = "sc
         frame: 0-based frame index; None for a single-frame file (a multi-frame file needs one:
             see `image_refs`).
         sixteen_bit, max_pixels: as for `read_image` (the limit is per frame).
+        header: the file's header when the caller has read it already (not read again).
     """
     try:
-        header = dicom.read_header(path)
+        header = header or dicom.read_header(path)
         if frame is None:
             if header.frames > 1:
                 raise ImageError(path, f"multi-frame DICOM ({header.frames} frames): name one frame")

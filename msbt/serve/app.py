@@ -190,7 +190,7 @@ class Classifier:
                                                  "loop with msbt stream")
             # as `msbt predict` reads a DICOM file: through the checks every image passes (too small, blank; an
             # all-black still was answered "malignant")
-            return read_dicom_image(handle.name, frame or 0, sixteen_bit, max_pixels=DEFAULT_MAX_PIXELS)
+            return read_dicom_image(handle.name, frame or 0, sixteen_bit, max_pixels=DEFAULT_MAX_PIXELS, header=header)
 
 
 def application(model: str | Path, config: ServeConfig = ServeConfig(), *, threshold: float | None = None):
