@@ -824,8 +824,9 @@ def check_several_sites(config: Config) -> None:
     ``data.ultrasound``'s items, or ``synth.sites`` for the built-in data."""
     from msbt.data.sites import parse_sources
 
-    sites = ([s.name for s in parse_sources(config.data.ultrasound)] if config.data.ultrasound
-             else [f"site-{i}" for i in range(config.synth.sites)] if config.synth.sites >= 2 else ["built-in"])
+    if not config.data.ultrasound and config.synth.sites >= 2:
+        return
+    sites = [s.name for s in parse_sources(config.data.ultrasound)] if config.data.ultrasound else ["built-in"]
     if len(sites) < 2:
         raise ConfigError(f"data.ultrasound: leave one site out (--by site) needs at least two sites, and this config "
                           f"names one ({sites[0]}); give a list of NAME=PATH (e.g. --set 'data.ultrasound=[a=/data/a, "
