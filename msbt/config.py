@@ -184,6 +184,10 @@ class StageConfig:
     # the same, and no site's share of malignant images can stand in for malignancy; docs/evaluation.md,
     # "Balancing the training sites and classes"). Validation, thresholds and metrics are never weighted.
     balance: Literal["none", "class", "site_class"] = field(default="none", metadata=ADDED_LATER)
+    # Weight averaging (docs/models.md, "Weight averaging: `ema`"): 0 = off (the paper); m in (0, 1) keeps an
+    # exponential moving average of the trainable weights, `avg = m * avg + (1 - m) * w` after every step (about
+    # 1 / (1 - m) steps long), which validation, the best-epoch choice and the saved model use.
+    ema: float = field(default=0.0, metadata=ADDED_LATER)
 
 
 def _stage2_default() -> StageConfig:
@@ -753,6 +757,7 @@ _RANGES: dict[type, list[tuple[str, Any, str]]] = {
         ("head_epochs", lambda v: v >= 0, ">= 0"),
         ("fine_tune_layers", lambda v: v >= 0, ">= 0"),
         ("fine_tune_lr_scale", _positive, "a finite number > 0"),
+        ("ema", lambda v: _finite(v) and 0.0 <= v < 1.0, "in [0, 1) (0: no weight averaging)"),
     ],
     TuneConfig: [
         ("seed", _seed, f"an integer in [0, {_MAX_SEED}]"),

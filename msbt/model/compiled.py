@@ -8,6 +8,9 @@ msbt's optimizer, loss and metrics also builds and trains under Keras' JAX or Py
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import keras
 
 from msbt.config import StageConfig
@@ -85,6 +88,57 @@ def stage_metrics(num_classes: int) -> list[keras.metrics.Metric]:
     return [accuracy, auc, *rates]
 
 
+@contextlib.contextmanager
+def averaged(model: keras.Model) -> Iterator[None]:
+    """Inside: the model holds the average of its trainable weights (``stage.ema``) and the optimizer's average
+    slots the raw weights; after: back as before. Nothing changes without weight averaging.
+
+    Keras' own ``SwapEMAWeights`` swaps the same pairs around validation, but at a fit's last epoch it also
+    overwrites the raw weights with the average, so a training state saved then could not resume exactly
+    (``msbt.train.loop.save_train_state``; a resumed stage may train more epochs than its checkpoint's)."""
+    optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)  # a LossScaleOptimizer's own
+    if not getattr(optimizer, "use_ema", False):
+        yield
+        return
+    swap_average(optimizer)
+    try:
+        yield
+    finally:
+        swap_average(optimizer)
+
+
+def swap_average(optimizer: keras.optimizers.Optimizer) -> None:
+    """Exchange the values of the trainable variables and of their averages in ``optimizer``'s EMA slots.
+    Keras keeps the pairs in two parallel lists (its ``SwapEMAWeights`` reads them the same way)."""
+    for variable, average in zip(optimizer._trainable_variables, optimizer._model_variables_moving_average):
+        raw = keras.ops.convert_to_numpy(average)
+        average.assign(variable)
+        variable.assign(raw)
+
+
+class ValidateAverage(keras.callbacks.Callback):
+    """Validation of a fit sees the averaged weights (:func:`averaged`); training goes on with the raw ones."""
+
+    def __init__(self):
+        super().__init__()
+        self._inside: contextlib.ExitStack | None = None
+
+    def on_test_begin(self, logs=None):
+        self._inside = contextlib.ExitStack()
+        self._inside.enter_context(averaged(self.model))
+
+    def on_test_end(self, logs=None):
+        if self._inside is not None:
+            self._inside.close()
+            self._inside = None
+
+
+def averaging_callbacks(stage: StageConfig) -> list[keras.callbacks.Callback]:
+    """What a fit needs for ``stage.ema``: :class:`ValidateAverage`, so the epoch's validation metrics and the
+    best-epoch choice are the average's (``msbt.train.loop.BestModelSaver`` saves the average). Empty without it."""
+    return [ValidateAverage()] if stage.ema > 0 else []
+
+
 def compile_model(model: keras.Model, stage: StageConfig, learning_rate: float | None = None) -> None:
     """Compile with the stage's optimizer (built: its variables exist), the head's loss and the stable metrics.
 
@@ -94,7 +148,8 @@ def compile_model(model: keras.Model, stage: StageConfig, learning_rate: float |
         learning_rate: Overrides ``stage.learning_rate`` (a fine-tuning phase).
     """
     num_classes = 2 if is_binary(model) else model.get_layer("predictions").units
-    optimizer = OPTIMIZERS[stage.optimizer](learning_rate=learning_rate or stage.learning_rate)
+    averaging = {"use_ema": True, "ema_momentum": stage.ema} if stage.ema > 0 else {}
+    optimizer = OPTIMIZERS[stage.optimizer](learning_rate=learning_rate or stage.learning_rate, **averaging)
     loss = "binary_crossentropy" if num_classes == 2 else "categorical_crossentropy"
     model.compile(optimizer=optimizer, loss=loss, metrics=stage_metrics(num_classes))
     # The optimizer's slot variables now (under the caller's distribution scope, if any), not inside the

@@ -354,7 +354,8 @@ def _run_phase(strategy, state: loop.StageState, phase, local_stage, train_ds, v
         steps.sync()
         logs = {m.name: float(m.result()) for m in steps.train_metrics}
         if val is not None:
-            logs.update(steps.evaluate(val))
+            with compiled.averaged(model):  # stage.ema: validated as the average, as model.fit does (ValidateAverage)
+                logs.update(steps.evaluate(val))
         for key, value in logs.items():
             history.setdefault(key, []).append(value)
         if audit is not None:
@@ -362,6 +363,8 @@ def _run_phase(strategy, state: loop.StageState, phase, local_stage, train_ds, v
         if verbose:
             print(f"epoch {epoch + 1}/{stage.epochs} " + " ".join(f"{k}={v:.4f}" for k, v in logs.items()), flush=True)
         hooks.on_epoch_end(epoch, logs)
+    # as model.fit ends: with stage.ema the next phase starts from the average
+    model.optimizer.finalize_variable_values(model.trainable_variables)
 
 
 __all__ = [

@@ -46,7 +46,7 @@ from msbt.model.checkpoint import (
     write_manifest,
 )
 from msbt.config import StageConfig, to_dict
-from msbt.model.compiled import compile_model
+from msbt.model.compiled import averaged, averaging_callbacks, compile_model, swap_average
 from msbt.model.models import batchnorm_frozen, build_model, is_binary, set_backbone_trainable
 
 log = logging.getLogger(__name__)
@@ -275,10 +275,11 @@ class BestModelSaver(keras.callbacks.Callback):
             # from_config, not clone_model: a clone of a compiled model is compiled too and would save
             # its optimizer.
             self._export = keras.Model.from_config(self.model.get_config())
-        self._export.set_weights(self.model.get_weights())
-        with atomic_path(self.path) as tmp:  # a full disk leaves the last good model, never a 0-byte one
-            self._export.save(tmp)
-        save_train_state(self.model, self.path.parent / TRAIN_STATE_FILE, epoch=self.best_epoch)
+        with averaged(self.model):  # with stage.ema the average is the model; the raw weights go to the state
+            self._export.set_weights(self.model.get_weights())
+            with atomic_path(self.path) as tmp:  # a full disk leaves the last good model, never a 0-byte one
+                self._export.save(tmp)
+            save_train_state(self.model, self.path.parent / TRAIN_STATE_FILE, epoch=self.best_epoch)
 
 
 def _state_variables(model: keras.Model) -> tuple[list, list]:
@@ -346,6 +347,10 @@ def restore_train_state(model: keras.Model, path: str | Path, *, optimizer: bool
         return False
     for variable, value in zip(optimizer_vars, values):
         variable.assign(value)
+    inner = getattr(model.optimizer, "inner_optimizer", model.optimizer)  # a LossScaleOptimizer's own
+    if getattr(inner, "use_ema", False):
+        # saved inside `averaged` (BestModelSaver): the model file holds the average, the state the raw weights
+        swap_average(inner)
     return True
 
 
@@ -591,7 +596,7 @@ def _run_phase(state: StageState, phase, train_ds, val_ds, callbacks, seed, shuf
         initial_epoch=phase.first_epoch,
         epochs=phase.last_epoch,
         steps_per_epoch=steps,
-        callbacks=list(callbacks),
+        callbacks=[*averaging_callbacks(stage), *callbacks],
         shuffle=False,  # train_batches shuffles (seeded); Keras cannot shuffle a tf.data dataset
         verbose=verbose,
     )

@@ -326,7 +326,7 @@ def fit_head(stage: StageConfig, features: Mapping[str, np.ndarray], *, seed: in
     import keras
 
     from msbt.model.augment import copies_per_epoch
-    from msbt.model.compiled import compile_model
+    from msbt.model.compiled import averaging_callbacks, compile_model
 
     if stage.balance != "none" and "train_weight" not in features:  # never silently unweighted
         raise ValueError(f"balance {stage.balance!r}: the features carry no train_weight "
@@ -345,7 +345,7 @@ def fit_head(stage: StageConfig, features: Mapping[str, np.ndarray], *, seed: in
     history = head.fit(x, y, sample_weight=weights, batch_size=stage.batch_size, epochs=stage.epochs,
                        shuffle=True, verbose=verbose,
                        validation_data=(features["val_x"], features["val_y"].astype(np.float32)[:, None]),
-                       callbacks=list(callbacks))
+                       callbacks=[*averaging_callbacks(stage), *callbacks])
     return head, history.history
 
 

@@ -444,12 +444,13 @@ from msbt.train import loop
 out = Path(sys.argv[1])
 x = np.random.default_rng(0).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
 ds = loop.dataset_from_arrays(x, np.arange(12) % 2)
-def stage(epochs):  # Dropout in the head (a seed generator), Adam (moments and a step count)
+def stage(epochs, ema=0.0):  # Dropout in the head (a seed generator), Adam (moments and a step count)
     return StageConfig(backbone="tiny_cnn", weights="none", image_size=32, batch_size=4, epochs=epochs,
                        trainable_backbone=False, optimizer="adam", learning_rate=0.01, monitor="loss",
-                       head=HeadConfig((8,), 0.5))
-def fit(name, epochs, resume=None):
-    return loop.fit_stage(stage(epochs), ds, ds, class_names="ab", out_dir=out / name, seed=0, resume_from=resume)
+                       head=HeadConfig((8,), 0.5), ema=ema)
+def fit(name, epochs, resume=None, ema=0.0):
+    return loop.fit_stage(stage(epochs, ema), ds, ds, class_names="ab", out_dir=out / name, seed=0,
+                          resume_from=resume)
 def digest(result):
     return [float(np.sum(w, dtype=np.float64)) for w in weight_arrays(load_checkpoint(result.checkpoint)[0])]
 
@@ -464,8 +465,12 @@ m = read_manifest(first.checkpoint)
 write_manifest(old, stage_config=stage(1), class_names=list("ab"), metrics=m["metrics"], best_epoch=1, history=m["history"])
 assert "train_state_sha256" not in read_manifest(old) and "train_state_sha256" in m
 restarted = fit("restarted", 3, resume=old)
+# with weight averaging the saved model is the average and the raw weights are in the training state
+whole_ema = fit("whole-ema", 3, ema=0.9)
+resumed_ema = fit("resumed-ema", 3, resume=fit("first-ema", 1, ema=0.9).checkpoint, ema=0.9)
 print(json.dumps({name: {"loss": r.history["loss"], "best_epoch": r.best_epoch, "digest": digest(r)}
-                  for name, r in [("whole", whole), ("resumed", resumed), ("restarted", restarted)]}))
+                  for name, r in [("whole", whole), ("resumed", resumed), ("restarted", restarted),
+                                  ("whole_ema", whole_ema), ("resumed_ema", resumed_ema)]}))
 '''
 
 
@@ -489,6 +494,11 @@ def test_a_resumed_stage_ends_as_an_uninterrupted_one_in_deterministic_mode(tmp_
     assert resumed["loss"] == whole["loss"] and resumed["best_epoch"] == whole["best_epoch"]
     assert resumed["digest"] == whole["digest"]
     assert restarted["loss"][1:] != whole["loss"][1:]  # without the state the later epochs differ
+    # stage.ema: the same, with the raw weights and their average each put back in its place on resume
+    whole_ema, resumed_ema = runs["whole_ema"], runs["resumed_ema"]
+    assert resumed_ema["loss"] == whole_ema["loss"] and resumed_ema["digest"] == whole_ema["digest"]
+    assert whole_ema["loss"] == whole["loss"]  # the average never trains: the raw weights' losses are the same
+    assert whole_ema["digest"] != whole["digest"]  # the kept model is the average
 
 
 def test_a_stage_workers_own_error_replaces_ray_trains_wrapper():
