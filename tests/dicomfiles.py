@@ -20,7 +20,7 @@ FAKE_PHI = {
 
 
 def write_dicom(path: str | Path, frames: np.ndarray, photometric: str = "MONOCHROME2",
-                bits_stored: int | None = None, phi: dict | None = None, preamble: bool = True) -> Path:
+                bits_stored: int | None = None, phi: dict | None = None) -> Path:
     """Write an uncompressed (explicit VR little endian) ultrasound DICOM.
 
     Args:
@@ -62,6 +62,18 @@ def write_dicom(path: str | Path, frames: np.ndarray, photometric: str = "MONOCH
     ds.PixelRepresentation = 0
     ds.PixelData = np.ascontiguousarray(pixels).tobytes()
     ds.save_as(str(path), enforce_file_format=True)
+    return Path(path)
+
+
+def write_bare_dataset(path: str | Path, frames: np.ndarray) -> Path:
+    """``frames`` as a bare data set: no preamble, no DICM magic, no file meta (implicit VR little
+    endian), as older and hand-made exports write DICOM; pydicom reads it with force=True."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+
+    ds = pydicom.dcmread(write_dicom(path, frames))
+    ds.preamble, ds.file_meta = None, FileMetaDataset()
+    ds.save_as(str(path), implicit_vr=True, little_endian=True, enforce_file_format=False)
     return Path(path)
 
 

@@ -99,14 +99,21 @@ def _is_bare_image(path: str | Path) -> bool:
             head = handle.read(4)
     except OSError:
         return False
-    if len(head) < 4 or not any(0x0002 <= int.from_bytes(head[:2], order) <= 0x0028 for order in ("little", "big")):
-        return False  # data sets open with group 0x0002 (file meta) or 0x0008 (identification), ... 0x0028
+    if not opens_data_set(head):
+        return False
     _quiet()
     try:
         ds, pixels = _read_module(path, force=True)
     except Exception:  # pydicom raises many types for what is not DICOM
         return False
     return pixels is not None and "Rows" in ds and "Columns" in ds
+
+
+def opens_data_set(head: bytes) -> bool:
+    """Whether bytes could begin a bare DICOM data set (no preamble, no magic): its first element's group is one
+    a data set opens with, 0x0002 (file meta) or 0x0008 (identification) up to 0x0028 (the image pixel module), in
+    either byte order. No image format's signature does (PNG, JPEG, BMP, TIFF, GIF, WebP)."""
+    return len(head) >= 4 and any(0x0002 <= int.from_bytes(head[:2], order) <= 0x0028 for order in ("little", "big"))
 
 
 def frame_ref(path: str | Path, index: int) -> str:

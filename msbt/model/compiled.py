@@ -96,7 +96,8 @@ def averaged(model: keras.Model) -> Iterator[None]:
     Keras' own ``SwapEMAWeights`` swaps the same pairs around validation, but at a fit's last epoch it also
     overwrites the raw weights with the average, so a training state saved then could not resume exactly
     (``msbt.train.loop.save_train_state``; a resumed stage may train more epochs than its checkpoint's)."""
-    optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)  # a LossScaleOptimizer's own
+    optimizer = getattr(model, "optimizer", None)
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)  # a LossScaleOptimizer's own
     if not getattr(optimizer, "use_ema", False):
         yield
         return

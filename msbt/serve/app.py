@@ -106,9 +106,14 @@ class Classifier:
         # at most 9 digits: int() of thousands of digits refused with Python's own message
         if frame is not None and not (frame.isascii() and frame.isdigit() and len(frame) <= 9):
             return self.error(400, f"?frame={frame[:20]}: a frame index, 0 or more")
-        body = await request.body()
-        if len(body) > self.max_bytes:
-            return self.error(413, f"request body of {len(body)} bytes is larger than {self.max_bytes} bytes")
+        # read piece by piece and stopped at the limit: a body sent without a length (chunked) is not held whole first
+        parts, size = [], 0
+        async for part in request.stream():
+            size += len(part)
+            if size > self.max_bytes:
+                return self.error(413, f"request body of more than {self.max_bytes} bytes (the limit)")
+            parts.append(part)
+        body = b"".join(parts)
         try:
             image, outside = await asyncio.to_thread(self._prepare_checked, body, None if frame is None else int(frame))
         except ValueError as err:  # ImageError and DicomError are ValueErrors: their reason names the problem
@@ -146,11 +151,14 @@ class Classifier:
         import cv2
 
         from msbt.data.profile import image_features, out_of_range
+        from msbt.images.dicom import opens_data_set
         from msbt.images.imagefile import ImageError, decode_image
         from msbt.serve.predict import model_inputs, prepare_rgb
 
         prep = self.model.preparation
-        if body[128:132] == b"DICM":  # a DICOM Part 10 file (the magic after its 128-byte preamble)
+        # a DICOM Part 10 file (the magic after its 128-byte preamble), or a bare data set (no preamble), as
+        # older and hand-made exports write them and `msbt predict` reads them
+        if body[128:132] == b"DICM" or opens_data_set(body[:4]):
             rgb = self._dicom_frame(body, frame, prep.sixteen_bit)
         elif frame is not None:
             raise ImageError("request body", "?frame= picks a frame of a DICOM cine loop; this body is no DICOM file")

@@ -34,8 +34,8 @@ def lite0(**kw) -> StageConfig:
 def two_worker_config(tmp_path) -> Config:
     return Config(
         stage1=small(head=HeadConfig(dense_units=(8,), dropout=0.2, l2=1e-4)),  # dropout + L2 under the strategy
-        # head-only epoch, then fine-tuning: two phases, two compiled optimizers
-        stage2=small(weights="parent", monitor="val_auc", head_epochs=1),
+        # head-only epoch, then fine-tuning: two phases, two compiled optimizers, each averaging the weights (ema)
+        stage2=small(weights="parent", monitor="val_auc", head_epochs=1, ema=0.9),
         run=RunConfig(name="d", storage_path=str(tmp_path / "ray"), num_workers=2, cpus_per_worker=0.5),
     )
 
@@ -208,6 +208,10 @@ def test_two_worker_stage2_starts_from_stage1_and_links_back(stage1, stores, tmp
     assert [entry["manifest"]["stage"] for entry in chain] == [2, 1]
     assert chain[0]["link_ok"] is True and all(entry["verified"] for entry in chain)
     assert chain[1]["path"] == str(parent.path)
+    if manifest["best_epoch"] == 2:  # the saved model is the average, which every rank ends with (stage2.ema)
+        from msbt.model.models import load_model
+        from msbt.train.distributed import weights_digest
+        assert weights_digest(load_model(f"{child.path}/{MODEL_FILE}")) == ranks[0]["final_weights"]
 
 
 @pytest.mark.ray

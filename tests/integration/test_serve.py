@@ -361,7 +361,7 @@ def test_serve_answers_images_and_refuses_bad_bytes(exported, ray_local, tmp_pat
 
     port = _free_port()
     # two batches at once (serve.streams): each answer must still be its own image's
-    config = ServeConfig(port=port, engine="onnx", cpus_per_replica=0.5, max_batch_size=4, streams=2)
+    config = ServeConfig(port=port, engine="onnx", cpus_per_replica=0.5, max_batch_size=4, streams=2, max_request_mb=1)
     frames = ultrasound(8)
     files = [cv2.imencode(".png", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))[1].tobytes() for frame in frames]
     # `msbt serve` says it serves when on_ready is called: a request sent then must be answered (it met a refused
@@ -387,12 +387,21 @@ def test_serve_answers_images_and_refuses_bad_bytes(exported, ray_local, tmp_pat
             0.5, exported["record"]["model_id"], exported["record"]["lineage_sha256"])
         assert first["out_of_range"] is None  # this export (a bare checkpoint, no run) has no training profile
         # DICOM as a PACS router sends it: a still is one image; a cine loop one frame of it (?frame=N)
-        from dicomfiles import FAKE_PHI, write_dicom
+        from dicomfiles import FAKE_PHI, write_bare_dataset, write_dicom
 
         still = write_dicom(tmp_path / "still.dcm", frames[2:3], photometric="RGB").read_bytes()
         loop = write_dicom(tmp_path / "loop.dcm", frames[3:6], photometric="RGB").read_bytes()
-        answer = requests.post(f"{url}/predict", data=still, timeout=30)
-        assert answer.status_code == 200 and answer.json()["probability"] == pytest.approx(expected[2], abs=1e-6)
+        bare = write_bare_dataset(tmp_path / "bare.dcm", frames[2:3]).read_bytes()  # no preamble: was "cannot be decoded"
+        assert bare[128:132] != b"DICM"
+        for body in (still, bare):
+            answer = requests.post(f"{url}/predict", data=body, timeout=30)
+            assert answer.status_code == 200 and answer.json()["probability"] == pytest.approx(expected[2], abs=1e-6)
+        # above serve.max_request_mb (1 MB here): refused, whether the length is declared or the body comes in chunks
+        # (a chunked body was read whole before the limit applied)
+        answer = requests.post(f"{url}/predict", data=bytes(2 << 20), timeout=30)
+        assert answer.status_code == 413 and "larger than 1048576 bytes" in answer.json()["error"]
+        answer = requests.post(f"{url}/predict", data=iter([bytes(1 << 19)] * 4), timeout=30)  # no Content-Length
+        assert answer.status_code == 413 and "more than 1048576 bytes" in answer.json()["error"]
         answer = requests.post(f"{url}/predict", params={"frame": 1}, data=loop, timeout=30)
         assert answer.status_code == 200 and answer.json()["frame"] == 1
         assert answer.json()["probability"] == pytest.approx(expected[4], abs=1e-6)
@@ -567,6 +576,9 @@ def test_shipped_serve_config_is_a_valid_serve_deploy_config(exported):
     args = {**application.args, "model": str(exported["folder"]), "max_batch_size": "4"}  # CLI args are strings
     assert build_app(args) is not None
     assert application.args["streams"] == 2  # two batches at once on the replica's 2 CPUs (docs/predict.md)
+    # gRPC's fork notice silenced in the replicas, which take the application's environment (`serve run` printed it)
+    assert application.runtime_env["env_vars"]["GRPC_VERBOSITY"] == "ERROR"
+    assert "runtime_env" not in application.deployments[0].ray_actor_options  # which would replace it
     with pytest.raises(Exception, match="max_batch_size"):
         build_app({**args, "max_batch_size": "many"})
     with pytest.raises(eng.EngineError, match="streams >= 1"):

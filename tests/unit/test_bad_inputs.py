@@ -465,6 +465,8 @@ def test_class_folder_differing_in_case_fails_before_ray_starts(tmp_path):
     ("stage1.learning_rate=nan", "stage1.learning_rate"),
     ("stage2.learning_rate=-0.1", "stage2.learning_rate"),
     ("stage2.head.dropout=1.5", "stage2.head.dropout"),
+    ("stage2.ema=1", "stage2.ema"),  # an average that never moves
+    ("stage2.ema=-0.5", "stage2.ema"),
     ("data.folds=0", "data.folds"),
     ("data.folds=1000", "data.folds"),
     ("data.split=[1,0,0]", "data.split"),

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from helpers import textured
-from dicomfiles import FAKE_PHI, phi_found, write_dicom
+from dicomfiles import FAKE_PHI, phi_found, write_bare_dataset, write_dicom
 from msbt.cli import main
 from msbt.data.discovery import discover
 from msbt.data.preprocess import split_items, ultrasound_arrays
@@ -70,18 +70,6 @@ def write_ybr_full_422(path, rgb):
     ds.PhotometricInterpretation = "YBR_FULL_422"
     ds.PixelData = np.ascontiguousarray(pairs, np.uint8).tobytes()
     ds.save_as(str(path), enforce_file_format=True)
-    return path
-
-
-def write_bare_dataset(path, frames):
-    """``frames`` as a bare data set: no preamble, no DICM magic, no file meta (implicit VR little
-    endian), as older and hand-made exports write DICOM; pydicom reads it with force=True."""
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-
-    ds = pydicom.dcmread(write_dicom(path, frames))
-    ds.preamble, ds.file_meta = None, FileMetaDataset()
-    ds.save_as(str(path), implicit_vr=True, little_endian=True, enforce_file_format=False)
     return path
 
 
