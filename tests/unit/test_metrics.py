@@ -1194,6 +1194,16 @@ def test_naive_minus_group_aware_gets_an_interval_over_the_lesions_of_both_test_
         assert point == pytest.approx(a[key][0] - b[key][0])
         independent = math.hypot(a[key][2] - a[key][1], b[key][2] - b[key][1])
         assert high - low == pytest.approx(independent, rel=0.25)
+    # half the lesions shared (0-39 against 20-59): they move both sides of a resample together and cancel, so the
+    # difference spreads as two independent halves of 20 lesions would, about 1/sqrt(2) of the disjoint width (a
+    # bootstrap that drew each set's lesions on its own would give the full width)
+    overlap = np.arange(40, 120)
+    part = M.bootstrap_diff_two_sets(side(first), side(overlap), n_boot=2000, seed=1)
+    c = M.bootstrap_ci(y[overlap], p[overlap], 0.5, groups=g[overlap], n_boot=2000, seed=3)
+    for key in ("accuracy", "auc"):
+        point, low, high = part[key]
+        independent = math.hypot(a[key][2] - a[key][1], c[key][2] - c[key][1])
+        assert high - low == pytest.approx(independent / math.sqrt(2), rel=0.25), key
     # compare's use: two fake arms' test predictions, the printed line carries the interval
     Result = type("Result", (dict,), {})
     naive, group = Result(threshold=0.5), Result(threshold=0.5)
