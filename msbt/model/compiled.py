@@ -96,9 +96,8 @@ def averaged(model: keras.Model) -> Iterator[None]:
     Keras' own ``SwapEMAWeights`` swaps the same pairs around validation, but at a fit's last epoch it also
     overwrites the raw weights with the average, so a training state saved then could not resume exactly
     (``msbt.train.loop.save_train_state``; a resumed stage may train more epochs than its checkpoint's)."""
-    optimizer = getattr(model, "optimizer", None)
-    optimizer = getattr(optimizer, "inner_optimizer", optimizer)  # a LossScaleOptimizer's own
-    if not getattr(optimizer, "use_ema", False):
+    optimizer = averaging_optimizer(model)
+    if optimizer is None:
         yield
         return
     swap_average(optimizer)
@@ -106,6 +105,13 @@ def averaged(model: keras.Model) -> Iterator[None]:
         yield
     finally:
         swap_average(optimizer)
+
+
+def averaging_optimizer(model: keras.Model) -> keras.optimizers.Optimizer | None:
+    """The optimizer that keeps ``model``'s weight average (a LossScaleOptimizer's inner one); None without one."""
+    optimizer = getattr(model, "optimizer", None)  # an uncompiled model has none
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+    return optimizer if getattr(optimizer, "use_ema", False) else None
 
 
 def swap_average(optimizer: keras.optimizers.Optimizer) -> None:

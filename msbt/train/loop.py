@@ -46,7 +46,7 @@ from msbt.model.checkpoint import (
     write_manifest,
 )
 from msbt.config import StageConfig, to_dict
-from msbt.model.compiled import averaged, averaging_callbacks, compile_model, swap_average
+from msbt.model.compiled import averaged, averaging_callbacks, averaging_optimizer, compile_model, swap_average
 from msbt.model.models import batchnorm_frozen, build_model, is_binary, set_backbone_trainable
 
 log = logging.getLogger(__name__)
@@ -347,10 +347,10 @@ def restore_train_state(model: keras.Model, path: str | Path, *, optimizer: bool
         return False
     for variable, value in zip(optimizer_vars, values):
         variable.assign(value)
-    inner = getattr(model.optimizer, "inner_optimizer", model.optimizer)  # a LossScaleOptimizer's own
-    if getattr(inner, "use_ema", False):
+    averaging = averaging_optimizer(model)
+    if averaging is not None:
         # saved inside `averaged` (BestModelSaver): the model file holds the average, the state the raw weights
-        swap_average(inner)
+        swap_average(averaging)
     return True
 
 
