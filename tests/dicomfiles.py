@@ -65,13 +65,13 @@ def write_dicom(path: str | Path, frames: np.ndarray, photometric: str = "MONOCH
     return Path(path)
 
 
-def write_bare_dataset(path: str | Path, frames: np.ndarray) -> Path:
+def write_bare_dataset(path: str | Path, frames: np.ndarray, photometric: str = "MONOCHROME2") -> Path:
     """``frames`` as a bare data set: no preamble, no DICM magic, no file meta (implicit VR little
     endian), as older and hand-made exports write DICOM; pydicom reads it with force=True."""
     import pydicom
     from pydicom.dataset import FileMetaDataset
 
-    ds = pydicom.dcmread(write_dicom(path, frames))
+    ds = pydicom.dcmread(write_dicom(path, frames, photometric=photometric))
     ds.preamble, ds.file_meta = None, FileMetaDataset()
     ds.save_as(str(path), implicit_vr=True, little_endian=True, enforce_file_format=False)
     return Path(path)

@@ -391,7 +391,7 @@ def test_serve_answers_images_and_refuses_bad_bytes(exported, ray_local, tmp_pat
 
         still = write_dicom(tmp_path / "still.dcm", frames[2:3], photometric="RGB").read_bytes()
         loop = write_dicom(tmp_path / "loop.dcm", frames[3:6], photometric="RGB").read_bytes()
-        bare = write_bare_dataset(tmp_path / "bare.dcm", frames[2:3]).read_bytes()  # no preamble: was "cannot be decoded"
+        bare = write_bare_dataset(tmp_path / "bare.dcm", frames[2:3], photometric="RGB").read_bytes()  # was 400
         assert bare[128:132] != b"DICM"
         for body in (still, bare):
             answer = requests.post(f"{url}/predict", data=body, timeout=30)
