@@ -740,12 +740,11 @@ def mean_of_independent(values: Sequence[float], ses: Sequence[float], dfs: Sequ
     var = sum(se * se for se in ses) / n ** 2
     if var == 0:
         return [mean, mean, mean]
-    if dfs is None or any(d is None for d in dfs):
+    if dfs is None or not all(d and math.isfinite(d) for d in dfs):  # a part without finite df: normal
         q = float(_stats().norm.ppf(1 - alpha / 2))
     else:
-        df = (n ** 2 * var) ** 2 / sum((se * se) ** 2 / d for se, d in zip(ses, dfs) if d and math.isfinite(d)) \
-            if all(d and math.isfinite(d) for d in dfs) else math.inf
-        q = float(_stats().t.ppf(1 - alpha / 2, df)) if math.isfinite(df) else float(_stats().norm.ppf(1 - alpha / 2))
+        df = (n ** 2 * var) ** 2 / sum((se * se) ** 2 / d for se, d in zip(ses, dfs))
+        q = float(_stats().t.ppf(1 - alpha / 2, df))
     half = q * math.sqrt(var)
     return [mean, mean - half, mean + half]
 

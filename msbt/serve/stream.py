@@ -43,7 +43,7 @@ import cv2
 import numpy as np
 
 from msbt.eval.metrics import threshold_text
-from msbt.images.imagefile import IMAGE_EXTENSIONS, ImageError, read_image, to_rgb8
+from msbt.images.imagefile import IMAGE_EXTENSIONS, ImageError, read_dicom_image, read_image, to_rgb8
 from msbt.serve.engines import Engine
 from msbt.serve.predict import Preparation, Threshold, model_inputs, prepare_rgb
 
@@ -265,7 +265,7 @@ def _folder(path: Path, fps: float, sixteen_bit: str) -> Source:
 
 
 def _dicom(path: Path, fps: float, sixteen_bit: str) -> Source:
-    from msbt.images.dicom import DicomError, read_dicom_frame, read_header
+    from msbt.images.dicom import read_header
 
     try:
         header = read_header(path)  # the image pixel module only: no patient data is read
@@ -275,11 +275,9 @@ def _dicom(path: Path, fps: float, sixteen_bit: str) -> Source:
         raise SourceError(f"{path}: the DICOM file holds no frame")
 
     def frame(i: int) -> np.ndarray | Unreadable:
-        try:
-            rgb = read_dicom_frame(path, i, sixteen_bit, header=header)  # uint8 RGB already
-            # the checks of every other source's frames (too small, blank): RGB -> the BGR order to_rgb8 expects
-            return to_rgb8(rgb[:, :, ::-1], path, sixteen_bit)
-        except (DicomError, ImageError) as err:  # a damaged fragment of a compressed loop: that frame only
+        try:  # as msbt predict reads a frame: through the checks of every image (too small, blank)
+            return read_dicom_image(path, i, sixteen_bit, max_pixels=None, header=header)
+        except ImageError as err:  # a damaged fragment of a compressed loop, a blank frame: that frame only
             return Unreadable(f"{path}: frame {i} of {header.frames}: {err.reason}")
 
     # Frames up to the first that decodes are read here: a file no frame of which decodes (a transfer syntax
