@@ -188,6 +188,10 @@ class StageConfig:
     # exponential moving average of the trainable weights, `avg = m * avg + (1 - m) * w` after every step (about
     # 1 / (1 - m) steps long), which validation, the best-epoch choice and the saved model use.
     ema: float = field(default=0.0, metadata=ADDED_LATER)
+    # Mixup (docs/models.md, "Mixup: `mixup`"): 0 = off (the paper); alpha > 0 trains every batch on pairs of
+    # its examples mixed with weights drawn from Beta(alpha, alpha), their labels mixed the same way. Validation
+    # is never mixed; the training accuracy and AUC are then against mixed labels (the loss is what trains).
+    mixup: float = field(default=0.0, metadata=ADDED_LATER)
 
 
 def _stage2_default() -> StageConfig:
@@ -758,6 +762,7 @@ _RANGES: dict[type, list[tuple[str, Any, str]]] = {
         ("fine_tune_layers", lambda v: v >= 0, ">= 0"),
         ("fine_tune_lr_scale", _positive, "a finite number > 0"),
         ("ema", lambda v: _finite(v) and 0.0 <= v < 1.0, "in [0, 1) (0: no weight averaging)"),
+        ("mixup", lambda v: _finite(v) and 0.0 <= v <= 10.0, "in [0, 10] (0: no mixup)"),
     ],
     TuneConfig: [
         ("seed", _seed, f"an integer in [0, {_MAX_SEED}]"),

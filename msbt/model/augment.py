@@ -197,3 +197,41 @@ def expand_epoch(ds: tf.data.Dataset, cfg: AugmentConfig, *, seed: int, epoch: i
             )
         passes = one if passes is None else passes.concatenate(one)
     return passes
+
+
+def batch_key(seed: int, epoch, step):
+    """Stateless seed of one training batch of one epoch (:func:`mix_batch`), apart from every image's key."""
+    base = tf.stack([tf.cast(seed, tf.int64) + _EPOCH_STRIDE, tf.cast(epoch, tf.int64) * _EPOCH_STRIDE - 1])
+    return tf.random.experimental.stateless_fold_in(base, tf.cast(step, tf.int64))
+
+
+def mix_batch(batch: tuple, alpha: float, key) -> tuple:
+    """Mixup of one batch (``stage.mixup``): each example becomes ``lam * itself + (1 - lam) * a partner``.
+
+    The partner is the example at a random permutation of the batch, ``lam ~ Beta(alpha, alpha)`` per example
+    (Zhang et al. 2018, "mixup: Beyond Empirical Risk Minimization"), and the label (a sigmoid's float or a
+    one-hot row) and the loss weight, if any, are mixed with the same ``lam``, so the loss is that of a point
+    between two images. A Beta draw is ``g1 / (g1 + g2)`` with two Gamma(alpha) draws; every draw is stateless
+    under ``key`` (:func:`batch_key`), so a batch mixes the same way in any run.
+
+    Args:
+        batch: ``(images, labels)`` or ``(images, labels, weights)``, the images float32 ``(N, H, W, C)``, the
+            labels ``(N, K)``, the weights ``(N,)``.
+        alpha: The Beta distribution's parameter (> 0); small values keep most examples near one of the two.
+        key: Stateless seed, shape (2,).
+
+    Returns:
+        The batch with the same structure, shapes and dtypes.
+    """
+    images, labels, *weights = batch
+    n = tf.shape(images)[0]
+    keys = [tf.random.experimental.stateless_fold_in(key, i) for i in range(3)]
+    g1, g2 = (tf.random.stateless_gamma([n], seed=k, alpha=alpha) for k in keys[:2])
+    lam = g1 / tf.maximum(g1 + g2, 1e-12)  # both draws can underflow to 0 at a small alpha
+    partner = tf.argsort(tf.random.stateless_uniform([n], seed=keys[2]))
+
+    def mix(values):
+        share = tf.reshape(lam, [-1] + [1] * (len(values.shape) - 1))
+        return share * values + (1.0 - share) * tf.gather(values, partner)
+
+    return (mix(images), mix(labels), *(mix(w) for w in weights))

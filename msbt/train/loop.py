@@ -173,7 +173,12 @@ def train_batches(
 
     def one_epoch(epoch: int) -> tf.data.Dataset:
         examples = augment.expand_epoch(ds, stage.augment, seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer or n)
-        return examples.map(encode).batch(stage.batch_size)
+        batches = examples.map(encode).batch(stage.batch_size)
+        if stage.mixup > 0:
+            batches = batches.enumerate().map(
+                lambda step, batch: augment.mix_batch(batch, stage.mixup, augment.batch_key(seed, epoch, step))
+            )
+        return batches
 
     # The epochs are part of the dataset, each built with its number as a Python int (its transforms
     # and order depend on it), so a phase that starts at epoch k continues the sequence exactly. Keras

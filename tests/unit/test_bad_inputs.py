@@ -467,6 +467,8 @@ def test_class_folder_differing_in_case_fails_before_ray_starts(tmp_path):
     ("stage2.head.dropout=1.5", "stage2.head.dropout"),
     ("stage2.ema=1", "stage2.ema"),  # an average that never moves
     ("stage2.ema=-0.5", "stage2.ema"),
+    ("stage2.mixup=-0.2", "stage2.mixup"),
+    ("stage1.mixup=.inf", "stage1.mixup"),
     ("data.folds=0", "data.folds"),
     ("data.folds=1000", "data.folds"),
     ("data.split=[1,0,0]", "data.split"),

@@ -220,6 +220,73 @@ def test_input_pipelines_run_without_the_autotuning_thread():
         assert pipeline.options().autotune.enabled is False
 
 
+def unmix(mixed: np.ndarray, plain: np.ndarray) -> list[tuple[int, float]]:
+    """For each mixed image, the partner j != i and share lam with ``mixed = lam * plain[i] + (1 - lam) * plain[j]``
+    (least squares over the pixels; asserts that one j fits). (i, 1.0) where the image is its own, unmixed."""
+    found = []
+    for i, image in enumerate(mixed):
+        if np.abs(image - plain[i]).max() < 1e-2:  # its own partner, or a share of about 1
+            found.append((i, 1.0))
+            continue
+        fits = []
+        for j, other in enumerate(plain):
+            d = (plain[i] - other).ravel()
+            if j != i:
+                lam = float(d @ (image - other).ravel() / (d @ d))
+                fits.append((np.abs(lam * plain[i] + (1 - lam) * other - image).max(), j, lam))
+        err, j, lam = min(fits)
+        assert err < 1e-2 and -1e-6 <= lam <= 1 + 1e-6, (i, err, lam)
+        found.append((j, lam))
+    return found
+
+
+def test_mixup_mixes_each_example_with_a_partner_and_its_label_and_weight_alike():
+    n = 8
+    ds = training.dataset_from_arrays(images(n), [0, 1] * 4, weights=np.arange(1, n + 1, dtype=np.float32))
+    off = lite0_stage(augment=AugmentConfig(enabled=False), batch_size=n)
+    plain, steps = training.train_batches(ds, off, num_classes=2, seed=5, first_epoch=0, last_epoch=2)
+    mixed, _ = training.train_batches(ds, lite0_stage(augment=AugmentConfig(enabled=False), batch_size=n,
+                                                      mixup=0.4), num_classes=2, seed=5, first_epoch=0, last_epoch=2)
+    plain, mixed = list(plain.as_numpy_iterator()), list(mixed.as_numpy_iterator())
+    assert len(plain) == len(mixed) == 2 * steps
+    shares = []
+    for (x, y, w), (xm, ym, wm) in zip(plain, mixed):
+        assert xm.shape == x.shape and ym.shape == y.shape and wm.shape == w.shape and xm.dtype == np.float32
+        pairs = unmix(xm, x)
+        mixed_rows = [(i, j, lam) for i, (j, lam) in enumerate(pairs) if 0.01 < lam < 0.99]
+        assert len({j for _, j, _ in mixed_rows}) == len(mixed_rows)  # partners: a permutation of the batch
+        for i, j, lam in mixed_rows:
+            np.testing.assert_allclose(ym[i], lam * y[i] + (1 - lam) * y[j], atol=1e-4)
+            np.testing.assert_allclose(wm[i], lam * w[i] + (1 - lam) * w[j], atol=1e-4)
+            shares.append(lam)
+    assert len(set(np.round(shares, 4))) > n  # a share per example, not one per batch
+    assert not np.allclose(mixed[0][0], mixed[steps][0])  # epoch 1 mixes otherwise
+    again, _ = training.train_batches(ds, lite0_stage(augment=AugmentConfig(enabled=False), batch_size=n, mixup=0.4),
+                                      num_classes=2, seed=5, first_epoch=1, last_epoch=2)
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(again.as_numpy_iterator(), mixed[steps:]))
+
+
+def test_mixup_shares_follow_beta_alpha_alpha():
+    x = tf.reshape(tf.range(2000, dtype=tf.float32), [2000, 1, 1, 1])
+    y = tf.zeros([2000, 1])
+    for alpha, mean_extreme in ((0.2, 0.55), (4.0, 0.0)):
+        key = augment.batch_key(7, 0, 0)
+        xm, ym = augment.mix_batch((x, y), alpha, key)
+        assert np.array_equal(xm.numpy(), augment.mix_batch((x, y), alpha, key)[0].numpy())
+        assert not np.array_equal(xm.numpy(), augment.mix_batch((x, y), alpha, augment.batch_key(7, 0, 1))[0].numpy())
+        # each row's share and partner from a one-hot label of the row's index, mixed as the images are
+        onehot = tf.one_hot(tf.range(2000), 2000)
+        _, mixed = augment.mix_batch((x, onehot), alpha, key)
+        mixed = mixed.numpy()
+        lam = mixed[np.arange(2000), np.arange(2000)]
+        partner = np.argsort(-(mixed - np.diag(lam)), axis=1)[:, 0]
+        np.testing.assert_allclose(xm.numpy().ravel(), lam * np.arange(2000) + (1 - lam) * partner, atol=1e-2)
+        # Beta(a, a): mean 1/2, variance 1 / (4 (2a + 1))
+        assert abs(lam.mean() - 0.5) < 0.03
+        assert abs(lam.var() - 1 / (4 * (2 * alpha + 1))) < 0.015
+        assert np.mean((lam < 0.05) | (lam > 0.95)) >= mean_extreme
+
+
 def test_dataset_from_arrays_rejects_bad_input():
     with pytest.raises(ValueError, match="uint8"):
         training.dataset_from_arrays(images(2).astype(np.float32), [0, 1])
@@ -333,9 +400,11 @@ def test_two_stage_chain_end_to_end(tmp_path):
         )  # fmt: skip
 
 
-def test_the_train_step_is_traced_once(tmp_path, monkeypatch):
+@pytest.mark.parametrize("mixup", [0.0, 0.4])
+def test_the_train_step_is_traced_once(tmp_path, monkeypatch, mixup):
     """The optimizer is built at compile time: a first trace that created its slot variables would make
-    TensorFlow trace the step twice, half of a short stage's start-up (docs/training.md)."""
+    TensorFlow trace the step twice, half of a short stage's start-up (docs/training.md). Mixed batches
+    (soft labels) train through the same single trace."""
     from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
 
     traces = []
@@ -347,7 +416,7 @@ def test_the_train_step_is_traced_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(TensorFlowTrainer, "train_step", counted)
     ds = training.dataset_from_arrays(images(8), np.arange(8) % 2)
-    stage = lite0_stage(epochs=2, trainable_backbone=False, augment=AugmentConfig(enabled=False))
+    stage = lite0_stage(epochs=2, trainable_backbone=False, augment=AugmentConfig(enabled=False), mixup=mixup)
     result = training.fit_stage(stage, ds, ds, class_names="ab", out_dir=tmp_path / "s")
     assert len(result.history["loss"]) == 2 and len(traces) == 1
 
