@@ -189,3 +189,19 @@ def test_a_worker_line_being_written_when_a_command_ends_comes_before_its_last_l
         main.join(10)
         handle(worker_line("stage 1 epoch 2/2: loss 0.4"))  # the workers go on until Ray shuts down
     assert err.getvalue() == "stage 1 epoch 1/2: loss 0.5\nmsbt: interrupted\n"
+
+
+def test_ending_a_command_that_never_loaded_ray_does_not_load_it():
+    """hide_worker_output runs inside the SIGTERM handler: a scan (no Ray) stopped by SIGTERM once imported Ray
+    there, and its stop line came 0.8 s late (4.5 s from signal to exit on a slow host, past the 3 s before
+    `ray job stop`'s SIGKILL). In a fresh process, since this one has Ray loaded."""
+    import subprocess
+
+    from helpers import ROOT
+
+    code = ("import sys; from msbt import console; console._state['verbose'] = False; "
+            "console.hide_worker_output(); console.hide_worker_output(drop_bars=False); "
+            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout
