@@ -754,6 +754,41 @@ def p_text(p: float) -> str:
     return "p < 0.001" if p < 0.0005 else f"p = {p:.3f}"
 
 
+def averaged_auc_by_size(y, p_runs, max_subsets: int = 200, seed: int = 0) -> list[dict[str, float]]:
+    """How the AUC of an average of models grows with the number of models averaged: for every k from 1 to the
+    number of runs, the AUC of the mean probability of each subset of k runs, summarised over the subsets.
+
+    Answers "how many training seeds are worth averaging?" from the runs at hand: where the mean stops rising
+    with k, another seed adds little. The subsets of one k share runs, so their spread is a range, not an
+    interval.
+
+    Args:
+        y: (N,) labels, 0 benign, 1 malignant.
+        p_runs: (R, N) probabilities of R runs (e.g. training seeds) on the same cases.
+        max_subsets: At most this many subsets per k (drawn without repetition, reproducibly from ``seed``,
+            where there are more).
+
+    Returns:
+        One dict per k (1..R): ``models`` (k), ``subsets`` (how many were scored), ``auc_mean``, ``auc_min``,
+        ``auc_max``. For k = 1 the mean is the runs' mean AUC; for k = R, the AUC of all runs averaged.
+    """
+    import itertools
+
+    ps = np.asarray(p_runs, dtype=float)
+    if ps.ndim != 2 or ps.shape[0] < 1:
+        raise ValueError(f"p_runs: expected (runs, cases), got shape {ps.shape}")
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(1, len(ps) + 1):
+        subsets = list(itertools.combinations(range(len(ps)), k))
+        if len(subsets) > max_subsets:
+            subsets = [subsets[i] for i in sorted(rng.choice(len(subsets), max_subsets, replace=False))]
+        aucs = [roc_auc(y, ps[list(subset)].mean(axis=0)) for subset in subsets]
+        out.append({"models": k, "subsets": len(subsets), "auc_mean": float(np.mean(aucs)),
+                    "auc_min": float(np.min(aucs)), "auc_max": float(np.max(aucs))})
+    return out
+
+
 def repeated_auc(y, p_runs, p_base=None, groups=None, n_boot: int = 2000, alpha: float = 0.05,
                  seed: int = 0, seed_term: bool = True) -> dict[str, object]:
     """The AUC of a design trained several times, and its difference from another design's, with both

@@ -1031,13 +1031,16 @@ def _aligned_seeds(site: str, preds: Mapping[int, dict]) -> tuple[dict, np.ndarr
 def _across_seeds(site: str, preds: Mapping[int, dict], by_seed: Mapping[int, Sequence[Mapping]], *, n_boot: int,
                   seed: int) -> dict:
     """One held-out site over the seeds: the mean AUC with the case interval and both uncertainties, the spread
-    over seeds, and the seeds' averaged model (mean probability per image: an ensemble one could deploy)."""
+    over seeds, and the seeds' averaged model (mean probability per image: an ensemble one could deploy), also
+    of every smaller number of the seeds (:func:`msbt.eval.metrics.averaged_auc_by_size`)."""
     arrays, ps = _aligned_seeds(site, preds)
     rep = metrics.repeated_auc(arrays["y"], ps, groups=arrays["group"], n_boot=n_boot, seed=seed)
     averaged = metrics.repeated_auc(arrays["y"], ps.mean(axis=0), groups=arrays["group"], n_boot=n_boot, seed=seed)
     ensemble = [averaged["auc"], *averaged["ci_cases"]]
     internal = [r["internal_auc"][0] for k in preds for r in by_seed[k] if r["site"] == site and r["internal_auc"]]
     return {"site": site, "seeds": [int(k) for k in preds], "images": int(len(arrays["y"])),
+            # the averaged model of 1, 2, ... of these seeds: whether one more seed would still add
+            "ensemble_by_size": metrics.averaged_auc_by_size(arrays["y"], ps, seed=seed),
             "held_out_auc_mean": rep["auc"], "ci": list(rep["ci"]) if rep["ci"] else None, "df": rep["df"],
             "ci_cases": list(rep["ci_cases"]), "se": rep["se"], "per_seed": rep["per_seed"],
             "seed_sd": rep["seed_sd"], "seed_range": [min(rep["per_seed"]), max(rep["per_seed"])],
@@ -1269,8 +1272,8 @@ def format_loso(report: dict) -> str:
 
 def _format_seeds(part: dict, seeds: Sequence[int], arm: str | None = None) -> list[str]:
     """The leave-one-site-out table over several seeds (of the design, or of one arm): per site the mean with its
-    intervals (cases and seeds together; cases alone), the seeds' spread and the seeds' averaged model; the
-    summary line to quote."""
+    intervals (cases and seeds together; cases alone), the seeds' spread and the seeds' averaged model (with three
+    seeds or more, also averaged over fewer of them); the summary line to quote."""
     across, summary = part["across_seeds"], part["summary"]
     n = len(seeds)
     lines = [f"over {n} training seeds {list(seeds)} of stage 2{f' ({arm})' if arm else ''} (same split and stores; "
@@ -1282,6 +1285,12 @@ def _format_seeds(part: dict, seeds: Sequence[int], arm: str | None = None) -> l
         cases = f"[{r['ci_cases'][0]:.3f}, {r['ci_cases'][1]:.3f}]"
         lines.append(f"{r['site']:<20} {ci:<24} {cases:<16} {r['seed_sd']:>5.3f}  "
                      f"{r['seed_range'][0]:.3f}-{r['seed_range'][1]:.3f}    {_with_ci(r['ensemble_auc']):<28}")
+    sized = [r for r in across if len(r.get("ensemble_by_size") or ()) > 2]
+    if sized:  # with two seeds the table above says it all (one seed, both averaged)
+        lines.append(f"the averaged model of 1 to {n} of the seeds (its AUC, mean over the subsets of that many seeds): "
+                     "where it stops rising, more seeds add little")
+        lines += [f"{r['site']:<20} " + "  ".join(f"{e['models']}: {e['auc_mean']:.3f}" for e in r["ensemble_by_size"])
+                  for r in sized]
     lines.append(f"at a site it never saw{f' ({arm})' if arm else ''}: AUC {_with_ci(summary['worst_held_out_auc'])} "
                  f"at the worst ({summary['worst_site']}; mean of {n} seeds, the interval over its held-out images "
                  "and the seeds; "

@@ -353,6 +353,9 @@ def test_leave_one_site_out_over_two_training_seeds(loso, loso_arms, loso_seeded
         assert across["site"] == site and across["per_seed"] == pytest.approx(per_seed)
         assert across["held_out_auc_mean"] == pytest.approx(np.mean(per_seed))
         assert across["seed_sd"] == pytest.approx(np.std(per_seed, ddof=1))
+        # the averaged model of one seed (each alone, on average) and of both
+        one, both = across["ensemble_by_size"]
+        assert one["auc_mean"] == pytest.approx(np.mean(per_seed)) and both["auc_mean"] == across["ensemble_auc"][0]
     worst = min(seeded["across_seeds"], key=lambda r: r["held_out_auc_mean"])
     assert seeded["summary"]["worst_site"] == worst["site"]
     assert seeded["summary"]["worst_held_out_auc"][0] == pytest.approx(worst["held_out_auc_mean"])
@@ -362,7 +365,8 @@ def test_leave_one_site_out_over_two_training_seeds(loso, loso_arms, loso_seeded
     assert mean == pytest.approx(np.mean([r["held_out_auc_mean"] for r in seeded["across_seeds"]])) and low < mean < high
     assert f"{mean:.3f} [{low:.3f}, {high:.3f}] on average over these 2 sites (interval over their lesions and the " \
         "training seeds" in X.format_loso(seeded)
-    assert "sd over seeds" in experiments_section(tmp_path / "runs" / "loso")
+    html = experiments_section(tmp_path / "runs" / "loso")
+    assert "sd over seeds" in html and "averaged over k seeds" in html
     diff = X.loso_diff([tmp_path / "runs" / "loso", f"{tmp_path / 'runs' / 'loso'}:scratch"], n_boot=100)
     assert [r["seeds"] for r in diff["rows"]] == [2, 2, 1, 1] and all(r["seed_term"] for r in diff["rows"][2:])
 

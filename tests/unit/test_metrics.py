@@ -933,6 +933,29 @@ def test_an_ensembles_logit_is_that_of_its_mean_probability_also_when_saturated(
     assert out[4] == pytest.approx(700 + np.log(2), abs=1e-9)
 
 
+def test_averaged_auc_by_size_scores_every_subset_of_runs():
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 80)
+    runs = np.clip(0.3 * y + rng.uniform(0, 0.7, (4, 80)), 0, 1)  # four noisy runs: averaging them helps
+    out = M.averaged_auc_by_size(y, runs)
+    assert [(e["models"], e["subsets"]) for e in out] == [(1, 4), (2, 6), (3, 4), (4, 1)]
+    single = [M.roc_auc(y, p) for p in runs]
+    assert out[0]["auc_mean"] == pytest.approx(np.mean(single))
+    assert (out[0]["auc_min"], out[0]["auc_max"]) == (min(single), max(single))
+    pairs = [M.roc_auc(y, (runs[i] + runs[j]) / 2) for i in range(4) for j in range(i + 1, 4)]
+    assert out[1]["auc_mean"] == pytest.approx(np.mean(pairs)) and out[1]["auc_max"] == pytest.approx(max(pairs))
+    assert out[3]["auc_mean"] == pytest.approx(M.roc_auc(y, runs.mean(axis=0))) and out[3]["auc_min"] == out[3]["auc_max"]
+    assert out[0]["auc_mean"] < out[1]["auc_mean"] < out[3]["auc_mean"]  # independent noise averages out
+    # more subsets than allowed: a reproducible draw of that many, each a real subset
+    capped = M.averaged_auc_by_size(y, runs, max_subsets=2, seed=5)
+    assert [e["subsets"] for e in capped] == [2, 2, 2, 1] and capped == M.averaged_auc_by_size(y, runs, 2, seed=5)
+    assert capped[1]["auc_min"] >= min(pairs) and capped[1]["auc_max"] <= max(pairs)
+    same = M.averaged_auc_by_size(y, np.stack([runs[0]] * 3))  # one model three times: nothing to gain
+    assert {round(e["auc_mean"], 12) for e in same} == {round(single[0], 12)}
+    with pytest.raises(ValueError, match="runs, cases"):
+        M.averaged_auc_by_size(y, runs[0])
+
+
 def test_leave_one_site_out_over_seeds_is_summarised_by_the_mean_and_both_intervals():
     from msbt.jobs.experiments import _across_seeds, _seeds_summary, _format_seeds
 
@@ -955,8 +978,13 @@ def test_leave_one_site_out_over_seeds_is_summarised_by_the_mean_and_both_interv
     other = {**across, "site": "b", "held_out_auc_mean": across["held_out_auc_mean"] + 0.1}
     summary = _seeds_summary([across, other])
     assert summary["worst_site"] == "a" and summary["worst_held_out_auc"] == [across["held_out_auc_mean"], *across["ci"]]
+    by_size = across["ensemble_by_size"]
+    assert [e["models"] for e in by_size] == [1, 2, 3] and [e["subsets"] for e in by_size] == [3, 3, 1]
+    assert by_size[0]["auc_mean"] == pytest.approx(np.mean(aucs)) and by_size[2]["auc_mean"] == across["ensemble_auc"][0]
     text = "\n".join(_format_seeds({"across_seeds": [across, other], "summary": summary}, [0, 1, 2]))
     assert "over 3 training seeds" in text and "at the worst (a;" in text and "msbt ensemble" in text
+    sizes = "  ".join(f"{e['models']}: {e['auc_mean']:.3f}" for e in by_size)
+    assert "the averaged model of 1 to 3 of the seeds" in text and f"\na                    {sizes}\n" in text
     text = "\n".join(_format_seeds({"across_seeds": [across, other], "summary": summary}, [0, 1, 2], "scratch"))
     assert "of stage 2 (scratch)" in text and "never saw (scratch)" in text
 
