@@ -675,7 +675,9 @@ def experiments_section(run: Path) -> str:
             rows = [(r["site"], r["images"], _ci_text([r["held_out_auc_mean"], *r["ci"]]) if r.get("ci") else
                      _fmt(r["held_out_auc_mean"]), _ci_text([r["held_out_auc_mean"], *r["ci_cases"]]), _fmt(r["seed_sd"]),
                      " ".join(_fmt(a) for a in r["per_seed"]), _ci_text(r["ensemble_auc"]),
-                     " ".join(f"{e['models']}: {_fmt(e['auc_mean'])}" for e in r.get("ensemble_by_size") or ()) or "-")
+                     # with two seeds the columns before say it (each seed, both averaged)
+                     " ".join(f"{e['models']}: {_fmt(e['auc_mean'])}" for e in r.get("ensemble_by_size") or ())
+                     if len(r.get("ensemble_by_size") or ()) > 2 else "-")
                     for r in loso["across_seeds"]]
             parts.append(f"<p>Stage 2 of the same design over {len(seeds)} training seeds {_e(str(seeds))} on the same "
                          "split: the mean over seeds is the number to quote, with its interval over the held-out "

@@ -128,6 +128,25 @@ def test_crossval_and_site_comparison_sections_render_from_their_json(tmp_path):
     assert "<td>multistage − imagenet</td><td>-0.040 [-0.090, 0.010]</td><td>0.120</td>" in text
 
 
+def test_leave_one_site_out_over_seeds_shows_the_averaged_model_by_number_of_seeds(tmp_path):
+    """With three seeds or more, the averaged model of 1, 2, ... of them; with two (or a loso.json written before
+    it was recorded) a dash: the columns before already give each seed and both averaged."""
+    row = {"site": "a", "test_images": 30, "held_out_auc": [0.7, 0.6, 0.8], "internal_auc": None}
+    across = {"site": "a", "images": 30, "held_out_auc_mean": 0.7, "ci": [0.6, 0.8], "ci_cases": [0.62, 0.78],
+              "seed_sd": 0.02, "per_seed": [0.7, 0.68, 0.72], "ensemble_auc": [0.75, 0.65, 0.85],
+              "ensemble_by_size": [{"models": k, "subsets": 3 if k < 3 else 1, "auc_mean": m, "auc_min": m,
+                                    "auc_max": m} for k, m in ((1, 0.7), (2, 0.735), (3, 0.75))]}
+    (tmp_path / "loso").mkdir()
+    loso = {"design": "each site held out", "seeds": [0, 1, 2], "rows": [row], "across_seeds": [across]}
+    (tmp_path / "loso" / "loso.json").write_text(json.dumps(loso))
+    assert "<td>0.750 [0.650, 0.850]</td><td>1: 0.700 2: 0.735 3: 0.750</td></tr>" in R.render(tmp_path)
+    two = {**across, "per_seed": [0.7, 0.7], "ensemble_by_size": across["ensemble_by_size"][:2]}
+    for a in (two, {k: v for k, v in across.items() if k != "ensemble_by_size"}):
+        (tmp_path / "loso" / "loso.json").write_text(json.dumps({**loso, "across_seeds": [a]}))
+        text = R.render(tmp_path)
+        assert "averaged over k seeds" in text and "<td>0.750 [0.650, 0.850]</td><td>-</td></tr>" in text
+
+
 def test_a_threshold_near_0_or_1_is_not_printed_as_0_or_1(tmp_path):
     """A saturated model's thresholds: the external section's transfer table printed the run's 0.000448 as
     "0.000" and the site's own 0.99987 as "1.000", which read as "every case malignant" and "none"."""
