@@ -21,6 +21,7 @@ Conventions used everywhere:
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from typing import Mapping, Sequence
@@ -765,24 +766,27 @@ def averaged_auc_by_size(y, p_runs, max_subsets: int = 200, seed: int = 0) -> li
     Args:
         y: (N,) labels, 0 benign, 1 malignant.
         p_runs: (R, N) probabilities of R runs (e.g. training seeds) on the same cases.
-        max_subsets: At most this many subsets per k (drawn without repetition, reproducibly from ``seed``,
-            where there are more).
+        max_subsets: Where a k > 1 has more subsets than this, this many distinct ones drawn at random
+            (reproducibly from ``seed``) instead of all; k = 1 always scores every run.
 
     Returns:
         One dict per k (1..R): ``models`` (k), ``subsets`` (how many were scored), ``auc_mean``, ``auc_min``,
         ``auc_max``. For k = 1 the mean is the runs' mean AUC; for k = R, the AUC of all runs averaged.
     """
-    import itertools
-
     ps = np.asarray(p_runs, dtype=float)
     if ps.ndim != 2 or ps.shape[0] < 1:
         raise ValueError(f"p_runs: expected (runs, cases), got shape {ps.shape}")
+    runs = len(ps)
     rng = np.random.default_rng(seed)
     out = []
-    for k in range(1, len(ps) + 1):
-        subsets = list(itertools.combinations(range(len(ps)), k))
-        if len(subsets) > max_subsets:
-            subsets = [subsets[i] for i in sorted(rng.choice(len(subsets), max_subsets, replace=False))]
+    for k in range(1, runs + 1):
+        if k == 1 or math.comb(runs, k) <= max_subsets:
+            subsets = list(itertools.combinations(range(runs), k))
+        else:  # drawn without listing them all (C(30, 15) is 155 million)
+            drawn: set[tuple[int, ...]] = set()
+            while len(drawn) < max_subsets:
+                drawn.add(tuple(sorted(int(i) for i in rng.choice(runs, k, replace=False))))
+            subsets = sorted(drawn)
         aucs = [roc_auc(y, ps[list(subset)].mean(axis=0)) for subset in subsets]
         out.append({"models": k, "subsets": len(subsets), "auc_mean": float(np.mean(aucs)),
                     "auc_min": float(np.min(aucs)), "auc_max": float(np.max(aucs))})

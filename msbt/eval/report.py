@@ -672,21 +672,23 @@ def experiments_section(run: Path) -> str:
                          f"{_ci_text(summary['worst_held_out_auc'])} at the worst ({_e(summary['worst_site'])}), "
                          f"{_e(mean_text)}; not the internal AUC.</p>")
         if loso.get("across_seeds"):
+            # the averaged model of 1, 2, ... of the seeds, with three seeds or more (with two, each seed and both
+            # averaged are the columns before; a loso.json written before 2026-12-07 has none)
+            sized = any(len(r.get("ensemble_by_size") or ()) > 2 for r in loso["across_seeds"])
             rows = [(r["site"], r["images"], _ci_text([r["held_out_auc_mean"], *r["ci"]]) if r.get("ci") else
                      _fmt(r["held_out_auc_mean"]), _ci_text([r["held_out_auc_mean"], *r["ci_cases"]]), _fmt(r["seed_sd"]),
                      " ".join(_fmt(a) for a in r["per_seed"]), _ci_text(r["ensemble_auc"]),
-                     # with two seeds the columns before say it (each seed, both averaged)
-                     " ".join(f"{e['models']}: {_fmt(e['auc_mean'])}" for e in r.get("ensemble_by_size") or ())
-                     if len(r.get("ensemble_by_size") or ()) > 2 else "-")
+                     *([" ".join(f"{e['models']}: {_fmt(e['auc_mean'])}" for e in r.get("ensemble_by_size") or ())
+                        or "-"] if sized else []))
                     for r in loso["across_seeds"]]
             parts.append(f"<p>Stage 2 of the same design over {len(seeds)} training seeds {_e(str(seeds))} on the same "
                          "split: the mean over seeds is the number to quote, with its interval over the held-out "
                          "images and the seeds together (beside it, over the images alone); the averaged model scores "
-                         "the mean of the seeds' probabilities (<code>msbt ensemble</code> makes it one "
-                         "checkpoint); beside it, the averaged model of 1, 2, ... of the seeds (its AUC, mean over "
-                         "the subsets of that many): where it stops rising, more seeds add little.</p>"
+                         "the mean of the seeds' probabilities (<code>msbt ensemble</code> makes it one checkpoint)"
+                         + ("; last, the averaged model of 1, 2, ... of the seeds (its AUC, mean over the subsets of "
+                            "that many): where it stops rising, more seeds add little" if sized else "") + ".</p>"
                      + _table(("held-out site", "images", "mean AUC [95% CI]", "[95% CI images only]", "sd over seeds",
-                               "per seed", "averaged model AUC", "averaged over k seeds"), rows))
+                               "per seed", "averaged model AUC", *(["averaged over k seeds"] if sized else [])), rows))
     lc = _read_json(run / "loso" / "compare.json")
     if lc:
         seeds = lc.get("seeds") or []

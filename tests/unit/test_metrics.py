@@ -946,10 +946,13 @@ def test_averaged_auc_by_size_scores_every_subset_of_runs():
     assert out[1]["auc_mean"] == pytest.approx(np.mean(pairs)) and out[1]["auc_max"] == pytest.approx(max(pairs))
     assert out[3]["auc_mean"] == pytest.approx(M.roc_auc(y, runs.mean(axis=0))) and out[3]["auc_min"] == out[3]["auc_max"]
     assert out[0]["auc_mean"] < out[1]["auc_mean"] < out[3]["auc_mean"]  # independent noise averages out
-    # more subsets than allowed: a reproducible draw of that many, each a real subset
+    # more subsets than allowed: a reproducible draw of that many, each a real subset; every single run still
     capped = M.averaged_auc_by_size(y, runs, max_subsets=2, seed=5)
-    assert [e["subsets"] for e in capped] == [2, 2, 2, 1] and capped == M.averaged_auc_by_size(y, runs, 2, seed=5)
+    assert [e["subsets"] for e in capped] == [4, 2, 2, 1] and capped == M.averaged_auc_by_size(y, runs, 2, seed=5)
+    assert capped[0] == out[0] and capped[3] == out[3]
     assert capped[1]["auc_min"] >= min(pairs) and capped[1]["auc_max"] <= max(pairs)
+    many = np.clip(0.3 * y + rng.uniform(0, 0.7, (30, 80)), 0, 1)  # C(30, 15) subsets: drawn, not listed
+    assert [e["subsets"] for e in M.averaged_auc_by_size(y, many, max_subsets=20)] == [30] + [20] * 28 + [1]
     same = M.averaged_auc_by_size(y, np.stack([runs[0]] * 3))  # one model three times: nothing to gain
     assert {round(e["auc_mean"], 12) for e in same} == {round(single[0], 12)}
     with pytest.raises(ValueError, match="runs, cases"):
