@@ -556,9 +556,10 @@ def _drop_repeated_lines() -> None:
     if logging_module is None:
         return
     for name in ("stdout_deduplicator", "stderr_deduplicator"):
-        deduplicator = getattr(logging_module, name, None)
-        with contextlib.suppress(Exception):
-            deduplicator.flush()
+        deduplicator = getattr(logging_module, name, None)  # None: another Ray layout
+        if deduplicator is not None:
+            with contextlib.suppress(Exception):
+                deduplicator.flush()
 
 
 def hide_worker_output(*, drop_bars: bool = True) -> None:
