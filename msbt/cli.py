@@ -27,7 +27,8 @@ def _output_options(parser: argparse.ArgumentParser) -> None:
     --verbose there); SUPPRESS keeps the top-level value."""
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     parser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
-                        help="show Ray's and TensorFlow's own output on the terminal (always in runs/<name>/logs/)")
+                        help="show Ray's and TensorFlow's own output on the terminal (a command that writes a "
+                        "run folder keeps it in the folder's logs/ either way)")
 
 
 def _config_options(parser: argparse.ArgumentParser) -> None:

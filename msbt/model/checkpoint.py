@@ -166,6 +166,8 @@ def read_manifest(path: str | Path) -> dict:
     directory = _folder(path)
     file = directory / MANIFEST_FILE
     if not file.is_file():
+        if not directory.exists():  # a mistyped or deleted folder: say so, not that it lacks a manifest
+            raise CheckpointError(f"{directory}: no such checkpoint folder")
         raise CheckpointError(f"{directory}: not a checkpoint (no {MANIFEST_FILE})")
     return read_json_object(file, "a checkpoint manifest", CheckpointError)
 

@@ -128,7 +128,7 @@ class Classifier:
         p = await self.score(image)
         m = self.model
         return {"probability": p, "label": m.class_names[int(p >= m.threshold.value)],
-                "threshold": m.threshold.value, "threshold_source": m.threshold.source,
+                "threshold": m.threshold.value, "threshold_source": m.threshold.public_source(),
                 # as msbt predict's column: features of this image outside the training images' range (size, aspect,
                 # brightness, contrast, dark share; msbt.data.profile), [] when none, None when the export has no profile
                 "out_of_range": outside,

@@ -76,6 +76,13 @@ class Threshold:
     value: float
     source: str  # a metrics.json (with the rule and split), "--threshold", or the default
 
+    def public_source(self) -> str:
+        """The source as a service tells its clients: the file's name without the folders it lies in on the
+        machine that wrote it (``/srv/runs/cpu/metrics.json (youden on val)`` -> ``metrics.json (youden on
+        val)``); ``model_id`` and ``lineage_sha256`` identify the model."""
+        head, sep, rest = self.source.partition(" (")
+        return Path(head).name + sep + rest if head.endswith(".json") else self.source
+
 
 @dataclass(frozen=True)
 class Prediction:

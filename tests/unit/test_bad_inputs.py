@@ -857,5 +857,5 @@ def test_evaluate_names_a_deleted_or_changed_model_before_ray_starts(tmp_path, c
     argv = ["evaluate", "--smoke-test", "--set", f"run.storage_path={tmp_path}", "--set",
             f"synth.out_dir={tmp_path / 'synth'}"]
     assert main(argv) == 1
-    assert f"{gone}: not a checkpoint (no manifest.json)" in capsys.readouterr().err
+    assert f"{gone}: no such checkpoint folder" in capsys.readouterr().err
     assert not (tmp_path / "synth").exists()

@@ -166,6 +166,8 @@ def test_threshold_sources(run, tmp_path):
         write_metrics(folder, Path("/elsewhere/runs/demo/stage2/checkpoint_000001"), 0.25)
         t, notes = pr.find_threshold(checkpoint)
         assert (t.value, notes) == (0.25, []) and t.source == f"{folder.resolve() / 'metrics.json'} (youden on val)"
+        assert t.public_source() == "metrics.json (youden on val)"  # what `msbt serve` answers: no server folders
+        assert pr.Threshold(0.7, "--threshold").public_source() == "--threshold"
         assert pr.find_threshold(checkpoint, 0.7)[0] == pr.Threshold(0.7, "--threshold")
         with pytest.raises(ValueError, match=r"\[0, 1\]"):
             pr.find_threshold(checkpoint, 1.5)
@@ -211,6 +213,8 @@ def test_cli_predict_writes_csv_and_exit_codes(run, tmp_path, capsys):
     assert "rejected" in captured.out and "no image could be predicted" in captured.err
     assert main(["predict", str(tmp_path), str(images)]) == 1  # not a checkpoint: one clear line
     assert "not a checkpoint" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path / "nope"), str(images)]) == 1  # a mistyped folder is named as missing
+    assert f"{tmp_path / 'nope'}: no such checkpoint folder" in capsys.readouterr().err
     # An empty folder is said before the model loads (a damaged model file is never read), the CSV still written.
     damaged, empty = tmp_path / "damaged", tmp_path / "empty"
     damaged.mkdir(), empty.mkdir()
