@@ -88,6 +88,18 @@ def stop_cluster(temp: Path) -> None:
             proc.kill()
 
 
+def submit_when_an_agent_answers(submit: list[str], env: dict, timeout: float):
+    """`ray job submit` until the head's job agent has registered: right after `ray start` the job server may
+    answer "No available agent to submit job". Tried every 2 s for up to 2 min (it used to wait 10 s a try)."""
+    for _ in range(60):
+        done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        output = done.stdout + done.stderr
+        if "No available agent" not in output:
+            break
+        time.sleep(2)
+    return done, output
+
+
 def test_smoke_pipeline_job_succeeds(head_node, tmp_path, ray_local):
     """``ray_local``: the session's private cluster runs beside the `ray start` one, as another job's might."""
     ray_cli, address, env, _ = head_node
@@ -98,12 +110,7 @@ def test_smoke_pipeline_job_succeeds(head_node, tmp_path, ray_local):
               "python", "workflows/pipeline.py", "--smoke-test",
               "--set", f"run.storage_path={tmp_path}", "--set", f"synth.out_dir={tmp_path / 'synth'}", *TINY_SETS]
     started = time.time()
-    for _ in range(12):  # the job agent may still be starting: "No available agent to submit job"
-        done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=1200, cwd=ROOT)
-        output = done.stdout + done.stderr
-        if "No available agent" not in output:
-            break
-        time.sleep(10)
+    done, output = submit_when_an_agent_answers(submit, env, timeout=1200)
     assert done.returncode == 0, output[-4000:]
     job_id = re.search(r"raysubmit_\w+", output).group(0)
 
@@ -175,12 +182,7 @@ def test_a_submitted_job_with_a_relative_storage_path_is_refused(head_node, tmp_
     env = {**env, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": address}
     submit = [str(ray_cli), "job", "submit", "--runtime-env", "workflows/runtime_env.yaml",
               "--", "python", "workflows/preprocess.py", "--smoke-test", "--set", f"synth.out_dir={tmp_path / 'synth'}"]
-    for _ in range(12):
-        done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-        output = done.stdout + done.stderr
-        if "No available agent" not in output:
-            break
-        time.sleep(10)
+    done, output = submit_when_an_agent_answers(submit, env, timeout=600)
     assert done.returncode != 0 and "failed" in output.lower(), output[-3000:]
     assert "run.storage_path 'runs' resolves to" in output and "_ray_pkg_" in output
     assert "--set run.storage_path=$PWD/runs" in output
