@@ -80,7 +80,8 @@ class Threshold:
         """The source as a service tells its clients: the file's name without the folders it lies in on the
         machine that wrote it (``/srv/runs/cpu/metrics.json (youden on val)`` -> ``metrics.json (youden on
         val)``); ``model_id`` and ``lineage_sha256`` identify the model."""
-        head, sep, rest = self.source.partition(" (")
+        # the last " (": a folder of the path may hold one too ("runs (old)/metrics.json (youden on val)")
+        head, sep, rest = self.source.rpartition(" (") if self.source.endswith(")") else (self.source, "", "")
         return Path(head).name + sep + rest if head.endswith(".json") else self.source
 
 

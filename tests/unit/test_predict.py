@@ -168,6 +168,9 @@ def test_threshold_sources(run, tmp_path):
         assert (t.value, notes) == (0.25, []) and t.source == f"{folder.resolve() / 'metrics.json'} (youden on val)"
         assert t.public_source() == "metrics.json (youden on val)"  # what `msbt serve` answers: no server folders
         assert pr.Threshold(0.7, "--threshold").public_source() == "--threshold"
+        assert pr.Threshold(0.3, "/srv/runs (old)/metrics.json (youden on val)").public_source() == \
+            "metrics.json (youden on val)"
+        assert pr.Threshold(0.3, "/srv/exports (v2)/export.json").public_source() == "export.json"
         assert pr.find_threshold(checkpoint, 0.7)[0] == pr.Threshold(0.7, "--threshold")
         with pytest.raises(ValueError, match=r"\[0, 1\]"):
             pr.find_threshold(checkpoint, 1.5)
