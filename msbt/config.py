@@ -29,6 +29,8 @@ from msbt.atomicio import write_text
 
 # Field metadata of a setting added after runs began recording their settings (see to_dict).
 ADDED_LATER = {"added_later": True}
+# The smallest share of the image one erased rectangle covers (AugmentConfig.erase draws from this up to its value).
+ERASE_MIN_AREA = 0.02
 
 
 class ConfigError(ValueError):
@@ -144,6 +146,10 @@ class AugmentConfig:
     brightness: float = field(default=0.0, metadata=ADDED_LATER)
     speckle: float = field(default=0.0, metadata=ADDED_LATER)
     blur: float = field(default=0.0, metadata=ADDED_LATER)
+    # Random erasing (Zhong et al. 2020, "Random Erasing Data Augmentation"): half of the augmented copies get one
+    # rectangle of random grey noise covering 2% to `erase` of the image (aspect 0.3-3.3), so no single region,
+    # such as burned-in text or a caliper mark, can carry the call alone; 0 = off.
+    erase: float = field(default=0.0, metadata=ADDED_LATER)
 
 
 @dataclass(frozen=True)
@@ -746,6 +752,8 @@ _RANGES: dict[type, list[tuple[str, Any, str]]] = {
         ("brightness", lambda v: _finite(v) and 0.0 <= v < 1.0, "in [0, 1)"),
         ("speckle", lambda v: _finite(v) and 0.0 <= v <= 1.0, "in [0, 1]"),
         ("blur", lambda v: _finite(v) and 0.0 <= v <= 10.0, "in [0, 10] pixels"),
+        ("erase", lambda v: _finite(v) and (v == 0.0 or ERASE_MIN_AREA <= v < 1.0),
+         f"0 (off) or in [{ERASE_MIN_AREA}, 1) of the image's area"),
     ],
     HeadConfig: [
         ("dense_units", lambda v: all(u >= 1 for u in v), "units >= 1"),

@@ -25,7 +25,7 @@ import math
 import keras
 import tensorflow as tf
 
-from msbt.config import AugmentConfig
+from msbt.config import ERASE_MIN_AREA, AugmentConfig
 
 # Keras' ImageDataGenerator default (which shift/rotation-range recipes like the paper's use): pixels
 # moved in from outside the image repeat the nearest edge pixel.
@@ -86,7 +86,7 @@ def random_params(key, cfg: AugmentConfig, height: int, width: int):
 
 
 def augment_image(image, key, cfg: AugmentConfig):
-    """Apply one random shift/rotation/zoom/flip/contrast (and gain/blur/speckle) to one image.
+    """Apply one random shift/rotation/zoom/flip/contrast (and gain/blur/speckle/erasing) to one image.
 
     Args:
         image: (H, W, C) tensor of 0..255 pixels (any numeric dtype).
@@ -106,7 +106,33 @@ def augment_image(image, key, cfg: AugmentConfig):
         out = (out - mean) * contrast + mean
     if cfg.brightness > 0 or cfg.blur > 0 or cfg.speckle > 0:
         out = _ultrasound_look(out, key, cfg)
+    if cfg.erase > 0:
+        out = random_erase(out, tf.random.experimental.stateless_fold_in(key, 3), cfg.erase)
     return tf.clip_by_value(out, 0.0, 255.0)
+
+
+def random_erase(image, key, largest: float, probability: float = 0.5):
+    """With ``probability``, one rectangle of ``image`` replaced by uniform grey noise (0..255, one value per pixel
+    for all channels).
+
+    The rectangle covers a share of the area drawn uniformly from ``ERASE_MIN_AREA`` to ``largest``, its aspect
+    (height / width) log-uniformly from 0.3 to 1 / 0.3, clipped to the image, and lies anywhere inside it; every
+    draw comes from ``key`` (stateless), so an image's copy is erased the same way in every run.
+    """
+    height, width = image.shape[0], image.shape[1]
+    u = tf.random.stateless_uniform([5], seed=key)
+    area = (ERASE_MIN_AREA + u[0] * (largest - ERASE_MIN_AREA)) * height * width
+    aspect = tf.exp(math.log(0.3) + u[1] * 2.0 * math.log(1 / 0.3))
+    h = tf.clip_by_value(tf.round(tf.sqrt(area * aspect)), 1.0, float(height))
+    w = tf.clip_by_value(tf.round(tf.sqrt(area / aspect)), 1.0, float(width))
+    top = tf.floor(u[2] * (height - h + 1))
+    left = tf.floor(u[3] * (width - w + 1))
+    rows = tf.range(height, dtype=tf.float32)[:, None]
+    cols = tf.range(width, dtype=tf.float32)[None, :]
+    inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w) & (u[4] < probability)
+    noise = tf.random.stateless_uniform([height, width, 1], seed=tf.random.experimental.stateless_fold_in(key, 1),
+                                        maxval=255.0)
+    return tf.where(inside[..., None], noise, image)
 
 
 def _ultrasound_look(image, key, cfg: AugmentConfig):

@@ -85,6 +85,8 @@ def test_extends_cycle_is_an_error(tmp_path):
         ("data: {strict: 'yes'}\n", "data.strict", "true or false"),
         ("stage1: 3\n", "stage1", "mapping"),
         ("bogus: 1\n", "bogus", "unknown key"),
+        ("stage2: {augment: {erase: 0.01}}\n", "stage2.augment.erase", "0 (off) or in [0.02, 1)"),
+        ("stage2: {augment: {erase: 1.0}}\n", "stage2.augment.erase", "0 (off) or in [0.02, 1)"),
     ],
 )
 def test_bad_values_name_file_and_key(tmp_path, text, key, problem):
@@ -136,6 +138,7 @@ def test_settings_added_later_leave_older_records_unchanged():
     older_keys = ["enabled", "expansion", "shift", "rotation", "flip", "zoom", "contrast"]
     assert list(to_dict(AugmentConfig())) == older_keys
     assert to_dict(AugmentConfig(blur=1.0))["blur"] == 1.0 and "speckle" not in to_dict(AugmentConfig(blur=1.0))
+    assert to_dict(AugmentConfig(erase=0.3))["erase"] == 0.3 and "erase" not in to_dict(AugmentConfig(blur=1.0))
     record = to_dict(StageConfig())
     assert from_dict(StageConfig, record) == StageConfig()
     assert to_dict(from_dict(StageConfig, to_dict(StageConfig(augment=AugmentConfig(speckle=0.1))))) == \

@@ -95,6 +95,27 @@ def test_ultrasound_augmentation_is_keyed_and_leaves_older_configs_unchanged():
                                atol=1e-3)
 
 
+def test_random_erasing_is_keyed_covers_its_share_and_leaves_the_rest():
+    """Half of the copies get one rectangle of grey noise covering 2% to `erase` of the area; the rest of the image
+    is what the same key gives without erasing, and the same key erases the same rectangle."""
+    flat = np.full((64, 64, 3), 100, np.uint8)
+    cfg, plain = AugmentConfig(shift=0.0, rotation=0.0, erase=0.3), AugmentConfig(shift=0.0, rotation=0.0)
+    shares = []
+    for i in range(120):
+        key = tf.constant([i, 5], tf.int64)
+        out = augment.augment_image(flat, key, cfg).numpy()
+        assert np.array_equal(out, augment.augment_image(flat, key, cfg).numpy())
+        changed = np.abs(out - augment.augment_image(flat, key, plain).numpy()).max(axis=-1) > 0.5
+        if changed.any():
+            rows, cols = np.nonzero(changed.any(axis=1))[0], np.nonzero(changed.any(axis=0))[0]
+            box = out[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+            assert np.array_equal(box[..., 0], box[..., 2])  # grey noise: one value for all channels
+            share = box.shape[0] * box.shape[1] / 64**2
+            assert 0.015 <= share <= 0.32 and box.std() > 40  # uniform noise over 0..255, not a flat fill
+            shares.append(share)
+    assert 40 <= len(shares) <= 80 and max(shares) > 0.2
+
+
 @pytest.mark.parametrize(
     "params, rows, cols",
     [
